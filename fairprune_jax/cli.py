@@ -1,0 +1,170 @@
+"""The ``fairprune`` command line."""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+from fairprune_jax.methods.base import OPTIMIZERS, RunConfig
+from fairprune_jax.masks import DISTRIBUTIONS
+
+# CLI flag -> loader option name; passed to the loader only when given.
+DATA_FLAGS = {"target": "target", "protected": "protected", "image_size": "image_size",
+              "cache_dir": "cache_dir", "val_fraction": "val_fraction", "test_fraction": "test_fraction",
+              "column_types": "column_types", "positive_label": "positive_label"}
+
+
+def _kv(pairs: list[str] | None, flag: str) -> dict:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values parsed as Python literals when possible)."""
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise SystemExit(f"error: {flag} expects KEY=VALUE; got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="dataset name (see `fairprune datasets`); default digits")
+    p.add_argument("--data-dir", default=None, help="where the dataset lives (a folder, or the CSV file)")
+    p.add_argument("--target", help="target attribute / column")
+    p.add_argument("--protected", help="protected attribute(s), comma-separated for intersections")
+    p.add_argument("--image-size", type=int, help="image side length for image datasets")
+    p.add_argument("--cache-dir", help="where decoded images are cached")
+    p.add_argument("--val-fraction", type=float, help="carve a validation split from train")
+    p.add_argument("--test-fraction", type=float, help="test fraction when the data has no test split")
+    p.add_argument("--column-types", help="CSV column type overrides, e.g. age:numeric,zip:categorical")
+    p.add_argument("--positive-label", help="CSV: the target value that is the positive class")
+    p.add_argument("--data-opt", action="append", metavar="KEY=VALUE", help="any other loader option")
+
+
+def _data_options(args: argparse.Namespace) -> dict:
+    opts = {name: getattr(args, flag) for flag, name in DATA_FLAGS.items() if getattr(args, flag) is not None}
+    opts.update(_kv(args.data_opt, "--data-opt"))
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fairprune", description="Fairness-aware neural-network pruning in JAX.")
+    sub = parser.add_subparsers(dest="command")
+
+    d = RunConfig()
+    r = sub.add_parser("run", help="train dense, prune with a method, fine-tune, report per-group metrics",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--method", default=d.method, help="pruning method (see `fairprune methods`)")
+    _add_data_args(r)
+    r.add_argument("--model", default=None, help="mlp, cnn or resnet (default: mlp for tabular, cnn for images)")
+    r.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="model option, e.g. depth=20")
+    r.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of prunable weights removed")
+    r.add_argument("--distribution", default=d.distribution, choices=DISTRIBUTIONS,
+                   help="how sparsity is spread over layers")
+    r.add_argument("--exclude-first", action="store_true", help="keep the first layer dense")
+    r.add_argument("--exclude-last", action="store_true", help="keep the last layer dense")
+    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--epochs", type=int, default=d.epochs, help="dense training epochs")
+    r.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: --epochs)")
+    r.add_argument("--batch-size", type=int, default=d.batch_size)
+    r.add_argument("--lr", type=float, default=d.lr)
+    r.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")
+    r.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    r.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    r.add_argument("--positive-class", type=int, default=d.positive_label,
+                   help="class id treated as positive by the binary metrics (DP, EO)")
+    r.add_argument("--augment", action="store_true", help="random crop + flip for images")
+    r.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. eps=0.05")
+    r.add_argument("--out", default=None, help="output folder (default runs/METHOD_DATASET_sSPARSITY_seedSEED)")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    s = sub.add_parser("data-summary", help="sizes, groups, counts and label balance of a dataset")
+    _add_data_args(s)
+    s.add_argument("--small-group", type=int, default=30, help="warn about groups smaller than this")
+
+    sub.add_parser("methods", help="list the pruning methods and their options")
+    sub.add_parser("datasets", help="list the datasets")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    out = args.out or f"runs/{args.method}_{args.dataset.replace(':', '-')}_s{args.sparsity:g}_seed{args.seed}"
+    return RunConfig(
+        method=args.method, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+        sparsity=args.sparsity, seed=args.seed, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+        batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, distribution=args.distribution, exclude_first=args.exclude_first,
+        exclude_last=args.exclude_last, positive_label=args.positive_class, augment=args.augment, out=out,
+        progress=not args.no_progress, dataset_options=_data_options(args),
+        model_options=_kv(args.model_opt, "--model-opt"), method_options=_kv(args.opt, "--opt"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fairprune_jax import report
+    from fairprune_jax.runner import run
+
+    cfg = config_from_args(args)
+    print(f"fairprune run: method={cfg.method} dataset={cfg.dataset} sparsity={cfg.sparsity} seed={cfg.seed}",
+          flush=True)
+    res = run(cfg)
+    print()
+    print(report.text_table(res, "test"))
+    print()
+    print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
+          f"wall time {res['wall_time_s']:.1f} s")
+    print(f"wrote {Path(cfg.out) / 'results.json'}, results.md, group_accuracy.png")
+    return 0
+
+
+def cmd_data_summary(args: argparse.Namespace) -> int:
+    from fairprune_jax.data import load_dataset
+    from fairprune_jax.data.summary import format_summary, summarize
+
+    t = time.perf_counter()
+    ds = load_dataset(args.dataset, args.data_dir, **_data_options(args))
+    print(format_summary(summarize(ds, small_group_threshold=args.small_group)))
+    print(f"(loaded in {time.perf_counter() - t:.1f} s)")
+    return 0
+
+
+def cmd_methods(_: argparse.Namespace) -> int:
+    from fairprune_jax.methods import METHODS
+    for name, m in sorted(METHODS.items()):
+        opts = ", ".join(f"{k}={v}" for k, v in m.options.items())
+        print(f"{name:14s} {m.description}" + (f"\n{'':14s} options: {opts}" if opts else ""))
+    return 0
+
+
+def cmd_datasets(_: argparse.Namespace) -> int:
+    import inspect
+    from fairprune_jax.data import DATASETS
+    for name, fn in sorted(DATASETS.items()):
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind == p.KEYWORD_ONLY]
+        print(f"{name:16s} options: {', '.join(p.name for p in params) or '-'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handlers = {"run": cmd_run, "data-summary": cmd_data_summary, "methods": cmd_methods,
+                "datasets": cmd_datasets}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"fairprune: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"fairprune: training diverged: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

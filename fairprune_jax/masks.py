@@ -1,0 +1,268 @@
+"""Masks as pytrees that mirror the params.
+
+A mask has the structure of the params; a leaf that is not pruned is
+``None``. An unstructured mask leaf has the kernel's shape; a structured mask
+leaf is one vector over the kernel's output units (last axis: Linear output
+neurons, conv output channels) and broadcasts on use. Masks hold 0/1 in the
+params' dtype, so applying one is a multiply that XLA fuses into the step.
+
+Sparsity is always exact: a layer (or, for ``global``, the whole model) keeps
+exactly ``round(density * size)`` entries, chosen by score with ties broken
+towards the lower flat index, so the same scores always give the same mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+Masks = Any
+
+DISTRIBUTIONS = ("uniform", "global", "erk")
+_NOT_PRUNED_NAMES = ("bias", "scale", "embedding", "mean", "var")
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def leaf_name(path: tuple) -> str:
+    """``('layers', 0, 'kernel')`` -> ``'layers/0/kernel'`` for any jax key path."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``[(name, leaf)]`` for the non-None leaves of a pytree."""
+    return [(leaf_name(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def map_named(fn, tree: Any, *rest: Any) -> Any:
+    """``tree_map`` with the leaf name as first argument; ``None`` leaves of ``tree`` stay ``None``."""
+    def f(path, x, *r):
+        return None if x is None else fn(leaf_name(path), x, *r)
+    return jax.tree_util.tree_map_with_path(f, tree, *rest, is_leaf=_is_none)
+
+
+def prunable_template(params: Params, *, layer_order: Iterable[str] | None = None,
+                      exclude_first: bool = False, exclude_last: bool = False,
+                      exclude: Iterable[str] = ()) -> Masks:
+    """Which leaves are pruned: ``True`` for prunable kernels, ``None`` otherwise.
+
+    Kernels (Linear and conv weights, ndim >= 2) are prunable; biases, norm
+    scales/offsets, statistics and embeddings are not. ``exclude_first`` /
+    ``exclude_last`` keep the first / last layer (in forward order, given by
+    ``layer_order``) dense; ``exclude`` lists leaf names kept dense.
+    """
+    exclude = set(exclude)
+    names = [n for n, v in named_leaves(params) if _prunable_name(n, v)]
+    if exclude_first or exclude_last:
+        order = [n for n in (layer_order or []) if n in names]
+        if not order:
+            raise ValueError("exclude_first/exclude_last need the forward layer order; "
+                             "pass layer_order=models.layer_order(...)")
+        if exclude_first:
+            exclude.add(order[0])
+        if exclude_last:
+            exclude.add(order[-1])
+    unknown = exclude - set(names)
+    if unknown:
+        raise ValueError(f"cannot exclude {sorted(unknown)}: not prunable leaves; prunable: {names}")
+    return map_named(lambda n, v: True if (_prunable_name(n, v) and n not in exclude) else None, params)
+
+
+def _prunable_name(name: str, leaf: Any) -> bool:
+    last = name.rsplit("/", 1)[-1]
+    return getattr(leaf, "ndim", 0) >= 2 and last not in _NOT_PRUNED_NAMES and "embed" not in name
+
+
+def ones_like_template(params: Params, template: Masks, structured: bool = False) -> Masks:
+    """An all-ones (dense) mask for the prunable leaves."""
+    return jax.tree.map(lambda t, p: None if t is None else jnp.ones(p.shape[-1:] if structured else p.shape,
+                                                                   p.dtype),
+                        template, params, is_leaf=_is_none)
+
+
+def apply_masks(params: Params, masks: Masks) -> Params:
+    """``params * mask`` on masked leaves (structured masks broadcast over the last axis)."""
+    return jax.tree.map(lambda m, p: p if m is None else p * m.astype(p.dtype), masks, params,
+                        is_leaf=_is_none)
+
+
+def _prune_like(params: Params, template: Masks) -> Params:
+    """params restricted to the template's non-None leaves (others become None)."""
+    return jax.tree.map(lambda t, p: None if t is None else p, template, params, is_leaf=_is_none)
+
+
+def keep_counts(params: Params, template: Masks, sparsity: float, distribution: str = "uniform",
+                structured: bool = False) -> dict[str, int]:
+    """How many entries each prunable leaf keeps at ``sparsity`` (host-side, exact integers).
+
+    ``uniform``: every layer keeps ``round((1 - s) * n_l)``. ``erk``: densities
+    proportional to (sum of dims) / (product of dims) (Evci et al. 2020), layers
+    that would exceed density 1 are kept dense and the rest re-solved; the
+    total kept equals ``round((1 - s) * N)``. ``global`` has no per-layer
+    counts (one ranking over all layers); it returns the total under ``'*'``.
+    """
+    check_sparsity(sparsity)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown sparsity distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    shapes = {n: p.shape for n, p in named_leaves(_prune_like(params, template))}
+    sizes = {n: (int(s[-1]) if structured else int(np.prod(s))) for n, s in shapes.items()}
+    total = sum(sizes.values())
+    density = 1.0 - sparsity
+    if distribution == "global":
+        return {"*": int(round(density * total))}
+    if distribution == "uniform" or structured:
+        return {n: int(round(density * s)) for n, s in sizes.items()}
+    # ERK
+    raw = {n: sum(shapes[n]) / float(np.prod(shapes[n])) for n in sizes}
+    dense: set[str] = set()
+    target = density * total
+    while True:
+        free = [n for n in sizes if n not in dense]
+        budget = target - sum(sizes[n] for n in dense)
+        if not free or budget <= 0:
+            break
+        eps = budget / sum(raw[n] * sizes[n] for n in free)
+        over = [n for n in free if eps * raw[n] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    counts = {}
+    for n in sizes:
+        counts[n] = sizes[n] if n in dense else eps * raw[n] * sizes[n]
+    # largest-remainder rounding so the total is exact
+    floor = {n: int(math.floor(c)) for n, c in counts.items()}
+    short = int(round(target)) - sum(floor.values())
+    order = sorted(sizes, key=lambda n: (-(counts[n] - floor[n]), n))
+    for n in order[:max(short, 0)]:
+        floor[n] = min(floor[n] + 1, sizes[n])
+    return floor
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1) (e.g. 0.9 for 90% of weights removed); got {sparsity!r}")
+
+
+def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
+    """0/1 mask keeping the ``k`` highest scores; ties go to the lower flat index.
+
+    ``k`` may be traced, so one compiled function serves every sparsity.
+    NaN scores rank lowest.
+    """
+    flat = scores.reshape(-1)
+    flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
+    order = jnp.argsort(-flat, stable=True)
+    ranks = jnp.empty_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
+    return (ranks < k).astype(jnp.float32).reshape(scores.shape)
+
+
+def masks_from_scores(scores: Params, template: Masks, sparsity: float, distribution: str = "uniform",
+                      *, params: Params | None = None, prev_masks: Masks | None = None,
+                      structured: bool = False) -> Masks:
+    """Masks at exact ``sparsity`` from per-leaf scores.
+
+    ``scores`` mirrors the params (structured: one score per output unit).
+    Entries already pruned in ``prev_masks`` rank below every live entry,
+    so gradual schedules never revive a pruned weight.
+    """
+    shapes_src = params if params is not None else scores
+    counts = keep_counts(shapes_src, template, sparsity, distribution, structured=structured)
+    scores = _prune_like(scores, template)
+    if prev_masks is not None:
+        scores = jax.tree.map(lambda m, s: None if m is None else jnp.where(m > 0, s, -jnp.inf),
+                              prev_masks, scores, is_leaf=_is_none)
+    if distribution == "global":
+        return _global_topk(scores, jnp.asarray(counts["*"]))
+    counts_tree = map_named(lambda n, _: jnp.asarray(counts[n]), scores)
+    return _layer_topk(scores, counts_tree)
+
+
+@jax.jit
+def _layer_topk(scores: Params, counts: Params) -> Masks:
+    return jax.tree.map(lambda s, k: None if s is None else topk_mask(s, k), scores, counts, is_leaf=_is_none)
+
+
+@jax.jit
+def _global_topk(scores: Params, k: jax.Array) -> Masks:
+    leaves, treedef = jax.tree.flatten(scores)
+    flat = jnp.concatenate([jnp.ravel(l).astype(jnp.float32) for l in leaves])
+    m = topk_mask(flat, k)
+    out, start = [], 0
+    for l in leaves:
+        out.append(m[start:start + l.size].reshape(l.shape))
+        start += l.size
+    return jax.tree.unflatten(treedef, out)
+
+
+def sparsity_summary(params: Params, masks: Masks, flops: dict[str, float] | None = None) -> dict:
+    """Per-layer and overall sparsity; parameters and FLOPs remaining.
+
+    Counts are read from the masks (structured masks count every weight of a
+    removed unit). Overall numbers include the leaves that are never pruned.
+    FLOPs remaining scale each kernel's dense FLOPs by its density.
+    """
+    layers = {}
+    total_params = kept_params = 0
+    prunable_total = prunable_kept = 0
+    mask_by_name = dict(named_leaves(masks))
+    for name, p in named_leaves(params):
+        size = int(np.prod(p.shape))
+        m = mask_by_name.get(name)
+        if m is None:
+            kept = size
+        else:
+            m = np.asarray(m)
+            kept = int(np.broadcast_to(m, p.shape).astype(bool).sum())
+            prunable_total += size
+            prunable_kept += kept
+            layers[name] = {"size": size, "kept": kept, "sparsity": 1.0 - kept / size,
+                            "structured": m.shape != tuple(p.shape)}
+            if flops is not None and name in flops:
+                layers[name]["flops"] = flops[name]
+                layers[name]["flops_kept"] = flops[name] * kept / size
+        total_params += size
+        kept_params += kept
+    out = {
+        "layers": layers,
+        "params_total": total_params,
+        "params_kept": kept_params,
+        "sparsity_overall": 1.0 - kept_params / max(total_params, 1),
+        "prunable_total": prunable_total,
+        "prunable_kept": prunable_kept,
+        "sparsity_prunable": 1.0 - prunable_kept / prunable_total if prunable_total else 0.0,
+    }
+    if flops is not None:
+        dense_flops = sum(flops.values())
+        kept_flops = sum(layers[n].get("flops_kept", flops[n]) if n in layers else flops[n] for n in flops)
+        out["flops_total"] = dense_flops
+        out["flops_kept"] = kept_flops
+        out["flops_fraction"] = kept_flops / max(dense_flops, 1.0)
+    return out
+
+
+def format_sparsity(summary: dict) -> str:
+    """A short text table of a :func:`sparsity_summary`."""
+    lines = [f"{'layer':40s} {'size':>10s} {'kept':>10s} {'sparsity':>9s}"]
+    for n, d in summary["layers"].items():
+        lines.append(f"{n:40s} {d['size']:>10d} {d['kept']:>10d} {d['sparsity']:>9.4f}")
+    lines.append(f"{'prunable total':40s} {summary['prunable_total']:>10d} {summary['prunable_kept']:>10d} "
+                 f"{summary['sparsity_prunable']:>9.4f}")
+    lines.append(f"{'all params':40s} {summary['params_total']:>10d} {summary['params_kept']:>10d} "
+                 f"{summary['sparsity_overall']:>9.4f}")
+    if "flops_fraction" in summary:
+        lines.append(f"FLOPs remaining: {summary['flops_fraction']:.4f} of {summary['flops_total']:.3g} MACs/example")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""What a pruning method is, the run configuration, and the method registry.
+
+A method takes the trained dense state and a :class:`Context` and returns the
+pruned (and fine-tuned) state. Everything shared (optimizers, masked steps,
+evaluation, the prunable template) comes from the context, so a method file
+holds only what is specific to its paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import optax
+
+from fairprune_jax import masks as masks_lib
+from fairprune_jax.data.base import Dataset
+from fairprune_jax.models import FunctionalModel
+from fairprune_jax.train import TrainState, create_state, fit, make_train_step
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Every knob of a ``fairprune run``; defaults give the main job on digits."""
+
+    method: str = "gmp"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str | None = None            # None: mlp for tabular, cnn for images
+    sparsity: float = 0.9
+    seed: int = 0
+    epochs: int = 30                    # dense training
+    finetune_epochs: int | None = None  # None: same as epochs
+    batch_size: int = 64
+    lr: float = 1e-3
+    finetune_lr: float | None = None    # None: same as lr
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    distribution: str = "uniform"
+    exclude_first: bool = False
+    exclude_last: bool = False
+    positive_label: int = 1
+    augment: bool = False
+    eval_batch_size: int = 512
+    out: str | None = None
+    progress: bool = True
+    dataset_options: dict = dataclasses.field(default_factory=dict)
+    model_options: dict = dataclasses.field(default_factory=dict)
+    method_options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ft_epochs(self) -> int:
+        return self.epochs if self.finetune_epochs is None else self.finetune_epochs
+
+    @property
+    def ft_lr(self) -> float:
+        return self.lr if self.finetune_lr is None else self.finetune_lr
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float = 0.0,
+                   total_steps: int | None = None) -> optax.GradientTransformation:
+    """Adam(W) or SGD with momentum 0.9; a cosine decay when ``total_steps`` is known."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1)) if total_steps else lr
+    if name == "adam":
+        return optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
+    tx = optax.sgd(schedule, momentum=0.9, nesterov=True)
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+
+
+@dataclasses.dataclass
+class Context:
+    """What a method needs from the run: config, data, model, shared steps."""
+
+    config: RunConfig
+    dataset: Dataset
+    fm: FunctionalModel
+    template: Any                  # prunable leaves (True) vs kept dense (None)
+    flops: dict[str, float]
+    layer_order: list[str]
+    eval_step: Callable
+    dense_train_counts: Any = None   # GroupCounts of the dense model on the train split
+    dense_train_class_counts: Any = None
+    augment: Callable | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(len(self.dataset.train) // self.config.batch_size, 1)
+
+    def finetune_tx(self, epochs: int | None = None, lr: float | None = None) -> optax.GradientTransformation:
+        epochs = self.config.ft_epochs if epochs is None else epochs
+        return make_optimizer(self.config.optimizer, self.config.ft_lr if lr is None else lr,
+                              self.config.weight_decay, total_steps=epochs * self.steps_per_epoch)
+
+    def masked_state(self, dense: TrainState, masks: Any, tx: optax.GradientTransformation,
+                     extra: Any = None) -> TrainState:
+        """A fresh fine-tuning state from dense weights under ``masks`` (new optimizer state)."""
+        return create_state(dense.params, dense.model_state, tx, masks=masks, seed=self.config.seed + 1,
+                            extra=extra)
+
+    def masks_from_scores(self, scores: Any, sparsity: float, prev_masks: Any = None) -> Any:
+        return masks_lib.masks_from_scores(scores, self.template, sparsity, self.config.distribution,
+                                           prev_masks=prev_masks)
+
+    def finetune(self, state: TrainState, tx: optax.GradientTransformation, *, epochs: int | None = None,
+                 step_fn: Callable | None = None, hook: Callable | None = None,
+                 desc: str = "fine-tune") -> tuple[TrainState, dict]:
+        """Masked training of ``state`` on the train split (plain cross-entropy unless ``step_fn``)."""
+        epochs = self.config.ft_epochs if epochs is None else epochs
+        step_fn = step_fn or make_train_step(self.fm, tx, augment=self.augment)
+        return fit(state, step_fn, self.dataset.train, epochs=epochs, batch_size=self.config.batch_size,
+                   seed=self.config.seed + 1000, desc=desc, hook=hook, progress=self.config.progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered pruning method."""
+
+    name: str
+    run: Callable[[Context, TrainState], tuple[TrainState, dict]]
+    description: str
+    options: dict = dataclasses.field(default_factory=dict)   # option name -> default
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, description: str, options: dict | None = None):
+    """Decorator: register ``run(ctx, dense_state) -> (pruned_state, info)`` under ``name``."""
+    def deco(fn):
+        METHODS[name] = Method(name, fn, description, dict(options or {}))
+        return fn
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid choices: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def method_options(method: Method, given: dict) -> dict:
+    """The method's defaults overridden by ``given``; unknown keys are an error naming the valid ones."""
+    unknown = set(given) - set(method.options)
+    if unknown:
+        valid = ", ".join(sorted(method.options)) or "(none)"
+        raise ValueError(f"method {method.name!r} has no option(s) {sorted(unknown)}; valid options: {valid}")
+    out = dict(method.options)
+    for k, v in given.items():
+        default = method.options[k]
+        out[k] = type(default)(v) if default is not None and not isinstance(v, type(default)) else v
+    return out

@@ -1,0 +1,59 @@
+"""Baselines: one-shot magnitude, gradual magnitude (GMP) and random pruning."""
+from __future__ import annotations
+
+import jax
+
+from fairprune_jax import scores, schedules
+from fairprune_jax.masks import apply_masks, ones_like_template
+from fairprune_jax.methods.base import Context, method_options, register, METHODS
+from fairprune_jax.train import TrainState
+
+
+@register("magnitude", "one-shot magnitude pruning to the target, then fine-tuning")
+def magnitude(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+    masks = ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), ctx.config.sparsity)
+    tx = ctx.finetune_tx()
+    state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx), tx)
+    return state, {"history": hist}
+
+
+@register("random", "one-shot random pruning to the target, then fine-tuning")
+def random(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+    key = jax.random.key(ctx.config.seed + 7)
+    masks = ctx.masks_from_scores(scores.random(key, dense.params, ctx.template), ctx.config.sparsity)
+    tx = ctx.finetune_tx()
+    state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx), tx)
+    return state, {"history": hist}
+
+
+def gradual_magnitude_hook(ctx: Context, total_steps: int, prune_fraction: float, updates: int):
+    """A ``fit`` hook that raises sparsity on the cubic schedule (Zhu & Gupta 2017) by magnitude.
+
+    Pruning happens over the first ``prune_fraction`` of ``total_steps`` in
+    ``updates`` mask updates; already-pruned weights never come back.
+    """
+    prune_steps = max(int(total_steps * prune_fraction), 1)
+    points = dict(schedules.cubic_steps(ctx.config.sparsity, prune_steps,
+                                        max(prune_steps // max(updates, 1), 1)))
+    points[0] = schedules.cubic(0, ctx.config.sparsity, prune_steps)
+
+    def hook(state: TrainState, step: int) -> TrainState:
+        if step not in points:
+            return state
+        masks = ctx.masks_from_scores(scores.magnitude(state.params, ctx.template), points[step],
+                                      prev_masks=state.masks)
+        return state.replace(masks=masks, params=apply_masks(state.params, masks))
+
+    return hook, points
+
+
+@register("gmp", "gradual magnitude pruning on the cubic schedule during fine-tuning",
+          {"prune_fraction": 0.75, "updates": 10})
+def gmp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+    opts = method_options(METHODS["gmp"], ctx.config.method_options)
+    tx = ctx.finetune_tx()
+    state = ctx.masked_state(dense, ones_like_template(dense.params, ctx.template), tx)
+    total = ctx.config.ft_epochs * ctx.steps_per_epoch
+    hook, points = gradual_magnitude_hook(ctx, total, opts["prune_fraction"], opts["updates"])
+    state, hist = ctx.finetune(state, tx, hook=hook)
+    return state, {"history": hist, "schedule": sorted(points.items())}

@@ -1,0 +1,125 @@
+"""Flax NNX models and their pure functional form.
+
+Models are written with NNX and used through ``nnx.split`` / ``nnx.merge`` so
+training steps stay pure ``jax.jit`` functions over plain dict pytrees:
+``params`` (the ``nnx.Param`` leaves) and ``model_state`` (BatchNorm
+statistics and any other non-parameter state).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import jax.numpy as jnp
+from flax import nnx
+
+from fairprune_jax.models.nets import CNN, MLP, ResNet
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalModel:
+    """A model as pure functions: ``apply(params, model_state, x, train) -> (logits, model_state)``."""
+
+    name: str
+    graphdef: Any
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def apply(self, params: dict, model_state: dict, x: jax.Array, train: bool = False
+              ) -> tuple[jax.Array, dict]:
+        module = nnx.merge(self.graphdef, params, model_state)
+        logits = module(x, train=train)
+        if train and model_state:
+            _, _, new_state = nnx.split(module, nnx.Param, ...)
+            model_state = nnx.to_pure_dict(new_state)
+        return logits, model_state
+
+
+def default_model_for(input_shape: tuple[int, ...]) -> str:
+    """``mlp`` for flat features, ``cnn`` for images."""
+    return "mlp" if len(input_shape) == 1 else "cnn"
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0,
+                **kwargs) -> tuple[FunctionalModel, dict, dict]:
+    """Build a model by name; returns ``(functional_model, params, model_state)``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(sorted(MODELS))}")
+    cls = MODELS[name]
+    if name == "mlp":
+        if len(input_shape) != 1:
+            raise ValueError(f"model 'mlp' needs flat features (shape (d,)); got input shape {input_shape}. "
+                             "Use --model cnn or resnet for images.")
+        module = cls(input_shape[0], num_classes, rngs=nnx.Rngs(seed), **kwargs)
+    else:
+        if len(input_shape) != 3:
+            raise ValueError(f"model {name!r} needs images of shape (H, W, C); got input shape {input_shape}. "
+                             "Use --model mlp for tabular data.")
+        module = cls(input_shape[-1], num_classes, rngs=nnx.Rngs(seed), **kwargs)
+    graphdef, params, state = nnx.split(module, nnx.Param, ...)
+    fm = FunctionalModel(name, graphdef, tuple(input_shape), num_classes)
+    params = nnx.to_pure_dict(params)
+    state = nnx.to_pure_dict(state)
+    # Trace once to catch shape errors early with a readable message.
+    try:
+        jax.eval_shape(lambda p, s: fm.apply(p, s, jnp.zeros((2,) + tuple(input_shape), jnp.float32)),
+                       params, state)
+    except Exception as e:  # pragma: no cover - defensive
+        raise ValueError(f"model {name!r} cannot take inputs of shape {input_shape}: {e}") from e
+    return fm, params, state
+
+
+def _trace_layers(fm: FunctionalModel, params: dict, model_state: dict) -> list[tuple[str, float]]:
+    """``[(kernel_name, output_positions)]`` in forward-call order, from one abstract trace."""
+    module = nnx.merge(fm.graphdef, params, model_state)
+    paths = {id(sub): "/".join(str(p) for p in path)
+             for path, sub in module.iter_modules() if isinstance(sub, (nnx.Conv, nnx.Linear))}
+    seen: list[tuple[str, float]] = []
+    originals = {cls: cls.__call__ for cls in (nnx.Conv, nnx.Linear)}
+
+    def make_spy(cls):
+        orig = originals[cls]
+
+        def spy(self, inputs, *a, **k):
+            y = orig(self, inputs, *a, **k)
+            if id(self) in paths:
+                pos = float(np.prod(y.shape[1:-1])) if y.ndim > 2 else 1.0
+                seen.append((paths[id(self)] + "/kernel", pos))
+            return y
+        return spy
+
+    for cls in originals:
+        cls.__call__ = make_spy(cls)
+    try:
+        jax.eval_shape(lambda xx: module(xx, train=False),
+                       jax.ShapeDtypeStruct((1,) + fm.input_shape, jnp.float32))
+    finally:
+        for cls, orig in originals.items():
+            cls.__call__ = orig
+    return seen
+
+
+def layer_order(fm: FunctionalModel, params: dict, model_state: dict) -> list[str]:
+    """Kernel leaf names in the order the forward pass uses them (first layer first)."""
+    return [n for n, _ in _trace_layers(fm, params, model_state)]
+
+
+def count_flops(fm: FunctionalModel, params: dict, model_state: dict) -> dict[str, float]:
+    """Multiply-accumulates per example of every kernel (dense model).
+
+    A Linear kernel (i, o) costs i*o; a conv kernel (kh, kw, i, o) costs
+    kh*kw*i*o per output position. Output sizes come from one abstract trace.
+    """
+    from fairprune_jax.masks import named_leaves
+
+    positions = dict(_trace_layers(fm, params, model_state))
+    return {n: float(v.size) * positions.get(n, 1.0)
+            for n, v in named_leaves(params) if n.endswith("kernel")}
+
+
+__all__ = ["CNN", "MLP", "MODELS", "FunctionalModel", "ResNet", "build_model", "count_flops", "layer_order",
+           "default_model_for"]

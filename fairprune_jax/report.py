@@ -1,0 +1,119 @@
+"""Run outputs: ``results.json``, a Markdown table and a per-group accuracy plot."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# (label, getter on a fairness_report dict, format)
+ROWS: list[tuple[str, Any, str]] = [
+    ("accuracy", lambda r, s: r["accuracy"], "{:.4f}"),
+    ("sparsity (prunable weights)", lambda r, s: s, "{:.4f}"),
+    ("group accuracy spread (max - min)", lambda r, s: r["accuracy_parity_gap"]["between_groups"], "{:.4f}"),
+    ("worst-group accuracy", lambda r, s: _min_group_acc(r), "{:.4f}"),
+    ("max psi_g (excess accuracy gap)", lambda r, s: (r.get("excess_accuracy_gap") or {}).get("max"), "{:.4f}"),
+    ("psi_g spread (max - min)", lambda r, s: (r.get("excess_accuracy_gap") or {}).get("spread"), "{:.4f}"),
+    ("CWV (class-wise variance)", lambda r, s: r.get("class_wise_variance"), "{:.5f}"),
+    ("MCD (max class discrepancy)", lambda r, s: r.get("max_class_discrepancy"), "{:.4f}"),
+    ("demographic parity difference", lambda r, s: r["demographic_parity_difference"]["between_groups"], "{:.4f}"),
+    ("equalized odds difference", lambda r, s: r["equalized_odds_difference"]["between_groups"]["worst_case"],
+     "{:.4f}"),
+]
+
+
+def _min_group_acc(r: dict) -> float | None:
+    vals = [g["accuracy"] for g in r["groups"].values() if g["accuracy"] is not None]
+    return min(vals) if vals else None
+
+
+def _fmt(v: Any, f: str) -> str:
+    return "-" if v is None else f.format(v)
+
+
+def summary_table(results: dict, split: str = "test") -> str:
+    """Markdown table: dense vs pruned on one split."""
+    dense, pruned = results["dense"][split], results["pruned"][split]
+    sp = results["sparsity"]["achieved"]
+    lines = [f"| {split} | dense | pruned ({results['method']}) |", "|---|---:|---:|"]
+    for label, get, f in ROWS:
+        lines.append(f"| {label} | {_fmt(get(dense, 0.0), f)} | {_fmt(get(pruned, sp), f)} |")
+    return "\n".join(lines)
+
+
+def text_table(results: dict, split: str = "test") -> str:
+    """The same table for a terminal."""
+    dense, pruned = results["dense"][split], results["pruned"][split]
+    sp = results["sparsity"]["achieved"]
+    head = f"{split + ' split':36s} {'dense':>10s} {'pruned':>10s}"
+    lines = [head, "-" * len(head)]
+    for label, get, f in ROWS:
+        lines.append(f"{label:36s} {_fmt(get(dense, 0.0), f):>10s} {_fmt(get(pruned, sp), f):>10s}")
+    return "\n".join(lines)
+
+
+def markdown_report(results: dict) -> str:
+    r = results
+    out = [f"# fairprune run: {r['method']} on {r['dataset']} ({r['model']})", "",
+           f"- target sparsity {r['sparsity']['target']:.4f}, achieved {r['sparsity']['achieved']:.4f} of "
+           f"prunable weights ({r['sparsity']['overall']:.4f} of all parameters); FLOPs remaining "
+           f"{_fmt(r['sparsity'].get('flops_fraction'), '{:.4f}')}",
+           f"- seed {r['seed']}; groups: {r['groups']['num_groups']} from {', '.join(r['groups']['attributes'])}; "
+           f"sizes {r['sizes']}",
+           f"- wall time {r['wall_time_s']:.1f} s", ""]
+    for split in ("test", "train"):
+        if split in r["pruned"]:
+            out += [summary_table(r, split), ""]
+    out += ["## Per-group accuracy (test)", "", "| group | n | dense | pruned | psi_g |", "|---|---:|---:|---:|---:|"]
+    d, p = r["dense"]["test"], r["pruned"]["test"]
+    psi = (p.get("excess_accuracy_gap") or {}).get("per_group", {})
+    for name, g in p["groups"].items():
+        out.append(f"| {name} | {int(g['n'] or 0)} | {_fmt(d['groups'][name]['accuracy'], '{:.4f}')} | "
+                   f"{_fmt(g['accuracy'], '{:.4f}')} | {_fmt(psi.get(name), '{:+.4f}')} |")
+    return "\n".join(out) + "\n"
+
+
+def plot_group_accuracy(results: dict, path: Path, split: str = "test", max_groups: int = 60) -> None:
+    """Bar chart of per-group accuracy, dense vs pruned (largest groups when there are many)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d, p = results["dense"][split]["groups"], results["pruned"][split]["groups"]
+    names = [n for n in p if (p[n]["n"] or 0) > 0]
+    if len(names) > max_groups:
+        names = sorted(names, key=lambda n: -p[n]["n"])[:max_groups]
+    x = np.arange(len(names))
+    da = [d[n]["accuracy"] or 0.0 for n in names]
+    pa = [p[n]["accuracy"] or 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
+    ax.bar(x - 0.2, da, 0.4, label="dense")
+    ax.bar(x + 0.2, pa, 0.4, label=f"pruned ({results['method']}, {results['sparsity']['achieved']:.0%})")
+    ax.set_xticks(x, names, rotation=60 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
+                  fontsize=8)
+    ax.set_ylabel(f"{split} accuracy")
+    ax.set_ylim(max(0.0, min(da + pa) - 0.1), 1.0)
+    ax.set_title(f"Per-group accuracy: {results['dataset']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def write_outputs(results: dict, out: Path) -> dict[str, Path]:
+    """``results.json``, ``results.md`` and ``group_accuracy.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "group_accuracy.png"}
+    write_json_atomic(results, paths["json"])
+    paths["md"].write_text(markdown_report(results))
+    plot_group_accuracy(results, paths["png"])
+    return paths

@@ -1,0 +1,165 @@
+"""The ``fairprune run`` pipeline: data -> dense model -> method -> evaluation -> report.
+
+Everything that can be wrong with the request (sparsity, method, dataset,
+model, options) is checked before any data is loaded or any step is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fairprune_jax import fairness, report
+from fairprune_jax.data import DATASETS, Dataset, load_dataset
+from fairprune_jax.masks import check_sparsity, prunable_template, sparsity_summary, DISTRIBUTIONS
+from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer, method_options
+from fairprune_jax.models import MODELS, build_model, count_flops, default_model_for, layer_order
+from fairprune_jax.train import TrainState, create_state, evaluate, fit, make_eval_step, make_train_step
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Fail fast, with the valid choices, before any long work."""
+    check_sparsity(cfg.sparsity)
+    method = get_method(cfg.method)
+    method_options(method, cfg.method_options)
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; valid choices: {', '.join(sorted(DATASETS))}")
+    if cfg.model is not None and cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; valid choices: {', '.join(sorted(MODELS))}")
+    if cfg.distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown sparsity distribution {cfg.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    for name in ("epochs", "batch_size"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")
+    if cfg.ft_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0; got {cfg.ft_epochs}")
+    if not (cfg.lr > 0 and cfg.ft_lr > 0):
+        raise ValueError(f"learning rates must be > 0; got lr={cfg.lr}, finetune_lr={cfg.ft_lr}")
+
+
+def _augment_fn(cfg: RunConfig, ds: Dataset):
+    if not cfg.augment:
+        return None
+    if len(ds.input_shape) != 3:
+        raise ValueError("--augment applies to image datasets only (random crop + flip)")
+    from fairprune_jax.data.augment import random_crop_flip
+    return random_crop_flip
+
+
+def train_dense(ctx: Context, params: Any, model_state: Any) -> tuple[TrainState, dict]:
+    """Train the dense reference model every method starts from."""
+    cfg = ctx.config
+    tx = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * ctx.steps_per_epoch)
+    state = create_state(params, model_state, tx, seed=cfg.seed)
+    step = make_train_step(ctx.fm, tx, augment=ctx.augment)
+    return fit(state, step, ctx.dataset.train, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+               desc="dense", progress=cfg.progress)
+
+
+def build_context(cfg: RunConfig, ds: Dataset) -> tuple[Context, Any, Any]:
+    model_name = cfg.model or default_model_for(ds.input_shape)
+    fm, params, model_state = build_model(model_name, ds.input_shape, ds.num_classes, seed=cfg.seed,
+                                          **cfg.model_options)
+    order = layer_order(fm, params, model_state)
+    template = prunable_template(params, layer_order=order, exclude_first=cfg.exclude_first,
+                                 exclude_last=cfg.exclude_last)
+    ctx = Context(config=cfg, dataset=ds, fm=fm, template=template,
+                  flops=count_flops(fm, params, model_state), layer_order=order,
+                  eval_step=make_eval_step(fm, ds.num_groups, ds.num_classes, cfg.positive_label),
+                  augment=_augment_fn(cfg, ds))
+    return ctx, params, model_state
+
+
+def run(cfg: RunConfig, dataset: Dataset | None = None) -> dict:
+    """Run one experiment end to end; writes results into ``cfg.out`` when set and returns them."""
+    t_start = time.perf_counter()
+    validate_config(cfg)
+    method = get_method(cfg.method)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
+    if dataset is not None:
+        ds.validate()
+    if cfg.batch_size > len(ds.train):
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                         f"({len(ds.train)} rows); choose at most {len(ds.train)}")
+    timings["load_data_s"] = time.perf_counter() - t
+
+    ctx, params, model_state = build_context(cfg, ds)
+    t = time.perf_counter()
+    dense, dense_hist = train_dense(ctx, params, model_state)
+    timings["dense_train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    evals = {"dense": {s: evaluate(ctx.eval_step, dense, split, cfg.eval_batch_size)
+                       for s, split in ds.splits().items()}}
+    ctx.dense_train_counts, ctx.dense_train_class_counts = evals["dense"]["train"]
+    timings["dense_eval_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pruned, info = method.run(ctx, dense)
+    jax.block_until_ready(pruned.params)
+    timings["method_s"] = time.perf_counter() - t
+    evals["pruned"] = {s: evaluate(ctx.eval_step, pruned, split, cfg.eval_batch_size)
+                       for s, split in ds.splits().items()}
+
+    results = _assemble(cfg, ds, ctx, dense, pruned, evals, dense_hist, info)
+    timings["total_s"] = time.perf_counter() - t_start
+    results["timings"] = timings
+    results["wall_time_s"] = timings["total_s"]
+    if cfg.out:
+        report.write_outputs(results, Path(cfg.out))
+    return results
+
+
+def _assemble(cfg: RunConfig, ds: Dataset, ctx: Context, dense: TrainState, pruned: TrainState,
+              evals: dict, dense_hist: dict, info: dict) -> dict:
+    model_name = cfg.model or default_model_for(ds.input_shape)
+    summary = sparsity_summary(pruned.params, pruned.masks, ctx.flops)
+    out: dict[str, Any] = {
+        "method": cfg.method,
+        "dataset": ds.name,
+        "model": model_name,
+        "seed": cfg.seed,
+        "config": _jsonable(dataclasses.asdict(cfg)),
+        "groups": {"names": ds.group_names, "attributes": ds.group_attrs, "num_groups": ds.num_groups},
+        "classes": ds.class_names,
+        "sizes": {s: len(split) for s, split in ds.splits().items()},
+        "sparsity": {
+            "target": cfg.sparsity,
+            "achieved": summary["sparsity_prunable"],
+            "overall": summary["sparsity_overall"],
+            "flops_fraction": summary.get("flops_fraction"),
+            "params_kept": summary["params_kept"],
+            "params_total": summary["params_total"],
+            "layers": summary["layers"],
+        },
+        "dataset_meta": _jsonable(ds.meta),
+    }
+    for which in ("dense", "pruned"):
+        out[which] = {}
+        for split_name, (gc, cc) in evals[which].items():
+            dense_ref = evals["dense"][split_name][0] if which == "pruned" else None
+            out[which][split_name] = fairness.fairness_report(gc, class_counts=cc, dense_counts=dense_ref,
+                                                              group_names=ds.group_names)
+    out["history"] = {"dense": dense_hist, "method": _jsonable(info.get("history", {}))}
+    out["method_info"] = _jsonable({k: v for k, v in info.items() if k != "history"})
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)

@@ -1,0 +1,209 @@
+"""Masked training and evaluation as pure, jitted step functions.
+
+A step is ``state, batch -> state, stats``. The state is one pytree holding
+everything a run needs to continue: params, masks, optimizer state, model
+state (BatchNorm statistics), PRNG key, step counter, the first step whose
+loss was not finite, and ``extra`` for a method's own state (multipliers,
+replay buffers, scores). Masks are applied in the forward pass and again after
+every optimizer update, so pruned weights stay exactly zero whatever the
+optimizer does (momentum, weight decay).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from fairprune_jax import fairness
+from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
+from fairprune_jax.masks import apply_masks
+from fairprune_jax.models import FunctionalModel
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step."""
+
+    params: Any
+    masks: Any
+    opt_state: Any
+    model_state: Any
+    rng: jax.Array
+    step: jax.Array
+    nan_step: jax.Array  # first step with a non-finite loss, -1 while all are finite
+    extra: Any = None
+
+
+def create_state(params: Any, model_state: Any, tx: optax.GradientTransformation, *, masks: Any = None,
+                 seed: int = 0, extra: Any = None) -> TrainState:
+    """A fresh state; with ``masks`` the params are masked right away."""
+    if masks is not None:
+        params = apply_masks(params, masks)
+    return TrainState(params=params, masks=masks, opt_state=tx.init(params), model_state=model_state,
+                      rng=jax.random.key(seed), step=jnp.zeros((), jnp.int32),
+                      nan_step=jnp.full((), -1, jnp.int32), extra=extra)
+
+
+def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-sample softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+
+
+def weighted_mean(values: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def masked_forward(fm: FunctionalModel, params: Any, masks: Any, model_state: Any, x: jax.Array,
+                   train: bool) -> tuple[jax.Array, Any]:
+    """Logits of the masked model (``params * mask``) and the updated model state."""
+    if masks is not None:
+        params = apply_masks(params, masks)
+    return fm.apply(params, model_state, x, train=train)
+
+
+def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, *,
+                    model_state: Any = None, loss: jax.Array | None = None, rng: jax.Array | None = None,
+                    extra: Any = None) -> TrainState:
+    """One optimizer update that keeps pruned weights at exactly zero.
+
+    Gradients of pruned weights are zeroed before the update (so optimizer
+    moments never build up for them) and the mask is re-applied after it.
+    """
+    if state.masks is not None:
+        grads = apply_masks(grads, state.masks)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if state.masks is not None:
+        params = apply_masks(params, state.masks)
+    nan_step = state.nan_step
+    if loss is not None:
+        nan_step = jnp.where((nan_step < 0) & ~jnp.isfinite(loss), state.step, nan_step)
+    return state.replace(params=params, opt_state=opt_state,
+                         model_state=state.model_state if model_state is None else model_state,
+                         rng=state.rng if rng is None else rng, step=state.step + 1, nan_step=nan_step,
+                         extra=state.extra if extra is None else extra)
+
+
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *,
+                    augment: Augment | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Jitted masked cross-entropy step: ``(state, batch) -> (state, stats)``.
+
+    ``batch`` is ``{x, y, g, w}``; rows with ``w = 0`` do not count.
+    ``augment(rng, x)`` (e.g. random crop + flip) runs inside the step.
+    """
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, aug_rng = jax.random.split(state.rng)
+        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+
+        def loss_fn(params):
+            logits, new_ms = masked_forward(fm, params, state.masks, state.model_state, x, train=True)
+            per = cross_entropy(logits, batch["y"])
+            return weighted_mean(per, batch["w"]), (logits, new_ms)
+
+        (loss, (logits, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = apply_gradients(state, grads, tx, model_state=new_ms, loss=loss, rng=rng)
+        acc = weighted_mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32), batch["w"])
+        return new_state, {"loss": loss, "accuracy": acc}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int, positive_label: int = 1
+                   ) -> Callable[..., tuple[fairness.GroupCounts, fairness.GroupCounts]]:
+    """Jitted ``(params, masks, model_state, batch) -> (group counts, class counts)``."""
+
+    def step(params, masks, model_state, batch):
+        logits, _ = masked_forward(fm, params, masks, model_state, batch["x"], train=False)
+        per = cross_entropy(logits, batch["y"])
+        by_group = fairness.group_counts(logits, batch["y"], batch["g"], num_groups, loss=per,
+                                         weights=batch["w"], positive_label=positive_label)
+        by_class = fairness.group_counts(logits, batch["y"], batch["y"], num_classes, loss=per,
+                                         weights=batch["w"], positive_label=positive_label)
+        return by_group, by_class
+
+    return jax.jit(step)
+
+
+def evaluate(eval_step: Callable, state: TrainState, split: Split, batch_size: int = 512
+             ) -> tuple[fairness.GroupCounts, fairness.GroupCounts]:
+    """Sum group and class counts over a whole split (numpy, float64)."""
+    total_g = total_c = None
+    bs = min(batch_size, max(len(split), 1))
+    for batch in eval_batches(split, bs):
+        g, c = eval_step(state.params, state.masks, state.model_state, batch)
+        total_g = g if total_g is None else fairness.add_counts(total_g, g)
+        total_c = c if total_c is None else fairness.add_counts(total_c, c)
+    to_np = lambda t: type(t)(*[np.asarray(v, np.float64) for v in t])  # noqa: E731
+    return to_np(total_g), to_np(total_c)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or Inf loss."""
+
+
+def check_finite(state: TrainState, what: str) -> None:
+    """Raise with the exact step if any loss so far was NaN/Inf (one host sync)."""
+    bad = int(state.nan_step)
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"{what}: the loss became NaN/Inf at step {bad}. Lower the learning rate (--lr), "
+            "check the input features for NaN/Inf, or use gradient clipping.")
+
+
+Hook = Callable[[TrainState, int], TrainState]
+
+
+def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, batch_size: int, seed: int,
+        desc: str = "train", hook: Hook | None = None, progress: bool = True,
+        log_every: int = 10) -> tuple[TrainState, dict]:
+    """Run ``epochs`` epochs of ``train_step`` over shuffled full batches.
+
+    ``hook(state, step)`` runs on the host before each step (mask schedules
+    use it). The progress bar shows the running loss; the loss is read back
+    only every ``log_every`` steps, so the device is never stalled per step.
+    Returns the state and a history of per-epoch mean loss/accuracy.
+    """
+    n_steps = steps_per_epoch(split, batch_size) * epochs
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, mininterval=0.5)
+    global_step = 0
+    for epoch in range(epochs):
+        ep_stats = []
+        for batch in train_batches(split, batch_size, seed, epoch):
+            if hook is not None:
+                state = hook(state, global_step)
+            state, stats = train_step(state, batch)
+            ep_stats.append(stats)
+            global_step += 1
+            if global_step % log_every == 0:
+                bar.set_postfix(loss=f"{float(stats['loss']):.4f}")
+                check_finite(state, desc)
+            bar.update(1)
+        if ep_stats:
+            losses, accs = jax.device_get((jnp.stack([s["loss"] for s in ep_stats]),
+                                           jnp.stack([s["accuracy"] for s in ep_stats])))
+            history["loss"].append(float(np.mean(losses)))
+            history["accuracy"].append(float(np.mean(accs)))
+        check_finite(state, desc)
+    bar.close()
+    history["seconds"] = time.perf_counter() - t0
+    return state, history
+
+
+def iterate_forever(split: Split, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless shuffled full batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from train_batches(split, batch_size, seed, epoch)
+        epoch += 1
