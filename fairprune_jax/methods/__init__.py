@@ -2,6 +2,10 @@
 from fairprune_jax.methods.base import (METHODS, Context, Method, RunConfig, get_method, make_optimizer,
                                         method_options, register)
 from fairprune_jax.methods import baselines  # noqa: F401  (registers magnitude, gmp, random)
+from fairprune_jax.methods import lth  # noqa: F401  (registers lth)
+from fairprune_jax.methods import ballot  # noqa: F401  (registers ballot)
+from fairprune_jax.methods import fair_scratch  # noqa: F401  (registers fair_scratch)
 
 __all__ = ["METHODS", "Context", "Method", "RunConfig", "get_method", "make_optimizer", "method_options",
            "register"]
+from fairprune_jax.methods import ceag  # noqa: E402,F401  (registers ceag, nft, el)

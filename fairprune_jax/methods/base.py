@@ -24,7 +24,7 @@ OPTIMIZERS = ("adam", "sgd")
 class RunConfig:
     """Every knob of a ``fairprune run``; defaults give the main job on digits."""
 
-    method: str = "gmp"
+    method: str = "ceag"
     dataset: str = "digits"
     data_dir: str | None = None
     model: str | None = None            # None: mlp for tabular, cnn for images
@@ -100,9 +100,20 @@ class Context:
         return create_state(dense.params, dense.model_state, tx, masks=masks, seed=self.config.seed + 1,
                             extra=extra)
 
-    def masks_from_scores(self, scores: Any, sparsity: float, prev_masks: Any = None) -> Any:
-        return masks_lib.masks_from_scores(scores, self.template, sparsity, self.config.distribution,
-                                           prev_masks=prev_masks)
+    def masks_from_scores(self, scores: Any, sparsity: float, prev_masks: Any = None,
+                          template: Any = None) -> Any:
+        return masks_lib.masks_from_scores(scores, self.template if template is None else template, sparsity,
+                                           self.config.distribution, prev_masks=prev_masks)
+
+    def template_for(self, params: Any, *, exclude_first: bool, exclude_last: bool) -> Any:
+        """A prunable template with the given first/last-layer exclusions (or the run's own flags)."""
+        return masks_lib.prunable_template(params, layer_order=self.layer_order,
+                                           exclude_first=exclude_first or self.config.exclude_first,
+                                           exclude_last=exclude_last or self.config.exclude_last)
+
+    def first_layer_is_conv(self, params: Any) -> bool:
+        leaves = dict(masks_lib.named_leaves(params))
+        return bool(self.layer_order) and leaves[self.layer_order[0]].ndim == 4
 
     def finetune(self, state: TrainState, tx: optax.GradientTransformation, *, epochs: int | None = None,
                  step_fn: Callable | None = None, hook: Callable | None = None,
