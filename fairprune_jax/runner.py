@@ -74,11 +74,22 @@ def build_context(cfg: RunConfig, ds: Dataset) -> tuple[Context, Any, Any]:
     return ctx, params, model_state
 
 
-def run(cfg: RunConfig, dataset: Dataset | None = None) -> dict:
-    """Run one experiment end to end; writes results into ``cfg.out`` when set and returns them."""
-    t_start = time.perf_counter()
+@dataclasses.dataclass
+class Prepared:
+    """A loaded dataset and a trained dense model, reusable by every method and sparsity of one seed."""
+
+    config: RunConfig
+    dataset: Dataset
+    ctx: Context
+    dense: TrainState
+    dense_history: dict
+    dense_evals: dict
+    timings: dict
+
+
+def prepare(cfg: RunConfig, dataset: Dataset | None = None) -> Prepared:
+    """Validate, load the data, build the model and train and evaluate the dense reference."""
     validate_config(cfg)
-    method = get_method(cfg.method)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
@@ -88,32 +99,54 @@ def run(cfg: RunConfig, dataset: Dataset | None = None) -> dict:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
                          f"({len(ds.train)} rows); choose at most {len(ds.train)}")
     timings["load_data_s"] = time.perf_counter() - t
-
     ctx, params, model_state = build_context(cfg, ds)
     t = time.perf_counter()
     dense, dense_hist = train_dense(ctx, params, model_state)
     timings["dense_train_s"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    evals = {"dense": {s: evaluate(ctx.eval_step, dense, split, cfg.eval_batch_size)
-                       for s, split in ds.splits().items()}}
-    ctx.dense_train_counts, ctx.dense_train_class_counts = evals["dense"]["train"]
+    evals = {s: evaluate(ctx.eval_step, dense, split, cfg.eval_batch_size) for s, split in ds.splits().items()}
+    ctx.dense_train_counts, ctx.dense_train_class_counts = evals["train"]
     timings["dense_eval_s"] = time.perf_counter() - t
+    return Prepared(cfg, ds, ctx, dense, dense_hist, evals, timings)
 
-    t = time.perf_counter()
-    pruned, info = method.run(ctx, dense)
+
+def run_method(prep: Prepared, **overrides: Any) -> dict:
+    """Run one method on a prepared dense model; ``overrides`` replace config fields
+    (``method``, ``sparsity``, ``method_options``, ``out``, ...) but not the data or the dense training."""
+    t_start = time.perf_counter()
+    fixed = {"dataset", "data_dir", "model", "epochs", "lr", "batch_size", "dataset_options", "model_options",
+             "optimizer", "weight_decay", "exclude_first", "exclude_last"}
+    bad = fixed & set(overrides)
+    if bad:
+        raise ValueError(f"cannot override {sorted(bad)} after the dense model was trained; prepare() again")
+    cfg = dataclasses.replace(prep.config, **overrides)
+    validate_config(cfg)
+    method = get_method(cfg.method)
+    ctx = dataclasses.replace(prep.ctx, config=cfg)
+    ds = prep.dataset
+    pruned, info = method.run(ctx, prep.dense)
     jax.block_until_ready(pruned.params)
-    timings["method_s"] = time.perf_counter() - t
-    evals["pruned"] = {s: evaluate(ctx.eval_step, pruned, split, cfg.eval_batch_size)
-                       for s, split in ds.splits().items()}
-
-    results = _assemble(cfg, ds, ctx, dense, pruned, evals, dense_hist, info)
-    timings["total_s"] = time.perf_counter() - t_start
+    timings = dict(prep.timings)
+    timings["method_s"] = time.perf_counter() - t_start
+    evals = {"dense": prep.dense_evals,
+             "pruned": {s: evaluate(ctx.eval_step, pruned, split, cfg.eval_batch_size)
+                        for s, split in ds.splits().items()}}
+    results = _assemble(cfg, ds, ctx, prep.dense, pruned, evals, prep.dense_history, info)
+    timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     results["timings"] = timings
     results["wall_time_s"] = timings["total_s"]
     if cfg.out:
         report.write_outputs(results, Path(cfg.out))
+    results["_state"] = pruned
     return results
+
+
+def run(cfg: RunConfig, dataset: Dataset | None = None) -> dict:
+    """Run one experiment end to end; writes results into ``cfg.out`` when set and returns them."""
+    validate_config(cfg)
+    res = run_method(prepare(cfg, dataset))
+    res.pop("_state", None)
+    return res
 
 
 def _assemble(cfg: RunConfig, ds: Dataset, ctx: Context, dense: TrainState, pruned: TrainState,
