@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(s)
     s.add_argument("--small-group", type=int, default=30, help="warn about groups smaller than this")
 
+    c = sub.add_parser("compare", help="methods x sparsities x seeds from a TOML config (resumable)")
+    c.add_argument("--config", required=True, help="experiments/NAME.toml")
+    c.add_argument("--out", default=None, help="output folder (default: the config's, or experiments/results/NAME)")
+    c.add_argument("--no-progress", action="store_true")
+
     sub.add_parser("methods", help="list the pruning methods and their options")
     sub.add_parser("datasets", help="list the datasets")
     return parser
@@ -130,6 +135,16 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fairprune_jax.compare import load_config, markdown_table, run_compare
+
+    cc = load_config(args.config, args.out)
+    summary = run_compare(cc, progress=not args.no_progress)
+    print(markdown_table(cc, summary["aggregate"]))
+    print(f"wrote {cc.out}/results.csv, results.json, results.md and plots")
+    return 0
+
+
 def cmd_methods(_: argparse.Namespace) -> int:
     from fairprune_jax.methods import METHODS
     for name, m in sorted(METHODS.items()):
@@ -154,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"run": cmd_run, "data-summary": cmd_data_summary, "methods": cmd_methods,
+    handlers = {"run": cmd_run, "compare": cmd_compare, "data-summary": cmd_data_summary, "methods": cmd_methods,
                 "datasets": cmd_datasets}
     try:
         return handlers[args.command](args)

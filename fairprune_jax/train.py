@@ -42,7 +42,14 @@ class TrainState:
 
 def create_state(params: Any, model_state: Any, tx: optax.GradientTransformation, *, masks: Any = None,
                  seed: int = 0, extra: Any = None) -> TrainState:
-    """A fresh state; with ``masks`` the params are masked right away."""
+    """A fresh state; with ``masks`` the params are masked right away.
+
+    Params and model state are copied: train steps donate their input state,
+    and the caller's arrays (a dense model reused by several methods) must
+    survive that.
+    """
+    params = jax.tree.map(jnp.copy, params)
+    model_state = jax.tree.map(jnp.copy, model_state)
     if masks is not None:
         params = apply_masks(params, masks)
     return TrainState(params=params, masks=masks, opt_state=tx.init(params), model_state=model_state,

@@ -1,0 +1,276 @@
+"""``fairprune compare``: a grid of methods x sparsities x seeds on one dataset.
+
+One dense model is trained per seed and reused by every method and sparsity
+of that seed. Each finished cell writes its own ``results.json``; a rerun
+skips finished cells (and does not even train the dense model of a seed whose
+cells are all done), so an interrupted comparison resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fairprune_jax.methods.base import RunConfig
+
+TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "out", "tolerance", "run",
+            "dataset_options", "model_options", "method_options"}
+RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
+                                                               "out", "dataset_options", "model_options",
+                                                               "method_options"}
+
+# column -> (split, path into a fairness report)
+METRICS: dict[str, tuple[str, tuple]] = {
+    "test_accuracy": ("test", ("accuracy",)),
+    "train_accuracy": ("train", ("accuracy",)),
+    "test_max_psi": ("test", ("excess_accuracy_gap", "max")),
+    "train_max_psi": ("train", ("excess_accuracy_gap", "max")),
+    "test_psi_spread": ("test", ("excess_accuracy_gap", "spread")),
+    "train_psi_spread": ("train", ("excess_accuracy_gap", "spread")),
+    "test_group_acc_gap": ("test", ("accuracy_parity_gap", "between_groups")),
+    "test_cwv": ("test", ("class_wise_variance",)),
+    "test_mcd": ("test", ("max_class_discrepancy",)),
+    "test_dp_diff": ("test", ("demographic_parity_difference", "between_groups")),
+    "test_eo_diff": ("test", ("equalized_odds_difference", "between_groups", "worst_case")),
+}
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    name: str
+    dataset: str
+    methods: list[str]
+    sparsities: list[float]
+    seeds: list[int]
+    out: Path
+    data_dir: str | None = None
+    tolerance: float | None = None   # eps for "max psi_g <= eps holds" columns
+    run: dict = dataclasses.field(default_factory=dict)
+    dataset_options: dict = dataclasses.field(default_factory=dict)
+    model_options: dict = dataclasses.field(default_factory=dict)
+    method_options: dict = dataclasses.field(default_factory=dict)
+
+
+def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
+    """Read and check a comparison TOML; unknown keys are errors naming the valid ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"comparison config {path} not found (expected a TOML file, "
+                                "see experiments/*.toml)")
+    raw = tomllib.loads(path.read_text())
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(sorted(TOP_KEYS))}")
+    bad_run = set(raw.get("run", {})) - RUN_KEYS
+    if bad_run:
+        raise ValueError(f"{path}: unknown [run] key(s) {sorted(bad_run)}; valid: {', '.join(sorted(RUN_KEYS))}")
+    for key in ("dataset", "methods", "sparsities", "seeds"):
+        if key not in raw:
+            raise ValueError(f"{path}: missing required key {key!r}")
+    from fairprune_jax.methods import get_method, method_options
+    from fairprune_jax.masks import check_sparsity
+    for m in raw["methods"]:
+        method = get_method(m)
+        method_options(method, raw.get("method_options", {}).get(m, {}))
+    for s in raw["sparsities"]:
+        check_sparsity(s)
+    bad_mo = set(raw.get("method_options", {})) - set(raw["methods"])
+    if bad_mo:
+        raise ValueError(f"{path}: [method_options] for methods not in the grid: {sorted(bad_mo)}")
+    name = raw.get("name", path.stem)
+    base = path.parent
+    data_dir = raw.get("data_dir")
+    if data_dir is not None and not Path(data_dir).is_absolute():
+        data_dir = str((base / data_dir).resolve()) if (base / data_dir).exists() else data_dir
+    out_dir = Path(out) if out else Path(raw.get("out", base / "results" / name))
+    if not out_dir.is_absolute() and not out and "out" in raw:
+        out_dir = base / out_dir
+    return CompareConfig(name=name, dataset=raw["dataset"], methods=list(raw["methods"]),
+                         sparsities=[float(s) for s in raw["sparsities"]], seeds=[int(s) for s in raw["seeds"]],
+                         out=out_dir, data_dir=data_dir, tolerance=raw.get("tolerance"), run=raw.get("run", {}),
+                         dataset_options=raw.get("dataset_options", {}),
+                         model_options=raw.get("model_options", {}),
+                         method_options=raw.get("method_options", {}))
+
+
+def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path:
+    return cc.out / "cells" / f"{method}_s{sparsity:g}_seed{seed}"
+
+
+def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
+    """Run every missing cell, then write the combined CSV, JSON, Markdown and plots."""
+    from fairprune_jax.runner import prepare, run_method
+
+    cc.out.mkdir(parents=True, exist_ok=True)
+    cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
+    todo = [c for c in cells if not (cell_dir(cc, c[1], c[2], c[0]) / "results.json").exists()]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"compare {cc.name}", unit="cell",
+               disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for seed in cc.seeds:
+        seed_todo = [c for c in todo if c[0] == seed]
+        if not seed_todo:
+            continue
+        cfg = RunConfig(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, sparsity=cc.sparsities[0],
+                        method=cc.methods[0], dataset_options=dict(cc.dataset_options),
+                        model_options=dict(cc.model_options), progress=False, **cc.run)
+        prep = prepare(cfg)
+        for _, m, s in seed_todo:
+            d = cell_dir(cc, m, s, seed)
+            res = run_method(prep, method=m, sparsity=s, method_options=dict(cc.method_options.get(m, {})),
+                             out=str(d))
+            res.pop("_state", None)
+            bar.update(1)
+    bar.close()
+    summary = collect(cc)
+    summary["elapsed_s"] = time.perf_counter() - t0
+    return summary
+
+
+def _get(d: dict, path: tuple) -> float | None:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def collect(cc: CompareConfig) -> dict:
+    """Combine finished cells into rows, aggregates (mean, std over seeds) and output files."""
+    rows = []
+    for seed in cc.seeds:
+        for s in cc.sparsities:
+            for m in cc.methods:
+                p = cell_dir(cc, m, s, seed) / "results.json"
+                if not p.exists():
+                    continue
+                r = json.loads(p.read_text())
+                row: dict[str, Any] = {"method": m, "sparsity": s, "seed": seed,
+                                       "achieved_sparsity": r["sparsity"]["achieved"]}
+                for col, (split, path) in METRICS.items():
+                    row[col] = _get(r["pruned"].get(split, {}), path)
+                row["dense_test_accuracy"] = r["dense"]["test"]["accuracy"]
+                if cc.tolerance is not None:
+                    for split in ("train", "test"):
+                        v = row[f"{split}_max_psi"]
+                        row[f"{split}_psi_within_tol"] = None if v is None else bool(v <= cc.tolerance)
+                row["group_acc_change"] = {
+                    g: (None if v["accuracy"] is None or r["dense"]["test"]["groups"][g]["accuracy"] is None
+                        else v["accuracy"] - r["dense"]["test"]["groups"][g]["accuracy"])
+                    for g, v in r["pruned"]["test"]["groups"].items()}
+                row["wall_time_s"] = r.get("wall_time_s")
+                rows.append(row)
+    agg = aggregate(rows, cc)
+    write_outputs(cc, rows, agg)
+    return {"rows": rows, "aggregate": agg}
+
+
+def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
+    out = []
+    cols = list(METRICS) + (["train_psi_within_tol", "test_psi_within_tol"] if cc.tolerance is not None else [])
+    for s in cc.sparsities:
+        for m in cc.methods:
+            sel = [r for r in rows if r["method"] == m and r["sparsity"] == s]
+            if not sel:
+                continue
+            a: dict[str, Any] = {"method": m, "sparsity": s, "n_seeds": len(sel)}
+            for c in cols:
+                vals = np.array([float(r[c]) for r in sel if r.get(c) is not None], dtype=float)
+                a[c] = {"mean": float(vals.mean()) if vals.size else None,
+                        "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None}
+            out.append(a)
+    return out
+
+
+def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = None) -> str:
+    cols = cols or ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread",
+                    "test_group_acc_gap", "test_cwv", "test_mcd"]
+    if cc.tolerance is not None:
+        cols = cols + ["train_psi_within_tol"]
+    head = "| method | sparsity | seeds | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (3 + len(cols))]
+    for a in agg:
+        cells = []
+        for c in cols:
+            v = a.get(c) or {}
+            if v.get("mean") is None:
+                cells.append("-")
+            elif c.endswith("within_tol"):
+                cells.append(f"{v['mean'] * a['n_seeds']:.0f}/{a['n_seeds']}")
+            else:
+                fmt = "{:.5f}" if "cwv" in c else "{:.4f}"
+                cells.append(fmt.format(v["mean"]) + " ± " + fmt.format(v["std"]))
+        lines.append(f"| {a['method']} | {a['sparsity']:g} | {a['n_seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
+    flat = [{k: v for k, v in r.items() if k != "group_acc_change"} for r in rows]
+    if flat:
+        with open(cc.out / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(flat[0]))
+            w.writeheader()
+            w.writerows(flat)
+    (cc.out / "results.json").write_text(json.dumps({"name": cc.name, "dataset": cc.dataset, "rows": rows,
+                                                     "aggregate": agg}, indent=2))
+    md = [f"# {cc.name}: {', '.join(cc.methods)} on {cc.dataset}", "",
+          f"Mean ± std over seeds {cc.seeds}. psi = excess accuracy gap (Balancing Act)"
+          + (f"; tolerance eps = {cc.tolerance}." if cc.tolerance is not None else "."), "",
+          markdown_table(cc, agg), ""]
+    (cc.out / "results.md").write_text("\n".join(md))
+    if rows:
+        plot(cc, rows, agg)
+
+
+def plot(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in cc.methods:
+        pts = [a for a in agg if a["method"] == m]
+        xs = [a["sparsity"] for a in pts]
+        for ax, col, label in ((axes[0], "test_accuracy", "test accuracy"),
+                               (axes[1], "train_max_psi", "train max psi_g")):
+            ys = [a[col]["mean"] for a in pts]
+            es = [a[col]["std"] for a in pts]
+            if any(y is None for y in ys):
+                continue
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel(label)
+    if cc.tolerance is not None:
+        axes[1].axhline(cc.tolerance, color="gray", ls="--", lw=1, label="eps")
+    axes[0].legend()
+    axes[1].legend()
+    fig.suptitle(cc.name)
+    fig.tight_layout()
+    fig.savefig(cc.out / "metrics_vs_sparsity.png", dpi=110)
+    plt.close(fig)
+
+    s = max(cc.sparsities)
+    groups = list(rows[0]["group_acc_change"])[:40]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups) * len(cc.methods) / 2 + 2), 4))
+    width = 0.8 / max(len(cc.methods), 1)
+    for i, m in enumerate(cc.methods):
+        sel = [r for r in rows if r["method"] == m and r["sparsity"] == s]
+        if not sel:
+            continue
+        vals = [np.nanmean([r["group_acc_change"].get(g) if r["group_acc_change"].get(g) is not None else np.nan
+                            for r in sel]) for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=m)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(f"test accuracy change vs dense (sparsity {s:g})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(cc.out / "group_accuracy_change.png", dpi=110)
+    plt.close(fig)
