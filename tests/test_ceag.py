@@ -1,0 +1,84 @@
+"""CEAG, NFT and EL on a shared pruned start (Balancing Act's protocol)."""
+import jax
+import numpy as np
+import pytest
+
+from fairprune_jax.data import Dataset, Split, load_dataset
+from fairprune_jax.masks import named_leaves
+from fairprune_jax.methods import RunConfig
+from fairprune_jax.runner import prepare, run_method
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    cfg = RunConfig(method="nft", dataset="digits", sparsity=0.97, epochs=5, progress=False, seed=0)
+    return prepare(cfg)
+
+
+@pytest.fixture(scope="module")
+def nft_and_ceag(prepared):
+    nft = run_method(prepared, method="nft")
+    ceag = run_method(prepared, method="ceag", method_options={"eps": 0.01})
+    return nft, ceag
+
+
+def test_same_pruned_start(nft_and_ceag):
+    nft, ceag = nft_and_ceag
+    m1 = dict(named_leaves(nft["_state"].masks))
+    m2 = dict(named_leaves(ceag["_state"].masks))
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        np.testing.assert_array_equal(np.asarray(m1[k]), np.asarray(m2[k]))
+    assert abs(nft["sparsity"]["achieved"] - 0.97) < 1e-3
+    assert abs(ceag["sparsity"]["achieved"] - 0.97) < 1e-3
+
+
+def test_ceag_lowers_train_max_psi(nft_and_ceag):
+    nft, ceag = nft_and_ceag
+    psi_nft = nft["pruned"]["train"]["excess_accuracy_gap"]["max"]
+    psi_ceag = ceag["pruned"]["train"]["excess_accuracy_gap"]["max"]
+    assert psi_ceag < psi_nft, (psi_ceag, psi_nft)
+    # similar accuracy: the constraint does not buy fairness by wrecking the model
+    assert ceag["pruned"]["train"]["accuracy"] > nft["pruned"]["train"]["accuracy"] - 0.05
+    mult = np.array(ceag["method_info"]["multipliers"])
+    assert mult.shape == (10,) and (mult >= 0).all() and mult.max() > 0
+
+
+def test_pruned_weights_stay_zero(nft_and_ceag):
+    _, ceag = nft_and_ceag
+    state = ceag["_state"]
+    params = dict(named_leaves(state.params))
+    for name, m in named_leaves(state.masks):
+        assert np.all(np.asarray(params[name])[np.asarray(m) == 0] == 0.0), name
+
+
+def test_el_equality_multipliers_take_both_signs(prepared):
+    res = run_method(prepared, method="el", sparsity=0.9, method_options={"buffers": True})
+    mult = np.array(res["method_info"]["multipliers"])
+    assert mult.shape == (10,)
+    assert mult.min() < 0 < mult.max()
+
+
+def test_bad_options_fail_before_training(prepared):
+    with pytest.raises(ValueError, match="valid options"):
+        run_method(prepared, method="ceag", method_options={"epsilon": 0.1})
+    with pytest.raises(ValueError, match="dual_optimizer"):
+        run_method(prepared, method="ceag", method_options={"dual_optimizer": "rmsprop"})
+
+
+def test_ceag_with_a_thousand_groups():
+    rng = np.random.default_rng(0)
+    n, d, G = 2048, 16, 1000
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    g = rng.integers(0, G, size=n).astype(np.int32)
+    tr = Split(x[:1536], y[:1536], g[:1536])
+    te = Split(x[1536:], y[1536:], g[1536:])
+    ds = Dataset("synthetic", tr, te, [f"g{i}" for i in range(G)], ["synthetic"], ["0", "1"])
+    cfg = RunConfig(method="ceag", dataset="digits", sparsity=0.8, epochs=2, batch_size=128, progress=False,
+                    method_options={"buffer_size": 2, "dual_lr": 0.1})
+    prep = prepare(cfg, dataset=ds)
+    res = run_method(prep)
+    mult = np.array(res["method_info"]["multipliers"])
+    assert mult.shape == (G,) and np.isfinite(mult).all() and (mult >= 0).all()
+    assert len(res["pruned"]["test"]["groups"]) == G
