@@ -1,26 +1,56 @@
 """Datasets with protected groups, all returning :class:`Dataset`."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
+from fairprune_jax.data.adult import load_adult
 from fairprune_jax.data.base import (Dataset, Split, eval_batches, steps_per_epoch,
                                      stratified_split, train_batches)
 from fairprune_jax.data.digits import load_digits
+from fairprune_jax.data.tabular import load_csv
+from fairprune_jax.data.tfds import load_celeb_a, load_cifar10, load_cifar100
+from fairprune_jax.data.utkface import load_utkface
 
 # name -> loader(data_dir, **options) -> Dataset. Loaders register here.
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits,
+    "utkface": load_utkface,
+    "adult": load_adult,
+    "csv": load_csv,
+    "tfds:cifar10": load_cifar10,
+    "tfds:cifar100": load_cifar100,
+    "tfds:celeb_a": load_celeb_a,
 }
 
 
-def load_dataset(name: str, data_dir: str | None = None, **options) -> Dataset:
-    """Load a dataset by name (see ``DATASETS``) and validate it."""
+def loader_options(name: str) -> list[str]:
+    """The options (keyword arguments besides ``data_dir``) that dataset ``name``'s loader accepts."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(sorted(DATASETS))}")
+    params = list(inspect.signature(DATASETS[name]).parameters.values())[1:]  # the first is data_dir
+    return [p.name for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
+def load_dataset(name: str, data_dir: str | None = None, **options) -> Dataset:
+    """Load a dataset by name (see ``DATASETS``) and validate it.
+
+    Options whose value is ``None`` count as not given (the loader's default
+    applies). An option the loader does not take is a ``ValueError`` that lists
+    the valid ones.
+    """
+    valid = loader_options(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise ValueError(f"dataset {name!r} does not take option(s) {', '.join(repr(u) for u in unknown)}; "
+                         f"valid options: {', '.join(valid) if valid else '(none)'}")
     ds = DATASETS[name](data_dir, **options)
     ds.validate()
     return ds
 
 
-__all__ = ["DATASETS", "Dataset", "Split", "eval_batches", "load_dataset", "load_digits",
+__all__ = ["DATASETS", "Dataset", "Split", "eval_batches", "load_adult", "load_celeb_a", "load_cifar10",
+           "load_cifar100", "load_csv", "load_dataset", "load_digits", "load_utkface", "loader_options",
            "steps_per_epoch", "stratified_split", "train_batches"]

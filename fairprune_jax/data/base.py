@@ -9,6 +9,9 @@ a last partial batch reuses the same compiled step.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -171,3 +174,171 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray
             g = np.concatenate([g, np.zeros(pad, g.dtype)])
             w[k:] = 0.0
         yield {"x": x, "y": y, "g": g, "w": w}
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the loaders (groups, validation split, data locations).
+# ---------------------------------------------------------------------------
+
+#: Environment variable that overrides where the staged shared data lives.
+SHARED_DATA_ENV = "FAIRPRUNE_SHARED_DATA"
+
+
+def default_data_root() -> Path:
+    """Where the staged real data lives: ``$FAIRPRUNE_SHARED_DATA`` or ``../shared/data`` from the repo root."""
+    env = os.environ.get(SHARED_DATA_ENV)
+    if env:
+        return Path(env)
+    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
+
+
+def derived_seed(seed: int, stream: int) -> int:
+    """A seed for a separate random stream (e.g. the validation split) derived from ``seed``."""
+    return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1)[0])
+
+
+def parse_attr_list(spec: str | list[str] | tuple[str, ...], valid: list[str] | tuple[str, ...], *,
+                    what: str, dataset: str) -> list[str]:
+    """Turn ``"race,gender"`` (or a list) into attribute names, checking each against ``valid``."""
+    if isinstance(spec, str):
+        names = [s.strip() for s in spec.split(",")]
+    else:
+        names = [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"{dataset}: empty {what}; valid choices: {', '.join(valid)}")
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"{dataset}: unknown {what} {', '.join(repr(b) for b in bad)}; "
+                         f"valid choices: {', '.join(valid)}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{dataset}: {what} {', '.join(dup)} given more than once in {spec!r}")
+    return names
+
+
+def encode_groups(codes: list[np.ndarray], categories: list[list[str]], *, keep: np.ndarray | None = None,
+                  dataset: str = "dataset") -> tuple[np.ndarray, list[str], dict]:
+    """Group ids for the (intersection of) protected attributes.
+
+    ``codes[a]`` holds, for every row *before* filtering, the index of the row's
+    value in ``categories[a]``. The groups are the product of the categories (in
+    that order) named ``"A|B"``; combinations without rows are dropped and the
+    remaining groups are numbered ``0..k-1``. ``keep`` (a boolean mask) marks the
+    rows that survive filtering; group ids are returned for those rows only.
+
+    A group that had rows before filtering but none after, or a category of a
+    single attribute without rows, is reported in one warning. Intersections that
+    never occur at all are dropped quietly (their number is in the returned info).
+    """
+    if len(codes) != len(categories) or not codes:
+        raise ValueError("encode_groups needs one code array per attribute")
+    dims = tuple(len(c) for c in categories)
+    n = len(codes[0])
+    if keep is None:
+        keep = np.ones(n, bool)
+    keep = np.asarray(keep, bool)
+    flat = np.ravel_multi_index([np.asarray(c, np.int64) for c in codes], dims) if n else np.zeros(0, np.int64)
+    size = int(np.prod(dims))
+    before = np.bincount(flat, minlength=size)
+    after = np.bincount(flat[keep], minlength=size)
+    present = np.flatnonzero(after > 0)
+    if len(codes) == 1:
+        reported = np.flatnonzero(after == 0)
+    else:
+        reported = np.flatnonzero((before > 0) & (after == 0))
+    never = int(((before == 0) & (after == 0)).sum()) if len(codes) > 1 else 0
+
+    def name(i: int) -> str:
+        idx = np.unravel_index(i, dims)
+        return "|".join(str(categories[a][int(j)]) for a, j in enumerate(idx))
+
+    dropped = [name(int(i)) for i in reported]
+    if dropped:
+        shown = ", ".join(dropped[:10]) + (f", ... ({len(dropped) - 10} more)" if len(dropped) > 10 else "")
+        warnings.warn(f"{dataset}: {len(dropped)} protected group(s) have no rows after filtering and were "
+                      f"dropped from the group names (ids re-numbered): {shown}", stacklevel=3)
+    remap = np.full(size, -1, np.int64)
+    remap[present] = np.arange(len(present))
+    g = remap[flat[keep]].astype(np.int32)
+    names = [name(int(i)) for i in present]
+    info = {"empty_groups_dropped": dropped, "empty_intersections_dropped": never}
+    return g, names, info
+
+
+def carve_validation(train: Split, val_fraction: float | None, seed: int) -> tuple[Split, Split | None]:
+    """Split a validation part off ``train`` (stratified by group and label); ``None`` keeps train whole."""
+    if val_fraction is None or val_fraction == 0:
+        return train, None
+    val_fraction = float(val_fraction)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
+    rest, held = stratified_split(train.y, train.g, val_fraction, seed=derived_seed(seed, 1))
+    if len(held) == 0:
+        raise ValueError(f"val_fraction={val_fraction} leaves the validation split empty "
+                         f"(train has {len(train)} rows); use a larger fraction")
+    return train.take(rest), train.take(held)
+
+
+def check_fraction(value: float, name: str) -> float:
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1); got {value}")
+    return value
+
+
+def carve_validation_indices(idx: np.ndarray, y: np.ndarray, g: np.ndarray, val_fraction: float | None,
+                             seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Index version of :func:`carve_validation`: split ``idx`` (train rows) into (train, val)."""
+    if val_fraction is None or val_fraction == 0:
+        return idx, None
+    val_fraction = check_fraction(val_fraction, "val_fraction")
+    rest, held = stratified_split(y[idx], g[idx], val_fraction, seed=derived_seed(seed, 1))
+    if len(held) == 0:
+        raise ValueError(f"val_fraction={val_fraction} leaves the validation split empty "
+                         f"(train has {len(idx)} rows); use a larger fraction")
+    return idx[rest], idx[held]
+
+
+def uint8_channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean/std of uint8 NHWC images, in [0, 1] units (integer sums, in chunks)."""
+    c = images.shape[-1]
+    flat = images.reshape(-1, c)
+    s = np.zeros(c, np.int64)
+    ss = np.zeros(c, np.int64)
+    for start in range(0, flat.shape[0], 1 << 16):
+        chunk = flat[start:start + (1 << 16)].astype(np.int32)
+        s += chunk.sum(0, dtype=np.int64)
+        ss += (chunk * chunk).sum(0, dtype=np.int64)
+    n = max(flat.shape[0], 1)
+    mean = s / n
+    var = np.maximum(ss / n - mean * mean, 0.0)
+    std = np.where(var > 1e-12, np.sqrt(var), 255.0)
+    return [float(v) for v in mean / 255.0], [float(v) for v in std / 255.0]
+
+
+def image_splits(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                 normalize: bool = False) -> tuple[dict[str, Split], dict]:
+    """uint8 NHWC images per split -> float32 :class:`Split` objects in [0, 1].
+
+    The per-channel mean/std of the *train* split (in [0, 1] units) always go
+    into the returned meta; ``normalize=True`` also applies them to every split.
+    """
+    out: dict[str, Split] = {}
+    train_images = np.asarray(parts["train"][0])
+    if train_images.dtype != np.uint8:
+        raise TypeError(f"image_splits expects uint8 images; got {train_images.dtype}")
+    mean, std = uint8_channel_stats(train_images)
+    for name, (images, y, g) in parts.items():
+        x = np.divide(np.asarray(images), np.float32(255.0), dtype=np.float32)
+        out[name] = Split(x, y, g)
+    if normalize:
+        m = np.asarray(mean, np.float32)
+        s = np.asarray(std, np.float32)
+        for split in out.values():
+            split.x -= m
+            split.x /= s
+    meta = {"layout": "NHWC", "pixel_scale": "x / 255 in [0, 1]",
+            "normalized": bool(normalize), "channel_mean": mean, "channel_std": std,
+            "normalization_fitted_on": "train"}
+    return out, meta

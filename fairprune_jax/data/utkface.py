@@ -1,0 +1,317 @@
+"""UTKFace faces with race / gender / age labels (one JPEG per face).
+
+File names are ``[age]_[gender]_[race]_[date&time].jpg.chip.jpg`` with gender
+0 = male, 1 = female and race 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others.
+Labels come from the name (``name.split('_')[:3]``), so the two known quirky
+names (a space before ``.jpg``, a missing dot) parse; names that do not parse
+are skipped and counted in one warning.
+
+Decoding 20k+ JPEGs takes seconds, so the decoded uint8 arrays are cached in an
+``.npz`` keyed by image size and a hash of the file list (names and sizes):
+``cache_dir`` or, by default, ``<data_dir>/.cache`` when writable, else
+``~/.cache/fairprune_jax``. The first load decodes in a process pool.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from fairprune_jax.data.base import (Dataset, carve_validation_indices, check_fraction, default_data_root,
+                                     encode_groups, image_splits, parse_attr_list, stratified_split)
+
+RACES = ("White", "Black", "Asian", "Indian", "Others")
+GENDERS = ("male", "female")
+AGE_BUCKETS = ("0-9", "10-19", "20-39", "40-59", "60+")
+TARGETS = ("race", "gender", "age")
+PROTECTED = ("race", "gender", "age", "age_years")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CACHE_VERSION = 1
+#: Below this many files the decode runs in-process (a pool costs more than it saves).
+SERIAL_DECODE_BELOW = 1500
+
+LAYOUT = ("a folder of face images named [age]_[gender]_[race]_[date&time].jpg.chip.jpg "
+          "(e.g. 25_1_2_20170116174525125.jpg.chip.jpg), such as shared/data/utkface64/")
+
+
+def parse_utkface_name(name: str) -> tuple[int, int, int] | None:
+    """``(age, gender, race)`` from a UTKFace file name, or ``None`` if it does not parse."""
+    parts = name.split("_")
+    if len(parts) < 4:
+        return None
+    try:
+        age, gender, race = (int(p.strip()) for p in parts[:3])
+    except ValueError:
+        return None
+    if not (0 <= age <= 150 and gender in (0, 1) and 0 <= race < len(RACES)):
+        return None
+    return age, gender, race
+
+
+def age_bucket(age: np.ndarray | int) -> np.ndarray:
+    """Bucket index for ages: 0-9, 10-19, 20-39, 40-59, 60+."""
+    return np.digitize(np.asarray(age), [10, 20, 40, 60]).astype(np.int64)
+
+
+def _decode_one(path: str, size: int) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2, 1/4, 1/8 when it can
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.LANCZOS)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for unreadable / truncated files
+        return None
+    if arr.shape != (size, size, 3):
+        return None
+    return arr
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, np.ndarray]:
+    paths, size = args
+    out = np.zeros((len(paths), size, size, 3), np.uint8)
+    ok = np.zeros(len(paths), bool)
+    for i, p in enumerate(paths):
+        arr = _decode_one(p, size)
+        if arr is not None:
+            out[i] = arr
+            ok[i] = True
+    return out, ok
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _worker_main(argv: list[str]) -> None:
+    """Entry point of a decode subprocess: ``<list file> <size> <out.npz>``."""
+    list_file, size, out = argv
+    paths = Path(list_file).read_text(encoding="utf-8").split("\0")
+    images, ok = _decode_chunk((paths, int(size)))
+    with open(out, "wb") as f:
+        np.savez(f, images=images, ok=ok)
+
+
+def _decode_files(paths: list[str], size: int, num_workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize images to ``(n, size, size, 3)`` uint8; ``ok[i]`` is False for unreadable files.
+
+    With several workers, ``workers - 1`` plain subprocesses (``python -c``) decode
+    their share while this process decodes its own. Subprocesses rather than
+    ``multiprocessing``: fork is unsafe once JAX's threads run, and spawn re-runs
+    the caller's script when it lacks an ``if __name__ == "__main__"`` guard.
+    """
+    workers = _default_workers() if num_workers is None else max(1, int(num_workers))
+    if workers == 1 or len(paths) < SERIAL_DECODE_BELOW:
+        return _decode_chunk((paths, size))
+    shares = [list(c) for c in np.array_split(np.asarray(paths, dtype=object), workers)]
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = "import sys; from fairprune_jax.data.utkface import _worker_main; _worker_main(sys.argv[1:])"
+    with tempfile.TemporaryDirectory(prefix="fairprune_utkface_") as tmp:
+        procs = []
+        for k, share in enumerate(shares[1:], start=1):
+            lst = Path(tmp) / f"paths{k}.txt"
+            lst.write_text("\0".join(share), encoding="utf-8")
+            out = Path(tmp) / f"out{k}.npz"
+            try:
+                proc = subprocess.Popen([sys.executable, "-c", code, str(lst), str(size), str(out)], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            except OSError:
+                proc = None
+            procs.append((proc, share, out))
+        results = [_decode_chunk((shares[0], size))]
+        for proc, share, out in procs:
+            err = b""
+            if proc is not None:
+                _, err = proc.communicate()
+            if proc is not None and proc.returncode == 0 and out.exists():
+                with np.load(out, allow_pickle=False) as z:
+                    results.append((z["images"], z["ok"]))
+            else:
+                msg = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
+                warnings.warn(f"utkface: a decode worker failed ({' '.join(msg) or 'could not start'}); "
+                              "decoding its share here", stacklevel=3)
+                results.append(_decode_chunk((share, size)))
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is None:
+        root = default_data_root()
+        d = root / "utkface64"
+        if not d.is_dir():
+            raise FileNotFoundError(
+                f"utkface: no data_dir given and the default {d} does not exist; pass --data-dir pointing to "
+                f"{LAYOUT}")
+        return d
+    d = Path(data_dir)
+    if not d.exists():
+        raise FileNotFoundError(f"utkface: data_dir {d} does not exist; expected {LAYOUT}")
+    if not d.is_dir():
+        raise NotADirectoryError(f"utkface: data_dir {d} is not a directory; expected {LAYOUT}")
+    return d
+
+
+def _list_images(d: Path) -> list[os.DirEntry]:
+    with os.scandir(d) as it:
+        return [e for e in it if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_SUFFIXES)
+                and e.is_file()]
+
+
+def _resolve_cache_dir(cache_dir: str | os.PathLike | None, data_dir: Path) -> Path | None:
+    candidates = [Path(cache_dir)] if cache_dir is not None else []
+    if cache_dir is None:
+        if os.access(data_dir, os.W_OK):
+            candidates.append(data_dir / ".cache")
+        candidates.append(Path.home() / ".cache" / "fairprune_jax")
+    for c in candidates:
+        try:
+            c.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(c, os.W_OK):
+            return c
+    if cache_dir is not None:
+        raise PermissionError(f"utkface: cache_dir {cache_dir} cannot be created or written")
+    warnings.warn("utkface: no writable cache directory; decoded images will not be cached", stacklevel=3)
+    return None
+
+
+def _load_or_decode(d: Path, names: list[str], sizes: list[int], image_size: int, cache_dir: Path | None,
+                    num_workers: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}\n".encode())
+    for n, s in zip(names, sizes):
+        h.update(f"{n}\t{s}\n".encode())
+    key = h.hexdigest()[:16]
+    info: dict = {"cache_key": key, "cache_hit": False, "cache_file": None}
+    path = cache_dir / f"utkface_{image_size}px_{key}.npz" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                images, ok, cached_names = z["images"], z["ok"], z["names"]
+            if list(cached_names) == names and images.shape == (len(names), image_size, image_size, 3):
+                info.update(cache_hit=True, cache_file=str(path))
+                return images, ok, info
+        except (OSError, ValueError, KeyError) as err:
+            warnings.warn(f"utkface: ignoring unreadable cache file {path} ({err!r})", stacklevel=3)
+    t0 = time.perf_counter()
+    images, ok = _decode_files([str(d / n) for n in names], image_size, num_workers)
+    info["decode_seconds"] = round(time.perf_counter() - t0, 3)
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images, ok=ok, names=np.asarray(names))
+            os.replace(tmp, path)
+            info["cache_file"] = str(path)
+        except OSError as err:
+            warnings.warn(f"utkface: could not write cache file {path} ({err!r})", stacklevel=3)
+            tmp.unlink(missing_ok=True)
+    return images, ok, info
+
+
+def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "race", protected: str = "race",
+                 image_size: int = 32, test_fraction: float = 0.2, val_fraction: float | None = None,
+                 seed: int = 0, cache_dir: str | os.PathLike | None = None, normalize: bool = False,
+                 num_workers: int | None = None) -> Dataset:
+    """Load UTKFace as float32 NHWC images in [0, 1].
+
+    ``target``: ``race`` (5 classes), ``gender`` (2) or ``age`` (buckets 0-9,
+    10-19, 20-39, 40-59, 60+). ``protected``: one of race, gender, age,
+    age_years (exact age) or a comma-separated intersection such as
+    ``"race,gender"`` (groups named ``"White|female"``; empty combinations are
+    dropped). The test split (``test_fraction``) and the optional validation
+    split are seeded and stratified by group and label. Per-channel mean/std of
+    the train split are in ``meta``; ``normalize=True`` applies them.
+    """
+    ds_name = "utkface"
+    if target not in TARGETS:
+        raise ValueError(f"utkface: unknown target {target!r}; valid choices: {', '.join(TARGETS)}")
+    attrs = parse_attr_list(protected, PROTECTED, what="protected attribute", dataset=ds_name)
+    image_size = int(image_size)
+    if image_size < 1:
+        raise ValueError(f"utkface: image_size must be a positive integer; got {image_size}")
+    test_fraction = check_fraction(test_fraction, "test_fraction")
+    d = _resolve_dir(data_dir)
+
+    entries = _list_images(d)
+    if not entries and (d / "utkface64").is_dir():  # data_dir is the shared data root
+        d = d / "utkface64"
+        entries = _list_images(d)
+    parsed: list[tuple[str, int, tuple[int, int, int]]] = []
+    bad_names: list[str] = []
+    for e in entries:
+        p = parse_utkface_name(e.name)
+        if p is None:
+            bad_names.append(e.name)
+        else:
+            parsed.append((e.name, e.stat().st_size, p))
+    if bad_names:
+        shown = ", ".join(repr(b) for b in sorted(bad_names)[:5])
+        warnings.warn(f"utkface: skipped {len(bad_names)} file(s) in {d} whose names do not parse as "
+                      f"[age]_[gender]_[race]_[date&time].jpg: {shown}{' ...' if len(bad_names) > 5 else ''}",
+                      stacklevel=2)
+    if not parsed:
+        raise FileNotFoundError(f"utkface: no UTKFace images found in {d} ({len(entries)} image file(s), "
+                                f"none with a parsable name); expected {LAYOUT}")
+    parsed.sort()
+    names = [p[0] for p in parsed]
+    labels = np.asarray([p[2] for p in parsed], np.int64).reshape(-1, 3)
+    age, gender, race = labels[:, 0], labels[:, 1], labels[:, 2]
+
+    cache = _resolve_cache_dir(cache_dir, d)
+    t0 = time.perf_counter()
+    images, ok, cache_info = _load_or_decode(d, names, [p[1] for p in parsed], image_size, cache, num_workers)
+    load_seconds = round(time.perf_counter() - t0, 3)
+    corrupt = [n for n, good in zip(names, ok) if not good]
+    if corrupt:
+        shown = ", ".join(repr(c) for c in corrupt[:5])
+        warnings.warn(f"utkface: skipped {len(corrupt)} image file(s) that could not be decoded: "
+                      f"{shown}{' ...' if len(corrupt) > 5 else ''}", stacklevel=2)
+    if not ok.any():
+        raise ValueError(f"utkface: none of the {len(names)} images in {d} could be decoded")
+
+    ages_present = sorted(set(age.tolist()))
+    attr_codes = {
+        "race": (race, list(RACES)),
+        "gender": (gender, list(GENDERS)),
+        "age": (age_bucket(age), list(AGE_BUCKETS)),
+        "age_years": (np.searchsorted(ages_present, age), [str(a) for a in ages_present]),
+    }
+    g, group_names, group_info = encode_groups([attr_codes[a][0] for a in attrs],
+                                               [attr_codes[a][1] for a in attrs], keep=ok, dataset=ds_name)
+    y_all, class_names = attr_codes[target]
+    y = np.asarray(y_all)[ok].astype(np.int32)
+    if not ok.all():
+        images = images[ok]
+
+    train_idx, test_idx = stratified_split(y, g, test_fraction, seed=seed)
+    train_idx, val_idx = carve_validation_indices(train_idx, y, g, val_fraction, seed)
+    parts = {"train": train_idx, "test": test_idx}
+    if val_idx is not None:
+        parts["val"] = val_idx
+    splits, img_meta = image_splits({k: (images[i], y[i], g[i]) for k, i in parts.items()}, normalize=normalize)
+
+    meta = {
+        "source": str(d), "image_size": image_size, "target": target, "protected": attrs,
+        "num_files": len(entries), "num_images": int(ok.sum()),
+        "skipped_unparsable_names": len(bad_names), "skipped_corrupt_images": len(corrupt),
+        "test_fraction": test_fraction, "val_fraction": val_fraction, "split_seed": seed,
+        "load_seconds": load_seconds, **cache_info, **group_info, **img_meta,
+    }
+    return Dataset(name=ds_name, train=splits["train"], test=splits["test"], val=splits.get("val"),
+                   group_names=group_names, group_attrs=attrs, class_names=list(class_names), meta=meta)
