@@ -195,11 +195,14 @@ def test_bad_names_and_corrupt_images_are_skipped_with_one_warning_each(tmp_path
     assert sum("could not be decoded" in str(w.message) for w in rec) == 1
 
 
-def test_decoded_pixels_resize_and_default_cache_location(tmp_path):
+def test_decoded_pixels_resize_and_default_cache_location(tmp_path, monkeypatch):
     d = tmp_path / "faces"
     made = _make_images(d, n_per_cell=2)
+    monkeypatch.setenv("FAIRPRUNE_CACHE", str(tmp_path / "user-cache"))
     ds = load_utkface(d, image_size=12, target="gender", protected="race", num_workers=1)
-    assert ds.meta["cache_file"].startswith(str(d / ".cache"))  # default: <data_dir>/.cache when writable
+    # default: the user's cache ($FAIRPRUNE_CACHE here), never the data folder
+    assert ds.meta["cache_file"].startswith(str(tmp_path / "user-cache"))
+    assert not (d / ".cache").exists()
     assert ds.input_shape == (12, 12, 3)
     # every decoded image is one of the solid colours we wrote, at the new size
     colors = {tuple(c.tolist()) for c in made.values()}

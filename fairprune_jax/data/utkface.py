@@ -8,8 +8,8 @@ are skipped and counted in one warning.
 
 Decoding 20k+ JPEGs takes seconds, so the decoded uint8 arrays are cached in an
 ``.npz`` keyed by image size and a hash of the file list (names and sizes):
-``cache_dir`` or, by default, ``<data_dir>/.cache`` when writable, else
-``~/.cache/fairprune_jax``. The first load decodes in a process pool.
+``cache_dir`` or, by default, ``$FAIRPRUNE_CACHE`` or
+``~/.cache/fairprune_jax`` (``$XDG_CACHE_HOME`` respected). The first load decodes in a process pool.
 """
 from __future__ import annotations
 
@@ -174,10 +174,10 @@ def _list_images(d: Path) -> list[os.DirEntry]:
 
 def _resolve_cache_dir(cache_dir: str | os.PathLike | None, data_dir: Path) -> Path | None:
     candidates = [Path(cache_dir)] if cache_dir is not None else []
-    if cache_dir is None:
-        if os.access(data_dir, os.W_OK):
-            candidates.append(data_dir / ".cache")
-        candidates.append(Path.home() / ".cache" / "fairprune_jax")
+    if cache_dir is None:  # the user's cache, never the (possibly shared, read-only) data folder
+        env = os.environ.get("FAIRPRUNE_CACHE") or os.environ.get("XDG_CACHE_HOME")
+        base = Path(env) if env else Path.home() / ".cache"
+        candidates.append(base / "fairprune_jax" if not os.environ.get("FAIRPRUNE_CACHE") else base)
     for c in candidates:
         try:
             c.mkdir(parents=True, exist_ok=True)
