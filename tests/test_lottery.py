@@ -1,0 +1,342 @@
+"""Lottery-ticket family: lth, ballot, fair_scratch, and the fairness surrogates they share."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fairprune_jax import fairness, runner, scores, surrogates
+from fairprune_jax.cli import main as cli_main
+from fairprune_jax.data import load_dataset
+from fairprune_jax.masks import keep_counts, named_leaves, prunable_template
+from fairprune_jax.methods import METHODS, RunConfig
+from fairprune_jax.methods import ballot as B
+from fairprune_jax.methods import fair_scratch as FS
+from fairprune_jax.methods import lth as L
+
+HIDDEN = (32,)  # MLP 64 -> 32 -> 10: layer sizes 2048 and 320, so 50% sparsity is exact per layer
+
+
+def tree_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def with_options(ctx, **opts):
+    return dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, method_options=opts))
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: one tiny dense run on digits shared by the direct method tests
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def setup(digits):
+    cfg = RunConfig(method="lth", epochs=1, finetune_epochs=1, sparsity=0.5, batch_size=64,
+                    model_options={"hidden": HIDDEN}, progress=False)
+    ctx, params, model_state = runner.build_context(cfg, digits)
+    init_params = L.copy_tree(params)            # train steps donate their input buffers
+    dense, _ = runner.train_dense(ctx, params, model_state)
+    return ctx, init_params, dense
+
+
+# ---------------------------------------------------------------------------
+# Surrogates
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", surrogates.NAMES)
+def test_surrogate_zero_when_groups_identical_and_padding_ignored(name):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(12, 3)).astype(np.float32) * 2
+    y = rng.integers(0, 3, 12)
+    y[:2] = [1, 0]  # both label sides present (for eo)
+    groups = 4
+    L4 = np.tile(logits, (groups, 1))
+    y4 = np.tile(y, groups)
+    g4 = np.repeat(np.arange(groups), 12)
+    w4 = np.ones(len(y4), np.float32)
+    fn = surrogates.surrogate(name)
+    assert abs(float(fn(L4, y4, g4, w4, groups, 1))) < 1e-6
+    # A different group 0 makes it positive; padding rows (w = 0, NaN logits) change nothing.
+    L_diff = L4.copy()
+    L_diff[:12, 1] += 3.0
+    base = float(fn(L_diff, y4, g4, w4, groups, 1))
+    assert base > 1e-3
+    pad_l = np.concatenate([L_diff, np.full((5, 3), np.nan, np.float32)])
+    pad = float(fn(pad_l, np.concatenate([y4, np.ones(5, int)]), np.concatenate([g4, np.full(5, 3)]),
+                   np.concatenate([w4, np.zeros(5, np.float32)]), groups, 1))
+    assert pad == pytest.approx(base, abs=1e-6)
+
+
+def test_surrogates_with_saturated_logits_equal_fairlearn_metrics():
+    """With near-hard predictions the prob surrogates are the exact DP / EO differences."""
+    rng = np.random.default_rng(1)
+    n, groups = 200, 3
+    logits = rng.normal(size=(n, 2)).astype(np.float32) * 1e4
+    y = rng.integers(0, 2, n)
+    g = rng.integers(0, groups, n)
+    w = np.ones(n, np.float32)
+    counts = fairness.group_counts(logits, y, g, groups)
+    dp = float(surrogates.surrogate("dp")(logits, y, g, w, groups, 1))
+    eo = float(surrogates.surrogate("eo")(logits, y, g, w, groups, 1))
+    assert dp == pytest.approx(fairness.demographic_parity_difference(counts), abs=1e-4)
+    assert eo == pytest.approx(fairness.equalized_odds_difference(counts), abs=1e-4)
+    assert dp > 0.05 and eo > 0.05
+
+
+@pytest.mark.parametrize("name", ["dp", "dp_logistic", "dp_hinge"])
+def test_lowering_dp_surrogate_lowers_true_demographic_parity(name):
+    rng = np.random.default_rng(0)
+    n, groups = 600, 3
+    g = rng.integers(0, groups, n)
+    x = rng.normal(size=(n, 2)).astype(np.float32)
+    x[:, 0] += 1.5 * (g - 1)  # groups differ in the feature the model uses
+    x, g = jnp.asarray(x), jnp.asarray(g)
+    y = jnp.zeros(n, jnp.int32)
+    w = jnp.ones(n, jnp.float32)
+    fn = surrogates.surrogate(name)
+
+    def logits(p):  # toy logistic model: class 1 logit = x @ w + b, class 0 logit = 0
+        return jnp.stack([jnp.zeros(n), x @ p["w"] + p["b"]], axis=1)
+
+    def true_dp(p):
+        return fairness.demographic_parity_difference(fairness.group_counts(logits(p), y, g, groups))
+
+    p = {"w": jnp.array([2.0, 0.5]), "b": jnp.array(0.0)}
+    loss = jax.jit(lambda p: fn(logits(p), y, g, w, groups, 1))
+    grad = jax.jit(jax.grad(lambda p: fn(logits(p), y, g, w, groups, 1)))
+    s0, d0 = float(loss(p)), true_dp(p)
+    for _ in range(30):
+        p = jax.tree.map(lambda a, b: a - 1.0 * b, p, grad(p))
+    s1, d1 = float(loss(p)), true_dp(p)
+    assert s1 < 0.5 * s0
+    assert d0 > 0.5 and d1 < 0.5 * d0
+
+
+def test_surrogate_rejects_unknown_name():
+    with pytest.raises(ValueError, match="valid choices"):
+        surrogates.surrogate("dp_cubic")
+
+
+# ---------------------------------------------------------------------------
+# Ballot scoring and votes
+# ---------------------------------------------------------------------------
+
+
+def _toy_template():
+    params = {"fc": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}}
+    return params, prunable_template(params)
+
+
+def test_ballot_conflicting_gradients_cancel_and_are_pruned():
+    params, template = _toy_template()
+    # column 0 (output unit 0): acc (3, 4)/5 = (.6, .8), fair (-6, 8)/10 = (-.6, .8): weight [0, 0] conflicts
+    # column 1: both -(1, 1)/sqrt2: aligned (negative, so a signed score would wrongly prune them)
+    g_acc = {"fc": {"kernel": jnp.array([[3.0, -1.0], [4.0, -1.0]]), "bias": jnp.zeros(2)}}
+    g_fair = {"fc": {"kernel": jnp.array([[-6.0, -1.0], [8.0, -1.0]]), "bias": jnp.zeros(2)}}
+    s = B.conflict_scores(g_acc, g_fair, template, eta=1.0)
+    assert s["fc"]["bias"] is None
+    k = np.asarray(s["fc"]["kernel"])
+    assert k[0, 0] == 0.0  # exact cancellation
+    np.testing.assert_allclose(k, [[0.0, np.sqrt(2)], [1.6, np.sqrt(2)]], rtol=1e-6)
+    votes = B.epoch_votes(s, template, 0.25)  # keep 3 of 4
+    np.testing.assert_array_equal(np.asarray(votes["fc"]["kernel"]), [[0, 1], [1, 1]])
+    # normalisation is per kernel column: rescaling one output unit's gradients changes nothing
+    g_acc_scaled = {"fc": {"kernel": g_acc["fc"]["kernel"] * jnp.array([10.0, 0.1]), "bias": jnp.zeros(2)}}
+    s2 = B.conflict_scores(g_acc_scaled, g_fair, template, eta=1.0)
+    np.testing.assert_allclose(np.asarray(s2["fc"]["kernel"]), k, rtol=1e-6, atol=1e-7)
+    # eta weighs the fairness gradient: with eta = 2 the weight no longer cancels
+    assert float(B.conflict_scores(g_acc, g_fair, template, eta=2.0)["fc"]["kernel"][0, 0]) > 0.5
+
+
+def test_ballot_final_mask_keeps_most_voted_with_deterministic_ties():
+    params, template = _toy_template()
+    votes = {"fc": {"kernel": jnp.array([[3.0, 1.0], [2.0, 2.0]]), "bias": None}}
+    ssum = {"fc": {"kernel": jnp.array([[0.1, 9.0], [0.5, 0.7]]), "bias": None}}
+    m = B.final_mask(votes, ssum, template, 0.5)  # keep 2: the 3-vote weight, then the 2-vote tie by score
+    np.testing.assert_array_equal(np.asarray(m["fc"]["kernel"]), [[1, 0], [0, 1]])
+    # the summed score never outranks a whole vote
+    ssum2 = {"fc": {"kernel": jnp.array([[0.0, 1e6], [0.0, 0.0]]), "bias": None}}
+    m2 = B.final_mask(votes, ssum2, template, 0.5)
+    np.testing.assert_array_equal(np.asarray(m2["fc"]["kernel"]), [[1, 0], [1, 0]])  # exact tie -> lower index
+
+
+def test_ballot_fairness_weights_are_inverse_accuracy():
+    w = B.fairness_weights(jnp.array([0.5, 0.25, 0.0, 1.0]), 0.01)
+    np.testing.assert_allclose(np.asarray(w), [2.0, 4.0, 100.0, 1.0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Rewinding
+# ---------------------------------------------------------------------------
+
+
+def test_rewind_checkpoints_are_the_dense_runs_weights(setup):
+    ctx, init_params, dense = setup
+    ck0 = L.rewind_checkpoint(ctx, 0)
+    assert tree_equal(ck0.params, init_params)
+    spe = ctx.steps_per_epoch
+    ck = L.rewind_checkpoint(ctx, spe)  # the dense run is exactly one epoch long
+    assert tree_equal(ck.params, dense.params)
+    with pytest.raises(ValueError, match="rewind_step"):
+        L.rewind_checkpoint(ctx, spe + 1)
+    # rewinding: survivors = checkpoint exactly, pruned = 0, non-prunable leaves = checkpoint
+    masks = ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), 0.5)
+    st = L.rewind(ctx, ck, masks, optax.sgd(0.1))
+    _check_survivors(st, ck.params)
+    assert tree_equal(st.model_state, ck.model_state)
+
+
+def _check_survivors(state, ckpt_params):
+    flat_c = dict(named_leaves(ckpt_params))
+    flat_m = dict(named_leaves(state.masks))
+    assert flat_m
+    for n, p in named_leaves(state.params):
+        p, c = np.asarray(p), np.asarray(flat_c[n])
+        if n in flat_m:
+            m = np.broadcast_to(np.asarray(flat_m[n]), p.shape).astype(bool)
+            np.testing.assert_array_equal(p[m], c[m])
+            assert np.all(p[~m] == 0)
+        else:
+            np.testing.assert_array_equal(p, c)
+
+
+def test_lth_and_ballot_rewind_survivors_to_checkpoint(setup):
+    ctx, init_params, dense = setup
+    spe = ctx.steps_per_epoch
+    # lth, rewind to init, no retraining: the ticket is the init under the mask
+    st, info = METHODS["lth"].run(with_options(ctx, round_epochs=0, fraction=0.5), dense)
+    assert len(info["rounds"]) == 1
+    _check_survivors(st, init_params)
+    # ballot, late rewinding to step k (captured during the voting replay of the dense run), no retraining
+    k = spe // 2
+    st, info = METHODS["ballot"].run(with_options(ctx, rewind_step=k, retrain_epochs=0), dense)
+    _check_survivors(st, L.rewind_checkpoint(ctx, k).params)
+    assert info["replay_max_abs_diff_to_dense"] == 0.0  # the voting run replays the dense run
+    assert info["votes"]["epochs"] == 1
+    kept = {n: int(np.asarray(m).sum()) for n, m in named_leaves(st.masks)}
+    assert kept == keep_counts(dense.params, ctx.template, 0.5)
+    # final_layer_only: only the head is pruned, at the target sparsity
+    st, info = METHODS["ballot"].run(with_options(ctx, final_layer_only=True, retrain_epochs=0), dense)
+    masked = dict(named_leaves(st.masks))
+    assert list(masked) == ["head/kernel"] and int(np.asarray(masked["head/kernel"]).sum()) == 160
+
+
+# ---------------------------------------------------------------------------
+# LTH schedule
+# ---------------------------------------------------------------------------
+
+
+def test_lth_round_schedule_and_cap():
+    sched, f = L.round_schedule(0.5, 0.2, 5)
+    np.testing.assert_allclose(sched, [0.2, 0.36, 0.488, 0.5])
+    assert f == 0.2
+    sched, f = L.round_schedule(0.9, 0.2, 5)  # 11 rounds needed: capped, fraction raised
+    assert len(sched) == 5 and sched[-1] == 0.9
+    np.testing.assert_allclose(sched[:-1], [1 - (1 - f) ** r for r in range(1, 5)])
+    assert f == pytest.approx(1 - 0.1 ** 0.2)
+    assert len(L.round_schedule(0.9, 0.2, 0)[0]) == 11
+
+
+# ---------------------------------------------------------------------------
+# Fair Scratch Tickets
+# ---------------------------------------------------------------------------
+
+
+def test_fair_scratch_frozen_weights_exact_sparsity_and_regulariser(setup):
+    ctx, init_params, dense = setup
+    base = dict(FS.FS_OPTIONS, epochs=2, surrogate="dp", score_lr=0.05)
+    dens = FS.layer_densities(init_params, ctx.template, 0.5, "uniform")
+    frozen = FS.frozen_weights(init_params, ctx.template, "signed_constant", dens)
+    results = {}
+    for lam in (0.0, 3.0):
+        st, hist, fn = FS.train_scores(ctx, dict(base, lam=lam))
+        assert tree_equal(st.params, frozen)  # the weights never move
+        s0 = FS.init_scores(jax.random.key(ctx.config.seed + 11), frozen, ctx.template)
+        assert not tree_equal(st.extra["scores"], s0)  # the scores do
+        kept = {n: int(np.asarray(m).sum()) for n, m in named_leaves(st.masks)}
+        assert kept == keep_counts(init_params, ctx.template, 0.5)
+        results[lam] = FS.split_surrogate(ctx, st, fn, ctx.dataset.train)
+        last = (st, fn, lam)
+    assert results[3.0] < 0.5 * results[0.0]
+    # the method returns the frozen weights times the final mask
+    st, fn, lam = last
+    pruned, info = FS.finalize(ctx, st, fn, dict(base, lam=lam))
+    masks = dict(named_leaves(pruned.masks))
+    for (n, p), (_, w) in zip(named_leaves(pruned.params), named_leaves(frozen)):
+        m = np.asarray(masks[n]) if n in masks else 1.0
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(w) * m)
+    assert info["sparsity"] == 0.5 and info["train_surrogate"] == pytest.approx(results[3.0])
+
+
+# ---------------------------------------------------------------------------
+# End to end through the CLI
+# ---------------------------------------------------------------------------
+
+CLI_BASE = ["--epochs", "1", "--finetune-epochs", "1", "--sparsity", "0.5", "--model-opt", f"hidden={HIDDEN}",
+            "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def lth_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lth")
+    assert cli_main(["run", "--method", "lth", "--out", str(out), *CLI_BASE]) == 0
+    return out
+
+
+def test_cli_lth_exact_sparsity_every_round(lth_run):
+    res = json.loads((lth_run / "results.json").read_text())
+    assert res["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-12)
+    rounds = res["method_info"]["rounds"]
+    expected = [1 - 0.8 ** r for r in range(1, 4)] + [0.5]
+    assert [r["sparsity_target"] for r in rounds] == pytest.approx(expected)
+    prev = None
+    for r, target in zip(rounds, expected):
+        arrays, report = L.load_masks(r["mask_file"])
+        assert report["round"] == r["round"]
+        for name, m in arrays.items():
+            assert int(m.sum()) == round((1 - target) * m.size)  # exact per layer (uniform)
+            if prev is not None:
+                assert np.all(prev[name] >= m)  # a pruned weight never comes back
+        total = sum(m.size for m in arrays.values())
+        assert abs(r["sparsity"] - target) <= len(arrays) / total
+        prev = arrays
+
+
+@pytest.mark.parametrize("method,opts", [("ballot", ["--opt", "rewind_step=3"]),
+                                         ("fair_scratch", ["--opt", "lam=0.5"])])
+def test_cli_runs_end_to_end(tmp_path, method, opts):
+    assert cli_main(["run", "--method", method, "--out", str(tmp_path), *CLI_BASE, *opts]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["method"] == method
+    assert res["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-12)
+    assert res["method_info"]["sparsity"] == pytest.approx(0.5, abs=1e-12)
+    assert res["pruned"]["test"]["accuracy"] is not None
+    if method == "ballot":
+        votes, report = L.load_masks(tmp_path / "ballot" / "votes.npz")
+        assert report["options"]["rewind_step"] == 3 and report["votes"]["epochs"] == 1
+        assert set(votes) == {"head/kernel", "layers/0/kernel", "votes/head/kernel", "votes/layers/0/kernel",
+                              "score_sum/head/kernel", "score_sum/layers/0/kernel"}
+    else:
+        assert res["method_info"]["options"]["lam"] == 0.5
+        assert res["method_info"]["train_surrogate"] is not None
+
+
+def test_bad_options_name_the_choices(setup):
+    ctx, _, dense = setup
+    with pytest.raises(ValueError, match="fair_by"):
+        METHODS["ballot"].run(with_options(ctx, fair_by="race"), dense)
+    with pytest.raises(ValueError, match="surrogate"):
+        METHODS["fair_scratch"].run(with_options(ctx, surrogate="xx"), dense)
