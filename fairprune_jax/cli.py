@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. eps=0.05")
     r.add_argument("--out", default=None, help="output folder (default runs/METHOD_DATASET_sSPARSITY_seedSEED)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--devices", default="all",
+                   help="data-parallel over N local devices, or 'all' (batch size must be divisible by N)")
+    r.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (run the same command on every host)")
+    r.add_argument("--checkpoint-every", type=int, default=200,
+                   help="save the run state into OUT/checkpoints every N steps and after each phase (0 = off)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoints (same settings required)")
 
     s = sub.add_parser("data-summary", help="sizes, groups, counts and label balance of a dataset")
     _add_data_args(s)
@@ -112,9 +120,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fairprune_jax.runner import run
 
     cfg = config_from_args(args)
+    if args.distributed:
+        from fairprune_jax import distributed
+        distributed.initialize()
     print(f"fairprune run: method={cfg.method} dataset={cfg.dataset} sparsity={cfg.sparsity} seed={cfg.seed}",
           flush=True)
-    res = run(cfg)
+    res = run(cfg, devices=args.devices, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    rt = res.get("runtime", {})
+    if rt.get("devices", 1) > 1 or rt.get("resumed"):
+        print(f"{rt['devices']} device(s), {rt['processes']} process(es)" + (", resumed" if rt.get("resumed") else ""))
     print()
     print(report.text_table(res, "test"))
     print()
@@ -149,7 +163,7 @@ def cmd_methods(_: argparse.Namespace) -> int:
     from fairprune_jax.methods import METHODS
     for name, m in sorted(METHODS.items()):
         opts = ", ".join(f"{k}={v}" for k, v in m.options.items())
-        print(f"{name:14s} {m.description}" + (f"\n{'':14s} options: {opts}" if opts else ""))
+        print(f"{name:21s} {m.description}" + (f"\n{'':21s} options: {opts}" if opts else ""))
     return 0
 
 
