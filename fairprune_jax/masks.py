@@ -161,11 +161,12 @@ def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
     """0/1 mask keeping the ``k`` highest scores; ties go to the lower flat index.
 
     ``k`` may be traced, so one compiled function serves every sparsity.
-    NaN scores rank lowest.
+    NaN scores rank lowest, below ``-inf``.
     """
     flat = scores.reshape(-1)
-    flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
-    order = jnp.argsort(-flat, stable=True)
+    nan = jnp.isnan(flat)
+    # Primary key: NaN last; secondary: score descending; lexsort is stable (lower index first).
+    order = jnp.lexsort((jnp.where(nan, 0.0, -flat), nan))
     ranks = jnp.empty_like(order).at[order].set(jnp.arange(flat.size, dtype=order.dtype))
     return (ranks < k).astype(jnp.float32).reshape(scores.shape)
 
@@ -176,14 +177,17 @@ def masks_from_scores(scores: Params, template: Masks, sparsity: float, distribu
     """Masks at exact ``sparsity`` from per-leaf scores.
 
     ``scores`` mirrors the params (structured: one score per output unit).
-    Entries already pruned in ``prev_masks`` rank below every live entry,
-    so gradual schedules never revive a pruned weight.
+    Entries already pruned in ``prev_masks`` rank below every live entry
+    (a live NaN score ranks with ``-inf``, above the pruned entries), so
+    gradual schedules never revive a pruned weight.
     """
     shapes_src = params if params is not None else scores
     counts = keep_counts(shapes_src, template, sparsity, distribution, structured=structured)
     scores = _prune_like(scores, template)
     if prev_masks is not None:
-        scores = jax.tree.map(lambda m, s: None if m is None else jnp.where(m > 0, s, -jnp.inf),
+        # pruned -> NaN (ranks below everything); live NaN -> -inf (stays above the pruned entries)
+        scores = jax.tree.map(lambda m, s: None if m is None else
+                              jnp.where(m > 0, jnp.where(jnp.isnan(s), -jnp.inf, s), jnp.nan),
                               prev_masks, scores, is_leaf=_is_none)
     if distribution == "global":
         return _global_topk(scores, jnp.asarray(counts["*"]))

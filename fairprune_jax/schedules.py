@@ -48,7 +48,8 @@ def iterative_rounds(final_sparsity: float, fraction: float = 0.2) -> list[float
         raise ValueError(f"per-round pruning fraction must be in (0, 1); got {fraction}")
     if final_sparsity == 0.0:
         return []
-    rounds = math.ceil(math.log(1.0 - final_sparsity) / math.log(1.0 - fraction) - 1e-9)
+    # at least one round: for a tiny target ceil(ratio - 1e-9) is 0 and out[-1] would not exist
+    rounds = max(math.ceil(math.log(1.0 - final_sparsity) / math.log(1.0 - fraction) - 1e-9), 1)
     out = [1.0 - (1.0 - fraction) ** r for r in range(1, rounds + 1)]
     out[-1] = float(final_sparsity)
     return out

@@ -56,4 +56,9 @@ def gmp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     total = ctx.config.ft_epochs * ctx.steps_per_epoch
     hook, points = gradual_magnitude_hook(ctx, total, opts["prune_fraction"], opts["updates"])
     state, hist = ctx.finetune(state, tx, hook=hook)
+    last = max(points)
+    if last >= total:
+        # The hook runs before steps 0..total-1, so a schedule whose last point is not before the end
+        # (prune_fraction >= 1, or 0 or 1 fine-tuning steps) would stop short of the target: finish it here.
+        state = hook(state, last)
     return state, {"history": hist, "schedule": sorted(points.items())}
