@@ -1,0 +1,305 @@
+"""``fairprune run`` end to end on digits, its outputs, and the errors it gives before any training."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fairprune_jax import runner
+from fairprune_jax.cli import main
+from fairprune_jax.data.base import Dataset, Split
+from fairprune_jax.methods.base import RunConfig
+
+TARGET = 0.75   # 0.25 * every digits-MLP layer size is an integer, so per-layer rounding is exact
+TINY = ["--epochs", "3", "--finetune-epochs", "2", "--no-progress", "--sparsity", str(TARGET)]
+RUNS = {
+    "magnitude": ["--method", "magnitude"],
+    "gmp": ["--method", "gmp"],
+    "random": ["--method", "random", "--distribution", "global", "--exclude-first"],
+}
+GROUPS = [f"digit {i}" for i in range(10)]
+
+
+def _strict_json(path: Path) -> dict:
+    def bad(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each method run once through the CLI (in-process); ``{method: (out_dir, rc, stdout)}``."""
+    out = {}
+    for method, args in RUNS.items():
+        d = tmp_path_factory.mktemp(method)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(["run", *args, *TINY, "--out", str(d)])
+        out[method] = (d, rc, buf.getvalue())
+    return out
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_run_writes_outputs(runs, method):
+    d, rc, stdout = runs[method]
+    assert rc == 0
+    assert {p.name for p in d.iterdir()} >= {"results.json", "results.md", "group_accuracy.png"}
+    assert not list(d.glob("*.tmp"))
+    png = (d / "group_accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    md = (d / "results.md").read_text()
+    assert md.startswith(f"# fairprune run: {method} on digits (mlp)")
+    assert "achieved 0.7500" in md and all(f"| {g} |" in md for g in GROUPS)
+    assert f"achieved sparsity 0.7500 (target {TARGET})" in stdout
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_results_json_contents(runs, method):
+    d, _, _ = runs[method]
+    r = _strict_json(d / "results.json")
+    assert r["method"] == method and r["dataset"] == "digits" and r["model"] == "mlp" and r["seed"] == 0
+    assert r["wall_time_s"] > 0
+    assert r["config"]["epochs"] == 3 and r["config"]["finetune_epochs"] == 2
+    sp = r["sparsity"]
+    assert sp["target"] == TARGET
+    assert abs(sp["achieved"] - TARGET) <= 1e-6
+    assert 0 < sp["overall"] < TARGET          # biases are never pruned
+    assert r["groups"]["names"] == GROUPS and r["groups"]["num_groups"] == 10
+    assert len(r["history"]["dense"]["loss"]) == 3
+    assert len(r["history"]["method"]["loss"]) == 2
+    for which in ("dense", "pruned"):
+        for split in ("train", "test"):
+            rep = r[which][split]
+            assert 0.0 <= rep["accuracy"] <= 1.0
+            assert set(rep["groups"]) == set(GROUPS)
+            n = np.array([rep["groups"][g]["n"] for g in GROUPS])
+            acc = np.array([rep["groups"][g]["accuracy"] for g in GROUPS])
+            assert n.sum() == r["sizes"][split] == rep["n"]
+            assert np.all((acc >= 0) & (acc <= 1))
+            # group accuracies are consistent with the overall accuracy (counts, not averaged rates)
+            assert float((n * acc).sum() / n.sum()) == pytest.approx(rep["accuracy"], abs=1e-9)
+            assert rep["accuracy_parity_gap"]["between_groups"] == pytest.approx(acc.max() - acc.min(), abs=1e-9)
+            for key in ("demographic_parity_difference", "equalized_odds_difference", "accuracy_parity_gap",
+                        "class_wise_variance", "max_class_discrepancy", "mean_loss"):
+                assert key in rep, key
+    psi = r["pruned"]["test"]["excess_accuracy_gap"]
+    assert set(psi["per_group"]) == set(GROUPS)
+    assert psi["max"] == pytest.approx(max(psi["per_group"].values()))
+    assert "excess_accuracy_gap" not in r["dense"]["test"]
+    assert r["dense"]["test"]["accuracy"] > 0.6       # 3 epochs of Adam learn digits
+
+
+def test_layer_sparsity_per_distribution(runs):
+    r = _strict_json(runs["magnitude"][0] / "results.json")
+    layers = r["sparsity"]["layers"]
+    assert set(layers) == {"layers/0/kernel", "layers/1/kernel", "head/kernel"}
+    assert all(v["sparsity"] == TARGET for v in layers.values())      # uniform: every layer exactly
+    assert r["sparsity"]["flops_fraction"] == pytest.approx(1 - TARGET)
+    r = _strict_json(runs["random"][0] / "results.json")               # global, first layer kept dense
+    assert set(r["sparsity"]["layers"]) == {"layers/1/kernel", "head/kernel"}
+    kept = sum(v["kept"] for v in r["sparsity"]["layers"].values())
+    assert kept == round((1 - TARGET) * (256 * 128 + 128 * 10))
+    r = _strict_json(runs["gmp"][0] / "results.json")
+    sched = r["method_info"]["schedule"]
+    assert sched[-1][1] == pytest.approx(TARGET) and sched[0] == [0, 0.0]
+    assert [s for _, s in sched] == sorted(s for _, s in sched)
+
+
+def test_dense_model_is_the_same_for_every_method(runs):
+    accs = {m: _strict_json(d / "results.json")["dense"]["test"]["accuracy"] for m, (d, _, _) in runs.items()}
+    assert len(set(accs.values())) == 1, accs
+
+
+def test_methods_differ_after_pruning(runs):
+    accs = {m: _strict_json(d / "results.json")["pruned"]["test"]["groups"] for m, (d, _, _) in runs.items()}
+    assert accs["magnitude"] != accs["random"]
+
+
+# ---------------------------------------------------------------------------
+# bad input: exit code 2 and a clear message, before any model is built or trained
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("work started before the input was validated")
+    monkeypatch.setattr(runner, "build_context", boom)
+    monkeypatch.setattr(runner, "train_dense", boom)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.0"], r"sparsity must be in \[0, 1\)"),
+    (["--sparsity=-0.1"], r"sparsity must be in \[0, 1\)"),
+    (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\)"),
+    (["--method", "prune_everything"], r"unknown method 'prune_everything'; valid choices: .*gmp.*magnitude.*random"),
+    (["--dataset", "imagenet9000"], r"unknown dataset 'imagenet9000'; valid choices: .*digits"),
+    (["--model", "transformer"], r"unknown model 'transformer'; valid choices: cnn, mlp, resnet"),
+    (["--method", "magnitude", "--opt", "eps=0.1"], r"has no option\(s\) \['eps'\]; valid options: \(none\)"),
+    (["--method", "gmp", "--opt", "prune_fractoin=0.5"], r"valid options: prune_fraction, updates"),
+    (["--batch-size", "5000"], r"--batch-size 5000 is larger than the training split \(\d+ rows\)"),
+    (["--epochs", "0"], r"--epochs must be >= 1"),
+    (["--lr", "0"], r"learning rates must be > 0"),
+])
+def test_bad_input_exit_code_2(no_training, capsys, tmp_path, args, message):
+    rc = main(["run", "--no-progress", "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("fairprune: error: ")
+    assert re.search(message, err), err
+    if "--batch-size" not in args:  # config errors come before anything is written (the batch size needs the data)
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--optimizer", "lbfgs"], ["--distribution", "exotic"]])
+def test_argparse_choices_exit_code_2(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        main(["run", *args])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_opt_without_equals_is_an_error():
+    with pytest.raises(SystemExit, match="--opt expects KEY=VALUE"):
+        main(["run", "--opt", "eps", "--no-progress"])
+
+
+def test_model_that_cannot_take_the_data_fails_before_training(monkeypatch, capsys, tmp_path):
+    def boom(*a, **k):
+        raise RuntimeError("training started")
+    monkeypatch.setattr(runner, "train_dense", boom)
+    rc = main(["run", "--model", "cnn", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "needs images of shape (H, W, C)" in capsys.readouterr().err
+
+
+def test_divergence_exit_code_3(capsys, tmp_path):
+    rc = main(["run", "--method", "magnitude", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "1",
+               "--finetune-epochs", "0", "--no-progress", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "training diverged" in err and "NaN/Inf at step" in err
+
+
+# ---------------------------------------------------------------------------
+# datasets handed to runner.run directly
+# ---------------------------------------------------------------------------
+
+def _ds(n_train=24, n_test=12, feat=10, n_cls=3, n_groups=2, seed=0, **overrides) -> Dataset:
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return Split(rng.normal(size=(n, feat)).astype(np.float32), rng.integers(0, n_cls, n),
+                     rng.integers(0, n_groups, n))
+
+    kw = dict(name="toy", train=split(n_train), test=split(n_test), group_names=[f"g{i}" for i in range(n_groups)],
+              group_attrs=["attr"], class_names=[f"c{i}" for i in range(n_cls)])
+    kw.update(overrides)
+    return Dataset(**kw)
+
+
+def _cfg(**kw) -> RunConfig:
+    base = dict(method="magnitude", epochs=2, finetune_epochs=1, batch_size=8, sparsity=0.5, progress=False,
+                model_options={"hidden": (8, 6)})
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _broken(kind: str) -> Dataset:
+    ds = _ds()
+    if kind == "label_too_big":
+        ds.train.y[3] = 3
+    elif kind == "label_negative":
+        ds.test.y[0] = -1
+    elif kind == "group_too_big":
+        ds.test.g[5] = 2
+    elif kind == "group_negative":
+        ds.train.g[0] = -1
+    elif kind == "nan_feature":
+        ds.train.x[2, 1] = np.nan
+    elif kind == "feature_shape":
+        ds.test = Split(np.zeros((12, 11), np.float32), ds.test.y, ds.test.g)
+    elif kind == "empty_split":
+        ds.test = Split(np.zeros((0, 10), np.float32), np.zeros(0), np.zeros(0))
+    return ds
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("label_too_big", r"split 'train' has labels in \[0, 3\] but only 3 class names"),
+    ("label_negative", r"split 'test' has labels in \[-1, \d\]"),
+    ("group_too_big", r"split 'test' has group ids in \[0, 2\] but only 2 group names"),
+    ("group_negative", r"split 'train' has group ids in \[-1, \d\]"),
+    ("nan_feature", r"1 rows with NaN or Inf features"),
+    ("feature_shape", r"split 'test' has feature shape \(11,\), train has \(10,\)"),
+    ("empty_split", r"split 'test' is empty"),
+])
+def test_runner_validates_dataset(no_training, kind, message):
+    with pytest.raises(ValueError, match=message):
+        runner.run(_cfg(), dataset=_broken(kind))
+
+
+def test_split_rejects_wrong_shapes():
+    x = np.zeros((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"labels y must have shape \(5,\)"):
+        Split(x, np.zeros(4), np.zeros(5))
+    with pytest.raises(ValueError, match=r"group ids g must have shape \(5,\)"):
+        Split(x, np.zeros(5), np.zeros((5, 1)))
+    s = Split(x.astype(np.float64), np.zeros(5, np.int64), np.zeros(5, np.int64))
+    assert s.x.dtype == np.float32 and s.y.dtype == np.int32 and s.g.dtype == np.int32
+
+
+def test_runner_batch_size_larger_than_given_dataset(no_training):
+    with pytest.raises(ValueError, match=r"--batch-size 64 is larger than the training split \(24 rows\)"):
+        runner.run(_cfg(batch_size=64), dataset=_ds())
+
+
+@pytest.fixture(scope="module")
+def prepared_toy():
+    """The toy dataset with its dense model trained once, for several method runs."""
+    return runner.prepare(_cfg(), _ds())
+
+
+@pytest.mark.parametrize("ft_epochs, opts", [(0, {}), (1, {"prune_fraction": 1.0}), (1, {"updates": 1})])
+def test_gmp_reaches_target_when_schedule_ends_at_the_last_step(prepared_toy, ft_epochs, opts):
+    """Regression: the cubic schedule's last point fell on a step that never ran, so GMP stopped short of
+    the target (sparsity 0 with --finetune-epochs 0, 0.7499 instead of 0.75 with prune_fraction=1)."""
+    res = runner.run_method(prepared_toy, method="gmp", sparsity=0.5, finetune_epochs=ft_epochs,
+                            method_options=opts)
+    assert abs(res["sparsity"]["achieved"] - 0.5) <= 1e-9
+    assert res["method_info"]["schedule"][-1][1] == 0.5
+
+
+def test_runner_on_a_given_dataset():
+    res = runner.run(_cfg(), dataset=_ds())
+    assert res["dataset"] == "toy" and res["model"] == "mlp"
+    assert res["sizes"] == {"train": 24, "test": 12}
+    assert set(res["pruned"]["test"]["groups"]) == {"g0", "g1"}
+    assert abs(res["sparsity"]["achieved"] - 0.5) <= 1e-9      # 80, 48 and 18 weights: halves are exact
+    json.dumps(res, allow_nan=False)      # results are plain JSON
+
+
+# ---------------------------------------------------------------------------
+# other commands
+# ---------------------------------------------------------------------------
+
+def test_console_script_methods():
+    exe = Path(sys.executable).parent / "fairprune"
+    assert exe.exists(), exe
+    p = subprocess.run([str(exe), "methods"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    for name in ("magnitude", "gmp", "random"):
+        assert any(line.startswith(name) for line in p.stdout.splitlines()), p.stdout
+    assert "prune_fraction=0.75" in p.stdout
+
+
+def test_main_help_and_datasets(capsys):
+    assert main([]) == 0
+    assert "usage: fairprune" in capsys.readouterr().out
+    assert main(["datasets"]) == 0
+    assert any(line.startswith("digits") for line in capsys.readouterr().out.splitlines())

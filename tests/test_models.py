@@ -1,0 +1,172 @@
+"""Models: forward shapes, BatchNorm train/eval semantics through FunctionalModel, FLOPs, errors."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY_MODELS
+from fairprune_jax.masks import named_leaves
+from fairprune_jax.models import build_model, count_flops, default_model_for, layer_order
+from fairprune_jax.models.nets import ResNet
+
+NAMES = ["mlp", "cnn", "resnet"]
+
+
+def _x(name: str, n: int, seed: int = 0) -> jnp.ndarray:
+    shape = TINY_MODELS[name][0]
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(n,) + shape), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def jitted(tiny_models):
+    """One jitted apply per (model, train) pair, shared by the tests of this module."""
+    out = {}
+    for name in NAMES:
+        fm = tiny_models[name][0]
+        out[name, True] = jax.jit(lambda p, s, x, fm=fm: fm.apply(p, s, x, train=True))
+        out[name, False] = jax.jit(lambda p, s, x, fm=fm: fm.apply(p, s, x, train=False))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_shapes_and_finite(tiny_models, jitted, name):
+    fm, params, state = tiny_models[name]
+    nc = TINY_MODELS[name][1]
+    for n in (1, 5):
+        for train in (False, True):
+            logits, new_state = jitted[name, train](params, state, _x(name, n))
+            chex.assert_shape(logits, (n, nc))
+            chex.assert_tree_all_finite(logits)
+            chex.assert_trees_all_equal_structs(new_state, state)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])  # (eager ResNet is slow to run op by op; its jit path is above)
+def test_jit_matches_eager(tiny_models, jitted, name):
+    fm, params, state = tiny_models[name]
+    x = _x(name, 4, seed=1)
+    for train in (False, True):
+        eager, eager_state = fm.apply(params, state, x, train=train)
+        jit_out, jit_state = jitted[name, train](params, state, x)
+        np.testing.assert_allclose(np.asarray(jit_out), np.asarray(eager), rtol=1e-4, atol=1e-5)
+        chex.assert_trees_all_close(jit_state, eager_state, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet"])
+def test_batchnorm_train_updates_running_stats(tiny_models, jitted, name):
+    fm, params, state = tiny_models[name]
+    x = _x(name, 6, seed=2) * 3.0 + 1.0
+    _, new_state = jitted[name, True](params, state, x)
+    old, new = dict(named_leaves(state)), dict(named_leaves(new_state))
+    assert set(old) == set(new) and any(n.endswith("/mean") for n in old)
+    changed = [n for n in old if not np.allclose(np.asarray(old[n]), np.asarray(new[n]))]
+    assert sorted(changed) == sorted(old), "every running mean/var must move in training mode"
+    # the params are not touched
+    _, _ = jitted[name, True](params, state, x)
+    chex.assert_trees_all_equal(params, tiny_models[name][1])
+
+
+def test_batchnorm_running_average_formula_cnn(tiny_models, jitted):
+    """First BatchNorm of the CNN: ra = 0.9 * ra + 0.1 * batch statistic of conv(x)."""
+    fm, params, state = tiny_models["cnn"]
+    x = _x("cnn", 6, seed=3) + 0.5
+    _, new_state = jitted["cnn", True](params, state, x)
+    k = params["convs"][0]["kernel"]
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    mean = np.asarray(y).mean(axis=(0, 1, 2))
+    var = np.asarray(y).var(axis=(0, 1, 2))
+    m0, v0 = np.asarray(state["norms"][0]["mean"]), np.asarray(state["norms"][0]["var"])
+    np.testing.assert_allclose(np.asarray(new_state["norms"][0]["mean"]), 0.9 * m0 + 0.1 * mean, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_state["norms"][0]["var"]), 0.9 * v0 + 0.1 * var, rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet"])
+def test_batchnorm_eval_uses_running_stats(tiny_models, jitted, name):
+    fm, params, state = tiny_models[name]
+    x = _x(name, 5, seed=4)
+    # move the running statistics away from their init so eval mode is non-trivial
+    _, trained_state = jitted[name, True](params, state, x * 2.0 + 1.0)
+    logits, out_state = jitted[name, False](params, trained_state, x)
+    chex.assert_trees_all_equal(out_state, trained_state)          # eval leaves the stats unchanged
+    alone, _ = jitted[name, False](params, trained_state, x[:1])
+    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(logits[0]), rtol=1e-4, atol=1e-5)
+    other = x.at[1:].set(100.0)                                    # other rows cannot change row 0
+    logits2, _ = jitted[name, False](params, trained_state, other)
+    np.testing.assert_allclose(np.asarray(logits2[0]), np.asarray(logits[0]), rtol=1e-4, atol=1e-5)
+    # in training mode the batch statistics do couple the rows (so the flag really switches modes)
+    t1, _ = jitted[name, True](params, trained_state, x)
+    t2, _ = jitted[name, True](params, trained_state, other)
+    assert not np.allclose(np.asarray(t1[0]), np.asarray(t2[0]), atol=1e-4)
+
+
+def test_mlp_has_no_model_state(tiny_models, jitted):
+    fm, params, state = tiny_models["mlp"]
+    assert state == {}
+    _, new_state = jitted["mlp", True](params, state, _x("mlp", 3))
+    assert new_state == {}
+
+
+def test_count_flops_small_cnn_by_hand(tiny_models):
+    # 8x8x1 input; 3x3 conv 1->4 (SAME) at 8x8, 2x2 max-pool, 3x3 conv 4->8 at 4x4, fc 8->8, head 8->3
+    fm, p, s = tiny_models["cnn"]
+    assert count_flops(fm, p, s) == {"convs/0/kernel": 64 * 3 * 3 * 1 * 4, "convs/1/kernel": 16 * 3 * 3 * 4 * 8,
+                                     "fc/kernel": 8 * 8, "head/kernel": 8 * 3}
+    # same kernels on a 3x3 image: too small to pool, so both convs run at 3x3
+    fm, p, s = build_model("cnn", (3, 3, 1), 3, channels=(4, 8), hidden=8)
+    assert count_flops(fm, p, s) == {"convs/0/kernel": 9 * 3 * 3 * 1 * 4, "convs/1/kernel": 9 * 3 * 3 * 4 * 8,
+                                     "fc/kernel": 8 * 8, "head/kernel": 8 * 3}
+
+
+def test_count_flops_mlp_and_resnet(tiny_models):
+    fm, p, s = tiny_models["mlp"]
+    assert count_flops(fm, p, s) == {"layers/0/kernel": 80.0, "layers/1/kernel": 48.0, "head/kernel": 18.0}
+    fm, p, s = tiny_models["resnet"]  # 8x8x3 input, width 4, depth 8: stages at 8x8, 4x4, 2x2
+    f = count_flops(fm, p, s)
+    expected = {
+        "stem/kernel": 64 * 9 * 3 * 4,
+        "blocks/0/conv1/kernel": 64 * 9 * 4 * 4, "blocks/0/conv2/kernel": 64 * 9 * 4 * 4,
+        "blocks/1/conv1/kernel": 16 * 9 * 4 * 8, "blocks/1/conv2/kernel": 16 * 9 * 8 * 8,
+        "blocks/1/proj/kernel": 16 * 4 * 8,
+        "blocks/2/conv1/kernel": 4 * 9 * 8 * 16, "blocks/2/conv2/kernel": 4 * 9 * 16 * 16,
+        "blocks/2/proj/kernel": 4 * 8 * 16,
+        "head/kernel": 16 * 3,
+    }
+    assert f == expected
+    assert layer_order(fm, p, s)[0] == "stem/kernel"
+
+
+def test_resnet_depth_check():
+    from flax import nnx
+    for bad in (2, 7, 10, 21):
+        with pytest.raises(ValueError, match=r"6n\+2"):
+            ResNet(3, 2, depth=bad, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"6n\+2"):
+        build_model("resnet", (8, 8, 3), 2, depth=12)
+
+
+def test_build_model_errors():
+    with pytest.raises(ValueError, match="unknown model 'vit'.*cnn, mlp, resnet"):
+        build_model("vit", (8, 8, 3), 2)
+    with pytest.raises(ValueError, match="flat features"):
+        build_model("mlp", (8, 8, 1), 2)
+    with pytest.raises(ValueError, match=r"images of shape \(H, W, C\)"):
+        build_model("cnn", (64,), 2)
+    with pytest.raises(ValueError, match=r"images of shape \(H, W, C\)"):
+        build_model("resnet", (64,), 2)
+
+
+def test_default_model_for():
+    assert default_model_for((64,)) == "mlp"
+    assert default_model_for((8, 8, 1)) == "cnn"
+
+
+def test_build_model_is_seeded(tiny_models):
+    shape, nc, kw = TINY_MODELS["mlp"]
+    _, p0, _ = build_model("mlp", shape, nc, seed=0, **kw)
+    _, p1, _ = build_model("mlp", shape, nc, seed=1, **kw)
+    chex.assert_trees_all_equal(p0, tiny_models["mlp"][1])
+    assert not np.array_equal(np.asarray(p0["head"]["kernel"]), np.asarray(p1["head"]["kernel"]))
