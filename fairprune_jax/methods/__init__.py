@@ -9,3 +9,4 @@ from fairprune_jax.methods import fair_scratch  # noqa: F401  (registers fair_sc
 __all__ = ["METHODS", "Context", "Method", "RunConfig", "get_method", "make_optimizer", "method_options",
            "register"]
 from fairprune_jax.methods import ceag  # noqa: E402,F401  (registers ceag, nft, el)
+from fairprune_jax.methods import bifp  # noqa: E402,F401  (registers bifp and its structured baselines)

@@ -1,0 +1,471 @@
+"""Bi-level pruning (BiP, Zhang et al., NeurIPS 2022) with a fairness term (BiFP, Dai et al. 2023).
+
+The problem
+-----------
+Upper level over the mask ``m`` (binary, exactly ``k`` units kept per layer),
+lower level over the weights ``theta``::
+
+    min_m  L(m * theta*(m))        s.t. theta*(m) = argmin_theta L(m * theta) + gamma/2 ||theta||^2
+
+with ``L`` the training objective of the masked model ``z = m * theta``:
+cross-entropy plus the fairness term (a fixed penalty ``lam * F`` or the
+Lagrangian ``CE + mu * (F - tau)`` with a multiplier from
+:mod:`fairprune_jax.constrained`).
+
+The implicit gradient
+---------------------
+``dL/dm = grad_m L + (d theta*/dm)^T grad_theta L``. Differentiating the
+lower level's stationarity condition ``grad_theta l(m, theta*) = 0`` gives
+``d theta*/dm = -[grad^2_theta l]^{-1} grad^2_{theta m} l``. BiP's two
+assumptions make this first order:
+
+1. the lower-level Hessian is ``gamma * I`` (``grad^2_z L`` neglected, the
+   "Hessian-free" assumption: exact when ``L`` is linear in ``z``);
+2. in ``grad^2_{theta m} l = diag(grad_z L) + m * grad^2_z L * theta`` the
+   second-order part is dropped, leaving ``diag(grad_z L)``.
+
+So ``d theta*/dm = -(1/gamma) diag(grad_z L)`` and, elementwise (unstructured
+masks, one ``m_i`` per weight, ``z_i = m_i theta_i``)::
+
+    grad_m = theta * g  -  (1/gamma) * g * (m * g)         with g = dL/dz,
+             \\_ dL/dm _/           dL/dz  \\_ dL/dtheta _/
+
+For a **structured** mask one scalar ``m_u`` scales every weight of unit
+``u``: ``z_{iu} = m_u theta_{iu}`` for the kernel column and for the unit's
+companions (its bias and BatchNorm scale/offset, see
+:mod:`fairprune_jax.compact`). The mixed derivative
+``d^2 l / dm_u dtheta_{iu}`` is ``g_{iu}`` for each of those weights and 0
+for every other weight, so both terms are sums over the unit's weights::
+
+    grad_{m_u} = sum_i theta_{iu} g_{iu}  -  (1/gamma) sum_i g_{iu} (m_u g_{iu})
+
+For a pruned unit (``m_u = 0``) the implicit term vanishes and the score
+moves with the plain first-order sensitivity; for a kept unit it is lowered
+by ``(1/gamma) ||g_u||^2`` (how much the lower level will still change it).
+
+The mask is the top-k of continuous scores ``s`` (exact sparsity), and the
+gradient above is passed to ``s`` unchanged: the straight-through estimator
+``dm/ds = I``. Scores start at the per-layer-normalised magnitude (L1 norm
+of the unit's weights), take plain SGD steps and are projected back onto
+``[0, 1]`` (BiP's relaxation of the binary set).
+
+One jitted step per batch: lower level (``lower_steps`` SGD steps on
+``theta`` of the masked model; the dual ascent, in constraint mode, with the
+first of them), then the upper level (one score step with the implicit
+gradient at the new ``theta``), then the new top-k mask. Weights of pruned
+units keep their values (they receive no loss gradient), so a unit that
+comes back resumes from where it was.
+
+Fairness objectives
+-------------------
+:class:`Fairness` holds a surrogate from :mod:`fairprune_jax.surrogates`
+(demographic parity ``dp*``, equalized odds ``eo*``, accuracy parity ``ap``)
+and how it enters:
+
+* ``penalty``: ``CE + lam * F`` in both levels (Dai et al.'s relaxation);
+* ``constraint``: ``F <= tau`` with one Lagrange multiplier (dual ascent,
+  nuPI or augmented Lagrangian from :mod:`fairprune_jax.constrained`); the
+  primal step (both levels) minimises ``CE + mu * (F - tau)``. The dual step
+  reads the *strict* violation from per-group replay buffers (``strict=
+  "metric"``: the true, non-differentiable metric -- selection rate for DP,
+  per-label selection rates for EO, error rate for AP -- over the last
+  ``buffer_size`` rows of each group; ``"surrogate"``: the same gap of the
+  surrogate's per-row terms), so ``tau`` is a bound on the real metric and
+  the multiplier does not chase the small-batch noise of the batch gap;
+* ``none``: plain cross-entropy (the BiP baseline).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fairprune_jax import constrained, surrogates
+from fairprune_jax.compact import UnitGroup, expand_unit_masks
+from fairprune_jax.masks import _global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves, topk_mask
+from fairprune_jax.train import TrainState, cross_entropy, weighted_mean
+
+FAIRNESS_MODES = ("constraint", "penalty", "none")
+STRICT = ("metric", "surrogate")
+
+
+# ---------------------------------------------------------------------------
+# Scores and masks
+# ---------------------------------------------------------------------------
+
+def init_scores(params: Any, template: Any, structured: bool) -> Any:
+    """Magnitude scores normalised to ``[0, 1]`` per layer (max = 1).
+
+    Structured: the L1 norm of each output unit's kernel column; unstructured:
+    ``|w|``. Mirrors ``template`` (``None`` at leaves that are not pruned).
+    """
+    def one(t, p):
+        if t is None:
+            return None
+        s = jnp.abs(p).reshape(-1, p.shape[-1]).sum(axis=0) if structured else jnp.abs(p)
+        return (s / jnp.maximum(jnp.max(s), 1e-12)).astype(jnp.float32)
+    return jax.tree.map(one, template, params, is_leaf=_is_none)
+
+
+def unit_keep_counts(params: Any, template: Any, sparsity: float, distribution: str,
+                     structured: bool) -> dict[str, int]:
+    """Units (or weights) kept per pruned leaf, host-side and exact.
+
+    As :func:`fairprune_jax.masks.keep_counts`; structured layers keep at
+    least one unit (a layer without units disconnects the network).
+    ``global`` returns ``{'*': total}``.
+    """
+    counts = keep_counts(params, template, sparsity, distribution, structured=structured)
+    if structured and "*" not in counts:
+        counts = {n: max(int(k), 1) for n, k in counts.items()}
+    return counts
+
+
+def initial_scores_and_masks(params: Any, template: Any, counts: dict[str, int],
+                             groups: Sequence[UnitGroup] | None) -> tuple[Any, Any]:
+    """``(magnitude scores, full top-k masks)`` in one compiled call (``groups=None``: unstructured)."""
+    @jax.jit
+    def make(p):
+        scores = init_scores(p, template, groups is not None)
+        return scores, full_masks(binarize(scores, counts), p, groups)
+    return make(params)
+
+
+def binarize(scores: Any, counts: dict[str, int]) -> Any:
+    """Exact top-k 0/1 masks of ``scores`` (jittable; ``counts`` static)."""
+    if "*" in counts:
+        return _global_topk(scores, jnp.asarray(counts["*"]))
+    return map_named(lambda n, s: topk_mask(s, counts[n]), scores)
+
+
+def full_masks(unit_masks: Any, params: Any, groups: Sequence[UnitGroup] | None) -> Any:
+    """The mask tree used in the forward pass: unit masks expanded to their companions (structured)."""
+    if groups is None:
+        return unit_masks
+    return expand_unit_masks(unit_masks, groups, params)
+
+
+def reduce_to_units(tree: Any, scores: Any, groups: Sequence[UnitGroup] | None) -> Any:
+    """Sum ``tree`` over each unit's weights (kernel column + companions), shaped like ``scores``.
+
+    Unstructured (``groups=None``): ``tree`` restricted to the scored leaves.
+    """
+    named = dict(named_leaves(tree))
+    if groups is None:
+        return map_named(lambda n, _: named[n], scores)
+    by_kernel = {g.kernel: g for g in groups}
+
+    def one(name, s):
+        g = by_kernel[name]
+        k = named[name]
+        total = k.reshape(-1, k.shape[-1]).sum(axis=0)
+        for c in g.companions:
+            total = total + named[c]
+        return total.astype(s.dtype)
+    return map_named(one, scores)
+
+
+def implicit_mask_grad(theta: Any, g_upper: Any, masks: Any, scores: Any, gamma: float,
+                       groups: Sequence[UnitGroup] | None, g_lower: Any = None) -> Any:
+    """BiP's first-order implicit gradient of the upper loss w.r.t. the mask.
+
+    ``grad_m = dL/dm - (1/gamma) * (dL_low/dz * dL/dtheta)`` reduced to units:
+    ``theta`` the weights, ``g_upper = dL/dz`` and ``g_lower = dL_low/dz``
+    (default: the same loss) at ``z = masks * theta``, ``masks`` the full
+    forward-pass mask tree (kernel + companions). ``dL/dm = theta * g_upper``,
+    ``dL/dtheta = masks * g_upper``. Returns a tree shaped like ``scores``.
+    """
+    g_lower = g_upper if g_lower is None else g_lower
+    direct = jax.tree.map(lambda t, g: t * g, theta, g_upper)
+    g_theta = apply_masks(g_upper, masks)
+    implicit = jax.tree.map(lambda gl, gt: gl * gt, g_lower, g_theta)
+    d = reduce_to_units(direct, scores, groups)
+    i = reduce_to_units(implicit, scores, groups)
+    return jax.tree.map(lambda a, b: a - b / gamma, d, i)
+
+
+# ---------------------------------------------------------------------------
+# Fairness objective
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Fairness:
+    """How the fairness surrogate enters the objective (see the module doc)."""
+
+    surrogate: str = "ap"
+    mode: str = "constraint"
+    num_groups: int = 2
+    positive_label: int = 1
+    lam: float = 1.0
+    tau: float = 0.05
+    strict: str = "metric"
+    buffer_size: int = 40
+    reduce: str = "max_gap"
+    dual: constrained.DualOptimizer | None = None
+    dual_mode: str = "alternating"
+
+    def __post_init__(self):
+        if self.mode not in FAIRNESS_MODES:
+            raise ValueError(f"unknown fairness_mode {self.mode!r}; valid: {', '.join(FAIRNESS_MODES)}")
+        surrogates.surrogate(self.surrogate, reduce=self.reduce)  # clear error on a bad name / reduction
+        if self.strict not in STRICT:
+            raise ValueError(f"unknown strict {self.strict!r}; valid: {', '.join(STRICT)}")
+        if self.mode == "penalty" and self.lam < 0:
+            raise ValueError(f"lam must be >= 0; got {self.lam}")
+        if self.mode == "constraint":
+            if self.dual is None:
+                raise ValueError("fairness_mode='constraint' needs a dual optimizer")
+            if int(self.buffer_size) < 1:
+                raise ValueError(f"buffer_size must be >= 1; got {self.buffer_size}")
+            if self.dual_mode not in constrained.MODES:
+                raise ValueError(f"unknown mode {self.dual_mode!r}; valid: {', '.join(constrained.MODES)}")
+
+    @property
+    def sides(self) -> int:
+        """Row subsets compared across groups: 2 for equalized odds (y = pos / y != pos), else 1."""
+        return 2 if self.surrogate.startswith("eo") else 1
+
+    def fn(self) -> Callable:
+        return surrogates.surrogate(self.surrogate, reduce=self.reduce)
+
+
+def fairness_init(spec: Fairness) -> dict:
+    """The fairness part of a step's extra state: ``{}`` or ``{dual, buffer}``."""
+    if spec.mode != "constraint":
+        return {}
+    return {"dual": spec.dual.init(),
+            "buffer": constrained.buffer_init(spec.sides * spec.num_groups, int(spec.buffer_size))}
+
+
+def row_values(spec: Fairness, logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row values whose per-group means the strict violation compares, and each row's side.
+
+    ``strict="metric"``: predicted positive (argmax == positive label) for
+    ``dp``/``eo``, error (argmax != y) for ``ap``. ``"surrogate"``: the
+    surrogate's own per-row term (``h(f)`` or the cross-entropy).
+    """
+    base, _, kind = spec.surrogate.partition("_")
+    pred = jnp.argmax(logits, -1)
+    if base == "ap":
+        v = (pred != y).astype(jnp.float32) if spec.strict == "metric" else cross_entropy(logits, y)
+    elif spec.strict == "metric":
+        v = (pred == spec.positive_label).astype(jnp.float32)
+    else:
+        v = surrogates.indicator_surrogate(surrogates.positive_log_odds(logits, spec.positive_label),
+                                           kind or "prob")
+    side = (y != spec.positive_label).astype(jnp.int32) if spec.sides == 2 else jnp.zeros_like(y)
+    return jax.lax.stop_gradient(v), side
+
+
+def strict_violation(spec: Fairness, buf: constrained.GroupBuffer) -> tuple[jax.Array, jax.Array]:
+    """``(gap - tau (1,), observed (1,))`` from the replay buffers.
+
+    Per side, the gap is max - min of the group means over groups whose
+    buffer is full (``reduce="mean_abs"``: the weighted mean absolute
+    deviation); sides are combined by the worst case. Observed once some side
+    has two full groups.
+    """
+    means, full = constrained.buffer_means(buf)
+    means = means.reshape(spec.sides, spec.num_groups)
+    full = full.reshape(spec.sides, spec.num_groups)
+    gaps = jax.vmap(lambda m, f: surrogates.gap(m, f.astype(jnp.float32), jnp.sum(jnp.where(f, m, 0.0))
+                                                / jnp.maximum(jnp.sum(f), 1), spec.reduce))(means, full)
+    ok = jnp.sum(full, axis=1) >= 2
+    worst = jnp.max(jnp.where(ok, gaps, -jnp.inf))
+    observed = jnp.any(ok)
+    return jnp.where(observed, worst - spec.tau, 0.0)[None], observed[None]
+
+
+Forward = Callable[[Any], tuple[jax.Array, Any]]
+
+
+def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_extra: dict, *,
+                    update_dual: bool) -> tuple[Any, dict, dict]:
+    """Gradient of the fairness-aware objective w.r.t. ``z`` (the params fed to ``forward``).
+
+    ``forward(z) -> (logits, new_model_state)``. In constraint mode with
+    ``update_dual`` the multiplier takes its dual step from this same forward
+    pass (:func:`constrained.constrained_grads`) and the replay buffers are
+    updated; otherwise the current multiplier weights the surrogate.
+    Returns ``(grads, new_fair_extra, aux)`` with ``aux`` = ``{loss, ce, fair,
+    logits, model_state}``.
+    """
+    fair_fn = spec.fn()
+    y, g, w = batch["y"], batch["g"], batch["w"]
+
+    def terms(zz):
+        logits, new_ms = forward(zz)
+        ce = weighted_mean(cross_entropy(logits, y), w)
+        fair = (fair_fn(logits, y, g, w, spec.num_groups, spec.positive_label) if spec.mode != "none"
+                else jnp.zeros((), jnp.float32))
+        return ce, fair, logits, new_ms
+
+    if spec.mode != "constraint":
+        lam = spec.lam if spec.mode == "penalty" else 0.0
+
+        def obj(zz):
+            ce, fair, logits, new_ms = terms(zz)
+            return ce + lam * fair, (ce, fair, logits, new_ms)
+
+        (loss, (ce, fair, logits, new_ms)), grads = jax.value_and_grad(obj, has_aux=True)(z)
+        return grads, fair_extra, {"loss": loss, "ce": ce, "fair": fair, "logits": logits, "model_state": new_ms}
+
+    if not update_dual:
+        def lag(zz):
+            ce, fair, logits, new_ms = terms(zz)
+            return constrained.lagrangian(ce, (fair - spec.tau)[None], fair_extra["dual"]), (ce, fair, logits,
+                                                                                              new_ms)
+        (loss, (ce, fair, logits, new_ms)), grads = jax.value_and_grad(lag, has_aux=True)(z)
+        return grads, fair_extra, {"loss": loss, "ce": ce, "fair": fair, "logits": logits, "model_state": new_ms}
+
+    def problem(zz):
+        ce, fair, logits, new_ms = terms(zz)
+        v, side = row_values(spec, logits, y)
+        buf = constrained.buffer_update(fair_extra["buffer"], v, side * spec.num_groups + g, w)
+        strict, observed = strict_violation(spec, buf)
+        return ce, (fair - spec.tau)[None], strict, observed, (fair, logits, new_ms, buf)
+
+    grads, new_dual, info = constrained.constrained_grads(problem, z, spec.dual, fair_extra["dual"],
+                                                          spec.dual_mode)
+    fair, logits, new_ms, buf = info.aux
+    return grads, {"dual": new_dual, "buffer": buf}, {"loss": info.lagrangian, "ce": info.loss, "fair": fair,
+                                                      "logits": logits, "model_state": new_ms,
+                                                      "strict": info.strict_violation[0],
+                                                      "multiplier": new_dual.multipliers[0]}
+
+
+# ---------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------
+
+def _stats(aux: dict, batch: dict) -> dict:
+    acc = weighted_mean((jnp.argmax(aux["logits"], -1) == batch["y"]).astype(jnp.float32), batch["w"])
+    out = {"loss": aux["ce"], "accuracy": acc, "fair": aux["fair"], "objective": aux["loss"]}
+    for k in ("strict", "multiplier"):
+        if k in aux:
+            out[k] = aux[k]
+    return out
+
+
+def _nan_step(state: TrainState, loss: jax.Array) -> jax.Array:
+    return jnp.where((state.nan_step < 0) & ~jnp.isfinite(loss), state.step, state.nan_step)
+
+
+def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformation,
+                      mask_tx: optax.GradientTransformation, counts: dict[str, int], *,
+                      groups: Sequence[UnitGroup] | None, gamma: float = 1.0, lower_steps: int = 1,
+                      score_clip: bool = True, augment: Callable | None = None) -> Callable:
+    """Jitted BiP/BiFP step ``(state, batch) -> (state, stats)``.
+
+    ``state.params`` are the weights ``theta`` (not masked: pruned units keep
+    their values), ``state.opt_state`` the weight optimizer's,
+    ``state.masks`` the full mask tree of the current scores (start from
+    :func:`initial_scores_and_masks`), ``state.extra`` =
+    ``{"scores", "mask_opt", "fair": fairness_init(spec)}``. ``counts`` from
+    :func:`unit_keep_counts`; ``groups`` the unit groups (``None`` for
+    unstructured masks).
+    """
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0; got {gamma}")
+    if int(lower_steps) < 1:
+        raise ValueError(f"lower_steps must be >= 1; got {lower_steps}")
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, aug_rng = jax.random.split(state.rng)
+        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+        scores = state.extra["scores"]
+        theta = state.params
+        masks = state.masks                              # = full_masks(binarize(scores)), kept in sync
+        named_masks = dict(named_leaves(masks))
+        unit = map_named(lambda n, _: named_masks[n], scores)
+
+        def forward(ms):
+            return lambda z: fm.apply(z, ms, x, train=True)
+
+        # lower level: SGD on theta of the masked model (dL/dtheta = m * dL/dz)
+        opt_state, fair_extra, model_state = state.opt_state, state.extra["fair"], state.model_state
+        first_aux = None
+        for k in range(int(lower_steps)):
+            g_z, fair_extra, aux = objective_grads(spec, forward(model_state), apply_masks(theta, masks), batch,
+                                                   fair_extra, update_dual=(k == 0))
+            g_theta = apply_masks(g_z, masks)
+            updates, opt_state = weight_tx.update(g_theta, opt_state, theta)
+            theta = optax.apply_updates(theta, updates)
+            model_state = aux["model_state"]
+            first_aux = aux if first_aux is None else first_aux
+
+        # upper level: implicit gradient at the new theta, one score step, projection onto [0, 1]
+        g_z, _, _ = objective_grads(spec, forward(model_state), apply_masks(theta, masks), batch, fair_extra,
+                                    update_dual=False)
+        g_m = implicit_mask_grad(theta, g_z, masks, scores, gamma, groups)
+        upd, mask_opt = mask_tx.update(g_m, state.extra["mask_opt"], scores)
+        scores = optax.apply_updates(scores, upd)
+        if score_clip:
+            scores = jax.tree.map(lambda s: jnp.clip(s, 0.0, 1.0), scores)
+        new_unit = binarize(scores, counts)
+        new_masks = full_masks(new_unit, theta, groups)
+        changed = sum(jnp.sum(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(new_unit), jax.tree.leaves(unit)))
+
+        new_state = state.replace(params=theta, masks=new_masks, opt_state=opt_state, model_state=model_state,
+                                  rng=rng, step=state.step + 1, nan_step=_nan_step(state, first_aux["loss"]),
+                                  extra={"scores": scores, "mask_opt": mask_opt, "fair": fair_extra})
+        stats = _stats(first_aux, batch)
+        stats["mask_changes"] = changed
+        return new_state, stats
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
+                   augment: Callable | None = None) -> Callable:
+    """Jitted masked training step with the fairness objective; the mask is fixed.
+
+    ``state.extra = {"fair": fairness_init(spec)}``; ``state.masks`` may be
+    ``None`` (dense fair training). Pruned weights stay exactly zero
+    (:func:`fairprune_jax.train.apply_gradients`).
+    """
+    from fairprune_jax.train import apply_gradients, masked_forward
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, aug_rng = jax.random.split(state.rng)
+        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+
+        def forward(p):
+            return masked_forward(fm, p, state.masks, state.model_state, x, train=True)
+
+        grads, fair_extra, aux = objective_grads(spec, forward, state.params, batch, state.extra["fair"],
+                                                 update_dual=True)
+        new_state = apply_gradients(state, grads, tx, model_state=aux["model_state"], loss=aux["loss"], rng=rng,
+                                    extra=dict(state.extra, fair=fair_extra))
+        return new_state, _stats(aux, batch)
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def split_fairness(fm, spec: Fairness, params: Any, masks: Any, model_state: Any, split, batch_size: int = 512
+                   ) -> dict[str, float]:
+    """The surrogate and the strict metric gap on a whole split (one gap over all rows)."""
+    from fairprune_jax.data.base import eval_batches
+
+    fwd = jax.jit(lambda p, m, ms, xx: fm.apply(p if m is None else apply_masks(p, m), ms, xx, train=False)[0])
+    bs = min(batch_size, max(len(split), 1))
+    logits = np.concatenate([np.asarray(fwd(params, masks, model_state, b["x"]))
+                             for b in eval_batches(split, bs)])[:len(split)]
+    logits_j, y, g = jnp.asarray(logits), jnp.asarray(split.y), jnp.asarray(split.g)
+    w = jnp.ones(len(split), jnp.float32)
+    sur = float(spec.fn()(logits_j, y, g, w, spec.num_groups, spec.positive_label))
+    v, side = row_values(dataclasses.replace(spec, strict="metric"), logits_j, y)
+    gaps = []
+    for s in range(spec.sides):
+        means, n, overall = surrogates.group_means(v, g, w * (side == s), spec.num_groups)
+        gaps.append(float(surrogates.gap(means, n, overall, spec.reduce)))
+    return {"surrogate": sur, "metric_gap": max(gaps)}
+
+
+__all__ = ["FAIRNESS_MODES", "Fairness", "STRICT", "binarize", "fairness_init", "full_masks", "implicit_mask_grad",
+           "init_scores", "initial_scores_and_masks", "make_bilevel_step", "make_fair_step", "objective_grads",
+           "reduce_to_units", "row_values", "split_fairness", "strict_violation", "unit_keep_counts"]

@@ -1,0 +1,436 @@
+"""Structured masks as model structure, and compaction into a physically smaller model.
+
+A structured mask removes whole output units: Linear output neurons, conv
+output channels. For a removed unit to be *exactly* absent (so that the
+masked model and the compacted one compute the same function), every
+parameter indexed by that unit must be masked, not only the kernel column:
+
+* the layer's own bias (``layers/i/bias``, ``fc/bias``);
+* the scale and offset of the BatchNorm right after a conv
+  (``norms/i/scale``, ``norms/i/bias``): a zero conv channel still emits
+  ``beta - mean * gamma / sqrt(var + eps)`` through BatchNorm otherwise.
+
+With those masked too, a pruned unit outputs exactly 0 in training and in
+evaluation mode (BatchNorm of a zero channel with zero scale and offset is
+0), ReLU / pooling keep it 0, and the next layer's input row for it is dead.
+Compaction then drops the unit's kernel column, bias entry, BatchNorm scale,
+offset and running statistics, and the next layer's input row.
+
+A :class:`UnitGroup` records one such set: the producing kernel, its
+"companions" (parameters indexed by the same units on axis 0), the BatchNorm
+statistics in the model state, and the consuming kernels (input axis -2).
+The mask tree of a structured method therefore holds the same 0/1 unit
+vector at the kernel *and* its companions (:func:`expand_unit_masks`); this
+is the one place where a mask leaf sits on a bias or a norm parameter.
+
+Which units may be removed:
+
+* ``mlp``: every hidden layer's neurons (not the head: its outputs are the classes);
+* ``cnn``: every conv's channels and the ``fc`` hidden neurons;
+* ``resnet``: only the inner channels of each basic block (``conv1`` output,
+  ``bn1``, ``conv2`` input). The stem, ``conv2`` and projection outputs feed
+  residual additions whose channels are shared across blocks, so they are
+  kept: removing them would couple the masks of a whole stage.
+
+Compacted models are saved as ``model.npz`` (params and model state, keyed by
+leaf name) plus ``architecture.json`` (model family, input shape, classes,
+widths) and reloaded without the original code path that trained them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fairprune_jax.masks import leaf_name, map_named, named_leaves
+from fairprune_jax.models import CNN, MLP, FunctionalModel, ResNet
+
+FORMAT = "fairprune_jax.compact/1"
+SUPPORTED = ("mlp", "cnn", "resnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitGroup:
+    """Parameters indexed by the output units of one kernel."""
+
+    kernel: str                        # producing kernel, units on its last axis
+    companions: tuple[str, ...]        # params with the units on axis 0 (bias, BN scale / offset)
+    stats: tuple[str, ...]             # model-state leaves with the units on axis 0 (BN mean / var)
+    consumers: tuple[str, ...]         # kernels whose input axis (-2) is indexed by the units
+
+
+# ---------------------------------------------------------------------------
+# Name-addressed access to nested param dicts (nnx lists have int keys)
+# ---------------------------------------------------------------------------
+
+def _key(d: dict, part: str):
+    if part in d:
+        return part
+    if part.lstrip("-").isdigit() and int(part) in d:
+        return int(part)
+    raise KeyError(part)
+
+
+def get_leaf(tree: dict, name: str) -> Any:
+    """The leaf called ``name`` (``'layers/0/kernel'``) of a nested dict."""
+    node = tree
+    for part in name.split("/"):
+        node = node[_key(node, part)]
+    return node
+
+
+def has_leaf(tree: dict, name: str) -> bool:
+    try:
+        get_leaf(tree, name)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
+def replace_leaves(tree: Any, new: dict[str, Any]) -> Any:
+    """A copy of ``tree`` with the leaves named in ``new`` replaced."""
+    return map_named(lambda n, x: new.get(n, x), tree)
+
+
+# ---------------------------------------------------------------------------
+# Model structure
+# ---------------------------------------------------------------------------
+
+def unit_groups(model_name: str, params: dict) -> list[UnitGroup]:
+    """The removable unit groups of a model, in forward order.
+
+    ``model_name`` is the :class:`FunctionalModel` name (``mlp``, ``cnn``,
+    ``resnet``). Raises ``NotImplementedError`` for other architectures.
+    """
+    def existing(names):
+        return tuple(n for n in names if has_leaf(params, n))
+
+    groups: list[UnitGroup] = []
+    if model_name == "mlp":
+        n = len(params["layers"])
+        for i in range(n):
+            nxt = f"layers/{i + 1}/kernel" if i + 1 < n else "head/kernel"
+            groups.append(UnitGroup(f"layers/{i}/kernel", existing([f"layers/{i}/bias"]), (), (nxt,)))
+    elif model_name == "cnn":
+        n = len(params["convs"])
+        for i in range(n):
+            nxt = f"convs/{i + 1}/kernel" if i + 1 < n else "fc/kernel"
+            groups.append(UnitGroup(f"convs/{i}/kernel",
+                                    existing([f"convs/{i}/bias", f"norms/{i}/scale", f"norms/{i}/bias"]),
+                                    (f"norms/{i}/mean", f"norms/{i}/var"), (nxt,)))
+        groups.append(UnitGroup("fc/kernel", existing(["fc/bias"]), (), ("head/kernel",)))
+    elif model_name in ("resnet", "resnet_slim"):
+        for j in range(len(params["blocks"])):
+            b = f"blocks/{j}"
+            groups.append(UnitGroup(f"{b}/conv1/kernel",
+                                    existing([f"{b}/conv1/bias", f"{b}/bn1/scale", f"{b}/bn1/bias"]),
+                                    (f"{b}/bn1/mean", f"{b}/bn1/var"), (f"{b}/conv2/kernel",)))
+    else:
+        raise NotImplementedError(f"structured pruning knows the unit structure of {', '.join(SUPPORTED)}; "
+                                  f"got model {model_name!r}")
+    return groups
+
+
+def structured_template(groups: Sequence[UnitGroup], template: Any) -> Any:
+    """The kernels of ``template`` (``True`` leaves) that produce a removable unit group.
+
+    Kernels the run keeps dense (``exclude_first``...) stay dense; kernels
+    without a unit group (the classifier head, residual-path convs) are never
+    pruned structurally. Raises if nothing is left to prune.
+    """
+    producers = {g.kernel for g in groups}
+    out = map_named(lambda n, t: True if (t is True and n in producers) else None, template)
+    if not named_leaves(out):
+        raise ValueError("structured pruning: no prunable layer left (every layer with removable units is "
+                         "excluded); drop --exclude-first/--exclude-last or use an unstructured method")
+    return out
+
+
+def expand_unit_masks(unit_masks: Any, groups: Sequence[UnitGroup], params: Any) -> Any:
+    """A full mask tree from unit masks: the unit vector at each kernel AND its companions.
+
+    ``unit_masks`` mirrors the params with a vector over output units at
+    pruned kernels (``None`` elsewhere). Jittable.
+    """
+    by_kernel = dict(named_leaves(unit_masks))
+    leaf_for: dict[str, Any] = {}
+    for g in groups:
+        if g.kernel in by_kernel:
+            v = by_kernel[g.kernel]
+            leaf_for[g.kernel] = v
+            for c in g.companions:
+                leaf_for[c] = v
+    return jax.tree_util.tree_map_with_path(lambda path, p: leaf_for.get(leaf_name(path)), params)
+
+
+def unit_masks_of(masks: Any, groups: Sequence[UnitGroup]) -> dict[str, np.ndarray]:
+    """``{kernel name: 0/1 unit vector}`` of the structured kernel masks in ``masks``."""
+    named = dict(named_leaves(masks))
+    return {g.kernel: np.asarray(named[g.kernel]) for g in groups if g.kernel in named}
+
+
+def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> dict[str, np.ndarray]:
+    """Validate that ``masks`` is a structured mask compaction can honour; returns the unit masks.
+
+    Every mask leaf must be a unit vector on a group kernel or the same vector
+    on one of its companions. Raises ``ValueError`` naming the offending leaf.
+    """
+    named = dict(named_leaves(masks))
+    shapes = {n: np.shape(v) for n, v in named_leaves(params)}
+    kernels = {g.kernel: g for g in groups}
+    companion_of = {c: g.kernel for g in groups for c in g.companions}
+    units = {}
+    for name, m in named.items():
+        m = np.asarray(m)
+        if name in kernels:
+            if m.shape != shapes[name][-1:]:
+                raise ValueError(f"compaction needs structured masks (one value per output unit); the mask of "
+                                 f"{name} has shape {m.shape}, the kernel {shapes[name]}. Use a structured "
+                                 "method (bifp, structured_magnitude, ...).")
+            units[name] = m
+        elif name not in companion_of:
+            raise ValueError(f"compaction cannot remove units of {name}: it is not a removable unit group of "
+                             f"this model (removable: {', '.join(kernels)})")
+    for name, m in named.items():
+        if name in companion_of:
+            k = companion_of[name]
+            if k not in units or not np.array_equal(np.asarray(m), units[k]):
+                raise ValueError(f"mask of {name} differs from the mask of its kernel {k}")
+    return units
+
+
+# ---------------------------------------------------------------------------
+# Compaction
+# ---------------------------------------------------------------------------
+
+class SlimBasicBlock(nnx.Module):
+    """:class:`~fairprune_jax.models.nets.BasicBlock` with its own inner width ``cmid``."""
+
+    def __init__(self, cin: int, cmid: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(cin, cmid, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(cmid, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(cmid, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        if stride != 1 or cin != cout:
+            self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            self.proj_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        else:
+            self.proj = None
+            self.proj_bn = None
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        ura = not train
+        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+        y = self.bn2(self.conv2(y), use_running_average=ura)
+        short = x if self.proj is None else self.proj_bn(self.proj(x), use_running_average=ura)
+        return nnx.relu(y + short)
+
+
+class SlimResNet(nnx.Module):
+    """The CIFAR ResNet of :mod:`fairprune_jax.models.nets` with per-block inner widths ``mids``."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, depth: int, width: int, mids: Sequence[int],
+                 rngs: nnx.Rngs):
+        n = (depth - 2) // 6
+        if len(mids) != 3 * n:
+            raise ValueError(f"SlimResNet depth {depth} has {3 * n} blocks; got {len(mids)} inner widths")
+        self.stem = nnx.Conv(in_channels, width, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+        blocks, cin, i = [], width, 0
+        for stage, mult in enumerate((1, 2, 4)):
+            cout = width * mult
+            for b in range(n):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                blocks.append(SlimBasicBlock(cin, int(mids[i]), cout, stride, rngs=rngs))
+                cin, i = cout, i + 1
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
+        for block in self.blocks:
+            x = block(x, train)
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def _module_for(arch: dict) -> nnx.Module:
+    """An abstract (shape-only, no initializer run) module for an architecture record."""
+    name, shape, nc, opts = arch["model"], tuple(arch["input_shape"]), int(arch["num_classes"]), arch["options"]
+
+    def make():
+        rngs = nnx.Rngs(0)
+        if name == "mlp":
+            return MLP(shape[0], nc, hidden=tuple(opts["hidden"]), rngs=rngs)
+        if name == "cnn":
+            return CNN(shape[-1], nc, channels=tuple(opts["channels"]), hidden=int(opts["hidden"]), rngs=rngs)
+        if name == "resnet":
+            return ResNet(shape[-1], nc, depth=int(opts["depth"]), width=int(opts["width"]), rngs=rngs)
+        if name == "resnet_slim":
+            return SlimResNet(shape[-1], nc, depth=int(opts["depth"]), width=int(opts["width"]),
+                              mids=tuple(opts["mids"]), rngs=rngs)
+        raise ValueError(f"unknown architecture {name!r}; valid: mlp, cnn, resnet, resnet_slim")
+
+    return nnx.eval_shape(make)
+
+
+def functional_model(arch: dict) -> tuple[FunctionalModel, Any, Any]:
+    """``(FunctionalModel, params shapes, state shapes)`` for an architecture record.
+
+    Built abstractly (``nnx.eval_shape``): no initializer is compiled or run.
+    """
+    module = _module_for(arch)
+    graphdef, params, state = nnx.split(module, nnx.Param, ...)
+    fm = FunctionalModel(arch["model"], graphdef, tuple(arch["input_shape"]), int(arch["num_classes"]))
+    return fm, nnx.to_pure_dict(params), nnx.to_pure_dict(state)
+
+
+@dataclasses.dataclass
+class Compacted:
+    """A physically smaller model: pruned units removed."""
+
+    fm: FunctionalModel
+    params: Any
+    model_state: Any
+    arch: dict
+
+    def apply(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits (evaluation mode by default; jitted, one compilation per architecture and input shape)."""
+        return _jitted_apply(self.fm)(self.params, self.model_state, x, train=train)
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.size(v) for _, v in named_leaves(self.params)))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_apply(fm: FunctionalModel):
+    return jax.jit(lambda p, s, x, train: fm.apply(p, s, x, train=train)[0], static_argnames="train")
+
+
+def _arch_for(model_name: str, input_shape: tuple, num_classes: int, params: dict) -> dict:
+    """Architecture record (family + widths) read off sliced param shapes."""
+    if model_name == "mlp":
+        opts = {"hidden": [int(params["layers"][i]["kernel"].shape[-1]) for i in range(len(params["layers"]))]}
+        name = "mlp"
+    elif model_name == "cnn":
+        opts = {"channels": [int(params["convs"][i]["kernel"].shape[-1]) for i in range(len(params["convs"]))],
+                "hidden": int(params["fc"]["kernel"].shape[-1])}
+        name = "cnn"
+    elif model_name in ("resnet", "resnet_slim"):
+        nb = len(params["blocks"])
+        opts = {"depth": 2 * nb + 2, "width": int(params["stem"]["kernel"].shape[-1]),
+                "mids": [int(params["blocks"][j]["conv1"]["kernel"].shape[-1]) for j in range(nb)]}
+        name = "resnet_slim"
+    else:
+        raise NotImplementedError(f"compaction supports {', '.join(SUPPORTED)}; got model {model_name!r}")
+    return {"format": FORMAT, "model": name, "input_shape": [int(s) for s in input_shape],
+            "num_classes": int(num_classes), "options": opts}
+
+
+def compact(fm: FunctionalModel, params: Any, model_state: Any, masks: Any) -> Compacted:
+    """The model with every unit pruned in the structured ``masks`` physically removed.
+
+    Equivalent to the masked model ``fm.apply(apply_masks(params, masks'))``
+    where ``masks'`` also masks the companions of each pruned unit (see the
+    module doc); if ``masks`` lacks the companion masks and a pruned unit's
+    companions are not zero, that equivalence would not hold with the given
+    masks, so it raises. Unstructured masks raise ``ValueError``.
+    """
+    groups = unit_groups(fm.name, params)
+    units = check_structured(masks, params, groups)
+    named_p = dict(named_leaves(params))
+    named_s = dict(named_leaves(model_state))
+    comp_masked = {n for n, _ in named_leaves(masks)}
+    new_p: dict[str, np.ndarray] = {n: np.asarray(v) for n, v in named_p.items()}
+    new_s: dict[str, np.ndarray] = {n: np.asarray(v) for n, v in named_s.items()}
+    for g in groups:
+        if g.kernel not in units:
+            continue
+        keep = np.flatnonzero(units[g.kernel] != 0)
+        if keep.size == 0:
+            raise ValueError(f"compaction: every unit of {g.kernel} is pruned; the network output would not "
+                             "depend on its input. Keep at least one unit per layer.")
+        dead = np.flatnonzero(units[g.kernel] == 0)
+        for c in g.companions:
+            if c not in comp_masked and np.any(new_p[c][dead] != 0):
+                raise ValueError(f"compaction: {c} is non-zero on pruned units of {g.kernel} and not masked, so "
+                                 "pruned units do not output zero; build masks with "
+                                 "compact.expand_unit_masks (structured methods do)")
+        new_p[g.kernel] = new_p[g.kernel][..., keep]
+        for c in g.companions:
+            new_p[c] = new_p[c][keep]
+        for s in g.stats:
+            if s in new_s:
+                new_s[s] = new_s[s][keep]
+        for k in g.consumers:
+            new_p[k] = np.take(new_p[k], keep, axis=-2)
+    arch = _arch_for(fm.name, fm.input_shape, fm.num_classes, _nest_shapes(params, new_p))
+    return _assemble(arch, new_p, new_s)
+
+
+def _nest_shapes(template: Any, flat: dict[str, np.ndarray]) -> Any:
+    return map_named(lambda n, _: flat[n], template)
+
+
+def _assemble(arch: dict, flat_params: dict[str, Any], flat_state: dict[str, Any]) -> Compacted:
+    fm, p_shapes, s_shapes = functional_model(arch)
+
+    def fill(shapes, flat, what):
+        def one(name, sd):
+            if name not in flat:
+                raise ValueError(f"compacted {what} lacks {name}")
+            v = np.asarray(flat[name])
+            if tuple(v.shape) != tuple(sd.shape):
+                raise ValueError(f"compacted {what} {name} has shape {v.shape}, the architecture needs {sd.shape}")
+            return jnp.asarray(v, sd.dtype)
+        return map_named(one, shapes)
+
+    return Compacted(fm, fill(p_shapes, flat_params, "param"), fill(s_shapes, flat_state, "state"), arch)
+
+
+def save(compacted: Compacted, path: str | Path) -> Path:
+    """Write ``path/model.npz`` (params + model state) and ``path/architecture.json``; returns ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {f"params/{n}": np.asarray(v) for n, v in named_leaves(compacted.params)}
+    arrays.update({f"state/{n}": np.asarray(v) for n, v in named_leaves(compacted.model_state)})
+    np.savez(path / "model.npz", **arrays)
+    (path / "architecture.json").write_text(json.dumps(compacted.arch, indent=2) + "\n")
+    return path
+
+
+def load(path: str | Path) -> Compacted:
+    """Reload a model written by :func:`save`."""
+    path = Path(path)
+    arch_file, npz_file = path / "architecture.json", path / "model.npz"
+    for f in (arch_file, npz_file):
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: expected a folder written by fairprune_jax.compact.save")
+    arch = json.loads(arch_file.read_text())
+    if arch.get("format") != FORMAT:
+        raise ValueError(f"{arch_file}: unknown format {arch.get('format')!r}; expected {FORMAT!r}")
+    with np.load(npz_file) as z:
+        params = {k[len("params/"):]: z[k] for k in z.files if k.startswith("params/")}
+        state = {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")}
+    return _assemble(arch, params, state)
+
+
+def flops(compacted_or_fm: Any, params: Any = None, model_state: Any = None) -> float:
+    """Multiply-accumulates per example of all kernels (dense count of the given model)."""
+    from fairprune_jax.models import count_flops
+    if isinstance(compacted_or_fm, Compacted):
+        c = compacted_or_fm
+        return float(sum(count_flops(c.fm, c.params, c.model_state).values()))
+    return float(sum(count_flops(compacted_or_fm, params, model_state).values()))
+
+
+__all__ = ["Compacted", "SlimResNet", "UnitGroup", "check_structured", "compact", "expand_unit_masks", "flops",
+           "functional_model", "get_leaf", "load", "save", "structured_template", "unit_groups",
+           "unit_masks_of"]

@@ -1,0 +1,330 @@
+"""BiFP: BiP's implicit gradient, the fairness objectives, the bi-level step and the structured methods."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fairprune_jax import bilevel, compact, constrained, fairness
+from fairprune_jax.compact import UnitGroup
+from fairprune_jax.masks import map_named, named_leaves, prunable_template
+
+# ---------------------------------------------------------------------------
+# The implicit gradient against a brute-force derivative through the lower level
+# ---------------------------------------------------------------------------
+
+
+def _mask(theta, m, structured):
+    """z = m * theta; structured: one m per unit scales the kernel column and the bias."""
+    if structured:
+        return {"layer": {"kernel": theta["layer"]["kernel"] * m[None, :], "bias": theta["layer"]["bias"] * m}}
+    return {"layer": {"kernel": theta["layer"]["kernel"] * m, "bias": theta["layer"]["bias"]}}
+
+
+@pytest.mark.parametrize("structured", [True, False])
+@pytest.mark.parametrize("upper", ["same", "quadratic"])
+def test_implicit_gradient_matches_unrolled_lower_level(structured, upper):
+    """Under BiP's assumptions the first-order formula is exact.
+
+    Lower level l(theta; m) = c . (m * theta) + gamma/2 ||theta||^2: linear in
+    z = m * theta, so its Hessian in theta is exactly gamma * I and the mixed
+    derivative is exactly diag(dL/dz). Its minimiser is reached by unrolled
+    gradient steps; the brute-force derivative of the upper loss
+    U(m * theta_T(m)) w.r.t. m goes through all of them. ``same``: U is the
+    lower loss without the regulariser (BiP's single-loss setting);
+    ``quadratic``: U(z) = 1/2 ||z - a||^2.
+    """
+    gamma, lr, steps = 2.0, 0.2, 80          # contraction 1 - lr*gamma = 0.6 per step: converged to ~1e-18
+    rng = np.random.default_rng(0)
+    rand = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    theta0 = {"layer": {"kernel": rand(3, 4), "bias": rand(4)}}
+    c = {"layer": {"kernel": rand(3, 4), "bias": rand(4)}}
+    a = {"layer": {"kernel": rand(3, 4), "bias": rand(4)}}
+    m = jnp.asarray([1.0, 0.0, 1.0, 1.0]) if structured else jnp.asarray(rng.integers(0, 2, (3, 4)), jnp.float32)
+
+    def dot(x, y):
+        return sum(jnp.sum(u * v) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+    def lower(theta, mm):
+        return dot(c, _mask(theta, mm, structured)) + 0.5 * gamma * dot(theta, theta)
+
+    def upper_of_z(z):
+        if upper == "same":
+            return dot(c, z)
+        d = jax.tree.map(lambda u, v: u - v, z, a)
+        return 0.5 * dot(d, d)
+
+    def theta_star(mm):
+        def body(th, _):
+            g = jax.grad(lower)(th, mm)
+            return jax.tree.map(lambda t, gg: t - lr * gg, th, g), None
+        return jax.lax.scan(body, theta0, None, length=steps)[0]
+
+    brute = jax.grad(lambda mm: upper_of_z(_mask(theta_star(mm), mm, structured)))(m)
+
+    theta = theta_star(m)
+    z = _mask(theta, m, structured)
+    g_up = jax.grad(upper_of_z)(z)
+    if structured:
+        groups = [UnitGroup("layer/kernel", ("layer/bias",), (), ())]
+        masks = {"layer": {"kernel": m, "bias": m}}
+        scores = {"layer": {"kernel": m, "bias": None}}
+    else:
+        groups, masks, scores = None, {"layer": {"kernel": m, "bias": None}}, {"layer": {"kernel": m, "bias": None}}
+    ours = bilevel.implicit_mask_grad(theta, g_up, masks, scores, gamma, groups, g_lower=c)["layer"]["kernel"]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(brute), rtol=1e-4, atol=1e-5)
+
+    # the implicit term matters: dL/dm alone (theta held fixed) is a different vector
+    naive = bilevel.reduce_to_units(jax.tree.map(lambda t, g: t * g, theta, g_up), scores, groups)["layer"]["kernel"]
+    assert np.max(np.abs(np.asarray(naive) - np.asarray(brute))) > 1e-2
+    if structured:
+        # a pruned unit gets no implicit term (dL/dtheta = m * dL/dz = 0 there)
+        np.testing.assert_allclose(np.asarray(ours)[1], np.asarray(naive)[1], rtol=1e-5)
+
+
+def test_same_loss_formula_by_hand():
+    """grad_m = sum_unit theta*g - (1/gamma) sum_unit g*(m*g), companions included."""
+    theta = {"k": {"kernel": jnp.asarray([[1.0, 2.0], [3.0, 4.0]]), "bias": jnp.asarray([0.5, -1.0])}}
+    g = {"k": {"kernel": jnp.asarray([[0.1, 0.2], [0.3, 0.4]]), "bias": jnp.asarray([1.0, 2.0])}}
+    m = jnp.asarray([1.0, 0.0])
+    out = bilevel.implicit_mask_grad(theta, g, {"k": {"kernel": m, "bias": m}}, {"k": {"kernel": m, "bias": None}},
+                                     0.5, [UnitGroup("k/kernel", ("k/bias",), (), ())])["k"]["kernel"]
+    unit0 = (1 * .1 + 3 * .3 + .5 * 1) - 2.0 * (.1 ** 2 + .3 ** 2 + 1.0)
+    unit1 = (2 * .2 + 4 * .4 - 1 * 2)
+    np.testing.assert_allclose(np.asarray(out), [unit0, unit1], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Lowering the surrogate lowers the true metric (toy logistic regression)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Two groups with different base rates; feature 1 is a group proxy, feature 0 is informative
+    (less so in group 1). Unconstrained training uses the proxy: DP, EO and accuracy gaps."""
+    rng = np.random.default_rng(0)
+    n = 800
+    g = rng.integers(0, 2, n)
+    y = (rng.uniform(size=n) < np.where(g == 1, 0.75, 0.25)).astype(np.int32)
+    x0 = (2 * y - 1) * 1.0 + rng.normal(size=n) * np.where(g == 1, 1.6, 0.6)
+    x1 = g + 0.3 * rng.normal(size=n)
+    x = np.stack([x0, x1, np.ones(n)], 1).astype(np.float32)
+    return {"x": jnp.asarray(x), "y": jnp.asarray(y), "g": jnp.asarray(g, jnp.int32), "w": jnp.ones(n, jnp.float32)}
+
+
+def _train_toy(batch, spec, steps=300, lr=0.5):
+    tx = optax.sgd(lr)
+
+    def forward(p):
+        return batch["x"] @ p, None
+
+    @jax.jit
+    def run():
+        p = jnp.zeros((3, 2), jnp.float32)
+
+        def body(carry, _):
+            p, o, fe = carry
+            grads, fe, _ = bilevel.objective_grads(spec, forward, p, batch, fe, update_dual=True)
+            u, o = tx.update(grads, o, p)
+            return (optax.apply_updates(p, u), o, fe), None
+
+        (p, _, fe), _ = jax.lax.scan(body, (p, tx.init(p), bilevel.fairness_init(spec)), None, length=steps)
+        return p, fe
+
+    p, fe = run()
+    counts = fairness.group_counts(forward(p)[0], batch["y"], batch["g"], 2)
+    return counts, fe
+
+
+METRICS = {"dp": fairness.demographic_parity_difference, "eo": fairness.equalized_odds_difference,
+           "ap": fairness.accuracy_parity_gap}
+
+
+@pytest.mark.parametrize("name", ["dp", "eo", "ap"])
+def test_penalty_lowers_true_metric(toy, name):
+    base = bilevel.Fairness(surrogate=name, mode="none", num_groups=2)
+    fair = bilevel.Fairness(surrogate=name, mode="penalty", lam=3.0, num_groups=2)
+    c0, _ = _train_toy(toy, base)
+    c1, _ = _train_toy(toy, fair)
+    m0, m1 = METRICS[name](c0), METRICS[name](c1)
+    assert m0 > 0.1, m0                      # the toy problem is unfair without mitigation
+    assert m1 < 0.6 * m0, (name, m0, m1)
+
+
+def test_constraint_lowers_true_metric(toy):
+    """DP <= tau as a constraint: the multiplier grows while the buffered true DP exceeds tau.
+
+    Gradient descent-ascent oscillates around the feasible point, so the end
+    point is checked against the unconstrained model, not against tau itself.
+    """
+    tau = 0.1
+    dual = constrained.dual_optimizer(1, learning_rate=0.05)
+    spec = bilevel.Fairness(surrogate="dp", mode="constraint", tau=tau, num_groups=2, dual=dual, buffer_size=350)
+    c0, _ = _train_toy(toy, bilevel.Fairness(surrogate="dp", mode="none", num_groups=2))
+    c1, fe = _train_toy(toy, spec, steps=600)
+    dp0, dp1 = METRICS["dp"](c0), METRICS["dp"](c1)
+    assert dp1 < 0.5 * dp0, (dp0, dp1)
+    assert float(fe["dual"].multipliers[0]) > 0
+    assert fairness.accuracy(c1) > 0.6
+
+
+def test_strict_violation_reads_full_buffers_only():
+    spec = bilevel.Fairness(surrogate="eo", mode="constraint", num_groups=3, tau=0.1, buffer_size=2,
+                            dual=constrained.dual_optimizer(1))
+    # side 0 (y = pos): groups 0 and 1 full with means 1.0 and 0.5; group 2 has one row only;
+    # side 1 (rows 3..5 of the buffer): nothing yet
+    v = jnp.asarray([1.0, 1.0, 0.5, 0.5, 0.0])
+    idx = jnp.asarray([0, 0, 1, 1, 2])
+
+    @jax.jit
+    def run():
+        buf = constrained.buffer_update(constrained.buffer_init(6, 2), v, idx)
+        return bilevel.strict_violation(spec, buf), bilevel.strict_violation(spec, constrained.buffer_init(6, 2))
+
+    (strict, observed), (strict0, observed0) = run()
+    assert bool(observed[0])
+    np.testing.assert_allclose(float(strict[0]), 0.5 - 0.1, rtol=1e-6)
+    assert not bool(observed0[0]) and float(strict0[0]) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# The jitted bi-level step
+# ---------------------------------------------------------------------------
+
+
+TINY = {"cnn": ([8, 8, 1], {"channels": [6, 8], "hidden": 10}), "mlp": ([12], {"hidden": [10, 8]})}
+
+
+def _tiny(name="cnn", seed=0):
+    """Random weights without running initializers (fast on a loaded CPU)."""
+    shape, opts = TINY[name]
+    fm, ps, ss = compact.functional_model({"model": name, "input_shape": shape, "num_classes": 3, "options": opts})
+    rng = np.random.default_rng(seed)
+
+    def param(n, sd):
+        scale = 1.0 / np.sqrt(np.prod(sd.shape[:-1])) if len(sd.shape) > 1 else 0.1
+        return jnp.asarray((1.0 if n.endswith("scale") else 0.0) + scale * rng.normal(size=sd.shape), jnp.float32)
+
+    state = map_named(lambda n, sd: jnp.asarray(np.ones(sd.shape) if n.endswith("var") else np.zeros(sd.shape),
+                                                jnp.float32), ss)
+    return fm, map_named(param, ps), state
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_bilevel_step_exact_sparsity_and_pruned_weights_kept(structured):
+    """Structured (CNN, constraint mode) and unstructured (MLP, penalty mode, 2 lower steps)."""
+    from fairprune_jax.train import create_state
+
+    fm, params, model_state = _tiny("cnn" if structured else "mlp")
+    rng = np.random.default_rng(1)
+    batch = {"x": jnp.asarray(rng.normal(size=(16, *fm.input_shape)), jnp.float32),
+             "y": jnp.asarray(rng.integers(0, 3, 16), jnp.int32), "g": jnp.asarray(rng.integers(0, 2, 16), jnp.int32),
+             "w": jnp.ones(16, jnp.float32)}
+    if structured:
+        groups = compact.unit_groups("cnn", params)
+        template = compact.structured_template(groups, prunable_template(params))
+        spec = bilevel.Fairness(surrogate="ap", mode="constraint", num_groups=2, buffer_size=4,
+                                dual=constrained.dual_optimizer(1, learning_rate=0.5))
+    else:
+        groups, template = None, prunable_template(params)
+        spec = bilevel.Fairness(surrogate="eo", mode="penalty", lam=1.0, num_groups=2)
+    counts = bilevel.unit_keep_counts(params, template, 0.5, "uniform", structured)
+    scores0, masks0 = bilevel.initial_scores_and_masks(params, template, counts, groups)
+    init_units = {n: np.asarray(v) for n, v in named_leaves(masks0)}
+    wtx, mtx = optax.sgd(0.01, momentum=0.9), optax.sgd(20.0)   # a large mask lr forces mask changes
+    state = create_state(params, model_state, wtx, extra={"scores": scores0, "mask_opt": mtx.init(scores0),
+                                                          "fair": bilevel.fairness_init(spec)})
+    state = state.replace(masks=masks0)
+    step = bilevel.make_bilevel_step(fm, spec, wtx, mtx, counts, groups=groups, gamma=1.0,
+                                     lower_steps=1 if structured else 2)
+    changes = 0
+    for _ in range(4):
+        state, stats = step(state, batch)
+        stats, named, scores = jax.device_get((stats, dict(named_leaves(state.masks)), state.extra["scores"]))
+        changes += float(stats["mask_changes"])
+        assert np.isfinite(stats["loss"])
+        for n, k in counts.items():
+            assert int(named[n].sum()) == k, n                     # exact top-k after every step
+            assert named[n].shape == (compact.get_leaf(params, n).shape[-1:] if structured
+                                      else compact.get_leaf(params, n).shape)
+        for s in jax.tree.leaves(scores):
+            assert s.min() >= 0.0 and s.max() <= 1.0
+    assert changes > 0
+    theta = dict(named_leaves(state.params))
+    if structured:
+        for g in groups:                    # the companions carry the same unit mask
+            for c in g.companions:
+                np.testing.assert_array_equal(named[c], named[g.kernel])
+        assert float(state.extra["fair"]["dual"].multipliers[0]) >= 0.0
+    # weights pruned from the start keep their values (no zeroing): they can come back
+    n0 = "convs/0/kernel" if structured else "layers/0/kernel"
+    dead = (init_units[n0] == 0) & (named[n0] == 0)
+    assert dead.any()
+    assert np.abs(np.asarray(theta[n0])[..., dead] if structured else np.asarray(theta[n0])[dead]).sum() > 0
+
+
+def test_structured_magnitude_masks_are_exact_l1_topk():
+    from fairprune_jax.methods.bifp import l1_structured_masks
+
+    fm, params, _ = _tiny("cnn", seed=2)
+    groups = compact.unit_groups("cnn", params)
+    template = compact.structured_template(groups, prunable_template(params))
+
+    class Ctx:  # the two config fields the helper reads
+        class config:
+            sparsity, distribution = 0.7, "uniform"
+
+    masks = l1_structured_masks(Ctx, params, groups, template)
+    named = dict(named_leaves(masks))
+    for g in groups:
+        k = compact.get_leaf(params, g.kernel)
+        l1 = np.abs(np.asarray(k)).reshape(-1, k.shape[-1]).sum(0)
+        keep = max(1, int(round(0.3 * k.shape[-1])))
+        expect = np.zeros(k.shape[-1])
+        expect[np.argsort(-l1, kind="stable")[:keep]] = 1
+        np.testing.assert_array_equal(np.asarray(named[g.kernel]), expect)
+        for c in g.companions:
+            np.testing.assert_array_equal(np.asarray(named[c]), expect)
+    assert "head/kernel" not in named       # the classifier's outputs are never removed
+
+
+# ---------------------------------------------------------------------------
+# End to end through the CLI
+# ---------------------------------------------------------------------------
+
+CLI_BASE = ["run", "--dataset", "digits", "--epochs", "4", "--finetune-epochs", "2", "--lr", "0.005",
+            "--sparsity", "0.7", "--model-opt", "hidden=(32,16)", "--no-progress"]
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("bifp", []),
+    ("structured_magnitude", []),
+    ("prune_then_fair", ["--opt", "fairness_mode=penalty", "--opt", "lam=0.5"]),
+    ("fair_then_prune", []),
+])
+def test_cli_end_to_end(tmp_path, method, opts):
+    from fairprune_jax.cli import main
+
+    out = tmp_path / method
+    assert main(CLI_BASE + ["--method", method, "--out", str(out), *opts]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == method
+    info = res["method_info"]
+    assert info["structured"] is True
+    # exact structured sparsity: round(0.3 * units) units kept in every hidden layer, head dense
+    assert info["kept_units"] == {"layers/0/kernel": [10, 32], "layers/1/kernel": [5, 16]}
+    assert abs(res["sparsity"]["achieved"] - 0.7) < 0.02
+    assert res["dense"]["test"]["accuracy"] > 0.6
+    assert res["pruned"]["test"]["accuracy"] > 0.3
+    if method == "bifp":
+        assert info["options"]["fairness_mode"] == "constraint" and info["multiplier"] >= 0.0
+        assert set(info["train_fairness"]) == {"surrogate", "metric_gap"}
+
+
+def test_bad_bifp_options_fail_early():
+    from fairprune_jax.cli import main
+
+    assert main(CLI_BASE + ["--method", "bifp", "--opt", "gama=2", "--out", "/tmp/fairprune_never_written"]) == 2
