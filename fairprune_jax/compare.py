@@ -189,9 +189,12 @@ def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
     return out
 
 
+DEFAULT_COLUMNS = ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread",
+                   "test_group_acc_gap", "test_cwv", "test_mcd", "test_dp_diff", "test_eo_diff"]
+
+
 def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = None) -> str:
-    cols = cols or ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread",
-                    "test_group_acc_gap", "test_cwv", "test_mcd"]
+    cols = cols or DEFAULT_COLUMNS
     if cc.tolerance is not None:
         cols = cols + ["train_psi_within_tol"]
     head = "| method | sparsity | seeds | " + " | ".join(cols) + " |"
