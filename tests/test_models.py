@@ -170,3 +170,19 @@ def test_build_model_is_seeded(tiny_models):
     _, p1, _ = build_model("mlp", shape, nc, seed=1, **kw)
     chex.assert_trees_all_equal(p0, tiny_models["mlp"][1])
     assert not np.array_equal(np.asarray(p0["head"]["kernel"]), np.asarray(p1["head"]["kernel"]))
+
+
+def test_max_pool_2x2_matches_reduce_window_and_its_gradient():
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from fairprune_jax.models.nets import max_pool_2x2
+
+    for shape in [(3, 8, 6, 5), (2, 7, 6, 3)]:   # even sizes use reshape+max, odd ones fall back
+        x = jax.random.normal(jax.random.key(0), shape)
+        np.testing.assert_array_equal(max_pool_2x2(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))   # continuous values: no ties
+    g1 = jax.grad(lambda v: (max_pool_2x2(v) ** 2).sum())(x)
+    g2 = jax.grad(lambda v: (nnx.max_pool(v, (2, 2), strides=(2, 2)) ** 2).sum())(x)
+    np.testing.assert_allclose(g1, g2)

@@ -12,6 +12,20 @@ import jax
 from flax import nnx
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling with stride 2 (NHWC).
+
+    Written as a reshape + max so that its gradient is a cheap compare-and-select:
+    XLA's CPU gradient of ``reduce_window`` max pooling builds large index arrays
+    and a serial scatter, about a third of a CNN training step (see
+    benchmarks/README.md). Odd sizes fall back to ``nnx.max_pool`` (floor).
+    """
+    n, h, w, c = x.shape
+    if h % 2 or w % 2:
+        return nnx.max_pool(x, (2, 2), strides=(2, 2))
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class MLP(nnx.Module):
     """Fully connected ReLU network for tabular features."""
 
@@ -44,7 +58,7 @@ class CNN(nnx.Module):
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             x = nnx.relu(norm(conv(x), use_running_average=not train))
             if i < len(self.convs) - 1 and min(x.shape[1], x.shape[2]) >= 4:
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         x = x.mean(axis=(1, 2))  # global average pooling keeps the head independent of image size
         x = nnx.relu(self.fc(x))
         return self.head(x)
