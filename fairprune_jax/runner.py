@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from fairprune_jax import fairness, report
+from fairprune_jax import checkpoint, distributed, fairness, report
 from fairprune_jax.data import DATASETS, Dataset, load_dataset
 from fairprune_jax.masks import check_sparsity, prunable_template, sparsity_summary, DISTRIBUTIONS
 from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer, method_options
@@ -48,6 +49,27 @@ def _augment_fn(cfg: RunConfig, ds: Dataset):
         raise ValueError("--augment applies to image datasets only (random crop + flip)")
     from fairprune_jax.data.augment import random_crop_flip
     return random_crop_flip
+
+
+def warn_missing_groups(ds: Dataset) -> dict[str, list[str]]:
+    """Warn about groups without rows in a split (returned as ``{split: [group names]}``).
+
+    A group absent from train is never seen in training, so no method can
+    protect it; a group absent from an evaluation split has null metrics there
+    and is left out of every gap / parity reduction (fairlearn semantics).
+    """
+    missing = {}
+    for name, split in ds.splits().items():
+        n = np.bincount(split.g, minlength=ds.num_groups)
+        absent = [ds.group_names[i] for i in np.flatnonzero(n == 0)]
+        if absent:
+            missing[name] = absent
+            consequence = ("the model never sees them and no method can protect them" if name == "train" else
+                           f"their {name} metrics are null and left out of every gap and parity metric")
+            warnings.warn(f"dataset {ds.name!r}: {len(absent)} group(s) have no rows in the {name} split "
+                          f"({', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}): {consequence}",
+                          stacklevel=3)
+    return missing
 
 
 def train_dense(ctx: Context, params: Any, model_state: Any) -> tuple[TrainState, dict]:
@@ -98,6 +120,10 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None) -> Prepared:
     if cfg.batch_size > len(ds.train):
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
                          f"({len(ds.train)} rows); choose at most {len(ds.train)}")
+    if ds.train.x.ndim < 2:
+        raise ValueError(f"dataset {ds.name!r}: features must have shape (n, d) or (n, H, W, C); got "
+                         f"{ds.train.x.shape} (one number per row? use x[:, None] for a single feature)")
+    warn_missing_groups(ds)
     timings["load_data_s"] = time.perf_counter() - t
     ctx, params, model_state = build_context(cfg, ds)
     t = time.perf_counter()
@@ -132,19 +158,54 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
              "pruned": {s: evaluate(ctx.eval_step, pruned, split, cfg.eval_batch_size)
                         for s, split in ds.splits().items()}}
     results = _assemble(cfg, ds, ctx, prep.dense, pruned, evals, prep.dense_history, info)
+    empty = [name for name, layer in results["sparsity"]["layers"].items() if layer["kept"] == 0]
+    results["sparsity"]["empty_layers"] = empty
+    if empty:
+        warnings.warn(f"{cfg.method} at sparsity {cfg.sparsity}: layer(s) {', '.join(empty)} keep no weights, so "
+                      "the pruned model's output no longer depends on its input; use a lower sparsity, "
+                      "--distribution global or erk, or --exclude-first / --exclude-last", stacklevel=2)
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     results["timings"] = timings
     results["wall_time_s"] = timings["total_s"]
-    if cfg.out:
+    mesh, ckpt = distributed.current_mesh(), checkpoint.current()
+    results["runtime"] = {"devices": distributed.num_devices(mesh), "processes": jax.process_count(),
+                          "platform": jax.devices()[0].platform,
+                          "checkpoints": None if ckpt is None else str(ckpt.directory),
+                          "resumed": bool(ckpt is not None and ckpt.resumed)}
+    if cfg.out and distributed.is_primary():
         report.write_outputs(results, Path(cfg.out))
     results["_state"] = pruned
     return results
 
 
-def run(cfg: RunConfig, dataset: Dataset | None = None) -> dict:
-    """Run one experiment end to end; writes results into ``cfg.out`` when set and returns them."""
+def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | None = None,
+        checkpoint_every: int = 0, resume: bool = False) -> dict:
+    """Run one experiment end to end; writes results into ``cfg.out`` when set and returns them.
+
+    ``devices``: data-parallel over that many devices (``"all"``: every device;
+    ``None``: the default device, no mesh). ``checkpoint_every`` > 0: the run
+    state is saved into ``OUT/checkpoints`` every that many steps and at the
+    end of each phase; ``resume`` continues from those checkpoints (a fresh
+    start when there are none).
+    """
     validate_config(cfg)
-    res = run_method(prepare(cfg, dataset))
+    mesh = None if devices is None else distributed.make_mesh(devices)
+    if mesh is not None:
+        distributed.check_batch_size(cfg.batch_size, mesh)
+    if int(checkpoint_every) < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0 (0 = off); got {checkpoint_every}")
+    ckpt = None
+    if checkpoint_every or resume:
+        if not cfg.out:
+            raise ValueError("checkpoints need an output folder (--out)")
+        if resume and not checkpoint_every:
+            raise ValueError("--resume needs checkpoints: use --checkpoint-every N with N > 0")
+        ckpt = checkpoint.Checkpointer(Path(cfg.out) / checkpoint.CHECKPOINT_DIR, cfg, every=checkpoint_every,
+                                       resume=resume)
+    with distributed.use_mesh(mesh), checkpoint.use(ckpt):
+        res = run_method(prepare(cfg, dataset))
+    if ckpt is not None:
+        ckpt.mark_complete()
     res.pop("_state", None)
     return res
 

@@ -20,7 +20,8 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from fairprune_jax import fairness
+from fairprune_jax import checkpoint as checkpoint_lib
+from fairprune_jax import distributed, fairness
 from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
 from fairprune_jax.masks import apply_masks
 from fairprune_jax.models import FunctionalModel
@@ -141,13 +142,26 @@ def make_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int, posit
     return jax.jit(step)
 
 
-def evaluate(eval_step: Callable, state: TrainState, split: Split, batch_size: int = 512
-             ) -> tuple[fairness.GroupCounts, fairness.GroupCounts]:
-    """Sum group and class counts over a whole split (numpy, float64)."""
+def evaluate(eval_step: Callable, state: TrainState, split: Split, batch_size: int = 512, *,
+             mesh: Any = None) -> tuple[fairness.GroupCounts, fairness.GroupCounts]:
+    """Sum group and class counts over a whole split (numpy, float64).
+
+    With a ``mesh`` (default: :func:`distributed.current_mesh`) the batches are
+    split over its devices (the batch size is rounded up to a multiple of the
+    device count; padding rows have ``w = 0``) and the counts are global.
+    """
+    mesh = mesh if mesh is not None else distributed.current_mesh()
     total_g = total_c = None
     bs = min(batch_size, max(len(split), 1))
+    params, masks, model_state = state.params, state.masks, state.model_state
+    if mesh is not None:
+        bs = distributed.round_up(bs, mesh)
+        params, masks, model_state = distributed.replicate((params, masks, model_state), mesh)
+    sync = distributed.sync_each_step(mesh)
     for batch in eval_batches(split, bs):
-        g, c = eval_step(state.params, state.masks, state.model_state, batch)
+        g, c = eval_step(params, masks, model_state, distributed.shard_batch(batch, mesh))
+        if sync:
+            jax.block_until_ready((g, c))
         total_g = g if total_g is None else fairness.add_counts(total_g, g)
         total_c = c if total_c is None else fairness.add_counts(total_c, c)
     to_np = lambda t: type(t)(*[np.asarray(v, np.float64) for v in t])  # noqa: E731
@@ -172,30 +186,71 @@ Hook = Callable[[TrainState, int], TrainState]
 
 def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, batch_size: int, seed: int,
         desc: str = "train", hook: Hook | None = None, progress: bool = True,
-        log_every: int = 10) -> tuple[TrainState, dict]:
+        log_every: int = 10, mesh: Any = None, checkpointer: Any = None) -> tuple[TrainState, dict]:
     """Run ``epochs`` epochs of ``train_step`` over shuffled full batches.
 
     ``hook(state, step)`` runs on the host before each step (mask schedules
     use it). The progress bar shows the running loss; the loss is read back
     only every ``log_every`` steps, so the device is never stalled per step.
     Returns the state and a history of per-epoch mean loss/accuracy.
+
+    ``mesh`` (default: :func:`distributed.current_mesh`): data-parallel over
+    its devices; the state is replicated, each batch split over the devices.
+    ``checkpointer`` (default: :func:`checkpoint.current`): this call is one
+    checkpointed phase named ``desc``: saved every ``checkpointer.every`` steps
+    and at its end; on resume a finished phase returns its final state without
+    training and an interrupted one continues from its saved (epoch, step).
+    A hook must be marked :func:`checkpoint.resumable` (a pure function of
+    ``(state, step)``) for its phase to be checkpointed.
     """
+    mesh = mesh if mesh is not None else distributed.current_mesh()
+    ckpt = checkpointer if checkpointer is not None else checkpoint_lib.current()
+    phase = None
+    if ckpt is not None:
+        phase = ckpt.phase(desc, resumable=hook is None or bool(getattr(hook, "resumable", False)))
+    if mesh is not None:
+        distributed.check_batch_size(batch_size, mesh)
+        state = distributed.replicate(state, mesh)
     n_steps = steps_per_epoch(split, batch_size) * epochs
-    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    history: dict[str, Any] = {"loss": [], "accuracy": []}
+    start_epoch = start_in_epoch = global_step = 0
+    ep_stats: list[dict] = []
+    restored = phase.restore(state) if phase is not None else None
+    if restored is not None:
+        state, pos = restored
+        history = {k: list(pos["history"][k]) for k in ("loss", "accuracy")}
+        if pos["final"]:
+            history["seconds"] = 0.0
+            history["restored"] = True
+            return state, history
+        start_epoch, start_in_epoch, global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        ep_stats = [{"loss": np.float32(l), "accuracy": np.float32(a)}
+                    for l, a in zip(pos["epoch_stats"]["loss"], pos["epoch_stats"]["accuracy"])]
+    sync = distributed.sync_each_step(mesh)
     t0 = time.perf_counter()
-    bar = tqdm(total=n_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, mininterval=0.5)
-    global_step = 0
-    for epoch in range(epochs):
-        ep_stats = []
-        for batch in train_batches(split, batch_size, seed, epoch):
+    bar = tqdm(total=n_steps, initial=global_step, desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True, mininterval=0.5)
+    for epoch in range(start_epoch, epochs):
+        skip = start_in_epoch if epoch == start_epoch else 0
+        if epoch != start_epoch:
+            ep_stats = []
+        for i, batch in enumerate(train_batches(split, batch_size, seed, epoch)):
+            if i < skip:
+                continue  # already trained before the checkpoint we resumed from
             if hook is not None:
                 state = hook(state, global_step)
-            state, stats = train_step(state, batch)
+            state, stats = train_step(state, distributed.shard_batch(batch, mesh))
+            if sync:
+                jax.block_until_ready(stats)
             ep_stats.append(stats)
             global_step += 1
             if global_step % log_every == 0:
                 bar.set_postfix(loss=f"{float(stats['loss']):.4f}")
                 check_finite(state, desc)
+            if phase is not None and phase.due(global_step):
+                check_finite(state, desc)
+                phase.save(state, epoch=epoch, step_in_epoch=i + 1, global_step=global_step, history=history,
+                           epoch_stats=ep_stats, final=False)
             bar.update(1)
         if ep_stats:
             losses, accs = jax.device_get((jnp.stack([s["loss"] for s in ep_stats]),
@@ -204,13 +259,18 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
             history["accuracy"].append(float(np.mean(accs)))
         check_finite(state, desc)
     bar.close()
+    if phase is not None:
+        phase.save(state, epoch=epochs, step_in_epoch=0, global_step=global_step, history=history, epoch_stats=[],
+                   final=True)
     history["seconds"] = time.perf_counter() - t0
     return state, history
 
 
 def iterate_forever(split: Split, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless shuffled full batches, epoch after epoch."""
+    """Endless shuffled full batches, epoch after epoch (split over the devices of the current mesh)."""
+    mesh = distributed.current_mesh()
     epoch = 0
     while True:
-        yield from train_batches(split, batch_size, seed, epoch)
+        for batch in train_batches(split, batch_size, seed, epoch):
+            yield distributed.shard_batch(batch, mesh)
         epoch += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 
 from fairprune_jax import scores, schedules
+from fairprune_jax.checkpoint import resumable
 from fairprune_jax.masks import apply_masks, ones_like_template
 from fairprune_jax.methods.base import Context, method_options, register, METHODS
 from fairprune_jax.train import TrainState
@@ -37,6 +38,7 @@ def gradual_magnitude_hook(ctx: Context, total_steps: int, prune_fraction: float
                                         max(prune_steps // max(updates, 1), 1)))
     points[0] = schedules.cubic(0, ctx.config.sparsity, prune_steps)
 
+    @resumable  # a pure function of (state, step): a checkpointed phase can continue mid-way
     def hook(state: TrainState, step: int) -> TrainState:
         if step not in points:
             return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fairprune_jax import scores, schedules
+from fairprune_jax.checkpoint import resumable
 from fairprune_jax.masks import apply_masks, ones_like_template
 from fairprune_jax.methods.base import Context
 from fairprune_jax.train import TrainState
@@ -44,6 +45,7 @@ def pruned_start(ctx: Context, dense: TrainState, opts: dict) -> tuple[TrainStat
     else:
         points[prune_steps] = float(cfg.sparsity)
 
+    @resumable  # a pure function of (state, step): a checkpointed prune phase can continue mid-way
     def hook(s: TrainState, step: int) -> TrainState:
         if step not in points:
             return s

@@ -1,0 +1,165 @@
+"""Data parallelism through JAX itself: a device mesh, sharded batches, replicated state.
+
+The step functions do not change. A batch is placed with its rows split over
+the ``data`` axis of a :func:`jax.make_mesh` mesh (``NamedSharding(mesh,
+P("data"))``); params, masks, optimizer state, multipliers and replay buffers
+are replicated (``P()``). ``jax.jit`` sees the *global* arrays, so a
+``segment_sum`` over the batch (group counts) or a replay-buffer update is the
+result on the global batch: XLA inserts the all-reduces / all-gathers. Only
+where the arrays live changes.
+
+Multi-host: every process loads the whole (small, seeded) dataset and builds
+the same global batch; :func:`shard_batch` hands each process's devices their
+rows (``jax.make_array_from_callback``). Call :func:`initialize` (that is,
+``jax.distributed.initialize()``) before anything else touches JAX.
+
+``fit`` and ``evaluate`` take a ``mesh``; without one they use the mesh
+installed by :func:`use_mesh` (the CLI installs it around the whole run), and
+without that they run on the default device as before.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("fairprune_mesh", default=None)
+
+
+def initialize(**kwargs: Any) -> None:
+    """Join a multi-host run (``jax.distributed.initialize``; on clusters it finds its peers itself).
+
+    Must run before any JAX computation; a second call is a no-op.
+    """
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(**kwargs)
+
+
+def parse_devices(spec: int | str | None) -> int | None:
+    """``"all"`` / ``None`` -> ``None`` (every device); ``"4"`` / ``4`` -> 4 (checked >= 1)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return None
+    try:
+        n = int(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"--devices must be a positive integer or 'all'; got {spec!r}") from None
+    if n < 1:
+        raise ValueError(f"--devices must be a positive integer or 'all'; got {spec!r}")
+    return n
+
+
+def make_mesh(devices: int | str | None = None) -> Mesh:
+    """A 1-D ``data`` mesh over the first ``devices`` devices (``None`` / ``"all"``: all of them).
+
+    Over several processes the mesh must span every device (each host holds a
+    part of every batch), so ``devices`` must then be all of them.
+    """
+    n_wanted = parse_devices(devices)
+    available = jax.devices()
+    n = len(available) if n_wanted is None else n_wanted
+    if n > len(available):
+        raise ValueError(f"--devices {n}: only {len(available)} {available[0].platform} device(s) are visible "
+                         f"({jax.process_count()} process(es)); use --devices {len(available)} or 'all'")
+    if jax.process_count() > 1 and n != len(available):
+        raise ValueError(f"--devices {n}: a multi-host run uses every device ({len(available)}); use --devices all")
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=available[:n])
+
+
+def num_devices(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else int(mesh.devices.size)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
+    """Within the block, ``fit`` / ``evaluate`` without an explicit ``mesh`` run data-parallel on ``mesh``."""
+    token = _MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _MESH.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh installed by :func:`use_mesh`, or ``None``."""
+    return _MESH.get()
+
+
+def sync_each_step(mesh: Mesh | None) -> bool:
+    """True for a multi-device CPU mesh (virtual devices, e.g. in tests).
+
+    XLA's CPU runtime runs every device of a program on a shared thread pool;
+    with several collective programs in flight at once (evaluation dispatches
+    its independent batches back to back) the devices' threads can wait on
+    different all-reduces and the run dies with a rendezvous timeout. On such
+    a mesh ``fit`` / ``evaluate`` wait for each step before dispatching the
+    next (cheap on CPU; accelerators keep fully asynchronous dispatch).
+    """
+    return mesh is not None and num_devices(mesh) > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over the ``data`` axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh | None, what: str = "--batch-size") -> None:
+    """A training batch is split evenly over the devices: its size must be a multiple of their number."""
+    n = num_devices(mesh)
+    if batch_size % n:
+        lo = max(batch_size // n * n, n)
+        raise ValueError(f"{what} {batch_size} is not divisible by the {n} devices of the data-parallel mesh; "
+                         f"use a multiple of {n} (e.g. {lo} or {lo + n}) or --devices to use fewer devices")
+
+
+def round_up(batch_size: int, mesh: Mesh | None) -> int:
+    """``batch_size`` rounded up to a multiple of the device count (evaluation pads with ``w = 0``)."""
+    n = num_devices(mesh)
+    return -(-batch_size // n) * n
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    # Multi-host: every process holds the same full value; each fills its own devices' slices.
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put(np.asarray(jax.random.key_data(x)), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    arr = np.asarray(x)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def shard_batch(batch: dict, mesh: Mesh | None) -> dict:
+    """Place a host batch ``{x, y, g, w}`` with its rows split over the mesh (a no-op without a mesh)."""
+    if mesh is None:
+        return batch
+    rows = {int(np.shape(v)[0]) for v in batch.values()}
+    for b in rows:
+        check_batch_size(b, mesh, what="batch size")
+    sh = batch_sharding(mesh)
+    return {k: _put(v, sh) for k, v in batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+    """Place every array leaf of ``tree`` (state, params, masks, ...) on every device of the mesh."""
+    if mesh is None:
+        return tree
+    sh = replicated(mesh)
+    return jax.tree.map(lambda x: _put(x, sh) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
+
+
+def is_primary() -> bool:
+    """True on the process that writes results (process 0)."""
+    return jax.process_index() == 0

@@ -1,0 +1,305 @@
+"""A tour of bad inputs: each gives a clear error, or a documented behaviour (docs/HARDENING.md), never a silent
+wrong number. Cheap checks first (they fail before any training); a few tiny runs on a toy dataset last."""
+from __future__ import annotations
+
+import types
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fairprune_jax import constrained, distributed, fairness
+from fairprune_jax.checkpoint import CheckpointMismatchError, Checkpointer
+from fairprune_jax.compare import load_config
+from fairprune_jax.data import load_dataset
+from fairprune_jax.data.base import Dataset, Split
+from fairprune_jax.methods.base import RunConfig
+from fairprune_jax.methods.ceag import ceag_terms
+from fairprune_jax.runner import prepare, run, run_method
+
+G = 3
+
+
+def toy(n: int = 192, *, seed: int = 0, train_without: int | None = None, test_without: int | None = None,
+        dim: int = 6) -> Dataset:
+    """A small separable binary task with three groups; optionally one group missing from train or test."""
+    rng = np.random.default_rng(seed)
+
+    def split(m: int, without: int | None) -> Split:
+        x = rng.normal(size=(m, dim)).astype(np.float32)
+        g = rng.integers(0, G, m)
+        if without is not None:
+            g[g == without] = (without + 1) % G
+        return Split(x, (x[:, 0] + 0.3 * g > 0.3).astype(np.int32), g)
+
+    return Dataset("toy", split(n, train_without), split(n // 2, test_without), [f"g{i}" for i in range(G)],
+                   ["grp"], ["0", "1"])
+
+
+def cfg(**kw) -> RunConfig:
+    base = dict(method="magnitude", dataset="digits", model="mlp", model_options={"hidden": (16,)}, epochs=1,
+                finetune_epochs=1, batch_size=32, sparsity=0.5, progress=False)
+    return RunConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------
+# Shapes and values: errors before any training
+# ---------------------------------------------------------------------------
+
+def test_labels_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"labels y must have shape \(10,\) to match x \(10, 4\); got \(10, 1\)"):
+        Split(np.zeros((10, 4)), np.zeros((10, 1)), np.zeros(10))
+    with pytest.raises(ValueError, match=r"group ids g must have shape \(10,\)"):
+        Split(np.zeros((10, 4)), np.zeros(10), np.zeros(9))
+
+
+def test_features_of_different_shapes_across_splits():
+    ds = toy()
+    ds.test = Split(np.zeros((8, 5), np.float32), np.zeros(8), np.zeros(8))
+    with pytest.raises(ValueError, match=r"split 'test' has feature shape \(5,\), train has \(6,\)"):
+        run(cfg(), ds)
+
+
+def test_one_dimensional_features():
+    ds = toy()
+    ds.train = Split(np.zeros(64, np.float32), np.zeros(64), np.zeros(64))
+    ds.test = Split(np.zeros(8, np.float32), np.zeros(8), np.zeros(8))
+    with pytest.raises(ValueError, match=r"features must have shape \(n, d\).*got \(64,\).*x\[:, None\]"):
+        run(cfg(model=None), ds)
+
+
+def test_model_that_does_not_fit_the_input():
+    with pytest.raises(ValueError, match=r"model 'cnn' needs images of shape \(H, W, C\).*--model mlp"):
+        run(cfg(model="cnn", model_options={}), toy())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_features(bad):
+    ds = toy()
+    ds.train.x[[3, 7], 2] = bad
+    with pytest.raises(ValueError, match="split 'train' has 2 rows with NaN or Inf features; clean or impute"):
+        run(cfg(), ds)
+
+
+def test_group_or_label_ids_out_of_range():
+    ds = toy()
+    ds.test.g[0] = G
+    with pytest.raises(ValueError, match=r"split 'test' has group ids in \[0, 3\] but only 3 group names"):
+        run(cfg(), ds)
+    ds = toy()
+    ds.train.y[0] = -1
+    with pytest.raises(ValueError, match=r"split 'train' has labels in \[-1, 1\]"):
+        run(cfg(), ds)
+
+
+def test_empty_test_split():
+    ds = toy()
+    ds.test = Split(np.zeros((0, 6), np.float32), np.zeros(0), np.zeros(0))
+    with pytest.raises(ValueError, match="split 'test' is empty"):
+        run(cfg(), ds)
+
+
+@pytest.mark.parametrize("s", [1.0, -0.1, 1.5, "0.9"])
+def test_sparsity_out_of_range(s):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        run(cfg(sparsity=s), toy())
+
+
+def test_batch_size_too_large_or_not_positive():
+    with pytest.raises(ValueError, match=r"--batch-size 500 is larger than the training split \(192 rows\)"):
+        run(cfg(batch_size=500), toy())
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        run(cfg(batch_size=0), toy())
+
+
+def test_batch_size_not_divisible_by_the_devices():
+    fake8 = types.SimpleNamespace(devices=np.empty(8))
+    with pytest.raises(ValueError, match=r"--batch-size 60 is not divisible by the 8 devices.*\(e\.g\. 56 or 64\)"):
+        distributed.check_batch_size(60, fake8)
+    distributed.check_batch_size(64, fake8)
+    assert distributed.round_up(500, fake8) == 504   # evaluation pads instead (rows with w = 0)
+
+
+@pytest.mark.parametrize("spec,msg", [(0, "positive integer or 'all'"), ("two", "positive integer or 'all'"),
+                                      (10_000, "only 1 cpu device")])
+def test_bad_device_count(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        run(cfg(), toy(), devices=spec)
+
+
+def test_unknown_method_option():
+    with pytest.raises(ValueError, match=r"method 'ceag' has no option\(s\) \['epsilon'\]; valid options: .*eps"):
+        run(cfg(method="ceag", method_options={"epsilon": 0.1}), toy())
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and configs
+# ---------------------------------------------------------------------------
+
+def test_checkpoint_options(tmp_path):
+    with pytest.raises(ValueError, match="--checkpoint-every must be >= 0"):
+        run(cfg(out=str(tmp_path)), toy(), checkpoint_every=-1)
+    with pytest.raises(ValueError, match="--resume needs checkpoints"):
+        run(cfg(out=str(tmp_path)), toy(), resume=True)
+    with pytest.raises(ValueError, match="checkpoints need an output folder"):
+        run(cfg(), toy(), checkpoint_every=10)
+    # --resume without any checkpoints yet is a fresh start (a preemptible job can always pass --resume)
+    assert Checkpointer(tmp_path / "none", cfg(), every=5, resume=True).resumed is False
+    assert (tmp_path / "none" / "run.json").is_file()
+
+
+def test_resume_from_a_checkpoint_of_a_different_model(tmp_path):
+    Checkpointer(tmp_path / "checkpoints", cfg(model="mlp", out=str(tmp_path)), every=5)  # an unfinished MLP run
+    with pytest.raises(CheckpointMismatchError, match=r"different run \(model: checkpoint 'mlp' vs now 'cnn'"):
+        run(cfg(model="cnn", out=str(tmp_path)), toy(), checkpoint_every=5, resume=True)
+    with pytest.raises(ValueError, match="unfinished run; pass --resume"):
+        run(cfg(model="mlp", out=str(tmp_path)), toy(), checkpoint_every=5)
+
+
+def test_compare_config_with_an_unknown_key(tmp_path):
+    p = tmp_path / "grid.toml"
+    p.write_text('dataset = "digits"\nmethods = ["ceag"]\nsparsities = [0.9]\nseeds = [0]\nepochs = 3\n')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochs'\]; valid keys: .*run"):
+        load_config(p)
+    p.write_text('dataset = "digits"\nmethods = ["ceag"]\nsparsities = [0.9]\nseeds = [0]\n[run]\nepoch = 3\n')
+    with pytest.raises(ValueError, match=r"unknown \[run\] key\(s\) \['epoch'\]; valid: .*epochs"):
+        load_config(p)
+    p.write_text('dataset = "digits"\nmethods = ["ceag"]\nsparsities = [0.9]\nseeds = [0]\n'
+                 '[method_options.ceag]\nepsilon = 0.1\n')
+    with pytest.raises(ValueError, match=r"has no option\(s\) \['epsilon'\]"):
+        load_config(p)
+
+
+# ---------------------------------------------------------------------------
+# Data files
+# ---------------------------------------------------------------------------
+
+def _faces(d, n_per_cell=3):
+    from PIL import Image
+    d.mkdir(parents=True, exist_ok=True)
+    k = 0
+    for race in range(2):
+        for gender in range(2):
+            for _ in range(n_per_cell):
+                arr = np.full((12, 12, 3), 20 * k % 256, np.uint8)
+                Image.fromarray(arr).save(d / f"{20 + k}_{gender}_{race}_2017011617452{k:04d}.jpg.chip.jpg",
+                                          format="PNG")
+                k += 1
+    return k
+
+
+@pytest.mark.filterwarnings("ignore:utkface.*no rows after filtering")
+def test_corrupt_image_file_is_skipped_counted_and_warned(tmp_path):
+    d = tmp_path / "faces"
+    n = _faces(d)
+    (d / "30_0_1_20170101000000001.jpg.chip.jpg").write_bytes(b"not an image at all")
+    with pytest.warns(UserWarning, match=r"skipped 1 image file\(s\) that could not be decoded"):
+        ds = load_dataset("utkface", str(d), image_size=8, cache_dir=str(tmp_path / "cache"), test_fraction=0.25)
+    assert ds.meta["skipped_corrupt_images"] == 1
+    assert len(ds.train) + len(ds.test) == n
+    assert np.isfinite(ds.train.x).all()
+    for p in d.iterdir():
+        p.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="none of the .* images .* could be decoded"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_dataset("utkface", str(d), image_size=8, cache_dir=str(tmp_path / "cache2"))
+
+
+def _csv(tmp_path, extra=""):
+    rng = np.random.default_rng(0)
+    rows = ["age,color,sex,income"]
+    for _ in range(80):
+        rows.append(f"{int(rng.integers(18, 80))},{rng.choice(['red', 'blue'])},{rng.choice(['F', 'M'])},"
+                    f"{rng.choice(['high', 'low'])}")
+    p = tmp_path / "t.csv"
+    p.write_text("\n".join(rows) + "\n" + extra)
+    return p
+
+
+def test_csv_with_missing_values(tmp_path):
+    p = _csv(tmp_path, "30,,F,low\n31,red,?,high\n,blue,M,low\n32,red,M,NA\n")
+    ds = load_dataset("csv", str(p), target="income", protected="sex")
+    assert ds.meta["rows_dropped_missing_total"] == 4
+    assert ds.meta["missing_values_per_column"] == {"age": 1, "color": 1, "sex": 1, "income": 1}
+    assert len(ds.train) + len(ds.test) == 80 and np.isfinite(ds.train.x).all()
+    kept = load_dataset("csv", str(p), target="income", protected="sex", drop_missing=False)
+    assert len(kept.train) + len(kept.test) == 82   # missing features kept (imputed); label/group rows dropped
+    assert np.isfinite(kept.train.x).all() and np.isfinite(kept.test.x).all()
+
+
+def test_csv_with_an_unknown_column(tmp_path):
+    p = _csv(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown target column 'salary'; valid columns: age, color, sex, income"):
+        load_dataset("csv", str(p), target="salary", protected="sex")
+    with pytest.raises(ValueError, match=r"unknown protected column 'gender'.*valid choices: age, color, sex"):
+        load_dataset("csv", str(p), target="income", protected="gender")
+
+
+# ---------------------------------------------------------------------------
+# Groups missing from a batch or a split
+# ---------------------------------------------------------------------------
+
+def test_group_missing_from_a_batch_and_an_all_padding_batch():
+    """A group absent from a batch has n = 0, keeps its buffer, and its constraint is not observed."""
+    B = 8
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(B, 2)), jnp.float32)
+    y = jnp.asarray([0, 1, 0, 1, 1, 0, 1, 0])
+    g = jnp.asarray([0, 0, 1, 1, 0, 1, 0, 1])          # group 2 absent
+    w = jnp.ones(B)
+    c = fairness.group_counts(logits, y, g, G, weights=w)
+    assert np.asarray(c.n).tolist() == [4, 4, 0]
+    rep = fairness.fairness_report(c)
+    assert rep["groups"]["2"]["accuracy"] is None and rep["accuracy_parity_gap"]["between_groups"] is not None
+
+    ref = {"acc_g": jnp.full(G, 0.9), "loss_g": jnp.full(G, 0.3), "acc": jnp.asarray(0.9), "loss": jnp.asarray(0.3)}
+    terms = ceag_terms(G, ref, eps=0.01)
+    extra = {"buffer": constrained.buffer_init(G, 2), "overall": constrained.buffer_init(1, 4)}
+    extra["buffer"] = extra["buffer"]._replace(values=extra["buffer"].values.at[2].set(7.0))
+    per = jnp.linspace(0.1, 0.8, B)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    proxy, strict, observed, new = terms(per, jnp.mean(per), correct, {"g": g, "w": w}, extra)
+    assert not bool(observed[2]) and float(proxy[2]) == 0.0
+    np.testing.assert_array_equal(np.asarray(new["buffer"].values[2]), [7.0, 7.0])
+    assert int(new["buffer"].count[2]) == 0
+
+    # a batch of padding only (w = 0): nothing counted, nothing written, no NaN
+    z = jnp.zeros(B)
+    c0 = fairness.group_counts(logits, y, g, G, loss=per, weights=z)
+    assert float(sum(np.asarray(v).sum() for v in c0)) == 0.0
+    proxy0, _, observed0, new0 = terms(per, jnp.float32(0.0), correct, {"g": g, "w": z}, extra)
+    assert not bool(observed0.any()) and np.isfinite(np.asarray(proxy0)).all()
+    np.testing.assert_array_equal(np.asarray(new0["buffer"].count), [0, 0, 0])
+    from fairprune_jax.train import weighted_mean
+    assert float(weighted_mean(per, z)) == 0.0
+
+
+def test_group_absent_from_train_or_test():
+    """Warned; a group never seen in training keeps multiplier 0; a group without test rows has null test
+    metrics and is left out of the gaps (fairlearn semantics) instead of counting as accuracy 0."""
+    with pytest.warns(UserWarning) as rec:
+        res = run(cfg(method="ceag", finetune_epochs=2), toy(train_without=2, test_without=1))
+    msgs = [str(w.message) for w in rec]
+    assert any("1 group(s) have no rows in the train split (g2): the model never sees them" in m for m in msgs)
+    assert any("no rows in the test split (g1): their test metrics are null" in m for m in msgs)
+    assert res["method_info"]["multipliers"][2] == 0.0
+    test = res["pruned"]["test"]
+    assert test["groups"]["g1"]["n"] == 0 and test["groups"]["g1"]["accuracy"] is None
+    assert test["excess_accuracy_gap"]["per_group"]["g1"] is None
+    present = [test["groups"][k]["accuracy"] for k in ("g0", "g2")]
+    assert test["accuracy_parity_gap"]["between_groups"] == pytest.approx(max(present) - min(present))
+    assert test["groups"]["g2"]["n"] > 0 and test["groups"]["g2"]["accuracy"] is not None
+
+
+def test_sparsity_zero_and_ninety_nine_percent():
+    prep = prepare(cfg(), toy())
+    dense = run_method(prep, sparsity=0.0)
+    assert dense["sparsity"]["achieved"] == 0.0 and dense["sparsity"]["empty_layers"] == []
+    assert all(bool(np.all(np.asarray(m) == 1)) for m in jax.tree.leaves(dense["_state"].masks))
+    with pytest.warns(UserWarning, match=r"layer\(s\) head/kernel keep no weights"):
+        tiny = run_method(prep, sparsity=0.99)
+    layers = tiny["sparsity"]["layers"]
+    assert tiny["sparsity"]["empty_layers"] == ["head/kernel"]           # 1% of 32 weights rounds to 0
+    assert layers["layers/0/kernel"]["kept"] == round(0.01 * 6 * 16)    # exact per-layer rounding
+    assert tiny["pruned"]["test"]["accuracy"] is not None
