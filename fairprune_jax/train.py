@@ -51,6 +51,7 @@ def create_state(params: Any, model_state: Any, tx: optax.GradientTransformation
     """
     params = jax.tree.map(jnp.copy, params)
     model_state = jax.tree.map(jnp.copy, model_state)
+    masks = None if masks is None else jax.tree.map(jnp.copy, masks)
     if masks is not None:
         params = apply_masks(params, masks)
     return TrainState(params=params, masks=masks, opt_state=tx.init(params), model_state=model_state,
