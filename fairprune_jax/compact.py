@@ -210,54 +210,10 @@ def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> di
 # Compaction
 # ---------------------------------------------------------------------------
 
-class SlimBasicBlock(nnx.Module):
-    """:class:`~fairprune_jax.models.nets.BasicBlock` with its own inner width ``cmid``."""
-
-    def __init__(self, cin: int, cmid: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(cin, cmid, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(cmid, momentum=0.9, rngs=rngs)
-        self.conv2 = nnx.Conv(cmid, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
-        self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-        if stride != 1 or cin != cout:
-            self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
-            self.proj_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-        else:
-            self.proj = None
-            self.proj_bn = None
-
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        ura = not train
-        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
-        y = self.bn2(self.conv2(y), use_running_average=ura)
-        short = x if self.proj is None else self.proj_bn(self.proj(x), use_running_average=ura)
-        return nnx.relu(y + short)
-
-
-class SlimResNet(nnx.Module):
-    """The CIFAR ResNet of :mod:`fairprune_jax.models.nets` with per-block inner widths ``mids``."""
-
-    def __init__(self, in_channels: int, num_classes: int, *, depth: int, width: int, mids: Sequence[int],
-                 rngs: nnx.Rngs):
-        n = (depth - 2) // 6
-        if len(mids) != 3 * n:
-            raise ValueError(f"SlimResNet depth {depth} has {3 * n} blocks; got {len(mids)} inner widths")
-        self.stem = nnx.Conv(in_channels, width, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
-        blocks, cin, i = [], width, 0
-        for stage, mult in enumerate((1, 2, 4)):
-            cout = width * mult
-            for b in range(n):
-                stride = 2 if (stage > 0 and b == 0) else 1
-                blocks.append(SlimBasicBlock(cin, int(mids[i]), cout, stride, rngs=rngs))
-                cin, i = cout, i + 1
-        self.blocks = nnx.List(blocks)
-        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
-        for block in self.blocks:
-            x = block(x, train)
-        return self.head(x.mean(axis=(1, 2)))
+def SlimResNet(in_channels: int, num_classes: int, *, depth: int, width: int, mids: Sequence[int],
+               rngs: nnx.Rngs) -> ResNet:
+    """The CIFAR ResNet with per-block inner widths ``mids`` (what compaction leaves of a ResNet)."""
+    return ResNet(in_channels, num_classes, depth=depth, width=width, mids=tuple(int(m) for m in mids), rngs=rngs)
 
 
 def _module_for(arch: dict) -> nnx.Module:

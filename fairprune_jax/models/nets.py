@@ -65,12 +65,17 @@ class CNN(nnx.Module):
 
 
 class BasicBlock(nnx.Module):
-    """Two 3x3 conv-BN layers with an identity or 1x1-conv shortcut."""
+    """Two 3x3 conv-BN layers with an identity or 1x1-conv shortcut.
 
-    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-        self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+    ``cmid`` is the inner width (conv1's outputs; default ``cout``): a
+    compacted block keeps fewer inner channels than its residual width.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, *, cmid: int | None = None, rngs: nnx.Rngs):
+        cmid = cout if cmid is None else int(cmid)
+        self.conv1 = nnx.Conv(cin, cmid, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(cmid, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(cmid, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
         if stride != 1 or cin != cout:
             self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
@@ -88,13 +93,18 @@ class BasicBlock(nnx.Module):
 
 
 class ResNet(nnx.Module):
-    """CIFAR-style ResNet (He et al. 2016): depth = 6n + 2, three stages of widths w, 2w, 4w."""
+    """CIFAR-style ResNet (He et al. 2016): depth = 6n + 2, three stages of widths w, 2w, 4w.
+
+    ``mids`` optionally gives every block's inner width (compacted models).
+    """
 
     def __init__(self, in_channels: int, num_classes: int, *, depth: int = 20, width: int = 16,
-                 rngs: nnx.Rngs):
+                 mids: Sequence[int] | None = None, rngs: nnx.Rngs):
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, ...); got {depth}")
         n = (depth - 2) // 6
+        if mids is not None and len(mids) != 3 * n:
+            raise ValueError(f"ResNet depth {depth} has {3 * n} blocks; got {len(mids)} inner widths")
         self.stem = nnx.Conv(in_channels, width, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
         blocks = []
@@ -103,7 +113,8 @@ class ResNet(nnx.Module):
             cout = width * mult
             for b in range(n):
                 stride = 2 if (stage > 0 and b == 0) else 1
-                blocks.append(BasicBlock(cin, cout, stride, rngs=rngs))
+                cmid = None if mids is None else mids[len(blocks)]
+                blocks.append(BasicBlock(cin, cout, stride, cmid=cmid, rngs=rngs))
                 cin = cout
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(cin, num_classes, rngs=rngs)
