@@ -8,6 +8,7 @@ cells are all done), so an interrupted comparison resumes where it stopped.
 from __future__ import annotations
 
 import csv
+import os
 import dataclasses
 import json
 import time
@@ -87,8 +88,9 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     name = raw.get("name", path.stem)
     base = path.parent
     data_dir = raw.get("data_dir")
-    if data_dir is not None and not Path(data_dir).is_absolute():
-        data_dir = str((base / data_dir).resolve()) if (base / data_dir).exists() else data_dir
+    if data_dir is not None and not Path(data_dir).is_absolute() and (base / data_dir).exists():
+        # relative to the config file; kept relative (to the working directory) so results name no host paths
+        data_dir = os.path.relpath((base / data_dir).resolve(), Path.cwd())
     out_dir = Path(out) if out else Path(raw.get("out", base / "results" / name))
     if not out_dir.is_absolute() and not out and "out" in raw:
         out_dir = base / out_dir

@@ -172,6 +172,13 @@ def _list_images(d: Path) -> list[os.DirEntry]:
                 and e.is_file()]
 
 
+def _shown(path: Path) -> str:
+    """The path as recorded in results: the home folder abbreviated to ``~`` (results travel between machines)."""
+    home = str(Path.home())
+    p = str(path)
+    return "~" + p[len(home):] if home not in ("", "/") and p.startswith(home + os.sep) else p
+
+
 def _resolve_cache_dir(cache_dir: str | os.PathLike | None, data_dir: Path) -> Path | None:
     candidates = [Path(cache_dir)] if cache_dir is not None else []
     if cache_dir is None:  # the user's cache, never the (possibly shared, read-only) data folder
@@ -204,7 +211,7 @@ def _load_or_decode(d: Path, names: list[str], sizes: list[int], image_size: int
             with np.load(path, allow_pickle=False) as z:
                 images, ok, cached_names = z["images"], z["ok"], z["names"]
             if list(cached_names) == names and images.shape == (len(names), image_size, image_size, 3):
-                info.update(cache_hit=True, cache_file=str(path))
+                info.update(cache_hit=True, cache_file=_shown(path))
                 return images, ok, info
         except (OSError, ValueError, KeyError) as err:
             warnings.warn(f"utkface: ignoring unreadable cache file {path} ({err!r})", stacklevel=3)
@@ -217,7 +224,7 @@ def _load_or_decode(d: Path, names: list[str], sizes: list[int], image_size: int
             with open(tmp, "wb") as f:
                 np.savez(f, images=images, ok=ok, names=np.asarray(names))
             os.replace(tmp, path)
-            info["cache_file"] = str(path)
+            info["cache_file"] = _shown(path)
         except OSError as err:
             warnings.warn(f"utkface: could not write cache file {path} ({err!r})", stacklevel=3)
             tmp.unlink(missing_ok=True)
