@@ -87,7 +87,7 @@ import optax
 from fairprune_jax import constrained, surrogates
 from fairprune_jax.compact import UnitGroup, expand_unit_masks
 from fairprune_jax.masks import _global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves, topk_mask
-from fairprune_jax.train import TrainState, cross_entropy, weighted_mean
+from fairprune_jax.train import TrainState, cross_entropy, step_inputs, weighted_mean
 
 FAIRNESS_MODES = ("constraint", "penalty", "none")
 STRICT = ("metric", "surrogate")
@@ -375,8 +375,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
         raise ValueError(f"lower_steps must be >= 1; got {lower_steps}")
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, aug_rng = jax.random.split(state.rng)
-        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+        rng, x = step_inputs(state, batch, augment)
         scores = state.extra["scores"]
         theta = state.params
         masks = state.masks                              # = full_masks(binarize(scores)), kept in sync
@@ -431,8 +430,7 @@ def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
     from fairprune_jax.train import apply_gradients, masked_forward
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, aug_rng = jax.random.split(state.rng)
-        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+        rng, x = step_inputs(state, batch, augment)
 
         def forward(p):
             return masked_forward(fm, p, state.masks, state.model_state, x, train=True)

@@ -102,6 +102,13 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def step_inputs(state: TrainState, batch: dict, augment: Augment | None) -> tuple[jax.Array, jax.Array]:
+    """``(next_rng, x)`` for a train step: the state's key advanced and the batch's
+    features, augmented inside the step when ``augment`` is given."""
+    rng, aug_rng = jax.random.split(state.rng)
+    return rng, batch["x"] if augment is None else augment(aug_rng, batch["x"])
+
+
 def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *,
                     augment: Augment | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Jitted masked cross-entropy step: ``(state, batch) -> (state, stats)``.
@@ -111,8 +118,7 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *,
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, aug_rng = jax.random.split(state.rng)
-        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+        rng, x = step_inputs(state, batch, augment)
 
         def loss_fn(params):
             logits, new_ms = masked_forward(fm, params, state.masks, state.model_state, x, train=True)

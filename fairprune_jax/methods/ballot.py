@@ -70,7 +70,7 @@ from fairprune_jax.masks import _is_none
 from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
 from fairprune_jax.methods.lth import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary,
                                        initial_weights, rewind, rewind_checkpoint, save_masks, sparsity_report)
-from fairprune_jax.train import (TrainState, apply_gradients, create_state, cross_entropy, evaluate, fit,
+from fairprune_jax.train import (TrainState, step_inputs, apply_gradients, create_state, cross_entropy, evaluate, fit,
                                  masked_forward, weighted_mean)
 
 FAIR_BY = ("class", "group")
@@ -170,8 +170,7 @@ def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_k
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         ex = state.extra
-        rng, aug_rng = jax.random.split(state.rng)
-        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+        rng, x = step_inputs(state, batch, augment)
         keys = batch["y"] if fair_by == "class" else batch["g"]
         row_w = fairness_weights(ex["key_acc"], min_acc)[keys]
 

@@ -31,7 +31,9 @@ import optax
 from fairprune_jax import constrained
 from fairprune_jax.methods.base import METHODS, Context, method_options, register
 from fairprune_jax.methods.gradual import PRUNE_OPTIONS, pruned_start
-from fairprune_jax.train import TrainState, apply_gradients, cross_entropy, masked_forward, weighted_mean
+from fairprune_jax.surrogates import group_means
+from fairprune_jax.train import (TrainState, apply_gradients, cross_entropy, masked_forward, step_inputs,
+                                 weighted_mean)
 
 DUAL_OPTIONS = {"dual_lr": 1e-2, "dual_optimizer": "sgd", "mode": "alternating", "augmented": False,
                 "nupi_kp": 1.0, "nupi_nu": 0.0}
@@ -54,13 +56,6 @@ def make_dual(opts: dict, num_constraints: int, equality: bool) -> constrained.D
                                       augmented=bool(opts["augmented"]))
 
 
-def group_means(values: jax.Array, g: jax.Array, w: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """Per-group weighted means (0 for absent groups) and per-group weights."""
-    n = jax.ops.segment_sum(w, g, num_groups)
-    s = jax.ops.segment_sum(values * w, g, num_groups)
-    return s / jnp.maximum(n, 1.0), n
-
-
 # A problem builder gets the per-sample loss, correctness, the batch and the
 # method's extra state; it returns (violation, strict_violation, observed, new_extra).
 ProblemTerms = Callable[[jax.Array, jax.Array, jax.Array, dict, dict], tuple]
@@ -77,8 +72,7 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
     fm, augment = ctx.fm, ctx.augment
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, aug_rng = jax.random.split(state.rng)
-        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+        rng, x = step_inputs(state, batch, augment)
 
         def problem(params):
             logits, new_ms = masked_forward(fm, params, state.masks, state.model_state, x, train=True)
@@ -119,7 +113,7 @@ def ceag_terms(num_groups: int, ref: dict, eps: float) -> ProblemTerms:
 
     def terms(per, loss, correct, batch, extra):
         g, w = batch["g"], batch["w"]
-        loss_g, n_g = group_means(per, g, w, num_groups)
+        loss_g, n_g, _ = group_means(per, g, w, num_groups)
         present = n_g > 0
         proxy = jnp.where(present, (loss_g - ref["loss_g"]) - (loss - ref["loss"]), 0.0)
         buf = constrained.buffer_update(extra["buffer"], correct, g, w)
@@ -177,7 +171,7 @@ def el_terms(num_groups: int, use_buffers: bool) -> ProblemTerms:
 
     def terms(per, loss, correct, batch, extra):
         g, w = batch["g"], batch["w"]
-        loss_g, n_g = group_means(per, g, w, num_groups)
+        loss_g, n_g, _ = group_means(per, g, w, num_groups)
         present = n_g > 0
         proxy = jnp.where(present, loss_g - loss, 0.0)
         if not use_buffers:

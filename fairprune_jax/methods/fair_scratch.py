@@ -45,7 +45,8 @@ from fairprune_jax.data.base import Split, eval_batches
 from fairprune_jax.masks import _is_none, apply_masks
 from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
 from fairprune_jax.methods.lth import eval_summary, initial_weights, sparsity_report
-from fairprune_jax.train import TrainState, create_state, cross_entropy, fit, masked_forward, weighted_mean
+from fairprune_jax.train import (TrainState, create_state, cross_entropy, fit, masked_forward, step_inputs,
+                                 weighted_mean)
 
 INITS = ("signed_constant", "model")
 
@@ -109,8 +110,7 @@ def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, spar
     """Jitted step training ``state.extra['scores']``; ``state.params`` (the frozen weights) never change."""
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, aug_rng = jax.random.split(state.rng)
-        x = batch["x"] if augment is None else augment(aug_rng, batch["x"])
+        rng, x = step_inputs(state, batch, augment)
         scores = state.extra["scores"]
 
         def loss_fn(s):
