@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--small-group", type=int, default=30, help="warn about groups smaller than this")
 
     c = sub.add_parser("compare", help="methods x sparsities x seeds from a TOML config (resumable)")
-    c.add_argument("--config", required=True, help="experiments/NAME.toml")
+    c.add_argument("--config", required=True,
+                   help="experiments/NAME.toml: one grid, or a suite (suite = [grid TOMLs]) with a combined table")
     c.add_argument("--out", default=None, help="output folder (default: the config's, or experiments/results/NAME)")
     c.add_argument("--no-progress", action="store_true")
 
@@ -150,8 +151,14 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fairprune_jax.compare import load_config, markdown_table, run_compare
+    from fairprune_jax.compare import is_suite, load_config, load_suite, markdown_table, run_compare, run_suite
 
+    if is_suite(args.config):
+        suite = load_suite(args.config, args.out)
+        summary = run_suite(suite, progress=not args.no_progress)
+        print(summary["markdown"])
+        print(f"wrote {suite.out}/headline.md, headline.csv, headline.json (and each comparison's own outputs)")
+        return 0
     cc = load_config(args.config, args.out)
     summary = run_compare(cc, progress=not args.no_progress)
     print(markdown_table(cc, summary["aggregate"]))

@@ -4,6 +4,16 @@ One dense model is trained per seed and reused by every method and sparsity
 of that seed. Each finished cell writes its own ``results.json``; a rerun
 skips finished cells (and does not even train the dense model of a seed whose
 cells are all done), so an interrupted comparison resumes where it stopped.
+
+Variants. An entry of ``methods`` may name a ``[variants.NAME]`` table instead
+of a method: ``method = "bifp"`` plus option overrides (``mask_lr = 0.3``).
+Several variants of one method thus sit side by side in one grid (option
+sweeps), each with its own cells and rows.
+
+Suites. A TOML with ``suite = ["a.toml", "b.toml", ...]`` (paths relative to
+it) runs each comparison in turn and writes one combined table over all of
+them (``headline.md``, ``.csv``, ``.json`` in the suite's output folder):
+every method of every comparison, one row per (dataset, method, sparsity).
 """
 from __future__ import annotations
 
@@ -22,7 +32,8 @@ from tqdm.auto import tqdm
 from fairprune_jax.methods.base import RunConfig
 
 TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "out", "tolerance", "run",
-            "dataset_options", "model_options", "method_options"}
+            "dataset_options", "model_options", "method_options", "variants"}
+SUITE_KEYS = {"name", "suite", "out", "columns"}
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
                                                                "out", "dataset_options", "model_options",
                                                                "method_options"}
@@ -57,6 +68,31 @@ class CompareConfig:
     dataset_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
     method_options: dict = dataclasses.field(default_factory=dict)
+    variants: dict = dataclasses.field(default_factory=dict)   # name -> {"method": ..., **options}
+
+    def resolve(self, name: str) -> tuple[str, dict]:
+        """The registered method and its options for a grid entry (a method or a variant name)."""
+        if name in self.variants:
+            v = dict(self.variants[name])
+            base = v.pop("method")
+            return base, {**self.method_options.get(base, {}), **v}
+        return name, dict(self.method_options.get(name, {}))
+
+
+def _check_variants(path: Path, variants: Any) -> dict:
+    from fairprune_jax.methods import METHODS
+    if not isinstance(variants, dict):
+        raise ValueError(f"{path}: [variants] must be a table of tables, e.g. [variants.bifp_lr03] "
+                         'method = "bifp", mask_lr = 0.3')
+    out = {}
+    for name, v in variants.items():
+        if not isinstance(v, dict) or "method" not in v:
+            raise ValueError(f"{path}: [variants.{name}] needs method = \"<registered method>\" "
+                             "plus the options it overrides")
+        if name in METHODS:
+            raise ValueError(f"{path}: variant name {name!r} is a method name; pick another name")
+        out[name] = dict(v)
+    return out
 
 
 def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
@@ -77,12 +113,25 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
             raise ValueError(f"{path}: missing required key {key!r}")
     from fairprune_jax.methods import get_method, method_options
     from fairprune_jax.masks import check_sparsity
+    variants = _check_variants(path, raw.get("variants", {}))
+    if len(set(raw["methods"])) != len(raw["methods"]):
+        raise ValueError(f"{path}: methods lists an entry twice: {raw['methods']}")
+    bases = set()
     for m in raw["methods"]:
-        method = get_method(m)
-        method_options(method, raw.get("method_options", {}).get(m, {}))
+        if m in variants:
+            base = variants[m]["method"]
+            opts = {**raw.get("method_options", {}).get(base, {}),
+                    **{k: v for k, v in variants[m].items() if k != "method"}}
+        else:
+            base, opts = m, raw.get("method_options", {}).get(m, {})
+        method_options(get_method(base), opts)
+        bases.add(base)
+    unused = set(variants) - set(raw["methods"])
+    if unused:
+        raise ValueError(f"{path}: [variants] not in the methods list: {sorted(unused)}")
     for s in raw["sparsities"]:
         check_sparsity(s)
-    bad_mo = set(raw.get("method_options", {})) - set(raw["methods"])
+    bad_mo = set(raw.get("method_options", {})) - bases
     if bad_mo:
         raise ValueError(f"{path}: [method_options] for methods not in the grid: {sorted(bad_mo)}")
     name = raw.get("name", path.stem)
@@ -99,7 +148,7 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
                          out=out_dir, data_dir=data_dir, tolerance=raw.get("tolerance"), run=raw.get("run", {}),
                          dataset_options=raw.get("dataset_options", {}),
                          model_options=raw.get("model_options", {}),
-                         method_options=raw.get("method_options", {}))
+                         method_options=raw.get("method_options", {}), variants=variants)
 
 
 def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path:
@@ -126,8 +175,8 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
         prep = prepare(cfg)
         for _, m, s in seed_todo:
             d = cell_dir(cc, m, s, seed)
-            res = run_method(prep, method=m, sparsity=s, method_options=dict(cc.method_options.get(m, {})),
-                             out=str(d))
+            base, opts = cc.resolve(m)
+            res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d))
             res.pop("_state", None)
             bar.update(1)
     bar.close()
@@ -159,6 +208,8 @@ def collect(cc: CompareConfig) -> dict:
                 for col, (split, path) in METRICS.items():
                     row[col] = _get(r["pruned"].get(split, {}), path)
                 row["dense_test_accuracy"] = r["dense"]["test"]["accuracy"]
+                row["accuracy_drop"] = (None if row["test_accuracy"] is None
+                                        else row["dense_test_accuracy"] - row["test_accuracy"])
                 if cc.tolerance is not None:
                     for split in ("train", "test"):
                         v = row[f"{split}_max_psi"]
@@ -176,7 +227,8 @@ def collect(cc: CompareConfig) -> dict:
 
 def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
     out = []
-    cols = list(METRICS) + (["train_psi_within_tol", "test_psi_within_tol"] if cc.tolerance is not None else [])
+    cols = list(METRICS) + ["dense_test_accuracy", "accuracy_drop"]
+    cols += ["train_psi_within_tol", "test_psi_within_tol"] if cc.tolerance is not None else []
     for s in cc.sparsities:
         for m in cc.methods:
             sel = [r for r in rows if r["method"] == m and r["sparsity"] == s]
@@ -279,3 +331,104 @@ def plot(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(cc.out / "group_accuracy_change.png", dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- suites (headline tables)
+
+HEADLINE_COLUMNS = ["test_accuracy", "accuracy_drop", "test_max_psi", "test_group_acc_gap", "test_dp_diff",
+                    "test_eo_diff", "test_mcd"]
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    configs: list[CompareConfig]
+    out: Path
+    columns: list[str]
+
+
+def is_suite(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_file() and "suite" in tomllib.loads(path.read_text())
+
+
+def load_suite(path: str | Path, out: str | None = None) -> Suite:
+    """A suite TOML: ``suite = [comparison TOMLs]`` (relative to it), optional ``name``, ``out``, ``columns``."""
+    path = Path(path)
+    raw = tomllib.loads(path.read_text())
+    unknown = set(raw) - SUITE_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in a suite; valid keys: "
+                         f"{', '.join(sorted(SUITE_KEYS))} (a suite lists comparison TOMLs, each with its own grid)")
+    files = raw["suite"]
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise ValueError(f"{path}: suite must be a non-empty list of comparison TOML paths")
+    configs = [load_config(path.parent / f) for f in files]
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: two comparisons share a name (their results would collide): {names}")
+    columns = list(raw.get("columns", HEADLINE_COLUMNS))
+    bad = set(columns) - set(METRICS) - {"dense_test_accuracy", "accuracy_drop"}
+    if bad:
+        raise ValueError(f"{path}: unknown column(s) {sorted(bad)}; valid: "
+                         f"{', '.join(list(METRICS) + ['dense_test_accuracy', 'accuracy_drop'])}")
+    name = raw.get("name", path.stem)
+    out_dir = Path(out) if out else (path.parent / raw["out"] if "out" in raw else path.parent / "results" / name)
+    return Suite(name=name, configs=configs, out=out_dir, columns=columns)
+
+
+def run_suite(suite: Suite, progress: bool = True) -> dict:
+    """Run (or resume) every comparison of the suite, then write the combined headline table."""
+    for cc in suite.configs:
+        run_compare(cc, progress=progress)
+    return write_headline(suite)
+
+
+def headline_rows(suite: Suite) -> list[dict]:
+    rows = []
+    for cc in suite.configs:
+        for a in collect(cc)["aggregate"]:
+            rows.append({"comparison": cc.name, "dataset": _dataset_label(cc), **a})
+    return rows
+
+
+def _dataset_label(cc: CompareConfig) -> str:
+    opts = cc.dataset_options
+    parts = [cc.dataset]
+    if "target" in opts:
+        parts.append(f"target {opts['target']}")
+    if "protected" in opts:
+        parts.append(f"protected {opts['protected']}")
+    return ", ".join(parts)
+
+
+def headline_markdown(suite: Suite, rows: list[dict]) -> str:
+    cols = suite.columns
+    lines = ["| dataset | method | sparsity | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c) or {}
+            fmt = "{:.5f}" if "cwv" in c else "{:.4f}"
+            cells.append("-" if v.get("mean") is None else fmt.format(v["mean"]) + " ± " + fmt.format(v["std"]))
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['sparsity']:g} | {r['n_seeds']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_headline(suite: Suite) -> dict:
+    rows = headline_rows(suite)
+    suite.out.mkdir(parents=True, exist_ok=True)
+    (suite.out / "headline.json").write_text(json.dumps({"name": suite.name, "rows": rows}, indent=2))
+    with open(suite.out / "headline.csv", "w", newline="") as f:
+        fields = ["comparison", "dataset", "method", "sparsity", "n_seeds"]
+        w = csv.writer(f)
+        w.writerow(fields + [f"{c}_{k}" for c in suite.columns for k in ("mean", "std")])
+        for r in rows:
+            w.writerow([r[k] for k in fields] + [(r.get(c) or {}).get(k) for c in suite.columns
+                                                for k in ("mean", "std")])
+    md = headline_markdown(suite, rows)
+    (suite.out / "headline.md").write_text(
+        f"# {suite.name}\n\nMean ± std over seeds; one row per (dataset, method, sparsity). "
+        f"accuracy_drop = dense test accuracy - pruned test accuracy.\n\n{md}\n")
+    return {"rows": rows, "markdown": md}

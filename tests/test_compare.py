@@ -64,3 +64,92 @@ def test_config_errors(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.toml")
+
+
+VARIANTS = """
+name = "variants"
+dataset = "digits"
+methods = ["gmp", "gmp_fast"]
+sparsities = [0.8]
+seeds = [0]
+[run]
+epochs = 1
+[model_options]
+hidden = [16]
+[method_options.gmp]
+updates = 4
+[variants.gmp_fast]
+method = "gmp"
+prune_fraction = 0.25
+"""
+
+
+@pytest.mark.slow
+def test_variants_run_side_by_side_with_their_own_options(tmp_path):
+    cfg = tmp_path / "v.toml"
+    cfg.write_text(VARIANTS)
+    cc = load_config(cfg, out=str(tmp_path / "out"))
+    assert cc.resolve("gmp_fast") == ("gmp", {"updates": 4, "prune_fraction": 0.25})
+    assert cc.resolve("gmp") == ("gmp", {"updates": 4})
+    summary = run_compare(cc, progress=False)
+    assert sorted(r["method"] for r in summary["rows"]) == ["gmp", "gmp_fast"]
+    got = {m: json.loads((cc.out / "cells" / f"{m}_s0.8_seed0" / "results.json").read_text())
+           for m in ("gmp", "gmp_fast")}
+    assert got["gmp_fast"]["method"] == "gmp"
+    assert got["gmp_fast"]["config"]["method_options"] == {"updates": 4, "prune_fraction": 0.25}
+    assert got["gmp"]["config"]["method_options"] == {"updates": 4}
+    # different options really change the run (the same dense model is shared)
+    assert got["gmp"]["dense"]["test"]["accuracy"] == got["gmp_fast"]["dense"]["test"]["accuracy"]
+    assert got["gmp"]["history"] != got["gmp_fast"]["history"]
+
+
+def test_variant_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(VARIANTS.replace("prune_fraction = 0.25", "nope = 1"))
+    with pytest.raises(ValueError, match="no option"):
+        load_config(bad)
+    bad.write_text(VARIANTS.replace('method = "gmp"\n', ""))
+    with pytest.raises(ValueError, match="needs method"):
+        load_config(bad)
+    bad.write_text(VARIANTS.replace('methods = ["gmp", "gmp_fast"]', 'methods = ["gmp"]'))
+    with pytest.raises(ValueError, match="not in the methods list"):
+        load_config(bad)
+    bad.write_text(VARIANTS.replace("[variants.gmp_fast]", "[variants.random]")
+                   .replace('"gmp_fast"]', '"random"]'))
+    with pytest.raises(ValueError, match="is a method name"):
+        load_config(bad)
+
+
+@pytest.mark.slow
+def test_suite_writes_one_headline_over_its_comparisons(tmp_path, monkeypatch):
+    from fairprune_jax.compare import is_suite, load_suite, run_suite
+    for name, methods in (("a", '["magnitude", "random"]'), ("b", '["magnitude"]')):
+        (tmp_path / f"{name}.toml").write_text(
+            f'name = "{name}"\ndataset = "digits"\nmethods = {methods}\nsparsities = [0.7]\nseeds = [0]\n'
+            f'out = "res/{name}"\n[run]\nepochs = 1\nlr = {0.01 if name == "a" else 0.003}\n'
+            '[model_options]\nhidden = [16]\n')
+    suite_file = tmp_path / "all.toml"
+    suite_file.write_text('name = "all"\nsuite = ["a.toml", "b.toml"]\nout = "res/all"\n')
+    assert is_suite(suite_file) and not is_suite(tmp_path / "a.toml")
+    suite = load_suite(suite_file)
+    out = run_suite(suite, progress=False)
+    assert [(r["comparison"], r["method"]) for r in out["rows"]] == [("a", "magnitude"), ("a", "random"),
+                                                                       ("b", "magnitude")]
+    md = (tmp_path / "res" / "all" / "headline.md").read_text()
+    assert md.count("| digits | magnitude | 0.7 | 1 |") == 2 and "accuracy_drop" in md
+    for r in out["rows"]:
+        assert r["accuracy_drop"]["mean"] == pytest.approx(r["dense_test_accuracy"]["mean"]
+                                                           - r["test_accuracy"]["mean"])
+    assert (tmp_path / "res" / "a" / "results.md").exists()   # each comparison keeps its own outputs
+
+    def boom(*a, **k):
+        raise AssertionError("a finished suite trained again")
+    monkeypatch.setattr(runner, "prepare", boom)
+    assert run_suite(load_suite(suite_file), progress=False)["rows"] == out["rows"]
+
+    suite_file.write_text('suite = ["a.toml", "a.toml"]\n')
+    with pytest.raises(ValueError, match="share a name"):
+        load_suite(suite_file)
+    suite_file.write_text('suite = ["a.toml"]\ncolumns = ["bogus"]\n')
+    with pytest.raises(ValueError, match="unknown column"):
+        load_suite(suite_file)
