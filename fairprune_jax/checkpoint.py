@@ -51,7 +51,7 @@ RUN_FILE = "run.json"
 FORMAT_VERSION = 1
 
 #: RunConfig fields that do not change what a run computes (left out of the fingerprint).
-NOT_FINGERPRINTED = ("out", "progress")
+NOT_FINGERPRINTED = ("out", "progress", "save_compact")
 
 _ACTIVE: contextvars.ContextVar["Checkpointer | None"] = contextvars.ContextVar("fairprune_ckpt", default=None)
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--augment", action="store_true", help="random crop + flip for images")
     r.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. eps=0.05")
     r.add_argument("--out", default=None, help="output folder (default runs/METHOD_DATASET_sSPARSITY_seedSEED)")
+    r.add_argument("--save-compact", action="store_true",
+                   help="structured methods (bifp, structured_magnitude, ...): also save the compacted model, "
+                        "pruned units physically removed, into OUT/compact (reload with fairprune_jax.compact.load)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("--devices", default="all",
                    help="data-parallel over N local devices, or 'all' (batch size must be divisible by N)")
@@ -112,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, distribution=args.distribution, exclude_first=args.exclude_first,
         exclude_last=args.exclude_last, positive_label=args.positive_class, augment=args.augment, out=out,
-        progress=not args.no_progress, dataset_options=_data_options(args),
+        save_compact=args.save_compact, progress=not args.no_progress, dataset_options=_data_options(args),
         model_options=_kv(args.model_opt, "--model-opt"), method_options=_kv(args.opt, "--opt"))
 
 
@@ -136,6 +139,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
           f"wall time {res['wall_time_s']:.1f} s")
     print(f"wrote {Path(cfg.out) / 'results.json'}, results.md, group_accuracy.png")
+    comp = res.get("compact")
+    if comp is not None:
+        if "error" in comp:
+            print(f"fairprune: error: --save-compact: no compacted model written: {comp['error']}", file=sys.stderr)
+            return 2
+        fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+        print(f"wrote {Path(cfg.out) / comp['path']}: {comp['params_compact']} of {comp['params_dense']} "
+              f"parameters, {fmt(comp['flops_fraction'], '{:.4f}')} of the FLOPs; max |logit difference| to "
+              f"the masked model {fmt(comp['max_abs_logit_diff'], '{:.2g}')}")
     return 0
 
 

@@ -63,6 +63,13 @@ def markdown_report(results: dict) -> str:
            f"- seed {r['seed']}; groups: {r['groups']['num_groups']} from {', '.join(r['groups']['attributes'])}; "
            f"sizes {r['sizes']}",
            f"- wall time {r['wall_time_s']:.1f} s", ""]
+    c = r.get("compact")
+    if c and "error" not in c:
+        out.insert(-1, f"- compacted model in `{c['path']}/`: {c['params_compact']} of {c['params_dense']} parameters, "
+                       f"FLOPs {_fmt(c['flops_fraction'], '{:.4f}')} of dense; max |logit difference| to the masked "
+                       f"model {_fmt(c['max_abs_logit_diff'], '{:.2g}')} ({c['check_rows']} test rows)")
+    elif c:
+        out.insert(-1, f"- compacted model not written: {c['error']}")
     for split in ("test", "train"):
         if split in r["pruned"]:
             out += [summary_table(r, split), ""]

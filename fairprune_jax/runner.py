@@ -14,19 +14,32 @@ from typing import Any
 import jax
 import numpy as np
 
-from fairprune_jax import checkpoint, distributed, fairness, report
-from fairprune_jax.data import DATASETS, Dataset, load_dataset
-from fairprune_jax.masks import check_sparsity, prunable_template, sparsity_summary, DISTRIBUTIONS
+from fairprune_jax import checkpoint, compact, distributed, fairness, report
+from fairprune_jax.data import DATASETS, Dataset, eval_batches, load_dataset
+from fairprune_jax.masks import check_sparsity, named_leaves, prunable_template, sparsity_summary, DISTRIBUTIONS
 from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer, method_options
+from fairprune_jax.methods.base import structured_methods
 from fairprune_jax.models import MODELS, build_model, count_flops, default_model_for, layer_order
-from fairprune_jax.train import TrainState, create_state, evaluate, fit, make_eval_step, make_train_step
+from fairprune_jax.train import (TrainState, create_state, evaluate, fit, make_eval_step, make_train_step,
+                                 masked_forward)
+
+#: Where ``--save-compact`` writes the compacted model, inside the run's output folder.
+COMPACT_DIR = "compact"
+#: Test rows on which the compacted model's logits are compared with the masked model's.
+COMPACT_CHECK_ROWS = 1024
 
 
 def validate_config(cfg: RunConfig) -> None:
     """Fail fast, with the valid choices, before any long work."""
     check_sparsity(cfg.sparsity)
     method = get_method(cfg.method)
-    method_options(method, cfg.method_options)
+    opts = method_options(method, cfg.method_options)
+    if cfg.save_compact and not method.is_structured(opts):
+        why = (f"method {cfg.method!r} with structured={opts[method.structured]!r}"
+               if isinstance(method.structured, str) else f"method {cfg.method!r}")
+        raise ValueError(f"--save-compact needs structured masks (whole neurons / channels removed), but {why} "
+                         f"prunes individual weights, which no smaller dense model can hold; structured "
+                         f"methods: {', '.join(structured_methods())}")
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid choices: {', '.join(sorted(DATASETS))}")
     if cfg.model is not None and cfg.model not in MODELS:
@@ -147,6 +160,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
         raise ValueError(f"cannot override {sorted(bad)} after the dense model was trained; prepare() again")
     cfg = dataclasses.replace(prep.config, **overrides)
     validate_config(cfg)
+    _check_outputs(cfg)
     method = get_method(cfg.method)
     ctx = dataclasses.replace(prep.ctx, config=cfg)
     ds = prep.dataset
@@ -164,6 +178,14 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
         warnings.warn(f"{cfg.method} at sparsity {cfg.sparsity}: layer(s) {', '.join(empty)} keep no weights, so "
                       "the pruned model's output no longer depends on its input; use a lower sparsity, "
                       "--distribution global or erk, or --exclude-first / --exclude-last", stacklevel=2)
+    if cfg.save_compact and distributed.is_primary():
+        t = time.perf_counter()
+        try:
+            results["compact"] = save_compact(ctx, pruned, Path(cfg.out))
+        except ValueError as e:   # e.g. a layer lost every unit: keep the run's results, report why
+            results["compact"] = {"error": str(e)}
+            warnings.warn(f"--save-compact: no compacted model written: {e}", stacklevel=2)
+        timings["compact_s"] = time.perf_counter() - t
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     results["timings"] = timings
     results["wall_time_s"] = timings["total_s"]
@@ -189,6 +211,7 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
     start when there are none).
     """
     validate_config(cfg)
+    _check_outputs(cfg)
     mesh = None if devices is None else distributed.make_mesh(devices)
     if mesh is not None:
         distributed.check_batch_size(cfg.batch_size, mesh)
@@ -208,6 +231,54 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
         ckpt.mark_complete()
     res.pop("_state", None)
     return res
+
+
+def _check_outputs(cfg: RunConfig) -> None:
+    """Settings that write into the output folder need one (``prepare`` alone writes nothing)."""
+    if cfg.save_compact and not cfg.out:
+        raise ValueError("--save-compact writes the compacted model into the output folder; set --out")
+
+
+def _host(x: Any) -> np.ndarray:
+    """A host copy of a (replicated) array; over several processes, this process's own copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def save_compact(ctx: Context, state: TrainState, out: Path) -> dict:
+    """Compact the structured ``state`` (:func:`compact.compact`), save it into ``out/compact`` and check it.
+
+    Returns what ``results.json`` records: the folder (relative to ``out``),
+    parameters and FLOPs dense vs compact, and the largest absolute difference
+    between the masked and the compacted model's logits on the first
+    ``COMPACT_CHECK_ROWS`` test rows (evaluation mode, in batches).
+    """
+    params, masks, model_state = jax.tree.map(_host, (state.params, state.masks, state.model_state))
+    small = compact.compact(ctx.fm, params, model_state, masks)
+    compact.save(small, out / COMPACT_DIR)
+    test = ctx.dataset.test
+    rows = min(len(test), COMPACT_CHECK_ROWS)
+    bs = max(min(ctx.config.eval_batch_size, rows), 1)
+    masked_logits = jax.jit(lambda p, m, s, x: masked_forward(ctx.fm, p, m, s, x, train=False)[0])
+    diffs = []
+    for batch in eval_batches(test.take(np.arange(rows)), bs):
+        keep = batch["w"] > 0
+        ref = np.asarray(masked_logits(params, masks, model_state, batch["x"]))[keep]
+        got = np.asarray(small.apply(batch["x"]))[keep]
+        diffs.append(np.max(np.abs(ref - got)))
+    diff = float(np.max(diffs))     # NaN propagates
+    if not diff <= 1e-3:
+        warnings.warn(f"--save-compact: the compacted model's logits differ from the masked model's by up to "
+                      f"{diff:.3g} on the test split", stacklevel=3)
+    dense_params = int(sum(np.size(v) for _, v in named_leaves(params)))
+    dense_flops, small_flops = float(sum(ctx.flops.values())), compact.flops(small)
+    return {"path": COMPACT_DIR, "architecture": small.arch,
+            "params_dense": dense_params, "params_compact": small.num_params,
+            "params_fraction": small.num_params / dense_params,
+            "flops_dense": dense_flops, "flops_compact": small_flops,
+            "flops_fraction": small_flops / dense_flops if dense_flops else None,
+            "check_rows": rows, "max_abs_logit_diff": diff if np.isfinite(diff) else None}
 
 
 def _assemble(cfg: RunConfig, ds: Dataset, ctx: Context, dense: TrainState, pruned: TrainState,

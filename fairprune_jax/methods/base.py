@@ -44,6 +44,7 @@ class RunConfig:
     augment: bool = False
     eval_batch_size: int = 512
     out: str | None = None
+    save_compact: bool = False          # structured methods: also write OUT/compact (the physically smaller model)
     progress: bool = True
     dataset_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
@@ -133,15 +134,27 @@ class Method:
     run: Callable[[Context, TrainState], tuple[TrainState, dict]]
     description: str
     options: dict = dataclasses.field(default_factory=dict)   # option name -> default
+    # Whether its final masks are structured (whole units, compactable by compact.py): True, or the name
+    # of the bool option that decides it (bifp's ``structured``).
+    structured: bool | str = False
+
+    def is_structured(self, options: dict) -> bool:
+        """True when a run with these (validated) options ends with structured masks."""
+        if isinstance(self.structured, str):
+            return bool(options[self.structured])
+        return bool(self.structured)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, description: str, options: dict | None = None):
-    """Decorator: register ``run(ctx, dense_state) -> (pruned_state, info)`` under ``name``."""
+def register(name: str, description: str, options: dict | None = None, *, structured: bool | str = False):
+    """Decorator: register ``run(ctx, dense_state) -> (pruned_state, info)`` under ``name``.
+
+    ``structured``: the method's masks remove whole units (see :class:`Method`).
+    """
     def deco(fn):
-        METHODS[name] = Method(name, fn, description, dict(options or {}))
+        METHODS[name] = Method(name, fn, description, dict(options or {}), structured)
         return fn
     return deco
 
@@ -150,6 +163,11 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid choices: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def structured_methods() -> list[str]:
+    """Names of the registered methods that can end with structured masks."""
+    return sorted(name for name, m in METHODS.items() if m.structured)
 
 
 def method_options(method: Method, given: dict) -> dict:

@@ -132,7 +132,8 @@ def _bifp_options(ctx: Context) -> dict:
 
 
 @register("bifp", "BiFP (Dai et al. 2023): bi-level pruning, mask scores with BiP's implicit gradient and weights "
-          "trained jointly under a fairness constraint or penalty; structured by default", BIFP_OPTIONS)
+          "trained jointly under a fairness constraint or penalty; structured by default", BIFP_OPTIONS,
+          structured="structured")
 def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     cfg = ctx.config
     opts = _bifp_options(ctx)
@@ -190,7 +191,7 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
 # ---------------------------------------------------------------------------
 
 @register("structured_magnitude", "structured magnitude: prune the filters / neurons with the smallest L1 norm "
-          "(one shot), then cross-entropy fine-tuning")
+          "(one shot), then cross-entropy fine-tuning", structured=True)
 def structured_magnitude(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     method_options(METHODS["structured_magnitude"], ctx.config.method_options)
     groups, template = structured_setup(ctx, dense.params)
@@ -207,7 +208,7 @@ def _fair_options(ctx: Context, name: str) -> dict:
 
 
 @register("prune_then_fair", "structured magnitude pruning, then fine-tuning with the fairness surrogate as a "
-          "constraint (default) or penalty", FAIR_OPTIONS)
+          "constraint (default) or penalty", FAIR_OPTIONS, structured=True)
 def prune_then_fair(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     opts = _fair_options(ctx, "prune_then_fair")
     spec = fairness_spec(ctx, opts)
@@ -223,7 +224,8 @@ def prune_then_fair(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
 
 
 @register("fair_then_prune", "fairness-aware training of the dense model (constraint or penalty), then structured "
-          "magnitude pruning and cross-entropy fine-tuning", {**FAIR_OPTIONS, "fair_epochs": -1})
+          "magnitude pruning and cross-entropy fine-tuning", {**FAIR_OPTIONS, "fair_epochs": -1},
+          structured=True)
 def fair_then_prune(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     opts = _fair_options(ctx, "fair_then_prune")
     spec = fairness_spec(ctx, opts)
