@@ -157,6 +157,7 @@ def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path
 
 def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     """Run every missing cell, then write the combined CSV, JSON, Markdown and plots."""
+    from fairprune_jax.methods import get_method, method_options
     from fairprune_jax.runner import prepare, run_method
 
     cc.out.mkdir(parents=True, exist_ok=True)
@@ -169,14 +170,18 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
         seed_todo = [c for c in todo if c[0] == seed]
         if not seed_todo:
             continue
+        run = {k: v for k, v in cc.run.items() if k != "save_compact"}
         cfg = RunConfig(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, sparsity=cc.sparsities[0],
-                        method=cc.methods[0], dataset_options=dict(cc.dataset_options),
-                        model_options=dict(cc.model_options), progress=False, **cc.run)
+                        method=cc.resolve(cc.methods[0])[0], dataset_options=dict(cc.dataset_options),
+                        model_options=dict(cc.model_options), progress=False, **run)
         prep = prepare(cfg)
         for _, m, s in seed_todo:
             d = cell_dir(cc, m, s, seed)
             base, opts = cc.resolve(m)
-            res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d))
+            method = get_method(base)
+            # [run] save_compact = true: a compacted model for every cell whose masks are structured
+            compact = bool(cc.run.get("save_compact")) and method.is_structured(method_options(method, opts))
+            res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d), save_compact=compact)
             res.pop("_state", None)
             bar.update(1)
     bar.close()

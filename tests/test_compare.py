@@ -153,3 +153,18 @@ def test_suite_writes_one_headline_over_its_comparisons(tmp_path, monkeypatch):
     suite_file.write_text('suite = ["a.toml"]\ncolumns = ["bogus"]\n')
     with pytest.raises(ValueError, match="unknown column"):
         load_suite(suite_file)
+
+
+@pytest.mark.slow
+def test_save_compact_in_a_grid_applies_to_structured_cells_only(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "c"\ndataset = "digits"\nmethods = ["magnitude", "structured_magnitude"]\n'
+                   'sparsities = [0.5]\nseeds = [0]\n[run]\nepochs = 1\nsave_compact = true\n'
+                   '[model_options]\nhidden = [16]\n')
+    cc = load_config(cfg, out=str(tmp_path / "out"))
+    run_compare(cc, progress=False)
+    cells = cc.out / "cells"
+    assert not (cells / "magnitude_s0.5_seed0" / "compact").exists()
+    r = json.loads((cells / "structured_magnitude_s0.5_seed0" / "results.json").read_text())
+    assert r["compact"]["max_abs_logit_diff"] <= 1e-5
+    assert (cells / "structured_magnitude_s0.5_seed0" / "compact").is_dir()
