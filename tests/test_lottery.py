@@ -340,3 +340,32 @@ def test_bad_options_name_the_choices(setup):
         METHODS["ballot"].run(with_options(ctx, fair_by="race"), dense)
     with pytest.raises(ValueError, match="surrogate"):
         METHODS["fair_scratch"].run(with_options(ctx, surrogate="xx"), dense)
+
+
+def test_ballot_voting_run_is_shared_across_sparsities_and_exact(setup, monkeypatch):
+    """The voting run does not depend on the sparsity: one run serves every sparsity of a dense model,
+    and a memoised run gives bit-identical tickets to a fresh one."""
+    ctx, _, dense = setup
+    ctx = dataclasses.replace(ctx, memo={})
+    at = lambda c, s: dataclasses.replace(c, config=dataclasses.replace(c.config, sparsity=s,  # noqa: E731
+                                                                       method_options={"retrain_epochs": 1}))
+    st_a, info_a = METHODS["ballot"].run(at(ctx, 0.5), dense)
+    assert len(ctx.memo) == 1
+
+    def no_new_voting_run(*a, **k):
+        raise AssertionError("the voting run was repeated although it is memoised")
+    with monkeypatch.context() as m:
+        m.setattr(B, "make_vote_step", no_new_voting_run)
+        st_b, info_b = METHODS["ballot"].run(at(ctx, 0.8), dense)
+    fresh_b, fresh_info = METHODS["ballot"].run(at(dataclasses.replace(ctx, memo={}), 0.8), dense)
+    assert tree_equal(st_b.masks, fresh_b.masks) and tree_equal(st_b.params, fresh_b.params)
+    assert info_b["votes"] == fresh_info["votes"]
+    kept = {n: int(np.asarray(x).sum()) for n, x in named_leaves(st_b.masks)}
+    assert kept == keep_counts(dense.params, ctx.template, 0.8)
+    assert not tree_equal(st_a.masks, st_b.masks)
+    # another dense model (same options) is not served from the memo
+    other = dense.replace(params=jax.tree.map(lambda x: x * 1.0, dense.params))
+    with monkeypatch.context() as m:
+        m.setattr(B, "make_vote_step", no_new_voting_run)
+        with pytest.raises(AssertionError, match="repeated"):
+            METHODS["ballot"].run(at(ctx, 0.8), other)

@@ -245,18 +245,24 @@ def _options(ctx: Context) -> dict:
     return opts
 
 
-@register("ballot", "Ballot (Gao et al. 2024): mask from per-epoch votes of accuracy+fairness gradient "
-                    "conflict scores, then rewind and retrain", BALLOT_OPTIONS)
-def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    cfg = ctx.config
-    opts = _options(ctx)
-    eta, fair_by, min_acc = float(opts["eta"]), opts["fair_by"], float(opts["min_acc"])
-    k = check_rewind_step(ctx, opts["rewind_step"])
-    template = final_layer_template(ctx) if opts["final_layer_only"] else ctx.template
-    num_keys = ctx.dataset.num_classes if fair_by == "class" else ctx.dataset.num_groups
-    masks_lib.keep_counts(dense.params, template, cfg.sparsity, cfg.distribution)  # fail fast on bad input
+MEMO_BUDGET_BYTES = 512 * 2**20   # per-epoch scores kept for reuse across sparsities up to this size
 
-    # --- voting run -------------------------------------------------------------
+
+def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_keys: int, k: int) -> dict:
+    """The voting run: per-epoch conflict scores (no votes yet), per-key accuracies, step-k weights.
+
+    Nothing here depends on the target sparsity (the run trains the dense
+    network and only *records* gradients), so one run serves every sparsity:
+    the result is kept in ``ctx.memo`` (when its scores fit in
+    ``MEMO_BUDGET_BYTES``) and ``fairprune compare`` runs it once per seed.
+    """
+    cfg = ctx.config
+    eta, fair_by, min_acc = float(opts["eta"]), opts["fair_by"], float(opts["min_acc"])
+    memo_key = ("ballot.voting_run", eta, fair_by, opts["normalize"], bool(opts["final_layer_only"]), k,
+                opts["vote_from"], opts["vote_epochs"], min_acc, cfg.seed, cfg.ft_epochs, cfg.ft_lr)
+    hit = ctx.memo.get(memo_key)
+    if hit is not None and hit["dense"] is dense:   # the same dense run (vote_from="dense" starts from it)
+        return hit
     if opts["vote_from"] == "init":
         vote_epochs = cfg.epochs if opts["vote_epochs"] is None else int(opts["vote_epochs"])
         params, model_state = initial_weights(ctx)
@@ -280,20 +286,13 @@ def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
                              augment=ctx.augment)
 
     spe = ctx.steps_per_epoch
-    votes = _zeros_like(params, template)
-    score_sum = _zeros_like(params, template)
-    epoch_masks: list[np.ndarray] = []  # per-epoch top-k, flat booleans on the host
+    epoch_scores: list[Any] = []
     key_acc_hist: list[list[float]] = [key_acc0.tolist()]
     captured: dict[str, Checkpoint] = {}
 
     def close_epoch(state: TrainState) -> TrainState:
-        nonlocal votes, score_sum
         ex = state.extra
-        s = conflict_scores(ex["g_acc"], ex["g_fair"], template, eta, opts["normalize"])
-        v = epoch_votes(s, template, cfg.sparsity, cfg.distribution)
-        votes = jax.tree.map(jnp.add, votes, v)
-        score_sum = jax.tree.map(jnp.add, score_sum, s)
-        epoch_masks.append(np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(v)]) > 0)
+        epoch_scores.append(conflict_scores(ex["g_acc"], ex["g_fair"], template, eta, opts["normalize"]))
         new_extra = _close_epoch(ex)
         key_acc_hist.append(np.asarray(new_extra["key_acc"]).tolist())
         return state.replace(extra=new_extra)
@@ -314,6 +313,42 @@ def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     if replay:
         replay_diff = float(max(jnp.max(jnp.abs(a - b)) for a, b in
                                 zip(jax.tree.leaves(state.params), jax.tree.leaves(dense.params))))
+    run = {"epoch_scores": epoch_scores, "vote_epochs": vote_epochs, "key_acc_hist": key_acc_hist,
+           "replay_diff": replay_diff, "history": vote_hist, "captured": captured, "dense": dense}
+    size = sum(int(np.size(x)) * 4 for e in epoch_scores for x in jax.tree.leaves(e))
+    if size <= MEMO_BUDGET_BYTES:
+        ctx.memo[memo_key] = run
+    return run
+
+
+def tally(epoch_scores: list[Any], template: Any, sparsity: float, distribution: str = "uniform"
+          ) -> tuple[Any, Any, list[np.ndarray]]:
+    """Votes (one per epoch to each top-k weight), summed scores and the per-epoch top-k as flat booleans."""
+    votes = score_sum = None
+    epoch_masks = []
+    for s in epoch_scores:
+        v = epoch_votes(s, template, sparsity, distribution)
+        votes = v if votes is None else jax.tree.map(jnp.add, votes, v)
+        score_sum = s if score_sum is None else jax.tree.map(jnp.add, score_sum, s)
+        epoch_masks.append(np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(v)]) > 0)
+    return votes, score_sum, epoch_masks
+
+
+@register("ballot", "Ballot (Gao et al. 2024): mask from per-epoch votes of accuracy+fairness gradient "
+                    "conflict scores, then rewind and retrain", BALLOT_OPTIONS)
+def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+    cfg = ctx.config
+    opts = _options(ctx)
+    fair_by = opts["fair_by"]
+    k = check_rewind_step(ctx, opts["rewind_step"])
+    template = final_layer_template(ctx) if opts["final_layer_only"] else ctx.template
+    num_keys = ctx.dataset.num_classes if fair_by == "class" else ctx.dataset.num_groups
+    masks_lib.keep_counts(dense.params, template, cfg.sparsity, cfg.distribution)  # fail fast on bad input
+
+    run = voting_run(ctx, dense, opts, template, num_keys, k)
+    votes, score_sum, epoch_masks = tally(run["epoch_scores"], template, cfg.sparsity, cfg.distribution)
+    vote_epochs, key_acc_hist, replay_diff = run["vote_epochs"], run["key_acc_hist"], run["replay_diff"]
+    vote_hist, captured = run["history"], run["captured"]
 
     masks = final_mask(votes, score_sum, template, cfg.sparsity, cfg.distribution)
 
@@ -356,4 +391,4 @@ def _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, key_acc_hist,
 
 __all__ = ["BALLOT_OPTIONS", "NORMALIZATIONS", "ballot", "conflict_scores", "epoch_votes", "fairness_weights",
            "final_layer_template", "final_mask", "init_vote_extra", "make_vote_step", "normalize_columns",
-           "retrain_tx"]
+           "retrain_tx", "tally", "voting_run"]

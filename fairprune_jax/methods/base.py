@@ -85,6 +85,9 @@ class Context:
     dense_train_counts: Any = None   # GroupCounts of the dense model on the train split
     dense_train_class_counts: Any = None
     augment: Callable | None = None
+    # Results that depend only on the dense run and a method's options, not on the sparsity, shared by every
+    # run of one prepared dense model (dataclasses.replace keeps the same dict): e.g. Ballot's voting run.
+    memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def steps_per_epoch(self) -> int:
