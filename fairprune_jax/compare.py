@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from fairprune_jax.methods.base import RunConfig
 
 TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "out", "tolerance", "run",
-            "dataset_options", "model_options", "method_options", "variants"}
+            "dataset_options", "model_options", "method_options", "variants", "fairness_metric"}
 SUITE_KEYS = {"name", "suite", "out", "columns"}
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
                                                                "out", "dataset_options", "model_options",
@@ -64,6 +64,7 @@ class CompareConfig:
     out: Path
     data_dir: str | None = None
     tolerance: float | None = None   # eps for "max psi_g <= eps holds" columns
+    fairness_metric: str = "train_max_psi"   # the metric plotted against sparsity
     run: dict = dataclasses.field(default_factory=dict)
     dataset_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
@@ -134,6 +135,9 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     bad_mo = set(raw.get("method_options", {})) - bases
     if bad_mo:
         raise ValueError(f"{path}: [method_options] for methods not in the grid: {sorted(bad_mo)}")
+    fairness_metric = raw.get("fairness_metric", "train_max_psi")
+    if fairness_metric not in METRICS:
+        raise ValueError(f"{path}: unknown fairness_metric {fairness_metric!r}; valid: {', '.join(METRICS)}")
     name = raw.get("name", path.stem)
     base = path.parent
     data_dir = raw.get("data_dir")
@@ -146,6 +150,7 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     return CompareConfig(name=name, dataset=raw["dataset"], methods=list(raw["methods"]),
                          sparsities=[float(s) for s in raw["sparsities"]], seeds=[int(s) for s in raw["seeds"]],
                          out=out_dir, data_dir=data_dir, tolerance=raw.get("tolerance"), run=raw.get("run", {}),
+                         fairness_metric=fairness_metric,
                          dataset_options=raw.get("dataset_options", {}),
                          model_options=raw.get("model_options", {}),
                          method_options=raw.get("method_options", {}), variants=variants)
@@ -301,7 +306,7 @@ def plot(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
         pts = [a for a in agg if a["method"] == m]
         xs = [a["sparsity"] for a in pts]
         for ax, col, label in ((axes[0], "test_accuracy", "test accuracy"),
-                               (axes[1], "train_max_psi", "train max psi_g")):
+                               (axes[1], cc.fairness_metric, cc.fairness_metric.replace("_", " "))):
             ys = [a[col]["mean"] for a in pts]
             es = [a[col]["std"] for a in pts]
             if any(y is None for y in ys):
@@ -309,16 +314,17 @@ def plot(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
             ax.set_xlabel("sparsity")
             ax.set_ylabel(label)
-    if cc.tolerance is not None:
+    if cc.tolerance is not None and cc.fairness_metric.endswith("max_psi"):
         axes[1].axhline(cc.tolerance, color="gray", ls="--", lw=1, label="eps")
-    axes[0].legend()
-    axes[1].legend()
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(cc.name)
     fig.tight_layout()
     fig.savefig(cc.out / "metrics_vs_sparsity.png", dpi=110)
     plt.close(fig)
 
-    s = max(cc.sparsities)
+    s = max(r["sparsity"] for r in rows)   # the highest sparsity with finished cells
     groups = list(rows[0]["group_acc_change"])[:40]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups) * len(cc.methods) / 2 + 2), 4))
     width = 0.8 / max(len(cc.methods), 1)
@@ -332,7 +338,8 @@ def plot(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(f"test accuracy change vs dense (sparsity {s:g})")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(cc.out / "group_accuracy_change.png", dpi=110)
     plt.close(fig)

@@ -64,6 +64,11 @@ def test_config_errors(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.toml")
+    bad.write_text(CONFIG.replace("seeds = [0]", 'seeds = [0]\nfairness_metric = "test_bogus"'))
+    with pytest.raises(ValueError, match="fairness_metric"):
+        load_config(bad)
+    bad.write_text(CONFIG.replace("seeds = [0]", 'seeds = [0]\nfairness_metric = "test_eo_diff"'))
+    assert load_config(bad).fairness_metric == "test_eo_diff"
 
 
 VARIANTS = """

@@ -1,0 +1,80 @@
+"""Rewrite the "## Tables" section of experiments/README.md from the finished cells of each comparison.
+
+    python experiments/update_tables.py
+
+Trains nothing: every table is read back from ``experiments/results/NAME/cells`` (what
+``fairprune compare --config experiments/NAME.toml`` wrote) and summarized with the same code that
+writes each comparison's ``results.md``, restricted to the columns that matter for that experiment.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fairprune_jax.compare import collect, load_config, markdown_table
+
+HERE = Path(__file__).resolve().parent
+PSI = ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread"]
+GROUP = ["test_accuracy", "accuracy_drop", "test_dp_diff", "test_eo_diff", "test_group_acc_gap"]
+CLASS = ["test_accuracy", "test_cwv", "test_mcd"]
+
+# (config, title, columns)
+TABLES = [
+    ("ceag_utkface_race", "CEAG vs NFT vs EL on UTKFace, target race, protected race (issue: CEAG)", PSI),
+    ("ceag_utkface_race_gender", "CEAG vs NFT vs EL on UTKFace, target race, protected race x gender", PSI),
+    ("ceag_utkface_age_gender", "Hundreds of groups: UTKFace age in years x gender (201 groups)",
+     ["test_accuracy", "train_max_psi", "test_max_psi", "test_cwv"]),
+    ("bifp_adult_sex", "BiFP on Adult (MLP, structured), protected sex", GROUP),
+    ("bifp_adult_sex_race", "BiFP on Adult (MLP, structured), protected sex x race (10 groups)", GROUP),
+    ("bifp_adult_mask_lr", "BiFP mask learning rate sweep on Adult (protected sex)", GROUP),
+    ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", GROUP),
+    ("lottery_digits", "Lottery tickets on digits (classes = groups): Ballot vs magnitude, random, lth, "
+                       "fair_scratch", CLASS),
+    ("lottery_utkface_race", "Lottery tickets on UTKFace race classification (classes = groups)", CLASS),
+    ("lottery_utkface_gender_race", "Lottery tickets on UTKFace gender, protected race",
+     ["test_accuracy", "test_dp_diff", "test_eo_diff", "test_group_acc_gap", "test_mcd"]),
+]
+
+
+def section(name: str, title: str, cols: list[str]) -> str | None:
+    cfg = HERE / f"{name}.toml"
+    cc = load_config(cfg)
+    if not (cc.out / "cells").is_dir():
+        return None
+    summary = collect(cc)
+    n_cells = len(cc.methods) * len(cc.sparsities) * len(cc.seeds)
+    dense = sorted({round(r["dense_test_accuracy"], 4) for r in summary["rows"]})
+    return "\n".join([
+        f"### {title}", "",
+        f"`fairprune compare --config experiments/{name}.toml` ({len(summary['rows'])}/{n_cells} cells; "
+        f"dense test accuracy per seed: {dense})", "",
+        markdown_table(cc, summary["aggregate"], cols), "",
+        f"Full table, CSV and plots: `experiments/results/{cc.out.name}/`.", ""])
+
+
+def headline() -> str | None:
+    path = HERE / "results" / "headline" / "headline.md"
+    if not path.exists():
+        return None
+    body = path.read_text().split("\n", 2)[2].strip()
+    return "\n".join(["### Headline: every method at 90% sparsity on every dataset", "",
+                      "`fairprune compare --config experiments/headline.toml` (the suite of "
+                      "`headline_digits.toml`, `headline_adult.toml`, `headline_utkface.toml`)", "",
+                      body, ""])
+
+
+def main() -> int:
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    marker = "## Tables"
+    if marker not in text:
+        print(f"{readme} has no '{marker}' section", file=sys.stderr)
+        return 1
+    parts = [p for p in [headline()] + [section(*t) for t in TABLES] if p]
+    readme.write_text(text[:text.index(marker)] + marker + "\n\n" + "\n".join(parts))
+    print(f"wrote {len(parts)} tables into {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
