@@ -4,6 +4,10 @@ One dense model is trained per seed and reused by every method and sparsity
 of that seed. Each finished cell writes its own ``results.json``; a rerun
 skips finished cells (and does not even train the dense model of a seed whose
 cells are all done), so an interrupted comparison resumes where it stopped.
+With ``parallel_seeds = true`` the dense models of all seeds that still have
+unfinished cells are trained together in one ``jax.vmap``-ed run
+(``runner.prepare_seeds``, ``seeds.fit_seeds``); the methods then run seed by
+seed as usual.
 
 Variants. An entry of ``methods`` may name a ``[variants.NAME]`` table instead
 of a method: ``method = "bifp"`` plus option overrides (``mask_lr = 0.3``).
@@ -32,7 +36,8 @@ from tqdm.auto import tqdm
 from fairprune_jax.methods.base import RunConfig
 
 TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "out", "tolerance", "run",
-            "dataset_options", "model_options", "method_options", "variants", "fairness_metric"}
+            "dataset_options", "model_options", "method_options", "variants", "fairness_metric",
+            "parallel_seeds"}
 SUITE_KEYS = {"name", "suite", "out", "columns"}
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
                                                                "out", "dataset_options", "model_options",
@@ -70,6 +75,7 @@ class CompareConfig:
     model_options: dict = dataclasses.field(default_factory=dict)
     method_options: dict = dataclasses.field(default_factory=dict)
     variants: dict = dataclasses.field(default_factory=dict)   # name -> {"method": ..., **options}
+    parallel_seeds: bool = False     # train the dense models of all unfinished seeds in one vmapped run
 
     def resolve(self, name: str) -> tuple[str, dict]:
         """The registered method and its options for a grid entry (a method or a variant name)."""
@@ -132,6 +138,8 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
         raise ValueError(f"{path}: [variants] not in the methods list: {sorted(unused)}")
     for s in raw["sparsities"]:
         check_sparsity(s)
+    if not isinstance(raw.get("parallel_seeds", False), bool):
+        raise ValueError(f"{path}: parallel_seeds must be true or false; got {raw['parallel_seeds']!r}")
     bad_mo = set(raw.get("method_options", {})) - bases
     if bad_mo:
         raise ValueError(f"{path}: [method_options] for methods not in the grid: {sorted(bad_mo)}")
@@ -153,7 +161,8 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
                          fairness_metric=fairness_metric,
                          dataset_options=raw.get("dataset_options", {}),
                          model_options=raw.get("model_options", {}),
-                         method_options=raw.get("method_options", {}), variants=variants)
+                         method_options=raw.get("method_options", {}), variants=variants,
+                         parallel_seeds=raw.get("parallel_seeds", False))
 
 
 def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path:
@@ -163,7 +172,7 @@ def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path
 def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     """Run every missing cell, then write the combined CSV, JSON, Markdown and plots."""
     from fairprune_jax.methods import get_method, method_options
-    from fairprune_jax.runner import prepare, run_method
+    from fairprune_jax.runner import prepare, prepare_seeds, run_method
 
     cc.out.mkdir(parents=True, exist_ok=True)
     cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
@@ -171,15 +180,21 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"compare {cc.name}", unit="cell",
                disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for seed in cc.seeds:
+    run = {k: v for k, v in cc.run.items() if k != "save_compact"}
+
+    def dense_config(seed: int) -> RunConfig:
+        return RunConfig(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, sparsity=cc.sparsities[0],
+                         method=cc.resolve(cc.methods[0])[0], dataset_options=dict(cc.dataset_options),
+                         model_options=dict(cc.model_options), progress=False, **run)
+
+    todo_seeds = [seed for seed in cc.seeds if any(c[0] == seed for c in todo)]
+    prepared = {}
+    if cc.parallel_seeds and len(todo_seeds) > 1:
+        # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
+        prepared = dict(zip(todo_seeds, prepare_seeds([dense_config(seed) for seed in todo_seeds])))
+    for seed in todo_seeds:
         seed_todo = [c for c in todo if c[0] == seed]
-        if not seed_todo:
-            continue
-        run = {k: v for k, v in cc.run.items() if k != "save_compact"}
-        cfg = RunConfig(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, sparsity=cc.sparsities[0],
-                        method=cc.resolve(cc.methods[0])[0], dataset_options=dict(cc.dataset_options),
-                        model_options=dict(cc.model_options), progress=False, **run)
-        prep = prepare(cfg)
+        prep = prepared.pop(seed) if seed in prepared else prepare(dense_config(seed))
         for _, m, s in seed_todo:
             d = cell_dir(cc, m, s, seed)
             base, opts = cc.resolve(m)

@@ -85,14 +85,38 @@ def warn_missing_groups(ds: Dataset) -> dict[str, list[str]]:
     return missing
 
 
+def dense_start(ctx: Context, params: Any, model_state: Any) -> tuple[TrainState, Any]:
+    """The dense run's initial state and train step (optimizer, schedule and PRNG seed from the config)."""
+    cfg = ctx.config
+    tx = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * ctx.steps_per_epoch)
+    return create_state(params, model_state, tx, seed=cfg.seed), make_train_step(ctx.fm, tx, augment=ctx.augment)
+
+
 def train_dense(ctx: Context, params: Any, model_state: Any) -> tuple[TrainState, dict]:
     """Train the dense reference model every method starts from."""
     cfg = ctx.config
-    tx = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * ctx.steps_per_epoch)
-    state = create_state(params, model_state, tx, seed=cfg.seed)
-    step = make_train_step(ctx.fm, tx, augment=ctx.augment)
+    state, step = dense_start(ctx, params, model_state)
     return fit(state, step, ctx.dataset.train, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                desc="dense", progress=cfg.progress)
+
+
+def train_dense_seeds(built: list[tuple[Context, Any, Any]]) -> list[tuple[TrainState, dict]]:
+    """The dense models of several seeds of one configuration, trained together in one vmapped run.
+
+    ``built``: one ``build_context(cfg, ds)`` result per seed, on the same
+    dataset, with configs that differ only in the seed. Each seed keeps its own
+    init, PRNG key, batch order and history (:func:`seeds.fit_seeds`), so its
+    dense model matches :func:`train_dense` up to float rounding.
+    """
+    from fairprune_jax import seeds as seeds_lib
+
+    starts = [dense_start(ctx, params, model_state) for ctx, params, model_state in built]
+    cfg = built[0][0].config
+    states, histories = seeds_lib.fit_seeds(
+        [state for state, _ in starts], starts[0][1], built[0][0].dataset.train, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seeds=[ctx.config.seed for ctx, _, _ in built], desc="dense",
+        progress=cfg.progress)
+    return list(zip(states, histories))
 
 
 def build_context(cfg: RunConfig, ds: Dataset) -> tuple[Context, Any, Any]:
@@ -122,10 +146,9 @@ class Prepared:
     timings: dict
 
 
-def prepare(cfg: RunConfig, dataset: Dataset | None = None) -> Prepared:
-    """Validate, load the data, build the model and train and evaluate the dense reference."""
+def load_checked(cfg: RunConfig, dataset: Dataset | None = None) -> tuple[Dataset, float]:
+    """Validate the config, load (or check) the dataset; returns it and the seconds it took."""
     validate_config(cfg)
-    timings: dict[str, float] = {}
     t = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
     if dataset is not None:
@@ -137,16 +160,80 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None) -> Prepared:
         raise ValueError(f"dataset {ds.name!r}: features must have shape (n, d) or (n, H, W, C); got "
                          f"{ds.train.x.shape} (one number per row? use x[:, None] for a single feature)")
     warn_missing_groups(ds)
-    timings["load_data_s"] = time.perf_counter() - t
+    return ds, time.perf_counter() - t
+
+
+def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
+            dense: tuple[TrainState, dict] | None = None) -> Prepared:
+    """Validate, load the data, build the model and train and evaluate the dense reference.
+
+    ``dense``: an already trained ``(state, history)`` for this config (e.g.
+    from :func:`train_dense_seeds`) is used instead of training one; it is
+    evaluated like a freshly trained one.
+    """
+    ds, load_s = load_checked(cfg, dataset)
     ctx, params, model_state = build_context(cfg, ds)
+    return _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
+
+
+def prepare_seeds(cfgs: list[RunConfig], dataset: Dataset | None = None) -> list[Prepared]:
+    """:func:`prepare` for several seeds of one configuration, their dense models trained in one vmapped run.
+
+    The configs may differ only in ``seed`` (and in what the dense run does not
+    use: method, sparsity, method options, output). The dataset is loaded once.
+    Image augmentation and BatchNorm statistics are per seed, as in sequential
+    runs; device meshes and checkpoints are not supported (train sequentially).
+    """
+    if not cfgs:
+        return []
+    per_run = {"seed", "method", "sparsity", "method_options", "out", "save_compact"}
+    ref = {k: v for k, v in dataclasses.asdict(cfgs[0]).items() if k not in per_run}
+    for c in cfgs[1:]:
+        diff = sorted(k for k, v in dataclasses.asdict(c).items() if k not in per_run and ref[k] != v)
+        if diff:
+            raise ValueError(f"parallel seeds need configs that differ only in the seed; these differ: {diff}")
+    seeds = [c.seed for c in cfgs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"parallel seeds need distinct seeds; got {seeds}")
+    ds, load_s = load_checked(cfgs[0], dataset)
+    for c in cfgs[1:]:
+        validate_config(c)
+    built = [build_context(c, ds) for c in cfgs]
     t = time.perf_counter()
-    dense, dense_hist = train_dense(ctx, params, model_state)
-    timings["dense_train_s"] = time.perf_counter() - t
+    trained = train_dense_seeds(built)
+    train_s = (time.perf_counter() - t) / len(cfgs)
+    return [_prepared(ctx, params, model_state, dense, {"load_data_s": load_s, "dense_train_s": train_s})
+            for (ctx, params, model_state), dense in zip(built, trained)]
+
+
+def _prepared(ctx: Context, params: Any, model_state: Any, dense: tuple[TrainState, dict] | None,
+              timings: dict) -> Prepared:
+    """Train the dense model unless given, evaluate it on every split: the one path to a :class:`Prepared`."""
+    cfg, ds = ctx.config, ctx.dataset
+    timings = dict(timings)
+    if dense is None:
+        t = time.perf_counter()
+        dense, dense_hist = train_dense(ctx, params, model_state)
+        timings["dense_train_s"] = time.perf_counter() - t
+    else:
+        dense, dense_hist = dense
+        _check_dense(dense, params, model_state)
+        timings.setdefault("dense_train_s", float(dense_hist.get("seconds", 0.0)))
     t = time.perf_counter()
     evals = {s: evaluate(ctx.eval_step, dense, split, cfg.eval_batch_size) for s, split in ds.splits().items()}
     ctx.dense_train_counts, ctx.dense_train_class_counts = evals["train"]
     timings["dense_eval_s"] = time.perf_counter() - t
     return Prepared(cfg, ds, ctx, dense, dense_hist, evals, timings)
+
+
+def _check_dense(dense: TrainState, params: Any, model_state: Any) -> None:
+    """A given dense state must be this config's model (same leaves and shapes), not another one."""
+    def shapes(tree):
+        return jax.tree.map(lambda x: tuple(np.shape(x)), tree)
+    if (jax.tree.structure(dense.params) != jax.tree.structure(params)
+            or shapes(dense.params) != shapes(params) or shapes(dense.model_state) != shapes(model_state)):
+        raise ValueError("the given dense state does not fit this config's model (different layers or shapes); "
+                         "train it with the same dataset, model and model options")
 
 
 def run_method(prep: Prepared, **overrides: Any) -> dict:

@@ -173,3 +173,54 @@ def test_save_compact_in_a_grid_applies_to_structured_cells_only(tmp_path):
     r = json.loads((cells / "structured_magnitude_s0.5_seed0" / "results.json").read_text())
     assert r["compact"]["max_abs_logit_diff"] <= 1e-5
     assert (cells / "structured_magnitude_s0.5_seed0" / "compact").is_dir()
+
+
+PARALLEL = """
+name = "par"
+dataset = "digits"
+methods = ["magnitude"]
+sparsities = [0.5]
+seeds = [0, 1]
+parallel_seeds = true
+[run]
+epochs = 1
+[model_options]
+hidden = [16]
+"""
+
+
+@pytest.mark.slow
+def test_parallel_seeds_grid_runs_and_resumes(tmp_path, monkeypatch):
+    cfg = tmp_path / "par.toml"
+    cfg.write_text(PARALLEL)
+    cc = load_config(cfg, out=str(tmp_path / "out"))
+    assert cc.parallel_seeds
+    calls = []
+    real_prepare, real_seeds = runner.prepare, runner.prepare_seeds
+    monkeypatch.setattr(runner, "prepare", lambda *a, **k: calls.append("prepare") or real_prepare(*a, **k))
+    monkeypatch.setattr(runner, "prepare_seeds",
+                        lambda cfgs, *a, **k: calls.append(("seeds", [c.seed for c in cfgs])) or real_seeds(cfgs, *a, **k))
+    first = run_compare(cc, progress=False)
+    assert calls == [("seeds", [0, 1])]          # both dense models in one vmapped run, no sequential training
+    assert {(r["method"], r["seed"]) for r in first["rows"]} == {("magnitude", 0), ("magnitude", 1)}
+    res = json.loads((cc.out / "cells" / "magnitude_s0.5_seed1" / "results.json").read_text())
+    assert res["seed"] == 1 and res["history"]["dense"]["parallel_seeds"]["seeds"] == [0, 1]
+
+    # Rerun: every cell is finished, nothing is trained.
+    calls.clear()
+    run_compare(load_config(cfg, out=str(tmp_path / "out")), progress=False)
+    assert calls == []
+
+    # One seed left: its dense model is trained alone (sequentially) and matches the vmapped one.
+    import shutil
+    shutil.rmtree(cc.out / "cells" / "magnitude_s0.5_seed1")
+    third = run_compare(load_config(cfg, out=str(tmp_path / "out")), progress=False)
+    assert calls == ["prepare"]
+    row = {r["seed"]: r for r in third["rows"]}[1]
+    old = {r["seed"]: r for r in first["rows"]}[1]
+    assert row["dense_test_accuracy"] == pytest.approx(old["dense_test_accuracy"], abs=1e-3)
+    assert row["test_accuracy"] == pytest.approx(old["test_accuracy"], abs=1e-2)
+
+    cfg.write_text(PARALLEL.replace("parallel_seeds = true", 'parallel_seeds = "yes"'))
+    with pytest.raises(ValueError, match="parallel_seeds must be true or false"):
+        load_config(cfg)

@@ -143,16 +143,19 @@ def train_batches(
     The order depends only on ``(seed, epoch)``, so a run is reproducible and
     can resume mid-way.
     """
-    n = len(split)
+    for idx in batch_indices(len(split), batch_size, seed, epoch):
+        yield {"x": split.x[idx], "y": split.y[idx], "g": split.g[idx],
+               "w": np.ones(batch_size, np.float32)}
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int = 0) -> Iterator[np.ndarray]:
+    """The sorted row indices of each batch of :func:`train_batches` (one shuffle per ``(seed, epoch)``)."""
     if batch_size > n:
         raise ValueError(
             f"batch size {batch_size} is larger than the training split ({n} rows); use --batch-size <= {n}")
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
     for start in range(0, n - batch_size + 1, batch_size):
-        idx = np.sort(perm[start:start + batch_size])
-        yield {"x": split.x[idx], "y": split.y[idx], "g": split.g[idx],
-               "w": np.ones(batch_size, np.float32)}
+        yield np.sort(perm[start:start + batch_size])
 
 
 def steps_per_epoch(split: Split, batch_size: int) -> int:
