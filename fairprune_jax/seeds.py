@@ -35,8 +35,18 @@ def stack(trees: list[Any]) -> Any:
 
 
 def unstack(tree: Any, n: int) -> list[Any]:
-    """Inverse of :func:`stack`."""
-    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+    """Inverse of :func:`stack`: ``n`` pytrees, one per index of the leading axis.
+
+    One ``jnp.unstack`` per leaf (a single op giving all ``n`` slices), not
+    ``n`` indexing ops per leaf: for a training state of 8 seeds that is ~30
+    dispatches instead of ~240 (tens of milliseconds on a CPU).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    for x in leaves:
+        if x.shape[:1] != (n,):
+            raise ValueError(f"unstack: expected a leading axis of size {n}; got a leaf of shape {x.shape}")
+    parts = [jnp.unstack(x) for x in leaves]
+    return [treedef.unflatten([p[i] for p in parts]) for i in range(n)]
 
 
 def stack_states(states: list[TrainState]) -> TrainState:
