@@ -57,6 +57,7 @@ METRICS: dict[str, tuple[str, tuple]] = {
     "test_dp_diff": ("test", ("demographic_parity_difference", "between_groups")),
     "test_eo_diff": ("test", ("equalized_odds_difference", "between_groups", "worst_case")),
 }
+DERIVED_COLUMNS = ["dense_test_accuracy", "accuracy_drop"]   # per row, next to METRICS
 
 
 @dataclasses.dataclass
@@ -79,11 +80,16 @@ class CompareConfig:
 
     def resolve(self, name: str) -> tuple[str, dict]:
         """The registered method and its options for a grid entry (a method or a variant name)."""
-        if name in self.variants:
-            v = dict(self.variants[name])
-            base = v.pop("method")
-            return base, {**self.method_options.get(base, {}), **v}
-        return name, dict(self.method_options.get(name, {}))
+        return resolve_entry(name, self.variants, self.method_options)
+
+
+def resolve_entry(name: str, variants: dict, method_options: dict) -> tuple[str, dict]:
+    """``(method, options)`` of a grid entry: a variant's own options override ``[method_options.<method>]``."""
+    if name in variants:
+        v = dict(variants[name])
+        base = v.pop("method")
+        return base, {**method_options.get(base, {}), **v}
+    return name, dict(method_options.get(name, {}))
 
 
 def _check_variants(path: Path, variants: Any) -> dict:
@@ -125,12 +131,7 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
         raise ValueError(f"{path}: methods lists an entry twice: {raw['methods']}")
     bases = set()
     for m in raw["methods"]:
-        if m in variants:
-            base = variants[m]["method"]
-            opts = {**raw.get("method_options", {}).get(base, {}),
-                    **{k: v for k, v in variants[m].items() if k != "method"}}
-        else:
-            base, opts = m, raw.get("method_options", {}).get(m, {})
+        base, opts = resolve_entry(m, variants, raw.get("method_options", {}))
         method_options(get_method(base), opts)
         bases.add(base)
     unused = set(variants) - set(raw["methods"])
@@ -252,7 +253,7 @@ def collect(cc: CompareConfig) -> dict:
 
 def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
     out = []
-    cols = list(METRICS) + ["dense_test_accuracy", "accuracy_drop"]
+    cols = list(METRICS) + DERIVED_COLUMNS
     cols += ["train_psi_within_tol", "test_psi_within_tol"] if cc.tolerance is not None else []
     for s in cc.sparsities:
         for m in cc.methods:
@@ -279,18 +280,20 @@ def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = 
     head = "| method | sparsity | seeds | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (3 + len(cols))]
     for a in agg:
-        cells = []
-        for c in cols:
-            v = a.get(c) or {}
-            if v.get("mean") is None:
-                cells.append("-")
-            elif c.endswith("within_tol"):
-                cells.append(f"{v['mean'] * a['n_seeds']:.0f}/{a['n_seeds']}")
-            else:
-                fmt = "{:.5f}" if "cwv" in c else "{:.4f}"
-                cells.append(fmt.format(v["mean"]) + " ± " + fmt.format(v["std"]))
+        cells = [format_cell(c, a) for c in cols]
         lines.append(f"| {a['method']} | {a['sparsity']:g} | {a['n_seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_cell(col: str, agg_row: dict) -> str:
+    """``mean ± std`` of an aggregate column (``k/n`` seeds for the within-tolerance ones, ``-`` if missing)."""
+    v = agg_row.get(col) or {}
+    if v.get("mean") is None:
+        return "-"
+    if col.endswith("within_tol"):
+        return f"{v['mean'] * agg_row['n_seeds']:.0f}/{agg_row['n_seeds']}"
+    fmt = "{:.5f}" if "cwv" in col else "{:.4f}"
+    return fmt.format(v["mean"]) + " ± " + fmt.format(v["std"])
 
 
 def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
@@ -395,10 +398,10 @@ def load_suite(path: str | Path, out: str | None = None) -> Suite:
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: two comparisons share a name (their results would collide): {names}")
     columns = list(raw.get("columns", HEADLINE_COLUMNS))
-    bad = set(columns) - set(METRICS) - {"dense_test_accuracy", "accuracy_drop"}
+    valid = list(METRICS) + DERIVED_COLUMNS
+    bad = set(columns) - set(valid)
     if bad:
-        raise ValueError(f"{path}: unknown column(s) {sorted(bad)}; valid: "
-                         f"{', '.join(list(METRICS) + ['dense_test_accuracy', 'accuracy_drop'])}")
+        raise ValueError(f"{path}: unknown column(s) {sorted(bad)}; valid: {', '.join(valid)}")
     name = raw.get("name", path.stem)
     out_dir = Path(out) if out else (path.parent / raw["out"] if "out" in raw else path.parent / "results" / name)
     return Suite(name=name, configs=configs, out=out_dir, columns=columns)
@@ -433,11 +436,7 @@ def headline_markdown(suite: Suite, rows: list[dict]) -> str:
     cols = suite.columns
     lines = ["| dataset | method | sparsity | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c) or {}
-            fmt = "{:.5f}" if "cwv" in c else "{:.4f}"
-            cells.append("-" if v.get("mean") is None else fmt.format(v["mean"]) + " ± " + fmt.format(v["std"]))
+        cells = [format_cell(c, r) for c in cols]
         lines.append(f"| {r['dataset']} | {r['method']} | {r['sparsity']:g} | {r['n_seeds']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -29,3 +29,14 @@ def tiny_models():
             return self[name]
 
     return _Lazy(cache)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail if a run starts building or training a model: bad input must be refused before that."""
+    from fairprune_jax import runner
+
+    def boom(*a, **k):
+        raise RuntimeError("work started before the input was validated")
+    monkeypatch.setattr(runner, "build_context", boom)
+    monkeypatch.setattr(runner, "train_dense", boom)

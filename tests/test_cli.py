@@ -126,14 +126,6 @@ def test_methods_differ_after_pruning(runs):
 # bad input: exit code 2 and a clear message, before any model is built or trained
 # ---------------------------------------------------------------------------
 
-@pytest.fixture
-def no_training(monkeypatch):
-    def boom(*a, **k):
-        raise RuntimeError("work started before the input was validated")
-    monkeypatch.setattr(runner, "build_context", boom)
-    monkeypatch.setattr(runner, "train_dense", boom)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--sparsity", "1.0"], r"sparsity must be in \[0, 1\)"),
     (["--sparsity=-0.1"], r"sparsity must be in \[0, 1\)"),

@@ -64,14 +64,6 @@ def test_save_compact_writes_a_smaller_equivalent_model(compact_run):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    def boom(*a, **k):
-        raise RuntimeError("work started before the input was validated")
-    monkeypatch.setattr(runner, "build_context", boom)
-    monkeypatch.setattr(runner, "train_dense", boom)
-
-
 @pytest.mark.parametrize("args, why", [
     (["--method", "magnitude"], "method 'magnitude' prunes individual weights"),
     (["--method", "bifp", "--opt", "structured=False"], "method 'bifp' with structured=False prunes"),
