@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--positive-class", type=int, default=d.positive_label,
                    help="class id treated as positive by the binary metrics (DP, EO)")
     r.add_argument("--augment", action="store_true", help="random crop + flip for images")
+    r.add_argument("--certify-eps", type=float, default=None,
+                   help="psi_g bound the per-group certificate checks (default: the method's eps, else 0.01)")
+    r.add_argument("--certify-level", type=float, default=d.certify_level,
+                   help="family-wise confidence level of the certificate's intervals (default 0.95)")
+    r.add_argument("--fairness-bound", type=float, default=None,
+                   help="also give DP / EO differences a verdict against this bound")
+    r.add_argument("--small-group", type=int, default=d.small_group,
+                   help="mark groups with fewer test rows than this (default 30)")
     r.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. eps=0.05")
     r.add_argument("--out", default=None, help="output folder (default runs/METHOD_DATASET_sSPARSITY_seedSEED)")
     r.add_argument("--save-compact", action="store_true",
@@ -116,11 +124,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         weight_decay=args.weight_decay, distribution=args.distribution, exclude_first=args.exclude_first,
         exclude_last=args.exclude_last, positive_label=args.positive_class, augment=args.augment, out=out,
         save_compact=args.save_compact, progress=not args.no_progress, dataset_options=_data_options(args),
-        model_options=_kv(args.model_opt, "--model-opt"), method_options=_kv(args.opt, "--opt"))
+        model_options=_kv(args.model_opt, "--model-opt"), method_options=_kv(args.opt, "--opt"),
+        certify_eps=args.certify_eps, certify_level=args.certify_level, fairness_bound=args.fairness_bound,
+        small_group=args.small_group)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fairprune_jax import report
+    from fairprune_jax import certify, report
     from fairprune_jax.runner import run
 
     cfg = config_from_args(args)
@@ -136,6 +146,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(report.text_table(res, "test"))
     print()
+    cert = res["pruned"]["test"].get("certificate")
+    if cert:
+        print(certify.summary_line(cert))
+    note = report.degenerate_note(res)
+    if note:
+        print(f"WARNING: {note}")
+    for line in res.get("method_info", {}).get("warnings", []):
+        print(f"WARNING: {line}")
     print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
           f"wall time {res['wall_time_s']:.1f} s")
     print(f"wrote {Path(cfg.out) / 'results.json'}, results.md, group_accuracy.png")

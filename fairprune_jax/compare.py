@@ -56,7 +56,13 @@ METRICS: dict[str, tuple[str, tuple]] = {
     "test_mcd": ("test", ("max_class_discrepancy",)),
     "test_dp_diff": ("test", ("demographic_parity_difference", "between_groups")),
     "test_eo_diff": ("test", ("equalized_odds_difference", "between_groups", "worst_case")),
+    # the per-group certificate on test (certify.py)
+    "test_certified_share": ("test", ("certificate", "certified_share")),
+    "test_violated_groups": ("test", ("certificate", "violated")),
+    "test_psi_upper": ("test", ("certificate", "worst_upper")),
 }
+#: per-row flags shown as "k/n seeds" in the tables
+FLAG_COLUMNS = ["degenerate", "no_violated_group"]
 DERIVED_COLUMNS = ["dense_test_accuracy", "accuracy_drop"]   # per row, next to METRICS
 
 
@@ -202,7 +208,10 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
             method = get_method(base)
             # [run] save_compact = true: a compacted model for every cell whose masks are structured
             compact = bool(cc.run.get("save_compact")) and method.is_structured(method_options(method, opts))
-            res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d), save_compact=compact)
+            # one psi bound for every method of the grid: the grid's tolerance unless [run] sets certify_eps
+            cert = {"certify_eps": cc.tolerance} if cc.tolerance is not None and "certify_eps" not in run else {}
+            res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d), save_compact=compact,
+                             **cert)
             res.pop("_state", None)
             bar.update(1)
     bar.close()
@@ -233,6 +242,9 @@ def collect(cc: CompareConfig) -> dict:
                                        "achieved_sparsity": r["sparsity"]["achieved"]}
                 for col, (split, path) in METRICS.items():
                     row[col] = _get(r["pruned"].get(split, {}), path)
+                row["degenerate"] = r["pruned"]["test"].get("degenerate")
+                row["top_prediction_share"] = r["pruned"]["test"].get("top_prediction_share")
+                row["no_violated_group"] = None if row["test_violated_groups"] is None else row["test_violated_groups"] == 0
                 row["dense_test_accuracy"] = r["dense"]["test"]["accuracy"]
                 row["accuracy_drop"] = (None if row["test_accuracy"] is None
                                         else row["dense_test_accuracy"] - row["test_accuracy"])
@@ -253,7 +265,7 @@ def collect(cc: CompareConfig) -> dict:
 
 def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
     out = []
-    cols = list(METRICS) + DERIVED_COLUMNS
+    cols = list(METRICS) + DERIVED_COLUMNS + FLAG_COLUMNS
     cols += ["train_psi_within_tol", "test_psi_within_tol"] if cc.tolerance is not None else []
     for s in cc.sparsities:
         for m in cc.methods:
@@ -270,7 +282,8 @@ def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
 
 
 DEFAULT_COLUMNS = ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread",
-                   "test_group_acc_gap", "test_cwv", "test_mcd", "test_dp_diff", "test_eo_diff"]
+                   "test_group_acc_gap", "test_cwv", "test_mcd", "test_dp_diff", "test_eo_diff",
+                   "test_certified_share", "test_psi_upper", "no_violated_group", "degenerate"]
 
 
 def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = None) -> str:
@@ -281,8 +294,17 @@ def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = 
     lines = [head, "|" + "---|" * (3 + len(cols))]
     for a in agg:
         cells = [format_cell(c, a) for c in cols]
-        lines.append(f"| {a['method']} | {a['sparsity']:g} | {a['n_seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method_label(a)} | {a['sparsity']:g} | {a['n_seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def method_label(agg_row: dict) -> str:
+    """The method name, marked when some seeds ended with a degenerate (near-constant) model."""
+    d = (agg_row.get("degenerate") or {}).get("mean")
+    if not d:
+        return agg_row["method"]
+    k = round(d * agg_row["n_seeds"])
+    return f"{agg_row['method']} (DEGENERATE {k}/{agg_row['n_seeds']})"
 
 
 def format_cell(col: str, agg_row: dict) -> str:
@@ -290,7 +312,7 @@ def format_cell(col: str, agg_row: dict) -> str:
     v = agg_row.get(col) or {}
     if v.get("mean") is None:
         return "-"
-    if col.endswith("within_tol"):
+    if col.endswith("within_tol") or col in FLAG_COLUMNS:
         return f"{v['mean'] * agg_row['n_seeds']:.0f}/{agg_row['n_seeds']}"
     fmt = "{:.5f}" if "cwv" in col else "{:.4f}"
     return fmt.format(v["mean"]) + " ± " + fmt.format(v["std"])
@@ -437,7 +459,7 @@ def headline_markdown(suite: Suite, rows: list[dict]) -> str:
     lines = ["| dataset | method | sparsity | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
     for r in rows:
         cells = [format_cell(c, r) for c in cols]
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['sparsity']:g} | {r['n_seeds']} | "
+        lines.append(f"| {r['dataset']} | {method_label(r)} | {r['sparsity']:g} | {r['n_seeds']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 

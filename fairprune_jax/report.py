@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from fairprune_jax import certify
+
 # (label, getter on a fairness_report dict, format)
 ROWS: list[tuple[str, Any, str]] = [
     ("accuracy", lambda r, s: r["accuracy"], "{:.4f}"),
@@ -54,6 +56,44 @@ def text_table(results: dict, split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def degenerate_note(results: dict, split: str = "test") -> str | None:
+    """A warning line when the pruned model predicts (nearly) one class for every row, else None."""
+    p = results["pruned"].get(split, {})
+    if not p.get("degenerate"):
+        return None
+    return (f"DEGENERATE MODEL: the pruned model predicts {p['top_prediction']!r} for "
+            f"{p['top_prediction_share']:.1%} of the {split} rows; its fairness figures (DP / EO near 0) "
+            "describe a constant classifier, not a fair one")
+
+
+def certificate_markdown(results: dict, split: str = "test") -> list[str]:
+    """The per-group certificate as Markdown lines (empty when the run has none)."""
+    cert = results["pruned"].get(split, {}).get("certificate")
+    if not cert:
+        return []
+    out = [f"## Certificate ({split}): psi_g <= eps = {cert['eps']:g} at {cert['level']:.0%} (simultaneous)", "",
+           f"- {certify.summary_line(cert)}",
+           f"- intervals: {cert['interval']}",
+           f"- groups marked * have fewer than {cert['small_group_rows']} {split} rows", ""]
+    for key, label in (("demographic_parity_difference", "demographic parity difference"),
+                       ("equalized_odds_difference", "equalized odds difference")):
+        e = cert[key]
+        line = f"- {label}: {_fmt(e['value'], '{:.4f}')} [{e['low']:.4f}, {e['high']:.4f}]"
+        if "verdict" in e:
+            line += f" vs bound {e['bound']:g}: {e['verdict']}"
+        out.append(line)
+    out += ["", "| group | n | pruned accuracy [CI] | psi_g [CI] | verdict |", "|---|---:|---:|---:|---|"]
+    for name, g in cert["groups"].items():
+        if g["verdict"] is None:
+            out.append(f"| {name} | 0 | - | - | no rows |")
+            continue
+        mark = "*" if g["small"] else ""
+        out.append(f"| {name}{mark} | {g['n']} | {g['accuracy']:.4f} [{g['accuracy_low']:.3f}, "
+                   f"{g['accuracy_high']:.3f}] | {g['psi']:+.4f} [{g['low']:+.3f}, {g['high']:+.3f}] | "
+                   f"{g['verdict']} |")
+    return out + [""]
+
+
 def markdown_report(results: dict) -> str:
     r = results
     out = [f"# fairprune run: {r['method']} on {r['dataset']} ({r['model']})", "",
@@ -70,9 +110,13 @@ def markdown_report(results: dict) -> str:
                        f"model {_fmt(c['max_abs_logit_diff'], '{:.2g}')} ({c['check_rows']} test rows)")
     elif c:
         out.insert(-1, f"- compacted model not written: {c['error']}")
+    note = degenerate_note(r)
+    if note:
+        out += [f"**{note}.**", ""]
     for split in ("test", "train"):
         if split in r["pruned"]:
             out += [summary_table(r, split), ""]
+    out += certificate_markdown(r)
     out += ["## Per-group accuracy (test)", "", "| group | n | dense | pruned | psi_g |", "|---|---:|---:|---:|---:|"]
     d, p = r["dense"]["test"], r["pruned"]["test"]
     psi = (p.get("excess_accuracy_gap") or {}).get("per_group", {})

@@ -14,14 +14,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from fairprune_jax import checkpoint, compact, distributed, fairness, report
+from fairprune_jax import certify, checkpoint, compact, distributed, fairness, report
 from fairprune_jax.data import DATASETS, Dataset, eval_batches, load_dataset
 from fairprune_jax.masks import check_sparsity, named_leaves, prunable_template, sparsity_summary, DISTRIBUTIONS
 from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer, method_options
-from fairprune_jax.methods.base import structured_methods
+from fairprune_jax.methods.base import DEFAULT_CERTIFY_EPS, structured_methods
 from fairprune_jax.models import MODELS, build_model, count_flops, default_model_for, layer_order
-from fairprune_jax.train import (TrainState, create_state, evaluate, fit, make_eval_step, make_train_step,
-                                 masked_forward)
+from fairprune_jax.train import (TrainState, create_state, evaluate, evaluate_paired, fit, make_eval_step,
+                                 make_paired_eval_step, make_train_step, masked_forward)
 
 #: Where ``--save-compact`` writes the compacted model, inside the run's output folder.
 COMPACT_DIR = "compact"
@@ -53,6 +53,18 @@ def validate_config(cfg: RunConfig) -> None:
         raise ValueError(f"--finetune-epochs must be >= 0; got {cfg.ft_epochs}")
     if not (cfg.lr > 0 and cfg.ft_lr > 0):
         raise ValueError(f"learning rates must be > 0; got lr={cfg.lr}, finetune_lr={cfg.ft_lr}")
+    if not 0.0 < float(cfg.certify_level) < 1.0:
+        raise ValueError(f"--certify-level must be in (0, 1), e.g. 0.95; got {cfg.certify_level}")
+    if cfg.small_group < 0:
+        raise ValueError(f"--small-group must be >= 0; got {cfg.small_group}")
+
+
+def certify_eps(cfg: RunConfig) -> float:
+    """The psi bound the certificate checks: ``certify_eps``, else the method's ``eps`` option, else the default."""
+    if cfg.certify_eps is not None:
+        return float(cfg.certify_eps)
+    opts = method_options(get_method(cfg.method), cfg.method_options)
+    return float(opts["eps"]) if "eps" in opts else DEFAULT_CERTIFY_EPS
 
 
 def _augment_fn(cfg: RunConfig, ds: Dataset):
@@ -259,6 +271,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
              "pruned": {s: evaluate(ctx.eval_step, pruned, split, cfg.eval_batch_size)
                         for s, split in ds.splits().items()}}
     results = _assemble(cfg, ds, ctx, prep.dense, pruned, evals, prep.dense_history, info)
+    add_certificate(results, cfg, ctx, prep.dense, pruned, evals)
     empty = [name for name, layer in results["sparsity"]["layers"].items() if layer["kept"] == 0]
     results["sparsity"]["empty_layers"] = empty
     if empty:
@@ -285,6 +298,32 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
         report.write_outputs(results, Path(cfg.out))
     results["_state"] = pruned
     return results
+
+
+def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainState, pruned: TrainState,
+                    evals: dict, split: str = "test") -> None:
+    """Per-group certificate and degenerate-model check of ``pruned`` vs ``dense`` on ``split`` (in place).
+
+    ``evals``: the run's ``{"dense"|"pruned": {split: (group counts, class counts)}}``.
+    Writes ``results[model][split]["degenerate"]`` (+ the most frequent prediction and its share) for the
+    dense and the pruned model and ``results["pruned"][split]["certificate"]``; warns about a degenerate
+    pruned model.
+    """
+    ds = ctx.dataset
+    data = ds.splits()[split]
+    paired = evaluate_paired(make_paired_eval_step(ctx.fm, ds.num_groups, ds.num_classes), dense, pruned, data,
+                             cfg.eval_batch_size)
+    for which, hist in (("dense", paired["dense_pred_hist"]), ("pruned", paired["pred_hist"])):
+        results[which][split].update(certify.prediction_summary(hist, ds.class_names))
+    gc, dense_gc = evals["pruned"][split][0], evals["dense"][split][0]
+    results["pruned"][split]["certificate"] = certify.certificate(
+        gc, dense_gc, paired["lost"], paired["gained"], eps=certify_eps(cfg), level=float(cfg.certify_level),
+        group_names=ds.group_names, fairness_bound=cfg.fairness_bound, small_group=int(cfg.small_group))
+    p = results["pruned"][split]
+    if p["degenerate"]:
+        warnings.warn(f"{cfg.method} at sparsity {cfg.sparsity}: the pruned model is degenerate: it predicts "
+                      f"{p['top_prediction']!r} for {p['top_prediction_share']:.1%} of the {split} rows, so its "
+                      "fairness figures (DP / EO near 0) say nothing about fairness", stacklevel=2)
 
 
 def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | None = None,

@@ -21,7 +21,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from fairprune_jax import checkpoint as checkpoint_lib
-from fairprune_jax import distributed, fairness
+from fairprune_jax import certify, distributed, fairness
 from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
 from fairprune_jax.masks import apply_masks
 from fairprune_jax.models import FunctionalModel
@@ -157,22 +157,45 @@ def evaluate(eval_step: Callable, state: TrainState, split: Split, batch_size: i
     split over its devices (the batch size is rounded up to a multiple of the
     device count; padding rows have ``w = 0``) and the counts are global.
     """
+    total_g, total_c = sum_over_split(eval_step, (state.params, state.masks, state.model_state), split,
+                                      batch_size, mesh=mesh)
+    return type(total_g)(*total_g), type(total_c)(*total_c)
+
+
+def sum_over_split(step: Callable, args: Any, split: Split, batch_size: int = 512, *, mesh: Any = None) -> Any:
+    """``step(*args, batch)`` summed over every evaluation batch of ``split`` (a pytree of additive counts,
+    returned as float64 numpy); ``args`` are replicated over the mesh's devices, batches split over them."""
     mesh = mesh if mesh is not None else distributed.current_mesh()
-    total_g = total_c = None
     bs = min(batch_size, max(len(split), 1))
-    params, masks, model_state = state.params, state.masks, state.model_state
     if mesh is not None:
         bs = distributed.round_up(bs, mesh)
-        params, masks, model_state = distributed.replicate((params, masks, model_state), mesh)
+        args = distributed.replicate(args, mesh)
     sync = distributed.sync_each_step(mesh)
+    total = None
     for batch in eval_batches(split, bs):
-        g, c = eval_step(params, masks, model_state, distributed.shard_batch(batch, mesh))
+        out = step(*args, distributed.shard_batch(batch, mesh))
         if sync:
-            jax.block_until_ready((g, c))
-        total_g = g if total_g is None else fairness.add_counts(total_g, g)
-        total_c = c if total_c is None else fairness.add_counts(total_c, c)
-    to_np = lambda t: type(t)(*[np.asarray(v, np.float64) for v in t])  # noqa: E731
-    return to_np(total_g), to_np(total_c)
+            jax.block_until_ready(out)
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+    return jax.tree.map(lambda v: np.asarray(v, np.float64), total)
+
+
+def make_paired_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int) -> Callable:
+    """Jitted ``(dense (params, masks, model_state), pruned (...), batch) -> certify.paired_counts``."""
+    def step(dense, pruned, batch):
+        d_logits, _ = masked_forward(fm, *dense, batch["x"], train=False)
+        p_logits, _ = masked_forward(fm, *pruned, batch["x"], train=False)
+        return certify.paired_counts(d_logits, p_logits, batch["y"], batch["g"], batch["w"], num_groups,
+                                     num_classes)
+
+    return jax.jit(step)
+
+
+def evaluate_paired(paired_step: Callable, dense: TrainState, pruned: TrainState, split: Split,
+                    batch_size: int = 512, *, mesh: Any = None) -> dict[str, np.ndarray]:
+    """Paired dense-vs-pruned counts over a whole split (the input of :func:`certify.certificate`)."""
+    args = ((dense.params, dense.masks, dense.model_state), (pruned.params, pruned.masks, pruned.model_state))
+    return sum_over_split(paired_step, args, split, batch_size, mesh=mesh)
 
 
 class NonFiniteLossError(FloatingPointError):

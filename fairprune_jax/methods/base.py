@@ -18,6 +18,8 @@ from fairprune_jax.models import FunctionalModel
 from fairprune_jax.train import TrainState, create_state, fit, make_train_step
 
 OPTIMIZERS = ("adam", "sgd")
+#: The psi bound a certificate checks when neither ``certify_eps`` nor the method's ``eps`` option sets one.
+DEFAULT_CERTIFY_EPS = 0.01
 
 
 @dataclasses.dataclass
@@ -46,6 +48,12 @@ class RunConfig:
     out: str | None = None
     save_compact: bool = False          # structured methods: also write OUT/compact (the physically smaller model)
     progress: bool = True
+    # The per-group certificate on test (certify.py): psi bound (None: the method's ``eps`` option, else
+    # DEFAULT_CERTIFY_EPS), family-wise confidence level, optional bound for DP / EO differences.
+    certify_eps: float | None = None
+    certify_level: float = 0.95
+    fairness_bound: float | None = None
+    small_group: int = 30               # groups with fewer test rows are marked small
     dataset_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
     method_options: dict = dataclasses.field(default_factory=dict)
