@@ -7,10 +7,9 @@ lower level over the weights ``theta``::
 
     min_m  L(m * theta*(m))        s.t. theta*(m) = argmin_theta L(m * theta) + gamma/2 ||theta||^2
 
-with ``L`` the training objective of the masked model ``z = m * theta``:
-cross-entropy plus the fairness term (a fixed penalty ``lam * F`` or the
-Lagrangian ``CE + mu * (F - tau)`` with a multiplier from
-:mod:`fairprune_jax.constrained`).
+with ``L`` the training objective of the masked model: cross-entropy plus
+the fairness term (a fixed penalty ``lam * F``, or a Lagrangian with one
+multiplier per group constraint from :mod:`fairprune_jax.constrained`).
 
 The implicit gradient
 ---------------------
@@ -27,34 +26,59 @@ assumptions make this first order:
 So ``d theta*/dm = -(1/gamma) diag(grad_z L)`` and, elementwise (unstructured
 masks, one ``m_i`` per weight, ``z_i = m_i theta_i``)::
 
-    grad_m = theta * g  -  (1/gamma) * g * (m * g)         with g = dL/dz,
-             \\_ dL/dm _/           dL/dz  \\_ dL/dtheta _/
+    grad_m = theta * g  -  (1/gamma) * g * (m * g)         with g = dL/dz.
 
-For a **structured** mask one scalar ``m_u`` scales every weight of unit
-``u``: ``z_{iu} = m_u theta_{iu}`` for the kernel column and for the unit's
-companions (its bias and BatchNorm scale/offset, see
-:mod:`fairprune_jax.compact`). The mixed derivative
-``d^2 l / dm_u dtheta_{iu}`` is ``g_{iu}`` for each of those weights and 0
-for every other weight, so both terms are sums over the unit's weights::
+Where a structured mask is differentiated
+-----------------------------------------
+The forward pass removes a unit by masking its kernel column *and* its bias
+and BatchNorm scale/offset (:mod:`fairprune_jax.compact`), so a pruned unit
+outputs exactly 0. Differentiated there (``mask_grad="producer"``, the
+formula above summed over the unit's weights), a pruned unit's
+pre-activation is 0, ReLU'(0) = 0, and every ``g`` of the unit is 0: its
+score never moves and it can never come back. Measured on the Adult MLP, the
+digits MLP and the UTKFace CNN, 100% of pruned units got an exactly zero
+gradient at every step.
 
-    grad_{m_u} = sum_i theta_{iu} g_{iu}  -  (1/gamma) sum_i g_{iu} (m_u g_{iu})
+``mask_grad="consumer"`` (default) takes the mask's derivative where the
+unit's output is *consumed*: the same binary mask written as a scale on the
+consuming kernels' input rows (axis -2), with the producing layer unmasked.
+This is the same function of the input (the unit's output reaches the rest
+of the network only through those rows; a conv's BatchNorm is per channel),
+so the loss, the forward pass used for the weights, the final masks and the
+compaction are unchanged; only the point at which ``dL/dm`` is read moves.
+A pruned unit now sees ``sum_j K[u, j] dL/dK_eff[u, j]``: the first-order
+change of the loss if its stored weights came back. With ``z = m_u * K[u, :]``
+for the consumer rows ``K``, BiP's formula is::
 
-For a pruned unit (``m_u = 0``) the implicit term vanishes and the score
-moves with the plain first-order sensitivity; for a kept unit it is lowered
-by ``(1/gamma) ||g_u||^2`` (how much the lower level will still change it).
+    grad_{m_u} = sum_j K[u, j] g[u, j]  -  (1/gamma) sum_j g[u, j] (m_u g[u, j])
 
-The mask is the top-k of continuous scores ``s`` (exact sparsity), and the
-gradient above is passed to ``s`` unchanged: the straight-through estimator
-``dm/ds = I``. Scores start at the per-layer-normalised magnitude (L1 norm
-of the unit's weights), take plain SGD steps and are projected back onto
-``[0, 1]`` (BiP's relaxation of the binary set).
+(``g = dL/dz`` at the consumer rows, summed over spatial taps and over all
+consumers); the implicit term vanishes for a pruned unit and lowers a kept
+one by ``(1/gamma) ||g_u||^2``. This follows BiP's channel mode, which masks
+each conv's *input* channels (OPTML-Group/BiP, ``models/layers.py`` lines
+31-47, ``GetSubnetChannel``; used in ``SubnetConvChannel.forward``, lines
+148-156).
 
-One jitted step per batch: lower level (``lower_steps`` SGD steps on
-``theta`` of the masked model; the dual ascent, in constraint mode, with the
-first of them), then the upper level (one score step with the implicit
-gradient at the new ``theta``), then the new top-k mask. Weights of pruned
-units keep their values (they receive no loss gradient), so a unit that
-comes back resumes from where it was.
+Scores
+------
+The mask is the top-k of continuous per-unit scores ``s`` (exact sparsity),
+and the gradient above is passed to ``s`` unchanged: the straight-through
+estimator ``dm/ds = I`` (BiP ``models/layers.py`` lines 44-47). Scores start
+at the per-layer-normalised magnitude (L1 norm of the unit's kernel column;
+BiP copies the raw weights into its scores, ``utils/model.py`` lines
+169-175, and ranks their norms) and take SGD steps with momentum
+(``mask_momentum``, BiP's mask optimizer is SGD with momentum, ``train.py``
+lines 95-100). By default they are NOT clipped: BiP's code has no
+projection onto ``[0, 1]``, and a clip makes every unit that reaches a bound
+tie with the others there, ties then being broken by index.
+``score_clip=True`` restores the clip of earlier versions (for ablations).
+
+One jitted step per batch: lower level (``lower_steps`` steps of the weight
+optimizer on ``theta`` of the masked model; the dual step, in constraint
+mode, with the first of them), then the upper level (one score step with the
+implicit gradient at the new ``theta``), then the new top-k mask. Weights of
+pruned units keep their values (they receive no loss gradient), so a unit
+that comes back resumes from where it was.
 
 Fairness objectives
 -------------------
@@ -63,15 +87,29 @@ Fairness objectives
 and how it enters:
 
 * ``penalty``: ``CE + lam * F`` in both levels (Dai et al.'s relaxation);
-* ``constraint``: ``F <= tau`` with one Lagrange multiplier (dual ascent,
-  nuPI or augmented Lagrangian from :mod:`fairprune_jax.constrained`); the
-  primal step (both levels) minimises ``CE + mu * (F - tau)``. The dual step
-  reads the *strict* violation from per-group replay buffers (``strict=
-  "metric"``: the true, non-differentiable metric -- selection rate for DP,
-  per-label selection rates for EO, error rate for AP -- over the last
-  ``buffer_size`` rows of each group; ``"surrogate"``: the same gap of the
-  surrogate's per-row terms), so ``tau`` is a bound on the real metric and
-  the multiplier does not chase the small-batch noise of the batch gap;
+* ``constraint`` with ``constraint="per_group"`` (default): one inequality
+  per group, per side (equalized odds: the ``y = pos`` and ``y != pos``
+  rows) and per direction, ``+-(r_a - r) <= tau / 2`` with ``r_a`` the
+  group's rate (selection rate for DP/EO, error rate for AP) and ``r`` the
+  overall rate of the same rows; together they imply a max-min gap ``<=
+  tau``. Each has its own multiplier, capped at ``multiplier_max``
+  (:func:`fairprune_jax.constrained.capped`). The dual step reads the *hard*
+  rates from exponential moving averages of per-group counts (decay
+  ``strict_decay``; a constraint is observed once its group has
+  ``min_rows`` effective rows), whose noise is far below that of the old
+  40-row buffers (see the noise table in ``experiments/README.md``); the
+  signed form keeps that noise zero-mean, so the dual step does not
+  integrate a bias. The primal step uses, per constraint, the group's mean
+  of ``h(f)`` minus the overall mean of ``1 - h(-f)`` (and the mirror image):
+  for the ``_logistic`` / ``_hinge`` surrogates ``h >= 1[f > 0]`` and
+  ``1 - h(-f) <= 1[f > 0]``, so the term is an upper bound of the hard
+  deviation (Wu, Zhang & Wu's convex bound, taken per group); for the
+  default ``prob`` surrogate both are ``P(pos)``, the soft rates. For ``ap``
+  the per-group mean cross-entropy stands in for the error rate.
+* ``constraint`` with ``constraint="max_gap"``: the earlier single
+  constraint on the max-min gap, strict value from per-group replay buffers
+  of ``buffer_size`` rows (kept for the ablation; with 40-row buffers its
+  noise alone exceeds ``tau`` and only a constant classifier satisfies it).
 * ``none``: plain cross-entropy (the BiP baseline).
 """
 from __future__ import annotations
@@ -91,6 +129,8 @@ from fairprune_jax.train import TrainState, cross_entropy, step_inputs, weighted
 
 FAIRNESS_MODES = ("constraint", "penalty", "none")
 STRICT = ("metric", "surrogate")
+CONSTRAINTS = ("per_group", "max_gap")
+MASK_GRADS = ("consumer", "producer")
 
 
 # ---------------------------------------------------------------------------
@@ -188,6 +228,54 @@ def implicit_mask_grad(theta: Any, g_upper: Any, masks: Any, scores: Any, gamma:
     return jax.tree.map(lambda a, b: a - b / gamma, d, i)
 
 
+def consumer_scaled(theta: Any, unit_masks: Any, groups: Sequence[UnitGroup]) -> Any:
+    """``theta`` with each group's consumer kernels' input rows (axis -2) scaled by the group's unit mask.
+
+    Producing kernels and companions stay unmasked. For a 0/1 mask the model
+    computes the same function as with the producer-side mask (a unit reaches
+    the rest of the network only through its consumers' rows), but a pruned
+    unit's output is computed from its stored weights, so the loss has a
+    nonzero derivative with respect to its mask.
+    """
+    units = dict(named_leaves(unit_masks))
+    scale: dict[str, list] = {}
+    for g in groups:
+        if g.kernel in units:
+            for c in g.consumers:
+                scale.setdefault(c, []).append(units[g.kernel])
+
+    def one(name, p):
+        for v in scale.get(name, ()):
+            p = p * v.astype(p.dtype)[:, None]
+        return p
+    return map_named(one, theta)
+
+
+def consumer_mask_grad(theta: Any, g_z: Any, unit_masks: Any, scores: Any, gamma: float,
+                       groups: Sequence[UnitGroup], g_lower: Any = None) -> Any:
+    """BiP's first-order implicit gradient with the mask read at the consumer rows (see the module doc).
+
+    ``g_z = dL/dz`` at ``z = consumer_scaled(theta, unit_masks, groups)``;
+    ``g_lower`` the lower loss's (default: the same). Per unit ``u``:
+    ``sum K[u] g[u] - (1/gamma) sum g_lower[u] (m_u g[u])`` over every
+    consumer kernel ``K`` (all axes but the input axis -2 summed).
+    """
+    g_lower = g_z if g_lower is None else g_lower
+    t, g, gl, units = (dict(named_leaves(x)) for x in (theta, g_z, g_lower, unit_masks))
+    by_kernel = {grp.kernel: grp for grp in groups}
+
+    def one(name, s):
+        m = units[name]
+        direct = jnp.zeros_like(s)
+        implicit = jnp.zeros_like(s)
+        for c in by_kernel[name].consumers:
+            axes = tuple(a for a in range(t[c].ndim) if a != t[c].ndim - 2)
+            direct = direct + jnp.sum(t[c] * g[c], axis=axes).astype(s.dtype)
+            implicit = implicit + (m * jnp.sum(gl[c] * g[c], axis=axes)).astype(s.dtype)
+        return direct - implicit / gamma
+    return map_named(one, scores)
+
+
 # ---------------------------------------------------------------------------
 # Fairness objective
 # ---------------------------------------------------------------------------
@@ -207,6 +295,9 @@ class Fairness:
     reduce: str = "max_gap"
     dual: constrained.DualOptimizer | None = None
     dual_mode: str = "alternating"
+    constraint: str = "per_group"
+    strict_decay: float = 0.99
+    min_rows: float = 200.0
 
     def __post_init__(self):
         if self.mode not in FAIRNESS_MODES:
@@ -223,6 +314,17 @@ class Fairness:
                 raise ValueError(f"buffer_size must be >= 1; got {self.buffer_size}")
             if self.dual_mode not in constrained.MODES:
                 raise ValueError(f"unknown mode {self.dual_mode!r}; valid: {', '.join(constrained.MODES)}")
+            if self.constraint not in CONSTRAINTS:
+                raise ValueError(f"unknown constraint {self.constraint!r}; valid: {', '.join(CONSTRAINTS)}")
+            if not 0.0 <= float(self.strict_decay) < 1.0:
+                raise ValueError(f"strict_decay must lie in [0, 1); got {self.strict_decay}")
+            if self.constraint == "per_group" and self.strict != "metric":
+                raise ValueError("constraint='per_group' reads the hard metric (strict='metric')")
+
+    @property
+    def num_constraints(self) -> int:
+        """Multipliers: one (max_gap) or 2 directions x sides x groups (per_group)."""
+        return 2 * self.sides * self.num_groups if self.constraint == "per_group" else 1
 
     @property
     def sides(self) -> int:
@@ -237,6 +339,10 @@ def fairness_init(spec: Fairness) -> dict:
     """The fairness part of a step's extra state: ``{}`` or ``{dual, buffer}``."""
     if spec.mode != "constraint":
         return {}
+    if spec.constraint == "per_group":
+        n = spec.sides * spec.num_groups
+        return {"dual": spec.dual.init(), "ema": {"n": jnp.zeros((n,), jnp.float32),
+                                                  "s": jnp.zeros((n,), jnp.float32)}}
     return {"dual": spec.dual.init(),
             "buffer": constrained.buffer_init(spec.sides * spec.num_groups, int(spec.buffer_size))}
 
@@ -280,6 +386,69 @@ def strict_violation(spec: Fairness, buf: constrained.GroupBuffer) -> tuple[jax.
     return jnp.where(observed, worst - spec.tau, 0.0)[None], observed[None]
 
 
+def ema_update(spec: Fairness, ema: dict, values: jax.Array, index: jax.Array, w: jax.Array) -> dict:
+    """Decayed per-(side, group) sums of row weights ``n`` and weighted values ``s``.
+
+    ``n`` is the effective number of rows behind a group's rate ``s / n``;
+    with ``k`` rows of a group per step it settles at ``k / (1 - decay)``.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    v = jnp.where(w != 0, jnp.asarray(values, jnp.float32), 0.0) * w
+    sums = jax.ops.segment_sum(jnp.stack([w, v], axis=1), jnp.asarray(index, jnp.int32),
+                               num_segments=spec.sides * spec.num_groups)
+    d = jnp.float32(spec.strict_decay)
+    return {"n": d * ema["n"] + sums[:, 0], "s": d * ema["s"] + sums[:, 1]}
+
+
+def group_rate_deviations(spec: Fairness, ema: dict) -> tuple[jax.Array, jax.Array]:
+    """``(r_a - r (sides, G), observed (sides, G))`` from the moving counts.
+
+    ``r`` is the overall rate of the side's rows (the sum of the groups'
+    counts). A group is observed once it has ``min_rows`` effective rows.
+    """
+    n = ema["n"].reshape(spec.sides, spec.num_groups)
+    s = ema["s"].reshape(spec.sides, spec.num_groups)
+    rate = s / jnp.maximum(n, 1e-12)
+    overall = jnp.sum(s, axis=1, keepdims=True) / jnp.maximum(jnp.sum(n, axis=1, keepdims=True), 1e-12)
+    observed = n >= spec.min_rows
+    return jnp.where(observed, rate - overall, 0.0), observed
+
+
+def per_group_strict(spec: Fairness, ema: dict) -> tuple[jax.Array, jax.Array]:
+    """Strict violations ``[+(r_a - r), -(r_a - r)] - tau/2`` (K,) and which are observed."""
+    dev, observed = group_rate_deviations(spec, ema)
+    d = dev.reshape(-1)
+    o = observed.reshape(-1)
+    return jnp.concatenate([d, -d]) - 0.5 * spec.tau, jnp.concatenate([o, o])
+
+
+def per_group_proxy(spec: Fairness, logits: jax.Array, y: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
+    """Differentiable per-constraint terms (K,), ordered like :func:`per_group_strict` (see the module doc).
+
+    ``+``: group mean of ``h(f)`` minus overall mean of ``1 - h(-f)``;
+    ``-``: overall mean of ``h(f)`` minus group mean of ``1 - h(-f)``; minus
+    ``tau / 2``. ``ap``: group minus overall mean cross-entropy (and the
+    mirror). A group absent from the batch contributes 0.
+    """
+    base, _, kind = spec.surrogate.partition("_")
+    if base == "ap":
+        up = lo = cross_entropy(logits, y)
+    else:
+        f = surrogates.positive_log_odds(logits, spec.positive_label)
+        up = surrogates.indicator_surrogate(f, kind or "prob")
+        lo = 1.0 - surrogates.indicator_surrogate(-f, kind or "prob")
+    side = (y != spec.positive_label).astype(jnp.int32) if spec.sides == 2 else jnp.zeros_like(y)
+    plus, minus = [], []
+    for sd in range(spec.sides):
+        ws = jnp.asarray(w, jnp.float32) * (side == sd)
+        up_g, n_g, up_all = surrogates.group_means(up, g, ws, spec.num_groups)
+        lo_g, _, lo_all = surrogates.group_means(lo, g, ws, spec.num_groups)
+        present = n_g > 0
+        plus.append(jnp.where(present, up_g - lo_all, 0.0))
+        minus.append(jnp.where(present, up_all - lo_g, 0.0))
+    return jnp.concatenate(plus + minus) - 0.5 * spec.tau
+
+
 Forward = Callable[[Any], tuple[jax.Array, Any]]
 
 
@@ -314,10 +483,15 @@ def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_
         (loss, (ce, fair, logits, new_ms)), grads = jax.value_and_grad(obj, has_aux=True)(z)
         return grads, fair_extra, {"loss": loss, "ce": ce, "fair": fair, "logits": logits, "model_state": new_ms}
 
+    per_group = spec.constraint == "per_group"
+
+    def violation(fair, logits):
+        return per_group_proxy(spec, logits, y, g, w) if per_group else (fair - spec.tau)[None]
+
     if not update_dual:
         def lag(zz):
             ce, fair, logits, new_ms = terms(zz)
-            return constrained.lagrangian(ce, (fair - spec.tau)[None], fair_extra["dual"]), (ce, fair, logits,
+            return constrained.lagrangian(ce, violation(fair, logits), fair_extra["dual"]), (ce, fair, logits,
                                                                                               new_ms)
         (loss, (ce, fair, logits, new_ms)), grads = jax.value_and_grad(lag, has_aux=True)(z)
         return grads, fair_extra, {"loss": loss, "ce": ce, "fair": fair, "logits": logits, "model_state": new_ms}
@@ -325,17 +499,21 @@ def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_
     def problem(zz):
         ce, fair, logits, new_ms = terms(zz)
         v, side = row_values(spec, logits, y)
-        buf = constrained.buffer_update(fair_extra["buffer"], v, side * spec.num_groups + g, w)
-        strict, observed = strict_violation(spec, buf)
-        return ce, (fair - spec.tau)[None], strict, observed, (fair, logits, new_ms, buf)
+        if per_group:
+            est = ema_update(spec, fair_extra["ema"], v, side * spec.num_groups + g, w)
+            strict, observed = per_group_strict(spec, est)
+        else:
+            est = constrained.buffer_update(fair_extra["buffer"], v, side * spec.num_groups + g, w)
+            strict, observed = strict_violation(spec, est)
+        return ce, violation(fair, logits), strict, observed, (fair, logits, new_ms, est)
 
     grads, new_dual, info = constrained.constrained_grads(problem, z, spec.dual, fair_extra["dual"],
                                                           spec.dual_mode)
-    fair, logits, new_ms, buf = info.aux
-    return grads, {"dual": new_dual, "buffer": buf}, {"loss": info.lagrangian, "ce": info.loss, "fair": fair,
-                                                      "logits": logits, "model_state": new_ms,
-                                                      "strict": info.strict_violation[0],
-                                                      "multiplier": new_dual.multipliers[0]}
+    fair, logits, new_ms, est = info.aux
+    worst = jnp.max(jnp.where(info.observed, info.strict_violation, -jnp.inf))
+    return grads, {"dual": new_dual, ("ema" if per_group else "buffer"): est}, {
+        "loss": info.lagrangian, "ce": info.loss, "fair": fair, "logits": logits, "model_state": new_ms,
+        "strict": jnp.where(jnp.any(info.observed), worst, 0.0), "multiplier": jnp.max(new_dual.multipliers)}
 
 
 # ---------------------------------------------------------------------------
@@ -358,7 +536,8 @@ def _nan_step(state: TrainState, loss: jax.Array) -> jax.Array:
 def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformation,
                       mask_tx: optax.GradientTransformation, counts: dict[str, int], *,
                       groups: Sequence[UnitGroup] | None, gamma: float = 1.0, lower_steps: int = 1,
-                      score_clip: bool = True, augment: Callable | None = None) -> Callable:
+                      score_clip: bool = False, mask_grad: str = "consumer",
+                      augment: Callable | None = None) -> Callable:
     """Jitted BiP/BiFP step ``(state, batch) -> (state, stats)``.
 
     ``state.params`` are the weights ``theta`` (not masked: pruned units keep
@@ -367,8 +546,12 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
     :func:`initial_scores_and_masks`), ``state.extra`` =
     ``{"scores", "mask_opt", "fair": fairness_init(spec)}``. ``counts`` from
     :func:`unit_keep_counts`; ``groups`` the unit groups (``None`` for
-    unstructured masks).
+    unstructured masks). ``mask_grad``: where a structured mask is
+    differentiated (``consumer`` or ``producer``, see the module doc; ignored
+    for unstructured masks).
     """
+    if mask_grad not in MASK_GRADS:
+        raise ValueError(f"unknown mask_grad {mask_grad!r}; valid: {', '.join(MASK_GRADS)}")
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0; got {gamma}")
     if int(lower_steps) < 1:
@@ -397,10 +580,15 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
             model_state = aux["model_state"]
             first_aux = aux if first_aux is None else first_aux
 
-        # upper level: implicit gradient at the new theta, one score step, projection onto [0, 1]
-        g_z, _, _ = objective_grads(spec, forward(model_state), apply_masks(theta, masks), batch, fair_extra,
-                                    update_dual=False)
-        g_m = implicit_mask_grad(theta, g_z, masks, scores, gamma, groups)
+        # upper level: implicit gradient at the new theta, one score step (optionally clipped to [0, 1])
+        if groups is not None and mask_grad == "consumer":
+            g_z, _, _ = objective_grads(spec, forward(model_state), consumer_scaled(theta, unit, groups), batch,
+                                        fair_extra, update_dual=False)
+            g_m = consumer_mask_grad(theta, g_z, unit, scores, gamma, groups)
+        else:
+            g_z, _, _ = objective_grads(spec, forward(model_state), apply_masks(theta, masks), batch, fair_extra,
+                                        update_dual=False)
+            g_m = implicit_mask_grad(theta, g_z, masks, scores, gamma, groups)
         upd, mask_opt = mask_tx.update(g_m, state.extra["mask_opt"], scores)
         scores = optax.apply_updates(scores, upd)
         if score_clip:
@@ -464,6 +652,7 @@ def split_fairness(fm, spec: Fairness, params: Any, masks: Any, model_state: Any
     return {"surrogate": sur, "metric_gap": max(gaps)}
 
 
-__all__ = ["FAIRNESS_MODES", "Fairness", "STRICT", "binarize", "fairness_init", "full_masks", "implicit_mask_grad",
+__all__ = ["CONSTRAINTS", "FAIRNESS_MODES", "Fairness", "MASK_GRADS", "STRICT", "binarize", "consumer_mask_grad",
+           "consumer_scaled", "ema_update", "group_rate_deviations", "per_group_proxy", "per_group_strict", "fairness_init", "full_masks", "implicit_mask_grad",
            "init_scores", "initial_scores_and_masks", "make_bilevel_step", "make_fair_step", "objective_grads",
            "reduce_to_units", "row_values", "split_fairness", "strict_violation", "unit_keep_counts"]

@@ -559,3 +559,35 @@ def buffer_means(buf: GroupBuffer) -> tuple[chex.Array, chex.Array]:
     total = jnp.sum(buf.values, axis=1)
     means = total / jnp.maximum(buf.count, 1).astype(total.dtype)
     return means, buf.count >= k
+
+
+# ---------------------------------------------------------------------------
+# Bounded multipliers
+# ---------------------------------------------------------------------------
+
+def capped(dual: DualOptimizer, max_multiplier: float) -> DualOptimizer:
+    """``dual`` with every multiplier projected onto ``[.., max_multiplier]`` after each update.
+
+    A ceiling keeps a multiplier from integrating without bound when its
+    constraint cannot be met (or is read from a noisy estimate): the primal
+    weight of a constraint never exceeds ``max_multiplier``. ``inf`` (or any
+    value <= 0) returns ``dual`` unchanged. The projection runs inside
+    ``update``, so :func:`constrained_grads` in ``"alternating"`` mode weights
+    the primal step with the capped values.
+    """
+    cap = float(max_multiplier)
+    if not (0 < cap < float("inf")):
+        return dual
+
+    def init(multipliers=None) -> DualState:
+        st = dual.init(multipliers)
+        return st._replace(multipliers=jnp.minimum(st.multipliers, cap))
+
+    def update(state: DualState, strict_violation, observed=None) -> DualState:
+        st = dual.update(state, strict_violation, observed)
+        return st._replace(multipliers=jnp.minimum(st.multipliers, cap))
+
+    return DualOptimizer(init, update)
+
+
+__all__ += ["capped"]

@@ -154,15 +154,16 @@ def test_penalty_lowers_true_metric(toy, name):
     assert m1 < 0.6 * m0, (name, m0, m1)
 
 
-def test_constraint_lowers_true_metric(toy):
-    """DP <= tau as a constraint: the multiplier grows while the buffered true DP exceeds tau.
+def test_max_gap_constraint_lowers_true_metric(toy):
+    """DP <= tau as one max-gap constraint: the multiplier grows while the buffered true DP exceeds tau.
 
     Gradient descent-ascent oscillates around the feasible point, so the end
     point is checked against the unconstrained model, not against tau itself.
     """
     tau = 0.1
     dual = constrained.dual_optimizer(1, learning_rate=0.05)
-    spec = bilevel.Fairness(surrogate="dp", mode="constraint", tau=tau, num_groups=2, dual=dual, buffer_size=350)
+    spec = bilevel.Fairness(surrogate="dp", mode="constraint", tau=tau, num_groups=2, dual=dual, buffer_size=350,
+                            constraint="max_gap")
     c0, _ = _train_toy(toy, bilevel.Fairness(surrogate="dp", mode="none", num_groups=2))
     c1, fe = _train_toy(toy, spec, steps=600)
     dp0, dp1 = METRICS["dp"](c0), METRICS["dp"](c1)
@@ -173,7 +174,7 @@ def test_constraint_lowers_true_metric(toy):
 
 def test_strict_violation_reads_full_buffers_only():
     spec = bilevel.Fairness(surrogate="eo", mode="constraint", num_groups=3, tau=0.1, buffer_size=2,
-                            dual=constrained.dual_optimizer(1))
+                            dual=constrained.dual_optimizer(1), constraint="max_gap")
     # side 0 (y = pos): groups 0 and 1 full with means 1.0 and 0.5; group 2 has one row only;
     # side 1 (rows 3..5 of the buffer): nothing yet
     v = jnp.asarray([1.0, 1.0, 0.5, 0.5, 0.0])
@@ -226,8 +227,8 @@ def test_bilevel_step_exact_sparsity_and_pruned_weights_kept(structured):
     if structured:
         groups = compact.unit_groups("cnn", params)
         template = compact.structured_template(groups, prunable_template(params))
-        spec = bilevel.Fairness(surrogate="ap", mode="constraint", num_groups=2, buffer_size=4,
-                                dual=constrained.dual_optimizer(1, learning_rate=0.5))
+        spec = bilevel.Fairness(surrogate="ap", mode="constraint", num_groups=2, min_rows=4,
+                                dual=constrained.capped(constrained.dual_optimizer(4, learning_rate=0.5), 5.0))
     else:
         groups, template = None, prunable_template(params)
         spec = bilevel.Fairness(surrogate="eo", mode="penalty", lam=1.0, num_groups=2)
@@ -239,7 +240,7 @@ def test_bilevel_step_exact_sparsity_and_pruned_weights_kept(structured):
                                                           "fair": bilevel.fairness_init(spec)})
     state = state.replace(masks=masks0)
     step = bilevel.make_bilevel_step(fm, spec, wtx, mtx, counts, groups=groups, gamma=1.0,
-                                     lower_steps=1 if structured else 2)
+                                     lower_steps=1 if structured else 2, score_clip=True)
     changes = 0
     for _ in range(4):
         state, stats = step(state, batch)
@@ -258,7 +259,8 @@ def test_bilevel_step_exact_sparsity_and_pruned_weights_kept(structured):
         for g in groups:                    # the companions carry the same unit mask
             for c in g.companions:
                 np.testing.assert_array_equal(named[c], named[g.kernel])
-        assert float(state.extra["fair"]["dual"].multipliers[0]) >= 0.0
+        mult = np.asarray(state.extra["fair"]["dual"].multipliers)
+        assert mult.shape == (4,) and (mult >= 0).all() and (mult <= 5.0).all()
     # weights pruned from the start keep their values (no zeroing): they can come back
     n0 = "convs/0/kernel" if structured else "layers/0/kernel"
     dead = (init_units[n0] == 0) & (named[n0] == 0)
@@ -322,9 +324,182 @@ def test_cli_end_to_end(tmp_path, method, opts):
     if method == "bifp":
         assert info["options"]["fairness_mode"] == "constraint" and info["multiplier"] >= 0.0
         assert set(info["train_fairness"]) == {"surrogate", "metric_gap"}
+        # digits: 10 classes -> fairness "auto" is accuracy parity, 2 directions x 10 groups multipliers,
+        # recorded at the start of each of the 2 epochs and at the end, each within the cap
+        assert info["fairness"] == "ap"
+        assert len(info["multiplier_history"]) == 3
+        assert all(len(m) == 20 and 0.0 <= min(m) and max(m) <= 5.0 for m in info["multiplier_history"])
+        assert 0 <= info["units_swapped_vs_magnitude"] <= info["units_kept"] == 15
 
 
 def test_bad_bifp_options_fail_early():
     from fairprune_jax.cli import main
 
     assert main(CLI_BASE + ["--method", "bifp", "--opt", "gama=2", "--out", "/tmp/fairprune_never_written"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# The structured mask's gradient read at the consumer rows
+# ---------------------------------------------------------------------------
+
+
+def _tiny_mlp_case(seed=3):
+    fm, params, state = _tiny("mlp", seed=seed)
+    groups = compact.unit_groups("mlp", params)
+    template = compact.structured_template(groups, prunable_template(params))
+    counts = bilevel.unit_keep_counts(params, template, 0.5, "uniform", True)
+    scores, masks = bilevel.initial_scores_and_masks(params, template, counts, groups)
+    rng = np.random.default_rng(seed)
+    batch = {"x": jnp.asarray(rng.normal(size=(32, 12)), jnp.float32), "y": jnp.asarray(rng.integers(0, 3, 32)),
+             "g": jnp.asarray(rng.integers(0, 2, 32), jnp.int32), "w": jnp.ones(32, jnp.float32)}
+    return fm, params, state, groups, counts, scores, masks, batch
+
+
+def test_consumer_side_mask_is_the_same_function_and_pruned_units_get_a_gradient():
+    """Consumer-scaled and producer-masked models agree; d loss / d m at the consumer rows is the
+    autodiff derivative of the loss in a continuous unit mask, and is nonzero for pruned units
+    (the producer-side derivative of a pruned unit is exactly 0)."""
+    from fairprune_jax.masks import apply_masks
+    from fairprune_jax.train import cross_entropy
+
+    fm, params, state, groups, _, scores, masks, batch = _tiny_mlp_case()
+    named = dict(named_leaves(masks))
+    unit = map_named(lambda n, _: named[n], scores)
+
+    def loss_of(z):
+        return jnp.mean(cross_entropy(fm.apply(z, state, batch["x"], train=True)[0], batch["y"]))
+
+    np.testing.assert_allclose(float(loss_of(bilevel.consumer_scaled(params, unit, groups))),
+                               float(loss_of(apply_masks(params, masks))), rtol=1e-6)
+    g_c = jax.grad(loss_of)(bilevel.consumer_scaled(params, unit, groups))
+    ours = bilevel.consumer_mask_grad(params, g_c, unit, scores, 1e12, groups)    # gamma -> inf: direct term
+    auto = jax.grad(lambda u: loss_of(bilevel.consumer_scaled(params, u, groups)))(unit)
+    g_p = jax.grad(loss_of)(apply_masks(params, masks))
+    prod = bilevel.implicit_mask_grad(params, g_p, masks, scores, 1.0, groups)
+    for n, u in named_leaves(unit):
+        o, a, p = (np.asarray(dict(named_leaves(t))[n]) for t in (ours, auto, prod))
+        np.testing.assert_allclose(o, a, rtol=1e-4, atol=1e-7)
+        pruned = np.asarray(u) == 0
+        assert pruned.any()
+        assert (p[pruned] == 0).all(), n                 # the dead ReLU: no producer-side signal
+        assert (np.abs(o[pruned]) > 0).all(), n          # the consumer side sees every pruned unit
+
+
+def test_consumer_implicit_term_by_hand():
+    """grad_u = sum_j K[u,j] g[u,j] - (1/gamma) m_u sum_j g[u,j]^2 over every consumer (conv taps summed)."""
+    theta = {"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": jnp.asarray([[[[1.0], [2.0]]]])}}   # (1,1,2,1)
+    g = {"a": {"kernel": jnp.zeros((2, 2))}, "b": {"kernel": jnp.asarray([[[[0.5], [-1.0]]]])}}
+    unit = {"a": {"kernel": jnp.asarray([1.0, 0.0])}, "b": {"kernel": None}}
+    out = bilevel.consumer_mask_grad(theta, g, unit, unit, 0.25, [UnitGroup("a/kernel", (), (), ("b/kernel",))])
+    np.testing.assert_allclose(np.asarray(out["a"]["kernel"]), [0.5 - 4 * 0.25, -2.0], rtol=1e-6)
+
+
+def test_reviving_a_useful_pruned_unit_raises_its_score_and_swaps_it_in():
+    """Hidden unit 0 reads the informative feature but has the smaller weights, so magnitude prunes it;
+    unit 1 is large but reads noise. With the consumer-side gradient the bi-level step brings unit 0
+    back (its score rises past unit 1's); with the producer-side gradient its score never moves."""
+    from fairprune_jax.train import create_state
+
+    fm, ps, ss = compact.functional_model({"model": "mlp", "input_shape": [2], "num_classes": 2,
+                                           "options": {"hidden": [2]}})
+    params = {"layers": {0: {"kernel": jnp.asarray([[0.3, 0.0], [0.0, 2.0]]), "bias": jnp.zeros(2)}},
+              "head": {"kernel": jnp.asarray([[1.0, -1.0], [0.1, 0.1]]), "bias": jnp.zeros(2)}}
+    params = jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype).reshape(b.shape), params, ps)
+    rng = np.random.default_rng(0)
+    n = 256
+    y = rng.integers(0, 2, n)
+    x = np.stack([np.where(y == 0, 1.0, -1.0) * np.abs(rng.normal(1.0, 0.3, n)), rng.normal(size=n)], 1)
+    batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.int32),
+             "g": jnp.asarray(rng.integers(0, 2, n), jnp.int32), "w": jnp.ones(n, jnp.float32)}
+    groups = compact.unit_groups("mlp", params)
+    template = compact.structured_template(groups, prunable_template(params))
+    counts = bilevel.unit_keep_counts(params, template, 0.5, "uniform", True)
+    spec = bilevel.Fairness(mode="none", num_groups=2)
+    out = {}
+    for mode in ("consumer", "producer"):
+        scores0, masks0 = bilevel.initial_scores_and_masks(params, template, counts, groups)
+        assert np.asarray(masks0["layers"][0]["kernel"]).tolist() == [0.0, 1.0]
+        wtx, mtx = optax.sgd(1e-3), optax.sgd(0.05, momentum=0.9)
+        st = create_state(params, ss, wtx, extra={"scores": scores0, "mask_opt": mtx.init(scores0), "fair": {}})
+        st = st.replace(masks=masks0)
+        step = bilevel.make_bilevel_step(fm, spec, wtx, mtx, counts, groups=groups, mask_grad=mode)
+        s0 = np.asarray(scores0["layers"][0]["kernel"])
+        for _ in range(40):
+            st, _ = step(st, batch)
+        out[mode] = (s0, np.asarray(st.extra["scores"]["layers"][0]["kernel"]),
+                     np.asarray(st.masks["layers"][0]["kernel"]))
+    s0, s1, m1 = out["consumer"]
+    assert s1[0] > s0[0] + 0.1 and m1.tolist() == [1.0, 0.0]
+    s0, s1, m1 = out["producer"]
+    assert s1[0] == s0[0] and m1.tolist() == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------
+# Per-group constraints
+# ---------------------------------------------------------------------------
+
+
+def test_per_group_strict_from_moving_counts_by_hand():
+    spec = bilevel.Fairness(surrogate="dp", mode="constraint", num_groups=2, tau=0.1, strict_decay=0.5, min_rows=3,
+                            dual=constrained.dual_optimizer(4))
+    ema = bilevel.fairness_init(spec)["ema"]
+    # step 1: group 0 rows [1, 1, 0, 1], group 1 rows [0, 1]; step 2: group 0 [1], group 1 [0, 0, 0]
+    ema = bilevel.ema_update(spec, ema, jnp.asarray([1.0, 1, 0, 1, 0, 1]), jnp.asarray([0, 0, 0, 0, 1, 1]),
+                             jnp.ones(6))
+    ema = bilevel.ema_update(spec, ema, jnp.asarray([1.0, 0, 0, 0, 9.0]), jnp.asarray([0, 1, 1, 1, 1]),
+                             jnp.asarray([1.0, 1, 1, 1, 0]))                  # the last row is padding
+    np.testing.assert_allclose(np.asarray(ema["n"]), [0.5 * 4 + 1, 0.5 * 2 + 3])
+    np.testing.assert_allclose(np.asarray(ema["s"]), [0.5 * 3 + 1, 0.5 * 1 + 0])
+    strict, observed = bilevel.per_group_strict(spec, ema)
+    r0, r1, r = 2.5 / 3, 0.5 / 4, 3.0 / 7
+    np.testing.assert_allclose(np.asarray(strict), [r0 - r - .05, r1 - r - .05, r - r0 - .05, r - r1 - .05],
+                               rtol=1e-5)
+    assert np.asarray(observed).tolist() == [True, True, True, True]
+    _, obs = bilevel.per_group_strict(dataclasses_replace(spec, min_rows=3.5), ema)
+    assert np.asarray(obs).tolist() == [False, True, False, True]
+
+
+def dataclasses_replace(spec, **kw):
+    import dataclasses
+    return dataclasses.replace(spec, **kw)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "hinge"])
+def test_per_group_proxy_bounds_the_hard_deviation(kind):
+    """With an upper-bounding h the primal term of every constraint is >= its hard value."""
+    rng = np.random.default_rng(4)
+    spec = bilevel.Fairness(surrogate=f"eo_{kind}", mode="constraint", num_groups=3, tau=0.1,
+                            dual=constrained.dual_optimizer(12))
+    for _ in range(5):
+        logits = jnp.asarray(rng.normal(size=(200, 2)) * 3, jnp.float32)
+        y = jnp.asarray(rng.integers(0, 2, 200), jnp.int32)
+        g = jnp.asarray(rng.integers(0, 3, 200), jnp.int32)
+        w = jnp.ones(200, jnp.float32)
+        proxy = bilevel.per_group_proxy(spec, logits, y, g, w)
+        hard_spec = dataclasses_replace(spec, strict_decay=0.0, min_rows=1)
+        v, side = bilevel.row_values(hard_spec, logits, y)
+        ema = bilevel.ema_update(hard_spec, bilevel.fairness_init(hard_spec)["ema"], v, side * 3 + g, w)
+        hard, _ = bilevel.per_group_strict(hard_spec, ema)
+        assert (np.asarray(proxy) >= np.asarray(hard) - 1e-6).all()
+
+
+def test_capped_multipliers_never_exceed_the_cap():
+    dual = constrained.capped(constrained.dual_optimizer(3, learning_rate=1.0), 2.0)
+    st = dual.init()
+    for _ in range(10):
+        st = dual.update(st, jnp.asarray([1.0, 0.1, -1.0]))
+    np.testing.assert_allclose(np.asarray(st.multipliers), [2.0, 1.0, 0.0], rtol=1e-6)
+    assert constrained.capped(dual, 0.0) is dual
+
+
+def test_per_group_constraint_lowers_true_metric_and_keeps_accuracy(toy):
+    """DP with one constraint per group and direction, capped multipliers, hard rates from moving counts."""
+    dual = constrained.capped(constrained.dual_optimizer(4, learning_rate=0.05), 5.0)
+    spec = bilevel.Fairness(surrogate="dp", mode="constraint", tau=0.1, num_groups=2, dual=dual, min_rows=50)
+    c0, _ = _train_toy(toy, bilevel.Fairness(surrogate="dp", mode="none", num_groups=2))
+    c1, fe = _train_toy(toy, spec, steps=600)
+    dp0, dp1 = METRICS["dp"](c0), METRICS["dp"](c1)
+    assert dp1 < 0.5 * dp0, (dp0, dp1)
+    mult = np.asarray(fe["dual"].multipliers)
+    assert mult.max() > 0 and mult.max() <= 5.0
+    assert fairness.accuracy(c1) > 0.6

@@ -24,20 +24,30 @@ per-layer-normalised L1 norms, so ``--distribution global`` compares layers
 on a common scale; ``uniform`` (default) keeps ``round((1 - s) * units)``
 (at least one) units in every pruned layer.
 
-Scores live in ``[0, 1]`` (per-layer maximum 1) and ``mask_lr`` sets how
-fast units trade places. With BiP's default 0.1 a structured digits MLP
-(70%, 10 epochs) swapped no unit -- bifp then amounts to magnitude pruning
-with fairness-aware weight training -- while ``mask_lr=10`` swapped 25;
-``info["units_swapped_vs_magnitude"]`` reports it for every run.
+Scores start at the per-layer-normalised magnitude, are not clipped, and
+move with SGD + momentum (``mask_lr``, ``mask_momentum``); the structured
+mask's gradient is read at the consumer rows (``mask_grad="consumer"``), so
+a pruned unit can come back (see :mod:`fairprune_jax.bilevel`).
+``info["units_swapped_vs_magnitude"]`` counts the kept units that are not in
+the structured-magnitude mask of the same sparsity (``units_kept`` is the
+total kept), and in constraint mode ``info["multiplier_history"]`` holds the
+multipliers at the start of every epoch and at the end.
+
+The weights are trained with the run's fine-tuning optimizer, learning rate
+and schedule (``weight_optimizer="finetune"``, the same as every baseline's
+fine-tuning) for ``epochs`` (default: the run's ``finetune_epochs``, the
+baselines' budget); ``weight_optimizer="sgd"|"adam"`` with ``weight_lr``
+keeps the earlier separate optimizer.
 
 Fairness options shared by all four (where they apply): ``fairness`` (a
-surrogate name from :mod:`fairprune_jax.surrogates`; default ``ap``,
-accuracy parity, which is meaningful for multi-class data such as digits
-where the groups are the classes; ``dp`` / ``eo`` need a binary-style
-``--positive-class``), ``fairness_mode`` (``constraint`` | ``penalty`` |
-``none``), ``lam``, ``tau``, ``strict``, ``buffer_size``, ``reduce`` and the
-dual-optimizer options of CEAG (``dual_lr``, ``dual_optimizer``, ``mode``,
-``augmented``, ``nupi_kp``, ``nupi_nu``).
+surrogate name from :mod:`fairprune_jax.surrogates`, or ``auto``, the
+default: ``eo`` for a two-class target, ``ap`` -- accuracy parity, for
+multi-class data such as digits where the groups are the classes),
+``fairness_mode`` (``constraint`` | ``penalty`` | ``none``), ``constraint``
+(``per_group`` | ``max_gap``), ``lam``, ``tau``, ``strict_decay``,
+``min_rows``, ``multiplier_max``, ``strict`` / ``buffer_size`` / ``reduce``
+(``max_gap`` only) and the dual-optimizer options (``dual_lr``,
+``dual_optimizer``, ``mode``, ``augmented``, ``nupi_kp``, ``nupi_nu``).
 """
 from __future__ import annotations
 
@@ -47,29 +57,77 @@ import jax
 import numpy as np
 import optax
 
-from fairprune_jax import bilevel, compact
+from fairprune_jax import bilevel, compact, constrained
 from fairprune_jax.masks import apply_masks, named_leaves
 from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
-from fairprune_jax.methods.ceag import DUAL_OPTIONS, make_dual
 from fairprune_jax.train import TrainState, create_state, fit
 
-FAIR_OPTIONS = {"fairness": "ap", "fairness_mode": "constraint", "lam": 1.0, "tau": 0.05, "strict": "metric",
-                "buffer_size": 40, "reduce": "max_gap", **DUAL_OPTIONS, "dual_lr": 0.1}
+DUAL_OPTIONS = {"dual_lr": 0.1, "dual_optimizer": "sgd", "mode": "alternating", "augmented": False,
+                "nupi_kp": 1.0, "nupi_nu": 0.0}
 
-BIFP_OPTIONS = {"structured": True, "gamma": 1.0, "mask_lr": 0.1, "weight_lr": 0.01, "weight_optimizer": "sgd",
-                "lower_steps": 1, "epochs": -1, "retrain_epochs": 0, "score_clip": True, **FAIR_OPTIONS}
+FAIR_OPTIONS = {"fairness": "auto", "fairness_mode": "constraint", "constraint": "per_group", "lam": 1.0,
+                "tau": 0.05, "strict_decay": 0.99, "min_rows": 200.0, "multiplier_max": 5.0, "strict": "metric",
+                "buffer_size": 40, "reduce": "max_gap", **DUAL_OPTIONS}
+
+BIFP_OPTIONS = {"structured": True, "gamma": 1.0, "mask_lr": 0.1, "mask_momentum": 0.9, "mask_grad": "consumer",
+                "weight_optimizer": "finetune", "weight_lr": 0.01, "lower_steps": 1, "epochs": -1,
+                "retrain_epochs": 0, "score_clip": False, **FAIR_OPTIONS}
+
+
+def _dual(opts: dict, num_constraints: int) -> constrained.DualOptimizer:
+    """Inequality multipliers with the chosen dual step, capped at ``multiplier_max`` (<= 0: no cap)."""
+    name = opts["dual_optimizer"]
+    lr = float(opts["dual_lr"])
+    if name == "sgd":
+        tx = optax.sgd(lr)
+    elif name == "nupi":
+        tx = constrained.nupi(lr, kp=float(opts["nupi_kp"]), nu=float(opts["nupi_nu"]))
+    elif name == "adam":
+        tx = optax.adam(lr)
+    else:
+        raise ValueError(f"unknown dual_optimizer {name!r}; valid: sgd, nupi, adam")
+    if opts["mode"] not in constrained.MODES:
+        raise ValueError(f"unknown mode {opts['mode']!r}; valid: {', '.join(constrained.MODES)}")
+    dual = constrained.dual_optimizer(num_constraints, equality=False, tx=tx, augmented=bool(opts["augmented"]))
+    return constrained.capped(dual, float(opts["multiplier_max"]))
+
+
+def surrogate_name(ctx: Context, opts: dict) -> str:
+    """``fairness`` with ``auto`` resolved: ``eo`` for a two-class target, else ``ap``."""
+    name = str(opts["fairness"])
+    if name == "auto":
+        return "eo" if ctx.dataset.num_classes == 2 else "ap"
+    return name
 
 
 def fairness_spec(ctx: Context, opts: dict) -> bilevel.Fairness:
     """The fairness objective from method options (clear errors for bad values)."""
     mode = opts["fairness_mode"]
-    dual = make_dual(opts, 1, equality=False) if mode == "constraint" else None
     if mode == "constraint" and opts["augmented"] and opts["dual_optimizer"] != "sgd":
         raise ValueError("augmented=True uses its own dual step; leave dual_optimizer=sgd")
-    return bilevel.Fairness(surrogate=str(opts["fairness"]), mode=mode, num_groups=ctx.dataset.num_groups,
+    name = surrogate_name(ctx, opts)
+    groups = ctx.dataset.num_groups
+    k = (2 * (2 if name.startswith("eo") else 1) * groups) if opts["constraint"] == "per_group" else 1
+    return bilevel.Fairness(surrogate=name, mode=mode, num_groups=groups,
                             positive_label=ctx.config.positive_label, lam=float(opts["lam"]),
                             tau=float(opts["tau"]), strict=str(opts["strict"]), buffer_size=int(opts["buffer_size"]),
-                            reduce=str(opts["reduce"]), dual=dual, dual_mode=str(opts["mode"]))
+                            reduce=str(opts["reduce"]), dual=_dual(opts, k) if mode == "constraint" else None,
+                            dual_mode=str(opts["mode"]), constraint=str(opts["constraint"]),
+                            strict_decay=float(opts["strict_decay"]), min_rows=float(opts["min_rows"]))
+
+
+def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list]:
+    """``(hook for fit, history list)``: the multipliers at the start of every epoch (constraint mode)."""
+    hist: list = []
+    if spec.mode != "constraint":
+        return None, hist
+    spe = max(ctx.steps_per_epoch, 1)
+
+    def hook(state, step):
+        if step % spe == 0:
+            hist.append(np.round(np.asarray(state.extra["fair"]["dual"].multipliers), 4).tolist())
+        return state
+    return hook, hist
 
 
 def structured_setup(ctx: Context, params: Any) -> tuple[list[compact.UnitGroup], Any]:
@@ -103,7 +161,9 @@ def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
     out = {"train_fairness": bilevel.split_fairness(ctx.fm, spec, state.params, state.masks, state.model_state,
                                                     ctx.dataset.train, ctx.config.eval_batch_size)}
     if spec.mode == "constraint" and isinstance(state.extra, dict) and "fair" in state.extra:
-        out["multiplier"] = float(np.asarray(state.extra["fair"]["dual"].multipliers)[0])
+        mult = np.asarray(state.extra["fair"]["dual"].multipliers)
+        out["multiplier"] = float(mult.max())
+        out["multipliers"] = np.round(mult, 4).tolist()
     return out
 
 
@@ -126,9 +186,21 @@ def _bifp_options(ctx: Context) -> dict:
         raise ValueError(f"bifp: lower_steps must be >= 1; got {opts['lower_steps']}")
     if int(opts["retrain_epochs"]) < 0:
         raise ValueError(f"bifp: retrain_epochs must be >= 0; got {opts['retrain_epochs']}")
-    if opts["weight_optimizer"] not in ("sgd", "adam"):
-        raise ValueError(f"bifp: weight_optimizer must be sgd or adam; got {opts['weight_optimizer']!r}")
+    if opts["weight_optimizer"] not in ("finetune", "sgd", "adam"):
+        raise ValueError(f"bifp: weight_optimizer must be finetune, sgd or adam; got {opts['weight_optimizer']!r}")
+    if opts["mask_grad"] not in bilevel.MASK_GRADS:
+        raise ValueError(f"bifp: mask_grad must be one of {', '.join(bilevel.MASK_GRADS)}; got {opts['mask_grad']!r}")
+    if not 0.0 <= float(opts["mask_momentum"]) < 1.0:
+        raise ValueError(f"bifp: mask_momentum must lie in [0, 1); got {opts['mask_momentum']}")
     return opts
+
+
+def _weight_tx(ctx: Context, opts: dict, epochs: int) -> optax.GradientTransformation:
+    """The baselines' fine-tuning optimizer (``finetune``) or the separate ``sgd`` / ``adam`` at ``weight_lr``."""
+    if opts["weight_optimizer"] == "finetune":
+        return ctx.finetune_tx(epochs=epochs)
+    return make_optimizer(opts["weight_optimizer"], float(opts["weight_lr"]), ctx.config.weight_decay,
+                          total_steps=max(epochs * ctx.steps_per_epoch, 1))
 
 
 @register("bifp", "BiFP (Dai et al. 2023): bi-level pruning, mask scores with BiP's implicit gradient and weights "
@@ -148,10 +220,9 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     named0 = dict(named_leaves(masks0))
     start_units = {n: np.asarray(named0[n]) for n, _ in named_leaves(scores0)}   # host copy: steps donate
     epochs = cfg.ft_epochs if int(opts["epochs"]) < 0 else int(opts["epochs"])
-    total = max(epochs * ctx.steps_per_epoch, 1)
-    weight_tx = make_optimizer(opts["weight_optimizer"], float(opts["weight_lr"]), cfg.weight_decay,
-                               total_steps=total)
-    mask_tx = optax.sgd(float(opts["mask_lr"]))
+    weight_tx = _weight_tx(ctx, opts, epochs)
+    momentum = float(opts["mask_momentum"])
+    mask_tx = optax.sgd(float(opts["mask_lr"]), momentum=momentum if momentum > 0 else None)
     # theta starts from the dense weights, NOT masked: pruned units keep their values and may come back
     state = create_state(dense.params, dense.model_state, weight_tx, seed=cfg.seed + 1,
                          extra={"scores": scores0, "mask_opt": mask_tx.init(scores0),
@@ -159,22 +230,27 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     state = state.replace(masks=masks0)
     step = bilevel.make_bilevel_step(ctx.fm, spec, weight_tx, mask_tx, counts, groups=groups,
                                      gamma=float(opts["gamma"]), lower_steps=int(opts["lower_steps"]),
-                                     score_clip=bool(opts["score_clip"]), augment=ctx.augment)
+                                     score_clip=bool(opts["score_clip"]), mask_grad=str(opts["mask_grad"]),
+                                     augment=ctx.augment)
     hist: dict = {}
+    hook, mult_hist = multiplier_recorder(ctx, spec)
     if epochs > 0:
         state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
-                          seed=cfg.seed + 1000, desc="bifp (bi-level)", progress=cfg.progress)
+                          seed=cfg.seed + 1000, desc="bifp (bi-level)", progress=cfg.progress, hook=hook)
     final = state.masks                                   # the top-k of the final scores
     named_final = dict(named_leaves(final))
     changed = int(sum(np.abs(np.asarray(named_final[n]) - u).sum() for n, u in start_units.items()) // 2)
     pruned = state.replace(params=apply_masks(state.params, final), masks=final,
                            extra={"fair": state.extra["fair"]})
-    info: dict[str, Any] = {"options": opts, "history": hist, "structured": structured, "bilevel_epochs": epochs,
-                            "units_swapped_vs_magnitude": changed}
+    kept = int(sum(np.asarray(named_final[n]).sum() for n in start_units))
+    info: dict[str, Any] = {"options": opts, "fairness": spec.surrogate, "history": hist, "structured": structured,
+                            "bilevel_epochs": epochs, "units_swapped_vs_magnitude": changed, "units_kept": kept}
+    if spec.mode == "constraint":
+        mult_hist.append(np.round(np.asarray(state.extra["fair"]["dual"].multipliers), 4).tolist())
+        info["multiplier_history"] = mult_hist
     if int(opts["retrain_epochs"]) > 0:
         r_epochs = int(opts["retrain_epochs"])
-        tx = make_optimizer(opts["weight_optimizer"], float(opts["weight_lr"]), cfg.weight_decay,
-                            total_steps=r_epochs * ctx.steps_per_epoch)
+        tx = _weight_tx(ctx, opts, r_epochs)
         st = _fair_state(ctx, pruned, final, tx, spec, fair_extra=state.extra["fair"])
         pruned, info["retrain_history"] = ctx.finetune(st, tx, epochs=r_epochs,
                                                        step_fn=bilevel.make_fair_step(ctx.fm, spec, tx,
@@ -216,10 +292,13 @@ def prune_then_fair(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     masks = l1_structured_masks(ctx, dense.params, groups, template)
     tx = ctx.finetune_tx()
     state = _fair_state(ctx, dense, masks, tx, spec)
+    hook, mult_hist = multiplier_recorder(ctx, spec)
     state, hist = ctx.finetune(state, tx, step_fn=bilevel.make_fair_step(ctx.fm, spec, tx, augment=ctx.augment),
-                               desc="fine-tune (fair)")
-    info = {"options": opts, "history": hist, "structured": True, "kept_units": kept_units(state.masks, groups),
-            **_fair_info(ctx, spec, state)}
+                               desc="fine-tune (fair)", hook=hook)
+    info = {"options": opts, "fairness": spec.surrogate, "history": hist, "structured": True,
+            "kept_units": kept_units(state.masks, groups), **_fair_info(ctx, spec, state)}
+    if spec.mode == "constraint":
+        info["multiplier_history"] = mult_hist + [info["multipliers"]]
     return state.replace(extra=None), info
 
 
@@ -247,5 +326,5 @@ def fair_then_prune(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     return state, info
 
 
-__all__ = ["BIFP_OPTIONS", "FAIR_OPTIONS", "bifp", "fair_then_prune", "fairness_spec", "kept_units",
+__all__ = ["BIFP_OPTIONS", "DUAL_OPTIONS", "FAIR_OPTIONS", "bifp", "multiplier_recorder", "surrogate_name", "fair_then_prune", "fairness_spec", "kept_units",
            "l1_structured_masks", "prune_then_fair", "structured_magnitude", "structured_setup"]
