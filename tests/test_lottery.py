@@ -217,21 +217,23 @@ def test_lth_and_ballot_rewind_survivors_to_checkpoint(setup):
     ctx, init_params, dense = setup
     spe = ctx.steps_per_epoch
     # lth, rewind to init, no retraining: the ticket is the init under the mask
-    st, info = METHODS["lth"].run(with_options(ctx, round_epochs=0, fraction=0.5), dense)
+    st, info = METHODS["lth"].run(with_options(ctx, round_epochs=0, fraction=0.5, last_round="round"), dense)
     assert len(info["rounds"]) == 1
     _check_survivors(st, init_params)
-    # ballot, late rewinding to step k (captured during the voting replay of the dense run), no retraining
+    # ballot voting on every layer, late rewinding to step k (captured during the voting replay of the
+    # dense run), no retraining
     k = spe // 2
-    st, info = METHODS["ballot"].run(with_options(ctx, rewind_step=k, retrain_epochs=0), dense)
+    st, info = METHODS["ballot"].run(with_options(ctx, scope="all", rewind_step=k, retrain_epochs=0), dense)
     _check_survivors(st, L.rewind_checkpoint(ctx, k).params)
     assert info["replay_max_abs_diff_to_dense"] == 0.0  # the voting run replays the dense run
     assert info["votes"]["epochs"] == 1
     kept = {n: int(np.asarray(m).sum()) for n, m in named_leaves(st.masks)}
     assert kept == keep_counts(dense.params, ctx.template, 0.5)
-    # final_layer_only: only the head is pruned, at the target sparsity
+    # final_layer_only: only the head is pruned, at the target sparsity; the hidden layer stays dense
     st, info = METHODS["ballot"].run(with_options(ctx, final_layer_only=True, retrain_epochs=0), dense)
     masked = dict(named_leaves(st.masks))
-    assert list(masked) == ["head/kernel"] and int(np.asarray(masked["head/kernel"]).sum()) == 160
+    assert int(np.asarray(masked["head/kernel"]).sum()) == 160
+    assert np.all(np.asarray(masked["layers/0/kernel"]) == 1)
 
 
 # ---------------------------------------------------------------------------
@@ -327,8 +329,8 @@ def test_cli_runs_end_to_end(tmp_path, method, opts):
     if method == "ballot":
         votes, report = L.load_masks(tmp_path / "ballot" / "votes.npz")
         assert report["options"]["rewind_step"] == 3 and report["votes"]["epochs"] == 1
-        assert set(votes) == {"head/kernel", "layers/0/kernel", "votes/head/kernel", "votes/layers/0/kernel",
-                              "score_sum/head/kernel", "score_sum/layers/0/kernel"}
+        # default: the hidden layer by magnitude, only the classifier votes
+        assert set(votes) == {"head/kernel", "layers/0/kernel", "votes/head/kernel", "score_sum/head/kernel"}
     else:
         assert res["method_info"]["options"]["lam"] == 0.5
         assert res["method_info"]["train_surrogate"] is not None
@@ -347,8 +349,8 @@ def test_ballot_voting_run_is_shared_across_sparsities_and_exact(setup, monkeypa
     and a memoised run gives bit-identical tickets to a fresh one."""
     ctx, _, dense = setup
     ctx = dataclasses.replace(ctx, memo={})
-    at = lambda c, s: dataclasses.replace(c, config=dataclasses.replace(c.config, sparsity=s,  # noqa: E731
-                                                                       method_options={"retrain_epochs": 1}))
+    at = lambda c, s: dataclasses.replace(c, config=dataclasses.replace(  # noqa: E731
+        c.config, sparsity=s, method_options={"retrain_epochs": 1, "scope": "all"}))
     st_a, info_a = METHODS["ballot"].run(at(ctx, 0.5), dense)
     assert len(ctx.memo) == 1
 
@@ -369,3 +371,111 @@ def test_ballot_voting_run_is_shared_across_sparsities_and_exact(setup, monkeypa
         m.setattr(B, "make_vote_step", no_new_voting_run)
         with pytest.raises(AssertionError, match="repeated"):
             METHODS["ballot"].run(at(ctx, 0.8), other)
+
+
+# ---------------------------------------------------------------------------
+# Ballot: the authors' algorithm and our all-layer adaptation (issue 13)
+# ---------------------------------------------------------------------------
+
+
+def test_ballot_authors_variant_leaves_hidden_layers_dense_and_reports_true_sparsity(setup):
+    ctx, init_params, dense = setup
+    st, info = METHODS["ballot"].run(with_options(ctx, variant="authors"), dense)
+    masks = dict(named_leaves(st.masks))
+    assert np.all(np.asarray(masks["layers/0/kernel"]) == 1)           # the body stays dense
+    head = np.asarray(masks["head/kernel"])
+    assert int(head.sum()) == int(0.5 * head.size) == 160                # their k = int((1 - s) * n)
+    assert info["voted_layers"] == ["head/kernel"]
+    total = sum(int(np.asarray(m).size) for m in masks.values())
+    assert info["sparsity"] == pytest.approx(160 / total)                 # the true overall sparsity, not 0.5
+    assert info["sparsity"] < 0.1 and info["sparsity_target"] == 0.5
+    assert info["options"]["sign"] == "signed" and info["options"]["normalize"] == "row"
+    assert info["options"]["weights"] == "truncated" and info["options"]["retrain_epochs"] == ctx.config.epochs
+    assert "authors" in info["label"]
+
+
+def test_ballot_default_masks_the_body_by_magnitude_and_votes_on_the_classifier(setup):
+    ctx, init_params, dense = setup
+    st, info = METHODS["ballot"].run(with_options(ctx, retrain_epochs=0), dense)
+    masks = dict(named_leaves(st.masks))
+    body_ref = dict(named_leaves(ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), 0.5)))
+    np.testing.assert_array_equal(np.asarray(masks["layers/0/kernel"]), np.asarray(body_ref["layers/0/kernel"]))
+    assert info["voted_layers"] == ["head/kernel"] and info["sparsity"] == pytest.approx(0.5, abs=1e-12)
+    assert int(np.asarray(masks["head/kernel"]).sum()) == 160
+    assert info["replay_max_abs_diff_to_dense"] is None    # votes were collected under the body mask
+    assert "adaptation" in info["label"] and info["options"]["retrain"] == "dense"
+    with pytest.raises(ValueError, match="variant"):
+        METHODS["ballot"].run(with_options(ctx, variant="paper"), dense)
+
+
+def test_ballot_truncated_weights_and_signed_votes():
+    w = np.asarray(B.truncated_weights(jnp.array([0.0, 0.5, 0.99, 1.0])))
+    np.testing.assert_allclose(w[:3], 1e6, rtol=1e-5)      # every imperfect class: the same huge weight
+    assert w[3] == pytest.approx(1.0, rel=1e-5)
+    s = {"a": jnp.array([[0.5, -2.0], [0.0, 0.1]])}
+    v = B.signed_topk_votes(s, 3)
+    np.testing.assert_array_equal(np.asarray(v["a"]), [[1, 0], [0, 1]])   # by signed value; 0 gets no vote
+
+
+def test_lth_last_round_gets_the_dense_budget(setup):
+    ctx, _, dense = setup
+    ctx2 = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, epochs=2, finetune_epochs=1,
+                                                               method_options={"fraction": 0.3}))
+    _, info = METHODS["lth"].run(ctx2, dense)
+    spe = ctx.steps_per_epoch
+    steps = [len(info["history"][f"round_{r}"]["loss"]) for r in range(1, len(info["rounds"]) + 1)]
+    assert info["last_round_epochs"] == 2 and len(steps) == 2
+    assert steps[-1] == 2 * steps[0] or steps[-1] >= 2 * spe // max(1, steps[0] // spe or 1)
+
+
+# ---------------------------------------------------------------------------
+# Fair Scratch: the one-sided regulariser
+# ---------------------------------------------------------------------------
+
+
+def _two_group_batch(rate_a, rate_b, n=40):
+    """Logits whose hard positive rate is ``rate_a`` in group 0 and ``rate_b`` in group 1."""
+    g = np.repeat([0, 1], n)
+    f = np.concatenate([np.where(np.arange(n) < rate_a * n, 2.0, -2.0),
+                        np.where(np.arange(n) < rate_b * n, 2.0, -2.0)]).astype(np.float32)
+    logits = np.stack([np.zeros_like(f), f], axis=1)    # two classes: log-odds of class 1 = f
+    y = np.ones(2 * n, np.int32)
+    return logits, y, g, np.ones(2 * n, np.float32)
+
+
+def test_one_sided_penalty_zero_once_the_disadvantaged_group_meets_the_target():
+    # group 0 has the lower training positive rate: it is the disadvantaged one and is pushed up
+    y_train = np.array([1, 0, 0, 0, 1, 1, 1, 0])
+    g_train = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    d = FS.label_directions(y_train, g_train, 2, 1)
+    np.testing.assert_array_equal(d, [1.0, -1.0])
+    pri = jnp.asarray(FS.group_priors(y_train, g_train, 2, 1, False))
+    pen = lambda *b, **k: float(FS.one_sided_penalty(*b, directions=jnp.asarray(d), priors=pri,  # noqa: E731
+                                                     num_groups=2, **k))
+    assert pen(*_two_group_batch(0.2, 0.8)) > 0.1          # below the overall rate: pushed
+    assert pen(*_two_group_batch(0.5, 0.5)) == 0.0         # meets it: no penalty
+    assert pen(*_two_group_batch(0.8, 0.3)) == 0.0         # beyond it: no push into the reverse gap
+    assert pen(*_two_group_batch(0.8, 0.3), gated=False) > 0.1   # the authors' ungated form keeps pushing
+    # EO: only the y = pos rows count; with no positive row there is nothing to push
+    logits, y, g, w = _two_group_batch(0.2, 0.8)
+    assert pen(logits, np.zeros_like(y), g, w, on_positives=True) == 0.0
+    assert pen(logits, y, g, w, on_positives=True) > 0.1
+    # the gradient raises the disadvantaged group's log-odds and lowers the other's
+    grad = jax.grad(lambda lg: FS.one_sided_penalty(lg, y, g, w, directions=jnp.asarray(d), priors=pri,
+                                                    num_groups=2))(jnp.asarray(logits))
+    assert float(jnp.sum(grad[g == 0, 1])) < 0 and float(jnp.sum(grad[g == 1, 1])) > 0
+
+
+def test_class_penalty_only_pushes_classes_worse_than_average():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    logits = rng.normal(size=(30, 3)).astype(np.float32)
+    logits[np.arange(20), y[:20]] += 4.0              # classes 0 and 1 good, class 2 poor
+    w = np.ones(30, np.float32)
+    for bounded in (False, True):
+        fn = lambda lg: FS.class_penalty(lg, y, y, w, num_groups=3, bounded=bounded)  # noqa: E731
+        assert float(fn(jnp.asarray(logits))) > 0
+        grad = np.asarray(jax.grad(fn)(jnp.asarray(logits)))
+        assert np.all(grad[:20] == 0) and np.any(grad[20:] != 0)
+        uniform = np.zeros((30, 3), np.float32)
+        assert float(fn(jnp.asarray(uniform))) == 0.0

@@ -1,58 +1,102 @@
 """Ballot (Gao et al., "Efficient DNN-Powered Software with Fair Sparse Models", 2024).
 
-A lottery ticket whose mask comes from votes instead of magnitudes:
+A lottery ticket whose mask comes from votes of accuracy- and fairness-gradient
+scores. Two variants (``variant=``), both citing the authors' public code
+(GitHub ``Antimony5292/Ballot``, files ``ballot.py`` and ``utils.py``; line
+numbers of that repository's HEAD):
 
-1. **Voting run.** Over the epochs of a training run, every step computes per
-   weight the gradient of the accuracy loss (plain cross-entropy) and of a
-   fairness loss: the cross-entropy of each row weighted by ``1 / acc_k`` of its
-   class (``fair_by="class"``) or protected group (``fair_by="group"``). This is
-   the intended weighting; the public code truncates the weight to an integer,
-   which makes it 1 for every class above 50% accuracy. ``acc_k`` is the accuracy of class
-   or group ``k`` over the *previous* epoch, counted inside the jitted step
-   with ``segment_sum`` (``fairness.group_counts`` on the step's predictions);
-   for the first epoch it is the starting model's accuracy on the train split.
-   It is floored at ``min_acc`` so an empty or hopeless class cannot blow up
-   the loss. The optimizer step itself uses the accuracy gradient only, so with
-   ``vote_from="init"`` the voting run is a replay of the dense training run
-   (same initialisation, optimizer, seed and batch order) with votes recorded.
-   ``vote_from="dense"`` instead continues from the trained dense weights for
-   ``vote_epochs`` (default ``ft_epochs``) at the fine-tuning learning rate.
-2. **Per-epoch score and vote.** The gradients summed over the epoch are
-   normalised per *input column* (``normalize="column"``): every column of a
-   Flax kernel, i.e. the weights feeding one output unit from all its inputs
-   (``kernel[..., j]``: all ``in`` features of a Linear ``(in, out)`` kernel, all
-   ``(kh, kw, in)`` taps of a conv ``(kh, kw, in, out)`` kernel; one row of
-   PyTorch's ``(out, in, ...)`` weight), is divided by its L2 norm:
-   ``g_hat[..., j] = g[..., j] / ||g[..., j]||_2`` (an all-zero column stays 0).
-   Every output unit (and every class of the last layer) thus gets the same
-   total say in the vote. The alternatives ``"row"`` (the weights leaving one
-   input unit, normalised over the outputs), ``"layer"`` (whole tensor) and
-   ``"none"`` are available; on digits (MLP, 10 epochs, 80% sparsity, seed 0)
-   they let some classes lose almost all their last-layer weights (worst-class
-   test accuracy 0-9% vs 77% with ``"column"``). The conflict score is ``|g_hat_acc + eta * g_hat_fair|``:
-   where the two objectives agree the normalised gradients add up, where they
-   conflict (``g_hat_acc = -eta * g_hat_fair``) they cancel to 0 and the weight
-   loses.
-   Each epoch, the top-k weights by score get one vote, k from the target
-   sparsity and ``ctx.config.distribution`` (``masks.masks_from_scores``).
-3. **Final mask.** The most-voted weights are kept, at exactly the target
-   sparsity. Ties in the vote count are broken by the score summed over all
-   epochs (scaled into [0, 0.5) so it never outranks a whole vote), then by the
-   lower flat index (``masks.topk_mask``): the same votes always give the same
-   mask.
-4. **Refinement.** Survivors are rewound to the initialisation or to step
-   ``rewind_step`` of the dense run (``methods.lth.rewind_checkpoint``; with
-   ``vote_from="init"`` and the full ``vote_epochs`` the step-k weights are
-   captured during the voting replay at no extra cost) and retrained for
-   ``retrain_epochs`` (default ``ft_epochs``) with a learning-rate schedule:
-   linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to
-   0 (``warmup_fraction=0`` gives the plain cosine schedule).
+``variant="authors"``: the paper's code
+---------------------------------------
+* **Scope**: the vote covers the classifier only; the mask is applied to
+  ``nn.Linear`` layers (``ballot.py`` 250-252), which in their ResNet-50 is the
+  final ``fc``: the backbone stays dense. ``sparsity`` is the classifier's
+  sparsity; the *true* overall sparsity (all prunable weights, hidden layers
+  dense) is what the report and ``results.json`` show.
+* **Voting run** (:func:`authors_vote_run`, their ``method == 'lth'`` branch,
+  ``ballot.py`` 173-226): one-shot global L1 pruning of ``vote_prune`` (0.95)
+  of all prunable weights of the trained model, survivors rewound to the
+  initialisation, then the mask is *removed* (``remove_parameters``): pruned
+  weights restart at 0 but are trained. Trained for the dense budget on 90% of
+  the train split; ``holdout`` (10%) is held out (``ballot.py`` 214).
+* **Scores** (``utils.py`` 160-182, ``count_conflict``): after every epoch,
+  the classifier-weight gradient of plain cross-entropy on the post-epoch
+  weights (summed over the 90%), and of a class-weighted cross-entropy on the
+  *pre*-epoch weights. The weights are meant to be ``1 / acc_k`` (held-out
+  accuracy of class k), but ``.long()`` truncates the accuracy before 1e-6 is
+  added (``utils.py`` 168): every class below 100% gets weight ~1e6, a perfect
+  class ~1, so with PyTorch's weighted mean it is plain cross-entropy over the
+  rows of the imperfect classes (:func:`truncated_weights`).
+* **Votes** (``ballot.py`` 234-246): each gradient is L2-normalised over the
+  classes for each input feature (``F.normalize(grad, dim=0)`` of the
+  ``(classes, features)`` weight; in Flax's ``(in, out)`` kernel that is our
+  ``normalize="row"``); the two are added *with their signs* and the
+  ``k = int((1 - s) n)`` highest signed sums get a vote (a sum of exactly 0
+  none); the final mask keeps the ``k`` most-voted weights (ties: lower flat
+  index; ``torch.topk``'s tie order is unspecified).
+* **Retraining** (``ballot.py`` 248-265): the masked network rewound to its
+  initialisation and trained on the full dense schedule (our ``rewind.dense_tx``:
+  ``cfg.epochs`` at ``cfg.lr``; theirs is SGD 0.1 with steps at 100/150/200 of
+  250 epochs).
+* Not reproduced: their accuracy gradient also holds the last training
+  batch's leftover gradient (no ``zero_grad`` before ``count_conflict``), and
+  their pre-epoch model runs in train mode (BatchNorm batch statistics); ours
+  runs the pre-epoch forward in train mode too and the post-epoch one in eval
+  mode, as theirs, but without the leftover.
 
-All prunable layers vote by default; ``final_layer_only=True`` prunes only the
-last layer (as the public code does), at the target sparsity.
+The paper's "Standard LTH" baseline is this voting run itself: a network
+that is dense after training. Our ``lth`` (iterative magnitude pruning with the
+mask kept, at the target sparsity of every prunable layer) is a much stronger,
+genuinely sparse baseline.
+
+``variant="ours"`` (default): our adaptation to all-layer sparsity
+----------------------------------------------------------------
+Voting on hidden layers does not work at all-layer sparsity (measured on
+digits at 89%: a hidden-layer vote mask retrains to 0.742, a random mask to
+0.738, a magnitude mask to 0.929), so:
+
+* ``body="magnitude"``: every prunable layer but the classifier is masked by
+  the magnitude of the trained dense weights at the target sparsity
+  (``ctx.config.distribution``);
+* the classifier alone votes (``scope="classifier"``), during a run from the
+  initialisation (``vote_from="init"``, the dense budget) or from the trained
+  weights (``vote_from="dense"``, ``vote_epochs`` default ``ft_epochs``)
+  **with the body mask applied**, so the votes see the sparse body they will
+  be used with;
+* scores per step as below, votes per epoch, final mask at exactly the target
+  sparsity, so the overall sparsity is the target;
+* the ticket is rewound and retrained on the **dense budget**
+  (``retrain="dense"``: ``cfg.epochs`` with the dense optimizer), the same
+  budget ``lth`` gives its last round. ``retrain="finetune"`` uses
+  ``retrain_epochs`` (default ``ft_epochs``) at ``ft_lr`` with a linear
+  warm-up over ``warmup_fraction`` of the steps, then cosine decay.
+
+``scope="all"`` votes on every prunable layer (the earlier behaviour, kept for
+the measurement above); ``final_layer_only=True`` is the old spelling of the
+authors' scope (classifier only, body dense) with our scores.
+
+Our scores (variant ours): during the voting run every step accumulates per
+weight the gradient of the accuracy loss (the one the optimizer uses) and of
+the fairness loss, the cross-entropy of each row weighted by ``1 / acc_k`` of
+its class (``fair_by="class"``) or protected group (``fair_by="group"``),
+``acc_k`` from the previous epoch's counts (``segment_sum`` in the jitted step;
+for the first epoch the starting model on the train split), floored at
+``min_acc`` (``weights="inverse"``; ``"truncated"`` gives the authors'
+weights). Per epoch each summed gradient is normalised per kernel column
+(``normalize="column"``: the weights feeding one output unit, so every class
+gets the same say; ``"row"`` is the authors' axis, ``"layer"``, ``"none"``) and
+the score is ``|g_hat_acc + eta * g_hat_fair|`` (``sign="abs"``: where the two
+objectives conflict they cancel and the weight loses; ``"signed"`` is the
+authors'). The top-k by score get one vote per epoch; the most-voted are kept,
+ties broken by the summed score, then the lower flat index.
+
+Rewinding: ``rewind_step`` (0 = initialisation) via
+``fairprune_jax.rewind.rewind_checkpoint``; with ``vote_from="init"``, no
+sparse body and the full budget the voting run replays the dense run and the
+step-k weights are captured on the way.
 
 With ``ctx.config.out`` set, ``out/ballot/votes.npz`` holds the final mask,
-the votes (``votes/<leaf>``) and the summed scores (``score_sum/<leaf>``).
+the votes (``votes/<leaf>``) and the summed scores (``score_sum/<leaf>``) of
+the voted layers.
 """
 from __future__ import annotations
 
@@ -66,12 +110,14 @@ import optax
 
 from fairprune_jax import fairness
 from fairprune_jax import masks as masks_lib
-from fairprune_jax.masks import _is_none
+from fairprune_jax import scores as scores_lib
+from fairprune_jax.data.base import train_batches
+from fairprune_jax.masks import _is_none, ones_like_template
 from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
-from fairprune_jax.methods.lth import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary,
-                                       initial_weights, rewind, rewind_checkpoint, save_masks, sparsity_report)
-from fairprune_jax.train import (TrainState, step_inputs, apply_gradients, create_state, cross_entropy, evaluate, fit,
-                                 masked_forward, weighted_mean)
+from fairprune_jax.rewind import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary, initial_weights,
+                                  rewind, rewind_checkpoint, save_masks, sparsity_report)
+from fairprune_jax.train import (TrainState, apply_gradients, check_finite, create_state, cross_entropy, evaluate,
+                                 fit, make_train_step, masked_forward, step_inputs, weighted_mean)
 
 FAIR_BY = ("class", "group")
 VOTE_FROM = ("init", "dense")
@@ -102,10 +148,15 @@ def normalize_columns(g: jax.Array, how: str = "column") -> jax.Array:
     return g / jnp.where(norm > 0, norm, 1.0)
 
 
-def conflict_scores(g_acc: Any, g_fair: Any, template: Any, eta: float = 1.0, normalize: str = "column") -> Any:
-    """``|g_hat_acc + eta * g_hat_fair|`` per prunable weight (None elsewhere): conflicting weights score 0."""
-    return jax.tree.map(lambda t, a, f: None if t is None else
-                        jnp.abs(normalize_columns(a, normalize) + eta * normalize_columns(f, normalize)),
+def conflict_scores(g_acc: Any, g_fair: Any, template: Any, eta: float = 1.0, normalize: str = "column",
+                    signed: bool = False) -> Any:
+    """``|g_hat_acc + eta * g_hat_fair|`` per prunable weight (None elsewhere): conflicting weights score 0.
+
+    ``signed=True`` keeps the sign of the sum, as the authors' code does (their ``simi``).
+    """
+    f = (lambda x: x) if signed else jnp.abs
+    return jax.tree.map(lambda t, a, g: None if t is None else
+                        f(normalize_columns(a, normalize) + eta * normalize_columns(g, normalize)),
                         template, g_acc, g_fair, is_leaf=_is_none)
 
 
@@ -119,7 +170,7 @@ def final_mask(votes: Any, score_sum: Any, template: Any, sparsity: float, distr
     leaves = [jnp.max(s) for s in jax.tree.leaves(score_sum)]
     top = jnp.max(jnp.stack(leaves)) if leaves else jnp.float32(0.0)
     scale = jnp.where(top > 0, 0.5 / top, 0.0)
-    rank = jax.tree.map(lambda t, v, s: None if t is None else v + s * scale * (1.0 - 1e-6),
+    rank = jax.tree.map(lambda t, v, s: None if t is None else v + jnp.maximum(s, 0.0) * scale * (1.0 - 1e-6),
                         template, votes, score_sum, is_leaf=_is_none)
     return masks_lib.masks_from_scores(rank, template, sparsity, distribution)
 
@@ -163,7 +214,7 @@ def init_vote_extra(params: Any, template: Any, key_acc: jax.Array) -> dict:
 
 
 def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_keys: int, fair_by: str,
-                   min_acc: float, augment: Callable | None = None) -> Callable:
+                   min_acc: float, augment: Callable | None = None, weights: str = "inverse") -> Callable:
     """Jitted step: update with the accuracy gradient, accumulate both gradients and per-key counts."""
     if fair_by not in FAIR_BY:
         raise ValueError(f"ballot: fair_by must be one of {FAIR_BY}; got {fair_by!r}")
@@ -172,12 +223,16 @@ def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_k
         ex = state.extra
         rng, x = step_inputs(state, batch, augment)
         keys = batch["y"] if fair_by == "class" else batch["g"]
-        row_w = fairness_weights(ex["key_acc"], min_acc)[keys]
+        key_w = (fairness_weights(ex["key_acc"], min_acc) if weights == "inverse"
+                 else 1.0 / (jnp.floor(ex["key_acc"]) + 1e-6))
+        row_w = key_w[keys]
 
         def losses(params):
             logits, new_ms = masked_forward(fm, params, state.masks, state.model_state, x, train=True)
             per = cross_entropy(logits, batch["y"])
-            return (jnp.stack([weighted_mean(per, batch["w"]), weighted_mean(per * row_w, batch["w"])]),
+            fair = (weighted_mean(per * row_w, batch["w"]) if weights == "inverse" else   # PyTorch's weighted mean
+                    jnp.sum(per * row_w * batch["w"]) / jnp.maximum(jnp.sum(row_w * batch["w"]), 1e-30))
+            return (jnp.stack([weighted_mean(per, batch["w"]), fair]),
                     (logits, new_ms))
 
         ls, vjp, (logits, new_ms) = jax.vjp(losses, state.params, has_aux=True)
@@ -206,6 +261,134 @@ def _close_epoch(extra: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# The authors' voting run (variant="authors")
+# ---------------------------------------------------------------------------
+
+
+def truncated_weights(key_acc: jax.Array) -> jax.Array:
+    """The authors' class weights ``1 / (trunc(acc_k) + 1e-6)``: ~1e6 for every key below 100%, ~1 at 100%.
+
+    Their ``count_conflict`` casts the accuracies to an integer before adding
+    1e-6 (``utils.py`` line 168 of Antimony5292/Ballot), so the intended
+    ``1 / acc_k`` collapses: PyTorch's weighted mean then is (to 1e-6) plain
+    cross-entropy over the rows of the imperfect classes.
+    """
+    return 1.0 / (jnp.floor(jnp.asarray(key_acc, jnp.float32)) + 1e-6)
+
+
+def signed_scores(g_acc: Any, g_fair: Any, template: Any, eta: float, normalize: str) -> Any:
+    """``g_hat_acc + eta * g_hat_fair`` with signs kept (the authors' ``simi``, ``ballot.py`` lines 236-238)."""
+    return jax.tree.map(lambda t, a, f: None if t is None else
+                        normalize_columns(a, normalize) + eta * normalize_columns(f, normalize),
+                        template, g_acc, g_fair, is_leaf=_is_none)
+
+
+def authors_keep(template: Any, params: Any, sparsity: float) -> int:
+    """The authors' ``k = int((1 - s) * n)`` over the voted weights (truncated, not rounded)."""
+    n = sum(int(np.prod(p.shape)) for t, p in zip(jax.tree.leaves(template, is_leaf=_is_none),
+                                                   jax.tree.leaves(_restrict(params, template), is_leaf=_is_none))
+            if t is not None and p is not None)
+    return int((1.0 - sparsity) * n)
+
+
+def _flat(tree: Any) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _unflat(vec: jax.Array, like: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(like)
+    out, i = [], 0
+    for x in leaves:
+        out.append(vec[i:i + x.size].reshape(x.shape))
+        i += x.size
+    return jax.tree.unflatten(treedef, out)
+
+
+def signed_topk_votes(score: Any, k: int) -> Any:
+    """One vote to each of the ``k`` highest *signed* scores, none to a score of exactly 0 (their line 240)."""
+    flat = _flat(score)
+    v = masks_lib.topk_mask(flat, k) * (flat != 0)
+    return _unflat(v, score)
+
+
+def authors_vote_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_keys: int) -> dict:
+    """The authors' "LTH" run with conflict counting (Antimony5292/Ballot ``ballot.py`` 173-226, ``utils.py`` 160-182).
+
+    * Global L1 mask over every prunable weight of the *trained* model at
+      ``vote_prune`` (0.95), survivors rewound to the initialisation, pruned
+      weights set to 0 **but left trainable** (the mask is removed).
+    * Trained for ``cfg.epochs`` with the dense optimizer on a random 90% of
+      the train split; the other ``holdout`` (10%) measures the per-class
+      accuracy.
+    * After each epoch: the summed gradient over the 90% of plain
+      cross-entropy on the *post*-epoch weights (eval mode) and of the
+      class-weighted cross-entropy (``truncated_weights`` from the held-out
+      accuracy of the post-epoch model; PyTorch's weighted mean per batch) on
+      the *pre*-epoch weights, both restricted to ``template`` (the
+      classifier).
+    """
+    cfg = ctx.config
+    fair_by, eta = opts["fair_by"], float(opts["eta"])
+    memo_key = ("ballot.authors_vote_run", fair_by, eta, opts["normalize"], float(opts["vote_prune"]),
+                float(opts["holdout"]), cfg.seed, cfg.epochs, cfg.lr)
+    hit = ctx.memo.get(memo_key)
+    if hit is not None and hit["dense"] is dense:
+        return hit
+    lth_mask = masks_lib.masks_from_scores(scores_lib.magnitude(dense.params, ctx.template), ctx.template,
+                                           float(opts["vote_prune"]), "global")
+    init = rewind_checkpoint(ctx, 0, reference=dense.params)
+    params = masks_lib.apply_masks(copy_tree(init.params), lth_mask)   # pruned weights restart at 0 ...
+    train = ctx.dataset.train
+    n = len(train)
+    perm = np.random.default_rng([cfg.seed, 7013]).permutation(n)
+    n_hold = int(round(float(opts["holdout"]) * n))
+    sub, hold = train.take(np.sort(perm[n_hold:])), train.take(np.sort(perm[:n_hold]))
+    spe = max(len(sub) // cfg.batch_size, 1)
+    tx = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * spe)
+    state = create_state(params, copy_tree(init.model_state), tx, seed=cfg.seed)   # ... but trainable: no mask
+    step_fn = make_train_step(ctx.fm, tx, augment=ctx.augment)
+
+    def key_of(batch):
+        return batch["y"] if fair_by == "class" else batch["g"]
+
+    @jax.jit
+    def grads(post, pre, ms_post, ms_pre, batch, w_key):
+        def acc_loss(p):
+            logits, _ = masked_forward(ctx.fm, p, None, ms_post, batch["x"], train=False)
+            return weighted_mean(cross_entropy(logits, batch["y"]), batch["w"])
+
+        def fair_loss(p):
+            logits, _ = masked_forward(ctx.fm, p, None, ms_pre, batch["x"], train=True)
+            rw = w_key[key_of(batch)] * batch["w"]
+            return jnp.sum(cross_entropy(logits, batch["y"]) * rw) / jnp.maximum(jnp.sum(rw), 1e-30)
+
+        return _restrict(jax.grad(acc_loss)(post), template), _restrict(jax.grad(fair_loss)(pre), template)
+
+    epoch_scores, key_acc_hist = [], []
+    for epoch in range(cfg.epochs):
+        pre_params, pre_ms = copy_tree(state.params), copy_tree(state.model_state)
+        state, _ = fit(state, step_fn, sub, epochs=1, batch_size=cfg.batch_size, seed=cfg.seed + 7000 + epoch,
+                       desc=f"ballot (authors) LTH run {epoch + 1}/{cfg.epochs}", progress=False)
+        gc, cc = evaluate(ctx.eval_step, state, hold, cfg.eval_batch_size)
+        key_acc = np.nan_to_num(fairness.group_accuracy(cc if fair_by == "class" else gc), nan=1.0)
+        key_acc_hist.append(key_acc.tolist())
+        w_key = truncated_weights(jnp.asarray(key_acc))
+        g_acc = g_fair = None
+        for b in train_batches(sub, cfg.batch_size, seed=cfg.seed + 7500, epoch=epoch):
+            b = {**b, "w": b.get("w", np.ones(len(b["y"]), np.float32))}
+            a, f = grads(state.params, pre_params, state.model_state, pre_ms, b, w_key)
+            g_acc = a if g_acc is None else jax.tree.map(jnp.add, g_acc, a)
+            g_fair = f if g_fair is None else jax.tree.map(jnp.add, g_fair, f)
+        epoch_scores.append(signed_scores(g_acc, g_fair, template, eta, opts["normalize"]))
+    check_finite(state, "ballot's authors-style LTH run")
+    run = {"epoch_scores": epoch_scores, "vote_epochs": cfg.epochs, "key_acc_hist": key_acc_hist,
+           "replay_diff": None, "history": {}, "captured": {}, "dense": dense,
+           "holdout_rows": int(n_hold), "vote_prune": float(opts["vote_prune"])}
+    ctx.memo[memo_key] = run
+    return run
+
+
+# ---------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------
 
@@ -223,43 +406,27 @@ def retrain_tx(ctx: Context, epochs: int, warmup_fraction: float) -> optax.Gradi
     return make_optimizer(cfg.optimizer, schedule, cfg.weight_decay)  # a schedule in place of the lr
 
 
-BALLOT_OPTIONS = {"eta": 1.0, "fair_by": "class", "normalize": "column", "final_layer_only": False,
-                  "rewind_step": 0, "vote_from": "init", "vote_epochs": None, "retrain_epochs": None,
-                  "warmup_fraction": 0.1, "min_acc": 0.01}
-
-
-def _options(ctx: Context) -> dict:
-    opts = method_options(METHODS["ballot"], ctx.config.method_options)
-    if opts["fair_by"] not in FAIR_BY:
-        raise ValueError(f"ballot: fair_by must be one of {', '.join(FAIR_BY)}; got {opts['fair_by']!r}")
-    if opts["normalize"] not in NORMALIZATIONS:
-        raise ValueError(f"ballot: normalize must be one of {', '.join(NORMALIZATIONS)}; "
-                         f"got {opts['normalize']!r}")
-    if opts["vote_from"] not in VOTE_FROM:
-        raise ValueError(f"ballot: vote_from must be one of {', '.join(VOTE_FROM)}; got {opts['vote_from']!r}")
-    if not 0.0 < float(opts["min_acc"]) <= 1.0:
-        raise ValueError(f"ballot: min_acc must be in (0, 1]; got {opts['min_acc']}")
-    for name in ("vote_epochs", "retrain_epochs"):
-        if opts[name] is not None and int(opts[name]) < (1 if name == "vote_epochs" else 0):
-            raise ValueError(f"ballot: {name} must be >= {1 if name == 'vote_epochs' else 0}; got {opts[name]}")
-    return opts
-
-
 MEMO_BUDGET_BYTES = 512 * 2**20   # per-epoch scores kept for reuse across sparsities up to this size
 
 
-def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_keys: int, k: int) -> dict:
+def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_keys: int, k: int,
+               body: Any = None) -> dict:
     """The voting run: per-epoch conflict scores (no votes yet), per-key accuracies, step-k weights.
 
-    Nothing here depends on the target sparsity (the run trains the dense
-    network and only *records* gradients), so one run serves every sparsity:
-    the result is kept in ``ctx.memo`` (when its scores fit in
-    ``MEMO_BUDGET_BYTES``) and ``fairprune compare`` runs it once per seed.
+    With ``body`` (the masks of the layers that do not vote, e.g. magnitude at
+    the target) the run trains under those masks, so the votes see the sparse
+    body they will be combined with. Without a sparse body nothing here depends
+    on the target sparsity (the run trains the dense network and only
+    *records* gradients), so one run serves every sparsity: the result is kept
+    in ``ctx.memo`` (when its scores fit in ``MEMO_BUDGET_BYTES``) and
+    ``fairprune compare`` runs it once per seed.
     """
     cfg = ctx.config
     eta, fair_by, min_acc = float(opts["eta"]), opts["fair_by"], float(opts["min_acc"])
-    memo_key = ("ballot.voting_run", eta, fair_by, opts["normalize"], bool(opts["final_layer_only"]), k,
-                opts["vote_from"], opts["vote_epochs"], min_acc, cfg.seed, cfg.ft_epochs, cfg.ft_lr)
+    sparse_body = body is not None and opts.get("body", "dense") != "dense"
+    memo_key = ("ballot.voting_run", eta, fair_by, opts["normalize"], opts.get("scope"), opts.get("sign"),
+                opts.get("weights"), k, opts["vote_from"], opts["vote_epochs"], min_acc, cfg.seed, cfg.ft_epochs,
+                cfg.ft_lr, (opts.get("body"), cfg.sparsity, cfg.distribution) if sparse_body else None)
     hit = ctx.memo.get(memo_key)
     if hit is not None and hit["dense"] is dense:   # the same dense run (vote_from="dense" starts from it)
         return hit
@@ -269,21 +436,22 @@ def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_k
         tx = dense_tx(ctx) if vote_epochs == cfg.epochs else make_optimizer(
             cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=vote_epochs * ctx.steps_per_epoch)
         seed, state_seed = cfg.seed, cfg.seed
-        replay = vote_epochs == cfg.epochs  # same optimizer, seed and batch order as the dense run
+        # same optimizer, seed and batch order as the dense run (and no mask): a replay
+        replay = vote_epochs == cfg.epochs and not sparse_body
     else:
         vote_epochs = cfg.ft_epochs if opts["vote_epochs"] is None else int(opts["vote_epochs"])
         params, model_state = copy_tree(dense.params), copy_tree(dense.model_state)
-        tx = ctx.finetune_tx(epochs=vote_epochs)
+        tx = ctx.finetune_tx(epochs=vote_epochs)   # (a sparse body is applied by the state's masks below)
         seed, state_seed, replay = cfg.seed + 2000, cfg.seed + 2, False
     if vote_epochs < 1:
         raise ValueError(f"ballot: vote_epochs must be >= 1; got {vote_epochs}")
-    start = create_state(params, model_state, tx, seed=state_seed)
+    start = create_state(params, model_state, tx, seed=state_seed, masks=body if sparse_body else None)
     gc, cc = evaluate(ctx.eval_step, start, ctx.dataset.train, cfg.eval_batch_size)
     start_counts = cc if fair_by == "class" else gc
     key_acc0 = np.nan_to_num(fairness.group_accuracy(start_counts), nan=1.0)
     start = start.replace(extra=init_vote_extra(params, template, jnp.asarray(key_acc0)))
     step_fn = make_vote_step(ctx.fm, tx, template, num_keys=num_keys, fair_by=fair_by, min_acc=min_acc,
-                             augment=ctx.augment)
+                             augment=ctx.augment, weights=opts.get("weights", "inverse"))
 
     spe = ctx.steps_per_epoch
     epoch_scores: list[Any] = []
@@ -292,7 +460,8 @@ def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_k
 
     def close_epoch(state: TrainState) -> TrainState:
         ex = state.extra
-        epoch_scores.append(conflict_scores(ex["g_acc"], ex["g_fair"], template, eta, opts["normalize"]))
+        epoch_scores.append(conflict_scores(ex["g_acc"], ex["g_fair"], template, eta, opts["normalize"],
+                                            signed=opts.get("sign") == "signed"))
         new_extra = _close_epoch(ex)
         key_acc_hist.append(np.asarray(new_extra["key_acc"]).tolist())
         return state.replace(extra=new_extra)
@@ -334,34 +503,128 @@ def tally(epoch_scores: list[Any], template: Any, sparsity: float, distribution:
     return votes, score_sum, epoch_masks
 
 
+VARIANTS = ("ours", "authors")
+SCOPES = ("classifier", "all")
+BODIES = ("magnitude", "dense")
+SIGNS = ("abs", "signed")
+WEIGHTS = ("inverse", "truncated")
+RETRAINS = ("dense", "finetune")
+
+# Options left at None take their value from the variant.
+VARIANT_PRESETS = {
+    # our adaptation at all-layer sparsity: hidden layers by magnitude, votes on the classifier only
+    "ours": {"scope": "classifier", "body": "magnitude", "sign": "abs", "normalize": "column",
+             "weights": "inverse", "retrain": "dense"},
+    # the paper's code (Antimony5292/Ballot): the classifier alone, the backbone stays dense
+    "authors": {"scope": "classifier", "body": "dense", "sign": "signed", "normalize": "row",
+                "weights": "truncated", "retrain": "dense"},
+}
+
+BALLOT_OPTIONS = {"variant": "ours", "scope": None, "body": None, "sign": None, "normalize": None,
+                  "weights": None, "retrain": None, "eta": 1.0, "fair_by": "class", "final_layer_only": False,
+                  "rewind_step": 0, "vote_from": "init", "vote_epochs": None, "retrain_epochs": None,
+                  "warmup_fraction": 0.1, "min_acc": 0.01, "vote_prune": 0.95, "holdout": 0.1}
+
+
+def _choice(opts: dict, name: str, valid: tuple) -> None:
+    if opts[name] not in valid:
+        raise ValueError(f"ballot: {name} must be one of {', '.join(valid)}; got {opts[name]!r}")
+
+
+def _options(ctx: Context) -> dict:
+    opts = method_options(METHODS["ballot"], ctx.config.method_options)
+    _choice(opts, "variant", VARIANTS)
+    for name, value in VARIANT_PRESETS[opts["variant"]].items():
+        if opts[name] is None:
+            opts[name] = value
+    if opts["final_layer_only"]:   # the earlier spelling of "classifier only, hidden layers dense"
+        opts["scope"], opts["body"] = "classifier", "dense"
+    for name, valid in (("scope", SCOPES), ("body", BODIES), ("sign", SIGNS), ("weights", WEIGHTS),
+                        ("retrain", RETRAINS), ("fair_by", FAIR_BY), ("normalize", NORMALIZATIONS),
+                        ("vote_from", VOTE_FROM)):
+        _choice(opts, name, valid)
+    if opts["variant"] == "authors" and (opts["scope"], opts["body"]) != ("classifier", "dense"):
+        raise ValueError("ballot: variant=authors votes on the classifier of an unmasked network "
+                         "(scope=classifier, body=dense); use variant=ours for other scopes")
+    if opts["scope"] == "all" and opts["body"] != "dense":
+        opts["body"] = "dense"   # every layer votes: there is no separate body mask
+    if not 0.0 < float(opts["min_acc"]) <= 1.0:
+        raise ValueError(f"ballot: min_acc must be in (0, 1]; got {opts['min_acc']}")
+    if not 0.0 < float(opts["holdout"]) < 1.0:
+        raise ValueError(f"ballot: holdout must be in (0, 1); got {opts['holdout']}")
+    if not 0.0 <= float(opts["vote_prune"]) < 1.0:
+        raise ValueError(f"ballot: vote_prune must be in [0, 1); got {opts['vote_prune']}")
+    for name in ("vote_epochs", "retrain_epochs"):
+        if opts[name] is not None and int(opts[name]) < (1 if name == "vote_epochs" else 0):
+            raise ValueError(f"ballot: {name} must be >= {1 if name == 'vote_epochs' else 0}; got {opts[name]}")
+    return opts
+
+
+def body_masks(ctx: Context, dense: TrainState, opts: dict, vote_template: Any) -> Any:
+    """Masks of the layers that do not vote: magnitude of the trained dense weights at the target, or all-ones."""
+    body_template = jax.tree.map(lambda t, v: None if (t is None or v is not None) else True,
+                                 ctx.template, vote_template, is_leaf=_is_none)
+    if opts["body"] == "dense" or not jax.tree.leaves(body_template):
+        return ones_like_template(dense.params, body_template)
+    return masks_lib.masks_from_scores(scores_lib.magnitude(dense.params, body_template), body_template,
+                                       ctx.config.sparsity, ctx.config.distribution)
+
+
+def merge_masks(a: Any, b: Any) -> Any:
+    """One mask tree from two with disjoint leaves (None where neither has one)."""
+    return jax.tree.map(lambda x, y: x if y is None else y, a, b, is_leaf=_is_none)
+
+
 @register("ballot", "Ballot (Gao et al. 2024): mask from per-epoch votes of accuracy+fairness gradient "
-                    "conflict scores, then rewind and retrain", BALLOT_OPTIONS)
+                    "conflict scores, then rewind and retrain (variant=authors: the paper's code, classifier "
+                    "only; variant=ours: hidden layers by magnitude, classifier by votes)", BALLOT_OPTIONS)
 def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     cfg = ctx.config
     opts = _options(ctx)
     fair_by = opts["fair_by"]
     k = check_rewind_step(ctx, opts["rewind_step"])
-    template = final_layer_template(ctx) if opts["final_layer_only"] else ctx.template
+    template = final_layer_template(ctx) if opts["scope"] == "classifier" else ctx.template
     num_keys = ctx.dataset.num_classes if fair_by == "class" else ctx.dataset.num_groups
     masks_lib.keep_counts(dense.params, template, cfg.sparsity, cfg.distribution)  # fail fast on bad input
+    body = body_masks(ctx, dense, opts, template)
 
-    run = voting_run(ctx, dense, opts, template, num_keys, k)
-    votes, score_sum, epoch_masks = tally(run["epoch_scores"], template, cfg.sparsity, cfg.distribution)
-    vote_epochs, key_acc_hist, replay_diff = run["vote_epochs"], run["key_acc_hist"], run["replay_diff"]
-    vote_hist, captured = run["history"], run["captured"]
-
-    masks = final_mask(votes, score_sum, template, cfg.sparsity, cfg.distribution)
+    if opts["variant"] == "authors":
+        run = authors_vote_run(ctx, dense, opts, template, num_keys)
+        kk = authors_keep(template, dense.params, cfg.sparsity)
+        votes = score_sum = None
+        epoch_masks = []
+        for s in run["epoch_scores"]:
+            v = signed_topk_votes(s, kk)
+            votes = v if votes is None else jax.tree.map(jnp.add, votes, v)
+            score_sum = s if score_sum is None else jax.tree.map(jnp.add, score_sum, s)
+            epoch_masks.append(np.asarray(_flat(v)) > 0)
+        vote_masks = _unflat(masks_lib.topk_mask(_flat(votes), kk), votes)   # most-voted k, ties: lower index
+    else:
+        run = voting_run(ctx, dense, opts, template, num_keys, k, body)
+        votes, score_sum, epoch_masks = tally(run["epoch_scores"], template, cfg.sparsity, cfg.distribution)
+        vote_masks = final_mask(votes, score_sum, template, cfg.sparsity, cfg.distribution)
+    masks = merge_masks(body, vote_masks)
 
     # --- refinement: rewind and retrain ----------------------------------------------
-    ckpt = captured.get("ckpt") or rewind_checkpoint(ctx, k, reference=dense.params)
-    retrain_epochs = cfg.ft_epochs if opts["retrain_epochs"] is None else int(opts["retrain_epochs"])
-    rtx = retrain_tx(ctx, retrain_epochs, float(opts["warmup_fraction"]))
+    ckpt = run["captured"].get("ckpt") or rewind_checkpoint(ctx, k, reference=dense.params)
+    if opts["retrain"] == "dense":
+        retrain_epochs = cfg.epochs if opts["retrain_epochs"] is None else int(opts["retrain_epochs"])
+        rtx = dense_tx(ctx) if retrain_epochs == cfg.epochs else make_optimizer(
+            cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=retrain_epochs * ctx.steps_per_epoch)
+    else:
+        retrain_epochs = cfg.ft_epochs if opts["retrain_epochs"] is None else int(opts["retrain_epochs"])
+        rtx = retrain_tx(ctx, retrain_epochs, float(opts["warmup_fraction"]))
     pruned = rewind(ctx, ckpt, masks, rtx)
     pruned, retrain_hist = ctx.finetune(pruned, rtx, epochs=retrain_epochs, desc="ballot retrain")
 
-    info = _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, key_acc_hist, vote_epochs,
-                 retrain_epochs, replay_diff, k)
-    info["history"] = {"vote": vote_hist, "retrain": retrain_hist}
+    info = _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, run["key_acc_hist"], run["vote_epochs"],
+                 retrain_epochs, run["replay_diff"], k)
+    info["voted_layers"] = [n for n, _ in masks_lib.named_leaves(template)]
+    info["label"] = ("the authors' algorithm (Antimony5292/Ballot): classifier only, hidden layers dense"
+                     if opts["variant"] == "authors" else
+                     "our adaptation to all-layer sparsity: hidden layers by " + opts["body"] +
+                     ", classifier by votes" if opts["scope"] == "classifier" else "our all-layer vote")
+    info["history"] = {"vote": run["history"], "retrain": retrain_hist}
     if cfg.out:
         info["votes_file"] = str(save_masks(Path(cfg.out) / "ballot" / "votes.npz", masks,
                                             {k2: v for k2, v in info.items() if k2 != "history"},
@@ -371,9 +634,10 @@ def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
 
 def _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, key_acc_hist, vote_epochs, retrain_epochs,
           replay_diff, k) -> dict:
-    """Vote statistics: how stable the per-epoch top-k was and how decisive the final vote."""
+    """Vote statistics (over the voted weights): how stable the per-epoch top-k was and how decisive the vote."""
     flat = lambda t: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(t)])  # noqa: E731
-    m, v = flat(masks), flat(votes)
+    voted = _restrict(masks, jax.tree.map(lambda v: True, votes))
+    m, v = flat(voted), flat(votes)
     agreement = [float((e == (m > 0)).mean()) for e in epoch_masks]
     return {
         "options": {**opts, "vote_epochs": vote_epochs, "retrain_epochs": retrain_epochs, "rewind_step": k},
@@ -389,6 +653,7 @@ def _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, key_acc_hist,
     }
 
 
-__all__ = ["BALLOT_OPTIONS", "NORMALIZATIONS", "ballot", "conflict_scores", "epoch_votes", "fairness_weights",
-           "final_layer_template", "final_mask", "init_vote_extra", "make_vote_step", "normalize_columns",
-           "retrain_tx", "tally", "voting_run"]
+__all__ = ["BALLOT_OPTIONS", "NORMALIZATIONS", "VARIANT_PRESETS", "authors_keep", "authors_vote_run", "ballot",
+           "body_masks", "conflict_scores", "epoch_votes", "fairness_weights", "final_layer_template", "final_mask",
+           "init_vote_extra", "make_vote_step", "normalize_columns", "retrain_tx", "signed_scores",
+           "signed_topk_votes", "tally", "truncated_weights", "voting_run"]

@@ -9,14 +9,44 @@ passes the gradient of the masked weight to the score as if the mask were
 ``|score|`` itself (``m + (|s| - stop_gradient(|s|))``: the forward value is
 exactly the 0/1 mask, the gradient w.r.t. ``s`` is ``dL/d(w m) * w * sign(s)``).
 
-The objective is ``cross-entropy + lam * fairness surrogate``, the surrogate
-taken by name from :mod:`fairprune_jax.surrogates` (``dp_logistic`` by
-default: the logistic convex surrogate of demographic parity used by the
-paper, extended to many groups; ``eo*`` for equalized odds, ``ap`` for
-accuracy parity) on the protected groups of each batch.
+The objective is ``cross-entropy + lam * fairness term``. The fairness term
+(``penalty=``) follows the authors' code (GitHub
+``HungerPWAY/Fair-Scratch-Tickets``, ``trainers/default.py``):
+
+* ``"dp"`` / ``"eo"`` (group fairness): their logistic regulariser
+  (``floss_dp`` / ``floss_eoo``, lines 12-76): each group's rows are pushed
+  one way, ``-(lam/B) sum_{i in a} log sigmoid(d_a f_i) / P_a`` with ``f`` the
+  positive class's log-odds and ``P_a`` the group's training frequency (for EO
+  the frequency of its ``y = pos`` rows, and only the ``y = pos`` rows enter,
+  lines 136-144). They hard-code per dataset which group goes up (``floss_dp``
+  vs ``floss_dp_2``); here ``d_a = +1`` for every group whose training
+  positive-label rate is below the overall rate, ``-1`` otherwise, so more
+  than two groups are each pushed toward the overall rate. Their term never
+  stops pushing; ours counts a group only while its positive rate in the batch
+  is on the wrong side of the batch's overall rate, so it is 0 once the
+  disadvantaged groups reach it (``"dp_authors"`` / ``"eo_authors"``: ungated,
+  as theirs).
+* ``"class_mean_dev"`` / ``"class_bounded"`` (class-wise fairness, groups =
+  classes): ``sum_k p_k max(0, L_k - L)`` of the per-class cross-entropy
+  (bounded: of the soft accuracy) against the batch mean held fixed. Only
+  classes worse than average are pushed; a max-min gap would also push the
+  good classes down, and every constant predictor has gap 0 (with the old
+  accuracy-parity gap at lam 1 on digits the loss settled at ln 10, the
+  uniform predictor).
+* ``"auto"`` (default): the class-wise form when every row's group is its
+  class, ``"dp"`` otherwise. ``"surrogate"`` (or naming ``surrogate=``) uses a
+  max-gap surrogate from :mod:`fairprune_jax.surrogates` (the earlier
+  default).
+
+``lam`` defaults to the value picked from the sweep {0, 0.01, 0.1, 0.3, 1}
+recorded in ``experiments/README.md``; the authors default it to 0 and sweep
+it. ``optimizer="authors"`` trains the scores with their settings (SGD, lr
+0.01, momentum 0.9, weight decay 1e-4, cosine: ``configs/celeba/
+ResNet18sparse_celeba_sc.yml``, ``main.py`` ``get_optimizer``) instead of the
+run's optimizer at ``score_lr``.
 
 Weights: the model rebuilt with the run's seed (the initialisation the dense
-run started from, ``methods.lth.initial_weights``). ``init="signed_constant"``
+run started from, ``rewind.initial_weights``). ``init="signed_constant"``
 (default, edge-popup's best) replaces every prunable kernel entry by
 ``sign(w0) * sqrt(2 / (fan_in * density))`` (Kaiming constant, scaled for the
 fraction of inputs kept); ``init="model"`` keeps the builder's random weights.
@@ -27,7 +57,8 @@ in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` (edge-popup) and are trained with
 ``ft_epochs``). The dense trained state is not used (only reported against).
 
 The returned state's params are the frozen weights times the final mask;
-``info`` holds the surrogate's value on the train split before and after.
+``info`` holds the fairness term's value on the train split (``train_surrogate``) and the resolved
+``penalty_used``.
 """
 from __future__ import annotations
 
@@ -44,7 +75,7 @@ from fairprune_jax import surrogates
 from fairprune_jax.data.base import Split, eval_batches
 from fairprune_jax.masks import _is_none, apply_masks
 from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
-from fairprune_jax.methods.lth import eval_summary, initial_weights, sparsity_report
+from fairprune_jax.rewind import eval_summary, initial_weights, sparsity_report
 from fairprune_jax.train import (TrainState, create_state, cross_entropy, fit, masked_forward, step_inputs,
                                  weighted_mean)
 
@@ -132,6 +163,125 @@ def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, spar
     return jax.jit(step, donate_argnums=0)
 
 
+# ---------------------------------------------------------------------------
+# The authors' one-sided regulariser and the class-wise forms
+# ---------------------------------------------------------------------------
+
+PENALTIES = ("auto", "dp", "eo", "dp_authors", "eo_authors", "class_mean_dev", "class_bounded", "surrogate")
+
+
+def label_directions(y: np.ndarray, g: np.ndarray, num_groups: int, positive_label: int) -> np.ndarray:
+    """+1 for a group whose training positive-label rate is below the overall rate (disadvantaged), else -1.
+
+    The authors hard-code which attribute value is pushed up per dataset
+    (``floss_dp`` for CelebA, ``floss_dp_2`` for UTKFace2 in
+    ``trainers/default.py`` lines 12-40 and 117-128 of HungerPWAY/Fair-Scratch-Tickets);
+    here the direction comes from the training labels, for any number of groups.
+    """
+    pos = (np.asarray(y) == positive_label).astype(np.float64)
+    g = np.asarray(g)
+    overall = pos.mean() if pos.size else 0.0
+    d = np.full(num_groups, -1.0, np.float32)
+    for k in range(num_groups):
+        sel = g == k
+        if sel.any() and pos[sel].mean() < overall:
+            d[k] = 1.0
+    return d
+
+
+def group_priors(y: np.ndarray, g: np.ndarray, num_groups: int, positive_label: int, on_positives: bool
+                 ) -> np.ndarray:
+    """``P(group)`` (DP) or ``P(group, y = pos)`` (EO) on the training split: the authors' ``Pa``/``Pb``."""
+    g = np.asarray(g)
+    keep = (np.asarray(y) == positive_label) if on_positives else np.ones(len(g), bool)
+    counts = np.bincount(g[keep], minlength=num_groups)[:num_groups].astype(np.float64)
+    return (counts / max(len(g), 1)).astype(np.float32)
+
+
+def one_sided_penalty(logits, y, g, w, *, directions: jax.Array, priors: jax.Array, num_groups: int,
+                      positive_label: int = 1, on_positives: bool = False, gated: bool = True) -> jax.Array:
+    """The authors' logistic DP/EO regulariser, one-sided: each group's rows pushed toward the overall rate.
+
+    Group ``a`` with direction ``d_a`` (+1: its positive rate should rise) adds
+    ``-(1/B) sum_{i in a} log sigmoid(d_a f_i) / P_a`` (``f``: the positive
+    class's log-odds, ``P_a``: the group's training frequency, or that of its
+    ``y = pos`` rows for EO, ``on_positives``), the form of the authors'
+    ``floss_dp`` / ``floss_eoo`` (``trainers/default.py`` lines 12-76, with
+    ``lam / B`` scaling). Their term never stops pushing; with ``gated=True``
+    (ours) a group's term counts only while its hard positive rate in the
+    batch is on the wrong side of the batch's overall rate (``d_a (t - r_a) >
+    0``), so the penalty is 0 once the disadvantaged groups reach the overall
+    rate and it cannot overshoot into the reverse gap.
+    """
+    f = surrogates.positive_log_odds(logits, positive_label)
+    w = jnp.asarray(w, jnp.float32)
+    if on_positives:
+        w = w * (jnp.asarray(y) == positive_label).astype(jnp.float32)
+    g = jnp.asarray(g, jnp.int32)
+    d_row = directions[jnp.clip(g, 0, num_groups - 1)]
+    per_row = -jax.nn.log_sigmoid(d_row * f) * w
+    sums = jax.ops.segment_sum(per_row, g, num_segments=num_groups)
+    b = jnp.maximum(jnp.sum((w > 0).astype(jnp.float32)), 1.0)   # their B: the rows the term is taken over
+    terms = sums / (b * jnp.maximum(priors, 1e-12))
+    if not gated:
+        return jnp.sum(terms)
+    pred = (f > 0).astype(jnp.float32)
+    rates, n, overall = surrogates.group_means(pred, g, w, num_groups)
+    open_ = (n > 0) & (directions * (overall - rates) > 0)
+    return jnp.sum(jnp.where(open_, terms, 0.0))
+
+
+def class_penalty(logits, y, g, w, *, num_groups: int, bounded: bool) -> jax.Array:
+    """One-sided mean deviation over groups (here: the classes) of the loss or the soft accuracy.
+
+    ``sum_k p_k max(0, L_k - L)`` with ``L_k`` the mean cross-entropy of group
+    ``k`` and ``L`` the overall mean held fixed (``stop_gradient``): only the
+    groups worse than average are pushed, a good group is never pushed down,
+    so the uniform predictor (every gap 0) is no attractor. ``bounded=True``
+    uses the soft accuracy (probability of the true class, in [0, 1]) instead:
+    ``sum_k p_k max(0, A - A_k)``.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    y = jnp.asarray(y, jnp.int32)
+    if bounded:
+        v = -jnp.take_along_axis(jax.nn.softmax(logits, -1), y[:, None], axis=-1)[:, 0]
+    else:
+        v = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    means, n, overall = surrogates.group_means(v, g, w, num_groups)
+    p = n / jnp.maximum(jnp.sum(n), 1e-12)
+    return jnp.sum(jnp.where(n > 0, p * jnp.maximum(means - jax.lax.stop_gradient(overall), 0.0), 0.0))
+
+
+def groups_are_classes(ctx: Context) -> bool:
+    """True when every training row's group id is its label (digits, UTKFace race with race protected)."""
+    tr = ctx.dataset.train
+    return ctx.dataset.num_groups == ctx.dataset.num_classes and bool(np.array_equal(tr.y, tr.g))
+
+
+def fairness_term(ctx: Context, opts: dict) -> tuple[Callable, str]:
+    """``fn(logits, y, g, w, num_groups, positive_label)`` for ``opts["penalty"]`` and the resolved name."""
+    name = opts["penalty"]
+    if name == "auto" and opts.get("surrogate") is not None:
+        name = "surrogate"           # a surrogate named explicitly is used
+    if name == "auto":
+        name = "class_mean_dev" if groups_are_classes(ctx) else "dp"
+    if name == "surrogate":
+        return surrogates.surrogate(opts["surrogate"]), f"surrogate:{opts['surrogate']}"
+    if name.startswith("class_"):
+        bounded = name == "class_bounded"
+        return (lambda logits, y, g, w, num_groups, positive_label=1:
+                class_penalty(logits, y, g, w, num_groups=num_groups, bounded=bounded)), name
+    tr, k, pos = ctx.dataset.train, ctx.dataset.num_groups, ctx.config.positive_label
+    on_pos = name.startswith("eo")
+    directions = jnp.asarray(label_directions(tr.y, tr.g, k, pos))
+    priors = jnp.asarray(group_priors(tr.y, tr.g, k, pos, on_pos))
+    gated = not name.endswith("_authors")
+    return (lambda logits, y, g, w, num_groups, positive_label=1:
+            one_sided_penalty(logits, y, g, w, directions=directions, priors=priors, num_groups=num_groups,
+                              positive_label=positive_label, on_positives=on_pos, gated=gated)), name
+
+
+
 def split_surrogate(ctx: Context, state: TrainState, fair_fn: Callable, split: Split,
                     masks: Any = None) -> float:
     """The surrogate on a whole split (one gap over all rows, not an average of batch gaps)."""
@@ -148,13 +298,28 @@ def split_surrogate(ctx: Context, state: TrainState, fair_fn: Callable, split: S
                          ctx.dataset.num_groups, ctx.config.positive_label))
 
 
-FS_OPTIONS = {"lam": 1.0, "surrogate": "dp_logistic", "epochs": None, "score_lr": 0.01,
-              "init": "signed_constant"}
+OPTIMIZERS = ("run", "authors")
+# The authors' score optimiser (configs/celeba/ResNet18sparse_celeba_sc.yml of HungerPWAY/Fair-Scratch-Tickets:
+# SGD, lr 0.01, momentum 0.9, weight decay 1e-4, cosine schedule; main.py get_optimizer, no Nesterov).
+AUTHORS_OPT = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+
+FS_OPTIONS = {"lam": 0.1, "penalty": "auto", "surrogate": None, "epochs": None, "score_lr": 0.01,
+              "init": "signed_constant", "optimizer": "run"}
 
 
 def _options(ctx: Context) -> dict:
     opts = method_options(METHODS["fair_scratch"], ctx.config.method_options)
-    surrogates.surrogate(opts["surrogate"])  # clear error on a bad name
+    if opts["penalty"] not in PENALTIES:
+        raise ValueError(f"fair_scratch: penalty must be one of {', '.join(PENALTIES)}; got {opts['penalty']!r}")
+    if opts["surrogate"] is not None:
+        surrogates.surrogate(opts["surrogate"])  # clear error on a bad name
+        if opts["penalty"] == "auto":
+            opts["penalty"] = "surrogate"     # a surrogate named explicitly is used
+    elif opts["penalty"] == "surrogate":
+        raise ValueError("fair_scratch: penalty=surrogate needs surrogate=<name> "
+                         f"({', '.join(surrogates.NAMES)})")
+    if opts["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"fair_scratch: optimizer must be one of {', '.join(OPTIMIZERS)}; got {opts['optimizer']!r}")
     if opts["init"] not in INITS:
         raise ValueError(f"fair_scratch: init must be one of {', '.join(INITS)}; got {opts['init']!r}")
     if float(opts["lam"]) < 0:
@@ -174,9 +339,14 @@ def train_scores(ctx: Context, opts: dict) -> tuple[TrainState, dict, Callable]:
     dens = layer_densities(params, ctx.template, cfg.sparsity, cfg.distribution)
     weights = frozen_weights(params, ctx.template, opts["init"], dens)
     scores = init_scores(jax.random.key(cfg.seed + 11), weights, ctx.template)
-    tx = make_optimizer(cfg.optimizer, float(opts["score_lr"]), cfg.weight_decay,
-                        total_steps=max(epochs, 1) * ctx.steps_per_epoch)
-    fair_fn = surrogates.surrogate(opts["surrogate"])
+    total = max(epochs, 1) * ctx.steps_per_epoch
+    if opts["optimizer"] == "authors":
+        a = AUTHORS_OPT
+        tx = optax.chain(optax.add_decayed_weights(a["weight_decay"]),
+                         optax.sgd(optax.cosine_decay_schedule(a["lr"], total), momentum=a["momentum"]))
+    else:
+        tx = make_optimizer(cfg.optimizer, float(opts["score_lr"]), cfg.weight_decay, total_steps=total)
+    fair_fn, opts["penalty_used"] = fairness_term(ctx, opts)
     masks0 = score_masks(scores, ctx.template, cfg.sparsity, cfg.distribution)
     state = create_state(weights, model_state, optax.identity(), seed=cfg.seed + 3, extra={"scores": scores})
     state = state.replace(masks=masks0, opt_state=tx.init(scores))
