@@ -18,7 +18,8 @@ def prepared():
 @pytest.fixture(scope="module")
 def nft_and_ceag(prepared):
     nft = run_method(prepared, method="nft")
-    ceag = run_method(prepared, method="ceag", method_options={"eps": 0.01})
+    # the paper's form: the dual step reads replay buffers of training rows
+    ceag = run_method(prepared, method="ceag", method_options={"eps": 0.01, "constraint_data": "train"})
     return nft, ceag
 
 
@@ -76,9 +77,60 @@ def test_ceag_with_a_thousand_groups():
     te = Split(x[1536:], y[1536:], g[1536:])
     ds = Dataset("synthetic", tr, te, [f"g{i}" for i in range(G)], ["synthetic"], ["0", "1"])
     cfg = RunConfig(method="ceag", dataset="digits", sparsity=0.8, epochs=2, batch_size=128, progress=False,
-                    method_options={"buffer_size": 2, "dual_lr": 0.1})
+                    method_options={"buffer_size": 2, "dual_lr": 0.1, "constraint_data": "train"})
     prep = prepare(cfg, dataset=ds)
     res = run_method(prep)
     mult = np.array(res["method_info"]["multipliers"])
     assert mult.shape == (G,) and np.isfinite(mult).all() and (mult >= 0).all()
     assert len(res["pruned"]["test"]["groups"]) == G
+
+
+@pytest.fixture(scope="module")
+def small_prepared():
+    """Digits cut to 600 training rows: fewer than CEAG's default overall buffer (1000 rows)."""
+    full = load_dataset("digits")
+    idx = np.random.default_rng(0).permutation(len(full.train))[:600]
+    ds = Dataset(full.name, full.train.take(idx), full.test, full.group_names, full.group_attrs, full.class_names)
+    cfg = RunConfig(method="nft", dataset="digits", sparsity=0.9, epochs=4, finetune_epochs=3, progress=False,
+                    seed=0)
+    return prepare(cfg, dataset=ds)
+
+
+@pytest.mark.parametrize("data", ["train", "val"])
+def test_ceag_multipliers_move_with_fewer_than_1000_rows(small_prepared, data):
+    """eps = -1 is violated by every model: the multipliers must leave 0 whatever the data size."""
+    with pytest.warns(UserWarning):
+        res = run_method(small_prepared, method="ceag",
+                         method_options={"eps": -1.0, "constraint_data": data, "prune_epochs": 1})
+    mult = np.array(res["method_info"]["multipliers"])
+    assert mult.min() > 0, mult
+    traj = res["method_info"]["trajectory"]
+    assert len(traj["steps"]) > 1 and len(traj["multipliers"][0]) == 10
+    assert traj["multipliers"][-1] == pytest.approx(mult.tolist(), abs=1e-5)
+    if data == "train":
+        assert res["method_info"]["overall_buffer_size"] == 600
+    else:
+        assert 50 <= res["method_info"]["val_rows"] <= 70          # 10% of 600, stratified
+        assert not res["method_info"]["selection"]["feasible"]          # nothing meets eps = -1
+        assert any("least violating" in w for w in res["method_info"]["warnings"])
+
+
+def test_ceag_selects_the_most_accurate_feasible_checkpoint(small_prepared):
+    """With a loose eps every checkpoint is feasible: the returned model is the most accurate one on the
+    held-out rows, and the run says that the constraint never acted (the same as nft)."""
+    res = run_method(small_prepared, method="ceag",
+                     method_options={"eps": 1.0, "prune_epochs": 1, "select_points": 4})
+    info = res["method_info"]
+    sel = info["selection"]
+    assert sel["feasible"] and len(sel["log"]) == 4
+    best = max(sel["log"], key=lambda r: r["held_out_accuracy"])
+    assert sel["step"] == best["step"]
+    assert np.allclose(info["multipliers"], 0.0)
+    assert any("same as nft" in w for w in info["warnings"])
+
+
+def test_ceag_option_values_are_checked(prepared):
+    with pytest.raises(ValueError, match="constraint_data"):
+        run_method(prepared, method="ceag", method_options={"constraint_data": "test"})
+    with pytest.raises(ValueError, match="select"):
+        run_method(prepared, method="ceag", method_options={"select": "best"})

@@ -21,6 +21,8 @@ or 1000 groups.
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -28,12 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairprune_jax import constrained
+from fairprune_jax import certify, constrained, fairness
+from fairprune_jax.checkpoint import resumable
+from fairprune_jax.data.base import Split, carve_validation, derived_seed, eval_batches
 from fairprune_jax.methods.base import METHODS, Context, method_options, register
 from fairprune_jax.methods.gradual import PRUNE_OPTIONS, pruned_start
 from fairprune_jax.surrogates import group_means
-from fairprune_jax.train import (TrainState, apply_gradients, cross_entropy, masked_forward, step_inputs,
-                                 weighted_mean)
+from fairprune_jax.train import (TrainState, apply_gradients, cross_entropy, evaluate, masked_forward,
+                                 step_inputs, weighted_mean)
 
 DUAL_OPTIONS = {"dual_lr": 1e-2, "dual_optimizer": "sgd", "mode": "alternating", "augmented": False,
                 "nupi_kp": 1.0, "nupi_nu": 0.0}
@@ -62,17 +66,24 @@ ProblemTerms = Callable[[jax.Array, jax.Array, jax.Array, dict, dict], tuple]
 
 
 def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: constrained.DualOptimizer,
-                          terms: ProblemTerms, mode: str) -> Callable:
+                          terms: ProblemTerms, mode: str, pre: Callable | None = None) -> Callable:
     """Jitted ``(state, batch) -> (state, stats)`` for a group-constrained fine-tuning step.
 
     ``state.extra`` is ``{"dual": DualState, ...method buffers}``. One forward
     pass serves the loss, the proxy violations, the buffers and both the dual
     and the primal update (:func:`constrained.constrained_grads`).
+    ``pre(state) -> extra``: work outside the differentiated pass before it
+    (e.g. CEAG's held-out estimates). Keys of ``extra`` that the terms do not
+    return are carried over. With ``extra["trajectory"]`` (:func:`trajectory_init`)
+    the multipliers and strict violations are recorded every ``stride`` steps,
+    on device.
     """
     fm, augment = ctx.fm, ctx.augment
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, x = step_inputs(state, batch, augment)
+        if pre is not None:
+            state = state.replace(extra=pre(state))
 
         def problem(params):
             logits, new_ms = masked_forward(fm, params, state.masks, state.model_state, x, train=True)
@@ -85,7 +96,10 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
         grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.extra["dual"],
                                                               mode)
         new_ms, correct, new_extra = info.aux
-        new_extra = dict(new_extra, dual=new_dual)
+        new_extra = {**state.extra, **new_extra, "dual": new_dual}
+        if "trajectory" in new_extra:
+            new_extra["trajectory"] = trajectory_record(new_extra["trajectory"], state.step, new_dual.multipliers,
+                                                        info.strict_violation, info.observed)
         new_state = apply_gradients(state, grads, tx, model_state=new_ms, loss=info.loss, rng=rng,
                                     extra=new_extra)
         stats = {"loss": info.loss, "accuracy": weighted_mean(correct, batch["w"]),
@@ -94,6 +108,39 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
         return new_state, stats
 
     return jax.jit(step, donate_argnums=0)
+
+
+TRAJECTORY_POINTS = 128   # at most this many recorded rows of multipliers / violations per run
+
+
+def trajectory_init(num_constraints: int, total_steps: int, points: int = TRAJECTORY_POINTS) -> dict:
+    """Device buffers for the multiplier / strict-violation trajectory: one row every ``stride`` steps."""
+    stride = max(-(-int(total_steps) // points), 1)
+    rows = max(-(-int(total_steps) // stride), 1)
+    nan = lambda: jnp.full((rows, num_constraints), jnp.nan, jnp.float32)  # noqa: E731 (two buffers: donated)
+    return {"stride": jnp.asarray(stride, jnp.int32), "multipliers": nan(), "violation": nan(),
+            "observed": jnp.zeros((num_constraints,), bool), "violated": jnp.zeros((num_constraints,), bool)}
+
+
+def trajectory_record(traj: dict, step: jax.Array, multipliers: jax.Array, strict: jax.Array,
+                      observed: jax.Array) -> dict:
+    """Write this step's row (the last step of each stride wins) and the ever-observed / ever-violated flags."""
+    row = jnp.minimum(step // traj["stride"], traj["multipliers"].shape[0] - 1)
+    strict = jnp.where(observed, strict, jnp.nan)
+    return {"stride": traj["stride"], "multipliers": traj["multipliers"].at[row].set(multipliers),
+            "violation": traj["violation"].at[row].set(strict), "observed": traj["observed"] | observed,
+            "violated": traj["violated"] | (observed & (strict > 0))}
+
+
+def trajectory_info(traj: dict, names: list[str], offset: np.ndarray | float = 0.0) -> dict:
+    """The recorded trajectory for ``results.json``: steps, multipliers, and violation + ``offset``
+    (CEAG: + eps_g, i.e. the psi_g estimate the dual step saw)."""
+    stride = int(traj["stride"])
+    m, v = np.asarray(traj["multipliers"]), np.asarray(traj["violation"]) + np.asarray(offset)
+    keep = ~np.all(np.isnan(m), axis=1)
+    r = lambda a: [[None if not np.isfinite(x) else round(float(x), 6) for x in row] for row in a[keep]]  # noqa: E731
+    return {"groups": list(names), "steps": [int(i * stride) for i in np.flatnonzero(keep)],
+            "multipliers": r(m), "estimate": r(v)}
 
 
 def dense_reference(ctx: Context) -> dict[str, jax.Array]:
@@ -105,7 +152,11 @@ def dense_reference(ctx: Context) -> dict[str, jax.Array]:
             "loss": jnp.asarray(c.loss_sum.sum() / c.n.sum(), jnp.float32)}
 
 
-CEAG_OPTIONS = {"eps": 0.01, "buffer_size": 40, "overall_buffer_size": 1000, **DUAL_OPTIONS, **PRUNE_OPTIONS}
+CEAG_OPTIONS = {"eps": 0.01, "constraint_data": "val", "val_fraction": 0.1, "val_batch_size": 0,
+                "margin_z": 0.0, "select": "feasible", "select_points": 8,
+                "buffer_size": 40, "overall_buffer_size": 1000, **DUAL_OPTIONS, **PRUNE_OPTIONS}
+CONSTRAINT_DATA = ("val", "train")
+SELECT = ("feasible", "last")
 
 
 def ceag_terms(num_groups: int, ref: dict, eps: float) -> ProblemTerms:
@@ -127,25 +178,248 @@ def ceag_terms(num_groups: int, ref: dict, eps: float) -> ProblemTerms:
     return terms
 
 
-@register("ceag", "Balancing Act: gradual magnitude pruning, then fine-tuning with one constraint per group "
-          "on the excess accuracy gap psi_g <= eps (Lagrange multipliers, replay buffers)", CEAG_OPTIONS)
-def ceag(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = method_options(METHODS["ceag"], ctx.config.method_options)
+def ceag_val_terms(num_groups: int, ref: dict, val_ref: dict, val_g: jax.Array, eps_g: jax.Array) -> ProblemTerms:
+    """Proxy violations from the training batch; strict psi_g - eps_g from held-out rows.
+
+    ``extra["val_correct"]`` holds the latest correctness of every held-out row
+    (refreshed ``val_batch_size`` rows per step by :func:`val_refresh`), so the
+    strict estimate is the held-out psi_g of the current model up to one sweep
+    of lag, observed for every group that has held-out rows from the first step.
+    """
+    n_val_g = jax.ops.segment_sum(jnp.ones_like(val_g, jnp.float32), val_g, num_segments=num_groups)
+
+    def terms(per, loss, correct, batch, extra):
+        g, w = batch["g"], batch["w"]
+        loss_g, n_g, _ = group_means(per, g, w, num_groups)
+        proxy = jnp.where(n_g > 0, (loss_g - ref["loss_g"]) - (loss - ref["loss"]), 0.0)
+        table = extra["val_correct"]
+        acc_g = jax.ops.segment_sum(table, val_g, num_segments=num_groups) / jnp.maximum(n_val_g, 1.0)
+        psi = (val_ref["acc_g"] - acc_g) - (val_ref["acc"] - jnp.mean(table))
+        return proxy, psi - eps_g, n_val_g > 0, {}
+
+    return terms
+
+
+def val_refresh(ctx: Context, val: Split, batch_rows: int, seed: int) -> Callable:
+    """``pre`` step: re-evaluate the next ``batch_rows`` held-out rows (a fixed shuffled sweep) in eval mode."""
+    n = len(val)
+    rows = int(min(max(batch_rows, 1), n))
+    perm = jnp.asarray(np.random.default_rng(seed).permutation(n), jnp.int32)
+    vx, vy = jnp.asarray(val.x), jnp.asarray(val.y)
+    fm = ctx.fm
+
+    def pre(state: TrainState) -> dict:
+        idx = perm[(state.step * rows + jnp.arange(rows)) % n]
+        params = jax.lax.stop_gradient(state.params)
+        logits, _ = masked_forward(fm, params, state.masks, state.model_state, vx[idx], train=False)
+        correct = (jnp.argmax(logits, -1) == vy[idx]).astype(jnp.float32)
+        return dict(state.extra, val_correct=state.extra["val_correct"].at[idx].set(correct))
+
+    return pre
+
+
+def row_correct(ctx: Context, state: TrainState, split: Split) -> np.ndarray:
+    """Per-row correctness (float32 0/1, split order) of ``state`` on ``split``, in evaluation batches."""
+    f = jax.jit(lambda p, m, s, x, y: jnp.argmax(masked_forward(ctx.fm, p, m, s, x, train=False)[0], -1) == y)
+    out = [np.asarray(f(state.params, state.masks, state.model_state, b["x"], b["y"]))[b["w"] > 0]
+           for b in eval_batches(split, min(ctx.config.eval_batch_size, max(len(split), 1)))]
+    return np.concatenate(out).astype(np.float32)
+
+
+def reference_from_counts(c: fairness.GroupCounts) -> dict[str, jax.Array]:
+    """Per-group and overall accuracy and mean loss from evaluation counts."""
+    n = np.maximum(c.n, 1.0)
+    return {"acc_g": jnp.asarray(c.correct / n, jnp.float32), "loss_g": jnp.asarray(c.loss_sum / n, jnp.float32),
+            "acc": jnp.asarray(c.correct.sum() / max(c.n.sum(), 1.0), jnp.float32),
+            "loss": jnp.asarray(c.loss_sum.sum() / max(c.n.sum(), 1.0), jnp.float32)}
+
+
+def held_out_psi(ctx: Context, state: TrainState, val: Split, dense_val: fairness.GroupCounts) -> tuple[float, np.ndarray]:
+    """(accuracy, psi_g per group) of ``state`` on the held-out rows, from exact counts."""
+    gc, _ = evaluate(ctx.eval_step, state, val, ctx.config.eval_batch_size)
+    return fairness.accuracy(gc), fairness.excess_accuracy_gap(dense_val, gc)
+
+
+def check_ceag_options(opts: dict) -> None:
+    if opts["constraint_data"] not in CONSTRAINT_DATA:
+        raise ValueError(f"ceag: unknown constraint_data {opts['constraint_data']!r}; valid: {', '.join(CONSTRAINT_DATA)}")
+    if opts["select"] not in SELECT:
+        raise ValueError(f"ceag: unknown select {opts['select']!r}; valid: {', '.join(SELECT)}")
     if opts["augmented"] and opts["dual_optimizer"] != "sgd":
         raise ValueError("ceag: augmented=True uses its own dual step; leave dual_optimizer=sgd")
+    if float(opts["margin_z"]) < 0 or int(opts["select_points"]) < 1 or int(opts["val_batch_size"]) < 0:
+        raise ValueError("ceag: margin_z must be >= 0, select_points >= 1 and val_batch_size >= 0 "
+                         f"(0: the training batch size); got {opts['margin_z']}, {opts['select_points']}, "
+                         f"{opts['val_batch_size']}")
+
+
+@register("ceag", "Balancing Act: gradual magnitude pruning, then fine-tuning with one constraint per group "
+          "on the excess accuracy gap psi_g <= eps (Lagrange multipliers; the dual step reads psi_g on held-out "
+          "rows by default, constraint_data=train for the paper's replay buffers)", CEAG_OPTIONS)
+def ceag(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+    opts = method_options(METHODS["ceag"], ctx.config.method_options)
+    check_ceag_options(opts)
+    eps, G, cfg = float(opts["eps"]), ctx.dataset.num_groups, ctx.config
+    names = list(ctx.dataset.group_names)
+    warn: list[str] = []
+    held_out = opts["constraint_data"] == "val"
+    # the same pruned start as nft and el (gradual pruning on the rows they train on)
     start, template, info = pruned_start(ctx, dense, opts)
-    G = ctx.dataset.num_groups
+    if held_out:
+        ctx, val, val_source = held_out_rows(ctx, float(opts["val_fraction"]))
     dual = make_dual(opts, G, equality=False)
     tx = ctx.finetune_tx()
-    extra = {"dual": dual.init(), "buffer": constrained.buffer_init(G, int(opts["buffer_size"])),
-             "overall": constrained.buffer_init(1, int(opts["overall_buffer_size"]))}
+    total = ctx.config.ft_epochs * ctx.steps_per_epoch
+    extra: dict[str, Any] = {"dual": dual.init(), "trajectory": trajectory_init(G, total)}
+    ref = dense_reference(ctx)
+    pre = None
+    if held_out:
+        dense_val, _ = evaluate(ctx.eval_step, dense, val, cfg.eval_batch_size)
+        start_correct = row_correct(ctx, start, val)
+        # per-group margin: eps_g = eps - z * SE(psi_g), SE from the held-out rows at the pruned start
+        dense_correct = row_correct(ctx, dense, val)
+        lost = np.bincount(val.g, (dense_correct > start_correct), G)
+        gained = np.bincount(val.g, (dense_correct < start_correct), G)
+        n_val_g = np.bincount(val.g, minlength=G).astype(np.float64)
+        _, lo, hi = certify.psi_intervals(n_val_g, lost, gained, 1.0)
+        se = np.nan_to_num((hi - lo) / 2.0)
+        eps_g = eps - float(opts["margin_z"]) * se
+        extra["val_correct"] = jnp.asarray(start_correct)
+        terms = ceag_val_terms(G, ref, reference_from_counts(dense_val), jnp.asarray(val.g, jnp.int32),
+                               jnp.asarray(eps_g, jnp.float32))
+        vb = int(opts["val_batch_size"]) or cfg.batch_size
+        pre = val_refresh(ctx, val, vb, seed=cfg.seed)
+        info.update(val_source=val_source, val_rows=len(val), val_batch_size=min(vb, len(val)),
+                    margin_z=float(opts["margin_z"]), eps_per_group=dict(zip(names, np.round(eps_g, 6).tolist())))
+        if np.any((n_val_g > 0) & (n_val_g < 30)):
+            small = [names[i] for i in np.flatnonzero((n_val_g > 0) & (n_val_g < 30))]
+            warn.append(f"ceag: groups with fewer than 30 held-out rows ({', '.join(small[:8])}): their psi_g "
+                        "estimate is noisy; raise val_fraction or use --val-fraction")
+    else:
+        n_train_g = np.bincount(ctx.dataset.train.g, minlength=G)
+        # buffers no larger than the data, so every constraint is observed however small the dataset
+        k = int(min(int(opts["buffer_size"]), max(int(n_train_g[n_train_g > 0].min()), 1)))
+        k_all = int(min(int(opts["overall_buffer_size"]), len(ctx.dataset.train)))
+        extra.update(buffer=constrained.buffer_init(G, k), overall=constrained.buffer_init(1, k_all))
+        terms = ceag_terms(G, ref, eps)
+        eps_g = np.full(G, eps)
+        info.update(buffer_size=k, overall_buffer_size=k_all)
     state = ctx.masked_state(start, start.masks, tx, extra=extra)
-    step = make_constrained_step(ctx, tx, dual, ceag_terms(G, dense_reference(ctx), float(opts["eps"])),
-                                 opts["mode"])
-    state, hist = ctx.finetune(state, tx, step_fn=step, desc="fine-tune (ceag)")
-    info.update(history=hist, multipliers=np.asarray(state.extra["dual"].multipliers).tolist(),
-                eps=float(opts["eps"]))
+    step = make_constrained_step(ctx, tx, dual, terms, opts["mode"], pre=pre)
+    select = held_out and opts["select"] == "feasible"
+    points = sorted({max(int(round(total * (k + 1) / int(opts["select_points"]))), 1)
+                     for k in range(int(opts["select_points"]))}) if select else []
+    hook = None
+    if select:
+        state = state.replace(extra=dict(state.extra, **selection_init(state, len(points))))
+        hook = selection_hook(ctx, val, dense_val, eps_g, points)
+    state, hist = ctx.finetune(state, tx, step_fn=step, hook=hook, desc="fine-tune (ceag)")
+    if select:
+        state = hook(state, total)   # the last point comes after the last step
+        state, sel = selection_result(state, points, eps)
+        info["selection"] = sel
+        if not sel["feasible"]:
+            warn.append(f"ceag: no checkpoint met psi_g <= eps_g on the held-out rows; returned the least "
+                        f"violating one (step {sel['step']}, held-out max psi_g {sel['max_psi']:.4f} vs eps {eps})")
+    traj = jax.device_get(state.extra["trajectory"])
+    info.update(history=hist, multipliers=np.asarray(state.extra["dual"].multipliers).tolist(), eps=eps,
+                constraint_data=opts["constraint_data"], trajectory=trajectory_info(traj, names, offset=eps_g))
+    warn += no_op_warnings(traj, names, eps, "held-out" if held_out else "train")
+    if not held_out:
+        gc, _ = evaluate(ctx.eval_step, state, ctx.dataset.train, cfg.eval_batch_size)
+        psi_max = float(np.nanmax(fairness.excess_accuracy_gap(ctx.dense_train_counts, gc)))
+        if psi_max > eps:
+            warn.append(f"ceag: train max psi_g ends at {psi_max:.4f} > eps = {eps}: the constraint is not met on "
+                        "the data it was trained on (more fine-tuning epochs or a larger dual_lr)")
+    for w in warn:
+        warnings.warn(w, stacklevel=2)
+    info["warnings"] = warn
+    if held_out:
+        state = state.replace(extra={k: v for k, v in state.extra.items() if k not in ("best", "val_correct")})
     return state, info
+
+
+def held_out_rows(ctx: Context, val_fraction: float) -> tuple[Context, Split, str]:
+    """The rows CEAG's dual step reads: the dataset's validation split, or a part carved from train.
+
+    Carved rows (stratified by group and label) are removed from the rows the
+    constrained fine-tuning trains on; the dense model and the gradual-pruning
+    phase have seen them, so the dense reference accuracy on them is a training
+    accuracy (pass ``--val-fraction`` to hold them out of everything).
+    """
+    ds = ctx.dataset
+    if ds.val is not None and len(ds.val):
+        return ctx, ds.val, "validation split (held out from dense training)"
+    rest, held = carve_validation(ds.train, val_fraction, derived_seed(ctx.config.seed, 7))
+    ctx = dataclasses.replace(ctx, dataset=dataclasses.replace(ds, train=rest, val=held))
+    return ctx, held, f"{val_fraction:g} of train carved out (seen by the dense model and gradual pruning, not by the constrained fine-tuning)"
+
+
+def selection_init(state: TrainState, points: int) -> dict:
+    """Device state of the checkpoint selection: the best weights so far, their score, and a log."""
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
+    return {"best": {"params": copy(state.params), "model_state": copy(state.model_state)},
+            "best_score": jnp.asarray([-1.0, -jnp.inf, -1.0], jnp.float32),   # feasible, key, step
+            "selection_log": jnp.full((points, 3), jnp.nan, jnp.float32)}     # step, accuracy, max psi - eps_g
+
+
+def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, eps_g: np.ndarray,
+                   points: list[int]) -> Callable:
+    """A ``fit`` hook (pure in ``(state, step)``, so resumable): at each selection point, evaluate the model
+    on the held-out rows and keep it if it is the most accurate feasible one (max_g psi_g - eps_g <= 0) or,
+    while none is feasible, the least violating one."""
+    where = {p: i for i, p in enumerate(points)}
+
+    def hook(s: TrainState, step: int) -> TrainState:
+        if step not in where:
+            return s
+        acc, psi = held_out_psi(ctx, s, val, dense_val)
+        worst = float(np.nanmax(psi - eps_g))
+        feasible = worst <= 0.0
+        key = float(np.float32(acc if feasible else -worst))   # compared as stored: ties keep the earlier point
+        best = np.asarray(s.extra["best_score"])
+        extra = dict(s.extra)
+        extra["selection_log"] = s.extra["selection_log"].at[where[step]].set(
+            jnp.asarray([step, acc, worst], jnp.float32))
+        if (float(feasible), key) > (float(best[0]), float(best[1])):
+            extra["best"] = {"params": jax.tree.map(jnp.copy, s.params),
+                             "model_state": jax.tree.map(jnp.copy, s.model_state)}
+            extra["best_score"] = jnp.asarray([float(feasible), key, step], jnp.float32)
+        return s.replace(extra=extra)
+
+    return resumable(hook)
+
+
+def selection_result(state: TrainState, points: list[int], eps: float) -> tuple[TrainState, dict]:
+    """The selected weights and what ``results.json`` records about the selection."""
+    best = np.asarray(state.extra["best_score"])
+    log = np.asarray(state.extra["selection_log"])
+    chosen = state.replace(params=state.extra["best"]["params"], model_state=state.extra["best"]["model_state"])
+    step = int(best[2])
+    rows = [r for r in log if np.isfinite(r[0]) and int(r[0]) == step]
+    row = rows[0] if rows else None
+    return chosen, {"rule": "most accurate checkpoint with held-out max_g (psi_g - eps_g) <= 0, else the least "
+                            "violating", "points": points, "feasible": bool(best[0] > 0), "step": step,
+                    "max_psi": None if row is None else float(row[2]) + eps,
+                    "log": [{"step": int(r[0]), "held_out_accuracy": float(r[1]), "max_violation": float(r[2])}
+                            for r in log if np.isfinite(r[0])]}
+
+
+def no_op_warnings(traj: dict, names: list[str], eps: float, where: str) -> list[str]:
+    """Say when the constraints could not act: never observed, or never violated (then ceag = nft)."""
+    out = []
+    observed, violated = np.asarray(traj["observed"]), np.asarray(traj["violated"])
+    if not observed.any():
+        out.append(f"ceag: no constraint was ever observed on the {where} rows, so the multipliers stayed 0 and "
+                   "this run is plain fine-tuning (nft)")
+    elif not violated.any():
+        out.append(f"ceag: no constraint was violated on the {where} rows (every psi_g <= eps = {eps} throughout): "
+                   "the multipliers stayed 0, so this run is the same as nft on the same rows")
+    elif not observed.all():
+        missing = [names[i] for i in np.flatnonzero(~observed)]
+        out.append(f"ceag: the constraints of {len(missing)} group(s) were never observed on the {where} rows "
+                   f"({', '.join(missing[:8])}): nothing protected them")
+    return out
 
 
 NFT_OPTIONS = dict(PRUNE_OPTIONS)
