@@ -153,6 +153,46 @@ def plot_group_accuracy(results: dict, path: Path, split: str = "test", max_grou
     plt.close(fig)
 
 
+def plot_constraints(results: dict, path: Path, max_groups: int = 10) -> bool:
+    """Multiplier and psi_g-estimate trajectories of a constrained run (``method_info.trajectory``).
+
+    With many groups, the ``max_groups`` with the largest final multiplier are
+    drawn. Returns False (and draws nothing) when the run has no trajectory.
+    """
+    traj = (results.get("method_info") or {}).get("trajectory")
+    if not traj or not traj.get("steps"):
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.asarray(traj["steps"])
+    mult = np.array([[np.nan if v is None else v for v in row] for row in traj["multipliers"]], dtype=float)
+    est = np.array([[np.nan if v is None else v for v in row] for row in traj["estimate"]], dtype=float)
+    final = np.nan_to_num(mult[-1], nan=-1.0)
+    order = np.argsort(-final, kind="stable")[:max_groups]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i in order:
+        axes[0].plot(steps, mult[:, i], lw=1.2, label=traj["groups"][i])
+        axes[1].plot(steps, est[:, i], lw=1.2)
+    eps = (results.get("method_info") or {}).get("eps")
+    if eps is not None:
+        axes[1].axhline(eps, color="gray", ls="--", lw=1, label=f"eps = {eps:g}")
+        axes[1].legend(loc="upper right", fontsize=8)
+    axes[0].set_xlabel("fine-tuning step")
+    axes[0].set_ylabel("Lagrange multiplier")
+    axes[1].set_xlabel("fine-tuning step")
+    where = (results.get("method_info") or {}).get("constraint_data", "train")
+    axes[1].set_ylabel(f"psi_g estimate read by the dual step ({where})")
+    shown = "" if len(order) == len(traj["groups"]) else f" ({len(order)} of {len(traj['groups'])} groups)"
+    axes[0].legend(loc="upper left", fontsize=7, ncol=2, title=f"group{shown}", title_fontsize=7)
+    fig.suptitle(f"{results['method']} on {results['dataset']}: constraint trajectories")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_json_atomic(obj: Any, path: Path) -> None:
     """Write JSON via a temporary file and rename, so readers never see half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -161,10 +201,12 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 
 def write_outputs(results: dict, out: Path) -> dict[str, Path]:
-    """``results.json``, ``results.md`` and ``group_accuracy.png`` in ``out``."""
+    """``results.json``, ``results.md``, ``group_accuracy.png`` and, for constrained runs, ``constraints.png``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "group_accuracy.png"}
     write_json_atomic(results, paths["json"])
     paths["md"].write_text(markdown_report(results))
     plot_group_accuracy(results, paths["png"])
+    if plot_constraints(results, out / "constraints.png"):
+        paths["constraints"] = out / "constraints.png"
     return paths
