@@ -88,24 +88,27 @@ and how it enters:
 
 * ``penalty``: ``CE + lam * F`` in both levels (Dai et al.'s relaxation);
 * ``constraint`` with ``constraint="per_group"`` (default): one inequality
-  per group, per side (equalized odds: the ``y = pos`` and ``y != pos``
-  rows) and per direction, ``+-(r_a - r) <= tau / 2`` with ``r_a`` the
-  group's rate (selection rate for DP/EO, error rate for AP) and ``r`` the
-  overall rate of the same rows; together they imply a max-min gap ``<=
-  tau``. Each has its own multiplier, capped at ``multiplier_max``
+  per group and side (equalized odds: the ``y = pos`` and ``y != pos``
+  rows), ``|r_a - r| <= tau / 2`` with ``r_a`` the group's rate (selection
+  rate for DP/EO, error rate for AP) and ``r`` the overall rate of the same
+  rows; together they imply a max-min gap ``<= tau``. Each has its own multiplier, capped at ``multiplier_max``
   (:func:`fairprune_jax.constrained.capped`). The dual step reads the *hard*
   rates from exponential moving averages of per-group counts (decay
   ``strict_decay``; a constraint is observed once its group has
   ``min_rows`` effective rows), whose noise is far below that of the old
-  40-row buffers (see the noise table in ``experiments/README.md``); the
-  signed form keeps that noise zero-mean, so the dual step does not
-  integrate a bias. The primal step uses, per constraint, the group's mean
-  of ``h(f)`` minus the overall mean of ``1 - h(-f)`` (and the mirror image):
-  for the ``_logistic`` / ``_hinge`` surrogates ``h >= 1[f > 0]`` and
-  ``1 - h(-f) <= 1[f > 0]``, so the term is an upper bound of the hard
-  deviation (Wu, Zhang & Wu's convex bound, taken per group); for the
-  default ``prob`` surrogate both are ``P(pos)``, the soft rates. For ``ap``
-  the per-group mean cross-entropy stands in for the error rate.
+  40-row buffers (see the noise table in ``experiments/README.md``; the
+  absolute value turns the remaining noise into a small upward bias, of the
+  order of its RMS, which only tightens the bound). The primal step uses,
+  per constraint, ``max(U_a - L, U - L_a)`` with ``U`` the mean of ``h(f)``
+  and ``L`` the mean of ``1 - h(-f)``: for the ``_logistic`` / ``_hinge``
+  surrogates ``h >= 1[f > 0]`` and ``1 - h(-f) <= 1[f > 0]``, so the term is
+  an upper bound of the hard ``|r_a - r|`` (Wu, Zhang & Wu's convex bound,
+  taken per group, both directions); for the default ``prob`` surrogate it
+  is ``|P_a - P|`` of the soft rates. The term is V-shaped in the group's
+  rate: a signed pair ``+-(r_a - r)`` with two multipliers gives the primal
+  a *linear* term that, on a toy problem, pushed a group past the overall
+  rate to the opposite violation and made the multipliers oscillate. For
+  ``ap`` the per-group mean cross-entropy stands in for the error rate.
 * ``constraint`` with ``constraint="max_gap"``: the earlier single
   constraint on the max-min gap, strict value from per-group replay buffers
   of ``buffer_size`` rows (kept for the ablation; with 40-row buffers its
@@ -323,8 +326,8 @@ class Fairness:
 
     @property
     def num_constraints(self) -> int:
-        """Multipliers: one (max_gap) or 2 directions x sides x groups (per_group)."""
-        return 2 * self.sides * self.num_groups if self.constraint == "per_group" else 1
+        """Multipliers: one (max_gap) or sides x groups (per_group)."""
+        return self.sides * self.num_groups if self.constraint == "per_group" else 1
 
     @property
     def sides(self) -> int:
@@ -415,20 +418,20 @@ def group_rate_deviations(spec: Fairness, ema: dict) -> tuple[jax.Array, jax.Arr
 
 
 def per_group_strict(spec: Fairness, ema: dict) -> tuple[jax.Array, jax.Array]:
-    """Strict violations ``[+(r_a - r), -(r_a - r)] - tau/2`` (K,) and which are observed."""
+    """Strict violations ``|r_a - r| - tau/2`` (K = sides x groups, side-major) and which are observed."""
     dev, observed = group_rate_deviations(spec, ema)
-    d = dev.reshape(-1)
-    o = observed.reshape(-1)
-    return jnp.concatenate([d, -d]) - 0.5 * spec.tau, jnp.concatenate([o, o])
+    return jnp.abs(dev).reshape(-1) - 0.5 * spec.tau, observed.reshape(-1)
 
 
 def per_group_proxy(spec: Fairness, logits: jax.Array, y: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
     """Differentiable per-constraint terms (K,), ordered like :func:`per_group_strict` (see the module doc).
 
-    ``+``: group mean of ``h(f)`` minus overall mean of ``1 - h(-f)``;
-    ``-``: overall mean of ``h(f)`` minus group mean of ``1 - h(-f)``; minus
-    ``tau / 2``. ``ap``: group minus overall mean cross-entropy (and the
-    mirror). A group absent from the batch contributes 0.
+    ``max(U_a - L, U - L_a) - tau / 2`` with ``U`` the mean of ``h(f)`` and
+    ``L`` the mean of ``1 - h(-f)`` over the group's (``_a``) or all of the
+    side's rows: for an upper-bounding ``h`` it bounds ``|r_a - r| - tau/2``
+    from above; for ``prob`` it is ``|P_a - P| - tau/2`` of the soft rates.
+    ``ap``: ``|CE_a - CE| - tau/2`` of the mean cross-entropies. A group
+    absent from the batch contributes ``-tau/2``.
     """
     base, _, kind = spec.surrogate.partition("_")
     if base == "ap":
@@ -438,15 +441,13 @@ def per_group_proxy(spec: Fairness, logits: jax.Array, y: jax.Array, g: jax.Arra
         up = surrogates.indicator_surrogate(f, kind or "prob")
         lo = 1.0 - surrogates.indicator_surrogate(-f, kind or "prob")
     side = (y != spec.positive_label).astype(jnp.int32) if spec.sides == 2 else jnp.zeros_like(y)
-    plus, minus = [], []
+    out = []
     for sd in range(spec.sides):
         ws = jnp.asarray(w, jnp.float32) * (side == sd)
         up_g, n_g, up_all = surrogates.group_means(up, g, ws, spec.num_groups)
         lo_g, _, lo_all = surrogates.group_means(lo, g, ws, spec.num_groups)
-        present = n_g > 0
-        plus.append(jnp.where(present, up_g - lo_all, 0.0))
-        minus.append(jnp.where(present, up_all - lo_g, 0.0))
-    return jnp.concatenate(plus + minus) - 0.5 * spec.tau
+        out.append(jnp.where(n_g > 0, jnp.maximum(up_g - lo_all, up_all - lo_g), 0.0))
+    return jnp.concatenate(out) - 0.5 * spec.tau
 
 
 Forward = Callable[[Any], tuple[jax.Array, Any]]

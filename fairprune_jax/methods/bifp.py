@@ -70,6 +70,7 @@ FAIR_OPTIONS = {"fairness": "auto", "fairness_mode": "constraint", "constraint":
                 "buffer_size": 40, "reduce": "max_gap", **DUAL_OPTIONS}
 
 BIFP_OPTIONS = {"structured": True, "gamma": 1.0, "mask_lr": 0.1, "mask_momentum": 0.9, "mask_grad": "consumer",
+                "search_fraction": 0.75,
                 "weight_optimizer": "finetune", "weight_lr": 0.01, "lower_steps": 1, "epochs": -1,
                 "retrain_epochs": 0, "score_clip": False, **FAIR_OPTIONS}
 
@@ -107,7 +108,7 @@ def fairness_spec(ctx: Context, opts: dict) -> bilevel.Fairness:
         raise ValueError("augmented=True uses its own dual step; leave dual_optimizer=sgd")
     name = surrogate_name(ctx, opts)
     groups = ctx.dataset.num_groups
-    k = (2 * (2 if name.startswith("eo") else 1) * groups) if opts["constraint"] == "per_group" else 1
+    k = ((2 if name.startswith("eo") else 1) * groups) if opts["constraint"] == "per_group" else 1
     return bilevel.Fairness(surrogate=name, mode=mode, num_groups=groups,
                             positive_label=ctx.config.positive_label, lam=float(opts["lam"]),
                             tau=float(opts["tau"]), strict=str(opts["strict"]), buffer_size=int(opts["buffer_size"]),
@@ -190,6 +191,8 @@ def _bifp_options(ctx: Context) -> dict:
         raise ValueError(f"bifp: weight_optimizer must be finetune, sgd or adam; got {opts['weight_optimizer']!r}")
     if opts["mask_grad"] not in bilevel.MASK_GRADS:
         raise ValueError(f"bifp: mask_grad must be one of {', '.join(bilevel.MASK_GRADS)}; got {opts['mask_grad']!r}")
+    if not 0.0 < float(opts["search_fraction"]) <= 1.0:
+        raise ValueError(f"bifp: search_fraction must lie in (0, 1]; got {opts['search_fraction']}")
     if not 0.0 <= float(opts["mask_momentum"]) < 1.0:
         raise ValueError(f"bifp: mask_momentum must lie in [0, 1); got {opts['mask_momentum']}")
     return opts
@@ -222,7 +225,11 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     epochs = cfg.ft_epochs if int(opts["epochs"]) < 0 else int(opts["epochs"])
     weight_tx = _weight_tx(ctx, opts, epochs)
     momentum = float(opts["mask_momentum"])
-    mask_tx = optax.sgd(float(opts["mask_lr"]), momentum=momentum if momentum > 0 else None)
+    # the search settles: the mask lr decays (cosine) to 0 after search_fraction of the steps, so the last steps
+    # train the weights of the final mask (a unit swapped in at the very end would keep stale weights)
+    search_steps = max(int(round(float(opts["search_fraction"]) * epochs * ctx.steps_per_epoch)), 1)
+    mask_tx = optax.sgd(optax.cosine_decay_schedule(float(opts["mask_lr"]), search_steps),
+                        momentum=momentum if momentum > 0 else None)
     # theta starts from the dense weights, NOT masked: pruned units keep their values and may come back
     state = create_state(dense.params, dense.model_state, weight_tx, seed=cfg.seed + 1,
                          extra={"scores": scores0, "mask_opt": mask_tx.init(scores0),
