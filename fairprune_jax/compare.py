@@ -245,6 +245,7 @@ def collect(cc: CompareConfig) -> dict:
                 row["degenerate"] = r["pruned"]["test"].get("degenerate")
                 row["top_prediction_share"] = r["pruned"]["test"].get("top_prediction_share")
                 row["no_violated_group"] = None if row["test_violated_groups"] is None else row["test_violated_groups"] == 0
+                row["small_groups"] = (r["pruned"]["test"].get("certificate") or {}).get("small_groups", [])
                 row["dense_test_accuracy"] = r["dense"]["test"]["accuracy"]
                 row["accuracy_drop"] = (None if row["test_accuracy"] is None
                                         else row["dense_test_accuracy"] - row["test_accuracy"])
@@ -319,7 +320,7 @@ def format_cell(col: str, agg_row: dict) -> str:
 
 
 def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
-    flat = [{k: v for k, v in r.items() if k != "group_acc_change"} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("group_acc_change", "small_groups")} for r in rows]
     if flat:
         with open(cc.out / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(flat[0]))
@@ -331,6 +332,15 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
           f"Mean ± std over seeds {cc.seeds}. psi = excess accuracy gap (Balancing Act)"
           + (f"; tolerance eps = {cc.tolerance}." if cc.tolerance is not None else "."), "",
           markdown_table(cc, agg), ""]
+    small = sorted({g for r in rows for g in r.get("small_groups") or []})
+    if small:
+        md += [f"Small groups (fewer test rows than the runs' `small_group` threshold; their per-group figures "
+               f"and certificate verdicts rest on few rows): {', '.join(small)}.", ""]
+    if any(r.get("test_certified_share") is not None for r in rows):
+        md += ["Certificate columns (test, simultaneous 95% intervals unless the runs set another level): "
+               "`test_certified_share` = share of groups whose psi_g interval lies below eps; `test_psi_upper` = "
+               "the worst upper end; `test_violated_groups` = groups whose interval lies above eps; "
+               "`no_violated_group` = seeds with none.", ""]
     (cc.out / "results.md").write_text("\n".join(md))
     if rows:
         plot(cc, rows, agg)

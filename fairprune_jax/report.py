@@ -120,8 +120,9 @@ def markdown_report(results: dict) -> str:
     out += ["## Per-group accuracy (test)", "", "| group | n | dense | pruned | psi_g |", "|---|---:|---:|---:|---:|"]
     d, p = r["dense"]["test"], r["pruned"]["test"]
     psi = (p.get("excess_accuracy_gap") or {}).get("per_group", {})
+    small = set((p.get("certificate") or {}).get("small_groups", []))
     for name, g in p["groups"].items():
-        out.append(f"| {name} | {int(g['n'] or 0)} | {_fmt(d['groups'][name]['accuracy'], '{:.4f}')} | "
+        out.append(f"| {name}{'*' if name in small else ''} | {int(g['n'] or 0)} | {_fmt(d['groups'][name]['accuracy'], '{:.4f}')} | "
                    f"{_fmt(g['accuracy'], '{:.4f}')} | {_fmt(psi.get(name), '{:+.4f}')} |")
     return "\n".join(out) + "\n"
 

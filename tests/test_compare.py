@@ -32,6 +32,16 @@ def test_grid_writes_outputs_and_a_rerun_skips_finished_cells(tmp_path, monkeypa
     for f in ["results.csv", "results.json", "results.md", "metrics_vs_sparsity.png", "group_accuracy_change.png"]:
         assert (cc.out / f).exists(), f
     first = json.loads((cc.out / "results.json").read_text())
+    # every cell carries the certificate, checked against the grid's tolerance whatever the method's own eps
+    for method in ("magnitude", "ceag"):
+        cell = json.loads((cc.out / "cells" / f"{method}_s0.8_seed0" / "results.json").read_text())
+        assert cell["pruned"]["test"]["certificate"]["eps"] == 0.05
+        assert cell["pruned"]["test"]["degenerate"] is False
+    for r in summary["rows"]:
+        assert 0.0 <= r["test_certified_share"] <= 1.0 and r["test_psi_upper"] is not None
+        assert r["degenerate"] is False and isinstance(r["no_violated_group"], bool)
+    md = (cc.out / "results.md").read_text()
+    assert "test_certified_share" in md and "no_violated_group" in md and "DEGENERATE" not in md
 
     # Rerun: nothing left to do, so no dense model may be trained.
     def boom(*a, **k):
@@ -224,3 +234,13 @@ def test_parallel_seeds_grid_runs_and_resumes(tmp_path, monkeypatch):
     cfg.write_text(PARALLEL.replace("parallel_seeds = true", 'parallel_seeds = "yes"'))
     with pytest.raises(ValueError, match="parallel_seeds must be true or false"):
         load_config(cfg)
+
+
+def test_degenerate_rows_are_marked_in_tables():
+    from fairprune_jax.compare import format_cell, method_label
+    row = {"method": "bifp", "n_seeds": 3, "degenerate": {"mean": 2 / 3, "std": 0.5},
+           "no_violated_group": {"mean": 1.0, "std": 0.0}}
+    assert method_label(row) == "bifp (DEGENERATE 2/3)"
+    assert format_cell("no_violated_group", row) == "3/3"
+    assert method_label({"method": "nft", "n_seeds": 3, "degenerate": {"mean": 0.0, "std": 0.0}}) == "nft"
+    assert method_label({"method": "nft", "n_seeds": 3}) == "nft"      # cells from before the flag existed
