@@ -25,8 +25,9 @@ TABLES = [
     ("ceag_utkface_age_gender", "Hundreds of groups: UTKFace age in years x gender (201 groups)",
      ["test_accuracy", "train_max_psi", "test_max_psi", "test_cwv"]),
     ("bifp_adult_sex", "BiFP on Adult (MLP, structured), protected sex", GROUP),
+    ("bifp_adult_ablation", "BiFP ablation on Adult (protected sex), 80% structured", GROUP),
     ("bifp_adult_sex_race", "BiFP on Adult (MLP, structured), protected sex x race (10 groups)", GROUP),
-    ("bifp_adult_mask_lr", "BiFP mask learning rate sweep on Adult (protected sex)", GROUP),
+    ("bifp_digits", "BiFP on digits (MLP, structured; classes = groups)", CLASS),
     ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", GROUP),
     ("lottery_digits", "Lottery tickets on digits (classes = groups): Ballot vs magnitude, random, lth, "
                        "fair_scratch", CLASS),

@@ -191,8 +191,8 @@ def _bifp_options(ctx: Context) -> dict:
         raise ValueError(f"bifp: weight_optimizer must be finetune, sgd or adam; got {opts['weight_optimizer']!r}")
     if opts["mask_grad"] not in bilevel.MASK_GRADS:
         raise ValueError(f"bifp: mask_grad must be one of {', '.join(bilevel.MASK_GRADS)}; got {opts['mask_grad']!r}")
-    if not 0.0 < float(opts["search_fraction"]) <= 1.0:
-        raise ValueError(f"bifp: search_fraction must lie in (0, 1]; got {opts['search_fraction']}")
+    if not 0.0 <= float(opts["search_fraction"]) <= 1.0:
+        raise ValueError(f"bifp: search_fraction must lie in [0, 1]; got {opts['search_fraction']}")
     if not 0.0 <= float(opts["mask_momentum"]) < 1.0:
         raise ValueError(f"bifp: mask_momentum must lie in [0, 1); got {opts['mask_momentum']}")
     return opts
@@ -227,9 +227,11 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     momentum = float(opts["mask_momentum"])
     # the search settles: the mask lr decays (cosine) to 0 after search_fraction of the steps, so the last steps
     # train the weights of the final mask (a unit swapped in at the very end would keep stale weights)
-    search_steps = max(int(round(float(opts["search_fraction"]) * epochs * ctx.steps_per_epoch)), 1)
-    mask_tx = optax.sgd(optax.cosine_decay_schedule(float(opts["mask_lr"]), search_steps),
-                        momentum=momentum if momentum > 0 else None)
+    # (search_fraction = 0: a constant mask lr, as before issue 12)
+    frac = float(opts["search_fraction"])
+    search_steps = max(int(round(frac * epochs * ctx.steps_per_epoch)), 1)
+    mask_lr = optax.cosine_decay_schedule(float(opts["mask_lr"]), search_steps) if frac > 0 else float(opts["mask_lr"])
+    mask_tx = optax.sgd(mask_lr, momentum=momentum if momentum > 0 else None)
     # theta starts from the dense weights, NOT masked: pruned units keep their values and may come back
     state = create_state(dense.params, dense.model_state, weight_tx, seed=cfg.seed + 1,
                          extra={"scores": scores0, "mask_opt": mask_tx.init(scores0),
