@@ -17,9 +17,14 @@ HERE = Path(__file__).resolve().parent
 PSI = ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread"]
 GROUP = ["test_accuracy", "accuracy_drop", "test_dp_diff", "test_eo_diff", "test_group_acc_gap"]
 CLASS = ["test_accuracy", "test_cwv", "test_mcd"]
+CERT = ["test_accuracy", "train_max_psi", "test_max_psi", "test_psi_upper", "test_certified_share",
+        "test_violated_groups", "no_violated_group"]
 
 # (config, title, columns)
 TABLES = [
+    ("certify_utkface_race", "Certificate: CEAG (held-out constraints) vs NFT on UTKFace race, eps = 0.02", CERT),
+    ("certify_utkface_race_gender", "Certificate: CEAG (held-out constraints) vs NFT on UTKFace race, protected "
+                                    "race x gender, eps = 0.02", CERT),
     ("ceag_utkface_race", "CEAG vs NFT vs EL on UTKFace, target race, protected race (issue: CEAG)", PSI),
     ("ceag_utkface_race_gender", "CEAG vs NFT vs EL on UTKFace, target race, protected race x gender", PSI),
     ("ceag_utkface_age_gender", "Hundreds of groups: UTKFace age in years x gender (201 groups)",

@@ -16,6 +16,9 @@ DATA_FLAGS = {"target": "target", "protected": "protected", "image_size": "image
               "column_types": "column_types", "positive_label": "positive_label"}
 
 
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
 def _kv(pairs: list[str] | None, flag: str) -> dict:
     """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values parsed as Python literals when possible)."""
     out = {}
@@ -23,10 +26,14 @@ def _kv(pairs: list[str] | None, flag: str) -> dict:
         if "=" not in item:
             raise SystemExit(f"error: {flag} expects KEY=VALUE; got {item!r}")
         k, v = item.split("=", 1)
+        key = k.strip().replace("-", "_")
+        if v.strip().lower() in BOOL_WORDS:        # true/false, yes/no, on/off in any case: a bool, never a string
+            out[key] = BOOL_WORDS[v.strip().lower()]
+            continue
         try:
-            out[k.strip().replace("-", "_")] = ast.literal_eval(v)
+            out[key] = ast.literal_eval(v)
         except (ValueError, SyntaxError):
-            out[k.strip().replace("-", "_")] = v
+            out[key] = v
     return out
 
 

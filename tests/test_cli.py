@@ -295,3 +295,16 @@ def test_main_help_and_datasets(capsys):
     assert "usage: fairprune" in capsys.readouterr().out
     assert main(["datasets"]) == 0
     assert any(line.startswith("digits") for line in capsys.readouterr().out.splitlines())
+
+
+def test_boolean_options_read_false_as_false():
+    """`--opt augmented=false` must not become bool('false') == True (any method, --data-opt too)."""
+    from fairprune_jax.cli import _kv
+    from fairprune_jax.methods import get_method, method_options
+    assert _kv(["a=false", "b=Off", "c=NO", "d=True", "e=3", "f=x"], "--opt") == {
+        "a": False, "b": False, "c": False, "d": True, "e": 3, "f": "x"}
+    ceag = get_method("ceag")
+    for word, want in [("false", False), ("0", False), ("no", False), ("true", True), ("1", True)]:
+        assert method_options(ceag, {"augmented": word})["augmented"] is want
+    with pytest.raises(ValueError, match="takes true or false"):
+        method_options(ceag, {"augmented": "maybe"})

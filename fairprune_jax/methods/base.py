@@ -190,5 +190,12 @@ def method_options(method: Method, given: dict) -> dict:
     out = dict(method.options)
     for k, v in given.items():
         default = method.options[k]
+        if isinstance(default, bool) and not isinstance(v, bool):
+            words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                     "off": False}
+            if str(v).strip().lower() not in words:
+                raise ValueError(f"method {method.name!r}: option {k!r} takes true or false; got {v!r}")
+            out[k] = words[str(v).strip().lower()]      # bool("false") would be True
+            continue
         out[k] = type(default)(v) if default is not None and not isinstance(v, type(default)) else v
     return out
