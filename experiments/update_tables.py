@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 PSI = ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread"]
 GROUP = ["test_accuracy", "accuracy_drop", "test_dp_diff", "test_eo_diff", "test_group_acc_gap"]
 CLASS = ["test_accuracy", "test_cwv", "test_mcd"]
+BIFP = GROUP + ["degenerate"]
 CERT = ["test_accuracy", "train_max_psi", "test_max_psi", "test_psi_upper", "test_certified_share",
         "test_violated_groups", "no_violated_group"]
 
@@ -29,11 +30,11 @@ TABLES = [
     ("ceag_utkface_race_gender", "CEAG vs NFT vs EL on UTKFace, target race, protected race x gender", PSI),
     ("ceag_utkface_age_gender", "Hundreds of groups: UTKFace age in years x gender (201 groups)",
      ["test_accuracy", "train_max_psi", "test_max_psi", "test_cwv"]),
-    ("bifp_adult_sex", "BiFP on Adult (MLP, structured), protected sex", GROUP),
-    ("bifp_adult_ablation", "BiFP ablation on Adult (protected sex), 80% structured", GROUP),
-    ("bifp_adult_sex_race", "BiFP on Adult (MLP, structured), protected sex x race (10 groups)", GROUP),
-    ("bifp_digits", "BiFP on digits (MLP, structured; classes = groups)", CLASS),
-    ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", GROUP),
+    ("bifp_adult_sex", "BiFP on Adult (MLP, structured), protected sex", BIFP),
+    ("bifp_adult_ablation", "BiFP ablation on Adult (protected sex), 80% structured", BIFP),
+    ("bifp_adult_sex_race", "BiFP on Adult (MLP, structured), protected sex x race (10 groups)", BIFP),
+    ("bifp_digits", "BiFP on digits (MLP, structured; classes = groups)", CLASS + ["accuracy_drop", "degenerate"]),
+    ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", BIFP),
     ("lottery_digits", "Lottery tickets on digits (classes = groups): Ballot vs magnitude, random, lth, "
                        "fair_scratch", CLASS),
     ("lottery_utkface_race", "Lottery tickets on UTKFace race classification (classes = groups)", CLASS),
