@@ -35,10 +35,18 @@ TABLES = [
     ("bifp_adult_sex_race", "BiFP on Adult (MLP, structured), protected sex x race (10 groups)", BIFP),
     ("bifp_digits", "BiFP on digits (MLP, structured; classes = groups)", CLASS + ["accuracy_drop", "degenerate"]),
     ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", BIFP),
-    ("lottery_digits", "Lottery tickets on digits (classes = groups): Ballot vs magnitude, random, lth, "
-                       "fair_scratch", CLASS),
-    ("lottery_utkface_race", "Lottery tickets on UTKFace race classification (classes = groups)", CLASS),
-    ("lottery_utkface_gender_race", "Lottery tickets on UTKFace gender, protected race",
+    ("lottery_digits_v2", "Lottery tickets on digits (classes = groups): Ballot (ours, authors') vs magnitude, "
+                          "random, lth, fair_scratch (issue 13)", CLASS + ["degenerate"]),
+    ("lottery_digits_sweep", "Digits at 89%: Fair Scratch lambda sweep and Ballot's retraining budget (issue 13)",
+     CLASS + ["degenerate"]),
+    ("lottery_utkface_race_v2", "Lottery tickets on UTKFace race classification (classes = groups; issue 13)",
+     CLASS + ["degenerate"]),
+    ("lottery_utkface_gender_race_v2", "Fair Scratch on UTKFace gender, protected race (issue 13)",
+     ["test_accuracy", "test_dp_diff", "test_eo_diff", "test_group_acc_gap", "degenerate"]),
+    ("lottery_digits", "Lottery tickets on digits (classes = groups), old defaults (superseded by "
+                       "lottery_digits_v2)", CLASS),
+    ("lottery_utkface_race", "Lottery tickets on UTKFace race classification, old defaults (superseded)", CLASS),
+    ("lottery_utkface_gender_race", "Lottery tickets on UTKFace gender, protected race, old defaults (superseded)",
      ["test_accuracy", "test_dp_diff", "test_eo_diff", "test_group_acc_gap", "test_mcd"]),
 ]
 
