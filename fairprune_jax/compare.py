@@ -176,10 +176,27 @@ def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path
     return cc.out / "cells" / f"{method}_s{sparsity:g}_seed{seed}"
 
 
+def dense_dir(cc: CompareConfig, seed: int) -> Path:
+    """Where a grid keeps the trained dense model of a seed (not committed: large, and rebuilt by a rerun)."""
+    return cc.out / "dense" / f"seed{seed}"
+
+
+def dense_cached(folder: Path, cfg: RunConfig) -> bool:
+    """A saved dense model for this dense config exists (checked by fingerprint, without loading it)."""
+    from fairprune_jax.runner import dense_fingerprint
+    meta = folder / "dense.json"
+    if not (meta.exists() and (folder / "dense.npz").exists()):
+        return False
+    try:
+        return json.loads(meta.read_text()).get("fingerprint") == dense_fingerprint(cfg)
+    except (OSError, ValueError):
+        return False
+
+
 def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     """Run every missing cell, then write the combined CSV, JSON, Markdown and plots."""
     from fairprune_jax.methods import get_method, method_options
-    from fairprune_jax.runner import prepare, prepare_seeds, run_method
+    from fairprune_jax.runner import prepare, prepare_seeds, run_method, save_dense
 
     cc.out.mkdir(parents=True, exist_ok=True)
     cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
@@ -196,12 +213,17 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
 
     todo_seeds = [seed for seed in cc.seeds if any(c[0] == seed for c in todo)]
     prepared = {}
-    if cc.parallel_seeds and len(todo_seeds) > 1:
+    # a seed whose dense model was saved by an earlier run of this grid (same dense config) is not retrained
+    untrained = [s for s in todo_seeds if not dense_cached(dense_dir(cc, s), dense_config(s))]
+    if cc.parallel_seeds and len(untrained) > 1:
         # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
-        prepared = dict(zip(todo_seeds, prepare_seeds([dense_config(seed) for seed in todo_seeds])))
+        prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained])))
+        for seed, prep in prepared.items():
+            save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history)
     for seed in todo_seeds:
         seed_todo = [c for c in todo if c[0] == seed]
-        prep = prepared.pop(seed) if seed in prepared else prepare(dense_config(seed))
+        prep = (prepared.pop(seed) if seed in prepared
+                else prepare(dense_config(seed), dense_cache=dense_dir(cc, seed)))
         for _, m, s in seed_todo:
             d = cell_dir(cc, m, s, seed)
             base, opts = cc.resolve(m)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fairprune_jax import certify, checkpoint, compact, distributed, fairness, report
@@ -176,16 +177,78 @@ def load_checked(cfg: RunConfig, dataset: Dataset | None = None) -> tuple[Datase
 
 
 def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
-            dense: tuple[TrainState, dict] | None = None) -> Prepared:
+            dense: tuple[TrainState, dict] | None = None, dense_cache: Path | None = None) -> Prepared:
     """Validate, load the data, build the model and train and evaluate the dense reference.
 
     ``dense``: an already trained ``(state, history)`` for this config (e.g.
     from :func:`train_dense_seeds`) is used instead of training one; it is
-    evaluated like a freshly trained one.
+    evaluated like a freshly trained one. ``dense_cache``: a folder where the
+    trained dense model is saved, and read back by a later call with a config
+    that trains the same dense model (:func:`save_dense` / :func:`load_dense`).
     """
     ds, load_s = load_checked(cfg, dataset)
     ctx, params, model_state = build_context(cfg, ds)
-    return _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
+    if dense is None and dense_cache is not None:
+        dense = load_dense(dense_cache, cfg, dense_start(ctx, params, model_state)[0])
+        cached = dense is not None
+    else:
+        cached = True
+    prep = _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
+    if dense_cache is not None and not cached:
+        save_dense(dense_cache, cfg, prep.dense, prep.dense_history)
+    return prep
+
+
+#: RunConfig fields that do not change the dense run (a cached dense model serves any of their values).
+NOT_DENSE = {"method", "sparsity", "method_options", "out", "save_compact", "progress", "certify_eps",
+             "certify_level", "fairness_bound", "small_group", "finetune_epochs", "finetune_lr", "eval_batch_size",
+             "distribution", "exclude_first", "exclude_last", "positive_label"}
+
+
+def dense_fingerprint(cfg: RunConfig) -> dict:
+    """What the dense run depends on: the config without the per-method fields, and the JAX version."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_DENSE}
+    return _jsonable({"config": d, "jax": jax.__version__})
+
+
+def save_dense(folder: Path, cfg: RunConfig, state: TrainState, history: dict) -> None:
+    """Write a trained dense state (every leaf, PRNG keys as their data) and its history into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    leaves = [np.asarray(jax.random.key_data(x)) if _is_key(x) else np.asarray(_host(x))
+              for x in jax.tree.leaves(state)]
+    tmp = folder / "dense.tmp.npz"
+    np.savez(tmp, *leaves)
+    tmp.replace(folder / "dense.npz")
+    report.write_json_atomic({"fingerprint": dense_fingerprint(cfg), "history": _jsonable(history)},
+                             folder / "dense.json")
+
+
+def load_dense(folder: Path, cfg: RunConfig, template: TrainState) -> tuple[TrainState, dict] | None:
+    """The dense state saved by :func:`save_dense` for a config with the same dense run, else None."""
+    folder = Path(folder)
+    meta_file, arrays = folder / "dense.json", folder / "dense.npz"
+    if not (meta_file.exists() and arrays.exists()):
+        return None
+    import json
+    meta = json.loads(meta_file.read_text())
+    if meta.get("fingerprint") != dense_fingerprint(cfg):
+        return None
+    leaves, treedef = jax.tree.flatten(template)
+    with np.load(arrays) as z:
+        saved = [z[f"arr_{i}"] for i in range(len(z.files))]
+    if len(saved) != len(leaves):
+        return None
+    out = [jax.random.wrap_key_data(jnp.asarray(v)) if _is_key(t) else jnp.asarray(v, dtype=t.dtype)
+           for t, v in zip(leaves, saved)]
+    if any(np.shape(a) != np.shape(t) for a, t in zip(out, leaves)):
+        return None
+    history = dict(meta["history"], cached=True)
+    return jax.tree.unflatten(treedef, out), history
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def prepare_seeds(cfgs: list[RunConfig], dataset: Dataset | None = None) -> list[Prepared]:

@@ -244,3 +244,34 @@ def test_degenerate_rows_are_marked_in_tables():
     assert format_cell("no_violated_group", row) == "3/3"
     assert method_label({"method": "nft", "n_seeds": 3, "degenerate": {"mean": 0.0, "std": 0.0}}) == "nft"
     assert method_label({"method": "nft", "n_seeds": 3}) == "nft"      # cells from before the flag existed
+
+
+def test_a_grid_reuses_its_saved_dense_models(tmp_path, monkeypatch):
+    """Adding a method to a finished grid trains no dense model again: the saved one is read back exactly,
+    and only while it matches the dense config (a changed dense setting retrains)."""
+    cfg = tmp_path / "g.toml"
+    base = CONFIG.replace('methods = ["magnitude", "ceag"]', 'methods = ["magnitude"]').replace(
+        "[method_options.ceag]\neps = 0.05\n", "")
+    cfg.write_text(base)
+    first = run_compare(load_config(cfg, out=str(tmp_path / "out")), progress=False)
+    assert (tmp_path / "out" / "dense" / "seed0" / "dense.npz").exists()
+
+    def boom(*a, **k):
+        raise AssertionError("the dense model was trained again")
+    monkeypatch.setattr(runner, "train_dense", boom)
+    cfg.write_text(base.replace('methods = ["magnitude"]', 'methods = ["magnitude", "random"]'))
+    second = run_compare(load_config(cfg, out=str(tmp_path / "out")), progress=False)
+    rows = {r["method"]: r for r in second["rows"]}
+    assert set(rows) == {"magnitude", "random"}
+    assert rows["random"]["dense_test_accuracy"] == first["rows"][0]["dense_test_accuracy"]
+    cell = json.loads((tmp_path / "out" / "cells" / "random_s0.8_seed0" / "results.json").read_text())
+    assert cell["history"]["dense"]["cached"] is True
+
+    # another dense setting (3 epochs instead of 2): the saved model does not fit, so it must be retrained
+    cfg.write_text(base.replace("epochs = 2", "epochs = 3").replace('methods = ["magnitude"]', 'methods = ["random"]'))
+    with pytest.raises(AssertionError, match="trained again"):
+        run_compare(load_config(cfg, out=str(tmp_path / "out2")), progress=False)
+    import shutil
+    shutil.copytree(tmp_path / "out" / "dense", tmp_path / "out2" / "dense")
+    with pytest.raises(AssertionError, match="trained again"):
+        run_compare(load_config(cfg, out=str(tmp_path / "out2")), progress=False)
