@@ -145,11 +145,7 @@ def trajectory_info(traj: dict, names: list[str], offset: np.ndarray | float = 0
 
 def dense_reference(ctx: Context) -> dict[str, jax.Array]:
     """Dense per-group and overall accuracy and mean loss on the train split (computed once)."""
-    c = ctx.dense_train_counts
-    n = np.maximum(c.n, 1.0)
-    return {"acc_g": jnp.asarray(c.correct / n, jnp.float32), "loss_g": jnp.asarray(c.loss_sum / n, jnp.float32),
-            "acc": jnp.asarray(c.correct.sum() / c.n.sum(), jnp.float32),
-            "loss": jnp.asarray(c.loss_sum.sum() / c.n.sum(), jnp.float32)}
+    return reference_from_counts(ctx.dense_train_counts)
 
 
 CEAG_OPTIONS = {"eps": 0.01, "constraint_data": "val", "val_fraction": 0.1, "val_batch_size": 0,
