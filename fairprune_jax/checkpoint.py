@@ -46,12 +46,17 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from fairprune_jax import distributed
+
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
 FORMAT_VERSION = 1
 
 #: RunConfig fields that do not change what a run computes (left out of the fingerprint).
 NOT_FINGERPRINTED = ("out", "progress", "save_compact")
+
+#: What a new Checkpointer does with its folder (process 0's choice is broadcast to every process).
+_ACTIONS = ("fresh", "replace", "resume", "unfinished", "mismatch")
 
 _ACTIVE: contextvars.ContextVar["Checkpointer | None"] = contextvars.ContextVar("fairprune_ckpt", default=None)
 
@@ -115,20 +120,39 @@ class Checkpointer:
         self.resumed = False
         self._count = 0
         run_file = self.directory / RUN_FILE
+        # Every process reads what is on disk, then all follow process 0's decision (one broadcast, which is
+        # also a barrier: nobody writes run.json before every process has read it), then process 0 writes.
         saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+        error: Exception | None = None
         if resume and saved is not None:
-            self._check_same_run(saved)
-            self.resumed = True
+            action = "resume"
+            try:
+                self._check_same_run(saved)
+            except CheckpointMismatchError as e:
+                action, error = "mismatch", e
         elif saved is not None or self._phase_dirs():
             if saved is not None and saved.get("complete"):
-                if _is_primary():
-                    shutil.rmtree(self.directory)   # a finished run is simply rerun from scratch
+                action = "replace"        # a finished run is simply rerun from scratch
             else:
-                raise ValueError(f"{self.directory} holds checkpoints of an unfinished run; pass --resume to "
-                                 "continue it, or delete that folder (or choose another --out) to start over")
+                action = "unfinished"
+                error = ValueError(f"{self.directory} holds checkpoints of an unfinished run; pass --resume to "
+                                   "continue it, or delete that folder (or choose another --out) to start over")
+        else:
+            action = "fresh"
+        decided = _ACTIONS[distributed.agree(_ACTIONS.index(action))]
+        if decided != action:
+            raise ValueError(f"process {jax.process_index()} sees other checkpoints in {self.directory} than "
+                             f"process 0 ({action!r} here, {decided!r} there): every process must see the same "
+                             "--out folder (a filesystem they all share)")
+        if error is not None:
+            raise error
+        self.resumed = action == "resume"
         if not self.resumed and _is_primary():
+            if action == "replace":
+                shutil.rmtree(self.directory)
             self.directory.mkdir(parents=True, exist_ok=True)
             self._write_run_file(complete=False)
+        distributed.barrier("checkpoint-start")
 
     def _phase_dirs(self) -> list[Path]:
         return sorted(p for p in self.directory.glob("[0-9][0-9]-*") if p.is_dir()) if self.directory.is_dir() else []
@@ -172,6 +196,7 @@ class Checkpointer:
         """Record that the run finished (a later run without ``--resume`` may then overwrite it)."""
         if _is_primary():
             self._write_run_file(complete=True)
+        distributed.barrier("checkpoint-complete")
 
 
 def _position(meta: dict) -> dict:
@@ -286,7 +311,11 @@ def read_final(out: str | Path, phase: str | None = None) -> dict:
         raise FileNotFoundError(f"no final checkpoint of phase {phase!r} under {root}; phases: {', '.join(phases)}")
     with contextlib.closing(_manager(root / name / "final", read_only=True)) as mngr:
         step = mngr.latest_step()
-        out_tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+        # onto this process's first device, whatever devices saved it (e.g. two processes, read by one)
+        tree = ocp.StandardCheckpointer().metadata(root / name / "final" / str(step) / "state").item_metadata.tree
+        here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+        out_tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                               meta=ocp.args.JsonRestore()))
     def to_np(x):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):

@@ -51,6 +51,47 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-opt", action="append", metavar="KEY=VALUE", help="any other loader option")
 
 
+def _add_process_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (one process per host or per accelerator; see README, Scale-out)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run (jax.distributed.initialize) before anything else; run the same "
+                        "command in every process. Without the three flags below (or their JAX_* variables) jax "
+                        "detects the cluster itself (SLURM, Cloud TPU)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address and a free port (default: $JAX_COORDINATOR_ADDRESS); implies "
+                        "--distributed")
+    g.add_argument("--num-processes", default=None, metavar="N",
+                   help="number of processes (default: $JAX_NUM_PROCESSES); implies --distributed")
+    g.add_argument("--process-id", default=None, metavar="I",
+                   help="this process's index in [0, N) (default: $JAX_PROCESS_ID); implies --distributed")
+
+
+def _process_settings(args: argparse.Namespace) -> dict | None:
+    """The ``jax.distributed.initialize`` arguments for this command, or None for a single-process run.
+
+    Checked before JAX starts: a wrong or half-given setting is an error here, not a hang at start-up.
+    """
+    import os
+    from fairprune_jax import distributed
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(f is None for f in flags):
+        stray = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if os.environ.get(v, "").strip()]
+        if stray:
+            raise ValueError(f"{' and '.join(stray)} set, but --distributed not given: pass --distributed to join "
+                             "the multi-process run (or unset them for a single-process run)")
+        return None
+    return distributed.process_settings(*flags)
+
+
+def _start_processes(args: argparse.Namespace, settings: dict | None) -> bool:
+    """Join the multi-process run when asked; True on the process that writes and reports (process 0)."""
+    if settings is None:
+        return True
+    from fairprune_jax import distributed
+    distributed.initialize(**settings)
+    return distributed.is_primary()
+
+
 def _data_options(args: argparse.Namespace) -> dict:
     opts = {name: getattr(args, flag) for flag, name in DATA_FLAGS.items() if getattr(args, flag) is not None}
     opts.update(_kv(args.data_opt, "--data-opt"))
@@ -100,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("--devices", default="all",
                    help="data-parallel over N local devices, or 'all' (batch size must be divisible by N)")
-    r.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() first (run the same command on every host)")
+    _add_process_args(r)
     r.add_argument("--checkpoint-every", type=int, default=200,
                    help="save the run state into OUT/checkpoints every N steps and after each phase (0 = off)")
     r.add_argument("--resume", action="store_true",
@@ -116,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiments/NAME.toml: one grid, or a suite (suite = [grid TOMLs]) with a combined table")
     c.add_argument("--out", default=None, help="output folder (default: the config's, or experiments/results/NAME)")
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--devices", default=None,
+                   help="data-parallel over N local devices, or 'all' (default: 1 device; all of them with "
+                        "--distributed)")
+    _add_process_args(c)
 
     sub.add_parser("methods", help="list the pruning methods and their options")
     sub.add_parser("datasets", help="list the datasets")
@@ -138,15 +182,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fairprune_jax import certify, report
-    from fairprune_jax.runner import run
+    from fairprune_jax.runner import run, validate_config
 
     cfg = config_from_args(args)
-    if args.distributed:
-        from fairprune_jax import distributed
-        distributed.initialize()
-    print(f"fairprune run: method={cfg.method} dataset={cfg.dataset} sparsity={cfg.sparsity} seed={cfg.seed}",
-          flush=True)
+    settings = _process_settings(args)
+    validate_config(cfg)              # before JAX starts: every process fails at once, none waits for its peers
+    primary = _start_processes(args, settings)
+    if not primary:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, progress=False)
+    if primary:
+        print(f"fairprune run: method={cfg.method} dataset={cfg.dataset} sparsity={cfg.sparsity} seed={cfg.seed}",
+              flush=True)
     res = run(cfg, devices=args.devices, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if not primary:
+        import jax
+        print(f"fairprune run: process {jax.process_index()} of {jax.process_count()} finished; process 0 "
+              f"writes and reports the results in {cfg.out}", flush=True)
+        return 0
     rt = res.get("runtime", {})
     if rt.get("devices", 1) > 1 or rt.get("resumed"):
         print(f"{rt['devices']} device(s), {rt['processes']} process(es)" + (", resumed" if rt.get("resumed") else ""))
@@ -190,14 +243,29 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fairprune_jax.compare import is_suite, load_config, load_suite, markdown_table, run_compare, run_suite
 
-    if is_suite(args.config):
-        suite = load_suite(args.config, args.out)
-        summary = run_suite(suite, progress=not args.no_progress)
+    from fairprune_jax import distributed
+
+    settings = _process_settings(args)
+    suite = load_suite(args.config, args.out) if is_suite(args.config) else None
+    cc = load_config(args.config, args.out) if suite is None else None
+    distributed.parse_devices(args.devices)
+    primary = _start_processes(args, settings)
+    devices = args.devices if args.devices is not None else ("all" if settings is not None else None)
+    mesh = None if devices is None else distributed.make_mesh(devices)
+    with distributed.use_mesh(mesh):
+        if suite is not None:
+            summary = run_suite(suite, progress=primary and not args.no_progress)
+        else:
+            summary = run_compare(cc, progress=primary and not args.no_progress)
+    if not primary:
+        import jax
+        print(f"fairprune compare: process {jax.process_index()} of {jax.process_count()} finished; process 0 "
+              f"writes and reports the results in {(suite or cc).out}", flush=True)
+        return 0
+    if suite is not None:
         print(summary["markdown"])
         print(f"wrote {suite.out}/headline.md, headline.csv, headline.json (and each comparison's own outputs)")
         return 0
-    cc = load_config(args.config, args.out)
-    summary = run_compare(cc, progress=not args.no_progress)
     print(markdown_table(cc, summary["aggregate"]))
     print(f"wrote {cc.out}/results.csv, results.json, results.md and plots")
     return 0

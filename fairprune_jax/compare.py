@@ -27,6 +27,7 @@ import dataclasses
 import json
 import time
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +197,23 @@ def dense_cached(folder: Path, cfg: RunConfig) -> bool:
 def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     """Run every missing cell, then write the combined CSV, JSON, Markdown and plots."""
     from fairprune_jax.methods import get_method, method_options
+    from fairprune_jax import distributed
     from fairprune_jax.runner import prepare, prepare_seeds, run_method, save_dense
 
-    cc.out.mkdir(parents=True, exist_ok=True)
+    primary = distributed.is_primary()
     cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
     todo = [c for c in cells if not (cell_dir(cc, c[1], c[2], c[0]) / "results.json").exists()]
+    # Over several processes: all follow process 0's view of which cells are done (they share the folder),
+    # and nobody writes before every process has looked.
+    done = distributed.agree(len(cells) - len(todo))
+    if done != len(cells) - len(todo):
+        import jax
+        raise ValueError(f"process {jax.process_index()} sees {len(cells) - len(todo)} finished cells "
+                         f"in {cc.out}, process 0 sees {done}: every process must see the same output folder "
+                         "(a filesystem they all share)")
+    distributed.barrier("compare-start")
+    if primary:
+        cc.out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"compare {cc.name}", unit="cell",
                disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -215,11 +228,15 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     prepared = {}
     # a seed whose dense model was saved by an earlier run of this grid (same dense config) is not retrained
     untrained = [s for s in todo_seeds if not dense_cached(dense_dir(cc, s), dense_config(s))]
-    if cc.parallel_seeds and len(untrained) > 1:
+    if cc.parallel_seeds and len(untrained) > 1 and distributed.current_mesh() is not None:
+        warnings.warn("parallel_seeds = true does not combine with a device mesh (--devices, --distributed): "
+                      "the dense models are trained one seed after another, each data-parallel", stacklevel=2)
+    elif cc.parallel_seeds and len(untrained) > 1:
         # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
         prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained])))
         for seed, prep in prepared.items():
-            save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history)
+            if primary:
+                save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history)
     for seed in todo_seeds:
         seed_todo = [c for c in todo if c[0] == seed]
         prep = (prepared.pop(seed) if seed in prepared
@@ -237,7 +254,8 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
             res.pop("_state", None)
             bar.update(1)
     bar.close()
-    summary = collect(cc)
+    distributed.barrier("compare-end")    # every cell's results.json is written (by process 0)
+    summary = collect(cc) if primary else {"rows": [], "aggregate": []}
     summary["elapsed_s"] = time.perf_counter() - t0
     return summary
 
@@ -463,9 +481,10 @@ def load_suite(path: str | Path, out: str | None = None) -> Suite:
 
 def run_suite(suite: Suite, progress: bool = True) -> dict:
     """Run (or resume) every comparison of the suite, then write the combined headline table."""
+    from fairprune_jax import distributed
     for cc in suite.configs:
         run_compare(cc, progress=progress)
-    return write_headline(suite)
+    return write_headline(suite) if distributed.is_primary() else {"rows": [], "markdown": ""}
 
 
 def headline_rows(suite: Suite) -> list[dict]:

@@ -32,14 +32,87 @@ DATA_AXIS = "data"
 _MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("fairprune_mesh", default=None)
 
 
-def initialize(**kwargs: Any) -> None:
-    """Join a multi-host run (``jax.distributed.initialize``; on clusters it finds its peers itself).
+#: The environment variables :func:`initialize` reads when a flag is not given (as the README names them).
+ENV_VARS = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+            "process_id": "JAX_PROCESS_ID"}
 
+
+def process_settings(coordinator: str | None = None, num_processes: int | str | None = None,
+                     process_id: int | str | None = None, env: dict | None = None) -> dict:
+    """The ``jax.distributed.initialize`` arguments from the flags, else the ``JAX_*`` environment variables.
+
+    All three given (flags or environment): an explicit cluster (localhost, a
+    hand-made cluster). None given: ``{}``, and ``jax.distributed`` detects the
+    cluster itself (SLURM, Cloud TPU, Open MPI, ...). Anything in between, or
+    a value out of range, is a ``ValueError`` naming the flag, raised before
+    JAX starts.
+    """
+    import os
+    env = os.environ if env is None else env
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    source = {}
+    for key, var in ENV_VARS.items():
+        if given[key] is None and env.get(var, "").strip():
+            given[key], source[key] = env[var].strip(), var
+    flag = {k: source.get(k, f"--{k.replace('_', '-')}") for k in given}
+    for key in ("num_processes", "process_id"):
+        if given[key] is not None:
+            try:
+                given[key] = int(given[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"{flag[key]} must be an integer; got {given[key]!r}") from None
+    have = [k for k, v in given.items() if v is not None]
+    if not have:
+        return {}
+    if len(have) < 3:
+        missing = [f"{flag[k]} (or {ENV_VARS[k]})" for k in given if given[k] is None]
+        raise ValueError(f"multi-process run: {', '.join(flag[k] for k in have)} given but not "
+                         f"{', '.join(missing)}; give all three, or none to let jax.distributed detect the cluster "
+                         "(SLURM, Cloud TPU)")
+    if given["num_processes"] < 1:
+        raise ValueError(f"{flag['num_processes']} must be >= 1; got {given['num_processes']}")
+    if not 0 <= given["process_id"] < given["num_processes"]:
+        raise ValueError(f"{flag['process_id']} must be in [0, {given['num_processes']}) for "
+                         f"{given['num_processes']} processes; got {given['process_id']}")
+    addr = str(given["coordinator"])
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{flag['coordinator']} must be HOST:PORT (process 0's address and a free port, "
+                         f"e.g. 10.0.0.1:12345); got {addr!r}")
+    return {"coordinator_address": addr, "num_processes": given["num_processes"],
+            "process_id": given["process_id"]}
+
+
+def initialize(**kwargs: Any) -> None:
+    """Join a multi-process run: ``jax.distributed.initialize(**kwargs)``.
+
+    ``kwargs`` as :func:`process_settings` returns them; empty: jax detects
+    the cluster itself (SLURM, Cloud TPU). CPU devices of several processes
+    talk over gloo (jax's default ``jax_cpu_collectives_implementation``).
     Must run before any JAX computation; a second call is a no-op.
     """
     if jax.distributed.is_initialized():
         return
     jax.distributed.initialize(**kwargs)
+
+
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def barrier(name: str) -> None:
+    """Wait until every process got here (a no-op in a single-process run)."""
+    if is_multiprocess():
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"fairprune:{name}")
+
+
+def agree(value: int) -> int:
+    """Process 0's ``value`` on every process (a no-op in a single-process run): one decision for all."""
+    if not is_multiprocess():
+        return int(value)
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def parse_devices(spec: int | str | None) -> int | None:

@@ -194,7 +194,7 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
     else:
         cached = True
     prep = _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
-    if dense_cache is not None and not cached:
+    if dense_cache is not None and not cached and distributed.is_primary():
         save_dense(dense_cache, cfg, prep.dense, prep.dense_history)
     return prep
 
@@ -401,6 +401,8 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
     """
     validate_config(cfg)
     _check_outputs(cfg)
+    if cfg.out:
+        check_out_dir(cfg.out)
     mesh = None if devices is None else distributed.make_mesh(devices)
     if mesh is not None:
         distributed.check_batch_size(cfg.batch_size, mesh)
@@ -414,12 +416,46 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
             raise ValueError("--resume needs checkpoints: use --checkpoint-every N with N > 0")
         ckpt = checkpoint.Checkpointer(Path(cfg.out) / checkpoint.CHECKPOINT_DIR, cfg, every=checkpoint_every,
                                        resume=resume)
+    if cfg.out:
+        remove_stale_outputs(Path(cfg.out))
     with distributed.use_mesh(mesh), checkpoint.use(ckpt):
         res = run_method(prepare(cfg, dataset))
     if ckpt is not None:
         ckpt.mark_complete()
+    distributed.barrier("run-end")     # process 0 has written the outputs
     res.pop("_state", None)
     return res
+
+
+#: What a run writes into its output folder (removed when a new run starts there, so none is ever stale).
+OUTPUT_FILES = ("results.json", "results.md", "group_accuracy.png", "constraints.png")
+
+
+def check_out_dir(out: str | Path) -> None:
+    """``out`` must be a folder this process can create and write into: checked before any data is loaded."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder; choose a folder for the run's outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".fairprune-write-test-{jax.process_index()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} is not a folder fairprune can write into ({e.strerror or e}); choose "
+                         "another --out") from None
+
+
+def remove_stale_outputs(out: Path) -> list[str]:
+    """Remove an earlier run's results from ``out`` as this run starts (process 0), so that a ``results.json``
+    beside this run's checkpoints is never an older run's. Returns the names removed."""
+    removed = []
+    if distributed.is_primary():
+        for name in OUTPUT_FILES:
+            if (out / name).is_file():
+                (out / name).unlink()
+                removed.append(name)
+    return removed
 
 
 def _check_outputs(cfg: RunConfig) -> None:

@@ -1,0 +1,163 @@
+"""Two real processes on localhost (``jax.distributed`` over a free port, CPU collectives over gloo) give the
+results of one process with two devices, with checkpoints on, and resume.
+
+Each worker process calls the CLI twice, as a user would launch it (README, "Multi-process"):
+``fairprune run ... --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I``, then the same with
+``--resume`` (all phases restored from the final checkpoints: the resume barriers and the agreement on
+what is on disk). The reference is one process with two virtual CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=2``), the same global mesh. The data is a tiny CSV, so
+the test costs imports and compilation, not training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TIMEOUT_S = 420
+
+RUN = ["run", "--method", "magnitude", "--dataset", "csv", "--target", "label", "--protected", "grp",
+       "--model", "mlp", "--model-opt", "hidden=(8,)", "--epochs", "2", "--finetune-epochs", "1",
+       "--batch-size", "32", "--lr", "0.01", "--sparsity", "0.5", "--checkpoint-every", "3", "--no-progress"]
+
+WORKER = textwrap.dedent(r'''
+    import sys, time
+    from fairprune_jax.cli import main
+    argv = sys.argv[1:]
+    t = time.perf_counter()
+    rc = main(argv)
+    print(f"FIRST rc={rc} seconds={time.perf_counter() - t:.1f}", flush=True)
+    if rc:
+        sys.exit(rc)
+    t = time.perf_counter()
+    rc = main(argv + ["--resume"])
+    print(f"RESUME rc={rc} seconds={time.perf_counter() - t:.1f}", flush=True)
+    sys.exit(rc)
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_csv(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    n = 320
+    x = rng.normal(size=(n, 4))
+    grp = rng.choice(["a", "b"], n, p=[0.6, 0.4])
+    label = ((x[:, 0] + 0.5 * x[:, 1] + 0.3 * (grp == "b") + 0.3 * rng.normal(size=n)) > 0).astype(int)
+    lines = ["x0,x1,x2,x3,grp,label"] + [f"{a:.4f},{b:.4f},{c:.4f},{d:.4f},{g},{y}"
+                                         for (a, b, c, d), g, y in zip(x, grp, label)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _env(cache: Path, **extra: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    for k in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, tuple[int, str]]:
+    """Wait for every process (killing all of them at the deadline); ``{name: (returncode, output)}``."""
+    out = {}
+    for name, p in procs.items():
+        try:
+            text, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            text, _ = p.communicate()
+            text += f"\n[killed after {TIMEOUT_S} s]"
+        out[name] = (p.returncode, text)
+    return out
+
+
+def _report(outs: dict[str, tuple[int, str]]) -> str:
+    return "\n".join(f"===== {name} (exit {rc}) =====\n{text[-3000:]}" for name, (rc, text) in outs.items())
+
+
+def _numbers(d, prefix=""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _numbers(v, f"{prefix}/{k}")
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            yield from _numbers(v, f"{prefix}/{i}")
+    elif isinstance(d, (int, float)) and not isinstance(d, bool):
+        yield prefix, float(d)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mp")
+    data = _tiny_csv(tmp / "tiny.csv")
+    args = [*RUN, "--data-dir", str(data)]
+    t0 = time.monotonic()
+    deadline = t0 + TIMEOUT_S
+    # one process, two virtual devices: the reference (started first; the workers run beside it)
+    procs = {"reference": subprocess.Popen(
+        [sys.executable, "-m", "fairprune_jax.cli", *args, "--out", str(tmp / "ref")],
+        env=_env(tmp / "xla-ref", XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)}
+    port = _free_port()
+    for i in range(2):
+        procs[f"process {i}"] = subprocess.Popen(
+            [sys.executable, "-c", WORKER, *args, "--out", str(tmp / "two"), "--coordinator", f"127.0.0.1:{port}",
+             "--num-processes", "2", "--process-id", str(i)],
+            env=_env(tmp / f"xla-{i}"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outs = _finish(procs, deadline)
+    seconds = time.monotonic() - t0
+    assert all(rc == 0 for rc, _ in outs.values()), _report(outs)
+    return tmp, outs, seconds
+
+
+def test_two_processes_equal_one_process_with_two_devices(launched):
+    from fairprune_jax import checkpoint
+
+    tmp, outs, seconds = launched
+    ref = json.loads((tmp / "ref" / "results.json").read_text())
+    two = json.loads((tmp / "two" / "results.json").read_text())
+    assert ref["runtime"]["devices"] == 2 and ref["runtime"]["processes"] == 1
+    assert two["runtime"]["devices"] == 2 and two["runtime"]["processes"] == 2
+    assert two["runtime"]["resumed"] is True         # written by the --resume launch
+    a = dict(_numbers({k: ref[k] for k in ("dense", "pruned", "sparsity")}))
+    b = dict(_numbers({k: two[k] for k in ("dense", "pruned", "sparsity")}))
+    assert a.keys() == b.keys() and len(a) > 100
+    metrics_diff = max(abs(a[k] - b[k]) for k in a)
+    sa, sb = checkpoint.read_final(tmp / "ref"), checkpoint.read_final(tmp / "two")
+    assert sa["phase"] == sb["phase"] == "01-fine-tune"
+    import jax
+    la, lb = jax.tree.leaves(sa["state"]), jax.tree.leaves(sb["state"])
+    assert len(la) == len(lb)
+    state_diff = max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) for x, y in zip(la, lb))
+    print(f"\ntwo processes vs one process with two devices: max |metric diff| {metrics_diff:.3g}, "
+          f"max |state diff| {state_diff:.3g}; all three processes took {seconds:.1f} s")
+    for x, y in zip(jax.tree.leaves(sa["state"]["masks"]), jax.tree.leaves(sb["state"]["masks"])):
+        np.testing.assert_array_equal(x, y)
+    assert metrics_diff <= 1e-6 and state_diff <= 1e-6
+
+
+def test_only_process_zero_writes_and_reports(launched):
+    tmp, outs, _ = launched
+    rc0, out0 = outs["process 0"]
+    rc1, out1 = outs["process 1"]
+    assert "FIRST rc=0" in out0 and "RESUME rc=0" in out0 and "FIRST rc=0" in out1 and "RESUME rc=0" in out1
+    assert out0.count("wrote ") == 2 and "results.json" in out0          # once per launch
+    assert "wrote " not in out1 and "accuracy" not in out1
+    assert out1.count("process 1 of 2 finished; process 0 writes and reports the results") == 2
+    assert "unfinished run" not in out0 + out1 and "Traceback" not in out0 + out1
+    assert not list((tmp / "two").glob(".fairprune-write-test-*"))
