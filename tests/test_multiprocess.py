@@ -161,3 +161,53 @@ def test_only_process_zero_writes_and_reports(launched):
     assert out1.count("process 1 of 2 finished; process 0 writes and reports the results") == 2
     assert "unfinished run" not in out0 + out1 and "Traceback" not in out0 + out1
     assert not list((tmp / "two").glob(".fairprune-write-test-*"))
+
+
+# ---------------------------------------------------------------------------
+# Settings: checked before JAX starts (cheap)
+# ---------------------------------------------------------------------------
+
+def test_process_settings_from_flags_or_environment():
+    from fairprune_jax.distributed import process_settings
+
+    want = {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert process_settings("10.0.0.1:1234", "4", "3", env={}) == want
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert process_settings(env=env) == want
+    assert process_settings(None, None, "1", env=env)["process_id"] == 1      # a flag beats its variable
+    assert process_settings(env={}) == {}                                       # jax detects the cluster
+
+
+@pytest.mark.parametrize("flags, env, msg", [
+    (("h:1", None, None), {}, r"--coordinator given but not --num-processes \(or JAX_NUM_PROCESSES\), --process-id"),
+    ((None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS given but not"),
+    (("h:1", "2", "2"), {}, r"--process-id must be in \[0, 2\) for 2 processes; got 2"),
+    (("h:1", "0", "0"), {}, "--num-processes must be >= 1"),
+    (("h:1", "two", "0"), {}, "--num-processes must be an integer; got 'two'"),
+    (("h:1", "2", "0"), {}, None),
+    (("host", "2", "0"), {}, "--coordinator must be HOST:PORT"),
+    ((None, "2", None), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "x"}, "JAX_PROCESS_ID must be an integer"),
+])
+def test_bad_process_settings_are_named(flags, env, msg):
+    from fairprune_jax.distributed import process_settings
+
+    if msg is None:
+        assert process_settings(*flags, env=env)["num_processes"] == 2
+        return
+    with pytest.raises(ValueError, match=msg):
+        process_settings(*flags, env=env)
+
+
+def test_cli_refuses_half_given_settings_before_jax_starts(capsys, monkeypatch, no_training):
+    from fairprune_jax.cli import main
+
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(["run", "--num-processes", "2", "--out", "unused"]) == 2
+    assert "--num-processes given but not --coordinator" in capsys.readouterr().err
+    assert main(["compare", "--config", "experiments/headline.toml", "--process-id", "5",
+                 "--num-processes", "2", "--coordinator", "h:1"]) == 2
+    assert "--process-id must be in [0, 2)" in capsys.readouterr().err
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    assert main(["run", "--out", "unused"]) == 2
+    assert "JAX_NUM_PROCESSES set, but --distributed not given" in capsys.readouterr().err
