@@ -294,6 +294,24 @@ def current() -> Checkpointer | None:
     return _ACTIVE.get()
 
 
+def describe(directory: str | Path) -> str | None:
+    """What the checkpoints in ``directory`` hold, in a few words (None when there are none).
+
+    ``"00-dense finished, 01-prune-gmp at step 40"``: read from the folder names only (cheap, no orbax).
+    """
+    directory = Path(directory)
+    parts = []
+    for ph in sorted(p for p in directory.glob("[0-9][0-9]-*") if p.is_dir()):
+        final = [p for p in (ph / "final").glob("*") if p.name.isdigit()] if (ph / "final").is_dir() else []
+        partial = sorted(int(p.name) for p in (ph / "partial").glob("*") if p.name.isdigit()) \
+            if (ph / "partial").is_dir() else []
+        if final:
+            parts.append(f"{ph.name} finished")
+        elif partial:
+            parts.append(f"{ph.name} at step {partial[-1]}")
+    return ", ".join(parts) or None
+
+
 def read_final(out: str | Path, phase: str | None = None) -> dict:
     """The final state of a phase of a finished run, as nested numpy (default: the last phase).
 

@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")
     r.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
     r.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    r.add_argument("--positive-class", type=int, default=d.positive_label,
-                   help="class id treated as positive by the binary metrics (DP, EO)")
+    r.add_argument("--positive-class", type=int, default=None,
+                   help="class id treated as positive by the binary metrics (DP, EO); default 1 (for a "
+                        "multi-class target: class 1 vs the rest, with a warning)")
     r.add_argument("--augment", action="store_true", help="random crop + flip for images")
     r.add_argument("--certify-eps", type=float, default=None,
                    help="psi_g bound the per-group certificate checks (default: the method's eps, else 0.01)")
@@ -173,7 +174,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         sparsity=args.sparsity, seed=args.seed, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
         batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, distribution=args.distribution, exclude_first=args.exclude_first,
-        exclude_last=args.exclude_last, positive_label=args.positive_class, augment=args.augment, out=out,
+        exclude_last=args.exclude_last, augment=args.augment, out=out,
+        positive_label=1 if args.positive_class is None else args.positive_class,
         save_compact=args.save_compact, progress=not args.no_progress, dataset_options=_data_options(args),
         model_options=_kv(args.model_opt, "--model-opt"), method_options=_kv(args.opt, "--opt"),
         certify_eps=args.certify_eps, certify_level=args.certify_level, fairness_bound=args.fairness_bound,
@@ -212,6 +214,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     note = report.degenerate_note(res)
     if note:
         print(f"WARNING: {note}")
+    pc = res.get("positive_class") or {}
+    if pc.get("num_classes", 2) > 2 and args.positive_class is None:
+        print(f"WARNING: the target has {pc['num_classes']} classes: DP and EO compare class {pc['id']} "
+              f"({pc['name']!r}) vs the rest across groups; choose the class with --positive-class")
     for line in res.get("method_info", {}).get("warnings", []):
         print(f"WARNING: {line}")
     print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
@@ -271,6 +277,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:
+    """What an interrupted command saved and how to continue it (one line)."""
+    import shlex
+    if args.command == "run":
+        from fairprune_jax import checkpoint
+        out = Path(config_from_args(args).out)
+        saved = checkpoint.describe(out / checkpoint.CHECKPOINT_DIR) if args.checkpoint_every > 0 else None
+        if not saved:
+            return (f"nothing saved ({'--checkpoint-every 0' if args.checkpoint_every <= 0 else 'no checkpoint yet'}); "
+                    "rerun the command to start over")
+        again = argv if "--resume" in argv else [*argv, "--resume"]
+        return f"checkpoints in {out / checkpoint.CHECKPOINT_DIR}: {saved}; continue with: fairprune {shlex.join(again)}"
+    if args.command == "compare":
+        return f"finished cells are kept; rerun to continue: fairprune {shlex.join(argv)}"
+    return "nothing saved"
+
+
 def cmd_methods(_: argparse.Namespace) -> int:
     from fairprune_jax.methods import METHODS
     for name, m in sorted(METHODS.items()):
@@ -299,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                 "datasets": cmd_datasets}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except KeyboardInterrupt:
+        print(f"fairprune: interrupted; {_interrupted_note(args, sys.argv[1:] if argv is None else argv)}",
+              file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:     # bad input, or a file / folder that cannot be read or written
         print(f"fairprune: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -133,12 +133,19 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
             raise ValueError(f"{path}: missing required key {key!r}")
     from fairprune_jax.methods import get_method, method_options
     from fairprune_jax.masks import check_sparsity
+    from fairprune_jax.runner import check_model_options, check_option_values
+    check_run_values(path, raw.get("run", {}))
+    try:
+        check_model_options(raw.get("run", {}).get("model"), raw.get("model_options", {}))
+    except ValueError as e:
+        raise ValueError(f"{path}: [model_options]: {e}") from None
     variants = _check_variants(path, raw.get("variants", {}))
     if len(set(raw["methods"])) != len(raw["methods"]):
         raise ValueError(f"{path}: methods lists an entry twice: {raw['methods']}")
     bases = set()
     for m in raw["methods"]:
         base, opts = resolve_entry(m, variants, raw.get("method_options", {}))
+        check_option_values(get_method(base), opts)
         method_options(get_method(base), opts)
         bases.add(base)
     unused = set(variants) - set(raw["methods"])
@@ -171,6 +178,29 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
                          model_options=raw.get("model_options", {}),
                          method_options=raw.get("method_options", {}), variants=variants,
                          parallel_seeds=raw.get("parallel_seeds", False))
+
+
+def check_run_values(path: Path, run: dict) -> None:
+    """``[run]`` values of the type ``RunConfig`` expects (a string where a number belongs is named, not a later
+    crash), from the field annotations: ``int``, ``float`` (an int is fine), ``bool``, ``str``, ``| None``."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for key, value in run.items():
+        kind = str(fields[key].type)
+        if value is None and "None" in kind:
+            continue
+        if "bool" in kind:
+            ok, want = isinstance(value, bool), "true or false"
+        elif "int" in kind and "float" not in kind:
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif "float" in kind:
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif "str" in kind:
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{path}: [run] {key} must be {want} (like {getattr(RunConfig(), key)!r}); "
+                             f"got {value!r}")
 
 
 def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path:

@@ -26,6 +26,47 @@ ROWS: list[tuple[str, Any, str]] = [
 ]
 
 
+#: ROWS whose value is a reduction over groups (marked when some groups are small).
+GROUP_ROWS = {"group accuracy spread (max - min)", "worst-group accuracy", "max psi_g (excess accuracy gap)",
+              "psi_g spread (max - min)", "demographic parity difference", "equalized odds difference"}
+BINARY_ROWS = {"demographic parity difference", "equalized odds difference"}
+
+
+def small_groups(results: dict, split: str = "test") -> dict[str, int]:
+    """``{group: rows}`` of the groups with fewer ``split`` rows than the run's ``small_group`` threshold."""
+    p = results["pruned"].get(split, {})
+    cert = p.get("certificate") or {}
+    names = cert.get("small_groups")
+    if names is None:
+        limit = int((results.get("config") or {}).get("small_group", certify.SMALL_GROUP_ROWS))
+        names = [n for n, g in p.get("groups", {}).items() if g.get("n") and g["n"] < limit]
+    return {n: int(p["groups"][n]["n"] or 0) for n in names}
+
+
+def _threshold(results: dict) -> int:
+    return int((results.get("config") or {}).get("small_group", certify.SMALL_GROUP_ROWS))
+
+
+def _row_label(results: dict, label: str, split: str) -> str:
+    pc = results.get("positive_class")
+    out = label
+    if label in BINARY_ROWS and pc and pc.get("num_classes", 2) > 2:
+        out = f"{label} ({pc['name']} vs rest)"
+    if label in GROUP_ROWS and small_groups(results, split):
+        out += " *"
+    return out
+
+
+def small_groups_note(results: dict, split: str = "test") -> str | None:
+    """The footnote for ``*`` rows: which groups are small, with their row counts (None when none is)."""
+    small = small_groups(results, split)
+    if not small:
+        return None
+    listed = ", ".join(f"{n} ({k})" for n, k in list(small.items())[:12]) + (" ..." if len(small) > 12 else "")
+    return (f"* over groups of which {len(small)} have fewer than {_threshold(results)} {split} rows (--small-group): "
+            f"{listed}; figures over so few rows are noisy")
+
+
 def _min_group_acc(r: dict) -> float | None:
     vals = [g["accuracy"] for g in r["groups"].values() if g["accuracy"] is not None]
     return min(vals) if vals else None
@@ -41,19 +82,24 @@ def summary_table(results: dict, split: str = "test") -> str:
     sp = results["sparsity"]["achieved"]
     lines = [f"| {split} | dense | pruned ({results['method']}) |", "|---|---:|---:|"]
     for label, get, f in ROWS:
-        lines.append(f"| {label} | {_fmt(get(dense, 0.0), f)} | {_fmt(get(pruned, sp), f)} |")
-    return "\n".join(lines)
+        lines.append(f"| {_row_label(results, label, split)} | {_fmt(get(dense, 0.0), f)} | "
+                     f"{_fmt(get(pruned, sp), f)} |")
+    note = small_groups_note(results, split)
+    return "\n".join(lines + ([f"\n{note}"] if note else []))
 
 
 def text_table(results: dict, split: str = "test") -> str:
     """The same table for a terminal."""
     dense, pruned = results["dense"][split], results["pruned"][split]
     sp = results["sparsity"]["achieved"]
-    head = f"{split + ' split':36s} {'dense':>10s} {'pruned':>10s}"
+    labels = [_row_label(results, label, split) for label, _, _ in ROWS]
+    w = max(36, *map(len, labels))
+    head = f"{split + ' split':{w}s} {'dense':>10s} {'pruned':>10s}"
     lines = [head, "-" * len(head)]
-    for label, get, f in ROWS:
-        lines.append(f"{label:36s} {_fmt(get(dense, 0.0), f):>10s} {_fmt(get(pruned, sp), f):>10s}")
-    return "\n".join(lines)
+    for lab, (_, get, f) in zip(labels, ROWS):
+        lines.append(f"{lab:{w}s} {_fmt(get(dense, 0.0), f):>10s} {_fmt(get(pruned, sp), f):>10s}")
+    note = small_groups_note(results, split)
+    return "\n".join(lines + ([note] if note else []))
 
 
 def degenerate_note(results: dict, split: str = "test") -> str | None:
@@ -103,6 +149,10 @@ def markdown_report(results: dict) -> str:
            f"- seed {r['seed']}; groups: {r['groups']['num_groups']} from {', '.join(r['groups']['attributes'])}; "
            f"sizes {r['sizes']}",
            f"- wall time {r['wall_time_s']:.1f} s", ""]
+    pc = r.get("positive_class")
+    if pc and pc.get("num_classes", 2) > 2:
+        out.insert(-1, f"- DP and EO are of class {pc['id']} ({pc['name']!r}) vs the rest ({pc['num_classes']} "
+                       "classes; `--positive-class` chooses another)")
     c = r.get("compact")
     if c and "error" not in c:
         out.insert(-1, f"- compacted model in `{c['path']}/`: {c['params_compact']} of {c['params_dense']} parameters, "

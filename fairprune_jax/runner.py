@@ -34,6 +34,7 @@ def validate_config(cfg: RunConfig) -> None:
     """Fail fast, with the valid choices, before any long work."""
     check_sparsity(cfg.sparsity)
     method = get_method(cfg.method)
+    check_option_values(method, cfg.method_options)
     opts = method_options(method, cfg.method_options)
     if cfg.save_compact and not method.is_structured(opts):
         why = (f"method {cfg.method!r} with structured={opts[method.structured]!r}"
@@ -45,6 +46,7 @@ def validate_config(cfg: RunConfig) -> None:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid choices: {', '.join(sorted(DATASETS))}")
     if cfg.model is not None and cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; valid choices: {', '.join(sorted(MODELS))}")
+    check_model_options(cfg.model, cfg.model_options)
     if cfg.distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown sparsity distribution {cfg.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
     for name in ("epochs", "batch_size"):
@@ -56,8 +58,42 @@ def validate_config(cfg: RunConfig) -> None:
         raise ValueError(f"learning rates must be > 0; got lr={cfg.lr}, finetune_lr={cfg.ft_lr}")
     if not 0.0 < float(cfg.certify_level) < 1.0:
         raise ValueError(f"--certify-level must be in (0, 1), e.g. 0.95; got {cfg.certify_level}")
+    if int(cfg.seed) < 0:
+        raise ValueError(f"--seed must be a non-negative integer (it seeds numpy and JAX); got {cfg.seed}")
+    if int(cfg.positive_label) < 0:
+        raise ValueError(f"--positive-class must be a class id >= 0; got {cfg.positive_label}")
     if cfg.small_group < 0:
         raise ValueError(f"--small-group must be >= 0; got {cfg.small_group}")
+
+
+def model_option_names(model: str) -> list[str]:
+    """The options a model takes (``--model-opt`` / a compare TOML's ``[model_options]``)."""
+    import inspect
+    skip = {"self", "in_features", "in_channels", "num_classes", "rngs"}
+    return [p for p in inspect.signature(MODELS[model].__init__).parameters if p not in skip]
+
+
+def check_model_options(model: str | None, options: dict) -> None:
+    """Unknown model options are an error naming the valid ones (for ``model=None``: valid for some model)."""
+    names = sorted(set(model_option_names(model)) if model is not None
+                   else {o for m in MODELS for o in model_option_names(m)})
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        which = f"model {model!r}" if model is not None else "any model (" + ", ".join(sorted(MODELS)) + ")"
+        raise ValueError(f"unknown model option(s) {unknown} for {which}; valid: {', '.join(names)}")
+
+
+def check_option_values(method: Any, given: dict) -> None:
+    """A method option whose default is a number must get a number: named here, not as a bare conversion error."""
+    for k, v in given.items():
+        default = method.options.get(k)
+        if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(v, (int, float)):
+            continue
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"method {method.name!r}: option {k!r} takes a number (default {default!r}); "
+                             f"got {v!r}") from None
 
 
 def certify_eps(cfg: RunConfig) -> float:
@@ -167,13 +203,44 @@ def load_checked(cfg: RunConfig, dataset: Dataset | None = None) -> tuple[Datase
     if dataset is not None:
         ds.validate()
     if cfg.batch_size > len(ds.train):
+        val = "" if ds.val is None else (
+            f", after the validation fraction (--val-fraction / val_fraction="
+            f"{ds.meta.get('val_fraction', cfg.dataset_options.get('val_fraction'))}) took {len(ds.val)} of its rows; "
+            "a validation fraction above about 0.5 leaves little to train on")
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
-                         f"({len(ds.train)} rows); choose at most {len(ds.train)}")
+                         f"({len(ds.train)} rows{val}); choose a batch size of at most {len(ds.train)}"
+                         + (" or a smaller validation fraction" if val else ""))
     if ds.train.x.ndim < 2:
         raise ValueError(f"dataset {ds.name!r}: features must have shape (n, d) or (n, H, W, C); got "
                          f"{ds.train.x.shape} (one number per row? use x[:, None] for a single feature)")
+    check_target_and_groups(cfg, ds)
     warn_missing_groups(ds)
     return ds, time.perf_counter() - t
+
+
+def check_target_and_groups(cfg: RunConfig, ds: Dataset) -> None:
+    """What the loaded data makes meaningless, refused or warned about before any training.
+
+    A positive class the target does not have (DP / EO would silently be 0), a target with one class in
+    train (accuracy 1.0 by construction), one protected group only (every gap and parity figure is 0 by
+    construction).
+    """
+    c = ds.num_classes
+    classes = ", ".join(f"{i} = {n!r}" for i, n in enumerate(ds.class_names[:12])) + (" ..." if c > 12 else "")
+    if not 0 <= int(cfg.positive_label) < c:
+        raise ValueError(f"--positive-class {cfg.positive_label}: the target has {c} classes ({classes}); "
+                         f"choose a class id in 0..{c - 1}")
+    present = np.unique(ds.train.y)
+    if present.size < 2:
+        raise ValueError(f"dataset {ds.name!r}: the target has one class in the training split "
+                         f"({ds.class_names[int(present[0])]!r} for all {len(ds.train)} rows): there is nothing "
+                         "to learn and accuracy would be 1.0 by construction; check the target column "
+                         "(--target, --positive-label)")
+    groups = np.unique(ds.train.g)
+    if groups.size < 2:
+        warnings.warn(f"dataset {ds.name!r}: only one protected group ({ds.group_names[int(groups[0])]!r}) in "
+                      "the training split: every gap and parity figure (psi_g, DP, EO) is 0 by construction; check "
+                      "the protected attribute (--protected)", stacklevel=3)
 
 
 def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
@@ -529,6 +596,9 @@ def _assemble(cfg: RunConfig, ds: Dataset, ctx: Context, dense: TrainState, prun
             "layers": summary["layers"],
         },
         "dataset_meta": _jsonable(ds.meta),
+        # DP and EO compare P(pred == this class) across groups: for a multi-class target, this class vs the rest
+        "positive_class": {"id": int(cfg.positive_label), "name": ds.class_names[int(cfg.positive_label)],
+                           "num_classes": ds.num_classes},
     }
     for which in ("dense", "pruned"):
         out[which] = {}

@@ -2,6 +2,7 @@
 wrong number. Cheap checks first (they fail before any training); a few tiny runs on a toy dataset last."""
 from __future__ import annotations
 
+import re
 import types
 import warnings
 
@@ -303,3 +304,142 @@ def test_sparsity_zero_and_ninety_nine_percent():
     assert tiny["sparsity"]["empty_layers"] == ["head/kernel"]           # 1% of 32 weights rounds to 0
     assert layers["layers/0/kernel"]["kept"] == round(0.01 * 6 * 16)    # exact per-layer rounding
     assert tiny["pruned"]["test"]["accuracy"] is not None
+
+
+# ---------------------------------------------------------------------------
+# Silent wrong settings (issue 16): each refused or marked before it can print a wrong number
+# ---------------------------------------------------------------------------
+
+def _relabel(ds: Dataset, *, y=None, g=None, classes=None) -> Dataset:
+    def split(s: Split) -> Split:
+        return Split(s.x, s.y if y is None else y(s), s.g if g is None else g(s))
+    return Dataset(ds.name, split(ds.train), split(ds.test), ds.group_names, ds.group_attrs,
+                   classes or ds.class_names, meta=ds.meta)
+
+
+def test_positive_class_the_target_does_not_have(no_training):
+    with pytest.raises(ValueError, match=r"--positive-class 2: the target has 2 classes \(0 = '0', 1 = '1'\); "
+                                         r"choose a class id in 0\.\.1"):
+        run(cfg(positive_label=2), toy())
+    with pytest.raises(ValueError, match="--positive-class must be a class id >= 0"):
+        run(cfg(positive_label=-1), toy())
+
+
+def test_one_class_target_is_refused_and_one_group_warned(no_training):
+    one_class = _relabel(toy(), y=lambda s: np.zeros(len(s), np.int32))
+    with pytest.raises(ValueError, match=r"the target has one class in the training split \('0' for all 192 "
+                                         r"rows\).*accuracy would be 1\.0 by construction"):
+        run(cfg(), one_class)
+    from fairprune_jax.runner import load_checked
+    one_group = _relabel(toy(), g=lambda s: np.zeros(len(s), np.int32))
+    with pytest.warns(UserWarning) as rec:
+        load_checked(cfg(), one_group)
+    assert any(re.search(r"only one protected group \('g0'\).*0 by construction", str(w.message)) for w in rec)
+
+
+def test_messages_name_what_is_wrong(tmp_path, no_training):
+    with pytest.raises(ValueError, match="--seed must be a non-negative integer"):
+        run(cfg(seed=-1), toy())
+    with pytest.raises(ValueError, match=r"method 'ceag': option 'eps' takes a number \(default .*\); got 'abc'"):
+        run(cfg(method="ceag", method_options={"eps": "abc"}), toy())
+    p = _csv(tmp_path)
+    with pytest.raises(ValueError, match="protected column 'income' is also the target column"):
+        load_dataset("csv", str(p), target="income", protected="income")
+    from fairprune_jax.runner import load_checked
+    ds = load_dataset("csv", str(p), target="income", protected="sex", val_fraction=0.9)
+    with pytest.raises(ValueError, match=r"larger than the training split \(\d+ rows, after the validation "
+                                         r"fraction .*0\.9\) took \d+ of its rows"):
+        load_checked(cfg(batch_size=32), ds)
+
+
+def test_unusable_out_folder_is_refused_before_loading_data(tmp_path, monkeypatch, no_training, capsys):
+    from fairprune_jax.cli import main
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="is an existing file, not a folder"):
+        run(cfg(out=str(f)), toy())
+    assert main(["run", "--out", str(f), "--checkpoint-every", "0", "--no-progress"]) == 2
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+    import pathlib
+
+    def read_only(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(pathlib.Path, "write_text", read_only)
+    with pytest.raises(ValueError, match=r"is not a folder fairprune can write into \(Permission denied\)"):
+        run(cfg(out=str(tmp_path / "ro")), toy())
+
+
+def test_a_folder_where_a_csv_file_belongs(tmp_path, capsys):
+    from fairprune_jax.cli import main
+    assert main(["data-summary", "--dataset", "csv", "--data-dir", str(tmp_path), "--target", "y"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fairprune: error: csv:") and "is a directory; pass the CSV FILE path" in err
+
+
+def test_compare_config_with_a_bad_value(tmp_path):
+    p = tmp_path / "grid.toml"
+    head = 'dataset = "digits"\nmethods = ["magnitude"]\nsparsities = [0.9]\nseeds = [0]\n'
+    p.write_text(head + '[model_options]\nhiden = [16]\n')
+    with pytest.raises(ValueError, match=r"\[model_options\]: unknown model option\(s\) \['hiden'\] for any model"):
+        load_config(p)
+    p.write_text(head + '[run]\nmodel = "mlp"\n[model_options]\ndepth = 20\n')
+    with pytest.raises(ValueError, match=r"unknown model option\(s\) \['depth'\] for model 'mlp'; valid: hidden"):
+        load_config(p)
+    p.write_text(head + '[run]\nepochs = "3"\n')
+    with pytest.raises(ValueError, match=r"\[run\] epochs must be an integer \(like 30\); got '3'"):
+        load_config(p)
+    p.write_text(head + '[run]\nlr = "fast"\n')
+    with pytest.raises(ValueError, match=r"\[run\] lr must be a number"):
+        load_config(p)
+    p.write_text(head + '[method_options.magnitude]\n')
+    load_config(p)
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys):
+    from fairprune_jax import runner
+    from fairprune_jax.cli import main
+
+    def interrupted(*a, **k):
+        (tmp_path / "checkpoints" / "00-dense" / "final" / "40").mkdir(parents=True)
+        (tmp_path / "checkpoints" / "01-prune-gmp" / "partial" / "60").mkdir(parents=True)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "run", interrupted)
+    argv = ["run", "--method", "gmp", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("fairprune: interrupted; checkpoints in ")
+    assert "00-dense finished, 01-prune-gmp at step 60; continue with: fairprune run --method gmp" in err
+    assert err.endswith("--no-progress --resume")
+
+
+def test_a_new_run_removes_an_older_runs_results_at_start(tmp_path, monkeypatch):
+    from fairprune_jax import runner
+    for name in ("results.json", "results.md", "group_accuracy.png"):
+        (tmp_path / name).write_text("an older run")
+
+    def stop(*a, **k):
+        raise RuntimeError("stopped after start-up")
+    monkeypatch.setattr(runner, "prepare", stop)
+    with pytest.raises(RuntimeError, match="stopped after start-up"):
+        run(cfg(out=str(tmp_path)), toy(), checkpoint_every=5)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.md").exists()
+    assert (tmp_path / "checkpoints" / "run.json").is_file()
+
+
+def test_small_groups_and_the_positive_class_are_marked_in_every_table(tmp_path):
+    """A 3-class target (DP / EO name their class) and groups smaller than --small-group (starred, listed)."""
+    from fairprune_jax import report
+    three = _relabel(toy(), y=lambda s: (np.digitize(s.x[:, 0], [-0.4, 0.4])).astype(np.int32),
+                     classes=["a", "b", "c"])
+    res = run(cfg(small_group=40, out=str(tmp_path)), three)
+    assert res["positive_class"] == {"id": 1, "name": "b", "num_classes": 3}
+    table = report.text_table(res)
+    assert "demographic parity difference (b vs rest) *" in table and "worst-group accuracy *" in table, table
+    assert "* over groups of which 2 have fewer than 40 test rows (--small-group): g1 (33), g2 (21)" in table
+    md = (tmp_path / "results.md").read_text()
+    assert "| demographic parity difference (b vs rest) * |" in md and "fewer than 40 test rows" in md
+    assert "DP and EO are of class 1 ('b') vs the rest (3 classes" in md
+    res["config"]["small_group"] = 10
+    res["pruned"]["test"]["certificate"]["small_groups"] = []
+    assert "*" not in report.text_table(res)

@@ -344,6 +344,9 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
         raise ValueError(f"csv: pass protected=<column> (or a comma list for an intersection); "
                          f"columns in {path.name}: {', '.join(c for c in header if c != target)}")
     candidates = [c for c in header if c != target]
+    if target in [p.strip() for p in (protected.split(",") if isinstance(protected, str) else protected)]:
+        raise ValueError(f"csv: protected column {target!r} is also the target column: the groups would be the "
+                         f"labels; choose another protected column ({', '.join(candidates)})")
     attrs = parse_attr_list(protected, candidates, what="protected column", dataset="csv")
     dropped_cols = parse_attr_list(drop_columns, candidates, what="drop_columns entry", dataset="csv") \
         if drop_columns else []
