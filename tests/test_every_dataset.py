@@ -17,7 +17,7 @@ from fairprune_jax.methods import RunConfig
 from fairprune_jax.runner import prepare, run_method
 
 SHARED = Path(os.environ.get("FAIRPRUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-METHODS = ["ceag", "bifp", "ballot", "lth", "fair_scratch"]
+METHODS = ["ceag", "bifp", "ballot", "lth", "fair_scratch", "fairgrape"]
 TINY_CNN = {"channels": (4, 8), "hidden": 8}
 
 

@@ -10,3 +10,4 @@ __all__ = ["METHODS", "Context", "Method", "RunConfig", "get_method", "make_opti
            "register"]
 from fairprune_jax.methods import ceag  # noqa: E402,F401  (registers ceag, nft, el)
 from fairprune_jax.methods import bifp  # noqa: E402,F401  (registers bifp and its structured baselines)
+from fairprune_jax.methods import fairgrape  # noqa: E402,F401  (registers fairgrape)

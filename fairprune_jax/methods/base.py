@@ -148,6 +148,9 @@ class Method:
     # Whether its final masks are structured (whole units, compactable by compact.py): True, or the name
     # of the bool option that decides it (bifp's ``structured``).
     structured: bool | str = False
+    # ``check(options)`` raises ValueError on a bad option value; run by :func:`method_options`, so a bad value
+    # fails in ``validate_config`` before any data loads.
+    check: Callable[[dict], None] | None = None
 
     def is_structured(self, options: dict) -> bool:
         """True when a run with these (validated) options ends with structured masks."""
@@ -159,13 +162,15 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, description: str, options: dict | None = None, *, structured: bool | str = False):
+def register(name: str, description: str, options: dict | None = None, *, structured: bool | str = False,
+             check: Callable[[dict], None] | None = None):
     """Decorator: register ``run(ctx, dense_state) -> (pruned_state, info)`` under ``name``.
 
-    ``structured``: the method's masks remove whole units (see :class:`Method`).
+    ``structured``: the method's masks remove whole units (see :class:`Method`). ``check``: validates the
+    option values (see :class:`Method`).
     """
     def deco(fn):
-        METHODS[name] = Method(name, fn, description, dict(options or {}), structured)
+        METHODS[name] = Method(name, fn, description, dict(options or {}), structured, check)
         return fn
     return deco
 
@@ -198,4 +203,6 @@ def method_options(method: Method, given: dict) -> dict:
             out[k] = words[str(v).strip().lower()]      # bool("false") would be True
             continue
         out[k] = type(default)(v) if default is not None and not isinstance(v, type(default)) else v
+    if method.check is not None:
+        method.check(out)
     return out
