@@ -443,3 +443,97 @@ def test_small_groups_and_the_positive_class_are_marked_in_every_table(tmp_path)
     res["config"]["small_group"] = 10
     res["pruned"]["test"]["certificate"]["small_groups"] = []
     assert "*" not in report.text_table(res)
+
+
+# ---------------------------------------------------------------------------
+# Tabular data as people export it (issue 16 items 3 and 5)
+# ---------------------------------------------------------------------------
+
+def _export(tmp_path, n=200, *, name="export.csv", sep=",", encoding="utf-8", bom=False, extra_cols=None,
+            age_values=None):
+    """A database-style export: an id, a name, free text, the features, the protected column and the outcome."""
+    rng = np.random.default_rng(1)
+    extra_cols = extra_cols or {}
+    head = ["case_id", "name", "age", "color", "sex", *extra_cols, "outcome"]
+    lines = [sep.join(head)]
+    for i in range(n):
+        age = int(rng.integers(18, 80)) if age_values is None else age_values(i)
+        out = "yes" if (str(age).isdigit() and int(age) > 45) ^ (rng.random() < 0.3) else "no"
+        row = [f"C{100000 + i}", f"Person {i}", str(age), str(rng.choice(["red", "blue"])), str(rng.choice(["F", "M"]))]
+        row += [fn(i, out) for fn in extra_cols.values()]
+        lines.append(sep.join(row + [out]))
+    p = tmp_path / name
+    p.write_bytes((b"\xef\xbb\xbf" if bom else b"") + ("\n".join(lines) + "\n").encode(encoding))
+    return p
+
+
+def _messages(rec) -> str:
+    return "\n".join(str(w.message) for w in rec)
+
+
+def test_csv_non_finite_numbers_are_errors_and_odd_missing_tokens_are_missing(tmp_path):
+    p = _csv(tmp_path, "30,red,F,low\ninf,red,M,high\n1e999,blue,F,low\n")
+    with pytest.raises(ValueError, match=r"numeric column 'age' has 2 value\(s\) that are not finite numbers "
+                                         r"\(1e999, inf; data rows 83, 84\)"):
+        load_dataset("csv", str(p), target="income", protected="sex")
+    p = _csv(tmp_path, "NAN,red,F,low\nNone,red,M,high\n-,blue,F,low\n-nan,blue,M,low\n")
+    ds = load_dataset("csv", str(p), target="income", protected="sex")
+    assert ds.meta["column_types"]["age"] == "numeric"                      # not 50 one-hot columns
+    assert ds.meta["missing_values_per_column"] == {"age": 4} and ds.meta["rows_dropped_missing_total"] == 4
+    assert np.isfinite(ds.train.x).all()
+
+
+def test_csv_numeric_looking_and_near_unique_columns_are_warned(tmp_path):
+    p = _export(tmp_path, age_values=lambda i: "unknown" if i == 7 else str(18 + i % 60))
+    with pytest.warns(UserWarning) as rec:
+        ds = load_dataset("csv", str(p), target="outcome", protected="sex")
+    msg = _messages(rec)
+    assert "column 'age' is read as categorical (61 one-hot columns) although 100% of its values are numbers; " \
+           "the others: 'unknown'" in msg
+    assert "column 'case_id' has 200 distinct values in 200 rows (an id, a name, a date, free text?)" in msg
+    assert "column 'name' has 200 distinct values" in msg and 'drop_columns="case_id"' in msg
+    assert ds.meta["column_types"]["age"] == "categorical"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = load_dataset("csv", str(_export(tmp_path, name="b.csv")), target="outcome", protected="sex",
+                            features="age,color")
+    assert kept.meta["features_from"] == ["age", "color"] and kept.input_shape == (3,)
+    dropped = load_dataset("csv", str(_export(tmp_path, name="b.csv")), target="outcome", protected="sex",
+                           drop_columns="case_id,name")
+    assert dropped.meta["features_from"] == ["age", "color", "sex"]
+    with pytest.raises(ValueError, match=r"unknown features entry 'agee'"):
+        load_dataset("csv", str(p), target="outcome", protected="sex", features="agee")
+
+
+def test_csv_column_that_leaks_the_target_is_warned(tmp_path):
+    leak = {"decision_code": lambda i, out: f"D{out.upper()}" if i % 40 else "DNO"}
+    p = _export(tmp_path, extra_cols=leak)
+    with pytest.warns(UserWarning) as rec:
+        ds = load_dataset("csv", str(p), target="outcome", protected="sex", drop_columns="case_id,name")
+    assert "column(s) 'decision_code' (" in _messages(rec) and "leaks the label" in _messages(rec)
+    assert list(ds.meta["leak_suspects"]) == ["decision_code"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # the honest features alone: no warning
+        load_dataset("csv", str(p), target="outcome", protected="sex", features="age,color")
+
+
+def test_csv_encodings_delimiters_and_headers(tmp_path):
+    base = dict(target="outcome", protected="sex", features="age,color")
+    ref = load_dataset("csv", str(_export(tmp_path, name="plain.csv")), **base)
+    for kw in ({"bom": True}, {"sep": ";"}, {"sep": "\t"}, {"sep": "|"}):
+        ds = load_dataset("csv", str(_export(tmp_path, name="x.csv", **kw)), **base)
+        np.testing.assert_array_equal(ds.train.x, ref.train.x)
+        assert ds.meta["delimiter"] == kw.get("sep", ",") and ds.meta["encoding"] == "utf-8-sig"
+    latin = _export(tmp_path, name="latin.csv", encoding="cp1252", extra_cols={"city": lambda i, o: "Zürich"})
+    with pytest.warns(UserWarning, match=r"latin\.csv is not valid UTF-8; read it as cp1252"):
+        ds = load_dataset("csv", str(latin), target="outcome", protected="sex", features="city,age")
+    assert "city=Zürich" in ds.meta["feature_names"]
+    dup = tmp_path / "dup.csv"
+    dup.write_text("age,sex,age,,y\n1,F,2,3,0\n")
+    with pytest.raises(ValueError, match=r"column 4 has no name; 'age' names columns 1 and 3"):
+        load_dataset("csv", str(dup), target="y", protected="sex")
+    twice = _export(tmp_path, name="twice.csv")
+    twice.write_text(twice.read_text() + twice.read_text())
+    with pytest.warns(UserWarning, match=r"repeats its header line 1 time\(s\) inside the data \(first at data row 202\)"):
+        ds = load_dataset("csv", str(twice), **base)
+    assert ds.meta["repeated_header_lines_skipped"] == 1 and len(ds.train) + len(ds.test) == 400

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv as _csv
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +23,18 @@ import numpy as np
 from fairprune_jax.data.base import (Dataset, Split, carve_validation_indices, check_fraction, encode_groups,
                                      parse_attr_list, stratified_split)
 
-MISSING_TOKENS = ("", "?", "NA", "N/A", "NaN", "nan", "null")
+MISSING_TOKENS = ("", "?", "NA", "N/A", "NaN", "nan", "null", "None", "-", "--")
+#: Missing-value tokens compared case-insensitively ("NAN", "Null", "NONE" are missing too).
+_MISSING_LOWER = frozenset(t.lower() for t in MISSING_TOKENS)
+#: Delimiters the CSV loader recognises from the header line (``delimiter=`` overrides).
+DELIMITERS = (",", ";", "\t", "|")
+#: Encodings tried in turn when ``encoding`` is not given (a UTF-8 byte-order mark is skipped).
+ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
+#: A categorical feature with more distinct values than this share of the rows (and > NEAR_UNIQUE_MIN) is
+#: warned about as an id / name / timestamp; a feature that alone predicts held-out labels this well is
+#: warned about as a possible leak of the target.
+NEAR_UNIQUE_SHARE, NEAR_UNIQUE_MIN = 0.5, 50
+LEAK_ACCURACY = 0.95
 COLUMN_TYPES = ("numeric", "categorical")
 _TYPE_ALIASES = {"numeric": "numeric", "num": "numeric", "number": "numeric", "float": "numeric",
                  "int": "numeric", "categorical": "categorical", "cat": "categorical", "category": "categorical",
@@ -33,11 +45,45 @@ _TYPE_ALIASES = {"numeric": "numeric", "num": "numeric", "number": "numeric", "f
 # Reading
 # ---------------------------------------------------------------------------
 
-def read_rows(path: Path, *, skip_prefixes: tuple[str, ...] = (), what: str = "table") -> list[list[str]]:
-    """Comma-separated rows with surrounding spaces stripped; blank lines and lines starting with a prefix skipped."""
+def read_text(path: Path, encoding: str | None = None) -> tuple[str, str]:
+    """The file's text and the encoding that read it: ``encoding``, else UTF-8 (byte-order mark skipped), else
+    the first of ``ENCODINGS`` that decodes it (UTF-16 with a byte-order mark is recognised)."""
+    raw = path.read_bytes()
+    if encoding is not None:
+        try:
+            return raw.decode(encoding), encoding
+        except (UnicodeDecodeError, LookupError) as e:
+            raise ValueError(f"{path}: cannot be read as encoding={encoding!r}: {e}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16"), "utf-16"
+    for enc in ENCODINGS:
+        try:
+            return raw.decode(enc), enc
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
+
+
+def sniff_delimiter(first_line: str) -> str:
+    """The delimiter of ``DELIMITERS`` that occurs most often in the header line (outside quotes); ``,`` on a tie."""
+    counts = {d: 0 for d in DELIMITERS}
+    quoted = False
+    for ch in first_line:
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch in counts:
+            counts[ch] += 1
+    best = max(DELIMITERS, key=lambda d: (counts[d], d == ","))
+    return best if counts[best] else ","
+
+
+def read_rows(path: Path, *, skip_prefixes: tuple[str, ...] = (), what: str = "table", delimiter: str = ",",
+              text: str | None = None) -> list[list[str]]:
+    """Delimited rows with surrounding spaces stripped; blank lines and lines starting with a prefix skipped."""
+    import io
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in _csv.reader(f, skipinitialspace=True):
+    with (io.StringIO(text, newline="") if text is not None else open(path, newline="", encoding="utf-8")) as f:
+        for row in _csv.reader(f, skipinitialspace=True, delimiter=delimiter):
             row = [c.strip() for c in row]
             if not any(row):
                 continue
@@ -62,7 +108,12 @@ def rows_to_columns(rows: list[list[str]], names: Sequence[str], *, path: Path, 
 
 
 def missing_mask(values: np.ndarray, tokens: Sequence[str] = MISSING_TOKENS) -> np.ndarray:
-    return np.isin(values, list(tokens))
+    """True where a value is a missing-value token (compared case-insensitively: ``NAN``, ``None``, ``-``)."""
+    lower = frozenset(t.lower() for t in tokens) if tokens is not MISSING_TOKENS else _MISSING_LOWER
+    values = np.asarray(values)
+    if values.size == 0:
+        return np.zeros(values.shape, bool)
+    return np.isin(np.char.lower(values.astype(str)), list(lower))
 
 
 def as_float(values: np.ndarray, missing: np.ndarray) -> np.ndarray | None:
@@ -183,6 +234,7 @@ def build_tabular_dataset(
     val_fraction: float | None = None,
     seed: int = 0,
     meta: dict | None = None,
+    check_leaks: bool = False,
 ) -> Dataset:
     """Everything after parsing, shared by the Adult and CSV loaders.
 
@@ -245,6 +297,7 @@ def build_tabular_dataset(
     def sub(d: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
         return {k: v[idx] for k, v in d.items()}
 
+    leaks = leak_suspects(kept, feature_columns, numeric, y, train_idx, test_idx, target_column) if check_leaks else {}
     pre = TabularPreprocessor(numeric, categorical).fit(sub(num_all, train_idx), sub(cat_all, train_idx))
     parts = {"train": train_idx, "test": test_idx}
     if val_idx is not None:
@@ -260,11 +313,58 @@ def build_tabular_dataset(
         "split_seed": seed, "val_fraction": val_fraction,
         "feature_names": pre.feature_names, **pre.to_meta(), **group_info,
     })
+    if check_leaks:
+        out_meta["leak_suspects"] = leaks
     if part is None:
         out_meta["test_fraction"] = test_fraction
     return Dataset(name=name, train=splits["train"], test=splits["test"], val=splits.get("val"),
                    group_names=group_names, group_attrs=[a.name for a in group_attrs],
                    class_names=list(class_names), meta=out_meta)
+
+
+def leak_suspects(cols: dict[str, np.ndarray], features: list[str], numeric: list[str], y: np.ndarray,
+                  train_idx: np.ndarray, test_idx: np.ndarray, target: str) -> dict[str, float]:
+    """Features that alone predict the held-out labels almost perfectly (warned: they may leak the target).
+
+    Each feature on its own: the majority label of each of its values on train (numeric: of 20 train-quantile
+    bins), applied to the test rows (unseen values: the overall majority). Flagged when that accuracy is at least
+    ``LEAK_ACCURACY`` and removes three quarters of the majority class's error. Held-out, so an id column (which
+    memorizes train) is not flagged; ``{column: accuracy}``.
+    """
+    if len(test_idx) == 0 or len(train_idx) == 0:
+        return {}
+    ytr, yte = y[train_idx], y[test_idx]
+    c = int(max(y.max(initial=0), 0)) + 1
+    overall = int(np.bincount(ytr, minlength=c).argmax())
+    baseline = float(np.mean(yte == np.bincount(yte, minlength=c).argmax()))
+    out = {}
+    for col in features:
+        v = cols[col]
+        if col in numeric:
+            f = np.asarray(as_float(v, missing_mask(v)), np.float64)
+            edges = np.unique(np.nanquantile(f[train_idx], np.linspace(0, 1, 21)[1:-1])) \
+                if np.isfinite(f[train_idx]).any() else np.zeros(0)
+            keys = np.where(np.isfinite(f), np.digitize(f, edges), -1).astype(str)
+        else:
+            keys = v.astype(str)
+        uniq, inv = np.unique(keys[train_idx], return_inverse=True)
+        counts = np.zeros((len(uniq), c), np.int64)
+        np.add.at(counts, (inv, ytr), 1)
+        majority = counts.argmax(1)
+        pos = np.clip(np.searchsorted(uniq, keys[test_idx]), 0, len(uniq) - 1)
+        seen = uniq[pos] == keys[test_idx]
+        pred = np.where(seen, majority[pos], overall)
+        acc = float(np.mean(pred == yte))
+        if acc >= LEAK_ACCURACY and (1 - acc) <= 0.25 * (1 - baseline):
+            out[col] = acc
+    if out:
+        listed = ", ".join(f"{k!r} ({a:.3f})" for k, a in out.items())
+        warnings.warn(f"csv: column(s) {listed} predict the target {target!r} almost perfectly on their own (held-out "
+                      f"accuracy from that column alone; the majority class gets {baseline:.3f}): a column recorded "
+                      "after the outcome or derived from it leaks the label and makes every figure look better "
+                      f"than it is; drop it (drop_columns=\"{','.join(out)}\") unless it is a real predictor",
+                      stacklevel=4)
+    return out
 
 
 def _is_number(v: str) -> bool:
@@ -303,9 +403,10 @@ def parse_column_types(spec: str | dict | None, columns: Sequence[str]) -> dict[
 
 def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = None,
              protected: str | None = None, positive_label: str | None = None,
-             column_types: str | None = None, drop_columns: str | None = None,
+             column_types: str | None = None, drop_columns: str | None = None, features: str | None = None,
              include_protected: bool = True, drop_missing: bool = True, test_fraction: float = 0.2,
-             val_fraction: float | None = None, seed: int = 0) -> Dataset:
+             val_fraction: float | None = None, seed: int = 0, delimiter: str | None = None,
+             encoding: str | None = None) -> Dataset:
     """Load any CSV file (``data_dir`` is the file path) as a tabular classification dataset.
 
     ``target`` names the label column; ``positive_label`` makes the task binary
@@ -313,9 +414,19 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     are the sorted unique values. ``protected`` is a column or comma-separated
     intersection of columns. Column types are inferred (numeric when every value
     parses as a number) unless ``column_types`` overrides them
-    (``"age:numeric,zip:categorical"``). ``drop_columns`` (comma list) are not
-    used as features; ``include_protected=False`` also leaves the protected
-    columns out of the features. Rows with missing values are dropped (counted
+    (``"age:numeric,zip:categorical"``). ``features`` (comma list) keeps only
+    those columns as features (a keep-list: everything else, ids and free text
+    included, is ignored); ``drop_columns`` (comma list) are not used as
+    features; ``include_protected=False`` also leaves the protected columns out
+    of the features. ``delimiter`` (``,``, ``;``, a tab, ``|``) is otherwise
+    read off the header line; ``encoding`` is otherwise UTF-8 (a byte-order mark
+    is skipped), else cp1252 / latin-1 with a warning. Warned about: columns of
+    near-unique values (ids, names, timestamps), columns that are mostly numbers
+    but read as categorical, columns that alone predict the target almost
+    perfectly on held-out rows, header lines repeated inside the file (skipped).
+    ``inf`` or out-of-range numbers in a numeric column are an error;
+    missing-value tokens (``""``, ``?``, ``NA``, ``N/A``, ``NaN``, ``null``,
+    ``None``, ``-``, ``--``, in any case) are missing. Rows with missing values are dropped (counted
     in meta) unless ``drop_missing=False``, which keeps rows whose missing
     values are only in feature columns (numeric -> train mean, categorical ->
     a ``<missing>`` category).
@@ -327,19 +438,38 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
         raise FileNotFoundError(f"csv: file {path} does not exist; expected {CSV_LAYOUT}")
     if path.is_dir():
         raise IsADirectoryError(f"csv: {path} is a directory; pass the CSV FILE path as data_dir ({CSV_LAYOUT})")
-    rows = read_rows(path)
+    text, used_encoding = read_text(path, encoding)
+    if encoding is None and used_encoding not in ("utf-8-sig", "utf-16"):
+        warnings.warn(f"csv: {path.name} is not valid UTF-8; read it as {used_encoding} (pass encoding=... if "
+                      "names or categories look wrong)", stacklevel=3)
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    if delimiter is not None and delimiter not in DELIMITERS and len(delimiter) != 1:
+        raise ValueError(f"csv: delimiter must be one character such as , ; | or a tab; got {delimiter!r}")
+    delim = delimiter if delimiter is not None else sniff_delimiter(first)
+    rows = read_rows(path, delimiter=delim, text=text)
     if not rows:
         raise ValueError(f"csv: {path} is empty; expected {CSV_LAYOUT}")
     header, body = rows[0], rows[1:]
-    if len(set(header)) != len(header) or any(h == "" for h in header):
-        raise ValueError(f"csv: the header row of {path} has empty or repeated column names: {header}")
+    empty = [str(i + 1) for i, h in enumerate(header) if h == ""]
+    repeated = {h: [i + 1 for i, x in enumerate(header) if x == h] for h in header if h and header.count(h) > 1}
+    if empty or repeated:
+        parts = [f"column {', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no name"] if empty else []
+        parts += [f"{h!r} names columns {' and '.join(map(str, idx))}" for h, idx in repeated.items()]
+        raise ValueError(f"csv: the header row of {path.name}: {'; '.join(parts)}; every column needs its own name")
+    again = [i for i, r in enumerate(body) if r == header]
+    if again:      # files concatenated from several exports repeat their header line
+        body = [r for r in body if r != header]
+        warnings.warn(f"csv: {path.name} repeats its header line {len(again)} time(s) inside the data (first at "
+                      f"data row {again[0] + 2}); those lines were skipped", stacklevel=3)
     if not body:
         raise ValueError(f"csv: {path} has a header but no data rows")
     cols = rows_to_columns(body, header, path=path, first_line=2)
     if target is None:
         raise ValueError(f"csv: pass target=<label column>; columns in {path.name}: {', '.join(header)}")
     if target not in header:
-        raise ValueError(f"csv: unknown target column {target!r}; valid columns: {', '.join(header)}")
+        hint = (f" (the header has one column: is the file delimited by something other than {delim!r}? pass "
+                "delimiter=...)" if len(header) == 1 else "")
+        raise ValueError(f"csv: unknown target column {target!r}; valid columns: {', '.join(header)}{hint}")
     if protected is None:
         raise ValueError(f"csv: pass protected=<column> (or a comma list for an intersection); "
                          f"columns in {path.name}: {', '.join(c for c in header if c != target)}")
@@ -350,19 +480,29 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     attrs = parse_attr_list(protected, candidates, what="protected column", dataset="csv")
     dropped_cols = parse_attr_list(drop_columns, candidates, what="drop_columns entry", dataset="csv") \
         if drop_columns else []
-    features = [c for c in header if c != target and c not in dropped_cols
+    keep = parse_attr_list(features, candidates, what="features entry", dataset="csv") if features else None
+    feature_list = features
+    features = [c for c in header if c != target and c not in dropped_cols and (keep is None or c in keep)
                 and (include_protected or c not in attrs)]
     if not features:
-        raise ValueError("csv: no feature columns left (all columns are target, protected or dropped)")
+        raise ValueError("csv: no feature columns left (all columns are target, protected or dropped"
+                         + (f", or not in features={feature_list!r}" if keep is not None else "") + ")")
     types = parse_column_types(column_types, header)
     numeric = []
     for c in features:
         kind = types.get(c)
+        miss = missing_mask(cols[c])
         if kind is None:
-            kind = "numeric" if as_float(cols[c], missing_mask(cols[c])) is not None and \
-                (~missing_mask(cols[c])).any() else "categorical"
+            kind = "numeric" if as_float(cols[c], miss) is not None and (~miss).any() else "categorical"
+            if kind == "categorical":
+                _warn_mostly_numbers(c, cols[c][~miss])
         if kind == "numeric":
             numeric.append(c)
+            odd_nan = _check_finite(c, cols[c], miss)
+            if odd_nan is not None and odd_nan.any():      # "-nan", "+NaN": missing like the NaN token
+                cols[c] = np.where(odd_nan, "", cols[c])
+        else:
+            _warn_near_unique(c, cols[c][~miss], len(body))
     for c in attrs:  # a numeric protected column groups by exact value; categories sort numerically
         if types.get(c) == "numeric" and as_float(cols[c], missing_mask(cols[c])) is None:
             raise ValueError(f"csv: protected column {c!r} is declared numeric but has non-numeric values")
@@ -392,10 +532,54 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
 
     if tmiss.all():
         raise ValueError(f"csv: target column {target!r} has no values")
-    meta = {"source": str(path), "columns": header, "features_from": features,
+    meta = {"source": str(path), "columns": header, "features_from": features, "delimiter": delim,
+            "encoding": used_encoding, "repeated_header_lines_skipped": len(again), "features_keep_list": keep,
             "column_types": {c: ("numeric" if c in numeric else "categorical") for c in features},
             "positive_label": positive_label, "include_protected": include_protected}
     return build_tabular_dataset(
         "csv", cols, None, feature_columns=features, numeric_columns=numeric, target_column=target,
         labels=labels, group_attrs=group_attrs, drop_missing=drop_missing, test_fraction=test_fraction,
-        val_fraction=val_fraction, seed=seed, meta=meta)
+        val_fraction=val_fraction, seed=seed, meta=meta, check_leaks=True)
+
+
+def _check_finite(col: str, values: np.ndarray, missing: np.ndarray) -> np.ndarray | None:
+    """A numeric column holding inf, -inf or numbers beyond float range is an error naming them (a NaN spelled
+    another way than the missing tokens counts as missing, like them)."""
+    f = as_float(values, missing)
+    if f is None:
+        return None
+    bad = np.isinf(f)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(f"csv: numeric column {col!r} has {int(bad.sum())} value(s) that are not finite numbers "
+                         f"({', '.join(sorted(set(values[rows].tolist()))[:5])}; data rows "
+                         f"{', '.join(str(i + 2) for i in rows[:5])}{' ...' if len(rows) > 5 else ''}): clean "
+                         f"them, mark them missing (an empty field), or declare the column categorical "
+                         f"(column_types=\"{col}:categorical\")")
+    return np.isnan(f) & ~missing
+
+
+def _warn_mostly_numbers(col: str, values: np.ndarray) -> None:
+    """A column read as categorical although nearly all its values are numbers (one ``n.a.`` turns 40 ages into
+    40 one-hot columns): warned, naming the values that are not numbers."""
+    if values.size == 0:
+        return
+    is_num = np.asarray([_is_number(v) for v in values.tolist()])
+    share = float(is_num.mean())
+    if share >= 0.9:
+        others = sorted(set(values[~is_num].tolist()))
+        warnings.warn(f"csv: column {col!r} is read as categorical ({len(set(values.tolist()))} one-hot columns) "
+                      f"although {share:.0%} of its values are numbers; the others: "
+                      f"{', '.join(repr(o) for o in others[:5])}{' ...' if len(others) > 5 else ''}. Make them "
+                      f"missing (an empty field) to read it as numeric, or declare column_types=\"{col}:categorical\"",
+                      stacklevel=4)
+
+
+def _warn_near_unique(col: str, values: np.ndarray, n_rows: int) -> None:
+    """A categorical column with nearly one value per row (an id, a name, a date, free text): one-hot encoding
+    gives the model one feature per row to memorize, and nothing it can use on new rows."""
+    k = len(set(values.tolist()))
+    if k > NEAR_UNIQUE_MIN and k > NEAR_UNIQUE_SHARE * n_rows:
+        warnings.warn(f"csv: column {col!r} has {k} distinct values in {n_rows} rows (an id, a name, a date, free "
+                      f"text?): one-hot encoded it adds {k} features that only memorize rows; drop it "
+                      f"(drop_columns=\"{col}\") or list the columns to use (features=\"a,b,...\")", stacklevel=4)
