@@ -229,22 +229,43 @@ def _finished(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+#: Runs the CLI and kills itself (SIGKILL) inside the n-th write of a mid-phase checkpoint of the CEAG phase:
+#: after orbax has written the step's files into its temporary folder, before the rename that commits them.
+KILL_IN_WRITE = r"""
+import os, signal, sys
+from pathlib import Path
+from orbax.checkpoint._src.path import async_path
+from fairprune_jax.cli import main
+phase, nth = sys.argv[1], int(sys.argv[2])
+real, seen = async_path.rename, []
+
+async def rename(src, dst):
+    src, dst = Path(src), Path(dst)
+    if dst.name.isdigit() and dst.parent.name == "partial" and dst.parent.parent.name == phase:
+        seen.append(dst.name)
+        if len(seen) == nth:
+            print(f"KILLED writing {dst.parent / src.name}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return await real(src, dst)
+
+async_path.rename = rename
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def test_killed_run_resumes_to_the_same_masks_and_metrics(uninterrupted, tmp_path, env, capsys):
+    """SIGKILL in the middle of writing the CEAG phase's second mid-phase checkpoint, then ``--resume``."""
     ref_dir, ref = uninterrupted
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*RUN, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, CEAG_PHASE, "2", *RUN[3:], "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "KILLED writing" in proc.stdout
     partial = out / "checkpoints" / CEAG_PHASE / "partial"
-    deadline = time.monotonic() + 500
-    try:
-        while not _finished(partial) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     assert not (out / "results.json").exists()
-    assert _finished(partial) and not (out / "checkpoints" / CEAG_PHASE / "final").exists()
+    assert _finished(partial) == ["5"], "the first mid-phase checkpoint is complete"
+    assert any(".orbax-checkpoint-tmp" in p.name for p in partial.iterdir()), "the second was cut mid-write"
+    assert not (out / "checkpoints" / CEAG_PHASE / "final").exists()
     assert (out / "checkpoints" / "01-prune-gmp" / "final").is_dir()
 
     # without --resume the unfinished checkpoints are not silently overwritten
@@ -256,6 +277,7 @@ def test_killed_run_resumes_to_the_same_masks_and_metrics(uninterrupted, tmp_pat
 
     res = _run(out, env, "--resume")
     assert res["runtime"]["resumed"] is True
+    assert not partial.exists()     # the phase finished: its mid-phase folder, half-written one included, is gone
     for key in ("dense", "pruned", "sparsity", "method_info", "history"):
         assert _strip(res[key]) == _strip(ref[key]), key
     a, b = checkpoint.read_final(ref_dir), checkpoint.read_final(out)
