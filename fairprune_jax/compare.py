@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from fairprune_jax import figures, tables
 from fairprune_jax.methods.base import RunConfig
 
 TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "out", "tolerance", "run",
             "dataset_options", "model_options", "method_options", "variants", "fairness_metric",
-            "parallel_seeds"}
+            "parallel_seeds", "columns", "sparsity_axis"}
 SUITE_KEYS = {"name", "suite", "out", "columns"}
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
                                                                "out", "dataset_options", "model_options",
@@ -84,6 +85,8 @@ class CompareConfig:
     method_options: dict = dataclasses.field(default_factory=dict)
     variants: dict = dataclasses.field(default_factory=dict)   # name -> {"method": ..., **options}
     parallel_seeds: bool = False     # train the dense models of all unfinished seeds in one vmapped run
+    columns: list[str] | None = None  # results.md / results.tex columns (None: chosen for the setting)
+    sparsity_axis: str = "auto"       # metrics_vs_sparsity x axis: linear, log (1 - sparsity) or auto
 
     def resolve(self, name: str) -> tuple[str, dict]:
         """The registered method and its options for a grid entry (a method or a variant name)."""
@@ -161,6 +164,15 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     fairness_metric = raw.get("fairness_metric", "train_max_psi")
     if fairness_metric not in METRICS:
         raise ValueError(f"{path}: unknown fairness_metric {fairness_metric!r}; valid: {', '.join(METRICS)}")
+    columns = raw.get("columns")
+    valid_cols = list(METRICS) + DERIVED_COLUMNS + FLAG_COLUMNS + ["train_psi_within_tol", "test_psi_within_tol"]
+    if columns is not None and (not isinstance(columns, list) or set(columns) - set(valid_cols)):
+        raise ValueError(f"{path}: columns must be a list of column names; unknown: "
+                         f"{sorted(set(columns or []) - set(valid_cols)) if isinstance(columns, list) else columns!r}"
+                         f"; valid: {', '.join(valid_cols)}")
+    if raw.get("sparsity_axis", "auto") not in ("auto", "linear", "log"):
+        raise ValueError(f"{path}: sparsity_axis must be \"linear\", \"log\" (log of 1 - sparsity) or \"auto\"; "
+                         f"got {raw['sparsity_axis']!r}")
     name = raw.get("name", path.stem)
     base = path.parent
     data_dir = raw.get("data_dir")
@@ -177,7 +189,8 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
                          dataset_options=raw.get("dataset_options", {}),
                          model_options=raw.get("model_options", {}),
                          method_options=raw.get("method_options", {}), variants=variants,
-                         parallel_seeds=raw.get("parallel_seeds", False))
+                         parallel_seeds=raw.get("parallel_seeds", False), columns=columns,
+                         sparsity_axis=raw.get("sparsity_axis", "auto"))
 
 
 def check_run_values(path: Path, run: dict) -> None:
@@ -300,7 +313,7 @@ def _get(d: dict, path: tuple) -> float | None:
 
 def collect(cc: CompareConfig) -> dict:
     """Combine finished cells into rows, aggregates (mean, std over seeds) and output files."""
-    rows = []
+    rows, dense_rows, setting = [], {}, {}
     for seed in cc.seeds:
         for s in cc.sparsities:
             for m in cc.methods:
@@ -308,6 +321,11 @@ def collect(cc: CompareConfig) -> dict:
                 if not p.exists():
                     continue
                 r = json.loads(p.read_text())
+                if seed not in dense_rows:
+                    dense_rows[seed] = dense_row(r)
+                    setting.setdefault("groups_are_classes", tables.groups_are_classes(r))
+                    setting.setdefault("group_sizes", {g: int(v["n"] or 0)
+                                                       for g, v in r["pruned"]["test"]["groups"].items()})
                 row: dict[str, Any] = {"method": m, "sparsity": s, "seed": seed,
                                        "achieved_sparsity": r["sparsity"]["achieved"]}
                 for col, (split, path) in METRICS.items():
@@ -328,10 +346,45 @@ def collect(cc: CompareConfig) -> dict:
                         else v["accuracy"] - r["dense"]["test"]["groups"][g]["accuracy"])
                     for g, v in r["pruned"]["test"]["groups"].items()}
                 row["wall_time_s"] = r.get("wall_time_s")
+                row["constraint"] = constraint_summary(r)
                 rows.append(row)
     agg = aggregate(rows, cc)
-    write_outputs(cc, rows, agg)
-    return {"rows": rows, "aggregate": agg}
+    dense = aggregate_dense(list(dense_rows.values()))
+    write_outputs(cc, rows, agg, dense=dense, setting=setting)
+    return {"rows": rows, "aggregate": agg, "dense": dense}
+
+
+def dense_row(r: dict) -> dict:
+    """The dense model's value of every metric column of a cell (psi and certificate columns: None)."""
+    row = {col: _get(r["dense"].get(split, {}), path) for col, (split, path) in METRICS.items()}
+    row["dense_test_accuracy"] = r["dense"]["test"]["accuracy"]
+    return row
+
+
+def aggregate_dense(rows: list[dict]) -> dict | None:
+    """Mean and std over seeds of the dense models (one row per seed), shaped like an aggregate row."""
+    if not rows:
+        return None
+    out: dict[str, Any] = {"method": "dense", "sparsity": 0.0, "n_seeds": len(rows)}
+    for c in list(METRICS) + ["dense_test_accuracy"]:
+        vals = np.array([float(r[c]) for r in rows if r.get(c) is not None], dtype=float)
+        out[c] = {"mean": float(vals.mean()) if vals.size else None,
+                  "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None}
+    return out
+
+
+def constraint_summary(r: dict) -> dict | None:
+    """A constrained run's settings and whether its constraints acted: eps, where psi_g was read, the largest
+    multiplier over the run (0: the constraints never acted, the run is plain fine-tuning) and its warnings."""
+    info = r.get("method_info") or {}
+    if "multipliers" not in info and "trajectory" not in info:
+        return None
+    traj = info.get("trajectory") or {}
+    vals = [abs(v) for row in traj.get("multipliers", []) for v in row if v is not None]
+    vals += [abs(v) for v in np.ravel(info.get("multipliers") or []) if v is not None]
+    return {"eps": info.get("eps"), "constraint_data": info.get("constraint_data"),
+            "max_multiplier": max(vals) if vals else None,
+            "warnings": [w for w in info.get("warnings", []) if isinstance(w, str)]}
 
 
 def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
@@ -389,80 +442,177 @@ def format_cell(col: str, agg_row: dict) -> str:
     return fmt.format(v["mean"]) + " ± " + fmt.format(v["std"])
 
 
-def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
-    flat = [{k: v for k, v in r.items() if k not in ("group_acc_change", "small_groups")} for r in rows]
+def structured_methods(cc: CompareConfig) -> dict[str, bool]:
+    """Grid entry -> whether its masks remove whole units (structured) rather than single weights."""
+    from fairprune_jax.methods import get_method, method_options
+    out = {}
+    for m in cc.methods:
+        base, opts = cc.resolve(m)
+        method = get_method(base)
+        out[m] = bool(method.is_structured(method_options(method, opts)))
+    return out
+
+
+def constraint_settings(cc: CompareConfig) -> dict[str, str | None]:
+    """Grid entry -> its constraint with the settings it ran with (e.g. ``psi_g <= 0.02 (train)``), or None."""
+    from fairprune_jax.methods import get_method, method_options
+    out = {}
+    for m in cc.methods:
+        base, opts = cc.resolve(m)
+        out[m] = tables.constraint_label(base, method_options(get_method(base), opts))
+    return out
+
+
+def table_columns(cc: CompareConfig, agg: list[dict], setting: dict) -> tuple[list[str], list[str]]:
+    """The columns of results.md / results.tex (``columns`` of the config, else chosen for the setting)."""
+    if cc.columns:
+        return list(cc.columns), []
+    cols = ["test_accuracy", "accuracy_drop"] + [c for c in DEFAULT_COLUMNS if c != "test_accuracy"]
+    cols = [c for c in cols if c != "degenerate"]    # shown in the method name
+    if cc.tolerance is not None:
+        cols.append("train_psi_within_tol")
+    if not any((a.get("test_certified_share") or {}).get("mean") is not None for a in agg):
+        cols = [c for c in cols if c not in ("test_certified_share", "test_psi_upper", "no_violated_group")]
+    return tables.choose_columns(cols, agg, classes_as_groups=bool(setting.get("groups_are_classes")))
+
+
+def constraint_lines(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> list[str]:
+    """Per constrained entry: its setting, in how many seeds it was met on the rows it was trained on and on
+    test, and whether it acted at all (multipliers that stayed 0 make it plain fine-tuning)."""
+    settings = constraint_settings(cc)
+    out = []
+    for m in cc.methods:
+        if not settings.get(m):
+            continue
+        sel = [r for r in rows if r["method"] == m]
+        if not sel:
+            continue
+        base, opts = cc.resolve(m)
+        rec = next((r["constraint"] for r in sel if r.get("constraint") and r["constraint"].get("eps") is not None),
+                   None)
+        line = f"- `{m}`: " + (f"ψ_g ≤ ε = {rec['eps']:g}" + (f", read on {rec['constraint_data']} rows"
+                                                              if rec.get("constraint_data") else "")
+                               if rec else settings[m])
+        eps = rec["eps"] if rec else None
+        if eps is not None:
+            for split in ("train", "test"):
+                vals = [r[f"{split}_max_psi"] for r in sel if r.get(f"{split}_max_psi") is not None]
+                if vals:
+                    met = sum(v <= eps for v in vals)
+                    line += f"; max ψ_g ≤ ε met on {split} in {met}/{len(vals)} cells"
+        idle = [r for r in sel if r.get("constraint") and r["constraint"].get("max_multiplier") == 0]
+        mults = [r["constraint"]["max_multiplier"] for r in sel if r.get("constraint")
+                 and r["constraint"].get("max_multiplier") is not None]
+        if mults:
+            line += f"; largest multiplier over the run {min(mults):.3g}-{max(mults):.3g}"
+        if idle:
+            line += (f"; the multipliers stayed 0 in {len(idle)}/{len(sel)} cells (the constraint was already "
+                     "satisfied wherever the dual step read it, so those cells are plain fine-tuning: identical to "
+                     "`nft` from the same pruned start)")
+        out.append(line + ".")
+    if cc.tolerance is not None:
+        out.append(f"- Grid tolerance ε = {cc.tolerance:g}: the `max ψ_g ≤ ε (train)` column and the test "
+                   "certificate of every method use it.")
+    return out
+
+
+def identical_rows(agg: list[dict], cols: list[str]) -> list[tuple[str, str, float]]:
+    """Pairs of entries whose aggregates agree on every shown column at the same sparsity."""
+    out = []
+    for i, a in enumerate(agg):
+        for b in agg[i + 1:]:
+            if a["sparsity"] == b["sparsity"] and all(
+                    (a.get(c) or {}).get("mean") == (b.get(c) or {}).get("mean") for c in cols
+                    if not c.startswith("train_")):
+                out.append((a["method"], b["method"], a["sparsity"]))
+    return out
+
+
+def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: dict | None = None,
+                  setting: dict | None = None) -> None:
+    setting = setting or {}
+    flat = [{k: v for k, v in r.items() if k not in ("group_acc_change", "small_groups", "constraint")} for r in rows]
     if flat:
         with open(cc.out / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(flat[0]))
             w.writeheader()
             w.writerows(flat)
     (cc.out / "results.json").write_text(json.dumps({"name": cc.name, "dataset": cc.dataset, "rows": rows,
-                                                     "aggregate": agg}, indent=2))
+                                                     "aggregate": agg, "dense": dense}, indent=2))
+    structured = structured_methods(cc)
+    constraint = {m: c for m, c in constraint_settings(cc).items() if c}
+    for m in constraint:     # what the cells record beats today's defaults (older cells predate some options)
+        rec = [r["constraint"] for r in rows if r["method"] == m and r.get("constraint")]
+        if rec and rec[0].get("eps") is not None:
+            where = rec[0].get("constraint_data")
+            constraint[m] = f"ψ_g ≤ {rec[0]['eps']:g}" + (f" ({where})" if where else "")
+    cols, dropped = table_columns(cc, agg, setting)
+    table_args = dict(dense=dense, structured=structured, constraint=constraint, flags=set(FLAG_COLUMNS))
+    notes = [f"Mean ± std over seeds {cc.seeds}; bold = best pruned value per column (degenerate rows excluded); "
+             "ψ_g = excess accuracy gap of group g (Balancing Act); the dense row is the unpruned model of the "
+             "same seeds."]
+    if len(set(structured.values())) > 1:
+        notes.append("Structured pruning removes whole neurons / channels and is not comparable with unstructured "
+                     "pruning at the same sparsity.")
+    notes += dropped
+    same = identical_rows(agg, cols)
+    for a, b, sp in same:
+        mult = {m: max((r["constraint"]["max_multiplier"] or 0.0 for r in rows if r["method"] == m
+                        and r["sparsity"] == sp and r.get("constraint")), default=None) for m in (a, b)}
+        why = "; ".join(f"`{m}`'s largest multiplier over the run was {v:.2g}, so its constraints "
+                        + ("never acted" if v == 0 else "barely acted") + " and it fine-tuned like plain fine-tuning"
+                        for m, v in mult.items() if v is not None and v < 0.05)
+        notes.append(f"`{a}` and `{b}` agree on every test column at sparsity {sp:g}" + (f" ({why})." if why else "."))
     md = [f"# {cc.name}: {', '.join(cc.methods)} on {cc.dataset}", "",
-          f"Mean ± std over seeds {cc.seeds}. psi = excess accuracy gap (Balancing Act)"
-          + (f"; tolerance eps = {cc.tolerance}." if cc.tolerance is not None else "."), "",
-          markdown_table(cc, agg), ""]
+          tables.render(agg, cols, **table_args), "", *[f"- {n}" for n in notes], ""]
+    lines = constraint_lines(cc, rows, agg)
+    if lines:
+        md += ["## Constraints", "", *lines, ""]
     small = sorted({g for r in rows for g in r.get("small_groups") or []})
     if small:
         md += [f"Small groups (fewer test rows than the runs' `small_group` threshold; their per-group figures "
                f"and certificate verdicts rest on few rows): {', '.join(small)}.", ""]
     if any(r.get("test_certified_share") is not None for r in rows):
         md += ["Certificate columns (test, simultaneous 95% intervals unless the runs set another level): "
-               "`test_certified_share` = share of groups whose psi_g interval lies below eps; `test_psi_upper` = "
-               "the worst upper end; `test_violated_groups` = groups whose interval lies above eps; "
-               "`no_violated_group` = seeds with none.", ""]
+               "certified share (`test_certified_share`) = share of groups whose psi_g interval lies below eps; "
+               "ψ_g upper bound (`test_psi_upper`) = the worst upper end; `test_violated_groups` = groups whose "
+               "interval lies above eps; seeds w/o violated group (`no_violated_group`) = seeds with none.", ""]
+    md += ["Column names in `results.csv`: " + ", ".join(f"{tables.label(c)} = `{c}`" for c in cols) + ".", "",
+           "LaTeX: `results.tex`. Figures: `tradeoff.png`, `metrics_vs_sparsity.png`, "
+           "`group_accuracy_change.png` (each also as PDF).", ""]
     (cc.out / "results.md").write_text("\n".join(md))
+    (cc.out / "results.tex").write_text(tables.latex_document(
+        cc.name, tables.render(agg, cols, latex=True, **table_args), notes))
     if rows:
-        plot(cc, rows, agg)
+        plot(cc, rows, agg, dense=dense, setting=setting)
 
 
-def plot(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _metric_label(col: str) -> str:
+    return tables.label(col)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m in cc.methods:
-        pts = [a for a in agg if a["method"] == m]
-        xs = [a["sparsity"] for a in pts]
-        for ax, col, label in ((axes[0], "test_accuracy", "test accuracy"),
-                               (axes[1], cc.fairness_metric, cc.fairness_metric.replace("_", " "))):
-            ys = [a[col]["mean"] for a in pts]
-            es = [a[col]["std"] for a in pts]
-            if any(y is None for y in ys):
-                continue
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
-            ax.set_xlabel("sparsity")
-            ax.set_ylabel(label)
-    if cc.tolerance is not None and cc.fairness_metric.endswith("max_psi"):
-        axes[1].axhline(cc.tolerance, color="gray", ls="--", lw=1, label="eps")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.suptitle(cc.name)
-    fig.tight_layout()
-    fig.savefig(cc.out / "metrics_vs_sparsity.png", dpi=110)
-    plt.close(fig)
 
+def plot(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: dict | None = None,
+         setting: dict | None = None) -> None:
+    """``tradeoff``, ``metrics_vs_sparsity`` and ``group_accuracy_change`` figures (PNG + PDF)."""
+    setting = setting or {}
+    structured = structured_methods(cc)
+    metric = cc.fairness_metric
+    title = f"{cc.name}: {cc.dataset}"
+    figures.tradeoff(agg, dense, cc.out / "tradeoff.png", metric=metric, metric_label=_metric_label(metric),
+                     title=title, structured=structured, eps=cc.tolerance)
+    log_axis = (cc.sparsity_axis == "log" or (cc.sparsity_axis == "auto" and len(cc.sparsities) > 1
+                                              and max(cc.sparsities) >= 0.9))
+    figures.metrics_vs_sparsity(agg, dense, cc.out / "metrics_vs_sparsity.png", metric=metric,
+                                metric_label=_metric_label(metric), title=title, log_axis=log_axis,
+                                eps=cc.tolerance, structured=structured)
     s = max(r["sparsity"] for r in rows)   # the highest sparsity with finished cells
-    groups = list(rows[0]["group_acc_change"])[:40]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups) * len(cc.methods) / 2 + 2), 4))
-    width = 0.8 / max(len(cc.methods), 1)
-    for i, m in enumerate(cc.methods):
-        sel = [r for r in rows if r["method"] == m and r["sparsity"] == s]
-        if not sel:
-            continue
-        vals = [np.nanmean([r["group_acc_change"].get(g) if r["group_acc_change"].get(g) is not None else np.nan
-                            for r in sel]) for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=m)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel(f"test accuracy change vs dense (sparsity {s:g})")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(cc.out / "group_accuracy_change.png", dpi=110)
-    plt.close(fig)
+    groups = list(dict.fromkeys(g for r in rows for g in r["group_acc_change"]))
+    changes = {m: {g: [r["group_acc_change"].get(g) for r in rows if r["method"] == m and r["sparsity"] == s]
+                   for g in groups} for m in cc.methods if any(r["method"] == m and r["sparsity"] == s for r in rows)}
+    figures.group_change(changes, cc.out / "group_accuracy_change.png", groups=groups,
+                         title=f"{title}: per-group test accuracy change vs the dense model at sparsity {s:g}",
+                         ylabel="test accuracy change (pruned - dense)", group_sizes=setting.get("group_sizes"),
+                         structured=structured)
 
 
 # ---------------------------------------------------------------- suites (headline tables)

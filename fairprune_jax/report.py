@@ -149,6 +149,8 @@ def markdown_report(results: dict) -> str:
            f"- seed {r['seed']}; groups: {r['groups']['num_groups']} from {', '.join(r['groups']['attributes'])}; "
            f"sizes {r['sizes']}",
            f"- wall time {r['wall_time_s']:.1f} s", ""]
+    if constraint_line(r):
+        out.insert(-1, constraint_line(r))
     pc = r.get("positive_class")
     if pc and pc.get("num_classes", 2) > 2:
         out.insert(-1, f"- DP and EO are of class {pc['id']} ({pc['name']!r}) vs the rest ({pc['num_classes']} "
@@ -177,31 +179,35 @@ def markdown_report(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_group_accuracy(results: dict, path: Path, split: str = "test", max_groups: int = 60) -> None:
-    """Bar chart of per-group accuracy, dense vs pruned (largest groups when there are many)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_group_accuracy(results: dict, path: Path, split: str = "test", max_groups: int = 40) -> None:
+    """Bar chart of per-group accuracy, dense vs pruned, from 0 to 1 (the groups with the largest drops when
+    there are more than ``max_groups``, and the title says so): :func:`figures.run_group_accuracy`."""
+    from fairprune_jax import figures
+    figures.run_group_accuracy(results, path, split=split, max_groups=max_groups, formats=("png",))
 
-    d, p = results["dense"][split]["groups"], results["pruned"][split]["groups"]
-    names = [n for n in p if (p[n]["n"] or 0) > 0]
-    if len(names) > max_groups:
-        names = sorted(names, key=lambda n: -p[n]["n"])[:max_groups]
-    x = np.arange(len(names))
-    da = [d[n]["accuracy"] or 0.0 for n in names]
-    pa = [p[n]["accuracy"] or 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
-    ax.bar(x - 0.2, da, 0.4, label="dense")
-    ax.bar(x + 0.2, pa, 0.4, label=f"pruned ({results['method']}, {results['sparsity']['achieved']:.0%})")
-    ax.set_xticks(x, names, rotation=60 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
-                  fontsize=8)
-    ax.set_ylabel(f"{split} accuracy")
-    ax.set_ylim(max(0.0, min(da + pa) - 0.1), 1.0)
-    ax.set_title(f"Per-group accuracy: {results['dataset']}")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def constraint_line(results: dict) -> str | None:
+    """A constrained run's setting and whether it was met on the data it was trained on (None otherwise)."""
+    info = results.get("method_info") or {}
+    eps = info.get("eps")
+    if eps is None:
+        return None
+    where = info.get("constraint_data") or "train"
+    line = f"- constraint: psi_g <= eps = {eps:g} for every group, read on {where} rows"
+    train = ((results["pruned"].get("train") or {}).get("excess_accuracy_gap") or {}).get("max")
+    if train is not None:
+        line += f"; train max psi_g at the end {train:.4f}: {'met' if train <= eps else 'NOT met'}"
+    sel = info.get("selection")
+    if sel and sel.get("max_psi") is not None:
+        line += (f"; held-out max psi_g of the selected checkpoint {sel['max_psi']:.4f}: "
+                 f"{'met' if sel['feasible'] else 'NOT met'}")
+    traj = info.get("trajectory") or {}
+    mult = [abs(v) for row in traj.get("multipliers", []) for v in row if v is not None]
+    if mult:
+        line += f"; largest multiplier over the run {max(mult):.3g}"
+        if max(mult) == 0:
+            line += " (the constraints never acted: this run is plain fine-tuning)"
+    return line
 
 
 def plot_constraints(results: dict, path: Path, max_groups: int = 10) -> bool:
