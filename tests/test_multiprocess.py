@@ -28,10 +28,31 @@ RUN = ["run", "--method", "magnitude", "--dataset", "csv", "--target", "label", 
        "--model", "mlp", "--model-opt", "hidden=(8,)", "--epochs", "2", "--finetune-epochs", "1",
        "--batch-size", "32", "--lr", "0.01", "--sparsity", "0.5", "--checkpoint-every", "3", "--no-progress"]
 
+#: The same cell as RUN, as a one-cell `fairprune compare` grid.
+GRID = """
+dataset = "csv"
+data_dir = "{data}"
+out = "{out}"
+methods = ["magnitude"]
+sparsities = [0.5]
+seeds = [0]
+[dataset_options]
+target = "label"
+protected = "grp"
+[model_options]
+hidden = [8]
+[run]
+model = "mlp"
+epochs = 2
+finetune_epochs = 1
+batch_size = 32
+lr = 0.01
+"""
+
 WORKER = textwrap.dedent(r'''
     import sys, time
     from fairprune_jax.cli import main
-    argv = sys.argv[1:]
+    grid, argv = sys.argv[1], sys.argv[2:]
     t = time.perf_counter()
     rc = main(argv)
     print(f"FIRST rc={rc} seconds={time.perf_counter() - t:.1f}", flush=True)
@@ -40,6 +61,12 @@ WORKER = textwrap.dedent(r'''
     t = time.perf_counter()
     rc = main(argv + ["--resume"])
     print(f"RESUME rc={rc} seconds={time.perf_counter() - t:.1f}", flush=True)
+    if rc:
+        sys.exit(rc)
+    t = time.perf_counter()     # the same cell through `fairprune compare`, over the same two processes
+    flags = argv[argv.index("--coordinator"):]
+    rc = main(["compare", "--config", grid, "--no-progress", *flags])
+    print(f"COMPARE rc={rc} seconds={time.perf_counter() - t:.1f}", flush=True)
     sys.exit(rc)
 ''')
 
@@ -113,10 +140,13 @@ def launched(tmp_path_factory):
         [sys.executable, "-m", "fairprune_jax.cli", *args, "--out", str(tmp / "ref")],
         env=_env(tmp / "xla-ref", XLA_FLAGS="--xla_force_host_platform_device_count=2"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)}
+    grid = tmp / "grid.toml"
+    grid.write_text(GRID.format(data=data.as_posix(), out=(tmp / "grid").as_posix()))
     port = _free_port()
     for i in range(2):
         procs[f"process {i}"] = subprocess.Popen(
-            [sys.executable, "-c", WORKER, *args, "--out", str(tmp / "two"), "--coordinator", f"127.0.0.1:{port}",
+            [sys.executable, "-c", WORKER, str(grid), *args, "--out", str(tmp / "two"),
+             "--coordinator", f"127.0.0.1:{port}",
              "--num-processes", "2", "--process-id", str(i)],
             env=_env(tmp / f"xla-{i}"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outs = _finish(procs, deadline)
@@ -145,10 +175,24 @@ def test_two_processes_equal_one_process_with_two_devices(launched):
     assert len(la) == len(lb)
     state_diff = max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) for x, y in zip(la, lb))
     print(f"\ntwo processes vs one process with two devices: max |metric diff| {metrics_diff:.3g}, "
-          f"max |state diff| {state_diff:.3g}; all three processes took {seconds:.1f} s")
+          f"max |state diff| {state_diff:.3g}; all three processes took {seconds:.1f} s; process 0: "
+          + ", ".join(ln for ln in outs["process 0"][1].splitlines() if " seconds=" in ln))
     for x, y in zip(jax.tree.leaves(sa["state"]["masks"]), jax.tree.leaves(sb["state"]["masks"])):
         np.testing.assert_array_equal(x, y)
     assert metrics_diff <= 1e-6 and state_diff <= 1e-6
+
+
+def test_compare_over_two_processes_gives_the_same_cell(launched):
+    tmp, outs, _ = launched
+    ref = json.loads((tmp / "ref" / "results.json").read_text())
+    cell = json.loads((tmp / "grid" / "cells" / "magnitude_s0.5_seed0" / "results.json").read_text())
+    assert cell["runtime"]["processes"] == 2 and cell["runtime"]["devices"] == 2
+    a = dict(_numbers({k: ref[k] for k in ("dense", "pruned", "sparsity")}))
+    b = dict(_numbers({k: cell[k] for k in ("dense", "pruned", "sparsity")}))
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) <= 1e-6
+    assert (tmp / "grid" / "results.md").is_file()
+    assert "fairprune compare: process 1 of 2 finished" in outs["process 1"][1]
+    assert "COMPARE rc=0" in outs["process 0"][1] and "results.csv" in outs["process 0"][1]
 
 
 def test_only_process_zero_writes_and_reports(launched):
@@ -156,9 +200,9 @@ def test_only_process_zero_writes_and_reports(launched):
     rc0, out0 = outs["process 0"]
     rc1, out1 = outs["process 1"]
     assert "FIRST rc=0" in out0 and "RESUME rc=0" in out0 and "FIRST rc=0" in out1 and "RESUME rc=0" in out1
-    assert out0.count("wrote ") == 2 and "results.json" in out0          # once per launch
+    assert out0.count("wrote ") == 3 and "results.json" in out0          # once per launch (run, resume, compare)
     assert "wrote " not in out1 and "accuracy" not in out1
-    assert out1.count("process 1 of 2 finished; process 0 writes and reports the results") == 2
+    assert out1.count("process 1 of 2 finished; process 0 writes and reports the results") == 3
     assert "unfinished run" not in out0 + out1 and "Traceback" not in out0 + out1
     assert not list((tmp / "two").glob(".fairprune-write-test-*"))
 
