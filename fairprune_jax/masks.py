@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fairprune_jax.config import DISTRIBUTIONS  # noqa: F401  (re-exported)
+
 Params = Any
 Masks = Any
 
-DISTRIBUTIONS = ("uniform", "global", "erk")
 _NOT_PRUNED_NAMES = ("bias", "scale", "embedding", "mean", "var")
 
 

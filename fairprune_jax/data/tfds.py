@@ -6,6 +6,10 @@ Registered as ``tfds:cifar10`` (classes are the groups), ``tfds:cifar100``
 downloaded: the dataset must already be prepared in array_record format under
 ``data_dir`` (``tfds build <name> --file_format=array_record --data_dir DIR`` on
 a connected machine, then copy ``DIR`` and pass ``--data-dir DIR``).
+
+The reader is an optional extra (``pip install "fairprune_jax[tfds]"``): the
+other datasets need neither it nor pyarrow, and a run that asks for a
+``tfds:*`` dataset without it stops at once with that command.
 """
 from __future__ import annotations
 
@@ -37,8 +41,22 @@ def _how_to_prepare(name: str, data_dir: Any) -> str:
             f"copy {d} here and pass --data-dir {d} (the folder that contains {name}/<version>/)")
 
 
+class MissingExtra(ValueError):
+    """A ``tfds:*`` dataset was asked for but the optional ``[tfds]`` extra is not installed."""
+
+
+def tfds_module(name: str):
+    """``tensorflow_datasets``, or :class:`MissingExtra` naming the install command."""
+    try:
+        import tensorflow_datasets as tfds_lib
+    except ImportError as err:
+        raise MissingExtra(f"tfds:{name} needs the optional TensorFlow Datasets reader, which is not installed: "
+                           f"pip install \"fairprune_jax[tfds]\" (or pip install tensorflow-datasets)") from err
+    return tfds_lib
+
+
 def _open_split(name: str, split: str, data_dir: str | os.PathLike | None):
-    import tensorflow_datasets as tfds_lib
+    tfds_lib = tfds_module(name)
 
     if data_dir is None:
         raise ValueError(f"tfds:{name}: no data_dir given and nothing is downloaded here; "

@@ -1,0 +1,44 @@
+"""The light install: the CLI answers without JAX, and the optional TFDS reader is asked for by name."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("jax", "jaxlib", "optax", "flax", "tensorflow", "tensorflow_datasets", "pyarrow")
+
+
+def _modules_after(code: str) -> list[str]:
+    """The heavy modules a fresh interpreter has imported after running ``code``."""
+    probe = code + f"\nimport sys\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["compare", "--help"]])
+def test_help_imports_no_jax(argv):
+    code = ("import contextlib, io\nfrom fairprune_jax import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    try:\n        cli.main({argv!r})\n    except SystemExit:\n        pass\n")
+    assert _modules_after(code) == []
+
+
+def test_a_digits_load_does_not_import_the_tfds_reader():
+    code = "from fairprune_jax.data import load_dataset\nload_dataset('digits')\n"
+    assert not {"tensorflow", "tensorflow_datasets"} & set(_modules_after(code))   # (pandas may import pyarrow)
+
+
+def test_tfds_without_the_extra_names_the_install_command(monkeypatch, tmp_path, capsys, no_training):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)     # import now raises ImportError
+    from fairprune_jax.data import load_dataset
+    from fairprune_jax.data.tfds import MissingExtra
+
+    with pytest.raises(MissingExtra, match=r'pip install "fairprune_jax\[tfds\]"'):
+        load_dataset("tfds:cifar10", data_dir=str(tmp_path))
+    from fairprune_jax.cli import main
+    rc = main(["run", "--dataset", "tfds:cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'fairprune: error: tfds:cifar10 needs the optional' in err and "[tfds]" in err
