@@ -7,8 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from fairprune_jax.methods.base import OPTIMIZERS, RunConfig
-from fairprune_jax.masks import DISTRIBUTIONS
+from fairprune_jax.config import DISTRIBUTIONS, OPTIMIZERS, RunConfig  # no JAX: --help stays instant
 
 # CLI flag -> loader option name; passed to the loader only when given.
 DATA_FLAGS = {"target": "target", "protected": "protected", "image_size": "image_size",

@@ -13,58 +13,11 @@ from typing import Any, Callable
 import optax
 
 from fairprune_jax import masks as masks_lib
+from fairprune_jax.config import (DEFAULT_CERTIFY_EPS, OPTIMIZERS,  # noqa: F401  (re-exported)
+                                  RunConfig)
 from fairprune_jax.data.base import Dataset
 from fairprune_jax.models import FunctionalModel
 from fairprune_jax.train import TrainState, create_state, fit, make_train_step
-
-OPTIMIZERS = ("adam", "sgd")
-#: The psi bound a certificate checks when neither ``certify_eps`` nor the method's ``eps`` option sets one.
-DEFAULT_CERTIFY_EPS = 0.01
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Every knob of a ``fairprune run``; defaults give the main job on digits."""
-
-    method: str = "ceag"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    model: str | None = None            # None: mlp for tabular, cnn for images
-    sparsity: float = 0.9
-    seed: int = 0
-    epochs: int = 30                    # dense training
-    finetune_epochs: int | None = None  # None: same as epochs
-    batch_size: int = 64
-    lr: float = 1e-3
-    finetune_lr: float | None = None    # None: same as lr
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    distribution: str = "uniform"
-    exclude_first: bool = False
-    exclude_last: bool = False
-    positive_label: int = 1
-    augment: bool = False
-    eval_batch_size: int = 512
-    out: str | None = None
-    save_compact: bool = False          # structured methods: also write OUT/compact (the physically smaller model)
-    progress: bool = True
-    # The per-group certificate on test (certify.py): psi bound (None: the method's ``eps`` option, else
-    # DEFAULT_CERTIFY_EPS), family-wise confidence level, optional bound for DP / EO differences.
-    certify_eps: float | None = None
-    certify_level: float = 0.95
-    fairness_bound: float | None = None
-    small_group: int = 30               # groups with fewer test rows are marked small
-    dataset_options: dict = dataclasses.field(default_factory=dict)
-    model_options: dict = dataclasses.field(default_factory=dict)
-    method_options: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def ft_epochs(self) -> int:
-        return self.epochs if self.finetune_epochs is None else self.finetune_epochs
-
-    @property
-    def ft_lr(self) -> float:
-        return self.lr if self.finetune_lr is None else self.finetune_lr
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float = 0.0,
