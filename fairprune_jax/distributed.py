@@ -93,7 +93,15 @@ def initialize(**kwargs: Any) -> None:
     """
     if jax.distributed.is_initialized():
         return
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:   # no coordinator reachable, no cluster detected, a timeout
+        where = (f"coordinator {kwargs['coordinator_address']}, process {kwargs['process_id']} of "
+                 f"{kwargs['num_processes']}" if kwargs else "settings detected by jax (SLURM, Cloud TPU)")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"could not join the multi-process run ({where}): {first}; check that every process got "
+                         "the same --coordinator and --num-processes and that process 0 is running, or pass the "
+                         "three flags where jax cannot detect the cluster") from e
 
 
 def is_multiprocess() -> bool:

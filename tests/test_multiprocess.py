@@ -255,3 +255,9 @@ def test_cli_refuses_half_given_settings_before_jax_starts(capsys, monkeypatch, 
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     assert main(["run", "--out", "unused"]) == 2
     assert "JAX_NUM_PROCESSES set, but --distributed not given" in capsys.readouterr().err
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "OMPI_MCA_orte_hnp_uri",
+              "TPU_SKIP_MDS_QUERY"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(["run", "--distributed", "--out", "unused"]) == 2    # no cluster to detect here
+    assert "fairprune: error: could not join the multi-process run (settings detected by jax" in capsys.readouterr().err
