@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="structured methods (bifp, structured_magnitude, ...): also save the compacted model, "
                         "pruned units physically removed, into OUT/compact (reload with fairprune_jax.compact.load)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="log loss, accuracy and, for constrained methods, per-group multipliers, violations and "
+                        "accuracies per step into OUT/tensorboard (view: tensorboard --logdir OUT); needs tensorboardX")
     r.add_argument("--devices", default="all",
                    help="data-parallel over N local devices, or 'all' (batch size must be divisible by N)")
     _add_process_args(r)
@@ -195,7 +198,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if primary:
         print(f"fairprune run: method={cfg.method} dataset={cfg.dataset} sparsity={cfg.sparsity} seed={cfg.seed}",
               flush=True)
-    res = run(cfg, devices=args.devices, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    from fairprune_jax import tracking
+    tracker = tracking.TensorBoard(Path(cfg.out) / "tensorboard") if args.tensorboard and primary else None
+    with tracking.use(tracker):
+        res = run(cfg, devices=args.devices, checkpoint_every=args.checkpoint_every, resume=args.resume)
     if not primary:
         import jax
         print(f"fairprune run: process {jax.process_index()} of {jax.process_count()} finished; process 0 "

@@ -39,7 +39,7 @@ from fairprune_jax.methods.base import RunConfig
 
 TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "out", "tolerance", "run",
             "dataset_options", "model_options", "method_options", "variants", "fairness_metric",
-            "parallel_seeds", "columns", "sparsity_axis"}
+            "parallel_seeds", "columns", "sparsity_axis", "tensorboard"}
 SUITE_KEYS = {"name", "suite", "out", "columns"}
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
                                                                "out", "dataset_options", "model_options",
@@ -87,6 +87,7 @@ class CompareConfig:
     parallel_seeds: bool = False     # train the dense models of all unfinished seeds in one vmapped run
     columns: list[str] | None = None  # results.md / results.tex columns (None: chosen for the setting)
     sparsity_axis: str = "auto"       # metrics_vs_sparsity x axis: linear, log (1 - sparsity) or auto
+    tensorboard: bool = False         # TensorBoard events per cell (cells/X/tensorboard) and per dense model
 
     def resolve(self, name: str) -> tuple[str, dict]:
         """The registered method and its options for a grid entry (a method or a variant name)."""
@@ -170,6 +171,8 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
         raise ValueError(f"{path}: columns must be a list of column names; unknown: "
                          f"{sorted(set(columns or []) - set(valid_cols)) if isinstance(columns, list) else columns!r}"
                          f"; valid: {', '.join(valid_cols)}")
+    if not isinstance(raw.get("tensorboard", False), bool):
+        raise ValueError(f"{path}: tensorboard must be true or false; got {raw['tensorboard']!r}")
     if raw.get("sparsity_axis", "auto") not in ("auto", "linear", "log"):
         raise ValueError(f"{path}: sparsity_axis must be \"linear\", \"log\" (log of 1 - sparsity) or \"auto\"; "
                          f"got {raw['sparsity_axis']!r}")
@@ -190,7 +193,7 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
                          model_options=raw.get("model_options", {}),
                          method_options=raw.get("method_options", {}), variants=variants,
                          parallel_seeds=raw.get("parallel_seeds", False), columns=columns,
-                         sparsity_axis=raw.get("sparsity_axis", "auto"))
+                         sparsity_axis=raw.get("sparsity_axis", "auto"), tensorboard=raw.get("tensorboard", False))
 
 
 def check_run_values(path: Path, run: dict) -> None:
@@ -280,10 +283,21 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
         for seed, prep in prepared.items():
             if primary:
                 save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history)
+    from fairprune_jax import tracking
+
+    def tracker(folder: Path):
+        """TensorBoard events into ``folder/tensorboard`` with ``tensorboard = true`` (process 0), else None."""
+        return tracking.TensorBoard(folder / "tensorboard") if cc.tensorboard and primary else None
+
     for seed in todo_seeds:
         seed_todo = [c for c in todo if c[0] == seed]
-        prep = (prepared.pop(seed) if seed in prepared
-                else prepare(dense_config(seed), dense_cache=dense_dir(cc, seed)))
+        if seed in prepared:
+            prep = prepared.pop(seed)
+        else:
+            # a cached dense model is not retrained: its events (if any) stay as they are
+            cached = dense_cached(dense_dir(cc, seed), dense_config(seed))
+            with tracking.use(None if cached else tracker(dense_dir(cc, seed))):
+                prep = prepare(dense_config(seed), dense_cache=dense_dir(cc, seed))
         for _, m, s in seed_todo:
             d = cell_dir(cc, m, s, seed)
             base, opts = cc.resolve(m)
@@ -292,8 +306,9 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
             compact = bool(cc.run.get("save_compact")) and method.is_structured(method_options(method, opts))
             # one psi bound for every method of the grid: the grid's tolerance unless [run] sets certify_eps
             cert = {"certify_eps": cc.tolerance} if cc.tolerance is not None and "certify_eps" not in run else {}
-            res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d), save_compact=compact,
-                             **cert)
+            with tracking.use(tracker(d)):
+                res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d),
+                                 save_compact=compact, **cert)
             res.pop("_state", None)
             bar.update(1)
     bar.close()

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax import certify, checkpoint, compact, distributed, fairness, report
+from fairprune_jax import certify, checkpoint, compact, distributed, fairness, report, tracking
 from fairprune_jax.data import DATASETS, Dataset, eval_batches, load_dataset
 from fairprune_jax.masks import check_sparsity, named_leaves, prunable_template, sparsity_summary, DISTRIBUTIONS
 from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer, method_options
@@ -393,6 +393,9 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     method = get_method(cfg.method)
     ctx = dataclasses.replace(prep.ctx, config=cfg)
     ds = prep.dataset
+    tracker = tracking.current()
+    if tracker is not None:
+        tracker.group_names = list(ds.group_names)
     pruned, info = method.run(ctx, prep.dense)
     jax.block_until_ready(pruned.params)
     timings = dict(prep.timings)
@@ -401,6 +404,9 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
              "pruned": {s: evaluate(ctx.eval_step, pruned, split, cfg.eval_batch_size)
                         for s, split in ds.splits().items()}}
     results = _assemble(cfg, ds, ctx, prep.dense, pruned, evals, prep.dense_history, info)
+    if tracker is not None:         # the logged series, summarised (first / last / min / max per phase and group)
+        tracker.flush()
+        results["tracking"] = tracker.summary(relative_to=cfg.out)
     add_certificate(results, cfg, ctx, prep.dense, pruned, evals)
     empty = [name for name, layer in results["sparsity"]["layers"].items() if layer["kept"] == 0]
     results["sparsity"]["empty_layers"] = empty

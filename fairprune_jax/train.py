@@ -21,6 +21,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from fairprune_jax import checkpoint as checkpoint_lib
+from fairprune_jax import tracking as tracking_lib
 from fairprune_jax import certify, distributed, fairness
 from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
 from fairprune_jax.masks import apply_masks
@@ -257,6 +258,9 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
         ep_stats = [{"loss": np.float32(l), "accuracy": np.float32(a)}
                     for l, a in zip(pos["epoch_stats"]["loss"], pos["epoch_stats"]["accuracy"])]
     sync = distributed.sync_each_step(mesh)
+    tracker = tracking_lib.current()          # per-step statistics to TensorBoard, fetched every log_every steps
+    tphase = tracker.phase(desc) if tracker is not None else None
+    pending: list = []
     t0 = time.perf_counter()
     bar = tqdm(total=n_steps, initial=global_step, desc=desc, disable=not progress, leave=False,
                dynamic_ncols=True, mininterval=0.5)
@@ -274,9 +278,12 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
                 jax.block_until_ready(stats)
             ep_stats.append(stats)
             global_step += 1
+            if tphase is not None:
+                pending.append((global_step, stats))
             if global_step % log_every == 0:
                 bar.set_postfix(loss=f"{float(stats['loss']):.4f}")
                 check_finite(state, desc)
+                pending = _track(tracker, tphase, pending)
             if phase is not None and phase.due(global_step):
                 check_finite(state, desc)
                 phase.save(state, epoch=epoch, step_in_epoch=i + 1, global_step=global_step, history=history,
@@ -289,11 +296,20 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
             history["accuracy"].append(float(np.mean(accs)))
         check_finite(state, desc)
     bar.close()
+    _track(tracker, tphase, pending)
     if phase is not None:
         phase.save(state, epoch=epochs, step_in_epoch=0, global_step=global_step, history=history, epoch_stats=[],
                    final=True)
     history["seconds"] = time.perf_counter() - t0
     return state, history
+
+
+def _track(tracker: Any, phase: str | None, pending: list) -> list:
+    """Hand the pending steps' statistics to the tracker (one device-to-host copy); returns an empty list."""
+    if phase is not None and pending:
+        steps, stats = zip(*pending)
+        tracker.log(phase, list(steps), jax.device_get(list(stats)))
+    return []
 
 
 def iterate_forever(split: Split, batch_size: int, seed: int) -> Iterator[dict]:

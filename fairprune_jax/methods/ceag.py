@@ -96,15 +96,24 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
         grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.extra["dual"],
                                                               mode)
         new_ms, correct, new_extra = info.aux
+        new_extra = dict(new_extra)
+        group_acc = new_extra.pop("group_accuracy", None)   # what the dual step read, for tracking only
         new_extra = {**state.extra, **new_extra, "dual": new_dual}
         if "trajectory" in new_extra:
             new_extra["trajectory"] = trajectory_record(new_extra["trajectory"], state.step, new_dual.multipliers,
                                                         info.strict_violation, info.observed)
         new_state = apply_gradients(state, grads, tx, model_state=new_ms, loss=info.loss, rng=rng,
                                     extra=new_extra)
+        if group_acc is None:      # the batch's per-group accuracy (NaN for groups absent from the batch)
+            acc_g, n_g, _ = group_means(correct, batch["g"], batch["w"], info.observed.shape[0])
+            group_acc = jnp.where(n_g > 0, acc_g, jnp.nan)
         stats = {"loss": info.loss, "accuracy": weighted_mean(correct, batch["w"]),
                  "max_multiplier": jnp.max(new_dual.multipliers),
-                 "max_strict_violation": jnp.max(jnp.where(info.observed, info.strict_violation, -jnp.inf))}
+                 "max_strict_violation": jnp.max(jnp.where(info.observed, info.strict_violation, -jnp.inf)),
+                 # per group (tracking.py): multipliers, the violation the dual step read, its accuracy
+                 "multipliers": new_dual.multipliers,
+                 "violation": jnp.where(info.observed, info.strict_violation, jnp.nan),
+                 "group_accuracy": group_acc}
         return new_state, stats
 
     return jax.jit(step, donate_argnums=0)
@@ -182,7 +191,8 @@ def ceag_terms(num_groups: int, ref: dict, eps: float, overall_from_groups: bool
             acc_all, all_full = acc[0], full[0]
         strict = (ref["acc_g"] - acc_g) - (ref["acc"] - acc_all) - eps
         observed = present & full_g & all_full
-        return proxy, strict, observed, {"buffer": buf, "overall": overall}
+        return proxy, strict, observed, {"buffer": buf, "overall": overall,
+                                         "group_accuracy": jnp.where(full_g, acc_g, jnp.nan)}
 
     return terms
 
@@ -204,7 +214,7 @@ def ceag_val_terms(num_groups: int, ref: dict, val_ref: dict, val_g: jax.Array, 
         table = extra["val_correct"]
         acc_g = jax.ops.segment_sum(table, val_g, num_segments=num_groups) / jnp.maximum(n_val_g, 1.0)
         psi = (val_ref["acc_g"] - acc_g) - (val_ref["acc"] - jnp.mean(table))
-        return proxy, psi - eps_g, n_val_g > 0, {}
+        return proxy, psi - eps_g, n_val_g > 0, {"group_accuracy": jnp.where(n_val_g > 0, acc_g, jnp.nan)}
 
     return terms
 
