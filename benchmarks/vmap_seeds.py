@@ -68,7 +68,7 @@ def host_batch_ms(gen, reps: int = 3) -> float:
     return 1e3 * best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per round and side")
     ap.add_argument("--epochs", type=int, default=2, help="epochs of each timed dense run")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "vmap_seeds.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     ds = load_dataset("digits", image=args.model == "cnn")
     S = args.seeds
