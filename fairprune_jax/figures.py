@@ -197,6 +197,13 @@ def metrics_vs_sparsity(agg: list[dict], dense: dict | None, path: Path, *, metr
     return save(fig, path)
 
 
+def _nanmean(v: list[float]) -> float:
+    """Mean of the finite values (NaN when there is none, without numpy's empty-slice warning)."""
+    a = np.asarray(v, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
 def _ylim(lo: float, hi: float) -> tuple[float, float]:
     """Limits that include zero and every bar with its error bar, with a margin: no truncated bars."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -225,7 +232,7 @@ def group_change(changes: dict[str, dict[str, list[float | None]]], path: Path, 
     means = {m: {g: stats(m, g) for g in groups} for m in methods}
     many = len(groups) > worst
     if many:
-        avg = {g: np.nanmean([means[m][g][0] for m in methods]) for g in groups}
+        avg = {g: _nanmean([means[m][g][0] for m in methods]) for g in groups}
         shown = sorted((g for g in groups if np.isfinite(avg[g])), key=lambda g: avg[g])[:worst]
     else:
         shown = list(groups)
