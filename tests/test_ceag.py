@@ -134,3 +134,15 @@ def test_ceag_option_values_are_checked(prepared):
         run_method(prepared, method="ceag", method_options={"constraint_data": "test"})
     with pytest.raises(ValueError, match="select"):
         run_method(prepared, method="ceag", method_options={"select": "best"})
+
+
+def test_dual_advice_reads_the_most_constrained_multiplier():
+    from fairprune_jax.methods.ceag import dual_advice
+
+    t = np.arange(40)
+    rising = np.stack([0.01 * t, np.where(t % 3 == 0, 0.0, 0.01)], axis=1)     # group 1 bounces near 0
+    assert "still rising" in dual_advice(rising.tolist())
+    bouncing = np.stack([np.where(t % 4 < 2, 0.8, 0.0), np.zeros(40)], axis=1)
+    assert "oscillates" in dual_advice(bouncing.tolist())
+    flat = np.stack([np.full(40, 0.3), np.zeros(40)], axis=1)
+    assert "larger buffers or another dual_lr" in dual_advice(flat.tolist())

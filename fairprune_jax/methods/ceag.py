@@ -152,6 +152,30 @@ def trajectory_info(traj: dict, names: list[str], offset: np.ndarray | float = 0
             "multipliers": r(m), "estimate": r(v)}
 
 
+def dual_advice(multipliers: list) -> str:
+    """What to change when the constraint ends unmet, read off the recorded multipliers (T x G).
+
+    Only the most constrained group (largest mean multiplier over the second half of fine-tuning) is read:
+    the multipliers of groups near their bound fall back to 0 now and then, as they should. If its
+    multiplier falls back to 0 more than once in that half, the dual step follows noise, and a faster dual
+    step makes it worse (measured: dual_lr 0.1 with 40-row buffers on UTKFace, see the README): larger
+    buffers or a smaller dual_lr help. If it is still rising at the end, the dual step is too slow for the
+    budget.
+    """
+    m = np.nan_to_num(np.asarray(multipliers, dtype=float).reshape(len(multipliers), -1))
+    if m.shape[0] < 4:
+        return "more fine-tuning epochs, larger buffers or another dual_lr"
+    half = m[m.shape[0] // 2:]
+    top = half[:, int(np.argmax(half.mean(axis=0)))]
+    falls = int(np.sum((top[:-1] > 0) & (top[1:] == 0)))
+    if falls >= 2:
+        return (f"the largest multiplier oscillates (it fell back to 0 {falls} times in the second half): "
+                "larger buffers (buffer_size) or a smaller dual_lr")
+    if top[-1] > top[len(top) // 2]:
+        return "the largest multiplier was still rising at the end: more fine-tuning epochs or a larger dual_lr"
+    return "more fine-tuning epochs, larger buffers or another dual_lr"
+
+
 def dense_reference(ctx: Context) -> dict[str, jax.Array]:
     """Dense per-group and overall accuracy and mean loss on the train split (computed once)."""
     return reference_from_counts(ctx.dense_train_counts)
@@ -351,7 +375,7 @@ def ceag(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
         psi_max = float(np.nanmax(fairness.excess_accuracy_gap(ctx.dense_train_counts, gc)))
         if psi_max > eps:
             warn.append(f"ceag: train max psi_g ends at {psi_max:.4f} > eps = {eps}: the constraint is not met on "
-                        "the data it was trained on (more fine-tuning epochs or a larger dual_lr)")
+                        f"the data it was trained on ({dual_advice(info['trajectory']['multipliers'])})")
     for w in warn:
         warnings.warn(w, stacklevel=2)
     info["warnings"] = warn
