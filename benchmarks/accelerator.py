@@ -15,7 +15,7 @@ would start after ``--budget-s`` seconds is skipped and marked so):
    ``mlp`` (256-128 on Adult-sized rows), ``cnn`` (32-64-128 on 32x32x3), ``resnet`` = our CIFAR ResNet-20
    (width 16, 0.27 M params; the package has no ImageNet ResNet-18, so this is the ResNet used).
 2. ``vmap_seeds``: ``benchmarks/vmap_seeds.py`` (1 seed vs 8 seeds vmapped into one program: a step and a
-   dense ``fit``), for the MLP and the CNN, in a subprocess.
+   dense ``fit``), for the MLP and the CNN (``vmap_seeds.main`` in this process).
 3. ``utkface``: UTKFace from the ``.npz`` (target race; protected ``--protected``, default race), the CNN,
    dense training, then ``nft`` and ``ceag`` (``constraint_data=train``, eps 0.02) at 90%: wall time per
    phase, test accuracy, max psi_g and the certificate's verdict counts.
@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time

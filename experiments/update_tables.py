@@ -26,6 +26,7 @@ TABLES = [
     ("certify_utkface_race", "Certificate: CEAG (held-out constraints) vs NFT on UTKFace race, eps = 0.02", CERT),
     ("certify_utkface_race_gender", "Certificate: CEAG (held-out constraints) vs NFT on UTKFace race, protected "
                                     "race x gender, eps = 0.02", CERT),
+    ("fairgrape_utkface_race", "FairGRAPE vs CEAG vs NFT on UTKFace race, 90%, eps = 0.02 (issue 18)", CERT),
     ("ceag_utkface_race", "CEAG vs NFT vs EL on UTKFace, target race, protected race (issue: CEAG)", PSI),
     ("ceag_utkface_race_gender", "CEAG vs NFT vs EL on UTKFace, target race, protected race x gender", PSI),
     ("ceag_utkface_age_gender", "Hundreds of groups: UTKFace age in years x gender (201 groups)",
