@@ -346,6 +346,8 @@ def collect(cc: CompareConfig) -> dict:
                 for col, (split, path) in METRICS.items():
                     row[col] = _get(r["pruned"].get(split, {}), path)
                 row["degenerate"] = r["pruned"]["test"].get("degenerate")
+                if row["degenerate"] is None:     # a cell written before the degenerate check existed
+                    row["degenerate"] = constant_classifier(r)
                 row["top_prediction_share"] = r["pruned"]["test"].get("top_prediction_share")
                 row["no_violated_group"] = None if row["test_violated_groups"] is None else row["test_violated_groups"] == 0
                 row["small_groups"] = (r["pruned"]["test"].get("certificate") or {}).get("small_groups", [])
@@ -366,7 +368,26 @@ def collect(cc: CompareConfig) -> dict:
     agg = aggregate(rows, cc)
     dense = aggregate_dense(list(dense_rows.values()))
     write_outputs(cc, rows, agg, dense=dense, setting=setting)
-    return {"rows": rows, "aggregate": agg, "dense": dense}
+    return {"rows": rows, "aggregate": agg, "dense": dense, "setting": setting}
+
+
+def constant_classifier(cell: dict) -> bool | None:
+    """For cells written before the degenerate flag existed: does the pruned model predict one class for every
+    test row? Decidable from what such cells hold for a binary target (every group's positive-prediction rate
+    is the same 0 or 1) and when the groups are the classes (one class entirely right, every other entirely
+    wrong); None otherwise."""
+    rep = cell["pruned"]["test"]
+    groups = [g for g in (rep.get("groups") or {}).values() if g.get("n")]
+    if not groups:
+        return None
+    if len(cell.get("classes") or []) == 2:
+        rates = {g.get("selection_rate") for g in groups}
+        return None if None in rates else bool(len(rates) == 1 and rates <= {0.0, 1.0})
+    if tables.groups_are_classes(cell):
+        accs = [g.get("accuracy") for g in groups]
+        return None if None in accs else bool(sum(a == 1.0 for a in accs) == 1 and
+                                             all(a in (0.0, 1.0) for a in accs))
+    return None
 
 
 def dense_row(r: dict) -> dict:
@@ -642,6 +663,7 @@ class Suite:
     configs: list[CompareConfig]
     out: Path
     columns: list[str]
+    columns_asked: bool = False      # the suite lists its columns: shown even where they mean nothing
 
 
 def is_suite(path: str | Path) -> bool:
@@ -671,7 +693,7 @@ def load_suite(path: str | Path, out: str | None = None) -> Suite:
         raise ValueError(f"{path}: unknown column(s) {sorted(bad)}; valid: {', '.join(valid)}")
     name = raw.get("name", path.stem)
     out_dir = Path(out) if out else (path.parent / raw["out"] if "out" in raw else path.parent / "results" / name)
-    return Suite(name=name, configs=configs, out=out_dir, columns=columns)
+    return Suite(name=name, configs=configs, out=out_dir, columns=columns, columns_asked="columns" in raw)
 
 
 def run_suite(suite: Suite, progress: bool = True) -> dict:
@@ -682,10 +704,15 @@ def run_suite(suite: Suite, progress: bool = True) -> dict:
     return write_headline(suite) if distributed.is_primary() else {"rows": [], "markdown": ""}
 
 
-def headline_rows(suite: Suite) -> list[dict]:
+def headline_rows(suite: Suite, per_comparison: dict | None = None) -> list[dict]:
+    """One row per (comparison, method, sparsity); ``per_comparison`` (if given) receives each comparison's
+    dense row and setting, keyed by its name."""
     rows = []
     for cc in suite.configs:
-        for a in collect(cc)["aggregate"]:
+        res = collect(cc)
+        if per_comparison is not None:
+            per_comparison[cc.name] = {"dense": res.get("dense"), "setting": res.get("setting") or {}}
+        for a in res["aggregate"]:
             rows.append({"comparison": cc.name, "dataset": _dataset_label(cc), **a})
     return rows
 
@@ -710,8 +737,33 @@ def headline_markdown(suite: Suite, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def headline_sections(suite: Suite, rows: list[dict], per: dict, latex: bool = False) -> list[str]:
+    """One readable table per comparison (dense row, pruning kind, best in bold, columns for the setting)."""
+    out = []
+    for cc in suite.configs:
+        agg = [r for r in rows if r["comparison"] == cc.name]
+        if not agg:
+            continue
+        info = per.get(cc.name) or {}
+        dense = dict(info["dense"], dataset=_dataset_label(cc)) if info.get("dense") else None
+        cols, notes = tables.choose_columns(suite.columns, agg, classes_as_groups=bool(
+            (info.get("setting") or {}).get("groups_are_classes")), asked=suite.columns_asked)
+        structured = structured_methods(cc)
+        if len(set(structured.values())) > 1:
+            notes.append("Structured (whole units removed) and unstructured sparsity are not comparable at the "
+                         "same number.")
+        body = tables.render(agg, cols, dense=dense, structured=structured, flags=set(FLAG_COLUMNS), latex=latex,
+                             lead=("dataset", "method", "sparsity"))
+        if latex:
+            out.append(tables.latex_document(f"{suite.name}: {cc.name}", body, notes))
+        else:
+            out += [f"#### {_dataset_label(cc)} (`{cc.name}`)", "", body, "", *[f"- {n}" for n in notes], ""]
+    return out
+
+
 def write_headline(suite: Suite) -> dict:
-    rows = headline_rows(suite)
+    per: dict = {}
+    rows = headline_rows(suite, per)
     suite.out.mkdir(parents=True, exist_ok=True)
     (suite.out / "headline.json").write_text(json.dumps({"name": suite.name, "rows": rows}, indent=2))
     with open(suite.out / "headline.csv", "w", newline="") as f:
@@ -721,8 +773,13 @@ def write_headline(suite: Suite) -> dict:
         for r in rows:
             w.writerow([r[k] for k in fields] + [(r.get(c) or {}).get(k) for c in suite.columns
                                                 for k in ("mean", "std")])
-    md = headline_markdown(suite, rows)
+    md = "\n".join(headline_sections(suite, rows, per))
+    used = [c for c in suite.columns]
     (suite.out / "headline.md").write_text(
-        f"# {suite.name}\n\nMean ± std over seeds; one row per (dataset, method, sparsity). "
-        f"accuracy_drop = dense test accuracy - pruned test accuracy.\n\n{md}\n")
+        f"# {suite.name}\n\nMean ± std over seeds; one row per (dataset, method, sparsity), one table per "
+        "dataset with its dense model first; bold = best pruned value per column within the table (degenerate "
+        "rows excluded). Accuracy drop = dense test accuracy - pruned test accuracy (same seed).\n\n"
+        f"{md}\nColumn names in `headline.csv` (each with `_mean` / `_std`): "
+        + ", ".join(f"{tables.label(c)} = `{c}`" for c in used) + ".\n")
+    (suite.out / "headline.tex").write_text("\n".join(headline_sections(suite, rows, per, latex=True)))
     return {"rows": rows, "markdown": md}

@@ -89,3 +89,27 @@ def test_many_groups_show_the_worst_hit_and_a_histogram_of_all(tmp_path, monkeyp
     assert seen["ticks"][0] == "g7" and len(seen["ticks"]) == 10
     lo, hi = seen["ylim"]
     assert lo < -0.6 and hi >= 0.0           # zero and the deepest bar with its error bar are inside
+
+
+ADULT = CELLS.parents[1] / "headline_adult" / "cells"
+
+
+@pytest.mark.skipif(not (CELLS.is_dir() and ADULT.is_dir()), reason="committed headline cells not present")
+def test_suite_headline_one_readable_table_per_dataset(tmp_path):
+    from fairprune_jax.compare import load_suite, write_headline
+    grids = {"d": ("digits", CELLS, ["magnitude", "fair_scratch", "structured_magnitude"], ""),
+             "a": ("adult", ADULT, ["magnitude", "bifp"], '[dataset_options]\nprotected = "sex"\n')}
+    for name, (dataset, cells, methods, extra) in grids.items():
+        for m in methods:
+            shutil.copytree(cells / f"{m}_s0.9_seed0", tmp_path / name / "cells" / f"{m}_s0.9_seed0")
+        (tmp_path / f"{name}.toml").write_text(f'name = "{name}"\ndataset = "{dataset}"\nmethods = {methods}\n'
+                                               f'sparsities = [0.9]\nseeds = [0]\nout = "{name}"\n{extra}')
+    (tmp_path / "s.toml").write_text('name = "s"\nsuite = ["d.toml", "a.toml"]\nout = "s"\n')
+    write_headline(load_suite(tmp_path / "s.toml"))
+    md = (tmp_path / "s" / "headline.md").read_text()
+    digits, adult = md.split("#### adult")
+    assert "| digits | dense | 0 |" in digits and "| Pruning |" in digits and "DP difference" not in digits
+    assert "fair_scratch (DEGENERATE 1/1)" in digits        # an old cell without the flag: a constant classifier
+    assert "DP difference" in adult and "EO difference" in adult and "| adult, protected sex | dense | 0 |" in adult
+    assert r"\begin{tabular}" in (tmp_path / "s" / "headline.tex").read_text()
+    assert (tmp_path / "s" / "headline.csv").read_text().startswith("comparison,dataset,method,sparsity,n_seeds")
