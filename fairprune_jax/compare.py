@@ -584,7 +584,7 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
             constraint[m] = f"ψ_g ≤ {rec[0]['eps']:g}" + (f" ({where})" if where else "")
     cols, dropped = table_columns(cc, agg, setting)
     table_args = dict(dense=dense, structured=structured, constraint=constraint, flags=set(FLAG_COLUMNS))
-    notes = [f"Mean ± std over seeds {cc.seeds}; bold = best pruned value per column (degenerate rows excluded); "
+    notes = [f"Mean ± std over seeds {cc.seeds}; bold = best pruned value per column at each sparsity (degenerate rows excluded); "
              "ψ_g = excess accuracy gap of group g (Balancing Act); the dense row is the unpruned model of the "
              "same seeds."]
     if len(set(structured.values())) > 1:

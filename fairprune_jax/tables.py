@@ -90,18 +90,23 @@ def _is_count(col: str, flags: set[str]) -> bool:
 
 
 def best_rows(agg: list[dict], cols: list[str]) -> dict[str, set[int]]:
-    """Per column, the indices of the rows with the best mean (ties all marked); degenerate rows never win."""
+    """Per column, the indices of the rows with the best mean among the rows of the same sparsity (and
+    dataset); ties all marked; degenerate rows never win."""
     out: dict[str, set[int]] = {}
+    blocks: dict[tuple, list[int]] = {}
+    for i, a in enumerate(agg):
+        blocks.setdefault((a.get("dataset"), a.get("sparsity")), []).append(i)
     for c in cols:
         if c in NOT_RANKED:
             continue
-        vals = [(i, _value(a, c)[0]) for i, a in enumerate(agg)
-                if _value(a, c)[0] is not None and not ((a.get("degenerate") or {}).get("mean") or 0)]
-        if len(vals) < 2:
-            continue
         pick = max if c in HIGHER_IS_BETTER else min
-        best = pick(v for _, v in vals)
-        out[c] = {i for i, v in vals if abs(v - best) <= 1e-12}
+        for idx in blocks.values():
+            vals = [(i, _value(agg[i], c)[0]) for i in idx
+                    if _value(agg[i], c)[0] is not None and not ((agg[i].get("degenerate") or {}).get("mean") or 0)]
+            if len(vals) < 2:
+                continue
+            best = pick(v for _, v in vals)
+            out.setdefault(c, set()).update(i for i, v in vals if abs(v - best) <= 1e-12)
     return out
 
 
@@ -123,7 +128,7 @@ def render(agg: list[dict], cols: list[str], *, dense: dict | None = None, struc
 
     ``lead``: the leading columns (``dataset`` may come first). ``structured[method]``: marks the pruning
     kind. ``constraint[method]``: the constraint setting shown (``eps``). ``dense``: a dense-model row first.
-    Bold: the best mean of each column among non-degenerate pruned rows.
+    Bold: the best mean of each column among the non-degenerate pruned rows of the same sparsity.
     """
     structured, constraint, flags = structured or {}, constraint or {}, set(flags or ())
     show_kind = bool(structured) and len(set(structured.values())) > 1
