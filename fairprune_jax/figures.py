@@ -93,7 +93,10 @@ def tradeoff(agg: list[dict], dense: dict | None, path: Path, *, metric: str, me
         y, ye = _mean_std(a, "test_accuracy")
         if x is not None and y is not None:
             pts.append((x, xe, y, ye, a))
-    front = pareto_front([(p[0], p[2]) for p in pts])
+    # a degenerate (near-constant) model is never on the front: its low DP / EO say nothing about fairness
+    degen = [bool((p[4].get("degenerate") or {}).get("mean")) for p in pts]
+    ok = [i for i, d in enumerate(degen) if not d]
+    front = [ok[j] for j in pareto_front([(pts[i][0], pts[i][2]) for i in ok])]
     dx, _ = _mean_std(dense, metric) if dense else (None, 0.0)
     dy, dye = _mean_std(dense, "test_accuracy") if dense else (None, 0.0)
     ys = [p[2] for p in pts]
@@ -109,6 +112,8 @@ def tradeoff(agg: list[dict], dense: dict | None, path: Path, *, metric: str, me
                 c = color[m]
                 ax.errorbar(x, y, xerr=xe, yerr=ye, fmt=marker[m], color=c, ms=7, capsize=2, lw=0.9,
                             mfc="white" if structured.get(m) else c, mec=c, zorder=3)
+                if (a.get("degenerate") or {}).get("mean"):
+                    ax.scatter([x], [y], marker="x", s=90, color="black", lw=1.5, zorder=6)
                 if labels and len(sparsities) > 1:
                     ax.annotate(f"{a['sparsity']:g}", (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6,
                                 color=c)
@@ -141,6 +146,8 @@ def tradeoff(agg: list[dict], dense: dict | None, path: Path, *, metric: str, me
                       label=m + (" (structured)" if structured.get(m) else "")) for m in methods]
     handles += [Line2D([], [], ls="", label=f"sparsity {', '.join(f'{s:g}' for s in sparsities)}")]
     handles += [Line2D([], [], color="black", marker="o", mfc="none", ms=11, ls=":", label="Pareto front")]
+    if any(degen):
+        handles += [Line2D([], [], color="black", marker="x", ls="", ms=8, label="degenerate (some seeds)")]
     if dense is not None:
         handles += [Line2D([], [], color="black", marker="*", ls="--", ms=11, label="dense model")]
     if eps is not None and metric.endswith("max_psi"):
