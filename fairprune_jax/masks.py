@@ -184,7 +184,18 @@ def masks_from_scores(scores: Params, template: Masks, sparsity: float, distribu
     """
     shapes_src = params if params is not None else scores
     counts = keep_counts(shapes_src, template, sparsity, distribution, structured=structured)
-    scores = _prune_like(scores, template)
+    return masks_from_counts(_prune_like(scores, template), counts, prev_masks=prev_masks,
+                             distribution=distribution)
+
+
+def masks_from_counts(scores: Params, counts: dict, *, prev_masks: Masks | None = None,
+                      distribution: str = "uniform") -> Masks:
+    """Masks keeping ``counts[name]`` entries of each scored leaf (``counts['*']`` in all for ``global``).
+
+    ``scores`` has ``None`` on leaves that are not pruned. The counts may be
+    traced integers (e.g. one row of a table picked by the step), so this runs
+    inside a jitted optimizer update; ``prev_masks`` as in :func:`masks_from_scores`.
+    """
     if prev_masks is not None:
         # pruned -> NaN (ranks below everything); live NaN -> -inf (stays above the pruned entries)
         scores = jax.tree.map(lambda m, s: None if m is None else

@@ -1,0 +1,292 @@
+"""Pruning as an optax transformation: drop it into any training loop.
+
+::
+
+    pruner = pruning.Pruner(sparsity=0.9, schedule=pruning.cubic(end=1000, frequency=100))
+    tx = pruner.wrap_optax(optax.adam(1e-3))         # any optax optimizer, or a whole chain
+    # ... the usual loop: updates, opt_state = tx.update(grads, opt_state, params); apply_updates
+
+The masks, the step count and the current target sparsity live in the
+optimizer state (:class:`PrunerState`), so the loop needs no other change and
+everything stays one jittable pytree. The schedule is a static list of
+``(step, sparsity)`` points; on the update whose count is one of them the
+masks are recomputed inside ``lax.cond`` (no host round-trip, static shapes):
+scores are ranked with :func:`masks.topk_mask` against keep counts taken from
+a table built on the host with :func:`masks.keep_counts` (exact integers for
+every point, whatever the distribution: uniform, global, ERK). A weight pruned
+once never returns (gradual schedules rank the pruned entries last).
+
+Pruned weights stay exactly zero without any extra call: the wrapped update
+zeroes the incoming gradient of pruned weights (optimizer moments never build
+up for them), runs the inner optimizer and returns ``-params`` where the mask
+is 0, so ``optax.apply_updates`` gives exactly ``0`` there and exactly
+``params + update`` elsewhere. That holds when the wrapper's output is what is
+added to the params: put it last in a chain (``optax.chain(clip, pruner.wrap_optax(adam))``).
+
+Scores: ``magnitude`` |w|, ``random``, ``saliency`` |w * g| (``g``: the
+update the wrapper receives, i.e. the gradient after whatever precedes it in
+the chain) and ``structured`` (L1 norm of each output unit: one mask entry per
+unit, broadcast over the kernel's last axis; the unit's bias is not masked).
+Everything here reuses :mod:`masks`, :mod:`scores` and :mod:`schedules`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fairprune_jax import masks as masks_lib
+from fairprune_jax import schedules
+from fairprune_jax import scores as scores_lib
+from fairprune_jax.config import DISTRIBUTIONS
+from fairprune_jax.masks import _is_none
+
+__all__ = ["PrunerState", "Pruner", "one_shot", "cubic", "iterative", "find_state", "SCORES"]
+
+Params = Any
+# score(params, grads, key, template) -> scores mirroring the template (None where not pruned)
+ScoreFn = Callable[[Params, Params, jax.Array, Any], Params]
+
+
+class PrunerState(NamedTuple):
+    """What the pruner keeps in the optimizer state.
+
+    ``masks``: 0/1 pytree mirroring the params (``None`` on leaves that are
+    not pruned; one vector per output unit when structured). ``count``: updates
+    done so far (the schedule position). ``sparsity``: the target reached at
+    the last mask update (0 before the first). ``key``: PRNG key of the
+    ``random`` score. ``inner``: the wrapped optimizer's state.
+    """
+
+    masks: Any
+    count: jax.Array
+    sparsity: jax.Array
+    key: jax.Array
+    inner: optax.OptState
+
+
+# ---------------------------------------------------------------------------
+# Schedules: static lists of (step, sparsity)
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When the masks change: ``points(final_sparsity) -> [(step, sparsity)]`` (steps ascending)."""
+
+    fn: Callable[[float], list[tuple[int, float]]]
+    name: str
+
+    def points(self, final_sparsity: float) -> list[tuple[int, float]]:
+        masks_lib.check_sparsity(final_sparsity)
+        if final_sparsity == 0.0:
+            return []
+        pts = [(int(t), float(s)) for t, s in self.fn(float(final_sparsity))]
+        steps = [t for t, _ in pts]
+        if steps != sorted(set(steps)) or (steps and steps[0] < 0):
+            raise ValueError(f"{self.name} schedule: steps must be distinct, ascending and >= 0; got {steps}")
+        return pts
+
+
+def one_shot(step: int = 0) -> Schedule:
+    """Prune straight to the target on update ``step`` (default: the first)."""
+    return Schedule(lambda s: [(int(step), s) for s in schedules.one_shot(s)], "one_shot")
+
+
+def cubic(end: int, *, begin: int = 0, frequency: int = 100, initial_sparsity: float = 0.0) -> Schedule:
+    """Gradual pruning on the cubic schedule of Zhu & Gupta (:func:`schedules.cubic_steps`).
+
+    The masks change every ``frequency`` updates from ``begin + frequency``
+    and reach the target on update ``end``.
+    """
+    if end <= begin:
+        raise ValueError(f"cubic schedule: end ({end}) must be after begin ({begin})")
+    return Schedule(lambda s: [(begin + t, v) for t, v in
+                               schedules.cubic_steps(s, end - begin, frequency, initial_sparsity=initial_sparsity)],
+                    "cubic")
+
+
+def iterative(every: int, *, fraction: float = 0.2, begin: int | None = None) -> Schedule:
+    """Iterative rounds (lottery-ticket style): every ``every`` updates from ``begin`` (default ``every``)
+    remove ``fraction`` of the remaining weights, the last round landing on the target
+    (:func:`schedules.iterative_rounds`). Rewinding the weights between rounds is the caller's business."""
+    if every < 1:
+        raise ValueError(f"iterative schedule: every must be >= 1, got {every}")
+    start = every if begin is None else int(begin)
+    return Schedule(lambda s: [(start + i * every, v) for i, v in
+                               enumerate(schedules.iterative_rounds(s, fraction))], "iterative")
+
+
+# ---------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------
+
+def _magnitude(params, grads, key, template):
+    return scores_lib.magnitude(params, template)
+
+
+def _random(params, grads, key, template):
+    return scores_lib.random(key, params, template)
+
+
+def _saliency(params, grads, key, template):
+    return scores_lib.saliency(params, grads, template)
+
+
+def _structured(params, grads, key, template):
+    return scores_lib.l1_structured(params, template)
+
+
+SCORES: dict[str, ScoreFn] = {"magnitude": _magnitude, "random": _random, "saliency": _saliency,
+                              "structured": _structured}
+STRUCTURED_SCORES = ("structured",)
+
+
+def find_state(opt_state: Any) -> PrunerState:
+    """The :class:`PrunerState` inside an optimizer state (e.g. in an ``optax.chain``)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PrunerState))
+             if isinstance(x, PrunerState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one PrunerState in the optimizer state, found {len(found)}; "
+                         "was the optimizer built with Pruner.wrap_optax?")
+    return found[0]
+
+
+# ---------------------------------------------------------------------------
+# The pruner
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Pruner:
+    """A pruning recipe; :meth:`wrap_optax` turns any optax optimizer into a pruning one.
+
+    Args:
+      sparsity: final fraction of prunable weights (units, when structured) removed, in [0, 1).
+      schedule: :func:`one_shot` (default), :func:`cubic` or :func:`iterative`.
+      score: ``"magnitude"``, ``"random"``, ``"saliency"``, ``"structured"`` or a function
+        ``(params, grads, key, template) -> scores``.
+      distribution: ``"uniform"`` (every layer at the target), ``"global"`` (one ranking over all
+        layers) or ``"erk"`` (Erdos-Renyi-Kernel densities); :func:`masks.keep_counts`.
+      template: which leaves are pruned: a pytree of ``True`` / ``None`` mirroring the params, a
+        function ``params -> template``, or ``None`` for :func:`masks.prunable_template` (every
+        kernel; biases, norms and embeddings stay dense).
+      structured: one mask entry per output unit (implied by ``score="structured"``).
+      seed: PRNG seed of the ``random`` score.
+    """
+
+    sparsity: float
+    schedule: Schedule = dataclasses.field(default_factory=one_shot)
+    score: str | ScoreFn = "magnitude"
+    distribution: str = "uniform"
+    template: Any = None
+    structured: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        masks_lib.check_sparsity(self.sparsity)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown sparsity distribution {self.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+        if isinstance(self.score, str) and self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; valid: {', '.join(SCORES)} or a function")
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError("schedule must be pruning.one_shot(...), cubic(...) or iterative(...)")
+        self.schedule.points(self.sparsity)          # bad schedule arguments fail here, not in the loop
+
+    @property
+    def is_structured(self) -> bool:
+        return self.structured or self.score in STRUCTURED_SCORES
+
+    def points(self) -> list[tuple[int, float]]:
+        """The ``(step, sparsity)`` points at which the masks change."""
+        return self.schedule.points(self.sparsity)
+
+    def _template(self, params: Params) -> Any:
+        if self.template is None:
+            return masks_lib.prunable_template(params)
+        return self.template(params) if callable(self.template) else self.template
+
+    def _score_fn(self) -> ScoreFn:
+        return SCORES[self.score] if isinstance(self.score, str) else self.score
+
+    def init_masks(self, params: Params) -> Any:
+        """All-ones (dense) masks for the prunable leaves."""
+        return masks_lib.ones_like_template(params, self._template(params), structured=self.is_structured)
+
+    def _count_table(self, params: Params, template: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Steps (P,) and, per leaf name (or ``'*'`` for global), the keep count at each point (P,)."""
+        pts = self.points()
+        steps = np.asarray([t for t, _ in pts], np.int32)
+        rows = [masks_lib.keep_counts(params, template, s, self.distribution, structured=self.is_structured)
+                for _, s in pts]
+        names = rows[0].keys() if rows else []
+        return steps, {n: np.asarray([r[n] for r in rows], np.int32) for n in names}
+
+    def wrap_optax(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+        """``inner`` with pruning: masks updated on the schedule, pruned weights kept at exactly zero."""
+        score_fn = self._score_fn()
+        pts = self.points()
+        sparsities = np.asarray([s for _, s in pts], np.float32)
+
+        def init_fn(params):
+            return PrunerState(masks=self.init_masks(params), count=jnp.zeros((), jnp.int32),
+                               sparsity=jnp.zeros((), jnp.float32), key=jax.random.PRNGKey(self.seed),
+                               inner=inner.init(params))
+
+        def update_fn(updates, state, params=None, **extra_args):
+            if params is None:
+                raise ValueError("the pruner needs the params: call tx.update(grads, opt_state, params)")
+            template = jax.tree.map(lambda m: None if m is None else True, state.masks, is_leaf=_is_none)
+            masks, sparsity = state.masks, state.sparsity
+            if pts:
+                steps, table = self._count_table(params, template)
+                idx = jnp.clip(jnp.searchsorted(jnp.asarray(steps), state.count), 0, len(steps) - 1)
+                hit = jnp.asarray(steps)[idx] == state.count
+
+                def recompute(_):
+                    sc = score_fn(params, updates, jax.random.fold_in(state.key, state.count), template)
+                    counts = {n: jnp.asarray(c)[idx] for n, c in table.items()}
+                    new = masks_lib.masks_from_counts(sc, counts, prev_masks=state.masks,
+                                                      distribution=self.distribution)
+                    new = jax.tree.map(lambda n, o: None if o is None else n.astype(o.dtype), new, state.masks,
+                                       is_leaf=_is_none)
+                    return new, jnp.asarray(sparsities)[idx]
+
+                masks, sparsity = jax.lax.cond(hit, recompute, lambda _: (state.masks, state.sparsity), None)
+            grads = masks_lib.apply_masks(updates, masks)
+            inner_updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
+            out = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m > 0, u, -p).astype(u.dtype),
+                               masks, inner_updates, params, is_leaf=_is_none)
+            return out, PrunerState(masks=masks, count=optax.safe_increment(state.count), sparsity=sparsity,
+                                    key=state.key, inner=inner_state)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    wrap = wrap_optax
+
+    @staticmethod
+    def masks(opt_state: Any) -> Any:
+        """The current masks inside ``opt_state``."""
+        return find_state(opt_state).masks
+
+    @staticmethod
+    def apply_masks(params: Params, opt_state: Any) -> Params:
+        """``params * mask`` with the masks inside ``opt_state`` (the updates already keep pruned
+        weights at zero; this is for params changed outside the optimizer, or for export)."""
+        return masks_lib.apply_masks(params, find_state(opt_state).masks)
+
+    @staticmethod
+    def summary(params: Params, opt_state: Any) -> dict:
+        """Per-layer and overall sparsity of the current masks (:func:`masks.sparsity_summary`)."""
+        return masks_lib.sparsity_summary(params, find_state(opt_state).masks)
+
+
+def sparsity_of(params: Params, template: Any) -> float:
+    """Fraction of exact zeros over the template's leaves (a check that pruned weights stay zero)."""
+    leaves = [np.asarray(p) for _, p in masks_lib.named_leaves(masks_lib._prune_like(params, template))]
+    return float(sum((x == 0).sum() for x in leaves) / max(sum(x.size for x in leaves), 1))
+
+
+__all__ += ["Schedule", "sparsity_of"]
