@@ -293,6 +293,12 @@ def dual_optimizer(
         )
 
     def update(state: DualState, strict_violation, observed=None) -> DualState:
+        if isinstance(strict_violation, DualState):   # called as optax's update(updates, state, params)
+            raise TypeError(
+                "constrained.dual_optimizer is not an optax GradientTransformation: its update is "
+                "(state, strict_violation, observed), so it cannot sit in optax.chain. For a chainable dual step use "
+                "fairprune_jax.dual: only_observed(optax.chain(optax.clip(1.0), ascent(learning_rate=1e-2), "
+                "project())) or dual.Dual(num_constraints, tx=...)")
         lam = state.multipliers
         obs = (jnp.ones((K,), bool) if observed is None
                else jnp.broadcast_to(jnp.asarray(observed, bool), (K,)))
