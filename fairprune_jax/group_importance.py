@@ -132,6 +132,7 @@ def _select(imp: jax.Array, live: jax.Array, k: jax.Array, per: jax.Array, width
     target = shares(imp, live)
     key = _rank_key(imp, rank)
     eligible = target > 0          # a group with no importance here never takes the lead
+    imp_t = imp.T                  # (n, G): a kept entry's importance vector is one contiguous row
     k = jnp.minimum(k, jnp.sum(live))
 
     def cond(c):
@@ -147,7 +148,7 @@ def _select(imp: jax.Array, live: jax.Array, k: jax.Array, per: jax.Array, width
         take = (jnp.arange(width) < jnp.minimum(per, k - count)) & (vals > -jnp.inf)
         m = jnp.sum(take.astype(jnp.int32))
         kept = kept.at[idx].set(kept[idx] | take)
-        sums = sums + imp[:, idx] @ take.astype(imp.dtype)
+        sums = sums + take.astype(imp.dtype) @ imp_t[idx]
         return kept, sums, count + m, m > 0
 
     init = (jnp.zeros((n,), bool), jnp.zeros((G,), imp.dtype), jnp.zeros((), jnp.int32), jnp.ones((), bool))
