@@ -1,0 +1,44 @@
+"""The README's "Your own model and training loop" examples run as written."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def example(name: str) -> str:
+    """The python block right after ``<!-- readme-example: name -->``."""
+    m = re.search(rf"<!-- readme-example: {re.escape(name)} -->\s*```python\n(.*?)```", README.read_text(), re.S)
+    assert m, f"README example {name!r} not found"
+    return m.group(1)
+
+
+def run(name: str) -> dict:
+    ns: dict = {"__name__": f"readme_{name.replace('-', '_')}"}
+    exec(compile(example(name), f"README.md[{name}]", "exec"), ns)
+    return ns
+
+
+@pytest.mark.parametrize("name,max_lines", [("pruning-loop", 30), ("ceag-loop", 46)])
+def test_examples_stay_short(name, max_lines):
+    assert sum(1 for line in example(name).splitlines() if line.strip()) <= max_lines
+
+
+def test_pruning_in_your_own_loop():
+    ns = run("pruning-loop")
+    model = ns["model"]
+    for kernel in (model.conv.kernel[...], model.out.kernel[...]):     # exactly zero, exact count per layer
+        assert np.count_nonzero(np.asarray(kernel)) == round(0.1 * kernel.size)
+    assert ns["summary"]["sparsity_prunable"] == pytest.approx(0.9, abs=2e-3)
+    assert float(ns["loss"]) < 0.69                                   # it learned something while pruning
+
+
+def test_ceag_constraints_in_your_own_loop():
+    ns = run("ceag-loop")
+    lam = np.asarray(ns["dual_state"].multipliers)
+    assert lam.shape == (3,) and np.all(np.isfinite(lam)) and np.all(lam >= 0) and lam.max() > 0
+    kernels = [np.asarray(v) for k, v in ns["jax"].tree_util.tree_leaves_with_path(ns["params"])
+               if "kernel" in str(k[-1])]
+    assert all(np.count_nonzero(k) == round(0.2 * k.size) for k in kernels)
