@@ -226,9 +226,7 @@ class Pruner:
 
     def wrap_optax(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
         """``inner`` with pruning: masks updated on the schedule, pruned weights kept at exactly zero."""
-        score_fn = self._score_fn()
-        pts = self.points()
-        sparsities = np.asarray([s for _, s in pts], np.float32)
+        self._score_fn()
 
         def init_fn(params):
             return PrunerState(masks=self.init_masks(params), count=jnp.zeros((), jnp.int32),
@@ -238,23 +236,7 @@ class Pruner:
         def update_fn(updates, state, params=None, **extra_args):
             if params is None:
                 raise ValueError("the pruner needs the params: call tx.update(grads, opt_state, params)")
-            template = jax.tree.map(lambda m: None if m is None else True, state.masks, is_leaf=_is_none)
-            masks, sparsity = state.masks, state.sparsity
-            if pts:
-                steps, table = self._count_table(params, template)
-                idx = jnp.clip(jnp.searchsorted(jnp.asarray(steps), state.count), 0, len(steps) - 1)
-                hit = jnp.asarray(steps)[idx] == state.count
-
-                def recompute(_):
-                    sc = score_fn(params, updates, jax.random.fold_in(state.key, state.count), template)
-                    counts = {n: jnp.asarray(c)[idx] for n, c in table.items()}
-                    new = masks_lib.masks_from_counts(sc, counts, prev_masks=state.masks,
-                                                      distribution=self.distribution)
-                    new = jax.tree.map(lambda n, o: None if o is None else n.astype(o.dtype), new, state.masks,
-                                       is_leaf=_is_none)
-                    return new, jnp.asarray(sparsities)[idx]
-
-                masks, sparsity = jax.lax.cond(hit, recompute, lambda _: (state.masks, state.sparsity), None)
+            masks, sparsity = self._scheduled_masks(state, params, updates)
             grads = masks_lib.apply_masks(updates, masks)
             inner_updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
             out = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m > 0, u, -p).astype(u.dtype),
@@ -265,6 +247,45 @@ class Pruner:
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
     wrap = wrap_optax
+
+    def _scheduled_masks(self, state: PrunerState, params: Params, grads: Params | None) -> tuple[Any, jax.Array]:
+        """``(masks, sparsity)`` for update number ``state.count``: recomputed under ``lax.cond`` when the
+        count is a schedule point, else the state's own. Idempotent: on masks already updated for this
+        count the same masks come back (exactly k live entries, the pruned ones ranked last)."""
+        pts = self.points()
+        if not pts:
+            return state.masks, state.sparsity
+        if grads is None and self.score == "saliency":
+            raise ValueError("the saliency score needs the gradients: pass grads to pre_update")
+        template = jax.tree.map(lambda m: None if m is None else True, state.masks, is_leaf=_is_none)
+        steps, table = self._count_table(params, template)
+        sparsities = jnp.asarray([s for _, s in pts], jnp.float32)
+        idx = jnp.clip(jnp.searchsorted(jnp.asarray(steps), state.count), 0, len(steps) - 1)
+        hit = jnp.asarray(steps)[idx] == state.count
+
+        def recompute(_):
+            sc = self._score_fn()(params, grads, jax.random.fold_in(state.key, state.count), template)
+            counts = {n: jnp.asarray(c)[idx] for n, c in table.items()}
+            new = masks_lib.masks_from_counts(sc, counts, prev_masks=state.masks, distribution=self.distribution)
+            new = jax.tree.map(lambda n, o: None if o is None else n.astype(o.dtype), new, state.masks,
+                               is_leaf=_is_none)
+            return new, sparsities[idx]
+
+        return jax.lax.cond(hit, recompute, lambda _: (state.masks, state.sparsity), None)
+
+    def pre_update(self, params: Params, opt_state: Any, grads: Params | None = None) -> tuple[Params, Any]:
+        """Optional, before the forward pass: apply this step's scheduled mask update now, so the step's
+        gradient is taken on the pruned model (what a host-side mask hook before the step does, e.g.
+        :func:`methods.gradual.pruned_start`). Returns ``(masked params, opt_state)``; the wrapped update of
+        the same step then finds the masks already in place. Jittable."""
+        def fix(x):
+            if not isinstance(x, PrunerState):
+                return x
+            masks, sparsity = self._scheduled_masks(x, params, grads)
+            return x._replace(masks=masks, sparsity=sparsity)
+
+        opt_state = jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, PrunerState))
+        return masks_lib.apply_masks(params, find_state(opt_state).masks), opt_state
 
     @staticmethod
     def masks(opt_state: Any) -> Any:

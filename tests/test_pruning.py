@@ -236,3 +236,46 @@ def test_bad_arguments_fail_early():
     tx = pruning.Pruner(sparsity=0.5).wrap_optax(optax.sgd(0.1))
     with pytest.raises(ValueError, match="params"):
         tx.update(_params(), tx.init(_params()))
+
+
+def test_pre_update_reproduces_a_mask_hook_before_each_step():
+    """With pre_update the step's gradient is taken on the pruned model, as methods/gradual.py's host hook
+    does (masks_from_scores at each point, then train.apply_gradients): the same masks and params."""
+    from fairprune_jax import train
+
+    params = _params()
+    template = masks.prunable_template(params)
+    x = jax.random.normal(jax.random.key(4), (16, 6))
+
+    def loss(p):
+        return jnp.mean(jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"]) + \
+            jnp.mean(p["conv"]["kernel"] ** 3)
+
+    pruner = pruning.Pruner(sparsity=0.8, schedule=pruning.cubic(end=6, frequency=2))
+    inner = optax.sgd(0.1, momentum=0.9)
+    tx = pruner.wrap_optax(inner)
+
+    @jax.jit
+    def ours(p, s):
+        p, s = pruner.pre_update(p, s)
+        upd, s = tx.update(jax.grad(loss)(p), s, p)
+        return optax.apply_updates(p, upd), s
+
+    points = dict(pruner.points())
+    ts = train.TrainState(params=params, masks=masks.ones_like_template(params, template), opt_state=inner.init(params),
+                          model_state={}, rng=jax.random.key(0), step=jnp.zeros((), jnp.int32),
+                          nan_step=jnp.zeros((), jnp.int32))
+    hook_step = jax.jit(lambda st: train.apply_gradients(st, jax.grad(loss)(st.params), inner))
+    p, s = params, tx.init(params)
+    for t in range(8):
+        if t in points:          # the host hook of methods/gradual.py
+            m = masks.masks_from_scores(scores.magnitude(ts.params, template), template, points[t],
+                                        prev_masks=ts.masks)
+            ts = ts.replace(masks=m, params=masks.apply_masks(ts.params, m))
+        ts = hook_step(ts)
+        p, s = ours(p, s)
+        for a, b in zip(jax.tree.leaves(pruning.find_state(s).masks), jax.tree.leaves(ts.masks)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ts.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+            assert np.array_equal(np.asarray(a) == 0, np.asarray(b) == 0)
