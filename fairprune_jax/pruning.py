@@ -32,7 +32,7 @@ Everything here reuses :mod:`masks`, :mod:`scores` and :mod:`schedules`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
