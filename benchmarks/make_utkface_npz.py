@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -74,8 +75,13 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, size: int = 32, m
         parsed = parsed[:int(limit)]
     if not parsed:
         raise FileNotFoundError(f"make_utkface_npz: no UTKFace-named images in {d}")
-    with ProcessPoolExecutor(max_workers=workers or min(os.cpu_count() or 1, 8)) as ex:
-        imgs = list(ex.map(_decode, [(str(d / n), size) for n, _ in parsed], chunksize=256))
+    jobs = [(str(d / n), size) for n, _ in parsed]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers == 1:
+        imgs = [_decode(j) for j in jobs]
+    else:   # spawn, not fork: forking a process whose JAX threads run can deadlock the child
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            imgs = list(ex.map(_decode, jobs, chunksize=256))
     keep = [i for i, a in enumerate(imgs) if a is not None]
     labels = np.asarray([parsed[i][1] for i in keep], np.uint8).reshape(-1, 3)
     arrays = {"images": np.stack([imgs[i] for i in keep]), "age": labels[:, 0], "gender": labels[:, 1],
