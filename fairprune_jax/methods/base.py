@@ -59,6 +59,19 @@ class Context:
         return make_optimizer(self.config.optimizer, self.config.ft_lr if lr is None else lr,
                               self.config.weight_decay, total_steps=epochs * self.steps_per_epoch)
 
+    def prune_phase(self, dense: TrainState, template: Any, prune_epochs: int
+                    ) -> tuple[TrainState, optax.GradientTransformation, int, int]:
+        """Start of a masked pruning phase: ``(state, tx, epochs, steps)``, all weights live.
+
+        ``prune_epochs`` -1 means half the fine-tuning epochs, at least 1; the optimizer decays over the phase.
+        """
+        epochs = int(prune_epochs)
+        if epochs < 0:
+            epochs = max(self.config.ft_epochs // 2, 1)
+        tx = self.finetune_tx(epochs=epochs)
+        state = self.masked_state(dense, masks_lib.ones_like_template(dense.params, template), tx)
+        return state, tx, epochs, epochs * self.steps_per_epoch
+
     def masked_state(self, dense: TrainState, masks: Any, tx: optax.GradientTransformation,
                      extra: Any = None) -> TrainState:
         """A fresh fine-tuning state from dense weights under ``masks`` (new optimizer state)."""

@@ -73,7 +73,7 @@ from fairprune_jax import group_importance as gi
 from fairprune_jax import schedules
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.data.base import derived_seed
-from fairprune_jax.masks import apply_masks, ones_like_template
+from fairprune_jax.masks import apply_masks
 from fairprune_jax.methods.base import METHODS, Context, method_options, register
 from fairprune_jax.train import TrainState
 
@@ -146,12 +146,7 @@ def fairgrape(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
             log[-1]["layers"] = rep["layers"]
         return s.replace(masks=masks, params=apply_masks(s.params, masks))
 
-    epochs = int(opts["prune_epochs"])
-    if epochs < 0:
-        epochs = max(cfg.ft_epochs // 2, 1)
-    tx = ctx.finetune_tx(epochs=epochs)
-    state = ctx.masked_state(dense, ones_like_template(dense.params, template), tx)
-    total = epochs * ctx.steps_per_epoch
+    state, tx, epochs, total = ctx.prune_phase(dense, template, opts["prune_epochs"])
     at = iteration_steps(len(targets), total)
 
     @resumable  # a pure function of (state, step): the importance data and the selection are deterministic

@@ -12,7 +12,7 @@ from typing import Any
 
 from fairprune_jax import scores, schedules
 from fairprune_jax.checkpoint import resumable
-from fairprune_jax.masks import apply_masks, ones_like_template
+from fairprune_jax.masks import apply_masks
 from fairprune_jax.methods.base import Context
 from fairprune_jax.train import TrainState
 
@@ -31,12 +31,7 @@ def pruned_start(ctx: Context, dense: TrainState, opts: dict) -> tuple[TrainStat
     template = ctx.template_for(dense.params,
                                 exclude_first=bool(opts["keep_first_conv_dense"]) and ctx.first_layer_is_conv(dense.params),
                                 exclude_last=bool(opts["keep_last_dense"]))
-    epochs = int(opts["prune_epochs"])
-    if epochs < 0:
-        epochs = max(cfg.ft_epochs // 2, 1)
-    tx = ctx.finetune_tx(epochs=epochs)
-    state = ctx.masked_state(dense, ones_like_template(dense.params, template), tx)
-    total = epochs * ctx.steps_per_epoch
+    state, tx, epochs, total = ctx.prune_phase(dense, template, opts["prune_epochs"])
     prune_steps = max(int(0.75 * total), 1)
     points = dict(schedules.cubic_steps(cfg.sparsity, prune_steps,
                                         max(prune_steps // max(int(opts["prune_updates"]), 1), 1)))
