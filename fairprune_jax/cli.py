@@ -219,6 +219,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     note = report.degenerate_note(res)
     if note:
         print(f"WARNING: {note}")
+    line = report.per_class_line(res)
+    if line:
+        print(line)
     pc = res.get("positive_class") or {}
     if pc.get("num_classes", 2) > 2 and args.positive_class is None:
         print(f"WARNING: the target has {pc['num_classes']} classes: DP and EO compare class {pc['id']} "

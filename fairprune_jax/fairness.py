@@ -132,6 +132,55 @@ def per_class_counts(
     return group_counts(logits_or_preds, y, y, num_classes, loss=loss, weights=weights)
 
 
+class ClassGroupCounts(NamedTuple):
+    """Additive per-group, per-class statistics: the one-vs-rest counts of every class at once.
+
+    ``n`` has shape (G,); ``pred``, ``label`` and ``hit`` have shape (G, C): rows of the group predicted as
+    class k, rows whose label is k, and rows both predicted and labelled k. Every binary metric of "class k
+    vs the rest" follows from them (:func:`one_vs_rest`), so DP / EO of every class come from one pass.
+    """
+
+    n: Any
+    pred: Any
+    label: Any
+    hit: Any
+
+
+def class_group_counts(
+    logits_or_preds: jax.Array,
+    y: jax.Array,
+    g: jax.Array,
+    num_groups: int,
+    num_classes: int,
+    *,
+    weights: jax.Array | None = None,
+) -> ClassGroupCounts:
+    """Reduce one batch to per-group one-hot prediction / label / hit counts with one ``segment_sum``.
+
+    Same inputs as :func:`group_counts`; ``num_groups`` and ``num_classes`` must be static. Cost: a
+    (B, 1 + 3C) one-hot block scattered into (G, 1 + 3C), no loop over classes.
+    """
+    x = jnp.asarray(logits_or_preds)
+    preds = jnp.argmax(x, axis=-1) if x.ndim == 2 else x
+    preds = preds.astype(jnp.int32)
+    y = jnp.asarray(y).astype(jnp.int32)
+    w = jnp.ones(preds.shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    p1 = jax.nn.one_hot(preds, num_classes, dtype=jnp.float32)
+    y1 = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)
+    cols = jnp.concatenate([w[:, None], w[:, None] * p1, w[:, None] * y1, w[:, None] * p1 * y1], axis=1)
+    sums = jax.ops.segment_sum(cols, jnp.asarray(g).astype(jnp.int32), num_segments=num_groups)
+    c = num_classes
+    return ClassGroupCounts(sums[:, 0], sums[:, 1:1 + c], sums[:, 1 + c:1 + 2 * c], sums[:, 1 + 2 * c:])
+
+
+def one_vs_rest(counts: ClassGroupCounts, k: int) -> GroupCounts:
+    """The :class:`GroupCounts` of "class ``k`` vs the rest" (``correct`` and ``loss_sum`` left at 0)."""
+    n = np.asarray(counts.n, np.float64).reshape(-1)
+    pred, label, hit = (np.asarray(a, np.float64)[:, k] for a in (counts.pred, counts.label, counts.hit))
+    z = np.zeros_like(n)
+    return GroupCounts(n=n, correct=z, loss_sum=z, pred_pos=pred, tp=hit, fp=pred - hit, pos=label, neg=n - label)
+
+
 def add_counts(a: GroupCounts, b: GroupCounts) -> GroupCounts:
     """Field-wise sum: counts of the union of two disjoint sets of rows (jittable)."""
     return GroupCounts(*(x + z for x, z in zip(a, b)))
@@ -403,6 +452,32 @@ def max_class_discrepancy(class_counts: GroupCounts) -> float:
     return _nanspread(group_accuracy(class_counts))
 
 
+# --- Every class vs the rest (multi-class targets) ------------------------------------
+
+
+def per_class_parity(counts: ClassGroupCounts, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """DP and EO differences of every class vs the rest (fairlearn ``between_groups``, EO ``worst_case``).
+
+    Returns ``demographic_parity_difference`` / ``equalized_odds_difference`` as ``{class: value}`` and their
+    maxima over classes with the class that attains each (``..._max``, ``..._max_class``); NaN -> None.
+    The value of class k equals the headline DP / EO of a run with ``--positive-class k``.
+    """
+    num_classes = np.shape(counts.pred)[1]
+    names = [str(i) for i in range(num_classes)] if class_names is None else [str(s) for s in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    out: dict[str, Any] = {}
+    for key, fn in (("demographic_parity_difference", demographic_parity_difference),
+                    ("equalized_odds_difference", equalized_odds_difference)):
+        vals = np.array([fn(one_vs_rest(counts, k)) for k in range(num_classes)], np.float64)
+        out[key] = {names[k]: _js(vals[k]) for k in range(num_classes)}
+        finite = np.where(np.isnan(vals), -np.inf, vals)
+        best = int(np.argmax(finite)) if np.isfinite(finite).any() else None
+        out[f"{key}_max"] = None if best is None else _js(vals[best])
+        out[f"{key}_max_class"] = None if best is None else names[best]
+    return out
+
+
 # --- Report ------------------------------------------------------------------------
 
 
@@ -417,12 +492,15 @@ def fairness_report(
     class_counts: GroupCounts | None = None,
     dense_counts: GroupCounts | None = None,
     group_names: Sequence[str] | None = None,
+    class_group: ClassGroupCounts | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """All metrics as a JSON-serializable dict (NaN -> None).
 
     ``counts`` are the evaluated (e.g. pruned) model's group counts;
     ``class_counts`` (group id = class) add CWV / MCD; ``dense_counts`` (same
-    rows, dense model) add the excess accuracy gap psi.
+    rows, dense model) add the excess accuracy gap psi; ``class_group`` (same
+    rows and model) adds DP / EO of every class vs the rest (``per_class_parity``).
     """
     c = to_numpy(counts)
     num_groups = c.n.shape[0]
@@ -464,6 +542,8 @@ def fairness_report(
             "max": _js(_nanmax(psi)),
             "spread": _js(_nanspread(psi)),
         }
+    if class_group is not None:
+        rep["per_class_parity"] = per_class_parity(class_group, class_names)
     return rep
 
 
@@ -476,5 +556,6 @@ __all__ = [
     "demographic_parity_ratio", "equal_opportunity_difference", "equal_opportunity_ratio",
     "equalized_odds_difference", "equalized_odds_ratio", "accuracy_parity_gap",
     "excess_accuracy_gap", "max_excess_accuracy_gap", "excess_accuracy_gap_spread",
-    "class_wise_variance", "max_class_discrepancy", "fairness_report",
+    "class_wise_variance", "max_class_discrepancy", "fairness_report", "ClassGroupCounts",
+    "class_group_counts", "one_vs_rest", "per_class_parity",
 ]

@@ -102,6 +102,47 @@ def text_table(results: dict, split: str = "test") -> str:
     return "\n".join(lines + ([note] if note else []))
 
 
+def per_class_line(results: dict, split: str = "test") -> str | None:
+    """One line for a multi-class target: the pruned model's largest DP / EO over "class k vs the rest" and
+    which class the headline DP / EO are of (None for a binary target or a run without per-class counts)."""
+    pc = results.get("positive_class") or {}
+    per = (results["pruned"].get(split) or {}).get("per_class_parity")
+    if not per or pc.get("num_classes", 2) <= 2:
+        return None
+    dp, eo = "demographic_parity_difference", "equalized_odds_difference"
+
+    def worst(key: str) -> str:
+        return f"{_fmt(per[f'{key}_max'], '{:.4f}')} (class {per[f'{key}_max_class']!r})"
+    return (f"DP / EO per class, each class vs the rest ({split}, pruned): max DP {worst(dp)}, max EO {worst(eo)}; "
+            f"the table's DP / EO are class {pc['id']} ({pc['name']!r}) vs the rest")
+
+
+def per_class_markdown(results: dict, split: str = "test") -> list[str]:
+    """DP and EO of every class vs the rest, dense and pruned, with the maxima (empty for a binary target)."""
+    pc = results.get("positive_class") or {}
+    d = (results["dense"].get(split) or {}).get("per_class_parity")
+    p = (results["pruned"].get(split) or {}).get("per_class_parity")
+    if not d or not p or pc.get("num_classes", 2) <= 2:
+        return []
+    dp, eo = "demographic_parity_difference", "equalized_odds_difference"
+    star = " *" if small_groups(results, split) else ""
+    out = [f"## DP and EO of every class vs the rest ({split})", "",
+           f"Demographic parity and equalized odds differences (between groups, worst case) with class k as the "
+           f"positive class, for every k; the summary table's DP / EO are class {pc['id']} ({pc['name']!r}), "
+           "marked `<-`.", "",
+           f"| class | DP dense | DP pruned{star} | EO dense | EO pruned{star} |", "|---|---:|---:|---:|---:|"]
+    for name in p[dp]:
+        mark = " <-" if name == pc.get("name") else ""
+        out.append(f"| {name}{mark} | {_fmt(d[dp].get(name), '{:.4f}')} | {_fmt(p[dp][name], '{:.4f}')} | "
+                   f"{_fmt(d[eo].get(name), '{:.4f}')} | {_fmt(p[eo][name], '{:.4f}')} |")
+
+    def mx(r: dict, key: str) -> str:
+        return f"{_fmt(r[f'{key}_max'], '{:.4f}')} ({r[f'{key}_max_class']})"
+    out.append(f"| **max over classes** | {mx(d, dp)} | {mx(p, dp)} | {mx(d, eo)} | {mx(p, eo)} |")
+    note = small_groups_note(results, split)
+    return out + ([f"\n{note}"] if star and note else []) + [""]
+
+
 def degenerate_note(results: dict, split: str = "test") -> str | None:
     """A warning line when the pruned model predicts (nearly) one class for every row, else None."""
     p = results["pruned"].get(split, {})
@@ -155,6 +196,8 @@ def markdown_report(results: dict) -> str:
     if pc and pc.get("num_classes", 2) > 2:
         out.insert(-1, f"- DP and EO are of class {pc['id']} ({pc['name']!r}) vs the rest ({pc['num_classes']} "
                        "classes; `--positive-class` chooses another)")
+        if per_class_line(r):
+            out.insert(-1, f"- {per_class_line(r)} (every class: the section below)")
     c = r.get("compact")
     if c and "error" not in c:
         out.insert(-1, f"- compacted model in `{c['path']}/`: {c['params_compact']} of {c['params_dense']} parameters, "
@@ -168,6 +211,7 @@ def markdown_report(results: dict) -> str:
     for split in ("test", "train"):
         if split in r["pruned"]:
             out += [summary_table(r, split), ""]
+    out += per_class_markdown(r)
     out += certificate_markdown(r)
     out += ["## Per-group accuracy (test)", "", "| group | n | dense | pruned | psi_g |", "|---|---:|---:|---:|---:|"]
     d, p = r["dense"]["test"], r["pruned"]["test"]

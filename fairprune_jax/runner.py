@@ -193,6 +193,18 @@ class Prepared:
     dense_history: dict
     dense_evals: dict
     timings: dict
+    #: the eval step of the final report: ``ctx.eval_step``, plus every class's one-vs-rest counts for a
+    #: multi-class target (``evals[split]`` is then ``(group counts, class counts, class-group counts)``)
+    report_step: Any = None
+
+
+def report_eval_step(ctx: Context) -> Any:
+    """The eval step for the reported numbers: for a target of more than two classes it also counts what DP
+    and EO of every class vs the rest need (same forward pass); otherwise ``ctx.eval_step`` itself."""
+    ds, cfg = ctx.dataset, ctx.config
+    if ds.num_classes <= 2:
+        return ctx.eval_step
+    return make_eval_step(ctx.fm, ds.num_groups, ds.num_classes, cfg.positive_label, per_class=True)
 
 
 def load_checked(cfg: RunConfig, dataset: Dataset | None = None) -> tuple[Dataset, float]:
@@ -362,10 +374,11 @@ def _prepared(ctx: Context, params: Any, model_state: Any, dense: tuple[TrainSta
         _check_dense(dense, params, model_state)
         timings.setdefault("dense_train_s", float(dense_hist.get("seconds", 0.0)))
     t = time.perf_counter()
-    evals = {s: evaluate(ctx.eval_step, dense, split, cfg.eval_batch_size) for s, split in ds.splits().items()}
-    ctx.dense_train_counts, ctx.dense_train_class_counts = evals["train"]
+    step = report_eval_step(ctx)
+    evals = {s: evaluate(step, dense, split, cfg.eval_batch_size) for s, split in ds.splits().items()}
+    ctx.dense_train_counts, ctx.dense_train_class_counts = evals["train"][:2]
     timings["dense_eval_s"] = time.perf_counter() - t
-    return Prepared(cfg, ds, ctx, dense, dense_hist, evals, timings)
+    return Prepared(cfg, ds, ctx, dense, dense_hist, evals, timings, report_step=step)
 
 
 def _check_dense(dense: TrainState, params: Any, model_state: Any) -> None:
@@ -383,7 +396,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     (``method``, ``sparsity``, ``method_options``, ``out``, ...) but not the data or the dense training."""
     t_start = time.perf_counter()
     fixed = {"dataset", "data_dir", "model", "epochs", "lr", "batch_size", "dataset_options", "model_options",
-             "optimizer", "weight_decay", "exclude_first", "exclude_last"}
+             "optimizer", "weight_decay", "exclude_first", "exclude_last", "positive_label"}
     bad = fixed & set(overrides)
     if bad:
         raise ValueError(f"cannot override {sorted(bad)} after the dense model was trained; prepare() again")
@@ -401,7 +414,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     timings = dict(prep.timings)
     timings["method_s"] = time.perf_counter() - t_start
     evals = {"dense": prep.dense_evals,
-             "pruned": {s: evaluate(ctx.eval_step, pruned, split, cfg.eval_batch_size)
+             "pruned": {s: evaluate(prep.report_step or ctx.eval_step, pruned, split, cfg.eval_batch_size)
                         for s, split in ds.splits().items()}}
     results = _assemble(cfg, ds, ctx, prep.dense, pruned, evals, prep.dense_history, info)
     if tracker is not None:         # the logged series, summarised (first / last / min / max per phase and group)
@@ -608,10 +621,11 @@ def _assemble(cfg: RunConfig, ds: Dataset, ctx: Context, dense: TrainState, prun
     }
     for which in ("dense", "pruned"):
         out[which] = {}
-        for split_name, (gc, cc) in evals[which].items():
+        for split_name, (gc, cc, *per_class) in evals[which].items():
             dense_ref = evals["dense"][split_name][0] if which == "pruned" else None
-            out[which][split_name] = fairness.fairness_report(gc, class_counts=cc, dense_counts=dense_ref,
-                                                              group_names=ds.group_names)
+            out[which][split_name] = fairness.fairness_report(
+                gc, class_counts=cc, dense_counts=dense_ref, group_names=ds.group_names,
+                class_group=per_class[0] if per_class else None, class_names=ds.class_names)
     out["history"] = {"dense": dense_hist, "method": _jsonable(info.get("history", {}))}
     out["method_info"] = _jsonable({k: v for k, v in info.items() if k != "history"})
     return out

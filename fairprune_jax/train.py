@@ -134,9 +134,13 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *,
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int, positive_label: int = 1
-                   ) -> Callable[..., tuple[fairness.GroupCounts, fairness.GroupCounts]]:
-    """Jitted ``(params, masks, model_state, batch) -> (group counts, class counts)``."""
+def make_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int, positive_label: int = 1, *,
+                   per_class: bool = False) -> Callable[..., tuple]:
+    """Jitted ``(params, masks, model_state, batch) -> (group counts, class counts)``.
+
+    ``per_class``: a third output, the :class:`fairness.ClassGroupCounts` behind DP / EO of every class vs
+    the rest (for a multi-class target's report), from the same forward pass.
+    """
 
     def step(params, masks, model_state, batch):
         logits, _ = masked_forward(fm, params, masks, model_state, batch["x"], train=False)
@@ -145,22 +149,26 @@ def make_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int, posit
                                          weights=batch["w"], positive_label=positive_label)
         by_class = fairness.group_counts(logits, batch["y"], batch["y"], num_classes, loss=per,
                                          weights=batch["w"], positive_label=positive_label)
+        if per_class:
+            return by_group, by_class, fairness.class_group_counts(logits, batch["y"], batch["g"], num_groups,
+                                                                   num_classes, weights=batch["w"])
         return by_group, by_class
 
     return jax.jit(step)
 
 
 def evaluate(eval_step: Callable, state: TrainState, split: Split, batch_size: int = 512, *,
-             mesh: Any = None) -> tuple[fairness.GroupCounts, fairness.GroupCounts]:
-    """Sum group and class counts over a whole split (numpy, float64).
+             mesh: Any = None) -> tuple:
+    """Sum group and class counts (and, from a ``per_class`` step, the class-group counts) over a whole
+    split (numpy, float64).
 
     With a ``mesh`` (default: :func:`distributed.current_mesh`) the batches are
     split over its devices (the batch size is rounded up to a multiple of the
     device count; padding rows have ``w = 0``) and the counts are global.
     """
-    total_g, total_c = sum_over_split(eval_step, (state.params, state.masks, state.model_state), split,
-                                      batch_size, mesh=mesh)
-    return type(total_g)(*total_g), type(total_c)(*total_c)
+    totals = sum_over_split(eval_step, (state.params, state.masks, state.model_state), split, batch_size,
+                            mesh=mesh)
+    return tuple(type(t)(*t) for t in totals)
 
 
 def sum_over_split(step: Callable, args: Any, split: Split, batch_size: int = 512, *, mesh: Any = None) -> Any:

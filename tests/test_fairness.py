@@ -305,6 +305,45 @@ def test_multiclass_positive_label_binarization():
     assert close(F.accuracy(c), 0.5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dp_and_eo_of_every_class_vs_the_rest_match_fairlearn(seed):
+    """Per-class (one vs rest) DP / EO from class-group counts summed over padded batches equal fairlearn's on
+    the binarized labels and predictions, class by class; the maximum names its class; class k equals the
+    headline of ``positive_label=k``. Group 4 is absent (skipped, as fairlearn does not see it)."""
+    rng = np.random.default_rng(seed)
+    n, G, C = 90, 5, 4
+    y, p, g = rng.integers(0, C, n), rng.integers(0, C, n), rng.integers(0, G - 1, n)
+    p[g == 2] = np.where(rng.random((g == 2).sum()) < 0.6, 3, p[g == 2])      # a group that over-selects class 3
+    step = jax.jit(F.class_group_counts, static_argnames=("num_groups", "num_classes"))
+    total = None
+    for lo in range(0, n, 32):          # padded batches of 32: padding rows have w = 0 and junk labels
+        sl = slice(lo, lo + 32)
+        m = len(y[sl])
+        pad = 32 - m
+        w = np.r_[np.ones(m), np.zeros(pad)].astype(np.float32)
+        out = step(jnp.asarray(np.r_[p[sl], np.zeros(pad, int)]), np.r_[y[sl], np.full(pad, 1)],
+                   np.r_[g[sl], np.zeros(pad, int)], num_groups=G, num_classes=C, weights=w)
+        total = out if total is None else F.ClassGroupCounts(*(a + b for a, b in zip(total, out)))
+    names = ["zero", "one", "two", "three"]
+    per = F.per_class_parity(total, names)
+    want_dp, want_eo = {}, {}
+    for k, name in enumerate(names):
+        yk, pk = (y == k).astype(int), (p == k).astype(int)
+        want_dp[name] = fairlearn_metrics.demographic_parity_difference(yk, pk, sensitive_features=g)
+        want_eo[name] = fairlearn_metrics.equalized_odds_difference(yk, pk, sensitive_features=g)
+        assert close(per["demographic_parity_difference"][name], want_dp[name]), name
+        assert close(per["equalized_odds_difference"][name], want_eo[name]), name
+        head = F.group_counts(jnp.asarray(p), y, g, G, positive_label=k)
+        assert per["demographic_parity_difference"][name] == F.demographic_parity_difference(head)
+        assert per["equalized_odds_difference"][name] == F.equalized_odds_difference(head)
+    for key, want in (("demographic_parity_difference", want_dp), ("equalized_odds_difference", want_eo)):
+        best = max(want, key=want.get)
+        assert per[f"{key}_max_class"] == best and close(per[f"{key}_max"], want[best])
+    rep = F.fairness_report(F.group_counts(jnp.asarray(p), y, g, G), class_group=total, class_names=names)
+    assert rep["per_class_parity"] == per and json.loads(json.dumps(rep, allow_nan=False))
+    assert "per_class_parity" not in F.fairness_report(F.group_counts(jnp.asarray(p), y, g, G))
+
+
 # ---------------------------------------------------------------------------
 # Accumulation
 # ---------------------------------------------------------------------------

@@ -432,14 +432,45 @@ def test_small_groups_and_the_positive_class_are_marked_in_every_table(tmp_path)
     from fairprune_jax import report
     three = _relabel(toy(), y=lambda s: (np.digitize(s.x[:, 0], [-0.4, 0.4])).astype(np.int32),
                      classes=["a", "b", "c"])
-    res = run(cfg(small_group=40, out=str(tmp_path)), three)
+    config = cfg(small_group=40, out=str(tmp_path))
+    res = run_method(prepare(config, three))     # keeps the pruned state ("_state")
     assert res["positive_class"] == {"id": 1, "name": "b", "num_classes": 3}
+    # DP / EO of every class vs the rest, against fairlearn on the pruned model's own test predictions
+    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+    from fairprune_jax.runner import build_context
+    from fairprune_jax.train import masked_forward
+    st = res["_state"]
+    fm = build_context(config, three)[0].fm
+    pred = np.asarray(jnp.argmax(masked_forward(fm, st.params, st.masks, st.model_state, jnp.asarray(three.test.x),
+                                                train=False)[0], -1))
+    y, g = three.test.y, three.test.g
+    for split in ("test", "train"):
+        for which in ("dense", "pruned"):
+            per = res[which][split]["per_class_parity"]
+            head = res[which][split]
+            assert per["demographic_parity_difference"]["b"] == head["demographic_parity_difference"]["between_groups"]
+            assert per["equalized_odds_difference"]["b"] == \
+                head["equalized_odds_difference"]["between_groups"]["worst_case"]
+    per = res["pruned"]["test"]["per_class_parity"]
+    for k, name in enumerate("abc"):
+        assert per["demographic_parity_difference"][name] == pytest.approx(
+            demographic_parity_difference(y == k, pred == k, sensitive_features=g), abs=1e-9)
+        assert per["equalized_odds_difference"][name] == pytest.approx(
+            equalized_odds_difference(y == k, pred == k, sensitive_features=g), abs=1e-9)
+    worst = max("abc", key=lambda c: per["demographic_parity_difference"][c])
+    assert per["demographic_parity_difference_max_class"] == worst
+    assert per["demographic_parity_difference_max"] == per["demographic_parity_difference"][worst]
+    line = report.per_class_line(res)
+    assert line.startswith("DP / EO per class, each class vs the rest (test, pruned): max DP ")
+    assert f"(class {worst!r})" in line and line.endswith("the table's DP / EO are class 1 ('b') vs the rest")
     table = report.text_table(res)
     assert "demographic parity difference (b vs rest) *" in table and "worst-group accuracy *" in table, table
     assert "* over groups of which 2 have fewer than 40 test rows (--small-group): g1 (33), g2 (21)" in table
     md = (tmp_path / "results.md").read_text()
     assert "| demographic parity difference (b vs rest) * |" in md and "fewer than 40 test rows" in md
     assert "DP and EO are of class 1 ('b') vs the rest (3 classes" in md
+    assert "## DP and EO of every class vs the rest (test)" in md and "| b <- |" in md
+    assert "| **max over classes** |" in md and f"- {line}" in md
     res["config"]["small_group"] = 10
     res["pruned"]["test"]["certificate"]["small_groups"] = []
     assert "*" not in report.text_table(res)
