@@ -255,7 +255,8 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fairprune_jax.compare import is_suite, load_config, load_suite, markdown_table, run_compare, run_suite
+    from fairprune_jax.compare import (DEFAULT_COLUMNS, is_suite, load_config, load_suite, markdown_table,
+                                       run_compare, run_suite, small_legend)
 
     from fairprune_jax import distributed
 
@@ -281,6 +282,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"wrote {suite.out}/headline.md, headline.csv, headline.json (and each comparison's own outputs)")
         return 0
     print(markdown_table(cc, summary["aggregate"]))
+    legend = small_legend(summary["aggregate"], DEFAULT_COLUMNS + ["train_psi_within_tol"],
+                          set((summary.get("setting") or {}).get("small_limits") or ()))
+    if legend:
+        print(legend.replace("`", ""))
     print(f"wrote {cc.out}/results.csv, results.json, results.md and plots")
     return 0
 

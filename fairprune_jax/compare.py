@@ -337,7 +337,7 @@ def collect(cc: CompareConfig) -> dict:
                     continue
                 r = json.loads(p.read_text())
                 if seed not in dense_rows:
-                    dense_rows[seed] = dense_row(r)
+                    dense_rows[seed] = dict(dense_row(r), small=small_marks(r, "dense"))
                     setting.setdefault("groups_are_classes", tables.groups_are_classes(r))
                     setting.setdefault("group_sizes", {g: int(v["n"] or 0)
                                                        for g, v in r["pruned"]["test"]["groups"].items()})
@@ -351,6 +351,8 @@ def collect(cc: CompareConfig) -> dict:
                 row["top_prediction_share"] = r["pruned"]["test"].get("top_prediction_share")
                 row["no_violated_group"] = None if row["test_violated_groups"] is None else row["test_violated_groups"] == 0
                 row["small_groups"] = (r["pruned"]["test"].get("certificate") or {}).get("small_groups", [])
+                row["small"] = small_marks(r)
+                row["small_limit"] = int((r.get("config") or {}).get("small_group", RunConfig.small_group))
                 row["dense_test_accuracy"] = r["dense"]["test"]["accuracy"]
                 row["accuracy_drop"] = (None if row["test_accuracy"] is None
                                         else row["dense_test_accuracy"] - row["test_accuracy"])
@@ -367,8 +369,85 @@ def collect(cc: CompareConfig) -> dict:
                 rows.append(row)
     agg = aggregate(rows, cc)
     dense = aggregate_dense(list(dense_rows.values()))
+    setting["small_limits"] = sorted({r["small_limit"] for r in rows})
     write_outputs(cc, rows, agg, dense=dense, setting=setting)
     return {"rows": rows, "aggregate": agg, "dense": dense, "setting": setting}
+
+
+def _small_ends(values: dict[str, float | None], rows: dict[str, int], limit: int, ends: str) -> bool:
+    """Does the maximum (``ends="max"``) or either end of max - min (``"range"``) rest on small groups only?
+
+    ``values``: group -> value (None: absent). An end is small when every group that attains it has fewer than
+    ``limit`` rows: a tie with a large group means the value does not depend on the small one.
+    """
+    vals = {g: v for g, v in values.items() if v is not None and rows.get(g, 0) > 0}
+    if not vals:
+        return False
+    picks = [max(vals.values())] + ([min(vals.values())] if ends == "range" else [])
+    return any(all(rows[g] < limit for g, v in vals.items() if abs(v - x) <= 1e-12) for x in picks)
+
+
+def small_marks(cell: dict, which: str = "pruned") -> dict[str, bool]:
+    """Column -> True where the cell's value of a per-group-derived column rests on a small group: a group
+    with fewer rows of the column's split than the run's ``small_group`` threshold. The attaining group of a
+    maximum (max psi_g, psi_g upper bound), either end of a max - min gap (psi_g spread, group accuracy gap,
+    DP and EO differences: EO's worst side), any group for the certified share, a violated group for the
+    violated-group count. The within-tolerance columns follow their max psi_g. When the groups are the
+    classes, MCD follows the group accuracy gap and CWV is starred when any class is small."""
+    limit = int((cell.get("config") or {}).get("small_group", RunConfig.small_group))
+    out: dict[str, bool] = {}
+    for split in ("train", "test"):
+        rep = (cell.get(which) or {}).get(split)
+        if not rep:
+            continue
+        groups = rep.get("groups") or {}
+        rows = {g: int(v.get("n") or 0) for g, v in groups.items()}
+
+        def field(key: str) -> dict[str, float | None]:
+            return {g: v.get(key) for g, v in groups.items()}
+        psi = (rep.get("excess_accuracy_gap") or {}).get("per_group")
+        if psi:
+            out[f"{split}_max_psi"] = out[f"{split}_psi_within_tol"] = _small_ends(psi, rows, limit, "max")
+            out[f"{split}_psi_spread"] = _small_ends(psi, rows, limit, "range")
+        if split != "test":
+            continue
+        out["test_group_acc_gap"] = _small_ends(field("accuracy"), rows, limit, "range")
+        if tables.groups_are_classes(cell):       # MCD is the group accuracy gap; CWV spreads over every class
+            out["test_mcd"] = out["test_group_acc_gap"]
+            out["test_cwv"] = any(0 < n < limit for n in rows.values())
+        out["test_dp_diff"] = _small_ends(field("selection_rate"), rows, limit, "range")
+        eo = rep.get("equalized_odds_difference", {}).get("between_groups", {})
+        tpr = {g: v for g, v in field("tpr").items() if v is not None and rows[g] > 0}
+        fpr = {g: v for g, v in field("fpr").items() if v is not None and rows[g] > 0}
+        if tpr and fpr and eo.get("worst_case") is not None:
+            tpr_gap, fpr_gap = max(tpr.values()) - min(tpr.values()), max(fpr.values()) - min(fpr.values())
+            sides = [_small_ends(tpr, rows, limit, "range") if abs(tpr_gap - eo["worst_case"]) <= 1e-12 else None,
+                     _small_ends(fpr, rows, limit, "range") if abs(fpr_gap - eo["worst_case"]) <= 1e-12 else None]
+            sides = [x for x in sides if x is not None]
+            out["test_eo_diff"] = bool(sides) and all(sides)
+        cert = rep.get("certificate")
+        if cert:
+            limit_c = int(cert.get("small_group_rows", limit))
+            tested = {g: v for g, v in cert["groups"].items() if v.get("verdict") is not None}
+            out["test_certified_share"] = any(v["small"] for v in tested.values())
+            out["test_violated_groups"] = out["no_violated_group"] = any(
+                v["small"] for v in tested.values() if v["verdict"] == "violated")
+            out["test_psi_upper"] = _small_ends({g: v["high"] for g, v in tested.items()},
+                                                {g: v["n"] for g, v in tested.items()}, limit_c, "max")
+    return {k: v for k, v in out.items() if v}
+
+
+def small_legend(table_rows: list[dict], cols: list[str], limits: set[int] | None = None) -> str | None:
+    """The note under a table saying what ``*`` means: None when no shown cell of ``table_rows`` (aggregate
+    rows, the dense row) is starred. ``limits``: the runs' ``small_group`` thresholds."""
+    if not any(c in (r.get("small") or {}) for r in table_rows for c in cols):
+        return None
+    lim = " / ".join(str(x) for x in sorted(limits or {RunConfig.small_group}))
+    return (f"`*` = in at least one seed the value rests on a small group, one with fewer than {lim} rows of the "
+            "column's split (the runs' `small_group`): the group attaining a maximum (max ψ_g, ψ_g upper bound), "
+            "either end of a max - min gap (ψ_g spread, group accuracy gap, DP and EO differences; MCD when the "
+            "groups are the classes), a violated group (violated groups), any group (certified share; CWV when the "
+            "groups are the classes); figures over so few rows are mostly noise.")
 
 
 def constant_classifier(cell: dict) -> bool | None:
@@ -401,7 +480,8 @@ def aggregate_dense(rows: list[dict]) -> dict | None:
     """Mean and std over seeds of the dense models (one row per seed), shaped like an aggregate row."""
     if not rows:
         return None
-    out: dict[str, Any] = {"method": "dense", "sparsity": 0.0, "n_seeds": len(rows)}
+    out: dict[str, Any] = {"method": "dense", "sparsity": 0.0, "n_seeds": len(rows),
+                           "small": {c: True for r in rows for c in (r.get("small") or {})}}
     for c in list(METRICS) + ["dense_test_accuracy"]:
         vals = np.array([float(r[c]) for r in rows if r.get(c) is not None], dtype=float)
         out[c] = {"mean": float(vals.mean()) if vals.size else None,
@@ -432,7 +512,8 @@ def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
             sel = [r for r in rows if r["method"] == m and r["sparsity"] == s]
             if not sel:
                 continue
-            a: dict[str, Any] = {"method": m, "sparsity": s, "n_seeds": len(sel)}
+            a: dict[str, Any] = {"method": m, "sparsity": s, "n_seeds": len(sel),
+                                 "small": {c: True for r in sel for c in (r.get("small") or {})}}
             for c in cols:
                 vals = np.array([float(r[c]) for r in sel if r.get(c) is not None], dtype=float)
                 a[c] = {"mean": float(vals.mean()) if vals.size else None,
@@ -472,10 +553,11 @@ def format_cell(col: str, agg_row: dict) -> str:
     v = agg_row.get(col) or {}
     if v.get("mean") is None:
         return "-"
+    star = " *" if (agg_row.get("small") or {}).get(col) else ""
     if col.endswith("within_tol") or col in FLAG_COLUMNS:
-        return f"{v['mean'] * agg_row['n_seeds']:.0f}/{agg_row['n_seeds']}"
+        return f"{v['mean'] * agg_row['n_seeds']:.0f}/{agg_row['n_seeds']}{star}"
     fmt = "{:.5f}" if "cwv" in col else "{:.4f}"
-    return fmt.format(v["mean"]) + " ± " + fmt.format(v["std"])
+    return fmt.format(v["mean"]) + " ± " + fmt.format(v["std"]) + star
 
 
 def structured_methods(cc: CompareConfig) -> dict[str, bool]:
@@ -567,7 +649,8 @@ def identical_rows(agg: list[dict], cols: list[str]) -> list[tuple[str, str, flo
 def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: dict | None = None,
                   setting: dict | None = None) -> None:
     setting = setting or {}
-    flat = [{k: v for k, v in r.items() if k not in ("group_acc_change", "small_groups", "constraint")} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("group_acc_change", "small_groups", "constraint", "small",
+                                                     "small_limit")} for r in rows]
     if flat:
         with open(cc.out / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(flat[0]))
@@ -591,6 +674,9 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
         notes.append("Structured pruning removes whole neurons / channels and is not comparable with unstructured "
                      "pruning at the same sparsity.")
     notes += dropped
+    legend = small_legend(agg + [dense or {}], cols, set(setting.get("small_limits") or ()))
+    if legend:
+        notes.append(legend)
     same = identical_rows(agg, cols)
     for a, b, sp in same:
         mult = {m: max((r["constraint"]["max_multiplier"] or 0.0 for r in rows if r["method"] == m
@@ -752,6 +838,9 @@ def headline_sections(suite: Suite, rows: list[dict], per: dict, latex: bool = F
         if len(set(structured.values())) > 1:
             notes.append("Structured (whole units removed) and unstructured sparsity are not comparable at the "
                          "same number.")
+        legend = small_legend(agg + [dense or {}], cols, set((info.get("setting") or {}).get("small_limits") or ()))
+        if legend:
+            notes.append(legend)
         body = tables.render(agg, cols, dense=dense, structured=structured, flags=set(FLAG_COLUMNS), latex=latex,
                              lead=("dataset", "method", "sparsity"))
         if latex:

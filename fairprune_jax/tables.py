@@ -128,7 +128,9 @@ def render(agg: list[dict], cols: list[str], *, dense: dict | None = None, struc
 
     ``lead``: the leading columns (``dataset`` may come first). ``structured[method]``: marks the pruning
     kind. ``constraint[method]``: the constraint setting shown (``eps``). ``dense``: a dense-model row first.
-    Bold: the best mean of each column among the non-degenerate pruned rows of the same sparsity.
+    Bold: the best mean of each column among the non-degenerate pruned rows of the same sparsity. A row's
+    ``small`` (column -> True) stars the cells whose value rests on a small group (the caller's note says so);
+    the numbers stay as they are.
     """
     structured, constraint, flags = structured or {}, constraint or {}, set(flags or ())
     show_kind = bool(structured) and len(set(structured.values())) > 1
@@ -142,7 +144,8 @@ def render(agg: list[dict], cols: list[str], *, dense: dict | None = None, struc
         lead_cells = {"method": "dense", "sparsity": "0", "dataset": dense.get("dataset", "")}
         cells = [lead_cells[k] for k in lead] + (["--" if latex else "–"] if show_kind else [])
         cells += [str(dense["n_seeds"])] + (["--" if latex else "–"] if show_con else [])
-        cells += [("--" if latex else "–") if c in NOT_FOR_DENSE else _fmt(c, dense, flags, latex) for c in cols]
+        cells += [("--" if latex else "–") if c in NOT_FOR_DENSE else _fmt(c, dense, flags, latex)
+                  + _star(dense, c, latex) for c in cols]
         rows.append(cells)
     for i, a in enumerate(agg):
         name = a["method"]
@@ -160,7 +163,7 @@ def render(agg: list[dict], cols: list[str], *, dense: dict | None = None, struc
             v = _fmt(c, a, flags, latex)
             if i in best.get(c, ()):
                 v = rf"\textbf{{{v}}}" if latex else f"**{v}**"
-            cells.append(v)
+            cells.append(v + _star(a, c, latex))
         rows.append(cells)
     if latex:
         esc = _tex
@@ -176,6 +179,13 @@ def render(agg: list[dict], cols: list[str], *, dense: dict | None = None, struc
                           for k, h in zip(list(lead) + [None] * len(head), head)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def _star(row: dict, col: str, latex: bool) -> str:
+    """`` *`` (LaTeX ``$^*$``) after a value that rests on a small group, else nothing."""
+    if not (row.get("small") or {}).get(col) or (row.get(col) or {}).get("mean") is None:
+        return ""
+    return r"$^*$" if latex else " *"
 
 
 _UNICODE_TEX = {"ψ_g": r"$\psi_g$", "≤": r"$\le$", "λ": r"$\lambda$", "τ": r"$\tau$", "ε": r"$\varepsilon$",

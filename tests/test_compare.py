@@ -1,5 +1,6 @@
 """fairprune compare: grid outputs, resumability, config errors."""
 import json
+import re
 
 import pytest
 
@@ -137,12 +138,13 @@ def test_variant_errors(tmp_path):
 
 @pytest.mark.slow
 def test_suite_writes_one_headline_over_its_comparisons(tmp_path, monkeypatch):
-    from fairprune_jax.compare import is_suite, load_suite, run_suite
+    from fairprune_jax.compare import is_suite, load_suite, run_suite, small_marks
     for name, methods in (("a", '["magnitude", "random"]'), ("b", '["magnitude"]')):
         (tmp_path / f"{name}.toml").write_text(
             f'name = "{name}"\ndataset = "digits"\nmethods = {methods}\nsparsities = [0.7]\nseeds = [0]\n'
             f'out = "res/{name}"\n[run]\nepochs = 1\nlr = {0.01 if name == "a" else 0.003}\n'
-            '[model_options]\nhidden = [16]\n')
+            + ("small_group = 45\n" if name == "a" else "")        # digits test classes 0, 2, 8 have 44 rows
+            + '[model_options]\nhidden = [16]\n')
     suite_file = tmp_path / "all.toml"
     suite_file.write_text('name = "all"\nsuite = ["a.toml", "b.toml"]\nout = "res/all"\n')
     assert is_suite(suite_file) and not is_suite(tmp_path / "a.toml")
@@ -156,6 +158,18 @@ def test_suite_writes_one_headline_over_its_comparisons(tmp_path, monkeypatch):
         assert r["accuracy_drop"]["mean"] == pytest.approx(r["dense_test_accuracy"]["mean"]
                                                            - r["test_accuracy"]["mean"])
     assert (tmp_path / "res" / "a" / "results.md").exists()   # each comparison keeps its own outputs
+    # small groups (comparison a only): starred in the cells they decide, with the legend under the table
+    a_md = (tmp_path / "res" / "a" / "results.md").read_text()
+    for r in out["rows"]:
+        cell = json.loads((tmp_path / "res" / r["comparison"] / "cells" / f"{r['method']}_s0.7_seed0"
+                           / "results.json").read_text())
+        assert r["small"] == small_marks(cell) and bool(r["small"]) == (r["comparison"] == "a")
+        assert bool(r["small"].get("test_certified_share")) == (r["comparison"] == "a")   # 3 of 10 classes small
+    assert "0 *" in a_md and "`*` = in at least one seed the value rests on a small group, one with fewer than 45" \
+        in a_md, a_md
+    sections = md.split("#### ")
+    assert " *" in sections[1] and "fewer than 45 rows" in sections[1]
+    assert "`*`" not in sections[2] and " * |" not in sections[2]
 
     def boom(*a, **k):
         raise AssertionError("a finished suite trained again")
@@ -275,3 +289,61 @@ def test_a_grid_reuses_its_saved_dense_models(tmp_path, monkeypatch):
     shutil.copytree(tmp_path / "out" / "dense", tmp_path / "out2" / "dense")
     with pytest.raises(AssertionError, match="trained again"):
         run_compare(load_config(cfg, out=str(tmp_path / "out2")), progress=False)
+
+
+def _cell(groups: dict, psi: dict, verdicts: dict, small_group: int = 30) -> dict:
+    """A hand-made cell: group -> (n, accuracy, selection rate, tpr, fpr) on test; psi per group; verdicts."""
+    rep = {"groups": {g: dict(zip(("n", "accuracy", "selection_rate", "tpr", "fpr"), v)) for g, v in groups.items()},
+           "excess_accuracy_gap": {"per_group": psi},
+           "certificate": {"small_group_rows": small_group, "groups": {
+               g: {"n": groups[g][0], "small": groups[g][0] < small_group, "verdict": verdicts[g],
+                   "high": psi[g] + 0.1} for g in groups}}}
+    tpr = [v[3] for v in groups.values()]
+    fpr = [v[4] for v in groups.values()]
+    rep["equalized_odds_difference"] = {"between_groups": {"worst_case": max(max(tpr) - min(tpr),
+                                                                                max(fpr) - min(fpr))}}
+    return {"config": {"small_group": small_group}, "pruned": {"test": rep, "train": {
+        "groups": {g: {"n": 4 * v[0]} for g, v in groups.items()}, "excess_accuracy_gap": {"per_group": psi}}},
+        "dense": {"test": rep}}
+
+
+def test_small_groups_are_starred_in_the_table_cells_they_decide():
+    """A per-group-derived cell is starred when the group that attains it (either end of a gap) is small: a tie
+    with a large group does not count; train columns use train rows; the numbers themselves do not change."""
+    from fairprune_jax import tables
+    from fairprune_jax.compare import small_legend, small_marks
+    #               n    acc   sel   tpr   fpr
+    cell = _cell({"big": (200, 0.90, 0.50, 0.80, 0.20), "mid": (100, 0.80, 0.40, 0.70, 0.25),
+                  "tiny": (12, 0.50, 0.40, 0.40, 0.22)},
+                 psi={"big": -0.01, "mid": 0.02, "tiny": 0.30},
+                 verdicts={"big": "holds", "mid": "undetermined", "tiny": "undetermined"})
+    marks = small_marks(cell)
+    # tiny has the max psi, the lowest accuracy and the lowest TPR (EO's worst side); its selection rate ties
+    # with mid's, so DP's low end does not rest on it alone; no group is violated; train rows are 4x (48 >= 30)
+    assert marks == {"test_max_psi": True, "test_psi_within_tol": True, "test_psi_spread": True,
+                     "test_group_acc_gap": True, "test_eo_diff": True, "test_certified_share": True,
+                     "test_psi_upper": True}, marks
+    assert small_marks(cell, "dense")["test_group_acc_gap"]
+    as_classes = dict(cell, groups={"attributes": ["class"], "names": list(cell["pruned"]["test"]["groups"])})
+    assert small_marks(as_classes)["test_mcd"] and small_marks(as_classes)["test_cwv"]
+    cell["config"]["small_group"] = cell["pruned"]["test"]["certificate"]["small_group_rows"] = 50
+    for g in cell["pruned"]["test"]["certificate"]["groups"].values():
+        g["small"] = g["n"] < 50
+    assert small_marks(cell)["train_max_psi"]          # 48 train rows < 50
+    cell["pruned"]["test"]["certificate"]["groups"]["tiny"]["verdict"] = "violated"
+    assert small_marks(cell)["test_violated_groups"] and small_marks(cell)["no_violated_group"]
+
+    agg = [{"method": "ceag", "sparsity": 0.9, "n_seeds": 2, "test_max_psi": {"mean": 0.3, "std": 0.01},
+            "test_accuracy": {"mean": 0.8, "std": 0.0}, "small": {"test_max_psi": True}},
+           {"method": "nft", "sparsity": 0.9, "n_seeds": 2, "test_max_psi": {"mean": 0.2, "std": 0.02},
+            "test_accuracy": {"mean": 0.7, "std": 0.0}, "small": {}}]
+    cols = ["test_accuracy", "test_max_psi"]
+    md = tables.render(agg, cols)
+    assert "| ceag | 0.9 | 2 | **0.8000 ± 0.0000** | 0.3000 ± 0.0100 * |" in md, md
+    assert "| nft | 0.9 | 2 | 0.7000 ± 0.0000 | **0.2000 ± 0.0200** |" in md, md
+    assert re.sub(r" \*(?= \|)", "", md) == tables.render([dict(a, small={}) for a in agg], cols)
+    assert r"0.3000 $\pm$ 0.0100$^*$" in tables.render(agg, cols, latex=True)
+    legend = small_legend(agg, cols, {30})
+    assert legend.startswith("`*` = in at least one seed the value rests on a small group, one with fewer than 30 "
+                             "rows of the column's split (the runs' `small_group`)")
+    assert small_legend(agg, ["test_accuracy"], {30}) is None
