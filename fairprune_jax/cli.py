@@ -308,10 +308,8 @@ def _interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:
 
 
 def cmd_methods(_: argparse.Namespace) -> int:
-    from fairprune_jax.methods import METHODS
-    for name, m in sorted(METHODS.items()):
-        opts = ", ".join(f"{k}={v}" for k, v in m.options.items())
-        print(f"{name:21s} {m.description}" + (f"\n{'':21s} options: {opts}" if opts else ""))
+    from fairprune_jax import method_listing     # a snapshot of the registry: no JAX, answers at once
+    print(method_listing.format_listing(method_listing.load()))
     return 0
 
 

@@ -42,3 +42,26 @@ def test_tfds_without_the_extra_names_the_install_command(monkeypatch, tmp_path,
                "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and 'fairprune: error: tfds:cifar10 needs the optional' in err and "[tfds]" in err
+
+
+def test_methods_listing_imports_no_jax():
+    """``fairprune methods`` reads the registry's snapshot (method_catalog.py), so it imports no JAX."""
+    code = ("import contextlib, io\nfrom fairprune_jax import cli\nbuf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n    rc = cli.main(['methods'])\n"
+            "assert rc == 0 and 'ceag ' in buf.getvalue() and 'options: eps=' in buf.getvalue(), buf.getvalue()\n")
+    assert _modules_after(code) == []
+
+
+def test_methods_snapshot_equals_the_registry(capsys):
+    """The snapshot ``fairprune methods`` prints is the live registry's (names, descriptions, options with their
+    defaults and types, structured), so it cannot drift from the method files unnoticed."""
+    from fairprune_jax import method_listing
+    from fairprune_jax.cli import main
+    live, snap = method_listing.from_registry(), method_listing.load()
+    stale = "fairprune_jax/method_catalog.py is stale: run `python -m fairprune_jax.method_listing` and commit it"
+    assert [e["name"] for e in snap] == [e["name"] for e in live], stale
+    for a, b in zip(snap, live):
+        assert a == b, f"{stale} ({a['name']})"
+        assert [type(v) for v in a["options"].values()] == [type(v) for v in b["options"].values()], stale
+    assert main(["methods"]) == 0
+    assert capsys.readouterr().out == method_listing.format_listing(live) + "\n"
