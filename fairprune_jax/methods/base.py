@@ -133,7 +133,9 @@ def register(name: str, description: str, options: dict | None = None, *, struct
     """Decorator: register ``run(ctx, dense_state) -> (pruned_state, info)`` under ``name``.
 
     ``structured``: the method's masks remove whole units (see :class:`Method`). ``check``: validates the
-    option values (see :class:`Method`).
+    option values (see :class:`Method`). After adding a method or changing its description or options, run
+    ``python -m fairprune_jax.method_listing``: ``fairprune methods`` prints that snapshot of the registry
+    without importing JAX, and ``tests/test_install.py`` fails while it disagrees with the registry.
     """
     def deco(fn):
         METHODS[name] = Method(name, fn, description, dict(options or {}), structured, check)
