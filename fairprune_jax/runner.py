@@ -28,6 +28,9 @@ from fairprune_jax.train import (TrainState, create_state, evaluate, evaluate_pa
 COMPACT_DIR = "compact"
 #: Test rows on which the compacted model's logits are compared with the masked model's.
 COMPACT_CHECK_ROWS = 1024
+#: ``RunConfig.dataset`` of a run on arrays given in memory (``fairprune_jax.prune``): no loader, the
+#: :class:`Dataset` is passed to :func:`prepare`.
+IN_MEMORY = "arrays"
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -42,7 +45,7 @@ def validate_config(cfg: RunConfig) -> None:
         raise ValueError(f"--save-compact needs structured masks (whole neurons / channels removed), but {why} "
                          f"prunes individual weights, which no smaller dense model can hold; structured "
                          f"methods: {', '.join(structured_methods())}")
-    if cfg.dataset not in DATASETS:
+    if cfg.dataset not in DATASETS and cfg.dataset != IN_MEMORY:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid choices: {', '.join(sorted(DATASETS))}")
     if cfg.model is not None and cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; valid choices: {', '.join(sorted(MODELS))}")
@@ -168,10 +171,16 @@ def train_dense_seeds(built: list[tuple[Context, Any, Any]]) -> list[tuple[Train
     return list(zip(states, histories))
 
 
-def build_context(cfg: RunConfig, ds: Dataset) -> tuple[Context, Any, Any]:
-    model_name = cfg.model or default_model_for(ds.input_shape)
-    fm, params, model_state = build_model(model_name, ds.input_shape, ds.num_classes, seed=cfg.seed,
-                                          **cfg.model_options)
+def build_context(cfg: RunConfig, ds: Dataset, model: tuple[Any, Any, Any] | None = None
+                  ) -> tuple[Context, Any, Any]:
+    """The run's context and initial weights; ``model``: an already built ``(fm, params, model_state)`` (a
+    user's own module, see ``fairprune_jax.api``) instead of ``build_model(cfg.model, ...)``."""
+    if model is not None:
+        fm, params, model_state = model
+    else:
+        model_name = cfg.model or default_model_for(ds.input_shape)
+        fm, params, model_state = build_model(model_name, ds.input_shape, ds.num_classes, seed=cfg.seed,
+                                              **cfg.model_options)
     order = layer_order(fm, params, model_state)
     template = prunable_template(params, layer_order=order, exclude_first=cfg.exclude_first,
                                  exclude_last=cfg.exclude_last)
@@ -211,6 +220,8 @@ def load_checked(cfg: RunConfig, dataset: Dataset | None = None) -> tuple[Datase
     """Validate the config, load (or check) the dataset; returns it and the seconds it took."""
     validate_config(cfg)
     t = time.perf_counter()
+    if dataset is None and cfg.dataset == IN_MEMORY:
+        raise ValueError(f"dataset {IN_MEMORY!r} is given in memory: pass the Dataset (fairprune_jax.prune does)")
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
     if dataset is not None:
         ds.validate()
@@ -256,17 +267,19 @@ def check_target_and_groups(cfg: RunConfig, ds: Dataset) -> None:
 
 
 def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
-            dense: tuple[TrainState, dict] | None = None, dense_cache: Path | None = None) -> Prepared:
+            dense: tuple[TrainState, dict] | None = None, dense_cache: Path | None = None,
+            model: tuple[Any, Any, Any] | None = None) -> Prepared:
     """Validate, load the data, build the model and train and evaluate the dense reference.
 
     ``dense``: an already trained ``(state, history)`` for this config (e.g.
     from :func:`train_dense_seeds`) is used instead of training one; it is
     evaluated like a freshly trained one. ``dense_cache``: a folder where the
     trained dense model is saved, and read back by a later call with a config
-    that trains the same dense model (:func:`save_dense` / :func:`load_dense`).
+    that trains the same dense model (:func:`save_dense` / :func:`load_dense`). ``model``: a built
+    ``(fm, params, model_state)`` instead of the config's model (see :func:`build_context`).
     """
     ds, load_s = load_checked(cfg, dataset)
-    ctx, params, model_state = build_context(cfg, ds)
+    ctx, params, model_state = build_context(cfg, ds, model)
     if dense is None and dense_cache is not None:
         dense = load_dense(dense_cache, cfg, dense_start(ctx, params, model_state)[0])
         cached = dense is not None
@@ -594,7 +607,7 @@ def save_compact(ctx: Context, state: TrainState, out: Path) -> dict:
 
 def _assemble(cfg: RunConfig, ds: Dataset, ctx: Context, dense: TrainState, pruned: TrainState,
               evals: dict, dense_hist: dict, info: dict) -> dict:
-    model_name = cfg.model or default_model_for(ds.input_shape)
+    model_name = ctx.fm.name      # cfg.model, or the default for the input shape, or a user's own module
     summary = sparsity_summary(pruned.params, pruned.masks, ctx.flops)
     out: dict[str, Any] = {
         "method": cfg.method,

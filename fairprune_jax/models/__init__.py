@@ -32,11 +32,61 @@ class FunctionalModel:
     def apply(self, params: dict, model_state: dict, x: jax.Array, train: bool = False
               ) -> tuple[jax.Array, dict]:
         module = nnx.merge(self.graphdef, params, model_state)
-        logits = module(x, train=train)
+        logits = self.call(module, x, train)
         if train and model_state:
             _, _, new_state = nnx.split(module, nnx.Param, ...)
             model_state = nnx.to_pure_dict(new_state)
         return logits, model_state
+
+    def call(self, module: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
+        """The module's forward pass in training or evaluation mode (the built-in models take ``train=``)."""
+        return module(x, train=train)
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomModel(FunctionalModel):
+    """A user's own ``nnx.Module`` classifier as a :class:`FunctionalModel` (``fairprune_jax.prune``).
+
+    ``mode`` says how the module learns training vs evaluation mode: ``"train"`` (its ``__call__`` takes
+    ``train=``), ``"deterministic"`` (takes ``deterministic=``, the flax convention) or ``"attributes"``
+    (no flag: ``graphdef`` is the module after ``nnx.Module.train()``, ``eval_graphdef`` after ``eval()``,
+    which set Dropout's ``deterministic`` and BatchNorm's ``use_running_average``). ``initial``: the params
+    and model state dense training started from (what rewinding to step 0 returns, as ``build_model`` does
+    for the built-in models); ``unit_groups``: the removable units for structured pruning (``None``: not
+    known).
+    """
+
+    mode: str = "attributes"
+    eval_graphdef: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+    initial: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+    unit_groups: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    def apply(self, params: dict, model_state: dict, x: jax.Array, train: bool = False
+              ) -> tuple[jax.Array, dict]:
+        if train or self.eval_graphdef is None:
+            return super().apply(params, model_state, x, train)
+        return dataclasses.replace(self, graphdef=self.eval_graphdef, eval_graphdef=None).apply(
+            params, model_state, x, train)
+
+    def call(self, module: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
+        if self.mode == "train":
+            return module(x, train=train)
+        if self.mode == "deterministic":
+            return module(x, deterministic=not train)
+        return module(x)
+
+
+def call_mode(module: nnx.Module) -> str:
+    """How ``module`` is told training vs evaluation mode (see :class:`CustomModel`), from its signature."""
+    import inspect
+    try:
+        params = inspect.signature(type(module).__call__).parameters
+    except (TypeError, ValueError):
+        return "attributes"
+    for mode in ("train", "deterministic"):
+        if mode in params:
+            return mode
+    return "attributes"
 
 
 def default_model_for(input_shape: tuple[int, ...]) -> str:
@@ -75,7 +125,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
 
 def _trace_layers(fm: FunctionalModel, params: dict, model_state: dict) -> list[tuple[str, float]]:
     """``[(kernel_name, output_positions)]`` in forward-call order, from one abstract trace."""
-    module = nnx.merge(fm.graphdef, params, model_state)
+    module = nnx.merge(getattr(fm, "eval_graphdef", None) or fm.graphdef, params, model_state)
     paths = {id(sub): "/".join(str(p) for p in path)
              for path, sub in module.iter_modules() if isinstance(sub, (nnx.Conv, nnx.Linear))}
     seen: list[tuple[str, float]] = []
@@ -95,7 +145,7 @@ def _trace_layers(fm: FunctionalModel, params: dict, model_state: dict) -> list[
     for cls in originals:
         cls.__call__ = make_spy(cls)
     try:
-        jax.eval_shape(lambda xx: module(xx, train=False),
+        jax.eval_shape(lambda xx: fm.call(module, xx, False),
                        jax.ShapeDtypeStruct((1,) + fm.input_shape, jnp.float32))
     finally:
         for cls, orig in originals.items():
@@ -121,5 +171,5 @@ def count_flops(fm: FunctionalModel, params: dict, model_state: dict) -> dict[st
             for n, v in named_leaves(params) if n.endswith("kernel")}
 
 
-__all__ = ["CNN", "MLP", "MODELS", "FunctionalModel", "ResNet", "build_model", "count_flops", "layer_order",
+__all__ = ["CNN", "CustomModel", "MLP", "MODELS", "FunctionalModel", "call_mode", "ResNet", "build_model", "count_flops", "layer_order",
            "default_model_for"]

@@ -1,0 +1,237 @@
+"""One entry point for a user's own model: ``prune(model, train=(x, y, g), method=..., sparsity=...)``.
+
+``prune`` is ``fairprune run`` on a module and arrays instead of a model name and a dataset name: it wraps
+the module as a :class:`models.CustomModel`, the arrays as a :class:`data.Dataset`, and calls the runner
+(:func:`runner.prepare`, then :func:`runner.run_method`), so the dense training, the method, the evaluation,
+the certificate and the report are the ones every ``fairprune run`` goes through. Everything that can be
+wrong with the request (method, sparsity, option names and values, run settings, array shapes, the model's
+output size, structured units) is checked before any training.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fairprune_jax import compact, runner
+from fairprune_jax.config import RunConfig
+from fairprune_jax.data.base import Dataset, Split, stratified_split
+from fairprune_jax.masks import apply_masks, named_leaves, prunable_template
+from fairprune_jax.methods import get_method
+from fairprune_jax.methods import method_options as parse_method_options
+from fairprune_jax.models import CustomModel, call_mode, layer_order
+from fairprune_jax.train import TrainState
+
+#: Fraction of ``train`` held out as the test split when ``test`` is not given (stratified by group and label).
+TEST_FRACTION = 0.2
+#: Top-level keys of the report (``results.json`` of ``fairprune run``), see :func:`prune`.
+REPORT_KEYS = ("method", "dataset", "model", "seed", "config", "groups", "classes", "sizes", "sparsity", "dense",
+               "pruned", "history", "method_info", "timings")
+#: RunConfig fields ``prune`` sets itself (its own arguments, or fixed for arrays in memory).
+_OWN = {"method", "dataset", "data_dir", "model", "sparsity", "seed", "epochs", "finetune_epochs", "batch_size",
+        "lr", "finetune_lr", "out", "progress", "dataset_options", "model_options", "method_options",
+        "save_compact"}
+
+
+class Pruned(NamedTuple):
+    """What :func:`prune` returns (unpacks as ``model, masks, report, state``)."""
+
+    model: nnx.Module   # the user's module class with the pruned weights (pruned entries exactly 0)
+    masks: Any          # 0/1 arrays mirroring the params dict (None on leaves never pruned)
+    report: dict        # the results dict ``fairprune run`` writes to results.json
+    state: TrainState   # params (masked), masks and model state as the runner's pytrees
+
+
+def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", sparsity: float = 0.9, *,
+          test: Sequence[np.ndarray] | None = None, val: Sequence[np.ndarray] | None = None,
+          epochs: int = 10, finetune_epochs: int | None = None, lr: float = 1e-3,
+          finetune_lr: float | None = None, batch_size: int = 64, seed: int = 0,
+          group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
+          units: dict[str, Sequence[str]] | None = None, method_options: dict | None = None,
+          config: dict | None = None, out: str | Path | None = None, progress: bool = False,
+          **options: Any) -> Pruned:
+    """Train ``model`` densely on ``train``, prune it with ``method`` to ``sparsity`` and report, per group.
+
+    ``model``: any ``flax.nnx.Module`` classifier (logits of shape ``(batch, classes)``); its ``__call__``
+    may take ``train=`` or ``deterministic=``, else Dropout / BatchNorm are switched with
+    ``model.train()`` / ``model.eval()``. Its weights are the start of the dense training (and what lottery
+    methods rewind to); the module itself is not changed. ``train`` / ``test`` / ``val``: numpy tuples
+    ``(x, y, g)`` (features, integer labels, integer group ids; ``(x, y)`` is one group); without ``test``
+    a stratified 20% of ``train`` is held out. ``epochs``: dense training epochs (``finetune_epochs``,
+    default the same, for the method). ``**options`` (or ``method_options=``, for names that clash with
+    these arguments): the method's options, as ``--opt`` of ``fairprune run`` (``fairprune methods`` lists
+    them). ``config``: any other ``RunConfig`` setting (``optimizer``, ``weight_decay``, ``distribution``,
+    ``exclude_first``, ``certify_eps``, ...). ``units``: for structured methods, ``{kernel: [leaves indexed
+    by its output units]}`` (e.g. ``{"conv/kernel": ["conv/bias", "norm/scale", "norm/bias"]}``) when the
+    units traced from the forward pass (:func:`compact.traced_unit_groups`) are not what you want.
+    ``out``: also write ``results.json`` and ``results.md`` there.
+
+    Returns :class:`Pruned` ``(model, masks, report, state)``. The report holds at least
+    :data:`REPORT_KEYS`: ``sparsity`` (``target``, ``achieved``, per-layer ``layers``), ``dense`` /
+    ``pruned`` (per split: accuracy, per-group accuracy, psi_g, DP / EO; ``pruned["test"]["certificate"]``).
+    """
+    method_obj = get_method(method)
+    opts = dict(method_options or {})
+    both = sorted(set(opts) & set(options))
+    if both:
+        raise ValueError(f"method option(s) {both} given twice (as keywords and in method_options=)")
+    opts.update(options)
+    extra = dict(config or {})
+    allowed = sorted({f.name for f in dataclasses.fields(RunConfig)} - _OWN)
+    bad = sorted(set(extra) - set(allowed))
+    if bad:
+        own = sorted(set(bad) & _OWN)
+        hint = f" ({', '.join(own)}: a prune() argument or fixed)" if own else ""
+        raise ValueError(f"config= has unknown or reserved setting(s) {bad}{hint}; valid: {', '.join(allowed)}")
+    cfg = RunConfig(method=method, dataset=runner.IN_MEMORY, sparsity=sparsity, seed=seed, epochs=epochs,
+                    finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr, finetune_lr=finetune_lr,
+                    out=None if out is None else str(out), progress=progress, method_options=opts, **extra)
+    runner.validate_config(cfg)             # method, sparsity, option names and values, run settings
+    parsed = parse_method_options(method_obj, opts)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
+    ds = arrays_dataset(train, test, val, seed=seed, group_names=group_names, class_names=class_names,
+                        num_classes=_num_outputs(model, np.asarray(train[0])[:2]))
+    built = wrap_model(model, ds.input_shape, ds.num_classes)
+    if method_obj.is_structured(parsed) or units is not None:
+        built = with_units(built, units, cfg, consumers=parsed.get("mask_grad") == "consumer")
+    if cfg.out:
+        runner.check_out_dir(cfg.out)
+        runner.remove_stale_outputs(Path(cfg.out))
+    prep = runner.prepare(cfg, ds, model=built)
+    report = runner.run_method(prep)
+    state = report.pop("_state")
+    state = state.replace(params=apply_masks(state.params, state.masks))
+    graphdef = nnx.split(model, nnx.Param, ...)[0]     # the module as given (its own train / eval mode)
+    pruned = nnx.merge(graphdef, state.params, state.model_state)
+    return Pruned(pruned, state.masks, report, state)
+
+
+def _num_outputs(model: nnx.Module, x: np.ndarray) -> int:
+    """The number of logits the module returns (one abstract trace, evaluation mode)."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, eval_graphdef = _graphdefs(model)
+    fm = CustomModel(type(model).__name__, graphdef, tuple(x.shape[1:]), 0, mode=call_mode(model),
+                     eval_graphdef=eval_graphdef)
+    try:
+        out = jax.eval_shape(lambda p, s: fm.apply(p, s, jnp.asarray(x, jnp.float32))[0],
+                             nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+    except Exception as e:
+        raise ValueError(f"the model cannot take inputs of shape {x.shape[1:]} (mode {fm.mode!r}): {e}") from e
+    if out.ndim != 2:
+        raise ValueError(f"the model must return logits of shape (batch, classes); got {out.shape}")
+    return int(out.shape[-1])
+
+
+def _split(arrays: Sequence[np.ndarray] | None, name: str) -> Split | None:
+    if arrays is None:
+        return None
+    arrays = tuple(arrays)
+    if len(arrays) == 2:
+        arrays = (*arrays, np.zeros(len(arrays[0]), np.int32))
+    if len(arrays) != 3:
+        raise ValueError(f"{name}= takes (x, y, g) or (x, y); got a tuple of {len(arrays)}")
+    x, y, g = (np.asarray(a) for a in arrays)
+    for what, a in (("labels y", y), ("group ids g", g)):
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            if not np.all(np.equal(np.mod(a, 1), 0)):
+                raise ValueError(f"{name}: {what} must be integers; got dtype {a.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name}: x must have shape (n, features...); got {x.shape}")
+    try:
+        return Split(x, y, g)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | None = None,
+                   val: Sequence[np.ndarray] | None = None, *, seed: int = 0,
+                   group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
+                   num_classes: int | None = None) -> Dataset:
+    """A :class:`Dataset` from numpy tuples; without ``test``, a stratified share of ``train`` becomes it."""
+    tr, te, va = _split(train, "train"), _split(test, "test"), _split(val, "val")
+    meta: dict[str, Any] = {"source": "arrays in memory (fairprune_jax.prune)"}
+    if te is None:
+        rest, held = stratified_split(tr.y, tr.g, TEST_FRACTION, seed)
+        tr, te = tr.take(rest), tr.take(held)
+        meta["test"] = f"stratified {TEST_FRACTION:.0%} of train (seed {seed})"
+    splits = [s for s in (tr, te, va) if s is not None]
+    n_cls = max(int(max(s.y.max() for s in splits)) + 1, 2)
+    if num_classes is not None:
+        if n_cls > num_classes:
+            raise ValueError(f"labels go up to {n_cls - 1} but the model returns {num_classes} logits")
+        n_cls = num_classes
+    n_grp = int(max(s.g.max() for s in splits)) + 1
+    if min(int(s.g.min()) for s in splits) < 0 or min(int(s.y.min()) for s in splits) < 0:
+        raise ValueError("labels y and group ids g must be >= 0")
+    groups = [str(i) for i in range(n_grp)] if group_names is None else [str(n) for n in group_names]
+    classes = [str(i) for i in range(n_cls)] if class_names is None else [str(n) for n in class_names]
+    if len(groups) < n_grp:
+        raise ValueError(f"group_names has {len(groups)} names but group ids go up to {n_grp - 1}")
+    if len(classes) != n_cls:
+        raise ValueError(f"class_names has {len(classes)} names but the model returns {n_cls} logits")
+    ds = Dataset("arrays", tr, te, groups, ["group"], classes, val=va, meta=meta)
+    ds.validate()
+    return ds
+
+
+def _copy(tree: Any) -> Any:
+    """Fresh buffers (training steps donate their state; the user's module keeps its own arrays)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def wrap_model(model: nnx.Module, input_shape: tuple[int, ...], num_classes: int
+               ) -> tuple[CustomModel, dict, dict]:
+    """``(fm, params, model_state)`` of a user's module, as ``models.build_model`` returns for a built-in one."""
+    graphdef, eval_graphdef = _graphdefs(model)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = _copy(nnx.to_pure_dict(params)), _copy(nnx.to_pure_dict(rest))
+    fm = CustomModel(type(model).__name__, graphdef, tuple(input_shape), int(num_classes), mode=call_mode(model),
+                     eval_graphdef=eval_graphdef, initial=(_copy(params), _copy(rest)))
+    return fm, params, rest
+
+
+def _graphdefs(model: nnx.Module) -> tuple[Any, Any]:
+    """The module's graphdef for training and for evaluation (``None``: its ``__call__`` takes the flag)."""
+    graphdef, state = nnx.split(model)
+    if call_mode(model) != "attributes":
+        return nnx.split(model, nnx.Param, ...)[0], None
+    out = []
+    for mode in ("train", "eval"):
+        twin = nnx.merge(graphdef, state)       # a copy: the user's module keeps its own mode
+        getattr(twin, mode)()
+        out.append(nnx.split(twin, nnx.Param, ...)[0])
+    return out[0], out[1]
+
+
+def with_units(built: tuple[CustomModel, dict, dict], units: dict | None, cfg: RunConfig, *,
+               consumers: bool = False) -> tuple[CustomModel, dict, dict]:
+    """The model with its removable units (declared, else traced); refuses a model with none to prune.
+
+    ``consumers``: the method reads each unit at its consumer's input rows (BiFP's ``mask_grad=consumer``),
+    so every pruned unit group needs one.
+    """
+    fm, params, model_state = built
+    groups = compact.traced_unit_groups(fm, params, model_state, companions=units)
+    order = layer_order(fm, params, model_state)
+    template = prunable_template(params, layer_order=order, exclude_first=cfg.exclude_first,
+                                 exclude_last=cfg.exclude_last)
+    try:
+        pruned = {n for n, _ in named_leaves(compact.structured_template(groups, template))}
+    except ValueError as e:
+        raise ValueError(f"{cfg.method}: {e}. Units found: {[g.kernel for g in groups] or 'none'}; declare "
+                         "them with units={'layer/kernel': ['layer/bias', 'norm/scale', 'norm/bias'], ...}") from None
+    lost = [g.kernel for g in groups if g.kernel in pruned and not g.consumers]
+    if consumers and lost:
+        raise ValueError(f"{cfg.method}: mask_grad='consumer' reads each unit at the next layer's input rows, but "
+                         f"the next layer after {', '.join(lost)} is not fed by its units directly; pass "
+                         "mask_grad='producer'")
+    return dataclasses.replace(fm, unit_groups=tuple(groups)), params, model_state
+
+
+__all__ = ["Pruned", "REPORT_KEYS", "arrays_dataset", "prune", "with_units", "wrap_model"]
