@@ -8,7 +8,8 @@ without the runner having to keep a copy:
 * ``k = 0``: the model is rebuilt with ``models.build_model(name, input_shape,
   num_classes, seed=cfg.seed, **cfg.model_options)``, the very call
   ``runner.build_context`` made, so params and BatchNorm statistics are
-  bit-identical to the ones dense training started from.
+  bit-identical to the ones dense training started from (a user's own module,
+  ``models.CustomModel``, carries a copy of its initial weights instead).
 * ``k > 0``: the dense run is *replayed* from that initialisation for ``k``
   steps with its optimizer (``cfg.optimizer``, ``cfg.lr``, weight decay, the
   same cosine horizon of ``cfg.epochs`` epochs), PRNG seed, batch order
@@ -79,7 +80,14 @@ def check_rewind_step(ctx: Context, rewind_step: int) -> int:
 
 
 def initial_weights(ctx: Context) -> tuple[Any, Any]:
-    """The params and model state the dense run started from (rebuilt from the model builder and seed)."""
+    """The params and model state the dense run started from (rebuilt from the model builder and seed).
+
+    A user's own module (``models.CustomModel``) cannot be rebuilt by name: its weights as given, which
+    dense training started from, are kept in ``fm.initial`` and copied.
+    """
+    initial = getattr(ctx.fm, "initial", None)
+    if initial is not None:
+        return copy_tree(initial[0]), copy_tree(initial[1])
     cfg = ctx.config
     _, params, model_state = build_model(ctx.fm.name, ctx.fm.input_shape, ctx.fm.num_classes, seed=cfg.seed,
                                          **cfg.model_options)
