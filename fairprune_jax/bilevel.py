@@ -249,6 +249,8 @@ def consumer_scaled(theta: Any, unit_masks: Any, groups: Sequence[UnitGroup]) ->
 
     def one(name, p):
         for v in scale.get(name, ()):
+            if p.shape[-2] != v.shape[0]:   # a flattened (channel-last) feature map: row r is unit r % units
+                v = jnp.tile(v, p.shape[-2] // v.shape[0])
             p = p * v.astype(p.dtype)[:, None]
         return p
     return map_named(one, theta)
@@ -273,8 +275,11 @@ def consumer_mask_grad(theta: Any, g_z: Any, unit_masks: Any, scores: Any, gamma
         implicit = jnp.zeros_like(s)
         for c in by_kernel[name].consumers:
             axes = tuple(a for a in range(t[c].ndim) if a != t[c].ndim - 2)
-            direct = direct + jnp.sum(t[c] * g[c], axis=axes).astype(s.dtype)
-            implicit = implicit + (m * jnp.sum(gl[c] * g[c], axis=axes)).astype(s.dtype)
+            d, i = jnp.sum(t[c] * g[c], axis=axes), jnp.sum(gl[c] * g[c], axis=axes)
+            if d.shape != s.shape:          # flattened channel-last rows: sum each unit's positions
+                d, i = d.reshape(-1, s.shape[0]).sum(0), i.reshape(-1, s.shape[0]).sum(0)
+            direct = direct + d.astype(s.dtype)
+            implicit = implicit + (m * i).astype(s.dtype)
         return direct - implicit / gamma
     return map_named(one, scores)
 

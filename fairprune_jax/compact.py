@@ -138,6 +138,119 @@ def unit_groups(model_name: str, params: dict) -> list[UnitGroup]:
     return groups
 
 
+def model_unit_groups(fm: FunctionalModel, params: dict) -> list[UnitGroup]:
+    """The removable unit groups of ``fm``: a user's module carries its own (``CustomModel.unit_groups``, set by
+    ``fairprune_jax.prune``), a built-in model is looked up by name (:func:`unit_groups`)."""
+    own = getattr(fm, "unit_groups", None)
+    if own is not None:
+        return list(own)
+    if getattr(fm, "initial", None) is not None:
+        raise NotImplementedError(f"structured pruning needs the removable units of model {fm.name!r}: run it "
+                                  "through fairprune_jax.prune (traced, or declared with units=)")
+    return unit_groups(fm.name, params)
+
+
+_NORMS = (nnx.LayerNorm, nnx.BatchNorm, nnx.GroupNorm, nnx.RMSNorm)
+
+
+def _forward_calls(fm: FunctionalModel, params: dict, model_state: dict) -> list[tuple[str, str, int]]:
+    """``[(module path, "kernel" | "norm", features)]`` in the order one abstract forward pass calls them
+    (evaluation mode); features: a kernel's output units, a norm's scale / offset length."""
+    graphdef = getattr(fm, "eval_graphdef", None) or fm.graphdef
+    module = nnx.merge(graphdef, params, model_state)
+    kinds = (nnx.Conv, nnx.Linear) + _NORMS
+    paths = {id(sub): "/".join(str(p) for p in path) for path, sub in module.iter_modules()
+             if isinstance(sub, kinds)}
+    calls: list[tuple[str, str, int]] = []
+    originals = {cls: cls.__call__ for cls in kinds}
+
+    def make_spy(cls):
+        orig = originals[cls]
+
+        def spy(self, x, *a, **k):
+            y = orig(self, x, *a, **k)
+            if id(self) in paths:
+                norm = isinstance(self, _NORMS)
+                calls.append((paths[id(self)], "norm" if norm else "kernel", int(y.shape[-1])))
+            return y
+        return spy
+
+    for cls in kinds:
+        cls.__call__ = make_spy(cls)
+    try:
+        jax.eval_shape(lambda xx: fm.call(module, xx, False),
+                       jax.ShapeDtypeStruct((1,) + tuple(fm.input_shape), jnp.float32))
+    finally:
+        for cls, orig in originals.items():
+            cls.__call__ = orig
+    return calls
+
+
+def _aligned_consumer(params: dict, producer: str, consumer: str) -> bool:
+    """Whether ``consumer``'s input rows (axis -2) are ``producer``'s units, directly or flattened channel-last
+    (``h.reshape(n, -1)`` of an NHWC map: row ``r`` is unit ``r % units``)."""
+    units = get_leaf(params, producer).shape[-1]
+    rows = get_leaf(params, consumer).shape[-2]
+    return rows == units or (get_leaf(params, consumer).ndim == 2 and rows % units == 0)
+
+
+def traced_unit_groups(fm: FunctionalModel, params: dict, model_state: dict,
+                       companions: dict[str, Sequence[str]] | None = None) -> list[UnitGroup]:
+    """The removable units of any module, from the order its forward pass calls Conv / Linear / norm layers.
+
+    Every Conv or Linear called once, except the last one called (the classifier), is a unit group: its
+    output units, with its bias and the scale / offset (and BatchNorm statistics) of the norm layers called
+    after it and before the next kernel, when they have as many features. Its consumer is the next kernel
+    called, when that kernel's input rows are its units (directly, or flattened channel-last). This reads a
+    chain of layers (conv / norm / activation / dropout / pooling / flatten); a kernel shared by two calls,
+    or followed by a norm of another width, is left out. ``companions``: ``{kernel: [leaves]}`` declared by
+    the user instead of the traced ones (and then only those kernels are unit groups).
+    """
+    calls = _forward_calls(fm, params, model_state)
+    kernels = [i for i, c in enumerate(calls) if c[1] == "kernel"]
+    uses: dict[str, int] = {}
+    for i in kernels:
+        uses[calls[i][0]] = uses.get(calls[i][0], 0) + 1
+    state_names = {n for n, _ in named_leaves(model_state)}
+    groups = []
+    for j, i in enumerate(kernels[:-1]):
+        path, _, units = calls[i]
+        kernel = f"{path}/kernel"
+        if uses[path] > 1 or not has_leaf(params, kernel):
+            continue
+        comps = [f"{path}/bias"] if has_leaf(params, f"{path}/bias") else []
+        stats: list[str] = []
+        norms = [c for c in calls[i + 1:kernels[j + 1]] if c[1] == "norm"]
+        if any(c[2] != units for c in norms):
+            continue
+        for npath, _, _ in norms:
+            comps += [f"{npath}/{leaf}" for leaf in ("scale", "bias") if has_leaf(params, f"{npath}/{leaf}")]
+            stats += [f"{npath}/{leaf}" for leaf in ("mean", "var") if f"{npath}/{leaf}" in state_names]
+        nxt = f"{calls[kernels[j + 1]][0]}/kernel"
+        consumers = (nxt,) if has_leaf(params, nxt) and _aligned_consumer(params, kernel, nxt) else ()
+        groups.append(UnitGroup(kernel, tuple(comps), tuple(stats), consumers))
+    if companions is None:
+        return groups
+    traced = {g.kernel: g for g in groups}
+    out = []
+    for kernel, comps in companions.items():
+        if not has_leaf(params, kernel) or getattr(get_leaf(params, kernel), "ndim", 0) < 2:
+            raise ValueError(f"units: {kernel!r} is not a kernel of the model; kernels: "
+                             f"{', '.join(n for n, v in named_leaves(params) if n.endswith('kernel'))}")
+        units = get_leaf(params, kernel).shape[-1]
+        for c in comps:
+            if not has_leaf(params, c):
+                raise ValueError(f"units: {c!r} (declared with {kernel!r}) is not a parameter of the model")
+            if get_leaf(params, c).shape[:1] != (units,):
+                raise ValueError(f"units: {c!r} has shape {get_leaf(params, c).shape}; a companion of {kernel!r} "
+                                 f"needs its {units} units on axis 0")
+        stats = tuple(f"{c.rsplit('/', 1)[0]}/{leaf}" for c in comps if c.endswith("/scale")
+                      for leaf in ("mean", "var") if f"{c.rsplit('/', 1)[0]}/{leaf}" in state_names)
+        consumers = traced[kernel].consumers if kernel in traced else ()
+        out.append(UnitGroup(kernel, tuple(comps), stats, consumers))
+    return out
+
+
 def structured_template(groups: Sequence[UnitGroup], template: Any) -> Any:
     """The kernels of ``template`` (``True`` leaves) that produce a removable unit group.
 

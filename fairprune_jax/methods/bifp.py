@@ -137,7 +137,7 @@ def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list
 
 def structured_setup(ctx: Context, params: Any) -> tuple[list[compact.UnitGroup], Any]:
     """The model's removable unit groups and the structured template (respecting the run's exclusions)."""
-    groups = compact.unit_groups(ctx.fm.name, params)
+    groups = compact.model_unit_groups(ctx.fm, params)
     return groups, compact.structured_template(groups, ctx.template)
 
 
