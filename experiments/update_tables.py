@@ -1,6 +1,7 @@
 """Rewrite the "## Tables" section of experiments/README.md from the finished cells of each comparison.
 
-    python experiments/update_tables.py
+    python experiments/update_tables.py            # every table
+    python experiments/update_tables.py NAME ...   # only these comparisons' tables, the others left as they are
 
 Trains nothing: every table is read back from ``experiments/results/NAME/cells`` (what
 ``fairprune compare --config experiments/NAME.toml`` wrote) and summarized with the same code that
@@ -25,6 +26,12 @@ CERT = ["test_accuracy", "train_max_psi", "test_max_psi", "test_psi_upper", "tes
 TABLES = [
     ("certify_utkface_race", "Certificate: CEAG (held-out constraints) vs NFT on UTKFace race, eps = 0.02", CERT),
     ("certify_utkface_race_95", "Certificate: CEAG variants vs NFT on UTKFace race at 95%, eps = 0.02", CERT),
+    ("certify_utkface_race_ft6", "Certificate with 6 fine-tuning epochs instead of 4: CEAG (train buffers, eps - 1 "
+                                 "pt) vs NFT on UTKFace race at 90%, eps = 0.02", CERT),
+    ("certify_utkface_race_95_ft6", "Certificate with 6 fine-tuning epochs: CEAG (train buffers, eps - 1 pt) vs NFT "
+                                    "on UTKFace race at 95%, eps = 0.02", CERT),
+    ("certify_utkface_race_gender_ft6", "Certificate with 6 fine-tuning epochs: CEAG (train buffers, eps - 1 pt) vs "
+                                        "NFT on UTKFace race, protected race x gender, eps = 0.02", CERT),
     ("certify_utkface_race_ft10", "Certificate with 10 fine-tuning epochs instead of 4: CEAG (train buffers, eps - 1 "
                                   "pt) vs NFT on UTKFace race at 90%, eps = 0.02", CERT),
     ("certify_utkface_race_gender", "Certificate: CEAG (held-out constraints) vs NFT on UTKFace race, protected "
@@ -82,13 +89,44 @@ def headline() -> str | None:
                       body, ""])
 
 
-def main() -> int:
+def splice(text: str, names: list[str]) -> str:
+    """``text`` with the sections of ``names`` rewritten in place (or inserted in ``TABLES`` order)."""
+    order = [t[0] for t in TABLES]
+    for name in names:
+        entry = TABLES[order.index(name)]
+        new = section(*entry)
+        if new is None:
+            continue
+        head = f"### {entry[1]}\n"
+        if head in text:
+            start = text.index(head)
+            end = text.find("\n### ", start + len(head))
+            text = text[:start] + new + (text[end + 1:] if end >= 0 else "")
+            continue
+        # not there yet: before the first later table that is, else at the end
+        later = [f"### {t[1]}\n" for t in TABLES[order.index(name) + 1:]]
+        at = min((text.index(h) for h in later if h in text), default=len(text))
+        text = text[:at] + new + "\n" + text[at:]
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = list(sys.argv[1:] if argv is None else argv)
+    unknown = [n for n in names if n not in {t[0] for t in TABLES}]
+    if unknown:
+        print(f"unknown comparison(s) {', '.join(unknown)}; known: {', '.join(t[0] for t in TABLES)}",
+              file=sys.stderr)
+        return 2
     readme = HERE / "README.md"
     text = readme.read_text()
     marker = "## Tables"
     if marker not in text:
         print(f"{readme} has no '{marker}' section", file=sys.stderr)
         return 1
+    if names:
+        readme.write_text(splice(text, names))
+        print(f"rewrote {len(names)} table(s) in {readme}")
+        return 0
     parts = [p for p in [headline()] + [section(*t) for t in TABLES] if p]
     readme.write_text(text[:text.index(marker)] + marker + "\n\n" + "\n".join(parts))
     print(f"wrote {len(parts)} tables into {readme}")
