@@ -63,7 +63,8 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     methods rewind to); the module itself is not changed. ``train`` / ``test`` / ``val``: numpy tuples
     ``(x, y, g)`` (features, integer labels, integer group ids; ``(x, y)`` is one group); without ``test``
     a stratified 20% of ``train`` is held out. ``epochs``: dense training epochs (``finetune_epochs``,
-    default the same, for the method). ``**options`` (or ``method_options=``, for names that clash with
+    default the same, for the method); ``epochs=0``: the module comes trained and is the dense reference
+    as given (lottery methods then rewind to these trained weights). ``**options`` (or ``method_options=``, for names that clash with
     these arguments): the method's options, as ``--opt`` of ``fairprune run`` (``fairprune methods`` lists
     them). ``config``: any other ``RunConfig`` setting (``optimizer``, ``weight_decay``, ``distribution``,
     ``exclude_first``, ``certify_eps``, ...). ``units``: for structured methods, ``{kernel: [leaves indexed
@@ -88,6 +89,9 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
         own = sorted(set(bad) & _OWN)
         hint = f" ({', '.join(own)}: a prune() argument or fixed)" if own else ""
         raise ValueError(f"config= has unknown or reserved setting(s) {bad}{hint}; valid: {', '.join(allowed)}")
+    if int(epochs) == 0 and finetune_epochs is None:
+        raise ValueError("epochs=0 (the model comes trained, no dense training) needs finetune_epochs=N, the "
+                         "method's fine-tuning budget (default: the same as epochs)")
     cfg = RunConfig(method=method, dataset=runner.IN_MEMORY, sparsity=sparsity, seed=seed, epochs=epochs,
                     finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr, finetune_lr=finetune_lr,
                     out=None if out is None else str(out), progress=progress, method_options=opts, **extra)

@@ -53,6 +53,8 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown sparsity distribution {cfg.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
     for name in ("epochs", "batch_size"):
+        if name == "epochs" and cfg.dataset == IN_MEMORY and int(cfg.epochs) == 0:
+            continue        # prune(epochs=0): the given module is the trained dense model
         if int(getattr(cfg, name)) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")
     if cfg.ft_epochs < 0:

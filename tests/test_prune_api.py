@@ -67,6 +67,11 @@ def compile_cache(tmp_path_factory):
     yield
     for k, v in old.items():
         jax.config.update(k, v)
+    try:                                   # later test files in this process compile without the cache
+        from jax._src import compilation_cache
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
 
 
 def _kernels(model):
@@ -198,3 +203,16 @@ def test_flattened_consumer_rows_are_the_units():
     np.testing.assert_allclose(np.asarray(ours["conv"]["kernel"]), np.asarray(auto["conv"]["kernel"]),
                                rtol=1e-4, atol=1e-7)
     assert abs(float(ours["conv"]["kernel"][1])) > 0          # the pruned unit still gets a gradient
+
+
+def test_a_trained_model_is_the_dense_reference_with_epochs_0(data):
+    x, y, g = data
+    model = BNNet(nnx.Rngs(2))
+    train, test = (x[:200], y[:200], g[:200]), (x[200:], y[200:], g[200:])
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        fp.prune(model, train, method="magnitude", epochs=0)
+    run = fp.prune(model, train, method="magnitude", sparsity=0.5, test=test, epochs=0, finetune_epochs=1,
+                   batch_size=50)
+    assert run.report["history"]["dense"]["loss"] == []                 # no dense training
+    pred = np.asarray(model(test[0], train=False)).argmax(-1)           # the given weights are the dense model
+    assert run.report["dense"]["test"]["accuracy"] == pytest.approx(float(np.mean(pred == test[1])))

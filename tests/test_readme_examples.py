@@ -21,7 +21,7 @@ def run(name: str) -> dict:
     return ns
 
 
-@pytest.mark.parametrize("name,max_lines", [("pruning-loop", 30), ("ceag-loop", 46)])
+@pytest.mark.parametrize("name,max_lines", [("pruning-loop", 30), ("ceag-loop", 46), ("prune-api", 24)])
 def test_examples_stay_short(name, max_lines):
     assert sum(1 for line in example(name).splitlines() if line.strip()) <= max_lines
 
@@ -42,3 +42,14 @@ def test_ceag_constraints_in_your_own_loop():
     kernels = [np.asarray(v) for k, v in ns["jax"].tree_util.tree_leaves_with_path(ns["params"])
                if "kernel" in str(k[-1])]
     assert all(np.count_nonzero(k) == round(0.2 * k.size) for k in kernels)
+
+
+def test_prune_your_own_model():
+    ns = run("prune-api")
+    model, report = ns["model"], ns["report"]
+    assert type(model).__name__ == "Net" and report["method"] == "ceag" and report["model"] == "Net"
+    hidden = np.asarray(model.hidden.kernel[...])                     # CEAG keeps the first conv and the head dense
+    assert np.count_nonzero(hidden) == round(0.1 * hidden.size)
+    assert np.all(hidden[np.asarray(ns["masks"]["hidden"]["kernel"]) == 0] == 0)
+    assert report["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-3)
+    assert ns["logits"].shape == (5, 2) and "certificate" in report["pruned"]["test"]
