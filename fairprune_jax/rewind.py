@@ -23,6 +23,12 @@ and BatchNorm statistics come from the checkpoint, the optimizer state is
 fresh. :func:`dense_tx` is the dense run's optimizer, the budget a rewound
 ticket is retrained on when it should get what the dense model got.
 
+:func:`iterative_magnitude` is the loop of iterative magnitude pruning with
+rewinding (each round's masks from the magnitudes of the previous round's
+trained weights, earlier pruned weights never revived), with the per-round
+schedule of :func:`round_schedule`; ``lth`` trains every round of it, ``ballot``
+(``body="lth"``) uses it for the masks of the layers that do not vote.
+
 Also here: per-split accuracy/disparity summaries (:func:`eval_summary`),
 sparsity reports (:func:`sparsity_report`) and ``.npz`` mask files
 (:func:`save_masks` / :func:`load_masks`), used by every lottery-ticket method.
@@ -41,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax import fairness
+from fairprune_jax import fairness, schedules
+from fairprune_jax import scores as scores_lib
 from fairprune_jax.masks import named_leaves, sparsity_summary
 from fairprune_jax.models import build_model
 from fairprune_jax.train import TrainState, check_finite, create_state, evaluate, iterate_forever, make_train_step
@@ -143,6 +150,40 @@ def rewind(ctx: Context, ckpt: Checkpoint, masks: Any, tx, extra: Any = None) ->
 # ---------------------------------------------------------------------------
 # Reports and mask files
 # ---------------------------------------------------------------------------
+
+
+def round_schedule(final_sparsity: float, fraction: float, max_rounds: int) -> tuple[list[float], float]:
+    """Per-round sparsities and the per-round fraction actually used (raised when capped by ``max_rounds``)."""
+    sched = schedules.iterative_rounds(final_sparsity, fraction)
+    max_rounds = int(max_rounds)
+    if max_rounds < 0:
+        raise ValueError(f"max_rounds must be >= 0 (0 = no cap); got {max_rounds}")
+    if max_rounds and len(sched) > max_rounds:
+        fraction = 1.0 - (1.0 - final_sparsity) ** (1.0 / max_rounds)
+        sched = [1.0 - (1.0 - fraction) ** r for r in range(1, max_rounds + 1)]
+        sched[-1] = float(final_sparsity)
+    return sched, float(fraction)
+
+
+def iterative_magnitude(ctx: Context, state: TrainState, schedule: Sequence[float],
+                        train_round: Any, template: Any = None) -> tuple[TrainState, Any]:
+    """Iterative magnitude pruning: round r keeps the largest weights of ``state`` at ``schedule[r - 1]``.
+
+    ``train_round(r, target, masks)`` returns the state the next round's magnitudes are read from (a
+    rewound, retrained ticket), or ``None`` to stop after computing round r's masks. Weights pruned in
+    a round stay pruned. ``template``: the layers to prune (default ``ctx.template``). Returns the last
+    state returned by ``train_round`` and the last masks.
+    """
+    masks = None
+    for r, target in enumerate(schedule, start=1):
+        masks = ctx.masks_from_scores(scores_lib.magnitude(state.params, ctx.template if template is None
+                                                           else template),
+                                      target, prev_masks=masks, template=template)
+        nxt = train_round(r, target, masks)
+        if nxt is None:
+            break
+        state = nxt
+    return state, masks
 
 
 class MaskHistory(Sequence):

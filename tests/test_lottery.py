@@ -408,6 +408,46 @@ def test_ballot_default_masks_the_body_by_magnitude_and_votes_on_the_classifier(
         METHODS["ballot"].run(with_options(ctx, variant="paper"), dense)
 
 
+def test_ballot_body_lth_masks_the_body_by_rewound_rounds_and_votes_on_the_classifier(setup):
+    ctx, init_params, dense = setup
+    opts = dict(body="lth", body_fraction=0.3, retrain_epochs=0)
+    st, info = METHODS["ballot"].run(with_options(ctx, **opts), dense)
+    masks = dict(named_leaves(st.masks))
+    body = np.asarray(masks["layers/0/kernel"])
+    assert int(body.sum()) == int(0.5 * body.size)                      # the body at exactly the target
+    assert int(np.asarray(masks["head/kernel"]).sum()) == 160 and info["sparsity"] == pytest.approx(0.5, abs=1e-12)
+    assert info["voted_layers"] == ["head/kernel"]
+    # 0.3 per round reaches 0.5 in two rounds: one trained round (from the rewound init), then the last masks
+    assert [r["round"] for r in info["body_lth_rounds"]] == [1]
+    assert info["body_lth_rounds"][0]["target"] == pytest.approx(0.3)
+    # the body differs from one-shot magnitude of the dense weights (the round retrained the survivors)
+    one_shot = dict(named_leaves(ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), 0.5)))
+    assert not np.array_equal(body, np.asarray(one_shot["layers/0/kernel"]))
+    assert "lth" in info["label"]
+    with pytest.raises(ValueError, match="body_fraction"):
+        METHODS["ballot"].run(with_options(ctx, body="lth", body_fraction=1.5), dense)
+
+
+def test_iterative_magnitude_never_revives_and_stops_when_asked(setup):
+    ctx, _, dense = setup
+    from fairprune_jax.rewind import iterative_magnitude
+    seen = []
+
+    def train_round(r, target, masks):
+        seen.append(masks)
+        if r == 2:
+            return None
+        # a state whose magnitudes favour exactly the pruned weights: they must stay pruned anyway
+        flipped = jax.tree.map(lambda p, m: p if m is None else (1.0 - m) * 10.0 + m * 0.01,
+                               dense.params, masks, is_leaf=lambda x: x is None)
+        return dense.replace(params=flipped)
+
+    _, masks = iterative_magnitude(ctx, dense, [0.3, 0.5, 0.7], train_round)
+    assert len(seen) == 2                                       # stopped after round 2's masks
+    a, b = (np.asarray(dict(named_leaves(m))["layers/0/kernel"]) for m in seen)
+    assert np.all(b <= a) and b.sum() == int(0.5 * b.size)       # nothing revived, exact count
+
+
 def test_ballot_truncated_weights_and_signed_votes():
     w = np.asarray(B.truncated_weights(jnp.array([0.0, 0.5, 0.99, 1.0])))
     np.testing.assert_allclose(w[:3], 1e6, rtol=1e-5)      # every imperfect class: the same huge weight

@@ -56,7 +56,11 @@ digits at 89%: a hidden-layer vote mask retrains to 0.742, a random mask to
 
 * ``body="magnitude"``: every prunable layer but the classifier is masked by
   the magnitude of the trained dense weights at the target sparsity
-  (``ctx.config.distribution``);
+  (``ctx.config.distribution``); ``body="lth"`` masks them by iterative
+  magnitude pruning with rewinding instead (``body_fraction`` 0.2 of the
+  remaining weights per round, at most ``body_rounds`` 5 rounds of ``ft_epochs``
+  each, classifier dense meanwhile; the issue's "hidden layers by magnitude or
+  LTH");
 * the classifier alone votes (``scope="classifier"``), during a run from the
   initialisation (``vote_from="init"``, the dense budget) or from the trained
   weights (``vote_from="dense"``, ``vote_epochs`` default ``ft_epochs``)
@@ -115,7 +119,8 @@ from fairprune_jax.data.base import train_batches
 from fairprune_jax.masks import _is_none, ones_like_template
 from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
 from fairprune_jax.rewind import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary, initial_weights,
-                                  rewind, rewind_checkpoint, save_masks, sparsity_report)
+                                  iterative_magnitude, rewind, rewind_checkpoint, round_schedule, save_masks,
+                                  sparsity_report)
 from fairprune_jax.train import (TrainState, apply_gradients, check_finite, create_state, cross_entropy, evaluate,
                                  fit, make_train_step, masked_forward, step_inputs, weighted_mean)
 
@@ -426,7 +431,8 @@ def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_k
     sparse_body = body is not None and opts.get("body", "dense") != "dense"
     memo_key = ("ballot.voting_run", eta, fair_by, opts["normalize"], opts.get("scope"), opts.get("sign"),
                 opts.get("weights"), k, opts["vote_from"], opts["vote_epochs"], min_acc, cfg.seed, cfg.ft_epochs,
-                cfg.ft_lr, (opts.get("body"), cfg.sparsity, cfg.distribution) if sparse_body else None)
+                cfg.ft_lr, (opts.get("body"), cfg.sparsity, cfg.distribution, opts.get("body_fraction"),
+                             opts.get("body_rounds")) if sparse_body else None)
     hit = ctx.memo.get(memo_key)
     if hit is not None and hit["dense"] is dense:   # the same dense run (vote_from="dense" starts from it)
         return hit
@@ -505,7 +511,7 @@ def tally(epoch_scores: list[Any], template: Any, sparsity: float, distribution:
 
 VARIANTS = ("ours", "authors")
 SCOPES = ("classifier", "all")
-BODIES = ("magnitude", "dense")
+BODIES = ("magnitude", "lth", "dense")
 SIGNS = ("abs", "signed")
 WEIGHTS = ("inverse", "truncated")
 RETRAINS = ("dense", "finetune")
@@ -523,7 +529,8 @@ VARIANT_PRESETS = {
 BALLOT_OPTIONS = {"variant": "ours", "scope": None, "body": None, "sign": None, "normalize": None,
                   "weights": None, "retrain": None, "eta": 1.0, "fair_by": "class", "final_layer_only": False,
                   "rewind_step": 0, "vote_from": "init", "vote_epochs": None, "retrain_epochs": None,
-                  "warmup_fraction": 0.1, "min_acc": 0.01, "vote_prune": 0.95, "holdout": 0.1}
+                  "warmup_fraction": 0.1, "min_acc": 0.01, "vote_prune": 0.95, "holdout": 0.1,
+                  "body_fraction": 0.2, "body_rounds": 5}
 
 
 def _choice(opts: dict, name: str, valid: tuple) -> None:
@@ -552,6 +559,10 @@ def _options(ctx: Context) -> dict:
         raise ValueError(f"ballot: min_acc must be in (0, 1]; got {opts['min_acc']}")
     if not 0.0 < float(opts["holdout"]) < 1.0:
         raise ValueError(f"ballot: holdout must be in (0, 1); got {opts['holdout']}")
+    if not 0.0 < float(opts["body_fraction"]) < 1.0:
+        raise ValueError(f"ballot: body_fraction must be in (0, 1); got {opts['body_fraction']}")
+    if int(opts["body_rounds"]) < 0:
+        raise ValueError(f"ballot: body_rounds must be >= 0 (0 = no cap); got {opts['body_rounds']}")
     if not 0.0 <= float(opts["vote_prune"]) < 1.0:
         raise ValueError(f"ballot: vote_prune must be in [0, 1); got {opts['vote_prune']}")
     for name in ("vote_epochs", "retrain_epochs"):
@@ -560,14 +571,42 @@ def _options(ctx: Context) -> dict:
     return opts
 
 
-def body_masks(ctx: Context, dense: TrainState, opts: dict, vote_template: Any) -> Any:
-    """Masks of the layers that do not vote: magnitude of the trained dense weights at the target, or all-ones."""
+def body_masks(ctx: Context, dense: TrainState, opts: dict, vote_template: Any) -> tuple[Any, list]:
+    """Masks of the layers that do not vote, at the target sparsity, and the body's LTH rounds (if any).
+
+    ``body="magnitude"``: the magnitudes of the trained dense weights; ``"lth"``: iterative magnitude pruning
+    of those layers with rewinding (``rewind.iterative_magnitude``; ``body_fraction`` of the remaining
+    weights per round, at most ``body_rounds`` rounds, each retrained for ``ft_epochs`` from the rewind
+    checkpoint with the voting layers dense; the last round's masks come from the previous round's weights,
+    so that round is not trained); ``"dense"``: all ones.
+    """
     body_template = jax.tree.map(lambda t, v: None if (t is None or v is not None) else True,
                                  ctx.template, vote_template, is_leaf=_is_none)
     if opts["body"] == "dense" or not jax.tree.leaves(body_template):
-        return ones_like_template(dense.params, body_template)
-    return masks_lib.masks_from_scores(scores_lib.magnitude(dense.params, body_template), body_template,
-                                       ctx.config.sparsity, ctx.config.distribution)
+        return ones_like_template(dense.params, body_template), []
+    cfg = ctx.config
+    if opts["body"] == "magnitude":
+        return masks_lib.masks_from_scores(scores_lib.magnitude(dense.params, body_template), body_template,
+                                           cfg.sparsity, cfg.distribution), []
+    sched, _ = round_schedule(cfg.sparsity, float(opts["body_fraction"]), int(opts["body_rounds"]))
+    if not sched:
+        return ones_like_template(dense.params, body_template), []
+    ckpt = rewind_checkpoint(ctx, check_rewind_step(ctx, opts["rewind_step"]), reference=dense.params)
+    tx = ctx.finetune_tx()
+    step_fn = make_train_step(ctx.fm, tx, augment=ctx.augment)
+    rounds: list[dict] = []
+
+    def train_round(r: int, target: float, masks: Any) -> TrainState | None:
+        if r == len(sched):
+            return None
+        state = rewind(ctx, ckpt, masks, tx)
+        state, _ = ctx.finetune(state, tx, step_fn=step_fn, desc=f"ballot body lth round {r}/{len(sched)}")
+        rounds.append({"round": r, "target": round(float(target), 6),
+                       "test_accuracy": eval_summary(ctx, state, "test")["accuracy"]})
+        return state
+
+    _, masks = iterative_magnitude(ctx, dense, sched, train_round, template=body_template)
+    return masks, rounds
 
 
 def merge_masks(a: Any, b: Any) -> Any:
@@ -586,7 +625,7 @@ def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     template = final_layer_template(ctx) if opts["scope"] == "classifier" else ctx.template
     num_keys = ctx.dataset.num_classes if fair_by == "class" else ctx.dataset.num_groups
     masks_lib.keep_counts(dense.params, template, cfg.sparsity, cfg.distribution)  # fail fast on bad input
-    body = body_masks(ctx, dense, opts, template)
+    body, body_rounds = body_masks(ctx, dense, opts, template)
 
     if opts["variant"] == "authors":
         run = authors_vote_run(ctx, dense, opts, template, num_keys)
@@ -620,6 +659,8 @@ def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     info = _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, run["key_acc_hist"], run["vote_epochs"],
                  retrain_epochs, run["replay_diff"], k)
     info["voted_layers"] = [n for n, _ in masks_lib.named_leaves(template)]
+    if body_rounds:
+        info["body_lth_rounds"] = body_rounds
     info["label"] = ("the authors' algorithm (Antimony5292/Ballot): classifier only, hidden layers dense"
                      if opts["variant"] == "authors" else
                      "our adaptation to all-layer sparsity: hidden layers by " + opts["body"] +

@@ -47,28 +47,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fairprune_jax import scores, schedules
+from fairprune_jax import schedules
 from fairprune_jax.masks import ones_like_template
 from fairprune_jax.methods.base import METHODS, Context, method_options, register
 from fairprune_jax.rewind import (Checkpoint, MaskHistory, check_rewind_step, copy_tree, dense_steps,  # noqa: F401
-                                  dense_tx, eval_summary, initial_weights, load_masks, rewind, rewind_checkpoint,
-                                  save_masks, sparsity_report)
+                                  dense_tx, eval_summary, initial_weights, iterative_magnitude, load_masks, rewind,
+                                  rewind_checkpoint, round_schedule, save_masks, sparsity_report)
 from fairprune_jax.train import TrainState, make_train_step
 
 LAST_ROUND = ("dense", "round")
-
-
-def round_schedule(final_sparsity: float, fraction: float, max_rounds: int) -> tuple[list[float], float]:
-    """Per-round sparsities and the per-round fraction actually used (raised when capped by ``max_rounds``)."""
-    sched = schedules.iterative_rounds(final_sparsity, fraction)
-    max_rounds = int(max_rounds)
-    if max_rounds < 0:
-        raise ValueError(f"max_rounds must be >= 0 (0 = no cap); got {max_rounds}")
-    if max_rounds and len(sched) > max_rounds:
-        fraction = 1.0 - (1.0 - final_sparsity) ** (1.0 / max_rounds)
-        sched = [1.0 - (1.0 - fraction) ** r for r in range(1, max_rounds + 1)]
-        sched[-1] = float(final_sparsity)
-    return sched, float(fraction)
 
 
 LTH_OPTIONS = {"fraction": 0.2, "rewind_step": 0, "round_epochs": None, "max_rounds": 5, "last_round": "dense"}
@@ -107,18 +94,18 @@ def lth(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     ckpt = rewind_checkpoint(ctx, k, reference=dense.params)
     tx = ctx.finetune_tx(epochs=round_epochs)  # the same fresh schedule every round: compile the step once
     step_fn = make_train_step(ctx.fm, tx, augment=ctx.augment)
-    state, masks = dense, None
-    for r, target in enumerate(sched, start=1):
-        masks = ctx.masks_from_scores(scores.magnitude(state.params, ctx.template), target, prev_masks=masks)
-        if r == len(sched) and opts["last_round"] == "dense":   # the returned ticket: the dense budget
+    last = len(sched)
+
+    def train_round(r: int, target: float, masks: Any) -> TrainState:
+        if r == last and opts["last_round"] == "dense":   # the returned ticket: the dense budget
             last_tx = dense_tx(ctx)
             state = rewind(ctx, ckpt, masks, last_tx)
             state, hist = ctx.finetune(state, last_tx, epochs=cfg.epochs,
-                                       desc=f"lth round {r}/{len(sched)} (dense budget)")
+                                       desc=f"lth round {r}/{last} (dense budget)")
         else:
             state = rewind(ctx, ckpt, masks, tx)
             state, hist = ctx.finetune(state, tx, epochs=round_epochs, step_fn=step_fn,
-                                       desc=f"lth round {r}/{len(sched)}")
+                                       desc=f"lth round {r}/{last}")
         report = {"round": r, **sparsity_report(ctx, state, masks, target),
                   "train_loss": hist["loss"][-1] if hist["loss"] else None,
                   "train_accuracy": hist["accuracy"][-1] if hist["accuracy"] else None,
@@ -128,6 +115,9 @@ def lth(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
         info["rounds"].append(report)
         info["round_masks"].append(masks)
         info["history"][f"round_{r}"] = hist
+        return state
+
+    state, _ = iterative_magnitude(ctx, dense, sched, train_round)
     return state, info
 
 
