@@ -328,7 +328,8 @@ def test_cli_end_to_end(tmp_path, method, opts):
         # recorded at the start of each of the 2 epochs and at the end, each within the cap
         assert info["fairness"] == "ap"
         assert len(info["multiplier_history"]) == 3
-        assert all(len(m) == 10 and 0.0 <= min(m) and max(m) <= 5.0 for m in info["multiplier_history"])
+        # (ap: one-sided bound, multipliers capped at 1 / groups = 0.1 by default)
+        assert all(len(m) == 10 and 0.0 <= min(m) and max(m) <= 0.1 + 1e-6 for m in info["multiplier_history"])
         assert 0 <= info["units_swapped_vs_magnitude"] <= info["units_kept"] == 15
 
 
@@ -456,6 +457,53 @@ def test_per_group_strict_from_moving_counts_by_hand():
     assert np.asarray(observed).tolist() == [True, True]
     _, obs = bilevel.per_group_strict(dataclasses_replace(spec, min_rows=3.5), ema)
     assert np.asarray(obs).tolist() == [False, True]
+
+
+def test_one_sided_strict_is_the_signed_deviation():
+    """one_sided: r_a - r - tau/2 (a group below the overall rate is satisfied), same moving counts."""
+    spec = bilevel.Fairness(surrogate="dp", mode="constraint", num_groups=2, tau=0.1, strict_decay=0.5, min_rows=3,
+                            dual=constrained.dual_optimizer(2), one_sided=True)
+    ema = {"n": jnp.asarray([3.0, 4.0]), "s": jnp.asarray([2.5, 0.5])}
+    strict, observed = bilevel.per_group_strict(spec, ema)
+    r0, r1, r = 2.5 / 3, 0.5 / 4, 3.0 / 7
+    np.testing.assert_allclose(np.asarray(strict), [r0 - r - .05, r1 - r - .05], rtol=1e-5)
+    assert np.asarray(strict)[1] < 0 and np.asarray(observed).all()
+
+
+def test_one_sided_ap_proxy_only_pushes_its_own_group():
+    """ap, one_sided: term a = CE_a - CE - tau/2 with CE held fixed, so its gradient touches group a's rows only."""
+    rng = np.random.default_rng(7)
+    spec = bilevel.Fairness(surrogate="ap", mode="constraint", num_groups=3, tau=0.1,
+                            dual=constrained.dual_optimizer(3), one_sided=True)
+    logits = jnp.asarray(rng.normal(size=(60, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 60), jnp.int32)
+    g = jnp.asarray(rng.integers(0, 3, 60), jnp.int32)
+    w = jnp.ones(60, jnp.float32)
+    proxy = bilevel.per_group_proxy(spec, logits, y, g, w)
+    ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    gn = np.asarray(g)
+    want = [ce[gn == a].mean() - ce.mean() - 0.05 for a in range(3)]
+    np.testing.assert_allclose(np.asarray(proxy), want, rtol=1e-5, atol=1e-6)
+    jac = np.asarray(jax.jacobian(lambda lg: bilevel.per_group_proxy(spec, lg, y, g, w))(logits))   # (3, 60, 4)
+    for a in range(3):
+        assert np.abs(jac[a][gn != a]).max() == 0.0 and np.abs(jac[a][gn == a]).max() > 0.0
+    two = bilevel.per_group_proxy(dataclasses_replace(spec, one_sided=False), logits, y, g, w)
+    np.testing.assert_allclose(np.asarray(two), [abs(v + 0.05) - 0.05 for v in want], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_sidedness_and_cap_follow_the_surrogate():
+    from fairprune_jax.methods import bifp as bifp_mod
+
+    opts = dict(bifp_mod.FAIR_OPTIONS)
+    assert bifp_mod.one_sided(opts, "ap") is True and bifp_mod.one_sided(opts, "eo") is False
+    assert bifp_mod.multiplier_cap(opts, "ap", 10) == pytest.approx(0.1)
+    assert bifp_mod.multiplier_cap(opts, "eo", 10) == 5.0 and bifp_mod.multiplier_cap(opts, "dp_logistic", 2) == 5.0
+    assert bifp_mod.one_sided({**opts, "one_sided": "False"}, "ap") is False
+    assert bifp_mod.multiplier_cap({**opts, "multiplier_max": "5.0"}, "ap", 10) == 5.0
+    with pytest.raises(ValueError, match="one_sided"):
+        bifp_mod.one_sided({**opts, "one_sided": "maybe"}, "ap")
+    with pytest.raises(ValueError, match="multiplier_max"):
+        bifp_mod.multiplier_cap({**opts, "multiplier_max": "big"}, "ap", 10)
 
 
 def dataclasses_replace(spec, **kw):

@@ -49,9 +49,15 @@ default: ``eo`` for a two-class target, ``ap`` -- accuracy parity, for
 multi-class data such as digits where the groups are the classes),
 ``fairness_mode`` (``constraint`` | ``penalty`` | ``none``), ``constraint``
 (``per_group`` | ``max_gap``), ``lam``, ``tau``, ``strict_decay``,
-``min_rows``, ``multiplier_max``, ``strict`` / ``buffer_size`` / ``reduce``
+``min_rows``, ``multiplier_max``, ``one_sided``, ``strict`` / ``buffer_size`` / ``reduce``
 (``max_gap`` only) and the dual-optimizer options (``dual_lr``,
 ``dual_optimizer``, ``mode``, ``augmented``, ``nupi_kp``, ``nupi_nu``).
+``one_sided`` and ``multiplier_max`` default to ``auto``: for ``dp`` / ``eo``
+a two-sided bound ``|r_a - r| <= tau/2`` with multipliers capped at 5; for
+``ap`` a one-sided bound ``r_a - r <= tau/2`` (no class's error more than
+``tau/2`` above the overall; the better classes are not pushed down) with
+multipliers capped at ``1 / groups`` (a class's weight at most doubles; see
+:func:`multiplier_cap`).
 """
 from __future__ import annotations
 
@@ -70,7 +76,8 @@ DUAL_OPTIONS = {"dual_lr": 0.1, "dual_optimizer": "sgd", "mode": "alternating", 
                 "nupi_kp": 1.0, "nupi_nu": 0.0}
 
 FAIR_OPTIONS = {"fairness": "auto", "fairness_mode": "constraint", "constraint": "per_group", "lam": 1.0,
-                "tau": 0.05, "strict_decay": 0.99, "min_rows": 200.0, "multiplier_max": 5.0, "strict": "metric",
+                "tau": 0.05, "strict_decay": 0.99, "min_rows": 200.0, "multiplier_max": "auto", "one_sided": "auto",
+                "strict": "metric",
                 "buffer_size": 40, "reduce": "max_gap", **DUAL_OPTIONS}
 
 BIFP_OPTIONS = {"structured": True, "gamma": 1.0, "mask_lr": 0.1, "mask_momentum": 0.9, "mask_grad": "consumer",
@@ -79,8 +86,28 @@ BIFP_OPTIONS = {"structured": True, "gamma": 1.0, "mask_lr": 0.1, "mask_momentum
                 "retrain_epochs": 0, "score_clip": False, **FAIR_OPTIONS}
 
 
-def _dual(opts: dict, num_constraints: int) -> constrained.DualOptimizer:
-    """Inequality multipliers with the chosen dual step, capped at ``multiplier_max`` (<= 0: no cap)."""
+def multiplier_cap(opts: dict, surrogate: str, num_groups: int) -> float:
+    """``multiplier_max`` with ``auto`` resolved: 5 for ``dp`` / ``eo``, ``1 / num_groups`` for ``ap``.
+
+    An ``ap`` constraint's primal term is ``lam_a * (CE_a - CE)``, a mean over the group's rows, so with G
+    groups of about equal size (the classes of a balanced dataset) a multiplier ``lam_a`` weighs each of the
+    group's rows ``1 + G * lam_a`` times as much as the cross-entropy does: at ``1 / G`` a group's weight at most
+    doubles. With the cap of 5 a class could weigh 51x; on digits at 90% structured sparsity the infeasible
+    per-class constraints then drove the multipliers to the cap in turn and cost 6-7 points of accuracy. The
+    ``dp`` / ``eo`` terms are differences of rates in [0, 1] and keep the cap of 5 (their multipliers stay
+    below 2 on Adult and UTKFace).
+    """
+    v = str(opts["multiplier_max"]).strip().lower()
+    if v == "auto":
+        return 1.0 / max(int(num_groups), 1) if surrogate.startswith("ap") else 5.0
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"multiplier_max must be a number or auto; got {opts['multiplier_max']!r}") from None
+
+
+def _dual(opts: dict, num_constraints: int, cap: float) -> constrained.DualOptimizer:
+    """Inequality multipliers with the chosen dual step, capped at ``cap`` (<= 0: no cap)."""
     name = opts["dual_optimizer"]
     lr = float(opts["dual_lr"])
     if name == "sgd":
@@ -94,7 +121,7 @@ def _dual(opts: dict, num_constraints: int) -> constrained.DualOptimizer:
     if opts["mode"] not in constrained.MODES:
         raise ValueError(f"unknown mode {opts['mode']!r}; valid: {', '.join(constrained.MODES)}")
     dual = constrained.dual_optimizer(num_constraints, equality=False, tx=tx, augmented=bool(opts["augmented"]))
-    return constrained.capped(dual, float(opts["multiplier_max"]))
+    return constrained.capped(dual, float(cap))
 
 
 def surrogate_name(ctx: Context, opts: dict) -> str:
@@ -103,6 +130,18 @@ def surrogate_name(ctx: Context, opts: dict) -> str:
     if name == "auto":
         return "eo" if ctx.dataset.num_classes == 2 else "ap"
     return name
+
+
+def one_sided(opts: dict, surrogate: str) -> bool:
+    """``one_sided`` with ``auto`` resolved: true for accuracy parity (``ap``), false for ``dp`` / ``eo``."""
+    v = str(opts["one_sided"]).strip().lower()
+    if v == "auto":
+        return surrogate.startswith("ap")
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"one_sided must be auto, true or false; got {opts['one_sided']!r}")
 
 
 def fairness_spec(ctx: Context, opts: dict) -> bilevel.Fairness:
@@ -116,9 +155,11 @@ def fairness_spec(ctx: Context, opts: dict) -> bilevel.Fairness:
     return bilevel.Fairness(surrogate=name, mode=mode, num_groups=groups,
                             positive_label=ctx.config.positive_label, lam=float(opts["lam"]),
                             tau=float(opts["tau"]), strict=str(opts["strict"]), buffer_size=int(opts["buffer_size"]),
-                            reduce=str(opts["reduce"]), dual=_dual(opts, k) if mode == "constraint" else None,
+                            reduce=str(opts["reduce"]),
+                            dual=_dual(opts, k, multiplier_cap(opts, name, groups)) if mode == "constraint" else None,
                             dual_mode=str(opts["mode"]), constraint=str(opts["constraint"]),
-                            strict_decay=float(opts["strict_decay"]), min_rows=float(opts["min_rows"]))
+                            strict_decay=float(opts["strict_decay"]), min_rows=float(opts["min_rows"]),
+                            one_sided=one_sided(opts, name))
 
 
 def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list]:
@@ -175,6 +216,8 @@ def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
 def _check_common(opts: dict) -> None:
     if opts["fairness_mode"] == "penalty" and float(opts["lam"]) < 0:
         raise ValueError(f"lam must be >= 0; got {opts['lam']}")
+    one_sided(opts, "ap")                   # clear errors for bad values before any training
+    multiplier_cap(opts, "ap", 1)
 
 
 # ---------------------------------------------------------------------------
@@ -339,5 +382,5 @@ def fair_then_prune(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     return state, info
 
 
-__all__ = ["BIFP_OPTIONS", "DUAL_OPTIONS", "FAIR_OPTIONS", "bifp", "multiplier_recorder", "surrogate_name", "fair_then_prune", "fairness_spec", "kept_units",
+__all__ = ["BIFP_OPTIONS", "DUAL_OPTIONS", "FAIR_OPTIONS", "bifp", "multiplier_cap", "multiplier_recorder", "one_sided", "surrogate_name", "fair_then_prune", "fairness_spec", "kept_units",
            "l1_structured_masks", "prune_then_fair", "structured_magnitude", "structured_setup"]
