@@ -20,3 +20,17 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert "ceag" in outputs and "train max psi" in outputs
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+@pytest.mark.slow
+def test_your_model_notebook_executes(tmp_path, monkeypatch):
+    """The second notebook: a user's own nnx model through fairprune_jax.prune (small settings)."""
+    monkeypatch.setenv("FAIRPRUNE_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(NB.parent / "your_model.ipynb", as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "ceag" in outputs and "test max psi_g" in outputs and "small+noisy" in outputs and "kept units" in outputs
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
