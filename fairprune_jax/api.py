@@ -233,8 +233,8 @@ def with_units(built: tuple[CustomModel, dict, dict], units: dict | None, cfg: R
     lost = [g.kernel for g in groups if g.kernel in pruned and not g.consumers]
     if consumers and lost:
         raise ValueError(f"{cfg.method}: mask_grad='consumer' reads each unit at the next layer's input rows, but "
-                         f"the next layer after {', '.join(lost)} is not fed by its units directly; pass "
-                         "mask_grad='producer'")
+                         f"the units of {', '.join(lost)} reach the output another way too (a residual addition, "
+                         "a LayerNorm over the channels, a second reader); pass mask_grad='producer'")
     return dataclasses.replace(fm, unit_groups=tuple(groups)), params, model_state
 
 

@@ -201,9 +201,10 @@ def traced_unit_groups(fm: FunctionalModel, params: dict, model_state: dict,
     Every Conv or Linear called once, except the last one called (the classifier), is a unit group: its
     output units, with its bias and the scale / offset (and BatchNorm statistics) of the norm layers called
     after it and before the next kernel, when they have as many features. Its consumer is the next kernel
-    called, when that kernel's input rows are its units (directly, or flattened channel-last). This reads a
-    chain of layers (conv / norm / activation / dropout / pooling / flatten); a kernel shared by two calls,
-    or followed by a norm of another width, is left out. ``companions``: ``{kernel: [leaves]}`` declared by
+    called, when that kernel's input rows are its units (directly, or flattened channel-last) and the unit
+    reaches the output through those rows alone (checked numerically, :func:`_checked_consumers`). This
+    reads a chain of layers (conv / norm / activation / dropout / pooling / flatten); a kernel shared by two
+    calls, or followed by a norm of another width, is left out. ``companions``: ``{kernel: [leaves]}`` declared by
     the user instead of the traced ones (and then only those kernels are unit groups).
     """
     calls = _forward_calls(fm, params, model_state)
@@ -230,7 +231,7 @@ def traced_unit_groups(fm: FunctionalModel, params: dict, model_state: dict,
         consumers = (nxt,) if has_leaf(params, nxt) and _aligned_consumer(params, kernel, nxt) else ()
         groups.append(UnitGroup(kernel, tuple(comps), tuple(stats), consumers))
     if companions is None:
-        return groups
+        return _checked_consumers(fm, params, model_state, groups)
     traced = {g.kernel: g for g in groups}
     out = []
     for kernel, comps in companions.items():
@@ -248,6 +249,42 @@ def traced_unit_groups(fm: FunctionalModel, params: dict, model_state: dict,
                       for leaf in ("mean", "var") if f"{c.rsplit('/', 1)[0]}/{leaf}" in state_names)
         consumers = traced[kernel].consumers if kernel in traced else ()
         out.append(UnitGroup(kernel, tuple(comps), stats, consumers))
+    return _checked_consumers(fm, params, model_state, out)
+
+
+def _checked_consumers(fm: FunctionalModel, params: dict, model_state: dict, groups: list[UnitGroup]
+                       ) -> list[UnitGroup]:
+    """Keep a group's consumer only if the unit reaches the output through the consumer's rows alone.
+
+    Per group, two concrete forward passes (evaluation mode, random inputs) with unit 0 removed: once at the
+    producer (kernel column and companions zeroed), once at the consumer (its input rows of the unit zeroed).
+    They compute the same logits only when the unit's sole path is the consumer; a residual addition, a
+    second reader, a companion the trace missed, or a LayerNorm that mixes the unit into the other channels'
+    statistics makes them differ. Such a group keeps producer-side masks, without a consumer (BiFP's
+    ``mask_grad=consumer`` then refuses it).
+    """
+    graphdef = getattr(fm, "eval_graphdef", None) or fm.graphdef
+    x = jax.random.normal(jax.random.key(0), (4,) + tuple(fm.input_shape), jnp.float32)
+    forward = jax.jit(lambda p: fm.call(nnx.merge(graphdef, p, model_state), x, False))
+    out = []
+    for g in groups:
+        if g.consumers:
+            n = get_leaf(params, g.kernel).shape[-1]
+            unit = jnp.ones(n).at[0].set(0.0)
+            masks = expand_unit_masks(map_named(lambda name, v: unit if name == g.kernel else None, params),
+                                      [g], params)
+            producer = jax.tree.map(lambda m, v: v if m is None else v * m.astype(v.dtype), masks, params,
+                                    is_leaf=lambda t: t is None)
+
+            def at_consumer(name, v):
+                if name not in g.consumers:
+                    return v
+                rows = jnp.tile(unit, v.shape[-2] // n)
+                return v * rows.astype(v.dtype)[:, None]
+            a, b = np.asarray(forward(producer)), np.asarray(forward(map_named(at_consumer, params)))
+            if not np.allclose(a, b, rtol=1e-5, atol=1e-5 * max(float(np.abs(a).max()), 1.0)):
+                g = dataclasses.replace(g, consumers=())
+        out.append(g)
     return out
 
 

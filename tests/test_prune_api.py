@@ -41,7 +41,8 @@ class BNNet(nnx.Module):
 #: Small budgets per method (one epoch everywhere; a few rounds / iterations).
 FAST = {"lth": {"max_rounds": 2, "round_epochs": 1}, "ballot": {"vote_epochs": 1, "retrain_epochs": 1},
         "fairgrape": {"keep_per_iter": 0.5}, "fair_then_prune": {"fair_epochs": 1}, "ceag": {"select_points": 2},
-        "fair_scratch": {"method_options": {"epochs": 1}}, "bifp": {"method_options": {"epochs": 1}}}
+        "fair_scratch": {"method_options": {"epochs": 1}},
+        "bifp": {"method_options": {"epochs": 1}, "mask_grad": "producer"}}    # see test_bifp_consumer_grad_refused
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,8 @@ def test_units_traced_from_the_forward_pass():
     groups = {u.kernel: u for u in compact.traced_unit_groups(fm, params, state)}
     assert set(groups) == {"conv/kernel", "hidden/kernel"}            # never the classifier
     assert groups["conv/kernel"].companions == ("conv/bias", "norm/scale", "norm/bias")
-    assert groups["conv/kernel"].consumers == ("hidden/kernel",)       # flattened channel-last
+    assert groups["hidden/kernel"].consumers == ("out/kernel",)
+    assert groups["conv/kernel"].consumers == ()      # LayerNorm mixes a channel into the others' statistics
     fm, params, state = wrap_model(BNNet(nnx.Rngs(0)), (8, 8, 1), 10)
     assert fm.mode == "train"
     (bn,) = compact.traced_unit_groups(fm, params, state)
@@ -216,3 +218,32 @@ def test_a_trained_model_is_the_dense_reference_with_epochs_0(data):
     assert run.report["history"]["dense"]["loss"] == []                 # no dense training
     pred = np.asarray(model(test[0], train=False)).argmax(-1)           # the given weights are the dense model
     assert run.report["dense"]["test"]["accuracy"] == pytest.approx(float(np.mean(pred == test[1])))
+
+
+class ResNetLike(nnx.Module):
+    """A residual block: conv2's channels are added to the input's, so its consumer does not see them alone."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.conv1 = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+        self.out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.stem(x))
+        h = h + self.conv2(nnx.relu(self.conv1(h)))
+        return self.out(nnx.relu(h).mean(axis=(1, 2)))
+
+
+def test_a_residual_addition_drops_the_consumer():
+    fm, params, state = wrap_model(ResNetLike(nnx.Rngs(0)), (4, 4, 1), 2)
+    groups = {u.kernel: u.consumers for u in compact.traced_unit_groups(fm, params, state)}
+    assert groups == {"stem/kernel": (), "conv1/kernel": ("conv2/kernel",), "conv2/kernel": ()}
+
+
+def test_bifp_consumer_grad_refused_where_a_unit_has_no_sole_consumer(data, monkeypatch):
+    from fairprune_jax import runner
+    monkeypatch.setattr(runner, "prepare", lambda *a, **k: pytest.fail("training started"))
+    x, y, g = data
+    with pytest.raises(ValueError, match="mask_grad='producer'"):
+        fp.prune(Net(nnx.Rngs(0)), (x, y, g), method="bifp")
