@@ -162,11 +162,18 @@ def tradeoff(agg: list[dict], dense: dict | None, path: Path, *, metric: str, me
 def metrics_vs_sparsity(agg: list[dict], dense: dict | None, path: Path, *, metric: str, metric_label: str,
                         title: str, log_axis: bool = False, eps: float | None = None,
                         structured: dict[str, bool] | None = None) -> list[Path]:
-    """Test accuracy and ``metric`` against sparsity; ``log_axis``: x = 1 - sparsity on a log scale."""
+    """Test accuracy and ``metric`` against sparsity; ``log_axis``: x = 1 - sparsity on a log scale.
+
+    A grid with one sparsity has no sparsity axis to speak of: each panel then shows one row per method
+    (mean and std over seeds) instead of a column of overlapping points.
+    """
     plt = _plt()
     structured = structured or {}
     methods = list(dict.fromkeys(a["method"] for a in agg))
     color = dict(zip(methods, _colors(len(methods))))
+    if len({a["sparsity"] for a in agg}) == 1:
+        return _by_method(agg, dense, path, methods, color, metric=metric, metric_label=metric_label, title=title,
+                          eps=eps, structured=structured)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for m in methods:
         pts = sorted((a for a in agg if a["method"] == m), key=lambda a: a["sparsity"])
@@ -200,6 +207,45 @@ def metrics_vs_sparsity(agg: list[dict], dense: dict | None, path: Path, *, metr
     seen = dict(zip(lab0 + lab, h0 + h))
     fig.legend(seen.values(), seen.keys(), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8, frameon=False)
     fig.suptitle(f"{title} (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _by_method(agg: list[dict], dense: dict | None, path: Path, methods: list[str], color: dict, *, metric: str,
+               metric_label: str, title: str, eps: float | None, structured: dict[str, bool]) -> list[Path]:
+    """One sparsity: test accuracy and ``metric`` per method, one row each, the dense model as a line."""
+    plt = _plt()
+    sparsity = agg[0]["sparsity"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.32 * len(methods)), sharey=True)
+    y = np.arange(len(methods))
+    for ax, col, label in ((axes[0], "test_accuracy", "test accuracy"), (axes[1], metric, metric_label)):
+        for i, m in enumerate(methods):
+            a = next(a for a in agg if a["method"] == m)
+            mean, std = _mean_std(a, col)
+            if mean is None:
+                continue
+            hollow = structured.get(m)
+            ax.errorbar([mean], [i], xerr=[std], marker="s" if hollow else "o", capsize=3, color=color[m],
+                        mfc="white" if hollow else color[m])
+            if (a.get("degenerate") or {}).get("mean"):   # near-constant in some seeds: its fairness says nothing
+                ax.plot([mean], [i], marker="x", color="black", ms=9, ls="")
+        if dense is not None and _mean_std(dense, col)[0] is not None:
+            ax.axvline(_mean_std(dense, col)[0], color="black", lw=1, ls=":", label="dense model")
+        if col == metric and eps is not None and metric.endswith("max_psi"):
+            ax.axvline(eps, color="tab:red", ls="--", lw=1, label=f"eps = {eps:g}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, axis="x")
+    degenerate = {m for m in methods if (next(a for a in agg if a["method"] == m).get("degenerate") or {}).get("mean")}
+    axes[0].set_yticks(y, [m + (" (structured)" if structured.get(m) else "") +
+                           (" (DEGENERATE)" if m in degenerate else "") for m in methods])
+    axes[0].invert_yaxis()      # methods top to bottom in the grid's order
+    h, lab = axes[1].get_legend_handles_labels()
+    h0, lab0 = axes[0].get_legend_handles_labels()
+    seen = dict(zip(lab0 + lab, h0 + h))
+    if seen:
+        fig.legend(seen.values(), seen.keys(), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+                   frameon=False)
+    fig.suptitle(f"{title} at sparsity {sparsity:g} (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     return save(fig, path)
 

@@ -91,6 +91,26 @@ def test_many_groups_show_the_worst_hit_and_a_histogram_of_all(tmp_path, monkeyp
     assert lo < -0.6 and hi >= 0.0           # zero and the deepest bar with its error bar are inside
 
 
+def test_one_sparsity_plots_a_row_per_method_not_a_column_of_points(tmp_path, monkeypatch):
+    agg = [{"method": m, "sparsity": 0.9, "test_accuracy": {"mean": acc, "std": 0.01},
+            "test_mcd": {"mean": mcd, "std": 0.02}}
+           for m, acc, mcd in (("magnitude", 0.93, 0.18), ("ceag", 0.95, 0.1), ("bifp", 0.8, 0.38))]
+    dense = {"test_accuracy": {"mean": 0.96, "std": 0.0}, "test_mcd": {"mean": 0.1, "std": 0.0}}
+    seen = {}
+
+    def capture(fig, path, formats=("png",)):
+        seen["yticks"] = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        seen["xlabels"] = [ax.get_xlabel() for ax in fig.axes]
+        seen["points"] = [tuple(l.get_xydata()[0]) for l in fig.axes[1].lines if len(l.get_xydata()) == 1]
+        return []
+    monkeypatch.setattr(figures, "save", capture)
+    figures.metrics_vs_sparsity(agg, dense, tmp_path / "m.png", metric="test_mcd", metric_label="MCD", title="t",
+                                structured={"bifp": True})
+    assert seen["yticks"] == ["magnitude", "ceag", "bifp (structured)"]
+    assert seen["xlabels"] == ["test accuracy", "MCD"]
+    assert (0.38, 2.0) in seen["points"] and (0.1, 1.0) in seen["points"]   # each method on its own row
+
+
 ADULT = CELLS.parents[1] / "headline_adult" / "cells"
 
 
