@@ -308,3 +308,25 @@ def test_boolean_options_read_false_as_false():
         assert method_options(ceag, {"augmented": word})["augmented"] is want
     with pytest.raises(ValueError, match="takes true or false"):
         method_options(ceag, {"augmented": "maybe"})
+
+
+@pytest.mark.parametrize("method, option, value", [
+    ("lth", "last_round", "foo"), ("lth", "fraction", "1.5"), ("lth", "max_rounds", "-1"),
+    ("ballot", "variant", "paper"), ("ballot", "body", "foo"), ("ballot", "body_fraction", "0"),
+    ("fair_scratch", "penalty", "foo"), ("fair_scratch", "lam", "-1"), ("fair_scratch", "surrogate", "foo"),
+    ("ceag", "dual_optimizer", "foo"), ("ceag", "mode", "foo"), ("ceag", "select", "foo"),
+    ("el", "dual_optimizer", "foo"), ("fairgrape", "keep_per_iter", "1.5"),
+    ("bifp", "mask_grad", "foo"), ("bifp", "fairness_mode", "foo"), ("bifp", "one_sided", "maybe"),
+    ("prune_then_fair", "dual_optimizer", "foo"), ("fair_then_prune", "multiplier_max", "lots"),
+])
+def test_bad_option_values_fail_before_any_data_loads(method, option, value, capsys, monkeypatch):
+    import fairprune_jax.data as data_pkg
+
+    def no_loading(*a, **k):
+        raise AssertionError("data was loaded before the bad option value was refused")
+    monkeypatch.setattr(data_pkg, "load_dataset", no_loading)
+    monkeypatch.setattr("fairprune_jax.runner.load_dataset", no_loading)
+    code = main(["run", "--method", method, "--opt", f"{option}={value}", "--dataset", "adult",
+                 "--data-dir", "no-such-folder", "--no-progress", "--checkpoint-every", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and option in err and "no-such-folder" not in err, err

@@ -539,7 +539,12 @@ def _choice(opts: dict, name: str, valid: tuple) -> None:
 
 
 def _options(ctx: Context) -> dict:
-    opts = method_options(METHODS["ballot"], ctx.config.method_options)
+    return resolve_options(method_options(METHODS["ballot"], ctx.config.method_options))
+
+
+def resolve_options(opts: dict) -> dict:
+    """Checked options with the variant's presets filled in (a copy; run before any data loads as the check)."""
+    opts = dict(opts)
     _choice(opts, "variant", VARIANTS)
     for name, value in VARIANT_PRESETS[opts["variant"]].items():
         if opts[name] is None:
@@ -616,7 +621,8 @@ def merge_masks(a: Any, b: Any) -> Any:
 
 @register("ballot", "Ballot (Gao et al. 2024): mask from per-epoch votes of accuracy+fairness gradient "
                     "conflict scores, then rewind and retrain (variant=authors: the paper's code, classifier "
-                    "only; variant=ours: hidden layers by magnitude, classifier by votes)", BALLOT_OPTIONS)
+                    "only; variant=ours: hidden layers by magnitude, classifier by votes)", BALLOT_OPTIONS,
+          check=resolve_options)
 def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     cfg = ctx.config
     opts = _options(ctx)

@@ -214,8 +214,16 @@ def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
 
 
 def _check_common(opts: dict) -> None:
+    """Value checks shared by bifp, prune_then_fair and fair_then_prune (registered: run before data loads)."""
+    if opts["fairness_mode"] not in bilevel.FAIRNESS_MODES:
+        raise ValueError(f"unknown fairness_mode {opts['fairness_mode']!r}; valid: "
+                         f"{', '.join(bilevel.FAIRNESS_MODES)}")
     if opts["fairness_mode"] == "penalty" and float(opts["lam"]) < 0:
         raise ValueError(f"lam must be >= 0; got {opts['lam']}")
+    if opts["dual_optimizer"] not in ("sgd", "nupi", "adam"):
+        raise ValueError(f"unknown dual_optimizer {opts['dual_optimizer']!r}; valid: sgd, nupi, adam")
+    if opts["mode"] not in constrained.MODES:
+        raise ValueError(f"unknown mode {opts['mode']!r}; valid: {', '.join(constrained.MODES)}")
     one_sided(opts, "ap")                   # clear errors for bad values before any training
     multiplier_cap(opts, "ap", 1)
 
@@ -225,7 +233,11 @@ def _check_common(opts: dict) -> None:
 # ---------------------------------------------------------------------------
 
 def _bifp_options(ctx: Context) -> dict:
-    opts = method_options(METHODS["bifp"], ctx.config.method_options)
+    return method_options(METHODS["bifp"], ctx.config.method_options)   # checked by check_bifp_options
+
+
+def check_bifp_options(opts: dict) -> None:
+    """bifp's value checks (registered: run before any data loads)."""
     _check_common(opts)
     for k in ("gamma", "mask_lr", "weight_lr"):
         if not float(opts[k]) > 0:
@@ -242,7 +254,6 @@ def _bifp_options(ctx: Context) -> dict:
         raise ValueError(f"bifp: search_fraction must lie in [0, 1]; got {opts['search_fraction']}")
     if not 0.0 <= float(opts["mask_momentum"]) < 1.0:
         raise ValueError(f"bifp: mask_momentum must lie in [0, 1); got {opts['mask_momentum']}")
-    return opts
 
 
 def _weight_tx(ctx: Context, opts: dict, epochs: int) -> optax.GradientTransformation:
@@ -255,7 +266,7 @@ def _weight_tx(ctx: Context, opts: dict, epochs: int) -> optax.GradientTransform
 
 @register("bifp", "BiFP (Dai et al. 2023): bi-level pruning, mask scores with BiP's implicit gradient and weights "
           "trained jointly under a fairness constraint or penalty; structured by default", BIFP_OPTIONS,
-          structured="structured")
+          structured="structured", check=check_bifp_options)
 def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     cfg = ctx.config
     opts = _bifp_options(ctx)
@@ -340,7 +351,7 @@ def _fair_options(ctx: Context, name: str) -> dict:
 
 
 @register("prune_then_fair", "structured magnitude pruning, then fine-tuning with the fairness surrogate as a "
-          "constraint (default) or penalty", FAIR_OPTIONS, structured=True)
+          "constraint (default) or penalty", FAIR_OPTIONS, structured=True, check=_check_common)
 def prune_then_fair(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     opts = _fair_options(ctx, "prune_then_fair")
     spec = fairness_spec(ctx, opts)
@@ -360,7 +371,7 @@ def prune_then_fair(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
 
 @register("fair_then_prune", "fairness-aware training of the dense model (constraint or penalty), then structured "
           "magnitude pruning and cross-entropy fine-tuning", {**FAIR_OPTIONS, "fair_epochs": -1},
-          structured=True)
+          structured=True, check=_check_common)
 def fair_then_prune(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     opts = _fair_options(ctx, "fair_then_prune")
     spec = fairness_spec(ctx, opts)

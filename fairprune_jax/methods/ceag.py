@@ -43,6 +43,20 @@ DUAL_OPTIONS = {"dual_lr": 1e-2, "dual_optimizer": "sgd", "mode": "alternating",
                 "nupi_kp": 1.0, "nupi_nu": 0.0}
 
 
+DUAL_OPTIMIZERS = ("sgd", "nupi", "adam")
+
+
+def check_dual_options(opts: dict, method: str) -> None:
+    """Value checks of the dual step's options (run before any data loads)."""
+    if opts["dual_optimizer"] not in DUAL_OPTIMIZERS:
+        raise ValueError(f"{method}: unknown dual_optimizer {opts['dual_optimizer']!r}; valid: "
+                         f"{', '.join(DUAL_OPTIMIZERS)}")
+    if opts["mode"] not in constrained.MODES:
+        raise ValueError(f"{method}: unknown mode {opts['mode']!r}; valid: {', '.join(constrained.MODES)}")
+    if not float(opts["dual_lr"]) > 0:
+        raise ValueError(f"{method}: dual_lr must be > 0; got {opts['dual_lr']}")
+
+
 def make_dual(opts: dict, num_constraints: int, equality: bool) -> constrained.DualOptimizer:
     """The dual optimizer from method options: ``sgd`` (gradient ascent), ``nupi`` or ``adam``."""
     name = opts["dual_optimizer"]
@@ -284,6 +298,7 @@ def held_out_psi(ctx: Context, state: TrainState, val: Split, dense_val: fairnes
 
 
 def check_ceag_options(opts: dict) -> None:
+    check_dual_options(opts, "ceag")
     if opts["constraint_data"] not in CONSTRAINT_DATA:
         raise ValueError(f"ceag: unknown constraint_data {opts['constraint_data']!r}; valid: {', '.join(CONSTRAINT_DATA)}")
     if opts["buffer_overall"] not in BUFFER_OVERALL:
@@ -300,7 +315,8 @@ def check_ceag_options(opts: dict) -> None:
 
 @register("ceag", "Balancing Act: gradual magnitude pruning, then fine-tuning with one constraint per group "
           "on the excess accuracy gap psi_g <= eps (Lagrange multipliers; the dual step reads psi_g on held-out "
-          "rows by default, constraint_data=train for the paper's replay buffers)", CEAG_OPTIONS)
+          "rows by default, constraint_data=train for the paper's replay buffers)", CEAG_OPTIONS,
+          check=check_ceag_options)
 def ceag(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     opts = method_options(METHODS["ceag"], ctx.config.method_options)
     check_ceag_options(opts)
@@ -505,7 +521,7 @@ def el_terms(num_groups: int, use_buffers: bool) -> ProblemTerms:
 
 
 @register("el", "equalized loss (Tran et al. 2022): the same gradual pruning, then fine-tuning with one "
-          "equality constraint per group L_g - L = 0", EL_OPTIONS)
+          "equality constraint per group L_g - L = 0", EL_OPTIONS, check=lambda o: check_dual_options(o, "el"))
 def el(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     opts = method_options(METHODS["el"], ctx.config.method_options)
     start, template, info = pruned_start(ctx, dense, opts)

@@ -310,7 +310,12 @@ FS_OPTIONS = {"lam": 0.1, "penalty": "auto", "surrogate": None, "epochs": None, 
 
 
 def _options(ctx: Context) -> dict:
-    opts = method_options(METHODS["fair_scratch"], ctx.config.method_options)
+    return resolve_options(method_options(METHODS["fair_scratch"], ctx.config.method_options))
+
+
+def resolve_options(opts: dict) -> dict:
+    """Checked options with ``penalty=auto`` resolved (a copy; run before any data loads as the check)."""
+    opts = dict(opts)
     if opts["penalty"] not in PENALTIES:
         raise ValueError(f"fair_scratch: penalty must be one of {', '.join(PENALTIES)}; got {opts['penalty']!r}")
     if opts["surrogate"] is not None:
@@ -374,7 +379,7 @@ def finalize(ctx: Context, state: TrainState, fair_fn: Callable, opts: dict, his
 
 
 @register("fair_scratch", "Fair Scratch Tickets (Tang et al. 2023): edge-popup scores on frozen random weights "
-                          "with a fairness-surrogate regulariser", FS_OPTIONS)
+                          "with a fairness-surrogate regulariser", FS_OPTIONS, check=resolve_options)
 def fair_scratch(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     del dense  # a scratch ticket never looks at trained weights
     opts = _options(ctx)

@@ -61,8 +61,23 @@ LAST_ROUND = ("dense", "round")
 LTH_OPTIONS = {"fraction": 0.2, "rewind_step": 0, "round_epochs": None, "max_rounds": 5, "last_round": "dense"}
 
 
+def check_lth_options(opts: dict) -> None:
+    """Value checks that need no data (the rewind step against the dense run's length is checked at run time)."""
+    if not 0.0 < float(opts["fraction"]) < 1.0:
+        raise ValueError(f"lth: fraction (pruned per round, of the remaining weights) must be in (0, 1); "
+                         f"got {opts['fraction']}")
+    if opts["round_epochs"] is not None and int(opts["round_epochs"]) < 0:
+        raise ValueError(f"lth: round_epochs must be >= 0; got {opts['round_epochs']}")
+    if opts["last_round"] not in LAST_ROUND:
+        raise ValueError(f"lth: last_round must be one of {', '.join(LAST_ROUND)}; got {opts['last_round']!r}")
+    if int(opts["max_rounds"]) < 0:
+        raise ValueError(f"lth: max_rounds must be >= 0 (0 = no cap); got {opts['max_rounds']}")
+    if int(opts["rewind_step"]) < 0:
+        raise ValueError(f"lth: rewind_step must be >= 0; got {opts['rewind_step']}")
+
+
 @register("lth", "lottery ticket: iterative magnitude pruning, survivors rewound to init or step k and "
-                 "retrained each round", LTH_OPTIONS)
+                 "retrained each round", LTH_OPTIONS, check=check_lth_options)
 def lth(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     opts = method_options(METHODS["lth"], ctx.config.method_options)
     cfg = ctx.config
