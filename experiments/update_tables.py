@@ -1,7 +1,8 @@
 """Rewrite the "## Tables" section of experiments/README.md from the finished cells of each comparison.
 
     python experiments/update_tables.py            # every table
-    python experiments/update_tables.py NAME ...   # only these comparisons' tables, the others left as they are
+    python experiments/update_tables.py NAME ...   # only these comparisons' tables (or "headline"), the others
+                                                   # left as they are
 
 Trains nothing: every table is read back from ``experiments/results/NAME/cells`` (what
 ``fairprune compare --config experiments/NAME.toml`` wrote) and summarized with the same code that
@@ -93,6 +94,14 @@ def splice(text: str, names: list[str]) -> str:
     """``text`` with the sections of ``names`` rewritten in place (or inserted in ``TABLES`` order)."""
     order = [t[0] for t in TABLES]
     for name in names:
+        if name == "headline":
+            new = headline()
+            head = "### Headline: every method at 90% sparsity on every dataset\n"
+            if new is not None and head in text:
+                start = text.index(head)
+                end = text.find("\n### ", start + len(head))
+                text = text[:start] + new + (text[end + 1:] if end >= 0 else "")
+            continue
         entry = TABLES[order.index(name)]
         new = section(*entry)
         if new is None:
@@ -112,7 +121,7 @@ def splice(text: str, names: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     names = list(sys.argv[1:] if argv is None else argv)
-    unknown = [n for n in names if n not in {t[0] for t in TABLES}]
+    unknown = [n for n in names if n not in {t[0] for t in TABLES} | {"headline"}]
     if unknown:
         print(f"unknown comparison(s) {', '.join(unknown)}; known: {', '.join(t[0] for t in TABLES)}",
               file=sys.stderr)
