@@ -2,6 +2,7 @@
 
 Built from committed cells of experiments/results/headline_digits (no training), so it runs in seconds.
 """
+import json
 import shutil
 from pathlib import Path
 
@@ -124,6 +125,16 @@ def test_suite_headline_one_readable_table_per_dataset(tmp_path):
             shutil.copytree(cells / f"{m}_s0.9_seed0", tmp_path / name / "cells" / f"{m}_s0.9_seed0")
         (tmp_path / f"{name}.toml").write_text(f'name = "{name}"\ndataset = "{dataset}"\nmethods = {methods}\n'
                                                f'sparsities = [0.9]\nseeds = [0]\nout = "{name}"\n{extra}')
+    # an old cell, written before the degenerate flag existed, of a constant classifier (the groups are the
+    # classes: one class entirely right, every other entirely wrong)
+    old_cell = tmp_path / "d" / "cells" / "fair_scratch_s0.9_seed0" / "results.json"
+    cell = json.loads(old_cell.read_text())
+    test = cell["pruned"]["test"]
+    for key in ("degenerate", "top_prediction", "top_prediction_share", "degenerate_threshold"):
+        test.pop(key, None)
+    for i, g in enumerate(test["groups"].values()):
+        g["accuracy"] = 1.0 if i == 0 else 0.0
+    old_cell.write_text(json.dumps(cell))
     (tmp_path / "s.toml").write_text('name = "s"\nsuite = ["d.toml", "a.toml"]\nout = "s"\n')
     write_headline(load_suite(tmp_path / "s.toml"))
     md = (tmp_path / "s" / "headline.md").read_text()
