@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from fairprune_jax.masks import leaf_name, map_named, named_leaves
-from fairprune_jax.models import CNN, MLP, FunctionalModel, ResNet
+from fairprune_jax.models import CNN, MLP, FunctionalModel, ResNet, forward_calls
 
 FORMAT = "fairprune_jax.compact/1"
 SUPPORTED = ("mlp", "cnn", "resnet")
@@ -156,34 +156,8 @@ _NORMS = (nnx.LayerNorm, nnx.BatchNorm, nnx.GroupNorm, nnx.RMSNorm)
 def _forward_calls(fm: FunctionalModel, params: dict, model_state: dict) -> list[tuple[str, str, int]]:
     """``[(module path, "kernel" | "norm", features)]`` in the order one abstract forward pass calls them
     (evaluation mode); features: a kernel's output units, a norm's scale / offset length."""
-    graphdef = getattr(fm, "eval_graphdef", None) or fm.graphdef
-    module = nnx.merge(graphdef, params, model_state)
-    kinds = (nnx.Conv, nnx.Linear) + _NORMS
-    paths = {id(sub): "/".join(str(p) for p in path) for path, sub in module.iter_modules()
-             if isinstance(sub, kinds)}
-    calls: list[tuple[str, str, int]] = []
-    originals = {cls: cls.__call__ for cls in kinds}
-
-    def make_spy(cls):
-        orig = originals[cls]
-
-        def spy(self, x, *a, **k):
-            y = orig(self, x, *a, **k)
-            if id(self) in paths:
-                norm = isinstance(self, _NORMS)
-                calls.append((paths[id(self)], "norm" if norm else "kernel", int(y.shape[-1])))
-            return y
-        return spy
-
-    for cls in kinds:
-        cls.__call__ = make_spy(cls)
-    try:
-        jax.eval_shape(lambda xx: fm.call(module, xx, False),
-                       jax.ShapeDtypeStruct((1,) + tuple(fm.input_shape), jnp.float32))
-    finally:
-        for cls, orig in originals.items():
-            cls.__call__ = orig
-    return calls
+    return [(path, "norm" if isinstance(m, _NORMS) else "kernel", int(shape[-1]))
+            for path, m, shape in forward_calls(fm, params, model_state, (nnx.Conv, nnx.Linear) + _NORMS)]
 
 
 def _aligned_consumer(params: dict, producer: str, consumer: str) -> bool:

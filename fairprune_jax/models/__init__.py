@@ -123,13 +123,15 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     return fm, params, state
 
 
-def _trace_layers(fm: FunctionalModel, params: dict, model_state: dict) -> list[tuple[str, float]]:
-    """``[(kernel_name, output_positions)]`` in forward-call order, from one abstract trace."""
+def forward_calls(fm: FunctionalModel, params: dict, model_state: dict,
+                  kinds: tuple = (nnx.Conv, nnx.Linear)) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """``[(module path, module, output shape)]`` for every call of a module of ``kinds``, in the order one
+    abstract forward pass (evaluation mode, batch of 1) makes them; shared by the layer order and the traced
+    removable units (``compact.traced_unit_groups``)."""
     module = nnx.merge(getattr(fm, "eval_graphdef", None) or fm.graphdef, params, model_state)
-    paths = {id(sub): "/".join(str(p) for p in path)
-             for path, sub in module.iter_modules() if isinstance(sub, (nnx.Conv, nnx.Linear))}
-    seen: list[tuple[str, float]] = []
-    originals = {cls: cls.__call__ for cls in (nnx.Conv, nnx.Linear)}
+    paths = {id(sub): "/".join(str(p) for p in path) for path, sub in module.iter_modules() if isinstance(sub, kinds)}
+    calls: list[tuple[str, Any, tuple[int, ...]]] = []
+    originals = {cls: cls.__call__ for cls in kinds}
 
     def make_spy(cls):
         orig = originals[cls]
@@ -137,20 +139,25 @@ def _trace_layers(fm: FunctionalModel, params: dict, model_state: dict) -> list[
         def spy(self, inputs, *a, **k):
             y = orig(self, inputs, *a, **k)
             if id(self) in paths:
-                pos = float(np.prod(y.shape[1:-1])) if y.ndim > 2 else 1.0
-                seen.append((paths[id(self)] + "/kernel", pos))
+                calls.append((paths[id(self)], self, tuple(y.shape)))
             return y
         return spy
 
-    for cls in originals:
+    for cls in kinds:
         cls.__call__ = make_spy(cls)
     try:
         jax.eval_shape(lambda xx: fm.call(module, xx, False),
-                       jax.ShapeDtypeStruct((1,) + fm.input_shape, jnp.float32))
+                       jax.ShapeDtypeStruct((1,) + tuple(fm.input_shape), jnp.float32))
     finally:
         for cls, orig in originals.items():
             cls.__call__ = orig
-    return seen
+    return calls
+
+
+def _trace_layers(fm: FunctionalModel, params: dict, model_state: dict) -> list[tuple[str, float]]:
+    """``[(kernel_name, output_positions)]`` in forward-call order, from one abstract trace."""
+    return [(path + "/kernel", float(np.prod(shape[1:-1])) if len(shape) > 2 else 1.0)
+            for path, _, shape in forward_calls(fm, params, model_state)]
 
 
 def layer_order(fm: FunctionalModel, params: dict, model_state: dict) -> list[str]:
@@ -171,5 +178,5 @@ def count_flops(fm: FunctionalModel, params: dict, model_state: dict) -> dict[st
             for n, v in named_leaves(params) if n.endswith("kernel")}
 
 
-__all__ = ["CNN", "CustomModel", "MLP", "MODELS", "FunctionalModel", "call_mode", "ResNet", "build_model", "count_flops", "layer_order",
+__all__ = ["CNN", "CustomModel", "MLP", "MODELS", "FunctionalModel", "call_mode", "ResNet", "build_model", "count_flops", "forward_calls", "layer_order",
            "default_model_for"]
