@@ -90,27 +90,31 @@ def headline() -> str | None:
                       body, ""])
 
 
+def _replace(text: str, head: str, new: str) -> str | None:
+    """``text`` with the section starting at the line ``head`` replaced by ``new``; None if it has none."""
+    if head not in text:
+        return None
+    start = text.index(head)
+    end = text.find("\n### ", start + len(head))
+    return text[:start] + new + (text[end:] if end >= 0 else "")
+
+
 def splice(text: str, names: list[str]) -> str:
     """``text`` with the sections of ``names`` rewritten in place (or inserted in ``TABLES`` order)."""
     order = [t[0] for t in TABLES]
     for name in names:
         if name == "headline":
             new = headline()
-            head = "### Headline: every method at 90% sparsity on every dataset\n"
-            if new is not None and head in text:
-                start = text.index(head)
-                end = text.find("\n### ", start + len(head))
-                text = text[:start] + new + (text[end + 1:] if end >= 0 else "")
+            if new is not None:
+                text = _replace(text, "### Headline: every method at 90% sparsity on every dataset\n", new) or text
             continue
         entry = TABLES[order.index(name)]
         new = section(*entry)
         if new is None:
             continue
-        head = f"### {entry[1]}\n"
-        if head in text:
-            start = text.index(head)
-            end = text.find("\n### ", start + len(head))
-            text = text[:start] + new + (text[end + 1:] if end >= 0 else "")
+        replaced = _replace(text, f"### {entry[1]}\n", new)
+        if replaced is not None:
+            text = replaced
             continue
         # not there yet: before the first later table that is, else at the end
         later = [f"### {t[1]}\n" for t in TABLES[order.index(name) + 1:]]

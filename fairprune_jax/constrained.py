@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+
 __all__ = [
     "CMPOutput", "DualState", "DualOptimizer", "NuPIState", "StepInfo", "GroupBuffer",
     "dual_optimizer", "nupi", "project_multipliers", "lagrangian", "multiplier_weights",
@@ -597,3 +598,20 @@ def capped(dual: DualOptimizer, max_multiplier: float) -> DualOptimizer:
 
 
 __all__ += ["capped"]
+
+
+DUAL_OPTIMIZERS = ("sgd", "nupi", "adam")
+
+
+def check_dual_options(opts: dict, method: str = "") -> None:
+    """Value checks of a method's dual-step options (``dual_optimizer``, ``mode``), run before any data loads;
+    ``method`` prefixes the message."""
+    prefix = f"{method}: " if method else ""
+    if opts["dual_optimizer"] not in DUAL_OPTIMIZERS:
+        raise ValueError(f"{prefix}unknown dual_optimizer {opts['dual_optimizer']!r}; valid: "
+                         f"{', '.join(DUAL_OPTIMIZERS)}")
+    if opts["mode"] not in MODES:
+        raise ValueError(f"{prefix}unknown mode {opts['mode']!r}; valid: {', '.join(MODES)}")
+
+
+__all__ += ["DUAL_OPTIMIZERS", "check_dual_options"]

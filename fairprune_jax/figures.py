@@ -216,18 +216,19 @@ def _by_method(agg: list[dict], dense: dict | None, path: Path, methods: list[st
     """One sparsity: test accuracy and ``metric`` per method, one row each, the dense model as a line."""
     plt = _plt()
     sparsity = agg[0]["sparsity"]
+    row = {a["method"]: a for a in agg}          # one sparsity: one aggregate row per method
+    degenerate = {m for m in methods if (row[m].get("degenerate") or {}).get("mean")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.32 * len(methods)), sharey=True)
     y = np.arange(len(methods))
     for ax, col, label in ((axes[0], "test_accuracy", "test accuracy"), (axes[1], metric, metric_label)):
         for i, m in enumerate(methods):
-            a = next(a for a in agg if a["method"] == m)
-            mean, std = _mean_std(a, col)
+            mean, std = _mean_std(row[m], col)
             if mean is None:
                 continue
             hollow = structured.get(m)
             ax.errorbar([mean], [i], xerr=[std], marker="s" if hollow else "o", capsize=3, color=color[m],
                         mfc="white" if hollow else color[m])
-            if (a.get("degenerate") or {}).get("mean"):   # near-constant in some seeds: its fairness says nothing
+            if m in degenerate:   # near-constant in some seeds: its fairness says nothing
                 ax.plot([mean], [i], marker="x", color="black", ms=9, ls="")
         if dense is not None and _mean_std(dense, col)[0] is not None:
             ax.axvline(_mean_std(dense, col)[0], color="black", lw=1, ls=":", label="dense model")
@@ -235,7 +236,6 @@ def _by_method(agg: list[dict], dense: dict | None, path: Path, methods: list[st
             ax.axvline(eps, color="tab:red", ls="--", lw=1, label=f"eps = {eps:g}")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, axis="x")
-    degenerate = {m for m in methods if (next(a for a in agg if a["method"] == m).get("degenerate") or {}).get("mean")}
     axes[0].set_yticks(y, [m + (" (structured)" if structured.get(m) else "") +
                            (" (DEGENERATE)" if m in degenerate else "") for m in methods])
     axes[0].invert_yaxis()      # methods top to bottom in the grid's order

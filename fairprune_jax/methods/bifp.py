@@ -220,10 +220,7 @@ def _check_common(opts: dict) -> None:
                          f"{', '.join(bilevel.FAIRNESS_MODES)}")
     if opts["fairness_mode"] == "penalty" and float(opts["lam"]) < 0:
         raise ValueError(f"lam must be >= 0; got {opts['lam']}")
-    if opts["dual_optimizer"] not in ("sgd", "nupi", "adam"):
-        raise ValueError(f"unknown dual_optimizer {opts['dual_optimizer']!r}; valid: sgd, nupi, adam")
-    if opts["mode"] not in constrained.MODES:
-        raise ValueError(f"unknown mode {opts['mode']!r}; valid: {', '.join(constrained.MODES)}")
+    constrained.check_dual_options(opts)
     one_sided(opts, "ap")                   # clear errors for bad values before any training
     multiplier_cap(opts, "ap", 1)
 

@@ -43,16 +43,9 @@ DUAL_OPTIONS = {"dual_lr": 1e-2, "dual_optimizer": "sgd", "mode": "alternating",
                 "nupi_kp": 1.0, "nupi_nu": 0.0}
 
 
-DUAL_OPTIMIZERS = ("sgd", "nupi", "adam")
-
-
 def check_dual_options(opts: dict, method: str) -> None:
     """Value checks of the dual step's options (run before any data loads)."""
-    if opts["dual_optimizer"] not in DUAL_OPTIMIZERS:
-        raise ValueError(f"{method}: unknown dual_optimizer {opts['dual_optimizer']!r}; valid: "
-                         f"{', '.join(DUAL_OPTIMIZERS)}")
-    if opts["mode"] not in constrained.MODES:
-        raise ValueError(f"{method}: unknown mode {opts['mode']!r}; valid: {', '.join(constrained.MODES)}")
+    constrained.check_dual_options(opts, method)
     if not float(opts["dual_lr"]) > 0:
         raise ValueError(f"{method}: dual_lr must be > 0; got {opts['dual_lr']}")
 
