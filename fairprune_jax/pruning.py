@@ -276,7 +276,7 @@ class Pruner:
     def pre_update(self, params: Params, opt_state: Any, grads: Params | None = None) -> tuple[Params, Any]:
         """Optional, before the forward pass: apply this step's scheduled mask update now, so the step's
         gradient is taken on the pruned model (what a host-side mask hook before the step does, e.g.
-        :func:`methods.gradual.pruned_start`). Returns ``(masked params, opt_state)``; the wrapped update of
+        :func:`fairprune_jax.gradual.pruned_start`). Returns ``(masked params, opt_state)``; the wrapped update of
         the same step then finds the masks already in place. Jittable."""
         def fix(x):
             if not isinstance(x, PrunerState):

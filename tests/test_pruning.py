@@ -239,7 +239,7 @@ def test_bad_arguments_fail_early():
 
 
 def test_pre_update_reproduces_a_mask_hook_before_each_step():
-    """With pre_update the step's gradient is taken on the pruned model, as methods/gradual.py's host hook
+    """With pre_update the step's gradient is taken on the pruned model, as gradual.py's host hook
     does (masks_from_scores at each point, then train.apply_gradients): the same masks and params."""
     from fairprune_jax import train
 
@@ -268,7 +268,7 @@ def test_pre_update_reproduces_a_mask_hook_before_each_step():
     hook_step = jax.jit(lambda st: train.apply_gradients(st, jax.grad(loss)(st.params), inner))
     p, s = params, tx.init(params)
     for t in range(8):
-        if t in points:          # the host hook of methods/gradual.py
+        if t in points:          # the host hook of fairprune_jax/gradual.py
             m = masks.masks_from_scores(scores.magnitude(ts.params, template), template, points[t],
                                         prev_masks=ts.masks)
             ts = ts.replace(masks=m, params=masks.apply_masks(ts.params, m))

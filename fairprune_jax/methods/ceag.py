@@ -1,6 +1,6 @@
 """CEAG (Hashemizadeh et al., *Balancing Act*, ICLR 2024), and its NFT and EL baselines.
 
-All three start from the same gradually pruned model (:mod:`.gradual`) and
+All three start from the same gradually pruned model (:mod:`fairprune_jax.gradual`) and
 differ in the fine-tuning:
 
 * ``nft``: plain cross-entropy fine-tuning.
@@ -33,8 +33,8 @@ import optax
 from fairprune_jax import certify, constrained, fairness
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.data.base import Split, carve_validation, derived_seed, eval_batches
+from fairprune_jax.gradual import PRUNE_OPTIONS, pruned_start
 from fairprune_jax.methods.base import METHODS, Context, method_options, register
-from fairprune_jax.methods.gradual import PRUNE_OPTIONS, pruned_start
 from fairprune_jax.surrogates import group_means
 from fairprune_jax.train import (TrainState, apply_gradients, cross_entropy, evaluate, masked_forward,
                                  step_inputs, weighted_mean)

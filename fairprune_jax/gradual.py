@@ -5,16 +5,21 @@ schedule, with plain cross-entropy (no fairness mitigation while pruning);
 by default the first layer (when it is a convolution) and the last layer stay
 dense, as in the Balancing Act code. The mitigation methods then differ only
 in how they fine-tune this same pruned model.
+
+This module sits below ``methods/``: the method files that start from this
+pruned model import it, never one another.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fairprune_jax import scores, schedules
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.masks import apply_masks
-from fairprune_jax.methods.base import Context
 from fairprune_jax.train import TrainState
+
+if TYPE_CHECKING:
+    from fairprune_jax.methods.base import Context
 
 PRUNE_OPTIONS = {"prune_epochs": -1, "keep_first_conv_dense": True, "keep_last_dense": True,
                  "prune_updates": 10}

@@ -1,0 +1,66 @@
+"""The import rule of ``methods/``: a method file imports ``methods/base.py`` and modules below it, never
+another method file, so one method can be read, changed or removed without the others.
+Shared machinery (the gradual-pruning start, rewinding, objectives) lives one floor below, in
+``fairprune_jax/``. Parsed with ``ast``: nothing is imported, so this is fast and sees imports inside functions.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import fairprune_jax
+
+METHODS_DIR = Path(fairprune_jax.__file__).parent / "methods"
+PACKAGE = "fairprune_jax.methods"
+
+
+def method_imports(source: str) -> list[str]:
+    """The modules of ``methods/`` other than ``base`` that ``source`` (a file in ``methods/``) imports,
+    anywhere in the file (top level, inside functions, relative or absolute)."""
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:          # relative: resolve against fairprune_jax.methods
+                base = PACKAGE.split(".")[:len(PACKAGE.split(".")) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # ``from fairprune_jax.methods import x``: x is a submodule or a name from methods/__init__.py, which
+            # imports every method; both count unless x is base
+            names = [f"{mod}.{a.name}" for a in node.names] if mod == PACKAGE else [mod]
+        else:
+            continue
+        for name in names:
+            if name == PACKAGE or name.startswith(PACKAGE + "."):
+                if name.split(".")[2:3] != ["base"]:
+                    bad.append(name)
+    return bad
+
+
+def test_no_method_file_imports_another():
+    files = sorted(p for p in METHODS_DIR.glob("*.py") if p.name != "__init__.py")   # __init__ is the registry
+    assert len(files) >= 5, files
+    found = {p.name: method_imports(p.read_text()) for p in files}
+    assert {k: v for k, v in found.items() if v} == {}, (
+        "a file in methods/ imports another method file; move what they share one floor down "
+        "(e.g. fairprune_jax/gradual.py, rewind.py, constrained.py)")
+
+
+def test_the_check_sees_every_spelling():
+    """The checker itself: each of these would be a cross-method import, ``base`` and lower modules are fine."""
+    for src in ("from fairprune_jax.methods.ceag import make_dual",
+                "import fairprune_jax.methods.lth",
+                "from fairprune_jax.methods import ballot",
+                "from fairprune_jax.methods import METHODS",
+                "from . import gradual",
+                "from .ceag import nft",
+                "def f():\n    from fairprune_jax.methods.bifp import kept_units\n"):
+        assert method_imports(src), src
+    for src in ("from fairprune_jax.methods.base import Context",
+                "from . import base", "from .base import register",
+                "from fairprune_jax.methods import base",
+                "from fairprune_jax.gradual import pruned_start",
+                "from fairprune_jax import rewind, constrained"):
+        assert method_imports(src) == [], src
