@@ -136,7 +136,7 @@ import optax
 from fairprune_jax import constrained, surrogates
 from fairprune_jax.compact import UnitGroup, expand_unit_masks
 from fairprune_jax.masks import _global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves, topk_mask
-from fairprune_jax.train import TrainState, cross_entropy, step_inputs, weighted_mean
+from fairprune_jax.train import StepOutput, TrainState, cross_entropy, make_step, weighted_mean
 
 FAIRNESS_MODES = ("constraint", "penalty", "none")
 STRICT = ("metric", "surrogate")
@@ -543,17 +543,14 @@ def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_
 # Steps
 # ---------------------------------------------------------------------------
 
-def _stats(aux: dict, batch: dict) -> dict:
-    acc = weighted_mean((jnp.argmax(aux["logits"], -1) == batch["y"]).astype(jnp.float32), batch["w"])
-    out = {"loss": aux["ce"], "accuracy": acc, "fair": aux["fair"], "objective": aux["loss"]}
+def _stats(aux: dict) -> dict:
+    """The statistics of a fairness-objective step beyond :func:`train.make_step`'s accuracy: ``loss`` is the
+    cross-entropy, ``objective`` what was minimised."""
+    out = {"loss": aux["ce"], "fair": aux["fair"], "objective": aux["loss"]}
     for k in ("strict", "multiplier"):
         if k in aux:
             out[k] = aux[k]
     return out
-
-
-def _nan_step(state: TrainState, loss: jax.Array) -> jax.Array:
-    return jnp.where((state.nan_step < 0) & ~jnp.isfinite(loss), state.step, state.nan_step)
 
 
 def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformation,
@@ -580,22 +577,21 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
     if int(lower_steps) < 1:
         raise ValueError(f"lower_steps must be >= 1; got {lower_steps}")
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, x = step_inputs(state, batch, augment)
+    def objective(forward, state: TrainState, batch: dict) -> StepOutput:
         scores = state.extra["scores"]
         theta = state.params
         masks = state.masks                              # = full_masks(binarize(scores)), kept in sync
         named_masks = dict(named_leaves(masks))
         unit = map_named(lambda n, _: named_masks[n], scores)
 
-        def forward(ms):
-            return lambda z: fm.apply(z, ms, x, train=True)
+        def forward_at(ms):                              # the model on z = the (masked) weights, no mask on top
+            return lambda z: forward(z, masks=None, model_state=ms)
 
         # lower level: SGD on theta of the masked model (dL/dtheta = m * dL/dz)
         opt_state, fair_extra, model_state = state.opt_state, state.extra["fair"], state.model_state
         first_aux = None
         for k in range(int(lower_steps)):
-            g_z, fair_extra, aux = objective_grads(spec, forward(model_state), apply_masks(theta, masks), batch,
+            g_z, fair_extra, aux = objective_grads(spec, forward_at(model_state), apply_masks(theta, masks), batch,
                                                    fair_extra, update_dual=(k == 0))
             g_theta = apply_masks(g_z, masks)
             updates, opt_state = weight_tx.update(g_theta, opt_state, theta)
@@ -605,11 +601,11 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
 
         # upper level: implicit gradient at the new theta, one score step (optionally clipped to [0, 1])
         if groups is not None and mask_grad == "consumer":
-            g_z, _, _ = objective_grads(spec, forward(model_state), consumer_scaled(theta, unit, groups), batch,
+            g_z, _, _ = objective_grads(spec, forward_at(model_state), consumer_scaled(theta, unit, groups), batch,
                                         fair_extra, update_dual=False)
             g_m = consumer_mask_grad(theta, g_z, unit, scores, gamma, groups)
         else:
-            g_z, _, _ = objective_grads(spec, forward(model_state), apply_masks(theta, masks), batch, fair_extra,
+            g_z, _, _ = objective_grads(spec, forward_at(model_state), apply_masks(theta, masks), batch, fair_extra,
                                         update_dual=False)
             g_m = implicit_mask_grad(theta, g_z, masks, scores, gamma, groups)
         upd, mask_opt = mask_tx.update(g_m, state.extra["mask_opt"], scores)
@@ -619,15 +615,13 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
         new_unit = binarize(scores, counts)
         new_masks = full_masks(new_unit, theta, groups)
         changed = sum(jnp.sum(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(new_unit), jax.tree.leaves(unit)))
+        # theta is not re-masked: pruned units keep their weights and may come back
+        return StepOutput(first_aux["loss"], first_aux["logits"], model_state,
+                          extra={"scores": scores, "mask_opt": mask_opt, "fair": fair_extra},
+                          stats={**_stats(first_aux), "mask_changes": changed},
+                          fields={"params": theta, "masks": new_masks, "opt_state": opt_state})
 
-        new_state = state.replace(params=theta, masks=new_masks, opt_state=opt_state, model_state=model_state,
-                                  rng=rng, step=state.step + 1, nan_step=_nan_step(state, first_aux["loss"]),
-                                  extra={"scores": scores, "mask_opt": mask_opt, "fair": fair_extra})
-        stats = _stats(first_aux, batch)
-        stats["mask_changes"] = changed
-        return new_state, stats
-
-    return jax.jit(step, donate_argnums=0)
+    return make_step(fm, None, objective, augment=augment)
 
 
 def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
@@ -638,21 +632,14 @@ def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
     ``None`` (dense fair training). Pruned weights stay exactly zero
     (:func:`fairprune_jax.train.apply_gradients`).
     """
-    from fairprune_jax.train import apply_gradients, masked_forward
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, x = step_inputs(state, batch, augment)
-
-        def forward(p):
-            return masked_forward(fm, p, state.masks, state.model_state, x, train=True)
-
+    def objective(forward, state: TrainState, batch: dict) -> StepOutput:
         grads, fair_extra, aux = objective_grads(spec, forward, state.params, batch, state.extra["fair"],
                                                  update_dual=True)
-        new_state = apply_gradients(state, grads, tx, model_state=aux["model_state"], loss=aux["loss"], rng=rng,
-                                    extra=dict(state.extra, fair=fair_extra))
-        return new_state, _stats(aux, batch)
+        return StepOutput(aux["loss"], aux["logits"], aux["model_state"], grads=grads,
+                          extra=dict(state.extra, fair=fair_extra), stats=_stats(aux))
 
-    return jax.jit(step, donate_argnums=0)
+    return make_step(fm, tx, objective, augment=augment)
 
 
 def split_fairness(fm, spec: Fairness, params: Any, masks: Any, model_state: Any, split, batch_size: int = 512

@@ -11,7 +11,7 @@ optimizer does (momentum, weight decay).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,13 +91,16 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
     params = optax.apply_updates(state.params, updates)
     if state.masks is not None:
         params = apply_masks(params, state.masks)
-    nan_step = state.nan_step
-    if loss is not None:
-        nan_step = jnp.where((nan_step < 0) & ~jnp.isfinite(loss), state.step, nan_step)
+    nan_step = state.nan_step if loss is None else first_nan_step(state, loss)
     return state.replace(params=params, opt_state=opt_state,
                          model_state=state.model_state if model_state is None else model_state,
                          rng=state.rng if rng is None else rng, step=state.step + 1, nan_step=nan_step,
                          extra=state.extra if extra is None else extra)
+
+
+def first_nan_step(state: TrainState, loss: jax.Array) -> jax.Array:
+    """``state.nan_step``, or this step's number if it is the first whose ``loss`` is NaN/Inf."""
+    return jnp.where((state.nan_step < 0) & ~jnp.isfinite(loss), state.step, state.nan_step)
 
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
@@ -110,6 +113,77 @@ def step_inputs(state: TrainState, batch: dict, augment: Augment | None) -> tupl
     return rng, batch["x"] if augment is None else augment(aug_rng, batch["x"])
 
 
+class StepOutput(NamedTuple):
+    """What a step's objective returns to :func:`make_step`."""
+
+    loss: jax.Array            # the objective's value: ``stats["loss"]`` and the NaN check (``nan_step``)
+    logits: jax.Array          # of the step's forward pass: ``stats["accuracy"]``
+    model_state: Any           # after the forward pass (BatchNorm statistics)
+    grads: Any = None          # d loss / d params: the masked optimizer update of ``state.params``
+    extra: Any = None          # the new ``state.extra`` (None: unchanged)
+    stats: dict | None = None  # further statistics (a ``loss`` here is reported instead of the objective's)
+    fields: dict | None = None  # with ``grads=None``: the TrainState fields the objective updated itself
+                                # (e.g. ``opt_state`` and ``masks`` of a step that trains mask scores)
+
+
+Forward = Callable[..., tuple[jax.Array, Any]]
+Objective = Callable[[Forward, TrainState, dict], StepOutput]
+
+
+def make_step(fm: FunctionalModel, tx: optax.GradientTransformation | None, objective: Objective, *,
+              augment: Augment | None = None,
+              pre: Callable[[TrainState], TrainState] | None = None) -> Callable[[TrainState, dict],
+                                                                                 tuple[TrainState, dict]]:
+    """The one masked training step: jitted ``(state, batch) -> (state, stats)``, the state donated.
+
+    The step owns the PRNG key and augmentation (:func:`step_inputs`), the forward pass, the
+    optimizer update that keeps pruned weights at zero (:func:`apply_gradients`), the first
+    non-finite loss (``nan_step``) and the ``loss`` / ``accuracy`` statistics. A method supplies
+    only ``objective(forward, state, batch) -> StepOutput``: ``forward(params, masks=state.masks,
+    model_state=state.model_state)`` is the train-mode forward pass on this step's (augmented)
+    inputs, returning ``(logits, new_model_state)``; the objective differentiates through it
+    however it needs (``value_and_grad``, one ``vjp`` with several cotangents, a constrained
+    dual-then-primal step) and returns the gradient w.r.t. ``state.params`` plus its own extra
+    state (multipliers, buffers, votes). An objective that trains something other than the masked
+    params (mask scores) returns ``grads=None`` and the updated fields in ``fields``.
+    ``pre(state) -> state`` runs before the forward pass, outside differentiation (e.g. CEAG's
+    held-out estimates). Rows with ``w = 0`` do not count in the statistics.
+    """
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, x = step_inputs(state, batch, augment)
+        if pre is not None:
+            state = pre(state)
+
+        def forward(params, masks=state.masks, model_state=state.model_state):
+            return masked_forward(fm, params, masks, model_state, x, train=True)
+
+        out = objective(forward, state, batch)
+        if out.grads is not None:
+            new_state = apply_gradients(state, out.grads, tx, model_state=out.model_state, loss=out.loss, rng=rng,
+                                        extra=out.extra)
+        else:
+            new_state = state.replace(**(out.fields or {}), model_state=out.model_state, rng=rng,
+                                      step=state.step + 1, nan_step=first_nan_step(state, out.loss),
+                                      extra=state.extra if out.extra is None else out.extra)
+        acc = weighted_mean((jnp.argmax(out.logits, -1) == batch["y"]).astype(jnp.float32), batch["w"])
+        return new_state, {"loss": out.loss, "accuracy": acc, **(out.stats or {})}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def cross_entropy_objective(forward: Forward, state: TrainState, batch: dict) -> StepOutput:
+    """Masked mean cross-entropy of the batch (the dense run's and plain fine-tuning's objective)."""
+
+    def loss_fn(params):
+        logits, new_ms = forward(params)
+        per = cross_entropy(logits, batch["y"])
+        return weighted_mean(per, batch["w"]), (logits, new_ms)
+
+    (loss, (logits, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return StepOutput(loss, logits, new_ms, grads=grads)
+
+
 def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *,
                     augment: Augment | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Jitted masked cross-entropy step: ``(state, batch) -> (state, stats)``.
@@ -117,21 +191,7 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *,
     ``batch`` is ``{x, y, g, w}``; rows with ``w = 0`` do not count.
     ``augment(rng, x)`` (e.g. random crop + flip) runs inside the step.
     """
-
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, x = step_inputs(state, batch, augment)
-
-        def loss_fn(params):
-            logits, new_ms = masked_forward(fm, params, state.masks, state.model_state, x, train=True)
-            per = cross_entropy(logits, batch["y"])
-            return weighted_mean(per, batch["w"]), (logits, new_ms)
-
-        (loss, (logits, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state = apply_gradients(state, grads, tx, model_state=new_ms, loss=loss, rng=rng)
-        acc = weighted_mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32), batch["w"])
-        return new_state, {"loss": loss, "accuracy": acc}
-
-    return jax.jit(step, donate_argnums=0)
+    return make_step(fm, tx, cross_entropy_objective, augment=augment)
 
 
 def make_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int, positive_label: int = 1, *,

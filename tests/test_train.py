@@ -265,3 +265,32 @@ def test_create_state_masks_params_and_starts_clean(mlp):
     dense = _state(params, model_state, optax.adam(1e-3))
     chex.assert_trees_all_equal(dense.params, params)
     assert dense.masks is None
+
+
+def test_make_step_an_objective_that_updates_its_own_fields(mlp):
+    """The ``grads=None`` path of the one step builder (mask-score steps): the objective's fields and extra are
+    taken as they are (params untouched: no masked optimizer update), the step and the first NaN step are
+    counted, the PRNG key advances, and a ``loss`` in the objective's stats is reported instead of its value."""
+    from fairprune_jax.train import StepOutput, make_step
+    fm, params, model_state, masks = mlp
+
+    def objective(forward, state, batch):
+        logits, new_ms = forward(state.params, masks=None)          # the dense model, whatever state.masks says
+        value = jnp.where(batch["x"][0, 0] > 100.0, jnp.nan, 1.0)    # NaN on the batch marked below
+        return StepOutput(value, logits, new_ms, extra={"calls": state.extra["calls"] + 1},
+                          stats={"loss": jnp.float32(7.0)}, fields={"masks": jax.tree.map(jnp.zeros_like, masks)})
+
+    step = make_step(fm, None, objective)
+    state = _state(params, model_state, optax.identity(), masks=masks, extra={"calls": jnp.zeros((), jnp.int32)})
+    before = jax.tree.map(np.asarray, state.params)
+    key0 = np.asarray(jax.random.key_data(state.rng))
+    good = _batch(_data(8, seed=1))
+    bad_split = _data(8, seed=1)
+    bad_split.x[0, 0] = 1e3
+    for i in range(3):
+        state, stats = step(state, _batch(bad_split) if i == 1 else good)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.params), before)
+    assert all(float(m.sum()) == 0 for m in jax.tree.leaves(state.masks))
+    assert int(state.extra["calls"]) == 3 and int(state.step) == 3 and int(state.nan_step) == 1
+    assert float(stats["loss"]) == 7.0 and 0.0 <= float(stats["accuracy"]) <= 1.0
+    assert not np.array_equal(np.asarray(jax.random.key_data(state.rng)), key0)

@@ -121,8 +121,8 @@ from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_
 from fairprune_jax.rewind import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary, initial_weights,
                                   iterative_magnitude, rewind, rewind_checkpoint, round_schedule, save_masks,
                                   sparsity_report)
-from fairprune_jax.train import (TrainState, apply_gradients, check_finite, create_state, cross_entropy, evaluate,
-                                 fit, make_train_step, masked_forward, step_inputs, weighted_mean)
+from fairprune_jax.train import (StepOutput, TrainState, check_finite, create_state, cross_entropy, evaluate, fit,
+                                 make_step, make_train_step, masked_forward, weighted_mean)
 
 FAIR_BY = ("class", "group")
 VOTE_FROM = ("init", "dense")
@@ -224,16 +224,15 @@ def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_k
     if fair_by not in FAIR_BY:
         raise ValueError(f"ballot: fair_by must be one of {FAIR_BY}; got {fair_by!r}")
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def objective(forward, state: TrainState, batch: dict) -> StepOutput:
         ex = state.extra
-        rng, x = step_inputs(state, batch, augment)
         keys = batch["y"] if fair_by == "class" else batch["g"]
         key_w = (fairness_weights(ex["key_acc"], min_acc) if weights == "inverse"
                  else 1.0 / (jnp.floor(ex["key_acc"]) + 1e-6))
         row_w = key_w[keys]
 
         def losses(params):
-            logits, new_ms = masked_forward(fm, params, state.masks, state.model_state, x, train=True)
+            logits, new_ms = forward(params)
             per = cross_entropy(logits, batch["y"])
             fair = (weighted_mean(per * row_w, batch["w"]) if weights == "inverse" else   # PyTorch's weighted mean
                     jnp.sum(per * row_w * batch["w"]) / jnp.maximum(jnp.sum(row_w * batch["w"]), 1e-30))
@@ -248,11 +247,10 @@ def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_k
             lambda t, a, b: None if t is None else a + b.astype(jnp.float32), template, acc, g, is_leaf=_is_none)
         extra = {"g_acc": add(ex["g_acc"], g_acc), "g_fair": add(ex["g_fair"], g_fair),
                  "n": ex["n"] + counts.n, "correct": ex["correct"] + counts.correct, "key_acc": ex["key_acc"]}
-        new_state = apply_gradients(state, g_acc, tx, model_state=new_ms, loss=ls[0], rng=rng, extra=extra)
-        acc = weighted_mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32), batch["w"])
-        return new_state, {"loss": ls[0], "fair_loss": ls[1], "accuracy": acc}
+        # the optimizer follows the accuracy gradient; the fairness gradient is only recorded
+        return StepOutput(ls[0], logits, new_ms, grads=g_acc, extra=extra, stats={"fair_loss": ls[1]})
 
-    return jax.jit(step, donate_argnums=0)
+    return make_step(fm, tx, objective, augment=augment)
 
 
 @jax.jit

@@ -36,8 +36,8 @@ from fairprune_jax.data.base import Split, carve_validation, derived_seed, eval_
 from fairprune_jax.gradual import PRUNE_OPTIONS, pruned_start
 from fairprune_jax.methods.base import METHODS, Context, method_options, register
 from fairprune_jax.surrogates import group_means
-from fairprune_jax.train import (TrainState, apply_gradients, cross_entropy, evaluate, masked_forward,
-                                 step_inputs, weighted_mean)
+from fairprune_jax.train import (StepOutput, TrainState, cross_entropy, evaluate, make_step, masked_forward,
+                                 weighted_mean)
 
 DUAL_OPTIONS = {"dual_lr": 1e-2, "dual_optimizer": "sgd", "mode": "alternating", "augmented": False,
                 "nupi_kp": 1.0, "nupi_nu": 0.0}
@@ -78,52 +78,46 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
 
     ``state.extra`` is ``{"dual": DualState, ...method buffers}``. One forward
     pass serves the loss, the proxy violations, the buffers and both the dual
-    and the primal update (:func:`constrained.constrained_grads`).
+    and the primal update (:func:`constrained.constrained_grads`); the rest of
+    the step is :func:`train.make_step`'s.
     ``pre(state) -> extra``: work outside the differentiated pass before it
     (e.g. CEAG's held-out estimates). Keys of ``extra`` that the terms do not
     return are carried over. With ``extra["trajectory"]`` (:func:`trajectory_init`)
     the multipliers and strict violations are recorded every ``stride`` steps,
     on device.
     """
-    fm, augment = ctx.fm, ctx.augment
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, x = step_inputs(state, batch, augment)
-        if pre is not None:
-            state = state.replace(extra=pre(state))
-
+    def objective(forward, state: TrainState, batch: dict) -> StepOutput:
         def problem(params):
-            logits, new_ms = masked_forward(fm, params, state.masks, state.model_state, x, train=True)
+            logits, new_ms = forward(params)
             per = cross_entropy(logits, batch["y"])
             loss = weighted_mean(per, batch["w"])
             correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
             violation, strict, observed, new_extra = terms(per, loss, correct, batch, state.extra)
-            return loss, violation, strict, observed, (new_ms, correct, new_extra)
+            return loss, violation, strict, observed, (logits, new_ms, correct, new_extra)
 
         grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.extra["dual"],
                                                               mode)
-        new_ms, correct, new_extra = info.aux
+        logits, new_ms, correct, new_extra = info.aux
         new_extra = dict(new_extra)
         group_acc = new_extra.pop("group_accuracy", None)   # what the dual step read, for tracking only
         new_extra = {**state.extra, **new_extra, "dual": new_dual}
         if "trajectory" in new_extra:
             new_extra["trajectory"] = trajectory_record(new_extra["trajectory"], state.step, new_dual.multipliers,
                                                         info.strict_violation, info.observed)
-        new_state = apply_gradients(state, grads, tx, model_state=new_ms, loss=info.loss, rng=rng,
-                                    extra=new_extra)
         if group_acc is None:      # the batch's per-group accuracy (NaN for groups absent from the batch)
             acc_g, n_g, _ = group_means(correct, batch["g"], batch["w"], info.observed.shape[0])
             group_acc = jnp.where(n_g > 0, acc_g, jnp.nan)
-        stats = {"loss": info.loss, "accuracy": weighted_mean(correct, batch["w"]),
-                 "max_multiplier": jnp.max(new_dual.multipliers),
+        stats = {"max_multiplier": jnp.max(new_dual.multipliers),
                  "max_strict_violation": jnp.max(jnp.where(info.observed, info.strict_violation, -jnp.inf)),
                  # per group (tracking.py): multipliers, the violation the dual step read, its accuracy
                  "multipliers": new_dual.multipliers,
                  "violation": jnp.where(info.observed, info.strict_violation, jnp.nan),
                  "group_accuracy": group_acc}
-        return new_state, stats
+        return StepOutput(info.loss, logits, new_ms, grads=grads, extra=new_extra, stats=stats)
 
-    return jax.jit(step, donate_argnums=0)
+    return make_step(ctx.fm, tx, objective, augment=ctx.augment,
+                     pre=None if pre is None else (lambda state: state.replace(extra=pre(state))))
 
 
 TRAJECTORY_POINTS = 128   # at most this many recorded rows of multipliers / violations per run

@@ -78,7 +78,7 @@ from fairprune_jax.data.base import Split, eval_batches
 from fairprune_jax.masks import _is_none, apply_masks
 from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
 from fairprune_jax.rewind import eval_summary, initial_weights, sparsity_report
-from fairprune_jax.train import (TrainState, create_state, cross_entropy, fit, masked_forward, step_inputs,
+from fairprune_jax.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step, masked_forward,
                                  weighted_mean)
 
 INITS = ("signed_constant", "model")
@@ -142,13 +142,12 @@ def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, spar
                     augment: Callable | None = None) -> Callable:
     """Jitted step training ``state.extra['scores']``; ``state.params`` (the frozen weights) never change."""
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, x = step_inputs(state, batch, augment)
+    def objective(forward, state: TrainState, batch: dict) -> StepOutput:
         scores = state.extra["scores"]
 
         def loss_fn(s):
             ste, hard = ste_masks(s, template, sparsity, distribution)
-            logits, new_ms = masked_forward(fm, state.params, ste, state.model_state, x, train=True)
+            logits, new_ms = forward(state.params, masks=ste)
             ce = weighted_mean(cross_entropy(logits, batch["y"]), batch["w"])
             fair = fair_fn(logits, batch["y"], batch["g"], batch["w"], num_groups, positive_label)
             return ce + lam * fair, (ce, fair, logits, new_ms, hard)
@@ -156,13 +155,10 @@ def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, spar
         (loss, (ce, fair, logits, new_ms, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(scores)
         updates, opt_state = tx.update(grads, state.opt_state, scores)
         scores = optax.apply_updates(scores, updates)
-        nan_step = jnp.where((state.nan_step < 0) & ~jnp.isfinite(loss), state.step, state.nan_step)
-        new_state = state.replace(masks=hard, opt_state=opt_state, model_state=new_ms, rng=rng,
-                                  step=state.step + 1, nan_step=nan_step, extra={"scores": scores})
-        acc = weighted_mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32), batch["w"])
-        return new_state, {"loss": loss, "ce": ce, "fair": fair, "accuracy": acc}
+        return StepOutput(loss, logits, new_ms, extra={"scores": scores}, stats={"ce": ce, "fair": fair},
+                          fields={"masks": hard, "opt_state": opt_state})
 
-    return jax.jit(step, donate_argnums=0)
+    return make_step(fm, None, objective, augment=augment)
 
 
 # ---------------------------------------------------------------------------
