@@ -64,3 +64,12 @@ def test_the_check_sees_every_spelling():
                 "from fairprune_jax.gradual import pruned_start",
                 "from fairprune_jax import rewind, constrained"):
         assert method_imports(src) == [], src
+
+
+def test_no_method_file_reads_the_output_folder():
+    """A method writes to disk only through ``Context.save_masks`` (the run decides where): no method file but
+    base.py reads ``config.out``."""
+    import re
+    files = sorted(p for p in METHODS_DIR.glob("*.py") if p.name not in ("__init__.py", "base.py"))
+    found = [p.name for p in files if re.search(r"\b(cfg|config)\.out\b", p.read_text())]
+    assert found == [], f"{found} read the output folder; save through ctx.save_masks instead"

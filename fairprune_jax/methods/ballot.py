@@ -98,13 +98,12 @@ Rewinding: ``rewind_step`` (0 = initialisation) via
 sparse body and the full budget the voting run replays the dense run and the
 step-k weights are captured on the way.
 
-With ``ctx.config.out`` set, ``out/ballot/votes.npz`` holds the final mask,
+With an output folder (``--out``), ``ballot/votes.npz`` there holds the final mask,
 the votes (``votes/<leaf>``) and the summed scores (``score_sum/<leaf>``) of
 the voted layers.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -119,8 +118,7 @@ from fairprune_jax.data.base import train_batches
 from fairprune_jax.masks import _is_none, ones_like_template
 from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
 from fairprune_jax.rewind import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary, initial_weights,
-                                  iterative_magnitude, rewind, rewind_checkpoint, round_schedule, save_masks,
-                                  sparsity_report)
+                                  iterative_magnitude, rewind, rewind_checkpoint, round_schedule, sparsity_report)
 from fairprune_jax.train import (StepOutput, TrainState, check_finite, create_state, cross_entropy, evaluate, fit,
                                  make_step, make_train_step, masked_forward, weighted_mean)
 
@@ -670,10 +668,10 @@ def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
                      "our adaptation to all-layer sparsity: hidden layers by " + opts["body"] +
                      ", classifier by votes" if opts["scope"] == "classifier" else "our all-layer vote")
     info["history"] = {"vote": run["history"], "retrain": retrain_hist}
-    if cfg.out:
-        info["votes_file"] = str(save_masks(Path(cfg.out) / "ballot" / "votes.npz", masks,
-                                            {k2: v for k2, v in info.items() if k2 != "history"},
-                                            votes=votes, score_sum=score_sum))
+    votes_file = ctx.save_masks("ballot/votes.npz", masks, {k2: v for k2, v in info.items() if k2 != "history"},
+                                votes=votes, score_sum=score_sum)
+    if votes_file is not None:
+        info["votes_file"] = votes_file
     return pruned, info
 
 

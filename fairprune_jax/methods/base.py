@@ -8,6 +8,7 @@ holds only what is specific to its paper.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 import optax
@@ -17,6 +18,7 @@ from fairprune_jax.config import (DEFAULT_CERTIFY_EPS, OPTIMIZERS,  # noqa: F401
                                   RunConfig)
 from fairprune_jax.data.base import Dataset
 from fairprune_jax.models import FunctionalModel
+from fairprune_jax.rewind import save_masks
 from fairprune_jax.train import TrainState, create_state, fit, make_train_step
 
 
@@ -92,6 +94,17 @@ class Context:
     def first_layer_is_conv(self, params: Any) -> bool:
         leaves = dict(masks_lib.named_leaves(params))
         return bool(self.layer_order) and leaves[self.layer_order[0]].ndim == 4
+
+    def output_location(self, name: str) -> str | None:
+        """Where :meth:`save_masks` writes ``name`` (for a report), or None when the run has no output folder."""
+        return str(Path(self.config.out) / name) if self.config.out else None
+
+    def save_masks(self, name: str, masks: Any, report: dict | None = None, **arrays: Any) -> str | None:
+        """Save ``masks`` (and named array trees, and ``report``) as ``name`` (an ``.npz`` path relative to the run's
+        output folder, :func:`rewind.save_masks`); the path written, or None when the run has no output folder.
+        A method writes to disk only through here: it never sees the folder."""
+        where = self.output_location(name)
+        return None if where is None else str(save_masks(Path(where), masks, report, **arrays))
 
     def finetune(self, state: TrainState, tx: optax.GradientTransformation, *, epochs: int | None = None,
                  step_fn: Callable | None = None, hook: Callable | None = None,

@@ -36,15 +36,14 @@ Outputs per round
 ``info["rounds"]`` holds one sparsity report per round (target and achieved
 sparsity, kept weights per layer, train loss/accuracy, test accuracy and
 group/class disparity); ``info["round_masks"]`` keeps the masks in memory for
-Python callers (shown as one line in ``results.json``). With
-``ctx.config.out`` set, ``out/rounds/round_XX.npz`` holds each round's mask
+Python callers (shown as one line in ``results.json``). With an output
+folder (``--out``), ``rounds/round_XX.npz`` there holds each round's mask
 (one array per leaf name, e.g. ``layers/0/kernel``) plus the report as JSON
 under ``__report__``.
 """
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 from fairprune_jax import schedules
@@ -96,12 +95,11 @@ def lth(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
         warnings.warn(f"lth: {len(schedules.iterative_rounds(cfg.sparsity, fraction))} rounds of fraction "
                       f"{fraction} exceed max_rounds={opts['max_rounds']}; using fraction {fraction_used:.4f} "
                       "per round instead (set --opt max_rounds=0 for no cap)", stacklevel=2)
-    rounds_dir = Path(cfg.out) / "rounds" if cfg.out else None
     info: dict[str, Any] = {"schedule": sched, "fraction": fraction, "fraction_used": fraction_used,
                             "rewind_step": k, "round_epochs": round_epochs, "last_round": opts["last_round"],
                             "last_round_epochs": cfg.epochs if opts["last_round"] == "dense" else round_epochs,
                             "rounds": [],
-                            "round_masks": MaskHistory(where=str(rounds_dir) if rounds_dir else None),
+                            "round_masks": MaskHistory(where=ctx.output_location("rounds")),
                             "history": {}}
     if not sched:  # sparsity 0: the dense model is its own ticket
         return dense.replace(masks=ones_like_template(dense.params, ctx.template)), info
@@ -125,8 +123,9 @@ def lth(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
                   "train_loss": hist["loss"][-1] if hist["loss"] else None,
                   "train_accuracy": hist["accuracy"][-1] if hist["accuracy"] else None,
                   "test": eval_summary(ctx, state, "test")}
-        if rounds_dir is not None:
-            report["mask_file"] = str(save_masks(rounds_dir / f"round_{r:02d}.npz", masks, report))
+        mask_file = ctx.save_masks(f"rounds/round_{r:02d}.npz", masks, report)
+        if mask_file is not None:
+            report["mask_file"] = mask_file
         info["rounds"].append(report)
         info["round_masks"].append(masks)
         info["history"][f"round_{r}"] = hist
