@@ -69,8 +69,7 @@ def main() -> None:
     train_counts, _ = evaluate(eval_step, dense, train, 512)
     val_counts, _ = evaluate(eval_step, dense, val, 512)
     ref, val_ref = ceag_lib.reference_from_counts(train_counts), ceag_lib.reference_from_counts(val_counts)
-    opts = dict(ceag_lib.CEAG_OPTIONS)
-    dual = ceag_lib.make_dual(opts, G, equality=False)
+    dual = constrained.dual_from_options(ceag_lib.CeagOptions(), G, equality=False)
 
     def fresh(extra):
         return create_state(params, ms, tx, masks=m, extra=extra)

@@ -4,7 +4,7 @@ What is timed (one optimizer step on one batch, CPU):
 
 * ``jax_plain``  -- :func:`fairprune_jax.train.make_train_step` (masked cross-entropy, Adam).
 * ``jax_ceag``   -- :func:`fairprune_jax.methods.ceag.make_constrained_step` with
-  :func:`~fairprune_jax.methods.ceag.ceag_terms` and :func:`~fairprune_jax.methods.ceag.make_dual`
+  :func:`~fairprune_jax.methods.ceag.ceag_terms` and :func:`~fairprune_jax.constrained.dual_from_options`
   (the very step ``ceag()`` fine-tunes with: one inequality constraint per group, proxy = loss-based
   excess gap, strict = accuracy gap from replay buffers, alternating dual-then-primal, dual SGD 1e-2).
 * ``torch_plain`` -- the same masked fine-tuning step in eager PyTorch (reference only).
@@ -142,10 +142,12 @@ def jax_ceag(ctx, G: int, seed: int, opts: dict | None = None):
     """Our CEAG step and its extra state, exactly as ``methods.ceag.ceag`` builds them."""
     import dataclasses as dc
     from fairprune_jax import constrained
-    from fairprune_jax.methods.ceag import CEAG_OPTIONS, ceag_terms, dense_reference, make_constrained_step, make_dual
-    o = dict(CEAG_OPTIONS, **(opts or {}))
+    from fairprune_jax.methods import METHODS
+    from fairprune_jax.methods.ceag import ceag_terms, dense_reference, make_constrained_step
+    parsed = METHODS["ceag"].parse(opts or {})
+    o = dc.asdict(parsed)
     c = dc.replace(ctx, dense_train_counts=reference_counts(G, ctx.fm.num_classes, seed))
-    dual = make_dual(o, G, equality=False)
+    dual = constrained.dual_from_options(parsed, G, equality=False)
     extra = {"dual": dual.init(), "buffer": constrained.buffer_init(G, int(o["buffer_size"])),
              "overall": constrained.buffer_init(1, int(o["overall_buffer_size"]))}
     tx = ctx.finetune_tx(epochs=1)

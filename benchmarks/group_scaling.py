@@ -63,7 +63,7 @@ def time_one(prep, method: str, sparsity: float) -> tuple[float, dict]:
     cfg = dataclasses.replace(prep.config, method=method, sparsity=sparsity, method_options={})
     ctx = dataclasses.replace(prep.ctx, config=cfg)
     t = time.perf_counter()
-    state, info = get_method(method).run(ctx, prep.dense)
+    state, info = get_method(method).run(ctx, prep.dense, get_method(method).parse({}))
     jax.block_until_ready(state.params)
     return time.perf_counter() - t, info
 

@@ -23,7 +23,6 @@ from fairprune_jax.config import RunConfig
 from fairprune_jax.data.base import Dataset, Split, stratified_split
 from fairprune_jax.masks import apply_masks, named_leaves, prunable_template
 from fairprune_jax.methods import get_method
-from fairprune_jax.methods import method_options as parse_method_options
 from fairprune_jax.models import CustomModel, call_mode, layer_order
 from fairprune_jax.train import TrainState
 
@@ -95,15 +94,14 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     cfg = RunConfig(method=method, dataset=runner.IN_MEMORY, sparsity=sparsity, seed=seed, epochs=epochs,
                     finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr, finetune_lr=finetune_lr,
                     out=None if out is None else str(out), progress=progress, method_options=opts, **extra)
-    runner.validate_config(cfg)             # method, sparsity, option names and values, run settings
-    parsed = parse_method_options(method_obj, opts)
+    parsed = runner.validate_config(cfg)    # method, sparsity, option names and values, run settings
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
     ds = arrays_dataset(train, test, val, seed=seed, group_names=group_names, class_names=class_names,
                         num_classes=_num_outputs(model, np.asarray(train[0])[:2]))
     built = wrap_model(model, ds.input_shape, ds.num_classes)
     if method_obj.is_structured(parsed) or units is not None:
-        built = with_units(built, units, cfg, consumers=parsed.get("mask_grad") == "consumer")
+        built = with_units(built, units, cfg, consumers=getattr(parsed, "mask_grad", None) == "consumer")
     if cfg.out:
         runner.check_out_dir(cfg.out)
         runner.remove_stale_outputs(Path(cfg.out))

@@ -135,9 +135,9 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     for key in ("dataset", "methods", "sparsities", "seeds"):
         if key not in raw:
             raise ValueError(f"{path}: missing required key {key!r}")
-    from fairprune_jax.methods import get_method, method_options
+    from fairprune_jax.methods import get_method
     from fairprune_jax.masks import check_sparsity
-    from fairprune_jax.runner import check_model_options, check_option_values
+    from fairprune_jax.runner import check_model_options
     check_run_values(path, raw.get("run", {}))
     try:
         check_model_options(raw.get("run", {}).get("model"), raw.get("model_options", {}))
@@ -149,8 +149,7 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     bases = set()
     for m in raw["methods"]:
         base, opts = resolve_entry(m, variants, raw.get("method_options", {}))
-        check_option_values(get_method(base), opts)
-        method_options(get_method(base), opts)
+        get_method(base).parse(opts)
         bases.add(base)
     unused = set(variants) - set(raw["methods"])
     if unused:
@@ -242,7 +241,7 @@ def dense_cached(folder: Path, cfg: RunConfig) -> bool:
 
 def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     """Run every missing cell, then write the combined CSV, JSON, Markdown and plots."""
-    from fairprune_jax.methods import get_method, method_options
+    from fairprune_jax.methods import get_method
     from fairprune_jax import distributed
     from fairprune_jax.runner import prepare, prepare_seeds, run_method, save_dense
 
@@ -303,7 +302,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
             base, opts = cc.resolve(m)
             method = get_method(base)
             # [run] save_compact = true: a compacted model for every cell whose masks are structured
-            compact = bool(cc.run.get("save_compact")) and method.is_structured(method_options(method, opts))
+            compact = bool(cc.run.get("save_compact")) and method.is_structured(method.parse(opts))
             # one psi bound for every method of the grid: the grid's tolerance unless [run] sets certify_eps
             cert = {"certify_eps": cc.tolerance} if cc.tolerance is not None and "certify_eps" not in run else {}
             with tracking.use(tracker(d)):
@@ -562,22 +561,22 @@ def format_cell(col: str, agg_row: dict) -> str:
 
 def structured_methods(cc: CompareConfig) -> dict[str, bool]:
     """Grid entry -> whether its masks remove whole units (structured) rather than single weights."""
-    from fairprune_jax.methods import get_method, method_options
+    from fairprune_jax.methods import get_method
     out = {}
     for m in cc.methods:
         base, opts = cc.resolve(m)
         method = get_method(base)
-        out[m] = bool(method.is_structured(method_options(method, opts)))
+        out[m] = bool(method.is_structured(method.parse(opts)))
     return out
 
 
 def constraint_settings(cc: CompareConfig) -> dict[str, str | None]:
     """Grid entry -> its constraint with the settings it ran with (e.g. ``psi_g <= 0.02 (train)``), or None."""
-    from fairprune_jax.methods import get_method, method_options
+    from fairprune_jax.methods import get_method
     out = {}
     for m in cc.methods:
         base, opts = cc.resolve(m)
-        out[m] = tables.constraint_label(base, method_options(get_method(base), opts))
+        out[m] = tables.constraint_label(base, dataclasses.asdict(get_method(base).parse(opts)))
     return out
 
 

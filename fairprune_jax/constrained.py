@@ -70,6 +70,7 @@ buffer_means(buf2)``; strict violation from ``acc``, ``observed = full``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -603,15 +604,40 @@ __all__ += ["capped"]
 DUAL_OPTIMIZERS = ("sgd", "nupi", "adam")
 
 
-def check_dual_options(opts: dict, method: str = "") -> None:
-    """Value checks of a method's dual-step options (``dual_optimizer``, ``mode``), run before any data loads;
-    ``method`` prefixes the message."""
+@dataclasses.dataclass(frozen=True)
+class DualOptions:
+    """A method's dual-step options (ceag, el, and the bifp family, which raises ``dual_lr`` to 0.1): a method's
+    options dataclass inherits them, :func:`check_dual_options` checks them, :func:`dual_from_options` builds the
+    dual optimizer."""
+
+    dual_lr: float = 1e-2
+    dual_optimizer: str = "sgd"             # DUAL_OPTIMIZERS
+    mode: str = "alternating"               # MODES
+    augmented: bool = False
+    nupi_kp: float = 1.0
+    nupi_nu: float = 0.0
+
+
+def check_dual_options(opts: DualOptions, method: str = "") -> None:
+    """Value checks of a method's dual-step options, run before any data loads; ``method`` prefixes the message."""
     prefix = f"{method}: " if method else ""
-    if opts["dual_optimizer"] not in DUAL_OPTIMIZERS:
-        raise ValueError(f"{prefix}unknown dual_optimizer {opts['dual_optimizer']!r}; valid: "
+    if opts.dual_optimizer not in DUAL_OPTIMIZERS:
+        raise ValueError(f"{prefix}unknown dual_optimizer {opts.dual_optimizer!r}; valid: "
                          f"{', '.join(DUAL_OPTIMIZERS)}")
-    if opts["mode"] not in MODES:
-        raise ValueError(f"{prefix}unknown mode {opts['mode']!r}; valid: {', '.join(MODES)}")
+    if opts.mode not in MODES:
+        raise ValueError(f"{prefix}unknown mode {opts.mode!r}; valid: {', '.join(MODES)}")
+    if not opts.dual_lr > 0:
+        raise ValueError(f"{prefix}dual_lr must be > 0; got {opts.dual_lr}")
 
 
-__all__ += ["DUAL_OPTIMIZERS", "check_dual_options"]
+def dual_from_options(opts: DualOptions, num_constraints: int, *, equality: bool) -> DualOptimizer:
+    """The dual optimizer of checked options: ``sgd`` (gradient ascent), ``nupi`` or ``adam`` at ``dual_lr``,
+    augmented Lagrangian when ``augmented``."""
+    if opts.dual_optimizer == "nupi":
+        tx = nupi(opts.dual_lr, kp=opts.nupi_kp, nu=opts.nupi_nu)
+    else:
+        tx = {"sgd": optax.sgd, "adam": optax.adam}[opts.dual_optimizer](opts.dual_lr)
+    return dual_optimizer(num_constraints, equality=equality, tx=tx, augmented=opts.augmented)
+
+
+__all__ += ["DUAL_OPTIMIZERS", "DualOptions", "check_dual_options", "dual_from_options"]

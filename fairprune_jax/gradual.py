@@ -11,6 +11,7 @@ pruned model import it, never one another.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from fairprune_jax import scores, schedules
@@ -21,11 +22,30 @@ from fairprune_jax.train import TrainState
 if TYPE_CHECKING:
     from fairprune_jax.methods.base import Context
 
-PRUNE_OPTIONS = {"prune_epochs": -1, "keep_first_conv_dense": True, "keep_last_dense": True,
-                 "prune_updates": 10}
+
+@dataclasses.dataclass(frozen=True)
+class PrunePhaseOptions:
+    """Options of a masked pruning phase before fine-tuning (a method's options dataclass inherits them)."""
+
+    prune_epochs: int = -1                  # -1: half the fine-tuning epochs, at least 1
+    keep_first_conv_dense: bool = True      # the first layer stays dense when it is a convolution
+    keep_last_dense: bool = True
 
 
-def pruned_start(ctx: Context, dense: TrainState, opts: dict) -> tuple[TrainState, Any, dict]:
+@dataclasses.dataclass(frozen=True)
+class GradualOptions(PrunePhaseOptions):
+    """:func:`pruned_start`'s options, shared by ceag, nft and el."""
+
+    prune_updates: int = 10                 # mask updates on the cubic schedule
+
+
+def phase_template(ctx: Context, params: Any, opts: PrunePhaseOptions) -> Any:
+    """The prunable template of a pruning phase: the run's exclusions plus the options' first / last layer."""
+    return ctx.template_for(params, exclude_first=opts.keep_first_conv_dense and ctx.first_layer_is_conv(params),
+                            exclude_last=opts.keep_last_dense)
+
+
+def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple[TrainState, Any, dict]:
     """Gradually prune ``dense`` to the target; returns (pruned state, template, info).
 
     ``prune_epochs`` (-1: half the fine-tuning epochs, at least 1) of masked
@@ -33,13 +53,11 @@ def pruned_start(ctx: Context, dense: TrainState, opts: dict) -> tuple[TrainStat
     75% of the steps and then stays at the target.
     """
     cfg = ctx.config
-    template = ctx.template_for(dense.params,
-                                exclude_first=bool(opts["keep_first_conv_dense"]) and ctx.first_layer_is_conv(dense.params),
-                                exclude_last=bool(opts["keep_last_dense"]))
-    state, tx, epochs, total = ctx.prune_phase(dense, template, opts["prune_epochs"])
+    template = phase_template(ctx, dense.params, opts)
+    state, tx, epochs, total = ctx.prune_phase(dense, template, opts.prune_epochs)
     prune_steps = max(int(0.75 * total), 1)
     points = dict(schedules.cubic_steps(cfg.sparsity, prune_steps,
-                                        max(prune_steps // max(int(opts["prune_updates"]), 1), 1)))
+                                        max(prune_steps // max(opts.prune_updates, 1), 1)))
     if cfg.sparsity == 0.0:
         points = {}
     else:

@@ -18,7 +18,7 @@ import numpy as np
 from fairprune_jax import certify, checkpoint, compact, distributed, fairness, report, tracking
 from fairprune_jax.data import DATASETS, Dataset, eval_batches, load_dataset
 from fairprune_jax.masks import check_sparsity, named_leaves, prunable_template, sparsity_summary, DISTRIBUTIONS
-from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer, method_options
+from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer
 from fairprune_jax.methods.base import DEFAULT_CERTIFY_EPS, structured_methods
 from fairprune_jax.models import MODELS, build_model, count_flops, default_model_for, layer_order
 from fairprune_jax.train import (TrainState, create_state, evaluate, evaluate_paired, fit, make_eval_step,
@@ -33,14 +33,13 @@ COMPACT_CHECK_ROWS = 1024
 IN_MEMORY = "arrays"
 
 
-def validate_config(cfg: RunConfig) -> None:
-    """Fail fast, with the valid choices, before any long work."""
+def validate_config(cfg: RunConfig) -> Any:
+    """Fail fast, with the valid choices, before any long work; returns the method's parsed options."""
     check_sparsity(cfg.sparsity)
     method = get_method(cfg.method)
-    check_option_values(method, cfg.method_options)
-    opts = method_options(method, cfg.method_options)
+    opts = method.parse(cfg.method_options)
     if cfg.save_compact and not method.is_structured(opts):
-        why = (f"method {cfg.method!r} with structured={opts[method.structured]!r}"
+        why = (f"method {cfg.method!r} with structured={getattr(opts, method.structured)!r}"
                if isinstance(method.structured, str) else f"method {cfg.method!r}")
         raise ValueError(f"--save-compact needs structured masks (whole neurons / channels removed), but {why} "
                          f"prunes individual weights, which no smaller dense model can hold; structured "
@@ -69,6 +68,7 @@ def validate_config(cfg: RunConfig) -> None:
         raise ValueError(f"--positive-class must be a class id >= 0; got {cfg.positive_label}")
     if cfg.small_group < 0:
         raise ValueError(f"--small-group must be >= 0; got {cfg.small_group}")
+    return opts
 
 
 def model_option_names(model: str) -> list[str]:
@@ -88,25 +88,12 @@ def check_model_options(model: str | None, options: dict) -> None:
         raise ValueError(f"unknown model option(s) {unknown} for {which}; valid: {', '.join(names)}")
 
 
-def check_option_values(method: Any, given: dict) -> None:
-    """A method option whose default is a number must get a number: named here, not as a bare conversion error."""
-    for k, v in given.items():
-        default = method.options.get(k)
-        if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(v, (int, float)):
-            continue
-        try:
-            float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"method {method.name!r}: option {k!r} takes a number (default {default!r}); "
-                             f"got {v!r}") from None
-
-
 def certify_eps(cfg: RunConfig) -> float:
     """The psi bound the certificate checks: ``certify_eps``, else the method's ``eps`` option, else the default."""
     if cfg.certify_eps is not None:
         return float(cfg.certify_eps)
-    opts = method_options(get_method(cfg.method), cfg.method_options)
-    return float(opts["eps"]) if "eps" in opts else DEFAULT_CERTIFY_EPS
+    eps = getattr(get_method(cfg.method).parse(cfg.method_options), "eps", None)
+    return DEFAULT_CERTIFY_EPS if eps is None else float(eps)
 
 
 def _augment_fn(cfg: RunConfig, ds: Dataset):
@@ -416,7 +403,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     if bad:
         raise ValueError(f"cannot override {sorted(bad)} after the dense model was trained; prepare() again")
     cfg = dataclasses.replace(prep.config, **overrides)
-    validate_config(cfg)
+    opts = validate_config(cfg)
     _check_outputs(cfg)
     method = get_method(cfg.method)
     ctx = dataclasses.replace(prep.ctx, config=cfg)
@@ -424,7 +411,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     tracker = tracking.current()
     if tracker is not None:
         tracker.group_names = list(ds.group_names)
-    pruned, info = method.run(ctx, prep.dense)
+    pruned, info = method.run(ctx, prep.dense, opts)
     jax.block_until_ready(pruned.params)
     timings = dict(prep.timings)
     timings["method_s"] = time.perf_counter() - t_start

@@ -494,16 +494,19 @@ def test_one_sided_ap_proxy_only_pushes_its_own_group():
 def test_auto_sidedness_and_cap_follow_the_surrogate():
     from fairprune_jax.methods import bifp as bifp_mod
 
-    opts = dict(bifp_mod.FAIR_OPTIONS)
+    from fairprune_jax.methods import METHODS
+
+    parse = METHODS["prune_then_fair"].parse
+    opts = parse({})
     assert bifp_mod.one_sided(opts, "ap") is True and bifp_mod.one_sided(opts, "eo") is False
     assert bifp_mod.multiplier_cap(opts, "ap", 10) == pytest.approx(0.1)
     assert bifp_mod.multiplier_cap(opts, "eo", 10) == 5.0 and bifp_mod.multiplier_cap(opts, "dp_logistic", 2) == 5.0
-    assert bifp_mod.one_sided({**opts, "one_sided": "False"}, "ap") is False
-    assert bifp_mod.multiplier_cap({**opts, "multiplier_max": "5.0"}, "ap", 10) == 5.0
+    assert bifp_mod.one_sided(parse({"one_sided": "False"}), "ap") is False
+    assert bifp_mod.multiplier_cap(parse({"multiplier_max": "5.0"}), "ap", 10) == 5.0
     with pytest.raises(ValueError, match="one_sided"):
-        bifp_mod.one_sided({**opts, "one_sided": "maybe"}, "ap")
+        parse({"one_sided": "maybe"})
     with pytest.raises(ValueError, match="multiplier_max"):
-        bifp_mod.multiplier_cap({**opts, "multiplier_max": "big"}, "ap", 10)
+        parse({"multiplier_max": "big"})
 
 
 def dataclasses_replace(spec, **kw):

@@ -300,14 +300,38 @@ def test_main_help_and_datasets(capsys):
 def test_boolean_options_read_false_as_false():
     """`--opt augmented=false` must not become bool('false') == True (any method, --data-opt too)."""
     from fairprune_jax.cli import _kv
-    from fairprune_jax.methods import get_method, method_options
+    from fairprune_jax.methods import get_method
     assert _kv(["a=false", "b=Off", "c=NO", "d=True", "e=3", "f=x"], "--opt") == {
         "a": False, "b": False, "c": False, "d": True, "e": 3, "f": "x"}
     ceag = get_method("ceag")
     for word, want in [("false", False), ("0", False), ("no", False), ("true", True), ("1", True)]:
-        assert method_options(ceag, {"augmented": word})["augmented"] is want
+        assert ceag.parse({"augmented": word}).augmented is want
     with pytest.raises(ValueError, match="takes true or false"):
-        method_options(ceag, {"augmented": "maybe"})
+        ceag.parse({"augmented": "maybe"})
+
+
+def test_options_are_typed_frozen_dataclasses_parsed_once():
+    """Every method's options are a frozen dataclass; values are read as the field types, and what a type
+    cannot read is refused naming the option."""
+    import dataclasses
+    from fairprune_jax.methods import METHODS
+    for name, method in METHODS.items():
+        opts = method.parse({})
+        assert dataclasses.is_dataclass(opts) and type(opts).__dataclass_params__.frozen, name
+        assert sorted(method.options) == sorted(f.name for f in dataclasses.fields(opts)), name
+    lth, ballot, bifp, ceag = (METHODS[m] for m in ("lth", "ballot", "bifp", "ceag"))
+    assert lth.parse({"round_epochs": "3", "fraction": "0.5"}) == lth.options_type(round_epochs=3, fraction=0.5)
+    assert lth.parse({"max_rounds": 4.0}).max_rounds == 4 and lth.parse({"round_epochs": None}).round_epochs is None
+    with pytest.raises(ValueError, match=r"option 'max_rounds' takes an integer \(default 5\); got 2.5"):
+        lth.parse({"max_rounds": 2.5})
+    with pytest.raises(ValueError, match=r"option 'eps' takes a number"):
+        ceag.parse({"eps": True})
+    assert ballot.parse({}).scope == "classifier"                  # the check completes the variant's presets
+    assert ballot.parse({"variant": "authors"}).normalize == "row"
+    assert bifp.parse({"multiplier_max": 2}).multiplier_max == 2.0 and bifp.parse({}).multiplier_max == "auto"
+    assert bifp.parse({"one_sided": "no"}).one_sided is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ceag.parse({}).eps = 0.5
 
 
 @pytest.mark.parametrize("method, option, value", [

@@ -13,7 +13,7 @@ import pytest
 from fairprune_jax import group_importance as gi
 from fairprune_jax.data.base import Split, eval_batches
 from fairprune_jax.masks import named_leaves, prunable_template
-from fairprune_jax.methods import METHODS, RunConfig, method_options
+from fairprune_jax.methods import METHODS, RunConfig
 from fairprune_jax.models import build_model
 from fairprune_jax.train import cross_entropy
 
@@ -153,7 +153,7 @@ def test_options_fail_before_data():
     with pytest.raises(ValueError, match="keep_per_iter"):
         validate_config(RunConfig(method="fairgrape", method_options={"keep_per_iter": 1.5}))
     with pytest.raises(ValueError, match="rank"):
-        method_options(METHODS["fairgrape"], {"rank": "nope"})
+        METHODS["fairgrape"].parse({"rank": "nope"})
 
 
 def test_iteration_schedule_spreads_over_steps():

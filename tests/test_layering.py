@@ -73,3 +73,12 @@ def test_no_method_file_reads_the_output_folder():
     files = sorted(p for p in METHODS_DIR.glob("*.py") if p.name not in ("__init__.py", "base.py"))
     found = [p.name for p in files if re.search(r"\b(cfg|config)\.out\b", p.read_text())]
     assert found == [], f"{found} read the output folder; save through ctx.save_masks instead"
+
+
+def test_no_method_file_rereads_its_options():
+    """A method receives its parsed options (``run(ctx, dense, opts)``): no method file reads the raw
+    ``config.method_options`` or looks a method up in the registry to parse them again."""
+    import re
+    files = sorted(p for p in METHODS_DIR.glob("*.py") if p.name not in ("__init__.py", "base.py"))
+    found = [p.name for p in files if re.search(r"\bmethod_options\b|\bMETHODS\b|\bget_method\b", p.read_text())]
+    assert found == [], f"{found} re-read their options; take the parsed ``opts`` argument instead"

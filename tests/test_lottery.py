@@ -31,6 +31,12 @@ def with_options(ctx, **opts):
     return dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, method_options=opts))
 
 
+def run_direct(name, ctx, dense):
+    """A registered method's run with the options of ``ctx.config`` parsed and checked, as the runner does."""
+    method = METHODS[name]
+    return method.run(ctx, dense, method.parse(ctx.config.method_options))
+
+
 # ---------------------------------------------------------------------------
 # Fixtures: one tiny dense run on digits shared by the direct method tests
 # ---------------------------------------------------------------------------
@@ -217,20 +223,20 @@ def test_lth_and_ballot_rewind_survivors_to_checkpoint(setup):
     ctx, init_params, dense = setup
     spe = ctx.steps_per_epoch
     # lth, rewind to init, no retraining: the ticket is the init under the mask
-    st, info = METHODS["lth"].run(with_options(ctx, round_epochs=0, fraction=0.5, last_round="round"), dense)
+    st, info = run_direct("lth", with_options(ctx, round_epochs=0, fraction=0.5, last_round="round"), dense)
     assert len(info["rounds"]) == 1
     _check_survivors(st, init_params)
     # ballot voting on every layer, late rewinding to step k (captured during the voting replay of the
     # dense run), no retraining
     k = spe // 2
-    st, info = METHODS["ballot"].run(with_options(ctx, scope="all", rewind_step=k, retrain_epochs=0), dense)
+    st, info = run_direct("ballot", with_options(ctx, scope="all", rewind_step=k, retrain_epochs=0), dense)
     _check_survivors(st, L.rewind_checkpoint(ctx, k).params)
     assert info["replay_max_abs_diff_to_dense"] == 0.0  # the voting run replays the dense run
     assert info["votes"]["epochs"] == 1
     kept = {n: int(np.asarray(m).sum()) for n, m in named_leaves(st.masks)}
     assert kept == keep_counts(dense.params, ctx.template, 0.5)
     # final_layer_only: only the head is pruned, at the target sparsity; the hidden layer stays dense
-    st, info = METHODS["ballot"].run(with_options(ctx, final_layer_only=True, retrain_epochs=0), dense)
+    st, info = run_direct("ballot", with_options(ctx, final_layer_only=True, retrain_epochs=0), dense)
     masked = dict(named_leaves(st.masks))
     assert int(np.asarray(masked["head/kernel"]).sum()) == 160
     assert np.all(np.asarray(masked["layers/0/kernel"]) == 1)
@@ -259,12 +265,12 @@ def test_lth_round_schedule_and_cap():
 
 def test_fair_scratch_frozen_weights_exact_sparsity_and_regulariser(setup):
     ctx, init_params, dense = setup
-    base = dict(FS.FS_OPTIONS, epochs=2, surrogate="dp", score_lr=0.05)
+    base = dict(epochs=2, surrogate="dp", score_lr=0.05)
     dens = FS.layer_densities(init_params, ctx.template, 0.5, "uniform")
     frozen = FS.frozen_weights(init_params, ctx.template, "signed_constant", dens)
     results = {}
     for lam in (0.0, 3.0):
-        st, hist, fn = FS.train_scores(ctx, dict(base, lam=lam))
+        st, hist, fn = FS.train_scores(ctx, FS.FairScratchOptions(**base, lam=lam))
         assert tree_equal(st.params, frozen)  # the weights never move
         s0 = FS.init_scores(jax.random.key(ctx.config.seed + 11), frozen, ctx.template)
         assert not tree_equal(st.extra["scores"], s0)  # the scores do
@@ -275,7 +281,7 @@ def test_fair_scratch_frozen_weights_exact_sparsity_and_regulariser(setup):
     assert results[3.0] < 0.5 * results[0.0]
     # the method returns the frozen weights times the final mask
     st, fn, lam = last
-    pruned, info = FS.finalize(ctx, st, fn, dict(base, lam=lam))
+    pruned, info = FS.finalize(ctx, st, fn, FS.FairScratchOptions(**base, lam=lam))
     masks = dict(named_leaves(pruned.masks))
     for (n, p), (_, w) in zip(named_leaves(pruned.params), named_leaves(frozen)):
         m = np.asarray(masks[n]) if n in masks else 1.0
@@ -339,9 +345,9 @@ def test_cli_runs_end_to_end(tmp_path, method, opts):
 def test_bad_options_name_the_choices(setup):
     ctx, _, dense = setup
     with pytest.raises(ValueError, match="fair_by"):
-        METHODS["ballot"].run(with_options(ctx, fair_by="race"), dense)
+        run_direct("ballot", with_options(ctx, fair_by="race"), dense)
     with pytest.raises(ValueError, match="surrogate"):
-        METHODS["fair_scratch"].run(with_options(ctx, surrogate="xx"), dense)
+        run_direct("fair_scratch", with_options(ctx, surrogate="xx"), dense)
 
 
 def test_ballot_voting_run_is_shared_across_sparsities_and_exact(setup, monkeypatch):
@@ -351,15 +357,15 @@ def test_ballot_voting_run_is_shared_across_sparsities_and_exact(setup, monkeypa
     ctx = dataclasses.replace(ctx, memo={})
     at = lambda c, s: dataclasses.replace(c, config=dataclasses.replace(  # noqa: E731
         c.config, sparsity=s, method_options={"retrain_epochs": 1, "scope": "all"}))
-    st_a, info_a = METHODS["ballot"].run(at(ctx, 0.5), dense)
+    st_a, info_a = run_direct("ballot", at(ctx, 0.5), dense)
     assert len(ctx.memo) == 1
 
     def no_new_voting_run(*a, **k):
         raise AssertionError("the voting run was repeated although it is memoised")
     with monkeypatch.context() as m:
         m.setattr(B, "make_vote_step", no_new_voting_run)
-        st_b, info_b = METHODS["ballot"].run(at(ctx, 0.8), dense)
-    fresh_b, fresh_info = METHODS["ballot"].run(at(dataclasses.replace(ctx, memo={}), 0.8), dense)
+        st_b, info_b = run_direct("ballot", at(ctx, 0.8), dense)
+    fresh_b, fresh_info = run_direct("ballot", at(dataclasses.replace(ctx, memo={}), 0.8), dense)
     assert tree_equal(st_b.masks, fresh_b.masks) and tree_equal(st_b.params, fresh_b.params)
     assert info_b["votes"] == fresh_info["votes"]
     kept = {n: int(np.asarray(x).sum()) for n, x in named_leaves(st_b.masks)}
@@ -370,7 +376,7 @@ def test_ballot_voting_run_is_shared_across_sparsities_and_exact(setup, monkeypa
     with monkeypatch.context() as m:
         m.setattr(B, "make_vote_step", no_new_voting_run)
         with pytest.raises(AssertionError, match="repeated"):
-            METHODS["ballot"].run(at(ctx, 0.8), other)
+            run_direct("ballot", at(ctx, 0.8), other)
 
 
 # ---------------------------------------------------------------------------
@@ -380,7 +386,7 @@ def test_ballot_voting_run_is_shared_across_sparsities_and_exact(setup, monkeypa
 
 def test_ballot_authors_variant_leaves_hidden_layers_dense_and_reports_true_sparsity(setup):
     ctx, init_params, dense = setup
-    st, info = METHODS["ballot"].run(with_options(ctx, variant="authors"), dense)
+    st, info = run_direct("ballot", with_options(ctx, variant="authors"), dense)
     masks = dict(named_leaves(st.masks))
     assert np.all(np.asarray(masks["layers/0/kernel"]) == 1)           # the body stays dense
     head = np.asarray(masks["head/kernel"])
@@ -396,7 +402,7 @@ def test_ballot_authors_variant_leaves_hidden_layers_dense_and_reports_true_spar
 
 def test_ballot_default_masks_the_body_by_magnitude_and_votes_on_the_classifier(setup):
     ctx, init_params, dense = setup
-    st, info = METHODS["ballot"].run(with_options(ctx, retrain_epochs=0), dense)
+    st, info = run_direct("ballot", with_options(ctx, retrain_epochs=0), dense)
     masks = dict(named_leaves(st.masks))
     body_ref = dict(named_leaves(ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), 0.5)))
     np.testing.assert_array_equal(np.asarray(masks["layers/0/kernel"]), np.asarray(body_ref["layers/0/kernel"]))
@@ -405,13 +411,13 @@ def test_ballot_default_masks_the_body_by_magnitude_and_votes_on_the_classifier(
     assert info["replay_max_abs_diff_to_dense"] is None    # votes were collected under the body mask
     assert "adaptation" in info["label"] and info["options"]["retrain"] == "dense"
     with pytest.raises(ValueError, match="variant"):
-        METHODS["ballot"].run(with_options(ctx, variant="paper"), dense)
+        run_direct("ballot", with_options(ctx, variant="paper"), dense)
 
 
 def test_ballot_body_lth_masks_the_body_by_rewound_rounds_and_votes_on_the_classifier(setup):
     ctx, init_params, dense = setup
     opts = dict(body="lth", body_fraction=0.3, retrain_epochs=0)
-    st, info = METHODS["ballot"].run(with_options(ctx, **opts), dense)
+    st, info = run_direct("ballot", with_options(ctx, **opts), dense)
     masks = dict(named_leaves(st.masks))
     body = np.asarray(masks["layers/0/kernel"])
     assert int(body.sum()) == int(0.5 * body.size)                      # the body at exactly the target
@@ -425,7 +431,7 @@ def test_ballot_body_lth_masks_the_body_by_rewound_rounds_and_votes_on_the_class
     assert not np.array_equal(body, np.asarray(one_shot["layers/0/kernel"]))
     assert "lth" in info["label"]
     with pytest.raises(ValueError, match="body_fraction"):
-        METHODS["ballot"].run(with_options(ctx, body="lth", body_fraction=1.5), dense)
+        run_direct("ballot", with_options(ctx, body="lth", body_fraction=1.5), dense)
 
 
 def test_iterative_magnitude_never_revives_and_stops_when_asked(setup):
@@ -461,10 +467,10 @@ def test_lth_last_round_gets_the_dense_budget(setup):
     ctx, _, dense = setup
     ctx2 = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, epochs=2, finetune_epochs=1,
                                                                method_options={"fraction": 0.3}))
-    _, info = METHODS["lth"].run(ctx2, dense)
+    _, info = run_direct("lth", ctx2, dense)
     epochs = [len(info["history"][f"round_{r}"]["loss"]) for r in range(1, len(info["rounds"]) + 1)]
     assert info["last_round_epochs"] == 2 and epochs == [1, 2]      # history: one entry per epoch
-    _, info = METHODS["lth"].run(with_options(ctx2, fraction=0.3, last_round="round"), dense)
+    _, info = run_direct("lth", with_options(ctx2, fraction=0.3, last_round="round"), dense)
     assert [len(h["loss"]) for h in info["history"].values()] == [1, 1]
 
 

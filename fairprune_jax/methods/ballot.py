@@ -104,6 +104,7 @@ the voted layers.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -116,7 +117,7 @@ from fairprune_jax import masks as masks_lib
 from fairprune_jax import scores as scores_lib
 from fairprune_jax.data.base import train_batches
 from fairprune_jax.masks import _is_none, ones_like_template
-from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
+from fairprune_jax.methods.base import Context, make_optimizer, register
 from fairprune_jax.rewind import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary, initial_weights,
                                   iterative_magnitude, rewind, rewind_checkpoint, round_schedule, sparsity_report)
 from fairprune_jax.train import (StepOutput, TrainState, check_finite, create_state, cross_entropy, evaluate, fit,
@@ -312,7 +313,7 @@ def signed_topk_votes(score: Any, k: int) -> Any:
     return _unflat(v, score)
 
 
-def authors_vote_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_keys: int) -> dict:
+def authors_vote_run(ctx: Context, dense: TrainState, opts: BallotOptions, template: Any, num_keys: int) -> dict:
     """The authors' "LTH" run with conflict counting (Antimony5292/Ballot ``ballot.py`` 173-226, ``utils.py`` 160-182).
 
     * Global L1 mask over every prunable weight of the *trained* model at
@@ -329,20 +330,20 @@ def authors_vote_run(ctx: Context, dense: TrainState, opts: dict, template: Any,
       classifier).
     """
     cfg = ctx.config
-    fair_by, eta = opts["fair_by"], float(opts["eta"])
-    memo_key = ("ballot.authors_vote_run", fair_by, eta, opts["normalize"], float(opts["vote_prune"]),
-                float(opts["holdout"]), cfg.seed, cfg.epochs, cfg.lr)
+    fair_by, eta = opts.fair_by, opts.eta
+    memo_key = ("ballot.authors_vote_run", fair_by, eta, opts.normalize, opts.vote_prune, opts.holdout, cfg.seed,
+                cfg.epochs, cfg.lr)
     hit = ctx.memo.get(memo_key)
     if hit is not None and hit["dense"] is dense:
         return hit
     lth_mask = masks_lib.masks_from_scores(scores_lib.magnitude(dense.params, ctx.template), ctx.template,
-                                           float(opts["vote_prune"]), "global")
+                                           opts.vote_prune, "global")
     init = rewind_checkpoint(ctx, 0, reference=dense.params)
     params = masks_lib.apply_masks(copy_tree(init.params), lth_mask)   # pruned weights restart at 0 ...
     train = ctx.dataset.train
     n = len(train)
     perm = np.random.default_rng([cfg.seed, 7013]).permutation(n)
-    n_hold = int(round(float(opts["holdout"]) * n))
+    n_hold = int(round(opts.holdout * n))
     sub, hold = train.take(np.sort(perm[n_hold:])), train.take(np.sort(perm[:n_hold]))
     spe = max(len(sub) // cfg.batch_size, 1)
     tx = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * spe)
@@ -380,11 +381,11 @@ def authors_vote_run(ctx: Context, dense: TrainState, opts: dict, template: Any,
             a, f = grads(state.params, pre_params, state.model_state, pre_ms, b, w_key)
             g_acc = a if g_acc is None else jax.tree.map(jnp.add, g_acc, a)
             g_fair = f if g_fair is None else jax.tree.map(jnp.add, g_fair, f)
-        epoch_scores.append(signed_scores(g_acc, g_fair, template, eta, opts["normalize"]))
+        epoch_scores.append(signed_scores(g_acc, g_fair, template, eta, opts.normalize))
     check_finite(state, "ballot's authors-style LTH run")
     run = {"epoch_scores": epoch_scores, "vote_epochs": cfg.epochs, "key_acc_hist": key_acc_hist,
            "replay_diff": None, "history": {}, "captured": {}, "dense": dense,
-           "holdout_rows": int(n_hold), "vote_prune": float(opts["vote_prune"])}
+           "holdout_rows": int(n_hold), "vote_prune": opts.vote_prune}
     ctx.memo[memo_key] = run
     return run
 
@@ -410,7 +411,7 @@ def retrain_tx(ctx: Context, epochs: int, warmup_fraction: float) -> optax.Gradi
 MEMO_BUDGET_BYTES = 512 * 2**20   # per-epoch scores kept for reuse across sparsities up to this size
 
 
-def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_keys: int, k: int,
+def voting_run(ctx: Context, dense: TrainState, opts: BallotOptions, template: Any, num_keys: int, k: int,
                body: Any = None) -> dict:
     """The voting run: per-epoch conflict scores (no votes yet), per-key accuracies, step-k weights.
 
@@ -423,17 +424,17 @@ def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_k
     ``fairprune compare`` runs it once per seed.
     """
     cfg = ctx.config
-    eta, fair_by, min_acc = float(opts["eta"]), opts["fair_by"], float(opts["min_acc"])
-    sparse_body = body is not None and opts.get("body", "dense") != "dense"
-    memo_key = ("ballot.voting_run", eta, fair_by, opts["normalize"], opts.get("scope"), opts.get("sign"),
-                opts.get("weights"), k, opts["vote_from"], opts["vote_epochs"], min_acc, cfg.seed, cfg.ft_epochs,
-                cfg.ft_lr, (opts.get("body"), cfg.sparsity, cfg.distribution, opts.get("body_fraction"),
-                             opts.get("body_rounds")) if sparse_body else None)
+    eta, fair_by, min_acc = opts.eta, opts.fair_by, opts.min_acc
+    sparse_body = body is not None and opts.body != "dense"
+    memo_key = ("ballot.voting_run", eta, fair_by, opts.normalize, opts.scope, opts.sign, opts.weights, k,
+                opts.vote_from, opts.vote_epochs, min_acc, cfg.seed, cfg.ft_epochs, cfg.ft_lr,
+                (opts.body, cfg.sparsity, cfg.distribution, opts.body_fraction, opts.body_rounds)
+                if sparse_body else None)
     hit = ctx.memo.get(memo_key)
     if hit is not None and hit["dense"] is dense:   # the same dense run (vote_from="dense" starts from it)
         return hit
-    if opts["vote_from"] == "init":
-        vote_epochs = cfg.epochs if opts["vote_epochs"] is None else int(opts["vote_epochs"])
+    if opts.vote_from == "init":
+        vote_epochs = cfg.epochs if opts.vote_epochs is None else opts.vote_epochs
         params, model_state = initial_weights(ctx)
         tx = dense_tx(ctx) if vote_epochs == cfg.epochs else make_optimizer(
             cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=vote_epochs * ctx.steps_per_epoch)
@@ -441,7 +442,7 @@ def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_k
         # same optimizer, seed and batch order as the dense run (and no mask): a replay
         replay = vote_epochs == cfg.epochs and not sparse_body
     else:
-        vote_epochs = cfg.ft_epochs if opts["vote_epochs"] is None else int(opts["vote_epochs"])
+        vote_epochs = cfg.ft_epochs if opts.vote_epochs is None else opts.vote_epochs
         params, model_state = copy_tree(dense.params), copy_tree(dense.model_state)
         tx = ctx.finetune_tx(epochs=vote_epochs)   # (a sparse body is applied by the state's masks below)
         seed, state_seed, replay = cfg.seed + 2000, cfg.seed + 2, False
@@ -453,7 +454,7 @@ def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_k
     key_acc0 = np.nan_to_num(fairness.group_accuracy(start_counts), nan=1.0)
     start = start.replace(extra=init_vote_extra(params, template, jnp.asarray(key_acc0)))
     step_fn = make_vote_step(ctx.fm, tx, template, num_keys=num_keys, fair_by=fair_by, min_acc=min_acc,
-                             augment=ctx.augment, weights=opts.get("weights", "inverse"))
+                             augment=ctx.augment, weights=opts.weights)
 
     spe = ctx.steps_per_epoch
     epoch_scores: list[Any] = []
@@ -462,8 +463,8 @@ def voting_run(ctx: Context, dense: TrainState, opts: dict, template: Any, num_k
 
     def close_epoch(state: TrainState) -> TrainState:
         ex = state.extra
-        epoch_scores.append(conflict_scores(ex["g_acc"], ex["g_fair"], template, eta, opts["normalize"],
-                                            signed=opts.get("sign") == "signed"))
+        epoch_scores.append(conflict_scores(ex["g_acc"], ex["g_fair"], template, eta, opts.normalize,
+                                            signed=opts.sign == "signed"))
         new_extra = _close_epoch(ex)
         key_acc_hist.append(np.asarray(new_extra["key_acc"]).tolist())
         return state.replace(extra=new_extra)
@@ -522,57 +523,74 @@ VARIANT_PRESETS = {
                 "weights": "truncated", "retrain": "dense"},
 }
 
-BALLOT_OPTIONS = {"variant": "ours", "scope": None, "body": None, "sign": None, "normalize": None,
-                  "weights": None, "retrain": None, "eta": 1.0, "fair_by": "class", "final_layer_only": False,
-                  "rewind_step": 0, "vote_from": "init", "vote_epochs": None, "retrain_epochs": None,
-                  "warmup_fraction": 0.1, "min_acc": 0.01, "vote_prune": 0.95, "holdout": 0.1,
-                  "body_fraction": 0.2, "body_rounds": 5}
+@dataclasses.dataclass(frozen=True)
+class BallotOptions:
+    """ballot's ``--opt`` keys; those left at None take the variant's value (``VARIANT_PRESETS``, filled in by
+    :func:`resolve_options`, which the method receives)."""
+
+    variant: str = "ours"                   # VARIANTS
+    scope: str | None = None                # SCOPES
+    body: str | None = None                 # BODIES
+    sign: str | None = None                 # SIGNS
+    normalize: str | None = None            # NORMALIZATIONS
+    weights: str | None = None              # WEIGHTS
+    retrain: str | None = None              # RETRAINS
+    eta: float = 1.0
+    fair_by: str = "class"                  # FAIR_BY
+    final_layer_only: bool = False          # the earlier spelling of scope=classifier, body=dense
+    rewind_step: int = 0
+    vote_from: str = "init"                 # VOTE_FROM
+    vote_epochs: int | None = None          # None: the dense (init) or fine-tuning (dense) epochs
+    retrain_epochs: int | None = None       # None: the budget of ``retrain``
+    warmup_fraction: float = 0.1
+    min_acc: float = 0.01
+    vote_prune: float = 0.95
+    holdout: float = 0.1
+    body_fraction: float = 0.2
+    body_rounds: int = 5                    # 0: no cap
 
 
-def _choice(opts: dict, name: str, valid: tuple) -> None:
-    if opts[name] not in valid:
-        raise ValueError(f"ballot: {name} must be one of {', '.join(valid)}; got {opts[name]!r}")
+def _choice(opts: BallotOptions, name: str, valid: tuple) -> None:
+    if getattr(opts, name) not in valid:
+        raise ValueError(f"ballot: {name} must be one of {', '.join(valid)}; got {getattr(opts, name)!r}")
 
 
-def _options(ctx: Context) -> dict:
-    return resolve_options(method_options(METHODS["ballot"], ctx.config.method_options))
-
-
-def resolve_options(opts: dict) -> dict:
-    """Checked options with the variant's presets filled in (a copy; run before any data loads as the check)."""
-    opts = dict(opts)
+def resolve_options(opts: BallotOptions) -> BallotOptions:
+    """Checked options with the variant's presets filled in (a copy; registered as the check, so the method
+    receives it and a bad value fails before any data loads)."""
     _choice(opts, "variant", VARIANTS)
-    for name, value in VARIANT_PRESETS[opts["variant"]].items():
-        if opts[name] is None:
-            opts[name] = value
-    if opts["final_layer_only"]:   # the earlier spelling of "classifier only, hidden layers dense"
-        opts["scope"], opts["body"] = "classifier", "dense"
+    opts = dataclasses.replace(opts, **{name: value for name, value in VARIANT_PRESETS[opts.variant].items()
+                                        if getattr(opts, name) is None})
+    if opts.final_layer_only:   # the earlier spelling of "classifier only, hidden layers dense"
+        opts = dataclasses.replace(opts, scope="classifier", body="dense")
     for name, valid in (("scope", SCOPES), ("body", BODIES), ("sign", SIGNS), ("weights", WEIGHTS),
                         ("retrain", RETRAINS), ("fair_by", FAIR_BY), ("normalize", NORMALIZATIONS),
                         ("vote_from", VOTE_FROM)):
         _choice(opts, name, valid)
-    if opts["variant"] == "authors" and (opts["scope"], opts["body"]) != ("classifier", "dense"):
+    if opts.variant == "authors" and (opts.scope, opts.body) != ("classifier", "dense"):
         raise ValueError("ballot: variant=authors votes on the classifier of an unmasked network "
                          "(scope=classifier, body=dense); use variant=ours for other scopes")
-    if opts["scope"] == "all" and opts["body"] != "dense":
-        opts["body"] = "dense"   # every layer votes: there is no separate body mask
-    if not 0.0 < float(opts["min_acc"]) <= 1.0:
-        raise ValueError(f"ballot: min_acc must be in (0, 1]; got {opts['min_acc']}")
-    if not 0.0 < float(opts["holdout"]) < 1.0:
-        raise ValueError(f"ballot: holdout must be in (0, 1); got {opts['holdout']}")
-    if not 0.0 < float(opts["body_fraction"]) < 1.0:
-        raise ValueError(f"ballot: body_fraction must be in (0, 1); got {opts['body_fraction']}")
-    if int(opts["body_rounds"]) < 0:
-        raise ValueError(f"ballot: body_rounds must be >= 0 (0 = no cap); got {opts['body_rounds']}")
-    if not 0.0 <= float(opts["vote_prune"]) < 1.0:
-        raise ValueError(f"ballot: vote_prune must be in [0, 1); got {opts['vote_prune']}")
-    for name in ("vote_epochs", "retrain_epochs"):
-        if opts[name] is not None and int(opts[name]) < (1 if name == "vote_epochs" else 0):
-            raise ValueError(f"ballot: {name} must be >= {1 if name == 'vote_epochs' else 0}; got {opts[name]}")
+    if opts.scope == "all" and opts.body != "dense":
+        opts = dataclasses.replace(opts, body="dense")   # every layer votes: there is no separate body mask
+    if not 0.0 < opts.min_acc <= 1.0:
+        raise ValueError(f"ballot: min_acc must be in (0, 1]; got {opts.min_acc}")
+    if not 0.0 < opts.holdout < 1.0:
+        raise ValueError(f"ballot: holdout must be in (0, 1); got {opts.holdout}")
+    if not 0.0 < opts.body_fraction < 1.0:
+        raise ValueError(f"ballot: body_fraction must be in (0, 1); got {opts.body_fraction}")
+    if opts.body_rounds < 0:
+        raise ValueError(f"ballot: body_rounds must be >= 0 (0 = no cap); got {opts.body_rounds}")
+    if not 0.0 <= opts.vote_prune < 1.0:
+        raise ValueError(f"ballot: vote_prune must be in [0, 1); got {opts.vote_prune}")
+    for name, low in (("vote_epochs", 1), ("retrain_epochs", 0)):
+        if getattr(opts, name) is not None and getattr(opts, name) < low:
+            raise ValueError(f"ballot: {name} must be >= {low}; got {getattr(opts, name)}")
+    if not 0.0 <= opts.warmup_fraction < 1.0:
+        raise ValueError(f"ballot: warmup_fraction must be in [0, 1); got {opts.warmup_fraction}")
     return opts
 
 
-def body_masks(ctx: Context, dense: TrainState, opts: dict, vote_template: Any) -> tuple[Any, list]:
+def body_masks(ctx: Context, dense: TrainState, opts: BallotOptions, vote_template: Any) -> tuple[Any, list]:
     """Masks of the layers that do not vote, at the target sparsity, and the body's LTH rounds (if any).
 
     ``body="magnitude"``: the magnitudes of the trained dense weights; ``"lth"``: iterative magnitude pruning
@@ -583,16 +601,16 @@ def body_masks(ctx: Context, dense: TrainState, opts: dict, vote_template: Any) 
     """
     body_template = jax.tree.map(lambda t, v: None if (t is None or v is not None) else True,
                                  ctx.template, vote_template, is_leaf=_is_none)
-    if opts["body"] == "dense" or not jax.tree.leaves(body_template):
+    if opts.body == "dense" or not jax.tree.leaves(body_template):
         return ones_like_template(dense.params, body_template), []
     cfg = ctx.config
-    if opts["body"] == "magnitude":
+    if opts.body == "magnitude":
         return masks_lib.masks_from_scores(scores_lib.magnitude(dense.params, body_template), body_template,
                                            cfg.sparsity, cfg.distribution), []
-    sched, _ = round_schedule(cfg.sparsity, float(opts["body_fraction"]), int(opts["body_rounds"]))
+    sched, _ = round_schedule(cfg.sparsity, opts.body_fraction, opts.body_rounds)
     if not sched:
         return ones_like_template(dense.params, body_template), []
-    ckpt = rewind_checkpoint(ctx, check_rewind_step(ctx, opts["rewind_step"]), reference=dense.params)
+    ckpt = rewind_checkpoint(ctx, check_rewind_step(ctx, opts.rewind_step), reference=dense.params)
     tx = ctx.finetune_tx()
     step_fn = make_train_step(ctx.fm, tx, augment=ctx.augment)
     rounds: list[dict] = []
@@ -617,19 +635,18 @@ def merge_masks(a: Any, b: Any) -> Any:
 
 @register("ballot", "Ballot (Gao et al. 2024): mask from per-epoch votes of accuracy+fairness gradient "
                     "conflict scores, then rewind and retrain (variant=authors: the paper's code, classifier "
-                    "only; variant=ours: hidden layers by magnitude, classifier by votes)", BALLOT_OPTIONS,
+                    "only; variant=ours: hidden layers by magnitude, classifier by votes)", BallotOptions,
           check=resolve_options)
-def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+def ballot(ctx: Context, dense: TrainState, opts: BallotOptions) -> tuple[TrainState, dict]:
     cfg = ctx.config
-    opts = _options(ctx)
-    fair_by = opts["fair_by"]
-    k = check_rewind_step(ctx, opts["rewind_step"])
-    template = final_layer_template(ctx) if opts["scope"] == "classifier" else ctx.template
+    fair_by = opts.fair_by
+    k = check_rewind_step(ctx, opts.rewind_step)
+    template = final_layer_template(ctx) if opts.scope == "classifier" else ctx.template
     num_keys = ctx.dataset.num_classes if fair_by == "class" else ctx.dataset.num_groups
     masks_lib.keep_counts(dense.params, template, cfg.sparsity, cfg.distribution)  # fail fast on bad input
     body, body_rounds = body_masks(ctx, dense, opts, template)
 
-    if opts["variant"] == "authors":
+    if opts.variant == "authors":
         run = authors_vote_run(ctx, dense, opts, template, num_keys)
         kk = authors_keep(template, dense.params, cfg.sparsity)
         votes = score_sum = None
@@ -648,13 +665,13 @@ def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
 
     # --- refinement: rewind and retrain ----------------------------------------------
     ckpt = run["captured"].get("ckpt") or rewind_checkpoint(ctx, k, reference=dense.params)
-    if opts["retrain"] == "dense":
-        retrain_epochs = cfg.epochs if opts["retrain_epochs"] is None else int(opts["retrain_epochs"])
+    if opts.retrain == "dense":
+        retrain_epochs = cfg.epochs if opts.retrain_epochs is None else opts.retrain_epochs
         rtx = dense_tx(ctx) if retrain_epochs == cfg.epochs else make_optimizer(
             cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=retrain_epochs * ctx.steps_per_epoch)
     else:
-        retrain_epochs = cfg.ft_epochs if opts["retrain_epochs"] is None else int(opts["retrain_epochs"])
-        rtx = retrain_tx(ctx, retrain_epochs, float(opts["warmup_fraction"]))
+        retrain_epochs = cfg.ft_epochs if opts.retrain_epochs is None else opts.retrain_epochs
+        rtx = retrain_tx(ctx, retrain_epochs, opts.warmup_fraction)
     pruned = rewind(ctx, ckpt, masks, rtx)
     pruned, retrain_hist = ctx.finetune(pruned, rtx, epochs=retrain_epochs, desc="ballot retrain")
 
@@ -664,9 +681,9 @@ def ballot(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     if body_rounds:
         info["body_lth_rounds"] = body_rounds
     info["label"] = ("the authors' algorithm (Antimony5292/Ballot): classifier only, hidden layers dense"
-                     if opts["variant"] == "authors" else
-                     "our adaptation to all-layer sparsity: hidden layers by " + opts["body"] +
-                     ", classifier by votes" if opts["scope"] == "classifier" else "our all-layer vote")
+                     if opts.variant == "authors" else
+                     "our adaptation to all-layer sparsity: hidden layers by " + opts.body +
+                     ", classifier by votes" if opts.scope == "classifier" else "our all-layer vote")
     info["history"] = {"vote": run["history"], "retrain": retrain_hist}
     votes_file = ctx.save_masks("ballot/votes.npz", masks, {k2: v for k2, v in info.items() if k2 != "history"},
                                 votes=votes, score_sum=score_sum)
@@ -683,7 +700,8 @@ def _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, key_acc_hist,
     m, v = flat(voted), flat(votes)
     agreement = [float((e == (m > 0)).mean()) for e in epoch_masks]
     return {
-        "options": {**opts, "vote_epochs": vote_epochs, "retrain_epochs": retrain_epochs, "rewind_step": k},
+        "options": {**dataclasses.asdict(opts), "vote_epochs": vote_epochs, "retrain_epochs": retrain_epochs,
+                    "rewind_step": k},
         **sparsity_report(ctx, pruned, masks, ctx.config.sparsity),
         "votes": {"epochs": len(epoch_masks),
                   "kept_min_votes": float(v[m > 0].min()) if (m > 0).any() else None,
@@ -696,7 +714,7 @@ def _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, key_acc_hist,
     }
 
 
-__all__ = ["BALLOT_OPTIONS", "NORMALIZATIONS", "VARIANT_PRESETS", "authors_keep", "authors_vote_run", "ballot",
+__all__ = ["BallotOptions", "NORMALIZATIONS", "VARIANT_PRESETS", "authors_keep", "authors_vote_run", "ballot",
            "body_masks", "conflict_scores", "epoch_votes", "fairness_weights", "final_layer_template", "final_mask",
            "init_vote_extra", "make_vote_step", "normalize_columns", "retrain_tx", "signed_scores",
            "signed_topk_votes", "tally", "truncated_weights", "voting_run"]

@@ -1,6 +1,7 @@
 """What a pruning method is, the run configuration, and the method registry.
 
-A method takes the trained dense state and a :class:`Context` and returns the
+A method takes a :class:`Context`, the trained dense state and its options (a
+frozen dataclass, parsed and checked before any data loads) and returns the
 pruned (and fine-tuned) state. Everything shared (optimizers, masked steps,
 evaluation, the prunable template) comes from the context, so a method file
 holds only what is specific to its paper.
@@ -8,6 +9,8 @@ holds only what is specific to its paper.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,7 +70,7 @@ class Context:
 
         ``prune_epochs`` -1 means half the fine-tuning epochs, at least 1; the optimizer decays over the phase.
         """
-        epochs = int(prune_epochs)
+        epochs = prune_epochs
         if epochs < 0:
             epochs = max(self.config.ft_epochs // 2, 1)
         tx = self.finetune_tx(epochs=epochs)
@@ -117,41 +120,151 @@ class Context:
 
 
 @dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that takes none."""
+
+
+#: The words a bool option reads (any case, surrounding spaces ignored); ``bool("false")`` would be True.
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _as(value: Any, kind: Any) -> Any:
+    """``value`` read as the field type ``kind`` (bool, int, float, str, or a union of them, ``None`` included:
+    the first member that reads it wins); ValueError or TypeError when none does."""
+    if kind is type(None):
+        if value is None:
+            return None
+        raise ValueError
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        return BOOL_WORDS[str(value).strip().lower()]        # KeyError: not a boolean word
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise TypeError                                   # yes / no for a number is a mistake
+        if kind is float:
+            return float(value)
+        if isinstance(value, int):
+            return value
+        number = float(value)                                 # "3", "3.0", 3.0: an integer; 2.5 is not
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    if kind is str:
+        return value if isinstance(value, str) else str(value)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        for member in typing.get_args(kind):
+            try:
+                return _as(value, member)
+            except (ValueError, TypeError, KeyError):
+                continue
+        raise ValueError
+    raise TypeError(f"option type {kind!r} is not supported")
+
+
+def _supported(kind: Any) -> bool:
+    """Whether :func:`_as` reads the field type ``kind``."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return all(_supported(m) for m in typing.get_args(kind))
+    return kind in (bool, int, float, str, type(None))
+
+
+def _describe(kind: Any) -> str:
+    """What a field of type ``kind`` takes, for an error message."""
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(names.get(m, str(m)) for m in typing.get_args(kind))
+    return names.get(kind, str(kind))
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
-    """A registered pruning method."""
+    """A registered pruning method.
+
+    ``run(ctx, dense, opts) -> (pruned_state, info)``; ``opts`` is an instance of ``options_type``, a frozen
+    dataclass whose fields are the method's ``--opt`` keys (name, type and default), parsed and value-checked by
+    :meth:`parse` before any data loads.
+    """
 
     name: str
-    run: Callable[[Context, TrainState], tuple[TrainState, dict]]
+    run: Callable[[Context, TrainState, Any], tuple[TrainState, dict]]
     description: str
-    options: dict = dataclasses.field(default_factory=dict)   # option name -> default
+    options_type: type = NoOptions
     # Whether its final masks are structured (whole units, compactable by compact.py): True, or the name
     # of the bool option that decides it (bifp's ``structured``).
     structured: bool | str = False
-    # ``check(options)`` raises ValueError on a bad option value; run by :func:`method_options`, so a bad value
-    # fails in ``validate_config`` before any data loads.
-    check: Callable[[dict], None] | None = None
+    # ``check(opts)`` raises ValueError naming the option on a bad value. It may return a completed copy
+    # (``dataclasses.replace``) where an option's value follows from others (ballot's variant presets): the
+    # method then receives that copy. Run by :meth:`parse`, so a bad value fails before any data loads.
+    check: Callable[[Any], Any] | None = None
 
-    def is_structured(self, options: dict) -> bool:
-        """True when a run with these (validated) options ends with structured masks."""
+    @property
+    def options(self) -> dict[str, Any]:
+        """Option name -> default, what ``fairprune methods`` lists: the method's own options first, then those
+        of the shared groups it inherits (each class's fields in declaration order, most specific class first)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self.options_type)}
+        order = [n for klass in self.options_type.__mro__ for n in vars(klass).get("__annotations__", {})]
+        return {n: defaults[n] for n in dict.fromkeys(order) if n in defaults}
+
+    def parse(self, given: dict) -> Any:
+        """The options instance from ``given`` (``--opt`` values, a TOML table, ``prune(**options)``): each value
+        read as its field's type, the rest defaults, then :attr:`check`. Unknown keys are an error naming the
+        valid ones; a value its field cannot read is an error naming the option and its default."""
+        unknown = set(given) - set(self.options)
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "(none)"
+            raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}; valid options: {valid}")
+        types_ = typing.get_type_hints(self.options_type)
+        values = {}
+        for k, v in given.items():
+            try:
+                values[k] = _as(v, types_[k])
+            except (ValueError, TypeError, KeyError):
+                kind = types_[k]
+                if kind is bool:
+                    raise ValueError(f"method {self.name!r}: option {k!r} takes true or false; got {v!r}") from None
+                raise ValueError(f"method {self.name!r}: option {k!r} takes {_describe(kind)} "
+                                 f"(default {self.options[k]!r}); got {v!r}") from None
+        opts = self.options_type(**values)
+        if self.check is not None:
+            checked = self.check(opts)
+            opts = opts if checked is None else checked
+        return opts
+
+    def is_structured(self, opts: Any) -> bool:
+        """True when a run with these (parsed) options ends with structured masks."""
         if isinstance(self.structured, str):
-            return bool(options[self.structured])
+            return bool(getattr(opts, self.structured))
         return bool(self.structured)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, description: str, options: dict | None = None, *, structured: bool | str = False,
-             check: Callable[[dict], None] | None = None):
-    """Decorator: register ``run(ctx, dense_state) -> (pruned_state, info)`` under ``name``.
+def register(name: str, description: str, options: type = NoOptions, *, structured: bool | str = False,
+             check: Callable[[Any], Any] | None = None):
+    """Decorator: register ``run(ctx, dense_state, opts) -> (pruned_state, info)`` under ``name``.
 
-    ``structured``: the method's masks remove whole units (see :class:`Method`). ``check``: validates the
+    ``options``: the method's options, a frozen dataclass with a default for every field (its fields are the
+    ``--opt`` keys; types bool, int, float, str, or unions such as ``int | None``). ``structured``: the
+    method's masks remove whole units (see :class:`Method`). ``check``: validates (and may complete) the
     option values (see :class:`Method`). After adding a method or changing its description or options, run
     ``python -m fairprune_jax.method_listing``: ``fairprune methods`` prints that snapshot of the registry
     without importing JAX, and ``tests/test_install.py`` fails while it disagrees with the registry.
     """
+    params = getattr(options, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise TypeError(f"method {name!r}: options must be a frozen dataclass; got {options!r}")
+    missing = [f.name for f in dataclasses.fields(options) if f.default is dataclasses.MISSING]
+    if missing:
+        raise TypeError(f"method {name!r}: option(s) {missing} have no default")
+    bad = {k: v for k, v in typing.get_type_hints(options).items() if not _supported(v)}   # fails at import
+    if bad:
+        raise TypeError(f"method {name!r}: option type(s) {bad} not supported (bool, int, float, str, unions of "
+                        "them with None)")
+
     def deco(fn):
-        METHODS[name] = Method(name, fn, description, dict(options or {}), structured, check)
+        METHODS[name] = Method(name, fn, description, options, structured, check)
         return fn
     return deco
 
@@ -166,24 +279,3 @@ def structured_methods() -> list[str]:
     """Names of the registered methods that can end with structured masks."""
     return sorted(name for name, m in METHODS.items() if m.structured)
 
-
-def method_options(method: Method, given: dict) -> dict:
-    """The method's defaults overridden by ``given``; unknown keys are an error naming the valid ones."""
-    unknown = set(given) - set(method.options)
-    if unknown:
-        valid = ", ".join(sorted(method.options)) or "(none)"
-        raise ValueError(f"method {method.name!r} has no option(s) {sorted(unknown)}; valid options: {valid}")
-    out = dict(method.options)
-    for k, v in given.items():
-        default = method.options[k]
-        if isinstance(default, bool) and not isinstance(v, bool):
-            words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-                     "off": False}
-            if str(v).strip().lower() not in words:
-                raise ValueError(f"method {method.name!r}: option {k!r} takes true or false; got {v!r}")
-            out[k] = words[str(v).strip().lower()]      # bool("false") would be True
-            continue
-        out[k] = type(default)(v) if default is not None and not isinstance(v, type(default)) else v
-    if method.check is not None:
-        method.check(out)
-    return out

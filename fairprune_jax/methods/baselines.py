@@ -1,17 +1,19 @@
 """Baselines: one-shot magnitude, gradual magnitude (GMP) and random pruning."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from fairprune_jax import scores, schedules
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.masks import apply_masks, ones_like_template
-from fairprune_jax.methods.base import Context, method_options, register, METHODS
+from fairprune_jax.methods.base import Context, NoOptions, register
 from fairprune_jax.train import TrainState
 
 
 @register("magnitude", "one-shot magnitude pruning to the target, then fine-tuning")
-def magnitude(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+def magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tuple[TrainState, dict]:
     masks = ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), ctx.config.sparsity)
     tx = ctx.finetune_tx()
     state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx), tx)
@@ -19,7 +21,7 @@ def magnitude(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
 
 
 @register("random", "one-shot random pruning to the target, then fine-tuning")
-def random(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+def random(ctx: Context, dense: TrainState, opts: NoOptions) -> tuple[TrainState, dict]:
     key = jax.random.key(ctx.config.seed + 7)
     masks = ctx.masks_from_scores(scores.random(key, dense.params, ctx.template), ctx.config.sparsity)
     tx = ctx.finetune_tx()
@@ -49,14 +51,18 @@ def gradual_magnitude_hook(ctx: Context, total_steps: int, prune_fraction: float
     return hook, points
 
 
-@register("gmp", "gradual magnitude pruning on the cubic schedule during fine-tuning",
-          {"prune_fraction": 0.75, "updates": 10})
-def gmp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = method_options(METHODS["gmp"], ctx.config.method_options)
+@dataclasses.dataclass(frozen=True)
+class GmpOptions:
+    prune_fraction: float = 0.75            # of the fine-tuning steps, over which sparsity rises
+    updates: int = 10                       # mask updates on the cubic schedule
+
+
+@register("gmp", "gradual magnitude pruning on the cubic schedule during fine-tuning", GmpOptions)
+def gmp(ctx: Context, dense: TrainState, opts: GmpOptions) -> tuple[TrainState, dict]:
     tx = ctx.finetune_tx()
     state = ctx.masked_state(dense, ones_like_template(dense.params, ctx.template), tx)
     total = ctx.config.ft_epochs * ctx.steps_per_epoch
-    hook, points = gradual_magnitude_hook(ctx, total, opts["prune_fraction"], opts["updates"])
+    hook, points = gradual_magnitude_hook(ctx, total, opts.prune_fraction, opts.updates)
     state, hist = ctx.finetune(state, tx, hook=hook)
     last = max(points)
     if last >= total:

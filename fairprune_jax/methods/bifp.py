@@ -61,6 +61,7 @@ multipliers capped at ``1 / groups`` (a class's weight at most doubles; see
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -69,24 +70,51 @@ import optax
 
 from fairprune_jax import bilevel, compact, constrained
 from fairprune_jax.masks import apply_masks, named_leaves
-from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
+from fairprune_jax.methods.base import Context, NoOptions, make_optimizer, register
 from fairprune_jax.train import TrainState, create_state, fit
 
-DUAL_OPTIONS = {"dual_lr": 0.1, "dual_optimizer": "sgd", "mode": "alternating", "augmented": False,
-                "nupi_kp": 1.0, "nupi_nu": 0.0}
+@dataclasses.dataclass(frozen=True)
+class FairOptions(constrained.DualOptions):
+    """The fairness objective's options, shared by bifp, prune_then_fair and fair_then_prune (the dual step's
+    with ``dual_lr`` 0.1)."""
 
-FAIR_OPTIONS = {"fairness": "auto", "fairness_mode": "constraint", "constraint": "per_group", "lam": 1.0,
-                "tau": 0.05, "strict_decay": 0.99, "min_rows": 200.0, "multiplier_max": "auto", "one_sided": "auto",
-                "strict": "metric",
-                "buffer_size": 40, "reduce": "max_gap", **DUAL_OPTIONS}
+    fairness: str = "auto"                  # a surrogates name; auto: eo for two classes, else ap
+    fairness_mode: str = "constraint"       # bilevel.FAIRNESS_MODES
+    constraint: str = "per_group"           # per_group | max_gap
+    lam: float = 1.0
+    tau: float = 0.05
+    strict_decay: float = 0.99
+    min_rows: float = 200.0
+    multiplier_max: float | str = "auto"    # a number, or auto (multiplier_cap)
+    one_sided: bool | str = "auto"          # true, false, or auto (one_sided)
+    strict: str = "metric"
+    buffer_size: int = 40
+    reduce: str = "max_gap"
+    dual_lr: float = 0.1                    # DualOptions' field, with a larger default
 
-BIFP_OPTIONS = {"structured": True, "gamma": 1.0, "mask_lr": 0.1, "mask_momentum": 0.9, "mask_grad": "consumer",
-                "search_fraction": 0.75,
-                "weight_optimizer": "finetune", "weight_lr": 0.01, "lower_steps": 1, "epochs": -1,
-                "retrain_epochs": 0, "score_clip": False, **FAIR_OPTIONS}
+
+@dataclasses.dataclass(frozen=True)
+class BifpOptions(FairOptions):
+    structured: bool = True
+    gamma: float = 1.0
+    mask_lr: float = 0.1
+    mask_momentum: float = 0.9
+    mask_grad: str = "consumer"             # bilevel.MASK_GRADS
+    search_fraction: float = 0.75
+    weight_optimizer: str = "finetune"      # finetune | sgd | adam
+    weight_lr: float = 0.01
+    lower_steps: int = 1
+    epochs: int = -1                        # -1: the run's fine-tuning epochs
+    retrain_epochs: int = 0
+    score_clip: bool = False
 
 
-def multiplier_cap(opts: dict, surrogate: str, num_groups: int) -> float:
+@dataclasses.dataclass(frozen=True)
+class FairThenPruneOptions(FairOptions):
+    fair_epochs: int = -1                   # -1: the run's fine-tuning epochs
+
+
+def multiplier_cap(opts: FairOptions, surrogate: str, num_groups: int) -> float:
     """``multiplier_max`` with ``auto`` resolved: 5 for ``dp`` / ``eo``, ``1 / num_groups`` for ``ap``.
 
     An ``ap`` constraint's primal term is ``lam_a * (CE_a - CE)``, a mean over the group's rows, so with G
@@ -97,69 +125,45 @@ def multiplier_cap(opts: dict, surrogate: str, num_groups: int) -> float:
     ``dp`` / ``eo`` terms are differences of rates in [0, 1] and keep the cap of 5 (their multipliers stay
     below 2 on Adult and UTKFace).
     """
-    v = str(opts["multiplier_max"]).strip().lower()
-    if v == "auto":
+    if not isinstance(opts.multiplier_max, str):
+        return opts.multiplier_max
+    if opts.multiplier_max.strip().lower() == "auto":
         return 1.0 / max(int(num_groups), 1) if surrogate.startswith("ap") else 5.0
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"multiplier_max must be a number or auto; got {opts['multiplier_max']!r}") from None
+    raise ValueError(f"multiplier_max must be a number or auto; got {opts.multiplier_max!r}")
 
 
-def _dual(opts: dict, num_constraints: int, cap: float) -> constrained.DualOptimizer:
-    """Inequality multipliers with the chosen dual step, capped at ``cap`` (<= 0: no cap)."""
-    name = opts["dual_optimizer"]
-    lr = float(opts["dual_lr"])
-    if name == "sgd":
-        tx = optax.sgd(lr)
-    elif name == "nupi":
-        tx = constrained.nupi(lr, kp=float(opts["nupi_kp"]), nu=float(opts["nupi_nu"]))
-    elif name == "adam":
-        tx = optax.adam(lr)
-    else:
-        raise ValueError(f"unknown dual_optimizer {name!r}; valid: sgd, nupi, adam")
-    if opts["mode"] not in constrained.MODES:
-        raise ValueError(f"unknown mode {opts['mode']!r}; valid: {', '.join(constrained.MODES)}")
-    dual = constrained.dual_optimizer(num_constraints, equality=False, tx=tx, augmented=bool(opts["augmented"]))
-    return constrained.capped(dual, float(cap))
-
-
-def surrogate_name(ctx: Context, opts: dict) -> str:
+def surrogate_name(ctx: Context, opts: FairOptions) -> str:
     """``fairness`` with ``auto`` resolved: ``eo`` for a two-class target, else ``ap``."""
-    name = str(opts["fairness"])
+    name = opts.fairness
     if name == "auto":
         return "eo" if ctx.dataset.num_classes == 2 else "ap"
     return name
 
 
-def one_sided(opts: dict, surrogate: str) -> bool:
+def one_sided(opts: FairOptions, surrogate: str) -> bool:
     """``one_sided`` with ``auto`` resolved: true for accuracy parity (``ap``), false for ``dp`` / ``eo``."""
-    v = str(opts["one_sided"]).strip().lower()
-    if v == "auto":
+    if isinstance(opts.one_sided, bool):
+        return opts.one_sided
+    if opts.one_sided.strip().lower() == "auto":
         return surrogate.startswith("ap")
-    if v in ("true", "1", "yes", "on"):
-        return True
-    if v in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"one_sided must be auto, true or false; got {opts['one_sided']!r}")
+    raise ValueError(f"one_sided must be auto, true or false; got {opts.one_sided!r}")
 
 
-def fairness_spec(ctx: Context, opts: dict) -> bilevel.Fairness:
-    """The fairness objective from method options (clear errors for bad values)."""
-    mode = opts["fairness_mode"]
-    if mode == "constraint" and opts["augmented"] and opts["dual_optimizer"] != "sgd":
-        raise ValueError("augmented=True uses its own dual step; leave dual_optimizer=sgd")
+def fairness_spec(ctx: Context, opts: FairOptions) -> bilevel.Fairness:
+    """The fairness objective from checked method options."""
+    mode = opts.fairness_mode
     name = surrogate_name(ctx, opts)
     groups = ctx.dataset.num_groups
-    k = ((2 if name.startswith("eo") else 1) * groups) if opts["constraint"] == "per_group" else 1
+    k = ((2 if name.startswith("eo") else 1) * groups) if opts.constraint == "per_group" else 1
+    dual = None
+    if mode == "constraint":   # inequality multipliers capped at multiplier_max (<= 0: no cap)
+        dual = constrained.capped(constrained.dual_from_options(opts, k, equality=False),
+                                  multiplier_cap(opts, name, groups))
     return bilevel.Fairness(surrogate=name, mode=mode, num_groups=groups,
-                            positive_label=ctx.config.positive_label, lam=float(opts["lam"]),
-                            tau=float(opts["tau"]), strict=str(opts["strict"]), buffer_size=int(opts["buffer_size"]),
-                            reduce=str(opts["reduce"]),
-                            dual=_dual(opts, k, multiplier_cap(opts, name, groups)) if mode == "constraint" else None,
-                            dual_mode=str(opts["mode"]), constraint=str(opts["constraint"]),
-                            strict_decay=float(opts["strict_decay"]), min_rows=float(opts["min_rows"]),
-                            one_sided=one_sided(opts, name))
+                            positive_label=ctx.config.positive_label, lam=opts.lam, tau=opts.tau,
+                            strict=opts.strict, buffer_size=opts.buffer_size, reduce=opts.reduce, dual=dual,
+                            dual_mode=opts.mode, constraint=opts.constraint, strict_decay=opts.strict_decay,
+                            min_rows=opts.min_rows, one_sided=one_sided(opts, name))
 
 
 def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list]:
@@ -213,14 +217,16 @@ def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
     return out
 
 
-def _check_common(opts: dict) -> None:
+def _check_common(opts: FairOptions) -> None:
     """Value checks shared by bifp, prune_then_fair and fair_then_prune (registered: run before data loads)."""
-    if opts["fairness_mode"] not in bilevel.FAIRNESS_MODES:
-        raise ValueError(f"unknown fairness_mode {opts['fairness_mode']!r}; valid: "
+    if opts.fairness_mode not in bilevel.FAIRNESS_MODES:
+        raise ValueError(f"unknown fairness_mode {opts.fairness_mode!r}; valid: "
                          f"{', '.join(bilevel.FAIRNESS_MODES)}")
-    if opts["fairness_mode"] == "penalty" and float(opts["lam"]) < 0:
-        raise ValueError(f"lam must be >= 0; got {opts['lam']}")
+    if opts.fairness_mode == "penalty" and opts.lam < 0:
+        raise ValueError(f"lam must be >= 0; got {opts.lam}")
     constrained.check_dual_options(opts)
+    if opts.fairness_mode == "constraint" and opts.augmented and opts.dual_optimizer != "sgd":
+        raise ValueError("augmented=True uses its own dual step; leave dual_optimizer=sgd")
     one_sided(opts, "ap")                   # clear errors for bad values before any training
     multiplier_cap(opts, "ap", 1)
 
@@ -229,46 +235,41 @@ def _check_common(opts: dict) -> None:
 # BiFP
 # ---------------------------------------------------------------------------
 
-def _bifp_options(ctx: Context) -> dict:
-    return method_options(METHODS["bifp"], ctx.config.method_options)   # checked by check_bifp_options
-
-
-def check_bifp_options(opts: dict) -> None:
+def check_bifp_options(opts: BifpOptions) -> None:
     """bifp's value checks (registered: run before any data loads)."""
     _check_common(opts)
     for k in ("gamma", "mask_lr", "weight_lr"):
-        if not float(opts[k]) > 0:
-            raise ValueError(f"bifp: {k} must be > 0; got {opts[k]}")
-    if int(opts["lower_steps"]) < 1:
-        raise ValueError(f"bifp: lower_steps must be >= 1; got {opts['lower_steps']}")
-    if int(opts["retrain_epochs"]) < 0:
-        raise ValueError(f"bifp: retrain_epochs must be >= 0; got {opts['retrain_epochs']}")
-    if opts["weight_optimizer"] not in ("finetune", "sgd", "adam"):
-        raise ValueError(f"bifp: weight_optimizer must be finetune, sgd or adam; got {opts['weight_optimizer']!r}")
-    if opts["mask_grad"] not in bilevel.MASK_GRADS:
-        raise ValueError(f"bifp: mask_grad must be one of {', '.join(bilevel.MASK_GRADS)}; got {opts['mask_grad']!r}")
-    if not 0.0 <= float(opts["search_fraction"]) <= 1.0:
-        raise ValueError(f"bifp: search_fraction must lie in [0, 1]; got {opts['search_fraction']}")
-    if not 0.0 <= float(opts["mask_momentum"]) < 1.0:
-        raise ValueError(f"bifp: mask_momentum must lie in [0, 1); got {opts['mask_momentum']}")
+        if not getattr(opts, k) > 0:
+            raise ValueError(f"bifp: {k} must be > 0; got {getattr(opts, k)}")
+    if opts.lower_steps < 1:
+        raise ValueError(f"bifp: lower_steps must be >= 1; got {opts.lower_steps}")
+    if opts.retrain_epochs < 0:
+        raise ValueError(f"bifp: retrain_epochs must be >= 0; got {opts.retrain_epochs}")
+    if opts.weight_optimizer not in ("finetune", "sgd", "adam"):
+        raise ValueError(f"bifp: weight_optimizer must be finetune, sgd or adam; got {opts.weight_optimizer!r}")
+    if opts.mask_grad not in bilevel.MASK_GRADS:
+        raise ValueError(f"bifp: mask_grad must be one of {', '.join(bilevel.MASK_GRADS)}; got {opts.mask_grad!r}")
+    if not 0.0 <= opts.search_fraction <= 1.0:
+        raise ValueError(f"bifp: search_fraction must lie in [0, 1]; got {opts.search_fraction}")
+    if not 0.0 <= opts.mask_momentum < 1.0:
+        raise ValueError(f"bifp: mask_momentum must lie in [0, 1); got {opts.mask_momentum}")
 
 
-def _weight_tx(ctx: Context, opts: dict, epochs: int) -> optax.GradientTransformation:
+def _weight_tx(ctx: Context, opts: BifpOptions, epochs: int) -> optax.GradientTransformation:
     """The baselines' fine-tuning optimizer (``finetune``) or the separate ``sgd`` / ``adam`` at ``weight_lr``."""
-    if opts["weight_optimizer"] == "finetune":
+    if opts.weight_optimizer == "finetune":
         return ctx.finetune_tx(epochs=epochs)
-    return make_optimizer(opts["weight_optimizer"], float(opts["weight_lr"]), ctx.config.weight_decay,
+    return make_optimizer(opts.weight_optimizer, opts.weight_lr, ctx.config.weight_decay,
                           total_steps=max(epochs * ctx.steps_per_epoch, 1))
 
 
 @register("bifp", "BiFP (Dai et al. 2023): bi-level pruning, mask scores with BiP's implicit gradient and weights "
-          "trained jointly under a fairness constraint or penalty; structured by default", BIFP_OPTIONS,
+          "trained jointly under a fairness constraint or penalty; structured by default", BifpOptions,
           structured="structured", check=check_bifp_options)
-def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState, dict]:
     cfg = ctx.config
-    opts = _bifp_options(ctx)
     spec = fairness_spec(ctx, opts)
-    structured = bool(opts["structured"])
+    structured = opts.structured
     if structured:
         groups, template = structured_setup(ctx, dense.params)
     else:
@@ -277,15 +278,15 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     scores0, masks0 = bilevel.initial_scores_and_masks(dense.params, template, counts, groups)
     named0 = dict(named_leaves(masks0))
     start_units = {n: np.asarray(named0[n]) for n, _ in named_leaves(scores0)}   # host copy: steps donate
-    epochs = cfg.ft_epochs if int(opts["epochs"]) < 0 else int(opts["epochs"])
+    epochs = cfg.ft_epochs if opts.epochs < 0 else opts.epochs
     weight_tx = _weight_tx(ctx, opts, epochs)
-    momentum = float(opts["mask_momentum"])
+    momentum = opts.mask_momentum
     # the search settles: the mask lr decays (cosine) to 0 after search_fraction of the steps, so the last steps
     # train the weights of the final mask (a unit swapped in at the very end would keep stale weights)
     # (search_fraction = 0: a constant mask lr, as before issue 12)
-    frac = float(opts["search_fraction"])
+    frac = opts.search_fraction
     search_steps = max(int(round(frac * epochs * ctx.steps_per_epoch)), 1)
-    mask_lr = optax.cosine_decay_schedule(float(opts["mask_lr"]), search_steps) if frac > 0 else float(opts["mask_lr"])
+    mask_lr = optax.cosine_decay_schedule(opts.mask_lr, search_steps) if frac > 0 else opts.mask_lr
     mask_tx = optax.sgd(mask_lr, momentum=momentum if momentum > 0 else None)
     # theta starts from the dense weights, NOT masked: pruned units keep their values and may come back
     state = create_state(dense.params, dense.model_state, weight_tx, seed=cfg.seed + 1,
@@ -293,8 +294,8 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
                                 "fair": bilevel.fairness_init(spec)})
     state = state.replace(masks=masks0)
     step = bilevel.make_bilevel_step(ctx.fm, spec, weight_tx, mask_tx, counts, groups=groups,
-                                     gamma=float(opts["gamma"]), lower_steps=int(opts["lower_steps"]),
-                                     score_clip=bool(opts["score_clip"]), mask_grad=str(opts["mask_grad"]),
+                                     gamma=opts.gamma, lower_steps=opts.lower_steps,
+                                     score_clip=opts.score_clip, mask_grad=opts.mask_grad,
                                      augment=ctx.augment)
     hist: dict = {}
     hook, mult_hist = multiplier_recorder(ctx, spec)
@@ -307,13 +308,14 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     pruned = state.replace(params=apply_masks(state.params, final), masks=final,
                            extra={"fair": state.extra["fair"]})
     kept = int(sum(np.asarray(named_final[n]).sum() for n in start_units))
-    info: dict[str, Any] = {"options": opts, "fairness": spec.surrogate, "history": hist, "structured": structured,
+    info: dict[str, Any] = {"options": dataclasses.asdict(opts), "fairness": spec.surrogate, "history": hist,
+                            "structured": structured,
                             "bilevel_epochs": epochs, "units_swapped_vs_magnitude": changed, "units_kept": kept}
     if spec.mode == "constraint":
         mult_hist.append(np.round(np.asarray(state.extra["fair"]["dual"].multipliers), 4).tolist())
         info["multiplier_history"] = mult_hist
-    if int(opts["retrain_epochs"]) > 0:
-        r_epochs = int(opts["retrain_epochs"])
+    if opts.retrain_epochs > 0:
+        r_epochs = opts.retrain_epochs
         tx = _weight_tx(ctx, opts, r_epochs)
         st = _fair_state(ctx, pruned, final, tx, spec, fair_extra=state.extra["fair"])
         pruned, info["retrain_history"] = ctx.finetune(st, tx, epochs=r_epochs,
@@ -332,8 +334,7 @@ def bifp(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
 
 @register("structured_magnitude", "structured magnitude: prune the filters / neurons with the smallest L1 norm "
           "(one shot), then cross-entropy fine-tuning", structured=True)
-def structured_magnitude(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    method_options(METHODS["structured_magnitude"], ctx.config.method_options)
+def structured_magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tuple[TrainState, dict]:
     groups, template = structured_setup(ctx, dense.params)
     masks = l1_structured_masks(ctx, dense.params, groups, template)
     tx = ctx.finetune_tx()
@@ -341,16 +342,9 @@ def structured_magnitude(ctx: Context, dense: TrainState) -> tuple[TrainState, d
     return state, {"history": hist, "structured": True, "kept_units": kept_units(state.masks, groups)}
 
 
-def _fair_options(ctx: Context, name: str) -> dict:
-    opts = method_options(METHODS[name], ctx.config.method_options)
-    _check_common(opts)
-    return opts
-
-
 @register("prune_then_fair", "structured magnitude pruning, then fine-tuning with the fairness surrogate as a "
-          "constraint (default) or penalty", FAIR_OPTIONS, structured=True, check=_check_common)
-def prune_then_fair(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = _fair_options(ctx, "prune_then_fair")
+          "constraint (default) or penalty", FairOptions, structured=True, check=_check_common)
+def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple[TrainState, dict]:
     spec = fairness_spec(ctx, opts)
     groups, template = structured_setup(ctx, dense.params)
     masks = l1_structured_masks(ctx, dense.params, groups, template)
@@ -359,7 +353,7 @@ def prune_then_fair(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     hook, mult_hist = multiplier_recorder(ctx, spec)
     state, hist = ctx.finetune(state, tx, step_fn=bilevel.make_fair_step(ctx.fm, spec, tx, augment=ctx.augment),
                                desc="fine-tune (fair)", hook=hook)
-    info = {"options": opts, "fairness": spec.surrogate, "history": hist, "structured": True,
+    info = {"options": dataclasses.asdict(opts), "fairness": spec.surrogate, "history": hist, "structured": True,
             "kept_units": kept_units(state.masks, groups), **_fair_info(ctx, spec, state)}
     if spec.mode == "constraint":
         info["multiplier_history"] = mult_hist + [info["multipliers"]]
@@ -367,14 +361,13 @@ def prune_then_fair(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
 
 
 @register("fair_then_prune", "fairness-aware training of the dense model (constraint or penalty), then structured "
-          "magnitude pruning and cross-entropy fine-tuning", {**FAIR_OPTIONS, "fair_epochs": -1},
+          "magnitude pruning and cross-entropy fine-tuning", FairThenPruneOptions,
           structured=True, check=_check_common)
-def fair_then_prune(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = _fair_options(ctx, "fair_then_prune")
+def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions) -> tuple[TrainState, dict]:
     spec = fairness_spec(ctx, opts)
     groups, template = structured_setup(ctx, dense.params)
-    fair_epochs = ctx.config.ft_epochs if int(opts["fair_epochs"]) < 0 else int(opts["fair_epochs"])
-    info: dict[str, Any] = {"options": opts, "structured": True, "fair_epochs": fair_epochs}
+    fair_epochs = ctx.config.ft_epochs if opts.fair_epochs < 0 else opts.fair_epochs
+    info: dict[str, Any] = {"options": dataclasses.asdict(opts), "structured": True, "fair_epochs": fair_epochs}
     start = dense
     if fair_epochs > 0:
         tx = ctx.finetune_tx(epochs=fair_epochs)
@@ -390,5 +383,6 @@ def fair_then_prune(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     return state, info
 
 
-__all__ = ["BIFP_OPTIONS", "DUAL_OPTIONS", "FAIR_OPTIONS", "bifp", "multiplier_cap", "multiplier_recorder", "one_sided", "surrogate_name", "fair_then_prune", "fairness_spec", "kept_units",
+__all__ = ["BifpOptions", "FairOptions", "FairThenPruneOptions", "bifp", "multiplier_cap", "multiplier_recorder",
+           "one_sided", "surrogate_name", "fair_then_prune", "fairness_spec", "kept_units",
            "l1_structured_masks", "prune_then_fair", "structured_magnitude", "structured_setup"]

@@ -33,39 +33,11 @@ import optax
 from fairprune_jax import certify, constrained, fairness
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.data.base import Split, carve_validation, derived_seed, eval_batches
-from fairprune_jax.gradual import PRUNE_OPTIONS, pruned_start
-from fairprune_jax.methods.base import METHODS, Context, method_options, register
+from fairprune_jax.gradual import GradualOptions, pruned_start
+from fairprune_jax.methods.base import Context, register
 from fairprune_jax.surrogates import group_means
 from fairprune_jax.train import (StepOutput, TrainState, cross_entropy, evaluate, make_step, masked_forward,
                                  weighted_mean)
-
-DUAL_OPTIONS = {"dual_lr": 1e-2, "dual_optimizer": "sgd", "mode": "alternating", "augmented": False,
-                "nupi_kp": 1.0, "nupi_nu": 0.0}
-
-
-def check_dual_options(opts: dict, method: str) -> None:
-    """Value checks of the dual step's options (run before any data loads)."""
-    constrained.check_dual_options(opts, method)
-    if not float(opts["dual_lr"]) > 0:
-        raise ValueError(f"{method}: dual_lr must be > 0; got {opts['dual_lr']}")
-
-
-def make_dual(opts: dict, num_constraints: int, equality: bool) -> constrained.DualOptimizer:
-    """The dual optimizer from method options: ``sgd`` (gradient ascent), ``nupi`` or ``adam``."""
-    name = opts["dual_optimizer"]
-    if name == "sgd":
-        tx = optax.sgd(opts["dual_lr"])
-    elif name == "nupi":
-        tx = constrained.nupi(opts["dual_lr"], kp=opts["nupi_kp"], nu=opts["nupi_nu"])
-    elif name == "adam":
-        tx = optax.adam(opts["dual_lr"])
-    else:
-        raise ValueError(f"unknown dual_optimizer {name!r}; valid: sgd, nupi, adam")
-    if opts["mode"] not in constrained.MODES:
-        raise ValueError(f"unknown mode {opts['mode']!r}; valid: {', '.join(constrained.MODES)}")
-    return constrained.dual_optimizer(num_constraints, equality=equality, tx=tx,
-                                      augmented=bool(opts["augmented"]))
-
 
 # A problem builder gets the per-sample loss, correctness, the batch and the
 # method's extra state; it returns (violation, strict_violation, observed, new_extra).
@@ -182,13 +154,25 @@ def dense_reference(ctx: Context) -> dict[str, jax.Array]:
     return reference_from_counts(ctx.dense_train_counts)
 
 
-CEAG_OPTIONS = {"eps": 0.01, "constraint_data": "val", "val_fraction": 0.1, "val_batch_size": 0,
-                "margin_z": 0.0, "select": "feasible", "select_points": 8,
-                "buffer_size": 40, "overall_buffer_size": 1000, "buffer_overall": "samples",
-                **DUAL_OPTIONS, **PRUNE_OPTIONS}
 BUFFER_OVERALL = ("samples", "groups")
 CONSTRAINT_DATA = ("val", "train")
 SELECT = ("feasible", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class CeagOptions(constrained.DualOptions, GradualOptions):
+    """ceag's ``--opt`` keys: the gradual start's, the dual step's, and its own."""
+
+    eps: float = 0.01
+    constraint_data: str = "val"            # CONSTRAINT_DATA
+    val_fraction: float = 0.1
+    val_batch_size: int = 0                 # 0: the training batch size
+    margin_z: float = 0.0
+    select: str = "feasible"                # SELECT
+    select_points: int = 8
+    buffer_size: int = 40
+    overall_buffer_size: int = 1000
+    buffer_overall: str = "samples"         # BUFFER_OVERALL
 
 
 def ceag_terms(num_groups: int, ref: dict, eps: float, overall_from_groups: bool = False) -> ProblemTerms:
@@ -284,38 +268,37 @@ def held_out_psi(ctx: Context, state: TrainState, val: Split, dense_val: fairnes
     return fairness.accuracy(gc), fairness.excess_accuracy_gap(dense_val, gc)
 
 
-def check_ceag_options(opts: dict) -> None:
-    check_dual_options(opts, "ceag")
-    if opts["constraint_data"] not in CONSTRAINT_DATA:
-        raise ValueError(f"ceag: unknown constraint_data {opts['constraint_data']!r}; valid: {', '.join(CONSTRAINT_DATA)}")
-    if opts["buffer_overall"] not in BUFFER_OVERALL:
-        raise ValueError(f"ceag: unknown buffer_overall {opts['buffer_overall']!r}; valid: {', '.join(BUFFER_OVERALL)}")
-    if opts["select"] not in SELECT:
-        raise ValueError(f"ceag: unknown select {opts['select']!r}; valid: {', '.join(SELECT)}")
-    if opts["augmented"] and opts["dual_optimizer"] != "sgd":
+def check_ceag_options(opts: CeagOptions) -> None:
+    """ceag's value checks (registered: run before any data loads)."""
+    constrained.check_dual_options(opts, "ceag")
+    if opts.constraint_data not in CONSTRAINT_DATA:
+        raise ValueError(f"ceag: unknown constraint_data {opts.constraint_data!r}; valid: {', '.join(CONSTRAINT_DATA)}")
+    if opts.buffer_overall not in BUFFER_OVERALL:
+        raise ValueError(f"ceag: unknown buffer_overall {opts.buffer_overall!r}; valid: {', '.join(BUFFER_OVERALL)}")
+    if opts.select not in SELECT:
+        raise ValueError(f"ceag: unknown select {opts.select!r}; valid: {', '.join(SELECT)}")
+    if opts.augmented and opts.dual_optimizer != "sgd":
         raise ValueError("ceag: augmented=True uses its own dual step; leave dual_optimizer=sgd")
-    if float(opts["margin_z"]) < 0 or int(opts["select_points"]) < 1 or int(opts["val_batch_size"]) < 0:
+    if opts.margin_z < 0 or opts.select_points < 1 or opts.val_batch_size < 0:
         raise ValueError("ceag: margin_z must be >= 0, select_points >= 1 and val_batch_size >= 0 "
-                         f"(0: the training batch size); got {opts['margin_z']}, {opts['select_points']}, "
-                         f"{opts['val_batch_size']}")
+                         f"(0: the training batch size); got {opts.margin_z}, {opts.select_points}, "
+                         f"{opts.val_batch_size}")
 
 
 @register("ceag", "Balancing Act: gradual magnitude pruning, then fine-tuning with one constraint per group "
           "on the excess accuracy gap psi_g <= eps (Lagrange multipliers; the dual step reads psi_g on held-out "
-          "rows by default, constraint_data=train for the paper's replay buffers)", CEAG_OPTIONS,
+          "rows by default, constraint_data=train for the paper's replay buffers)", CeagOptions,
           check=check_ceag_options)
-def ceag(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = method_options(METHODS["ceag"], ctx.config.method_options)
-    check_ceag_options(opts)
-    eps, G, cfg = float(opts["eps"]), ctx.dataset.num_groups, ctx.config
+def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState, dict]:
+    eps, G, cfg = opts.eps, ctx.dataset.num_groups, ctx.config
     names = list(ctx.dataset.group_names)
     warn: list[str] = []
-    held_out = opts["constraint_data"] == "val"
+    held_out = opts.constraint_data == "val"
     # the same pruned start as nft and el (gradual pruning on the rows they train on)
     start, template, info = pruned_start(ctx, dense, opts)
     if held_out:
-        ctx, val, val_source = held_out_rows(ctx, float(opts["val_fraction"]))
-    dual = make_dual(opts, G, equality=False)
+        ctx, val, val_source = held_out_rows(ctx, opts.val_fraction)
+    dual = constrained.dual_from_options(opts, G, equality=False)
     tx = ctx.finetune_tx()
     total = ctx.config.ft_epochs * ctx.steps_per_epoch
     extra: dict[str, Any] = {"dual": dual.init(), "trajectory": trajectory_init(G, total)}
@@ -331,14 +314,14 @@ def ceag(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
         n_val_g = np.bincount(val.g, minlength=G).astype(np.float64)
         _, lo, hi = certify.psi_intervals(n_val_g, lost, gained, 1.0)
         se = np.nan_to_num((hi - lo) / 2.0)
-        eps_g = eps - float(opts["margin_z"]) * se
+        eps_g = eps - opts.margin_z * se
         extra["val_correct"] = jnp.asarray(start_correct)
         terms = ceag_val_terms(G, ref, reference_from_counts(dense_val), jnp.asarray(val.g, jnp.int32),
                                jnp.asarray(eps_g, jnp.float32))
-        vb = int(opts["val_batch_size"]) or cfg.batch_size
+        vb = opts.val_batch_size or cfg.batch_size
         pre = val_refresh(ctx, val, vb, seed=cfg.seed)
         info.update(val_source=val_source, val_rows=len(val), val_batch_size=min(vb, len(val)),
-                    margin_z=float(opts["margin_z"]), eps_per_group=dict(zip(names, np.round(eps_g, 6).tolist())))
+                    margin_z=opts.margin_z, eps_per_group=dict(zip(names, np.round(eps_g, 6).tolist())))
         if np.any((n_val_g > 0) & (n_val_g < 30)):
             small = [names[i] for i in np.flatnonzero((n_val_g > 0) & (n_val_g < 30))]
             warn.append(f"ceag: groups with fewer than 30 held-out rows ({', '.join(small[:8])}): their psi_g "
@@ -346,17 +329,17 @@ def ceag(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     else:
         n_train_g = np.bincount(ctx.dataset.train.g, minlength=G)
         # buffers no larger than the data, so every constraint is observed however small the dataset
-        k = int(min(int(opts["buffer_size"]), max(int(n_train_g[n_train_g > 0].min()), 1)))
-        k_all = int(min(int(opts["overall_buffer_size"]), len(ctx.dataset.train)))
+        k = int(min(opts.buffer_size, max(int(n_train_g[n_train_g > 0].min()), 1)))
+        k_all = int(min(opts.overall_buffer_size, len(ctx.dataset.train)))
         extra.update(buffer=constrained.buffer_init(G, k), overall=constrained.buffer_init(1, k_all))
-        terms = ceag_terms(G, ref, eps, overall_from_groups=opts["buffer_overall"] == "groups")
+        terms = ceag_terms(G, ref, eps, overall_from_groups=opts.buffer_overall == "groups")
         eps_g = np.full(G, eps)
         info.update(buffer_size=k, overall_buffer_size=k_all)
     state = ctx.masked_state(start, start.masks, tx, extra=extra)
-    step = make_constrained_step(ctx, tx, dual, terms, opts["mode"], pre=pre)
-    select = held_out and opts["select"] == "feasible"
-    points = sorted({max(int(round(total * (k + 1) / int(opts["select_points"]))), 1)
-                     for k in range(int(opts["select_points"]))}) if select else []
+    step = make_constrained_step(ctx, tx, dual, terms, opts.mode, pre=pre)
+    select = held_out and opts.select == "feasible"
+    points = sorted({max(int(round(total * (k + 1) / opts.select_points)), 1)
+                     for k in range(opts.select_points)}) if select else []
     hook = None
     if select:
         state = state.replace(extra=dict(state.extra, **selection_init(state, len(points))))
@@ -371,7 +354,7 @@ def ceag(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
                         f"violating one (step {sel['step']}, held-out max psi_g {sel['max_psi']:.4f} vs eps {eps})")
     traj = jax.device_get(state.extra["trajectory"])
     info.update(history=hist, multipliers=np.asarray(state.extra["dual"].multipliers).tolist(), eps=eps,
-                constraint_data=opts["constraint_data"], trajectory=trajectory_info(traj, names, offset=eps_g))
+                constraint_data=opts.constraint_data, trajectory=trajectory_info(traj, names, offset=eps_g))
     warn += no_op_warnings(traj, names, eps, "held-out" if held_out else "train")
     if not held_out:
         gc, _ = evaluate(ctx.eval_step, state, ctx.dataset.train, cfg.eval_batch_size)
@@ -470,13 +453,9 @@ def no_op_warnings(traj: dict, names: list[str], eps: float, where: str) -> list
     return out
 
 
-NFT_OPTIONS = dict(PRUNE_OPTIONS)
-
-
 @register("nft", "naive fine-tuning: the same gradual pruning as ceag, then plain cross-entropy fine-tuning",
-          NFT_OPTIONS)
-def nft(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = method_options(METHODS["nft"], ctx.config.method_options)
+          GradualOptions)
+def nft(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple[TrainState, dict]:
     start, template, info = pruned_start(ctx, dense, opts)
     tx = ctx.finetune_tx()
     state = ctx.masked_state(start, start.masks, tx)
@@ -485,7 +464,12 @@ def nft(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     return state, info
 
 
-EL_OPTIONS = {"buffers": False, "buffer_size": 40, **DUAL_OPTIONS, **PRUNE_OPTIONS}
+@dataclasses.dataclass(frozen=True)
+class ElOptions(constrained.DualOptions, GradualOptions):
+    """el's ``--opt`` keys: the gradual start's, the dual step's, and its loss buffers."""
+
+    buffers: bool = False                   # strict values from loss replay buffers instead of the batch
+    buffer_size: int = 40
 
 
 def el_terms(num_groups: int, use_buffers: bool) -> ProblemTerms:
@@ -508,19 +492,19 @@ def el_terms(num_groups: int, use_buffers: bool) -> ProblemTerms:
 
 
 @register("el", "equalized loss (Tran et al. 2022): the same gradual pruning, then fine-tuning with one "
-          "equality constraint per group L_g - L = 0", EL_OPTIONS, check=lambda o: check_dual_options(o, "el"))
-def el(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = method_options(METHODS["el"], ctx.config.method_options)
+          "equality constraint per group L_g - L = 0", ElOptions,
+          check=lambda o: constrained.check_dual_options(o, "el"))
+def el(ctx: Context, dense: TrainState, opts: ElOptions) -> tuple[TrainState, dict]:
     start, template, info = pruned_start(ctx, dense, opts)
     G = ctx.dataset.num_groups
-    dual = make_dual(opts, G, equality=True)
+    dual = constrained.dual_from_options(opts, G, equality=True)
     tx = ctx.finetune_tx()
     extra: dict[str, Any] = {"dual": dual.init()}
-    if opts["buffers"]:
-        extra["buffer"] = constrained.buffer_init(G, int(opts["buffer_size"]))
-        extra["overall"] = constrained.buffer_init(1, 10 * int(opts["buffer_size"]))
+    if opts.buffers:
+        extra["buffer"] = constrained.buffer_init(G, opts.buffer_size)
+        extra["overall"] = constrained.buffer_init(1, 10 * opts.buffer_size)
     state = ctx.masked_state(start, start.masks, tx, extra=extra)
-    step = make_constrained_step(ctx, tx, dual, el_terms(G, bool(opts["buffers"])), opts["mode"])
+    step = make_constrained_step(ctx, tx, dual, el_terms(G, opts.buffers), opts.mode)
     state, hist = ctx.finetune(state, tx, step_fn=step, desc="fine-tune (el)")
     info.update(history=hist, multipliers=np.asarray(state.extra["dual"].multipliers).tolist())
     return state, info

@@ -64,6 +64,7 @@ The returned state's params are the frozen weights times the final mask;
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -76,7 +77,7 @@ from fairprune_jax import masks as masks_lib
 from fairprune_jax import surrogates
 from fairprune_jax.data.base import Split, eval_batches
 from fairprune_jax.masks import _is_none, apply_masks
-from fairprune_jax.methods.base import METHODS, Context, make_optimizer, method_options, register
+from fairprune_jax.methods.base import Context, make_optimizer, register
 from fairprune_jax.rewind import eval_summary, initial_weights, sparsity_report
 from fairprune_jax.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step, masked_forward,
                                  weighted_mean)
@@ -256,15 +257,21 @@ def groups_are_classes(ctx: Context) -> bool:
     return ctx.dataset.num_groups == ctx.dataset.num_classes and bool(np.array_equal(tr.y, tr.g))
 
 
-def fairness_term(ctx: Context, opts: dict) -> tuple[Callable, str]:
-    """``fn(logits, y, g, w, num_groups, positive_label)`` for ``opts["penalty"]`` and the resolved name."""
-    name = opts["penalty"]
-    if name == "auto" and opts.get("surrogate") is not None:
+def penalty_name(ctx: Context, opts: FairScratchOptions) -> str:
+    """``opts.penalty`` with ``auto`` resolved for the data (``surrogate:<name>`` for a named surrogate)."""
+    name = opts.penalty
+    if name == "auto" and opts.surrogate is not None:
         name = "surrogate"           # a surrogate named explicitly is used
     if name == "auto":
         name = "class_mean_dev" if groups_are_classes(ctx) else "dp"
-    if name == "surrogate":
-        return surrogates.surrogate(opts["surrogate"]), f"surrogate:{opts['surrogate']}"
+    return f"surrogate:{opts.surrogate}" if name == "surrogate" else name
+
+
+def fairness_term(ctx: Context, opts: FairScratchOptions) -> tuple[Callable, str]:
+    """``fn(logits, y, g, w, num_groups, positive_label)`` for ``opts.penalty`` and the resolved name."""
+    name = penalty_name(ctx, opts)
+    if name.startswith("surrogate:"):
+        return surrogates.surrogate(opts.surrogate), name
     if name.startswith("class_"):
         bounded = name == "class_bounded"
         return (lambda logits, y, g, w, num_groups, positive_label=1:
@@ -301,60 +308,63 @@ OPTIMIZERS = ("run", "authors")
 # SGD, lr 0.01, momentum 0.9, weight decay 1e-4, cosine schedule; main.py get_optimizer, no Nesterov).
 AUTHORS_OPT = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
 
-FS_OPTIONS = {"lam": 0.1, "penalty": "auto", "surrogate": None, "epochs": None, "score_lr": 0.01,
-              "init": "signed_constant", "optimizer": "run"}
+@dataclasses.dataclass(frozen=True)
+class FairScratchOptions:
+    lam: float = 0.1
+    penalty: str = "auto"                   # PENALTIES
+    surrogate: str | None = None            # a surrogates name (then penalty=auto means surrogate)
+    epochs: int | None = None               # None: the run's fine-tuning epochs
+    score_lr: float = 0.01
+    init: str = "signed_constant"           # INITS
+    optimizer: str = "run"                  # OPTIMIZERS
 
 
-def _options(ctx: Context) -> dict:
-    return resolve_options(method_options(METHODS["fair_scratch"], ctx.config.method_options))
-
-
-def resolve_options(opts: dict) -> dict:
-    """Checked options with ``penalty=auto`` resolved (a copy; run before any data loads as the check)."""
-    opts = dict(opts)
-    if opts["penalty"] not in PENALTIES:
-        raise ValueError(f"fair_scratch: penalty must be one of {', '.join(PENALTIES)}; got {opts['penalty']!r}")
-    if opts["surrogate"] is not None:
-        surrogates.surrogate(opts["surrogate"])  # clear error on a bad name
-        if opts["penalty"] == "auto":
-            opts["penalty"] = "surrogate"     # a surrogate named explicitly is used
-    elif opts["penalty"] == "surrogate":
+def resolve_options(opts: FairScratchOptions) -> FairScratchOptions:
+    """Checked options with ``penalty=auto`` resolved when a surrogate is named (a copy; registered as the
+    check, so the method receives it and a bad value fails before any data loads)."""
+    if opts.penalty not in PENALTIES:
+        raise ValueError(f"fair_scratch: penalty must be one of {', '.join(PENALTIES)}; got {opts.penalty!r}")
+    if opts.surrogate is not None:
+        surrogates.surrogate(opts.surrogate)  # clear error on a bad name
+        if opts.penalty == "auto":
+            opts = dataclasses.replace(opts, penalty="surrogate")   # a surrogate named explicitly is used
+    elif opts.penalty == "surrogate":
         raise ValueError("fair_scratch: penalty=surrogate needs surrogate=<name> "
                          f"({', '.join(surrogates.NAMES)})")
-    if opts["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"fair_scratch: optimizer must be one of {', '.join(OPTIMIZERS)}; got {opts['optimizer']!r}")
-    if opts["init"] not in INITS:
-        raise ValueError(f"fair_scratch: init must be one of {', '.join(INITS)}; got {opts['init']!r}")
-    if float(opts["lam"]) < 0:
-        raise ValueError(f"fair_scratch: lam must be >= 0; got {opts['lam']}")
-    if not float(opts["score_lr"]) > 0:
-        raise ValueError(f"fair_scratch: score_lr must be > 0; got {opts['score_lr']}")
-    if opts["epochs"] is not None and int(opts["epochs"]) < 1:
-        raise ValueError(f"fair_scratch: epochs must be >= 1; got {opts['epochs']}")
+    if opts.optimizer not in OPTIMIZERS:
+        raise ValueError(f"fair_scratch: optimizer must be one of {', '.join(OPTIMIZERS)}; got {opts.optimizer!r}")
+    if opts.init not in INITS:
+        raise ValueError(f"fair_scratch: init must be one of {', '.join(INITS)}; got {opts.init!r}")
+    if opts.lam < 0:
+        raise ValueError(f"fair_scratch: lam must be >= 0; got {opts.lam}")
+    if not opts.score_lr > 0:
+        raise ValueError(f"fair_scratch: score_lr must be > 0; got {opts.score_lr}")
+    if opts.epochs is not None and opts.epochs < 1:
+        raise ValueError(f"fair_scratch: epochs must be >= 1; got {opts.epochs}")
     return opts
 
 
-def train_scores(ctx: Context, opts: dict) -> tuple[TrainState, dict, Callable]:
+def train_scores(ctx: Context, opts: FairScratchOptions) -> tuple[TrainState, dict, Callable]:
     """Train the scores on frozen weights; the returned state still holds the full frozen weights."""
     cfg = ctx.config
-    epochs = cfg.ft_epochs if opts["epochs"] is None else int(opts["epochs"])
+    epochs = cfg.ft_epochs if opts.epochs is None else opts.epochs
     params, model_state = initial_weights(ctx)
     dens = layer_densities(params, ctx.template, cfg.sparsity, cfg.distribution)
-    weights = frozen_weights(params, ctx.template, opts["init"], dens)
+    weights = frozen_weights(params, ctx.template, opts.init, dens)
     scores = init_scores(jax.random.key(cfg.seed + 11), weights, ctx.template)
     total = max(epochs, 1) * ctx.steps_per_epoch
-    if opts["optimizer"] == "authors":
+    if opts.optimizer == "authors":
         a = AUTHORS_OPT
         tx = optax.chain(optax.add_decayed_weights(a["weight_decay"]),
                          optax.sgd(optax.cosine_decay_schedule(a["lr"], total), momentum=a["momentum"]))
     else:
-        tx = make_optimizer(cfg.optimizer, float(opts["score_lr"]), cfg.weight_decay, total_steps=total)
-    fair_fn, opts["penalty_used"] = fairness_term(ctx, opts)
+        tx = make_optimizer(cfg.optimizer, opts.score_lr, cfg.weight_decay, total_steps=total)
+    fair_fn, _ = fairness_term(ctx, opts)
     masks0 = score_masks(scores, ctx.template, cfg.sparsity, cfg.distribution)
     state = create_state(weights, model_state, optax.identity(), seed=cfg.seed + 3, extra={"scores": scores})
     state = state.replace(masks=masks0, opt_state=tx.init(scores))
     step = make_score_step(ctx.fm, tx, ctx.template, sparsity=cfg.sparsity, distribution=cfg.distribution,
-                           fair_fn=fair_fn, lam=float(opts["lam"]), num_groups=ctx.dataset.num_groups,
+                           fair_fn=fair_fn, lam=opts.lam, num_groups=ctx.dataset.num_groups,
                            positive_label=cfg.positive_label, augment=ctx.augment)
     state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed + 3000, desc="fair scratch scores", progress=cfg.progress)
@@ -362,12 +372,12 @@ def train_scores(ctx: Context, opts: dict) -> tuple[TrainState, dict, Callable]:
     return state.replace(masks=final), hist, fair_fn
 
 
-def finalize(ctx: Context, state: TrainState, fair_fn: Callable, opts: dict, hist: dict | None = None
-             ) -> tuple[TrainState, dict]:
+def finalize(ctx: Context, state: TrainState, fair_fn: Callable, opts: FairScratchOptions,
+             hist: dict | None = None) -> tuple[TrainState, dict]:
     """The pruned state (frozen weights times the final mask) and the method's info."""
     train_sur = split_surrogate(ctx, state, fair_fn, ctx.dataset.train)
     pruned = state.replace(params=apply_masks(state.params, state.masks), extra=None)
-    info = {"options": opts, "history": hist or {},
+    info = {"options": {**dataclasses.asdict(opts), "penalty_used": penalty_name(ctx, opts)}, "history": hist or {},
             **sparsity_report(ctx, pruned, pruned.masks, ctx.config.sparsity),
             "train_surrogate": train_sur if math.isfinite(train_sur) else None,
             "test": eval_summary(ctx, pruned, "test")}
@@ -375,13 +385,13 @@ def finalize(ctx: Context, state: TrainState, fair_fn: Callable, opts: dict, his
 
 
 @register("fair_scratch", "Fair Scratch Tickets (Tang et al. 2023): edge-popup scores on frozen random weights "
-                          "with a fairness-surrogate regulariser", FS_OPTIONS, check=resolve_options)
-def fair_scratch(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
+                          "with a fairness-surrogate regulariser", FairScratchOptions, check=resolve_options)
+def fair_scratch(ctx: Context, dense: TrainState, opts: FairScratchOptions) -> tuple[TrainState, dict]:
     del dense  # a scratch ticket never looks at trained weights
-    opts = _options(ctx)
     state, hist, fair_fn = train_scores(ctx, opts)
     return finalize(ctx, state, fair_fn, opts, hist)
 
 
-__all__ = ["FS_OPTIONS", "INITS", "fair_scratch", "finalize", "frozen_weights", "init_scores", "layer_densities",
+__all__ = ["FairScratchOptions", "INITS", "fair_scratch", "finalize", "frozen_weights", "init_scores",
+           "layer_densities",
            "make_score_step", "score_masks", "split_surrogate", "ste_masks", "train_scores"]

@@ -65,6 +65,7 @@ Line numbers refer to the authors' ``prune.py`` and ``main_test.py`` at their la
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -75,30 +76,40 @@ from fairprune_jax import group_importance as gi
 from fairprune_jax import schedules
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.data.base import derived_seed
+from fairprune_jax.gradual import PrunePhaseOptions, phase_template
 from fairprune_jax.masks import apply_masks
-from fairprune_jax.methods.base import METHODS, Context, method_options, register
+from fairprune_jax.methods.base import Context, register
 from fairprune_jax.train import TrainState
 
-FAIRGRAPE_OPTIONS = {"keep_per_iter": 0.975, "importance": "squared", "rank": "importance",
-                     "picks_per_decision": 2, "max_decisions": 256, "importance_rows": 0,
-                     "importance_batch_size": 0, "group_chunk": 64, "bn_train_mode": True,
-                     "prune_epochs": -1, "keep_first_conv_dense": True, "keep_last_dense": True}
+@dataclasses.dataclass(frozen=True)
+class FairgrapeOptions(PrunePhaseOptions):
+    """fairgrape's ``--opt`` keys: the pruning phase's (first conv and last layer dense by default) and its own."""
+
+    keep_per_iter: float = 0.975            # of the remaining weights, per iteration
+    importance: str = "squared"             # group_importance.IMPORTANCE_KINDS
+    rank: str = "importance"                # group_importance.RANKS
+    picks_per_decision: int = 2
+    max_decisions: int = 256                # 0: no cap
+    importance_rows: int = 0                # 0: the whole train split
+    importance_batch_size: int = 0          # 0: the run's batch size
+    group_chunk: int = 64
+    bn_train_mode: bool = True
 
 
-def check_options(opts: dict) -> None:
+def check_options(opts: FairgrapeOptions) -> None:
     """Value checks, run before any data loads."""
-    if not 0.0 < float(opts["keep_per_iter"]) < 1.0:
+    if not 0.0 < opts.keep_per_iter < 1.0:
         raise ValueError(f"fairgrape: keep_per_iter must be in (0, 1), e.g. 0.975 (keep 97.5% of the remaining "
-                         f"weights per iteration); got {opts['keep_per_iter']}")
-    if opts["importance"] not in gi.IMPORTANCE_KINDS:
-        raise ValueError(f"fairgrape: unknown importance {opts['importance']!r}; valid: "
+                         f"weights per iteration); got {opts.keep_per_iter}")
+    if opts.importance not in gi.IMPORTANCE_KINDS:
+        raise ValueError(f"fairgrape: unknown importance {opts.importance!r}; valid: "
                          f"{', '.join(gi.IMPORTANCE_KINDS)}")
-    if opts["rank"] not in gi.RANKS:
-        raise ValueError(f"fairgrape: unknown rank {opts['rank']!r}; valid: {', '.join(gi.RANKS)}")
+    if opts.rank not in gi.RANKS:
+        raise ValueError(f"fairgrape: unknown rank {opts.rank!r}; valid: {', '.join(gi.RANKS)}")
     for name, low in (("picks_per_decision", 1), ("max_decisions", 0), ("importance_rows", 0),
                       ("importance_batch_size", 0), ("group_chunk", 1)):
-        if int(opts[name]) < low:
-            raise ValueError(f"fairgrape: {name} must be >= {low}; got {opts[name]}")
+        if getattr(opts, name) < low:
+            raise ValueError(f"fairgrape: {name} must be >= {low}; got {getattr(opts, name)}")
 
 
 def iteration_steps(n_iters: int, total_steps: int) -> dict[int, list[int]]:
@@ -112,23 +123,20 @@ def iteration_steps(n_iters: int, total_steps: int) -> dict[int, list[int]]:
 @register("fairgrape", "FairGRAPE (Lin et al., ECCV 2022): iterative pruning in small steps (keep_per_iter), each "
           "keeping per layer the weights whose per-group importance (w * dL_g/dw)^2 keeps every group's share of "
           "the total; importance recomputed each iteration (one forward + G backward passes over the train "
-          "split), then the same fine-tuning as nft", FAIRGRAPE_OPTIONS, check=check_options)
-def fairgrape(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = method_options(METHODS["fairgrape"], ctx.config.method_options)
+          "split), then the same fine-tuning as nft", FairgrapeOptions, check=check_options)
+def fairgrape(ctx: Context, dense: TrainState, opts: FairgrapeOptions) -> tuple[TrainState, dict]:
     cfg, ds = ctx.config, ctx.dataset
     G = ds.num_groups
-    template = ctx.template_for(dense.params,
-                                exclude_first=bool(opts["keep_first_conv_dense"]) and ctx.first_layer_is_conv(dense.params),
-                                exclude_last=bool(opts["keep_last_dense"]))
-    targets = schedules.iterative_rounds(cfg.sparsity, 1.0 - float(opts["keep_per_iter"]))
-    rows = int(opts["importance_rows"])
+    template = phase_template(ctx, dense.params, opts)
+    targets = schedules.iterative_rounds(cfg.sparsity, 1.0 - opts.keep_per_iter)
+    rows = opts.importance_rows
     imp_split = ds.train
     if 0 < rows < len(ds.train):
         pick = np.sort(np.random.default_rng(derived_seed(cfg.seed, 23)).permutation(len(ds.train))[:rows])
         imp_split = ds.train.take(pick)
-    imp_bs = int(opts["importance_batch_size"]) or cfg.batch_size
-    imp_step = gi.make_importance_step(ctx.fm, template, G, kind=opts["importance"],
-                                       group_chunk=int(opts["group_chunk"]), train=bool(opts["bn_train_mode"]))
+    imp_bs = opts.importance_batch_size or cfg.batch_size
+    imp_step = gi.make_importance_step(ctx.fm, template, G, kind=opts.importance, group_chunk=opts.group_chunk,
+                                       train=opts.bn_train_mode)
     log: list[dict] = []
     clock = {"importance": 0.0, "selection": 0.0}
 
@@ -138,8 +146,8 @@ def fairgrape(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
                                                         imp_split, G, imp_bs))   # so the clock splits honestly
         t1 = time.perf_counter()
         masks, rep = gi.proportional_masks(imp, s.masks, template, s.params, targets[i], cfg.distribution,
-                                           picks=int(opts["picks_per_decision"]),
-                                           max_decisions=int(opts["max_decisions"]), rank=opts["rank"])
+                                           picks=opts.picks_per_decision, max_decisions=opts.max_decisions,
+                                           rank=opts.rank)
         clock["importance"] += t1 - t0
         clock["selection"] += time.perf_counter() - t1
         log.append({"iteration": i + 1, "sparsity": round(float(targets[i]), 6),
@@ -148,7 +156,7 @@ def fairgrape(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
             log[-1]["layers"] = rep["layers"]
         return s.replace(masks=masks, params=apply_masks(s.params, masks))
 
-    state, tx, epochs, total = ctx.prune_phase(dense, template, opts["prune_epochs"])
+    state, tx, epochs, total = ctx.prune_phase(dense, template, opts.prune_epochs)
     at = iteration_steps(len(targets), total)
 
     @resumable  # a pure function of (state, step): the importance data and the selection are deterministic

@@ -43,12 +43,13 @@ under ``__report__``.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
 from fairprune_jax import schedules
 from fairprune_jax.masks import ones_like_template
-from fairprune_jax.methods.base import METHODS, Context, method_options, register
+from fairprune_jax.methods.base import Context, register
 from fairprune_jax.rewind import (Checkpoint, MaskHistory, check_rewind_step, copy_tree, dense_steps,  # noqa: F401
                                   dense_tx, eval_summary, initial_weights, iterative_magnitude, load_masks, rewind,
                                   rewind_checkpoint, round_schedule, save_masks, sparsity_report)
@@ -57,47 +58,45 @@ from fairprune_jax.train import TrainState, make_train_step
 LAST_ROUND = ("dense", "round")
 
 
-LTH_OPTIONS = {"fraction": 0.2, "rewind_step": 0, "round_epochs": None, "max_rounds": 5, "last_round": "dense"}
+@dataclasses.dataclass(frozen=True)
+class LthOptions:
+    fraction: float = 0.2                   # pruned per round, of the remaining weights
+    rewind_step: int = 0                    # 0: the initialisation
+    round_epochs: int | None = None         # None: the run's fine-tuning epochs
+    max_rounds: int = 5                     # 0: no cap
+    last_round: str = "dense"               # LAST_ROUND
 
 
-def check_lth_options(opts: dict) -> None:
+def check_lth_options(opts: LthOptions) -> None:
     """Value checks that need no data (the rewind step against the dense run's length is checked at run time)."""
-    if not 0.0 < float(opts["fraction"]) < 1.0:
+    if not 0.0 < opts.fraction < 1.0:
         raise ValueError(f"lth: fraction (pruned per round, of the remaining weights) must be in (0, 1); "
-                         f"got {opts['fraction']}")
-    if opts["round_epochs"] is not None and int(opts["round_epochs"]) < 0:
-        raise ValueError(f"lth: round_epochs must be >= 0; got {opts['round_epochs']}")
-    if opts["last_round"] not in LAST_ROUND:
-        raise ValueError(f"lth: last_round must be one of {', '.join(LAST_ROUND)}; got {opts['last_round']!r}")
-    if int(opts["max_rounds"]) < 0:
-        raise ValueError(f"lth: max_rounds must be >= 0 (0 = no cap); got {opts['max_rounds']}")
-    if int(opts["rewind_step"]) < 0:
-        raise ValueError(f"lth: rewind_step must be >= 0; got {opts['rewind_step']}")
+                         f"got {opts.fraction}")
+    if opts.round_epochs is not None and opts.round_epochs < 0:
+        raise ValueError(f"lth: round_epochs must be >= 0; got {opts.round_epochs}")
+    if opts.last_round not in LAST_ROUND:
+        raise ValueError(f"lth: last_round must be one of {', '.join(LAST_ROUND)}; got {opts.last_round!r}")
+    if opts.max_rounds < 0:
+        raise ValueError(f"lth: max_rounds must be >= 0 (0 = no cap); got {opts.max_rounds}")
+    if opts.rewind_step < 0:
+        raise ValueError(f"lth: rewind_step must be >= 0; got {opts.rewind_step}")
 
 
 @register("lth", "lottery ticket: iterative magnitude pruning, survivors rewound to init or step k and "
-                 "retrained each round", LTH_OPTIONS, check=check_lth_options)
-def lth(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
-    opts = method_options(METHODS["lth"], ctx.config.method_options)
+                 "retrained each round", LthOptions, check=check_lth_options)
+def lth(ctx: Context, dense: TrainState, opts: LthOptions) -> tuple[TrainState, dict]:
     cfg = ctx.config
-    fraction = float(opts["fraction"])
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"lth: fraction (pruned per round, of the remaining weights) must be in (0, 1); "
-                         f"got {fraction}")
-    k = check_rewind_step(ctx, opts["rewind_step"])
-    round_epochs = cfg.ft_epochs if opts["round_epochs"] is None else int(opts["round_epochs"])
-    if round_epochs < 0:
-        raise ValueError(f"lth: round_epochs must be >= 0; got {round_epochs}")
-    if opts["last_round"] not in LAST_ROUND:
-        raise ValueError(f"lth: last_round must be one of {', '.join(LAST_ROUND)}; got {opts['last_round']!r}")
-    sched, fraction_used = round_schedule(cfg.sparsity, fraction, opts["max_rounds"])
+    fraction = opts.fraction
+    k = check_rewind_step(ctx, opts.rewind_step)
+    round_epochs = cfg.ft_epochs if opts.round_epochs is None else opts.round_epochs
+    sched, fraction_used = round_schedule(cfg.sparsity, fraction, opts.max_rounds)
     if fraction_used != fraction:
         warnings.warn(f"lth: {len(schedules.iterative_rounds(cfg.sparsity, fraction))} rounds of fraction "
-                      f"{fraction} exceed max_rounds={opts['max_rounds']}; using fraction {fraction_used:.4f} "
+                      f"{fraction} exceed max_rounds={opts.max_rounds}; using fraction {fraction_used:.4f} "
                       "per round instead (set --opt max_rounds=0 for no cap)", stacklevel=2)
     info: dict[str, Any] = {"schedule": sched, "fraction": fraction, "fraction_used": fraction_used,
-                            "rewind_step": k, "round_epochs": round_epochs, "last_round": opts["last_round"],
-                            "last_round_epochs": cfg.epochs if opts["last_round"] == "dense" else round_epochs,
+                            "rewind_step": k, "round_epochs": round_epochs, "last_round": opts.last_round,
+                            "last_round_epochs": cfg.epochs if opts.last_round == "dense" else round_epochs,
                             "rounds": [],
                             "round_masks": MaskHistory(where=ctx.output_location("rounds")),
                             "history": {}}
@@ -110,7 +109,7 @@ def lth(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     last = len(sched)
 
     def train_round(r: int, target: float, masks: Any) -> TrainState:
-        if r == last and opts["last_round"] == "dense":   # the returned ticket: the dense budget
+        if r == last and opts.last_round == "dense":   # the returned ticket: the dense budget
             last_tx = dense_tx(ctx)
             state = rewind(ctx, ckpt, masks, last_tx)
             state, hist = ctx.finetune(state, last_tx, epochs=cfg.epochs,
@@ -135,5 +134,6 @@ def lth(ctx: Context, dense: TrainState) -> tuple[TrainState, dict]:
     return state, info
 
 
-__all__ = ["Checkpoint", "MaskHistory", "copy_tree", "dense_steps", "dense_tx", "eval_summary", "initial_weights",
+__all__ = ["Checkpoint", "LthOptions", "MaskHistory", "copy_tree", "dense_steps", "dense_tx", "eval_summary",
+           "initial_weights",
            "load_masks", "lth", "rewind", "rewind_checkpoint", "round_schedule", "save_masks", "sparsity_report"]
