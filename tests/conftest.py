@@ -5,7 +5,57 @@ each on a loaded 2-core CPU), so the core tests share these few configurations.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
+
 import pytest
+
+_XLA_CACHE_KEYS = {"JAX_COMPILATION_CACHE_DIR": None, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole test run, shared by the xdist workers and by the
+    subprocesses the tests start (they inherit the environment).
+
+    Most tests run the same few tiny configurations, and on a CPU compiling, not training, is most of their
+    cost (the default ``fairprune run`` takes 60 s of CPU cold and 26 s with its executables cached). The
+    folder is new for every run, so every executable is still compiled once per run, and removed at the end.
+    ``FAIRPRUNE_TEST_XLA_CACHE=0`` turns it off; a ``JAX_COMPILATION_CACHE_DIR`` already set is kept.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("FAIRPRUNE_TEST_XLA_CACHE", "1") == "0":
+        return                                   # workers inherit the controller's environment
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="fairprune-tests-xla-")
+    config._fairprune_xla_cache = folder
+    for key, value in _XLA_CACHE_KEYS.items():
+        os.environ[key] = folder if value is None else value
+    if "jax" in sys.modules:                     # imported by a plugin before this hook: set it there too
+        import jax
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+#: The longest test files, longest first (measured with --durations; xdist's --dist loadfile hands files to the
+#: workers in collection order, so starting with these keeps one worker from running a long file at the end).
+LONG_FILES = ["test_every_dataset.py", "test_prune_api.py", "test_lottery.py", "test_compare.py", "test_bifp.py",
+              "test_checkpoint.py", "test_notebook.py", "test_distributed.py", "test_accelerator_smoke.py",
+              "test_readme_examples.py", "test_cli.py", "test_masks.py", "test_seeds.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: file order kept otherwise
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_fairprune_xla_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 # name -> (input_shape, num_classes, model kwargs)
 TINY_MODELS = {

@@ -55,26 +55,6 @@ def data():
     return x, y, (y % 3).astype(np.int32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Every method compiles the same dense step and eval steps: share them through a persistent cache."""
-    import jax
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    try:                                   # later test files in this process compile without the cache
-        from jax._src import compilation_cache
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):
-        pass
-
-
 def _kernels(model):
     return {"conv/kernel": model.conv.kernel[...], "hidden/kernel": model.hidden.kernel[...],
             "out/kernel": model.out.kernel[...]}
