@@ -37,6 +37,8 @@ TABLES = [
                                   "pt) vs NFT on UTKFace race at 90%, eps = 0.02", CERT),
     ("certify_utkface_race_gender", "Certificate: CEAG (held-out constraints) vs NFT on UTKFace race, protected "
                                     "race x gender, eps = 0.02", CERT),
+    ("ceag_digits_heldout", "ceag's held-out default vs the paper's train buffers on digits (136 held-out rows), 90%, "
+                            "eps = 0.02", CERT),
     ("fairgrape_utkface_race", "FairGRAPE vs CEAG vs NFT on UTKFace race, 90%, eps = 0.02 (issue 18)", CERT),
     ("ceag_utkface_race", "CEAG vs NFT vs EL on UTKFace, target race, protected race (issue: CEAG)", PSI),
     ("ceag_utkface_race_gender", "CEAG vs NFT vs EL on UTKFace, target race, protected race x gender", PSI),
