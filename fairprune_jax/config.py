@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-#: Optimizers of the dense training and fine-tuning (``methods.base.make_optimizer``).
+#: Optimizers of the dense training and fine-tuning (``train.make_optimizer``).
 OPTIMIZERS = ("adam", "sgd")
 #: The psi bound a certificate checks when neither ``certify_eps`` nor the method's ``eps`` option sets one.
 DEFAULT_CERTIFY_EPS = 0.01

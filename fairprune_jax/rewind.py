@@ -51,7 +51,8 @@ from fairprune_jax import fairness, schedules
 from fairprune_jax import scores as scores_lib
 from fairprune_jax.masks import named_leaves, sparsity_summary
 from fairprune_jax.models import build_model
-from fairprune_jax.train import TrainState, check_finite, create_state, evaluate, iterate_forever, make_train_step
+from fairprune_jax.train import (TrainState, check_finite, create_state, evaluate, iterate_forever, make_optimizer,
+                                 make_train_step)
 
 if TYPE_CHECKING:
     from fairprune_jax.methods.base import Context
@@ -103,7 +104,6 @@ def initial_weights(ctx: Context) -> tuple[Any, Any]:
 
 def dense_tx(ctx: Context):
     """The dense run's optimizer (same as ``runner.train_dense``)."""
-    from fairprune_jax.methods.base import make_optimizer  # lazy: methods/ imports this module
     cfg = ctx.config
     return make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=dense_steps(ctx))
 

@@ -23,9 +23,25 @@ from tqdm.auto import tqdm
 from fairprune_jax import checkpoint as checkpoint_lib
 from fairprune_jax import tracking as tracking_lib
 from fairprune_jax import certify, distributed, fairness
+from fairprune_jax.config import OPTIMIZERS
 from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
 from fairprune_jax.masks import apply_masks
 from fairprune_jax.models import FunctionalModel
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float = 0.0,
+                   total_steps: int | None = None) -> optax.GradientTransformation:
+    """Adam(W) or SGD with momentum 0.9; a cosine decay when ``total_steps`` is known.
+
+    The optimizer of the dense run and of every method's fine-tuning (``lr`` may also be an optax schedule).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1)) if total_steps else lr
+    if name == "adam":
+        return optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
+    tx = optax.sgd(schedule, momentum=0.9, nesterov=True)
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
 
 
 @struct.dataclass

@@ -22,19 +22,8 @@ from fairprune_jax.config import (DEFAULT_CERTIFY_EPS, OPTIMIZERS,  # noqa: F401
 from fairprune_jax.data.base import Dataset
 from fairprune_jax.models import FunctionalModel
 from fairprune_jax.rewind import save_masks
-from fairprune_jax.train import TrainState, create_state, fit, make_train_step
-
-
-def make_optimizer(name: str, lr: float, weight_decay: float = 0.0,
-                   total_steps: int | None = None) -> optax.GradientTransformation:
-    """Adam(W) or SGD with momentum 0.9; a cosine decay when ``total_steps`` is known."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1)) if total_steps else lr
-    if name == "adam":
-        return optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
-    tx = optax.sgd(schedule, momentum=0.9, nesterov=True)
-    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+from fairprune_jax.train import (TrainState, create_state, fit, make_optimizer,  # noqa: F401  (re-exported)
+                                 make_train_step)
 
 
 @dataclasses.dataclass
