@@ -144,7 +144,7 @@ def rewind(ctx: Context, ckpt: Checkpoint, masks: Any, tx, extra: Any = None) ->
     """A fresh state at the checkpoint under ``masks``: survivors = checkpoint exactly, pruned = 0."""
     # copies: training steps donate their state, and callers keep using the checkpoint and the masks
     return create_state(copy_tree(ckpt.params), copy_tree(ckpt.model_state), tx, masks=copy_tree(masks),
-                        seed=ctx.config.seed + 1, extra=extra)
+                        seed=ctx.stream_seed("finetune_state"), extra=extra)
 
 
 # ---------------------------------------------------------------------------

@@ -369,14 +369,14 @@ def authors_vote_run(ctx: Context, dense: TrainState, opts: BallotOptions, templ
     epoch_scores, key_acc_hist = [], []
     for epoch in range(cfg.epochs):
         pre_params, pre_ms = copy_tree(state.params), copy_tree(state.model_state)
-        state, _ = fit(state, step_fn, sub, epochs=1, batch_size=cfg.batch_size, seed=cfg.seed + 7000 + epoch,
+        state, _ = fit(state, step_fn, sub, epochs=1, batch_size=cfg.batch_size, seed=ctx.stream_seed("ballot_lth_batches", epoch),
                        desc=f"ballot (authors) LTH run {epoch + 1}/{cfg.epochs}", progress=False)
         gc, cc = evaluate(ctx.eval_step, state, hold, cfg.eval_batch_size)
         key_acc = np.nan_to_num(fairness.group_accuracy(cc if fair_by == "class" else gc), nan=1.0)
         key_acc_hist.append(key_acc.tolist())
         w_key = truncated_weights(jnp.asarray(key_acc))
         g_acc = g_fair = None
-        for b in train_batches(sub, cfg.batch_size, seed=cfg.seed + 7500, epoch=epoch):
+        for b in train_batches(sub, cfg.batch_size, seed=ctx.stream_seed("ballot_lth_grads"), epoch=epoch):
             b = {**b, "w": b.get("w", np.ones(len(b["y"]), np.float32))}
             a, f = grads(state.params, pre_params, state.model_state, pre_ms, b, w_key)
             g_acc = a if g_acc is None else jax.tree.map(jnp.add, g_acc, a)
@@ -445,7 +445,7 @@ def voting_run(ctx: Context, dense: TrainState, opts: BallotOptions, template: A
         vote_epochs = cfg.ft_epochs if opts.vote_epochs is None else opts.vote_epochs
         params, model_state = copy_tree(dense.params), copy_tree(dense.model_state)
         tx = ctx.finetune_tx(epochs=vote_epochs)   # (a sparse body is applied by the state's masks below)
-        seed, state_seed, replay = cfg.seed + 2000, cfg.seed + 2, False
+        seed, state_seed, replay = ctx.stream_seed("ballot_vote_batches"), ctx.stream_seed("ballot_vote_state"), False
     if vote_epochs < 1:
         raise ValueError(f"ballot: vote_epochs must be >= 1; got {vote_epochs}")
     start = create_state(params, model_state, tx, seed=state_seed, masks=body if sparse_body else None)

@@ -26,6 +26,23 @@ from fairprune_jax.train import (TrainState, create_state, fit, make_optimizer, 
                                  make_train_step)
 
 
+#: Named random streams of a method, as offsets from the run's seed. The offsets are those the methods used
+#: before the streams had names, kept so that every committed result stays the same; a stream added later
+#: should take ``data.base.derived_seed(seed, n)`` (a hashed, collision-free seed) under a new name.
+SEED_STREAMS = {
+    "finetune_state": 1,        # the PRNG key of a masked fine-tuning state (dropout, augmentation)
+    "ballot_vote_state": 2,     # Ballot's voting run
+    "scores_state": 3,          # Fair Scratch's score-training state
+    "random_scores": 7,         # one-shot random pruning's scores
+    "popup_scores": 11,         # Fair Scratch's initial scores
+    "finetune_batches": 1000,   # the batch order of fine-tuning (and BiFP's bi-level phase)
+    "ballot_vote_batches": 2000,
+    "scores_batches": 3000,     # Fair Scratch's score training
+    "ballot_lth_batches": 7000,  # + epoch: the authors' LTH-style voting run
+    "ballot_lth_grads": 7500,   # the batches its per-epoch vote gradients are summed over
+}
+
+
 @dataclasses.dataclass
 class Context:
     """What a method needs from the run: config, data, model, shared steps."""
@@ -43,6 +60,10 @@ class Context:
     # Results that depend only on the dense run and a method's options, not on the sparsity, shared by every
     # run of one prepared dense model (dataclasses.replace keeps the same dict): e.g. Ballot's voting run.
     memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def stream_seed(self, name: str, offset: int = 0) -> int:
+        """The seed of the named random stream (see :data:`SEED_STREAMS`), plus ``offset`` (e.g. an epoch)."""
+        return self.config.seed + SEED_STREAMS[name] + offset
 
     @property
     def steps_per_epoch(self) -> int:
@@ -69,7 +90,7 @@ class Context:
     def masked_state(self, dense: TrainState, masks: Any, tx: optax.GradientTransformation,
                      extra: Any = None) -> TrainState:
         """A fresh fine-tuning state from dense weights under ``masks`` (new optimizer state)."""
-        return create_state(dense.params, dense.model_state, tx, masks=masks, seed=self.config.seed + 1,
+        return create_state(dense.params, dense.model_state, tx, masks=masks, seed=self.stream_seed("finetune_state"),
                             extra=extra)
 
     def masks_from_scores(self, scores: Any, sparsity: float, prev_masks: Any = None,
@@ -105,7 +126,7 @@ class Context:
         epochs = self.config.ft_epochs if epochs is None else epochs
         step_fn = step_fn or make_train_step(self.fm, tx, augment=self.augment)
         return fit(state, step_fn, self.dataset.train, epochs=epochs, batch_size=self.config.batch_size,
-                   seed=self.config.seed + 1000, desc=desc, hook=hook, progress=self.config.progress)
+                   seed=self.stream_seed("finetune_batches"), desc=desc, hook=hook, progress=self.config.progress)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ def magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tuple[TrainSt
 
 @register("random", "one-shot random pruning to the target, then fine-tuning")
 def random(ctx: Context, dense: TrainState, opts: NoOptions) -> tuple[TrainState, dict]:
-    key = jax.random.key(ctx.config.seed + 7)
+    key = jax.random.key(ctx.stream_seed("random_scores"))
     masks = ctx.masks_from_scores(scores.random(key, dense.params, ctx.template), ctx.config.sparsity)
     tx = ctx.finetune_tx()
     state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx), tx)

@@ -202,7 +202,7 @@ def kept_units(masks: Any, groups) -> dict[str, list[int]]:
 def _fair_state(ctx: Context, start: TrainState, masks: Any, tx, spec: bilevel.Fairness,
                 fair_extra: dict | None = None) -> TrainState:
     extra = {"fair": bilevel.fairness_init(spec) if fair_extra is None else fair_extra}
-    return create_state(start.params, start.model_state, tx, masks=masks, seed=ctx.config.seed + 1, extra=extra)
+    return create_state(start.params, start.model_state, tx, masks=masks, seed=ctx.stream_seed("finetune_state"), extra=extra)
 
 
 def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
@@ -289,7 +289,7 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     mask_lr = optax.cosine_decay_schedule(opts.mask_lr, search_steps) if frac > 0 else opts.mask_lr
     mask_tx = optax.sgd(mask_lr, momentum=momentum if momentum > 0 else None)
     # theta starts from the dense weights, NOT masked: pruned units keep their values and may come back
-    state = create_state(dense.params, dense.model_state, weight_tx, seed=cfg.seed + 1,
+    state = create_state(dense.params, dense.model_state, weight_tx, seed=ctx.stream_seed("finetune_state"),
                          extra={"scores": scores0, "mask_opt": mask_tx.init(scores0),
                                 "fair": bilevel.fairness_init(spec)})
     state = state.replace(masks=masks0)
@@ -301,7 +301,7 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     hook, mult_hist = multiplier_recorder(ctx, spec)
     if epochs > 0:
         state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
-                          seed=cfg.seed + 1000, desc="bifp (bi-level)", progress=cfg.progress, hook=hook)
+                          seed=ctx.stream_seed("finetune_batches"), desc="bifp (bi-level)", progress=cfg.progress, hook=hook)
     final = state.masks                                   # the top-k of the final scores
     named_final = dict(named_leaves(final))
     changed = int(sum(np.abs(np.asarray(named_final[n]) - u).sum() for n, u in start_units.items()) // 2)

@@ -351,7 +351,7 @@ def train_scores(ctx: Context, opts: FairScratchOptions) -> tuple[TrainState, di
     params, model_state = initial_weights(ctx)
     dens = layer_densities(params, ctx.template, cfg.sparsity, cfg.distribution)
     weights = frozen_weights(params, ctx.template, opts.init, dens)
-    scores = init_scores(jax.random.key(cfg.seed + 11), weights, ctx.template)
+    scores = init_scores(jax.random.key(ctx.stream_seed("popup_scores")), weights, ctx.template)
     total = max(epochs, 1) * ctx.steps_per_epoch
     if opts.optimizer == "authors":
         a = AUTHORS_OPT
@@ -361,13 +361,13 @@ def train_scores(ctx: Context, opts: FairScratchOptions) -> tuple[TrainState, di
         tx = make_optimizer(cfg.optimizer, opts.score_lr, cfg.weight_decay, total_steps=total)
     fair_fn, _ = fairness_term(ctx, opts)
     masks0 = score_masks(scores, ctx.template, cfg.sparsity, cfg.distribution)
-    state = create_state(weights, model_state, optax.identity(), seed=cfg.seed + 3, extra={"scores": scores})
+    state = create_state(weights, model_state, optax.identity(), seed=ctx.stream_seed("scores_state"), extra={"scores": scores})
     state = state.replace(masks=masks0, opt_state=tx.init(scores))
     step = make_score_step(ctx.fm, tx, ctx.template, sparsity=cfg.sparsity, distribution=cfg.distribution,
                            fair_fn=fair_fn, lam=opts.lam, num_groups=ctx.dataset.num_groups,
                            positive_label=cfg.positive_label, augment=ctx.augment)
     state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
-                      seed=cfg.seed + 3000, desc="fair scratch scores", progress=cfg.progress)
+                      seed=ctx.stream_seed("scores_batches"), desc="fair scratch scores", progress=cfg.progress)
     final = score_masks(state.extra["scores"], ctx.template, cfg.sparsity, cfg.distribution)
     return state.replace(masks=final), hist, fair_fn
 
