@@ -48,6 +48,10 @@ TABLES = [
     ("bifp_adult_ablation", "BiFP ablation on Adult (protected sex), 80% structured", BIFP),
     ("bifp_adult_sex_race", "BiFP on Adult (MLP, structured), protected sex x race (10 groups)", BIFP),
     ("bifp_digits", "BiFP on digits (MLP, structured; classes = groups)", CLASS + ["accuracy_drop", "degenerate"]),
+    ("bifp_digits_seeds", "BiFP vs structured magnitude on digits, 10 seeds (issue 12)",
+     CLASS + ["accuracy_drop", "degenerate"]),
+    ("bifp_adult_sex_race_seeds", "BiFP vs structured magnitude on Adult, protected sex x race, 10 seeds (issue 12)",
+     BIFP),
     ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", BIFP),
     ("lottery_digits_v2", "Lottery tickets on digits (classes = groups): Ballot (ours, authors') vs magnitude, "
                           "random, lth, fair_scratch (issue 13)", CLASS + ["degenerate"]),
