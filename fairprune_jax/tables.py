@@ -225,4 +225,6 @@ def constraint_label(method: str, opts: dict[str, Any]) -> str | None:
         return f"{opts['constraint']}, τ={opts.get('tau'):g}"
     if method == "fair_scratch" and opts.get("lam"):
         return f"penalty λ={opts['lam']:g}"
+    if method == "fair_scratch" and "lam" in opts and opts["lam"] is None:
+        return "penalty, default λ"
     return None

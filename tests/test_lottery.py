@@ -289,6 +289,41 @@ def test_fair_scratch_frozen_weights_exact_sparsity_and_regulariser(setup):
     assert info["sparsity"] == 0.5 and info["train_surrogate"] == pytest.approx(results[3.0])
 
 
+def test_fair_scratch_lam_warmup_ramps_the_fairness_weight_from_zero(setup):
+    ctx, init_params, _ = setup
+    from fairprune_jax.data.base import eval_batches
+    from fairprune_jax.train import create_state
+    _, model_state = FS.initial_weights(ctx)
+    dens = FS.layer_densities(init_params, ctx.template, 0.5, "uniform")
+    frozen = FS.frozen_weights(init_params, ctx.template, "signed_constant", dens)
+    scores = FS.init_scores(jax.random.key(0), frozen, ctx.template)
+    tx = optax.sgd(0.1)
+    fair = FS.fairness_term(ctx, FS.FairScratchOptions(penalty="dp_rate"))[0]
+    batch = next(iter(eval_batches(ctx.dataset.train, 64)))
+
+    def scores_after_step(lam, warmup_steps, step):
+        sc = jax.tree.map(jnp.copy, scores)          # the step donates its input state
+        st = create_state(frozen, model_state, optax.identity(), extra={"scores": sc})
+        st = st.replace(masks=FS.score_masks(sc, ctx.template, 0.5, "uniform"), opt_state=tx.init(sc),
+                        step=jnp.asarray(step, st.step.dtype))
+        fn = FS.make_score_step(ctx.fm, tx, ctx.template, sparsity=0.5, distribution="uniform", fair_fn=fair,
+                                lam=lam, num_groups=ctx.dataset.num_groups, positive_label=1,
+                                warmup_steps=warmup_steps)
+        new_state, _ = fn(st, batch)
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(new_state.extra["scores"])])
+
+    plain = scores_after_step(0.0, 0, 0)
+    full = scores_after_step(50.0, 0, 0)
+    assert not np.allclose(plain, full)                                        # the term acts at lam 50
+    np.testing.assert_allclose(scores_after_step(50.0, 10, 0), plain, atol=1e-7)   # step 0: weight 0
+    np.testing.assert_allclose(scores_after_step(50.0, 10, 10), full, atol=1e-6)   # ramp done: full weight
+    np.testing.assert_allclose(scores_after_step(50.0, 10, 5), scores_after_step(25.0, 0, 5), atol=1e-6)
+    # defaults by form: the soft-rate forms get lam 1 with a half warm-up, the others lam 0.1 without
+    assert FS.form_defaults("dp_rate", FS.FairScratchOptions()) == (1.0, 0.5)
+    assert FS.form_defaults("class_mean_dev", FS.FairScratchOptions()) == (0.1, 0.0)
+    assert FS.form_defaults("dp_rate", FS.FairScratchOptions(lam=0.3, lam_warmup=0.0)) == (0.3, 0.0)
+
+
 # ---------------------------------------------------------------------------
 # End to end through the CLI
 # ---------------------------------------------------------------------------
@@ -510,6 +545,29 @@ def test_one_sided_penalty_zero_once_the_disadvantaged_group_meets_the_target():
     grad = jax.grad(lambda lg: FS.one_sided_penalty(lg, y, g, w, directions=jnp.asarray(d), priors=pri,
                                                     num_groups=2))(jnp.asarray(logits))
     assert float(jnp.sum(grad[g == 0, 1])) < 0 and float(jnp.sum(grad[g == 1, 1])) > 0
+
+
+def test_rate_penalty_is_the_mean_group_deviation_and_moves_only_the_groups():
+    # soft rates: sigmoid(+-2) = 0.881 / 0.119, so group rates 0.2 / 0.8 of hard positives give soft rates
+    logits, y, g, w = _two_group_batch(0.2, 0.8)
+    h = np.asarray(jax.nn.sigmoid(logits[:, 1]))
+    r0, r1, r = h[g == 0].mean(), h[g == 1].mean(), h.mean()
+    val = float(FS.rate_penalty(logits, y, g, w, num_groups=2))
+    np.testing.assert_allclose(val, 0.5 * (abs(r0 - r) + abs(r1 - r)), rtol=1e-6)
+    assert float(FS.rate_penalty(*_two_group_batch(0.5, 0.5), num_groups=2)) < 1e-7     # equal rates: 0
+    # a third group with no rows does not dilute the mean; the value is bounded by 1
+    assert float(FS.rate_penalty(logits, y, g, w, num_groups=3)) == pytest.approx(val, rel=1e-6)
+    # the overall rate is held fixed: the gradient raises group 0 and lowers group 1, by equal total amounts
+    grad = np.asarray(jax.grad(lambda lg: FS.rate_penalty(lg, y, g, w, num_groups=2))(jnp.asarray(logits)))
+    assert grad[g == 0, 1].sum() < 0 < grad[g == 1, 1].sum()
+    # EO form: only the y = pos rows enter
+    assert float(FS.rate_penalty(logits, np.zeros_like(y), g, w, num_groups=2, on_positives=True)) == 0.0
+    # a group weighs the same whatever its size: 10 rows of group 1 against 40 of group 0
+    keep = (g == 0) | (np.arange(len(g)) < 50)
+    small = float(FS.rate_penalty(logits[keep], y[keep], g[keep], w[keep], num_groups=2))
+    hk, gk = h[keep], g[keep]
+    np.testing.assert_allclose(small, 0.5 * (abs(hk[gk == 0].mean() - hk.mean()) + abs(hk[gk == 1].mean() - hk.mean())),
+                               rtol=1e-6)
 
 
 def test_class_penalty_only_pushes_classes_worse_than_average():

@@ -13,19 +13,29 @@ The objective is ``cross-entropy + lam * fairness term``. The fairness term
 (``penalty=``) follows the authors' code (GitHub
 ``HungerPWAY/Fair-Scratch-Tickets``, ``trainers/default.py``):
 
-* ``"dp"`` / ``"eo"`` (group fairness): their logistic regulariser
+* ``"dp_rate"`` / ``"eo_rate"`` (group fairness; ``dp_rate`` is the default
+  for a group attribute): the mean over the groups present in the batch of
+  ``|r_a - r|``, group ``a``'s soft positive rate (mean ``sigmoid(f)``, ``f``
+  the positive class's log-odds) against the batch's overall rate held fixed
+  (EO: on the ``y = pos`` rows only, as the authors' ``floss_eoo``). Each
+  group is pulled toward the overall rate from whichever side it is on and
+  every group counts equally, as the authors weight each group's term by
+  ``1 / P_a``. Its value is the size of the violation (at most 1), so a model
+  whose groups are already close pays little; the logistic term below costs
+  each pushed group about ``log 2`` whatever its gap, which with five groups
+  makes the constant classifier the cheapest ticket.
+* ``"dp"`` / ``"eo"``: the authors' logistic regulariser
   (``floss_dp`` / ``floss_eoo``, lines 12-76): each group's rows are pushed
-  one way, ``-(lam/B) sum_{i in a} log sigmoid(d_a f_i) / P_a`` with ``f`` the
-  positive class's log-odds and ``P_a`` the group's training frequency (for EO
-  the frequency of its ``y = pos`` rows, and only the ``y = pos`` rows enter,
-  lines 136-144). They hard-code per dataset which group goes up (``floss_dp``
-  vs ``floss_dp_2``); here ``d_a = +1`` for every group whose training
-  positive-label rate is below the overall rate, ``-1`` otherwise, so more
-  than two groups are each pushed toward the overall rate. Their term never
-  stops pushing; ours counts a group only while its positive rate in the batch
-  is on the wrong side of the batch's overall rate, so it is 0 once the
-  disadvantaged groups reach it (``"dp_authors"`` / ``"eo_authors"``: ungated,
-  as theirs).
+  one way, ``-(lam/B) sum_{i in a} log sigmoid(d_a f_i) / P_a`` with ``P_a``
+  the group's training frequency (for EO the frequency of its ``y = pos``
+  rows, and only the ``y = pos`` rows enter, lines 136-144). They hard-code
+  per dataset which group goes up (``floss_dp`` vs ``floss_dp_2``); here
+  ``d_a = +1`` for every group whose training positive-label rate is below
+  the overall rate, ``-1`` otherwise, so more than two groups are each pushed
+  toward the overall rate. Their term never stops pushing; ours counts a
+  group only while its positive rate in the batch is on the wrong side of the
+  batch's overall rate, so it is 0 once the disadvantaged groups reach it
+  (``"dp_authors"`` / ``"eo_authors"``: ungated, as theirs).
 * ``"class_mean_dev"`` / ``"class_bounded"`` (class-wise fairness, groups =
   classes): ``sum_k p_k max(0, L_k - L)`` of the per-class cross-entropy
   (bounded: of the soft accuracy) against the batch mean held fixed. Only
@@ -34,18 +44,23 @@ The objective is ``cross-entropy + lam * fairness term``. The fairness term
   accuracy-parity gap at lam 1 on digits the loss settled at ln 10, the
   uniform predictor).
 * ``"auto"`` (default): the class-wise form when every row's group is its
-  class, ``"dp"`` otherwise. ``"surrogate"`` (or naming ``surrogate=``) uses a
-  max-gap surrogate from :mod:`fairprune_jax.surrogates` (the earlier
+  class, ``"dp_rate"`` otherwise. ``"surrogate"`` (or naming ``surrogate=``)
+  uses a max-gap surrogate from :mod:`fairprune_jax.surrogates` (the earlier
   default).
 
-``lam`` defaults to 0.1, picked from the sweep {0, 0.01, 0.1, 0.3, 1} on
-digits (class-wise term, 89%) recorded in ``experiments/README.md``; the
-authors default it to 0 and sweep it per dataset, and so should a user: on
-UTKFace gender with five races protected, 0.3 and 1 collapse the group term to
-the constant classifier while 0.1 barely moves DP. ``optimizer="authors"`` trains the scores with their settings (SGD, lr
-0.01, momentum 0.9, weight decay 1e-4, cosine: ``configs/celeba/
-ResNet18sparse_celeba_sc.yml``, ``main.py`` ``get_optimizer``) instead of the
-run's optimizer at ``score_lr``.
+``lam`` and ``lam_warmup`` (the share of the score steps over which the
+fairness weight ramps linearly from 0 to ``lam``) default by form
+(:data:`FORM_DEFAULTS`): 0.1 without warm-up for the class-wise and logistic
+forms, picked from the sweep {0, 0.01, 0.1, 0.3, 1} on digits (class-wise
+term, 89%); 1 with half the steps as warm-up for the soft-rate forms, from
+the sweep on UTKFace gender with five races protected (79%; experiments/
+README.md): without warm-up lam 2 and 3 end at the constant classifier (the
+random ticket's first steps find the constant predictor before they find
+the faces), with it they do not. The authors default lam to 0 and sweep it
+per dataset, and so should a user. ``optimizer="authors"`` trains the scores
+with their settings (SGD, lr 0.01, momentum 0.9, weight decay 1e-4, cosine:
+``configs/celeba/ResNet18sparse_celeba_sc.yml``, ``main.py``
+``get_optimizer``) instead of the run's optimizer at ``score_lr``.
 
 Weights: the model rebuilt with the run's seed (the initialisation the dense
 run started from, ``rewind.initial_weights``). ``init="signed_constant"``
@@ -140,18 +155,24 @@ def ste_masks(scores: Any, template: Any, sparsity: float, distribution: str) ->
 
 def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, sparsity: float, distribution: str,
                     fair_fn: Callable, lam: float, num_groups: int, positive_label: int,
-                    augment: Callable | None = None) -> Callable:
-    """Jitted step training ``state.extra['scores']``; ``state.params`` (the frozen weights) never change."""
+                    augment: Callable | None = None, warmup_steps: int = 0) -> Callable:
+    """Jitted step training ``state.extra['scores']``; ``state.params`` (the frozen weights) never change.
+
+    With ``warmup_steps > 0`` the fairness weight ramps linearly from 0 at
+    step 0 to ``lam`` at ``warmup_steps`` (``state.step`` counts the steps).
+    """
 
     def objective(forward, state: TrainState, batch: dict) -> StepOutput:
         scores = state.extra["scores"]
+        lam_t = (lam * jnp.minimum(1.0, state.step.astype(jnp.float32) / warmup_steps) if warmup_steps > 0
+                 else lam)
 
         def loss_fn(s):
             ste, hard = ste_masks(s, template, sparsity, distribution)
             logits, new_ms = forward(state.params, masks=ste)
             ce = weighted_mean(cross_entropy(logits, batch["y"]), batch["w"])
             fair = fair_fn(logits, batch["y"], batch["g"], batch["w"], num_groups, positive_label)
-            return ce + lam * fair, (ce, fair, logits, new_ms, hard)
+            return ce + lam_t * fair, (ce, fair, logits, new_ms, hard)
 
         (loss, (ce, fair, logits, new_ms, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(scores)
         updates, opt_state = tx.update(grads, state.opt_state, scores)
@@ -166,7 +187,8 @@ def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, spar
 # The authors' one-sided regulariser and the class-wise forms
 # ---------------------------------------------------------------------------
 
-PENALTIES = ("auto", "dp", "eo", "dp_authors", "eo_authors", "class_mean_dev", "class_bounded", "surrogate")
+PENALTIES = ("auto", "dp", "eo", "dp_authors", "eo_authors", "dp_rate", "eo_rate", "class_mean_dev", "class_bounded",
+             "surrogate")
 
 
 def label_directions(y: np.ndarray, g: np.ndarray, num_groups: int, positive_label: int) -> np.ndarray:
@@ -230,6 +252,31 @@ def one_sided_penalty(logits, y, g, w, *, directions: jax.Array, priors: jax.Arr
     return jnp.sum(jnp.where(open_, terms, 0.0))
 
 
+def rate_penalty(logits, y, g, w, *, num_groups: int, positive_label: int = 1, on_positives: bool = False
+                 ) -> jax.Array:
+    """Mean over groups of ``|r_a - r|``: each group's soft positive rate pulled toward the overall rate.
+
+    ``r_a`` is group ``a``'s mean predicted positive probability
+    (``sigmoid`` of the positive log-odds) in the batch, ``r`` the batch's
+    overall one held fixed (``stop_gradient``), so only the groups move, each
+    from whichever side it is on, and every group counts equally (the
+    between-group DP difference is decided by the extreme groups, whatever
+    their size). With ``on_positives`` only the ``y = pos`` rows enter (equal
+    opportunity, as the authors' ``floss_eoo``). Unlike the logistic term the
+    value is the size of the violation (at most 1): a model whose groups are
+    already close pays little, so the constant classifier is no cheaper than
+    a good one unless the gaps are large.
+    """
+    h = jax.nn.sigmoid(surrogates.positive_log_odds(logits, positive_label))
+    w = jnp.asarray(w, jnp.float32)
+    if on_positives:
+        w = w * (jnp.asarray(y) == positive_label).astype(jnp.float32)
+    means, n, overall = surrogates.group_means(h, g, w, num_groups)
+    present = n > 0
+    dev = jnp.where(present, jnp.abs(means - jax.lax.stop_gradient(overall)), 0.0)
+    return jnp.sum(dev) / jnp.maximum(jnp.sum(present.astype(jnp.float32)), 1.0)
+
+
 def class_penalty(logits, y, g, w, *, num_groups: int, bounded: bool) -> jax.Array:
     """One-sided mean deviation over groups (here: the classes) of the loss or the soft accuracy.
 
@@ -263,7 +310,7 @@ def penalty_name(ctx: Context, opts: FairScratchOptions) -> str:
     if name == "auto" and opts.surrogate is not None:
         name = "surrogate"           # a surrogate named explicitly is used
     if name == "auto":
-        name = "class_mean_dev" if groups_are_classes(ctx) else "dp"
+        name = "class_mean_dev" if groups_are_classes(ctx) else "dp_rate"
     return f"surrogate:{opts.surrogate}" if name == "surrogate" else name
 
 
@@ -278,6 +325,10 @@ def fairness_term(ctx: Context, opts: FairScratchOptions) -> tuple[Callable, str
                 class_penalty(logits, y, g, w, num_groups=num_groups, bounded=bounded)), name
     tr, k, pos = ctx.dataset.train, ctx.dataset.num_groups, ctx.config.positive_label
     on_pos = name.startswith("eo")
+    if name.endswith("_rate"):
+        return (lambda logits, y, g, w, num_groups, positive_label=1:
+                rate_penalty(logits, y, g, w, num_groups=num_groups, positive_label=positive_label,
+                             on_positives=on_pos)), name
     directions = jnp.asarray(label_directions(tr.y, tr.g, k, pos))
     priors = jnp.asarray(group_priors(tr.y, tr.g, k, pos, on_pos))
     gated = not name.endswith("_authors")
@@ -303,6 +354,19 @@ def split_surrogate(ctx: Context, state: TrainState, fair_fn: Callable, split: S
                          ctx.dataset.num_groups, ctx.config.positive_label))
 
 
+# (lam, lam_warmup) when the options leave them None, by the resolved penalty form. The class-wise and the
+# authors' logistic forms: lam 0.1 from the digits sweep (lottery_digits_sweep), no warm-up. The soft-rate
+# forms (dp_rate / eo_rate, the default for group fairness): lam 1 with the first half of the score steps
+# as a linear warm-up, from the sweep on UTKFace gender with race protected (experiments/README.md).
+FORM_DEFAULTS = {"rate": (1.0, 0.5), "other": (0.1, 0.0)}
+
+
+def form_defaults(name: str, opts: "FairScratchOptions") -> tuple[float, float]:
+    """``(lam, lam_warmup)`` used for the resolved penalty ``name``: the options', or the form's defaults."""
+    lam, warmup = FORM_DEFAULTS["rate" if name.endswith("_rate") else "other"]
+    return (lam if opts.lam is None else opts.lam), (warmup if opts.lam_warmup is None else opts.lam_warmup)
+
+
 OPTIMIZERS = ("run", "authors")
 # The authors' score optimiser (configs/celeba/ResNet18sparse_celeba_sc.yml of HungerPWAY/Fair-Scratch-Tickets:
 # SGD, lr 0.01, momentum 0.9, weight decay 1e-4, cosine schedule; main.py get_optimizer, no Nesterov).
@@ -310,8 +374,9 @@ AUTHORS_OPT = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
 
 @dataclasses.dataclass(frozen=True)
 class FairScratchOptions:
-    lam: float = 0.1
+    lam: float | None = None                # None: the penalty form's default (FORM_DEFAULTS)
     penalty: str = "auto"                   # PENALTIES
+    lam_warmup: float | None = None         # share of the score steps over which lam ramps up from 0; None: form's
     surrogate: str | None = None            # a surrogates name (then penalty=auto means surrogate)
     epochs: int | None = None               # None: the run's fine-tuning epochs
     score_lr: float = 0.01
@@ -335,8 +400,11 @@ def resolve_options(opts: FairScratchOptions) -> FairScratchOptions:
         raise ValueError(f"fair_scratch: optimizer must be one of {', '.join(OPTIMIZERS)}; got {opts.optimizer!r}")
     if opts.init not in INITS:
         raise ValueError(f"fair_scratch: init must be one of {', '.join(INITS)}; got {opts.init!r}")
-    if opts.lam < 0:
+    if opts.lam is not None and opts.lam < 0:
         raise ValueError(f"fair_scratch: lam must be >= 0; got {opts.lam}")
+    if opts.lam_warmup is not None and not 0 <= opts.lam_warmup <= 1:
+        raise ValueError(f"fair_scratch: lam_warmup must be in [0, 1] (a share of the score steps); "
+                         f"got {opts.lam_warmup}")
     if not opts.score_lr > 0:
         raise ValueError(f"fair_scratch: score_lr must be > 0; got {opts.score_lr}")
     if opts.epochs is not None and opts.epochs < 1:
@@ -359,13 +427,15 @@ def train_scores(ctx: Context, opts: FairScratchOptions) -> tuple[TrainState, di
                          optax.sgd(optax.cosine_decay_schedule(a["lr"], total), momentum=a["momentum"]))
     else:
         tx = make_optimizer(cfg.optimizer, opts.score_lr, cfg.weight_decay, total_steps=total)
-    fair_fn, _ = fairness_term(ctx, opts)
+    fair_fn, name = fairness_term(ctx, opts)
+    lam, warmup = form_defaults(name, opts)
     masks0 = score_masks(scores, ctx.template, cfg.sparsity, cfg.distribution)
     state = create_state(weights, model_state, optax.identity(), seed=ctx.stream_seed("scores_state"), extra={"scores": scores})
     state = state.replace(masks=masks0, opt_state=tx.init(scores))
     step = make_score_step(ctx.fm, tx, ctx.template, sparsity=cfg.sparsity, distribution=cfg.distribution,
-                           fair_fn=fair_fn, lam=opts.lam, num_groups=ctx.dataset.num_groups,
-                           positive_label=cfg.positive_label, augment=ctx.augment)
+                           fair_fn=fair_fn, lam=lam, num_groups=ctx.dataset.num_groups,
+                           positive_label=cfg.positive_label, augment=ctx.augment,
+                           warmup_steps=int(round(warmup * total)))
     state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
                       seed=ctx.stream_seed("scores_batches"), desc="fair scratch scores", progress=cfg.progress)
     final = score_masks(state.extra["scores"], ctx.template, cfg.sparsity, cfg.distribution)
@@ -377,7 +447,10 @@ def finalize(ctx: Context, state: TrainState, fair_fn: Callable, opts: FairScrat
     """The pruned state (frozen weights times the final mask) and the method's info."""
     train_sur = split_surrogate(ctx, state, fair_fn, ctx.dataset.train)
     pruned = state.replace(params=apply_masks(state.params, state.masks), extra=None)
-    info = {"options": {**dataclasses.asdict(opts), "penalty_used": penalty_name(ctx, opts)}, "history": hist or {},
+    name = penalty_name(ctx, opts)
+    lam, warmup = form_defaults(name, opts)
+    info = {"options": {**dataclasses.asdict(opts), "penalty_used": name, "lam_used": lam, "lam_warmup_used": warmup},
+            "history": hist or {},
             **sparsity_report(ctx, pruned, pruned.masks, ctx.config.sparsity),
             "train_surrogate": train_sur if math.isfinite(train_sur) else None,
             "test": eval_summary(ctx, pruned, "test")}
