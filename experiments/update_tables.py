@@ -59,7 +59,10 @@ TABLES = [
      CLASS + ["degenerate"]),
     ("lottery_utkface_race_v2", "Lottery tickets on UTKFace race classification (classes = groups; issue 13)",
      CLASS + ["degenerate"]),
-    ("lottery_utkface_gender_race_v2", "Fair Scratch on UTKFace gender, protected race (issue 13)",
+    ("lottery_utkface_gender_race_v3", "Lottery tickets on UTKFace gender, protected race, 79% (issue 13)",
+     ["test_accuracy", "test_dp_diff", "test_eo_diff", "test_group_acc_gap", "degenerate"]),
+    ("lottery_utkface_gender_race_v2", "Fair Scratch on UTKFace gender, protected race: the lambda sweep of the group "
+                                       "terms, 79%, seed 0 (issue 13)",
      ["test_accuracy", "test_dp_diff", "test_eo_diff", "test_group_acc_gap", "degenerate"]),
     ("lottery_digits", "Lottery tickets on digits (classes = groups), old defaults (superseded by "
                        "lottery_digits_v2)", CLASS),
