@@ -10,8 +10,9 @@ passes the gradient of the masked weight to the score as if the mask were
 exactly the 0/1 mask, the gradient w.r.t. ``s`` is ``dL/d(w m) * w * sign(s)``).
 
 The objective is ``cross-entropy + lam * fairness term``. The fairness term
-(``penalty=``) follows the authors' code (GitHub
-``HungerPWAY/Fair-Scratch-Tickets``, ``trainers/default.py``):
+(``penalty=``) is our soft-rate term for group fairness (the default there),
+the authors' logistic term (GitHub ``HungerPWAY/Fair-Scratch-Tickets``,
+``trainers/default.py``) on request, or a class-wise term:
 
 * ``"dp_rate"`` / ``"eo_rate"`` (group fairness; ``dp_rate`` is the default
   for a group attribute): the mean over the groups present in the batch of
