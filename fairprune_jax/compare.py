@@ -576,8 +576,27 @@ def constraint_settings(cc: CompareConfig) -> dict[str, str | None]:
     out = {}
     for m in cc.methods:
         base, opts = cc.resolve(m)
-        out[m] = tables.constraint_label(base, dataclasses.asdict(get_method(base).parse(opts)))
+        parsed = dataclasses.asdict(get_method(base).parse(opts))
+        out[m] = tables.constraint_label(base, {**parsed, **used_defaults(cc, m, parsed)})
     return out
+
+
+def used_defaults(cc: CompareConfig, method: str, parsed: dict) -> dict:
+    """Options left ``None`` (resolved from the data at run time) with the value a finished cell of ``method``
+    recorded as ``<name>_used`` (or, in an older cell, ``<name>``) in ``method_info.options`` (e.g.
+    fair_scratch's ``lam``); {} if no cell has it."""
+    missing = [k for k, v in parsed.items() if v is None]
+    if not missing:
+        return {}
+    for seed in cc.seeds:
+        for s in cc.sparsities:
+            p = cell_dir(cc, method, s, seed) / "results.json"
+            if p.exists():
+                used = ((json.loads(p.read_text()).get("method_info") or {}).get("options") or {})
+                # a cell from before the option was data-dependent recorded the value itself under its name
+                vals = {k: used.get(f"{k}_used", used.get(k)) for k in missing}
+                return {k: v for k, v in vals.items() if v is not None}
+    return {}
 
 
 def table_columns(cc: CompareConfig, agg: list[dict], setting: dict) -> tuple[list[str], list[str]]:

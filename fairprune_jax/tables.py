@@ -224,7 +224,8 @@ def constraint_label(method: str, opts: dict[str, Any]) -> str | None:
             return f"penalty λ={opts.get('lam'):g}" if opts.get("lam") is not None else None
         return f"{opts['constraint']}, τ={opts.get('tau'):g}"
     if method == "fair_scratch" and opts.get("lam"):
-        return f"penalty λ={opts['lam']:g}"
+        warm = f", warm-up {opts['lam_warmup']:g}" if opts.get("lam_warmup") else ""
+        return f"penalty λ={opts['lam']:g}{warm}"
     if method == "fair_scratch" and "lam" in opts and opts["lam"] is None:
-        return "penalty, default λ"
+        return "penalty, default λ"        # no finished cell to read the λ it used from
     return None

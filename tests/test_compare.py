@@ -347,3 +347,22 @@ def test_small_groups_are_starred_in_the_table_cells_they_decide():
     assert legend.startswith("`*` = in at least one seed the value rests on a small group, one with fewer than 30 "
                              "rows of the column's split (the runs' `small_group`)")
     assert small_legend(agg, ["test_accuracy"], {30}) is None
+
+
+def test_constraint_label_reads_data_dependent_defaults_from_a_finished_cell(tmp_path):
+    # fair_scratch's lam / lam_warmup stay None in the config and are resolved by the penalty form at run time
+    from fairprune_jax.compare import cell_dir, constraint_settings
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text('name = "g"\ndataset = "digits"\nmethods = ["fair_scratch", "fs_fixed"]\nsparsities = [0.5]\n'
+                   'seeds = [0]\n[variants.fs_fixed]\nmethod = "fair_scratch"\nlam = 0.3\n')
+    cc = load_config(cfg, out=str(tmp_path / "out"))
+    assert constraint_settings(cc)["fair_scratch"] == "penalty, default λ"       # no cell yet
+    assert constraint_settings(cc)["fs_fixed"] == "penalty λ=0.3"
+    cell = cell_dir(cc, "fair_scratch", 0.5, 0)
+    cell.mkdir(parents=True)
+    options = {"lam": None, "lam_warmup": None, "lam_used": 1.0, "lam_warmup_used": 0.5}
+    (cell / "results.json").write_text(json.dumps({"method_info": {"options": options}}))
+    assert constraint_settings(cc)["fair_scratch"] == "penalty λ=1, warm-up 0.5"
+    # a cell from before lam was data-dependent recorded the value under its own name
+    (cell / "results.json").write_text(json.dumps({"method_info": {"options": {"lam": 0.1}}}))
+    assert constraint_settings(cc)["fair_scratch"] == "penalty λ=0.1"
