@@ -270,7 +270,7 @@ def test_fair_scratch_frozen_weights_exact_sparsity_and_regulariser(setup):
     frozen = FS.frozen_weights(init_params, ctx.template, "signed_constant", dens)
     results = {}
     for lam in (0.0, 3.0):
-        st, hist, fn = FS.train_scores(ctx, FS.FairScratchOptions(**base, lam=lam))
+        st, hist, fn = FS.train_scores(ctx, FS.FairScratchOptions(**base, lam=lam, out_bias="frozen"))
         assert tree_equal(st.params, frozen)  # the weights never move
         s0 = FS.init_scores(jax.random.key(ctx.config.seed + 11), frozen, ctx.template)
         assert not tree_equal(st.extra["scores"], s0)  # the scores do
@@ -281,12 +281,44 @@ def test_fair_scratch_frozen_weights_exact_sparsity_and_regulariser(setup):
     assert results[3.0] < 0.5 * results[0.0]
     # the method returns the frozen weights times the final mask
     st, fn, lam = last
-    pruned, info = FS.finalize(ctx, st, fn, FS.FairScratchOptions(**base, lam=lam))
+    pruned, info = FS.finalize(ctx, st, fn, FS.FairScratchOptions(**base, lam=lam, out_bias="frozen"))
     masks = dict(named_leaves(pruned.masks))
     for (n, p), (_, w) in zip(named_leaves(pruned.params), named_leaves(frozen)):
         m = np.asarray(masks[n]) if n in masks else 1.0
         np.testing.assert_array_equal(np.asarray(p), np.asarray(w) * m)
     assert info["sparsity"] == 0.5 and info["train_surrogate"] == pytest.approx(results[3.0])
+
+
+def test_fair_scratch_out_bias_trains_only_the_output_bias_and_frees_a_stuck_threshold(setup, monkeypatch):
+    """With frozen weights the output offset is set by which weights the top-k keeps; a ticket whose logits are
+    shifted to one class stays the constant classifier unless the output bias is trained with the scores."""
+    ctx, init_params, _ = setup
+    assert FS.output_bias_name(init_params, ctx.layer_order) == "head/bias"
+    real = FS.initial_weights
+    shift = np.zeros(ctx.dataset.num_classes, np.float32)
+    shift[3] = 15.0                                 # most rows start predicted as class 3
+
+    def shifted(c):
+        params, ms = real(c)
+        return FS.with_leaf(params, "head/bias", jnp.asarray(shift)), ms
+
+    monkeypatch.setattr(FS, "initial_weights", shifted)
+    base = dict(epochs=2, lam=0.0, score_lr=0.05)
+    out = {}
+    for mode in FS.OUT_BIASES:
+        st, hist, fn = FS.train_scores(ctx, FS.FairScratchOptions(**base, out_bias=mode))
+        start = dict(named_leaves(FS.frozen_weights(
+            shifted(ctx)[0], ctx.template, "signed_constant",
+            FS.layer_densities(init_params, ctx.template, 0.5, "uniform"))))
+        moved = [n for n, p in named_leaves(st.params) if not np.array_equal(np.asarray(p), np.asarray(start[n]))]
+        pruned, info = FS.finalize(ctx, st, fn, FS.FairScratchOptions(**base, out_bias=mode))
+        out[mode] = (moved, info)
+    assert out["frozen"][0] == [] and out["frozen"][1]["out_bias_trained"] is None
+    assert out["train"][0] == ["head/bias"]                     # only the output bias moves
+    assert out["train"][1]["out_bias_trained"]["leaf"] == "head/bias"
+    assert out["train"][1]["out_bias_trained"]["value"][3] < 15.0 - 0.3   # the offset is walked back
+    # same scores' start, batches and steps: the frozen offset keeps more rows on class 3 (0.38 vs 0.49 measured)
+    assert out["train"][1]["test"]["accuracy"] > out["frozen"][1]["test"]["accuracy"] + 0.05
 
 
 def test_fair_scratch_lam_warmup_ramps_the_fairness_weight_from_zero(setup):
@@ -304,7 +336,7 @@ def test_fair_scratch_lam_warmup_ramps_the_fairness_weight_from_zero(setup):
     def scores_after_step(lam, warmup_steps, step):
         sc = jax.tree.map(jnp.copy, scores)          # the step donates its input state
         st = create_state(frozen, model_state, optax.identity(), extra={"scores": sc})
-        st = st.replace(masks=FS.score_masks(sc, ctx.template, 0.5, "uniform"), opt_state=tx.init(sc),
+        st = st.replace(masks=FS.score_masks(sc, ctx.template, 0.5, "uniform"), opt_state=tx.init({"scores": sc}),
                         step=jnp.asarray(step, st.step.dtype))
         fn = FS.make_score_step(ctx.fm, tx, ctx.template, sparsity=0.5, distribution="uniform", fair_fn=fair,
                                 lam=lam, num_groups=ctx.dataset.num_groups, positive_label=1,

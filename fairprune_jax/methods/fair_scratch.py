@@ -154,31 +154,52 @@ def ste_masks(scores: Any, template: Any, sparsity: float, distribution: str) ->
     return ste, hard
 
 
+def output_bias_name(params: Any, layer_order: list[str]) -> str | None:
+    """The bias leaf of the layer that produces the logits (the last kernel in forward order), or None."""
+    if not layer_order:
+        return None
+    last = layer_order[-1]
+    if not last.endswith("kernel"):
+        return None
+    name = last[: -len("kernel")] + "bias"
+    return name if name in dict(masks_lib.named_leaves(params)) else None
+
+
+def with_leaf(params: Any, name: str, value: jax.Array) -> Any:
+    """``params`` with the leaf called ``name`` replaced by ``value`` (jittable; the others untouched)."""
+    return masks_lib.map_named(lambda n, w: value if n == name else w, params)
+
+
 def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, sparsity: float, distribution: str,
                     fair_fn: Callable, lam: float, num_groups: int, positive_label: int,
-                    augment: Callable | None = None, warmup_steps: int = 0) -> Callable:
+                    augment: Callable | None = None, warmup_steps: int = 0, bias_name: str | None = None
+                    ) -> Callable:
     """Jitted step training ``state.extra['scores']``; ``state.params`` (the frozen weights) never change.
 
     With ``warmup_steps > 0`` the fairness weight ramps linearly from 0 at
     step 0 to ``lam`` at ``warmup_steps`` (``state.step`` counts the steps).
+    With ``bias_name`` (``out_bias="train"``) ``state.extra['bias']`` is that
+    leaf's value, trained with the scores by the same optimiser, and used in
+    place of the frozen one.
     """
 
     def objective(forward, state: TrainState, batch: dict) -> StepOutput:
-        scores = state.extra["scores"]
+        trained = {k: v for k, v in state.extra.items() if k in ("scores", "bias")}
         lam_t = (lam * jnp.minimum(1.0, state.step.astype(jnp.float32) / warmup_steps) if warmup_steps > 0
                  else lam)
 
-        def loss_fn(s):
-            ste, hard = ste_masks(s, template, sparsity, distribution)
-            logits, new_ms = forward(state.params, masks=ste)
+        def loss_fn(t):
+            ste, hard = ste_masks(t["scores"], template, sparsity, distribution)
+            params = state.params if bias_name is None else with_leaf(state.params, bias_name, t["bias"])
+            logits, new_ms = forward(params, masks=ste)
             ce = weighted_mean(cross_entropy(logits, batch["y"]), batch["w"])
             fair = fair_fn(logits, batch["y"], batch["g"], batch["w"], num_groups, positive_label)
             return ce + lam_t * fair, (ce, fair, logits, new_ms, hard)
 
-        (loss, (ce, fair, logits, new_ms, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(scores)
-        updates, opt_state = tx.update(grads, state.opt_state, scores)
-        scores = optax.apply_updates(scores, updates)
-        return StepOutput(loss, logits, new_ms, extra={"scores": scores}, stats={"ce": ce, "fair": fair},
+        (loss, (ce, fair, logits, new_ms, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        updates, opt_state = tx.update(grads, state.opt_state, trained)
+        trained = optax.apply_updates(trained, updates)
+        return StepOutput(loss, logits, new_ms, extra=trained, stats={"ce": ce, "fair": fair},
                           fields={"masks": hard, "opt_state": opt_state})
 
     return make_step(fm, None, objective, augment=augment)
@@ -369,6 +390,7 @@ def form_defaults(name: str, opts: "FairScratchOptions") -> tuple[float, float]:
 
 
 OPTIMIZERS = ("run", "authors")
+OUT_BIASES = ("train", "frozen")
 # The authors' score optimiser (configs/celeba/ResNet18sparse_celeba_sc.yml of HungerPWAY/Fair-Scratch-Tickets:
 # SGD, lr 0.01, momentum 0.9, weight decay 1e-4, cosine schedule; main.py get_optimizer, no Nesterov).
 AUTHORS_OPT = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
@@ -383,6 +405,7 @@ class FairScratchOptions:
     score_lr: float = 0.01
     init: str = "signed_constant"           # INITS
     optimizer: str = "run"                  # OPTIMIZERS
+    out_bias: str = "train"                 # OUT_BIASES: the output layer's bias trained with the scores, or frozen
 
 
 def resolve_options(opts: FairScratchOptions) -> FairScratchOptions:
@@ -401,6 +424,8 @@ def resolve_options(opts: FairScratchOptions) -> FairScratchOptions:
         raise ValueError(f"fair_scratch: optimizer must be one of {', '.join(OPTIMIZERS)}; got {opts.optimizer!r}")
     if opts.init not in INITS:
         raise ValueError(f"fair_scratch: init must be one of {', '.join(INITS)}; got {opts.init!r}")
+    if opts.out_bias not in OUT_BIASES:
+        raise ValueError(f"fair_scratch: out_bias must be one of {', '.join(OUT_BIASES)}; got {opts.out_bias!r}")
     if opts.lam is not None and opts.lam < 0:
         raise ValueError(f"fair_scratch: lam must be >= 0; got {opts.lam}")
     if opts.lam_warmup is not None and not 0 <= opts.lam_warmup <= 1:
@@ -431,16 +456,21 @@ def train_scores(ctx: Context, opts: FairScratchOptions) -> tuple[TrainState, di
     fair_fn, name = fairness_term(ctx, opts)
     lam, warmup = form_defaults(name, opts)
     masks0 = score_masks(scores, ctx.template, cfg.sparsity, cfg.distribution)
-    state = create_state(weights, model_state, optax.identity(), seed=ctx.stream_seed("scores_state"), extra={"scores": scores})
-    state = state.replace(masks=masks0, opt_state=tx.init(scores))
+    bias_name = output_bias_name(weights, ctx.layer_order) if opts.out_bias == "train" else None
+    trained = {"scores": scores}
+    if bias_name is not None:
+        trained["bias"] = dict(masks_lib.named_leaves(weights))[bias_name]
+    state = create_state(weights, model_state, optax.identity(), seed=ctx.stream_seed("scores_state"), extra=trained)
+    state = state.replace(masks=masks0, opt_state=tx.init(trained))
     step = make_score_step(ctx.fm, tx, ctx.template, sparsity=cfg.sparsity, distribution=cfg.distribution,
                            fair_fn=fair_fn, lam=lam, num_groups=ctx.dataset.num_groups,
                            positive_label=cfg.positive_label, augment=ctx.augment,
-                           warmup_steps=int(round(warmup * total)))
+                           warmup_steps=int(round(warmup * total)), bias_name=bias_name)
     state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
                       seed=ctx.stream_seed("scores_batches"), desc="fair scratch scores", progress=cfg.progress)
     final = score_masks(state.extra["scores"], ctx.template, cfg.sparsity, cfg.distribution)
-    return state.replace(masks=final), hist, fair_fn
+    params = state.params if bias_name is None else with_leaf(state.params, bias_name, state.extra["bias"])
+    return state.replace(masks=final, params=params), hist, fair_fn
 
 
 def finalize(ctx: Context, state: TrainState, fair_fn: Callable, opts: FairScratchOptions,
@@ -450,7 +480,11 @@ def finalize(ctx: Context, state: TrainState, fair_fn: Callable, opts: FairScrat
     pruned = state.replace(params=apply_masks(state.params, state.masks), extra=None)
     name = penalty_name(ctx, opts)
     lam, warmup = form_defaults(name, opts)
+    bias_name = output_bias_name(state.params, ctx.layer_order) if opts.out_bias == "train" else None
+    bias = None if bias_name is None else {
+        "leaf": bias_name, "value": np.asarray(dict(masks_lib.named_leaves(state.params))[bias_name]).tolist()}
     info = {"options": {**dataclasses.asdict(opts), "penalty_used": name, "lam_used": lam, "lam_warmup_used": warmup},
+            "out_bias_trained": bias,
             "history": hist or {},
             **sparsity_report(ctx, pruned, pruned.masks, ctx.config.sparsity),
             "train_surrogate": train_sur if math.isfinite(train_sur) else None,
