@@ -55,14 +55,14 @@ TABLES = [
     ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", BIFP),
     ("lottery_digits_v2", "Lottery tickets on digits (classes = groups): Ballot (ours, authors') vs magnitude, "
                           "random, lth, fair_scratch (issue 13)", CLASS + ["degenerate"]),
-    ("lottery_digits_sweep", "Digits at 89%: Fair Scratch lambda sweep and Ballot's retraining budget (issue 13)",
+    ("lottery_digits_sweep", "Digits at 89%: Fair Scratch lambda sweep (output bias frozen) and Ballot's retraining budget (issue 13)",
      CLASS + ["degenerate"]),
     ("lottery_utkface_race_v2", "Lottery tickets on UTKFace race classification (classes = groups; issue 13)",
      CLASS + ["degenerate"]),
-    ("lottery_utkface_gender_race_v3", "Lottery tickets on UTKFace gender, protected race, 79% (issue 13)",
+    ("lottery_utkface_gender_race_v3", "Lottery tickets on UTKFace gender, protected race, 59-95% (issue 13)",
      ["test_accuracy", "test_dp_diff", "test_eo_diff", "test_group_acc_gap", "degenerate"]),
     ("lottery_utkface_gender_race_v2", "Fair Scratch on UTKFace gender, protected race: the lambda sweep of the group "
-                                       "terms, 79%, seed 0 (issue 13)",
+                                       "terms, 79%, seed 0, output bias frozen (issue 13)",
      ["test_accuracy", "test_dp_diff", "test_eo_diff", "test_group_acc_gap", "degenerate"]),
     ("lottery_digits", "Lottery tickets on digits (classes = groups), old defaults (superseded by "
                        "lottery_digits_v2)", CLASS),
