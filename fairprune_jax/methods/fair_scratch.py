@@ -195,11 +195,12 @@ def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, spar
     step 0 to ``lam`` at ``warmup_steps`` (``state.step`` counts the steps).
     With ``bias_name`` (``out_bias="train"``) ``state.extra['bias']`` is that
     leaf's value, trained with the scores by the same optimiser, and used in
-    place of the frozen one.
+    place of the frozen one. A model whose output layer has no bias leaf
+    trains the scores only (``info['out_bias_trained']`` is then None).
     """
 
     def objective(forward, state: TrainState, batch: dict) -> StepOutput:
-        trained = {k: v for k, v in state.extra.items() if k in ("scores", "bias")}
+        trained = state.extra                   # {"scores": ...} plus {"bias": ...} with bias_name
         lam_t = (lam * jnp.minimum(1.0, state.step.astype(jnp.float32) / warmup_steps) if warmup_steps > 0
                  else lam)
 
