@@ -61,7 +61,11 @@ METRICS: dict[str, tuple[str, tuple]] = {
     # the per-group certificate on test (certify.py)
     "test_certified_share": ("test", ("certificate", "certified_share")),
     "test_violated_groups": ("test", ("certificate", "violated")),
-    "test_psi_upper": ("test", ("certificate", "worst_upper")),
+    # certified max psi_g: the largest upper end of the psi_g intervals (certificates of interval version >= 2
+    # only: version 1 under-covered, and its cells show no value until rerun), and the floor the split allows
+    "test_psi_upper": ("test", ("certificate", "certified_max_psi")),
+    "test_psi_floor": ("test", ("certificate", "floor_max_psi")),
+    "test_flip_rate": ("test", ("certificate", "flip_rate")),
 }
 #: per-row flags shown as "k/n seeds" in the tables
 FLAG_COLUMNS = ["degenerate", "no_violated_group"]
@@ -521,9 +525,9 @@ def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
     return out
 
 
-DEFAULT_COLUMNS = ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread",
-                   "test_group_acc_gap", "test_cwv", "test_mcd", "test_dp_diff", "test_eo_diff",
-                   "test_certified_share", "test_psi_upper", "no_violated_group", "degenerate"]
+DEFAULT_COLUMNS = ["test_accuracy", "test_psi_upper", "test_psi_floor", "train_max_psi", "test_max_psi",
+                   "train_psi_spread", "test_psi_spread", "test_group_acc_gap", "test_cwv", "test_mcd", "test_dp_diff",
+                   "test_eo_diff", "test_certified_share", "test_flip_rate", "no_violated_group", "degenerate"]
 
 
 def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = None) -> str:
@@ -604,6 +608,8 @@ def table_columns(cc: CompareConfig, agg: list[dict], setting: dict) -> tuple[li
     if cc.columns:
         return list(cc.columns), []
     cols = ["test_accuracy", "accuracy_drop"] + [c for c in DEFAULT_COLUMNS if c != "test_accuracy"]
+    if not any((a.get("test_psi_upper") or {}).get("mean") is not None for a in agg):
+        cols = [c for c in cols if c not in ("test_psi_upper", "test_psi_floor", "test_flip_rate")]
     cols = [c for c in cols if c != "degenerate"]    # shown in the method name
     if cc.tolerance is not None:
         cols.append("train_psi_within_tol")
@@ -715,8 +721,13 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
     if any(r.get("test_certified_share") is not None for r in rows):
         md += ["Certificate columns (test, simultaneous 95% intervals unless the runs set another level): "
                "certified share (`test_certified_share`) = share of groups whose psi_g interval lies below eps; "
-               "ψ_g upper bound (`test_psi_upper`) = the worst upper end; `test_violated_groups` = groups whose "
-               "interval lies above eps; seeds w/o violated group (`no_violated_group`) = seeds with none.", ""]
+               "certified max ψ_g (`test_psi_upper`) = the worst upper end, i.e. with 95% confidence no group lost "
+               "more than this beyond the overall loss (the number to rank methods by; empty for cells whose "
+               "certificate predates interval version 2, which under-covered small groups: rerun them); "
+               "certifiable floor (`test_psi_floor`) = the bound a model that changes no prediction would get on "
+               "the same test rows; flip rate (`test_flip_rate`) = share of test rows whose correctness changed; "
+               "`test_violated_groups` = groups whose interval lies above eps; seeds w/o violated group "
+               "(`no_violated_group`) = seeds with none.", ""]
     md += ["Column names in `results.csv`: " + ", ".join(f"{tables.label(c)} = `{c}`" for c in cols) + ".", "",
            "LaTeX: `results.tex`. Figures: `tradeoff.png`, `metrics_vs_sparsity.png`, "
            "`group_accuracy_change.png` (each also as PDF).", ""]
@@ -740,6 +751,11 @@ def plot(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: dict | Non
     title = f"{cc.name}: {cc.dataset}"
     figures.tradeoff(agg, dense, cc.out / "tradeoff.png", metric=metric, metric_label=_metric_label(metric),
                      title=title, structured=structured, eps=cc.tolerance)
+    if any((a.get("test_psi_upper") or {}).get("mean") is not None for a in agg):
+        figures.tradeoff(agg, None, cc.out / "tradeoff_certified.png", metric="test_psi_upper",
+                         metric_label=_metric_label("test_psi_upper") + " (95% upper bound)",
+                         title=f"{title}: accuracy against the certified bound", structured=structured,
+                         eps=cc.tolerance)
     log_axis = (cc.sparsity_axis == "log" or (cc.sparsity_axis == "auto" and len(cc.sparsities) > 1
                                               and max(cc.sparsities) >= 0.9))
     figures.metrics_vs_sparsity(agg, dense, cc.out / "metrics_vs_sparsity.png", metric=metric,

@@ -17,6 +17,7 @@ ROWS: list[tuple[str, Any, str]] = [
     ("group accuracy spread (max - min)", lambda r, s: r["accuracy_parity_gap"]["between_groups"], "{:.4f}"),
     ("worst-group accuracy", lambda r, s: _min_group_acc(r), "{:.4f}"),
     ("max psi_g (excess accuracy gap)", lambda r, s: (r.get("excess_accuracy_gap") or {}).get("max"), "{:.4f}"),
+    ("certified max psi_g (upper bound)", lambda r, s: _certified(r), "{:.4f}"),
     ("psi_g spread (max - min)", lambda r, s: (r.get("excess_accuracy_gap") or {}).get("spread"), "{:.4f}"),
     ("CWV (class-wise variance)", lambda r, s: r.get("class_wise_variance"), "{:.5f}"),
     ("MCD (max class discrepancy)", lambda r, s: r.get("max_class_discrepancy"), "{:.4f}"),
@@ -52,19 +53,43 @@ def _row_label(results: dict, label: str, split: str) -> str:
     out = label
     if label in BINARY_ROWS and pc and pc.get("num_classes", 2) > 2:
         out = f"{label} ({pc['name']} vs rest)"
-    if label in GROUP_ROWS and small_groups(results, split):
+    if label == "equalized odds difference":
+        if small_eo_groups(results, split):
+            out += " †"
+    elif label in GROUP_ROWS and small_groups(results, split):
         out += " *"
     return out
 
 
+def small_eo_groups(results: dict, split: str = "test") -> dict[str, tuple[int, int]]:
+    """``{group: (positives, negatives)}`` of the groups whose TPR or FPR rests on fewer than ``small_group``
+    rows: the count that decides an equalized-odds difference (empty for runs made before it was recorded)."""
+    cert = results["pruned"].get(split, {}).get("certificate") or {}
+    return {n: (cert["groups"][n].get("positives", 0), cert["groups"][n].get("negatives", 0))
+            for n in cert.get("small_groups_eo", [])}
+
+
 def small_groups_note(results: dict, split: str = "test") -> str | None:
-    """The footnote for ``*`` rows: which groups are small, with their row counts (None when none is)."""
-    small = small_groups(results, split)
-    if not small:
-        return None
-    listed = ", ".join(f"{n} ({k})" for n, k in list(small.items())[:12]) + (" ..." if len(small) > 12 else "")
-    return (f"* over groups of which {len(small)} have fewer than {_threshold(results)} {split} rows (--small-group): "
-            f"{listed}; figures over so few rows are noisy")
+    """The footnote for ``*`` (and ``†``) rows: which groups are small, with the counts that decide the metric
+    (None when none is)."""
+    small, eo = small_groups(results, split), small_eo_groups(results, split)
+    out = []
+    if small:
+        listed = ", ".join(f"{n} ({k})" for n, k in list(small.items())[:12]) + (" ..." if len(small) > 12 else "")
+        out.append(f"* over groups of which {len(small)} have fewer than {_threshold(results)} {split} rows "
+                   f"(--small-group): {listed}; figures over so few rows are noisy")
+    if eo:
+        listed = ", ".join(f"{n} ({p} pos, {q} neg)" for n, (p, q) in list(eo.items())[:12]) + (
+            " ..." if len(eo) > 12 else "")
+        out.append(f"† the EO difference compares true- and false-positive rates, and {len(eo)} group(s) have fewer "
+                   f"than {_threshold(results)} positives or negatives in {split}: {listed}")
+    return "\n".join(out) or None
+
+
+def _certified(r: dict) -> float | None:
+    """The certificate's headline bound of a split's report (None without a version-2 certificate)."""
+    cert = r.get("certificate") or {}
+    return cert.get("certified_max_psi") if cert.get("interval_version", 1) >= certify.INTERVAL_VERSION else None
 
 
 def _min_group_acc(r: dict) -> float | None:
@@ -158,10 +183,18 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
     cert = results["pruned"].get(split, {}).get("certificate")
     if not cert:
         return []
-    out = [f"## Certificate ({split}): psi_g <= eps = {cert['eps']:g} at {cert['level']:.0%} (simultaneous)", "",
-           f"- {certify.summary_line(cert)}",
-           f"- intervals: {cert['interval']}",
-           f"- groups marked * have fewer than {cert['small_group_rows']} {split} rows", ""]
+    out = [f"## Certificate ({split}): psi_g <= eps = {cert['eps']:g} at {cert['level']:.0%} (simultaneous)", ""]
+    if cert.get("interval_version", 1) < certify.INTERVAL_VERSION:
+        out += ["- **made with interval version 1** (a normal approximation that under-covers small groups): "
+                "rerun to get a certificate that keeps its level", ""]
+    elif cert.get("certified_max_psi") is not None:
+        out += [f"**{certify.headline(cert)}.**", ""]
+    out += [f"- {certify.summary_line(cert)}",
+            f"- intervals: {cert['interval']}",
+            f"- share of {split} rows whose correctness changed between the dense and the pruned model (flip "
+            f"rate): {_fmt(cert.get('flip_rate'), '{:.4f}')}; fewer flips give tighter intervals",
+            f"- groups marked * have fewer than {cert['small_group_rows']} {split} rows; for EO, groups marked "
+            f"† have fewer than {cert['small_group_rows']} positives or negatives", ""]
     for key, label in (("demographic_parity_difference", "demographic parity difference"),
                        ("equalized_odds_difference", "equalized odds difference")):
         e = cert[key]
@@ -169,15 +202,20 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
         if "verdict" in e:
             line += f" vs bound {e['bound']:g}: {e['verdict']}"
         out.append(line)
-    out += ["", "| group | n | pruned accuracy [CI] | psi_g [CI] | verdict |", "|---|---:|---:|---:|---|"]
+    out += ["", "| group | n | pruned accuracy [CI] | psi_g [CI] | psi_g certified at most | floor | flip rate | "
+            "verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, g in cert["groups"].items():
         if g["verdict"] is None:
-            out.append(f"| {name} | 0 | - | - | no rows |")
+            out.append(f"| {name} | 0 | - | - | - | - | - | no rows |")
             continue
-        mark = "*" if g["small"] else ""
+        mark = ("*" if g["small"] else "") + ("†" if g.get("small_for_eo") else "")
         out.append(f"| {name}{mark} | {g['n']} | {g['accuracy']:.4f} [{g['accuracy_low']:.3f}, "
                    f"{g['accuracy_high']:.3f}] | {g['psi']:+.4f} [{g['low']:+.3f}, {g['high']:+.3f}] | "
+                   f"{g['high']:+.4f} | {_fmt(g.get('floor'), '{:.4f}')} | {_fmt(g.get('flip_rate'), '{:.4f}')} | "
                    f"{g['verdict']} |")
+    out += ["", "*floor*: the bound a model that changes no prediction would get on these rows; a group's "
+            "certified bound cannot go below it, so where the two are close the split, not the model, is the "
+            "limit."]
     return out + [""]
 
 

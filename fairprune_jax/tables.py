@@ -25,7 +25,9 @@ LABELS: dict[str, tuple[str, str]] = {
     "test_eo_diff": ("EO difference", "EO diff."),
     "test_certified_share": ("Certified share", "Cert. share"),
     "test_violated_groups": ("Violated groups", "Viol. groups"),
-    "test_psi_upper": ("ψ_g upper bound", r"$\psi_g$ upper"),
+    "test_psi_upper": ("Certified max ψ_g", r"Cert. $\max_g \psi_g$"),
+    "test_psi_floor": ("Certifiable floor", r"Floor"),
+    "test_flip_rate": ("Flip rate", r"Flips"),
     "no_violated_group": ("Seeds w/o violated group", "No viol."),
     "degenerate": ("Degenerate", "Degen."),
     "train_psi_within_tol": ("max ψ_g ≤ ε (train)", r"$\max\psi_g \le \varepsilon$ (train)"),
@@ -35,12 +37,12 @@ LABELS: dict[str, tuple[str, str]] = {
 HIGHER_IS_BETTER = {"test_accuracy", "train_accuracy", "test_certified_share", "no_violated_group",
                     "train_psi_within_tol", "test_psi_within_tol"}
 #: never marked best (not a quality) or not comparable across rows
-NOT_RANKED = {"degenerate", "dense_test_accuracy"}
+NOT_RANKED = {"degenerate", "dense_test_accuracy", "test_psi_floor"}
 #: meaningless when the protected groups are the classes (P(pred = positive class) per class)
 BINARY_PARITY = ["test_dp_diff", "test_eo_diff"]
 #: columns whose dense value is 0 by definition (psi compares a model with the dense one) or undefined
 NOT_FOR_DENSE = {"train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread", "test_certified_share",
-                 "test_violated_groups", "test_psi_upper", "no_violated_group", "train_psi_within_tol",
+                 "test_violated_groups", "test_psi_upper", "test_psi_floor", "test_flip_rate", "no_violated_group", "train_psi_within_tol",
                  "test_psi_within_tol", "accuracy_drop"}
 
 
