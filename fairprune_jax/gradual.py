@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillOptions:
+    """Distillation from the dense model during fine-tuning (every fine-tuning method's options inherit it)."""
+
+    distill: float = 0.0                    # weight of KL(dense || pruned) added to the fine-tuning loss
+
+
+@dataclasses.dataclass(frozen=True)
 class PrunePhaseOptions:
     """Options of a masked pruning phase before fine-tuning (a method's options dataclass inherits them)."""
 
@@ -33,8 +40,8 @@ class PrunePhaseOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class GradualOptions(PrunePhaseOptions):
-    """:func:`pruned_start`'s options, shared by ceag, nft and el."""
+class GradualOptions(DistillOptions, PrunePhaseOptions):
+    """:func:`pruned_start`'s options and the fine-tuning's distillation, shared by ceag, nft and el."""
 
     prune_updates: int = 10                 # mask updates on the cubic schedule
 

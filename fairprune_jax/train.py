@@ -146,10 +146,38 @@ Forward = Callable[..., tuple[jax.Array, Any]]
 Objective = Callable[[Forward, TrainState, dict], StepOutput]
 
 
+def teacher_extra(dense: TrainState) -> dict:
+    """``state.extra`` entries that let a step distil from ``dense`` (copied: train steps donate their state)."""
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
+    return {"teacher": {"params": copy(dense.params), "model_state": copy(dense.model_state)}}
+
+
+def without_teacher(state: TrainState) -> TrainState:
+    """``state`` with the teacher of :func:`teacher_extra` removed from ``extra`` (a finished method's result)."""
+    if not isinstance(state.extra, dict) or "teacher" not in state.extra:
+        return state
+    rest = {k: v for k, v in state.extra.items() if k != "teacher"}
+    return state.replace(extra=rest or None)
+
+
+def distill_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """``batch["distill"]`` times the mean KL(teacher || model) of the batch's rows; 0 without a teacher.
+
+    :func:`make_step` with ``distill > 0`` puts the dense model's logits (eval mode, no gradient) into
+    ``batch["teacher_logits"]``. Matching the dense model's predictions lowers the number of rows whose
+    correctness changes, and with it the width of the certificate's psi_g intervals.
+    """
+    if "teacher_logits" not in batch:
+        return jnp.zeros((), jnp.float32)
+    t = jax.nn.log_softmax(batch["teacher_logits"].astype(jnp.float32), -1)
+    s = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), -1)
+    return batch["distill"] * weighted_mean(kl, batch["w"])
+
+
 def make_step(fm: FunctionalModel, tx: optax.GradientTransformation | None, objective: Objective, *,
-              augment: Augment | None = None,
-              pre: Callable[[TrainState], TrainState] | None = None) -> Callable[[TrainState, dict],
-                                                                                 tuple[TrainState, dict]]:
+              augment: Augment | None = None, pre: Callable[[TrainState], TrainState] | None = None,
+              distill: float = 0.0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The one masked training step: jitted ``(state, batch) -> (state, stats)``, the state donated.
 
     The step owns the PRNG key and augmentation (:func:`step_inputs`), the forward pass, the
@@ -164,12 +192,19 @@ def make_step(fm: FunctionalModel, tx: optax.GradientTransformation | None, obje
     params (mask scores) returns ``grads=None`` and the updated fields in ``fields``.
     ``pre(state) -> state`` runs before the forward pass, outside differentiation (e.g. CEAG's
     held-out estimates). Rows with ``w = 0`` do not count in the statistics.
+    ``distill`` > 0: the step also runs the teacher in ``state.extra["teacher"]`` (:func:`teacher_extra`) on
+    the same inputs and hands its logits to the objective, which adds :func:`distill_loss`.
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, x = step_inputs(state, batch, augment)
         if pre is not None:
             state = pre(state)
+        if distill > 0:
+            t = state.extra["teacher"]
+            t_logits, _ = fm.apply(t["params"], t["model_state"], x, train=False)
+            batch = {**batch, "teacher_logits": jax.lax.stop_gradient(t_logits),
+                     "distill": jnp.asarray(distill, jnp.float32)}
 
         def forward(params, masks=state.masks, model_state=state.model_state):
             return masked_forward(fm, params, masks, model_state, x, train=True)
@@ -194,20 +229,21 @@ def cross_entropy_objective(forward: Forward, state: TrainState, batch: dict) ->
     def loss_fn(params):
         logits, new_ms = forward(params)
         per = cross_entropy(logits, batch["y"])
-        return weighted_mean(per, batch["w"]), (logits, new_ms)
+        return weighted_mean(per, batch["w"]) + distill_loss(logits, batch), (logits, new_ms)
 
     (loss, (logits, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return StepOutput(loss, logits, new_ms, grads=grads)
 
 
-def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *,
-                    augment: Augment | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *, augment: Augment | None = None,
+                    distill: float = 0.0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Jitted masked cross-entropy step: ``(state, batch) -> (state, stats)``.
 
     ``batch`` is ``{x, y, g, w}``; rows with ``w = 0`` do not count.
-    ``augment(rng, x)`` (e.g. random crop + flip) runs inside the step.
+    ``augment(rng, x)`` (e.g. random crop + flip) runs inside the step. ``distill`` > 0 adds that weight
+    times the KL to the teacher in ``state.extra["teacher"]`` (:func:`teacher_extra`).
     """
-    return make_step(fm, tx, cross_entropy_objective, augment=augment)
+    return make_step(fm, tx, cross_entropy_objective, augment=augment, distill=distill)
 
 
 def make_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int, positive_label: int = 1, *,

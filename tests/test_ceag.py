@@ -146,3 +146,45 @@ def test_dual_advice_reads_the_most_constrained_multiplier():
     assert "oscillates" in dual_advice(bouncing.tolist())
     flat = np.stack([np.full(40, 0.3), np.zeros(40)], axis=1)
     assert "larger buffers or another dual_lr" in dual_advice(flat.tolist())
+
+
+def test_auto_constraint_data_picks_training_buffers_when_held_out_groups_are_small(prepared):
+    """digits: 13-14 held-out rows per class give a held-out psi_g standard error far above eps / 2, so the
+    default (constraint_data=auto) constrains the training buffers and says why."""
+    res = run_method(prepared, method="ceag", method_options={"eps": 0.01})
+    choice = res["method_info"]["constraint_data_choice"]
+    assert choice["chosen"] == "train" and res["method_info"]["constraint_data"] == "train"
+    assert choice["max_standard_error"] > 0.5 * 0.01 and choice["held_out_rows_min"] < 30
+    forced = run_method(prepared, method="ceag", method_options={"eps": 0.01, "constraint_data": "val",
+                                                                 "select_points": 2})
+    assert forced["method_info"]["constraint_data"] == "val"
+    assert forced["method_info"]["constraint_data_choice"] == {"rule": "constraint_data=val"}
+
+
+def test_distillation_loss_and_runs_keep_their_contract(prepared):
+    """distill_loss is the KL to the teacher (0 for the teacher itself); a distilled nft and ceag train
+    differently, keep exact sparsity and drop the teacher from their state. (Whether it lowers the flip rate
+    is measured in the experiments, not asserted: on digits the dense model fits the training rows, so the
+    KL adds little to the cross-entropy.)"""
+    import jax.numpy as jnp
+    from fairprune_jax.train import distill_loss
+    logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
+    batch = {"teacher_logits": logits, "distill": jnp.asarray(0.5), "w": jnp.ones(2)}
+    assert float(distill_loss(logits, batch)) == pytest.approx(0.0, abs=1e-7)
+    other = jnp.asarray([[0.0, 2.0], [1.0, 0.0]])
+    p, q = jax.nn.softmax(logits), jax.nn.log_softmax(other)
+    expected = 0.5 * float(jnp.mean(jnp.sum(p * (jnp.log(p) - q), -1)))
+    assert float(distill_loss(other, batch)) == pytest.approx(expected, rel=1e-5)
+    assert float(distill_loss(other, {"w": jnp.ones(2)})) == 0.0           # no teacher, no term
+    plain = run_method(prepared, method="nft")
+    distilled = run_method(prepared, method="nft", method_options={"distill": 5.0})
+    for r in (plain, distilled):
+        assert r["sparsity"]["achieved"] == pytest.approx(0.97, abs=1e-3)
+        assert r["_state"].extra is None
+    leaves = lambda r: jax.tree.leaves(r["_state"].params)  # noqa: E731
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves(plain), leaves(distilled)))
+    assert 0.0 <= distilled["pruned"]["test"]["certificate"]["flip_rate"] <= 1.0
+    ceag = run_method(prepared, method="ceag", method_options={"distill": 1.0, "constraint_data": "train"})
+    assert "teacher" not in ceag["_state"].extra
+    with pytest.raises(ValueError, match="distill"):
+        run_method(prepared, method="nft", method_options={"distill": -1.0})

@@ -121,10 +121,11 @@ class Context:
 
     def finetune(self, state: TrainState, tx: optax.GradientTransformation, *, epochs: int | None = None,
                  step_fn: Callable | None = None, hook: Callable | None = None,
-                 desc: str = "fine-tune") -> tuple[TrainState, dict]:
-        """Masked training of ``state`` on the train split (plain cross-entropy unless ``step_fn``)."""
+                 desc: str = "fine-tune", distill: float = 0.0) -> tuple[TrainState, dict]:
+        """Masked training of ``state`` on the train split (plain cross-entropy unless ``step_fn``; plus
+        ``distill`` times the KL to ``state.extra["teacher"]`` when > 0, see :func:`train.teacher_extra`)."""
         epochs = self.config.ft_epochs if epochs is None else epochs
-        step_fn = step_fn or make_train_step(self.fm, tx, augment=self.augment)
+        step_fn = step_fn or make_train_step(self.fm, tx, augment=self.augment, distill=distill)
         return fit(state, step_fn, self.dataset.train, epochs=epochs, batch_size=self.config.batch_size,
                    seed=self.stream_seed("finetune_batches"), desc=desc, hook=hook, progress=self.config.progress)
 
@@ -236,6 +237,9 @@ class Method:
                 raise ValueError(f"method {self.name!r}: option {k!r} takes {_describe(kind)} "
                                  f"(default {self.options[k]!r}); got {v!r}") from None
         opts = self.options_type(**values)
+        d = getattr(opts, "distill", 0.0)     # every fine-tuning method's distillation weight
+        if not (isinstance(d, (int, float)) and 0.0 <= d < float("inf")):
+            raise ValueError(f"method {self.name!r}: option 'distill' must be a weight >= 0 (0: off); got {d!r}")
         if self.check is not None:
             checked = self.check(opts)
             opts = opts if checked is None else checked

@@ -7,25 +7,34 @@ import jax
 
 from fairprune_jax import scores, schedules
 from fairprune_jax.checkpoint import resumable
+from fairprune_jax.gradual import DistillOptions
 from fairprune_jax.masks import apply_masks, ones_like_template
-from fairprune_jax.methods.base import Context, NoOptions, register
-from fairprune_jax.train import TrainState
+from fairprune_jax.methods.base import Context, register
+from fairprune_jax.train import TrainState, teacher_extra, without_teacher
 
 
-@register("magnitude", "one-shot magnitude pruning to the target, then fine-tuning")
-def magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tuple[TrainState, dict]:
-    masks = ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), ctx.config.sparsity)
+def finetune_masked(ctx: Context, dense: TrainState, masks, opts: DistillOptions, hook=None
+                    ) -> tuple[TrainState, dict]:
+    """Fine-tune ``dense`` under ``masks`` (plus ``opts.distill`` times the KL to ``dense``)."""
     tx = ctx.finetune_tx()
-    state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx), tx)
+    extra = teacher_extra(dense) if opts.distill > 0 else None
+    state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx, extra=extra), tx, hook=hook,
+                               distill=opts.distill)
+    return without_teacher(state), hist
+
+
+@register("magnitude", "one-shot magnitude pruning to the target, then fine-tuning", DistillOptions)
+def magnitude(ctx: Context, dense: TrainState, opts: DistillOptions) -> tuple[TrainState, dict]:
+    masks = ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), ctx.config.sparsity)
+    state, hist = finetune_masked(ctx, dense, masks, opts)
     return state, {"history": hist}
 
 
-@register("random", "one-shot random pruning to the target, then fine-tuning")
-def random(ctx: Context, dense: TrainState, opts: NoOptions) -> tuple[TrainState, dict]:
+@register("random", "one-shot random pruning to the target, then fine-tuning", DistillOptions)
+def random(ctx: Context, dense: TrainState, opts: DistillOptions) -> tuple[TrainState, dict]:
     key = jax.random.key(ctx.stream_seed("random_scores"))
     masks = ctx.masks_from_scores(scores.random(key, dense.params, ctx.template), ctx.config.sparsity)
-    tx = ctx.finetune_tx()
-    state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx), tx)
+    state, hist = finetune_masked(ctx, dense, masks, opts)
     return state, {"history": hist}
 
 
@@ -52,18 +61,16 @@ def gradual_magnitude_hook(ctx: Context, total_steps: int, prune_fraction: float
 
 
 @dataclasses.dataclass(frozen=True)
-class GmpOptions:
+class GmpOptions(DistillOptions):
     prune_fraction: float = 0.75            # of the fine-tuning steps, over which sparsity rises
     updates: int = 10                       # mask updates on the cubic schedule
 
 
 @register("gmp", "gradual magnitude pruning on the cubic schedule during fine-tuning", GmpOptions)
 def gmp(ctx: Context, dense: TrainState, opts: GmpOptions) -> tuple[TrainState, dict]:
-    tx = ctx.finetune_tx()
-    state = ctx.masked_state(dense, ones_like_template(dense.params, ctx.template), tx)
     total = ctx.config.ft_epochs * ctx.steps_per_epoch
     hook, points = gradual_magnitude_hook(ctx, total, opts.prune_fraction, opts.updates)
-    state, hist = ctx.finetune(state, tx, hook=hook)
+    state, hist = finetune_masked(ctx, dense, ones_like_template(dense.params, ctx.template), opts, hook=hook)
     last = max(points)
     if last >= total:
         # The hook runs before steps 0..total-1, so a schedule whose last point is not before the end

@@ -76,13 +76,13 @@ from fairprune_jax import group_importance as gi
 from fairprune_jax import schedules
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.data.base import derived_seed
-from fairprune_jax.gradual import PrunePhaseOptions, phase_template
+from fairprune_jax.gradual import DistillOptions, PrunePhaseOptions, phase_template
 from fairprune_jax.masks import apply_masks
 from fairprune_jax.methods.base import Context, register
-from fairprune_jax.train import TrainState
+from fairprune_jax.train import TrainState, teacher_extra, without_teacher
 
 @dataclasses.dataclass(frozen=True)
-class FairgrapeOptions(PrunePhaseOptions):
+class FairgrapeOptions(DistillOptions, PrunePhaseOptions):
     """fairgrape's ``--opt`` keys: the pruning phase's (first conv and last layer dense by default) and its own."""
 
     keep_per_iter: float = 0.975            # of the remaining weights, per iteration
@@ -179,8 +179,8 @@ def fairgrape(ctx: Context, dense: TrainState, opts: FairgrapeOptions) -> tuple[
                  "importance_seconds": round(clock["importance"], 3),
                  "selection_seconds": round(clock["selection"], 3)}}
     tx = ctx.finetune_tx()
-    state = ctx.masked_state(state, state.masks, tx)
-    state, ft_hist = ctx.finetune(state, tx, desc="fine-tune (fairgrape)")
+    state = ctx.masked_state(state, state.masks, tx, extra=teacher_extra(dense) if opts.distill > 0 else None)
+    state, ft_hist = ctx.finetune(state, tx, desc="fine-tune (fairgrape)", distill=opts.distill)
     info["history"] = ft_hist
-    return state, info
+    return without_teacher(state), info
 
