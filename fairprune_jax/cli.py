@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from fairprune_jax.config import DISTRIBUTIONS, OPTIMIZERS, RunConfig  # no JAX: --help stays instant
+from fairprune_jax.config import (CERTIFY_INTERVALS, DATASET_EPOCHS, DEFAULT_DATASET, DEFAULT_EPOCHS, DISTRIBUTIONS,
+                                  OPTIMIZERS, RunConfig)  # no JAX: --help stays instant
 
 # CLI flag -> loader option name; passed to the loader only when given.
 DATA_FLAGS = {"target": "target", "protected": "protected", "image_size": "image_size",
@@ -37,7 +38,9 @@ def _kv(pairs: list[str] | None, flag: str) -> dict:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", help="dataset name (see `fairprune datasets`); default digits")
+    p.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help=f"dataset name (see `fairprune datasets`; {DEFAULT_DATASET}: the embedded UCI Adult copy "
+                        "unless --data-dir is given)")
     p.add_argument("--data-dir", default=None, help="where the dataset lives (a folder, or the CSV file)")
     p.add_argument("--target", help="target attribute / column")
     p.add_argument("--protected", help="protected attribute(s), comma-separated for intersections")
@@ -97,6 +100,36 @@ def _data_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+class _warnings_once:
+    """While active, the library's own warnings are printed once each as ``WARNING: ...`` lines the moment
+    they are raised (not as a ``UserWarning`` pointing into the library), and remembered in ``shown`` so the
+    summary at the end does not repeat them. Other packages' warnings print as usual."""
+
+    def __init__(self, shown: set[str]):
+        import warnings
+        self.shown, self._ctx = shown, warnings.catch_warnings()
+
+    def __enter__(self):
+        import warnings
+        self._ctx.__enter__()
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if issubclass(category, UserWarning) and f"fairprune_jax{Path('/')}" in str(Path(filename)):
+                if text not in self.shown:
+                    self.shown.add(text)
+                    print(f"WARNING: {text}", file=sys.stderr, flush=True)
+                return
+            default(message, category, filename, lineno, file, line)
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairprune", description="Fairness-aware neural-network pruning in JAX.")
     sub = parser.add_subparsers(dest="command")
@@ -114,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude-first", action="store_true", help="keep the first layer dense")
     r.add_argument("--exclude-last", action="store_true", help="keep the last layer dense")
     r.add_argument("--seed", type=int, default=d.seed)
-    r.add_argument("--epochs", type=int, default=d.epochs, help="dense training epochs")
+    r.add_argument("--epochs", type=int, default=None,
+                   help=f"dense training epochs (default: {DEFAULT_EPOCHS}; "
+                        + ", ".join(f"{v} on {k}" for k, v in DATASET_EPOCHS.items()) + ")")
     r.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: --epochs)")
     r.add_argument("--batch-size", type=int, default=d.batch_size)
     r.add_argument("--lr", type=float, default=d.lr)
@@ -129,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="psi_g bound the per-group certificate checks (default: the method's eps, else 0.01)")
     r.add_argument("--certify-level", type=float, default=d.certify_level,
                    help="family-wise confidence level of the certificate's intervals (default 0.95)")
+    r.add_argument("--certify-interval", default=d.certify_interval, choices=CERTIFY_INTERVALS,
+                   help="psi_g interval: mover (exact per-group pieces combined by MOVER, coverage checked by "
+                        "simulation; tighter) or exact (conservative by construction, about 1.3x wider)")
     r.add_argument("--fairness-bound", type=float, default=None,
                    help="also give DP / EO differences a verdict against this bound")
     r.add_argument("--small-group", type=int, default=d.small_group,
@@ -180,7 +218,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         positive_label=1 if args.positive_class is None else args.positive_class,
         save_compact=args.save_compact, progress=not args.no_progress, dataset_options=_data_options(args),
         model_options=_kv(args.model_opt, "--model-opt"), method_options=_kv(args.opt, "--opt"),
-        certify_eps=args.certify_eps, certify_level=args.certify_level, fairness_bound=args.fairness_bound,
+        certify_eps=args.certify_eps, certify_level=args.certify_level,
+        certify_interval=args.certify_interval, fairness_bound=args.fairness_bound,
         small_group=args.small_group)
 
 
@@ -200,7 +239,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               flush=True)
     from fairprune_jax import tracking
     tracker = tracking.TensorBoard(Path(cfg.out) / "tensorboard") if args.tensorboard and primary else None
-    with tracking.use(tracker):
+    shown: set[str] = set()
+    with tracking.use(tracker), _warnings_once(shown):
         res = run(cfg, devices=args.devices, checkpoint_every=args.checkpoint_every, resume=args.resume)
     if not primary:
         import jax
@@ -215,6 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     cert = res["pruned"]["test"].get("certificate")
     if cert:
+        print(certify.headline(cert))
         print(certify.summary_line(cert))
     note = report.degenerate_note(res)
     if note:
@@ -227,7 +268,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"WARNING: the target has {pc['num_classes']} classes: DP and EO compare class {pc['id']} "
               f"({pc['name']!r}) vs the rest across groups; choose the class with --positive-class")
     for line in res.get("method_info", {}).get("warnings", []):
-        print(f"WARNING: {line}")
+        if line not in shown:
+            print(f"WARNING: {line}")
     print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
           f"wall time {res['wall_time_s']:.1f} s")
     print(f"wrote {Path(cfg.out) / 'results.json'}, results.md, group_accuracy.png")

@@ -62,6 +62,9 @@ def validate_config(cfg: RunConfig) -> Any:
         raise ValueError(f"learning rates must be > 0; got lr={cfg.lr}, finetune_lr={cfg.ft_lr}")
     if not 0.0 < float(cfg.certify_level) < 1.0:
         raise ValueError(f"--certify-level must be in (0, 1), e.g. 0.95; got {cfg.certify_level}")
+    if cfg.certify_interval not in certify.PSI_METHODS:
+        raise ValueError(f"--certify-interval must be one of {', '.join(certify.PSI_METHODS)}; got "
+                         f"{cfg.certify_interval!r}")
     if int(cfg.seed) < 0:
         raise ValueError(f"--seed must be a non-negative integer (it seeds numpy and JAX); got {cfg.seed}")
     if int(cfg.positive_label) < 0:
@@ -282,7 +285,7 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
 
 #: RunConfig fields that do not change the dense run (a cached dense model serves any of their values).
 NOT_DENSE = {"method", "sparsity", "method_options", "out", "save_compact", "progress", "certify_eps",
-             "certify_level", "fairness_bound", "small_group", "finetune_epochs", "finetune_lr", "eval_batch_size",
+             "certify_level", "certify_interval", "fairness_bound", "small_group", "finetune_epochs", "finetune_lr", "eval_batch_size",
              "distribution", "exclude_first", "exclude_last", "positive_label"}
 
 
@@ -469,8 +472,18 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
     gc, dense_gc = evals["pruned"][split][0], evals["dense"][split][0]
     results["pruned"][split]["certificate"] = certify.certificate(
         gc, dense_gc, paired["lost"], paired["gained"], eps=certify_eps(cfg), level=float(cfg.certify_level),
-        group_names=ds.group_names, fairness_bound=cfg.fairness_bound, small_group=int(cfg.small_group))
+        group_names=ds.group_names, fairness_bound=cfg.fairness_bound, small_group=int(cfg.small_group),
+        interval=cfg.certify_interval)
     p = results["pruned"][split]
+    cert = p["certificate"]
+    short = [n for n, g in cert["groups"].items() if g.get("floor") is not None and g["floor"] > cert["eps"]]
+    if short:
+        worst = max(cert["groups"][n]["floor"] for n in short)
+        warnings.warn(f"the {split} split cannot certify psi_g <= {cert['eps']:g} for {len(short)} of "
+                      f"{cert['groups_tested']} groups ({', '.join(short[:6])}{' ...' if len(short) > 6 else ''}) "
+                      f"even for a pruned model that changes no prediction (their floor reaches {worst:.4f}): "
+                      "these groups have too few test rows; read the certified max psi_g instead, certify a "
+                      "larger bound (--certify-eps), or give the test split more rows", stacklevel=2)
     if p["degenerate"]:
         warnings.warn(f"{cfg.method} at sparsity {cfg.sparsity}: the pruned model is degenerate: it predicts "
                       f"{p['top_prediction']!r} for {p['top_prediction_share']:.1%} of the {split} rows, so its "

@@ -193,7 +193,7 @@ def test_resume_with_another_config_or_state_is_refused(toy, tmp_path):
 # A real run, killed with SIGKILL in the CEAG fine-tuning phase, then resumed
 # ---------------------------------------------------------------------------
 
-RUN = [sys.executable, "-m", "fairprune_jax.cli", "run", "--method", "ceag", "--epochs", "1",
+RUN = [sys.executable, "-m", "fairprune_jax.cli", "run", "--dataset", "digits", "--method", "ceag", "--epochs", "1",
        "--finetune-epochs", "2", "--checkpoint-every", "5", "--no-progress", "--seed", "1"]
 CEAG_PHASE = "02-fine-tune-ceag"
 

@@ -18,7 +18,7 @@ from fairprune_jax.data.base import Dataset, Split
 from fairprune_jax.methods.base import RunConfig
 
 TARGET = 0.75   # 0.25 * every digits-MLP layer size is an integer, so per-layer rounding is exact
-TINY = ["--epochs", "3", "--finetune-epochs", "2", "--no-progress", "--sparsity", str(TARGET)]
+TINY = ["--dataset", "digits", "--epochs", "3", "--finetune-epochs", "2", "--no-progress", "--sparsity", str(TARGET)]
 RUNS = {
     "magnitude": ["--method", "magnitude"],
     "gmp": ["--method", "gmp"],
@@ -133,14 +133,14 @@ def test_methods_differ_after_pruning(runs):
     (["--method", "prune_everything"], r"unknown method 'prune_everything'; valid choices: .*gmp.*magnitude.*random"),
     (["--dataset", "imagenet9000"], r"unknown dataset 'imagenet9000'; valid choices: .*digits"),
     (["--model", "transformer"], r"unknown model 'transformer'; valid choices: cnn, mlp, resnet"),
-    (["--method", "magnitude", "--opt", "eps=0.1"], r"has no option\(s\) \['eps'\]; valid options: \(none\)"),
-    (["--method", "gmp", "--opt", "prune_fractoin=0.5"], r"valid options: prune_fraction, updates"),
+    (["--method", "magnitude", "--opt", "eps=0.1"], r"has no option\(s\) \['eps'\]; valid options: distill"),
+    (["--method", "gmp", "--opt", "prune_fractoin=0.5"], r"valid options: distill, prune_fraction, updates"),
     (["--batch-size", "5000"], r"--batch-size 5000 is larger than the training split \(\d+ rows\)"),
     (["--epochs", "0"], r"--epochs must be >= 1"),
     (["--lr", "0"], r"learning rates must be > 0"),
 ])
 def test_bad_input_exit_code_2(no_training, capsys, tmp_path, args, message):
-    rc = main(["run", "--no-progress", "--out", str(tmp_path / "out"), *args])
+    rc = main(["run", "--dataset", "digits", "--no-progress", "--out", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("fairprune: error: ")
@@ -166,13 +166,13 @@ def test_model_that_cannot_take_the_data_fails_before_training(monkeypatch, caps
     def boom(*a, **k):
         raise RuntimeError("training started")
     monkeypatch.setattr(runner, "train_dense", boom)
-    rc = main(["run", "--model", "cnn", "--no-progress", "--out", str(tmp_path)])
+    rc = main(["run", "--dataset", "digits", "--model", "cnn", "--no-progress", "--out", str(tmp_path)])
     assert rc == 2
     assert "needs images of shape (H, W, C)" in capsys.readouterr().err
 
 
 def test_divergence_exit_code_3(capsys, tmp_path):
-    rc = main(["run", "--method", "magnitude", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "1",
+    rc = main(["run", "--dataset", "digits", "--method", "magnitude", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "1",
                "--finetune-epochs", "0", "--no-progress", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 3
@@ -197,7 +197,7 @@ def _ds(n_train=24, n_test=12, feat=10, n_cls=3, n_groups=2, seed=0, **overrides
 
 
 def _cfg(**kw) -> RunConfig:
-    base = dict(method="magnitude", epochs=2, finetune_epochs=1, batch_size=8, sparsity=0.5, progress=False,
+    base = dict(method="magnitude", dataset="digits", epochs=2, finetune_epochs=1, batch_size=8, sparsity=0.5, progress=False,
                 model_options={"hidden": (8, 6)})
     base.update(kw)
     return RunConfig(**base)

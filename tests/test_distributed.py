@@ -63,12 +63,12 @@ SCRIPT = textwrap.dedent(r'''
     for name, argv in {"too_many": ["--devices", "9"], "indivisible": ["--devices", "8", "--batch-size", "60"]}.items():
         buf = io.StringIO()
         with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(io.StringIO()):
-            rc = main(["run", "--no-progress", "--out", f"{out_root}/err", *argv])
+            rc = main(["run", "--dataset", "digits", "--no-progress", "--out", f"{out_root}/err", *argv])
         errs[name] = [rc, buf.getvalue().strip()]
     res["cli_errors"] = errs
 
     # -- end to end: ceag and magnitude on 1 and on 8 devices
-    common = ["--epochs", "1", "--finetune-epochs", "2", "--no-progress", "--checkpoint-every", "100"]
+    common = ["--dataset", "digits", "--epochs", "1", "--finetune-epochs", "2", "--no-progress", "--checkpoint-every", "100"]
     runs = {}
     for method in ("ceag", "magnitude"):
         for n in (1, 8):

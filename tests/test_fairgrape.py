@@ -151,7 +151,7 @@ def test_masks_exact_counts_and_no_revival():
 def test_options_fail_before_data():
     from fairprune_jax.runner import validate_config
     with pytest.raises(ValueError, match="keep_per_iter"):
-        validate_config(RunConfig(method="fairgrape", method_options={"keep_per_iter": 1.5}))
+        validate_config(RunConfig(method="fairgrape", dataset="digits", method_options={"keep_per_iter": 1.5}))
     with pytest.raises(ValueError, match="rank"):
         METHODS["fairgrape"].parse({"rank": "nope"})
 

@@ -358,7 +358,7 @@ def test_unusable_out_folder_is_refused_before_loading_data(tmp_path, monkeypatc
     f.write_text("x")
     with pytest.raises(ValueError, match="is an existing file, not a folder"):
         run(cfg(out=str(f)), toy())
-    assert main(["run", "--out", str(f), "--checkpoint-every", "0", "--no-progress"]) == 2
+    assert main(["run", "--dataset", "digits", "--out", str(f), "--checkpoint-every", "0", "--no-progress"]) == 2
     assert "is an existing file, not a folder" in capsys.readouterr().err
     import pathlib
 
@@ -404,7 +404,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, c
         (tmp_path / "checkpoints" / "01-prune-gmp" / "partial" / "60").mkdir(parents=True)
         raise KeyboardInterrupt
     monkeypatch.setattr(runner, "run", interrupted)
-    argv = ["run", "--method", "gmp", "--out", str(tmp_path), "--no-progress"]
+    argv = ["run", "--method", "gmp", "--out", str(tmp_path), "--no-progress", "--dataset", "digits"]
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err

@@ -49,7 +49,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def setup(digits):
-    cfg = RunConfig(method="lth", epochs=1, finetune_epochs=1, sparsity=0.5, batch_size=64,
+    cfg = RunConfig(method="lth", dataset="digits", epochs=1, finetune_epochs=1, sparsity=0.5, batch_size=64,
                     model_options={"hidden": HIDDEN}, progress=False)
     ctx, params, model_state = runner.build_context(cfg, digits)
     init_params = L.copy_tree(params)            # train steps donate their input buffers
@@ -360,7 +360,7 @@ def test_fair_scratch_lam_warmup_ramps_the_fairness_weight_from_zero(setup):
 # End to end through the CLI
 # ---------------------------------------------------------------------------
 
-CLI_BASE = ["--epochs", "1", "--finetune-epochs", "1", "--sparsity", "0.5", "--model-opt", f"hidden={HIDDEN}",
+CLI_BASE = ["--dataset", "digits", "--epochs", "1", "--finetune-epochs", "1", "--sparsity", "0.5", "--model-opt", f"hidden={HIDDEN}",
             "--no-progress"]
 
 

@@ -33,7 +33,7 @@ def compact_run(tmp_path_factory):
     buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
         mp.setattr(runner, "run_method", spy)
-        rc = main(["run", "--method", "structured_magnitude", "--sparsity", "0.5", "--epochs", "1",
+        rc = main(["run", "--dataset", "digits", "--method", "structured_magnitude", "--sparsity", "0.5", "--epochs", "1",
                    "--finetune-epochs", "1", "--checkpoint-every", "0", "--no-progress", "--save-compact",
                    "--out", str(d)])
     return d, rc, buf.getvalue(), seen["prep"], seen["state"]
@@ -69,7 +69,7 @@ def test_save_compact_writes_a_smaller_equivalent_model(compact_run):
     (["--method", "bifp", "--opt", "structured=False"], "method 'bifp' with structured=False prunes"),
 ])
 def test_unstructured_method_fails_before_training(no_training, capsys, tmp_path, args, why):
-    rc = main(["run", *args, "--save-compact", "--no-progress", "--out", str(tmp_path / "out")])
+    rc = main(["run", "--dataset", "digits", *args, "--save-compact", "--no-progress", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("fairprune: error: --save-compact needs structured masks")
@@ -80,11 +80,11 @@ def test_unstructured_method_fails_before_training(no_training, capsys, tmp_path
 def test_save_compact_needs_an_output_folder(no_training):
     with pytest.raises(ValueError, match=re.escape("--save-compact writes the compacted model into the output "
                                                    "folder; set --out")):
-        runner.run(RunConfig(method="structured_magnitude", save_compact=True, out=None))
+        runner.run(RunConfig(method="structured_magnitude", dataset="digits", save_compact=True, out=None))
 
 
 def test_save_compact_does_not_change_the_checkpoint_fingerprint():
     """Asking for the compacted model on --resume reuses the run's checkpoints."""
-    cfg = RunConfig(method="structured_magnitude")
-    assert checkpoint.fingerprint(cfg) == checkpoint.fingerprint(RunConfig(method="structured_magnitude",
+    cfg = RunConfig(method="structured_magnitude", dataset="digits")
+    assert checkpoint.fingerprint(cfg) == checkpoint.fingerprint(RunConfig(method="structured_magnitude", dataset="digits",
                                                                            save_compact=True))

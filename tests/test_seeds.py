@@ -51,7 +51,7 @@ def test_stacked_batches_are_each_seeds_own_batches():
 
 def test_parallel_dense_matches_sequential_mlp():
     ds = load_dataset("digits")
-    cfgs = [RunConfig(method="magnitude", seed=s, epochs=2, progress=False, model_options={"hidden": [32]})
+    cfgs = [RunConfig(method="magnitude", dataset="digits", seed=s, epochs=2, progress=False, model_options={"hidden": [32]})
             for s in (0, 3)]
     par = runner.prepare_seeds(cfgs, ds)
     seq = [runner.prepare(c, ds) for c in cfgs]
@@ -66,7 +66,7 @@ def test_parallel_dense_matches_sequential_mlp():
 
 def test_parallel_dense_matches_sequential_with_batchnorm_and_augmentation():
     ds = load_dataset("digits", image=True)
-    cfgs = [RunConfig(method="magnitude", seed=s, epochs=1, batch_size=128, augment=True, progress=False,
+    cfgs = [RunConfig(method="magnitude", dataset="digits", seed=s, epochs=1, batch_size=128, augment=True, progress=False,
                       model="cnn", model_options={"channels": [4, 8], "hidden": 8}) for s in (0, 1)]
     par = runner.prepare_seeds(cfgs, ds)
     seq = [runner.prepare(c, ds) for c in cfgs]
@@ -77,7 +77,7 @@ def test_parallel_dense_matches_sequential_with_batchnorm_and_augmentation():
 
 def test_prepare_uses_a_given_dense_state_and_rejects_a_foreign_one(monkeypatch):
     ds = load_dataset("digits")
-    cfg = RunConfig(method="magnitude", seed=0, epochs=1, progress=False, model_options={"hidden": [16]})
+    cfg = RunConfig(method="magnitude", dataset="digits", seed=0, epochs=1, progress=False, model_options={"hidden": [16]})
     ref = runner.prepare(cfg, ds)
 
     def boom(*a, **k):
@@ -87,7 +87,7 @@ def test_prepare_uses_a_given_dense_state_and_rejects_a_foreign_one(monkeypatch)
     assert given.dense is ref.dense and given.dense_history is ref.dense_history
     for split in ref.dense_evals:
         np.testing.assert_array_equal(given.dense_evals[split][0].correct, ref.dense_evals[split][0].correct)
-    other = RunConfig(method="magnitude", seed=0, epochs=1, progress=False, model_options={"hidden": [8]})
+    other = RunConfig(method="magnitude", dataset="digits", seed=0, epochs=1, progress=False, model_options={"hidden": [8]})
     with pytest.raises(ValueError, match="does not fit"):
         runner.prepare(other, ds, dense=(ref.dense, ref.dense_history))
     with pytest.raises(ValueError, match="differ only in the seed"):

@@ -30,19 +30,31 @@ PROTECTED = ("sex", "race", "age")
 CLASS_NAMES = ["<=50K", ">50K"]
 
 LAYOUT = ("a folder with the original UCI files adult.data and adult.test (no header, ', '-separated, "
-          "'?' for missing), such as shared/data/adult/")
+          "'?' for missing; gzipped as adult.data.gz / adult.test.gz also works), such as shared/data/adult/")
+#: The copy shipped with the package (CC BY 4.0, see its README): read when no data_dir is given.
+EMBEDDED = Path(__file__).resolve().parent / "embedded" / "adult"
+
+
+def _file(d: Path, name: str) -> Path | None:
+    """``d/name``, else ``d/name.gz``, else None."""
+    for p in (d / name, d / f"{name}.gz"):
+        if p.is_file():
+            return p
+    return None
 
 
 def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is None and _file(EMBEDDED, "adult.data") and _file(EMBEDDED, "adult.test"):
+        return EMBEDDED
     d = Path(data_dir) if data_dir is not None else default_data_root() / "adult"
     hint = "" if data_dir is not None else " (no data_dir given: this is the default; pass --data-dir)"
     if not d.exists():
         raise FileNotFoundError(f"adult: data_dir {d} does not exist{hint}; expected {LAYOUT}")
     if not d.is_dir():
         raise NotADirectoryError(f"adult: data_dir {d} is not a directory; expected {LAYOUT}")
-    if not (d / "adult.data").exists() and (d / "adult" / "adult.data").exists():  # the shared data root
+    if _file(d, "adult.data") is None and _file(d / "adult", "adult.data") is not None:  # the shared data root
         d = d / "adult"
-    missing = [f for f in ("adult.data", "adult.test") if not (d / f).is_file()]
+    missing = [f for f in ("adult.data", "adult.test") if _file(d, f) is None]
     if missing:
         raise FileNotFoundError(f"adult: {', '.join(str(d / f) for f in missing)} not found{hint}; "
                                 f"expected {LAYOUT}")
@@ -74,8 +86,8 @@ def load_adult(data_dir: str | os.PathLike | None = None, *, protected: str = "s
     """
     attrs = parse_attr_list(protected, PROTECTED, what="protected attribute", dataset="adult")
     d = _resolve_dir(data_dir)
-    train = read_adult_file(d / "adult.data")
-    test = read_adult_file(d / "adult.test")
+    train = read_adult_file(_file(d, "adult.data"))
+    test = read_adult_file(_file(d, "adult.test"))
     cols = {c: np.concatenate([train[c], test[c]]) for c in COLUMNS}
     part = np.concatenate([np.zeros(len(train["age"]), np.int8), np.ones(len(test["age"]), np.int8)])
 
@@ -95,7 +107,8 @@ def load_adult(data_dir: str | os.PathLike | None = None, *, protected: str = "s
     def labels(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
         return (values == ">50K").astype(np.int32), list(CLASS_NAMES)
 
-    meta = {"source": str(d), "files": {"train": "adult.data", "test": "adult.test"},
+    meta = {"source": "embedded copy (CC BY 4.0)" if d == EMBEDDED else str(d),
+            "files": {"train": _file(d, "adult.data").name, "test": _file(d, "adult.test").name},
             "include_protected": include_protected, "age_buckets": list(AGE_BUCKETS)}
     return build_tabular_dataset(
         "adult", cols, part, feature_columns=features, numeric_columns=list(NUMERIC), target_column="income",

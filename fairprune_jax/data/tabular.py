@@ -80,9 +80,16 @@ def sniff_delimiter(first_line: str) -> str:
 def read_rows(path: Path, *, skip_prefixes: tuple[str, ...] = (), what: str = "table", delimiter: str = ",",
               text: str | None = None) -> list[list[str]]:
     """Delimited rows with surrounding spaces stripped; blank lines and lines starting with a prefix skipped."""
+    import gzip
     import io
     rows = []
-    with (io.StringIO(text, newline="") if text is not None else open(path, newline="", encoding="utf-8")) as f:
+    if text is not None:
+        handle = io.StringIO(text, newline="")
+    elif str(path).endswith(".gz"):
+        handle = gzip.open(path, "rt", newline="", encoding="utf-8")
+    else:
+        handle = open(path, newline="", encoding="utf-8")
+    with handle as f:
         for row in _csv.reader(f, skipinitialspace=True, delimiter=delimiter):
             row = [c.strip() for c in row]
             if not any(row):
