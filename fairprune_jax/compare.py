@@ -39,7 +39,9 @@ from fairprune_jax.methods.base import RunConfig
 
 TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "out", "tolerance", "run",
             "dataset_options", "model_options", "method_options", "variants", "fairness_metric",
-            "parallel_seeds", "columns", "sparsity_axis", "tensorboard"}
+            "parallel_seeds", "columns", "sparsity_axis", "tensorboard", "chosen_on"}
+#: Where a grid's tuned setting was chosen (``[chosen_on]``: setting -> one of these, then optional words).
+CHOSEN_ON = ("train", "val", "rule", "default", "test")
 SUITE_KEYS = {"name", "suite", "out", "columns"}
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
                                                                "out", "dataset_options", "model_options",
@@ -66,6 +68,9 @@ METRICS: dict[str, tuple[str, tuple]] = {
     "test_psi_upper": ("test", ("certificate", "certified_max_psi")),
     "test_psi_floor": ("test", ("certificate", "floor_max_psi")),
     "test_flip_rate": ("test", ("certificate", "flip_rate")),
+    # the same on the validation split (when the grid holds one out): what settings are chosen on
+    "val_accuracy": ("val", ("accuracy",)),
+    "val_psi_upper": ("val", ("certificate", "certified_max_psi")),
 }
 #: per-row flags shown as "k/n seeds" in the tables
 FLAG_COLUMNS = ["degenerate", "no_violated_group"]
@@ -92,6 +97,7 @@ class CompareConfig:
     columns: list[str] | None = None  # results.md / results.tex columns (None: chosen for the setting)
     sparsity_axis: str = "auto"       # metrics_vs_sparsity x axis: linear, log (1 - sparsity) or auto
     tensorboard: bool = False         # TensorBoard events per cell (cells/X/tensorboard) and per dense model
+    chosen_on: dict = dataclasses.field(default_factory=dict)   # setting -> which split (or rule) chose it
 
     def resolve(self, name: str) -> tuple[str, dict]:
         """The registered method and its options for a grid entry (a method or a variant name)."""
@@ -179,6 +185,13 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     if raw.get("sparsity_axis", "auto") not in ("auto", "linear", "log"):
         raise ValueError(f"{path}: sparsity_axis must be \"linear\", \"log\" (log of 1 - sparsity) or \"auto\"; "
                          f"got {raw['sparsity_axis']!r}")
+    chosen_on = raw.get("chosen_on", {})
+    if not isinstance(chosen_on, dict) or not all(
+            isinstance(v, str) and v.split(":")[0].split()[0:1] and v.split(":")[0].split()[0] in CHOSEN_ON
+            for v in chosen_on.values()):
+        raise ValueError(f"{path}: [chosen_on] maps a setting to where it was chosen, one of "
+                         f"{', '.join(CHOSEN_ON)} (then any words), e.g. \"ceag.eps\" = \"rule: E / 2\"; "
+                         f"got {chosen_on!r}")
     name = raw.get("name", path.stem)
     base = path.parent
     data_dir = raw.get("data_dir")
@@ -196,7 +209,8 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
                          model_options=raw.get("model_options", {}),
                          method_options=raw.get("method_options", {}), variants=variants,
                          parallel_seeds=raw.get("parallel_seeds", False), columns=columns,
-                         sparsity_axis=raw.get("sparsity_axis", "auto"), tensorboard=raw.get("tensorboard", False))
+                         sparsity_axis=raw.get("sparsity_axis", "auto"), tensorboard=raw.get("tensorboard", False),
+                         chosen_on=dict(chosen_on))
 
 
 def check_run_values(path: Path, run: dict) -> None:
@@ -394,7 +408,7 @@ def small_marks(cell: dict, which: str = "pruned") -> dict[str, bool]:
     """Column -> True where the cell's value of a per-group-derived column rests on a small group: a group
     with fewer rows of the column's split than the run's ``small_group`` threshold. The attaining group of a
     maximum (max psi_g, psi_g upper bound), either end of a max - min gap (psi_g spread, group accuracy gap,
-    DP and EO differences: EO's worst side), any group for the certified share, a violated group for the
+    DP and EO differences: EO's worst side, counted in positives for a TPR and negatives for an FPR), any group for the certified share, a violated group for the
     violated-group count. The within-tolerance columns follow their max psi_g. When the groups are the
     classes, MCD follows the group accuracy gap and CWV is starred when any class is small."""
     limit = int((cell.get("config") or {}).get("small_group", RunConfig.small_group))
@@ -424,8 +438,13 @@ def small_marks(cell: dict, which: str = "pruned") -> dict[str, bool]:
         fpr = {g: v for g, v in field("fpr").items() if v is not None and rows[g] > 0}
         if tpr and fpr and eo.get("worst_case") is not None:
             tpr_gap, fpr_gap = max(tpr.values()) - min(tpr.values()), max(fpr.values()) - min(fpr.values())
-            sides = [_small_ends(tpr, rows, limit, "range") if abs(tpr_gap - eo["worst_case"]) <= 1e-12 else None,
-                     _small_ends(fpr, rows, limit, "range") if abs(fpr_gap - eo["worst_case"]) <= 1e-12 else None]
+            # a TPR rests on the group's positives, an FPR on its negatives (recorded by certificate v2; older
+            # cells: rows)
+            cg = (rep.get("certificate") or {}).get("groups") or {}
+            pos = {g: int(cg[g]["positives"]) if "positives" in cg.get(g, {}) else rows[g] for g in rows}
+            neg = {g: int(cg[g]["negatives"]) if "negatives" in cg.get(g, {}) else rows[g] for g in rows}
+            sides = [_small_ends(tpr, pos, limit, "range") if abs(tpr_gap - eo["worst_case"]) <= 1e-12 else None,
+                     _small_ends(fpr, neg, limit, "range") if abs(fpr_gap - eo["worst_case"]) <= 1e-12 else None]
             sides = [x for x in sides if x is not None]
             out["test_eo_diff"] = bool(sides) and all(sides)
         cert = rep.get("certificate")
@@ -681,7 +700,8 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
             w.writeheader()
             w.writerows(flat)
     (cc.out / "results.json").write_text(json.dumps({"name": cc.name, "dataset": cc.dataset, "rows": rows,
-                                                     "aggregate": agg, "dense": dense}, indent=2))
+                                                     "aggregate": agg, "dense": dense,
+                                                     "chosen_on": cc.chosen_on}, indent=2))
     structured = structured_methods(cc)
     constraint = {m: c for m, c in constraint_settings(cc).items() if c}
     for m in constraint:     # what the cells record beats today's defaults (older cells predate some options)
@@ -714,6 +734,13 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
     lines = constraint_lines(cc, rows, agg)
     if lines:
         md += ["## Constraints", "", *lines, ""]
+    if cc.chosen_on:
+        md += ["## Where the settings were chosen", "",
+               *[f"- `{k}`: {v}" for k, v in cc.chosen_on.items()], ""]
+        on_test = [k for k, v in cc.chosen_on.items() if v.split(":")[0].split()[0] == "test"]
+        if on_test:
+            md += [f"**Chosen on the test split: {', '.join(on_test)}.** The test numbers of the rows they set are "
+                   "optimistic (the test split was read to choose them, then reported on).", ""]
     small = sorted({g for r in rows for g in r.get("small_groups") or []})
     if small:
         md += [f"Small groups (fewer test rows than the runs' `small_group` threshold; their per-group figures "

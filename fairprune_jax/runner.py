@@ -426,6 +426,10 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
         tracker.flush()
         results["tracking"] = tracker.summary(relative_to=cfg.out)
     add_certificate(results, cfg, ctx, prep.dense, pruned, evals)
+    if "val" in evals["pruned"] and "val" in results["pruned"]:
+        # the same certificate on the validation rows: what a setting (eps, distill, a checkpoint) may be chosen
+        # on, so that the test split is read once
+        add_certificate(results, cfg, ctx, prep.dense, pruned, evals, split="val")
     empty = [name for name, layer in results["sparsity"]["layers"].items() if layer["kept"] == 0]
     results["sparsity"]["empty_layers"] = empty
     if empty:
@@ -475,6 +479,8 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
         group_names=ds.group_names, fairness_bound=cfg.fairness_bound, small_group=int(cfg.small_group),
         interval=cfg.certify_interval)
     p = results["pruned"][split]
+    if split != "test":
+        return
     cert = p["certificate"]
     short = [n for n, g in cert["groups"].items() if g.get("floor") is not None and g["floor"] > cert["eps"]]
     if short:

@@ -12,6 +12,8 @@ from typing import Any
 LABELS: dict[str, tuple[str, str]] = {
     "test_accuracy": ("Accuracy", "Acc."),
     "train_accuracy": ("Train accuracy", "Train acc."),
+    "val_accuracy": ("Validation accuracy", "Val. acc."),
+    "val_psi_upper": ("Certified max ψ_g (val)", r"Cert. $\max_g \psi_g$ (val)"),
     "dense_test_accuracy": ("Dense accuracy", "Dense acc."),
     "accuracy_drop": ("Accuracy drop", "Acc. drop"),
     "train_max_psi": ("Max ψ_g (train)", r"$\max_g \psi_g$ (train)"),
@@ -34,7 +36,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "test_psi_within_tol": ("max ψ_g ≤ ε (test)", r"$\max\psi_g \le \varepsilon$ (test)"),
 }
 
-HIGHER_IS_BETTER = {"test_accuracy", "train_accuracy", "test_certified_share", "no_violated_group",
+HIGHER_IS_BETTER = {"test_accuracy", "train_accuracy", "val_accuracy", "test_certified_share", "no_violated_group",
                     "train_psi_within_tol", "test_psi_within_tol"}
 #: never marked best (not a quality) or not comparable across rows
 NOT_RANKED = {"degenerate", "dense_test_accuracy", "test_psi_floor"}
@@ -42,7 +44,7 @@ NOT_RANKED = {"degenerate", "dense_test_accuracy", "test_psi_floor"}
 BINARY_PARITY = ["test_dp_diff", "test_eo_diff"]
 #: columns whose dense value is 0 by definition (psi compares a model with the dense one) or undefined
 NOT_FOR_DENSE = {"train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread", "test_certified_share",
-                 "test_violated_groups", "test_psi_upper", "test_psi_floor", "test_flip_rate", "no_violated_group", "train_psi_within_tol",
+                 "test_violated_groups", "test_psi_upper", "val_psi_upper", "test_psi_floor", "test_flip_rate", "no_violated_group", "train_psi_within_tol",
                  "test_psi_within_tol", "accuracy_drop"}
 
 

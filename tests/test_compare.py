@@ -43,6 +43,10 @@ def test_grid_writes_outputs_and_a_rerun_skips_finished_cells(tmp_path, monkeypa
         assert r["degenerate"] is False and isinstance(r["no_violated_group"], bool)
     md = (cc.out / "results.md").read_text()
     assert "test_certified_share" in md and "no_violated_group" in md and "DEGENERATE" not in md
+    # the certified bound is a column (the one to rank by) and has its own trade-off plot
+    assert "Certified max ψ_g" in md and "test_psi_floor" in md and (cc.out / "tradeoff_certified.png").exists()
+    assert all(r["test_psi_floor"] is not None and r["test_psi_upper"] >= r["test_psi_floor"] - 1e-12
+               for r in summary["rows"] if r["method"] == "magnitude")
 
     # Rerun: nothing left to do, so no dense model may be trained.
     def boom(*a, **k):
@@ -366,3 +370,30 @@ def test_constraint_label_reads_data_dependent_defaults_from_a_finished_cell(tmp
     # a cell from before lam was data-dependent recorded the value under its own name
     (cell / "results.json").write_text(json.dumps({"method_info": {"options": {"lam": 0.1}}}))
     assert constraint_settings(cc)["fair_scratch"] == "penalty λ=0.1"
+
+
+def test_chosen_on_records_where_settings_were_chosen(tmp_path):
+    """[chosen_on] names, per setting, the split (or rule) that chose it; anything else is refused up front."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG + '[chosen_on]\n"ceag.eps" = "val: lowest validation certified bound"\n'
+                   '"epochs" = "test: picked after an earlier grid missed on test"\n')
+    cc = load_config(cfg, out=str(tmp_path / "out"))
+    assert cc.chosen_on == {"ceag.eps": "val: lowest validation certified bound",
+                            "epochs": "test: picked after an earlier grid missed on test"}
+    cfg.write_text(CONFIG + '[chosen_on]\n"ceag.eps" = "my intuition"\n')
+    with pytest.raises(ValueError, match=r"\[chosen_on\].*train, val, rule, default, test"):
+        load_config(cfg)
+
+
+def test_eo_is_starred_by_positives_not_rows():
+    """EO's worst side is a TPR gap: a group of 60 rows with 5 positives decides it, so the EO cell is starred
+    although the group has more than 30 rows (the Adult sex x race case); DP, decided by rows, is not."""
+    from fairprune_jax.compare import small_marks
+    cell = _cell({"big": (2000, 0.85, 0.20, 0.60, 0.08), "few_pos": (60, 0.90, 0.05, 0.20, 0.04)},
+                 psi={"big": 0.0, "few_pos": 0.01}, verdicts={"big": "holds", "few_pos": "undetermined"})
+    assert not small_marks(cell).get("test_eo_diff")           # counted in rows: 60 >= 30
+    cg = cell["pruned"]["test"]["certificate"]["groups"]
+    cg["big"].update(positives=500, negatives=1500)
+    cg["few_pos"].update(positives=5, negatives=55)
+    marks = small_marks(cell)
+    assert marks.get("test_eo_diff") is True and not marks.get("test_dp_diff")

@@ -44,7 +44,7 @@ def test_ceag_constraints_in_your_own_loop():
     assert all(np.count_nonzero(k) == round(0.2 * k.size) for k in kernels)
 
 
-def test_prune_your_own_model():
+def test_prune_your_own_model(recwarn):
     ns = run("prune-api")
     model, report = ns["model"], ns["report"]
     assert type(model).__name__ == "Net" and report["method"] == "ceag" and report["model"] == "Net"
@@ -53,3 +53,8 @@ def test_prune_your_own_model():
     assert np.all(hidden[np.asarray(ns["masks"]["hidden"]["kernel"]) == 0] == 0)
     assert report["sparsity"]["achieved"] == pytest.approx(0.9, abs=1e-3)
     assert ns["logits"].shape == (5, 2) and "certificate" in report["pruned"]["test"]
+    # the example meets its own constraint and its test split carries a certificate worth printing
+    cert = report["pruned"]["test"]["certificate"]
+    assert cert["floor_max_psi"] < 0.05 and cert["certified_max_psi"] < 0.1
+    missed = [str(w.message) for w in recwarn if "not met" in str(w.message) or "no checkpoint met" in str(w.message)]
+    assert not missed, missed
