@@ -348,26 +348,33 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         info.update(buffer_size=k, overall_buffer_size=k_all)
     state = ctx.masked_state(start, start.masks, tx, extra=extra)
     step = make_constrained_step(ctx, tx, dual, terms, opts.mode, pre=pre, distill=opts.distill)
-    select = held_out and opts.select == "feasible"
+    # the returned model: the most accurate checkpoint that meets the bound on the rows the constraint reads
+    # (held-out rows, or the whole training split, evaluated exactly), else the least violating (select=last:
+    # the last one, the paper's)
+    select = opts.select == "feasible"
     points = sorted({max(int(round(total * (k + 1) / opts.select_points)), 1)
                      for k in range(opts.select_points)}) if select else []
     hook = None
     if select:
         state = state.replace(extra=dict(state.extra, **selection_init(state, len(points))))
-        hook = selection_hook(ctx, val, dense_val, eps_g, points)
+        sel_rows, sel_ref = (val, dense_val) if held_out else (ctx.dataset.train, ctx.dense_train_counts)
+        hook = selection_hook(ctx, sel_rows, sel_ref, eps_g, points)
     state, hist = ctx.finetune(state, tx, step_fn=step, hook=hook, desc="fine-tune (ceag)")
     if select:
         state = hook(state, total)   # the last point comes after the last step
         state, sel = selection_result(state, points, eps)
         info["selection"] = sel
-        if not sel["feasible"]:
-            warn.append(f"ceag: no checkpoint met psi_g <= eps_g on the held-out rows; returned the least "
-                        f"violating one (step {sel['step']}, held-out max psi_g {sel['max_psi']:.4f} vs eps {eps})")
+        sel["rows"] = "held-out" if held_out else "train"
     traj = jax.device_get(state.extra["trajectory"])
     info.update(history=hist, multipliers=np.asarray(state.extra["dual"].multipliers).tolist(), eps=eps,
                 constraint_data="val" if held_out else "train", trajectory=trajectory_info(traj, names, offset=eps_g))
+    if select and not info["selection"]["feasible"]:
+        sel, where = info["selection"], "held-out" if held_out else "training"
+        warn.append(f"ceag: no checkpoint met psi_g <= eps_g on the {where} rows; returned the least violating "
+                    f"one (step {sel['step']}, {where} max psi_g {sel['max_psi']:.4f} vs eps {eps}): "
+                    f"{dual_advice(info['trajectory']['multipliers'])}")
     warn += no_op_warnings(traj, names, eps, "held-out" if held_out else "train")
-    if not held_out:
+    if not held_out and not select:
         gc, _ = evaluate(ctx.eval_step, state, ctx.dataset.train, cfg.eval_batch_size)
         psi_max = float(np.nanmax(fairness.excess_accuracy_gap(ctx.dense_train_counts, gc)))
         if psi_max > eps:
@@ -376,7 +383,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     for w in warn:
         warnings.warn(w, stacklevel=2)
     info["warnings"] = warn
-    if held_out:
+    if held_out or select:
         state = state.replace(extra={k: v for k, v in state.extra.items() if k not in ("best", "val_correct")})
     return without_teacher(state), info
 
@@ -473,10 +480,10 @@ def selection_result(state: TrainState, points: list[int], eps: float) -> tuple[
     step = int(best[2])
     rows = [r for r in log if np.isfinite(r[0]) and int(r[0]) == step]
     row = rows[0] if rows else None
-    return chosen, {"rule": "most accurate checkpoint with held-out max_g (psi_g - eps_g) <= 0, else the least "
+    return chosen, {"rule": "most accurate checkpoint with max_g (psi_g - eps_g) <= 0 on the rows the constraint reads, else the least "
                             "violating", "points": points, "feasible": bool(best[0] > 0), "step": step,
                     "max_psi": None if row is None else float(row[2]) + eps,
-                    "log": [{"step": int(r[0]), "held_out_accuracy": float(r[1]), "max_violation": float(r[2])}
+                    "log": [{"step": int(r[0]), "accuracy": float(r[1]), "max_violation": float(r[2])}
                             for r in log if np.isfinite(r[0])]}
 
 
