@@ -201,8 +201,10 @@ def psi_intervals(n: np.ndarray, lost: np.ndarray, gained: np.ndarray, level: fl
 def psi_floor(n: np.ndarray, level: float = 0.95, method: str = "mover") -> np.ndarray:
     """Per group, the upper bound of psi_g that a pruned model changing no prediction would get on this split.
 
-    No model can be certified below it on these rows (for a model that loses no row of g); it depends only on
-    the group sizes and the level, so it tells when the split, not the model, limits the certificate.
+    It depends only on the group sizes and the level: the certificate a pruned model identical to the dense one
+    would get. A model whose own bound is close to it is limited by the split, not by its predictions (only a
+    model that also loses rows elsewhere, making psi_g < 0, goes below it; one that flips rows of g stays
+    above it).
     """
     z = np.zeros_like(np.asarray(n, np.float64))
     return psi_intervals(n, z, z, level, method)[2]
@@ -391,7 +393,7 @@ def headline(cert: dict) -> str:
     out = (f"with {cert['level']:.0%} confidence, no group lost more than {u:.4f} accuracy beyond the overall "
            f"loss (certified max psi_g)")
     if f is not None:
-        out += f"; these test rows cannot certify below {f:.4f} (a model that changes no prediction)"
+        out += f"; on these test rows a model identical to the dense one would get {f:.4f} (the floor)"
     return out
 
 

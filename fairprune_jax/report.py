@@ -213,9 +213,8 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
                    f"{g['accuracy_high']:.3f}] | {g['psi']:+.4f} [{g['low']:+.3f}, {g['high']:+.3f}] | "
                    f"{g['high']:+.4f} | {_fmt(g.get('floor'), '{:.4f}')} | {_fmt(g.get('flip_rate'), '{:.4f}')} | "
                    f"{g['verdict']} |")
-    out += ["", "*floor*: the bound a model that changes no prediction would get on these rows; a group's "
-            "certified bound cannot go below it, so where the two are close the split, not the model, is the "
-            "limit."]
+    out += ["", "*floor*: the bound a pruned model identical to the dense one would get on these rows; where a "
+            "group's bound is close to it, more test rows, not a better model, would tighten it."]
     return out + [""]
 
 

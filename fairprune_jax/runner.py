@@ -487,7 +487,7 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
         worst = max(cert["groups"][n]["floor"] for n in short)
         warnings.warn(f"the {split} split cannot certify psi_g <= {cert['eps']:g} for {len(short)} of "
                       f"{cert['groups_tested']} groups ({', '.join(short[:6])}{' ...' if len(short) > 6 else ''}) "
-                      f"even for a pruned model that changes no prediction (their floor reaches {worst:.4f}): "
+                      f"even for a pruned model identical to the dense one (their floor reaches {worst:.4f}): "
                       "these groups have too few test rows; read the certified max psi_g instead, certify a "
                       "larger bound (--certify-eps), or give the test split more rows", stacklevel=2)
     if p["degenerate"]:
