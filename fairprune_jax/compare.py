@@ -185,6 +185,19 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     if raw.get("sparsity_axis", "auto") not in ("auto", "linear", "log"):
         raise ValueError(f"{path}: sparsity_axis must be \"linear\", \"log\" (log of 1 - sparsity) or \"auto\"; "
                          f"got {raw['sparsity_axis']!r}")
+    # every cell's run settings get the checks a `fairprune run` gets (finite numbers, ranges, seeds), here,
+    # before any dense model trains
+    from fairprune_jax.runner import validate_config
+    run_vals = {k: v for k, v in raw.get("run", {}).items() if k != "save_compact"}
+    for m in raw["methods"]:
+        base, opts = resolve_entry(m, variants, raw.get("method_options", {}))
+        for s in raw["sparsities"]:
+            for seed in raw["seeds"]:
+                try:
+                    validate_config(RunConfig(method=base, dataset=raw["dataset"], sparsity=float(s), seed=int(seed),
+                                              method_options=dict(opts), **run_vals))
+                except ValueError as e:
+                    raise ValueError(f"{path}: entry {m!r}, sparsity {s}, seed {seed}: {e}") from None
     chosen_on = raw.get("chosen_on", {})
     if not isinstance(chosen_on, dict) or not all(
             isinstance(v, str) and v.split(":")[0].split()[0:1] and v.split(":")[0].split()[0] in CHOSEN_ON

@@ -58,6 +58,19 @@ def validate_config(cfg: RunConfig) -> Any:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")
     if cfg.ft_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0; got {cfg.ft_epochs}")
+    # every number of the run config is finite (nan / inf would fail late, or pass silently as a bound)
+    import math
+    for name in ("sparsity", "lr", "finetune_lr", "weight_decay", "certify_eps", "certify_level",
+                 "fairness_bound"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(float(v))):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number; got {v!r}")
+    if float(cfg.weight_decay) < 0:
+        raise ValueError(f"--weight-decay must be >= 0; got {cfg.weight_decay}")
+    for name in ("certify_eps", "fairness_bound"):
+        v = getattr(cfg, name)
+        if v is not None and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} is a bound on a difference of rates, in [0, 1]; got {v}")
     if not (cfg.lr > 0 and cfg.ft_lr > 0):
         raise ValueError(f"learning rates must be > 0; got lr={cfg.lr}, finetune_lr={cfg.ft_lr}")
     if not 0.0 < float(cfg.certify_level) < 1.0:
@@ -65,8 +78,8 @@ def validate_config(cfg: RunConfig) -> Any:
     if cfg.certify_interval not in certify.PSI_METHODS:
         raise ValueError(f"--certify-interval must be one of {', '.join(certify.PSI_METHODS)}; got "
                          f"{cfg.certify_interval!r}")
-    if int(cfg.seed) < 0:
-        raise ValueError(f"--seed must be a non-negative integer (it seeds numpy and JAX); got {cfg.seed}")
+    if not 0 <= int(cfg.seed) < 2 ** 32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32) (it seeds numpy and JAX); got {cfg.seed}")
     if int(cfg.positive_label) < 0:
         raise ValueError(f"--positive-class must be a class id >= 0; got {cfg.positive_label}")
     if cfg.small_group < 0:

@@ -137,6 +137,16 @@ def test_methods_differ_after_pruning(runs):
     (["--method", "gmp", "--opt", "prune_fractoin=0.5"], r"valid options: distill, prune_fraction, updates"),
     (["--batch-size", "5000"], r"--batch-size 5000 is larger than the training split \(\d+ rows\)"),
     (["--epochs", "0"], r"--epochs must be >= 1"),
+    # non-finite and out-of-range numbers, wherever they enter (they used to fail after training, or never)
+    (["--opt", "eps=nan"], r"option 'eps' must be a finite number; got nan"),
+    (["--opt", "eps=inf"], r"option 'eps' must be a finite number; got inf"),
+    (["--method", "nft", "--opt", "distill=nan"], r"option 'distill' must be a finite number"),
+    (["--certify-eps", "nan"], r"--certify-eps must be a finite number"),
+    (["--fairness-bound", "inf"], r"--fairness-bound must be a finite number"),
+    (["--certify-eps", "2"], r"--certify-eps is a bound on a difference of rates, in \[0, 1\]"),
+    (["--weight-decay", "-5"], r"--weight-decay must be >= 0"),
+    (["--lr", "inf"], r"--lr must be a finite number"),
+    (["--seed", "99999999999999999999"], r"--seed must be an integer in \[0, 2\*\*32\)"),
     (["--lr", "0"], r"learning rates must be > 0"),
 ])
 def test_bad_input_exit_code_2(no_training, capsys, tmp_path, args, message):

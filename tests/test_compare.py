@@ -397,3 +397,17 @@ def test_eo_is_starred_by_positives_not_rows():
     cg["few_pos"].update(positives=5, negatives=55)
     marks = small_marks(cell)
     assert marks.get("test_eo_diff") is True and not marks.get("test_dp_diff")
+
+
+def test_grid_values_are_checked_like_a_run_before_training(tmp_path):
+    """nan, inf and out-of-range values in a grid are refused when the TOML is read, naming the entry."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(CONFIG.replace("eps = 0.05", "eps = nan"))
+    with pytest.raises(ValueError, match=r"option 'eps' must be a finite number"):
+        load_config(cfg)
+    cfg.write_text(CONFIG.replace("[run]\nepochs = 2", "[run]\nepochs = 2\nweight_decay = -1.0"))
+    with pytest.raises(ValueError, match=r"entry 'magnitude', sparsity 0.8, seed 0: --weight-decay must be >= 0"):
+        load_config(cfg)
+    cfg.write_text(CONFIG.replace("seeds = [0]", "seeds = [5000000000]"))
+    with pytest.raises(ValueError, match=r"--seed must be an integer in \[0, 2\*\*32\)"):
+        load_config(cfg)

@@ -9,6 +9,7 @@ holds only what is specific to its paper.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -237,6 +238,9 @@ class Method:
                 raise ValueError(f"method {self.name!r}: option {k!r} takes {_describe(kind)} "
                                  f"(default {self.options[k]!r}); got {v!r}") from None
         opts = self.options_type(**values)
+        for k, v in dataclasses.asdict(opts).items():    # nan / inf pass every range check below: refuse them
+            if isinstance(v, float) and not math.isfinite(v) and not (v == float("inf") and k in INF_OPTIONS):
+                raise ValueError(f"method {self.name!r}: option {k!r} must be a finite number; got {v!r}")
         d = getattr(opts, "distill", 0.0)     # every fine-tuning method's distillation weight
         if not (isinstance(d, (int, float)) and 0.0 <= d < float("inf")):
             raise ValueError(f"method {self.name!r}: option 'distill' must be a weight >= 0 (0: off); got {d!r}")
@@ -253,6 +257,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+#: Options for which ``inf`` means "no limit" (every other float option must be finite).
+INF_OPTIONS = {"multiplier_max"}
 
 
 def register(name: str, description: str, options: type = NoOptions, *, structured: bool | str = False,
