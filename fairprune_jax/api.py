@@ -104,9 +104,9 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
         built = with_units(built, units, cfg, consumers=getattr(parsed, "mask_grad", None) == "consumer")
     if cfg.out:
         runner.check_out_dir(cfg.out)
-        runner.remove_stale_outputs(Path(cfg.out))
-    prep = runner.prepare(cfg, ds, model=built)
-    report = runner.run_method(prep)
+    with runner.replacing_outputs(cfg.out):
+        prep = runner.prepare(cfg, ds, model=built)
+        report = runner.run_method(prep)
     state = report.pop("_state")
     state = state.replace(params=apply_masks(state.params, state.masks))
     graphdef = nnx.split(model, nnx.Param, ...)[0]     # the module as given (its own train / eval mode)

@@ -5,7 +5,10 @@ model, options) is checked before any data is loaded or any step is compiled.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -536,9 +539,7 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
             raise ValueError("--resume needs checkpoints: use --checkpoint-every N with N > 0")
         ckpt = checkpoint.Checkpointer(Path(cfg.out) / checkpoint.CHECKPOINT_DIR, cfg, every=checkpoint_every,
                                        resume=resume)
-    if cfg.out:
-        remove_stale_outputs(Path(cfg.out))
-    with distributed.use_mesh(mesh), checkpoint.use(ckpt):
+    with replacing_outputs(cfg.out), distributed.use_mesh(mesh), checkpoint.use(ckpt):
         res = run_method(prepare(cfg, dataset))
     if ckpt is not None:
         ckpt.mark_complete()
@@ -547,8 +548,10 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
     return res
 
 
-#: What a run writes into its output folder (removed when a new run starts there, so none is ever stale).
+#: What a run writes into its output folder (set aside when a new run starts there, so none is ever stale).
 OUTPUT_FILES = ("results.json", "results.md", "group_accuracy.png", "constraints.png")
+#: Where an earlier run's outputs wait while a new run works in the same folder.
+ASIDE_DIR = ".previous-results"
 
 
 def check_out_dir(out: str | Path) -> None:
@@ -566,16 +569,58 @@ def check_out_dir(out: str | Path) -> None:
                          "another --out") from None
 
 
-def remove_stale_outputs(out: Path) -> list[str]:
-    """Remove an earlier run's results from ``out`` as this run starts (process 0), so that a ``results.json``
-    beside this run's checkpoints is never an older run's. Returns the names removed."""
-    removed = []
-    if distributed.is_primary():
-        for name in OUTPUT_FILES:
-            if (out / name).is_file():
-                (out / name).unlink()
-                removed.append(name)
-    return removed
+def set_aside_outputs(out: Path) -> Path | None:
+    """Move an earlier run's results out of ``out`` into ``out/.previous-results`` as this run starts (process
+    0), so that a ``results.json`` beside this run's checkpoints is never an older run's, yet nothing is lost
+    until this run's own results are written: :func:`restore_outputs` puts them back if it fails. Returns
+    the folder (None when there was nothing to set aside). A folder left by a run killed with -9 holds the
+    results of the run before it: they are kept, not overwritten, until a run finishes."""
+    if not distributed.is_primary():
+        return None
+    aside = out / ASIDE_DIR
+    found = [name for name in OUTPUT_FILES if (out / name).is_file()]
+    if aside.is_dir() and not any((aside / n).is_file() for n in OUTPUT_FILES):
+        shutil.rmtree(aside, ignore_errors=True)
+    if not found:
+        return aside if aside.is_dir() else None
+    if aside.is_dir():       # a killed run's aside folder holds the last finished results: keep those
+        for name in found:
+            (out / name).unlink()
+        return aside
+    aside.mkdir()
+    for name in found:
+        os.replace(out / name, aside / name)
+    return aside
+
+
+@contextlib.contextmanager
+def replacing_outputs(out: str | os.PathLike | None):
+    """The earlier results in ``out`` are set aside while the block runs, dropped when it finishes, and put
+    back when it fails or is interrupted: a run never costs the results of the one before it."""
+    if not out:
+        yield
+        return
+    aside = set_aside_outputs(Path(out))
+    try:
+        yield
+    except BaseException:
+        if aside is not None:
+            restore_outputs(Path(out), aside)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_outputs(out: Path, aside: Path) -> None:
+    """Put an earlier run's results back into ``out`` after this run failed (its own partial outputs go)."""
+    if not aside.is_dir():
+        return
+    for name in OUTPUT_FILES:
+        if (aside / name).is_file():
+            os.replace(aside / name, out / name)
+        elif (out / name).is_file():
+            (out / name).unlink()
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _check_outputs(cfg: RunConfig) -> None:

@@ -2,6 +2,7 @@
 wrong number. Cheap checks first (they fail before any training); a few tiny runs on a toy dataset last."""
 from __future__ import annotations
 
+import json
 import re
 import types
 import warnings
@@ -413,17 +414,21 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, c
     assert err.endswith("--no-progress --resume")
 
 
-def test_a_new_run_removes_an_older_runs_results_at_start(tmp_path, monkeypatch):
+def test_a_new_run_sets_an_older_runs_results_aside_and_restores_them_if_it_fails(tmp_path, monkeypatch):
+    """While a new run works in the folder its predecessor's results are out of the way (never read as its
+    own); when it fails they come back (before: they were deleted at start and lost)."""
     from fairprune_jax import runner
     for name in ("results.json", "results.md", "group_accuracy.png"):
         (tmp_path / name).write_text("an older run")
 
     def stop(*a, **k):
+        assert not (tmp_path / "results.json").exists()
         raise RuntimeError("stopped after start-up")
     monkeypatch.setattr(runner, "prepare", stop)
     with pytest.raises(RuntimeError, match="stopped after start-up"):
         run(cfg(out=str(tmp_path)), toy(), checkpoint_every=5)
-    assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.md").exists()
+    assert (tmp_path / "results.json").read_text() == "an older run"
+    assert (tmp_path / "results.md").read_text() == "an older run"
     assert (tmp_path / "checkpoints" / "run.json").is_file()
 
 
@@ -590,3 +595,34 @@ def test_every_documented_case_has_its_test():
             if name not in defined.get(current, set()):
                 missing.append(f"row {row.split('|')[1].strip()}: {current}::{name}")
     assert not missing, missing
+
+
+def test_a_failed_run_keeps_the_results_of_the_run_before(tmp_path, monkeypatch):
+    """A run into a finished run's folder sets the old results aside and puts them back when it fails or is
+    interrupted; a run that finishes replaces them and leaves no aside folder."""
+    from fairprune_jax import runner as runner_mod
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"old": true}')
+    (out / "results.md").write_text("old")
+
+    def boom(*a, **k):
+        raise RuntimeError("failed after the whole run")
+    monkeypatch.setattr(runner_mod, "run_method", boom)
+    with pytest.raises(RuntimeError, match="failed after"):
+        runner_mod.run(cfg(out=str(out)))
+    assert (out / "results.json").read_text() == '{"old": true}' and (out / "results.md").read_text() == "old"
+    assert not (out / runner_mod.ASIDE_DIR).exists()
+
+    def interrupted(prep):
+        assert not (out / "results.json").exists()      # while it runs, no stale result sits in the folder
+        assert (out / runner_mod.ASIDE_DIR / "results.json").exists()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner_mod, "run_method", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner_mod.run(cfg(out=str(out)))
+    assert (out / "results.json").read_text() == '{"old": true}'
+    monkeypatch.undo()
+    res = runner_mod.run(cfg(out=str(out)))
+    assert json.loads((out / "results.json").read_text())["method"] == res["method"]
+    assert not (out / runner_mod.ASIDE_DIR).exists()
