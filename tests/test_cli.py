@@ -366,3 +366,24 @@ def test_bad_option_values_fail_before_any_data_loads(method, option, value, cap
                  "--data-dir", "no-such-folder", "--no-progress", "--checkpoint-every", "0"])
     err = capsys.readouterr().err
     assert code == 2 and option in err and "no-such-folder" not in err, err
+
+
+def test_runs_keep_a_persistent_compilation_cache(tmp_path, monkeypatch):
+    """`fairprune run` / `compare` turn on JAX's persistent compilation cache (a second run skips compiling:
+    measured 33 -> 27 s for the main job, 20 -> 15.5 s on digits); FAIRPRUNE_XLA_CACHE=0 turns it off and a
+    JAX_COMPILATION_CACHE_DIR already set wins."""
+    import subprocess
+    import sys
+    from fairprune_jax.cli import use_compilation_cache
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "given"))
+    assert use_compilation_cache() == str(tmp_path / "given")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("FAIRPRUNE_XLA_CACHE", "0")
+    assert use_compilation_cache() is None
+    code = ("import os, sys; from fairprune_jax.cli import use_compilation_cache; f = use_compilation_cache(); "
+            "print(f, os.environ['JAX_COMPILATION_CACHE_DIR'], 'jax' in sys.modules)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["FAIRPRUNE_XLA_CACHE"] = str(tmp_path / "mine")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(tmp_path / "mine"), str(tmp_path / "mine"), "False"]
+    assert (tmp_path / "mine").is_dir()
