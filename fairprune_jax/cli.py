@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--distributed)")
     _add_process_args(c)
 
-    sub.add_parser("methods", help="list the pruning methods and their options")
+    m = sub.add_parser("methods", help="list the pruning methods and their options")
+    m.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (e.g. `fairprune methods ceag`)")
     sub.add_parser("datasets", help="list the datasets")
     return parser
 
@@ -349,9 +350,14 @@ def _interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:
     return "nothing saved"
 
 
-def cmd_methods(_: argparse.Namespace) -> int:
+def cmd_methods(args: argparse.Namespace) -> int:
     from fairprune_jax import method_listing     # a snapshot of the registry: no JAX, answers at once
-    print(method_listing.format_listing(method_listing.load()))
+    entries = method_listing.load()
+    names = list(getattr(args, "names", None) or [])
+    unknown = [n for n in names if n not in {e["name"] for e in entries}]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(e['name'] for e in entries)}")
+    print(method_listing.format_listing([e for e in entries if not names or e["name"] in names]))
     return 0
 
 

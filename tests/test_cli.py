@@ -300,6 +300,15 @@ def test_console_script_methods():
     assert "prune_fraction=0.75" in p.stdout
 
 
+def test_methods_of_one_method(capsys):
+    """`fairprune methods ceag` lists that method only; a misspelt name lists the valid ones (exit 2)."""
+    assert main(["methods", "ceag", "nft"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ceag ") and "constraint_data=auto" in out and "\nnft " in out and "\ngmp" not in out
+    assert main(["methods", "cea"]) == 2
+    assert "unknown method(s) ['cea']; valid: ballot," in capsys.readouterr().err
+
+
 def test_main_help_and_datasets(capsys):
     assert main([]) == 0
     assert "usage: fairprune" in capsys.readouterr().out
