@@ -196,12 +196,18 @@ _UNICODE_TEX = {"ψ_g": r"$\psi_g$", "≤": r"$\le$", "λ": r"$\lambda$", "τ": 
                 "±": r"$\pm$", "–": "--"}
 
 
+#: LaTeX's special characters in plain text (braces first: the later replacements write braces of their own).
+_TEX_SPECIAL = [("{", r"\{"), ("}", r"\}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")]
+
+
 def _tex(s: str) -> str:
-    """Plain text for LaTeX (underscores, percent signs escaped; a few symbols as math); cells that already
-    hold LaTeX (a ``$`` or a backslash) pass unchanged."""
+    """Plain text for LaTeX (every special character escaped: a variant named ``bifp#2`` or ``a~b`` compiles;
+    a few symbols as math); cells that already hold LaTeX (a ``$`` or a backslash) pass unchanged."""
     if "$" in s or "\\" in s:
         return s
-    s = s.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+    for k, v in _TEX_SPECIAL:
+        s = s.replace(k, v)
     for k, v in _UNICODE_TEX.items():
         s = s.replace(k.replace("_", r"\_"), v)
     return s

@@ -184,7 +184,8 @@ def _update(d: dict, key: str, v: float) -> None:
 # -- reading (tests, notebooks): no TensorFlow needed --------------------------------------------------
 
 def read_events(path: str | Path) -> Iterator[Any]:
-    """The ``Event`` protos of one event file, checking each record's length and data CRCs."""
+    """The ``Event`` protos of one event file, checking each record's length and data CRCs; a partial last
+    record (the file of a run still writing it) ends the iteration instead of failing."""
     from tensorboardX.crc32c import crc32c
     from tensorboardX.proto import event_pb2
 
@@ -195,11 +196,15 @@ def read_events(path: str | Path) -> Iterator[Any]:
     raw = Path(path).read_bytes()
     pos = 0
     while pos < len(raw):
+        if pos + 12 > len(raw):
+            return                      # a record still being written (a run in progress): stop before it
         header = raw[pos:pos + 8]
         (length,) = struct.unpack("<Q", header)
         (hcrc,) = struct.unpack("<I", raw[pos + 8:pos + 12])
         if masked(header) != hcrc:
             raise ValueError(f"{path}: corrupt record header at byte {pos}")
+        if pos + 16 + length > len(raw):
+            return
         data = raw[pos + 12:pos + 12 + length]
         (dcrc,) = struct.unpack("<I", raw[pos + 12 + length:pos + 16 + length])
         if masked(data) != dcrc:

@@ -158,3 +158,12 @@ def test_suite_headline_one_readable_table_per_dataset(tmp_path):
     assert "DP difference" in adult and "EO difference" in adult and "| adult, protected sex | dense | 0 |" in adult
     assert r"\begin{tabular}" in (tmp_path / "s" / "headline.tex").read_text()
     assert (tmp_path / "s" / "headline.csv").read_text().startswith("comparison,dataset,method,sparsity,n_seeds")
+
+
+def test_latex_escapes_every_special_character():
+    """A variant or group name with #, braces, ~, ^, _, %, & gives LaTeX that compiles: each is escaped once
+    (before: #, {, }, ~ and ^ went through raw and broke results.tex)."""
+    got = tables._tex("bifp#2 {x} a~b^c_d 50% & ψ_g ≤ ε")
+    assert got == (r"bifp\#2 \{x\} a\textasciitilde{}b\textasciicircum{}c\_d 50\% \& $\psi_g$ $\le$ "
+                   r"$\varepsilon$")
+    assert tables._tex(r"$\max_g$ kept") == r"$\max_g$ kept"          # cells that hold LaTeX pass unchanged

@@ -51,6 +51,21 @@ def test_corrupt_event_file_is_an_error(tmp_path):
         tracking.read_scalars(tmp_path)
 
 
+def test_a_partial_last_record_ends_the_reading(tmp_path):
+    """The event file of a run still writing its last record reads up to that record (it used to raise
+    struct.error); a corrupt complete record is still an error (above)."""
+    with tracking.use(tracking.TensorBoard(tmp_path)) as tb:
+        tb.log(tb.phase("x"), [1, 2], [{"loss": 1.0}, {"loss": 0.5}])
+    f = next(tmp_path.glob(tracking.EVENT_GLOB))
+    full = tracking.read_scalars(tmp_path)
+    raw = f.read_bytes()
+    for cut in (3, 10, 20):                     # inside the last record's header, header CRC, data
+        f.write_bytes(raw[:-cut])
+        got = tracking.read_scalars(tmp_path)
+        assert all(v == full[k][:len(v)] for k, v in got.items())      # what was read is a prefix of the run
+        assert sum(map(len, got.values())) < sum(map(len, full.values()))
+
+
 def test_ceag_run_logs_every_step_of_every_multiplier(tmp_path):
     cfg = RunConfig(method="ceag", dataset="digits", sparsity=0.9, epochs=1, finetune_epochs=1, progress=False,
                     model_options={"hidden": [16]}, method_options={"eps": 0.0, "constraint_data": "train"},
