@@ -374,9 +374,9 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
         "certified_share": len(by["holds"]) / m if m else None,
         # the headline: with `level` confidence, no group lost more than this beyond the overall loss
         "certified_max_psi": certified,
-        # the smallest certified_max_psi these rows allow (a model that changes no prediction)
+        # what these rows would certify for a model identical to the dense one (see psi_floor)
         "floor_max_psi": max(floors) if floors else None,
-        "worst_upper": certified,
+        "worst_upper": certified,           # the version-1 name of certified_max_psi, for readers of older files
         "flip_rate": float((lost[present].sum() + gained[present].sum()) / max(c.n[present].sum(), 1.0)),
         "demographic_parity_difference": _diff_entry(fairness.demographic_parity_difference(c), *dp,
                                                      fairness_bound),
@@ -411,6 +411,7 @@ def summary_line(cert: dict) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["SMALL_GROUP_ROWS", "DEGENERATE_SHARE", "VERDICTS", "INTERVAL_VERSION", "paired_counts", "clopper_pearson",
+__all__ = ["SMALL_GROUP_ROWS", "DEGENERATE_SHARE", "VERDICTS", "INTERVAL_VERSION", "paired_counts",
+           "clopper_pearson",
            "paired_difference_interval", "rate_difference_interval", "PSI_METHODS", "psi_intervals", "psi_floor",
            "psi_standard_error", "coverage_simulation", "verdicts", "prediction_summary", "certificate", "headline", "summary_line"]

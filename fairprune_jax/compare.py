@@ -42,6 +42,14 @@ TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "ou
             "parallel_seeds", "columns", "sparsity_axis", "tensorboard", "chosen_on"}
 #: Where a grid's tuned setting was chosen (``[chosen_on]``: setting -> one of these, then optional words).
 CHOSEN_ON = ("train", "val", "rule", "default", "test")
+
+
+def chosen_on_kind(value: Any) -> str | None:
+    """The first word of a ``[chosen_on]`` value (``"val: lowest ..."`` -> ``"val"``), None if not a string."""
+    if not isinstance(value, str):
+        return None
+    words = value.split(":")[0].split()
+    return words[0] if words else None
 SUITE_KEYS = {"name", "suite", "out", "columns"}
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
                                                                "out", "dataset_options", "model_options",
@@ -199,9 +207,7 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
                 except ValueError as e:
                     raise ValueError(f"{path}: entry {m!r}, sparsity {s}, seed {seed}: {e}") from None
     chosen_on = raw.get("chosen_on", {})
-    if not isinstance(chosen_on, dict) or not all(
-            isinstance(v, str) and v.split(":")[0].split()[0:1] and v.split(":")[0].split()[0] in CHOSEN_ON
-            for v in chosen_on.values()):
+    if not isinstance(chosen_on, dict) or not all(chosen_on_kind(v) in CHOSEN_ON for v in chosen_on.values()):
         raise ValueError(f"{path}: [chosen_on] maps a setting to where it was chosen, one of "
                          f"{', '.join(CHOSEN_ON)} (then any words), e.g. \"ceag.eps\" = \"rule: E / 2\"; "
                          f"got {chosen_on!r}")
@@ -421,7 +427,8 @@ def small_marks(cell: dict, which: str = "pruned") -> dict[str, bool]:
     """Column -> True where the cell's value of a per-group-derived column rests on a small group: a group
     with fewer rows of the column's split than the run's ``small_group`` threshold. The attaining group of a
     maximum (max psi_g, psi_g upper bound), either end of a max - min gap (psi_g spread, group accuracy gap,
-    DP and EO differences: EO's worst side, counted in positives for a TPR and negatives for an FPR), any group for the certified share, a violated group for the
+    DP and EO differences: EO's worst side, counted in positives for a TPR and negatives for an FPR), any
+    group for the certified share, a violated group for the
     violated-group count. The within-tolerance columns follow their max psi_g. When the groups are the
     classes, MCD follows the group accuracy gap and CWV is starred when any class is small."""
     limit = int((cell.get("config") or {}).get("small_group", RunConfig.small_group))
@@ -750,7 +757,7 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
     if cc.chosen_on:
         md += ["## Where the settings were chosen", "",
                *[f"- `{k}`: {v}" for k, v in cc.chosen_on.items()], ""]
-        on_test = [k for k, v in cc.chosen_on.items() if v.split(":")[0].split()[0] == "test"]
+        on_test = [k for k, v in cc.chosen_on.items() if chosen_on_kind(v) == "test"]
         if on_test:
             md += [f"**Chosen on the test split: {', '.join(on_test)}.** The test numbers of the rows they set are "
                    "optimistic (the test split was read to choose them, then reported on).", ""]

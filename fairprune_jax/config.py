@@ -13,7 +13,8 @@ OPTIMIZERS = ("adam", "sgd")
 #: The psi bound a certificate checks when neither ``certify_eps`` nor the method's ``eps`` option sets one.
 DEFAULT_CERTIFY_EPS = 0.01
 #: The dataset of the main job: UCI Adult, embedded in the package (its test split has 5,421 women and 10,860
-#: men, enough rows to certify a per-group bound near 0.01; digits' 45-row classes have a floor of 0.13: an unchanged model would be certified no tighter).
+#: men, enough rows to certify a per-group bound near 0.01; digits' 45-row classes have a floor of 0.13: an
+#: unchanged model would be certified no tighter).
 DEFAULT_DATASET = "adult"
 #: Dense training epochs when none are given: 30, or fewer for a dataset with many rows per epoch (the main
 #: job on Adult stays under a minute on 2 CPU cores with 10).

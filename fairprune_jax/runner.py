@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -62,7 +63,6 @@ def validate_config(cfg: RunConfig) -> Any:
     if cfg.ft_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0; got {cfg.ft_epochs}")
     # every number of the run config is finite (nan / inf would fail late, or pass silently as a bound)
-    import math
     for name in ("sparsity", "lr", "finetune_lr", "weight_decay", "certify_eps", "certify_level",
                  "fairness_bound"):
         v = getattr(cfg, name)
@@ -301,8 +301,8 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
 
 #: RunConfig fields that do not change the dense run (a cached dense model serves any of their values).
 NOT_DENSE = {"method", "sparsity", "method_options", "out", "save_compact", "progress", "certify_eps",
-             "certify_level", "certify_interval", "fairness_bound", "small_group", "finetune_epochs", "finetune_lr", "eval_batch_size",
-             "distribution", "exclude_first", "exclude_last", "positive_label"}
+             "certify_level", "certify_interval", "fairness_bound", "small_group", "finetune_epochs", "finetune_lr",
+             "eval_batch_size", "distribution", "exclude_first", "exclude_last", "positive_label"}
 
 
 def dense_fingerprint(cfg: RunConfig) -> dict:

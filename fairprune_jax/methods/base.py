@@ -241,8 +241,8 @@ class Method:
         for k, v in dataclasses.asdict(opts).items():    # nan / inf pass every range check below: refuse them
             if isinstance(v, float) and not math.isfinite(v) and not (v == float("inf") and k in INF_OPTIONS):
                 raise ValueError(f"method {self.name!r}: option {k!r} must be a finite number; got {v!r}")
-        d = getattr(opts, "distill", 0.0)     # every fine-tuning method's distillation weight
-        if not (isinstance(d, (int, float)) and 0.0 <= d < float("inf")):
+        d = getattr(opts, "distill", 0.0)     # every fine-tuning method's distillation weight (finite: above)
+        if d < 0:
             raise ValueError(f"method {self.name!r}: option 'distill' must be a weight >= 0 (0: off); got {d!r}")
         if self.check is not None:
             checked = self.check(opts)

@@ -411,10 +411,8 @@ def choose_constraint_data(ctx: Context, dense: TrainState, start: TrainState, o
     n_tr = np.maximum(np.bincount(ds.train.g, minlength=G), 1)
     lost = np.bincount(ds.train.g, (d > s), G) / n_tr
     gained = np.bincount(ds.train.g, (d < s), G) / n_tr
-    se = np.nan_to_num(certify.psi_standard_error(n_val, n_val * lost, n_val * gained), nan=np.inf)
-    worst = float(se[n_val > 0].max()) if np.any(n_val > 0) else float("inf")
-    if np.any(n_val <= 0):
-        worst = float("inf")
+    se = certify.psi_standard_error(n_val, n_val * lost, n_val * gained)     # NaN for a group with no rows
+    worst = float(se.max()) if np.all(n_val > 0) else float("inf")
     held_out = worst <= AUTO_SE_SHARE * opts.eps
     return held_out, {"rule": f"auto: held-out rows when every group's held-out psi_g standard error <= "
                               f"{AUTO_SE_SHARE:g} * eps", "max_standard_error": round(worst, 6),
@@ -480,8 +478,8 @@ def selection_result(state: TrainState, points: list[int], eps: float) -> tuple[
     step = int(best[2])
     rows = [r for r in log if np.isfinite(r[0]) and int(r[0]) == step]
     row = rows[0] if rows else None
-    return chosen, {"rule": "most accurate checkpoint with max_g (psi_g - eps_g) <= 0 on the rows the constraint reads, else the least "
-                            "violating", "points": points, "feasible": bool(best[0] > 0), "step": step,
+    return chosen, {"rule": "most accurate checkpoint with max_g (psi_g - eps_g) <= 0 on the rows the constraint "
+                            "reads, else the least violating", "points": points, "feasible": bool(best[0] > 0), "step": step,
                     "max_psi": None if row is None else float(row[2]) + eps,
                     "log": [{"step": int(r[0]), "accuracy": float(r[1]), "max_violation": float(r[2])}
                             for r in log if np.isfinite(r[0])]}
