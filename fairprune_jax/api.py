@@ -98,13 +98,13 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
     ds = arrays_dataset(train, test, val, seed=seed, group_names=group_names, class_names=class_names,
-                        num_classes=_num_outputs(model, np.asarray(train[0])[:2]))
+                        num_classes=_num_outputs(model, _arrays(train, "train")[0][:2]))
     built = wrap_model(model, ds.input_shape, ds.num_classes)
     if method_obj.is_structured(parsed) or units is not None:
         built = with_units(built, units, cfg, consumers=getattr(parsed, "mask_grad", None) == "consumer")
     if cfg.out:
         runner.check_out_dir(cfg.out)
-    with runner.replacing_outputs(cfg.out):
+    with runner.owning_folder(cfg.out), runner.replacing_outputs(cfg.out):
         prep = runner.prepare(cfg, ds, model=built)
         report = runner.run_method(prep)
     state = report.pop("_state")
@@ -130,15 +130,44 @@ def _num_outputs(model: nnx.Module, x: np.ndarray) -> int:
     return int(out.shape[-1])
 
 
-def _split(arrays: Sequence[np.ndarray] | None, name: str) -> Split | None:
+def _arrays(arrays: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(x, y, g)`` from a tuple ``(x, y, g)`` / ``(x, y)`` or a dict with keys ``x``, ``y`` and optionally
+    ``g`` (labels and group ids may be integers or names)."""
     if arrays is None:
         return None
+    if isinstance(arrays, dict):
+        unknown = sorted(set(arrays) - {"x", "y", "g"})
+        if unknown or not {"x", "y"} <= set(arrays):
+            raise ValueError(f"{name}= as a dict takes the keys 'x', 'y' and optionally 'g'; got {sorted(arrays)}")
+        arrays = (arrays["x"], arrays["y"]) + ((arrays["g"],) if "g" in arrays else ())
     arrays = tuple(arrays)
     if len(arrays) == 2:
         arrays = (*arrays, np.zeros(len(arrays[0]), np.int32))
     if len(arrays) != 3:
         raise ValueError(f"{name}= takes (x, y, g) or (x, y); got a tuple of {len(arrays)}")
-    x, y, g = (np.asarray(a) for a in arrays)
+    return tuple(np.asarray(a) for a in arrays)
+
+
+def _named(values: list[np.ndarray], names: Sequence[str] | None, what: str, keyword: str
+           ) -> tuple[list[np.ndarray], list[str] | None]:
+    """Labels or group ids given as names (strings, booleans): mapped to ids 0..k-1 over every split
+    together, in sorted order (numbers numerically), and the names kept. Integer ids pass through."""
+    if all(np.issubdtype(v.dtype, np.number) for v in values if v.size):
+        return values, None if names is None else list(names)
+    if names is not None:
+        raise ValueError(f"{what} are given as names ({', '.join(map(repr, values[0][:3].tolist()))} ...): they "
+                         f"name themselves, so leave out {keyword}= (or pass integer ids with {keyword}=)")
+    from fairprune_jax.data.tabular import sorted_values
+    text = [np.asarray(v).astype(str) for v in values]
+    uniq = sorted_values(sorted({s for t in text for s in t.tolist()}))
+    index = {s: i for i, s in enumerate(uniq)}
+    return [np.asarray([index[s] for s in t.tolist()], np.int32) for t in text], uniq
+
+
+def _split(arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None, name: str) -> Split | None:
+    if arrays is None:
+        return None
+    x, y, g = arrays
     for what, a in (("labels y", y), ("group ids g", g)):
         if a.size and not np.issubdtype(a.dtype, np.integer):
             if not np.all(np.equal(np.mod(a, 1), 0)):
@@ -155,8 +184,16 @@ def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | Non
                    val: Sequence[np.ndarray] | None = None, *, seed: int = 0,
                    group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
                    num_classes: int | None = None) -> Dataset:
-    """A :class:`Dataset` from numpy tuples; without ``test``, a stratified share of ``train`` becomes it."""
-    tr, te, va = _split(train, "train"), _split(test, "test"), _split(val, "val")
+    """A :class:`Dataset` from numpy tuples (or dicts ``{"x", "y", "g"}``); labels and group ids may be names
+    (strings), mapped to ids in sorted order with the names kept; without ``test``, a stratified share of
+    ``train`` becomes it."""
+    raw = {k: _arrays(v, k) for k, v in (("train", train), ("test", test), ("val", val))}
+    given = [k for k, v in raw.items() if v is not None]
+    ys, class_names = _named([raw[k][1] for k in given], class_names, "labels y", "class_names")
+    gs, group_names = _named([raw[k][2] for k in given], group_names, "group ids g", "group_names")
+    for k, y, g in zip(given, ys, gs):
+        raw[k] = (raw[k][0], y, g)
+    tr, te, va = _split(raw["train"], "train"), _split(raw["test"], "test"), _split(raw["val"], "val")
     meta: dict[str, Any] = {"source": "arrays in memory (fairprune_jax.prune)"}
     if te is None:
         rest, held = stratified_split(tr.y, tr.g, TEST_FRACTION, seed)

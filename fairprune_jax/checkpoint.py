@@ -110,19 +110,30 @@ def _is_primary() -> bool:
 class Checkpointer:
     """The checkpoints of one run in ``directory``; hands out :class:`Phase` objects in call order."""
 
-    def __init__(self, directory: str | Path, config: Any, *, every: int = 200, resume: bool = False):
+    def __init__(self, directory: str | Path, config: Any, *, every: int = 200, resume: bool = False,
+                 data: dict | None = None):
         if int(every) < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0 = off); got {every}")
         self.directory = Path(directory).absolute()
         self.every = int(every)
         self.fingerprint = fingerprint(config)
         self.digest = _digest(self.fingerprint)
+        self.data = data
         self.resumed = False
         self._count = 0
         run_file = self.directory / RUN_FILE
         # Every process reads what is on disk, then all follow process 0's decision (one broadcast, which is
         # also a barrier: nobody writes run.json before every process has read it), then process 0 writes.
-        saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+        try:
+            saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+            if saved is not None and not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            if resume:
+                raise CheckpointMismatchError(
+                    f"cannot resume: {run_file} cannot be read ({e}; a truncated or edited file). Start the run "
+                    "afresh without --resume, or in another --out") from None
+            saved = {}
         error: Exception | None = None
         if resume and saved is not None:
             action = "resume"
@@ -131,8 +142,8 @@ class Checkpointer:
             except CheckpointMismatchError as e:
                 action, error = "mismatch", e
         elif saved is not None or self._phase_dirs():
-            if saved is not None and saved.get("complete"):
-                action = "replace"        # a finished run is simply rerun from scratch
+            if (saved is not None and saved.get("complete")) or not self._phase_dirs():
+                action = "replace"        # a finished run (or one that failed before saving) is rerun from scratch
             else:
                 action = "unfinished"
                 error = ValueError(f"{self.directory} holds checkpoints of an unfinished run; pass --resume to "
@@ -160,7 +171,7 @@ class Checkpointer:
     def _write_run_file(self, complete: bool) -> None:
         tmp = self.directory / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps({"format": FORMAT_VERSION, "fingerprint": self.digest, "complete": complete,
-                                   "config": self.fingerprint}, indent=1, sort_keys=True))
+                                   "config": self.fingerprint, "data": self.data}, indent=1, sort_keys=True))
         tmp.replace(self.directory / RUN_FILE)
 
     def _check_same_run(self, saved: dict) -> None:
@@ -168,6 +179,14 @@ class Checkpointer:
             raise CheckpointMismatchError(f"{self.directory}: checkpoint format {saved.get('format')} is not "
                                           f"{FORMAT_VERSION}; start a new run (another --out)")
         if saved.get("fingerprint") == self.digest:
+            old = saved.get("data")
+            if old is not None and self.data is not None and old != self.data:
+                what = "; ".join(f"{k}: checkpoint {old.get(k)!r} vs now {self.data.get(k)!r}"
+                                 for k in sorted(set(old) | set(self.data)) if old.get(k) != self.data.get(k))
+                raise CheckpointMismatchError(
+                    f"cannot resume: the data changed since the checkpoints in {self.directory} were written "
+                    f"({what}); resuming would continue the old run on other rows. Start the run afresh (without "
+                    "--resume) or in another --out")
             return
         old = saved.get("config", {})
         keys = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
@@ -235,7 +254,16 @@ class Phase:
 
     def _restore(self, mngr, step: int, state: Any, path: Path) -> tuple[Any, dict]:
         ocp = _ocp()
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        fresh = ("start the run afresh without --resume (the results already in the output folder stay there "
+                 "until the new run has its own), or in another --out")
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if not isinstance(meta, dict):
+                raise ValueError("its metadata is not a JSON object")
+        except Exception as e:  # noqa: BLE001 - an empty or truncated metadata file: name it, not orbax internals
+            raise CheckpointMismatchError(
+                f"cannot resume: checkpoint {path / str(step)} cannot be read (corrupt or truncated: "
+                f"{type(e).__name__}: {str(e)[:200]}); {fresh}") from None
         if meta.get("desc") != self.desc or meta.get("fingerprint") != self.owner.digest:
             raise CheckpointMismatchError(
                 f"cannot resume: checkpoint {path / str(step)} is of phase {meta.get('desc')!r} "
@@ -246,8 +274,9 @@ class Phase:
             restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         except Exception as e:  # structure / shape / dtype mismatch: name the checkpoint, not orbax internals
             raise CheckpointMismatchError(
-                f"cannot resume: checkpoint {path / str(step)} does not match the state of phase {self.desc!r} "
-                f"in this run (different model or method?): {type(e).__name__}: {str(e)[:300]}") from e
+                f"cannot resume: checkpoint {path / str(step)} cannot be read as the state of phase {self.desc!r} "
+                f"(a truncated or corrupt file, or a different model or method): {type(e).__name__}: "
+                f"{str(e)[:300]}; {fresh}") from e
         return restored, _position(meta)
 
     def save(self, state: Any, *, epoch: int, step_in_epoch: int, global_step: int, history: dict,

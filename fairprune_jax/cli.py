@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 import time
 from pathlib import Path
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--small-group", type=int, default=d.small_group,
                    help="mark groups with fewer test rows than this (default 30)")
     r.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. eps=0.05")
-    r.add_argument("--out", default=None, help="output folder (default runs/METHOD_DATASET_sSPARSITY_seedSEED)")
+    r.add_argument("--out", default=None, help="output folder (default runs/METHOD_DATASET_sSPARSITY_seedSEED-HASH, "
+                                                "HASH naming every other setting that changes the run)")
     r.add_argument("--save-compact", action="store_true",
                    help="structured methods (bifp, structured_magnitude, ...): also save the compacted model, "
                         "pruned units physically removed, into OUT/compact (reload with fairprune_jax.compact.load)")
@@ -209,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    out = args.out or f"runs/{args.method}_{args.dataset.replace(':', '-')}_s{args.sparsity:g}_seed{args.seed}"
-    return RunConfig(
-        method=args.method, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+    import dataclasses
+    out = None if args.out is None else os.path.expanduser(args.out)
+    cfg = RunConfig(
+        method=args.method, dataset=args.dataset, model=args.model,
+        data_dir=None if args.data_dir is None else os.path.expanduser(args.data_dir),
         sparsity=args.sparsity, seed=args.seed, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
         batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, distribution=args.distribution, exclude_first=args.exclude_first,
@@ -222,6 +226,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         certify_eps=args.certify_eps, certify_level=args.certify_level,
         certify_interval=args.certify_interval, fairness_bound=args.fairness_bound,
         small_group=args.small_group)
+    return cfg if out is not None else dataclasses.replace(cfg, out=default_out(cfg))
+
+
+def default_out(cfg: "RunConfig") -> str:
+    """``runs/METHOD_DATASET_sSPARSITY_seedSEED-HASH``: HASH (8 hex digits) covers every setting that changes
+    what the run computes (data file, target, protected attribute, epochs, options ...), so a run with other
+    settings never lands in (and replaces) another run's folder, and the same command always finds its own
+    folder again (for --resume)."""
+    import dataclasses
+
+    from fairprune_jax import checkpoint
+    where = None if cfg.data_dir is None else os.path.abspath(cfg.data_dir)   # the file, wherever run from
+    digest = checkpoint._digest(checkpoint.fingerprint(dataclasses.replace(cfg, data_dir=where)))[:8]
+    return f"runs/{cfg.method}_{cfg.dataset.replace(':', '-')}_s{cfg.sparsity:g}_seed{cfg.seed}-{digest}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -401,6 +419,25 @@ def use_compilation_cache() -> str | None:
     return folder
 
 
+def check_backend() -> None:
+    """The JAX backend starts, or a ``ValueError`` in words: which platform was asked for (``JAX_PLATFORMS``),
+    which jax accelerator packages are installed, and how to install the right one."""
+    import importlib.metadata as md
+    import jax
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        asked = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME") or "(default)"
+        have = sorted({d.metadata["Name"] for d in md.distributions()
+                       if d.metadata["Name"] and d.metadata["Name"].lower().startswith(("jax-cuda", "jax_cuda",
+                                                                                       "libtpu", "jax-rocm"))})
+        raise ValueError(
+            f"JAX cannot start the backend asked for (JAX_PLATFORMS={asked}): {str(e) or type(e).__name__}. "
+            f"Installed accelerator packages: {', '.join(have) or 'none (CPU only)'}. For an NVIDIA GPU: pip "
+            "install -U \"jax[cuda12]\"; for a TPU VM: pip install -U \"jax[tpu]\"; or unset JAX_PLATFORMS (or "
+            "set it to cpu) to run on the CPU") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -409,6 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("run", "compare"):
         use_compilation_cache()
+        many = (args.distributed or args.coordinator or args.num_processes or args.process_id
+                or os.environ.get("JAX_NUM_PROCESSES"))
+        try:
+            if not many:        # jax.distributed.initialize must come before the backend starts
+                check_backend()
+        except ValueError as e:
+            print(f"fairprune: error: {e}", file=sys.stderr)
+            return 2
     handlers = {"run": cmd_run, "compare": cmd_compare, "data-summary": cmd_data_summary, "methods": cmd_methods,
                 "datasets": cmd_datasets}
     try:

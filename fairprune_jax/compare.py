@@ -153,6 +153,7 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     for key in ("dataset", "methods", "sparsities", "seeds"):
         if key not in raw:
             raise ValueError(f"{path}: missing required key {key!r}")
+    check_grid_lists(path, raw)
     from fairprune_jax.methods import get_method
     from fairprune_jax.masks import check_sparsity
     from fairprune_jax.runner import check_model_options
@@ -232,6 +233,29 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
                          chosen_on=dict(chosen_on))
 
 
+#: The grid's axes: (TOML key, element type, example line).
+GRID_LISTS = (("methods", str, 'methods = ["nft", "ceag"]'), ("sparsities", (int, float), "sparsities = [0.8, 0.9]"),
+              ("seeds", int, "seeds = [0, 1, 2]"))
+
+
+def check_grid_lists(path: Path, raw: dict) -> None:
+    """``methods``, ``sparsities`` and ``seeds`` are non-empty lists of the right type without repeats: an empty
+    list would rewrite the results as empty, a repeat would count one cell twice as two seeds."""
+    for key, kind, example in GRID_LISTS:
+        v = raw[key]
+        if not isinstance(v, list):
+            raise ValueError(f"{path}: {key} must be a list, like {example}; got {v!r}")
+        if not v:
+            raise ValueError(f"{path}: {key} is empty; list at least one, like {example}")
+        wrong = [x for x in v if not isinstance(x, kind) or isinstance(x, bool)]
+        if wrong:
+            raise ValueError(f"{path}: {key} holds {wrong[0]!r} ({type(wrong[0]).__name__}); like {example}")
+        seen = [float(x) if key == "sparsities" else x for x in v]
+        twice = sorted({x for x in seen if seen.count(x) > 1}, key=str)
+        if twice:
+            raise ValueError(f"{path}: {key} lists {', '.join(map(repr, twice))} more than once; list each once")
+
+
 def check_run_values(path: Path, run: dict) -> None:
     """``[run]`` values of the type ``RunConfig`` expects (a string where a number belongs is named, not a later
     crash), from the field annotations: ``int``, ``float`` (an int is fine), ``bool``, ``str``, ``| None``."""
@@ -276,8 +300,84 @@ def dense_cached(folder: Path, cfg: RunConfig) -> bool:
         return False
 
 
+def cell_config(cc: CompareConfig, method: str, sparsity: float, seed: int) -> RunConfig:
+    """The exact settings a grid cell runs with (what its results.json records as ``config``)."""
+    run = {k: v for k, v in cc.run.items() if k != "save_compact"}
+    base, opts = cc.resolve(method)
+    cert = {"certify_eps": cc.tolerance} if cc.tolerance is not None and "certify_eps" not in run else {}
+    return RunConfig(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, sparsity=sparsity, method=base,
+                     dataset_options=dict(cc.dataset_options), model_options=dict(cc.model_options), progress=False,
+                     method_options=dict(opts), out=str(cell_dir(cc, method, sparsity, seed)), **{**run, **cert})
+
+
+#: Settings a finished cell may differ in and still be reused: where files go and how the run is shown.
+REUSE_IGNORES = ("out", "progress", "save_compact", "eval_batch_size")
+
+
+def stale_cell(cc: CompareConfig, method: str, sparsity: float, seed: int, cell: dict,
+               data: dict | None = None) -> str | None:
+    """Why a finished cell's results.json does not belong to this grid (None when it does): a setting the TOML
+    now gives another value, or (when both are known) other data. Settings the cell does not record (added
+    to the library after it ran) are not compared."""
+    now = json.loads(json.dumps(dataclasses.asdict(cell_config(cc, method, sparsity, seed)), default=str))
+    old = cell.get("config") or {}
+    ignore = set(REUSE_IGNORES) | {"method_options"}
+    if data is not None and cell.get("data_fingerprint") is not None:
+        ignore.add("data_dir")        # the content decides, wherever the file now lives
+    diffs = [f"{k}: cell {old[k]!r} vs TOML {now[k]!r}" for k in sorted(set(old) & set(now))
+             if k not in ignore and old[k] != now[k]]
+    diffs += _stale_options(now["method"], now["method_options"], old.get("method_options") or {},
+                            (cell.get("method_info") or {}).get("options") or {})
+    old_data = cell.get("data_fingerprint")
+    if data is not None and old_data is not None and old_data != data:
+        diffs += [f"data {k}: cell {old_data.get(k)!r} vs now {data.get(k)!r}"
+                  for k in sorted(set(old_data) | set(data)) if old_data.get(k) != data.get(k)]
+    return "; ".join(diffs) or None
+
+
+def _stale_options(method: str, toml: dict, cell_given: dict, cell_used: dict) -> list[str]:
+    """Method options that differ: one the TOML gives against what the cell was given (or, when the cell left it
+    at its default then, the value it recorded as used); one the cell was given that the TOML leaves at a
+    default that is now another value. A recorded ``"auto"`` (resolved at run time) matches anything."""
+    from fairprune_jax.methods import get_method
+    same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731
+    out = []
+    for k, v in toml.items():
+        ref = cell_given.get(k, cell_used.get(k, v))
+        if ref != "auto" and not same(ref, v):
+            out.append(f"option {k}: cell {ref!r} vs TOML {v!r}")
+    default = dataclasses.asdict(get_method(method).parse({}))
+    for k, v in cell_given.items():
+        if k not in toml and k in default and not same(default[k], v):
+            out.append(f"option {k}: cell {v!r} vs TOML (default) {default[k]!r}")
+    return out
+
+
+def check_finished_cells(cc: CompareConfig, done: list[tuple[int, str, float]], data: dict | None) -> None:
+    """Refuse, before any training, to reuse finished cells that were computed with other settings or data."""
+    stale = []
+    for seed, m, s in done:
+        p = cell_dir(cc, m, s, seed) / "results.json"
+        try:
+            why = stale_cell(cc, m, s, seed, json.loads(p.read_text()), data)
+        except (OSError, ValueError) as e:
+            why = f"{p} cannot be read ({e})"
+        if why:
+            stale.append(f"{p.parent.name} ({why})")
+    if stale:
+        raise ValueError(
+            f"{cc.out}: {len(stale)} finished cell(s) were computed with other settings or data than the grid "
+            f"asks for now, so their results would be reported as this grid's: {'; '.join(stale[:3])}"
+            f"{' ...' if len(stale) > 3 else ''}. Run the grid into another --out, or delete "
+            f"{cc.out / 'cells'} (or just those cells) to recompute them")
+
+
 def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
-    """Run every missing cell, then write the combined CSV, JSON, Markdown and plots."""
+    """Run every missing cell, then write the combined CSV, JSON, Markdown and plots.
+
+    Finished cells (their ``results.json`` exists) are reused only when they were computed with the settings
+    the grid now asks for and, where recorded, on the same data (:func:`stale_cell`); otherwise the run stops
+    before training and says which cells differ and how."""
     from fairprune_jax.methods import get_method
     from fairprune_jax import distributed
     from fairprune_jax.runner import prepare, prepare_seeds, run_method, save_dense
@@ -285,6 +385,13 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     primary = distributed.is_primary()
     cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
     todo = [c for c in cells if not (cell_dir(cc, c[1], c[2], c[0]) / "results.json").exists()]
+    finished = [c for c in cells if c not in todo]
+    dataset = None
+    if finished:
+        from fairprune_jax.data import load_dataset
+        c0 = cell_config(cc, *finished[0][1:], finished[0][0])
+        dataset = load_dataset(c0.dataset, c0.data_dir, **c0.dataset_options)
+    check_finished_cells(cc, finished, None if dataset is None else dataset.fingerprint())
     # Over several processes: all follow process 0's view of which cells are done (they share the folder),
     # and nobody writes before every process has looked.
     done = distributed.agree(len(cells) - len(todo))
@@ -315,7 +422,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
                       "the dense models are trained one seed after another, each data-parallel", stacklevel=2)
     elif cc.parallel_seeds and len(untrained) > 1:
         # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
-        prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained])))
+        prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))
         for seed, prep in prepared.items():
             if primary:
                 save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history)
@@ -333,7 +440,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
             # a cached dense model is not retrained: its events (if any) stay as they are
             cached = dense_cached(dense_dir(cc, seed), dense_config(seed))
             with tracking.use(None if cached else tracker(dense_dir(cc, seed))):
-                prep = prepare(dense_config(seed), dense_cache=dense_dir(cc, seed))
+                prep = prepare(dense_config(seed), dataset, dense_cache=dense_dir(cc, seed))
         for _, m, s in seed_todo:
             d = cell_dir(cc, m, s, seed)
             base, opts = cc.resolve(m)
@@ -341,10 +448,10 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
             # [run] save_compact = true: a compacted model for every cell whose masks are structured
             compact = bool(cc.run.get("save_compact")) and method.is_structured(method.parse(opts))
             # one psi bound for every method of the grid: the grid's tolerance unless [run] sets certify_eps
-            cert = {"certify_eps": cc.tolerance} if cc.tolerance is not None and "certify_eps" not in run else {}
+            cell = cell_config(cc, m, s, seed)
             with tracking.use(tracker(d)):
                 res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d),
-                                 save_compact=compact, **cert)
+                                 save_compact=compact, certify_eps=cell.certify_eps)
             res.pop("_state", None)
             bar.update(1)
     bar.close()

@@ -105,6 +105,34 @@ def check_model_options(model: str | None, options: dict) -> None:
     if unknown:
         which = f"model {model!r}" if model is not None else "any model (" + ", ".join(sorted(MODELS)) + ")"
         raise ValueError(f"unknown model option(s) {unknown} for {which}; valid: {', '.join(names)}")
+    if model is not None:
+        check_model_option_values(model, options)
+
+
+def check_model_option_values(model: str, options: dict) -> None:
+    """Each model option's value has the kind of its default: a width a positive integer, a list of widths a
+    non-empty list of positive integers (``hidden=(64,)``, not ``hidden=64``), a flag true or false."""
+    import inspect
+    params = inspect.signature(MODELS[model].__init__).parameters
+    for key, value in options.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            want = "a positive number"
+        elif isinstance(default, (tuple, list)) and all(isinstance(d, int) for d in default):
+            ok = (isinstance(value, (tuple, list)) and len(value) > 0
+                  and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+            want = f"a non-empty list of positive integers, like {tuple(default)!r} (one value: ({default[0]},))"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"model option {key}={value!r} for model {model!r}: {key} takes {want}")
 
 
 def certify_eps(cfg: RunConfig) -> float:
@@ -187,6 +215,7 @@ def build_context(cfg: RunConfig, ds: Dataset, model: tuple[Any, Any, Any] | Non
         fm, params, model_state = model
     else:
         model_name = cfg.model or default_model_for(ds.input_shape)
+        check_model_options(model_name, cfg.model_options)
         fm, params, model_state = build_model(model_name, ds.input_shape, ds.num_classes, seed=cfg.seed,
                                               **cfg.model_options)
     order = layer_order(fm, params, model_state)
@@ -276,7 +305,7 @@ def check_target_and_groups(cfg: RunConfig, ds: Dataset) -> None:
 
 def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
             dense: tuple[TrainState, dict] | None = None, dense_cache: Path | None = None,
-            model: tuple[Any, Any, Any] | None = None) -> Prepared:
+            model: tuple[Any, Any, Any] | None = None, _loaded: tuple[Dataset, float] | None = None) -> Prepared:
     """Validate, load the data, build the model and train and evaluate the dense reference.
 
     ``dense``: an already trained ``(state, history)`` for this config (e.g.
@@ -286,7 +315,7 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
     that trains the same dense model (:func:`save_dense` / :func:`load_dense`). ``model``: a built
     ``(fm, params, model_state)`` instead of the config's model (see :func:`build_context`).
     """
-    ds, load_s = load_checked(cfg, dataset)
+    ds, load_s = _loaded if _loaded is not None else load_checked(cfg, dataset)
     ctx, params, model_state = build_context(cfg, ds, model)
     if dense is None and dense_cache is not None:
         dense = load_dense(dense_cache, cfg, dense_start(ctx, params, model_state)[0])
@@ -438,6 +467,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
              "pruned": {s: evaluate(prep.report_step or ctx.eval_step, pruned, split, cfg.eval_batch_size)
                         for s, split in ds.splits().items()}}
     results = _assemble(cfg, ds, ctx, prep.dense, pruned, evals, prep.dense_history, info)
+    results["data_fingerprint"] = ds.fingerprint()
     if tracker is not None:         # the logged series, summarised (first / last / min / max per phase and group)
         tracker.flush()
         results["tracking"] = tracker.summary(relative_to=cfg.out)
@@ -506,6 +536,15 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
                       f"even for a pruned model identical to the dense one (their floor reaches {worst:.4f}): "
                       "these groups have too few test rows; read the certified max psi_g instead, certify a "
                       "larger bound (--certify-eps), or give the test split more rows", stacklevel=2)
+    one_sided = {n: ("positives" if g.get("positives") == 0 else "negatives")
+                 for n, g in cert["groups"].items() if g.get("n") and 0 in (g.get("positives"), g.get("negatives"))}
+    if one_sided and len(one_sided) < sum(1 for g in cert["groups"].values() if g.get("n")):
+        # (when every group is one-sided the groups are the classes, which has its own warning)
+        shown = ", ".join(f"{n} (no {k})" for n, k in list(one_sided.items())[:6])
+        warnings.warn(f"{len(one_sided)} group(s) have no positives or no negatives in the {split} split ({shown}"
+                      f"{' ...' if len(one_sided) > 6 else ''}): their true- or false-positive rate is 0 by "
+                      "convention (fairlearn's too), so the equalized-odds difference may be set by that alone; "
+                      "read it with care, or give the test split more rows", stacklevel=2)
     if p["degenerate"]:
         warnings.warn(f"{cfg.method} at sparsity {cfg.sparsity}: the pruned model is degenerate: it predicts "
                       f"{p['top_prediction']!r} for {p['top_prediction_share']:.1%} of the {split} rows, so its "
@@ -531,21 +570,72 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
         distributed.check_batch_size(cfg.batch_size, mesh)
     if int(checkpoint_every) < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0 = off); got {checkpoint_every}")
-    ckpt = None
-    if checkpoint_every or resume:
-        if not cfg.out:
-            raise ValueError("checkpoints need an output folder (--out)")
-        if resume and not checkpoint_every:
-            raise ValueError("--resume needs checkpoints: use --checkpoint-every N with N > 0")
-        ckpt = checkpoint.Checkpointer(Path(cfg.out) / checkpoint.CHECKPOINT_DIR, cfg, every=checkpoint_every,
-                                       resume=resume)
-    with replacing_outputs(cfg.out), distributed.use_mesh(mesh), checkpoint.use(ckpt):
-        res = run_method(prepare(cfg, dataset))
+    if (checkpoint_every or resume) and not cfg.out:
+        raise ValueError("checkpoints need an output folder (--out)")
+    if resume and not checkpoint_every:
+        raise ValueError("--resume needs checkpoints: use --checkpoint-every N with N > 0")
+    with owning_folder(cfg.out):
+        loaded = load_checked(cfg, dataset)
+        ckpt = None
+        if checkpoint_every or resume:
+            ckpt = checkpoint.Checkpointer(Path(cfg.out) / checkpoint.CHECKPOINT_DIR, cfg,
+                                           every=checkpoint_every, resume=resume, data=loaded[0].fingerprint())
+        with replacing_outputs(cfg.out), distributed.use_mesh(mesh), checkpoint.use(ckpt):
+            res = run_method(prepare(cfg, loaded[0], _loaded=loaded))
     if ckpt is not None:
         ckpt.mark_complete()
     distributed.barrier("run-end")     # process 0 has written the outputs
     res.pop("_state", None)
     return res
+
+
+#: The file that marks an output folder as in use by a run (removed when the run ends, however it ends).
+LOCK_FILE = ".fairprune-run.lock"
+
+
+@contextlib.contextmanager
+def owning_folder(out: str | os.PathLike | None):
+    """The run holds ``out`` for as long as the block runs: a second run into the same folder (with or without
+    checkpoints) is refused at once, naming the first (its process id, host and start time). A lock left by a
+    killed run on this host (its process is gone) is taken over; one from another host is not guessed at."""
+    if not out or not distributed.is_primary():
+        yield
+        return
+    import json
+    import socket
+    lock = Path(out) / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                other = {}
+            if other.get("host") == me["host"] and not _process_alive(other.get("pid")):
+                lock.unlink(missing_ok=True)          # left by a run that was killed: take it over
+                continue
+            raise ValueError(f"--out {out} is in use by another fairprune run (process {other.get('pid', '?')} on "
+                             f"{other.get('host', '?')}, started {other.get('started', '?')}); wait for it to end or "
+                             f"choose another --out. If no such run is going, delete {lock}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _process_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 #: What a run writes into its output folder (set aside when a new run starts there, so none is ever stale).

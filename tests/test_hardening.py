@@ -154,8 +154,11 @@ def test_checkpoint_options(tmp_path):
 
 def test_resume_from_a_checkpoint_of_a_different_model(tmp_path):
     Checkpointer(tmp_path / "checkpoints", cfg(model="mlp", out=str(tmp_path)), every=5)  # an unfinished MLP run
-    with pytest.raises(CheckpointMismatchError, match=r"different run \(model: checkpoint 'mlp' vs now 'cnn'"):
-        run(cfg(model="cnn", out=str(tmp_path)), toy(), checkpoint_every=5, resume=True)
+    (tmp_path / "checkpoints" / "00-dense").mkdir()                                      # that saved a phase
+    with pytest.raises(CheckpointMismatchError, match=r"different run \(model: checkpoint 'mlp' vs now 'cnn'; "
+                                                      r"model_options: .*'hidden': \[16\].* vs now .*'hidden': 16"):
+        run(cfg(model="cnn", model_options={"hidden": 16}, out=str(tmp_path)), toy(), checkpoint_every=5,
+            resume=True)
     with pytest.raises(ValueError, match="unfinished run; pass --resume"):
         run(cfg(model="mlp", out=str(tmp_path)), toy(), checkpoint_every=5)
 

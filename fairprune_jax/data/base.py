@@ -12,7 +12,7 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -80,6 +80,27 @@ class Dataset:
         if self.val is not None:
             out["val"] = self.val
         return out
+
+    def fingerprint(self) -> dict:
+        """What identifies this data: rows per split, the feature shape, class and group names, and a content
+        hash over every split's features, labels and group ids (computed once per Dataset). ``--resume`` and
+        a comparison's finished cells are only reused for data with the same fingerprint."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return cached
+        import hashlib
+        h = hashlib.blake2b(digest_size=12)
+        for name, s in sorted(self.splits().items()):
+            for arr in (s.x, s.y, s.g):
+                a = np.ascontiguousarray(arr)
+                h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+                h.update(a.data)
+        h.update(repr((list(self.class_names), list(self.group_names))).encode())
+        fp = {"rows": {k: int(len(s)) for k, s in self.splits().items()},
+              "feature_shape": [int(d) for d in self.input_shape], "classes": len(self.class_names),
+              "groups": len(self.group_names), "content": h.hexdigest()}
+        self.__dict__["_fingerprint"] = fp
+        return fp
 
     def validate(self) -> None:
         """Raise a clear error if labels or group ids are out of range or shapes disagree."""
@@ -220,6 +241,39 @@ def parse_attr_list(spec: str | list[str] | tuple[str, ...], valid: list[str] | 
     return names
 
 
+#: A protected attribute is refused when it makes more than MANY_GROUPS groups holding a median of fewer rows than
+#: MIN_MEDIAN_GROUP_ROWS (a number column such as an age with decimals makes nearly every row its own group:
+#: nothing can be trained, measured or certified). A few small groups are only starred as small.
+MIN_MEDIAN_GROUP_ROWS, MANY_GROUPS = 5, 20
+
+
+def group_label(value: Any, *, quote: bool = False) -> str:
+    """A category as it is written into group names: control characters (a newline in a CSV cell) shown
+    escaped so a name stays on one line of every table; with ``quote`` (an intersection), a value holding the
+    separator ``|`` or a double quote is double-quoted, so ``p|q`` x ``r`` and ``p`` x ``q|r`` stay apart."""
+    s = str(value)
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in s):
+        s = s.encode("unicode_escape").decode("ascii")
+    if quote and ("|" in s or '"' in s):
+        s = '"' + s.replace('"', '""') + '"'
+    return s
+
+
+def check_group_sizes(sizes: np.ndarray, names: list[str], rows: int, *, dataset: str) -> None:
+    """Refuse groups too small to mean anything, with the numbers and the fix (bin the column)."""
+    sizes = np.asarray(sizes)
+    if sizes.size <= MANY_GROUPS:
+        return
+    median = float(np.median(sizes))
+    if median < MIN_MEDIAN_GROUP_ROWS:
+        raise ValueError(
+            f"{dataset}: the protected attribute makes {sizes.size} groups over {rows} rows (median "
+            f"{median:g} row(s) per group, {int((sizes == 1).sum())} groups of one row; e.g. "
+            f"{', '.join(names[:5])}): per-group accuracy, gaps and certificates need groups of many rows. A "
+            f"number column (an age, an income)? Bin it, e.g. --data-opt bins=COLUMN:30,45,60 (CSV), or choose a "
+            f"column of a few categories")
+
+
 def encode_groups(codes: list[np.ndarray], categories: list[list[str]], *, keep: np.ndarray | None = None,
                   dataset: str = "dataset") -> tuple[np.ndarray, list[str], dict]:
     """Group ids for the (intersection of) protected attributes.
@@ -254,13 +308,14 @@ def encode_groups(codes: list[np.ndarray], categories: list[list[str]], *, keep:
 
     def name(i: int) -> str:
         idx = np.unravel_index(i, dims)
-        return "|".join(str(categories[a][int(j)]) for a, j in enumerate(idx))
+        return "|".join(group_label(categories[a][int(j)], quote=len(codes) > 1) for a, j in enumerate(idx))
 
     dropped = [name(int(i)) for i in reported]
     if dropped:
         shown = ", ".join(dropped[:10]) + (f", ... ({len(dropped) - 10} more)" if len(dropped) > 10 else "")
         warnings.warn(f"{dataset}: {len(dropped)} protected group(s) have no rows after filtering and were "
                       f"dropped from the group names (ids re-numbered): {shown}", stacklevel=3)
+    check_group_sizes(after[present], [name(int(i)) for i in present], int(keep.sum()), dataset=dataset)
     remap = np.full(size, -1, np.int64)
     remap[present] = np.arange(len(present))
     g = remap[flat[keep]].astype(np.int32)

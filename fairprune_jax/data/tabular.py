@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv as _csv
 import dataclasses
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,10 +46,31 @@ _TYPE_ALIASES = {"numeric": "numeric", "num": "numeric", "number": "numeric", "f
 # Reading
 # ---------------------------------------------------------------------------
 
+#: Compressed files are recognised by their first bytes, whatever their name (``.csv.gz``, ``.bz2``, ``.xz``).
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+
+
+def read_bytes(path: Path) -> tuple[bytes, str | None]:
+    """The file's bytes, decompressed when it is gzip / bz2 / xz (recognised by content), and the codec used."""
+    import importlib
+    raw = path.read_bytes()
+    for magic, module in _COMPRESSED:
+        if raw.startswith(magic):
+            try:
+                return importlib.import_module(module).decompress(raw), module
+            except Exception as e:  # noqa: BLE001 - a truncated archive
+                raise ValueError(f"{path}: looks {module}-compressed but cannot be decompressed ({e}); "
+                                 "is the file complete?") from None
+    if raw.startswith(b"PK\x03\x04"):
+        raise ValueError(f"{path} is a zip archive; unzip it and pass the CSV file inside")
+    return raw, None
+
+
 def read_text(path: Path, encoding: str | None = None) -> tuple[str, str]:
     """The file's text and the encoding that read it: ``encoding``, else UTF-8 (byte-order mark skipped), else
-    the first of ``ENCODINGS`` that decodes it (UTF-16 with a byte-order mark is recognised)."""
-    raw = path.read_bytes()
+    the first of ``ENCODINGS`` that decodes it (UTF-16 with a byte-order mark is recognised). Compressed files
+    (gzip, bz2, xz) are decompressed first."""
+    raw, _ = read_bytes(path)
     if encoding is not None:
         try:
             return raw.decode(encoding), encoding
@@ -131,6 +153,44 @@ def as_float(values: np.ndarray, missing: np.ndarray) -> np.ndarray | None:
     except ValueError:
         return None
     return out
+
+
+def canonical_numbers(values: np.ndarray) -> np.ndarray:
+    """One spelling per number: every value that parses as a finite number is rewritten to its shortest form
+    (``1``, ``1.0``, ``01``, `` 1e0`` -> ``1``; ``2.50`` -> ``2.5``), so numbers that are equal are one label,
+    one group and one category; other values are kept as they are."""
+    values = np.asarray(values)
+    if values.size == 0:
+        return values
+    uniq, inverse = np.unique(values.astype(str), return_inverse=True)
+    out = []
+    for v in uniq.tolist():
+        try:
+            f = float(v)
+        except ValueError:
+            out.append(v)
+            continue
+        if not np.isfinite(f) or v.strip().lower() in _MISSING_LOWER:
+            out.append(v)
+        elif f == int(f) and abs(f) < 2 ** 53:
+            out.append(str(int(f)))
+        else:
+            out.append(repr(f))
+    return np.asarray(out, dtype=str)[inverse.reshape(values.shape)]
+
+
+def warn_case_variants(column: str, values: np.ndarray, *, what: str = "column", stacklevel: int = 3) -> None:
+    """Values that differ only by letter case or inner spacing (``Male`` / ``male`` / ``MALE``) stay apart
+    (they may mean different things) but are warned about, since they are usually one value typed two ways."""
+    seen: dict[str, list[str]] = {}
+    for v in sorted(set(np.asarray(values).astype(str).tolist())):
+        seen.setdefault(" ".join(v.split()).casefold(), []).append(v)
+    clashes = [vs for vs in seen.values() if len(vs) > 1]
+    if clashes:
+        shown = "; ".join(" / ".join(repr(v) for v in vs) for vs in clashes[:5])
+        warnings.warn(f"csv: {what} {column!r} has values that differ only by case or spacing ({shown}"
+                      f"{' ...' if len(clashes) > 5 else ''}); they are kept as different values. If they are one "
+                      "value, write them one way in the file", stacklevel=stacklevel)
 
 
 def sorted_values(values: Sequence[str]) -> list[str]:
@@ -413,7 +473,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
              column_types: str | None = None, drop_columns: str | None = None, features: str | None = None,
              include_protected: bool = True, drop_missing: bool = True, test_fraction: float = 0.2,
              val_fraction: float | None = None, seed: int = 0, delimiter: str | None = None,
-             encoding: str | None = None) -> Dataset:
+             encoding: str | None = None, bins: str | None = None) -> Dataset:
     """Load any CSV file (``data_dir`` is the file path) as a tabular classification dataset.
 
     ``target`` names the label column; ``positive_label`` makes the task binary
@@ -436,7 +496,14 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     ``None``, ``-``, ``--``, in any case) are missing. Rows with missing values are dropped (counted
     in meta) unless ``drop_missing=False``, which keeps rows whose missing
     values are only in feature columns (numeric -> train mean, categorical ->
-    a ``<missing>`` category).
+    a ``<missing>`` category). Numbers that are equal are one value (``1``,
+    ``1.0``, ``01``); values differing only by case or spacing are warned
+    about. ``bins="age:30,45,60"`` groups a numeric protected column into
+    ranges (``<30``, ``30-45``, ``45-60``, ``>=60``; several columns separated
+    by ``;``): a protected column whose groups hold a median of fewer than 5
+    rows is refused (an age with decimals would make one group per row).
+    A gzip / bz2 / xz file is read as is; an Excel ``sep=;`` first line sets
+    the delimiter.
     """
     if data_dir is None:
         raise ValueError(f"csv: pass the CSV file path as data_dir (--data-dir); expected {CSV_LAYOUT}")
@@ -452,6 +519,11 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     if delimiter is not None and delimiter not in DELIMITERS and len(delimiter) != 1:
         raise ValueError(f"csv: delimiter must be one character such as , ; | or a tab; got {delimiter!r}")
+    excel = re.fullmatch(r'\s*"?sep=(.)"?\s*', first)
+    if excel:      # spreadsheet exports may name their delimiter on a first line of its own: "sep=;"
+        delimiter = delimiter if delimiter is not None else excel.group(1)
+        text = text[text.index(first) + len(first):]
+        first = next((ln for ln in text.splitlines() if ln.strip()), "")
     delim = delimiter if delimiter is not None else sniff_delimiter(first)
     rows = read_rows(path, delimiter=delim, text=text)
     if not rows:
@@ -470,7 +542,8 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
                       f"data row {again[0] + 2}); those lines were skipped", stacklevel=3)
     if not body:
         raise ValueError(f"csv: {path} has a header but no data rows")
-    cols = rows_to_columns(body, header, path=path, first_line=2)
+    cols = rows_to_columns(body, header, path=path, first_line=2 + bool(excel))
+    cols = {c: canonical_numbers(v) for c, v in cols.items()}
     if target is None:
         raise ValueError(f"csv: pass target=<label column>; columns in {path.name}: {', '.join(header)}")
     if target not in header:
@@ -510,10 +583,21 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
                 cols[c] = np.where(odd_nan, "", cols[c])
         else:
             _warn_near_unique(c, cols[c][~miss], len(body))
+            if c not in attrs:
+                warn_case_variants(c, cols[c][~miss], what="feature column", stacklevel=4)
+    for c, what in [(target, "target column")] + [(a, "protected column") for a in attrs]:
+        warn_case_variants(c, cols[c][~missing_mask(cols[c])], what=what, stacklevel=4)
     for c in attrs:  # a numeric protected column groups by exact value; categories sort numerically
         if types.get(c) == "numeric" and as_float(cols[c], missing_mask(cols[c])) is None:
             raise ValueError(f"csv: protected column {c!r} is declared numeric but has non-numeric values")
-    group_attrs = [attr_from_column(c, cols[c]) for c in attrs]
+    binned = parse_bins(bins, attrs)
+    group_attrs = []
+    for c in attrs:
+        if c in binned:
+            values, ranges = bin_column(c, cols[c], binned[c])
+            group_attrs.append(attr_from_column(c, values, categories=ranges))
+        else:
+            group_attrs.append(attr_from_column(c, cols[c]))
 
     target_values = cols[target]
     tmiss = missing_mask(target_values)
@@ -547,6 +631,47 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
         "csv", cols, None, feature_columns=features, numeric_columns=numeric, target_column=target,
         labels=labels, group_attrs=group_attrs, drop_missing=drop_missing, test_fraction=test_fraction,
         val_fraction=val_fraction, seed=seed, meta=meta, check_leaks=True)
+
+
+def parse_bins(spec: str | dict | None, attrs: Sequence[str]) -> dict[str, list[float]]:
+    """``"age:30,45,60;income:20000"`` (or a dict) -> ``{"age": [30, 45, 60], ...}``: bin edges per protected
+    column, ascending."""
+    if spec is None or spec == "":
+        return {}
+    items = spec.items() if isinstance(spec, dict) else [
+        part.split(":", 1) if ":" in part else (part, "") for part in str(spec).split(";") if part.strip()]
+    out = {}
+    for col, edges in items:
+        col = str(col).strip()
+        if col not in attrs:
+            raise ValueError(f"csv: bins names {col!r}, which is not a protected column ({', '.join(attrs)}); "
+                             "write bins=\"COLUMN:EDGE,EDGE,...\"")
+        try:
+            vals = [float(e) for e in (edges if isinstance(edges, (list, tuple)) else str(edges).split(",")) if
+                    str(e).strip()]
+        except ValueError:
+            vals = []
+        if not vals or not all(np.isfinite(vals)) or sorted(set(vals)) != vals:
+            raise ValueError(f"csv: bins for {col!r} must be increasing finite numbers, like "
+                             f"bins=\"{col}:30,45,60\"; got {edges!r}")
+        out[col] = vals
+    return out
+
+
+def bin_column(col: str, values: np.ndarray, edges: list[float]) -> tuple[np.ndarray, list[str]]:
+    """A numeric column's values replaced by the names of their ranges (``<30``, ``30-45``, ``>=60``), and the
+    range names in order; missing values stay missing."""
+    miss = missing_mask(values)
+    f = as_float(values, miss)
+    if f is None:
+        raise ValueError(f"csv: bins for {col!r} need a numeric column; it has values such as "
+                         f"{[v for v in values.tolist() if not _is_number(v)][:3]}")
+    fmt = lambda e: f"{e:g}"  # noqa: E731
+    names = [f"<{fmt(edges[0])}"] + [f"{fmt(a)}-{fmt(b)}" for a, b in zip(edges, edges[1:])] + [f">={fmt(edges[-1])}"]
+    idx = np.searchsorted(np.asarray(edges), np.where(miss, 0.0, f), side="right")
+    out = np.where(miss, values, np.asarray(names, dtype=object)[idx]).astype(str)
+    present = set(out[~miss].tolist())
+    return out, [n for n in names if n in present]
 
 
 def _check_finite(col: str, values: np.ndarray, missing: np.ndarray) -> np.ndarray | None:

@@ -70,10 +70,28 @@ class CustomModel(FunctionalModel):
 
     def call(self, module: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
         if self.mode == "train":
-            return module(x, train=train)
-        if self.mode == "deterministic":
-            return module(x, deterministic=not train)
-        return module(x)
+            out = module(x, train=train)
+        elif self.mode == "deterministic":
+            out = module(x, deterministic=not train)
+        else:
+            out = module(x)
+        return logits_of(out, type(module).__name__)
+
+
+def logits_of(out: Any, name: str = "the model") -> jax.Array:
+    """The logits in what a module returns: an array as is; a tuple or list ``(logits, aux, ...)``: its first
+    element; a dict: its ``"logits"`` entry. Anything else is a ``TypeError`` saying what came back."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    elif isinstance(out, dict):
+        if "logits" not in out:
+            raise TypeError(f"{name} returns a dict with keys {sorted(out)[:8]}; fairprune reads the logits from "
+                            "its 'logits' entry (or from the first element of a tuple)")
+        out = out["logits"]
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"{name} returns {type(out).__name__}; fairprune needs the logits, an array of shape "
+                        "(batch, classes) (or a tuple whose first element is that array)")
+    return out
 
 
 def call_mode(module: nnx.Module) -> str:
