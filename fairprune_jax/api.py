@@ -170,8 +170,13 @@ def _split(arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None, name: str) 
     x, y, g = arrays
     for what, a in (("labels y", y), ("group ids g", g)):
         if a.size and not np.issubdtype(a.dtype, np.integer):
+            bad = int((~np.isfinite(a)).sum()) if np.issubdtype(a.dtype, np.floating) else 0
+            if bad:
+                raise ValueError(f"{name}: {what} has {bad} missing (NaN / inf) value(s); drop those rows or give "
+                                 "them a value")
             if not np.all(np.equal(np.mod(a, 1), 0)):
-                raise ValueError(f"{name}: {what} must be integers; got dtype {a.dtype}")
+                raise ValueError(f"{name}: {what} must be integers (or names); got dtype {a.dtype} with fractions "
+                                 f"such as {a[np.mod(a, 1) != 0][:3].tolist()}")
     if x.ndim < 2:
         raise ValueError(f"{name}: x must have shape (n, features...); got {x.shape}")
     try:
@@ -203,7 +208,10 @@ def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | Non
     n_cls = max(int(max(s.y.max() for s in splits)) + 1, 2)
     if num_classes is not None:
         if n_cls > num_classes:
-            raise ValueError(f"labels go up to {n_cls - 1} but the model returns {num_classes} logits")
+            hint = (" (a single output with a sigmoid, as for logistic regression? fairprune needs one logit per "
+                    "class: 2 for a binary target, trained with softmax cross-entropy)" if num_classes == 1 else
+                    " (a class in test or val that the model has no output for?)")
+            raise ValueError(f"labels go up to {n_cls - 1} but the model returns {num_classes} logit(s){hint}")
         n_cls = num_classes
     n_grp = int(max(s.g.max() for s in splits)) + 1
     if min(int(s.g.min()) for s in splits) < 0 or min(int(s.y.min()) for s in splits) < 0:

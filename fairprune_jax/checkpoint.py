@@ -370,3 +370,53 @@ def read_final(out: str | Path, phase: str | None = None) -> dict:
         return np.asarray(x)
 
     return {"phase": name, "state": jax.tree.map(to_np, out_tree["state"]), "meta": out_tree["meta"]}
+
+
+# ---------------------------------------------------------------------------
+# A pytree with its metadata, one atomic write (the dense-model cache of a comparison)
+# ---------------------------------------------------------------------------
+
+def save_tree(path: str | Path, tree: Any, meta: dict) -> None:
+    """Write ``tree`` and its JSON ``meta`` as one orbax checkpoint under ``path``: both land together (orbax
+    renames the finished step into place) or not at all; a previous one is replaced only once this is
+    complete."""
+    ocp = _ocp()
+    with contextlib.closing(_manager(Path(path).absolute())) as mngr:
+        step = (mngr.latest_step() or 0) + 1
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+                  force=True)
+        mngr.wait_until_finished()
+
+
+def read_tree_meta(path: str | Path) -> dict | None:
+    """The metadata written by :func:`save_tree` (without reading the arrays), or None when there is none."""
+    path = Path(path).absolute()
+    if not path.is_dir():
+        return None
+    ocp = _ocp()
+    try:
+        with contextlib.closing(_manager(path, read_only=True)) as mngr:
+            step = mngr.latest_step()
+            if step is None:
+                return None
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # noqa: BLE001 - unreadable: treated as absent (the caller retrains)
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def load_tree(path: str | Path, template: Any) -> Any | None:
+    """The tree written by :func:`save_tree`, its leaves matched to ``template`` by name (and shape), or None
+    when it does not fit (another model) or cannot be read."""
+    ocp = _ocp()
+    path = Path(path).absolute()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    try:
+        with contextlib.closing(_manager(path, read_only=True)) as mngr:
+            step = mngr.latest_step()
+            if step is None:
+                return None
+            return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except Exception:  # noqa: BLE001 - a tree of another structure or a damaged file: not this cache
+        return None
+

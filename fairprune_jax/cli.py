@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     import dataclasses
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out is empty; name the folder for the run's outputs (or leave --out out for the default)")
     out = None if args.out is None else os.path.expanduser(args.out)
     cfg = RunConfig(
         method=args.method, dataset=args.dataset, model=args.model,

@@ -137,13 +137,38 @@ def _check_variants(path: Path, variants: Any) -> dict:
     return out
 
 
+def read_toml(path: Path) -> dict:
+    """A TOML file's table, or a ``ValueError`` naming the file and the line that does not parse."""
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
+
+
+#: Top-level keys whose value is text.
+TEXT_KEYS = ("name", "dataset", "data_dir", "out", "fairness_metric", "sparsity_axis")
+
+
 def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
-    """Read and check a comparison TOML; unknown keys are errors naming the valid ones."""
+    """Read and check a comparison TOML; unknown keys are errors naming the valid ones, and every error names
+    the file."""
     path = Path(path)
+    try:
+        return _load_config(path, out)
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _load_config(path: Path, out: str | None = None) -> CompareConfig:
     if not path.is_file():
         raise FileNotFoundError(f"comparison config {path} not found (expected a TOML file, "
                                 "see experiments/*.toml)")
-    raw = tomllib.loads(path.read_text())
+    raw = read_toml(path)
+    wrong = [k for k in TEXT_KEYS if k in raw and not isinstance(raw[k], str)]
+    if wrong:
+        raise ValueError(f"{path}: {wrong[0]} must be text (in quotes); got {raw[wrong[0]]!r}")
     unknown = set(raw) - TOP_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(sorted(TOP_KEYS))}")
@@ -221,6 +246,8 @@ def load_config(path: str | Path, out: str | None = None) -> CompareConfig:
     out_dir = Path(out) if out else Path(raw.get("out", base / "results" / name))
     if not out_dir.is_absolute() and not out and "out" in raw:
         out_dir = base / out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{path}: the output folder {out_dir} is an existing file; choose another --out")
     return CompareConfig(name=name, dataset=raw["dataset"], methods=list(raw["methods"]),
                          sparsities=[float(s) for s in raw["sparsities"]], seeds=[int(s) for s in raw["seeds"]],
                          out=out_dir, data_dir=data_dir, tolerance=raw.get("tolerance"), run=raw.get("run", {}),
@@ -286,18 +313,6 @@ def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path
 def dense_dir(cc: CompareConfig, seed: int) -> Path:
     """Where a grid keeps the trained dense model of a seed (not committed: large, and rebuilt by a rerun)."""
     return cc.out / "dense" / f"seed{seed}"
-
-
-def dense_cached(folder: Path, cfg: RunConfig) -> bool:
-    """A saved dense model for this dense config exists (checked by fingerprint, without loading it)."""
-    from fairprune_jax.runner import dense_fingerprint
-    meta = folder / "dense.json"
-    if not (meta.exists() and (folder / "dense.npz").exists()):
-        return False
-    try:
-        return json.loads(meta.read_text()).get("fingerprint") == dense_fingerprint(cfg)
-    except (OSError, ValueError):
-        return False
 
 
 def cell_config(cc: CompareConfig, method: str, sparsity: float, seed: int) -> RunConfig:
@@ -380,18 +395,18 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     before training and says which cells differ and how."""
     from fairprune_jax.methods import get_method
     from fairprune_jax import distributed
-    from fairprune_jax.runner import prepare, prepare_seeds, run_method, save_dense
+    from fairprune_jax.data import load_dataset
+    from fairprune_jax.runner import dense_cached, prepare, prepare_seeds, run_method, save_dense
 
     primary = distributed.is_primary()
     cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
     todo = [c for c in cells if not (cell_dir(cc, c[1], c[2], c[0]) / "results.json").exists()]
     finished = [c for c in cells if c not in todo]
-    dataset = None
-    if finished:
-        from fairprune_jax.data import load_dataset
-        c0 = cell_config(cc, *finished[0][1:], finished[0][0])
-        dataset = load_dataset(c0.dataset, c0.data_dir, **c0.dataset_options)
-    check_finished_cells(cc, finished, None if dataset is None else dataset.fingerprint())
+    # the data, loaded once for every seed: finished cells and cached dense models are reused only for it
+    c0 = cell_config(cc, cc.methods[0], cc.sparsities[0], cc.seeds[0])
+    dataset = load_dataset(c0.dataset, c0.data_dir, **c0.dataset_options)
+    data = dataset.fingerprint()
+    check_finished_cells(cc, finished, data)
     # Over several processes: all follow process 0's view of which cells are done (they share the folder),
     # and nobody writes before every process has looked.
     done = distributed.agree(len(cells) - len(todo))
@@ -416,7 +431,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     todo_seeds = [seed for seed in cc.seeds if any(c[0] == seed for c in todo)]
     prepared = {}
     # a seed whose dense model was saved by an earlier run of this grid (same dense config) is not retrained
-    untrained = [s for s in todo_seeds if not dense_cached(dense_dir(cc, s), dense_config(s))]
+    untrained = [s for s in todo_seeds if not dense_cached(dense_dir(cc, s), dense_config(s), data)]
     if cc.parallel_seeds and len(untrained) > 1 and distributed.current_mesh() is not None:
         warnings.warn("parallel_seeds = true does not combine with a device mesh (--devices, --distributed): "
                       "the dense models are trained one seed after another, each data-parallel", stacklevel=2)
@@ -425,7 +440,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
         prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))
         for seed, prep in prepared.items():
             if primary:
-                save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history)
+                save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history, data)
     from fairprune_jax import tracking
 
     def tracker(folder: Path):
@@ -438,7 +453,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
             prep = prepared.pop(seed)
         else:
             # a cached dense model is not retrained: its events (if any) stay as they are
-            cached = dense_cached(dense_dir(cc, seed), dense_config(seed))
+            cached = dense_cached(dense_dir(cc, seed), dense_config(seed), data)
             with tracking.use(None if cached else tracker(dense_dir(cc, seed))):
                 prep = prepare(dense_config(seed), dataset, dense_cache=dense_dir(cc, seed))
         for _, m, s in seed_todo:
@@ -942,13 +957,13 @@ class Suite:
 
 def is_suite(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_file() and "suite" in tomllib.loads(path.read_text())
+    return path.is_file() and "suite" in read_toml(path)
 
 
 def load_suite(path: str | Path, out: str | None = None) -> Suite:
     """A suite TOML: ``suite = [comparison TOMLs]`` (relative to it), optional ``name``, ``out``, ``columns``."""
     path = Path(path)
-    raw = tomllib.loads(path.read_text())
+    raw = read_toml(path)
     unknown = set(raw) - SUITE_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in a suite; valid keys: "

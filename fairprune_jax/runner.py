@@ -318,13 +318,13 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
     ds, load_s = _loaded if _loaded is not None else load_checked(cfg, dataset)
     ctx, params, model_state = build_context(cfg, ds, model)
     if dense is None and dense_cache is not None:
-        dense = load_dense(dense_cache, cfg, dense_start(ctx, params, model_state)[0])
+        dense = load_dense(dense_cache, cfg, dense_start(ctx, params, model_state)[0], ds.fingerprint())
         cached = dense is not None
     else:
         cached = True
     prep = _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
     if dense_cache is not None and not cached and distributed.is_primary():
-        save_dense(dense_cache, cfg, prep.dense, prep.dense_history)
+        save_dense(dense_cache, cfg, prep.dense, prep.dense_history, ds.fingerprint())
     return prep
 
 
@@ -334,46 +334,41 @@ NOT_DENSE = {"method", "sparsity", "method_options", "out", "save_compact", "pro
              "eval_batch_size", "distribution", "exclude_first", "exclude_last", "positive_label"}
 
 
-def dense_fingerprint(cfg: RunConfig) -> dict:
-    """What the dense run depends on: the config without the per-method fields, and the JAX version."""
+def dense_fingerprint(cfg: RunConfig, data: dict | None = None) -> dict:
+    """What the dense run depends on: the config without the per-method fields, the data's fingerprint
+    (:meth:`Dataset.fingerprint`) and the JAX version."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_DENSE}
-    return _jsonable({"config": d, "jax": jax.__version__})
+    return _jsonable({"config": d, "data": data, "jax": jax.__version__})
 
 
-def save_dense(folder: Path, cfg: RunConfig, state: TrainState, history: dict) -> None:
-    """Write a trained dense state (every leaf, PRNG keys as their data) and its history into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    leaves = [np.asarray(jax.random.key_data(x)) if _is_key(x) else np.asarray(_host(x))
-              for x in jax.tree.leaves(state)]
-    tmp = folder / "dense.tmp.npz"
-    np.savez(tmp, *leaves)
-    tmp.replace(folder / "dense.npz")
-    report.write_json_atomic({"fingerprint": dense_fingerprint(cfg), "history": _jsonable(history)},
-                             folder / "dense.json")
+#: The dense-model cache inside its folder: one orbax checkpoint (state + fingerprint and history, one write).
+DENSE_CACHE = "dense-cache"
 
 
-def load_dense(folder: Path, cfg: RunConfig, template: TrainState) -> tuple[TrainState, dict] | None:
-    """The dense state saved by :func:`save_dense` for a config with the same dense run, else None."""
-    folder = Path(folder)
-    meta_file, arrays = folder / "dense.json", folder / "dense.npz"
-    if not (meta_file.exists() and arrays.exists()):
+def save_dense(folder: Path, cfg: RunConfig, state: TrainState, history: dict, data: dict | None = None) -> None:
+    """Write a trained dense state and its fingerprint and history into ``folder`` (one atomic orbax write)."""
+    state = jax.tree.map(lambda x: jnp.asarray(_host(x)) if not _is_key(x) else x, state)
+    checkpoint.save_tree(Path(folder) / DENSE_CACHE, state,
+                         {"fingerprint": dense_fingerprint(cfg, data), "history": _jsonable(history)})
+
+
+def dense_cached(folder: Path, cfg: RunConfig, data: dict | None = None) -> bool:
+    """A saved dense model for this dense config and data exists (its fingerprint read, not its arrays)."""
+    meta = checkpoint.read_tree_meta(Path(folder) / DENSE_CACHE)
+    return meta is not None and meta.get("fingerprint") == dense_fingerprint(cfg, data)
+
+
+def load_dense(folder: Path, cfg: RunConfig, template: TrainState, data: dict | None = None
+               ) -> tuple[TrainState, dict] | None:
+    """The dense state saved by :func:`save_dense` for the same dense config and data, its leaves matched by
+    name and shape; None when there is none or it does not fit (then the dense model is trained)."""
+    meta = checkpoint.read_tree_meta(Path(folder) / DENSE_CACHE)
+    if meta is None or meta.get("fingerprint") != dense_fingerprint(cfg, data):
         return None
-    import json
-    meta = json.loads(meta_file.read_text())
-    if meta.get("fingerprint") != dense_fingerprint(cfg):
+    state = checkpoint.load_tree(Path(folder) / DENSE_CACHE, template)
+    if state is None:
         return None
-    leaves, treedef = jax.tree.flatten(template)
-    with np.load(arrays) as z:
-        saved = [z[f"arr_{i}"] for i in range(len(z.files))]
-    if len(saved) != len(leaves):
-        return None
-    out = [jax.random.wrap_key_data(jnp.asarray(v)) if _is_key(t) else jnp.asarray(v, dtype=t.dtype)
-           for t, v in zip(leaves, saved)]
-    if any(np.shape(a) != np.shape(t) for a, t in zip(out, leaves)):
-        return None
-    history = dict(meta["history"], cached=True)
-    return jax.tree.unflatten(treedef, out), history
+    return state, dict(meta["history"], cached=True)
 
 
 def _is_key(x: Any) -> bool:

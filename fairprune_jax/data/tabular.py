@@ -71,6 +71,12 @@ def read_text(path: Path, encoding: str | None = None) -> tuple[str, str]:
     the first of ``ENCODINGS`` that decodes it (UTF-16 with a byte-order mark is recognised). Compressed files
     (gzip, bz2, xz) are decompressed first."""
     raw, _ = read_bytes(path)
+    if raw.startswith(b"PAR1"):
+        raise ValueError(f"{path} is a Parquet file, not a CSV; write it as CSV first "
+                         "(pandas.read_parquet(path).to_csv(\"data.csv\", index=False))")
+    if b"\x00" in raw[:4096] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"{path} is not a text file (it holds NUL bytes: a binary, a spreadsheet or an archive); "
+                         "pass a CSV file (from a spreadsheet: save as CSV)")
     if encoding is not None:
         try:
             return raw.decode(encoding), encoding
@@ -153,6 +159,40 @@ def as_float(values: np.ndarray, missing: np.ndarray) -> np.ndarray | None:
     except ValueError:
         return None
     return out
+
+
+_COMMA_DECIMAL = re.compile(r"^[+-]?\d+,\d+$")
+_THOUSANDS = {",": re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$"), ".": re.compile(r"^[+-]?\d{1,3}(\.\d{3})+(,\d+)?$"),
+              " ": re.compile(r"^[+-]?\d{1,3}( \d{3})+([.,]\d+)?$"), "'": re.compile(r"^[+-]?\d{1,3}('\d{3})+(\.\d+)?$")}
+
+
+def number_format(values: np.ndarray, decimal: str = ".", thousands: str | None = None) -> np.ndarray:
+    """Numbers written the local way rewritten the standard way: ``thousands`` separators dropped (``1,234``
+    -> ``1234``) and a ``decimal`` comma made a point (``3,5`` -> ``3.5``), only in values that are such numbers."""
+    if decimal == "." and thousands is None:
+        return values
+    uniq, inverse = np.unique(np.asarray(values).astype(str), return_inverse=True)
+    out = []
+    for v in uniq.tolist():
+        s = v.strip()
+        if thousands is not None and _THOUSANDS[thousands].match(s):
+            s = s.replace(thousands, "")
+        if decimal == "," and re.fullmatch(r"[+-]?\d+(,\d+)?", s):
+            s = s.replace(",", ".")
+        out.append(s if s != v.strip() else v)
+    return np.asarray(out, dtype=str)[inverse.reshape(np.shape(values))]
+
+
+def _warn_comma_numbers(col: str, values: np.ndarray) -> None:
+    """A column read as categorical whose values are numbers written with commas (``3,5``, ``1,234``)."""
+    if values.size == 0:
+        return
+    words = [v for v in set(values.tolist()) if not _is_number(v)]        # the values that are not plain numbers
+    commas = [v for v in words if _COMMA_DECIMAL.match(v) or _THOUSANDS[","].match(v)]
+    if commas and len(commas) == len(words):
+        warnings.warn(f"csv: column {col!r} holds numbers written with a comma ({', '.join(sorted(commas)[:3])}) "
+                      "and is read as categories; pass decimal=\",\" (3,5 is three and a half) or thousands=\",\" "
+                      "(1,234 is one thousand ...) to read it as numbers (--data-opt decimal=, )", stacklevel=5)
 
 
 def canonical_numbers(values: np.ndarray) -> np.ndarray:
@@ -473,7 +513,8 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
              column_types: str | None = None, drop_columns: str | None = None, features: str | None = None,
              include_protected: bool = True, drop_missing: bool = True, test_fraction: float = 0.2,
              val_fraction: float | None = None, seed: int = 0, delimiter: str | None = None,
-             encoding: str | None = None, bins: str | None = None) -> Dataset:
+             encoding: str | None = None, bins: str | None = None, decimal: str = ".",
+             thousands: str | None = None) -> Dataset:
     """Load any CSV file (``data_dir`` is the file path) as a tabular classification dataset.
 
     ``target`` names the label column; ``positive_label`` makes the task binary
@@ -503,8 +544,15 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     by ``;``): a protected column whose groups hold a median of fewer than 5
     rows is refused (an age with decimals would make one group per row).
     A gzip / bz2 / xz file is read as is; an Excel ``sep=;`` first line sets
-    the delimiter.
+    the delimiter; a trailing delimiter on every line (an empty last column)
+    is dropped. ``decimal=","`` reads ``3,5`` as 3.5; ``thousands`` (``,``,
+    ``.``, a space or ``'``) is dropped from numbers such as ``1,234``.
     """
+    if decimal not in (".", ","):
+        raise ValueError(f"csv: decimal must be \".\" or \",\"; got {decimal!r}")
+    if thousands is not None and (thousands not in _THOUSANDS or thousands == decimal):
+        raise ValueError(f"csv: thousands must be one of {', '.join(map(repr, _THOUSANDS))} and differ from the "
+                         f"decimal mark; got {thousands!r}")
     if data_dir is None:
         raise ValueError(f"csv: pass the CSV file path as data_dir (--data-dir); expected {CSV_LAYOUT}")
     path = Path(data_dir)
@@ -529,6 +577,8 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     if not rows:
         raise ValueError(f"csv: {path} is empty; expected {CSV_LAYOUT}")
     header, body = rows[0], rows[1:]
+    if len(header) > 1 and header[-1] == "" and all(len(r) == len(header) and r[-1] == "" for r in body):
+        header, body = header[:-1], [r[:-1] for r in body]       # every line ends with the delimiter
     empty = [str(i + 1) for i, h in enumerate(header) if h == ""]
     repeated = {h: [i + 1 for i, x in enumerate(header) if x == h] for h in header if h and header.count(h) > 1}
     if empty or repeated:
@@ -543,7 +593,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     if not body:
         raise ValueError(f"csv: {path} has a header but no data rows")
     cols = rows_to_columns(body, header, path=path, first_line=2 + bool(excel))
-    cols = {c: canonical_numbers(v) for c, v in cols.items()}
+    cols = {c: canonical_numbers(number_format(v, decimal, thousands)) for c, v in cols.items()}
     if target is None:
         raise ValueError(f"csv: pass target=<label column>; columns in {path.name}: {', '.join(header)}")
     if target not in header:
@@ -576,6 +626,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
             kind = "numeric" if as_float(cols[c], miss) is not None and (~miss).any() else "categorical"
             if kind == "categorical":
                 _warn_mostly_numbers(c, cols[c][~miss])
+                _warn_comma_numbers(c, cols[c][~miss])
         if kind == "numeric":
             numeric.append(c)
             odd_nan = _check_finite(c, cols[c], miss)

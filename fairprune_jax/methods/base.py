@@ -241,9 +241,10 @@ class Method:
         for k, v in dataclasses.asdict(opts).items():    # nan / inf pass every range check below: refuse them
             if isinstance(v, float) and not math.isfinite(v) and not (v == float("inf") and k in INF_OPTIONS):
                 raise ValueError(f"method {self.name!r}: option {k!r} must be a finite number; got {v!r}")
-        d = getattr(opts, "distill", 0.0)     # every fine-tuning method's distillation weight (finite: above)
-        if d < 0:
-            raise ValueError(f"method {self.name!r}: option 'distill' must be a weight >= 0 (0: off); got {d!r}")
+            # no float option of any method is signed (bounds, rates, weights, fractions): a negative one is a typo
+            if isinstance(v, float) and v < 0:
+                raise ValueError(f"method {self.name!r}: option {k!r} must be >= 0; got {v!r}"
+                                 + (" (0: off)" if k == "distill" else ""))
         if self.check is not None:
             checked = self.check(opts)
             opts = opts if checked is None else checked

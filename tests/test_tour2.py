@@ -1,0 +1,323 @@
+"""The second tour of inputs (issue "nothing silent, nothing lost"; docs/HARDENING.md rows 59-): one test per
+class of failure. Values written two ways, groups that cannot mean anything, names that collide, files in other
+formats, runs that would overwrite or reuse another run's results, and inputs that used to end in a traceback."""
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fairprune_jax import compare, runner
+from fairprune_jax.checkpoint import CheckpointMismatchError, Checkpointer
+from fairprune_jax.data.base import Dataset, Split, encode_groups, group_label
+from fairprune_jax.data.tabular import canonical_numbers, load_csv
+from fairprune_jax.methods.base import RunConfig
+
+from test_hardening import cfg, toy
+
+
+def write_csv(path: Path, header: list[str], rows: list[list], *, sep: str = ",") -> Path:
+    path.write_text("\n".join(sep.join(map(str, r)) for r in [header] + rows) + "\n")
+    return path
+
+
+def table(n: int = 240, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(size=n).round(3), rng.normal(size=n).round(3)
+    g = rng.integers(0, 2, n)
+    y = (x1 + 0.5 * g > 0).astype(int)
+    return x1, x2, g, y
+
+
+# ---------------------------------------------------------------------------
+# One value, one spelling
+# ---------------------------------------------------------------------------
+
+def test_numbers_that_are_equal_are_one_label_and_one_group(tmp_path):
+    x1, x2, g, y = table()
+    # the target writes some 1s as 1.0 and the protected column some 1s as 1.0 and 01
+    rows = [[a, b, ["1", "1.0", "01"][i % 3] if gg else "2", ("1.0" if yy and i % 2 else yy)]
+            for i, (a, b, gg, yy) in enumerate(zip(x1, x2, g, y))]
+    ds = load_csv(write_csv(tmp_path / "d.csv", ["x1", "x2", "grp", "y"], rows), target="y", protected="grp")
+    assert ds.class_names == ["0", "1"]
+    assert ds.group_names == ["1", "2"]
+    assert list(canonical_numbers(np.array(["1", "1.0", "01", "2.50", "abc", "", "NaN", "1e0"]))) == \
+        ["1", "1", "1", "2.5", "abc", "", "NaN", "1"]
+
+
+def test_values_differing_only_by_case_or_spacing_are_warned(tmp_path):
+    x1, x2, g, y = table()
+    rows = [[a, b, ["Male", "male", "MALE", "Female"][i % 4], yy] for i, (a, b, yy) in enumerate(zip(x1, x2, y))]
+    with pytest.warns(UserWarning, match=r"protected column 'sex' has values that differ only by case or spacing "
+                                         r"\('MALE' / 'Male' / 'male'\)"):
+        ds = load_csv(write_csv(tmp_path / "d.csv", ["x1", "x2", "sex", "y"], rows), target="y", protected="sex")
+    assert len(ds.group_names) == 4     # kept apart: they may mean different things
+
+
+# ---------------------------------------------------------------------------
+# Groups that cannot mean anything, names that cannot collide or break a table
+# ---------------------------------------------------------------------------
+
+def test_a_number_column_as_protected_attribute_is_refused_and_bins_group_it(tmp_path):
+    x1, x2, _, y = table(600)
+    ages = np.random.default_rng(1).uniform(18, 80, 600).round(2)
+    p = write_csv(tmp_path / "d.csv", ["x1", "x2", "age", "y"], [list(r) for r in zip(x1, x2, ages, y)])
+    with pytest.raises(ValueError, match=r"makes \d+ groups over 600 rows \(median 1 row\(s\) per group.*bins="):
+        load_csv(p, target="y", protected="age")
+    ds = load_csv(p, target="y", protected="age", bins="age:30,50")
+    assert ds.group_names == ["<30", "30-50", ">=50"]
+    assert min(np.bincount(ds.test.g)) >= 10          # the test split has rows of every range
+    with pytest.raises(ValueError, match="increasing finite numbers"):
+        load_csv(p, target="y", protected="age", bins="age:50,30")
+    with pytest.raises(ValueError, match="not a protected column"):
+        load_csv(p, target="y", protected="age", bins="x1:0")
+
+
+def test_intersection_names_cannot_collide_and_control_characters_are_escaped():
+    # ("p|q", "r") and ("p", "q|r") used to be both named "p|q|r"
+    g, names, _ = encode_groups([np.array([0, 1, 0, 1]), np.array([0, 1, 1, 0])], [["p|q", "p"], ["r", "q|r"]])
+    assert len(set(names)) == len(names) == 4
+    assert '"p|q"|r' in names and 'p|"q|r"' in names
+    assert group_label("a\nb") == "a\\nb" and group_label('x"y', quote=True) == '"x""y"'
+    assert group_label("plain", quote=True) == "plain"
+
+
+def test_a_group_without_positives_is_said_to_set_the_eo_difference():
+    ds = toy()
+    test = ds.test
+    y = test.y.copy()
+    y[test.g == 2] = 0                                       # group g2 has no positives in test
+    ds = Dataset(ds.name, ds.train, Split(test.x, y, test.g), ds.group_names, ds.group_attrs, ds.class_names)
+    with pytest.warns(UserWarning, match=r"g2 \(no positives\).*equalized-odds difference may be set by that"):
+        run_cfg = cfg(out=None)
+        runner.run_method(runner.prepare(run_cfg, ds))
+
+
+# ---------------------------------------------------------------------------
+# Files in other formats
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gzip", "bz2", "excel-sep"])
+def test_compressed_files_and_a_spreadsheet_sep_line_are_read(tmp_path, kind):
+    x1, x2, g, y = table()
+    text = "\n".join(",".join(map(str, r)) for r in [["x1", "x2", "grp", "y"]] + [list(r) for r in zip(x1, x2, g, y)])
+    if kind == "gzip":
+        p = tmp_path / "d.csv.gz"
+        p.write_bytes(gzip.compress(text.encode()))
+    elif kind == "bz2":
+        p = tmp_path / "d.data"                              # recognised by content, not by name
+        p.write_bytes(bz2.compress(text.encode()))
+    else:
+        p = tmp_path / "d.csv"
+        p.write_text("sep=;\n" + text.replace(",", ";"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # no "not UTF-8" or other warning
+        ds = load_csv(p, target="y", protected="grp")
+    assert ds.group_names == ["0", "1"] and len(ds.train) + len(ds.test) == 240
+
+
+def test_a_zip_archive_or_a_truncated_gzip_is_a_clear_error(tmp_path):
+    p = tmp_path / "d.zip"
+    p.write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    with pytest.raises(ValueError, match="zip archive; unzip it"):
+        load_csv(p, target="y", protected="g")
+    p = tmp_path / "d.csv.gz"
+    p.write_bytes(gzip.compress(b"a,b\n1,2\n" * 100)[:30])
+    with pytest.raises(ValueError, match="gzip-compressed but cannot be decompressed"):
+        load_csv(p, target="a", protected="b")
+
+
+# ---------------------------------------------------------------------------
+# A run's folder belongs to one run
+# ---------------------------------------------------------------------------
+
+def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    with runner.owning_folder(tmp_path):
+        assert (tmp_path / runner.LOCK_FILE).is_file()
+        with pytest.raises(ValueError, match=rf"in use by another fairprune run \(process {os.getpid()} on"):
+            with runner.owning_folder(tmp_path):
+                pass
+    assert not (tmp_path / runner.LOCK_FILE).exists()       # released
+    import socket
+    (tmp_path / runner.LOCK_FILE).write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname()}))
+    with runner.owning_folder(tmp_path):                    # that process is gone: the lock is taken over
+        pass
+    (tmp_path / runner.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    with pytest.raises(ValueError, match="another-host"):  # another host's run is not guessed at
+        with runner.owning_folder(tmp_path):
+            pass
+
+
+def test_the_default_output_folder_names_every_setting_that_changes_the_run(tmp_path, monkeypatch):
+    from fairprune_jax.cli import build_parser, config_from_args
+
+    def out(*argv):
+        return config_from_args(build_parser().parse_args(["run", *argv])).out
+
+    base = out("--dataset", "csv", "--data-dir", "a.csv", "--target", "y", "--protected", "s")
+    assert base.startswith("runs/ceag_csv_s0.9_seed0-") and base == out(
+        "--dataset", "csv", "--data-dir", "a.csv", "--target", "y", "--protected", "s")
+    others = {out("--dataset", "csv", "--data-dir", "b.csv", "--target", "y", "--protected", "s"),
+              out("--dataset", "csv", "--data-dir", "a.csv", "--target", "z", "--protected", "s"),
+              out("--dataset", "csv", "--data-dir", "a.csv", "--target", "y", "--protected", "t"),
+              out("--dataset", "csv", "--data-dir", "a.csv", "--target", "y", "--protected", "s", "--epochs", "3")}
+    assert len(others) == 4 and base not in others
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert out("--out", "~/x") == str(tmp_path / "x")      # not a folder named "~"
+
+
+def test_resume_after_the_data_changed_is_refused(tmp_path):
+    a, b = toy(seed=0), toy(seed=1)
+    assert a.fingerprint() == toy(seed=0).fingerprint() and a.fingerprint() != b.fingerprint()
+    config = cfg(out=str(tmp_path))
+    Checkpointer(tmp_path / "ck", config, every=5, data=a.fingerprint())
+    (tmp_path / "ck" / "00-dense").mkdir()
+    Checkpointer(tmp_path / "ck", config, every=5, resume=True, data=a.fingerprint())      # same data: fine
+    with pytest.raises(CheckpointMismatchError, match=r"the data changed since the checkpoints .* \(content: checkpoint "):
+        Checkpointer(tmp_path / "ck", config, every=5, resume=True, data=b.fingerprint())
+
+
+def test_an_unreadable_run_file_names_itself_and_a_failed_start_does_not_block_the_next_run(tmp_path):
+    config = cfg(out=str(tmp_path))
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "run.json").write_text('{"format": 1, "finger')             # truncated
+    with pytest.raises(CheckpointMismatchError, match=r"run\.json cannot be read .*without --resume"):
+        Checkpointer(tmp_path / "ck", config, every=5, resume=True)
+    Checkpointer(tmp_path / "ck", config, every=5)   # nothing was saved: a fresh start, not "unfinished"
+
+
+# ---------------------------------------------------------------------------
+# Grids: validated lists, and finished cells reused only when they are this grid's
+# ---------------------------------------------------------------------------
+
+GRID = ('dataset = "digits"\nmethods = {methods}\nsparsities = {sparsities}\nseeds = {seeds}\n'
+        '[run]\nepochs = {epochs}\nfinetune_epochs = 1\nbatch_size = 128\nmodel_options = {{}}\n')
+
+
+def grid(tmp_path, methods='["magnitude"]', sparsities="[0.5]", seeds="[0]", epochs=1):
+    p = tmp_path / "grid.toml"
+    p.write_text(GRID.format(methods=methods, sparsities=sparsities, seeds=seeds, epochs=epochs)
+                 .replace("model_options = {}\n", ""))
+    return p
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("methods", '"magnitude"', r"methods must be a list, like"),
+    ("methods", "[]", r"methods is empty"),
+    ("seeds", "[]", r"seeds is empty"),
+    ("seeds", "[0, 0]", r"seeds lists 0 more than once"),
+    ("sparsities", "[0.5, 0.50]", r"sparsities lists 0.5 more than once"),
+    ("seeds", '["0"]', r"seeds holds '0' \(str\)"),
+])
+def test_grid_lists_are_validated(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        compare.load_config(grid(tmp_path, **{field: value}))
+
+
+def test_finished_cells_of_other_settings_are_not_reused(tmp_path):
+    cc = compare.load_config(grid(tmp_path), out=str(tmp_path / "out"))
+    compare.run_compare(cc, progress=False)
+    cell = json.loads((compare.cell_dir(cc, "magnitude", 0.5, 0) / "results.json").read_text())
+    assert cell["data_fingerprint"]["rows"]["train"] > 0
+    compare.run_compare(cc, progress=False)                   # same grid: reused
+    changed = compare.load_config(grid(tmp_path, epochs=2), out=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"1 finished cell\(s\) were computed with other settings .*"
+                                         r"epochs: cell 1 vs TOML 2.*another --out"):
+        compare.run_compare(changed, progress=False)
+    # other data under the same settings: a cell recorded on other rows
+    cell["data_fingerprint"] = dict(cell["data_fingerprint"], content="0" * 24)
+    assert "data content" in compare.stale_cell(cc, "magnitude", 0.5, 0, cell, data=toy().fingerprint())
+
+
+def test_every_committed_cell_belongs_to_its_grid():
+    """The reuse check accepts every committed experiment cell with its TOML as committed (a rerun of a grid
+    resumes instead of refusing)."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    n = 0
+    for toml in sorted(root.glob("*.toml")):
+        if compare.is_suite(toml):
+            continue
+        cc = compare.load_config(toml)
+        for seed in cc.seeds:
+            for s in cc.sparsities:
+                for m in cc.methods:
+                    p = compare.cell_dir(cc, m, s, seed) / "results.json"
+                    if p.exists():
+                        n += 1
+                        assert compare.stale_cell(cc, m, s, seed, json.loads(p.read_text())) is None, (toml, p)
+    assert n > 500
+
+
+# ---------------------------------------------------------------------------
+# Inputs that used to end in a traceback
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, match", [({"hidden": 64}, r"hidden=64 .* non-empty list of positive integers"),
+                                            ({"hidden": (0,)}, r"hidden=\(0,\)"),
+                                            ({"hidden": ()}, r"hidden=\(\)")])
+def test_model_option_values_of_the_wrong_kind(options, match):
+    with pytest.raises(ValueError, match=match):
+        runner.validate_config(cfg(model_options=options))
+    with pytest.raises(ValueError, match=match):           # model chosen from the data: checked when built
+        runner.prepare(cfg(model=None, model_options=options), toy())
+
+
+def test_a_backend_that_is_not_there_is_said_in_words(monkeypatch):
+    import jax
+    from fairprune_jax.cli import check_backend
+
+    def broken():
+        raise RuntimeError("Unable to initialize backend 'cuda'")
+    monkeypatch.setattr(jax, "devices", broken)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    with pytest.raises(ValueError, match=r"JAX_PLATFORMS=cuda.*pip install -U \"jax\[cuda12\]\".*unset JAX_PLATFORMS"):
+        check_backend()
+
+
+def test_prune_takes_names_a_dict_and_a_model_returning_a_tuple():
+    from flax import nnx
+    import fairprune_jax as fp
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    y = np.where(x[:, 0] > 0, "yes", "no")
+    g = np.array(["north", "south", "east"])[rng.integers(0, 3, 300)]
+
+    class WithAux(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.a(x))
+            return self.b(h), {"hidden": h}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = fp.prune(WithAux(nnx.Rngs(0)), {"x": x, "y": y, "g": g}, method="magnitude", sparsity=0.5, epochs=1)
+    assert r.report["pruned"]["test"]["groups"].keys() == {"east", "north", "south"}
+    assert r.report["classes"] == ["no", "yes"] or r.report.get("class_names") == ["no", "yes"]
+    with pytest.raises(ValueError, match="leave out group_names="):
+        fp.prune(WithAux(nnx.Rngs(0)), (x, y, g), method="magnitude", group_names=["a", "b", "c"], epochs=1)
+    with pytest.raises(ValueError, match=r"as a dict takes the keys 'x', 'y' and optionally 'g'"):
+        fp.prune(WithAux(nnx.Rngs(0)), {"features": x, "y": y}, method="magnitude", epochs=1)
+
+
+def test_the_dense_cache_is_one_write_keyed_by_the_data(tmp_path):
+    """The cached dense model and its fingerprint are one orbax checkpoint; other data (same settings) misses."""
+    a = toy()
+    prep = runner.prepare(cfg(), a, dense_cache=tmp_path)
+    assert runner.dense_cached(tmp_path, cfg(), a.fingerprint())
+    assert not runner.dense_cached(tmp_path, cfg(), toy(seed=1).fingerprint())
+    assert not runner.dense_cached(tmp_path, cfg(epochs=2), a.fingerprint())
+    again = runner.prepare(cfg(), a, dense_cache=tmp_path)
+    assert again.dense_history.get("cached") is True
+    import jax
+    same = jax.tree.map(lambda u, v: bool(np.array_equal(np.asarray(u), np.asarray(v))),
+                        jax.tree.leaves(prep.dense.params), jax.tree.leaves(again.dense.params))
+    assert all(same)
