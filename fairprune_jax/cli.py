@@ -115,9 +115,13 @@ class _warnings_once:
         self._ctx.__enter__()
         default = warnings.showwarning
 
+        from fairprune_jax.notices import FairpruneWarning
+
         def show(message, category, filename, lineno, file=None, line=None):
             text = str(message)
-            if issubclass(category, UserWarning) and f"fairprune_jax{Path('/')}" in str(Path(filename)):
+            ours = issubclass(category, FairpruneWarning) or (
+                issubclass(category, UserWarning) and f"fairprune_jax{Path('/')}" in str(Path(filename)))
+            if ours:
                 if text not in self.shown:
                     self.shown.add(text)
                     print(f"WARNING: {text}", file=sys.stderr, flush=True)

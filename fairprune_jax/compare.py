@@ -27,13 +27,13 @@ import dataclasses
 import json
 import time
 import tomllib
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from fairprune_jax.notices import warn
 from fairprune_jax import figures, tables
 from fairprune_jax.methods.base import RunConfig
 
@@ -433,8 +433,8 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     # a seed whose dense model was saved by an earlier run of this grid (same dense config) is not retrained
     untrained = [s for s in todo_seeds if not dense_cached(dense_dir(cc, s), dense_config(s), data)]
     if cc.parallel_seeds and len(untrained) > 1 and distributed.current_mesh() is not None:
-        warnings.warn("parallel_seeds = true does not combine with a device mesh (--devices, --distributed): "
-                      "the dense models are trained one seed after another, each data-parallel", stacklevel=2)
+        warn("parallel_seeds = true does not combine with a device mesh (--devices, --distributed): "
+                      "the dense models are trained one seed after another, each data-parallel")
     elif cc.parallel_seeds and len(untrained) > 1:
         # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
         prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))

@@ -114,7 +114,7 @@ def test_bad_options_fail_before_training(data, monkeypatch):
         fp.prune(Net(nnx.Rngs(0)), (x, y, g), config={"bogus_setting": 1})
     with pytest.raises(ValueError, match="sparsity"):
         fp.prune(Net(nnx.Rngs(0)), (x, y, g), sparsity=1.5)
-    with pytest.raises(ValueError, match="logits"):
+    with pytest.raises(ValueError, match="logit"):
         fp.prune(Net(nnx.Rngs(0)), (x, y + 10, g))               # labels beyond the model's 10 outputs
     with pytest.raises(ValueError, match="not a kernel"):
         fp.prune(Net(nnx.Rngs(0)), (x, y, g), method="structured_magnitude", units={"nope/kernel": []})

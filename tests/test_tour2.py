@@ -321,3 +321,81 @@ def test_the_dense_cache_is_one_write_keyed_by_the_data(tmp_path):
     same = jax.tree.map(lambda u, v: bool(np.array_equal(np.asarray(u), np.asarray(v))),
                         jax.tree.leaves(prep.dense.params), jax.tree.leaves(again.dense.params))
     assert all(same)
+
+
+def test_comma_numbers_are_warned_and_read_with_decimal_or_thousands(tmp_path):
+    x1, x2, g, y = table()
+    rows = [[str(a).replace(".", ","), f"{int(abs(b) * 3000):,}", gg, yy] for a, b, gg, yy in zip(x1, x2, g, y)]
+    p = tmp_path / "d.csv"
+    with open(p, "w") as f:
+        f.write("x1;inc;grp;y\n" + "\n".join(";".join(map(str, r)) for r in rows) + "\n")
+    with pytest.warns(UserWarning, match=r"column 'x1' holds numbers written with a comma .* decimal=\",\""):
+        load_csv(p, target="y", protected="grp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_csv(p, target="y", protected="grp", decimal=",")
+    assert ds.meta["column_types"]["x1"] == "numeric"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_csv(p, target="y", protected="grp", thousands=",")
+    assert ds.meta["column_types"]["inc"] == "numeric"
+    with pytest.raises(ValueError, match="thousands must be one of"):
+        load_csv(p, target="y", protected="grp", thousands=",", decimal=",")
+
+
+def test_a_trailing_delimiter_on_every_line_is_dropped(tmp_path):
+    x1, x2, g, y = table()
+    p = tmp_path / "d.csv"
+    p.write_text("x1,x2,grp,y,\n" + "\n".join(f"{a},{b},{c},{d}," for a, b, c, d in zip(x1, x2, g, y)) + "\n")
+    ds = load_csv(p, target="y", protected="grp")
+    assert ds.meta["columns"] == ["x1", "x2", "grp", "y"]
+
+
+def test_a_parquet_or_binary_file_is_named_as_such(tmp_path):
+    p = tmp_path / "d.parquet"
+    p.write_bytes(b"PAR1" + bytes(range(256)) + b"PAR1")
+    with pytest.raises(ValueError, match="is a Parquet file, not a CSV"):
+        load_csv(p, target="y", protected="g")
+    p = tmp_path / "d.csv"
+    p.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="is not a text file"):
+        load_csv(p, target="y", protected="g")
+
+
+def test_no_float_method_option_is_negative():
+    from fairprune_jax.methods import get_method
+    for method, option in (("ceag", "eps"), ("ceag", "dual_lr"), ("bifp", "tau"), ("nft", "distill"),
+                           ("ballot", "eta")):
+        with pytest.raises(ValueError, match=rf"option '{option}' must be >= 0"):
+            get_method(method).parse({option: -0.1})
+
+
+def test_compare_toml_errors_name_the_file(tmp_path):
+    p = tmp_path / "g.toml"
+    p.write_text('dataset = "digits"\nmethods = ["magnitude"\n')
+    with pytest.raises(ValueError, match=r"g\.toml is not valid TOML"):
+        compare.load_config(p)
+    p.write_text('dataset = "digits"\ndata_dir = 5\nmethods = ["magnitude"]\nsparsities = [0.5]\nseeds = [0]\n')
+    with pytest.raises(ValueError, match=r"g\.toml: data_dir must be text"):
+        compare.load_config(p)
+    p.write_text('dataset = "digits"\nmethods = ["foo"]\nsparsities = [0.5]\nseeds = [0]\n')
+    with pytest.raises(ValueError, match=r"g\.toml: unknown method 'foo'"):
+        compare.load_config(p)
+    p.write_text('dataset = "digits"\nmethods = ["magnitude"]\nsparsities = [0.5]\nseeds = [0]\n')
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file; choose another --out"):
+        compare.load_config(p, out=str(tmp_path / "file"))
+
+
+def test_prune_messages_for_missing_group_ids_and_a_one_output_model():
+    from fairprune_jax.api import arrays_dataset
+    x = np.zeros((40, 3), np.float32)
+    y = np.arange(40) % 2
+    g = (np.arange(40) % 2).astype(float)
+    g[0] = np.nan
+    with pytest.raises(ValueError, match=r"group ids g has 1 missing \(NaN / inf\) value"):
+        arrays_dataset((x, y, g))
+    with pytest.raises(ValueError, match="one logit per class"):
+        arrays_dataset((x, y, np.zeros(40)), num_classes=1)
+    with pytest.raises(ValueError, match=r"must be integers \(or names\); got dtype float64 with fractions"):
+        arrays_dataset((x, y + 0.5, np.zeros(40)))

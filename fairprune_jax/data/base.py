@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from fairprune_jax.notices import warn
 
 
 @dataclasses.dataclass
@@ -313,8 +314,8 @@ def encode_groups(codes: list[np.ndarray], categories: list[list[str]], *, keep:
     dropped = [name(int(i)) for i in reported]
     if dropped:
         shown = ", ".join(dropped[:10]) + (f", ... ({len(dropped) - 10} more)" if len(dropped) > 10 else "")
-        warnings.warn(f"{dataset}: {len(dropped)} protected group(s) have no rows after filtering and were "
-                      f"dropped from the group names (ids re-numbered): {shown}", stacklevel=3)
+        warn(f"{dataset}: {len(dropped)} protected group(s) have no rows after filtering and were "
+                      f"dropped from the group names (ids re-numbered): {shown}")
     check_group_sizes(after[present], [name(int(i)) for i in present], int(keep.sum()), dataset=dataset)
     remap = np.full(size, -1, np.int64)
     remap[present] = np.arange(len(present))

@@ -15,12 +15,12 @@ import csv as _csv
 import dataclasses
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from fairprune_jax.notices import warn
 from fairprune_jax.data.base import (Dataset, Split, carve_validation_indices, check_fraction, encode_groups,
                                      parse_attr_list, stratified_split)
 
@@ -190,9 +190,9 @@ def _warn_comma_numbers(col: str, values: np.ndarray) -> None:
     words = [v for v in set(values.tolist()) if not _is_number(v)]        # the values that are not plain numbers
     commas = [v for v in words if _COMMA_DECIMAL.match(v) or _THOUSANDS[","].match(v)]
     if commas and len(commas) == len(words):
-        warnings.warn(f"csv: column {col!r} holds numbers written with a comma ({', '.join(sorted(commas)[:3])}) "
+        warn(f"csv: column {col!r} holds numbers written with a comma ({', '.join(sorted(commas)[:3])}) "
                       "and is read as categories; pass decimal=\",\" (3,5 is three and a half) or thousands=\",\" "
-                      "(1,234 is one thousand ...) to read it as numbers (--data-opt decimal=, )", stacklevel=5)
+                      "(1,234 is one thousand ...) to read it as numbers (--data-opt decimal=, )")
 
 
 def canonical_numbers(values: np.ndarray) -> np.ndarray:
@@ -228,9 +228,9 @@ def warn_case_variants(column: str, values: np.ndarray, *, what: str = "column",
     clashes = [vs for vs in seen.values() if len(vs) > 1]
     if clashes:
         shown = "; ".join(" / ".join(repr(v) for v in vs) for vs in clashes[:5])
-        warnings.warn(f"csv: {what} {column!r} has values that differ only by case or spacing ({shown}"
+        warn(f"csv: {what} {column!r} has values that differ only by case or spacing ({shown}"
                       f"{' ...' if len(clashes) > 5 else ''}); they are kept as different values. If they are one "
-                      "value, write them one way in the file", stacklevel=stacklevel)
+                      "value, write them one way in the file")
 
 
 def sorted_values(values: Sequence[str]) -> list[str]:
@@ -466,11 +466,10 @@ def leak_suspects(cols: dict[str, np.ndarray], features: list[str], numeric: lis
             out[col] = acc
     if out:
         listed = ", ".join(f"{k!r} ({a:.3f})" for k, a in out.items())
-        warnings.warn(f"csv: column(s) {listed} predict the target {target!r} almost perfectly on their own (held-out "
+        warn(f"csv: column(s) {listed} predict the target {target!r} almost perfectly on their own (held-out "
                       f"accuracy from that column alone; the majority class gets {baseline:.3f}): a column recorded "
                       "after the outcome or derived from it leaks the label and makes every figure look better "
-                      f"than it is; drop it (drop_columns=\"{','.join(out)}\") unless it is a real predictor",
-                      stacklevel=4)
+                      f"than it is; drop it (drop_columns=\"{','.join(out)}\") unless it is a real predictor")
     return out
 
 
@@ -562,8 +561,8 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
         raise IsADirectoryError(f"csv: {path} is a directory; pass the CSV FILE path as data_dir ({CSV_LAYOUT})")
     text, used_encoding = read_text(path, encoding)
     if encoding is None and used_encoding not in ("utf-8-sig", "utf-16"):
-        warnings.warn(f"csv: {path.name} is not valid UTF-8; read it as {used_encoding} (pass encoding=... if "
-                      "names or categories look wrong)", stacklevel=3)
+        warn(f"csv: {path.name} is not valid UTF-8; read it as {used_encoding} (pass encoding=... if "
+                      "names or categories look wrong)")
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     if delimiter is not None and delimiter not in DELIMITERS and len(delimiter) != 1:
         raise ValueError(f"csv: delimiter must be one character such as , ; | or a tab; got {delimiter!r}")
@@ -588,8 +587,8 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     again = [i for i, r in enumerate(body) if r == header]
     if again:      # files concatenated from several exports repeat their header line
         body = [r for r in body if r != header]
-        warnings.warn(f"csv: {path.name} repeats its header line {len(again)} time(s) inside the data (first at "
-                      f"data row {again[0] + 2}); those lines were skipped", stacklevel=3)
+        warn(f"csv: {path.name} repeats its header line {len(again)} time(s) inside the data (first at "
+                      f"data row {again[0] + 2}); those lines were skipped")
     if not body:
         raise ValueError(f"csv: {path} has a header but no data rows")
     cols = rows_to_columns(body, header, path=path, first_line=2 + bool(excel))
@@ -751,11 +750,10 @@ def _warn_mostly_numbers(col: str, values: np.ndarray) -> None:
     share = float(is_num.mean())
     if share >= 0.9:
         others = sorted(set(values[~is_num].tolist()))
-        warnings.warn(f"csv: column {col!r} is read as categorical ({len(set(values.tolist()))} one-hot columns) "
+        warn(f"csv: column {col!r} is read as categorical ({len(set(values.tolist()))} one-hot columns) "
                       f"although {share:.0%} of its values are numbers; the others: "
                       f"{', '.join(repr(o) for o in others[:5])}{' ...' if len(others) > 5 else ''}. Make them "
-                      f"missing (an empty field) to read it as numeric, or declare column_types=\"{col}:categorical\"",
-                      stacklevel=4)
+                      f"missing (an empty field) to read it as numeric, or declare column_types=\"{col}:categorical\"")
 
 
 def _warn_near_unique(col: str, values: np.ndarray, n_rows: int) -> None:
@@ -763,6 +761,6 @@ def _warn_near_unique(col: str, values: np.ndarray, n_rows: int) -> None:
     gives the model one feature per row to memorize, and nothing it can use on new rows."""
     k = len(set(values.tolist()))
     if k > NEAR_UNIQUE_MIN and k > NEAR_UNIQUE_SHARE * n_rows:
-        warnings.warn(f"csv: column {col!r} has {k} distinct values in {n_rows} rows (an id, a name, a date, free "
+        warn(f"csv: column {col!r} has {k} distinct values in {n_rows} rows (an id, a name, a date, free "
                       f"text?): one-hot encoded it adds {k} features that only memorize rows; drop it "
-                      f"(drop_columns=\"{col}\") or list the columns to use (features=\"a,b,...\")", stacklevel=4)
+                      f"(drop_columns=\"{col}\") or list the columns to use (features=\"a,b,...\")")

@@ -19,11 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from fairprune_jax.notices import warn
 from fairprune_jax.data.base import (Dataset, carve_validation_indices, check_fraction, default_data_root,
                                      encode_groups, image_splits, parse_attr_list, stratified_split)
 
@@ -143,8 +143,8 @@ def _decode_files(paths: list[str], size: int, num_workers: int | None = None) -
                     results.append((z["images"], z["ok"]))
             else:
                 msg = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
-                warnings.warn(f"utkface: a decode worker failed ({' '.join(msg) or 'could not start'}); "
-                              "decoding its share here", stacklevel=3)
+                warn(f"utkface: a decode worker failed ({' '.join(msg) or 'could not start'}); "
+                              "decoding its share here")
                 results.append(_decode_chunk((share, size)))
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
@@ -194,7 +194,7 @@ def _resolve_cache_dir(cache_dir: str | os.PathLike | None, data_dir: Path) -> P
             return c
     if cache_dir is not None:
         raise PermissionError(f"utkface: cache_dir {cache_dir} cannot be created or written")
-    warnings.warn("utkface: no writable cache directory; decoded images will not be cached", stacklevel=3)
+    warn("utkface: no writable cache directory; decoded images will not be cached")
     return None
 
 
@@ -214,7 +214,7 @@ def _load_or_decode(d: Path, names: list[str], sizes: list[int], image_size: int
                 info.update(cache_hit=True, cache_file=_shown(path))
                 return images, ok, info
         except (OSError, ValueError, KeyError) as err:
-            warnings.warn(f"utkface: ignoring unreadable cache file {path} ({err!r})", stacklevel=3)
+            warn(f"utkface: ignoring unreadable cache file {path} ({err!r})")
     t0 = time.perf_counter()
     images, ok = _decode_files([str(d / n) for n in names], image_size, num_workers)
     info["decode_seconds"] = round(time.perf_counter() - t0, 3)
@@ -226,7 +226,7 @@ def _load_or_decode(d: Path, names: list[str], sizes: list[int], image_size: int
             os.replace(tmp, path)
             info["cache_file"] = _shown(path)
         except OSError as err:
-            warnings.warn(f"utkface: could not write cache file {path} ({err!r})", stacklevel=3)
+            warn(f"utkface: could not write cache file {path} ({err!r})")
             tmp.unlink(missing_ok=True)
     return images, ok, info
 
@@ -269,9 +269,8 @@ def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "ra
             parsed.append((e.name, e.stat().st_size, p))
     if bad_names:
         shown = ", ".join(repr(b) for b in sorted(bad_names)[:5])
-        warnings.warn(f"utkface: skipped {len(bad_names)} file(s) in {d} whose names do not parse as "
-                      f"[age]_[gender]_[race]_[date&time].jpg: {shown}{' ...' if len(bad_names) > 5 else ''}",
-                      stacklevel=2)
+        warn(f"utkface: skipped {len(bad_names)} file(s) in {d} whose names do not parse as "
+                      f"[age]_[gender]_[race]_[date&time].jpg: {shown}{' ...' if len(bad_names) > 5 else ''}")
     if not parsed:
         raise FileNotFoundError(f"utkface: no UTKFace images found in {d} ({len(entries)} image file(s), "
                                 f"none with a parsable name); expected {LAYOUT}")
@@ -287,8 +286,8 @@ def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "ra
     corrupt = [n for n, good in zip(names, ok) if not good]
     if corrupt:
         shown = ", ".join(repr(c) for c in corrupt[:5])
-        warnings.warn(f"utkface: skipped {len(corrupt)} image file(s) that could not be decoded: "
-                      f"{shown}{' ...' if len(corrupt) > 5 else ''}", stacklevel=2)
+        warn(f"utkface: skipped {len(corrupt)} image file(s) that could not be decoded: "
+                      f"{shown}{' ...' if len(corrupt) > 5 else ''}")
     if not ok.any():
         raise ValueError(f"utkface: none of the {len(names)} images in {d} could be decoded")
 

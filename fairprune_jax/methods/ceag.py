@@ -24,7 +24,6 @@ or 1000 groups.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable
 
 import jax
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fairprune_jax.notices import warn
 from fairprune_jax import certify, constrained, fairness
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.data.base import Split, carve_validation, derived_seed, eval_batches
@@ -301,7 +301,7 @@ def check_ceag_options(opts: CeagOptions) -> None:
 def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState, dict]:
     eps, G, cfg = opts.eps, ctx.dataset.num_groups, ctx.config
     names = list(ctx.dataset.group_names)
-    warn: list[str] = []
+    notes: list[str] = []
     # the same pruned start as nft and el (gradual pruning on the rows they train on)
     start, template, info = pruned_start(ctx, dense, opts)
     held_out, choice = choose_constraint_data(ctx, dense, start, opts)
@@ -335,7 +335,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
                     margin_z=opts.margin_z, eps_per_group=dict(zip(names, np.round(eps_g, 6).tolist())))
         if np.any((n_val_g > 0) & (n_val_g < 30)):
             small = [names[i] for i in np.flatnonzero((n_val_g > 0) & (n_val_g < 30))]
-            warn.append(f"ceag: groups with fewer than 30 held-out rows ({', '.join(small[:8])}): their psi_g "
+            notes.append(f"ceag: groups with fewer than 30 held-out rows ({', '.join(small[:8])}): their psi_g "
                         "estimate is noisy; raise val_fraction or use --val-fraction")
     else:
         n_train_g = np.bincount(ctx.dataset.train.g, minlength=G)
@@ -370,19 +370,19 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
                 constraint_data="val" if held_out else "train", trajectory=trajectory_info(traj, names, offset=eps_g))
     if select and not info["selection"]["feasible"]:
         sel, where = info["selection"], "held-out" if held_out else "training"
-        warn.append(f"ceag: no checkpoint met psi_g <= eps_g on the {where} rows; returned the least violating "
+        notes.append(f"ceag: no checkpoint met psi_g <= eps_g on the {where} rows; returned the least violating "
                     f"one (step {sel['step']}, {where} max psi_g {sel['max_psi']:.4f} vs eps {eps}): "
                     f"{dual_advice(info['trajectory']['multipliers'])}")
-    warn += no_op_warnings(traj, names, eps, "held-out" if held_out else "train")
+    notes += no_op_warnings(traj, names, eps, "held-out" if held_out else "train")
     if not held_out and not select:
         gc, _ = evaluate(ctx.eval_step, state, ctx.dataset.train, cfg.eval_batch_size)
         psi_max = float(np.nanmax(fairness.excess_accuracy_gap(ctx.dense_train_counts, gc)))
         if psi_max > eps:
-            warn.append(f"ceag: train max psi_g ends at {psi_max:.4f} > eps = {eps}: the constraint is not met on "
+            notes.append(f"ceag: train max psi_g ends at {psi_max:.4f} > eps = {eps}: the constraint is not met on "
                         f"the data it was trained on ({dual_advice(info['trajectory']['multipliers'])})")
-    for w in warn:
-        warnings.warn(w, stacklevel=2)
-    info["warnings"] = warn
+    for w in notes:
+        warn(w)
+    info["warnings"] = notes
     if held_out or select:
         state = state.replace(extra={k: v for k, v in state.extra.items() if k not in ("best", "val_correct")})
     return without_teacher(state), info

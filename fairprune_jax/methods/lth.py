@@ -44,9 +44,9 @@ under ``__report__``.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
+from fairprune_jax.notices import warn
 from fairprune_jax import schedules
 from fairprune_jax.masks import ones_like_template
 from fairprune_jax.methods.base import Context, register
@@ -91,9 +91,9 @@ def lth(ctx: Context, dense: TrainState, opts: LthOptions) -> tuple[TrainState, 
     round_epochs = cfg.ft_epochs if opts.round_epochs is None else opts.round_epochs
     sched, fraction_used = round_schedule(cfg.sparsity, fraction, opts.max_rounds)
     if fraction_used != fraction:
-        warnings.warn(f"lth: {len(schedules.iterative_rounds(cfg.sparsity, fraction))} rounds of fraction "
+        warn(f"lth: {len(schedules.iterative_rounds(cfg.sparsity, fraction))} rounds of fraction "
                       f"{fraction} exceed max_rounds={opts.max_rounds}; using fraction {fraction_used:.4f} "
-                      "per round instead (set --opt max_rounds=0 for no cap)", stacklevel=2)
+                      "per round instead (set --opt max_rounds=0 for no cap)")
     info: dict[str, Any] = {"schedule": sched, "fraction": fraction, "fraction_used": fraction_used,
                             "rewind_step": k, "round_epochs": round_epochs, "last_round": opts.last_round,
                             "last_round_epochs": cfg.epochs if opts.last_round == "dense" else round_epochs,

@@ -1,0 +1,27 @@
+"""The library's warnings: one category, raised at the user's own call site.
+
+Every warning fairprune gives about the user's data, settings or results is a :class:`FairpruneWarning` (a
+``UserWarning``), raised with :func:`warn`, which points it at the first stack frame outside this package:
+from Python, the line of the user's script that called ``prune()`` or ``load_dataset()``, not a line inside
+the library. The command line prints each of them once as a ``WARNING:`` line (``cli._warnings_once``),
+recognised by the category rather than by file names.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class FairpruneWarning(UserWarning):
+    """A warning about the user's data, settings or results."""
+
+
+def warn(message: str, category: type[Warning] = FairpruneWarning) -> None:
+    """``warnings.warn`` at the first frame outside fairprune_jax (the user's call site)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
