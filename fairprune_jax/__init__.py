@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 # Light on import (``fairprune --help`` must not import jax): the public classes load on first use.
 _LAZY = {"Pruner": "fairprune_jax.pruning", "Dual": "fairprune_jax.dual", "prune": "fairprune_jax.api",
-         "Pruned": "fairprune_jax.api"}
+         "Pruned": "fairprune_jax.api", "Report": "fairprune_jax.result"}
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fairprune_jax.result import Report
 from fairprune_jax import compact, runner
 from fairprune_jax.config import RunConfig
 from fairprune_jax.data.base import Dataset, Split, stratified_split
@@ -42,7 +43,7 @@ class Pruned(NamedTuple):
 
     model: nnx.Module   # the user's module class with the pruned weights (pruned entries exactly 0)
     masks: Any          # 0/1 arrays mirroring the params dict (None on leaves never pruned)
-    report: dict        # the results dict ``fairprune run`` writes to results.json
+    report: Report      # the results ``fairprune run`` writes to results.json (a dict), with by_group()
     state: TrainState   # params (masked), masks and model state as the runner's pytrees
 
 

@@ -511,14 +511,14 @@ def fairness_report(
     acc_g, sel_g = group_accuracy(c), selection_rate(c)
     tpr_g, fpr_g, loss_g = true_positive_rate(c), false_positive_rate(c), group_mean_loss(c)
     rep: dict[str, Any] = {
-        "n": _js(c.n.sum()),
+        "n": int(round(float(c.n.sum()))),
         "accuracy": _js(accuracy(c)),
         "mean_loss": _js(mean_loss(c)),
         "selection_rate": _js(overall_selection_rate(c)),
         "tpr": _js(overall_true_positive_rate(c)),
         "fpr": _js(overall_false_positive_rate(c)),
         "groups": {
-            names[i]: {"n": _js(c.n[i]), "accuracy": _js(acc_g[i]), "selection_rate": _js(sel_g[i]),
+            names[i]: {"n": int(round(float(c.n[i]))), "accuracy": _js(acc_g[i]), "selection_rate": _js(sel_g[i]),
                        "tpr": _js(tpr_g[i]), "fpr": _js(fpr_g[i]), "mean_loss": _js(loss_g[i])}
             for i in range(num_groups)
         },

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairprune_jax.notices import warn
+from fairprune_jax.result import SCHEMA_VERSION, Report
 from fairprune_jax import certify, checkpoint, compact, distributed, fairness, report, tracking
 from fairprune_jax.data import DATASETS, Dataset, eval_batches, load_dataset
 from fairprune_jax.masks import check_sparsity, named_leaves, prunable_template, sparsity_summary, DISTRIBUTIONS
@@ -492,6 +493,8 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
                           "platform": jax.devices()[0].platform,
                           "checkpoints": None if ckpt is None else str(ckpt.directory),
                           "resumed": bool(ckpt is not None and ckpt.resumed)}
+    results["schema_version"] = SCHEMA_VERSION
+    results = Report(results)
     if cfg.out and distributed.is_primary():
         report.write_outputs(results, Path(cfg.out))
     results["_state"] = pruned

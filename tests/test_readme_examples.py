@@ -58,3 +58,12 @@ def test_prune_your_own_model(recwarn):
     assert cert["floor_max_psi"] < 0.05 and cert["certified_max_psi"] < 0.1
     missed = [str(w.message) for w in recwarn if "not met" in str(w.message) or "no checkpoint met" in str(w.message)]
     assert not missed, missed
+    # the typed report: attributes and one row per group
+    assert report.accuracy == report["pruned"]["test"]["accuracy"] and report.certified_max_psi == \
+        cert["certified_max_psi"]
+    rows = report.by_group(frame=False)
+    assert [r["group"] for r in rows] == report.groups and all(isinstance(r["n"], int) for r in rows)
+    assert all(r["psi_low"] <= r["psi"] <= r["psi_high"] and r["verdict"] in ("holds", "violated", "undetermined")
+               for r in rows)
+    table = report.by_group()                       # pandas is in the test extra
+    assert list(table.index) == report.groups and table["n"].sum() == report["pruned"]["test"]["n"]

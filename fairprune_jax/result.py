@@ -1,0 +1,114 @@
+"""A run's result as a typed object: :class:`Report`.
+
+``fairprune_jax.prune`` and ``runner.run`` return a :class:`Report`. It *is* the dict that ``results.json``
+holds (``report["pruned"]["test"]["groups"]["F"]["accuracy"]`` keeps working), with attributes for the
+headline numbers and :meth:`Report.by_group`, one row per group, the way fairlearn's ``MetricFrame.by_group``
+reads: a pandas DataFrame when pandas is installed, else a list of dicts.
+
+``results.json`` schema (``schema_version`` 2): group and split sizes (``n``, ``positives``, ``negatives``,
+``lost``, ``gained``) are integers; every per-group figure is a float or ``null`` (a group without rows in a
+split); ``pruned.<split>.certificate`` holds the certificate (``certify.certificate``) for the test and, when
+there is one, the validation split.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+#: Version of the results.json layout described above (1: group sizes written as floats).
+SCHEMA_VERSION = 2
+
+#: The columns of :meth:`Report.by_group`, in order.
+BY_GROUP_COLUMNS = ("group", "n", "positives", "negatives", "dense_accuracy", "accuracy", "accuracy_low",
+                    "accuracy_high", "psi", "psi_low", "psi_high", "verdict", "lost", "gained", "flip_rate",
+                    "floor", "selection_rate", "tpr", "fpr")
+
+
+class Report(dict):
+    """The results of one run (the ``results.json`` dict) with typed attributes and :meth:`by_group`."""
+
+    @property
+    def accuracy(self) -> float:
+        """The pruned model's test accuracy."""
+        return float(self["pruned"]["test"]["accuracy"])
+
+    @property
+    def dense_accuracy(self) -> float:
+        """The dense model's test accuracy."""
+        return float(self["dense"]["test"]["accuracy"])
+
+    @property
+    def sparsity(self) -> float:
+        """The achieved sparsity of the prunable weights."""
+        return float(self["sparsity"]["achieved"])
+
+    @property
+    def certificate(self) -> dict | None:
+        """The test split's certificate (see ``certify.certificate``), or None."""
+        return self["pruned"]["test"].get("certificate")
+
+    @property
+    def certified_max_psi(self) -> float | None:
+        """With the certificate's confidence, no group lost more than this beyond the overall loss."""
+        c = self.certificate
+        return None if c is None or c.get("certified_max_psi") is None else float(c["certified_max_psi"])
+
+    @property
+    def floor_max_psi(self) -> float | None:
+        """The certified bound a pruned model identical to the dense one would get on these test rows."""
+        c = self.certificate
+        return None if c is None or c.get("floor_max_psi") is None else float(c["floor_max_psi"])
+
+    @property
+    def max_psi(self) -> float | None:
+        """The largest excess accuracy gap psi_g on the test split (a point estimate)."""
+        gap = self["pruned"]["test"].get("excess_accuracy_gap") or {}
+        return None if gap.get("max") is None else float(gap["max"])
+
+    @property
+    def groups(self) -> list[str]:
+        """The group names, in id order."""
+        return list(self["groups"]) if isinstance(self.get("groups"), list) else list(
+            self["pruned"]["test"]["groups"])
+
+    def by_group(self, split: str = "test", *, frame: bool | None = None):
+        """One row per group of ``split`` (columns :data:`BY_GROUP_COLUMNS`): sizes, dense and pruned accuracy
+        with its confidence interval, psi_g with its interval and verdict, flips, floor, selection rate, TPR,
+        FPR. Intervals and verdicts come from the split's certificate (test, and val when the run had one;
+        ``None`` on train). ``frame``: a pandas DataFrame (default: when pandas is installed), else a list of
+        dicts."""
+        if split not in self["pruned"]:
+            raise ValueError(f"no split {split!r} in this report; splits: {', '.join(self['pruned'])}")
+        pruned, dense = self["pruned"][split], self["dense"].get(split, {})
+        cert = (pruned.get("certificate") or {}).get("groups", {})
+        psi = ((pruned.get("excess_accuracy_gap") or {}).get("per_group") or {})
+        rows = []
+        for name, g in pruned["groups"].items():
+            c = cert.get(name, {})
+            d = (dense.get("groups") or {}).get(name, {})
+            rows.append({
+                "group": name, "n": _int(g.get("n")), "positives": _int(c.get("positives")),
+                "negatives": _int(c.get("negatives")), "dense_accuracy": d.get("accuracy"),
+                "accuracy": g.get("accuracy"), "accuracy_low": c.get("accuracy_low"),
+                "accuracy_high": c.get("accuracy_high"), "psi": psi.get(name, c.get("psi")),
+                "psi_low": c.get("low"), "psi_high": c.get("high"), "verdict": c.get("verdict"),
+                "lost": _int(c.get("lost")), "gained": _int(c.get("gained")), "flip_rate": c.get("flip_rate"),
+                "floor": c.get("floor"), "selection_rate": g.get("selection_rate"), "tpr": g.get("tpr"),
+                "fpr": g.get("fpr")})
+        if frame is None:
+            frame = _has_pandas()
+        if frame:
+            import pandas as pd
+            return pd.DataFrame(rows, columns=list(BY_GROUP_COLUMNS)).set_index("group")
+        return rows
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None else int(round(float(v)))
+
+
+def _has_pandas() -> bool:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        return False
+    return True
