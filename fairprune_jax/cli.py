@@ -135,13 +135,25 @@ class _warnings_once:
         return self._ctx.__exit__(*exc)
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help, once: not when the help already names its default, and not
+    for flags whose default is nothing (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False or \
+                action.default is argparse.SUPPRESS or not text:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairprune", description="Fairness-aware neural-network pruning in JAX.")
     sub = parser.add_subparsers(dest="command")
 
     d = RunConfig()
     r = sub.add_parser("run", help="train dense, prune with a method, fine-tune, report per-group metrics",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     r.add_argument("--method", default=d.method, help="pruning method (see `fairprune methods`)")
     _add_data_args(r)
     r.add_argument("--model", default=None, help="mlp, cnn or resnet (default: mlp for tabular, cnn for images)")
@@ -151,16 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how sparsity is spread over layers")
     r.add_argument("--exclude-first", action="store_true", help="keep the first layer dense")
     r.add_argument("--exclude-last", action="store_true", help="keep the last layer dense")
-    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the split, the initial weights, the batches and the method's random choices")
     r.add_argument("--epochs", type=int, default=None,
                    help=f"dense training epochs (default: {DEFAULT_EPOCHS}; "
                         + ", ".join(f"{v} on {k}" for k, v in DATASET_EPOCHS.items()) + ")")
     r.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: --epochs)")
-    r.add_argument("--batch-size", type=int, default=d.batch_size)
-    r.add_argument("--lr", type=float, default=d.lr)
-    r.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")
-    r.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-    r.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    r.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="rows per training step (dense training and fine-tuning)")
+    r.add_argument("--lr", type=float, default=d.lr, help="learning rate of dense training (cosine decay)")
+    r.add_argument("--finetune-lr", type=float, default=None,
+                   help="learning rate of the method's pruning and fine-tuning (default: --lr)")
+    r.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="the weights' optimizer")
+    r.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="weight decay (AdamW with adam; added to the gradient with sgd); 0 = none")
     r.add_argument("--positive-class", type=int, default=None,
                    help="class id treated as positive by the binary metrics (DP, EO); default 1 (for a "
                         "multi-class target: class 1 vs the rest, with a warning)")

@@ -160,7 +160,7 @@ def dense_reference(ctx: Context) -> dict[str, jax.Array]:
 
 
 BUFFER_OVERALL = ("samples", "groups")
-CONSTRAINT_DATA = ("auto", "val", "train")
+CONSTRAINT_DATA = ("auto", "val", "train", "train_all")
 #: constraint_data=auto reads psi_g on held-out rows only when the standard error of every group's held-out
 #: psi_g estimate (at the flip rates of the pruned start) is at most this share of eps; else train buffers.
 AUTO_SE_SHARE = 0.5
@@ -306,8 +306,11 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     start, template, info = pruned_start(ctx, dense, opts)
     held_out, choice = choose_constraint_data(ctx, dense, start, opts)
     info["constraint_data_choice"] = choice
+    table = held_out or choice.get("chosen", opts.constraint_data) == "train_all"
     if held_out:
         ctx, val, val_source = held_out_rows(ctx, opts.val_fraction)
+    elif table:     # every training row's correctness, refreshed in evaluation mode: the exact training psi_g
+        val, val_source = ctx.dataset.train, "every training row (train_all)"
     dual = constrained.dual_from_options(opts, G, equality=False)
     tx = ctx.finetune_tx()
     total = ctx.config.ft_epochs * ctx.steps_per_epoch
@@ -316,7 +319,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         extra.update(teacher_extra(dense))
     ref = dense_reference(ctx)
     pre = None
-    if held_out:
+    if table:
         dense_val, _ = evaluate(ctx.eval_step, dense, val, cfg.eval_batch_size)
         start_correct = row_correct(ctx, start, val)
         # per-group margin: eps_g = eps - z * SE(psi_g), SE from the held-out rows at the pruned start
@@ -333,7 +336,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         pre = val_refresh(ctx, val, vb, seed=cfg.seed)
         info.update(val_source=val_source, val_rows=len(val), val_batch_size=min(vb, len(val)),
                     margin_z=opts.margin_z, eps_per_group=dict(zip(names, np.round(eps_g, 6).tolist())))
-        if np.any((n_val_g > 0) & (n_val_g < 30)):
+        if held_out and np.any((n_val_g > 0) & (n_val_g < 30)):
             small = [names[i] for i in np.flatnonzero((n_val_g > 0) & (n_val_g < 30))]
             notes.append(f"ceag: groups with fewer than 30 held-out rows ({', '.join(small[:8])}): their psi_g "
                         "estimate is noisy; raise val_fraction or use --val-fraction")
@@ -357,7 +360,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     hook = None
     if select:
         state = state.replace(extra=dict(state.extra, **selection_init(state, len(points))))
-        sel_rows, sel_ref = (val, dense_val) if held_out else (ctx.dataset.train, ctx.dense_train_counts)
+        sel_rows, sel_ref = (val, dense_val) if table else (ctx.dataset.train, ctx.dense_train_counts)
         hook = selection_hook(ctx, sel_rows, sel_ref, eps_g, points)
     state, hist = ctx.finetune(state, tx, step_fn=step, hook=hook, desc="fine-tune (ceag)")
     if select:
@@ -367,7 +370,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         sel["rows"] = "held-out" if held_out else "train"
     traj = jax.device_get(state.extra["trajectory"])
     info.update(history=hist, multipliers=np.asarray(state.extra["dual"].multipliers).tolist(), eps=eps,
-                constraint_data="val" if held_out else "train", trajectory=trajectory_info(traj, names, offset=eps_g))
+                constraint_data="val" if held_out else ("train_all" if table else "train"), trajectory=trajectory_info(traj, names, offset=eps_g))
     if select and not info["selection"]["feasible"]:
         sel, where = info["selection"], "held-out" if held_out else "training"
         notes.append(f"ceag: no checkpoint met psi_g <= eps_g on the {where} rows; returned the least violating "
