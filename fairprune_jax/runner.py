@@ -341,34 +341,73 @@ def dense_fingerprint(cfg: RunConfig, data: dict | None = None) -> dict:
     return _jsonable({"config": d, "data": data, "jax": jax.__version__})
 
 
-#: The dense-model cache inside its folder: one orbax checkpoint (state + fingerprint and history, one write).
-DENSE_CACHE = "dense-cache"
+#: The dense-model cache inside its folder: one file, the weights by name and the fingerprint and history in it.
+DENSE_CACHE = "dense-cache.npz"
+_META = "__meta__"
 
 
 def save_dense(folder: Path, cfg: RunConfig, state: TrainState, history: dict, data: dict | None = None) -> None:
-    """Write a trained dense state and its fingerprint and history into ``folder`` (one atomic orbax write)."""
-    state = jax.tree.map(lambda x: jnp.asarray(_host(x)) if not _is_key(x) else x, state)
-    checkpoint.save_tree(Path(folder) / DENSE_CACHE, state,
-                         {"fingerprint": dense_fingerprint(cfg, data), "history": _jsonable(history)})
+    """Write a trained dense state into ``folder``: every leaf under its tree path (PRNG keys as their data), and
+    the fingerprint and history inside the same file, written to a temporary name and renamed into place (one
+    atomic write; a crash leaves the previous cache or none). Plain numpy rather than orbax: process 0 alone
+    writes it, and orbax's writes are collective over every process."""
+    import json
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {jax.tree_util.keystr(path): np.asarray(jax.random.key_data(x)) if _is_key(x) else np.asarray(_host(x))
+              for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    meta = {"fingerprint": dense_fingerprint(cfg, data), "history": _jsonable(history)}
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    tmp = folder / (DENSE_CACHE + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, folder / DENSE_CACHE)
+
+
+def _dense_meta(z) -> dict | None:
+    import json
+    try:
+        return json.loads(bytes(z[_META]).decode())
+    except (KeyError, ValueError):
+        return None
 
 
 def dense_cached(folder: Path, cfg: RunConfig, data: dict | None = None) -> bool:
     """A saved dense model for this dense config and data exists (its fingerprint read, not its arrays)."""
-    meta = checkpoint.read_tree_meta(Path(folder) / DENSE_CACHE)
+    path = Path(folder) / DENSE_CACHE
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as z:
+            meta = _dense_meta(z)
+    except (OSError, ValueError):
+        return False
     return meta is not None and meta.get("fingerprint") == dense_fingerprint(cfg, data)
 
 
 def load_dense(folder: Path, cfg: RunConfig, template: TrainState, data: dict | None = None
                ) -> tuple[TrainState, dict] | None:
-    """The dense state saved by :func:`save_dense` for the same dense config and data, its leaves matched by
-    name and shape; None when there is none or it does not fit (then the dense model is trained)."""
-    meta = checkpoint.read_tree_meta(Path(folder) / DENSE_CACHE)
-    if meta is None or meta.get("fingerprint") != dense_fingerprint(cfg, data):
+    """The dense state saved by :func:`save_dense` for the same dense config and data, every leaf matched to
+    ``template`` by its tree path, shape and dtype; None when there is none or it does not fit (then the dense
+    model is trained again)."""
+    path = Path(folder) / DENSE_CACHE
+    if not dense_cached(folder, cfg, data):
         return None
-    state = checkpoint.load_tree(Path(folder) / DENSE_CACHE, template)
-    if state is None:
-        return None
-    return state, dict(meta["history"], cached=True)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    with np.load(path) as z:
+        meta = _dense_meta(z)
+        for key, t in leaves:
+            name = jax.tree_util.keystr(key)
+            if name not in z.files:
+                return None
+            v = z[name]
+            want = jax.random.key_data(t) if _is_key(t) else t
+            if v.shape != tuple(want.shape) or v.dtype != np.dtype(want.dtype):
+                return None
+            out.append(jax.random.wrap_key_data(jnp.asarray(v), impl=jax.random.key_impl(t)) if _is_key(t)
+                       else jnp.asarray(v))
+    return jax.tree_util.tree_unflatten(treedef, out), dict(meta["history"], cached=True)
 
 
 def _is_key(x: Any) -> bool:

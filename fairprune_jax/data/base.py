@@ -242,10 +242,11 @@ def parse_attr_list(spec: str | list[str] | tuple[str, ...], valid: list[str] | 
     return names
 
 
-#: A protected attribute is refused when it makes more than MANY_GROUPS groups holding a median of fewer rows than
-#: MIN_MEDIAN_GROUP_ROWS (a number column such as an age with decimals makes nearly every row its own group:
-#: nothing can be trained, measured or certified). A few small groups are only starred as small.
-MIN_MEDIAN_GROUP_ROWS, MANY_GROUPS = 5, 20
+#: A protected attribute is refused when it makes more than MANY_GROUPS groups of which at least half hold a
+#: single row (a number column such as an age with decimals makes nearly every row its own group: nothing can be
+#: trained, measured or certified). Small groups of several rows (100 classes of a small sample) are only
+#: starred as small.
+SINGLE_ROW_SHARE, MANY_GROUPS = 0.5, 20
 
 
 def group_label(value: Any, *, quote: bool = False) -> str:
@@ -266,7 +267,7 @@ def check_group_sizes(sizes: np.ndarray, names: list[str], rows: int, *, dataset
     if sizes.size <= MANY_GROUPS:
         return
     median = float(np.median(sizes))
-    if median < MIN_MEDIAN_GROUP_ROWS:
+    if np.mean(sizes == 1) >= SINGLE_ROW_SHARE:
         raise ValueError(
             f"{dataset}: the protected attribute makes {sizes.size} groups over {rows} rows (median "
             f"{median:g} row(s) per group, {int((sizes == 1).sum())} groups of one row; e.g. "
