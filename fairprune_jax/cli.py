@@ -311,6 +311,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in res.get("method_info", {}).get("warnings", []):
         if line not in shown:
             print(f"WARNING: {line}")
+    for line in res.get("method_info", {}).get("notes", []):
+        print(f"note: {line}")
     print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
           f"wall time {res['wall_time_s']:.1f} s")
     print(f"wrote {Path(cfg.out) / 'results.json'}, results.md, group_accuracy.png")

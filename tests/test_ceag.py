@@ -129,7 +129,7 @@ def test_ceag_selects_the_most_accurate_feasible_checkpoint(small_prepared):
     best = max(sel["log"], key=lambda r: r["accuracy"])
     assert sel["step"] == best["step"]
     assert np.allclose(info["multipliers"], 0.0)
-    assert any("same as nft" in w for w in info["warnings"])
+    assert any("same as nft" in w for w in info["notes"]) and not any("same as nft" in w for w in info["warnings"])
 
 
 def test_ceag_option_values_are_checked(prepared):
@@ -151,12 +151,13 @@ def test_dual_advice_reads_the_most_constrained_multiplier():
     assert "larger buffers or another dual_lr" in dual_advice(flat.tolist())
 
 
-def test_auto_constraint_data_picks_training_buffers_when_held_out_groups_are_small(prepared):
+def test_auto_constraint_data_picks_every_training_row_when_held_out_groups_are_small(prepared):
     """digits: 13-14 held-out rows per class give a held-out psi_g standard error far above eps / 2, so the
-    default (constraint_data=auto) constrains the training buffers and says why."""
+    default (constraint_data=auto) constrains psi_g on every training row and says why."""
     res = run_method(prepared, method="ceag", method_options={"eps": 0.01})
     choice = res["method_info"]["constraint_data_choice"]
-    assert choice["chosen"] == "train" and res["method_info"]["constraint_data"] == "train"
+    assert choice["chosen"] == "train_all" and res["method_info"]["constraint_data"] == "train_all"
+    assert res["method_info"]["val_rows"] == len(prepared.dataset.train)      # the table covers every row
     assert choice["max_standard_error"] > 0.5 * 0.01 and choice["held_out_rows_min"] < 30
     forced = run_method(prepared, method="ceag", method_options={"eps": 0.01, "constraint_data": "val",
                                                                  "select_points": 2})
@@ -191,3 +192,15 @@ def test_distillation_loss_and_runs_keep_their_contract(prepared):
     assert "teacher" not in ceag["_state"].extra
     with pytest.raises(ValueError, match="distill"):
         run_method(prepared, method="nft", method_options={"distill": -1.0})
+
+
+def test_train_all_reads_the_exact_training_psi(small_prepared):
+    """constraint_data=train_all: the dual step reads a table of every training row's correctness (refreshed in
+    evaluation mode), observed for every group from the first step, so an always-violated bound moves every
+    multiplier."""
+    from fairprune_jax.methods.ceag import CeagOptions, ceag
+    with pytest.warns(UserWarning):
+        state, info = ceag(small_prepared.ctx, small_prepared.dense,
+                           CeagOptions(eps=-1.0, constraint_data="train_all", prune_epochs=1, select="last"))
+    assert info["constraint_data"] == "train_all" and info["val_source"].startswith("every training row")
+    assert np.array(info["multipliers"]).min() > 0        # the exact estimate is observed for every group
