@@ -215,9 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--small-group", type=int, default=30, help="warn about groups smaller than this")
 
     c = sub.add_parser("compare", help="methods x sparsities x seeds from a TOML config (resumable)")
-    c.add_argument("--config", required=True,
-                   help="experiments/NAME.toml: one grid, or a suite (suite = [grid TOMLs]) with a combined table")
-    c.add_argument("--out", default=None, help="output folder (default: the config's, or experiments/results/NAME)")
+    c.add_argument("--config", default=None,
+                   help="experiments/NAME.toml: one grid, or a suite (suite = [grid TOMLs]) with a combined table; "
+                        "or leave it out and give the grid with --methods, --sparsities, --seeds")
+    c.add_argument("--out", default=None,
+                   help="output folder (default: the config's `out`, else results/NAME next to the TOML; without "
+                        "a TOML: runs/compare-DATASET-HASH)")
+    g = c.add_argument_group("a grid without a TOML file")
+    g.add_argument("--methods", help="comma-separated methods (or a TOML's variants), e.g. nft,ceag")
+    g.add_argument("--sparsities", help="comma-separated sparsities, e.g. 0.8,0.9")
+    g.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    g.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset name (default: %(default)s)")
+    g.add_argument("--data-dir", default=None, help="where the dataset lives")
+    g.add_argument("--target", help="target attribute / column")
+    g.add_argument("--protected", help="protected attribute(s), comma-separated for intersections")
+    g.add_argument("--epochs", type=int, default=None, help="dense training epochs (default: the dataset's)")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: --epochs)")
+    g.add_argument("--save-config", default=None, metavar="PATH",
+                   help="write the grid as a TOML file (rerun or edit it with --config PATH)")
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--devices", default=None,
                    help="data-parallel over N local devices, or 'all' (default: 1 device; all of them with "
@@ -340,19 +355,28 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fairprune_jax.compare import (DEFAULT_COLUMNS, is_suite, load_config, load_suite, markdown_table,
-                                       run_compare, run_suite, small_legend)
+    from fairprune_jax.compare import (is_suite, load_config, load_suite, markdown_table, run_compare, run_suite,
+                                       small_legend, table_columns)
 
     from fairprune_jax import distributed
 
     settings = _process_settings(args)
+    if args.config is not None:
+        given = [f"--{k.replace('_', '-')}" for k in GRID_FLAGS + ("save_config",) if getattr(args, k) is not None]
+        given += [f for f, v, d in (("--seeds", args.seeds, "0,1,2"), ("--dataset", args.dataset, DEFAULT_DATASET))
+                  if v != d]
+        if given:
+            raise ValueError(f"{', '.join(given)} describe a grid without a TOML file; with --config the grid is "
+                             "the file's (edit it, or leave --config out)")
+    args.config = args.config if args.config is not None else grid_file(args)
     suite = load_suite(args.config, args.out) if is_suite(args.config) else None
     cc = load_config(args.config, args.out) if suite is None else None
     distributed.parse_devices(args.devices)
     primary = _start_processes(args, settings)
     devices = args.devices if args.devices is not None else ("all" if settings is not None else None)
     mesh = None if devices is None else distributed.make_mesh(devices)
-    with distributed.use_mesh(mesh):
+    shown: set[str] = set()
+    with distributed.use_mesh(mesh), _warnings_once(shown):
         if suite is not None:
             summary = run_suite(suite, progress=primary and not args.no_progress)
         else:
@@ -366,13 +390,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(summary["markdown"])
         print(f"wrote {suite.out}/headline.md, headline.csv, headline.json (and each comparison's own outputs)")
         return 0
-    print(markdown_table(cc, summary["aggregate"]))
-    legend = small_legend(summary["aggregate"], DEFAULT_COLUMNS + ["train_psi_within_tol"],
-                          set((summary.get("setting") or {}).get("small_limits") or ()))
+    cols, _ = table_columns(cc, summary["aggregate"], summary.get("setting") or {})   # the columns of results.md
+    print(markdown_table(cc, summary["aggregate"], cols))
+    legend = small_legend(summary["aggregate"], cols, set((summary.get("setting") or {}).get("small_limits") or ()))
     if legend:
         print(legend.replace("`", ""))
     print(f"wrote {cc.out}/results.csv, results.json, results.md and plots")
     return 0
+
+
+GRID_FLAGS = ("methods", "sparsities", "target", "protected", "epochs", "finetune_epochs", "data_dir")
+
+
+def grid_file(args: argparse.Namespace) -> str:
+    """``fairprune compare`` without ``--config``: the grid the flags give, written as a TOML file (to
+    ``--save-config``, else into the output folder) and read back by the same checks as any grid file."""
+    import hashlib
+    if not args.methods or not args.sparsities:
+        raise ValueError("fairprune compare needs --config FILE, or the grid as flags: --methods nft,ceag "
+                         "--sparsities 0.8,0.9 [--seeds 0,1,2] [--dataset NAME ...]")
+
+    def items(text: str, kind, flag: str) -> list:
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{flag} takes comma-separated values, e.g. {flag} "
+                             f"{'0.8,0.9' if kind is float else '0,1,2' if kind is int else 'nft,ceag'}; "
+                             f"got {text!r}") from None
+
+    def toml(v) -> str:
+        return "[" + ", ".join(toml(x) for x in v) + "]" if isinstance(v, list) else (
+            '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' if isinstance(v, str) else repr(v))
+
+    grid = {"dataset": args.dataset, "methods": items(args.methods, str, "--methods"),
+            "sparsities": items(args.sparsities, float, "--sparsities"), "seeds": items(args.seeds, int, "--seeds")}
+    if args.data_dir:
+        grid["data_dir"] = os.path.abspath(os.path.expanduser(args.data_dir))
+    run = {k: getattr(args, k) for k in ("epochs", "finetune_epochs") if getattr(args, k) is not None}
+    data = {k: getattr(args, k) for k in ("target", "protected") if getattr(args, k) is not None}
+    digest = hashlib.sha256(repr((grid, run, data)).encode()).hexdigest()[:8]
+    name = f"compare-{args.dataset.replace(':', '-')}-{digest}"
+    lines = [f"# written by: fairprune compare {' '.join(sys.argv[2:])}", f"name = {toml(name)}"]
+    lines += [f"{k} = {toml(v)}" for k, v in grid.items()]
+    for table, values in (("run", run), ("dataset_options", data)):
+        if values:
+            lines += ["", f"[{table}]"] + [f"{k} = {toml(v)}" for k, v in values.items()]
+    out = Path(os.path.expanduser(args.out)) if args.out else Path("runs") / name
+    path = Path(args.save_config) if args.save_config else out / "grid.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    args.out = str(out)
+    print(f"fairprune compare: the grid is in {path} (rerun or edit it with --config {path})", flush=True)
+    return str(path)
 
 
 def _interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:

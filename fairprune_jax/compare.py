@@ -693,7 +693,7 @@ DEFAULT_COLUMNS = ["test_accuracy", "test_psi_upper", "test_psi_floor", "train_m
 
 def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = None) -> str:
     cols = cols or DEFAULT_COLUMNS
-    if cc.tolerance is not None:
+    if cc.tolerance is not None and "train_psi_within_tol" not in cols:
         cols = cols + ["train_psi_within_tol"]
     head = "| method | sparsity | seeds | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (3 + len(cols))]
@@ -721,6 +721,8 @@ def format_cell(col: str, agg_row: dict) -> str:
     if col.endswith("within_tol") or col in FLAG_COLUMNS:
         return f"{v['mean'] * agg_row['n_seeds']:.0f}/{agg_row['n_seeds']}{star}"
     fmt = "{:.5f}" if "cwv" in col else "{:.4f}"
+    if agg_row.get("n_seeds", 2) < 2 or v.get("std") is None:     # one seed: no spread to show
+        return fmt.format(v["mean"]) + star
     return fmt.format(v["mean"]) + " ± " + fmt.format(v["std"]) + star
 
 

@@ -396,3 +396,25 @@ def test_runs_keep_a_persistent_compilation_cache(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(tmp_path / "mine"), str(tmp_path / "mine"), "False"]
     assert (tmp_path / "mine").is_dir()
+
+
+def test_compare_without_a_toml_file(tmp_path, capsys):
+    """`fairprune compare --methods ... --sparsities ... --seeds ...`: the grid from flags, written as a TOML
+    (--save-config) and run through the same checks; each library warning printed once; the terminal table
+    has results.md's columns and no `± 0` for a single seed; grid flags beside --config are an error."""
+    toml = tmp_path / "grid.toml"
+    rc = main(["compare", "--dataset", "digits", "--methods", "magnitude,random", "--sparsities", "0.5",
+               "--seeds", "0", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "out"),
+               "--save-config", str(toml)])
+    out, err = capsys.readouterr()
+    assert rc == 0 and toml.is_file() and 'methods = ["magnitude", "random"]' in toml.read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert err.count("WARNING: the test split cannot certify") == 1 and "FairpruneWarning" not in err
+    table = [ln for ln in out.splitlines() if ln.startswith("| method")][0]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "test_dp_diff" not in table and "±" not in out           # class groups: no DP / EO; one seed
+    assert all(c.strip() in md for c in table.split("|")[4:-1])     # every terminal column is in results.md
+    assert main(["compare", "--config", str(toml), "--methods", "nft"]) == 2
+    assert "describe a grid without a TOML file" in capsys.readouterr().err
+    assert main(["compare", "--sparsities", "0.5"]) == 2
+    assert "needs --config FILE, or the grid as flags" in capsys.readouterr().err
