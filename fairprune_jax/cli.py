@@ -468,7 +468,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in {e["name"] for e in entries}]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(e['name'] for e in entries)}")
-    print(method_listing.format_listing([e for e in entries if not names or e["name"] in names]))
+    print(method_listing.format_listing([e for e in entries if not names or e["name"] in names],
+                                        explain=bool(names)).rstrip())
     return 0
 
 

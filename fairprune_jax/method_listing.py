@@ -27,6 +27,14 @@ def from_registry() -> list[dict[str, Any]]:
             for name, m in sorted(METHODS.items())]
 
 
+def option_lines(entry: dict[str, Any]) -> list[str]:
+    """One line per option of a listed method: ``name=default``, then what it does (option_docs.py)."""
+    from fairprune_jax.option_docs import option_doc
+    width = max((len(f"{k}={v}") for k, v in entry["options"].items()), default=0)
+    return [f"  {f'{k}={v}':{width}s}  {option_doc(entry['name'], k) or ''}".rstrip()
+            for k, v in entry["options"].items()]
+
+
 def load() -> list[dict[str, Any]]:
     """The snapshot in ``method_catalog.py``; the live registry if there is none."""
     try:
@@ -36,10 +44,16 @@ def load() -> list[dict[str, Any]]:
     return METHODS_LISTED
 
 
-def format_listing(entries: list[dict[str, Any]]) -> str:
-    """What ``fairprune methods`` prints: one line per method, a second with its options and defaults."""
+def format_listing(entries: list[dict[str, Any]], explain: bool = False) -> str:
+    """What ``fairprune methods`` prints: one line per method, a second with its options and defaults; with
+    ``explain`` (``fairprune methods NAME``), each option on its own line with what it does."""
     lines = []
     for e in entries:
+        if explain:
+            lines.append(f"{e['name']}: {e['description']}")
+            lines += option_lines(e) or ["  (no options)"]
+            lines.append("")
+            continue
         opts = ", ".join(f"{k}={v}" for k, v in e["options"].items())
         lines.append(f"{e['name']:21s} {e['description']}" + (f"\n{'':21s} options: {opts}" if opts else ""))
     return "\n".join(lines)

@@ -65,3 +65,15 @@ def test_methods_snapshot_equals_the_registry(capsys):
         assert [type(v) for v in a["options"].values()] == [type(v) for v in b["options"].values()], stale
     assert main(["methods"]) == 0
     assert capsys.readouterr().out == method_listing.format_listing(live) + "\n"
+
+
+def test_every_method_option_is_explained():
+    """`fairprune methods NAME` prints a line per option with what it does (fairprune_jax/option_docs.py):
+    an option added to a method without its line fails here."""
+    from fairprune_jax import method_listing
+    from fairprune_jax.option_docs import option_doc
+    entries = method_listing.from_registry()
+    missing = [f"{e['name']}.{k}" for e in entries for k in e["options"] if not option_doc(e["name"], k)]
+    assert not missing, f"add a line for each to fairprune_jax/option_docs.py: {missing}"
+    ceag = method_listing.format_listing([e for e in entries if e["name"] == "ceag"], explain=True)
+    assert "  eps=0.01" in ceag and "excess accuracy gap" in ceag.splitlines()[1]
