@@ -301,10 +301,11 @@ def test_console_script_methods():
 
 
 def test_methods_of_one_method(capsys):
-    """`fairprune methods ceag` lists that method only; a misspelt name lists the valid ones (exit 2)."""
+    """`fairprune methods ceag` lists that method only, each option on its own line with what it does; a
+    misspelt name lists the valid ones (exit 2)."""
     assert main(["methods", "ceag", "nft"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("ceag ") and "constraint_data=auto" in out and "\nnft " in out and "\ngmp" not in out
+    assert out.startswith("ceag: ") and "\n  constraint_data=auto " in out and "\nnft: " in out and "\ngmp" not in out
     assert main(["methods", "cea"]) == 2
     assert "unknown method(s) ['cea']; valid: ballot," in capsys.readouterr().err
 
