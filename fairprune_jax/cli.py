@@ -330,7 +330,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {line}")
     print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
           f"wall time {res['wall_time_s']:.1f} s")
-    print(f"wrote {Path(cfg.out) / 'results.json'}, results.md, group_accuracy.png")
+    out = Path(cfg.out)
+    written = [n for n in ("results.md", "group_accuracy.png", "constraints.png") if (out / n).is_file()]
+    written += [f"{n}/" for n in ("checkpoints", "tensorboard") if (out / n).is_dir()]
+    print(f"wrote {out / 'results.json'}" + "".join(f", {n}" for n in written))
     comp = res.get("compact")
     if comp is not None:
         if "error" in comp:

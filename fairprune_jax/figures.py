@@ -372,8 +372,10 @@ def group_change(changes: dict[str, dict[str, list[float | None]]], path: Path, 
 
 def run_group_accuracy(results: dict, path: Path, split: str = "test", max_groups: int = 40,
                        formats: Iterable[str] = ("png", VECTOR_FORMAT)) -> list[Path]:
-    """One run: per-group accuracy, dense vs pruned, bars from 0, legend outside; with more than
-    ``max_groups`` groups, the ``max_groups`` with the largest drop, and the title says so."""
+    """One run: per-group accuracy, dense vs pruned as points joined per group (an arrow of the change), the
+    axis zoomed to the data (a difference of two points is visible; bars from 0 would flatten it), legend
+    outside; with more than ``max_groups`` groups, the ``max_groups`` with the largest drop, and the title
+    says so."""
     plt = _plt()
     d, p = results["dense"][split]["groups"], results["pruned"][split]["groups"]
     names = [n for n in p if (p[n]["n"] or 0) > 0]
@@ -385,14 +387,17 @@ def run_group_accuracy(results: dict, path: Path, split: str = "test", max_group
     da = [d[n]["accuracy"] or 0.0 for n in names]
     pa = [p[n]["accuracy"] or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(names) + 2), 4))
-    ax.bar(x - 0.2, da, 0.4, label="dense", color="tab:gray")
-    ax.bar(x + 0.2, pa, 0.4, label=f"pruned ({results['method']}, {results['sparsity']['achieved']:.0%})",
-           color="tab:blue")
+    ax.vlines(x, np.minimum(da, pa), np.maximum(da, pa), color="tab:gray", lw=1.5, alpha=0.6)
+    ax.scatter(x, da, s=36, label="dense", color="tab:gray", zorder=3)
+    ax.scatter(x, pa, s=36, marker="D", label=f"pruned ({results['method']}, {results['sparsity']['achieved']:.0%})",
+               color="tab:blue", zorder=3)
     ax.axhline(results["dense"][split]["accuracy"], color="black", ls=":", lw=1, label="dense, all rows")
     rot = len(names) > 6 or max((len(n) for n in names), default=0) > 10
     ax.set_xticks(x, names, rotation=60 if rot else 0, ha="right" if rot else "center", fontsize=8)
     ax.set_ylabel(f"{split} accuracy")
-    ax.set_ylim(0.0, 1.0)
+    vals = da + pa + [results["dense"][split]["accuracy"] or 0.0]
+    pad = 0.08 * max(max(vals) - min(vals), 0.02)
+    ax.set_ylim(max(min(vals) - pad, 0.0), min(max(vals) + pad, 1.0))
     shown = "" if len(names) == total else f" ({len(names)} of {total} groups: largest drops)"
     ax.set_title(f"Per-group accuracy: {results['dataset']}{shown}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
