@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fairprune_jax.notices import human_watching
 from fairprune_jax.result import Report
 from fairprune_jax import compact, runner
 from fairprune_jax.config import RunConfig
@@ -53,7 +54,7 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
           finetune_lr: float | None = None, batch_size: int = 64, seed: int = 0,
           group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
           units: dict[str, Sequence[str]] | None = None, method_options: dict | None = None,
-          config: dict | None = None, out: str | Path | None = None, progress: bool = False,
+          config: dict | None = None, out: str | Path | None = None, progress: bool | None = None,
           **options: Any) -> Pruned:
     """Train ``model`` densely on ``train``, prune it with ``method`` to ``sparsity`` and report, per group.
 
@@ -70,7 +71,8 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     ``exclude_first``, ``certify_eps``, ...). ``units``: for structured methods, ``{kernel: [leaves indexed
     by its output units]}`` (e.g. ``{"conv/kernel": ["conv/bias", "norm/scale", "norm/bias"]}``) when the
     units traced from the forward pass (:func:`compact.traced_unit_groups`) are not what you want.
-    ``out``: also write ``results.json`` and ``results.md`` there.
+    ``out``: also write ``results.json`` and ``results.md`` there. ``progress``: progress bars (default: shown
+    in a terminal or a notebook, not in CI or when output is piped).
 
     Returns :class:`Pruned` ``(model, masks, report, state)``. The report holds at least
     :data:`REPORT_KEYS`: ``sparsity`` (``target``, ``achieved``, per-layer ``layers``), ``dense`` /
@@ -94,7 +96,8 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
                          "method's fine-tuning budget (default: the same as epochs)")
     cfg = RunConfig(method=method, dataset=runner.IN_MEMORY, sparsity=sparsity, seed=seed, epochs=epochs,
                     finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr, finetune_lr=finetune_lr,
-                    out=None if out is None else str(out), progress=progress, method_options=opts, **extra)
+                    out=None if out is None else str(out),
+                    progress=human_watching() if progress is None else bool(progress), method_options=opts, **extra)
     parsed = runner.validate_config(cfg)    # method, sparsity, option names and values, run settings
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")

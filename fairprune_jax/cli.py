@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-compact", action="store_true",
                    help="structured methods (bifp, structured_magnitude, ...): also save the compacted model, "
                         "pruned units physically removed, into OUT/compact (reload with fairprune_jax.compact.load)")
-    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars (shown by default in a terminal, not when the output is piped or CI "
+                        "is set)")
     r.add_argument("--tensorboard", action="store_true",
                    help="log loss, accuracy and, for constrained methods, per-group multipliers, violations and "
                         "accuracies per step into OUT/tensorboard (view: tensorboard --logdir OUT); needs tensorboardX")
@@ -233,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: --epochs)")
     g.add_argument("--save-config", default=None, metavar="PATH",
                    help="write the grid as a TOML file (rerun or edit it with --config PATH)")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars (shown by default in a terminal, not when piped or in CI)")
     c.add_argument("--devices", default=None,
                    help="data-parallel over N local devices, or 'all' (default: 1 device; all of them with "
                         "--distributed)")
@@ -258,7 +261,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         weight_decay=args.weight_decay, distribution=args.distribution, exclude_first=args.exclude_first,
         exclude_last=args.exclude_last, augment=args.augment, out=out,
         positive_label=1 if args.positive_class is None else args.positive_class,
-        save_compact=args.save_compact, progress=not args.no_progress, dataset_options=_data_options(args),
+        save_compact=args.save_compact, progress=not args.no_progress and _watching(), dataset_options=_data_options(args),
         model_options=_kv(args.model_opt, "--model-opt"), method_options=_kv(args.opt, "--opt"),
         certify_eps=args.certify_eps, certify_level=args.certify_level,
         certify_interval=args.certify_interval, fairness_bound=args.fairness_bound,
@@ -381,9 +384,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     shown: set[str] = set()
     with distributed.use_mesh(mesh), _warnings_once(shown):
         if suite is not None:
-            summary = run_suite(suite, progress=primary and not args.no_progress)
+            summary = run_suite(suite, progress=primary and not args.no_progress and _watching())
         else:
-            summary = run_compare(cc, progress=primary and not args.no_progress)
+            summary = run_compare(cc, progress=primary and not args.no_progress and _watching())
     if not primary:
         import jax
         print(f"fairprune compare: process {jax.process_index()} of {jax.process_count()} finished; process 0 "
@@ -514,6 +517,11 @@ def use_compilation_cache() -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs",
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     return folder
+
+
+def _watching() -> bool:
+    from fairprune_jax.notices import human_watching
+    return human_watching()
 
 
 def check_backend() -> None:

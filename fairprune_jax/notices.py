@@ -1,4 +1,5 @@
-"""The library's warnings: one category, raised at the user's own call site.
+"""What the user sees besides results: the library's warnings (one category, raised at the user's own call
+site) and whether progress bars are shown (when a person is watching).
 
 Every warning fairprune gives about the user's data, settings or results is a :class:`FairpruneWarning` (a
 ``UserWarning``), raised with :func:`warn`, which points it at the first stack frame outside this package:
@@ -25,3 +26,16 @@ def warn(message: str, category: type[Warning] = FairpruneWarning) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def human_watching() -> bool:
+    """Progress bars by default only where a person watches: a terminal or a notebook, not CI (``CI`` set) and
+    not output piped into a file (where every bar update becomes a line of the log)."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
+        return False
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -382,8 +382,7 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
     tphase = tracker.phase(desc) if tracker is not None else None
     pending: list = []
     t0 = time.perf_counter()
-    bar = tqdm(total=n_steps, initial=global_step, desc=desc, disable=not progress, leave=False,
-               dynamic_ncols=True, mininterval=0.5)
+    bar = None      # created after the first step: its rate and ETA leave out the compilation of the step
     for epoch in range(start_epoch, epochs):
         skip = start_in_epoch if epoch == start_epoch else 0
         if epoch != start_epoch:
@@ -400,7 +399,7 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
             global_step += 1
             if tphase is not None:
                 pending.append((global_step, stats))
-            if global_step % log_every == 0:
+            if global_step % log_every == 0 and bar is not None:
                 bar.set_postfix(loss=f"{float(stats['loss']):.4f}")
                 check_finite(state, desc)
                 pending = _track(tracker, tphase, pending)
@@ -408,14 +407,21 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
                 check_finite(state, desc)
                 phase.save(state, epoch=epoch, step_in_epoch=i + 1, global_step=global_step, history=history,
                            epoch_stats=ep_stats, final=False)
-            bar.update(1)
+            if bar is None:
+                if progress:
+                    jax.block_until_ready(stats)
+                bar = tqdm(total=n_steps, initial=global_step, desc=desc, disable=not progress, leave=False,
+                           dynamic_ncols=True, mininterval=0.5)
+            else:
+                bar.update(1)
         if ep_stats:
             losses, accs = jax.device_get((jnp.stack([s["loss"] for s in ep_stats]),
                                            jnp.stack([s["accuracy"] for s in ep_stats])))
             history["loss"].append(float(np.mean(losses)))
             history["accuracy"].append(float(np.mean(accs)))
         check_finite(state, desc)
-    bar.close()
+    if bar is not None:
+        bar.close()
     _track(tracker, tphase, pending)
     if phase is not None:
         phase.save(state, epoch=epochs, step_in_epoch=0, global_step=global_step, history=history, epoch_stats=[],

@@ -7,6 +7,7 @@ import bz2
 import gzip
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -399,3 +400,25 @@ def test_prune_messages_for_missing_group_ids_and_a_one_output_model():
         arrays_dataset((x, y, np.zeros(40)), num_classes=1)
     with pytest.raises(ValueError, match=r"must be integers \(or names\); got dtype float64 with fractions"):
         arrays_dataset((x, y + 0.5, np.zeros(40)))
+
+
+def test_progress_bars_only_where_a_person_watches(monkeypatch):
+    import sys
+    from fairprune_jax.notices import human_watching
+    monkeypatch.setenv("CI", "true")
+    assert not human_watching()
+    monkeypatch.delenv("CI")
+    monkeypatch.setitem(sys.modules, "ipykernel", object())      # a notebook
+    assert human_watching()
+    monkeypatch.delitem(sys.modules, "ipykernel")
+    monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))   # piped into a file
+    assert not human_watching()
+
+
+def test_a_progress_bar_starts_after_the_first_compiled_step(capsys):
+    """The bar is created once the first step (its compilation) has finished, so its rate and ETA are of
+    training steps only."""
+    runner.prepare(cfg(progress=True), toy())
+    err = capsys.readouterr().err
+    first = re.findall(r"(\d+)/(\d+) \[", err)
+    assert first and int(first[0][0]) >= 1          # the first frame already counts the compiled step
