@@ -64,10 +64,9 @@ METHODS_LISTED = [{'name': 'ballot',
   'structured': 'structured'},
  {'name': 'ceag',
   'description': 'Balancing Act: gradual magnitude pruning, then fine-tuning with one constraint per group on the '
-                 'excess accuracy gap psi_g <= eps (Lagrange multipliers; the dual step reads psi_g on the '
-                 'correctness of every training row, refreshed in evaluation mode, or on held-out rows when they '
-                 "are large enough to estimate it: constraint_data=auto, val, train_all; train: the paper's replay "
-                 'buffers)',
+                 "excess accuracy gap psi_g <= eps (Lagrange multipliers; the dual step reads psi_g on the paper's "
+                 'replay buffers of training rows, or on held-out rows when they are large enough to estimate it: '
+                 "constraint_data=auto, val, train; train_all: every training row's correctness)",
   'options': {'eps': 0.01,
               'constraint_data': 'auto',
               'val_fraction': 0.1,

@@ -151,13 +151,12 @@ def test_dual_advice_reads_the_most_constrained_multiplier():
     assert "larger buffers or another dual_lr" in dual_advice(flat.tolist())
 
 
-def test_auto_constraint_data_picks_every_training_row_when_held_out_groups_are_small(prepared):
+def test_auto_constraint_data_picks_training_buffers_when_held_out_groups_are_small(prepared):
     """digits: 13-14 held-out rows per class give a held-out psi_g standard error far above eps / 2, so the
-    default (constraint_data=auto) constrains psi_g on every training row and says why."""
+    default (constraint_data=auto) constrains the training buffers and says why."""
     res = run_method(prepared, method="ceag", method_options={"eps": 0.01})
     choice = res["method_info"]["constraint_data_choice"]
-    assert choice["chosen"] == "train_all" and res["method_info"]["constraint_data"] == "train_all"
-    assert res["method_info"]["val_rows"] == len(prepared.dataset.train)      # the table covers every row
+    assert choice["chosen"] == "train" and res["method_info"]["constraint_data"] == "train"
     assert choice["max_standard_error"] > 0.5 * 0.01 and choice["held_out_rows_min"] < 30
     forced = run_method(prepared, method="ceag", method_options={"eps": 0.01, "constraint_data": "val",
                                                                  "select_points": 2})
