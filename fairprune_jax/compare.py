@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from fairprune_jax.notices import tqdm
 
 from fairprune_jax.notices import warn
 from fairprune_jax import figures, tables

@@ -39,3 +39,14 @@ def human_watching() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _tqdm():
+    """tqdm's notebook-aware bar; without ipywidgets it falls back to text bars, silently (tqdm would warn)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm as bar
+    return bar
+
+
+tqdm = _tqdm()

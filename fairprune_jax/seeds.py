@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from fairprune_jax.notices import tqdm
 
 from fairprune_jax import checkpoint as checkpoint_lib
 from fairprune_jax import distributed

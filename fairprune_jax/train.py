@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from tqdm.auto import tqdm
+from fairprune_jax.notices import tqdm
 
 from fairprune_jax import checkpoint as checkpoint_lib
 from fairprune_jax import tracking as tracking_lib
