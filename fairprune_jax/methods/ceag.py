@@ -408,7 +408,8 @@ def choose_constraint_data(ctx: Context, dense: TrainState, start: TrainState, o
     ``train_all`` (every training row's correctness, refreshed a batch per step: exact, up to an epoch stale) is
     not the fallback: on Adult sex x race (seeds 0-2) it ended with a training max psi_g of 0.0143 / 0.0085 /
     0.0113 against the buffers' 0.0145 / 0.0153 / 0.0234, but on UTKFace race (6 fine-tuning epochs, seeds
-    0-1) 0.0356 / 0.0289 against 0.0124 / 0.0120: the buffers are noisy but current, the table exact but stale.
+    0-2) 0.036 / 0.029 / 0.063 against 0.012 / 0.012 / 0.025: the buffers are noisy but current, the table
+    exact but stale.
     """
     if opts.constraint_data != "auto":
         return opts.constraint_data == "val", {"rule": f"constraint_data={opts.constraint_data}"}
