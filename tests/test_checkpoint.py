@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from fairprune_jax import checkpoint, masks as masks_lib, scores
+from fairprune_jax import checkpoint, masks as masks_lib, runner, scores
 from fairprune_jax.checkpoint import CheckpointMismatchError, Checkpointer
 from fairprune_jax.cli import main
 from fairprune_jax.data.base import Split, train_batches
@@ -296,3 +296,19 @@ def test_same_seed_same_results(uninterrupted, tmp_path, env):
     a, b = checkpoint.read_final(ref_dir), checkpoint.read_final(tmp_path)
     for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("phase", ["00-dense", "01-prune-gmp"])
+def test_killed_in_any_phase_resumes_to_the_same_results(uninterrupted, tmp_path, env, phase):
+    """SIGKILL mid-write in the dense and in the pruning phase too (the CEAG phase: the test above), then
+    ``--resume``: the same results as the uninterrupted run; the killed run's folder lock does not block it."""
+    ref_dir, ref = uninterrupted
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, phase, "2", *RUN[3:], "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (out / runner.LOCK_FILE).exists()          # left behind by the killed process
+    res = _run(out, env, "--resume")
+    assert res["runtime"]["resumed"] is True and not (out / runner.LOCK_FILE).exists()
+    for key in ("dense", "pruned", "sparsity", "method_info", "history"):
+        assert _strip(res[key]) == _strip(ref[key]), key

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -96,56 +93,18 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _worker_main(argv: list[str]) -> None:
-    """Entry point of a decode subprocess: ``<list file> <size> <out.npz>``."""
-    list_file, size, out = argv
-    paths = Path(list_file).read_text(encoding="utf-8").split("\0")
-    images, ok = _decode_chunk((paths, int(size)))
-    with open(out, "wb") as f:
-        np.savez(f, images=images, ok=ok)
-
-
 def _decode_files(paths: list[str], size: int, num_workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode and resize images to ``(n, size, size, 3)`` uint8; ``ok[i]`` is False for unreadable files.
 
-    With several workers, ``workers - 1`` plain subprocesses (``python -c``) decode
-    their share while this process decodes its own. Subprocesses rather than
-    ``multiprocessing``: fork is unsafe once JAX's threads run, and spawn re-runs
-    the caller's script when it lacks an ``if __name__ == "__main__"`` guard.
-    """
+    With several workers, joblib's process pool (loky: safe beside JAX's threads, and it does not re-run the
+    caller's script) decodes chunks of the list. Threads were measured slower than one process (UTKFace at
+    32 px, 23,705 images, 2 cores: 5.6 s with 2 threads, 4.7 s serial): per image, Python work dominates."""
     workers = _default_workers() if num_workers is None else max(1, int(num_workers))
     if workers == 1 or len(paths) < SERIAL_DECODE_BELOW:
         return _decode_chunk((paths, size))
-    shares = [list(c) for c in np.array_split(np.asarray(paths, dtype=object), workers)]
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    code = "import sys; from fairprune_jax.data.utkface import _worker_main; _worker_main(sys.argv[1:])"
-    with tempfile.TemporaryDirectory(prefix="fairprune_utkface_") as tmp:
-        procs = []
-        for k, share in enumerate(shares[1:], start=1):
-            lst = Path(tmp) / f"paths{k}.txt"
-            lst.write_text("\0".join(share), encoding="utf-8")
-            out = Path(tmp) / f"out{k}.npz"
-            try:
-                proc = subprocess.Popen([sys.executable, "-c", code, str(lst), str(size), str(out)], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            except OSError:
-                proc = None
-            procs.append((proc, share, out))
-        results = [_decode_chunk((shares[0], size))]
-        for proc, share, out in procs:
-            err = b""
-            if proc is not None:
-                _, err = proc.communicate()
-            if proc is not None and proc.returncode == 0 and out.exists():
-                with np.load(out, allow_pickle=False) as z:
-                    results.append((z["images"], z["ok"]))
-            else:
-                msg = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
-                warn(f"utkface: a decode worker failed ({' '.join(msg) or 'could not start'}); "
-                              "decoding its share here")
-                results.append(_decode_chunk((share, size)))
+    from joblib import Parallel, delayed
+    chunks = [list(c) for c in np.array_split(np.asarray(paths, dtype=object), 2 * workers) if len(c)]
+    results = Parallel(n_jobs=workers, backend="loky")(delayed(_decode_chunk)((c, size)) for c in chunks)
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
