@@ -484,7 +484,7 @@ def cmd_datasets(_: argparse.Namespace) -> int:
     from fairprune_jax.data import DATASETS
     for name, fn in sorted(DATASETS.items()):
         params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.kind == p.KEYWORD_ONLY]
+                  if p.kind == p.KEYWORD_ONLY and not p.name.startswith("_")]
         print(f"{name:16s} options: {', '.join(p.name for p in params) or '-'}")
     return 0
 

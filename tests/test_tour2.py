@@ -422,3 +422,18 @@ def test_a_progress_bar_starts_after_the_first_compiled_step(capsys):
     err = capsys.readouterr().err
     first = re.findall(r"(\d+)/(\d+) \[", err)
     assert first and int(first[0][0]) >= 1          # the first frame already counts the compiled step
+
+
+def test_a_pandas_dataframe_is_read_like_the_same_csv(tmp_path):
+    """`data.load_dataframe(df, target=..., protected=...)`: the same dataset as the DataFrame saved as CSV and
+    read by load_csv (same split, same encoding, same checks); NaN is a missing value."""
+    pd = pytest.importorskip("pandas")
+    from fairprune_jax.data import load_dataframe
+    x1, x2, g, y = table()
+    df = pd.DataFrame({"x1": x1, "x2": x2, "grp": np.where(g == 1, "b", "a"), "y": y})
+    df.loc[3, "x2"] = np.nan
+    df.to_csv(tmp_path / "d.csv", index=False)
+    a, b = load_dataframe(df, target="y", protected="grp"), load_csv(tmp_path / "d.csv", target="y", protected="grp")
+    assert a.fingerprint()["content"] == b.fingerprint()["content"] and a.meta["rows_dropped_missing_total"] == 1
+    with pytest.raises(ValueError, match="unknown target column 'label'"):
+        load_dataframe(df, target="label", protected="grp")

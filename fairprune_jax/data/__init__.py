@@ -8,7 +8,7 @@ from fairprune_jax.data.adult import load_adult
 from fairprune_jax.data.base import (Dataset, Split, eval_batches, steps_per_epoch,
                                      stratified_split, train_batches)
 from fairprune_jax.data.digits import load_digits
-from fairprune_jax.data.tabular import load_csv
+from fairprune_jax.data.tabular import load_csv, load_dataframe
 from fairprune_jax.data.tfds import load_celeb_a, load_cifar10, load_cifar100
 from fairprune_jax.data.utkface import load_utkface
 
@@ -29,8 +29,8 @@ def loader_options(name: str) -> list[str]:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(sorted(DATASETS))}")
     params = list(inspect.signature(DATASETS[name]).parameters.values())[1:]  # the first is data_dir
-    return [p.name for p in params
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return [p.name for p in params if not p.name.startswith("_")
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
 
 
 def load_dataset(name: str, data_dir: str | None = None, **options) -> Dataset:
@@ -52,5 +52,5 @@ def load_dataset(name: str, data_dir: str | None = None, **options) -> Dataset:
 
 
 __all__ = ["DATASETS", "Dataset", "Split", "eval_batches", "load_adult", "load_celeb_a", "load_cifar10",
-           "load_cifar100", "load_csv", "load_dataset", "load_digits", "load_utkface", "loader_options",
+           "load_cifar100", "load_csv", "load_dataframe", "load_dataset", "load_digits", "load_utkface", "loader_options",
            "steps_per_epoch", "stratified_split", "train_batches"]

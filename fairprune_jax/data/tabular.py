@@ -513,7 +513,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
              include_protected: bool = True, drop_missing: bool = True, test_fraction: float = 0.2,
              val_fraction: float | None = None, seed: int = 0, delimiter: str | None = None,
              encoding: str | None = None, bins: str | None = None, decimal: str = ".",
-             thousands: str | None = None) -> Dataset:
+             thousands: str | None = None, _text: str | None = None) -> Dataset:
     """Load any CSV file (``data_dir`` is the file path) as a tabular classification dataset.
 
     ``target`` names the label column; ``positive_label`` makes the task binary
@@ -555,12 +555,12 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     if data_dir is None:
         raise ValueError(f"csv: pass the CSV file path as data_dir (--data-dir); expected {CSV_LAYOUT}")
     path = Path(data_dir)
-    if not path.exists():
+    if _text is None and not path.exists():
         raise FileNotFoundError(f"csv: file {path} does not exist; expected {CSV_LAYOUT}")
-    if path.is_dir():
+    if _text is None and path.is_dir():
         raise IsADirectoryError(f"csv: {path} is a directory; pass the CSV FILE path as data_dir ({CSV_LAYOUT})")
-    text, used_encoding = read_text(path, encoding)
-    if encoding is None and used_encoding not in ("utf-8-sig", "utf-16"):
+    text, used_encoding = read_text(path, encoding) if _text is None else (_text, "utf-8")
+    if _text is None and encoding is None and used_encoding not in ("utf-8-sig", "utf-16"):
         warn(f"csv: {path.name} is not valid UTF-8; read it as {used_encoding} (pass encoding=... if "
                       "names or categories look wrong)")
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
@@ -764,3 +764,19 @@ def _warn_near_unique(col: str, values: np.ndarray, n_rows: int) -> None:
         warn(f"csv: column {col!r} has {k} distinct values in {n_rows} rows (an id, a name, a date, free "
                       f"text?): one-hot encoded it adds {k} features that only memorize rows; drop it "
                       f"(drop_columns=\"{col}\") or list the columns to use (features=\"a,b,...\")")
+
+
+def load_dataframe(frame, *, target: str, protected: str, **options) -> Dataset:
+    """A pandas DataFrame as a dataset, read exactly as the same table saved as a CSV file would be by
+    :func:`load_csv` (the same options, checks and warnings; missing values, NaN included, are missing)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("load_dataframe needs pandas: pip install pandas") from None
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"load_dataframe takes a pandas DataFrame; got {type(frame).__name__}")
+    frame = frame.reset_index(drop=True)
+    frame.columns = [str(c) for c in frame.columns]
+    return load_csv("dataframe", target=target, protected=protected, delimiter=",",
+                    _text=frame.to_csv(index=False, na_rep=""), **options)
+
