@@ -21,7 +21,8 @@ def run(name: str) -> dict:
     return ns
 
 
-@pytest.mark.parametrize("name,max_lines", [("pruning-loop", 30), ("ceag-loop", 46), ("prune-api", 24)])
+@pytest.mark.parametrize("name,max_lines", [("pruning-loop", 30), ("ceag-loop", 46), ("prune-api", 24),
+                                            ("first-hour", 14)])
 def test_examples_stay_short(name, max_lines):
     assert sum(1 for line in example(name).splitlines() if line.strip()) <= max_lines
 
@@ -67,3 +68,14 @@ def test_prune_your_own_model(recwarn):
                for r in rows)
     table = report.by_group()                       # pandas is in the test extra
     assert list(table.index) == report.groups and table["n"].sum() == report["pruned"]["test"]["n"]
+
+
+def test_the_first_hour_example(recwarn):
+    """The dozen lines right after the set-up commands: a user's model, pruned with the defaults."""
+    ns = run("first-hour")
+    report = ns["report"]
+    assert report.sparsity == pytest.approx(0.9, abs=2e-3) and report.accuracy > 0.8
+    rows = report.by_group(frame=False)
+    assert len(rows) == 3 and all(r["verdict"] in ("holds", "violated", "undetermined") for r in rows)
+    missed = [str(w.message) for w in recwarn if "no checkpoint met" in str(w.message)]
+    assert not missed, missed
