@@ -22,7 +22,7 @@ from fairprune_jax.notices import human_watching
 from fairprune_jax.result import Report
 from fairprune_jax import compact, runner
 from fairprune_jax.config import RunConfig
-from fairprune_jax.data.base import Dataset, Split, stratified_split
+from fairprune_jax.data.base import Dataset, Split, carve_validation, stratified_split
 from fairprune_jax.masks import apply_masks, named_leaves, prunable_template
 from fairprune_jax.methods import get_method
 from fairprune_jax.models import CustomModel, call_mode, layer_order
@@ -50,7 +50,7 @@ class Pruned(NamedTuple):
 
 def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", sparsity: float = 0.9, *,
           test: Sequence[np.ndarray] | None = None, val: Sequence[np.ndarray] | None = None,
-          epochs: int = 10, finetune_epochs: int | None = None, lr: float = 1e-3,
+          val_fraction: float | None = None, epochs: int = 10, finetune_epochs: int | None = None, lr: float = 1e-3,
           finetune_lr: float | None = None, batch_size: int = 64, seed: int = 0,
           group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
           units: dict[str, Sequence[str]] | None = None, method_options: dict | None = None,
@@ -63,7 +63,8 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     ``model.train()`` / ``model.eval()``. Its weights are the start of the dense training (and what lottery
     methods rewind to); the module itself is not changed. ``train`` / ``test`` / ``val``: numpy tuples
     ``(x, y, g)`` (features, integer labels, integer group ids; ``(x, y)`` is one group); without ``test``
-    a stratified 20% of ``train`` is held out. ``epochs``: dense training epochs (``finetune_epochs``,
+    a stratified 20% of ``train`` is held out; ``val_fraction``: a stratified share of ``train`` held out as
+    the validation split (the certificate is also computed on it; ceag may constrain on it). ``epochs``: dense training epochs (``finetune_epochs``,
     default the same, for the method); ``epochs=0``: the module comes trained and is the dense reference
     as given (lottery methods then rewind to these trained weights). ``**options`` (or ``method_options=``, for names that clash with
     these arguments): the method's options, as ``--opt`` of ``fairprune run`` (``fairprune methods`` lists
@@ -102,6 +103,7 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
     ds = arrays_dataset(train, test, val, seed=seed, group_names=group_names, class_names=class_names,
+                        val_fraction=val_fraction,
                         num_classes=_num_outputs(model, _arrays(train, "train")[0][:2]))
     built = wrap_model(model, ds.input_shape, ds.num_classes)
     if method_obj.is_structured(parsed) or units is not None:
@@ -192,7 +194,8 @@ def _split(arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None, name: str) 
 def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | None = None,
                    val: Sequence[np.ndarray] | None = None, *, seed: int = 0,
                    group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
-                   num_classes: int | None = None) -> Dataset:
+                   num_classes: int | None = None,
+                   val_fraction: float | None = None) -> Dataset:
     """A :class:`Dataset` from numpy tuples (or dicts ``{"x", "y", "g"}``); labels and group ids may be names
     (strings), mapped to ids in sorted order with the names kept; without ``test``, a stratified share of
     ``train`` becomes it."""
@@ -208,6 +211,12 @@ def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | Non
         rest, held = stratified_split(tr.y, tr.g, TEST_FRACTION, seed)
         tr, te = tr.take(rest), tr.take(held)
         meta["test"] = f"stratified {TEST_FRACTION:.0%} of train (seed {seed})"
+    if val_fraction is not None:
+        if va is not None:
+            raise ValueError("give either val= (your own validation rows) or val_fraction= (a share of train), "
+                             "not both")
+        tr, va = carve_validation(tr, val_fraction, seed)
+        meta["val"] = f"stratified {float(val_fraction):.0%} of train (seed {seed})"
     splits = [s for s in (tr, te, va) if s is not None]
     n_cls = max(int(max(s.y.max() for s in splits)) + 1, 2)
     if num_classes is not None:

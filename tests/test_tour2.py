@@ -437,3 +437,14 @@ def test_a_pandas_dataframe_is_read_like_the_same_csv(tmp_path):
     assert a.fingerprint()["content"] == b.fingerprint()["content"] and a.meta["rows_dropped_missing_total"] == 1
     with pytest.raises(ValueError, match="unknown target column 'label'"):
         load_dataframe(df, target="label", protected="grp")
+
+
+def test_prune_takes_a_validation_fraction():
+    """The advice "hold out a validation split" is something prune() accepts: val_fraction= carves it."""
+    from fairprune_jax.api import arrays_dataset
+    x = np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32)
+    y, g = (x[:, 0] > 0).astype(int), np.arange(500) % 2
+    ds = arrays_dataset((x, y, g), val_fraction=0.2)
+    assert len(ds.val) == pytest.approx(0.2 * 400, abs=2) and len(ds.train) + len(ds.val) == 400
+    with pytest.raises(ValueError, match="either val= .* or val_fraction="):
+        arrays_dataset((x, y, g), val=(x[:50], y[:50], g[:50]), val_fraction=0.2)

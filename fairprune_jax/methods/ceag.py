@@ -341,7 +341,8 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         if held_out and np.any((n_val_g > 0) & (n_val_g < 30)):
             small = [names[i] for i in np.flatnonzero((n_val_g > 0) & (n_val_g < 30))]
             notes.append(f"ceag: groups with fewer than 30 held-out rows ({', '.join(small[:8])}): their psi_g "
-                        "estimate is noisy; raise val_fraction or use --val-fraction")
+                        "estimate is noisy; raise ceag's val_fraction option, or hold out a larger validation "
+                        "split (--val-fraction; in prune(): val_fraction= or val=)")
     else:
         n_train_g = np.bincount(ctx.dataset.train.g, minlength=G)
         # buffers no larger than the data, so every constraint is observed however small the dataset
