@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from fairprune_jax.config import (CERTIFY_INTERVALS, DATASET_EPOCHS, DEFAULT_DATASET, DEFAULT_EPOCHS, DISTRIBUTIONS,
-                                  OPTIMIZERS, RunConfig)  # no JAX: --help stays instant
+from fairprune_jax.config import (BOOL_WORDS, CERTIFY_INTERVALS, DATASET_EPOCHS, DEFAULT_DATASET, DEFAULT_EPOCHS,
+                                  DISTRIBUTIONS, OPTIMIZERS, RunConfig)  # no JAX: --help stays instant
 
 # CLI flag -> loader option name; passed to the loader only when given.
 DATA_FLAGS = {"target": "target", "protected": "protected", "image_size": "image_size",
@@ -17,7 +17,9 @@ DATA_FLAGS = {"target": "target", "protected": "protected", "image_size": "image
               "column_types": "column_types", "positive_label": "positive_label"}
 
 
-BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+#: `--opt k=1` stays the number 1 (an option's own type reads it as true where it is a flag), so the command
+#: line takes the boolean words without the digits.
+CLI_BOOL_WORDS = {k: v for k, v in BOOL_WORDS.items() if not k.isdigit()}
 
 
 def _kv(pairs: list[str] | None, flag: str) -> dict:
@@ -28,8 +30,8 @@ def _kv(pairs: list[str] | None, flag: str) -> dict:
             raise SystemExit(f"error: {flag} expects KEY=VALUE; got {item!r}")
         k, v = item.split("=", 1)
         key = k.strip().replace("-", "_")
-        if v.strip().lower() in BOOL_WORDS:        # true/false, yes/no, on/off in any case: a bool, never a string
-            out[key] = BOOL_WORDS[v.strip().lower()]
+        if v.strip().lower() in CLI_BOOL_WORDS:    # true/false, yes/no, on/off in any case: a bool, never a string
+            out[key] = CLI_BOOL_WORDS[v.strip().lower()]
             continue
         try:
             out[key] = ast.literal_eval(v)

@@ -27,6 +27,10 @@ def default_epochs(dataset: str) -> int:
     return DATASET_EPOCHS.get(dataset, DEFAULT_EPOCHS)
 
 
+#: Words read as a boolean option's value, in any case (one place for the CLI, TOML files and the API).
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Every knob of a ``fairprune run``; defaults give the main job (ceag on the embedded Adult)."""

@@ -137,10 +137,12 @@ def check_model_option_values(model: str, options: dict) -> None:
 
 
 def certify_eps(cfg: RunConfig) -> float:
-    """The psi bound the certificate checks: ``certify_eps``, else the method's ``eps`` option, else the default."""
+    """The psi bound the certificate checks: ``certify_eps``, else the bound the method promises (its declared
+    ``psi_bound`` option, ceag's ``eps``), else the default."""
     if cfg.certify_eps is not None:
         return float(cfg.certify_eps)
-    eps = getattr(get_method(cfg.method).parse(cfg.method_options), "eps", None)
+    method = get_method(cfg.method)
+    eps = method.promised_bound(method.parse(cfg.method_options))
     return DEFAULT_CERTIFY_EPS if eps is None else float(eps)
 
 

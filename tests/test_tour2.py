@@ -448,3 +448,14 @@ def test_prune_takes_a_validation_fraction():
     assert len(ds.val) == pytest.approx(0.2 * 400, abs=2) and len(ds.train) + len(ds.val) == 400
     with pytest.raises(ValueError, match="either val= .* or val_fraction="):
         arrays_dataset((x, y, g), val=(x[:50], y[:50], g[:50]), val_fraction=0.2)
+
+
+def test_the_certified_bound_is_the_methods_declared_promise():
+    """The certificate checks the bound a method declares (``psi_bound``: ceag's eps), not any option that
+    happens to be named eps; a method that promises none is certified at the default."""
+    from fairprune_jax.methods import get_method
+    from fairprune_jax.methods.base import DEFAULT_CERTIFY_EPS
+    assert get_method("ceag").psi_bound == "eps" and get_method("bifp").psi_bound is None
+    assert runner.certify_eps(RunConfig(method="ceag", method_options={"eps": 0.03})) == 0.03
+    assert runner.certify_eps(RunConfig(method="bifp", method_options={"tau": 0.2})) == DEFAULT_CERTIFY_EPS
+    assert runner.certify_eps(RunConfig(method="ceag", certify_eps=0.05)) == 0.05

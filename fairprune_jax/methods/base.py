@@ -18,7 +18,7 @@ from typing import Any, Callable
 import optax
 
 from fairprune_jax import masks as masks_lib
-from fairprune_jax.config import (DEFAULT_CERTIFY_EPS, OPTIMIZERS,  # noqa: F401  (re-exported)
+from fairprune_jax.config import (BOOL_WORDS, DEFAULT_CERTIFY_EPS, OPTIMIZERS,  # noqa: F401  (re-exported)
                                   RunConfig)
 from fairprune_jax.data.base import Dataset
 from fairprune_jax.models import FunctionalModel
@@ -137,7 +137,6 @@ class NoOptions:
 
 
 #: The words a bool option reads (any case, surrounding spaces ignored); ``bool("false")`` would be True.
-BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 def _as(value: Any, kind: Any) -> Any:
@@ -209,6 +208,13 @@ class Method:
     # (``dataclasses.replace``) where an option's value follows from others (ballot's variant presets): the
     # method then receives that copy. Run by :meth:`parse`, so a bad value fails before any data loads.
     check: Callable[[Any], Any] | None = None
+    # The option holding the bound on psi_g that the method promises (ceag's ``eps``): the certificate checks
+    # that bound unless --certify-eps names another. None: the method promises none.
+    psi_bound: str | None = None
+
+    def promised_bound(self, opts: Any) -> float | None:
+        """The psi_g bound these (parsed) options promise, or None."""
+        return None if self.psi_bound is None else float(getattr(opts, self.psi_bound))
 
     @property
     def options(self) -> dict[str, Any]:
@@ -263,7 +269,7 @@ INF_OPTIONS = {"multiplier_max"}
 
 
 def register(name: str, description: str, options: type = NoOptions, *, structured: bool | str = False,
-             check: Callable[[Any], Any] | None = None):
+             check: Callable[[Any], Any] | None = None, psi_bound: str | None = None):
     """Decorator: register ``run(ctx, dense_state, opts) -> (pruned_state, info)`` under ``name``.
 
     ``options``: the method's options, a frozen dataclass with a default for every field (its fields are the
@@ -285,7 +291,9 @@ def register(name: str, description: str, options: type = NoOptions, *, structur
                         "them with None)")
 
     def deco(fn):
-        METHODS[name] = Method(name, fn, description, options, structured, check)
+        if psi_bound is not None and psi_bound not in {f.name for f in dataclasses.fields(options)}:
+            raise TypeError(f"method {name!r}: psi_bound {psi_bound!r} is not one of its options")
+        METHODS[name] = Method(name, fn, description, options, structured, check, psi_bound)
         return fn
     return deco
 

@@ -299,7 +299,7 @@ def check_ceag_options(opts: CeagOptions) -> None:
           "on the excess accuracy gap psi_g <= eps (Lagrange multipliers; the dual step reads psi_g on the "
           "paper's replay buffers of training rows, or on held-out rows when they are large enough to estimate "
           "it: constraint_data=auto, val, train; train_all: every training row's correctness)", CeagOptions,
-          check=check_ceag_options)
+          check=check_ceag_options, psi_bound="eps")
 def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState, dict]:
     eps, G, cfg = opts.eps, ctx.dataset.num_groups, ctx.config
     names = list(ctx.dataset.group_names)
