@@ -136,7 +136,7 @@ def dual_advice(multipliers: list) -> str:
     Only the most constrained group (largest mean multiplier over the second half of fine-tuning) is read:
     the multipliers of groups near their bound fall back to 0 now and then, as they should. If its
     multiplier falls back to 0 more than once in that half, the dual step follows noise, and a faster dual
-    step makes it worse (measured: dual_lr 0.1 with 40-row buffers on UTKFace, see docs/METHODS.md): larger
+    step makes it worse (measured: dual_lr 0.1 with 40-row buffers on UTKFace, see docs/IN_DEPTH.md): larger
     buffers or a smaller dual_lr help. If it is still rising at the end, the dual step is too slow for the
     budget.
     """

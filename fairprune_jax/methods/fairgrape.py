@@ -28,7 +28,7 @@ Cost in passes over the data: every iteration reads ``importance_rows`` rows (0:
 the authors do) once forward and G times backward. At 90% with the default schedule that is 91 forward and
 91 x G backward passes over the train split on top of the training steps, so it grows linearly with G.
 On XLA:CPU the vmapped backward passes of a conv net are about 3x slower than ``group_chunk = 1`` (one group
-at a time; measured on the UTKFace CNN, see docs/METHODS.md, FairGRAPE); on accelerators keep the default.
+at a time; measured on the UTKFace CNN, see docs/IN_DEPTH.md, FairGRAPE); on accelerators keep the default.
 
 Where the authors' code differs, and what we do
 -----------------------------------------------
