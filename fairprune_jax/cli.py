@@ -325,7 +325,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if line:
         print(line)
     pc = res.get("positive_class") or {}
-    if pc.get("num_classes", 2) > 2 and args.positive_class is None:
+    from fairprune_jax.tables import groups_are_classes
+    if pc.get("num_classes", 2) > 2 and args.positive_class is None and not groups_are_classes(res):
         print(f"WARNING: the target has {pc['num_classes']} classes: DP and EO compare class {pc['id']} "
               f"({pc['name']!r}) vs the rest across groups; choose the class with --positive-class")
     for line in res.get("method_info", {}).get("warnings", []):

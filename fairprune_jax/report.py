@@ -69,10 +69,10 @@ def small_eo_groups(results: dict, split: str = "test") -> dict[str, tuple[int, 
             for n in cert.get("small_groups_eo", [])}
 
 
-def small_groups_note(results: dict, split: str = "test") -> str | None:
+def small_groups_note(results: dict, split: str = "test", with_eo: bool = True) -> str | None:
     """The footnote for ``*`` (and ``†``) rows: which groups are small, with the counts that decide the metric
-    (None when none is)."""
-    small, eo = small_groups(results, split), small_eo_groups(results, split)
+    (None when none is); ``with_eo=False``: no ``†`` line (a table without the EO row)."""
+    small, eo = small_groups(results, split), (small_eo_groups(results, split) if with_eo else {})
     out = []
     if small:
         listed = ", ".join(f"{n} ({k})" for n, k in list(small.items())[:12]) + (" ..." if len(small) > 12 else "")
@@ -113,17 +113,25 @@ def summary_table(results: dict, split: str = "test") -> str:
     return "\n".join(lines + ([f"\n{note}"] if note else []))
 
 
+def _classes_are_groups(results: dict) -> bool:
+    from fairprune_jax.tables import groups_are_classes
+    return groups_are_classes(results)
+
+
 def text_table(results: dict, split: str = "test") -> str:
-    """The same table for a terminal."""
+    """The same table for a terminal (without DP / EO when the groups are the classes)."""
     dense, pruned = results["dense"][split], results["pruned"][split]
     sp = results["sparsity"]["achieved"]
-    labels = [_row_label(results, label, split) for label, _, _ in ROWS]
+    # groups that are the classes (digits): a group's rate of "class 1" is 1 or 0 by construction, so DP / EO
+    # say nothing there; CWV / MCD are the rows to read
+    rows = [r for r in ROWS if not (_classes_are_groups(results) and r[0] in BINARY_ROWS)]
+    labels = [_row_label(results, label, split) for label, _, _ in rows]
     w = max(36, *map(len, labels))
     head = f"{split + ' split':{w}s} {'dense':>10s} {'pruned':>10s}"
     lines = [head, "-" * len(head)]
-    for lab, (_, get, f) in zip(labels, ROWS):
+    for lab, (_, get, f) in zip(labels, rows):
         lines.append(f"{lab:{w}s} {_fmt(get(dense, 0.0), f):>10s} {_fmt(get(pruned, sp), f):>10s}")
-    note = small_groups_note(results, split)
+    note = small_groups_note(results, split, with_eo=len(rows) == len(ROWS))
     return "\n".join(lines + ([note] if note else []))
 
 
@@ -132,7 +140,7 @@ def per_class_line(results: dict, split: str = "test") -> str | None:
     which class the headline DP / EO are of (None for a binary target or a run without per-class counts)."""
     pc = results.get("positive_class") or {}
     per = (results["pruned"].get(split) or {}).get("per_class_parity")
-    if not per or pc.get("num_classes", 2) <= 2:
+    if not per or pc.get("num_classes", 2) <= 2 or _classes_are_groups(results):
         return None
     dp, eo = "demographic_parity_difference", "equalized_odds_difference"
 

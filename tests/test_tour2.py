@@ -459,3 +459,14 @@ def test_the_certified_bound_is_the_methods_declared_promise():
     assert runner.certify_eps(RunConfig(method="ceag", method_options={"eps": 0.03})) == 0.03
     assert runner.certify_eps(RunConfig(method="bifp", method_options={"tau": 0.2})) == DEFAULT_CERTIFY_EPS
     assert runner.certify_eps(RunConfig(method="ceag", certify_eps=0.05)) == 0.05
+
+
+def test_class_groups_show_cwv_and_mcd_not_dp_and_eo(capsys, tmp_path):
+    """digits (the groups are the classes): the terminal table has CWV / MCD and no DP / EO rows (a class's
+    rate of "class 1" is 1 or 0 by construction), and no "choose --positive-class" advice."""
+    from fairprune_jax.cli import main
+    assert main(["run", "--dataset", "digits", "--method", "magnitude", "--epochs", "1", "--no-progress",
+                 "--checkpoint-every", "0", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "CWV (class-wise variance)" in out and "MCD" in out
+    assert "demographic parity" not in out and "equalized odds" not in out and "--positive-class" not in out
