@@ -336,11 +336,16 @@ def stale_cell(cc: CompareConfig, method: str, sparsity: float, seed: int, cell:
     to the library after it ran) are not compared."""
     now = json.loads(json.dumps(dataclasses.asdict(cell_config(cc, method, sparsity, seed)), default=str))
     old = cell.get("config") or {}
-    ignore = set(REUSE_IGNORES) | {"method_options"}
-    if data is not None and cell.get("data_fingerprint") is not None:
-        ignore.add("data_dir")        # the content decides, wherever the file now lives
+    ignore = set(REUSE_IGNORES) | {"method_options", "data_dir"}
     diffs = [f"{k}: cell {old[k]!r} vs TOML {now[k]!r}" for k in sorted(set(old) & set(now))
              if k not in ignore and old[k] != now[k]]
+    # the data's place: the content decides where it was recorded; else the same file or folder (paths are
+    # written relative to where the grid ran, so they are compared resolved, and only where both exist)
+    if not (data is not None and cell.get("data_fingerprint") is not None) and "data_dir" in old:
+        a, b = old["data_dir"], now.get("data_dir")
+        if a != b and (a is None or b is None or (Path(a).exists() and Path(b).exists()
+                                                  and Path(a).resolve() != Path(b).resolve())):
+            diffs.append(f"data_dir: cell {a!r} vs TOML {b!r}")
     diffs += _stale_options(now["method"], now["method_options"], old.get("method_options") or {},
                             (cell.get("method_info") or {}).get("options") or {})
     old_data = cell.get("data_fingerprint")

@@ -470,3 +470,19 @@ def test_class_groups_show_cwv_and_mcd_not_dp_and_eo(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "CWV (class-wise variance)" in out and "MCD" in out
     assert "demographic parity" not in out and "equalized odds" not in out and "--positive-class" not in out
+
+
+def test_a_clone_folder_named_like_the_package_does_not_shadow_it(tmp_path):
+    """A script next to a clone named fairprune_jax (the default clone name): `import fairprune_jax` finds the
+    repository folder first; its __init__.py hands over to the package inside and says so (before: a namespace
+    package without `prune`, AttributeError)."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "fairprune_jax").symlink_to(repo, target_is_directory=True)
+    code = "import fairprune_jax, fairprune_jax.api as a; print(callable(fairprune_jax.prune), a.__file__)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=""))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("True") and "fairprune_jax/fairprune_jax/api.py" in p.stdout.replace("\\", "/")
+    assert "found the repository folder" in p.stderr and "Run your script from another folder" in p.stderr
