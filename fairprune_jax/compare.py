@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fairprune_jax.notices import tqdm
 
-from fairprune_jax.notices import warn
+from fairprune_jax.notices import tqdm, warn
 from fairprune_jax import figures, tables
 from fairprune_jax.methods.base import RunConfig
 
@@ -409,7 +408,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     finished = [c for c in cells if c not in todo]
     # the data, loaded once for every seed: finished cells and cached dense models are reused only for it
     c0 = cell_config(cc, cc.methods[0], cc.sparsities[0], cc.seeds[0])
-    dataset = load_dataset(c0.dataset, c0.data_dir, **c0.dataset_options)
+    dataset = load_dataset(c0.dataset, c0.data_dir, **c0.dataset_options)     # the same for every seed
     data = dataset.fingerprint()
     check_finished_cells(cc, finished, data)
     # Over several processes: all follow process 0's view of which cells are done (they share the folder),
@@ -426,12 +425,10 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"compare {cc.name}", unit="cell",
                disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
-    run = {k: v for k, v in cc.run.items() if k != "save_compact"}
 
     def dense_config(seed: int) -> RunConfig:
-        return RunConfig(dataset=cc.dataset, data_dir=cc.data_dir, seed=seed, sparsity=cc.sparsities[0],
-                         method=cc.resolve(cc.methods[0])[0], dataset_options=dict(cc.dataset_options),
-                         model_options=dict(cc.model_options), progress=False, **run)
+        """The seed's dense run: any cell's settings do (they differ only in what the dense run does not use)."""
+        return cell_config(cc, cc.methods[0], cc.sparsities[0], seed)
 
     todo_seeds = [seed for seed in cc.seeds if any(c[0] == seed for c in todo)]
     prepared = {}
@@ -439,7 +436,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     untrained = [s for s in todo_seeds if not dense_cached(dense_dir(cc, s), dense_config(s), data)]
     if cc.parallel_seeds and len(untrained) > 1 and distributed.current_mesh() is not None:
         warn("parallel_seeds = true does not combine with a device mesh (--devices, --distributed): "
-                      "the dense models are trained one seed after another, each data-parallel")
+             "the dense models are trained one seed after another, each data-parallel")
     elif cc.parallel_seeds and len(untrained) > 1:
         # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
         prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))

@@ -67,8 +67,7 @@ class Report(dict):
     @property
     def groups(self) -> list[str]:
         """The group names, in id order."""
-        return list(self["groups"]) if isinstance(self.get("groups"), list) else list(
-            self["pruned"]["test"]["groups"])
+        return list(self["groups"]["names"])
 
     def by_group(self, split: str = "test", *, frame: bool | None = None):
         """One row per group of ``split`` (columns :data:`BY_GROUP_COLUMNS`): sizes, dense and pruned accuracy

@@ -171,7 +171,7 @@ def warn_missing_groups(ds: Dataset) -> dict[str, list[str]]:
             consequence = ("the model never sees them and no method can protect them" if name == "train" else
                            f"their {name} metrics are null and left out of every gap and parity metric")
             warn(f"dataset {ds.name!r}: {len(absent)} group(s) have no rows in the {name} split "
-                          f"({', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}): {consequence}")
+                 f"({', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}): {consequence}")
     return missing
 
 
@@ -301,8 +301,8 @@ def check_target_and_groups(cfg: RunConfig, ds: Dataset) -> None:
     groups = np.unique(ds.train.g)
     if groups.size < 2:
         warn(f"dataset {ds.name!r}: only one protected group ({ds.group_names[int(groups[0])]!r}) in "
-                      "the training split: every gap and parity figure (psi_g, DP, EO) is 0 by construction; check "
-                      "the protected attribute (--protected)")
+             "the training split: every gap and parity figure (psi_g, DP, EO) is 0 by construction; check "
+             "the protected attribute (--protected)")
 
 
 def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
@@ -516,8 +516,8 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     results["sparsity"]["empty_layers"] = empty
     if empty:
         warn(f"{cfg.method} at sparsity {cfg.sparsity}: layer(s) {', '.join(empty)} keep no weights, so "
-                      "the pruned model's output no longer depends on its input; use a lower sparsity, "
-                      "--distribution global or erk, or --exclude-first / --exclude-last")
+             "the pruned model's output no longer depends on its input; use a lower sparsity, "
+             "--distribution global or erk, or --exclude-first / --exclude-last")
     if cfg.save_compact and distributed.is_primary():
         t = time.perf_counter()
         try:
@@ -570,23 +570,23 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
     if short:
         worst = max(cert["groups"][n]["floor"] for n in short)
         warn(f"the {split} split cannot certify psi_g <= {cert['eps']:g} for {len(short)} of "
-                      f"{cert['groups_tested']} groups ({', '.join(short[:6])}{' ...' if len(short) > 6 else ''}) "
-                      f"even for a pruned model identical to the dense one (their floor reaches {worst:.4f}): "
-                      "these groups have too few test rows; read the certified max psi_g instead, certify a "
-                      "larger bound (--certify-eps), or give the test split more rows")
+             f"{cert['groups_tested']} groups ({', '.join(short[:6])}{' ...' if len(short) > 6 else ''}) "
+             f"even for a pruned model identical to the dense one (their floor reaches {worst:.4f}): "
+             "these groups have too few test rows; read the certified max psi_g instead, certify a "
+             "larger bound (--certify-eps), or give the test split more rows")
     one_sided = {n: ("positives" if g.get("positives") == 0 else "negatives")
                  for n, g in cert["groups"].items() if g.get("n") and 0 in (g.get("positives"), g.get("negatives"))}
     if one_sided and len(one_sided) < sum(1 for g in cert["groups"].values() if g.get("n")):
         # (when every group is one-sided the groups are the classes, which has its own warning)
         shown = ", ".join(f"{n} (no {k})" for n, k in list(one_sided.items())[:6])
         warn(f"{len(one_sided)} group(s) have no positives or no negatives in the {split} split ({shown}"
-                      f"{' ...' if len(one_sided) > 6 else ''}): their true- or false-positive rate is 0 by "
-                      "convention (fairlearn's too), so the equalized-odds difference may be set by that alone; "
-                      "read it with care, or give the test split more rows")
+             f"{' ...' if len(one_sided) > 6 else ''}): their true- or false-positive rate is 0 by "
+             "convention (fairlearn's too), so the equalized-odds difference may be set by that alone; "
+             "read it with care, or give the test split more rows")
     if p["degenerate"]:
         warn(f"{cfg.method} at sparsity {cfg.sparsity}: the pruned model is degenerate: it predicts "
-                      f"{p['top_prediction']!r} for {p['top_prediction_share']:.1%} of the {split} rows, so its "
-                      "fairness figures (DP / EO near 0) say nothing about fairness")
+             f"{p['top_prediction']!r} for {p['top_prediction_share']:.1%} of the {split} rows, so its "
+             "fairness figures (DP / EO near 0) say nothing about fairness")
 
 
 def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | None = None,
@@ -788,7 +788,7 @@ def save_compact(ctx: Context, state: TrainState, out: Path) -> dict:
     diff = float(np.max(diffs))     # NaN propagates
     if not diff <= 1e-3:
         warn(f"--save-compact: the compacted model's logits differ from the masked model's by up to "
-                      f"{diff:.3g} on the test split")
+             f"{diff:.3g} on the test split")
     dense_params = int(sum(np.size(v) for _, v in named_leaves(params)))
     dense_flops, small_flops = float(sum(ctx.flops.values())), compact.flops(small)
     return {"path": COMPACT_DIR, "architecture": small.arch,

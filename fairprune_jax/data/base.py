@@ -316,7 +316,7 @@ def encode_groups(codes: list[np.ndarray], categories: list[list[str]], *, keep:
     if dropped:
         shown = ", ".join(dropped[:10]) + (f", ... ({len(dropped) - 10} more)" if len(dropped) > 10 else "")
         warn(f"{dataset}: {len(dropped)} protected group(s) have no rows after filtering and were "
-                      f"dropped from the group names (ids re-numbered): {shown}")
+             f"dropped from the group names (ids re-numbered): {shown}")
     check_group_sizes(after[present], [name(int(i)) for i in present], int(keep.sum()), dataset=dataset)
     remap = np.full(size, -1, np.int64)
     remap[present] = np.arange(len(present))

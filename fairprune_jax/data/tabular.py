@@ -50,27 +50,27 @@ _TYPE_ALIASES = {"numeric": "numeric", "num": "numeric", "number": "numeric", "f
 _COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
 
 
-def read_bytes(path: Path) -> tuple[bytes, str | None]:
-    """The file's bytes, decompressed when it is gzip / bz2 / xz (recognised by content), and the codec used."""
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it is gzip / bz2 / xz (recognised by content)."""
     import importlib
     raw = path.read_bytes()
     for magic, module in _COMPRESSED:
         if raw.startswith(magic):
             try:
-                return importlib.import_module(module).decompress(raw), module
+                return importlib.import_module(module).decompress(raw)
             except Exception as e:  # noqa: BLE001 - a truncated archive
                 raise ValueError(f"{path}: looks {module}-compressed but cannot be decompressed ({e}); "
                                  "is the file complete?") from None
     if raw.startswith(b"PK\x03\x04"):
         raise ValueError(f"{path} is a zip archive; unzip it and pass the CSV file inside")
-    return raw, None
+    return raw
 
 
 def read_text(path: Path, encoding: str | None = None) -> tuple[str, str]:
     """The file's text and the encoding that read it: ``encoding``, else UTF-8 (byte-order mark skipped), else
     the first of ``ENCODINGS`` that decodes it (UTF-16 with a byte-order mark is recognised). Compressed files
     (gzip, bz2, xz) are decompressed first."""
-    raw, _ = read_bytes(path)
+    raw = read_bytes(path)
     if raw.startswith(b"PAR1"):
         raise ValueError(f"{path} is a Parquet file, not a CSV; write it as CSV first "
                          "(pandas.read_parquet(path).to_csv(\"data.csv\", index=False))")
@@ -191,8 +191,8 @@ def _warn_comma_numbers(col: str, values: np.ndarray) -> None:
     commas = [v for v in words if _COMMA_DECIMAL.match(v) or _THOUSANDS[","].match(v)]
     if commas and len(commas) == len(words):
         warn(f"csv: column {col!r} holds numbers written with a comma ({', '.join(sorted(commas)[:3])}) "
-                      "and is read as categories; pass decimal=\",\" (3,5 is three and a half) or thousands=\",\" "
-                      "(1,234 is one thousand ...) to read it as numbers (--data-opt decimal=, )")
+             "and is read as categories; pass decimal=\",\" (3,5 is three and a half) or thousands=\",\" "
+             "(1,234 is one thousand ...) to read it as numbers (--data-opt decimal=, )")
 
 
 def canonical_numbers(values: np.ndarray) -> np.ndarray:
@@ -219,7 +219,7 @@ def canonical_numbers(values: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=str)[inverse.reshape(values.shape)]
 
 
-def warn_case_variants(column: str, values: np.ndarray, *, what: str = "column", stacklevel: int = 3) -> None:
+def warn_case_variants(column: str, values: np.ndarray, *, what: str = "column") -> None:
     """Values that differ only by letter case or inner spacing (``Male`` / ``male`` / ``MALE``) stay apart
     (they may mean different things) but are warned about, since they are usually one value typed two ways."""
     seen: dict[str, list[str]] = {}
@@ -229,8 +229,8 @@ def warn_case_variants(column: str, values: np.ndarray, *, what: str = "column",
     if clashes:
         shown = "; ".join(" / ".join(repr(v) for v in vs) for vs in clashes[:5])
         warn(f"csv: {what} {column!r} has values that differ only by case or spacing ({shown}"
-                      f"{' ...' if len(clashes) > 5 else ''}); they are kept as different values. If they are one "
-                      "value, write them one way in the file")
+             f"{' ...' if len(clashes) > 5 else ''}); they are kept as different values. If they are one "
+             "value, write them one way in the file")
 
 
 def sorted_values(values: Sequence[str]) -> list[str]:
@@ -467,9 +467,9 @@ def leak_suspects(cols: dict[str, np.ndarray], features: list[str], numeric: lis
     if out:
         listed = ", ".join(f"{k!r} ({a:.3f})" for k, a in out.items())
         warn(f"csv: column(s) {listed} predict the target {target!r} almost perfectly on their own (held-out "
-                      f"accuracy from that column alone; the majority class gets {baseline:.3f}): a column recorded "
-                      "after the outcome or derived from it leaks the label and makes every figure look better "
-                      f"than it is; drop it (drop_columns=\"{','.join(out)}\") unless it is a real predictor")
+             f"accuracy from that column alone; the majority class gets {baseline:.3f}): a column recorded "
+             "after the outcome or derived from it leaks the label and makes every figure look better "
+             f"than it is; drop it (drop_columns=\"{','.join(out)}\") unless it is a real predictor")
     return out
 
 
@@ -562,7 +562,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     text, used_encoding = read_text(path, encoding) if _text is None else (_text, "utf-8")
     if _text is None and encoding is None and used_encoding not in ("utf-8-sig", "utf-16"):
         warn(f"csv: {path.name} is not valid UTF-8; read it as {used_encoding} (pass encoding=... if "
-                      "names or categories look wrong)")
+             "names or categories look wrong)")
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     if delimiter is not None and delimiter not in DELIMITERS and len(delimiter) != 1:
         raise ValueError(f"csv: delimiter must be one character such as , ; | or a tab; got {delimiter!r}")
@@ -588,7 +588,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     if again:      # files concatenated from several exports repeat their header line
         body = [r for r in body if r != header]
         warn(f"csv: {path.name} repeats its header line {len(again)} time(s) inside the data (first at "
-                      f"data row {again[0] + 2}); those lines were skipped")
+             f"data row {again[0] + 2}); those lines were skipped")
     if not body:
         raise ValueError(f"csv: {path} has a header but no data rows")
     cols = rows_to_columns(body, header, path=path, first_line=2 + bool(excel))
@@ -634,9 +634,9 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
         else:
             _warn_near_unique(c, cols[c][~miss], len(body))
             if c not in attrs:
-                warn_case_variants(c, cols[c][~miss], what="feature column", stacklevel=4)
+                warn_case_variants(c, cols[c][~miss], what="feature column")
     for c, what in [(target, "target column")] + [(a, "protected column") for a in attrs]:
-        warn_case_variants(c, cols[c][~missing_mask(cols[c])], what=what, stacklevel=4)
+        warn_case_variants(c, cols[c][~missing_mask(cols[c])], what=what)
     for c in attrs:  # a numeric protected column groups by exact value; categories sort numerically
         if types.get(c) == "numeric" and as_float(cols[c], missing_mask(cols[c])) is None:
             raise ValueError(f"csv: protected column {c!r} is declared numeric but has non-numeric values")
@@ -751,9 +751,9 @@ def _warn_mostly_numbers(col: str, values: np.ndarray) -> None:
     if share >= 0.9:
         others = sorted(set(values[~is_num].tolist()))
         warn(f"csv: column {col!r} is read as categorical ({len(set(values.tolist()))} one-hot columns) "
-                      f"although {share:.0%} of its values are numbers; the others: "
-                      f"{', '.join(repr(o) for o in others[:5])}{' ...' if len(others) > 5 else ''}. Make them "
-                      f"missing (an empty field) to read it as numeric, or declare column_types=\"{col}:categorical\"")
+             f"although {share:.0%} of its values are numbers; the others: "
+             f"{', '.join(repr(o) for o in others[:5])}{' ...' if len(others) > 5 else ''}. Make them "
+             f"missing (an empty field) to read it as numeric, or declare column_types=\"{col}:categorical\"")
 
 
 def _warn_near_unique(col: str, values: np.ndarray, n_rows: int) -> None:
@@ -762,8 +762,8 @@ def _warn_near_unique(col: str, values: np.ndarray, n_rows: int) -> None:
     k = len(set(values.tolist()))
     if k > NEAR_UNIQUE_MIN and k > NEAR_UNIQUE_SHARE * n_rows:
         warn(f"csv: column {col!r} has {k} distinct values in {n_rows} rows (an id, a name, a date, free "
-                      f"text?): one-hot encoded it adds {k} features that only memorize rows; drop it "
-                      f"(drop_columns=\"{col}\") or list the columns to use (features=\"a,b,...\")")
+             f"text?): one-hot encoded it adds {k} features that only memorize rows; drop it "
+             f"(drop_columns=\"{col}\") or list the columns to use (features=\"a,b,...\")")
 
 
 def load_dataframe(frame, *, target: str, protected: str, **options) -> Dataset:

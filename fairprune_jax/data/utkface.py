@@ -229,7 +229,7 @@ def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "ra
     if bad_names:
         shown = ", ".join(repr(b) for b in sorted(bad_names)[:5])
         warn(f"utkface: skipped {len(bad_names)} file(s) in {d} whose names do not parse as "
-                      f"[age]_[gender]_[race]_[date&time].jpg: {shown}{' ...' if len(bad_names) > 5 else ''}")
+             f"[age]_[gender]_[race]_[date&time].jpg: {shown}{' ...' if len(bad_names) > 5 else ''}")
     if not parsed:
         raise FileNotFoundError(f"utkface: no UTKFace images found in {d} ({len(entries)} image file(s), "
                                 f"none with a parsable name); expected {LAYOUT}")
@@ -246,7 +246,7 @@ def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "ra
     if corrupt:
         shown = ", ".join(repr(c) for c in corrupt[:5])
         warn(f"utkface: skipped {len(corrupt)} image file(s) that could not be decoded: "
-                      f"{shown}{' ...' if len(corrupt) > 5 else ''}")
+             f"{shown}{' ...' if len(corrupt) > 5 else ''}")
     if not ok.any():
         raise ValueError(f"utkface: none of the {len(names)} images in {d} could be decoded")
 

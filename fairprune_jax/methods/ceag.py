@@ -341,8 +341,8 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         if held_out and np.any((n_val_g > 0) & (n_val_g < 30)):
             small = [names[i] for i in np.flatnonzero((n_val_g > 0) & (n_val_g < 30))]
             notes.append(f"ceag: groups with fewer than 30 held-out rows ({', '.join(small[:8])}): their psi_g "
-                        "estimate is noisy; raise ceag's val_fraction option, or hold out a larger validation "
-                        "split (--val-fraction; in prune(): val_fraction= or val=)")
+                         "estimate is noisy; raise ceag's val_fraction option, or hold out a larger validation "
+                         "split (--val-fraction; in prune(): val_fraction= or val=)")
     else:
         n_train_g = np.bincount(ctx.dataset.train.g, minlength=G)
         # buffers no larger than the data, so every constraint is observed however small the dataset
@@ -377,8 +377,8 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     if select and not info["selection"]["feasible"]:
         sel, where = info["selection"], "held-out" if held_out else "training"
         notes.append(f"ceag: no checkpoint met psi_g <= eps_g on the {where} rows; returned the least violating "
-                    f"one (step {sel['step']}, {where} max psi_g {sel['max_psi']:.4f} vs eps {eps}): "
-                    f"{dual_advice(info['trajectory']['multipliers'])}")
+                     f"one (step {sel['step']}, {where} max psi_g {sel['max_psi']:.4f} vs eps {eps}): "
+                     f"{dual_advice(info['trajectory']['multipliers'])}")
     no_op, info["notes"] = no_op_warnings(traj, names, eps, "held-out" if held_out else "train")
     notes += no_op
     if not held_out and not select:
@@ -386,7 +386,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         psi_max = float(np.nanmax(fairness.excess_accuracy_gap(ctx.dense_train_counts, gc)))
         if psi_max > eps:
             notes.append(f"ceag: train max psi_g ends at {psi_max:.4f} > eps = {eps}: the constraint is not met on "
-                        f"the data it was trained on ({dual_advice(info['trajectory']['multipliers'])})")
+                         f"the data it was trained on ({dual_advice(info['trajectory']['multipliers'])})")
     for w in notes:
         warn(w)
     info["warnings"] = notes

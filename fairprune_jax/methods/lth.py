@@ -92,8 +92,8 @@ def lth(ctx: Context, dense: TrainState, opts: LthOptions) -> tuple[TrainState, 
     sched, fraction_used = round_schedule(cfg.sparsity, fraction, opts.max_rounds)
     if fraction_used != fraction:
         warn(f"lth: {len(schedules.iterative_rounds(cfg.sparsity, fraction))} rounds of fraction "
-                      f"{fraction} exceed max_rounds={opts.max_rounds}; using fraction {fraction_used:.4f} "
-                      "per round instead (set --opt max_rounds=0 for no cap)")
+             f"{fraction} exceed max_rounds={opts.max_rounds}; using fraction {fraction_used:.4f} "
+             "per round instead (set --opt max_rounds=0 for no cap)")
     info: dict[str, Any] = {"schedule": sched, "fraction": fraction, "fraction_used": fraction_used,
                             "rewind_step": k, "round_epochs": round_epochs, "last_round": opts.last_round,
                             "last_round_epochs": cfg.epochs if opts.last_round == "dense" else round_epochs,
