@@ -20,7 +20,7 @@ from flax import nnx
 
 from fairprune_jax.notices import human_watching
 from fairprune_jax.result import Report
-from fairprune_jax import compact, runner
+from fairprune_jax import caches, compact, runner
 from fairprune_jax.config import RunConfig
 from fairprune_jax.data.base import Dataset, Split, carve_validation, stratified_split
 from fairprune_jax.masks import apply_masks, named_leaves, prunable_template
@@ -55,7 +55,7 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
           group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
           units: dict[str, Sequence[str]] | None = None, method_options: dict | None = None,
           config: dict | None = None, out: str | Path | None = None, progress: bool | None = None,
-          **options: Any) -> Pruned:
+          compile_cache: bool = True, **options: Any) -> Pruned:
     """Train ``model`` densely on ``train``, prune it with ``method`` to ``sparsity`` and report, per group.
 
     ``model``: any ``flax.nnx.Module`` classifier (logits of shape ``(batch, classes)``); its ``__call__``
@@ -73,13 +73,17 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     by its output units]}`` (e.g. ``{"conv/kernel": ["conv/bias", "norm/scale", "norm/bias"]}``) when the
     units traced from the forward pass (:func:`compact.traced_unit_groups`) are not what you want.
     ``out``: also write ``results.json`` and ``results.md`` there. ``progress``: progress bars (default: shown
-    in a terminal or a notebook, not in CI or when output is piped).
+    in a terminal or a notebook, not in CI or when output is piped). ``compile_cache``: keep compiled executables
+    in the user's cache folder, so the next call with the same shapes skips compiling (:mod:`caches`; a cache you
+    configured for JAX yourself is used as it is; ``FAIRPRUNE_XLA_CACHE=0`` turns it off everywhere).
 
     Returns :class:`Pruned` ``(model, masks, report, state)``. The report holds at least
     :data:`REPORT_KEYS`: ``sparsity`` (``target``, ``achieved``, per-layer ``layers``), ``dense`` /
     ``pruned`` (per split: accuracy, per-group accuracy, psi_g, DP / EO; ``pruned["test"]["certificate"]``).
     """
     method_obj = get_method(method)
+    if compile_cache:
+        caches.use_compilation_cache()
     opts = dict(method_options or {})
     both = sorted(set(opts) & set(options))
     if both:

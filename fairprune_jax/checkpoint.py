@@ -40,6 +40,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -111,11 +112,17 @@ class Checkpointer:
     """The checkpoints of one run in ``directory``; hands out :class:`Phase` objects in call order."""
 
     def __init__(self, directory: str | Path, config: Any, *, every: int = 200, resume: bool = False,
-                 data: dict | None = None):
+                 data: dict | None = None, after_s: float = 0.0):
         if int(every) < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0 = off); got {every}")
+        if after_s > 0 and jax.process_count() > 1:
+            raise ValueError("checkpoints that start after a delay (after_s) need one process: each process's clock "
+                             "would decide on its own, and their collective writes would wait for each other")
         self.directory = Path(directory).absolute()
         self.every = int(every)
+        self.after_s = float(after_s)
+        self._t0 = time.monotonic()
+        self._started = False
         self.fingerprint = fingerprint(config)
         self.digest = _digest(self.fingerprint)
         self.data = data
@@ -158,12 +165,37 @@ class Checkpointer:
         if error is not None:
             raise error
         self.resumed = action == "resume"
-        if not self.resumed and _is_primary():
-            if action == "replace":
-                shutil.rmtree(self.directory)
+        if not self.resumed and _is_primary() and action == "replace":
+            shutil.rmtree(self.directory)
+        if self.resumed or self.after_s <= 0:
+            self._start()
+        distributed.barrier("checkpoint-start")
+
+    def _start(self) -> None:
+        """Create the folder and its ``run.json`` (at the first save of a delayed Checkpointer)."""
+        if not self._started and not self.resumed and _is_primary():
             self.directory.mkdir(parents=True, exist_ok=True)
             self._write_run_file(complete=False)
-        distributed.barrier("checkpoint-start")
+        self._started = True
+
+    @property
+    def started(self) -> bool:
+        """Whether this run has written (or resumed) checkpoints in its folder."""
+        return self._started
+
+    def skip_phase(self) -> None:
+        """Count a phase that does not train here (a dense model read from the cache), so the later phases keep
+        their numbers whether or not it trained."""
+        self._count += 1
+
+    def active(self) -> bool:
+        """Whether saves happen now: always with ``after_s`` 0, else once the run has lasted ``after_s`` seconds
+        (a shorter run loses little when killed, and writes nothing)."""
+        if self.every <= 0:
+            return False
+        if not self._started and time.monotonic() - self._t0 >= self.after_s:
+            self._start()
+        return self._started
 
     def _phase_dirs(self) -> list[Path]:
         return sorted(p for p in self.directory.glob("[0-9][0-9]-*") if p.is_dir()) if self.directory.is_dir() else []
@@ -213,6 +245,8 @@ class Checkpointer:
 
     def mark_complete(self) -> None:
         """Record that the run finished (a later run without ``--resume`` may then overwrite it)."""
+        if not self._started:       # a delayed Checkpointer whose run ended before its first save
+            return
         if _is_primary():
             self._write_run_file(complete=True)
         distributed.barrier("checkpoint-complete")
@@ -232,7 +266,7 @@ class Phase:
         self._partial = None
 
     def due(self, global_step: int) -> bool:
-        return self.every > 0 and global_step % self.every == 0
+        return self.every > 0 and global_step % self.every == 0 and self.owner.active()
 
     def restore(self, state: Any) -> tuple[Any, dict] | None:
         """The saved state (shaped, typed and placed like ``state``) and position, or ``None``."""
@@ -281,7 +315,10 @@ class Phase:
 
     def save(self, state: Any, *, epoch: int, step_in_epoch: int, global_step: int, history: dict,
              epoch_stats: list[dict], final: bool) -> None:
-        """Write a checkpoint (synchronously: the next train step donates ``state``)."""
+        """Write a checkpoint (synchronously: the next train step donates ``state``); nothing before a delayed
+        Checkpointer is active."""
+        if not self.owner.active():
+            return
         ocp = _ocp()
         meta = {"desc": self.desc, "fingerprint": self.owner.digest, "epoch": int(epoch),
                 "step_in_epoch": int(step_in_epoch), "global_step": int(global_step), "final": bool(final),

@@ -203,14 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true",
                    help="hide progress bars (shown by default in a terminal, not when the output is piped or CI "
                         "is set)")
+    r.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the compilation cache (compiled executables kept between runs in the user's "
+                        "cache folder, ~/.cache/fairprune_jax/xla; FAIRPRUNE_XLA_CACHE=0 does the same)")
+    r.add_argument("--no-dense-cache", action="store_true",
+                   help="train the dense model even when an earlier run saved one for the same data and dense "
+                        "settings (~/.cache/fairprune_jax/dense; FAIRPRUNE_DENSE_CACHE=0 does the same)")
     r.add_argument("--tensorboard", action="store_true",
                    help="log loss, accuracy and, for constrained methods, per-group multipliers, violations and "
                         "accuracies per step into OUT/tensorboard (view: tensorboard --logdir OUT); needs tensorboardX")
     r.add_argument("--devices", default="all",
                    help="data-parallel over N local devices, or 'all' (batch size must be divisible by N)")
     _add_process_args(r)
-    r.add_argument("--checkpoint-every", type=int, default=200,
-                   help="save the run state into OUT/checkpoints every N steps and after each phase (0 = off)")
+    r.add_argument("--checkpoint-every", type=int, default=None,
+                   help="save the run state into OUT/checkpoints every N steps and after each phase (0 = off). "
+                        f"Default: every {CHECKPOINT_EVERY} steps once the run has lasted {CHECKPOINT_AFTER_S} s "
+                        "(a shorter run writes none; with several processes, from the start)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoints (same settings required)")
 
@@ -239,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the grid as a TOML file (rerun or edit it with --config PATH)")
     c.add_argument("--no-progress", action="store_true",
                    help="hide progress bars (shown by default in a terminal, not when piped or in CI)")
+    c.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the compilation cache (compiled executables kept between runs in the user's "
+                        "cache folder, ~/.cache/fairprune_jax/xla; FAIRPRUNE_XLA_CACHE=0 does the same)")
     c.add_argument("--devices", default=None,
                    help="data-parallel over N local devices, or 'all' (default: 1 device; all of them with "
                         "--distributed)")
@@ -284,6 +295,20 @@ def default_out(cfg: "RunConfig") -> str:
     return f"runs/{cfg.method}_{cfg.dataset.replace(':', '-')}_s{cfg.sparsity:g}_seed{cfg.seed}-{digest}"
 
 
+#: ``fairprune run``'s default checkpoints: every CHECKPOINT_EVERY steps, once the run has lasted CHECKPOINT_AFTER_S
+#: seconds. A run shorter than that loses little when killed and writes nothing (on the default Adult run, 30 s on
+#: 2 cores, the checkpoints cost 8.7 s of its wall time).
+CHECKPOINT_EVERY, CHECKPOINT_AFTER_S = 200, 60
+
+
+def checkpoint_plan(every: int | None, many_processes: bool) -> tuple[int, float]:
+    """``(every, after_s)`` for ``runner.run``: the flag's N from the start, or the default rule (from the start
+    with several processes, whose clocks must not decide each on their own)."""
+    if every is not None:
+        return every, 0.0
+    return CHECKPOINT_EVERY, 0.0 if many_processes else float(CHECKPOINT_AFTER_S)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fairprune_jax import certify, report
     from fairprune_jax.runner import run, validate_config
@@ -302,7 +327,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracker = tracking.TensorBoard(Path(cfg.out) / "tensorboard") if args.tensorboard and primary else None
     shown: set[str] = set()
     with tracking.use(tracker), _warnings_once(shown):
-        res = run(cfg, devices=args.devices, checkpoint_every=args.checkpoint_every, resume=args.resume)
+        every, after_s = checkpoint_plan(args.checkpoint_every, settings is not None)
+        res = run(cfg, devices=args.devices, checkpoint_every=every, checkpoint_after_s=after_s, resume=args.resume,
+                  dense_cache=not args.no_dense_cache)
     if not primary:
         import jax
         print(f"fairprune run: process {jax.process_index()} of {jax.process_count()} finished; process 0 "
@@ -311,6 +338,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     rt = res.get("runtime", {})
     if rt.get("devices", 1) > 1 or rt.get("resumed"):
         print(f"{rt['devices']} device(s), {rt['processes']} process(es)" + (", resumed" if rt.get("resumed") else ""))
+    if rt.get("dense_from_cache"):
+        print("dense model: the one an earlier run trained on the same data with the same dense settings (from the "
+              "cache; --no-dense-cache trains it again)")
     print()
     print(report.text_table(res, "test"))
     print()
@@ -459,10 +489,13 @@ def _interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:
     if args.command == "run":
         from fairprune_jax import checkpoint
         out = Path(config_from_args(args).out)
-        saved = checkpoint.describe(out / checkpoint.CHECKPOINT_DIR) if args.checkpoint_every > 0 else None
+        off = args.checkpoint_every is not None and args.checkpoint_every <= 0
+        saved = None if off else checkpoint.describe(out / checkpoint.CHECKPOINT_DIR)
         if not saved:
-            return (f"nothing saved ({'--checkpoint-every 0' if args.checkpoint_every <= 0 else 'no checkpoint yet'}); "
-                    "rerun the command to start over")
+            why = "--checkpoint-every 0" if off else (
+                "no checkpoint yet" if args.checkpoint_every else
+                f"no checkpoint yet: by default the first comes once the run has lasted {CHECKPOINT_AFTER_S} s")
+            return f"nothing saved ({why}); rerun the command to start over"
         again = argv if "--resume" in argv else [*argv, "--resume"]
         return f"checkpoints in {out / checkpoint.CHECKPOINT_DIR}: {saved}; continue with: fairprune {shlex.join(again)}"
     if args.command == "compare":
@@ -490,36 +523,6 @@ def cmd_datasets(_: argparse.Namespace) -> int:
                   if p.kind == p.KEYWORD_ONLY and not p.name.startswith("_")]
         print(f"{name:16s} options: {', '.join(p.name for p in params) or '-'}")
     return 0
-
-
-#: Where ``fairprune run`` / ``compare`` keep compiled XLA executables between runs (``FAIRPRUNE_XLA_CACHE``: another
-#: folder, or 0 to turn it off; a ``JAX_COMPILATION_CACHE_DIR`` already set wins).
-XLA_CACHE_ENV = "FAIRPRUNE_XLA_CACHE"
-
-
-def use_compilation_cache() -> str | None:
-    """Turn on JAX's persistent compilation cache for this process (before JAX is imported): a second run of
-    the same setting skips compiling, most of a small run's time on a CPU. Returns the folder (None: off)."""
-    import os
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    choice = os.environ.get(XLA_CACHE_ENV, "")
-    if choice == "0":
-        return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = choice or os.path.join(base, "fairprune_jax", "xla")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return None                      # an unwritable home: run without a cache rather than fail
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")      # entries are small (0.7 MB per run)
-    if "jax" in sys.modules:             # imported already (a caller's process): set it there too
-        import jax
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-    return folder
 
 
 def _watching() -> bool:
@@ -553,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command in ("run", "compare"):
-        use_compilation_cache()
+        from fairprune_jax.caches import use_compilation_cache
+        use_compilation_cache(not args.no_compile_cache)
         many = (args.distributed or args.coordinator or args.num_processes or args.process_id
                 or os.environ.get("JAX_NUM_PROCESSES"))
         try:

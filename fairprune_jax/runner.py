@@ -20,7 +20,7 @@ import numpy as np
 
 from fairprune_jax.notices import warn
 from fairprune_jax.result import SCHEMA_VERSION, Report
-from fairprune_jax import certify, checkpoint, compact, distributed, fairness, report, tracking
+from fairprune_jax import caches, certify, checkpoint, compact, distributed, fairness, report, tracking
 from fairprune_jax.data import DATASETS, Dataset, eval_batches, load_dataset
 from fairprune_jax.masks import check_sparsity, named_leaves, prunable_template, sparsity_summary, DISTRIBUTIONS
 from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer
@@ -322,6 +322,8 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
     if dense is None and dense_cache is not None:
         dense = load_dense(dense_cache, cfg, dense_start(ctx, params, model_state)[0], ds.fingerprint())
         cached = dense is not None
+        if cached and checkpoint.current() is not None:
+            checkpoint.current().skip_phase()      # the phases after it keep their numbers on --resume
     else:
         cached = True
     prep = _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
@@ -458,7 +460,8 @@ def _prepared(ctx: Context, params: Any, model_state: Any, dense: tuple[TrainSta
     else:
         dense, dense_hist = dense
         _check_dense(dense, params, model_state)
-        timings.setdefault("dense_train_s", float(dense_hist.get("seconds", 0.0)))
+        # time spent here: none for a dense model read from a cache (its history keeps the training's seconds)
+        timings.setdefault("dense_train_s", 0.0 if dense_hist.get("cached") else float(dense_hist.get("seconds", 0.0)))
     t = time.perf_counter()
     step = report_eval_step(ctx)
     evals = {s: evaluate(step, dense, split, cfg.eval_batch_size) for s, split in ds.splits().items()}
@@ -532,8 +535,9 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     mesh, ckpt = distributed.current_mesh(), checkpoint.current()
     results["runtime"] = {"devices": distributed.num_devices(mesh), "processes": jax.process_count(),
                           "platform": jax.devices()[0].platform,
-                          "checkpoints": None if ckpt is None else str(ckpt.directory),
-                          "resumed": bool(ckpt is not None and ckpt.resumed)}
+                          "checkpoints": None if ckpt is None or not ckpt.started else str(ckpt.directory),
+                          "resumed": bool(ckpt is not None and ckpt.resumed),
+                          "dense_from_cache": bool(prep.dense_history.get("cached", False))}
     results["schema_version"] = SCHEMA_VERSION
     results = Report(results)
     if cfg.out and distributed.is_primary():
@@ -590,14 +594,18 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
 
 
 def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | None = None,
-        checkpoint_every: int = 0, resume: bool = False) -> dict:
+        checkpoint_every: int = 0, checkpoint_after_s: float = 0.0, resume: bool = False,
+        dense_cache: bool = False) -> dict:
     """Run one experiment end to end; writes results into ``cfg.out`` when set and returns them.
 
     ``devices``: data-parallel over that many devices (``"all"``: every device;
     ``None``: the default device, no mesh). ``checkpoint_every`` > 0: the run
     state is saved into ``OUT/checkpoints`` every that many steps and at the
-    end of each phase; ``resume`` continues from those checkpoints (a fresh
-    start when there are none).
+    end of each phase, from the start or, with ``checkpoint_after_s`` > 0, once
+    the run has lasted that long (a shorter run writes none); ``resume``
+    continues from those checkpoints (a fresh start when there are none).
+    ``dense_cache``: start from the dense model an earlier run saved in the user's cache folder for the same
+    dense settings, data, platform and device count, or save this run's there (:mod:`caches`; one process only).
     """
     validate_config(cfg)
     _check_outputs(cfg)
@@ -617,9 +625,15 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
         ckpt = None
         if checkpoint_every or resume:
             ckpt = checkpoint.Checkpointer(Path(cfg.out) / checkpoint.CHECKPOINT_DIR, cfg,
-                                           every=checkpoint_every, resume=resume, data=loaded[0].fingerprint())
+                                           every=checkpoint_every, resume=resume, data=loaded[0].fingerprint(),
+                                           after_s=checkpoint_after_s)
+        cache = None
+        if dense_cache and jax.process_count() == 1:
+            key = {"dense": dense_fingerprint(cfg, loaded[0].fingerprint()), "platform": jax.devices()[0].platform,
+                   "devices": distributed.num_devices(mesh)}
+            cache = caches.dense_cache_folder(key)
         with replacing_outputs(cfg.out), distributed.use_mesh(mesh), checkpoint.use(ckpt):
-            res = run_method(prepare(cfg, loaded[0], _loaded=loaded))
+            res = run_method(prepare(cfg, loaded[0], _loaded=loaded, dense_cache=cache))
     if ckpt is not None:
         ckpt.mark_complete()
     distributed.barrier("run-end")     # process 0 has written the outputs

@@ -25,6 +25,8 @@ def pytest_configure(config):
     folder is new for every run, so every executable is still compiled once per run, and removed at the end.
     ``FAIRPRUNE_TEST_XLA_CACHE=0`` turns it off; a ``JAX_COMPILATION_CACHE_DIR`` already set is kept.
     """
+    # the tests never read or write the user's dense-model cache (a test turns it on in a folder of its own)
+    os.environ.setdefault("FAIRPRUNE_DENSE_CACHE", "0")
     if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("FAIRPRUNE_TEST_XLA_CACHE", "1") == "0":
         return                                   # workers inherit the controller's environment
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -120,6 +120,43 @@ def test_interrupted_phase_resumes_to_the_uninterrupted_result(toy, tmp_path, mo
     assert not junk.exists()
 
 
+def test_default_checkpoints_start_only_once_the_run_has_lasted_their_delay(toy, tmp_path, monkeypatch):
+    """``after_s``: nothing is written (not even the folder) until the run has lasted that long; from then on the
+    usual saves, and a run killed after that resumes to the uninterrupted result."""
+    clock = [0.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    points = {0: 0.3, 7: 0.6, 12: 0.8}
+    template = toy[-1]
+    short = tmp_path / "short"
+    ck = Checkpointer(short, CFG, every=4, after_s=60)
+    with checkpoint.use(ck):
+        ref, _, _ = _two_phases(toy, _prune_hook(template, points))
+    ck.mark_complete()
+    assert not short.exists()                      # a short run writes nothing
+
+    def late(state, s):                            # the clock passes 60 s during the second phase, at step 5
+        clock[0] = 100.0 if s >= 5 else 0.0
+        return _prune_hook(template, points, stop_at=14)(state, s)
+
+    d = tmp_path / "long"
+    clock[0] = 0.0
+    with checkpoint.use(Checkpointer(d, CFG, every=4, after_s=60)), pytest.raises(Interrupt):
+        _two_phases(toy, checkpoint.resumable(late))
+    assert not (d / "00-first").exists()           # finished before the delay: not saved
+    assert sorted(p.name for p in (d / "01-second-pruning" / "partial").iterdir()) == ["12"]
+    assert json.loads((d / checkpoint.RUN_FILE).read_text())["complete"] is False
+    with checkpoint.use(Checkpointer(d, CFG, every=4, resume=True)):
+        got, _, _ = _two_phases(toy, _prune_hook(template, points))
+    _same(ref, got)                                # the first phase trained again, the second continued
+
+
+def test_cli_default_checkpoint_rule():
+    from fairprune_jax.cli import CHECKPOINT_AFTER_S, CHECKPOINT_EVERY, checkpoint_plan
+    assert checkpoint_plan(None, False) == (CHECKPOINT_EVERY, CHECKPOINT_AFTER_S)
+    assert checkpoint_plan(None, True) == (CHECKPOINT_EVERY, 0.0)     # processes' clocks must not decide alone
+    assert checkpoint_plan(5, False) == (5, 0.0) and checkpoint_plan(0, False) == (0, 0.0)
+
+
 def test_hook_with_host_state_is_not_checkpointed(toy, tmp_path):
     fm, params, ms, split, tx, step, template = toy
     seen = []

@@ -384,18 +384,20 @@ def test_runs_keep_a_persistent_compilation_cache(tmp_path, monkeypatch):
     JAX_COMPILATION_CACHE_DIR already set wins."""
     import subprocess
     import sys
-    from fairprune_jax.cli import use_compilation_cache
+    from fairprune_jax.caches import use_compilation_cache
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "given"))
     assert use_compilation_cache() == str(tmp_path / "given")
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-    monkeypatch.setenv("FAIRPRUNE_XLA_CACHE", "0")
-    assert use_compilation_cache() is None
-    code = ("import os, sys; from fairprune_jax.cli import use_compilation_cache; f = use_compilation_cache(); "
+    code = ("import os, sys; from fairprune_jax.caches import use_compilation_cache; f = use_compilation_cache(); "
             "print(f, os.environ['JAX_COMPILATION_CACHE_DIR'], 'jax' in sys.modules)")
     env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["FAIRPRUNE_XLA_CACHE"] = str(tmp_path / "mine")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(tmp_path / "mine"), str(tmp_path / "mine"), "False"]
+    env["FAIRPRUNE_XLA_CACHE"] = "0"
+    off = subprocess.run([sys.executable, "-c", code.replace(", os.environ['JAX_COMPILATION_CACHE_DIR']", "")],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert off.split() == ["None", "False"]
     assert (tmp_path / "mine").is_dir()
 
 
@@ -419,3 +421,49 @@ def test_compare_without_a_toml_file(tmp_path, capsys):
     assert "describe a grid without a TOML file" in capsys.readouterr().err
     assert main(["compare", "--sparsities", "0.5"]) == 2
     assert "needs --config FILE, or the grid as flags" in capsys.readouterr().err
+
+
+def test_no_compile_cache_flag_and_prune_keep_the_callers_cache(tmp_path):
+    """`--no-compile-cache` writes nothing into the user's cache folder; without it the executables land there.
+    In a process whose JAX already has a cache folder (the caller's own), prune() leaves it as it is."""
+    import os
+    import subprocess
+    import sys
+    import jax
+    from fairprune_jax import caches
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "FAIRPRUNE_XLA_CACHE")}
+    run = [sys.executable, "-m", "fairprune_jax.cli", "run", "--dataset", "digits", "--method", "magnitude",
+           "--epochs", "1", "--finetune-epochs", "1", "--no-progress", "--checkpoint-every", "0"]
+    for flag, home in (("--no-compile-cache", tmp_path / "off"), (None, tmp_path / "on")):
+        p = subprocess.run([*run, "--out", str(home / "run"), *([flag] if flag else [])],
+                           env=dict(env, XDG_CACHE_HOME=str(home)), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert not (tmp_path / "off" / "fairprune_jax" / "xla").exists()
+    assert any((tmp_path / "on" / "fairprune_jax" / "xla").iterdir())
+    assert caches.use_compilation_cache() == jax.config.jax_compilation_cache_dir      # the test run's own
+
+
+def test_second_run_reuses_the_dense_model(tmp_path, monkeypatch, capsys):
+    """`fairprune run` saves its dense model in the user's cache; a later run with the same data and dense
+    settings (another method or sparsity) starts from it and gets the numbers it would have got training it;
+    other dense settings, `--no-dense-cache` or checkpoints numbered as if it had trained are honoured."""
+    import json
+    monkeypatch.setenv("FAIRPRUNE_DENSE_CACHE", str(tmp_path / "dense"))
+    base = ["run", "--dataset", "digits", "--epochs", "1", "--finetune-epochs", "1", "--no-progress"]
+
+    def go(name, *extra):
+        assert main([*base, "--out", str(tmp_path / name), *extra]) == 0
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    first = go("a", "--method", "nft", "--checkpoint-every", "0")
+    assert first["runtime"]["dense_from_cache"] is False and len(list((tmp_path / "dense").iterdir())) == 1
+    fresh = go("b", "--method", "magnitude", "--no-dense-cache", "--checkpoint-every", "0")
+    again = go("c", "--method", "magnitude", "--checkpoint-every", "5")
+    assert "dense model: the one an earlier run trained" in capsys.readouterr().out
+    assert fresh["runtime"]["dense_from_cache"] is False and again["runtime"]["dense_from_cache"] is True
+    assert again["pruned"] == fresh["pruned"] and again["dense"] == fresh["dense"]
+    assert again["timings"]["dense_train_s"] == 0.0
+    ck = tmp_path / "c" / "checkpoints"
+    assert not (ck / "00-dense").exists() and sorted(p.name[:2] for p in ck.glob("0*")) == ["01"]
+    other = go("d", "--method", "magnitude", "--lr", "0.002", "--checkpoint-every", "0")
+    assert other["runtime"]["dense_from_cache"] is False and len(list((tmp_path / "dense").iterdir())) == 2
