@@ -1,0 +1,102 @@
+"""Rerun committed cells of a comparison and check that they give the committed numbers, bit for bit.
+
+    python experiments/reproduce.py experiments/headline_digits.toml --seeds 0 [--methods nft,ceag] [--keep DIR]
+
+Every chosen cell of the grid (its methods x sparsities x the chosen seeds) is run again from scratch (its own
+dense model, trained again, shared by the cells of a seed as in the grid) into a temporary folder, and its
+``dense``, ``pruned`` and ``sparsity`` entries (every metric, on every split, with the certificate) are compared
+with the committed ``results.json`` of the same cell; entries the report gained after the cell was committed
+are counted, not failed. Prints one line per cell, and for a cell that differs the
+first differing entries (committed vs now); exits with 1 when any cell differs or is missing.
+
+This is the check that a refactoring left the results unchanged: the test suite runs it on a few digits cells
+(``tests/test_reproduce.py``); run it on a whole grid before committing a change that should not move numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fairprune_jax.compare import cell_dir, load_config, run_compare
+
+COMPARED = ("sparsity", "dense", "pruned")
+
+
+def differences(committed: Any, now: Any, path: str = "") -> list[str]:
+    """Every leaf path where two JSON values differ (floats compared exactly; NaN equals NaN); an entry the
+    committed cell lacks (added to the report since) is listed as ``new``, see :func:`failures`."""
+    if isinstance(committed, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(committed) | set(now), key=str):
+            if k not in committed or k not in now:
+                out.append(f"{path}/{k}: {'missing now' if k not in now else 'new'}")
+            else:
+                out += differences(committed[k], now[k], f"{path}/{k}")
+        return out
+    if isinstance(committed, list) and isinstance(now, list) and len(committed) == len(now):
+        return [d for i, (a, b) in enumerate(zip(committed, now)) for d in differences(a, b, f"{path}[{i}]")]
+    if committed == now or (isinstance(committed, float) and isinstance(now, float) and committed != committed
+                            and now != now):
+        return []
+    return [f"{path}: committed {committed!r}, now {now!r}"]
+
+
+def failures(diffs: list[str]) -> list[str]:
+    """The differences that change a committed number (not the entries the report gained since)."""
+    return [d for d in diffs if not d.endswith(": new")]
+
+
+def reproduce(config: str | Path, seeds: list[int] | None = None, methods: list[str] | None = None,
+              keep: str | Path | None = None, progress: bool = False) -> dict[str, list[str]]:
+    """``{cell name: differences}`` for the chosen cells of a committed grid (an empty list: identical)."""
+    committed = load_config(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        cc = dataclasses.replace(committed, out=Path(keep or tmp), seeds=seeds or committed.seeds,
+                                 methods=methods or committed.methods)
+        unknown = sorted(set(cc.methods) - set(committed.methods))
+        if unknown:
+            raise ValueError(f"{config}: no such method in the grid: {unknown}")
+        run_compare(cc, progress=progress)
+        out = {}
+        for seed in cc.seeds:
+            for s in cc.sparsities:
+                for m in cc.methods:
+                    name = cell_dir(cc, m, s, seed).name
+                    old = cell_dir(committed, m, s, seed) / "results.json"
+                    if not old.is_file():
+                        out[name] = [f"no committed cell {old}"]
+                        continue
+                    a = json.loads(old.read_text())
+                    b = json.loads((cell_dir(cc, m, s, seed) / "results.json").read_text())
+                    out[name] = [d for k in COMPARED for d in differences(a.get(k), b.get(k), k)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("--seeds", default=None, help="comma-separated (default: the grid's)")
+    ap.add_argument("--methods", default=None, help="comma-separated grid entries (default: all)")
+    ap.add_argument("--keep", default=None, help="rerun into this folder and keep it (default: a temporary one)")
+    ap.add_argument("--show", type=int, default=5, help="differences shown per cell")
+    a = ap.parse_args(argv)
+    res = reproduce(a.config, seeds=[int(s) for s in a.seeds.split(",")] if a.seeds else None,
+                    methods=a.methods.split(",") if a.methods else None, keep=a.keep, progress=True)
+    for name, diffs in res.items():
+        bad, new = failures(diffs), len(diffs) - len(failures(diffs))
+        print(f"{name}: {f'{len(bad)} differences' if bad else 'identical'}"
+              + (f" ({new} entries the committed cell predates)" if new else ""))
+        for d in bad[:a.show]:
+            print(f"    {d}")
+    bad = sum(1 for d in res.values() if failures(d))
+    print(f"{len(res) - bad} of {len(res)} cells identical to the committed ones")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
