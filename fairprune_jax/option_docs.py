@@ -17,7 +17,8 @@ OPTION_DOCS: dict[str, str] = {
     "distill": "weight of KL(dense || pruned) added to the fine-tuning loss: fewer rows flip, tighter "
                "certificates (0: off)",
     # the dual step (ceag, el, bifp family)
-    "dual_lr": "step size of the Lagrange multipliers",
+    "dual_lr": "step size of the Lagrange multipliers (ceag's auto: the paper's 0.01, or 0.02 when the dual step "
+               "reads every training row, constraint_data=train_all)",
     "dual_optimizer": "how the multipliers move: sgd (gradient ascent), nupi (nuPI controller), adam",
     "mode": "alternating (the dual step first, the primal gradient with the new multipliers) or simultaneous "
             "(both from the same point)",
@@ -27,7 +28,8 @@ OPTION_DOCS: dict[str, str] = {
     # ceag
     "eps": "the bound on every group's excess accuracy gap psi_g = (dense_acc_g - acc_g) - (dense_acc - acc)",
     "constraint_data": "which rows the dual step reads psi_g on: auto (held-out rows when they estimate it "
-                       "within eps/2, else every training row), val, train_all, or train (the paper's 40-row "
+                       "within eps/2; else every training row when a group is expected in fewer than 1 row of "
+                       "a batch; else the paper's buffers), val, train_all, or train (the paper's 40-row "
                        "replay buffers)",
     "val_fraction": "share of train carved out as held-out rows when the data has no validation split",
     "val_batch_size": "held-out (or training) rows re-evaluated per step for the dual step (0: the batch size)",
