@@ -69,7 +69,7 @@ def main() -> None:
     train_counts, _ = evaluate(eval_step, dense, train, 512)
     val_counts, _ = evaluate(eval_step, dense, val, 512)
     ref, val_ref = ceag_lib.reference_from_counts(train_counts), ceag_lib.reference_from_counts(val_counts)
-    dual = constrained.dual_from_options(ceag_lib.CeagOptions(), G, equality=False)
+    dual = constrained.dual_from_options(ceag_lib.with_dual_lr(ceag_lib.CeagOptions(), "val"), G, equality=False)
 
     def fresh(extra):
         return create_state(params, ms, tx, masks=m, extra=extra)

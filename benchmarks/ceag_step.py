@@ -143,8 +143,8 @@ def jax_ceag(ctx, G: int, seed: int, opts: dict | None = None):
     import dataclasses as dc
     from fairprune_jax import constrained
     from fairprune_jax.methods import METHODS
-    from fairprune_jax.methods.ceag import ceag_terms, dense_reference, make_constrained_step
-    parsed = METHODS["ceag"].parse(opts or {})
+    from fairprune_jax.methods.ceag import ceag_terms, dense_reference, make_constrained_step, with_dual_lr
+    parsed = with_dual_lr(METHODS["ceag"].parse(opts or {}))     # the buffers' (paper's) dual step
     o = dc.asdict(parsed)
     c = dc.replace(ctx, dense_train_counts=reference_counts(G, ctx.fm.num_classes, seed))
     dual = constrained.dual_from_options(parsed, G, equality=False)

@@ -295,12 +295,20 @@ def held_out_psi(ctx: Context, state: TrainState, val: Split, dense_val: fairnes
     return fairness.accuracy(gc), fairness.excess_accuracy_gap(dense_val, gc)
 
 
+def with_dual_lr(opts: CeagOptions, constraint_data: str = "train") -> CeagOptions:
+    """``opts`` with ``dual_lr=auto`` resolved for the rows the dual step reads (``DUAL_LR_AUTO``, else the
+    paper's 1e-2); a number is kept."""
+    if not isinstance(opts.dual_lr, str):
+        return opts
+    return dataclasses.replace(opts, dual_lr=DUAL_LR_AUTO.get(constraint_data, DUAL_LR_PAPER))
+
+
 def check_ceag_options(opts: CeagOptions) -> None:
     """ceag's value checks (registered: run before any data loads)."""
     if isinstance(opts.dual_lr, str):
         if opts.dual_lr.strip().lower() != "auto":
             raise ValueError(f"ceag: dual_lr must be a number > 0 or auto; got {opts.dual_lr!r}")
-        opts = dataclasses.replace(opts, dual_lr=DUAL_LR_PAPER)
+        opts = with_dual_lr(opts)
     constrained.check_dual_options(opts, "ceag")
     if opts.constraint_data not in CONSTRAINT_DATA:
         raise ValueError(f"ceag: unknown constraint_data {opts.constraint_data!r}; valid: {', '.join(CONSTRAINT_DATA)}")
@@ -335,7 +343,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     elif table:     # every training row's correctness, refreshed in evaluation mode: the exact training psi_g
         val, val_source = ctx.dataset.train, "every training row (train_all)"
     if isinstance(opts.dual_lr, str):       # auto: by the rows the dual step reads
-        opts = dataclasses.replace(opts, dual_lr=DUAL_LR_AUTO.get(choice["chosen"], DUAL_LR_PAPER))
+        opts = with_dual_lr(opts, choice["chosen"])
         info["dual_lr_used"] = opts.dual_lr
     dual = constrained.dual_from_options(opts, G, equality=False)
     tx = ctx.finetune_tx()
