@@ -46,6 +46,28 @@ class GradualOptions(DistillOptions, PrunePhaseOptions):
     prune_updates: int = 10                 # mask updates on the cubic schedule
 
 
+def cubic_points(sparsity: float, prune_steps: int, updates: int) -> dict[int, float]:
+    """``{step: sparsity}`` of the cubic schedule (Zhu & Gupta 2017) over ``prune_steps`` in ``updates`` mask
+    updates."""
+    return dict(schedules.cubic_steps(sparsity, prune_steps, max(prune_steps // max(updates, 1), 1)))
+
+
+def magnitude_hook(ctx: Context, points: dict[int, float], template: Any):
+    """The ``fit`` hook of gradual magnitude pruning: before step ``s`` in ``points``, the masks keep the largest
+    weights at sparsity ``points[s]`` (already-pruned weights never come back); other steps are untouched.
+    A pure function of ``(state, step)``, so a checkpointed phase can continue mid-way."""
+
+    @resumable
+    def hook(s: TrainState, step: int) -> TrainState:
+        if step not in points:
+            return s
+        m = ctx.masks_from_scores(scores.magnitude(s.params, template), points[step], prev_masks=s.masks,
+                                  template=template)
+        return s.replace(masks=m, params=apply_masks(s.params, m))
+
+    return hook
+
+
 def phase_template(ctx: Context, params: Any, opts: PrunePhaseOptions) -> Any:
     """The prunable template of a pruning phase: the run's exclusions plus the options' first / last layer."""
     return ctx.template_for(params, exclude_first=opts.keep_first_conv_dense and ctx.first_layer_is_conv(params),
@@ -63,20 +85,12 @@ def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple
     template = phase_template(ctx, dense.params, opts)
     state, tx, epochs, total = ctx.prune_phase(dense, template, opts.prune_epochs)
     prune_steps = max(int(0.75 * total), 1)
-    points = dict(schedules.cubic_steps(cfg.sparsity, prune_steps,
-                                        max(prune_steps // max(opts.prune_updates, 1), 1)))
+    points = cubic_points(cfg.sparsity, prune_steps, opts.prune_updates)
     if cfg.sparsity == 0.0:
         points = {}
     else:
         points[prune_steps] = float(cfg.sparsity)
-
-    @resumable  # a pure function of (state, step): a checkpointed prune phase can continue mid-way
-    def hook(s: TrainState, step: int) -> TrainState:
-        if step not in points:
-            return s
-        m = ctx.masks_from_scores(scores.magnitude(s.params, template), points[step], prev_masks=s.masks,
-                                  template=template)
-        return s.replace(masks=m, params=apply_masks(s.params, m))
+    hook = magnitude_hook(ctx, points, template)
 
     if epochs > 0:
         state, hist = ctx.finetune(state, tx, epochs=epochs, hook=hook, desc="prune (gmp)")

@@ -6,9 +6,8 @@ import dataclasses
 import jax
 
 from fairprune_jax import scores, schedules
-from fairprune_jax.checkpoint import resumable
-from fairprune_jax.gradual import DistillOptions
-from fairprune_jax.masks import apply_masks, ones_like_template
+from fairprune_jax.gradual import DistillOptions, cubic_points, magnitude_hook
+from fairprune_jax.masks import ones_like_template
 from fairprune_jax.methods.base import Context, register
 from fairprune_jax.train import TrainState, teacher_extra, without_teacher
 
@@ -45,19 +44,9 @@ def gradual_magnitude_hook(ctx: Context, total_steps: int, prune_fraction: float
     ``updates`` mask updates; already-pruned weights never come back.
     """
     prune_steps = max(int(total_steps * prune_fraction), 1)
-    points = dict(schedules.cubic_steps(ctx.config.sparsity, prune_steps,
-                                        max(prune_steps // max(updates, 1), 1)))
+    points = cubic_points(ctx.config.sparsity, prune_steps, updates)
     points[0] = schedules.cubic(0, ctx.config.sparsity, prune_steps)
-
-    @resumable  # a pure function of (state, step): a checkpointed phase can continue mid-way
-    def hook(state: TrainState, step: int) -> TrainState:
-        if step not in points:
-            return state
-        masks = ctx.masks_from_scores(scores.magnitude(state.params, ctx.template), points[step],
-                                      prev_masks=state.masks)
-        return state.replace(masks=masks, params=apply_masks(state.params, masks))
-
-    return hook, points
+    return magnitude_hook(ctx, points, ctx.template), points
 
 
 @dataclasses.dataclass(frozen=True)
