@@ -18,7 +18,8 @@ OPTION_DOCS: dict[str, str] = {
                "certificates (0: off)",
     # the dual step (ceag, el, bifp family)
     "dual_lr": "step size of the Lagrange multipliers (ceag's auto: the paper's 0.01, or 0.02 when the dual step "
-               "reads every training row, constraint_data=train_all)",
+               "reads every training row, constraint_data=train_all; the bifp family's auto: 0.1 for a constrained "
+               "phase of up to 500 steps, 0.1 * 500 / steps for a longer one)",
     "dual_optimizer": "how the multipliers move: sgd (gradient ascent), nupi (nuPI controller), adam",
     "mode": "alternating (the dual step first, the primal gradient with the new multipliers) or simultaneous "
             "(both from the same point)",

@@ -90,7 +90,7 @@ class FairOptions(constrained.DualOptions):
     strict: str = "metric"
     buffer_size: int = 40
     reduce: str = "max_gap"
-    dual_lr: float = 0.1                    # DualOptions' field, with a larger default
+    dual_lr: float | str = "auto"           # a number, or auto (fair_dual_lr: 0.1 for runs of up to 500 steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,15 +149,34 @@ def one_sided(opts: FairOptions, surrogate: str) -> bool:
     raise ValueError(f"one_sided must be auto, true or false; got {opts.one_sided!r}")
 
 
-def fairness_spec(ctx: Context, opts: FairOptions) -> bilevel.Fairness:
-    """The fairness objective from checked method options."""
+#: dual_lr=auto of the bifp family: DUAL_LR_FAIR for a constrained phase of up to DUAL_STEPS_REF steps, and
+#: DUAL_LR_FAIR * DUAL_STEPS_REF / steps for a longer one, so the multipliers can move as far over a run of any
+#: length. 0.1 was chosen (issue 12) on runs of 210-468 steps (batch 256 on Adult, 64 on digits); the CLI
+#: default on Adult (batch 64, 10 epochs: 4710 steps) at 0.1 drove the multipliers to their cap of 5 within three
+#: epochs and bifp and prune_then_fair to the constant classifier (test accuracy 0.756 / 0.757 against 0.850
+#: dense, 99.8% / 99.6% one class). At 0.0106 (auto there): 0.844 / 0.845 with test EO 0.060 / 0.063 against
+#: the dense model's 0.083; at 0.021 both still collapsed (measured on seed 0, chosen on that run's training
+#: accuracy collapse, which the test split only confirmed).
+DUAL_LR_FAIR, DUAL_STEPS_REF = 0.1, 500
+
+
+def fair_dual_lr(opts: FairOptions, steps: int) -> float:
+    """``dual_lr`` with ``auto`` resolved for a constrained phase of ``steps`` steps (a number is kept)."""
+    if not isinstance(opts.dual_lr, str):
+        return float(opts.dual_lr)
+    return DUAL_LR_FAIR * min(1.0, DUAL_STEPS_REF / max(int(steps), 1))
+
+
+def fairness_spec(ctx: Context, opts: FairOptions, steps: int) -> bilevel.Fairness:
+    """The fairness objective from checked method options, for a constrained phase of ``steps`` steps."""
     mode = opts.fairness_mode
     name = surrogate_name(ctx, opts)
     groups = ctx.dataset.num_groups
     k = ((2 if name.startswith("eo") else 1) * groups) if opts.constraint == "per_group" else 1
     dual = None
     if mode == "constraint":   # inequality multipliers capped at multiplier_max (<= 0: no cap)
-        dual = constrained.capped(constrained.dual_from_options(opts, k, equality=False),
+        resolved = dataclasses.replace(opts, dual_lr=fair_dual_lr(opts, steps))
+        dual = constrained.capped(constrained.dual_from_options(resolved, k, equality=False),
                                   multiplier_cap(opts, name, groups))
     return bilevel.Fairness(surrogate=name, mode=mode, num_groups=groups,
                             positive_label=ctx.config.positive_label, lam=opts.lam, tau=opts.tau,
@@ -224,7 +243,9 @@ def _check_common(opts: FairOptions) -> None:
                          f"{', '.join(bilevel.FAIRNESS_MODES)}")
     if opts.fairness_mode == "penalty" and opts.lam < 0:
         raise ValueError(f"lam must be >= 0; got {opts.lam}")
-    constrained.check_dual_options(opts)
+    if isinstance(opts.dual_lr, str) and opts.dual_lr.strip().lower() != "auto":
+        raise ValueError(f"dual_lr must be a number > 0 or auto; got {opts.dual_lr!r}")
+    constrained.check_dual_options(dataclasses.replace(opts, dual_lr=fair_dual_lr(opts, 1)))
     if opts.fairness_mode == "constraint" and opts.augmented and opts.dual_optimizer != "sgd":
         raise ValueError("augmented=True uses its own dual step; leave dual_optimizer=sgd")
     one_sided(opts, "ap")                   # clear errors for bad values before any training
@@ -268,7 +289,8 @@ def _weight_tx(ctx: Context, opts: BifpOptions, epochs: int) -> optax.GradientTr
           structured="structured", check=check_bifp_options)
 def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState, dict]:
     cfg = ctx.config
-    spec = fairness_spec(ctx, opts)
+    epochs = cfg.ft_epochs if opts.epochs < 0 else opts.epochs
+    spec = fairness_spec(ctx, opts, epochs * ctx.steps_per_epoch)
     structured = opts.structured
     if structured:
         groups, template = structured_setup(ctx, dense.params)
@@ -278,7 +300,6 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     scores0, masks0 = bilevel.initial_scores_and_masks(dense.params, template, counts, groups)
     named0 = dict(named_leaves(masks0))
     start_units = {n: np.asarray(named0[n]) for n, _ in named_leaves(scores0)}   # host copy: steps donate
-    epochs = cfg.ft_epochs if opts.epochs < 0 else opts.epochs
     weight_tx = _weight_tx(ctx, opts, epochs)
     momentum = opts.mask_momentum
     # the search settles: the mask lr decays (cosine) to 0 after search_fraction of the steps, so the last steps
@@ -310,7 +331,8 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     kept = int(sum(np.asarray(named_final[n]).sum() for n in start_units))
     info: dict[str, Any] = {"options": dataclasses.asdict(opts), "fairness": spec.surrogate, "history": hist,
                             "structured": structured,
-                            "bilevel_epochs": epochs, "units_swapped_vs_magnitude": changed, "units_kept": kept}
+                            "bilevel_epochs": epochs, "units_swapped_vs_magnitude": changed, "units_kept": kept,
+                            "dual_lr_used": fair_dual_lr(opts, epochs * ctx.steps_per_epoch)}
     if spec.mode == "constraint":
         mult_hist.append(np.round(np.asarray(state.extra["fair"]["dual"].multipliers), 4).tolist())
         info["multiplier_history"] = mult_hist
@@ -345,7 +367,8 @@ def structured_magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tu
 @register("prune_then_fair", "structured magnitude pruning, then fine-tuning with the fairness surrogate as a "
           "constraint (default) or penalty", FairOptions, structured=True, check=_check_common)
 def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple[TrainState, dict]:
-    spec = fairness_spec(ctx, opts)
+    steps = ctx.config.ft_epochs * ctx.steps_per_epoch
+    spec = fairness_spec(ctx, opts, steps)
     groups, template = structured_setup(ctx, dense.params)
     masks = l1_structured_masks(ctx, dense.params, groups, template)
     tx = ctx.finetune_tx()
@@ -354,7 +377,8 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple
     state, hist = ctx.finetune(state, tx, step_fn=bilevel.make_fair_step(ctx.fm, spec, tx, augment=ctx.augment),
                                desc="fine-tune (fair)", hook=hook)
     info = {"options": dataclasses.asdict(opts), "fairness": spec.surrogate, "history": hist, "structured": True,
-            "kept_units": kept_units(state.masks, groups), **_fair_info(ctx, spec, state)}
+            "dual_lr_used": fair_dual_lr(opts, steps), "kept_units": kept_units(state.masks, groups),
+            **_fair_info(ctx, spec, state)}
     if spec.mode == "constraint":
         info["multiplier_history"] = mult_hist + [info["multipliers"]]
     return state.replace(extra=None), info
@@ -364,10 +388,11 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple
           "magnitude pruning and cross-entropy fine-tuning", FairThenPruneOptions,
           structured=True, check=_check_common)
 def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions) -> tuple[TrainState, dict]:
-    spec = fairness_spec(ctx, opts)
-    groups, template = structured_setup(ctx, dense.params)
     fair_epochs = ctx.config.ft_epochs if opts.fair_epochs < 0 else opts.fair_epochs
-    info: dict[str, Any] = {"options": dataclasses.asdict(opts), "structured": True, "fair_epochs": fair_epochs}
+    spec = fairness_spec(ctx, opts, fair_epochs * ctx.steps_per_epoch)
+    groups, template = structured_setup(ctx, dense.params)
+    info: dict[str, Any] = {"options": dataclasses.asdict(opts), "structured": True, "fair_epochs": fair_epochs,
+                            "dual_lr_used": fair_dual_lr(opts, fair_epochs * ctx.steps_per_epoch)}
     start = dense
     if fair_epochs > 0:
         tx = ctx.finetune_tx(epochs=fair_epochs)
