@@ -553,3 +553,24 @@ def test_per_group_constraint_lowers_true_metric_and_keeps_accuracy(toy):
     mult = np.asarray(fe["dual"].multipliers)
     assert mult.max() > 0 and mult.max() <= 5.0
     assert fairness.accuracy(c1) > 0.6
+
+
+def test_dual_lr_auto_is_sized_to_the_run():
+    """dual_lr=auto: 0.1 for a constrained phase of up to 500 steps (what every committed grid ran), then
+    0.1 * 500 / steps, so the multipliers of a long run (the CLI default on Adult: 4710 steps, where 0.1 drove
+    bifp to the constant classifier) can move no further than a short run's; a number is kept."""
+    import dataclasses
+    import pytest as _pytest
+    from fairprune_jax.methods import get_method
+    from fairprune_jax.methods.bifp import BifpOptions, fair_dual_lr
+    opts = BifpOptions()
+    assert opts.dual_lr == "auto"
+    assert fair_dual_lr(opts, 210) == fair_dual_lr(opts, 500) == 0.1
+    assert abs(fair_dual_lr(opts, 4710) - 0.1 * 500 / 4710) < 1e-12
+    assert fair_dual_lr(dataclasses.replace(opts, dual_lr=0.3), 4710) == 0.3
+    for name in ("bifp", "prune_then_fair", "fair_then_prune"):
+        method = get_method(name)
+        method.check(method.parse({"dual_lr": "auto"}))
+        method.check(method.parse({"dual_lr": "0.05"}))
+        with _pytest.raises(ValueError, match="dual_lr"):
+            method.check(method.parse({"dual_lr": "fast"}))

@@ -220,3 +220,19 @@ def test_train_all_reads_the_exact_training_psi(small_prepared):
                            CeagOptions(eps=-1.0, constraint_data="train_all", prune_epochs=1, select="last"))
     assert info["constraint_data"] == "train_all" and info["val_source"].startswith("every training row")
     assert np.array(info["multipliers"]).min() > 0        # the exact estimate is observed for every group
+
+
+def test_dual_lr_auto_follows_the_rows_the_dual_step_reads():
+    """ceag's dual_lr=auto: the paper's 0.01 on buffers and held-out rows, 0.02 on every training row (exact
+    estimates; rare groups push only in the batches that hold them); a number is kept; other words refused."""
+    import dataclasses
+    from fairprune_jax.methods import get_method
+    from fairprune_jax.methods.ceag import CeagOptions, with_dual_lr
+    o = CeagOptions()
+    assert o.dual_lr == "auto"
+    assert with_dual_lr(o, "train").dual_lr == with_dual_lr(o, "val").dual_lr == 0.01
+    assert with_dual_lr(o, "train_all").dual_lr == 0.02
+    assert with_dual_lr(dataclasses.replace(o, dual_lr=0.05), "train_all").dual_lr == 0.05
+    m = get_method("ceag")
+    with pytest.raises(ValueError, match="dual_lr"):
+        m.check(m.parse({"dual_lr": "fast"}))
