@@ -19,7 +19,8 @@ def test_registry_names():
 
 
 def test_unknown_dataset_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; valid choices: adult, csv, digits"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; valid choices: adult, celeba, cifar10, cifar100, "
+                                         r"csv, digits, fairface"):
         load_dataset("mnist")
 
 

@@ -8,6 +8,7 @@ from fairprune_jax.data.adult import load_adult
 from fairprune_jax.data.base import (Dataset, Split, eval_batches, steps_per_epoch,
                                      stratified_split, train_batches)
 from fairprune_jax.data.digits import load_digits
+from fairprune_jax.data import native
 from fairprune_jax.data.tabular import load_csv, load_dataframe
 from fairprune_jax.data.tfds import load_celeb_a, load_cifar10, load_cifar100
 from fairprune_jax.data.utkface import load_utkface
@@ -18,6 +19,10 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "utkface": load_utkface,
     "adult": load_adult,
     "csv": load_csv,
+    "cifar10": native.load_cifar10,
+    "cifar100": native.load_cifar100,
+    "celeba": native.load_celeba,
+    "fairface": native.load_fairface,
     "tfds:cifar10": load_cifar10,
     "tfds:cifar100": load_cifar100,
     "tfds:celeb_a": load_celeb_a,

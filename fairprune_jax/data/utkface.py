@@ -57,13 +57,20 @@ def age_bucket(age: np.ndarray | int) -> np.ndarray:
     return np.digitize(np.asarray(age), [10, 20, 40, 60]).astype(np.int64)
 
 
-def _decode_one(path: str, size: int) -> np.ndarray | None:
+def _decode_one(path: str, size: int, crop: bool = False) -> np.ndarray | None:
+    """One image as ``(size, size, 3)`` uint8, None when unreadable; ``crop``: a non-square image is cut to its
+    central square first (else it is stretched, which UTKFace's square crops never need)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2, 1/4, 1/8 when it can
             im = im.convert("RGB")
+            w, h = im.size
+            if crop and w != h:
+                s = min(w, h)
+                left, top = (w - s) // 2, (h - s) // 2
+                im = im.crop((left, top, left + s, top + s))
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.LANCZOS)
             arr = np.asarray(im, dtype=np.uint8)
@@ -74,12 +81,13 @@ def _decode_one(path: str, size: int) -> np.ndarray | None:
     return arr
 
 
-def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, np.ndarray]:
-    paths, size = args
+def _decode_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+    paths, size, *rest = args
+    crop = bool(rest[0]) if rest else False
     out = np.zeros((len(paths), size, size, 3), np.uint8)
     ok = np.zeros(len(paths), bool)
     for i, p in enumerate(paths):
-        arr = _decode_one(p, size)
+        arr = _decode_one(p, size, crop)
         if arr is not None:
             out[i] = arr
             ok[i] = True
@@ -93,7 +101,8 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _decode_files(paths: list[str], size: int, num_workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _decode_files(paths: list[str], size: int, num_workers: int | None = None, *, crop: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Decode and resize images to ``(n, size, size, 3)`` uint8; ``ok[i]`` is False for unreadable files.
 
     With several workers, joblib's process pool (loky: safe beside JAX's threads, and it does not re-run the
@@ -101,10 +110,10 @@ def _decode_files(paths: list[str], size: int, num_workers: int | None = None) -
     32 px, 23,705 images, 2 cores: 5.6 s with 2 threads, 4.7 s serial): per image, Python work dominates."""
     workers = _default_workers() if num_workers is None else max(1, int(num_workers))
     if workers == 1 or len(paths) < SERIAL_DECODE_BELOW:
-        return _decode_chunk((paths, size))
+        return _decode_chunk((paths, size, crop))
     from joblib import Parallel, delayed
     chunks = [list(c) for c in np.array_split(np.asarray(paths, dtype=object), 2 * workers) if len(c)]
-    results = Parallel(n_jobs=workers, backend="loky")(delayed(_decode_chunk)((c, size)) for c in chunks)
+    results = Parallel(n_jobs=workers, backend="loky")(delayed(_decode_chunk)((c, size, crop)) for c in chunks)
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
