@@ -1,4 +1,4 @@
-"""The model zoo: an MLP for tabular data, a small CNN and a CIFAR-style ResNet.
+"""The model zoo: an MLP for tabular data, a small CNN, a CIFAR-style ResNet and MobileNet-V2.
 
 Every ``__call__`` takes ``train`` so BatchNorm uses batch statistics (and
 updates its running averages) in training and the running averages in
@@ -124,3 +124,75 @@ class ResNet(nnx.Module):
         for block in self.blocks:
             x = block(x, train)
         return self.head(x.mean(axis=(1, 2)))
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of ``divisor``, never more than 10% below ``v`` (MobileNet's rule)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+#: MobileNet-V2's inverted-residual stages (Sandler et al. 2018, Table 2): expansion t, channels c, repeats n,
+#: first stride s.
+MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1))
+
+
+class InvertedResidual(nnx.Module):
+    """1x1 expansion (when t > 1), 3x3 depthwise, 1x1 projection, each with BatchNorm (ReLU6 after the first two);
+    the input is added back when the stride is 1 and the widths match."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, *, rngs: nnx.Rngs):
+        hidden = int(round(cin * expand))
+        self.expand = (nnx.Conv(cin, hidden, (1, 1), use_bias=False, rngs=rngs) if expand != 1 else None)
+        self.expand_bn = nnx.BatchNorm(hidden, momentum=0.9, rngs=rngs) if expand != 1 else None
+        self.depthwise = nnx.Conv(hidden, hidden, (3, 3), strides=stride, padding="SAME", feature_group_count=hidden,
+                                  use_bias=False, rngs=rngs)
+        self.depthwise_bn = nnx.BatchNorm(hidden, momentum=0.9, rngs=rngs)
+        self.project = nnx.Conv(hidden, cout, (1, 1), use_bias=False, rngs=rngs)
+        self.project_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        self.residual = stride == 1 and cin == cout
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        ura = not train
+        y = x
+        if self.expand is not None:
+            y = jax.nn.relu6(self.expand_bn(self.expand(y), use_running_average=ura))
+        y = jax.nn.relu6(self.depthwise_bn(self.depthwise(y), use_running_average=ura))
+        y = self.project_bn(self.project(y), use_running_average=ura)
+        return x + y if self.residual else y
+
+
+class MobileNetV2(nnx.Module):
+    """MobileNet-V2 (Sandler et al. 2018), Balancing Act's UTKFace model (their src/models/mobilenet/mobilenet.py
+    follows torchvision's). ``width`` scales every stage's channels (rounded to multiples of 8); ``last`` is
+    the final 1x1 conv's width before the linear head (1280, scaled up for width > 1, as in the paper).
+    ``stem_stride`` 2 as in the paper; 1 keeps small images (32-64 px) from shrinking to 1x1 too early."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, width: float = 1.0, last: int = 1280,
+                 stem_stride: int = 2, rngs: nnx.Rngs):
+        if width <= 0:
+            raise ValueError(f"mobilenet_v2: width must be > 0; got {width}")
+        cin = make_divisible(32 * width)
+        self.stem = nnx.Conv(in_channels, cin, (3, 3), strides=stem_stride, padding="SAME", use_bias=False,
+                             rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(cin, momentum=0.9, rngs=rngs)
+        blocks = []
+        for t, c, n, s in MOBILENET_V2_STAGES:
+            cout = make_divisible(c * width)
+            for i in range(n):
+                blocks.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, rngs=rngs))
+                cin = cout
+        self.blocks = nnx.List(blocks)
+        last = make_divisible(last * max(1.0, width))
+        self.last = nnx.Conv(cin, last, (1, 1), use_bias=False, rngs=rngs)
+        self.last_bn = nnx.BatchNorm(last, momentum=0.9, rngs=rngs)
+        self.head = nnx.Linear(last, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        ura = not train
+        x = jax.nn.relu6(self.stem_bn(self.stem(x), use_running_average=ura))
+        for block in self.blocks:
+            x = block(x, train)
+        x = jax.nn.relu6(self.last_bn(self.last(x), use_running_average=ura)).mean(axis=(1, 2))
+        return self.head(x)
