@@ -328,7 +328,11 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
         cached = True
     prep = _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
     if dense_cache is not None and not cached and distributed.is_primary():
-        save_dense(dense_cache, cfg, prep.dense, prep.dense_history, ds.fingerprint())
+        try:
+            save_dense(dense_cache, cfg, prep.dense, prep.dense_history, ds.fingerprint())
+        except OSError as e:          # a full disk or a read-only cache folder: the run goes on without saving it
+            warn(f"the dense model could not be saved for later runs in {dense_cache} ({e}); this run is "
+                 "unaffected, the next one trains it again")
     return prep
 
 

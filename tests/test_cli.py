@@ -467,3 +467,19 @@ def test_second_run_reuses_the_dense_model(tmp_path, monkeypatch, capsys):
     assert not (ck / "00-dense").exists() and sorted(p.name[:2] for p in ck.glob("0*")) == ["01"]
     other = go("d", "--method", "magnitude", "--lr", "0.002", "--checkpoint-every", "0")
     assert other["runtime"]["dense_from_cache"] is False and len(list((tmp_path / "dense").iterdir())) == 2
+
+
+def test_a_dense_cache_that_cannot_be_written_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
+    """Saving the dense model for later runs is a convenience: a full disk or read-only folder is a warning."""
+    from fairprune_jax import runner
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("FAIRPRUNE_DENSE_CACHE", str(tmp_path / "dense"))
+    monkeypatch.setattr(runner, "save_dense", boom)
+    assert main(["run", "--dataset", "digits", "--epochs", "1", "--finetune-epochs", "1", "--method", "magnitude",
+                 "--no-progress", "--checkpoint-every", "0", "--out", str(tmp_path / "o")]) == 0
+    cap = capsys.readouterr()
+    assert "could not be saved for later runs" in cap.out + cap.err
+    assert (tmp_path / "o" / "results.json").is_file()
