@@ -132,7 +132,7 @@ def test_methods_differ_after_pruning(runs):
     (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\)"),
     (["--method", "prune_everything"], r"unknown method 'prune_everything'; valid choices: .*gmp.*magnitude.*random"),
     (["--dataset", "imagenet9000"], r"unknown dataset 'imagenet9000'; valid choices: .*digits"),
-    (["--model", "transformer"], r"unknown model 'transformer'; valid choices: cnn, mlp, resnet"),
+    (["--model", "transformer"], r"unknown model 'transformer'; valid choices: cnn, mlp, mobilenet_v2, resnet"),
     (["--method", "magnitude", "--opt", "eps=0.1"], r"has no option\(s\) \['eps'\]; valid options: distill"),
     (["--method", "gmp", "--opt", "prune_fractoin=0.5"], r"valid options: distill, prune_fraction, updates"),
     (["--batch-size", "5000"], r"--batch-size 5000 is larger than the training split \(\d+ rows\)"),

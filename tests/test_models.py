@@ -149,7 +149,7 @@ def test_resnet_depth_check():
 
 
 def test_build_model_errors():
-    with pytest.raises(ValueError, match="unknown model 'vit'.*cnn, mlp, resnet"):
+    with pytest.raises(ValueError, match="unknown model 'vit'.*cnn, mlp, mobilenet_v2, resnet"):
         build_model("vit", (8, 8, 3), 2)
     with pytest.raises(ValueError, match="flat features"):
         build_model("mlp", (8, 8, 1), 2)
