@@ -85,3 +85,23 @@ def test_ceag_run_logs_every_step_of_every_multiplier(tmp_path):
     summary = res["tracking"]["phases"]["fine-tune_ceag"]["per_group"]
     np.testing.assert_allclose(summary["multipliers"]["last"], final, atol=1e-6)
     assert {"violation", "group_accuracy"} <= set(summary) and res["tracking"]["logdir"] == "tensorboard"
+
+
+def test_tensorboards_own_loader_reads_our_event_files(tmp_path):
+    """What the TensorBoard UI would show: TensorBoard's own EventAccumulator reads the same scalars, steps and
+    values from our files as our reader does (tensorboard is in the test extra, so this runs in CI)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    with tracking.use(tracking.TensorBoard(tmp_path, group_names=["g0", "g1"])) as tb:
+        ph = tb.phase("fine-tune (ceag)")
+        tb.log(ph, [1, 2, 3], [{"loss": np.float32(0.5 * s), "multipliers": np.array([0.1 * s, 0.2])}
+                               for s in (1, 2, 3)])
+        tb.flush()
+    ours = tracking.read_scalars(tmp_path)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    theirs = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert set(theirs) == set(ours) and "fine-tune_ceag/multipliers/g1" in theirs
+    for tag in ours:
+        assert [s for s, _ in theirs[tag]] == [s for s, _ in ours[tag]]
+        np.testing.assert_allclose([v for _, v in theirs[tag]], [v for _, v in ours[tag]], rtol=1e-6)
