@@ -377,6 +377,33 @@ def uint8_channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return [float(v) for v in mean / 255.0], [float(v) for v in std / 255.0]
 
 
+def image_dataset(name: str, parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *, group_names,
+                  group_attrs, class_names, val_fraction, seed, normalize, meta) -> Dataset:
+    """A :class:`Dataset` from uint8 NHWC image parts per split; a ``val`` part is used as given, else
+    ``val_fraction`` of train (stratified; none when it is None)."""
+    if "val" not in parts:
+        images, y, g = parts["train"]
+        tr, va = carve_validation_indices(np.arange(len(y)), y, g, val_fraction, seed)
+        parts = dict(parts, train=(images[tr], y[tr], g[tr]))
+        if va is not None:
+            parts["val"] = (images[va], y[va], g[va])
+    splits, img_meta = image_splits(parts, normalize=normalize)
+    return Dataset(name=name, train=splits["train"], test=splits["test"], val=splits.get("val"),
+                   group_names=group_names, group_attrs=group_attrs, class_names=class_names,
+                   meta={**meta, "val_fraction": val_fraction, "split_seed": seed, **img_meta})
+
+
+def groups_over_splits(name: str, split_codes: dict[str, list[np.ndarray]], categories: list[list[str]]
+                       ) -> tuple[dict[str, np.ndarray], list[str], dict]:
+    """Group ids over every split together (one numbering), from per-attribute category indices."""
+    order = list(split_codes)
+    sizes = [len(split_codes[s][0]) for s in order]
+    codes = [np.concatenate([split_codes[s][a] for s in order]) for a in range(len(categories))]
+    g, names, info = encode_groups(codes, categories, dataset=name)
+    cuts = np.cumsum([0] + sizes)
+    return {s: g[cuts[i]:cuts[i + 1]] for i, s in enumerate(order)}, names, info
+
+
 def image_splits(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *,
                  normalize: bool = False) -> tuple[dict[str, Split], dict]:
     """uint8 NHWC images per split -> float32 :class:`Split` objects in [0, 1].

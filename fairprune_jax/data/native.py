@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fairprune_jax.data.base import (Dataset, carve_validation_indices, encode_groups, image_splits,
-                                     parse_attr_list)
+from fairprune_jax.data.base import Dataset, groups_over_splits, image_dataset, parse_attr_list
 from fairprune_jax.data.tfds import CIFAR100_GROUPINGS, _check_size, _to_size
 from fairprune_jax.data.utkface import _decode_files
 
@@ -96,32 +95,6 @@ def _names(meta: dict, key: str, k: int) -> list[str]:
     return names if len(names) == k else [str(i) for i in range(k)]
 
 
-def _assemble_images(name: str, parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *, group_names,
-                     group_attrs, class_names, val_fraction, seed, normalize, meta) -> Dataset:
-    """A Dataset from uint8 image parts; a ``val`` part is used as given, else ``val_fraction`` of train."""
-    if "val" not in parts:
-        images, y, g = parts["train"]
-        tr, va = carve_validation_indices(np.arange(len(y)), y, g, val_fraction, seed)
-        parts = dict(parts, train=(images[tr], y[tr], g[tr]))
-        if va is not None:
-            parts["val"] = (images[va], y[va], g[va])
-    splits, img_meta = image_splits(parts, normalize=normalize)
-    return Dataset(name=name, train=splits["train"], test=splits["test"], val=splits.get("val"),
-                   group_names=group_names, group_attrs=group_attrs, class_names=class_names,
-                   meta={**meta, "val_fraction": val_fraction, "split_seed": seed, **img_meta})
-
-
-def _groups(name: str, split_codes: dict[str, list[np.ndarray]], categories: list[list[str]]
-            ) -> tuple[dict[str, np.ndarray], list[str], dict]:
-    """Group ids over every split together (one numbering), from per-attribute category indices."""
-    order = list(split_codes)
-    sizes = [len(split_codes[s][0]) for s in order]
-    codes = [np.concatenate([split_codes[s][a] for s in order]) for a in range(len(categories))]
-    g, names, info = encode_groups(codes, categories, dataset=name)
-    cuts = np.cumsum([0] + sizes)
-    return {s: g[cuts[i]:cuts[i + 1]] for i, s in enumerate(order)}, names, info
-
-
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, image_size: int = 32,
                  val_fraction: float | None = None, seed: int = 0, normalize: bool = False,
                  max_examples: int | None = None) -> Dataset:
@@ -175,13 +148,23 @@ def _cifar(name, parts, grouping, names, class_names, image_size, source, val_fr
            max_examples, coarse=None) -> Dataset:
     codes = {s: [parts[s][1] if grouping == "label" else coarse[s]] for s in parts}
     cats = [[f"class {c}" if c.isdigit() else c for c in names[grouping]]]
-    g, group_names, ginfo = _groups(name, codes, cats)
+    g, group_names, ginfo = groups_over_splits(name, codes, cats)
     img_parts = {s: (parts[s][0], parts[s][1].astype(np.int32), g[s]) for s in parts}
     meta = {"source": source, "format": "CIFAR python pickles", "image_size": image_size, "protected": grouping,
             "max_examples": max_examples, **ginfo}
-    return _assemble_images(name, img_parts, group_names=group_names,
+    return image_dataset(name, img_parts, group_names=group_names,
                             group_attrs=["class" if grouping == "label" else grouping], class_names=class_names,
                             val_fraction=val_fraction, seed=seed, normalize=normalize, meta=meta)
+
+
+def _decode_all(paths: list[str], image_size: int, num_workers: int | None, *, name: str, what: str,
+                layout: str, error: type) -> np.ndarray:
+    """Every image of ``paths`` decoded (center crop, resize), or ``error`` naming the unreadable ones."""
+    images, ok = _decode_files(paths, image_size, num_workers, crop=True)
+    if not ok.all():
+        bad = [paths[i] for i in np.flatnonzero(~ok)]
+        raise error(f"{name}: {len(bad)} image(s) {what} cannot be read (e.g. {bad[0]}); expected {layout}")
+    return images
 
 
 def _read_lines(path: Path, name: str, layout: str) -> list[str]:
@@ -247,24 +230,18 @@ def load_celeba(data_dir: str | os.PathLike | None = None, *, target: str = "Smi
     for s in ("train", "test"):
         if not len(split_rows[s]):
             raise ValueError(f"{name}: list_eval_partition.txt puts no image in the {s} split")
-    decoded = {}
-    for s, rows in split_rows.items():
-        paths = [str(img_dir / files[i]) for i in rows]
-        images, ok = _decode_files(paths, image_size, num_workers, crop=True)
-        if not ok.all():
-            bad = [paths[i] for i in np.flatnonzero(~ok)]
-            raise ValueError(f"{name}: {len(bad)} image(s) of the {s} split cannot be read (e.g. {bad[0]}); "
-                             f"expected {CELEBA_LAYOUT}")
-        decoded[s] = images
+    decoded = {s: _decode_all([str(img_dir / files[i]) for i in rows], image_size, num_workers, name=name,
+                              what=f"of the {s} split", layout=CELEBA_LAYOUT, error=ValueError)
+               for s, rows in split_rows.items()}
     codes = {s: [values[r, col[a]].astype(np.int64) for a in attrs] for s, r in split_rows.items()}
-    g, group_names, ginfo = _groups(name, codes, [[f"not {a}", a] for a in attrs])
+    g, group_names, ginfo = groups_over_splits(name, codes, [[f"not {a}", a] for a in attrs])
     parts = {s: (decoded[s], values[r, col[target]].astype(np.int32), g[s]) for s, r in split_rows.items()}
     meta = {"source": str(d), "format": "CelebA aligned images + list_attr_celeba.txt + list_eval_partition.txt",
             "image_size": image_size, "target": target, "protected": attrs, "max_examples": max_examples,
             "split": "official partition (0 train, 1 val, 2 test)" + (
                 "" if val_fraction is None else f"; val: {val_fraction} of train instead of the official val"),
             "resize": "center crop to square, then LANCZOS", **ginfo}
-    return _assemble_images(name, parts, group_names=group_names, group_attrs=attrs,
+    return image_dataset(name, parts, group_names=group_names, group_attrs=attrs,
                             class_names=[f"not {target}", target], val_fraction=val_fraction, seed=seed,
                             normalize=normalize, meta=meta)
 
@@ -306,23 +283,17 @@ def load_fairface(data_dir: str | os.PathLike | None = None, *, target: str = "g
     cap = None if max_examples is None else int(max_examples)
     parts_in = {"train": d / "fairface_label_train.csv", "test": d / "fairface_label_val.csv"}
     rows = {s: _fairface_rows(p)[:cap] for s, p in parts_in.items()}
-    decoded = {}
-    for s, rs in rows.items():
-        paths = [str(d / r["file"]) for r in rs]
-        images, ok = _decode_files(paths, image_size, num_workers, crop=True)
-        if not ok.all():
-            bad = [paths[i] for i in np.flatnonzero(~ok)]
-            raise FileNotFoundError(f"{name}: {len(bad)} image(s) named in {parts_in[s].name} cannot be read "
-                                    f"(e.g. {bad[0]}); expected {FAIRFACE_LAYOUT}")
-        decoded[s] = images
+    decoded = {s: _decode_all([str(d / r["file"]) for r in rs], image_size, num_workers, name=name,
+                              what=f"named in {parts_in[s].name}", layout=FAIRFACE_LAYOUT, error=FileNotFoundError)
+               for s, rs in rows.items()}
     codes = {s: [_fairface_codes(rs, a, parts_in[s]) for a in attrs] for s, rs in rows.items()}
-    g, group_names, ginfo = _groups(name, codes, [list(FAIRFACE_CATEGORIES[a]) for a in attrs])
+    g, group_names, ginfo = groups_over_splits(name, codes, [list(FAIRFACE_CATEGORIES[a]) for a in attrs])
     parts = {s: (decoded[s], _fairface_codes(rs, target, parts_in[s]).astype(np.int32), g[s])
              for s, rs in rows.items()}
     meta: dict[str, Any] = {"source": str(d), "format": "FairFace label CSVs + images", "image_size": image_size,
                             "target": target, "protected": attrs, "max_examples": max_examples,
                             "split": "FairFace train -> train, FairFace val -> test",
                             "resize": "center crop to square, then LANCZOS", **ginfo}
-    return _assemble_images(name, parts, group_names=group_names, group_attrs=attrs,
+    return image_dataset(name, parts, group_names=group_names, group_attrs=attrs,
                             class_names=list(FAIRFACE_CATEGORIES[target]), val_fraction=val_fraction, seed=seed,
                             normalize=normalize, meta=meta)

@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fairprune_jax.data.base import (Dataset, carve_validation_indices, encode_groups, image_splits,
-                                     parse_attr_list)
+from fairprune_jax.data.base import Dataset, groups_over_splits, image_dataset, parse_attr_list
 
 CELEBA_ATTRIBUTES = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
@@ -140,27 +139,6 @@ def _class_names(info, feature: str, k: int) -> list[str]:
     return [str(i) for i in range(k)]
 
 
-def _assemble(name: str, parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *, group_names, group_attrs,
-              class_names, val_fraction, seed, normalize, meta) -> Dataset:
-    train_images, y_train, g_train = parts["train"]
-    tr, va = carve_validation_indices(np.arange(len(y_train)), y_train, g_train, val_fraction, seed)
-    img_parts = {"train": (train_images[tr], y_train[tr], g_train[tr]), "test": parts["test"]}
-    if va is not None:
-        img_parts["val"] = (train_images[va], y_train[va], g_train[va])
-    splits, img_meta = image_splits(img_parts, normalize=normalize)
-    return Dataset(name=name, train=splits["train"], test=splits["test"], val=splits.get("val"),
-                   group_names=group_names, group_attrs=group_attrs, class_names=class_names,
-                   meta={**meta, "val_fraction": val_fraction, "split_seed": seed, **img_meta})
-
-
-def _grouped(name, y_parts, g_codes, categories, attrs):
-    """Group ids over train+test together, so both splits share the same group numbering."""
-    n_train = len(y_parts[0])
-    codes = [np.concatenate(c) for c in g_codes]
-    g, names, info = encode_groups(codes, categories, dataset=name)
-    return g[:n_train], g[n_train:], names, info
-
-
 def _check_size(image_size: int, name: str) -> int:
     image_size = int(image_size)
     if image_size < 1:
@@ -203,11 +181,11 @@ def _load_cifar(name, data_dir, *, image_size, grouping, val_fraction, seed, nor
         categories = _class_names(info, "coarse_label", 20)
     ys = [read[s][1]["label"].astype(np.int32) for s in ("train", "test")]
     codes = [read[s][1][grouping] for s in ("train", "test")]
-    g_train, g_test, group_names, ginfo = _grouped(ds_name, ys, [codes], [categories], [grouping])
-    parts = {"train": (read["train"][0], ys[0], g_train), "test": (read["test"][0], ys[1], g_test)}
+    g, group_names, ginfo = groups_over_splits(ds_name, {"train": [codes[0]], "test": [codes[1]]}, [categories])
+    parts = {"train": (read["train"][0], ys[0], g["train"]), "test": (read["test"][0], ys[1], g["test"])}
     meta = {"source": f"tfds.data_source({name!r}, data_dir={str(data_dir)!r})", "image_size": image_size,
             "protected": grouping, "max_examples": max_examples, **ginfo}
-    return _assemble(ds_name, parts, group_names=group_names, group_attrs=["class" if grouping == "label" else
+    return image_dataset(ds_name, parts, group_names=group_names, group_attrs=["class" if grouping == "label" else
                                                                            grouping],
                      class_names=class_names, val_fraction=val_fraction, seed=seed, normalize=normalize, meta=meta)
 
@@ -233,11 +211,12 @@ def load_celeb_a(data_dir: str | os.PathLike | None = None, *, target: str = "Sm
     read = {s: _read_split("celeb_a", s, data_dir, image_size, max_examples, fields) for s in ("train", "test")}
     ys = [read[s][1][f"attributes/{target}"].astype(np.int32) for s in ("train", "test")]
     codes = [[read[s][1][f"attributes/{a}"].astype(np.int64) for s in ("train", "test")] for a in attrs]
-    g_train, g_test, group_names, ginfo = _grouped(ds_name, ys, codes, [[f"not {a}", a] for a in attrs], attrs)
-    parts = {"train": (read["train"][0], ys[0], g_train), "test": (read["test"][0], ys[1], g_test)}
+    split_codes = {s: [c[i] for c in codes] for i, s in enumerate(("train", "test"))}
+    g, group_names, ginfo = groups_over_splits(ds_name, split_codes, [[f"not {a}", a] for a in attrs])
+    parts = {"train": (read["train"][0], ys[0], g["train"]), "test": (read["test"][0], ys[1], g["test"])}
     meta = {"source": f"tfds.data_source('celeb_a', data_dir={str(data_dir)!r})", "image_size": image_size,
             "target": target, "protected": attrs, "max_examples": max_examples,
             "resize": "center crop to square, then LANCZOS", **ginfo}
-    return _assemble(ds_name, parts, group_names=group_names, group_attrs=attrs,
+    return image_dataset(ds_name, parts, group_names=group_names, group_attrs=attrs,
                      class_names=[f"not {target}", target], val_fraction=val_fraction, seed=seed,
                      normalize=normalize, meta=meta)
