@@ -10,7 +10,9 @@
 - **Dense models** (``dense/``): ``fairprune run`` saves the dense model it trained, keyed by everything that
   decides it (the dense settings, the data's fingerprint, the jax version, the platform and device count), and a
   later run with the same key starts from it instead of training it again (another method, sparsity or method
-  option on the same data: the dense model is the same by construction). Off: ``--no-dense-cache`` or
+  option on the same data: the dense model is the same by construction). Beside it, the gradually pruned start
+  of ceag / nft / el (:func:`gradual.pruned_start`, keyed by the sparsity and the pruning settings), so one of
+  them run after another prunes once. Off: ``--no-dense-cache`` or
   ``FAIRPRUNE_DENSE_CACHE=0``; elsewhere: ``FAIRPRUNE_DENSE_CACHE=FOLDER``. Not used by several processes
   (each host has its own cache folder).
 
@@ -79,5 +81,94 @@ def dense_cache_folder(key: dict, enabled: bool = True) -> Path | None:
     root = _folder(DENSE_CACHE_ENV, "dense", enabled)
     if root is None:
         return None
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return root / digest
+    return root / digest(key)
+
+
+# ---------------------------------------------------------------------------
+# One training state in one file (the cached dense models and pruned starts)
+# ---------------------------------------------------------------------------
+
+_META = "__meta__"
+
+
+def save_state(path: Path, state, meta: dict) -> None:
+    """Write a training state (any pytree of arrays) into ``path``: every leaf under its tree path (PRNG keys as
+    their data) and ``meta`` (JSON) inside the same ``.npz`` file, written to a temporary name and renamed into
+    place (one atomic write; a crash leaves the previous file or none). Plain numpy rather than orbax: one process
+    writes it (the caches are per host), and orbax's writes are collective over every process."""
+    import jax
+    import numpy as np
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for key, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if _is_key(x):
+            x = jax.random.key_data(x)
+        elif isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = x.addressable_data(0)
+        arrays[jax.tree_util.keystr(key)] = np.asarray(x)
+    arrays[_META] = np.frombuffer(json.dumps(meta, default=_plain).encode(), np.uint8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _plain(x):
+    """numpy scalars and arrays as Python numbers and lists in the JSON ``meta``; anything else as its text."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def state_meta(path: Path) -> dict | None:
+    """The ``meta`` of a file written by :func:`save_state` (its arrays are not read); None when there is no
+    readable one."""
+    import numpy as np
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return json.loads(bytes(z[_META]).decode())
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def load_state(path: Path, template, fingerprint: dict):
+    """``(state, meta)`` from a file written by :func:`save_state` whose ``meta["fingerprint"]`` equals
+    ``fingerprint``, every leaf matched to ``template`` by its tree path, shape and dtype; None when there is no
+    such file or it does not fit (the caller then computes the state again)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    meta = state_meta(path)
+    if meta is None or meta.get("fingerprint") != fingerprint:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    try:
+        with np.load(path) as z:
+            for key, t in leaves:
+                name = jax.tree_util.keystr(key)
+                if name not in z.files:
+                    return None
+                v = z[name]
+                want = jax.random.key_data(t) if _is_key(t) else t
+                if v.shape != tuple(want.shape) or v.dtype != np.dtype(want.dtype):
+                    return None
+                out.append(jax.random.wrap_key_data(jnp.asarray(v), impl=jax.random.key_impl(t)) if _is_key(t)
+                           else jnp.asarray(v))
+    except (OSError, ValueError, EOFError):
+        return None
+    return jax.tree_util.tree_unflatten(treedef, out), meta
+
+
+def _is_key(x) -> bool:
+    import jax
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def digest(key: dict) -> str:
+    """A short stable name for a JSON-able key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -341,6 +341,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if rt.get("dense_from_cache"):
         print("dense model: the one an earlier run trained on the same data with the same dense settings (from the "
               "cache; --no-dense-cache trains it again)")
+    if rt.get("pruned_start_from_cache"):
+        print("pruned start: the gradually pruned model an earlier run made from that dense model with the same "
+              "pruning settings (from the cache; --no-dense-cache prunes it again)")
     print()
     print(report.text_table(res, "test"))
     print()

@@ -12,10 +12,13 @@ pruned model import it, never one another.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import TYPE_CHECKING, Any
 
-from fairprune_jax import scores, schedules
+from fairprune_jax import caches, checkpoint, distributed, scores, schedules
 from fairprune_jax.checkpoint import resumable
+from fairprune_jax.notices import warn
+from fairprune_jax.rewind import copy_tree
 from fairprune_jax.masks import apply_masks
 from fairprune_jax.train import TrainState
 
@@ -84,6 +87,19 @@ def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple
     cfg = ctx.config
     template = phase_template(ctx, dense.params, opts)
     state, tx, epochs, total = ctx.prune_phase(dense, template, opts.prune_epochs)
+    key = start_key(ctx, opts)
+    memo_key = ("gradual.pruned_start", json.dumps(key, sort_keys=True, default=str))
+    path = ctx.cache_dir / f"pruned-start-{caches.digest(key)}.npz" if ctx.cache_dir is not None else None
+    hit = ctx.memo.get(memo_key)
+    if hit is None and path is not None:
+        got = caches.load_state(path, state, key)
+        if got is not None:
+            hit = (got[0], dict(got[1]["info"], prune_history=dict(got[1]["info"]["prune_history"], cached=True)))
+    if hit is not None:
+        if checkpoint.current() is not None:
+            checkpoint.current().skip_phase()      # the phases after it keep their numbers on --resume
+        ctx.memo[memo_key] = hit
+        return copy_tree(hit[0]), template, dict(hit[1])      # copies: training steps donate their state
     prune_steps = max(int(0.75 * total), 1)
     points = cubic_points(cfg.sparsity, prune_steps, opts.prune_updates)
     if cfg.sparsity == 0.0:
@@ -98,5 +114,29 @@ def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple
         hist = {}
     if cfg.sparsity > 0:  # idempotent when the schedule already reached the target
         state = hook(state, prune_steps) if prune_steps in points else state
-    return state, template, {"prune_history": hist, "prune_epochs": epochs,
-                             "schedule": sorted(points.items())}
+    info = {"prune_history": hist, "prune_epochs": epochs, "schedule": [list(p) for p in sorted(points.items())]}
+    ctx.memo[memo_key] = (copy_tree(state), info)
+    if path is not None and distributed.is_primary():
+        try:
+            caches.save_state(path, state, {"fingerprint": key, "info": info})
+        except OSError as e:          # a full disk or a read-only cache folder: this run is unaffected
+            warn(f"the pruned model could not be saved for later runs in {path.parent} ({e}); this run is "
+                 "unaffected, the next one prunes again")
+    return state, template, dict(info)
+
+
+#: Bump when :func:`pruned_start` computes something else from the same settings (saved starts then miss).
+START_VERSION = 1
+#: RunConfig fields that cannot change the pruned start (a saved one serves any of their values).
+NOT_START = {"method", "method_options", "out", "save_compact", "progress", "certify_eps", "certify_level",
+             "certify_interval", "fairness_bound", "small_group", "eval_batch_size"}
+
+
+def start_key(ctx: Context, opts: GradualOptions) -> dict:
+    """What :func:`pruned_start` depends on beyond the dense model (whose folder holds the saved start): the
+    run's settings but those in :data:`NOT_START`, the pruning-phase options (not the fine-tuning's
+    distillation) and :data:`START_VERSION`."""
+    config = {k: v for k, v in dataclasses.asdict(ctx.config).items() if k not in NOT_START}
+    prune = {f.name: getattr(opts, f.name) for f in dataclasses.fields(GradualOptions)
+             if f.name not in {g.name for g in dataclasses.fields(DistillOptions)}}
+    return json.loads(json.dumps({"version": START_VERSION, "config": config, "prune": prune}, default=str))

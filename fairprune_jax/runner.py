@@ -319,6 +319,8 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
     """
     ds, load_s = _loaded if _loaded is not None else load_checked(cfg, dataset)
     ctx, params, model_state = build_context(cfg, ds, model)
+    if dense_cache is not None and jax.process_count() == 1:
+        ctx.cache_dir = Path(dense_cache)      # pruned starts of this dense model are kept beside it
     if dense is None and dense_cache is not None:
         dense = load_dense(dense_cache, cfg, dense_start(ctx, params, model_state)[0], ds.fingerprint())
         cached = dense is not None
@@ -349,47 +351,20 @@ def dense_fingerprint(cfg: RunConfig, data: dict | None = None) -> dict:
     return _jsonable({"config": d, "data": data, "jax": jax.__version__})
 
 
-#: The dense-model cache inside its folder: one file, the weights by name and the fingerprint and history in it.
+#: The dense-model cache inside its folder: one file, the weights by name and the fingerprint and history in it
+#: (:func:`caches.save_state`).
 DENSE_CACHE = "dense-cache.npz"
-_META = "__meta__"
 
 
 def save_dense(folder: Path, cfg: RunConfig, state: TrainState, history: dict, data: dict | None = None) -> None:
-    """Write a trained dense state into ``folder``: every leaf under its tree path (PRNG keys as their data), and
-    the fingerprint and history inside the same file, written to a temporary name and renamed into place (one
-    atomic write; a crash leaves the previous cache or none). Plain numpy rather than orbax: process 0 alone
-    writes it, and orbax's writes are collective over every process."""
-    import json
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {jax.tree_util.keystr(path): np.asarray(jax.random.key_data(x)) if _is_key(x) else np.asarray(_host(x))
-              for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
-    meta = {"fingerprint": dense_fingerprint(cfg, data), "history": _jsonable(history)}
-    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    tmp = folder / (DENSE_CACHE + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, folder / DENSE_CACHE)
-
-
-def _dense_meta(z) -> dict | None:
-    import json
-    try:
-        return json.loads(bytes(z[_META]).decode())
-    except (KeyError, ValueError):
-        return None
+    """Write a trained dense state into ``folder`` with its fingerprint and history (one atomic write)."""
+    caches.save_state(Path(folder) / DENSE_CACHE, state,
+                      {"fingerprint": dense_fingerprint(cfg, data), "history": _jsonable(history)})
 
 
 def dense_cached(folder: Path, cfg: RunConfig, data: dict | None = None) -> bool:
     """A saved dense model for this dense config and data exists (its fingerprint read, not its arrays)."""
-    path = Path(folder) / DENSE_CACHE
-    if not path.is_file():
-        return False
-    try:
-        with np.load(path) as z:
-            meta = _dense_meta(z)
-    except (OSError, ValueError):
-        return False
+    meta = caches.state_meta(Path(folder) / DENSE_CACHE)
     return meta is not None and meta.get("fingerprint") == dense_fingerprint(cfg, data)
 
 
@@ -398,28 +373,11 @@ def load_dense(folder: Path, cfg: RunConfig, template: TrainState, data: dict | 
     """The dense state saved by :func:`save_dense` for the same dense config and data, every leaf matched to
     ``template`` by its tree path, shape and dtype; None when there is none or it does not fit (then the dense
     model is trained again)."""
-    path = Path(folder) / DENSE_CACHE
-    if not dense_cached(folder, cfg, data):
+    got = caches.load_state(Path(folder) / DENSE_CACHE, template, dense_fingerprint(cfg, data))
+    if got is None:
         return None
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    out = []
-    with np.load(path) as z:
-        meta = _dense_meta(z)
-        for key, t in leaves:
-            name = jax.tree_util.keystr(key)
-            if name not in z.files:
-                return None
-            v = z[name]
-            want = jax.random.key_data(t) if _is_key(t) else t
-            if v.shape != tuple(want.shape) or v.dtype != np.dtype(want.dtype):
-                return None
-            out.append(jax.random.wrap_key_data(jnp.asarray(v), impl=jax.random.key_impl(t)) if _is_key(t)
-                       else jnp.asarray(v))
-    return jax.tree_util.tree_unflatten(treedef, out), dict(meta["history"], cached=True)
-
-
-def _is_key(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    state, meta = got
+    return state, dict(meta["history"], cached=True)
 
 
 def prepare_seeds(cfgs: list[RunConfig], dataset: Dataset | None = None) -> list[Prepared]:
@@ -541,7 +499,8 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
                           "platform": jax.devices()[0].platform,
                           "checkpoints": None if ckpt is None or not ckpt.started else str(ckpt.directory),
                           "resumed": bool(ckpt is not None and ckpt.resumed),
-                          "dense_from_cache": bool(prep.dense_history.get("cached", False))}
+                          "dense_from_cache": bool(prep.dense_history.get("cached", False)),
+                          "pruned_start_from_cache": bool(info.get("prune_history", {}).get("cached", False))}
     results["schema_version"] = SCHEMA_VERSION
     results = Report(results)
     if cfg.out and distributed.is_primary():

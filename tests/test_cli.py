@@ -469,6 +469,34 @@ def test_second_run_reuses_the_dense_model(tmp_path, monkeypatch, capsys):
     assert other["runtime"]["dense_from_cache"] is False and len(list((tmp_path / "dense").iterdir())) == 2
 
 
+def test_a_later_run_reuses_the_pruned_start(tmp_path, monkeypatch, capsys):
+    """ceag, nft and el fine-tune the same gradually pruned model: a run saves it beside its cached dense model,
+    and a later run of another of them (same sparsity and pruning settings) starts from it, with the numbers it
+    would have got pruning again; another sparsity prunes again, and checkpoints keep their phase numbers."""
+    import json
+    monkeypatch.setenv("FAIRPRUNE_DENSE_CACHE", str(tmp_path / "dense"))
+    base = ["run", "--dataset", "digits", "--epochs", "1", "--finetune-epochs", "2", "--no-progress"]
+
+    def go(name, *extra):
+        assert main([*base, "--out", str(tmp_path / name), *extra]) == 0
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    first = go("a", "--method", "nft", "--checkpoint-every", "0")
+    assert first["runtime"]["pruned_start_from_cache"] is False
+    assert len(list((tmp_path / "dense").glob("*/pruned-start-*.npz"))) == 1
+    fresh = go("b", "--method", "ceag", "--no-dense-cache", "--checkpoint-every", "0")
+    again = go("c", "--method", "ceag", "--checkpoint-every", "5")
+    assert "pruned start: the gradually pruned model an earlier run made" in capsys.readouterr().out
+    assert fresh["runtime"]["pruned_start_from_cache"] is False and again["runtime"]["pruned_start_from_cache"]
+    assert again["pruned"] == fresh["pruned"] and again["dense"] == fresh["dense"]
+    assert again["method_info"]["prune_history"]["cached"] is True
+    ck = tmp_path / "c" / "checkpoints"          # dense and pruning phases read, the fine-tuning numbered 02
+    assert sorted(p.name[:2] for p in ck.glob("0*")) == ["02"]
+    other = go("d", "--method", "ceag", "--sparsity", "0.8", "--checkpoint-every", "0")
+    assert other["runtime"]["pruned_start_from_cache"] is False
+    assert len(list((tmp_path / "dense").glob("*/pruned-start-*.npz"))) == 2
+
+
 def test_a_dense_cache_that_cannot_be_written_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
     """Saving the dense model for later runs is a convenience: a full disk or read-only folder is a warning."""
     from fairprune_jax import runner

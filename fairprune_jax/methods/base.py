@@ -61,6 +61,10 @@ class Context:
     # Results that depend only on the dense run and a method's options, not on the sparsity, shared by every
     # run of one prepared dense model (dataclasses.replace keeps the same dict): e.g. Ballot's voting run.
     memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # A folder kept between runs for this dense model (the dense-model cache of ``fairprune run``, a compare
+    # grid's dense folder), where results that depend only on it and a method's settings are saved for a later
+    # run (the gradually pruned start of ceag / nft / el); None: nothing is kept.
+    cache_dir: Path | None = None
 
     def stream_seed(self, name: str, offset: int = 0) -> int:
         """The seed of the named random stream (see :data:`SEED_STREAMS`), plus ``offset`` (e.g. an epoch)."""
