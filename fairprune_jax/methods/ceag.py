@@ -506,7 +506,8 @@ def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, ep
                    points: list[int]) -> Callable:
     """A ``fit`` hook (pure in ``(state, step)``, so resumable): at each selection point, evaluate the model
     on the held-out rows and keep it if it is the most accurate feasible one (max_g psi_g - eps_g <= 0) or,
-    while none is feasible, the least violating one."""
+    while none is feasible, the least violating one; of equally good points the later one (the longer trained:
+    when the constraint never pushed, ceag then returns what nft does)."""
     where = {p: i for i, p in enumerate(points)}
 
     def hook(s: TrainState, step: int) -> TrainState:
@@ -515,12 +516,12 @@ def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, ep
         acc, psi = held_out_psi(ctx, s, val, dense_val)
         worst = float(np.nanmax(psi - eps_g))
         feasible = worst <= 0.0
-        key = float(np.float32(acc if feasible else -worst))   # compared as stored: ties keep the earlier point
+        key = float(np.float32(acc if feasible else -worst))   # compared as stored: ties keep the later point
         best = np.asarray(s.extra["best_score"])
         extra = dict(s.extra)
         extra["selection_log"] = s.extra["selection_log"].at[where[step]].set(
             jnp.asarray([step, acc, worst], jnp.float32))
-        if (float(feasible), key) > (float(best[0]), float(best[1])):
+        if (float(feasible), key) >= (float(best[0]), float(best[1])):
             extra["best"] = {"params": jax.tree.map(jnp.copy, s.params),
                              "model_state": jax.tree.map(jnp.copy, s.model_state)}
             extra["best_score"] = jnp.asarray([float(feasible), key, step], jnp.float32)
@@ -538,7 +539,7 @@ def selection_result(state: TrainState, points: list[int], eps: float) -> tuple[
     rows = [r for r in log if np.isfinite(r[0]) and int(r[0]) == step]
     row = rows[0] if rows else None
     return chosen, {"rule": "most accurate checkpoint with max_g (psi_g - eps_g) <= 0 on the rows the constraint "
-                            "reads, else the least violating", "points": points, "feasible": bool(best[0] > 0), "step": step,
+                            "reads, else the least violating; of equal ones the later", "points": points, "feasible": bool(best[0] > 0), "step": step,
                     "max_psi": None if row is None else float(row[2]) + eps,
                     "log": [{"step": int(r[0]), "accuracy": float(r[1]), "max_violation": float(r[2])}
                             for r in log if np.isfinite(r[0])]}
