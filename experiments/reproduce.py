@@ -1,6 +1,7 @@
 """Rerun committed cells of a comparison and check that they give the committed numbers, bit for bit.
 
-    python experiments/reproduce.py experiments/headline_digits.toml --seeds 0 [--methods nft,ceag] [--keep DIR]
+    python experiments/reproduce.py experiments/headline_digits.toml --seeds 0 [--methods nft,ceag]
+        [--sparsities 0.9] [--keep DIR]
 
 Every chosen cell of the grid (its methods x sparsities x the chosen seeds) is run again from scratch (its own
 dense model, trained again, shared by the cells of a seed as in the grid) into a temporary folder, and its
@@ -52,15 +53,20 @@ def failures(diffs: list[str]) -> list[str]:
 
 
 def reproduce(config: str | Path, seeds: list[int] | None = None, methods: list[str] | None = None,
-              keep: str | Path | None = None, progress: bool = False) -> dict[str, list[str]]:
+              keep: str | Path | None = None, progress: bool = False, sparsities: list[float] | None = None
+              ) -> dict[str, list[str]]:
     """``{cell name: differences}`` for the chosen cells of a committed grid (an empty list: identical)."""
     committed = load_config(config)
     with tempfile.TemporaryDirectory() as tmp:
         cc = dataclasses.replace(committed, out=Path(keep or tmp), seeds=seeds or committed.seeds,
-                                 methods=methods or committed.methods)
+                                 methods=methods or committed.methods,
+                                 sparsities=sparsities or committed.sparsities)
         unknown = sorted(set(cc.methods) - set(committed.methods))
         if unknown:
             raise ValueError(f"{config}: no such method in the grid: {unknown}")
+        outside = sorted(set(cc.sparsities) - set(committed.sparsities))
+        if outside:
+            raise ValueError(f"{config}: no such sparsity in the grid: {outside}")
         run_compare(cc, progress=progress)
         out = {}
         for seed in cc.seeds:
@@ -82,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config")
     ap.add_argument("--seeds", default=None, help="comma-separated (default: the grid's)")
     ap.add_argument("--methods", default=None, help="comma-separated grid entries (default: all)")
+    ap.add_argument("--sparsities", default=None, help="comma-separated (default: the grid's)")
     ap.add_argument("--keep", default=None, help="rerun into this folder and keep it (default: a temporary one)")
     ap.add_argument("--show", type=int, default=5, help="differences shown per cell")
     a = ap.parse_args(argv)
     res = reproduce(a.config, seeds=[int(s) for s in a.seeds.split(",")] if a.seeds else None,
-                    methods=a.methods.split(",") if a.methods else None, keep=a.keep, progress=True)
+                    methods=a.methods.split(",") if a.methods else None, keep=a.keep, progress=True,
+                    sparsities=[float(s) for s in a.sparsities.split(",")] if a.sparsities else None)
     for name, diffs in res.items():
         bad, new = failures(diffs), len(diffs) - len(failures(diffs))
         print(f"{name}: {f'{len(bad)} differences' if bad else 'identical'}"

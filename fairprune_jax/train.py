@@ -415,8 +415,9 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
             else:
                 bar.update(1)
         if ep_stats:
-            losses, accs = jax.device_get((jnp.stack([s["loss"] for s in ep_stats]),
-                                           jnp.stack([s["accuracy"] for s in ep_stats])))
+            # one host copy of the epoch's statistics (np.stack: no jitted stack compiled per epoch length)
+            losses = np.stack(jax.device_get([s["loss"] for s in ep_stats]))
+            accs = np.stack(jax.device_get([s["accuracy"] for s in ep_stats]))
             history["loss"].append(float(np.mean(losses)))
             history["accuracy"].append(float(np.mean(accs)))
         check_finite(state, desc)
