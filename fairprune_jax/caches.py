@@ -14,9 +14,10 @@
   of ceag / nft / el (:func:`gradual.pruned_start`, keyed by the sparsity and the pruning settings), so one of
   them run after another prunes once. Off: ``--no-dense-cache`` or
   ``FAIRPRUNE_DENSE_CACHE=0``; elsewhere: ``FAIRPRUNE_DENSE_CACHE=FOLDER``. Not used by several processes
-  (each host has its own cache folder).
+  (each host has its own cache folder). Each is one orbax checkpoint (:func:`save_state`), like a run's own
+  checkpoints, with its fingerprint inside; one that does not fit or is damaged is computed again.
 
-Delete the folder to clear both. Nothing here imports JAX at import time: the compilation cache must be set
+Delete the folder to clear both. Nothing here imports JAX at import time (numpy only): the compilation cache must be set
 before JAX starts where possible.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 XLA_CACHE_ENV = "FAIRPRUNE_XLA_CACHE"
 DENSE_CACHE_ENV = "FAIRPRUNE_DENSE_CACHE"
@@ -85,33 +88,50 @@ def dense_cache_folder(key: dict, enabled: bool = True) -> Path | None:
 
 
 # ---------------------------------------------------------------------------
-# One training state in one file (the cached dense models and pruned starts)
+# One training state in one orbax checkpoint (the cached dense models and pruned starts)
 # ---------------------------------------------------------------------------
 
-_META = "__meta__"
-
-
 def save_state(path: Path, state, meta: dict) -> None:
-    """Write a training state (any pytree of arrays) into ``path``: every leaf under its tree path (PRNG keys as
-    their data) and ``meta`` (JSON) inside the same ``.npz`` file, written to a temporary name and renamed into
-    place (one atomic write; a crash leaves the previous file or none). Plain numpy rather than orbax: one process
-    writes it (the caches are per host), and orbax's writes are collective over every process."""
-    import jax
-    import numpy as np
+    """Write a training state (any pytree of arrays) as an orbax checkpoint in the folder ``path``, with ``meta``
+    (JSON: the fingerprint that must match on load, the history) as a second item of the same checkpoint, the
+    way :mod:`checkpoint` saves a run's phases. It is written beside ``path`` (orbax's own temporary folder,
+    renamed when complete) and then put in the place of an earlier one, so a crash leaves the earlier
+    checkpoint or none, never a mixture. Orbax's save is collective over the processes of a multi-process
+    run: every process calls it (the caches of ``fairprune run`` are per host, one process)."""
+    import shutil
+    from fairprune_jax import distributed
+    from fairprune_jax.checkpoint import _ocp
+    ocp = _ocp()
+    meta = json.loads(json.dumps(meta, default=_plain))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for key, x in jax.tree_util.tree_flatten_with_path(state)[0]:
-        if _is_key(x):
-            x = jax.random.key_data(x)
-        elif isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = x.addressable_data(0)
-        arrays[jax.tree_util.keystr(key)] = np.asarray(x)
-    arrays[_META] = np.frombuffer(json.dumps(meta, default=_plain).encode(), np.uint8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
+    if distributed.is_primary():
+        shutil.rmtree(new, ignore_errors=True)             # left by a crash
+    distributed.barrier("cache-save-start")
+    mngr = _manager(new)
+    try:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    if distributed.is_primary():
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier("cache-save-end")
+
+
+def _manager(path: Path):
+    """An orbax manager of the one-step checkpoint in ``path`` that knows its two items (so their metadata
+    and contents can be read without a save first)."""
+    from fairprune_jax.checkpoint import _ocp
+    ocp = _ocp()
+    opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(path, options=opts, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
 def _plain(x):
@@ -122,46 +142,59 @@ def _plain(x):
 
 
 def state_meta(path: Path) -> dict | None:
-    """The ``meta`` of a file written by :func:`save_state` (its arrays are not read); None when there is no
-    readable one."""
-    import numpy as np
+    """The ``meta`` saved with a state by :func:`save_state` (the arrays are not read); None when there is no
+    readable one (no such folder, an interrupted or corrupt write)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_dir():
         return None
+    from fairprune_jax.checkpoint import _ocp
     try:
-        with np.load(path) as z:
-            return json.loads(bytes(z[_META]).decode())
-    except (OSError, ValueError, KeyError, EOFError):
+        mngr = _manager(path)
+        try:
+            if mngr.latest_step() is None:
+                return None
+            meta = mngr.restore(0, args=_ocp().args.Composite(meta=_ocp().args.JsonRestore()))["meta"]
+        finally:
+            mngr.close()
+    except Exception:  # noqa: BLE001 - whatever orbax raises on a truncated folder: a miss, computed again
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def load_state(path: Path, template, fingerprint: dict):
-    """``(state, meta)`` from a file written by :func:`save_state` whose ``meta["fingerprint"]`` equals
-    ``fingerprint``, every leaf matched to ``template`` by its tree path, shape and dtype; None when there is no
-    such file or it does not fit (the caller then computes the state again)."""
+    """``(state, meta)`` from :func:`save_state`'s folder when its ``meta["fingerprint"]`` equals ``fingerprint``
+    and every leaf of ``template`` is saved under the same name (its path in the tree) with the same shape and
+    dtype, and nothing else is; None otherwise (the caller computes the state again). Nothing is cast."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
+    from fairprune_jax.checkpoint import _ocp
+    ocp = _ocp()
     meta = state_meta(path)
     if meta is None or meta.get("fingerprint") != fingerprint:
         return None
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    out = []
+    want = {_names(p): (tuple(np.shape(jax.random.key_data(x) if _is_key(x) else x)),
+                        str(np.dtype((jax.random.key_data(x) if _is_key(x) else x).dtype)))
+            for p, x in jax.tree_util.tree_flatten_with_path(template)[0]}
     try:
-        with np.load(path) as z:
-            for key, t in leaves:
-                name = jax.tree_util.keystr(key)
-                if name not in z.files:
-                    return None
-                v = z[name]
-                want = jax.random.key_data(t) if _is_key(t) else t
-                if v.shape != tuple(want.shape) or v.dtype != np.dtype(want.dtype):
-                    return None
-                out.append(jax.random.wrap_key_data(jnp.asarray(v), impl=jax.random.key_impl(t)) if _is_key(t)
-                           else jnp.asarray(v))
-    except (OSError, ValueError, EOFError):
+        mngr = _manager(Path(path))
+        try:
+            saved = mngr.item_metadata(0)["state"]
+            have = {_names(p): (tuple(m.shape), str(np.dtype(m.dtype)))
+                    for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+            if have != want:
+                return None
+            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+            state = mngr.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        finally:
+            mngr.close()
+    except Exception:  # noqa: BLE001 - a truncated or corrupt checkpoint is a miss, never a failed run
         return None
-    return jax.tree_util.tree_unflatten(treedef, out), meta
+    return state, meta
+
+
+def _names(path) -> tuple[str, ...]:
+    """A tree path as plain names (a field, a dict key or an index alike), the same for a saved tree and its
+    template."""
+    return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
 def _is_key(x) -> bool:

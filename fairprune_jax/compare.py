@@ -440,9 +440,8 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     elif cc.parallel_seeds and len(untrained) > 1:
         # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
         prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))
-        for seed, prep in prepared.items():
-            if primary:
-                save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history, data)
+        for seed, prep in prepared.items():      # every process: orbax's save is collective
+            save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history, data)
     from fairprune_jax import tracking
 
     def tracker(folder: Path):

@@ -15,7 +15,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
-from fairprune_jax import caches, checkpoint, distributed, scores, schedules
+from fairprune_jax import caches, checkpoint, scores, schedules
 from fairprune_jax.checkpoint import resumable
 from fairprune_jax.notices import warn
 from fairprune_jax.rewind import copy_tree
@@ -89,7 +89,7 @@ def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple
     state, tx, epochs, total = ctx.prune_phase(dense, template, opts.prune_epochs)
     key = start_key(ctx, opts)
     memo_key = ("gradual.pruned_start", json.dumps(key, sort_keys=True, default=str))
-    path = ctx.cache_dir / f"pruned-start-{caches.digest(key)}.npz" if ctx.cache_dir is not None else None
+    path = ctx.cache_dir / f"pruned-start-{caches.digest(key)}" if ctx.cache_dir is not None else None
     hit = ctx.memo.get(memo_key)
     if hit is None and path is not None:
         got = caches.load_state(path, state, key)
@@ -116,7 +116,7 @@ def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple
         state = hook(state, prune_steps) if prune_steps in points else state
     info = {"prune_history": hist, "prune_epochs": epochs, "schedule": [list(p) for p in sorted(points.items())]}
     ctx.memo[memo_key] = (copy_tree(state), info)
-    if path is not None and distributed.is_primary():
+    if path is not None:              # (ctx.cache_dir is set in single-process runs only)
         try:
             caches.save_state(path, state, {"fingerprint": key, "info": info})
         except OSError as e:          # a full disk or a read-only cache folder: this run is unaffected

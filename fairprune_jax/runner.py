@@ -329,7 +329,7 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
     else:
         cached = True
     prep = _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
-    if dense_cache is not None and not cached and distributed.is_primary():
+    if dense_cache is not None and not cached:      # every process: orbax's save is collective
         try:
             save_dense(dense_cache, cfg, prep.dense, prep.dense_history, ds.fingerprint())
         except OSError as e:          # a full disk or a read-only cache folder: the run goes on without saving it
@@ -351,9 +351,9 @@ def dense_fingerprint(cfg: RunConfig, data: dict | None = None) -> dict:
     return _jsonable({"config": d, "data": data, "jax": jax.__version__})
 
 
-#: The dense-model cache inside its folder: one file, the weights by name and the fingerprint and history in it
+#: The dense-model cache inside its folder: one orbax checkpoint, the state and its fingerprint and history
 #: (:func:`caches.save_state`).
-DENSE_CACHE = "dense-cache.npz"
+DENSE_CACHE = "dense-cache"
 
 
 def save_dense(folder: Path, cfg: RunConfig, state: TrainState, history: dict, data: dict | None = None) -> None:

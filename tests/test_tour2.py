@@ -324,6 +324,28 @@ def test_the_dense_cache_is_one_write_keyed_by_the_data(tmp_path):
     assert all(same)
 
 
+def test_a_cached_state_that_does_not_fit_or_is_damaged_is_a_miss(tmp_path):
+    """caches.load_state restores by name, shape and dtype, casting nothing: another dtype, another structure,
+    another fingerprint or a damaged checkpoint folder is a miss (the caller trains again), never an error."""
+    import jax
+    import jax.numpy as jnp
+    from fairprune_jax import caches
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.ones((), jnp.int32), "key": jax.random.key(3)}
+    caches.save_state(tmp_path / "s", state, {"fingerprint": {"v": 1}, "history": {"loss": np.float32(0.5)}})
+    got, meta = caches.load_state(tmp_path / "s", state, {"v": 1})
+    assert np.array_equal(got["w"], state["w"]) and got["n"].dtype == jnp.int32 and meta["history"]["loss"] == 0.5
+    assert np.array_equal(jax.random.key_data(got["key"]), jax.random.key_data(state["key"]))
+    assert caches.load_state(tmp_path / "s", state, {"v": 2}) is None                       # fingerprint
+    assert caches.load_state(tmp_path / "s", dict(state, w=state["w"].astype(jnp.float16)), {"v": 1}) is None
+    assert caches.load_state(tmp_path / "s", dict(state, extra=jnp.zeros(2)), {"v": 1}) is None
+    assert caches.load_state(tmp_path / "s", {"w": state["w"], "n": state["n"]}, {"v": 1}) is None
+    for f in sorted((tmp_path / "s").rglob("*")):                                            # damage every file
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    assert caches.load_state(tmp_path / "s", state, {"v": 1}) is None
+    assert caches.state_meta(tmp_path / "nothing") is None
+
+
 def test_comma_numbers_are_warned_and_read_with_decimal_or_thousands(tmp_path):
     x1, x2, g, y = table()
     rows = [[str(a).replace(".", ","), f"{int(abs(b) * 3000):,}", gg, yy] for a, b, gg, yy in zip(x1, x2, g, y)]
