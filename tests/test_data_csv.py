@@ -5,6 +5,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fairprune_jax.data import load_dataset
 from fairprune_jax.data.tabular import TabularPreprocessor, load_csv, parse_column_types
@@ -149,3 +151,127 @@ def test_no_warning_on_clean_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_csv(p, target="income", protected="sex")
+
+
+# ---------------------------------------------------------------------------
+# Read with pandas, encoded with scikit-learn
+# ---------------------------------------------------------------------------
+
+def _reference_features(train_num, train_cat, rows_num, rows_cat):
+    """The features written out with numpy alone: standardized numbers (train mean / std of the finite
+    values, std 1 when <= 1e-12, a missing number 0), then one-hot over the train categories (numeric order
+    when they are all numbers), an unseen category all zeros."""
+    blocks, names = [], []
+    for j, (a, b) in enumerate(zip(train_num, rows_num)):
+        f = a[np.isfinite(a)]
+        m, s = (float(f.mean()), float(f.std())) if len(f) else (0.0, 1.0)
+        z = (b - m) / (s if s > 1e-12 else 1.0)
+        blocks.append(np.where(np.isfinite(z), z, 0.0)[:, None])
+        names.append(f"n{j}")
+    for j, (a, b) in enumerate(zip(train_cat, rows_cat)):
+        cats = sorted(set(a.tolist()))
+        if all(c.lstrip("-").isdigit() for c in cats):
+            cats = sorted(cats, key=float)
+        blocks.append((b[:, None] == np.asarray(cats)[None, :]).astype(np.float32))
+        names += [f"c{j}={c}" for c in cats]
+    return np.concatenate(blocks, axis=1).astype(np.float32), names
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_sklearn_encoder_equals_a_numpy_reference(data):
+    """TabularPreprocessor (a ColumnTransformer of StandardScaler and OneHotEncoder) gives, bit for bit, the
+    features of the straightforward numpy computation, on random columns with missing numbers, constant
+    columns, numeric-looking categories and categories unseen in train."""
+    n_train, n_rows = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
+    n_num, n_cat = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3))
+    if n_num + n_cat == 0:
+        n_num = 1
+    number = st.one_of(st.floats(-1e4, 1e4, allow_nan=False), st.sampled_from([0.0, 1.5, np.nan]))
+    word = st.sampled_from(["a", "b", "B", "10", "9", "-1", "<missing>", "zz"])
+
+    def column(elem, n, dtype):
+        return np.asarray(data.draw(st.lists(elem, min_size=n, max_size=n)), dtype)
+
+    train_num = [column(number, n_train, np.float64) for _ in range(n_num)]
+    rows_num = [column(number, n_rows, np.float64) for _ in range(n_num)]
+    train_cat = [column(word, n_train, object) for _ in range(n_cat)]
+    rows_cat = [column(word, n_rows, object) for _ in range(n_cat)]
+    numeric, categorical = [f"n{j}" for j in range(n_num)], [f"c{j}" for j in range(n_cat)]
+    pre = TabularPreprocessor(numeric, categorical).fit(dict(zip(numeric, train_num)),
+                                                        dict(zip(categorical, train_cat)))
+    got = pre.transform(dict(zip(numeric, rows_num)), dict(zip(categorical, rows_cat)))
+    want, names = _reference_features(train_num, train_cat, rows_num, rows_cat)
+    assert pre.feature_names == names
+    assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+    assert type(pre.encoder).__name__ == "ColumnTransformer"
+
+
+def test_a_short_or_long_row_is_an_error_naming_its_line(tmp_path):
+    """pandas' C parser pads a short row with empty fields without a word; every row's fields are counted too,
+    so a row of the wrong length anywhere (quoted file or not, Adult's files too) is an error, never read."""
+    rows = "".join(f"{i},{'ab'[i % 2]},{i % 3}\n" for i in range(40))
+    for head, bad, fields in (("a,b,c", "4,5", 2), ('a,"b",c', "4,5", 2), ("a,b,c", "4,5,6,7", 4),
+                              ('a,"b",c', '4,"5",6,7', 4)):
+        p = tmp_path / "rows.csv"
+        p.write_text(f"{head}\n{rows}\n{bad}\n{rows}")
+        with pytest.raises(ValueError, match=rf"data row 42 has {fields} fields, expected 3 \(a, b, c\).*\(line 43\)"):
+            load_csv(p, target="c", protected="b")
+    from fairprune_jax.data.adult import read_adult_file
+    adult = tmp_path / "adult.data"
+    line = "39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 2174, 0, 40, "
+    adult.write_text("|1x3 Cross validator\n" + (line + "United-States, <=50K\n") * 3 + line + "<=50K\n")
+    with pytest.raises(ValueError, match=r"adult\.data: data row 4 has 14 fields, expected 15 .*\(line 5\)"):
+        read_adult_file(adult)
+
+
+def test_a_dataframe_of_every_kind_of_column_is_read_like_its_csv(tmp_path):
+    """load_dataframe reads the columns directly (no CSV text in between) and gets the dataset of the same
+    table written by to_csv and read by load_csv: floats, float32, ints, booleans, strings with spaces, commas
+    and quotes, categoricals, nullable ints, dates, mixed objects, missing values of every kind."""
+    pd = pytest.importorskip("pandas")
+    from fairprune_jax.data import load_dataframe
+    rng, n = np.random.default_rng(0), 120
+    df = pd.DataFrame({"f64": rng.normal(size=n).round(3), "f32": rng.normal(size=n).astype(np.float32),
+                       "i": rng.integers(0, 5, n), "b": rng.random(n) > 0.5,
+                       "s": rng.choice(["x", " y ", "z,w", 'q"r', "NA"], n),
+                       "cat": pd.Categorical(rng.choice(["u", "v"], n)),
+                       "I": pd.array(rng.integers(0, 3, n), dtype="Int64"),
+                       "d": pd.to_datetime("2020-01-01") + pd.to_timedelta(rng.integers(0, 3, n), "D"),
+                       "o": pd.Series([1, "a", 2.5, None] * 30, dtype=object), "g": rng.choice(["F", "M"], n),
+                       "y": rng.integers(0, 2, n)})
+    df.loc[3, "f64"], df.loc[4, "I"], df.loc[5, "s"] = np.nan, pd.NA, None
+    df.to_csv(tmp_path / "d.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = load_dataframe(df, target="y", protected="g", drop_missing=False)
+        b = load_csv(tmp_path / "d.csv", target="y", protected="g", drop_missing=False)
+    assert a.fingerprint()["content"] == b.fingerprint()["content"]
+    assert a.meta["feature_names"] == b.meta["feature_names"] and a.meta["column_types"] == b.meta["column_types"]
+    assert a.meta["source"] == "dataframe" and a.meta["delimiter"] is None
+
+
+def test_a_parquet_file_is_read_like_the_same_table(tmp_path, monkeypatch):
+    """A Parquet file (recognised by its PAR1 bytes, whatever its name) is read with pandas.read_parquet when
+    pyarrow is installed, and gives the dataset of the same table as a CSV; without pyarrow, the message says
+    to install it."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    import sys
+    rng, n = np.random.default_rng(1), 200
+    df = pd.DataFrame({"age": rng.integers(18, 80, n), "score": rng.normal(50, 10, n).round(2),
+                       "color": rng.choice(["red", "green", "blue"], n), "sex": rng.choice(["F", "M"], n),
+                       "income": rng.choice(["high", "low"], n)})
+    df.loc[7, "score"], df.loc[9, "color"] = np.nan, None
+    df.to_parquet(tmp_path / "d.data")
+    df.to_csv(tmp_path / "d.csv", index=False)
+    a = load_dataset("csv", str(tmp_path / "d.data"), target="income", protected="sex", drop_missing=False)
+    b = load_dataset("csv", str(tmp_path / "d.csv"), target="income", protected="sex", drop_missing=False)
+    assert a.fingerprint()["content"] == b.fingerprint()["content"]
+    assert a.meta["feature_names"] == b.meta["feature_names"] and a.meta["missing_values_per_column"] == \
+        {"score": 1, "color": 1}
+    monkeypatch.setitem(sys.modules, "pyarrow", None)            # import pyarrow now fails
+    monkeypatch.setitem(sys.modules, "fastparquet", None)
+    with pytest.raises(ValueError, match=r"is a Parquet file, not a CSV: reading it needs pyarrow \(pip install "
+                                         r"pyarrow\)"):
+        load_csv(tmp_path / "d.data", target="income", protected="sex")

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fairprune_jax.data.base import Dataset, default_data_root, parse_attr_list
-from fairprune_jax.data.tabular import (GroupAttr, attr_from_column, build_tabular_dataset, read_rows,
-                                        rows_to_columns)
+from fairprune_jax.data.tabular import (GroupAttr, attr_from_column, build_tabular_dataset, check_fields, per_value,
+                                        read_bytes, read_table)
 
 COLUMNS = ("age", "workclass", "fnlwgt", "education", "education-num", "marital-status", "occupation",
            "relationship", "race", "sex", "capital-gain", "capital-loss", "hours-per-week", "native-country",
@@ -63,9 +63,10 @@ def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
 
 def read_adult_file(path: Path) -> dict[str, np.ndarray]:
     """One original Adult file as string columns (labels without the test file's trailing dot)."""
-    rows = read_rows(path, skip_prefixes=("|",))
-    cols = rows_to_columns(rows, COLUMNS, path=path)
-    cols["income"] = np.char.rstrip(cols["income"], ".")
+    text = read_bytes(path).decode("utf-8")
+    columns, fields, lines = read_table(text, path=path, delimiter=",", skip_prefixes=("|",))
+    cols = check_fields(columns, fields, lines, COLUMNS, path=path)
+    cols["income"] = per_value(cols["income"], lambda v: v.rstrip("."))
     bad = sorted(set(cols["income"].tolist()) - set(CLASS_NAMES))
     if bad:
         raise ValueError(f"adult: {path} has unexpected income labels {bad[:5]}; expected {CLASS_NAMES}")

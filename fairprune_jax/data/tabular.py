@@ -1,10 +1,20 @@
-"""Tabular data: shared preprocessing (used by Adult and the CSV loader) and the ``csv`` loader.
+"""Tabular data: the ``csv`` loader (a CSV or Parquet file, a pandas DataFrame) and the preprocessing it
+shares with Adult.
 
-Preprocessing is fitted on the train split only: numeric columns are
-standardized with the train mean/std, categorical columns are one-hot encoded
-over the categories seen in train (a category first seen in val/test encodes as
-all zeros). Rows with missing values (``""``, ``?``, ``NA``, ``N/A``, ``NaN``,
-``nan``, ``null``) in a used column are dropped and counted by default.
+Reading is pandas': ``read_csv`` (C parser) for text, ``read_parquet`` (with pyarrow) for a Parquet file,
+a DataFrame column by column, each value spelled as ``DataFrame.to_csv`` would write it. Around it, what
+files exported by hand need: compression recognised by content (gzip, bz2, xz), the encoding (UTF-8, else
+cp1252 / latin-1 with a warning), the delimiter read off the header line or an Excel ``sep=;`` line, values
+stripped, blank rows skipped, header checks, repeated header lines skipped with a warning, and every row's
+fields counted, since pandas pads a short row silently (here it is an error naming the row). Each check or
+rewrite of a column (missing-value tokens, one spelling per number, types) runs once per distinct value.
+
+Preprocessing is scikit-learn's (:class:`TabularPreprocessor`: ``StandardScaler`` and
+``OneHotEncoder(handle_unknown="ignore")`` in a ``ColumnTransformer``), fitted on the train split only:
+numeric columns standardized with the train mean / std, categorical ones one-hot encoded over the categories
+seen in train (one first seen in val / test encodes as all zeros). Rows with a missing value (``""``, ``?``,
+``NA``, ``NaN``, ``null``, ... in any case) in a used column are dropped and counted by default. Our checks
+stay on top: ids and free text, label leaks, numbers read as categories, non-finite numbers, small groups.
 
 The module is named ``tabular`` rather than ``csv`` so it never shadows the
 standard library's ``csv`` module; the registered loader name is ``csv``.
@@ -13,6 +23,7 @@ from __future__ import annotations
 
 import csv as _csv
 import dataclasses
+import io
 import os
 import re
 from pathlib import Path
@@ -66,14 +77,9 @@ def read_bytes(path: Path) -> bytes:
     return raw
 
 
-def read_text(path: Path, encoding: str | None = None) -> tuple[str, str]:
-    """The file's text and the encoding that read it: ``encoding``, else UTF-8 (byte-order mark skipped), else
-    the first of ``ENCODINGS`` that decodes it (UTF-16 with a byte-order mark is recognised). Compressed files
-    (gzip, bz2, xz) are decompressed first."""
-    raw = read_bytes(path)
-    if raw.startswith(b"PAR1"):
-        raise ValueError(f"{path} is a Parquet file, not a CSV; write it as CSV first "
-                         "(pandas.read_parquet(path).to_csv(\"data.csv\", index=False))")
+def decode_text(raw: bytes, path: Path, encoding: str | None = None) -> tuple[str, str]:
+    """The text of a file's bytes and the encoding that read it: ``encoding``, else UTF-8 (byte-order mark
+    skipped), else the first of ``ENCODINGS`` that decodes it (UTF-16 with a byte-order mark is recognised)."""
     if b"\x00" in raw[:4096] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise ValueError(f"{path} is not a text file (it holds NUL bytes: a binary, a spreadsheet or an archive); "
                          "pass a CSV file (from a spreadsheet: save as CSV)")
@@ -92,6 +98,20 @@ def read_text(path: Path, encoding: str | None = None) -> tuple[str, str]:
     raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
 
 
+def read_parquet(path: Path, raw: bytes):
+    """A Parquet file (its bytes) as a pandas DataFrame; needs pyarrow (or fastparquet)."""
+    import pandas as pd
+    try:
+        return pd.read_parquet(io.BytesIO(raw))
+    except ImportError:
+        raise ValueError(f"{path} is a Parquet file, not a CSV: reading it needs pyarrow (pip install pyarrow), "
+                         "or write it as CSV where pyarrow is installed (pandas.read_parquet(path).to_csv("
+                         "\"data.csv\", index=False))") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors on a damaged file
+        raise ValueError(f"{path} is a Parquet file, not a CSV, and pyarrow cannot read it ({e}); is the file "
+                         "complete?") from None
+
+
 def sniff_delimiter(first_line: str) -> str:
     """The delimiter of ``DELIMITERS`` that occurs most often in the header line (outside quotes); ``,`` on a tie."""
     counts = {d: 0 for d in DELIMITERS}
@@ -105,57 +125,145 @@ def sniff_delimiter(first_line: str) -> str:
     return best if counts[best] else ","
 
 
-def read_rows(path: Path, *, skip_prefixes: tuple[str, ...] = (), what: str = "table", delimiter: str = ",",
-              text: str | None = None) -> list[list[str]]:
-    """Delimited rows with surrounding spaces stripped; blank lines and lines starting with a prefix skipped."""
-    import gzip
-    import io
-    rows = []
-    if text is not None:
-        handle = io.StringIO(text, newline="")
-    elif str(path).endswith(".gz"):
-        handle = gzip.open(path, "rt", newline="", encoding="utf-8")
+def per_value(values: np.ndarray, fn: Callable, dtype=object) -> np.ndarray:
+    """``fn`` applied once to each distinct value of a text column (pandas' hash-based factorize), the
+    results spread back over the rows: a check or a rewrite costs one call per distinct value, not per row."""
+    import pandas as pd
+    values = np.asarray(values, dtype=object)
+    codes, uniq = pd.factorize(values)
+    if len(codes) and codes.min() < 0:          # None / NaN among the values: a value of its own too
+        codes, uniq = pd.factorize(values, use_na_sentinel=False)
+    return np.asarray([fn(v) for v in uniq.tolist()], dtype=dtype)[codes]
+
+
+#: What ``str.strip()`` strips: a line of these and delimiters only is a blank row.
+_WHITESPACE = "".join(filter(str.isspace, map(chr, range(0x3001))))
+
+
+def _field_counts(text: str, delimiter: str, path: Path, skip_prefixes: tuple[str, ...]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """For each non-blank row: its number of fields, the line it ends on and whether its first field starts
+    with one of ``skip_prefixes``; and the most fields of any row. Without quotes a row is a line, its fields
+    split at the delimiter; with quotes the csv module reads it (a quoted field may hold either)."""
+    if '"' not in text and delimiter != " ":
+        lines = (text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text).split("\n")
+        counts = [ln.count(delimiter) + 1 for ln in lines]
+        blank = _WHITESPACE + delimiter
+        filled = [i for i, ln in enumerate(lines) if ln.strip(blank)]
+        fields, width = np.asarray(counts, np.int64)[filled], max(counts)
+        first = [lines[i].split(delimiter, 1)[0] if lines[i].lstrip().startswith(skip_prefixes) else ""
+                 for i in filled] if skip_prefixes else []
+        ends = np.asarray(filled, np.int64) + 1
     else:
-        handle = open(path, newline="", encoding="utf-8")
-    with handle as f:
-        for row in _csv.reader(f, skipinitialspace=True, delimiter=delimiter):
-            row = [c.strip() for c in row]
-            if not any(row):
-                continue
-            if skip_prefixes and row[0].startswith(skip_prefixes):
-                continue
-            rows.append(row)
-    return rows
+        reader = _csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
+        rows, width = [], 1
+        try:
+            for r in reader:
+                width = max(width, len(r))
+                if "".join(r).strip():
+                    rows.append((len(r), reader.line_num, r[0]))
+        except _csv.Error as e:
+            raise ValueError(f"{path}: line {reader.line_num} cannot be read: {e}") from None
+        fields, ends = (np.asarray([r[i] for r in rows], np.int64).reshape(-1) for i in (0, 1))
+        first = [r[2] for r in rows]
+    skipped = np.asarray([f.strip().startswith(skip_prefixes) for f in first], bool) if skip_prefixes \
+        else np.zeros(len(fields), bool)
+    return fields, ends, skipped, width
 
 
-def rows_to_columns(rows: list[list[str]], names: Sequence[str], *, path: Path, first_line: int = 1
-                    ) -> dict[str, np.ndarray]:
-    """Column arrays (str) from rows, checking every row has ``len(names)`` fields."""
+def read_table(text: str, *, path: Path, delimiter: str = ",", skip_prefixes: tuple[str, ...] = ()
+               ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Delimited text read by pandas' C parser: ``(columns, fields, lines)``.
+
+    ``columns[j]`` holds field ``j`` of every row (surrounding spaces stripped, ``""`` past a row's end),
+    ``fields`` each row's own number of fields and ``lines`` the line of the file it ends on. Blank rows and
+    rows whose first field starts with one of ``skip_prefixes`` are left out. pandas pads a short row with
+    empty fields without a word, so the fields are also counted row by row (:func:`_field_counts`): a row of
+    the wrong length is the caller's error to raise (:func:`check_fields`), never a silently shifted row.
+    """
+    import pandas as pd
+    fields, ends, skipped, width = _field_counts(text, delimiter, path, skip_prefixes)
+    if not len(fields):
+        return [np.zeros(0, object)], fields, ends
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=delimiter, header=None, names=range(width), dtype=object,
+                            na_filter=False, skipinitialspace=True, engine="c")
+    except pd.errors.ParserError as e:
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+        raise ValueError(f"{path}: line {m.group(2)} has {m.group(3)} fields, expected at most {m.group(1)}" if m
+                         else f"{path} cannot be read as delimited text: {e}") from None
+    columns = [per_value(frame[j].to_numpy(), str.strip) for j in range(width)]
+    rows = _filled_rows(columns)
+    if len(rows) != len(fields) or any((c[rows][fields <= j] != "").any() for j, c in enumerate(columns)):
+        raise ValueError(f"{path}: its rows are read differently by pandas and by the csv module ({len(rows)} and "
+                         f"{len(fields)} non-blank rows); check its quotes")
+    rows = rows[~skipped]
+    return [c[rows] for c in columns], fields[~skipped], ends[~skipped]
+
+
+def check_fields(columns: list[np.ndarray], fields: np.ndarray, lines: np.ndarray, names: Sequence[str], *,
+                 path: Path, first_row: int = 1) -> dict[str, np.ndarray]:
+    """The columns by name, after checking that every row has ``len(names)`` fields (the error names the first
+    row that has not, by its number among the data rows, starting at ``first_row``, and by its line)."""
     k = len(names)
-    for i, r in enumerate(rows):
-        if len(r) != k:
-            raise ValueError(f"{path}: data row {i + first_line} has {len(r)} fields, expected {k} "
-                             f"({', '.join(names)}): {r[:6]}...")
-    if not rows:
-        return {n: np.zeros(0, dtype=str) for n in names}
-    arr = np.asarray(rows, dtype=str)
-    return {n: arr[:, j] for j, n in enumerate(names)}
+    bad = np.flatnonzero(fields != k)
+    if len(bad):
+        i = int(bad[0])
+        n = int(fields[i])
+        shown = [str(columns[j][i]) for j in range(min(n, 6))]
+        raise ValueError(f"{path}: data row {i + first_row} has {n} fields, expected {k} ({', '.join(names)}): "
+                         f"{shown}... (line {int(lines[i])})")
+    return {name: columns[j] if j < len(columns) else np.full(len(fields), "", object)
+            for j, name in enumerate(names)}
+
+
+def frame_table(frame) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """A DataFrame as :func:`read_table` returns the same table written by ``DataFrame.to_csv``: the header
+    row, then every row's values as to_csv spells them (missing values empty), stripped; blank rows left out."""
+    header = np.asarray([str(name).strip() for name in frame.columns], object)
+    columns = [np.concatenate([header[j:j + 1], per_value(_as_text(frame.iloc[:, j]), str.strip)])
+               for j in range(len(header))]
+    rows = _filled_rows(columns)
+    return [c[rows] for c in columns], np.full(len(rows), len(columns), np.int64), rows + 1
+
+
+def _filled_rows(columns: list[np.ndarray]) -> np.ndarray:
+    """The rows with a field that is not empty (the others are blank rows)."""
+    return np.flatnonzero(np.logical_or.reduce([c != "" for c in columns])) if columns else np.zeros(0, np.int64)
+
+
+def _as_text(s) -> np.ndarray:
+    """One DataFrame column as text, spelled as ``DataFrame.to_csv`` writes it: numpy numbers and booleans
+    with numpy's shortest spelling, other objects with ``str``, dates, categories and nullable types by
+    pandas' own CSV writer; missing values empty."""
+    import pandas as pd
+    kind = s.dtype.kind if isinstance(s.dtype, np.dtype) else ""
+    if kind and kind in "fiub":
+        text = s.to_numpy().astype(str).astype(object)
+    elif kind == "O" or isinstance(s.dtype, pd.StringDtype):
+        text = np.asarray([str(v) for v in s.to_numpy(dtype=object)], object)
+    else:
+        written = s.to_csv(index=False, header=False, na_rep="")
+        text = pd.read_csv(io.StringIO(written), header=None, names=[0], dtype=object, na_filter=False,
+                           skip_blank_lines=False)[0].to_numpy(copy=True)
+    text[s.isna().to_numpy()] = ""
+    return text
 
 
 def missing_mask(values: np.ndarray, tokens: Sequence[str] = MISSING_TOKENS) -> np.ndarray:
     """True where a value is a missing-value token (compared case-insensitively: ``NAN``, ``None``, ``-``)."""
     lower = frozenset(t.lower() for t in tokens) if tokens is not MISSING_TOKENS else _MISSING_LOWER
-    values = np.asarray(values)
-    if values.size == 0:
-        return np.zeros(values.shape, bool)
-    return np.isin(np.char.lower(values.astype(str)), list(lower))
+    return per_value(values, lambda v: str(v).lower() in lower, bool)
 
 
 def as_float(values: np.ndarray, missing: np.ndarray) -> np.ndarray | None:
     """Float version of a string column (NaN where missing), or None if some value is not a number."""
+    import pandas as pd
+    values = np.asarray(values)
     out = np.full(values.shape, np.nan, np.float64)
+    codes, uniq = pd.factorize(np.asarray(values[~missing], dtype=object), use_na_sentinel=False)
     try:
-        out[~missing] = values[~missing].astype(np.float64)
+        out[~missing] = uniq.astype(str).astype(np.float64)[codes]     # numpy's parsing, once per distinct value
     except ValueError:
         return None
     return out
@@ -171,16 +279,15 @@ def number_format(values: np.ndarray, decimal: str = ".", thousands: str | None 
     -> ``1234``) and a ``decimal`` comma made a point (``3,5`` -> ``3.5``), only in values that are such numbers."""
     if decimal == "." and thousands is None:
         return values
-    uniq, inverse = np.unique(np.asarray(values).astype(str), return_inverse=True)
-    out = []
-    for v in uniq.tolist():
+
+    def one(v: str) -> str:
         s = v.strip()
         if thousands is not None and _THOUSANDS[thousands].match(s):
             s = s.replace(thousands, "")
         if decimal == "," and re.fullmatch(r"[+-]?\d+(,\d+)?", s):
             s = s.replace(",", ".")
-        out.append(s if s != v.strip() else v)
-    return np.asarray(out, dtype=str)[inverse.reshape(np.shape(values))]
+        return s if s != v.strip() else v
+    return per_value(values, one)
 
 
 def _warn_comma_numbers(col: str, values: np.ndarray) -> None:
@@ -199,31 +306,22 @@ def canonical_numbers(values: np.ndarray) -> np.ndarray:
     """One spelling per number: every value that parses as a finite number is rewritten to its shortest form
     (``1``, ``1.0``, ``01``, `` 1e0`` -> ``1``; ``2.50`` -> ``2.5``), so numbers that are equal are one label,
     one group and one category; other values are kept as they are."""
-    values = np.asarray(values)
-    if values.size == 0:
-        return values
-    uniq, inverse = np.unique(values.astype(str), return_inverse=True)
-    out = []
-    for v in uniq.tolist():
+    def one(v: str) -> str:
         try:
             f = float(v)
         except ValueError:
-            out.append(v)
-            continue
+            return v
         if not np.isfinite(f) or v.strip().lower() in _MISSING_LOWER:
-            out.append(v)
-        elif f == int(f) and abs(f) < 2 ** 53:
-            out.append(str(int(f)))
-        else:
-            out.append(repr(f))
-    return np.asarray(out, dtype=str)[inverse.reshape(values.shape)]
+            return v
+        return str(int(f)) if f == int(f) and abs(f) < 2 ** 53 else repr(f)
+    return per_value(values, one)
 
 
 def warn_case_variants(column: str, values: np.ndarray, *, what: str = "column") -> None:
     """Values that differ only by letter case or inner spacing (``Male`` / ``male`` / ``MALE``) stay apart
     (they may mean different things) but are warned about, since they are usually one value typed two ways."""
     seen: dict[str, list[str]] = {}
-    for v in sorted(set(np.asarray(values).astype(str).tolist())):
+    for v in sorted({str(v) for v in set(np.asarray(values, object).tolist())}):
         seen.setdefault(" ".join(v.split()).casefold(), []).append(v)
     clashes = [vs for vs in seen.values() if len(vs) > 1]
     if clashes:
@@ -248,13 +346,23 @@ def sorted_values(values: Sequence[str]) -> list[str]:
 
 @dataclasses.dataclass
 class TabularPreprocessor:
-    """Standardize numeric columns and one-hot encode categorical ones, with statistics from ``fit``."""
+    """Standardize numeric columns and one-hot encode categorical ones, with statistics from ``fit``.
+
+    The work is scikit-learn's: a ``ColumnTransformer`` of a ``StandardScaler`` over the numeric columns and a
+    ``OneHotEncoder(categories=<ours>, handle_unknown="ignore")`` over the categorical ones (``encoder``, built
+    by the first ``transform``). ``fit`` computes what they hold: the categories seen in train (sorted
+    numerically when they are all numbers; one unseen in train encodes as all zeros) and numpy's mean and
+    standard deviation of each column's finite train values (1 where that is <= 1e-12), set on the scaler:
+    its own column sums differ from numpy's in the last bit now and then, which would change some float32
+    features of every recorded run. A missing number (kept with ``drop_missing=False``) becomes 0, the mean.
+    """
 
     numeric: list[str]
     categorical: list[str]
     mean: dict[str, float] = dataclasses.field(default_factory=dict)
     std: dict[str, float] = dataclasses.field(default_factory=dict)
     categories: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    encoder: object = dataclasses.field(default=None, repr=False, compare=False)
 
     def fit(self, num: dict[str, np.ndarray], cat: dict[str, np.ndarray]) -> "TabularPreprocessor":
         for c in self.numeric:
@@ -265,6 +373,7 @@ class TabularPreprocessor:
             self.std[c] = s if s > 1e-12 else 1.0
         for c in self.categorical:
             self.categories[c] = sorted_values(cat[c].tolist())
+        self.encoder = None
         return self
 
     @property
@@ -274,25 +383,37 @@ class TabularPreprocessor:
             names += [f"{c}={v}" for v in self.categories[c]]
         return names
 
+    def _frame(self, num: dict[str, np.ndarray], cat: dict[str, np.ndarray]):
+        import pandas as pd
+        return pd.DataFrame({**{c: pd.Series(num[c], dtype=np.float64) for c in self.numeric},
+                             **{c: pd.Series(cat[c], dtype=object) for c in self.categorical}})
+
+    def _fitted(self, frame):
+        """The ColumnTransformer, fitted on the first row of ``frame`` if not yet: it learns nothing from the
+        rows (the categories and the statistics are given), only the columns."""
+        if self.encoder is None and (self.numeric or self.categorical):
+            from sklearn.compose import ColumnTransformer
+            from sklearn.preprocessing import OneHotEncoder, StandardScaler
+            onehot = OneHotEncoder(categories=[np.asarray(self.categories[c], object) for c in self.categorical],
+                                   handle_unknown="ignore", sparse_output=False, dtype=np.float32)
+            parts = [("num", StandardScaler(), list(self.numeric))] if self.numeric else []
+            parts += [("cat", onehot, list(self.categorical))] if self.categorical else []
+            with np.errstate(invalid="ignore", divide="ignore"):        # a missing number in that row
+                self.encoder = ColumnTransformer(parts).fit(frame.iloc[:1])
+            if self.numeric:
+                scaler = self.encoder.named_transformers_["num"]
+                scaler.mean_ = np.asarray([self.mean[c] for c in self.numeric], np.float64)
+                scaler.scale_ = np.asarray([self.std[c] for c in self.numeric], np.float64)
+                scaler.var_ = scaler.scale_ ** 2
+        return self.encoder
+
     def transform(self, num: dict[str, np.ndarray], cat: dict[str, np.ndarray]) -> np.ndarray:
         n = len(next(iter(num.values()))) if num else len(next(iter(cat.values())))
-        blocks = []
-        for c in self.numeric:
-            v = (num[c] - self.mean[c]) / self.std[c]
-            blocks.append(np.where(np.isfinite(v), v, 0.0)[:, None])  # missing (when kept) -> train mean
-        for c in self.categorical:
-            cats = self.categories[c]
-            order = np.argsort(cats)
-            sorted_cats = np.asarray(cats)[order]
-            pos = np.searchsorted(sorted_cats, cat[c]) if len(cats) else np.zeros(n, np.int64)
-            pos = np.clip(pos, 0, max(len(cats) - 1, 0))
-            hit = (sorted_cats[pos] == cat[c]) if len(cats) else np.zeros(n, bool)
-            onehot = np.zeros((n, len(cats)), np.float32)
-            onehot[np.flatnonzero(hit), order[pos[hit]]] = 1.0
-            blocks.append(onehot)
-        if not blocks:
+        if not (self.numeric or self.categorical):
             return np.zeros((n, 0), np.float32)
-        return np.concatenate(blocks, axis=1).astype(np.float32)
+        frame = self._frame(num, cat)
+        x = np.asarray(self._fitted(frame).transform(frame), np.float64)
+        return np.where(np.isfinite(x), x, 0.0).astype(np.float32)       # missing (when kept) -> the train mean
 
     def to_meta(self) -> dict:
         return {"numeric_columns": list(self.numeric), "categorical_columns": list(self.categorical),
@@ -317,7 +438,7 @@ def attr_from_column(name: str, values: np.ndarray, *, categories: list[str] | N
     miss = missing_mask(values)
     cats = categories if categories is not None else sorted_values(values[~miss].tolist())
     index = {c: i for i, c in enumerate(cats)}
-    codes = np.asarray([index.get(v, -1) for v in values.tolist()], np.int64)
+    codes = per_value(values, lambda v: index.get(v, -1), np.int64)
     unknown = (codes < 0) & ~miss
     if unknown.any():
         raise ValueError(f"protected attribute {name!r}: value(s) {sorted(set(values[unknown].tolist()))[:5]} "
@@ -393,18 +514,19 @@ def build_tabular_dataset(
     numeric = [c for c in feature_columns if c in numeric_columns]
     num_all = {}
     for c in numeric:
-        f = as_float(kept[c], missing_mask(kept[c]))
+        f = as_float(kept[c], missing[c][keep])
         if f is None:
             raise ValueError(f"{name}: column {c!r} is declared numeric but has non-numeric values such as "
                              f"{[v for v in kept[c][:1000].tolist() if not _is_number(v)][:3]}; declare it "
                              f"categorical (column_types=\"{c}:categorical\")")
         num_all[c] = f
-    cat_all = {c: np.where(missing_mask(kept[c]), "<missing>", kept[c]) for c in categorical}
+    cat_all = {c: np.where(missing[c][keep], "<missing>", kept[c]) for c in categorical}
 
     def sub(d: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
         return {k: v[idx] for k, v in d.items()}
 
-    leaks = leak_suspects(kept, feature_columns, numeric, y, train_idx, test_idx, target_column) if check_leaks else {}
+    leaks = leak_suspects(kept, feature_columns, numeric, y, train_idx, test_idx, target_column,
+                          numbers=num_all) if check_leaks else {}
     pre = TabularPreprocessor(numeric, categorical).fit(sub(num_all, train_idx), sub(cat_all, train_idx))
     parts = {"train": train_idx, "test": test_idx}
     if val_idx is not None:
@@ -430,14 +552,17 @@ def build_tabular_dataset(
 
 
 def leak_suspects(cols: dict[str, np.ndarray], features: list[str], numeric: list[str], y: np.ndarray,
-                  train_idx: np.ndarray, test_idx: np.ndarray, target: str) -> dict[str, float]:
+                  train_idx: np.ndarray, test_idx: np.ndarray, target: str,
+                  numbers: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Features that alone predict the held-out labels almost perfectly (warned: they may leak the target).
 
     Each feature on its own: the majority label of each of its values on train (numeric: of 20 train-quantile
     bins), applied to the test rows (unseen values: the overall majority). Flagged when that accuracy is at least
     ``LEAK_ACCURACY`` and removes three quarters of the majority class's error. Held-out, so an id column (which
-    memorizes train) is not flagged; ``{column: accuracy}``.
+    memorizes train) is not flagged; ``{column: accuracy}``. ``numbers``: the numeric columns as floats, if
+    already parsed.
     """
+    import pandas as pd
     if len(test_idx) == 0 or len(train_idx) == 0:
         return {}
     ytr, yte = y[train_idx], y[test_idx]
@@ -448,12 +573,12 @@ def leak_suspects(cols: dict[str, np.ndarray], features: list[str], numeric: lis
     for col in features:
         v = cols[col]
         if col in numeric:
-            f = np.asarray(as_float(v, missing_mask(v)), np.float64)
+            f = np.asarray(numbers[col] if numbers else as_float(v, missing_mask(v)), np.float64)
             edges = np.unique(np.nanquantile(f[train_idx], np.linspace(0, 1, 21)[1:-1])) \
                 if np.isfinite(f[train_idx]).any() else np.zeros(0)
-            keys = np.where(np.isfinite(f), np.digitize(f, edges), -1).astype(str)
+            keys = np.where(np.isfinite(f), np.digitize(f, edges), -1)
         else:
-            keys = v.astype(str)
+            keys = pd.factorize(np.asarray(v, object))[0]         # one integer per distinct value
         uniq, inv = np.unique(keys[train_idx], return_inverse=True)
         counts = np.zeros((len(uniq), c), np.int64)
         np.add.at(counts, (inv, ytr), 1)
@@ -513,7 +638,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
              include_protected: bool = True, drop_missing: bool = True, test_fraction: float = 0.2,
              val_fraction: float | None = None, seed: int = 0, delimiter: str | None = None,
              encoding: str | None = None, bins: str | None = None, decimal: str = ".",
-             thousands: str | None = None, _text: str | None = None) -> Dataset:
+             thousands: str | None = None, _frame=None) -> Dataset:
     """Load any CSV file (``data_dir`` is the file path) as a tabular classification dataset.
 
     ``target`` names the label column; ``positive_label`` makes the task binary
@@ -544,8 +669,10 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     rows is refused (an age with decimals would make one group per row).
     A gzip / bz2 / xz file is read as is; an Excel ``sep=;`` first line sets
     the delimiter; a trailing delimiter on every line (an empty last column)
-    is dropped. ``decimal=","`` reads ``3,5`` as 3.5; ``thousands`` (``,``,
-    ``.``, a space or ``'``) is dropped from numbers such as ``1,234``.
+    is dropped; a row with too few or too many fields is an error naming its
+    line. ``decimal=","`` reads ``3,5`` as 3.5; ``thousands`` (``,``,
+    ``.``, a space or ``'``) is dropped from numbers such as ``1,234``. A
+    Parquet file is read as its table (``pandas.read_parquet``, with pyarrow).
     """
     if decimal not in (".", ","):
         raise ValueError(f"csv: decimal must be \".\" or \",\"; got {decimal!r}")
@@ -555,43 +682,55 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     if data_dir is None:
         raise ValueError(f"csv: pass the CSV file path as data_dir (--data-dir); expected {CSV_LAYOUT}")
     path = Path(data_dir)
-    if _text is None and not path.exists():
-        raise FileNotFoundError(f"csv: file {path} does not exist; expected {CSV_LAYOUT}")
-    if _text is None and path.is_dir():
-        raise IsADirectoryError(f"csv: {path} is a directory; pass the CSV FILE path as data_dir ({CSV_LAYOUT})")
-    text, used_encoding = read_text(path, encoding) if _text is None else (_text, "utf-8")
-    if _text is None and encoding is None and used_encoding not in ("utf-8-sig", "utf-16"):
-        warn(f"csv: {path.name} is not valid UTF-8; read it as {used_encoding} (pass encoding=... if "
-             "names or categories look wrong)")
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
-    if delimiter is not None and delimiter not in DELIMITERS and len(delimiter) != 1:
-        raise ValueError(f"csv: delimiter must be one character such as , ; | or a tab; got {delimiter!r}")
-    excel = re.fullmatch(r'\s*"?sep=(.)"?\s*', first)
-    if excel:      # spreadsheet exports may name their delimiter on a first line of its own: "sep=;"
-        delimiter = delimiter if delimiter is not None else excel.group(1)
-        text = text[text.index(first) + len(first):]
+    delim = used_encoding = excel = None
+    if _frame is None:
+        if not path.exists():
+            raise FileNotFoundError(f"csv: file {path} does not exist; expected {CSV_LAYOUT}")
+        if path.is_dir():
+            raise IsADirectoryError(f"csv: {path} is a directory; pass the CSV FILE path as data_dir ({CSV_LAYOUT})")
+        raw = read_bytes(path)
+        if raw.startswith(b"PAR1"):
+            _frame = read_parquet(path, raw)
+    if _frame is not None:
+        columns, fields, lines = frame_table(_frame)
+    else:
+        text, used_encoding = decode_text(raw, path, encoding)
+        if encoding is None and used_encoding not in ("utf-8-sig", "utf-16"):
+            warn(f"csv: {path.name} is not valid UTF-8; read it as {used_encoding} (pass encoding=... if "
+                 "names or categories look wrong)")
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
-    delim = delimiter if delimiter is not None else sniff_delimiter(first)
-    rows = read_rows(path, delimiter=delim, text=text)
-    if not rows:
+        if delimiter is not None and delimiter not in DELIMITERS and len(delimiter) != 1:
+            raise ValueError(f"csv: delimiter must be one character such as , ; | or a tab; got {delimiter!r}")
+        excel = re.fullmatch(r'\s*"?sep=(.)"?\s*', first)
+        if excel:      # spreadsheet exports may name their delimiter on a first line of its own: "sep=;"
+            delimiter = delimiter if delimiter is not None else excel.group(1)
+            text = text[text.index(first) + len(first):]
+            first = next((ln for ln in text.splitlines() if ln.strip()), "")
+        delim = delimiter if delimiter is not None else sniff_delimiter(first)
+        columns, fields, lines = read_table(text, path=path, delimiter=delim)
+    if not len(fields):
         raise ValueError(f"csv: {path} is empty; expected {CSV_LAYOUT}")
-    header, body = rows[0], rows[1:]
-    if len(header) > 1 and header[-1] == "" and all(len(r) == len(header) and r[-1] == "" for r in body):
-        header, body = header[:-1], [r[:-1] for r in body]       # every line ends with the delimiter
+    k = int(fields[0])
+    header = [str(c[0]) for c in columns[:k]]
+    columns, fields, lines = [c[1:] for c in columns], fields[1:], lines[1:]
+    if k > 1 and header[-1] == "" and (fields == k).all() and (columns[k - 1] == "").all():
+        header, fields = header[:-1], fields - 1        # every line ends with the delimiter
     empty = [str(i + 1) for i, h in enumerate(header) if h == ""]
     repeated = {h: [i + 1 for i, x in enumerate(header) if x == h] for h in header if h and header.count(h) > 1}
     if empty or repeated:
         parts = [f"column {', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no name"] if empty else []
         parts += [f"{h!r} names columns {' and '.join(map(str, idx))}" for h, idx in repeated.items()]
         raise ValueError(f"csv: the header row of {path.name}: {'; '.join(parts)}; every column needs its own name")
-    again = [i for i, r in enumerate(body) if r == header]
-    if again:      # files concatenated from several exports repeat their header line
-        body = [r for r in body if r != header]
-        warn(f"csv: {path.name} repeats its header line {len(again)} time(s) inside the data (first at "
-             f"data row {again[0] + 2}); those lines were skipped")
-    if not body:
+    again = fields == len(header)
+    for j, h in enumerate(header):
+        again &= columns[j] == h
+    if again.any():      # files concatenated from several exports repeat their header line
+        warn(f"csv: {path.name} repeats its header line {int(again.sum())} time(s) inside the data (first at "
+             f"data row {int(np.flatnonzero(again)[0]) + 2}); those lines were skipped")
+        columns, fields, lines = [c[~again] for c in columns], fields[~again], lines[~again]
+    if not len(fields):
         raise ValueError(f"csv: {path} has a header but no data rows")
-    cols = rows_to_columns(body, header, path=path, first_line=2 + bool(excel))
+    cols = check_fields(columns, fields, lines, header, path=path, first_row=2 + bool(excel))
     cols = {c: canonical_numbers(number_format(v, decimal, thousands)) for c, v in cols.items()}
     if target is None:
         raise ValueError(f"csv: pass target=<label column>; columns in {path.name}: {', '.join(header)}")
@@ -632,7 +771,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
             if odd_nan is not None and odd_nan.any():      # "-nan", "+NaN": missing like the NaN token
                 cols[c] = np.where(odd_nan, "", cols[c])
         else:
-            _warn_near_unique(c, cols[c][~miss], len(body))
+            _warn_near_unique(c, cols[c][~miss], len(fields))
             if c not in attrs:
                 warn_case_variants(c, cols[c][~miss], what="feature column")
     for c, what in [(target, "target column")] + [(a, "protected column") for a in attrs]:
@@ -656,7 +795,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
         classes = sorted_values(values.tolist())
         if positive_label is None:
             index = {c: i for i, c in enumerate(classes)}
-            return np.asarray([index[v] for v in values.tolist()], np.int32), classes
+            return per_value(values, index.__getitem__, np.int32), classes
         pos = str(positive_label).strip()
         match = values == pos
         if not match.any() and _is_number(pos):
@@ -674,7 +813,7 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     if tmiss.all():
         raise ValueError(f"csv: target column {target!r} has no values")
     meta = {"source": str(path), "columns": header, "features_from": features, "delimiter": delim,
-            "encoding": used_encoding, "repeated_header_lines_skipped": len(again), "features_keep_list": keep,
+            "encoding": used_encoding, "repeated_header_lines_skipped": int(again.sum()), "features_keep_list": keep,
             "column_types": {c: ("numeric" if c in numeric else "categorical") for c in features},
             "positive_label": positive_label, "include_protected": include_protected}
     return build_tabular_dataset(
@@ -746,7 +885,7 @@ def _warn_mostly_numbers(col: str, values: np.ndarray) -> None:
     40 one-hot columns): warned, naming the values that are not numbers."""
     if values.size == 0:
         return
-    is_num = np.asarray([_is_number(v) for v in values.tolist()])
+    is_num = per_value(values, _is_number, bool)
     share = float(is_num.mean())
     if share >= 0.9:
         others = sorted(set(values[~is_num].tolist()))
@@ -768,15 +907,9 @@ def _warn_near_unique(col: str, values: np.ndarray, n_rows: int) -> None:
 
 def load_dataframe(frame, *, target: str, protected: str, **options) -> Dataset:
     """A pandas DataFrame as a dataset, read exactly as the same table saved as a CSV file would be by
-    :func:`load_csv` (the same options, checks and warnings; missing values, NaN included, are missing)."""
-    try:
-        import pandas as pd
-    except ImportError:
-        raise ImportError("load_dataframe needs pandas: pip install pandas") from None
+    :func:`load_csv` (the same options, checks and warnings; missing values, NaN included, are missing). Its
+    columns are read directly (:func:`frame_table`), each value spelled as ``DataFrame.to_csv`` writes it."""
+    import pandas as pd
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"load_dataframe takes a pandas DataFrame; got {type(frame).__name__}")
-    frame = frame.reset_index(drop=True)
-    frame.columns = [str(c) for c in frame.columns]
-    return load_csv("dataframe", target=target, protected=protected, delimiter=",",
-                    _text=frame.to_csv(index=False, na_rep=""), **options)
-
+    return load_csv("dataframe", target=target, protected=protected, _frame=frame, **options)
