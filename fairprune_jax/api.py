@@ -48,8 +48,8 @@ class Pruned(NamedTuple):
     state: TrainState   # params (masked), masks and model state as the runner's pytrees
 
 
-def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", sparsity: float = 0.9, *,
-          test: Sequence[np.ndarray] | None = None, val: Sequence[np.ndarray] | None = None,
+def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str = "ceag", sparsity: float = 0.9,
+          *, test: Sequence[np.ndarray] | None = None, val: Sequence[np.ndarray] | None = None,
           val_fraction: float | None = None, epochs: int = 10, finetune_epochs: int | None = None, lr: float = 1e-3,
           finetune_lr: float | None = None, batch_size: int = 64, seed: int = 0,
           group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
@@ -64,8 +64,13 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     methods rewind to); the module itself is not changed. ``train`` / ``test`` / ``val``: numpy tuples
     ``(x, y, g)`` (features, integer labels, integer group ids; ``(x, y)`` is one group); without ``test``
     a stratified 20% of ``train`` is held out; ``val_fraction``: a stratified share of ``train`` held out as
-    the validation split (the certificate is also computed on it; ceag may constrain on it). ``epochs``: dense training epochs (``finetune_epochs``,
-    default the same, for the method); ``epochs=0``: the module comes trained and is the dense reference
+    the validation split (the certificate is also computed on it; ceag may constrain on it). ``train`` may
+    also be a :class:`data.Dataset`, such as ``data.load_dataframe(df, target="income", protected="sex")``
+    returns for a pandas DataFrame (or ``data.load_csv`` for a file): its splits, group and class names are
+    used as they are (build the model for ``ds.train.x.shape[1]`` inputs and ``ds.num_classes`` outputs);
+    ``test=`` / ``val=`` and group or class names other than its own are refused; ``val_fraction`` carves
+    val from its train split when it has none (:func:`dataset_given`). ``epochs``: dense training epochs
+    (``finetune_epochs``, default the same, for the method); ``epochs=0``: the module comes trained and is the dense reference
     as given (lottery methods then rewind to these trained weights). ``**options`` (or ``method_options=``, for names that clash with
     these arguments): the method's options, as ``--opt`` of ``fairprune run`` (``fairprune methods`` lists
     them). ``config``: any other ``RunConfig`` setting (``optimizer``, ``weight_decay``, ``distribution``,
@@ -106,9 +111,13 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray], method: str = "ceag", 
     parsed = runner.validate_config(cfg)    # method, sparsity, option names and values, run settings
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
-    ds = arrays_dataset(train, test, val, seed=seed, group_names=group_names, class_names=class_names,
-                        val_fraction=val_fraction,
-                        num_classes=_num_outputs(model, _arrays(train, "train")[0][:2]))
+    if isinstance(train, Dataset):
+        ds = dataset_given(train, test, val, seed=seed, group_names=group_names, class_names=class_names,
+                           val_fraction=val_fraction, num_classes=_num_outputs(model, train.train.x[:2]))
+    else:
+        ds = arrays_dataset(train, test, val, seed=seed, group_names=group_names, class_names=class_names,
+                            val_fraction=val_fraction,
+                            num_classes=_num_outputs(model, _arrays(train, "train")[0][:2]))
     built = wrap_model(model, ds.input_shape, ds.num_classes)
     if method_obj.is_structured(parsed) or units is not None:
         built = with_units(built, units, cfg, consumers=getattr(parsed, "mask_grad", None) == "consumer")
@@ -240,6 +249,38 @@ def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | Non
     if len(classes) != n_cls:
         raise ValueError(f"class_names has {len(classes)} names but the model returns {n_cls} logits")
     ds = Dataset("arrays", tr, te, groups, ["group"], classes, val=va, meta=meta)
+    ds.validate()
+    return ds
+
+
+def dataset_given(ds: Dataset, test: Any = None, val: Any = None, *, seed: int = 0,
+                  group_names: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
+                  num_classes: int | None = None, val_fraction: float | None = None) -> Dataset:
+    """``train=`` given as a :class:`Dataset` (a loader's, ``data.load_dataframe``'s): its splits, names and
+    meta as they are. ``test`` / ``val`` arrays beside it, names other than its own, ``val_fraction`` when it
+    has a val split already or a model whose number of logits is not its number of classes are refused;
+    ``val_fraction`` otherwise carves a stratified val split from its train split."""
+    if test is not None or val is not None:
+        has = "a test split" + (" and a val split" if ds.val is not None else "")
+        raise ValueError(f"train= is a Dataset ({ds.name!r}), which has {has} of its own: leave out test= and "
+                         "val= (or pass arrays: train=(ds.train.x, ds.train.y, ds.train.g), test=(...))")
+    for given, own, keyword in ((group_names, ds.group_names, "group_names"),
+                                (class_names, ds.class_names, "class_names")):
+        if given is not None and [str(n) for n in given] != list(own):
+            raise ValueError(f"{keyword}={list(given)} differs from the names of the Dataset given as train= "
+                             f"({list(own)}); leave {keyword}= out")
+    if val_fraction is not None:
+        if ds.val is not None:
+            raise ValueError(f"the Dataset given as train= has a val split already ({len(ds.val)} rows, from its "
+                             "loader's val_fraction): leave out val_fraction=")
+        tr, va = carve_validation(ds.train, val_fraction, seed)
+        ds = dataclasses.replace(ds, train=tr, val=va, meta={
+            **ds.meta, "val_fraction": float(val_fraction),
+            "val": f"stratified {float(val_fraction):.0%} of train (seed {seed}, fairprune_jax.prune)"})
+    if num_classes is not None and num_classes != ds.num_classes:
+        raise ValueError(f"the Dataset given as train= has {ds.num_classes} classes ({', '.join(ds.class_names)}) "
+                         f"but the model returns {num_classes} logit(s); build it with {ds.num_classes} outputs "
+                         "(ds.num_classes), one logit per class")
     ds.validate()
     return ds
 

@@ -227,3 +227,46 @@ def test_bifp_consumer_grad_refused_where_a_unit_has_no_sole_consumer(data, monk
     x, y, g = data
     with pytest.raises(ValueError, match="mask_grad='producer'"):
         fp.prune(Net(nnx.Rngs(0)), (x, y, g), method="bifp")
+
+
+class TabNet(nnx.Module):
+    """An MLP for tabular features (a DataFrame's columns after standardization and one-hot encoding)."""
+
+    def __init__(self, inputs: int, classes: int, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(inputs, 16, rngs=rngs)
+        self.out = nnx.Linear(16, classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.hidden(x)))
+
+
+def test_a_dataframe_as_a_dataset_is_pruned_end_to_end():
+    """`prune(model, train=load_dataframe(df, ...))`: the Dataset's splits, group and class names are the run's;
+    test= / val= / other names beside it are refused, val_fraction= carves val from its train split."""
+    pd = pytest.importorskip("pandas")
+    from fairprune_jax.data import load_dataframe
+    rng = np.random.default_rng(0)
+    n = 400
+    df = pd.DataFrame({"age": rng.integers(18, 70, n), "hours": rng.normal(40, 8, n).round(1),
+                       "job": rng.choice(["clerk", "nurse", "pilot"], n), "sex": rng.choice(["F", "M"], n)})
+    df["income"] = np.where(df["age"] + 10 * (df["job"] == "pilot") + rng.normal(0, 5, n) > 45, ">50K", "<=50K")
+    ds = load_dataframe(df, target="income", protected="sex")
+    model = TabNet(ds.train.x.shape[1], ds.num_classes, nnx.Rngs(0))
+    _, masks, report, _ = fp.prune(model, train=ds, method="magnitude", sparsity=0.5, epochs=5, lr=0.01,
+                                   batch_size=32, progress=False, compile_cache=False)
+    assert report["groups"]["names"] == ["F", "M"] and report["groups"]["attributes"] == ["sex"]
+    assert report["classes"] == ["<=50K", ">50K"] and report["dataset"] == "csv"
+    assert report["sizes"] == {"train": len(ds.train), "test": len(ds.test)}
+    assert report["dataset_meta"]["feature_names"] == ds.meta["feature_names"]
+    assert report.sparsity == pytest.approx(0.5, abs=0.02) and report.accuracy > 0.7
+    with pytest.raises(ValueError, match=r"train= is a Dataset \('csv'\), which has a test split of its own"):
+        fp.prune(model, train=ds, test=(ds.test.x, ds.test.y, ds.test.g), epochs=1)
+    with pytest.raises(ValueError, match=r"group_names=\['a', 'b'\] differs from the names of the Dataset"):
+        fp.prune(model, train=ds, group_names=["a", "b"], epochs=1)
+    with pytest.raises(ValueError, match=r"has 2 classes \(<=50K, >50K\) but the model returns 3 logit"):
+        fp.prune(TabNet(ds.train.x.shape[1], 3, nnx.Rngs(0)), train=ds, epochs=1)
+    from fairprune_jax.api import dataset_given
+    carved = dataset_given(ds, val_fraction=0.25, group_names=["F", "M"])
+    assert len(carved.train) + len(carved.val) == len(ds.train) and carved.test is ds.test
+    with pytest.raises(ValueError, match="has a val split already"):
+        dataset_given(carved, val_fraction=0.25)
