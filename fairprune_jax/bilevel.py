@@ -135,6 +135,7 @@ import optax
 
 from fairprune_jax import constrained, surrogates
 from fairprune_jax.compact import UnitGroup, expand_unit_masks
+from fairprune_jax.pruning import without_masks
 from fairprune_jax.masks import _global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves, topk_mask
 from fairprune_jax.train import StepOutput, TrainState, cross_entropy, make_step, weighted_mean
 
@@ -588,7 +589,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
             return lambda z: forward(z, masks=None, model_state=ms)
 
         # lower level: SGD on theta of the masked model (dL/dtheta = m * dL/dz)
-        opt_state, fair_extra, model_state = state.opt_state, state.extra["fair"], state.model_state
+        opt_state, fair_extra, model_state = without_masks(state.opt_state), state.extra["fair"], state.model_state
         first_aux = None
         for k in range(int(lower_steps)):
             g_z, fair_extra, aux = objective_grads(spec, forward_at(model_state), apply_masks(theta, masks), batch,

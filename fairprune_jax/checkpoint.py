@@ -382,7 +382,7 @@ def read_final(out: str | Path, phase: str | None = None) -> dict:
     """The final state of a phase of a finished run, as nested numpy (default: the last phase).
 
     For inspection and tests (e.g. compare the masks of two runs); PRNG keys
-    come back as their raw key data.
+    come back as their raw key data, and ``state["masks"]`` is the masks read from the optimizer state.
     """
     ocp = _ocp()
     out = Path(out).absolute()   # orbax wants absolute paths
@@ -406,4 +406,25 @@ def read_final(out: str | Path, phase: str | None = None) -> dict:
             x = jax.random.key_data(x)
         return np.asarray(x)
 
-    return {"phase": name, "state": jax.tree.map(to_np, out_tree["state"]), "meta": out_tree["meta"]}
+    state = jax.tree.map(to_np, out_tree["state"])
+    if isinstance(state, dict) and "masks" not in state:       # the masks live in the optimizer state
+        state["masks"] = _saved_masks(state.get("opt_state"))
+    return {"phase": name, "state": state, "meta": out_tree["meta"]}
+
+
+def _saved_masks(opt_state: Any) -> Any:
+    """The masks of a saved optimizer state (its :class:`pruning.MaskState` / ``PrunerState``, read back as
+    a dict with a ``masks`` entry beside the inner state), or None."""
+    if isinstance(opt_state, dict):
+        if "masks" in opt_state and ("inner" in opt_state):
+            return opt_state["masks"]
+        for v in opt_state.values():
+            found = _saved_masks(v)
+            if found is not None:
+                return found
+    if isinstance(opt_state, (list, tuple)):
+        for v in opt_state:
+            found = _saved_masks(v)
+            if found is not None:
+                return found
+    return None

@@ -45,7 +45,9 @@ from fairprune_jax import scores as scores_lib
 from fairprune_jax.config import DISTRIBUTIONS
 from fairprune_jax.masks import _is_none
 
-__all__ = ["PrunerState", "Pruner", "one_shot", "cubic", "iterative", "find_state", "SCORES"]
+__all__ = ["PrunerState", "Pruner", "one_shot", "cubic", "iterative", "find_state", "SCORES", "MaskState",
+           "masked_update", "keep_pruned", "find_masks", "with_masks", "without_masks",
+           "masked_step"]
 
 Params = Any
 # score(params, grads, key, template) -> scores mirroring the template (None where not pruned)
@@ -145,6 +147,94 @@ SCORES: dict[str, ScoreFn] = {"magnitude": _magnitude, "random": _random, "salie
 STRUCTURED_SCORES = ("structured",)
 
 
+class MaskState(NamedTuple):
+    """Masks held in an optimizer state without a schedule: the library's methods set them between steps
+    (a host-side hook, a score step) and :func:`keep_pruned` keeps the pruned weights at zero with them, by
+    the same update as :meth:`Pruner.wrap_optax`. ``inner``: the wrapped optimizer's state."""
+
+    masks: Any
+    inner: optax.OptState
+
+
+def masked_update(inner: optax.GradientTransformation, masks: Any, updates: Params, inner_state: Any,
+                  params: Params, **extra_args) -> tuple[Params, Any]:
+    """The one masked update (of :meth:`Pruner.wrap_optax` and :func:`keep_pruned`): the gradient of pruned
+    weights zeroed (optimizer moments never build up for them), ``inner`` run, and ``-params`` returned where
+    the mask is 0, so ``optax.apply_updates`` gives exactly 0 there and ``params + update`` elsewhere.
+    Returns ``(updates, new inner state)``."""
+    grads = masks_lib.apply_masks(updates, masks)
+    inner_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
+    out = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m > 0, u, -p).astype(u.dtype),
+                       masks, inner_updates, params, is_leaf=_is_none)
+    return out, inner_state
+
+
+def masked_step(tx: optax.GradientTransformation, state: MaskState, grads: Params, params: Params
+                ) -> tuple[Params, MaskState]:
+    """One optimizer step of ``params`` under the masks of ``state``: ``(new params, new state)``. The gradient
+    of pruned weights is zeroed, ``tx`` runs on ``state.inner``, and the updated params are multiplied by the
+    masks (exactly 0 where pruned, exactly ``params + update`` elsewhere). The library's training steps take
+    this form (:func:`fairprune_jax.train.apply_gradients`); an optax chain cannot multiply the params after
+    ``apply_updates``, so :func:`keep_pruned` and :meth:`Pruner.wrap_optax` return ``-params`` where pruned
+    instead: the same zeros, the same kept weights up to how the compiler fuses ``params + update``."""
+    if state.masks is None:
+        updates, inner = tx.update(grads, state.inner, params)
+        return optax.apply_updates(params, updates), MaskState(masks=None, inner=inner)
+    updates, inner = tx.update(masks_lib.apply_masks(grads, state.masks), state.inner, params)
+    return masks_lib.apply_masks(optax.apply_updates(params, updates), state.masks), state._replace(inner=inner)
+
+
+def keep_pruned(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``inner`` whose state is a :class:`MaskState`: the masks it holds keep pruned weights at exactly zero
+    (:func:`masked_update`); they change only when the caller puts new ones in the state
+    (:func:`with_masks`). ``init`` starts with no masks (nothing pruned) until then."""
+
+    def init_fn(params):
+        return MaskState(masks=None, inner=inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("keep_pruned needs the params: call tx.update(grads, opt_state, params)")
+        if state.masks is None:
+            new, inner_state = inner.update(updates, state.inner, params, **extra_args)
+        else:
+            new, inner_state = masked_update(inner, state.masks, updates, state.inner, params, **extra_args)
+        return new, MaskState(masks=state.masks, inner=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _mask_holders(opt_state: Any) -> list:
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, (PrunerState, MaskState)))
+            if isinstance(x, (PrunerState, MaskState))]
+
+
+def find_masks(opt_state: Any) -> Any:
+    """The masks inside an optimizer state (a :class:`PrunerState` or :class:`MaskState`, at any depth);
+    None when it holds none (a dense model's optimizer)."""
+    found = _mask_holders(opt_state)
+    if len(found) > 1:
+        raise ValueError(f"expected at most one PrunerState or MaskState in the optimizer state, found {len(found)}")
+    return found[0].masks if found else None
+
+
+def with_masks(opt_state: Any, masks: Any) -> Any:
+    """``opt_state`` with its masks replaced by ``masks``; a state that holds none is wrapped in a
+    :class:`MaskState` (and ``masks=None`` unwraps a :class:`MaskState` again)."""
+    if not _mask_holders(opt_state):
+        return opt_state if masks is None else MaskState(masks=masks, inner=opt_state)
+    if isinstance(opt_state, MaskState) and masks is None:
+        return opt_state.inner
+    return jax.tree.map(lambda x: x._replace(masks=masks) if isinstance(x, (PrunerState, MaskState)) else x,
+                        opt_state, is_leaf=lambda x: isinstance(x, (PrunerState, MaskState)))
+
+
+def without_masks(opt_state: Any) -> Any:
+    """The optimizer state inside a :class:`MaskState` (what the wrapped optimizer itself updates), else
+    ``opt_state`` itself."""
+    return opt_state.inner if isinstance(opt_state, MaskState) else opt_state
+
+
 def find_state(opt_state: Any) -> PrunerState:
     """The :class:`PrunerState` inside an optimizer state (e.g. in an ``optax.chain``)."""
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PrunerState))
@@ -237,10 +327,7 @@ class Pruner:
             if params is None:
                 raise ValueError("the pruner needs the params: call tx.update(grads, opt_state, params)")
             masks, sparsity = self._scheduled_masks(state, params, updates)
-            grads = masks_lib.apply_masks(updates, masks)
-            inner_updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
-            out = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m > 0, u, -p).astype(u.dtype),
-                               masks, inner_updates, params, is_leaf=_is_none)
+            out, inner_state = masked_update(inner, masks, updates, state.inner, params, **extra_args)
             return out, PrunerState(masks=masks, count=optax.safe_increment(state.count), sparsity=sparsity,
                                     key=state.key, inner=inner_state)
 

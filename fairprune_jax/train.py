@@ -4,12 +4,14 @@ A step is ``state, batch -> state, stats``. The state is one pytree holding
 everything a run needs to continue: params, masks, optimizer state, model
 state (BatchNorm statistics), PRNG key, step counter, the first step whose
 loss was not finite, and ``extra`` for a method's own state (multipliers,
-replay buffers, scores). Masks are applied in the forward pass and again after
-every optimizer update, so pruned weights stay exactly zero whatever the
-optimizer does (momentum, weight decay).
+replay buffers, scores). The masks live in the optimizer state (see
+:class:`TrainState`); they are applied in the forward pass, and the optimizer
+update (:func:`pruning.masked_update`) keeps pruned weights exactly zero
+whatever the optimizer does (momentum, weight decay).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -22,7 +24,7 @@ from fairprune_jax.notices import tqdm
 
 from fairprune_jax import checkpoint as checkpoint_lib
 from fairprune_jax import tracking as tracking_lib
-from fairprune_jax import certify, distributed, fairness
+from fairprune_jax import certify, distributed, fairness, pruning
 from fairprune_jax.config import OPTIMIZERS
 from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
 from fairprune_jax.masks import apply_masks
@@ -46,16 +48,41 @@ def make_optimizer(name: str, lr: float, weight_decay: float = 0.0,
 
 @struct.dataclass
 class TrainState:
-    """Everything a training run carries from step to step."""
+    """Everything a training run carries from step to step.
+
+    The masks live in the optimizer state (a :class:`pruning.MaskState`, or the :class:`pruning.PrunerState`
+    of a :class:`pruning.Pruner`): ``state.masks`` reads them there (None: a dense model), and
+    ``state.replace(masks=m)`` / ``state.with_masks(m)`` put new ones there; the update that keeps pruned
+    weights at zero is :func:`pruning.masked_update`, the same for the library's methods and a user's loop.
+    """
 
     params: Any
-    masks: Any
     opt_state: Any
     model_state: Any
     rng: jax.Array
     step: jax.Array
     nan_step: jax.Array  # first step with a non-finite loss, -1 while all are finite
     extra: Any = None
+
+    @property
+    def masks(self) -> Any:
+        """The masks held in the optimizer state (None when nothing is pruned)."""
+        return pruning.find_masks(self.opt_state)
+
+    def with_masks(self, masks: Any) -> "TrainState":
+        """This state with ``masks`` in its optimizer state (the params are not touched)."""
+        return dataclasses.replace(self, opt_state=pruning.with_masks(self.opt_state, masks))
+
+
+def _replace(self: TrainState, **updates: Any) -> TrainState:
+    """``dataclasses.replace``, where ``masks=`` goes into the optimizer state (after a new ``opt_state``)."""
+    masks = updates.pop("masks", _KEEP)
+    new = dataclasses.replace(self, **updates)
+    return new if masks is _KEEP else new.with_masks(masks)
+
+
+_KEEP = object()
+TrainState.replace = _replace      # (flax's struct.dataclass sets its own replace on the class)
 
 
 def create_state(params: Any, model_state: Any, tx: optax.GradientTransformation, *, masks: Any = None,
@@ -71,7 +98,7 @@ def create_state(params: Any, model_state: Any, tx: optax.GradientTransformation
     masks = None if masks is None else jax.tree.map(jnp.copy, masks)
     if masks is not None:
         params = apply_masks(params, masks)
-    return TrainState(params=params, masks=masks, opt_state=tx.init(params), model_state=model_state,
+    return TrainState(params=params, opt_state=pruning.with_masks(tx.init(params), masks), model_state=model_state,
                       rng=jax.random.key(seed), step=jnp.zeros((), jnp.int32),
                       nan_step=jnp.full((), -1, jnp.int32), extra=extra)
 
@@ -98,15 +125,17 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
                     extra: Any = None) -> TrainState:
     """One optimizer update that keeps pruned weights at exactly zero.
 
-    Gradients of pruned weights are zeroed before the update (so optimizer
-    moments never build up for them) and the mask is re-applied after it.
+    With masks in ``state.opt_state`` (a :class:`pruning.MaskState`) the gradients of pruned weights are
+    zeroed before ``tx`` runs on the state inside it (so optimizer moments never build up for them) and the
+    masks are applied to the updated params (:func:`pruning.masked_step`). A ``tx`` that is itself a
+    :meth:`pruning.Pruner.wrap_optax` optimizer (a :class:`pruning.PrunerState` in the state) keeps them at
+    zero by its own update.
     """
-    if state.masks is not None:
-        grads = apply_masks(grads, state.masks)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if state.masks is not None:
-        params = apply_masks(params, state.masks)
+    if isinstance(state.opt_state, pruning.MaskState):
+        params, opt_state = pruning.masked_step(tx, state.opt_state, grads, state.params)
+    else:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     nan_step = state.nan_step if loss is None else first_nan_step(state, loss)
     return state.replace(params=params, opt_state=opt_state,
                          model_state=state.model_state if model_state is None else model_state,

@@ -262,7 +262,8 @@ def test_pre_update_reproduces_a_mask_hook_before_each_step():
         return optax.apply_updates(p, upd), s
 
     points = dict(pruner.points())
-    ts = train.TrainState(params=params, masks=masks.ones_like_template(params, template), opt_state=inner.init(params),
+    ts = train.TrainState(params=params,
+                          opt_state=pruning.MaskState(masks.ones_like_template(params, template), inner.init(params)),
                           model_state={}, rng=jax.random.key(0), step=jnp.zeros((), jnp.int32),
                           nan_step=jnp.zeros((), jnp.int32))
     hook_step = jax.jit(lambda st: train.apply_gradients(st, jax.grad(loss)(st.params), inner))
