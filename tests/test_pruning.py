@@ -280,3 +280,29 @@ def test_pre_update_reproduces_a_mask_hook_before_each_step():
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ts.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
             assert np.array_equal(np.asarray(a) == 0, np.asarray(b) == 0)
+
+
+def test_masks_live_in_the_optimizer_state_and_both_update_forms_agree():
+    """A TrainState's masks are a MaskState in its optimizer state; keep_pruned (an optax transformation, for a
+    user's chain) and masked_step (the library's step) give the same zeros and the same kept weights (up to how
+    params + update is fused: compared at float tolerance)."""
+    from fairprune_jax import train
+    params = {"a": {"kernel": jnp.arange(1.0, 7.0).reshape(3, 2), "bias": jnp.ones(2)}}
+    m = {"a": {"kernel": jnp.asarray([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]), "bias": None}}
+    st = train.create_state(params, {}, optax.sgd(0.1, momentum=0.9), masks=m)
+    assert isinstance(st.opt_state, pruning.MaskState) and st.masks is st.opt_state.masks
+    assert st.replace(masks=None).masks is None and not isinstance(st.replace(masks=None).opt_state, pruning.MaskState)
+    grads = jax.tree.map(jnp.ones_like, params)
+    inner = optax.sgd(0.1, momentum=0.9)
+    tx = pruning.keep_pruned(inner)
+    opt = pruning.with_masks(tx.init(params), m)
+    p_user, p_lib, s_lib = st.params, st.params, st.opt_state
+    for _ in range(3):
+        upd, opt = tx.update(grads, opt, p_user)
+        p_user = optax.apply_updates(p_user, upd)
+        p_lib, s_lib = pruning.masked_step(inner, s_lib, grads, p_lib)
+    for a, b in zip(jax.tree.leaves(p_user), jax.tree.leaves(p_lib)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    assert np.all(np.asarray(p_user["a"]["kernel"])[np.asarray(m["a"]["kernel"]) == 0] == 0)
+    assert np.all(np.asarray(p_lib["a"]["kernel"])[np.asarray(m["a"]["kernel"]) == 0] == 0)
+    assert pruning.find_masks(opt) is opt.masks and pruning.find_masks(inner.init(params)) is None
