@@ -97,7 +97,7 @@ def initial_weights(ctx: Context) -> tuple[Any, Any]:
     if initial is not None:
         return copy_tree(initial[0]), copy_tree(initial[1])
     cfg = ctx.config
-    _, params, model_state = build_model(ctx.fm.name, ctx.fm.input_shape, ctx.fm.num_classes, seed=cfg.seed,
+    _, params, model_state = build_model(ctx.fm.name, ctx.fm.input_shape, ctx.fm.num_classes, seed=ctx.stream_seed("dense"),
                                          **cfg.model_options)
     return params, model_state
 
@@ -131,9 +131,9 @@ def rewind_checkpoint(ctx: Context, rewind_step: int = 0, *, reference: Any = No
         return Checkpoint(0, params, model_state)
     cfg = ctx.config
     tx = dense_tx(ctx)
-    state = create_state(params, model_state, tx, seed=cfg.seed)
+    state = create_state(params, model_state, tx, seed=ctx.stream_seed("dense"))
     step = make_train_step(ctx.fm, tx, augment=ctx.augment)
-    batches = iterate_forever(ctx.dataset.train, cfg.batch_size, cfg.seed)
+    batches = iterate_forever(ctx.dataset.train, cfg.batch_size, ctx.stream_seed("dense"))
     for _ in range(k):
         state, _ = step(state, next(batches))
     check_finite(state, f"replaying the dense run to rewind step {k}")

@@ -82,3 +82,16 @@ def test_no_method_file_rereads_its_options():
     files = sorted(p for p in METHODS_DIR.glob("*.py") if p.name not in ("__init__.py", "base.py"))
     found = [p.name for p in files if re.search(r"\bmethod_options\b|\bMETHODS\b|\bget_method\b", p.read_text())]
     assert found == [], f"{found} re-read their options; take the parsed ``opts`` argument instead"
+
+
+def test_every_random_draw_of_a_method_goes_through_a_named_stream():
+    """Random numbers come from ``ctx.stream_seed(name)`` / ``ctx.stream_rng(name)`` (every stream listed in one
+    place, ``methods/base.py``): no method file, nor the shared machinery they use, reads the run's seed or
+    derives a seed of its own."""
+    import re
+    pkg = Path(fairprune_jax.__file__).parent
+    files = [p for p in METHODS_DIR.glob("*.py") if p.name not in ("__init__.py", "base.py")]
+    files += [pkg / n for n in ("gradual.py", "rewind.py", "bilevel.py", "group_importance.py")]
+    pattern = r"\b(cfg|config)\.seed\b|\bderived_seed\(|default_rng\(\s*\["
+    found = sorted(p.name for p in files if re.search(pattern, re.sub(r'""".*?"""', "", p.read_text(), flags=re.S)))
+    assert found == [], f"{found} read the run's seed directly; add a named stream to methods/base.py"

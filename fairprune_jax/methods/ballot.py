@@ -331,7 +331,7 @@ def authors_vote_run(ctx: Context, dense: TrainState, opts: BallotOptions, templ
     """
     cfg = ctx.config
     fair_by, eta = opts.fair_by, opts.eta
-    memo_key = ("ballot.authors_vote_run", fair_by, eta, opts.normalize, opts.vote_prune, opts.holdout, cfg.seed,
+    memo_key = ("ballot.authors_vote_run", fair_by, eta, opts.normalize, opts.vote_prune, opts.holdout, ctx.stream_seed("dense"),
                 cfg.epochs, cfg.lr)
     hit = ctx.memo.get(memo_key)
     if hit is not None and hit["dense"] is dense:
@@ -342,12 +342,12 @@ def authors_vote_run(ctx: Context, dense: TrainState, opts: BallotOptions, templ
     params = masks_lib.apply_masks(copy_tree(init.params), lth_mask)   # pruned weights restart at 0 ...
     train = ctx.dataset.train
     n = len(train)
-    perm = np.random.default_rng([cfg.seed, 7013]).permutation(n)
+    perm = ctx.stream_rng("ballot_holdout").permutation(n)
     n_hold = int(round(opts.holdout * n))
     sub, hold = train.take(np.sort(perm[n_hold:])), train.take(np.sort(perm[:n_hold]))
     spe = max(len(sub) // cfg.batch_size, 1)
     tx = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * spe)
-    state = create_state(params, copy_tree(init.model_state), tx, seed=cfg.seed)   # ... but trainable: no mask
+    state = create_state(params, copy_tree(init.model_state), tx, seed=ctx.stream_seed("dense"))   # ... but trainable: no mask
     step_fn = make_train_step(ctx.fm, tx, augment=ctx.augment)
 
     def key_of(batch):
@@ -427,7 +427,7 @@ def voting_run(ctx: Context, dense: TrainState, opts: BallotOptions, template: A
     eta, fair_by, min_acc = opts.eta, opts.fair_by, opts.min_acc
     sparse_body = body is not None and opts.body != "dense"
     memo_key = ("ballot.voting_run", eta, fair_by, opts.normalize, opts.scope, opts.sign, opts.weights, k,
-                opts.vote_from, opts.vote_epochs, min_acc, cfg.seed, cfg.ft_epochs, cfg.ft_lr,
+                opts.vote_from, opts.vote_epochs, min_acc, ctx.stream_seed("dense"), cfg.ft_epochs, cfg.ft_lr,
                 (opts.body, cfg.sparsity, cfg.distribution, opts.body_fraction, opts.body_rounds)
                 if sparse_body else None)
     hit = ctx.memo.get(memo_key)
@@ -438,7 +438,7 @@ def voting_run(ctx: Context, dense: TrainState, opts: BallotOptions, template: A
         params, model_state = initial_weights(ctx)
         tx = dense_tx(ctx) if vote_epochs == cfg.epochs else make_optimizer(
             cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=vote_epochs * ctx.steps_per_epoch)
-        seed, state_seed = cfg.seed, cfg.seed
+        seed = state_seed = ctx.stream_seed("dense")
         # same optimizer, seed and batch order as the dense run (and no mask): a replay
         replay = vote_epochs == cfg.epochs and not sparse_body
     else:

@@ -15,12 +15,13 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import optax
 
 from fairprune_jax import masks as masks_lib
 from fairprune_jax.config import (BOOL_WORDS, DEFAULT_CERTIFY_EPS, OPTIMIZERS,  # noqa: F401  (re-exported)
                                   RunConfig)
-from fairprune_jax.data.base import Dataset
+from fairprune_jax.data.base import Dataset, derived_seed
 from fairprune_jax.models import FunctionalModel
 from fairprune_jax.rewind import save_masks
 from fairprune_jax.train import (TrainState, create_state, fit, make_optimizer,  # noqa: F401  (re-exported)
@@ -41,6 +42,17 @@ SEED_STREAMS = {
     "scores_batches": 3000,     # Fair Scratch's score training
     "ballot_lth_batches": 7000,  # + epoch: the authors' LTH-style voting run
     "ballot_lth_grads": 7500,   # the batches its per-epoch vote gradients are summed over
+    # the run's seed itself: what replays the dense run (its init, batch order and state key)
+    "dense": 0,                 # the dense run and its replays (LTH's rewind to init, Ballot's vote run from init)
+    "ceag_val_order": 0,        # the order in which CEAG refreshes its held-out estimates
+}
+
+#: Named streams derived otherwise (kept for the committed results): ``"hashed"`` is
+#: ``data.base.derived_seed(seed, n)``; ``"sequence"`` is numpy's ``SeedSequence([seed, n])`` (a Generator only).
+DERIVED_STREAMS = {
+    "ceag_holdout": ("hashed", 7),           # the rows CEAG holds out of its constrained phase
+    "fairgrape_rows": ("hashed", 23),        # the training rows FairGRAPE scores importance on
+    "ballot_holdout": ("sequence", 7013),    # the rows the authors' Ballot holds out of its vote run
 }
 
 
@@ -67,8 +79,22 @@ class Context:
     cache_dir: Path | None = None
 
     def stream_seed(self, name: str, offset: int = 0) -> int:
-        """The seed of the named random stream (see :data:`SEED_STREAMS`), plus ``offset`` (e.g. an epoch)."""
+        """The seed of the named random stream (:data:`SEED_STREAMS`, or a ``"hashed"`` one of
+        :data:`DERIVED_STREAMS`), plus ``offset`` (e.g. an epoch). Methods draw every random number through a
+        named stream (``tests/test_layering.py`` checks that no method reads the run's seed itself)."""
+        if name in DERIVED_STREAMS:
+            kind, n = DERIVED_STREAMS[name]
+            if kind != "hashed":
+                raise ValueError(f"stream {name!r} gives a numpy Generator only: use stream_rng")
+            return derived_seed(self.config.seed, n) + offset
         return self.config.seed + SEED_STREAMS[name] + offset
+
+    def stream_rng(self, name: str) -> "np.random.Generator":
+        """A numpy Generator of the named stream (any of :data:`SEED_STREAMS` and :data:`DERIVED_STREAMS`)."""
+        kind, n = DERIVED_STREAMS.get(name, ("seed", None))
+        if kind == "sequence":
+            return np.random.default_rng([self.config.seed, n])
+        return np.random.default_rng(self.stream_seed(name))
 
     @property
     def steps_per_epoch(self) -> int:

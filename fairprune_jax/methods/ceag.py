@@ -34,7 +34,7 @@ import optax
 from fairprune_jax.notices import warn
 from fairprune_jax import certify, constrained, fairness
 from fairprune_jax.checkpoint import resumable
-from fairprune_jax.data.base import Split, carve_validation, derived_seed, eval_batches
+from fairprune_jax.data.base import Split, carve_validation, eval_batches
 from fairprune_jax.gradual import GradualOptions, pruned_start
 from fairprune_jax.methods.base import Context, register
 from fairprune_jax.surrogates import group_means
@@ -367,7 +367,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         terms = ceag_val_terms(G, ref, reference_from_counts(dense_val), jnp.asarray(val.g, jnp.int32),
                                jnp.asarray(eps_g, jnp.float32))
         vb = opts.val_batch_size or cfg.batch_size
-        pre = val_refresh(ctx, val, vb, seed=cfg.seed)
+        pre = val_refresh(ctx, val, vb, seed=ctx.stream_seed("ceag_val_order"))
         info.update(val_source=val_source, val_rows=len(val), val_batch_size=min(vb, len(val)),
                     margin_z=opts.margin_z, eps_per_group=dict(zip(names, np.round(eps_g, 6).tolist())))
         if held_out and np.any((n_val_g > 0) & (n_val_g < 30)):
@@ -489,7 +489,7 @@ def held_out_rows(ctx: Context, val_fraction: float) -> tuple[Context, Split, st
     ds = ctx.dataset
     if ds.val is not None and len(ds.val):
         return ctx, ds.val, "validation split (held out from dense training)"
-    rest, held = carve_validation(ds.train, val_fraction, derived_seed(ctx.config.seed, 7))
+    rest, held = carve_validation(ds.train, val_fraction, ctx.stream_seed("ceag_holdout"))
     ctx = dataclasses.replace(ctx, dataset=dataclasses.replace(ds, train=rest, val=held))
     return ctx, held, f"{val_fraction:g} of train carved out (seen by the dense model and gradual pruning, not by the constrained fine-tuning)"
 

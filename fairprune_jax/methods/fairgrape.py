@@ -75,7 +75,6 @@ import numpy as np
 from fairprune_jax import group_importance as gi
 from fairprune_jax import schedules
 from fairprune_jax.checkpoint import resumable
-from fairprune_jax.data.base import derived_seed
 from fairprune_jax.gradual import DistillOptions, PrunePhaseOptions, phase_template
 from fairprune_jax.masks import apply_masks
 from fairprune_jax.methods.base import Context, register
@@ -132,7 +131,7 @@ def fairgrape(ctx: Context, dense: TrainState, opts: FairgrapeOptions) -> tuple[
     rows = opts.importance_rows
     imp_split = ds.train
     if 0 < rows < len(ds.train):
-        pick = np.sort(np.random.default_rng(derived_seed(cfg.seed, 23)).permutation(len(ds.train))[:rows])
+        pick = np.sort(ctx.stream_rng("fairgrape_rows").permutation(len(ds.train))[:rows])
         imp_split = ds.train.take(pick)
     imp_bs = opts.importance_batch_size or cfg.batch_size
     imp_step = gi.make_importance_step(ctx.fm, template, G, kind=opts.importance, group_chunk=opts.group_chunk,
