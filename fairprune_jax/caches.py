@@ -16,6 +16,9 @@
   ``FAIRPRUNE_DENSE_CACHE=0``; elsewhere: ``FAIRPRUNE_DENSE_CACHE=FOLDER``. Not used by several processes
   (each host has its own cache folder). Each is one orbax checkpoint (:func:`save_state`), like a run's own
   checkpoints, with its fingerprint inside; one that does not fit or is damaged is computed again.
+- **Parsed tables** (``dense/tables/``): the Dataset a tabular loader (Adult, a CSV file) built, keyed by the
+  bytes of the files it read, its options, the data package's code and the parsing libraries' versions
+  (:func:`load_dataset_cached`); the same switch as the dense models.
 
 Delete the folder to clear both. Nothing here imports JAX at import time (numpy only): the compilation cache must be set
 before JAX starts where possible.
@@ -205,3 +208,121 @@ def _is_key(x) -> bool:
 def digest(key: dict) -> str:
     """A short stable name for a JSON-able key."""
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------
+# Parsed tables (the Adult files, a CSV file): the Dataset a tabular loader built from the same bytes
+# ---------------------------------------------------------------------------
+
+def _data_code() -> str:
+    """A hash of the data package's source: a parsed table is reused only by the code that parsed it."""
+    here = Path(__file__).resolve().parent / "data"
+    h = hashlib.sha256()
+    for p in sorted(here.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _versions() -> dict:
+    from importlib import metadata
+    out = {}
+    for name in ("numpy", "pandas", "scikit-learn"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def data_key(name: str, data_dir, options: dict, files: list) -> dict:
+    """What a tabular loader's result depends on: the loader and its options, the bytes of every file it reads
+    (size and SHA-256), the data package's source and the versions of the libraries that parse and encode."""
+    def digest_file(p: Path) -> list:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return [p.name, p.stat().st_size, h.hexdigest()]
+    return {"loader": name, "options": {k: options[k] for k in sorted(options)},
+            "files": [digest_file(Path(p)) for p in files], "code": _data_code(), "versions": _versions()}
+
+
+def load_dataset_cached(name: str, data_dir, options: dict, *, enabled: bool = True):
+    """``data.load_dataset(name, data_dir, **options)``, reusing the Dataset an earlier run parsed from the same
+    bytes with the same options and code (``tables/<key>.npz`` in the dense-model folder; off with it:
+    ``--no-dense-cache`` or ``FAIRPRUNE_DENSE_CACHE=0``). The warnings the parse gave are kept with it and given
+    again. Only the tabular loaders, whose files :func:`data.source_files` names; anything else loads as usual.
+    Returns ``(dataset, from_cache)``."""
+    import warnings
+    from fairprune_jax.data import load_dataset, source_files
+    from fairprune_jax.notices import FairpruneWarning, warn
+    options = {k: v for k, v in options.items() if v is not None}
+    root = _folder(DENSE_CACHE_ENV, "dense", enabled)
+    try:
+        files = source_files(name, data_dir) if root is not None else None
+    except (OSError, ValueError):
+        files = None                                 # a missing file: the loader says so in its own words
+    if files is None:
+        return load_dataset(name, data_dir, **options), False
+    key = data_key(name, data_dir, options, files)
+    path = root / "tables" / f"{digest(key)}.npz"
+    got = _read_dataset(path, key)
+    if got is not None:
+        ds, messages = got
+        for m in messages:
+            warn(m)
+        ds.__dict__["_from_cache"] = True            # (not in meta: results.json's dataset meta is unchanged)
+        return ds, True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_dataset(name, data_dir, **options)
+    messages = []
+    for w in caught:                                 # given again, as the loader gave them
+        if issubclass(w.category, FairpruneWarning):
+            messages.append(str(w.message))
+            warn(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    try:
+        _write_dataset(path, key, ds, messages)
+    except (OSError, TypeError, ValueError):         # a full disk, a read-only folder: the next run parses again
+        pass
+    return ds, False
+
+
+def _write_dataset(path: Path, key: dict, ds, messages: list[str]) -> None:
+    arrays = {f"{split}_{part}": getattr(s, part) for split, s in ds.splits().items() for part in ("x", "y", "g")}
+    meta = {"key": key, "name": ds.name, "group_names": list(ds.group_names), "group_attrs": list(ds.group_attrs),
+            "class_names": list(ds.class_names), "meta": ds.meta, "warnings": messages,
+            "fingerprint": ds.fingerprint()}
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta, default=_plain).encode(), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)                            # one atomic write
+
+
+def _read_dataset(path: Path, key: dict):
+    """``(Dataset, warnings)`` saved by :func:`_write_dataset` for ``key``, or None (missing, other key, damaged,
+    or not the data it was: its fingerprint is checked after loading)."""
+    from fairprune_jax.data.base import Dataset, Split
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            if meta.get("key") != json.loads(json.dumps(key, default=_plain)):
+                return None
+            splits = {s: Split(z[f"{s}_x"], z[f"{s}_y"], z[f"{s}_g"])
+                      for s in ("train", "test", "val") if f"{s}_x" in z.files}
+        ds = Dataset(name=meta["name"], train=splits["train"], test=splits["test"], val=splits.get("val"),
+                     group_names=meta["group_names"], group_attrs=meta["group_attrs"],
+                     class_names=meta["class_names"], meta=meta["meta"])
+        ds.validate()
+        if ds.fingerprint() != meta["fingerprint"]:
+            return None
+    except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss: the data is parsed again
+        return None
+    return ds, list(meta.get("warnings", []))

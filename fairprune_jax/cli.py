@@ -207,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not read or write the compilation cache (compiled executables kept between runs in the user's "
                         "cache folder, ~/.cache/fairprune_jax/xla; FAIRPRUNE_XLA_CACHE=0 does the same)")
     r.add_argument("--no-dense-cache", action="store_true",
-                   help="train the dense model even when an earlier run saved one for the same data and dense "
-                        "settings (~/.cache/fairprune_jax/dense; FAIRPRUNE_DENSE_CACHE=0 does the same)")
+                   help="train the dense model (and parse the data, prune ceag / nft / el's start) even when an "
+                        "earlier run saved it for the same data and settings (~/.cache/fairprune_jax/dense; "
+                        "FAIRPRUNE_DENSE_CACHE=0 does the same)")
     r.add_argument("--tensorboard", action="store_true",
                    help="log loss, accuracy and, for constrained methods, per-group multipliers, violations and "
                         "accuracies per step into OUT/tensorboard (view: tensorboard --logdir OUT); needs tensorboardX")
@@ -338,6 +339,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     rt = res.get("runtime", {})
     if rt.get("devices", 1) > 1 or rt.get("resumed"):
         print(f"{rt['devices']} device(s), {rt['processes']} process(es)" + (", resumed" if rt.get("resumed") else ""))
+    if rt.get("data_from_cache"):
+        print("data: the table an earlier run parsed from the same file(s) with the same options (from the cache; "
+              "--no-dense-cache parses it again)")
     if rt.get("dense_from_cache"):
         print("dense model: the one an earlier run trained on the same data with the same dense settings (from the "
               "cache; --no-dense-cache trains it again)")

@@ -255,13 +255,19 @@ def report_eval_step(ctx: Context) -> Any:
     return make_eval_step(ctx.fm, ds.num_groups, ds.num_classes, cfg.positive_label, per_class=True)
 
 
-def load_checked(cfg: RunConfig, dataset: Dataset | None = None) -> tuple[Dataset, float]:
-    """Validate the config, load (or check) the dataset; returns it and the seconds it took."""
+def load_checked(cfg: RunConfig, dataset: Dataset | None = None, *, cache: bool = False) -> tuple[Dataset, float]:
+    """Validate the config, load (or check) the dataset; returns it and the seconds it took. ``cache``: a table
+    parsed by an earlier run from the same bytes is reused (:func:`caches.load_dataset_cached`)."""
     validate_config(cfg)
     t = time.perf_counter()
     if dataset is None and cfg.dataset == IN_MEMORY:
         raise ValueError(f"dataset {IN_MEMORY!r} is given in memory: pass the Dataset (fairprune_jax.prune does)")
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
+    if dataset is not None:
+        ds = dataset
+    elif cache:
+        ds = caches.load_dataset_cached(cfg.dataset, cfg.data_dir, dict(cfg.dataset_options))[0]
+    else:
+        ds = load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
     if dataset is not None:
         ds.validate()
     if cfg.batch_size > len(ds.train):
@@ -499,6 +505,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
                           "platform": jax.devices()[0].platform,
                           "checkpoints": None if ckpt is None or not ckpt.started else str(ckpt.directory),
                           "resumed": bool(ckpt is not None and ckpt.resumed),
+                          "data_from_cache": bool(ds.__dict__.get("_from_cache", False)),
                           "dense_from_cache": bool(prep.dense_history.get("cached", False)),
                           "pruned_start_from_cache": bool(info.get("prune_history", {}).get("cached", False))}
     results["schema_version"] = SCHEMA_VERSION
@@ -584,7 +591,7 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
     if resume and not checkpoint_every:
         raise ValueError("--resume needs checkpoints: use --checkpoint-every N with N > 0")
     with owning_folder(cfg.out):
-        loaded = load_checked(cfg, dataset)
+        loaded = load_checked(cfg, dataset, cache=dense_cache and jax.process_count() == 1)
         ckpt = None
         if checkpoint_every or resume:
             ckpt = checkpoint.Checkpointer(Path(cfg.out) / checkpoint.CHECKPOINT_DIR, cfg,

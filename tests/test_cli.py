@@ -497,6 +497,46 @@ def test_a_later_run_reuses_the_pruned_start(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "dense").glob("*/pruned-start-*"))) == 2
 
 
+def test_a_later_run_reuses_the_parsed_table_only_for_the_same_bytes(tmp_path, monkeypatch, capsys):
+    """A CSV parsed by one run is reused by the next with the same file bytes and options (the same numbers, the
+    same warnings given again); changed bytes, other options or a damaged cache entry parse the file again."""
+    import json
+    import numpy as np
+    monkeypatch.setenv("FAIRPRUNE_DENSE_CACHE", str(tmp_path / "dense"))
+    rng = np.random.default_rng(0)
+    n = 240
+    g = rng.choice(["a", "b", "c"], n)
+    x1 = rng.normal(size=n).round(3)
+    y = (x1 + (g == "a") + rng.normal(scale=0.5, size=n) > 0.5).astype(int)
+    csv = tmp_path / "d.csv"
+    rows = "\n".join(f"{a},{b},{c},café{i % 2}" for i, (a, b, c) in enumerate(zip(x1, g, y)))
+    csv.write_bytes(("x1,grp,y,note\n" + rows + "\n").encode("cp1252"))      # not UTF-8: a warning each time
+    base = ["run", "--dataset", "csv", "--data-dir", str(csv), "--target", "y", "--protected", "grp",
+            "--method", "magnitude", "--epochs", "1", "--no-progress", "--checkpoint-every", "0"]
+
+    def go(name, *extra):
+        assert main([*base, "--out", str(tmp_path / name), *extra]) == 0
+        cap = capsys.readouterr()
+        return json.loads((tmp_path / name / "results.json").read_text()), cap.out + cap.err
+
+    first, out1 = go("a")
+    again, out2 = go("b")
+    assert first["runtime"]["data_from_cache"] is False and again["runtime"]["data_from_cache"] is True
+    assert "data: the table an earlier run parsed" in out2
+    assert "is not valid UTF-8" in out1 and "is not valid UTF-8" in out2
+    assert again["pruned"] == first["pruned"] and again["dataset_meta"] == first["dataset_meta"]
+    assert again["data_fingerprint"] == first["data_fingerprint"]
+    other, _ = go("c", "--data-opt", "test_fraction=0.3")
+    assert other["runtime"]["data_from_cache"] is False
+    csv.write_bytes(csv.read_bytes().replace(b"\n0.", b"\n1.", 5))             # other bytes, same size
+    changed, _ = go("d")
+    assert changed["runtime"]["data_from_cache"] is False and changed["data_fingerprint"] != first["data_fingerprint"]
+    for f in (tmp_path / "dense" / "tables").glob("*.npz"):                      # damage every entry
+        f.write_bytes(f.read_bytes()[:100])
+    damaged, _ = go("e")
+    assert damaged["runtime"]["data_from_cache"] is False and damaged["pruned"] == changed["pruned"]
+
+
 def test_a_dense_cache_that_cannot_be_written_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
     """Saving the dense model for later runs is a convenience: a full disk or read-only folder is a warning."""
     from fairprune_jax import runner

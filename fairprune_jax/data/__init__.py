@@ -38,6 +38,19 @@ def loader_options(name: str) -> list[str]:
             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
 
 
+def source_files(name: str, data_dir: str | None = None) -> list | None:
+    """The files a tabular loader reads (what its parsed result depends on besides its options and code), or
+    None for a loader whose result is not kept between runs (images have their own decoded caches)."""
+    from pathlib import Path
+    if name == "adult":
+        from fairprune_jax.data.adult import source_files as adult_files
+        files = adult_files(data_dir)
+        return files if all(f is not None for f in files) else None
+    if name == "csv" and data_dir is not None and Path(data_dir).is_file():
+        return [Path(data_dir)]
+    return None
+
+
 def load_dataset(name: str, data_dir: str | None = None, **options) -> Dataset:
     """Load a dataset by name (see ``DATASETS``) and validate it.
 
@@ -58,4 +71,5 @@ def load_dataset(name: str, data_dir: str | None = None, **options) -> Dataset:
 
 __all__ = ["DATASETS", "Dataset", "Split", "eval_batches", "load_adult", "load_celeb_a", "load_cifar10",
            "load_cifar100", "load_csv", "load_dataframe", "load_dataset", "load_digits", "load_utkface", "loader_options",
+           "source_files",
            "steps_per_epoch", "stratified_split", "train_batches"]

@@ -43,6 +43,12 @@ def _file(d: Path, name: str) -> Path | None:
     return None
 
 
+def source_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The two files :func:`load_adult` reads for ``data_dir`` (the embedded copy without one)."""
+    d = _resolve_dir(data_dir)
+    return [_file(d, "adult.data"), _file(d, "adult.test")]
+
+
 def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is None and _file(EMBEDDED, "adult.data") and _file(EMBEDDED, "adult.test"):
         return EMBEDDED
