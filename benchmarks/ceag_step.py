@@ -117,7 +117,7 @@ def jax_setup(model: str, batch_size: int, sparsity: float, seed: int):
 def jax_fresh_state(ctx, params, model_state, masks, tx, extra=None):
     import jax
     from fairprune_jax.train import TrainState
-    dense = TrainState(params=params, masks=None, opt_state=None, model_state=model_state,
+    dense = TrainState(params=params, opt_state=None, model_state=model_state,
                        rng=jax.random.key(0), step=None, nan_step=None)
     # copies: the steps donate their whole state (masks included)
     copy = lambda t: jax.tree.map(lambda a: jax.numpy.array(a, copy=True), t)   # noqa: E731
