@@ -204,22 +204,24 @@ class DualOptimizer(NamedTuple):
     update: Callable[..., DualState]
 
 
-def _select_state(new, old, observed):
-    """Keep ``old`` where a constraint is unobserved.
+def select_observed(new: Any, old: Any, observed: Any, like: Any) -> Any:
+    """Keep ``old`` where a constraint is unobserved: the one rule of both dual steps (this module's and
+    :mod:`dual`'s). Subtrees shaped like the multipliers ``like`` (a vector, or a dict of them: per-constraint
+    optimizer state such as momenta or nuPI's error) are selected elementwise by ``observed`` (mirroring
+    ``like``); every other leaf (step counts) advances only when at least one constraint is observed."""
+    pdef = jax.tree.structure(like)
+    pshapes = [jnp.shape(x) for x in jax.tree.leaves(like)]
+    any_obs = jnp.any(jnp.stack([jnp.any(o) for o in jax.tree.leaves(observed)]))
 
-    Leaves shaped like the multipliers (per-constraint optimizer state: momenta,
-    nuPI's xi, ...) are selected elementwise; other leaves (step counts) advance
-    only when at least one constraint is observed.
-    """
-    any_obs = jnp.any(observed)
+    def like_params(x):
+        return jax.tree.structure(x) == pdef and [jnp.shape(v) for v in jax.tree.leaves(x)] == pshapes
 
     def sel(n, o):
-        n, o = jnp.asarray(n), jnp.asarray(o)
-        if n.shape == observed.shape:
-            return jnp.where(observed, n, o)
+        if like_params(n):
+            return jax.tree.map(lambda a, b, m: jnp.where(m, a, b), n, o, observed)
         return jnp.where(any_obs, n, o)
 
-    return jax.tree.map(sel, new, old)
+    return jax.tree.map(sel, new, old, is_leaf=like_params)
 
 
 def dual_optimizer(
@@ -310,7 +312,7 @@ def dual_optimizer(
         updates, new_opt = tx.update(-ascent, state.opt_state, lam)
         new_lam = project_multipliers(optax.apply_updates(lam, updates), state.is_equality)
         new_lam = jnp.where(obs, new_lam, lam)
-        new_opt = _select_state(new_opt, state.opt_state, obs)
+        new_opt = select_observed(new_opt, state.opt_state, obs, lam)
         penalty, prev = state.penalty, state.prev_violation
         if augmented:
             m = jnp.where(state.is_equality, jnp.abs(strict), jnp.maximum(strict, 0.0))

@@ -111,7 +111,7 @@ def only_observed(tx: optax.GradientTransformation) -> optax.GradientTransformat
         g = jax.tree.map(lambda o, u: jnp.where(o, u, jnp.zeros_like(u)), obs, updates)
         new_u, new_state = inner.update(g, state, params, **extra_args)
         new_u = jax.tree.map(lambda o, u: jnp.where(o, u, jnp.zeros_like(u)), obs, new_u)
-        return new_u, _select_state(new_state, state, obs, updates)
+        return new_u, constrained.select_observed(new_state, state, obs, updates)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
@@ -127,24 +127,6 @@ def _observed_tree(observed: Any, like: Any) -> Any:
     if observed is None:
         return jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), like)
     return jax.tree.map(lambda o, x: jnp.broadcast_to(jnp.asarray(o, bool), jnp.shape(x)), observed, like)
-
-
-def _select_state(new: Any, old: Any, observed: Any, like: Any) -> Any:
-    """Per-constraint state (subtrees shaped like the multipliers) selected elementwise by
-    ``observed``; every other leaf advances only when at least one constraint is observed."""
-    pdef = jax.tree.structure(like)
-    pshapes = [jnp.shape(x) for x in jax.tree.leaves(like)]
-    any_obs = jnp.any(jnp.stack([jnp.any(o) for o in jax.tree.leaves(observed)]))
-
-    def like_params(x):
-        return jax.tree.structure(x) == pdef and [jnp.shape(v) for v in jax.tree.leaves(x)] == pshapes
-
-    def sel(n, o):
-        if like_params(n):
-            return jax.tree.map(lambda a, b, m: jnp.where(m, a, b), n, o, observed)
-        return jnp.where(any_obs, n, o)
-
-    return jax.tree.map(sel, new, old, is_leaf=like_params)
 
 
 # ---------------------------------------------------------------------------
