@@ -106,7 +106,7 @@ def save_state(path: Path, state, meta: dict) -> None:
     from fairprune_jax.checkpoint import _ocp
     ocp = _ocp()
     meta = json.loads(json.dumps(meta, default=_plain))
-    path = Path(path)
+    path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
     if distributed.is_primary():
@@ -133,7 +133,7 @@ def _manager(path: Path):
     from fairprune_jax.checkpoint import _ocp
     ocp = _ocp()
     opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(path, options=opts, item_handlers={
+    return ocp.CheckpointManager(Path(path).absolute(), options=opts, item_handlers={   # orbax wants absolute
         "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 

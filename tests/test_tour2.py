@@ -336,6 +336,14 @@ def test_a_cached_state_that_does_not_fit_or_is_damaged_is_a_miss(tmp_path):
     assert np.array_equal(got["w"], state["w"]) and got["n"].dtype == jnp.int32 and meta["history"]["loss"] == 0.5
     assert np.array_equal(jax.random.key_data(got["key"]), jax.random.key_data(state["key"]))
     assert caches.load_state(tmp_path / "s", state, {"v": 2}) is None                       # fingerprint
+    import os
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:                                         # a relative folder (a compare grid's runs/NAME/dense/seed0)
+        caches.save_state(Path("rel") / "s", state, {"fingerprint": {"v": 1}})
+        assert caches.load_state(Path("rel") / "s", state, {"v": 1}) is not None
+    finally:
+        os.chdir(here)
     assert caches.load_state(tmp_path / "s", dict(state, w=state["w"].astype(jnp.float16)), {"v": 1}) is None
     assert caches.load_state(tmp_path / "s", dict(state, extra=jnp.zeros(2)), {"v": 1}) is None
     assert caches.load_state(tmp_path / "s", {"w": state["w"], "n": state["n"]}, {"v": 1}) is None
