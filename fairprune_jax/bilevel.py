@@ -130,14 +130,13 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fairprune_jax import constrained, surrogates
 from fairprune_jax.compact import UnitGroup, expand_unit_masks
 from fairprune_jax.pruning import without_masks
 from fairprune_jax.masks import _global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves, topk_mask
-from fairprune_jax.train import StepOutput, TrainState, cross_entropy, make_step, weighted_mean
+from fairprune_jax.train import StepOutput, TrainState, cross_entropy, make_step, split_logits, weighted_mean
 
 FAIRNESS_MODES = ("constraint", "penalty", "none")
 STRICT = ("metric", "surrogate")
@@ -646,12 +645,7 @@ def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
 def split_fairness(fm, spec: Fairness, params: Any, masks: Any, model_state: Any, split, batch_size: int = 512
                    ) -> dict[str, float]:
     """The surrogate and the strict metric gap on a whole split (one gap over all rows)."""
-    from fairprune_jax.data.base import eval_batches
-
-    fwd = jax.jit(lambda p, m, ms, xx: fm.apply(p if m is None else apply_masks(p, m), ms, xx, train=False)[0])
-    bs = min(batch_size, max(len(split), 1))
-    logits = np.concatenate([np.asarray(fwd(params, masks, model_state, b["x"]))
-                             for b in eval_batches(split, bs)])[:len(split)]
+    logits = split_logits(fm, params, masks, model_state, split, batch_size)
     logits_j, y, g = jnp.asarray(logits), jnp.asarray(split.y), jnp.asarray(split.g)
     w = jnp.ones(len(split), jnp.float32)
     sur = float(spec.fn()(logits_j, y, g, w, spec.num_groups, spec.positive_label))

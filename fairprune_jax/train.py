@@ -330,6 +330,30 @@ def sum_over_split(step: Callable, args: Any, split: Split, batch_size: int = 51
     return jax.tree.map(lambda v: np.asarray(v, np.float64), total)
 
 
+def logits_step(fm: FunctionalModel) -> Callable:
+    """Jitted ``(params, masks, model_state, batch) -> logits`` in evaluation mode: the one forward pass that
+    the per-row evaluations share (made once per model and kept on it)."""
+    step = fm.__dict__.get("_logits_step")
+    if step is None:
+        step = jax.jit(lambda p, m, s, batch: masked_forward(fm, p, m, s, batch["x"], train=False)[0])
+        fm.__dict__["_logits_step"] = step
+    return step
+
+
+def rows_over_split(step: Callable, args: Any, split: Split, batch_size: int = 512) -> np.ndarray:
+    """``step(*args, batch)`` for every evaluation batch of ``split``, the rows concatenated in split order
+    (padding dropped): the per-row counterpart of :func:`sum_over_split`, for what does not add up over
+    batches (a surrogate over all rows, per-row correctness, logits to compare)."""
+    bs = min(batch_size, max(len(split), 1))
+    return np.concatenate([np.asarray(step(*args, b))[b["w"] > 0] for b in eval_batches(split, bs)])
+
+
+def split_logits(fm: FunctionalModel, params: Any, masks: Any, model_state: Any, split: Split,
+                 batch_size: int = 512) -> np.ndarray:
+    """Evaluation-mode logits of the masked model on every row of ``split`` (split order)."""
+    return rows_over_split(logits_step(fm), (params, masks, model_state), split, batch_size)
+
+
 def make_paired_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int) -> Callable:
     """Jitted ``(dense (params, masks, model_state), pruned (...), batch) -> certify.paired_counts``."""
     def step(dense, pruned, batch):

@@ -34,12 +34,12 @@ import optax
 from fairprune_jax.notices import warn
 from fairprune_jax import certify, constrained, fairness
 from fairprune_jax.checkpoint import resumable
-from fairprune_jax.data.base import Split, carve_validation, eval_batches
+from fairprune_jax.data.base import Split, carve_validation
 from fairprune_jax.gradual import GradualOptions, pruned_start
 from fairprune_jax.methods.base import Context, register
 from fairprune_jax.surrogates import group_means
 from fairprune_jax.train import (StepOutput, TrainState, cross_entropy, distill_loss, evaluate, make_step,
-                                 masked_forward, teacher_extra, weighted_mean, without_teacher)
+                                 masked_forward, split_logits, teacher_extra, weighted_mean, without_teacher)
 
 # A problem builder gets the per-sample loss, correctness, the batch and the
 # method's extra state; it returns (violation, strict_violation, observed, new_extra).
@@ -275,10 +275,8 @@ def val_refresh(ctx: Context, val: Split, batch_rows: int, seed: int) -> Callabl
 
 def row_correct(ctx: Context, state: TrainState, split: Split) -> np.ndarray:
     """Per-row correctness (float32 0/1, split order) of ``state`` on ``split``, in evaluation batches."""
-    f = jax.jit(lambda p, m, s, x, y: jnp.argmax(masked_forward(ctx.fm, p, m, s, x, train=False)[0], -1) == y)
-    out = [np.asarray(f(state.params, state.masks, state.model_state, b["x"], b["y"]))[b["w"] > 0]
-           for b in eval_batches(split, min(ctx.config.eval_batch_size, max(len(split), 1)))]
-    return np.concatenate(out).astype(np.float32)
+    logits = split_logits(ctx.fm, state.params, state.masks, state.model_state, split, ctx.config.eval_batch_size)
+    return (np.argmax(logits, -1) == split.y).astype(np.float32)
 
 
 def reference_from_counts(c: fairness.GroupCounts) -> dict[str, jax.Array]:

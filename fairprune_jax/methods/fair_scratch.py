@@ -106,12 +106,12 @@ import optax
 
 from fairprune_jax import masks as masks_lib
 from fairprune_jax import surrogates
-from fairprune_jax.data.base import Split, eval_batches
+from fairprune_jax.data.base import Split
 from fairprune_jax.masks import _is_none, apply_masks
 from fairprune_jax.pruning import without_masks
 from fairprune_jax.methods.base import Context, make_optimizer, register
 from fairprune_jax.rewind import eval_summary, initial_weights, sparsity_report
-from fairprune_jax.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step, masked_forward,
+from fairprune_jax.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step, split_logits,
                                  weighted_mean)
 
 INITS = ("signed_constant", "model")
@@ -381,14 +381,9 @@ def split_surrogate(ctx: Context, state: TrainState, fair_fn: Callable, split: S
                     masks: Any = None) -> float:
     """The surrogate on a whole split (one gap over all rows, not an average of batch gaps)."""
     masks = state.masks if masks is None else masks
-    fwd = jax.jit(lambda p, m, ms, x: masked_forward(ctx.fm, p, m, ms, x, train=False)[0])
-    bs = min(ctx.config.eval_batch_size, len(split))
-    logits, ws = [], []
-    for batch in eval_batches(split, bs):
-        logits.append(np.asarray(fwd(state.params, masks, state.model_state, batch["x"])))
-        ws.append(batch["w"])
     n = len(split)
-    logits_all = jnp.asarray(np.concatenate(logits)[:n])
+    logits_all = jnp.asarray(split_logits(ctx.fm, state.params, masks, state.model_state, split,
+                                          ctx.config.eval_batch_size))
     return float(fair_fn(logits_all, jnp.asarray(split.y), jnp.asarray(split.g), jnp.ones(n, jnp.float32),
                          ctx.dataset.num_groups, ctx.config.positive_label))
 
