@@ -64,6 +64,11 @@ TABLES = [
     ("bifp_adult_sex_race_seeds", "BiFP vs structured magnitude on Adult, protected sex x race, 10 seeds (issue 12)",
      BIFP),
     ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", BIFP),
+    ("bifp_adult_cli_defaults", "BiFP and prune_then_fair at the command line's defaults on Adult (sex), structured "
+                                "(issue 29)", BIFP),
+    ("bifp_adult_cli_defaults_x2", "The same at twice the default epochs (20 + 20) (issue 29)", BIFP),
+    ("bifp_digits_cli_defaults", "BiFP and prune_then_fair at the command line's defaults on digits, structured "
+                                 "(issue 29)", CLASS + ["accuracy_drop", "degenerate"]),
     ("lottery_digits_v2", "Lottery tickets on digits (classes = groups): Ballot (ours, authors') vs magnitude, "
                           "random, lth, fair_scratch (issue 13)", CLASS + ["degenerate"]),
     ("lottery_digits_sweep", "Digits at 89%: Fair Scratch lambda sweep (output bias frozen) and Ballot's retraining budget (issue 13)",

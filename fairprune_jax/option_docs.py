@@ -37,6 +37,8 @@ OPTION_DOCS: dict[str, str] = {
     "margin_z": "held-out mode: constrain psi_g <= eps - z * SE(psi_g), a margin of z standard errors",
     "select": "feasible: return the most accurate of select_points checkpoints meeting eps on the constraint's "
               "rows; last: the last model (the paper's)",
+    "early_stop": "nft: return the most accurate of select_points checkpoints on held-out rows (the dataset's "
+                  "validation split, else val_fraction of train, which fine-tuning then does not use)",
     "select_points": "checkpoints evaluated for select=feasible, evenly spaced over fine-tuning",
     "buffer_size": "rows per group in the replay buffer of the strict estimate (constraint_data=train; el's "
                    "loss buffers; the bifp family's max_gap buffers)",

@@ -237,3 +237,20 @@ def test_dual_lr_auto_follows_the_rows_the_dual_step_reads():
     m = get_method("ceag")
     with pytest.raises(ValueError, match="dual_lr"):
         m.check(m.parse({"dual_lr": "fast"}))
+
+
+def test_nft_early_stopping_returns_the_most_accurate_held_out_checkpoint(small_prepared):
+    """nft --opt early_stop=true (Balancing Act's NFT + early stopping, chosen on held-out rows, not test):
+    the returned model is the most accurate of select_points checkpoints on the held-out rows (of equal ones the
+    later), those rows are carved from train and not fine-tuned on, and without the option nothing changes."""
+    res = run_method(small_prepared, method="nft", method_options={"early_stop": True, "prune_epochs": 1,
+                                                                   "select_points": 4})
+    sel = res["method_info"]["selection"]
+    assert len(sel["log"]) == 4 and "carved out" in sel["rows"] and "not by the fine-tuning" in sel["rows"]
+    top = max(np.float32(r["accuracy"]) for r in sel["log"])
+    assert sel["step"] == max(r["step"] for r in sel["log"] if np.float32(r["accuracy"]) == top)
+    assert res["_state"].extra is None                     # the selection's bookkeeping does not leak out
+    plain = run_method(small_prepared, method="nft", method_options={"prune_epochs": 1})
+    assert "selection" not in plain["method_info"]
+    with pytest.raises(ValueError, match="select_points"):
+        run_method(small_prepared, method="nft", method_options={"early_stop": True, "select_points": 0})
