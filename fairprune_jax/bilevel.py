@@ -134,9 +134,9 @@ import optax
 
 from fairprune_jax import constrained, surrogates
 from fairprune_jax.compact import UnitGroup, expand_unit_masks
-from fairprune_jax.pruning import without_masks
 from fairprune_jax.masks import _global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves, topk_mask
-from fairprune_jax.train import StepOutput, TrainState, cross_entropy, make_step, split_logits, weighted_mean
+from fairprune_jax.train import (StepOutput, TrainState, cross_entropy, make_step, primal_state, split_logits,
+                                 weighted_mean)
 
 FAIRNESS_MODES = ("constraint", "penalty", "none")
 STRICT = ("metric", "surrogate")
@@ -364,6 +364,22 @@ def fairness_init(spec: Fairness) -> dict:
             "buffer": constrained.buffer_init(spec.sides * spec.num_groups, int(spec.buffer_size))}
 
 
+def fair_of(state: TrainState) -> dict:
+    """The fairness state :func:`objective_grads` reads: ``state.extra["fair"]`` (buffers / EMA) with the
+    multipliers, which live in the optimizer state (``state.dual``), under ``"dual"``."""
+    fx = dict(state.extra["fair"])
+    if state.dual is not None:
+        fx["dual"] = state.dual
+    return fx
+
+
+def split_dual(fair_extra: dict) -> tuple[dict, Any]:
+    """``(fairness state without the multipliers, the multipliers or None)``: the first goes into
+    ``state.extra["fair"]``, the second into the optimizer state (``StepOutput.dual`` / ``with_dual``)."""
+    rest = dict(fair_extra)
+    return rest, rest.pop("dual", None)
+
+
 def row_values(spec: Fairness, logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-row values whose per-group means the strict violation compares, and each row's side.
 
@@ -588,7 +604,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
             return lambda z: forward(z, masks=None, model_state=ms)
 
         # lower level: SGD on theta of the masked model (dL/dtheta = m * dL/dz)
-        opt_state, fair_extra, model_state = without_masks(state.opt_state), state.extra["fair"], state.model_state
+        opt_state, fair_extra, model_state = primal_state(state.opt_state), fair_of(state), state.model_state
         first_aux = None
         for k in range(int(lower_steps)):
             g_z, fair_extra, aux = objective_grads(spec, forward_at(model_state), apply_masks(theta, masks), batch,
@@ -616,10 +632,11 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
         new_masks = full_masks(new_unit, theta, groups)
         changed = sum(jnp.sum(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(new_unit), jax.tree.leaves(unit)))
         # theta is not re-masked: pruned units keep their weights and may come back
+        fair_rest, new_dual = split_dual(fair_extra)
         return StepOutput(first_aux["loss"], first_aux["logits"], model_state,
-                          extra={"scores": scores, "mask_opt": mask_opt, "fair": fair_extra},
+                          extra={"scores": scores, "mask_opt": mask_opt, "fair": fair_rest},
                           stats={**_stats(first_aux), "mask_changes": changed},
-                          fields={"params": theta, "masks": new_masks, "opt_state": opt_state})
+                          fields={"params": theta, "masks": new_masks, "opt_state": opt_state}, dual=new_dual)
 
     return make_step(fm, None, objective, augment=augment)
 
@@ -628,16 +645,18 @@ def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
                    augment: Callable | None = None) -> Callable:
     """Jitted masked training step with the fairness objective; the mask is fixed.
 
-    ``state.extra = {"fair": fairness_init(spec)}``; ``state.masks`` may be
+    ``state.extra = {"fair": ...}`` and ``state.dual`` from :func:`fairness_init` (:func:`split_dual`);
+    ``state.masks`` may be
     ``None`` (dense fair training). Pruned weights stay exactly zero
     (:func:`fairprune_jax.train.apply_gradients`).
     """
 
     def objective(forward, state: TrainState, batch: dict) -> StepOutput:
-        grads, fair_extra, aux = objective_grads(spec, forward, state.params, batch, state.extra["fair"],
+        grads, fair_extra, aux = objective_grads(spec, forward, state.params, batch, fair_of(state),
                                                  update_dual=True)
+        fair_rest, new_dual = split_dual(fair_extra)
         return StepOutput(aux["loss"], aux["logits"], aux["model_state"], grads=grads,
-                          extra=dict(state.extra, fair=fair_extra), stats=_stats(aux))
+                          extra=dict(state.extra, fair=fair_rest), stats=_stats(aux), dual=new_dual)
 
     return make_step(fm, tx, objective, augment=augment)
 
@@ -659,5 +678,5 @@ def split_fairness(fm, spec: Fairness, params: Any, masks: Any, model_state: Any
 
 __all__ = ["CONSTRAINTS", "FAIRNESS_MODES", "Fairness", "MASK_GRADS", "STRICT", "binarize", "consumer_mask_grad",
            "consumer_scaled", "ema_update", "group_rate_deviations", "per_group_proxy", "per_group_strict", "fairness_init", "full_masks", "implicit_mask_grad",
-           "init_scores", "initial_scores_and_masks", "make_bilevel_step", "make_fair_step", "objective_grads",
+           "init_scores", "initial_scores_and_masks", "fair_of", "split_dual", "make_bilevel_step", "make_fair_step", "objective_grads",
            "reduce_to_units", "row_values", "split_fairness", "strict_violation", "unit_keep_counts"]

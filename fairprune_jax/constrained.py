@@ -142,6 +142,15 @@ class DualState(NamedTuple):
     count: chex.Array
 
 
+class Multipliers(NamedTuple):
+    """The constraint multipliers of a training run, held in its optimizer state (``TrainState.opt_state``)
+    around the primal optimizer's own state ``inner``, beside the masks (:class:`pruning.MaskState`):
+    ``TrainState.dual`` reads them there and ``TrainState.with_dual`` puts new ones there."""
+
+    dual: DualState
+    inner: Any
+
+
 def project_multipliers(multipliers: chex.Array, is_equality: chex.Array) -> chex.Array:
     """Inequality multipliers onto ``>= 0``; equality multipliers untouched."""
     return jnp.where(is_equality, multipliers, jnp.maximum(multipliers, 0.0))

@@ -169,19 +169,19 @@ def masked_update(inner: optax.GradientTransformation, masks: Any, updates: Para
     return out, inner_state
 
 
-def masked_step(tx: optax.GradientTransformation, state: MaskState, grads: Params, params: Params
-                ) -> tuple[Params, MaskState]:
-    """One optimizer step of ``params`` under the masks of ``state``: ``(new params, new state)``. The gradient
-    of pruned weights is zeroed, ``tx`` runs on ``state.inner``, and the updated params are multiplied by the
+def masked_step(tx: optax.GradientTransformation, masks: Any, inner: Any, grads: Params, params: Params
+                ) -> tuple[Params, Any]:
+    """One optimizer step of ``params`` under ``masks``: ``(new params, new state of tx)``. The gradient of
+    pruned weights is zeroed, ``tx`` runs on its state ``inner``, and the updated params are multiplied by the
     masks (exactly 0 where pruned, exactly ``params + update`` elsewhere). The library's training steps take
     this form (:func:`fairprune_jax.train.apply_gradients`); an optax chain cannot multiply the params after
     ``apply_updates``, so :func:`keep_pruned` and :meth:`Pruner.wrap_optax` return ``-params`` where pruned
     instead: the same zeros, the same kept weights up to how the compiler fuses ``params + update``."""
-    if state.masks is None:
-        updates, inner = tx.update(grads, state.inner, params)
-        return optax.apply_updates(params, updates), MaskState(masks=None, inner=inner)
-    updates, inner = tx.update(masks_lib.apply_masks(grads, state.masks), state.inner, params)
-    return masks_lib.apply_masks(optax.apply_updates(params, updates), state.masks), state._replace(inner=inner)
+    if masks is None:
+        updates, inner = tx.update(grads, inner, params)
+        return optax.apply_updates(params, updates), inner
+    updates, inner = tx.update(masks_lib.apply_masks(grads, masks), inner, params)
+    return masks_lib.apply_masks(optax.apply_updates(params, updates), masks), inner
 
 
 def keep_pruned(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

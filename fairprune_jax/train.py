@@ -24,7 +24,7 @@ from fairprune_jax.notices import tqdm
 
 from fairprune_jax import checkpoint as checkpoint_lib
 from fairprune_jax import tracking as tracking_lib
-from fairprune_jax import certify, distributed, fairness, pruning
+from fairprune_jax import certify, constrained, distributed, fairness, pruning
 from fairprune_jax.config import OPTIMIZERS
 from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
 from fairprune_jax.masks import apply_masks
@@ -52,8 +52,9 @@ class TrainState:
 
     The masks live in the optimizer state (a :class:`pruning.MaskState`, or the :class:`pruning.PrunerState`
     of a :class:`pruning.Pruner`): ``state.masks`` reads them there (None: a dense model), and
-    ``state.replace(masks=m)`` / ``state.with_masks(m)`` put new ones there; the update that keeps pruned
-    weights at zero is :func:`pruning.masked_update`, the same for the library's methods and a user's loop.
+    ``state.replace(masks=m)`` / ``state.with_masks(m)`` put new ones there. So do a constrained method's
+    multipliers (:class:`constrained.Multipliers`): ``state.dual``, ``state.with_dual(d)``. The optimizer's own
+    state inside those holders is :func:`primal_state`.
     """
 
     params: Any
@@ -73,12 +74,77 @@ class TrainState:
         """This state with ``masks`` in its optimizer state (the params are not touched)."""
         return dataclasses.replace(self, opt_state=pruning.with_masks(self.opt_state, masks))
 
+    @property
+    def dual(self) -> Any:
+        """The constraint multipliers held in the optimizer state (a :class:`constrained.DualState`; None when
+        the run has no constraints)."""
+        s = self.opt_state
+        while isinstance(s, _HOLDERS):
+            if isinstance(s, constrained.Multipliers):
+                return s.dual
+            s = s.inner
+        return None
+
+    def with_dual(self, dual: Any) -> "TrainState":
+        """This state with the multipliers ``dual`` in its optimizer state (``None`` removes them)."""
+        primal = primal_state(self.opt_state)
+        if dual is None:
+            return dataclasses.replace(self, opt_state=with_primal(_drop_multipliers(self.opt_state), primal))
+        if self.dual is not None:
+            return dataclasses.replace(self, opt_state=_set_dual(self.opt_state, dual))
+        return dataclasses.replace(self, opt_state=with_primal(self.opt_state, constrained.Multipliers(dual, primal)))
+
+
+#: What the library keeps in a training state's optimizer state around the primal optimizer's own state: the
+#: masks (:class:`pruning.MaskState`) and the constraint multipliers (:class:`constrained.Multipliers`).
+_HOLDERS = (pruning.MaskState, constrained.Multipliers)
+
+
+def primal_state(opt_state: Any) -> Any:
+    """The state of the optimizer of the params (or of a method's scores) inside the library's holders."""
+    while isinstance(opt_state, _HOLDERS):
+        opt_state = opt_state.inner
+    return opt_state
+
+
+def with_primal(opt_state: Any, primal: Any) -> Any:
+    """``opt_state`` with the state inside its holders replaced by ``primal`` (masks and multipliers kept)."""
+    if isinstance(opt_state, _HOLDERS):
+        return opt_state._replace(inner=with_primal(opt_state.inner, primal))
+    return primal
+
+
+def _set_dual(opt_state: Any, dual: Any) -> Any:
+    if isinstance(opt_state, constrained.Multipliers):
+        return opt_state._replace(dual=dual)
+    return opt_state._replace(inner=_set_dual(opt_state.inner, dual))
+
+
+def _drop_multipliers(opt_state: Any) -> Any:
+    if isinstance(opt_state, constrained.Multipliers):
+        return opt_state.inner
+    if isinstance(opt_state, _HOLDERS):
+        return opt_state._replace(inner=_drop_multipliers(opt_state.inner))
+    return opt_state
+
+
+def _holds_masks(opt_state: Any) -> bool:
+    while isinstance(opt_state, _HOLDERS):
+        if isinstance(opt_state, pruning.MaskState):
+            return True
+        opt_state = opt_state.inner
+    return False
+
 
 def _replace(self: TrainState, **updates: Any) -> TrainState:
-    """``dataclasses.replace``, where ``masks=`` goes into the optimizer state (after a new ``opt_state``)."""
+    """``dataclasses.replace``, where ``masks=`` and ``dual=`` go into the optimizer state (after a new
+    ``opt_state``)."""
     masks = updates.pop("masks", _KEEP)
+    dual = updates.pop("dual", _KEEP)
     new = dataclasses.replace(self, **updates)
-    return new if masks is _KEEP else new.with_masks(masks)
+    if masks is not _KEEP:
+        new = new.with_masks(masks)
+    return new if dual is _KEEP else new.with_dual(dual)
 
 
 _KEEP = object()
@@ -131,11 +197,13 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
     :meth:`pruning.Pruner.wrap_optax` optimizer (a :class:`pruning.PrunerState` in the state) keeps them at
     zero by its own update.
     """
-    if isinstance(state.opt_state, pruning.MaskState):
-        params, opt_state = pruning.masked_step(tx, state.opt_state, grads, state.params)
+    primal = primal_state(state.opt_state)
+    if _holds_masks(state.opt_state):
+        params, primal = pruning.masked_step(tx, state.masks, primal, grads, state.params)
     else:
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, primal = tx.update(grads, primal, state.params)
         params = optax.apply_updates(state.params, updates)
+    opt_state = with_primal(state.opt_state, primal)
     nan_step = state.nan_step if loss is None else first_nan_step(state, loss)
     return state.replace(params=params, opt_state=opt_state,
                          model_state=state.model_state if model_state is None else model_state,
@@ -168,7 +236,9 @@ class StepOutput(NamedTuple):
     extra: Any = None          # the new ``state.extra`` (None: unchanged)
     stats: dict | None = None  # further statistics (a ``loss`` here is reported instead of the objective's)
     fields: dict | None = None  # with ``grads=None``: the TrainState fields the objective updated itself
-                                # (e.g. ``opt_state`` and ``masks`` of a step that trains mask scores)
+                                # (e.g. ``masks`` and ``opt_state`` of a step that trains mask scores: the state
+                                # of its own optimizer, :func:`primal_state`; masks and multipliers stay around it)
+    dual: Any = None           # the new constraint multipliers (kept in the optimizer state; None: unchanged)
 
 
 Forward = Callable[..., tuple[jax.Array, Any]]
@@ -243,9 +313,14 @@ def make_step(fm: FunctionalModel, tx: optax.GradientTransformation | None, obje
             new_state = apply_gradients(state, out.grads, tx, model_state=out.model_state, loss=out.loss, rng=rng,
                                         extra=out.extra)
         else:
-            new_state = state.replace(**(out.fields or {}), model_state=out.model_state, rng=rng,
+            fields = dict(out.fields or {})
+            if "opt_state" in fields:
+                fields["opt_state"] = with_primal(state.opt_state, fields["opt_state"])
+            new_state = state.replace(**fields, model_state=out.model_state, rng=rng,
                                       step=state.step + 1, nan_step=first_nan_step(state, out.loss),
                                       extra=state.extra if out.extra is None else out.extra)
+        if out.dual is not None:
+            new_state = new_state.with_dual(out.dual)
         acc = weighted_mean((jnp.argmax(out.logits, -1) == batch["y"]).astype(jnp.float32), batch["w"])
         return new_state, {"loss": out.loss, "accuracy": acc, **(out.stats or {})}
 

@@ -259,7 +259,7 @@ def test_bilevel_step_exact_sparsity_and_pruned_weights_kept(structured):
         for g in groups:                    # the companions carry the same unit mask
             for c in g.companions:
                 np.testing.assert_array_equal(named[c], named[g.kernel])
-        mult = np.asarray(state.extra["fair"]["dual"].multipliers)
+        mult = np.asarray(state.dual.multipliers)          # (the multipliers live in the optimizer state)
         assert mult.shape == (2,) and (mult >= 0).all() and (mult <= 5.0).all()
     # weights pruned from the start keep their values (no zeroing): they can come back
     n0 = "convs/0/kernel" if structured else "layers/0/kernel"

@@ -296,11 +296,11 @@ def test_masks_live_in_the_optimizer_state_and_both_update_forms_agree():
     inner = optax.sgd(0.1, momentum=0.9)
     tx = pruning.keep_pruned(inner)
     opt = pruning.with_masks(tx.init(params), m)
-    p_user, p_lib, s_lib = st.params, st.params, st.opt_state
+    p_user, p_lib, s_lib = st.params, st.params, st.opt_state.inner
     for _ in range(3):
         upd, opt = tx.update(grads, opt, p_user)
         p_user = optax.apply_updates(p_user, upd)
-        p_lib, s_lib = pruning.masked_step(inner, s_lib, grads, p_lib)
+        p_lib, s_lib = pruning.masked_step(inner, m, s_lib, grads, p_lib)
     for a, b in zip(jax.tree.leaves(p_user), jax.tree.leaves(p_lib)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     assert np.all(np.asarray(p_user["a"]["kernel"])[np.asarray(m["a"]["kernel"]) == 0] == 0)

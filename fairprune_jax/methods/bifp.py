@@ -194,7 +194,7 @@ def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list
 
     def hook(state, step):
         if step % spe == 0:
-            hist.append(np.round(np.asarray(state.extra["fair"]["dual"].multipliers), 4).tolist())
+            hist.append(np.round(np.asarray(state.dual.multipliers), 4).tolist())
         return state
     return hook, hist
 
@@ -220,8 +220,10 @@ def kept_units(masks: Any, groups) -> dict[str, list[int]]:
 
 def _fair_state(ctx: Context, start: TrainState, masks: Any, tx, spec: bilevel.Fairness,
                 fair_extra: dict | None = None) -> TrainState:
-    extra = {"fair": bilevel.fairness_init(spec) if fair_extra is None else fair_extra}
-    return create_state(start.params, start.model_state, tx, masks=masks, seed=ctx.stream_seed("finetune_state"), extra=extra)
+    fair, dual = bilevel.split_dual(bilevel.fairness_init(spec) if fair_extra is None else fair_extra)
+    state = create_state(start.params, start.model_state, tx, masks=masks, seed=ctx.stream_seed("finetune_state"),
+                         extra={"fair": fair})
+    return state if dual is None else state.with_dual(dual)
 
 
 def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
@@ -229,8 +231,8 @@ def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
         return {}
     out = {"train_fairness": bilevel.split_fairness(ctx.fm, spec, state.params, state.masks, state.model_state,
                                                     ctx.dataset.train, ctx.config.eval_batch_size)}
-    if spec.mode == "constraint" and isinstance(state.extra, dict) and "fair" in state.extra:
-        mult = np.asarray(state.extra["fair"]["dual"].multipliers)
+    if spec.mode == "constraint" and state.dual is not None:
+        mult = np.asarray(state.dual.multipliers)
         out["multiplier"] = float(mult.max())
         out["multipliers"] = np.round(mult, 4).tolist()
     return out
@@ -310,10 +312,10 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     mask_lr = optax.cosine_decay_schedule(opts.mask_lr, search_steps) if frac > 0 else opts.mask_lr
     mask_tx = optax.sgd(mask_lr, momentum=momentum if momentum > 0 else None)
     # theta starts from the dense weights, NOT masked: pruned units keep their values and may come back
+    fair0, dual0 = bilevel.split_dual(bilevel.fairness_init(spec))
     state = create_state(dense.params, dense.model_state, weight_tx, seed=ctx.stream_seed("finetune_state"),
-                         extra={"scores": scores0, "mask_opt": mask_tx.init(scores0),
-                                "fair": bilevel.fairness_init(spec)})
-    state = state.replace(masks=masks0)
+                         extra={"scores": scores0, "mask_opt": mask_tx.init(scores0), "fair": fair0})
+    state = state.replace(masks=masks0, dual=dual0) if dual0 is not None else state.replace(masks=masks0)
     step = bilevel.make_bilevel_step(ctx.fm, spec, weight_tx, mask_tx, counts, groups=groups,
                                      gamma=opts.gamma, lower_steps=opts.lower_steps,
                                      score_clip=opts.score_clip, mask_grad=opts.mask_grad,
@@ -334,12 +336,12 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
                             "bilevel_epochs": epochs, "units_swapped_vs_magnitude": changed, "units_kept": kept,
                             "dual_lr_used": fair_dual_lr(opts, epochs * ctx.steps_per_epoch)}
     if spec.mode == "constraint":
-        mult_hist.append(np.round(np.asarray(state.extra["fair"]["dual"].multipliers), 4).tolist())
+        mult_hist.append(np.round(np.asarray(state.dual.multipliers), 4).tolist())
         info["multiplier_history"] = mult_hist
     if opts.retrain_epochs > 0:
         r_epochs = opts.retrain_epochs
         tx = _weight_tx(ctx, opts, r_epochs)
-        st = _fair_state(ctx, pruned, final, tx, spec, fair_extra=state.extra["fair"])
+        st = _fair_state(ctx, pruned, final, tx, spec, fair_extra=bilevel.fair_of(state))
         pruned, info["retrain_history"] = ctx.finetune(st, tx, epochs=r_epochs,
                                                        step_fn=bilevel.make_fair_step(ctx.fm, spec, tx,
                                                                                       augment=ctx.augment),

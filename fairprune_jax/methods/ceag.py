@@ -51,7 +51,7 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
                           distill: float = 0.0) -> Callable:
     """Jitted ``(state, batch) -> (state, stats)`` for a group-constrained fine-tuning step.
 
-    ``state.extra`` is ``{"dual": DualState, ...method buffers}``. One forward
+    ``state.dual`` holds the multipliers (in the optimizer state), ``state.extra`` the method's buffers. One forward
     pass serves the loss, the proxy violations, the buffers and both the dual
     and the primal update (:func:`constrained.constrained_grads`); the rest of
     the step is :func:`train.make_step`'s.
@@ -73,12 +73,11 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
             return (loss + distill_loss(logits, batch), violation, strict, observed,
                     (logits, new_ms, correct, new_extra))
 
-        grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.extra["dual"],
-                                                              mode)
+        grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.dual, mode)
         logits, new_ms, correct, new_extra = info.aux
         new_extra = dict(new_extra)
         group_acc = new_extra.pop("group_accuracy", None)   # what the dual step read, for tracking only
-        new_extra = {**state.extra, **new_extra, "dual": new_dual}
+        new_extra = {**state.extra, **new_extra}
         if "trajectory" in new_extra:
             new_extra["trajectory"] = trajectory_record(new_extra["trajectory"], state.step, new_dual.multipliers,
                                                         info.strict_violation, info.observed)
@@ -91,7 +90,7 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
                  "multipliers": new_dual.multipliers,
                  "violation": jnp.where(info.observed, info.strict_violation, jnp.nan),
                  "group_accuracy": group_acc}
-        return StepOutput(info.loss, logits, new_ms, grads=grads, extra=new_extra, stats=stats)
+        return StepOutput(info.loss, logits, new_ms, grads=grads, extra=new_extra, stats=stats, dual=new_dual)
 
     return make_step(ctx.fm, tx, objective, augment=ctx.augment, distill=distill,
                      pre=None if pre is None else (lambda state: state.replace(extra=pre(state))))
@@ -346,7 +345,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     dual = constrained.dual_from_options(opts, G, equality=False)
     tx = ctx.finetune_tx()
     total = ctx.config.ft_epochs * ctx.steps_per_epoch
-    extra: dict[str, Any] = {"dual": dual.init(), "trajectory": trajectory_init(G, total)}
+    extra: dict[str, Any] = {"trajectory": trajectory_init(G, total)}
     if opts.distill > 0:
         extra.update(teacher_extra(dense))
     ref = dense_reference(ctx)
@@ -382,7 +381,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         terms = ceag_terms(G, ref, eps, overall_from_groups=opts.buffer_overall == "groups")
         eps_g = np.full(G, eps)
         info.update(buffer_size=k, overall_buffer_size=k_all)
-    state = ctx.masked_state(start, start.masks, tx, extra=extra)
+    state = ctx.masked_state(start, start.masks, tx, extra=extra).with_dual(dual.init())
     step = make_constrained_step(ctx, tx, dual, terms, opts.mode, pre=pre, distill=opts.distill)
     # the returned model: the most accurate checkpoint that meets the bound on the rows the constraint reads
     # (held-out rows, or the whole training split, evaluated exactly), else the least violating (select=last:
@@ -402,7 +401,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         info["selection"] = sel
         sel["rows"] = "held-out" if held_out else "train"
     traj = jax.device_get(state.extra["trajectory"])
-    info.update(history=hist, multipliers=np.asarray(state.extra["dual"].multipliers).tolist(), eps=eps,
+    info.update(history=hist, multipliers=np.asarray(state.dual.multipliers).tolist(), eps=eps,
                 constraint_data="val" if held_out else ("train_all" if table else "train"), trajectory=trajectory_info(traj, names, offset=eps_g))
     if select and not info["selection"]["feasible"]:
         sel, where = info["selection"], "held-out" if held_out else "training"
@@ -651,14 +650,14 @@ def el(ctx: Context, dense: TrainState, opts: ElOptions) -> tuple[TrainState, di
     G = ctx.dataset.num_groups
     dual = constrained.dual_from_options(opts, G, equality=True)
     tx = ctx.finetune_tx()
-    extra: dict[str, Any] = {"dual": dual.init()}
+    extra: dict[str, Any] = {}
     if opts.distill > 0:
         extra.update(teacher_extra(dense))
     if opts.buffers:
         extra["buffer"] = constrained.buffer_init(G, opts.buffer_size)
         extra["overall"] = constrained.buffer_init(1, 10 * opts.buffer_size)
-    state = ctx.masked_state(start, start.masks, tx, extra=extra)
+    state = ctx.masked_state(start, start.masks, tx, extra=extra).with_dual(dual.init())
     step = make_constrained_step(ctx, tx, dual, el_terms(G, opts.buffers), opts.mode, distill=opts.distill)
     state, hist = ctx.finetune(state, tx, step_fn=step, desc="fine-tune (el)")
-    info.update(history=hist, multipliers=np.asarray(state.extra["dual"].multipliers).tolist())
+    info.update(history=hist, multipliers=np.asarray(state.dual.multipliers).tolist())
     return without_teacher(state), info

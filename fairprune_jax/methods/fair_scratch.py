@@ -108,11 +108,10 @@ from fairprune_jax import masks as masks_lib
 from fairprune_jax import surrogates
 from fairprune_jax.data.base import Split
 from fairprune_jax.masks import _is_none, apply_masks
-from fairprune_jax.pruning import without_masks
 from fairprune_jax.methods.base import Context, make_optimizer, register
 from fairprune_jax.rewind import eval_summary, initial_weights, sparsity_report
-from fairprune_jax.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step, split_logits,
-                                 weighted_mean)
+from fairprune_jax.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step, primal_state,
+                                 split_logits, weighted_mean)
 
 INITS = ("signed_constant", "model")
 
@@ -214,7 +213,7 @@ def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, spar
             return ce + lam_t * fair, (ce, fair, logits, new_ms, hard)
 
         (loss, (ce, fair, logits, new_ms, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
-        updates, opt_state = tx.update(grads, without_masks(state.opt_state), trained)   # the scores' optimizer
+        updates, opt_state = tx.update(grads, primal_state(state.opt_state), trained)   # the scores' optimizer
         trained = optax.apply_updates(trained, updates)
         return StepOutput(loss, logits, new_ms, extra=trained, stats={"ce": ce, "fair": fair},
                           fields={"masks": hard, "opt_state": opt_state})
