@@ -72,7 +72,10 @@ def main() -> None:
     dual = constrained.dual_from_options(ceag_lib.with_dual_lr(ceag_lib.CeagOptions(), "val"), G, equality=False)
 
     def fresh(extra):
-        return create_state(params, ms, tx, masks=m, extra=extra)
+        extra = dict(extra or {})
+        dual = extra.pop("dual", None)          # the multipliers live in the optimizer state
+        state = create_state(params, ms, tx, masks=m, extra=extra or None)
+        return state if dual is None else state.with_dual(dual)
 
     steps = {
         "plain": (make_train_step(fm, tx), lambda: fresh(None)),

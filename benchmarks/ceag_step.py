@@ -121,7 +121,10 @@ def jax_fresh_state(ctx, params, model_state, masks, tx, extra=None):
                        rng=jax.random.key(0), step=None, nan_step=None)
     # copies: the steps donate their whole state (masks included)
     copy = lambda t: jax.tree.map(lambda a: jax.numpy.array(a, copy=True), t)   # noqa: E731
-    return ctx.masked_state(copy(dense), copy(masks), tx, extra=extra)
+    extra = dict(extra or {})
+    dual = extra.pop("dual", None)              # the multipliers live in the optimizer state
+    state = ctx.masked_state(copy(dense), copy(masks), tx, extra=extra or None)
+    return state if dual is None else state.with_dual(dual)
 
 
 def reference_counts(G: int, num_classes: int, seed: int):
@@ -412,7 +415,7 @@ def equivalence_check(model: str, args, T) -> dict:
         state, stats = step(state, {k: jax.numpy.asarray(v) for k, v in b.items()})
         jl.append(float(stats["loss"]))
         tl.append(float(tstep(bt).loss))
-    jm = np.asarray(state.extra["dual"].multipliers)
+    jm = np.asarray(state.dual.multipliers)
     tm = cmp.multiplier.weight.detach().numpy()
     tparams = dict(tmodel.named_parameters())
     if model == "mlp":
