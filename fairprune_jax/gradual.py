@@ -55,20 +55,24 @@ def cubic_points(sparsity: float, prune_steps: int, updates: int) -> dict[int, f
     return dict(schedules.cubic_steps(sparsity, prune_steps, max(prune_steps // max(updates, 1), 1)))
 
 
-def magnitude_hook(ctx: Context, points: dict[int, float], template: Any):
-    """The ``fit`` hook of gradual magnitude pruning: before step ``s`` in ``points``, the masks keep the largest
-    weights at sparsity ``points[s]`` (already-pruned weights never come back); other steps are untouched.
-    A pure function of ``(state, step)``, so a checkpointed phase can continue mid-way."""
+def score_hook(ctx: Context, points: dict[int, float], template: Any, score=scores.magnitude):
+    """The ``fit`` hook of gradual pruning by ``score(params, template)`` (default: magnitude): before step ``s``
+    in ``points``, the masks keep the highest-scoring weights at sparsity ``points[s]`` (already-pruned weights
+    never come back); other steps are untouched. A pure function of ``(state, step)``, so a checkpointed phase
+    can continue mid-way. With :func:`cubic_points` and :meth:`Context.finetune_masks` it is a whole gradual
+    method (``tests/test_layering.py`` builds one in a few lines)."""
 
     @resumable
     def hook(s: TrainState, step: int) -> TrainState:
         if step not in points:
             return s
-        m = ctx.masks_from_scores(scores.magnitude(s.params, template), points[step], prev_masks=s.masks,
-                                  template=template)
+        m = ctx.masks_from_scores(score(s.params, template), points[step], prev_masks=s.masks, template=template)
         return s.replace(masks=m, params=apply_masks(s.params, m))
 
     return hook
+
+
+magnitude_hook = score_hook      # gradual magnitude pruning (gmp, and the pruned start of ceag / nft / el)
 
 
 def phase_template(ctx: Context, params: Any, opts: PrunePhaseOptions) -> Any:

@@ -25,7 +25,7 @@ from fairprune_jax.data.base import Dataset, derived_seed
 from fairprune_jax.models import FunctionalModel
 from fairprune_jax.rewind import save_masks
 from fairprune_jax.train import (TrainState, create_state, fit, make_optimizer,  # noqa: F401  (re-exported)
-                                 make_train_step)
+                                 make_train_step, teacher_extra, without_teacher)
 
 
 #: Named random streams of a method, as offsets from the run's seed. The offsets are those the methods used
@@ -149,6 +149,16 @@ class Context:
         A method writes to disk only through here: it never sees the folder."""
         where = self.output_location(name)
         return None if where is None else str(save_masks(Path(where), masks, report, **arrays))
+
+    def finetune_masks(self, dense: TrainState, masks: Any, *, hook: Callable | None = None,
+                       distill: float = 0.0) -> tuple[TrainState, dict]:
+        """Fine-tune ``dense`` under ``masks`` with the run's fine-tuning optimizer and budget (``hook`` may change
+        the masks on a schedule, e.g. :func:`gradual.score_hook`; ``distill`` times the KL to ``dense``):
+        ``(pruned state, history)``. With a score it is a whole one-shot or gradual method."""
+        tx = self.finetune_tx()
+        extra = teacher_extra(dense) if distill > 0 else None
+        state, hist = self.finetune(self.masked_state(dense, masks, tx, extra=extra), tx, hook=hook, distill=distill)
+        return without_teacher(state), hist
 
     def finetune(self, state: TrainState, tx: optax.GradientTransformation, *, epochs: int | None = None,
                  step_fn: Callable | None = None, hook: Callable | None = None,

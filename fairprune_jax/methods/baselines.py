@@ -9,23 +9,13 @@ from fairprune_jax import scores, schedules
 from fairprune_jax.gradual import DistillOptions, cubic_points, magnitude_hook
 from fairprune_jax.masks import ones_like_template
 from fairprune_jax.methods.base import Context, register
-from fairprune_jax.train import TrainState, teacher_extra, without_teacher
-
-
-def finetune_masked(ctx: Context, dense: TrainState, masks, opts: DistillOptions, hook=None
-                    ) -> tuple[TrainState, dict]:
-    """Fine-tune ``dense`` under ``masks`` (plus ``opts.distill`` times the KL to ``dense``)."""
-    tx = ctx.finetune_tx()
-    extra = teacher_extra(dense) if opts.distill > 0 else None
-    state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx, extra=extra), tx, hook=hook,
-                               distill=opts.distill)
-    return without_teacher(state), hist
+from fairprune_jax.train import TrainState
 
 
 @register("magnitude", "one-shot magnitude pruning to the target, then fine-tuning", DistillOptions)
 def magnitude(ctx: Context, dense: TrainState, opts: DistillOptions) -> tuple[TrainState, dict]:
     masks = ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), ctx.config.sparsity)
-    state, hist = finetune_masked(ctx, dense, masks, opts)
+    state, hist = ctx.finetune_masks(dense, masks, distill=opts.distill)
     return state, {"history": hist}
 
 
@@ -33,7 +23,7 @@ def magnitude(ctx: Context, dense: TrainState, opts: DistillOptions) -> tuple[Tr
 def random(ctx: Context, dense: TrainState, opts: DistillOptions) -> tuple[TrainState, dict]:
     key = jax.random.key(ctx.stream_seed("random_scores"))
     masks = ctx.masks_from_scores(scores.random(key, dense.params, ctx.template), ctx.config.sparsity)
-    state, hist = finetune_masked(ctx, dense, masks, opts)
+    state, hist = ctx.finetune_masks(dense, masks, distill=opts.distill)
     return state, {"history": hist}
 
 
@@ -59,7 +49,8 @@ class GmpOptions(DistillOptions):
 def gmp(ctx: Context, dense: TrainState, opts: GmpOptions) -> tuple[TrainState, dict]:
     total = ctx.config.ft_epochs * ctx.steps_per_epoch
     hook, points = gradual_magnitude_hook(ctx, total, opts.prune_fraction, opts.updates)
-    state, hist = finetune_masked(ctx, dense, ones_like_template(dense.params, ctx.template), opts, hook=hook)
+    state, hist = ctx.finetune_masks(dense, ones_like_template(dense.params, ctx.template), hook=hook,
+                                     distill=opts.distill)
     last = max(points)
     if last >= total:
         # The hook runs before steps 0..total-1, so a schedule whose last point is not before the end
