@@ -46,8 +46,7 @@ from fairprune_jax.config import DISTRIBUTIONS
 from fairprune_jax.masks import _is_none
 
 __all__ = ["PrunerState", "Pruner", "one_shot", "cubic", "iterative", "find_state", "SCORES", "MaskState",
-           "masked_update", "keep_pruned", "find_masks", "with_masks", "without_masks",
-           "masked_step"]
+           "masked_update", "keep_pruned", "find_masks", "with_masks", "masked_step"]
 
 Params = Any
 # score(params, grads, key, template) -> scores mirroring the template (None where not pruned)
@@ -227,12 +226,6 @@ def with_masks(opt_state: Any, masks: Any) -> Any:
         return opt_state.inner
     return jax.tree.map(lambda x: x._replace(masks=masks) if isinstance(x, (PrunerState, MaskState)) else x,
                         opt_state, is_leaf=lambda x: isinstance(x, (PrunerState, MaskState)))
-
-
-def without_masks(opt_state: Any) -> Any:
-    """The optimizer state inside a :class:`MaskState` (what the wrapped optimizer itself updates), else
-    ``opt_state`` itself."""
-    return opt_state.inner if isinstance(opt_state, MaskState) else opt_state
 
 
 def find_state(opt_state: Any) -> PrunerState:

@@ -87,12 +87,12 @@ class TrainState:
 
     def with_dual(self, dual: Any) -> "TrainState":
         """This state with the multipliers ``dual`` in its optimizer state (``None`` removes them)."""
-        primal = primal_state(self.opt_state)
         if dual is None:
-            return dataclasses.replace(self, opt_state=with_primal(_drop_multipliers(self.opt_state), primal))
+            return dataclasses.replace(self, opt_state=_drop_multipliers(self.opt_state))
         if self.dual is not None:
             return dataclasses.replace(self, opt_state=_set_dual(self.opt_state, dual))
-        return dataclasses.replace(self, opt_state=with_primal(self.opt_state, constrained.Multipliers(dual, primal)))
+        primal = constrained.Multipliers(dual, primal_state(self.opt_state))
+        return dataclasses.replace(self, opt_state=with_primal(self.opt_state, primal))
 
 
 #: What the library keeps in a training state's optimizer state around the primal optimizer's own state: the
