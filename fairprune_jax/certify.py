@@ -210,6 +210,33 @@ def psi_floor(n: np.ndarray, level: float = 0.95, method: str = "mover") -> np.n
     return psi_intervals(n, z, z, level, method)[2]
 
 
+def predicted_halfwidth(n: np.ndarray, flip_rate: np.ndarray, level: float = 0.95,
+                        method: str = "mover") -> np.ndarray:
+    """Per group, how far above psi_g the certificate's upper end will sit on a split of ``n`` rows per group
+    whose pruned model flips ``flip_rate`` of each group's rows (half lost, half gained).
+
+    A planning number: it tells a method what a certified bound E leaves for psi_g itself (CEAG's
+    ``aim=certificate`` constrains psi_g <= E - h_g), and, through :func:`reachable_bound`, the smallest bound
+    such a split can certify. ``n`` may be fractional (expected counts).
+    """
+    n = np.asarray(n, np.float64)
+    half = np.asarray(flip_rate, np.float64) * n / 2
+    psi, _, high = psi_intervals(n, half, half, level, method)
+    return high - psi
+
+
+def reachable_bound(weights: np.ndarray, halfwidth: np.ndarray) -> float:
+    """The smallest certified max psi_g any model with these half-widths can reach: sum_g w_g h_g.
+
+    psi_g averages to zero over the rows (sum_g w_g psi_g = 0 with w_g the groups' shares), so max_g (psi_g +
+    h_g) >= sum_g w_g (psi_g + h_g) = sum_g w_g h_g, with equality when psi_g = t - h_g for every g.
+    """
+    w = np.asarray(weights, np.float64)
+    h = np.asarray(halfwidth, np.float64)
+    ok = np.isfinite(h) & (w > 0)
+    return float(np.sum(w[ok] * h[ok]) / max(float(np.sum(w[ok])), 1e-12))
+
+
 def psi_standard_error(n: np.ndarray, lost: np.ndarray, gained: np.ndarray) -> np.ndarray:
     """Approximate standard error of each group's psi_g estimate (paired, Agresti-Min adjusted; never 0).
 
@@ -414,4 +441,5 @@ def summary_line(cert: dict) -> str:
 __all__ = ["SMALL_GROUP_ROWS", "DEGENERATE_SHARE", "VERDICTS", "INTERVAL_VERSION", "paired_counts",
            "clopper_pearson",
            "paired_difference_interval", "rate_difference_interval", "PSI_METHODS", "psi_intervals", "psi_floor",
+           "predicted_halfwidth", "reachable_bound",
            "psi_standard_error", "coverage_simulation", "verdicts", "prediction_summary", "certificate", "headline", "summary_line"]

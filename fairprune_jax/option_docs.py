@@ -35,6 +35,10 @@ OPTION_DOCS: dict[str, str] = {
     "val_fraction": "share of train carved out as held-out rows when the data has no validation split",
     "val_batch_size": "held-out (or training) rows re-evaluated per step for the dual step (0: the batch size)",
     "margin_z": "held-out mode: constrain psi_g <= eps - z * SE(psi_g), a margin of z standard errors",
+    "aim": ("point: eps bounds psi_g (the paper's); certificate: eps bounds the test certificate's upper end, so "
+            "psi_g <= eps - h_g with h_g the half-width group g's interval will have (from its share of the "
+            "rows and its flip rate at the pruned start); an eps below what the split can certify is raised"),
+    "aim_margin": "aim=certificate: when eps is out of reach, aim at the smallest certifiable bound plus this",
     "select": "feasible: return the most accurate of select_points checkpoints meeting eps on the constraint's "
               "rows; last: the last model (the paper's)",
     "early_stop": "nft: return the most accurate of select_points checkpoints on held-out rows (the dataset's "

@@ -133,6 +133,34 @@ def test_ceag_selects_the_most_accurate_feasible_checkpoint(small_prepared):
     assert any("same as nft" in w for w in info["notes"]) and not any("same as nft" in w for w in info["warnings"])
 
 
+def test_ceag_aimed_at_the_certificate_constrains_each_group_below_its_predicted_interval(small_prepared):
+    """aim=certificate: eps_g = T - h_g with h_g the half-width the test certificate will have for the group;
+    T = eps when reachable, else the smallest certifiable bound + aim_margin, said in a note; the dual step and
+    the checkpoint selection read those eps_g."""
+    from fairprune_jax import certify
+    res = run_method(small_prepared, method="ceag",
+                     method_options={"aim": "certificate", "eps": 0.0, "prune_epochs": 1, "select_points": 2,
+                                     "constraint_data": "train"})
+    aim = res["method_info"]["aim"]
+    names = list(small_prepared.dataset.group_names)
+    h = np.array([aim["halfwidth"][k] for k in names])
+    eps_g = np.array([aim["eps_g"][k] for k in names])
+    np.testing.assert_allclose(eps_g, aim["target"] - h, atol=2e-5)
+    assert aim["target"] == pytest.approx(aim["reachable"] + 0.01, abs=1e-5)       # eps 0 is out of reach
+    assert aim["flip_rows"] == "training"                                          # no validation split here
+    share = np.bincount(small_prepared.dataset.train.g, minlength=10) / len(small_prepared.dataset.train)
+    assert aim["reachable"] == pytest.approx(certify.reachable_bound(share, h), abs=1e-4)
+    assert any("out of reach" in w for w in res["method_info"]["warnings"])
+    # a reachable eps is used as it is, with no note
+    loose = run_method(small_prepared, method="ceag",
+                       method_options={"aim": "certificate", "eps": 1.5, "prune_epochs": 1, "select_points": 2,
+                                       "constraint_data": "train"})
+    assert loose["method_info"]["aim"]["target"] == 1.5 and loose["method_info"]["aim"]["note"] is None
+    assert loose["method_info"]["selection"]["feasible"]
+    with pytest.raises(ValueError, match="aim"):
+        run_method(small_prepared, method="ceag", method_options={"aim": "bound"})
+
+
 def test_ceag_option_values_are_checked(prepared):
     with pytest.raises(ValueError, match="constraint_data"):
         run_method(prepared, method="ceag", method_options={"constraint_data": "test"})

@@ -110,6 +110,25 @@ def test_psi_floor_is_the_bound_of_a_model_that_changes_nothing():
     assert hi_lost[2] > floor[2]
 
 
+def test_predicted_halfwidth_is_the_certificate_of_a_model_flipping_that_many_rows():
+    """At integer counts the prediction is the certificate's own upper end above psi_g; more flips or fewer
+    rows widen it; the reachable bound is the rows-weighted mean, and psi_g = t - h_g (which averages to 0)
+    puts every upper end exactly at t."""
+    n = np.array([2000.0, 800.0, 300.0])
+    q = np.array([0.1, 0.2, 0.1])
+    h = certify.predicted_halfwidth(n, q)
+    psi, _, hi = certify.psi_intervals(n, q * n / 2, q * n / 2)
+    np.testing.assert_allclose(h, hi - psi)
+    assert h[1] > certify.predicted_halfwidth(n, np.array([0.1, 0.1, 0.1]))[1]      # more flips: wider
+    assert h[2] > h[0]                                                                # fewer rows: wider
+    np.testing.assert_allclose(certify.predicted_halfwidth(n, np.zeros(3)), certify.psi_floor(n))
+    w = n / n.sum()
+    t = certify.reachable_bound(w, h)
+    assert t == pytest.approx(float(np.sum(w * h)))
+    assert float(np.sum(w * (t - h))) == pytest.approx(0.0, abs=1e-12)              # a feasible psi_g
+    assert certify.reachable_bound(np.array([0.5, 0.5, 0.0]), np.array([0.1, 0.3, np.nan])) == pytest.approx(0.2)
+
+
 def test_psi_standard_error_is_positive_for_unchanged_groups():
     se = certify.psi_standard_error(np.array([500.0, 20.0]), np.array([25.0, 0.0]), np.array([10.0, 0.0]))
     assert np.all(se > 0) and se[1] > se[0]

@@ -182,6 +182,11 @@ AUTO_RARE_ROWS_PER_BATCH = 1.0
 DUAL_LR_AUTO = {"train_all": 2e-2}
 DUAL_LR_PAPER = 1e-2
 SELECT = ("feasible", "last")
+#: What eps bounds. ``point``: the paper's psi_g <= eps. ``certificate``: the certificate's upper end, psi_g + h_g
+#: <= eps, where h_g is the half-width the test certificate's interval will have for group g (see
+#: :func:`certificate_targets`); CEAG then constrains psi_g <= eps - h_g, leaving small or often-flipped groups
+#: a negative target and large ones room.
+AIMS = ("point", "certificate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +204,8 @@ class CeagOptions(constrained.DualOptions, GradualOptions):
     buffer_size: int = 40
     overall_buffer_size: int = 1000
     buffer_overall: str = "samples"         # BUFFER_OVERALL
+    aim: str = "point"                      # AIMS
+    aim_margin: float = 0.01
 
 
 def ceag_terms(num_groups: int, ref: dict, eps: float, overall_from_groups: bool = False) -> ProblemTerms:
@@ -315,6 +322,10 @@ def check_ceag_options(opts: CeagOptions) -> None:
         raise ValueError(f"ceag: unknown select {opts.select!r}; valid: {', '.join(SELECT)}")
     if opts.augmented and opts.dual_optimizer != "sgd":
         raise ValueError("ceag: augmented=True uses its own dual step; leave dual_optimizer=sgd")
+    if opts.aim not in AIMS:
+        raise ValueError(f"ceag: unknown aim {opts.aim!r}; valid: {', '.join(AIMS)}")
+    if opts.aim_margin < 0:
+        raise ValueError(f"ceag: aim_margin must be >= 0; got {opts.aim_margin}")
     if opts.margin_z < 0 or opts.select_points < 1 or opts.val_batch_size < 0:
         raise ValueError("ceag: margin_z must be >= 0, select_points >= 1 and val_batch_size >= 0 "
                          f"(0: the training batch size); got {opts.margin_z}, {opts.select_points}, "
@@ -350,6 +361,11 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         extra.update(teacher_extra(dense))
     ref = dense_reference(ctx)
     pre = None
+    eps_aim: float | np.ndarray = eps
+    if opts.aim == "certificate":
+        eps_aim, info["aim"] = certificate_targets(ctx, dense, start, eps, opts.aim_margin)
+        if info["aim"]["note"]:
+            notes.append(info["aim"]["note"])
     if table:
         dense_val, _ = evaluate(ctx.eval_step, dense, val, cfg.eval_batch_size)
         start_correct = row_correct(ctx, start, val)
@@ -359,7 +375,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         gained = np.bincount(val.g, (dense_correct < start_correct), G)
         n_val_g = np.bincount(val.g, minlength=G).astype(np.float64)
         se = np.nan_to_num(certify.psi_standard_error(n_val_g, lost, gained))
-        eps_g = eps - opts.margin_z * se
+        eps_g = eps_aim - opts.margin_z * se
         extra["val_correct"] = jnp.asarray(start_correct)
         terms = ceag_val_terms(G, ref, reference_from_counts(dense_val), jnp.asarray(val.g, jnp.int32),
                                jnp.asarray(eps_g, jnp.float32))
@@ -378,8 +394,9 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         k = int(min(opts.buffer_size, max(int(n_train_g[n_train_g > 0].min()), 1)))
         k_all = int(min(opts.overall_buffer_size, len(ctx.dataset.train)))
         extra.update(buffer=constrained.buffer_init(G, k), overall=constrained.buffer_init(1, k_all))
-        terms = ceag_terms(G, ref, eps, overall_from_groups=opts.buffer_overall == "groups")
-        eps_g = np.full(G, eps)
+        terms = ceag_terms(G, ref, eps if opts.aim == "point" else jnp.asarray(eps_aim, jnp.float32),
+                           overall_from_groups=opts.buffer_overall == "groups")
+        eps_g = np.broadcast_to(np.asarray(eps_aim, np.float64), (G,)).copy()
         info.update(buffer_size=k, overall_buffer_size=k_all)
     state = ctx.masked_state(start, start.masks, tx, extra=extra).with_dual(dual.init())
     step = make_constrained_step(ctx, tx, dual, terms, opts.mode, pre=pre, distill=opts.distill)
@@ -412,14 +429,17 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
                   "in 3 of 3 seeds; --opt dual_lr=0.05 --opt select_points=32 did too, at up to 1 point of "
                   "accuracy)"
                   if rare and table and not held_out else dual_advice(info['trajectory']['multipliers']))
+        missed = (f"{where} max psi_g {sel['max_psi']:.4f} vs eps {eps}" if opts.aim == "point" else
+                  f"{where} max_g (psi_g - eps_g) {sel['max_violation']:+.4f}, eps_g from aim=certificate")
         notes.append(f"ceag: no checkpoint met psi_g <= eps_g on the {where} rows; returned the least violating "
-                     f"one (step {sel['step']}, {where} max psi_g {sel['max_psi']:.4f} vs eps {eps}): {advice}")
+                     f"one (step {sel['step']}, {missed}): {advice}")
     no_op, info["notes"] = no_op_warnings(traj, names, eps, "held-out" if held_out else "train")
     notes += no_op
     if not held_out and not select:
         gc, _ = evaluate(ctx.eval_step, state, ctx.dataset.train, cfg.eval_batch_size)
-        psi_max = float(np.nanmax(fairness.excess_accuracy_gap(ctx.dense_train_counts, gc)))
-        if psi_max > eps:
+        psi_tr = fairness.excess_accuracy_gap(ctx.dense_train_counts, gc)
+        psi_max = float(np.nanmax(psi_tr))
+        if float(np.nanmax(psi_tr - eps_g)) > 0:
             notes.append(f"ceag: train max psi_g ends at {psi_max:.4f} > eps = {eps}: the constraint is not met on "
                          f"the data it was trained on ({dual_advice(info['trajectory']['multipliers'])})")
     for w in notes:
@@ -473,6 +493,45 @@ def choose_constraint_data(ctx: Context, dense: TrainState, start: TrainState, o
                       "held_out_rows_min": int(n_val.min()),
                       "fewest_rows_per_batch": round(float(per_batch[present].min()), 4), "rare_groups": rare,
                       "chosen": chosen}
+
+
+def certificate_targets(ctx: Context, dense: TrainState, start: TrainState, eps: float, margin: float
+                        ) -> tuple[np.ndarray, dict]:
+    """Per-group targets eps_g = T - h_g for ``aim=certificate`` (and what ``results.json`` records of them).
+
+    h_g is the half-width the test certificate's psi_g interval will have for group g
+    (:func:`certify.predicted_halfwidth`): the test split's size shared out by the training split's group
+    shares (its composition is not read), at the certificate's level and construction, and at the rate at
+    which the pruned start's correctness differs from the dense model's on the validation split (on the
+    training rows without one; there the model may fit its rows, so the rate is low). psi_g averages to 0, so
+    no model certifies below sum_g w_g h_g (:func:`certify.reachable_bound`); T is eps, or that bound plus
+    ``margin`` when eps is below it, and then a note says so. The flip rate is the pruned start's, before
+    fine-tuning brings it down, so h_g errs on the wide side.
+    """
+    ds, G, cfg = ctx.dataset, ctx.dataset.num_groups, ctx.config
+    rows, where = (ds.val, "validation") if ds.val is not None and len(ds.val) else (ds.train, "training")
+    changed = row_correct(ctx, dense, rows) != row_correct(ctx, start, rows)
+    n_rows = np.bincount(rows.g, minlength=G).astype(np.float64)
+    flips = np.bincount(rows.g, changed.astype(np.float64), G) / np.maximum(n_rows, 1.0)
+    share = np.bincount(ds.train.g, minlength=G) / max(len(ds.train), 1)
+    n_test = len(ds.test) if ds.test is not None and len(ds.test) else len(rows)
+    h = certify.predicted_halfwidth(share * n_test, flips, float(cfg.certify_level), cfg.certify_interval)
+    h = np.where(share > 0, h, 0.0)
+    reach = certify.reachable_bound(share, h)
+    target = max(eps, reach + margin)
+    note = None
+    if target > eps:
+        note = (f"ceag: a certified bound of {eps:g} is out of reach for a test split of {n_test} rows at the pruned "
+                f"start's flip rates ({where} rows): no model certifies below about {reach:.3f} there; aiming at "
+                f"{target:.3f} (that + aim_margin {margin:g}). A larger test split, or fewer flipped rows (the "
+                "distill option), lowers it")
+    names = list(ds.group_names)
+    eps_g = target - h
+    return eps_g, {"target": round(target, 6), "reachable": round(reach, 6), "flip_rows": where,
+                   "expected_test_rows": dict(zip(names, np.round(share * n_test, 1).tolist())),
+                   "flip_rate": dict(zip(names, np.round(flips, 4).tolist())),
+                   "halfwidth": dict(zip(names, np.round(h, 5).tolist())),
+                   "eps_g": dict(zip(names, np.round(eps_g, 5).tolist())), "note": note}
 
 
 def held_out_rows(ctx: Context, val_fraction: float) -> tuple[Context, Split, str]:
@@ -538,6 +597,7 @@ def selection_result(state: TrainState, points: list[int], eps: float) -> tuple[
     return chosen, {"rule": "most accurate checkpoint with max_g (psi_g - eps_g) <= 0 on the rows the constraint "
                             "reads, else the least violating; of equal ones the later", "points": points, "feasible": bool(best[0] > 0), "step": step,
                     "max_psi": None if row is None else float(row[2]) + eps,
+                    "max_violation": None if row is None else float(row[2]),
                     "log": [{"step": int(r[0]), "accuracy": float(r[1]), "max_violation": float(r[2])}
                             for r in log if np.isfinite(r[0])]}
 
