@@ -163,6 +163,64 @@ class InvertedResidual(nnx.Module):
         return x + y if self.residual else y
 
 
+#: Basic blocks per stage of the ImageNet ResNets (He et al. 2016, Table 1).
+IMAGENET_RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+class ImageNetResNet(nnx.Module):
+    """ResNet-18 / 34 with basic blocks, four stages of widths w, 2w, 4w, 8w (He et al. 2016, Table 1).
+
+    ``stem="imagenet"``: a 7x7 stride-2 convolution and a 3x3 stride-2 max-pool (224 px inputs, the
+    FairFace / FairGRAPE setting); ``stem="cifar"``: one 3x3 stride-1 convolution and no pooling (32-64 px).
+    At width 64 and 1000 classes ResNet-18 has 11,689,512 parameters and ResNet-34 21,797,672, as
+    torchvision's (tested).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, depth: int = 18, width: int = 64,
+                 stem: str = "imagenet", rngs: nnx.Rngs):
+        if depth not in IMAGENET_RESNET_STAGES:
+            raise ValueError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_RESNET_STAGES)}; got {depth}")
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"ResNet stem must be 'imagenet' or 'cifar'; got {stem!r}")
+        big = stem == "imagenet"
+        self.pool = big
+        self.stem = nnx.Conv(in_channels, width, (7, 7) if big else (3, 3), strides=2 if big else 1,
+                             padding="SAME", use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+        blocks, cin = [], width
+        for stage, n in enumerate(IMAGENET_RESNET_STAGES[depth]):
+            cout = width * 2 ** stage
+            for b in range(n):
+                blocks.append(BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1, rngs=rngs))
+                cin = cout
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
+        if self.pool:
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for block in self.blocks:
+            x = block(x, train)
+        return self.head(x.mean(axis=(1, 2)))
+
+
+class ResNet18(ImageNetResNet):
+    """:class:`ImageNetResNet` at depth 18 (``--model resnet18``)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, width: int = 64, stem: str = "imagenet",
+                 rngs: nnx.Rngs):
+        super().__init__(in_channels, num_classes, depth=18, width=width, stem=stem, rngs=rngs)
+
+
+class ResNet34(ImageNetResNet):
+    """:class:`ImageNetResNet` at depth 34 (``--model resnet34``)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, width: int = 64, stem: str = "imagenet",
+                 rngs: nnx.Rngs):
+        super().__init__(in_channels, num_classes, depth=34, width=width, stem=stem, rngs=rngs)
+
+
 class MobileNetV2(nnx.Module):
     """MobileNet-V2 (Sandler et al. 2018), Balancing Act's UTKFace model (their src/models/mobilenet/mobilenet.py
     follows torchvision's). ``width`` scales every stage's channels (rounded to multiples of 8); ``last`` is
