@@ -154,7 +154,7 @@ def dataset_from_npz(path: Path, protected: str = "race", seed: int = 0):
 
 def utkface_section(args, deadline: float) -> dict:
     from fairprune_jax.methods import RunConfig
-    from fairprune_jax.runner import prepare, run_method
+    from fairprune_jax.running.runner import prepare, run_method
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.npz) if args.npz else None

@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax import constrained, masks, scores
+from fairprune_jax.constraints import constrained
+from fairprune_jax.sparsity import masks, scores
 from fairprune_jax.data import Split, eval_batches, train_batches
 from fairprune_jax.methods import ceag as ceag_lib
 from fairprune_jax.methods.base import Context, RunConfig, make_optimizer
 from fairprune_jax.models import build_model, count_flops, layer_order
-from fairprune_jax.train import create_state, evaluate, make_eval_step, make_train_step
+from fairprune_jax.training.train import create_state, evaluate, make_eval_step, make_train_step
 
 
 def synthetic(model: str, n: int, groups: int, seed: int = 0) -> tuple[Split, tuple, int]:

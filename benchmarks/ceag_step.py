@@ -2,9 +2,9 @@
 
 What is timed (one optimizer step on one batch, CPU):
 
-* ``jax_plain``  -- :func:`fairprune_jax.train.make_train_step` (masked cross-entropy, Adam).
+* ``jax_plain``  -- :func:`fairprune_jax.training.train.make_train_step` (masked cross-entropy, Adam).
 * ``jax_ceag``   -- :func:`fairprune_jax.methods.ceag.make_constrained_step` with
-  :func:`~fairprune_jax.methods.ceag.ceag_terms` and :func:`~fairprune_jax.constrained.dual_from_options`
+  :func:`~fairprune_jax.methods.ceag.ceag_terms` and :func:`~fairprune_jax.constraints.constrained.dual_from_options`
   (the very step ``ceag()`` fine-tunes with: one inequality constraint per group, proxy = loss-based
   excess gap, strict = accuracy gap from replay buffers, alternating dual-then-primal, dual SGD 1e-2).
 * ``torch_plain`` -- the same masked fine-tuning step in eager PyTorch (reference only).
@@ -86,8 +86,8 @@ def jax_setup(model: str, batch_size: int, sparsity: float, seed: int):
     import jax
     from fairprune_jax.data.base import Dataset, Split
     from fairprune_jax.methods.base import RunConfig
-    from fairprune_jax.runner import build_context
-    from fairprune_jax.train import make_train_step
+    from fairprune_jax.running.runner import build_context
+    from fairprune_jax.training.train import make_train_step
 
     st = SETTINGS[model]
     rng = np.random.default_rng(seed)
@@ -116,7 +116,7 @@ def jax_setup(model: str, batch_size: int, sparsity: float, seed: int):
 
 def jax_fresh_state(ctx, params, model_state, masks, tx, extra=None):
     import jax
-    from fairprune_jax.train import TrainState
+    from fairprune_jax.training.train import TrainState
     dense = TrainState(params=params, opt_state=None, model_state=model_state,
                        rng=jax.random.key(0), step=None, nan_step=None)
     # copies: the steps donate their whole state (masks included)
@@ -130,7 +130,7 @@ def jax_fresh_state(ctx, params, model_state, masks, tx, extra=None):
 def reference_counts(G: int, num_classes: int, seed: int):
     """A plausible dense reference (per-group accuracy/loss); group 0 is clearly better, so its
     constraint becomes active once the buffers fill."""
-    from fairprune_jax.fairness import GroupCounts
+    from fairprune_jax.metrics.fairness import GroupCounts
     rng = np.random.default_rng(seed + 7)
     n = np.full(G, 100.0, np.float32)
     acc = rng.uniform(0.55, 0.75, G).astype(np.float32)
@@ -144,7 +144,7 @@ def reference_counts(G: int, num_classes: int, seed: int):
 def jax_ceag(ctx, G: int, seed: int, opts: dict | None = None):
     """Our CEAG step and its extra state, exactly as ``methods.ceag.ceag`` builds them."""
     import dataclasses as dc
-    from fairprune_jax import constrained
+    from fairprune_jax.constraints import constrained
     from fairprune_jax.methods import METHODS
     from fairprune_jax.methods.ceag import ceag_terms, dense_reference, make_constrained_step, with_dual_lr
     parsed = with_dual_lr(METHODS["ceag"].parse(opts or {}))     # the buffers' (paper's) dual step
@@ -789,7 +789,7 @@ def profile_cnn(args, T) -> dict:
 
     # whole model (train mode, masked), JAX vs torch; and the CEAG step with each pooling
     ctx, params, ms, masks, tx, plain_step = jax_setup("cnn", B, args.sparsity, args.seed)
-    from fairprune_jax.train import cross_entropy, masked_forward
+    from fairprune_jax.training.train import cross_entropy, masked_forward
     batches = make_batches("cnn", B, 10, 4, args.seed + 1)
     jb = [{k: jax.device_put(v) for k, v in b.items()} for b in batches]
     fm = ctx.fm

@@ -5,7 +5,7 @@ What is measured (CPU, evaluation mode, batch 256, jitted forward pass):
 * ``dense`` -- the unpruned model. A structured *masked* model has exactly the
   dense shapes, so it runs at dense speed: masking alone buys nothing, which is
   what compaction is for.
-* ``compact@s`` -- :func:`fairprune_jax.compact.compact` of a structured mask
+* ``compact@s`` -- :func:`fairprune_jax.sparsity.compact.compact` of a structured mask
   removing the fraction ``s`` of the units of every removable layer (all convs
   and the hidden ``fc`` of the CNN, every hidden layer of the MLPs; the
   classifier head keeps its outputs). Its outputs are checked against the
@@ -49,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax import bilevel, compact
-from fairprune_jax.masks import apply_masks, map_named, prunable_template
+from fairprune_jax.techniques import bilevel
+from fairprune_jax.sparsity import compact
+from fairprune_jax.sparsity.masks import apply_masks, map_named, prunable_template
 from fairprune_jax.models import count_flops
 
 ROOT = Path(__file__).resolve().parents[1]

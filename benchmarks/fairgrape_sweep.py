@@ -23,8 +23,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fairprune_jax import group_importance as gi
-from fairprune_jax import runner
+from fairprune_jax.techniques import group_importance as gi
+from fairprune_jax.running import runner
 from fairprune_jax.data import load_dataset
 from fairprune_jax.methods import RunConfig
 

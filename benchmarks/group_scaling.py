@@ -41,7 +41,7 @@ import jax  # noqa: E402
 from fairprune_jax.data import load_dataset  # noqa: E402
 from fairprune_jax.data.base import Split  # noqa: E402
 from fairprune_jax.methods import RunConfig, get_method  # noqa: E402
-from fairprune_jax.runner import prepare  # noqa: E402
+from fairprune_jax.running.runner import prepare  # noqa: E402
 
 METHODS = ("ceag", "fairgrape", "el", "nft")
 

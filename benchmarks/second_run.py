@@ -1,5 +1,5 @@
 """Wall time of the default ``fairprune run``: a first run on a machine with empty caches, then the same
-command again (the compilation cache and the dense-model cache of :mod:`fairprune_jax.caches` filled by the
+command again (the compilation cache and the dense-model cache of :mod:`fairprune_jax.training.caches` filled by the
 first). Each repeat starts from an empty cache folder (``XDG_CACHE_HOME`` set to a new temporary folder, so the
 user's own cache is neither read nor touched); the median of the repeats is reported.
 
@@ -44,7 +44,7 @@ def main() -> None:
     for r in range(a.repeat):
         with tempfile.TemporaryDirectory() as home:
             e = dict(env, XDG_CACHE_HOME=home)
-            base = [sys.executable, "-m", "fairprune_jax.cli", "run", "--no-progress", *a.extra]
+            base = [sys.executable, "-m", "fairprune_jax.running.cli", "run", "--no-progress", *a.extra]
             first = timed([*base, "--out", os.path.join(home, "first")], e)
             second = timed([*base, "--out", os.path.join(home, "second")], e)
             res = json.loads(Path(home, "second", "results.json").read_text())

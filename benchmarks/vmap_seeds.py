@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax import masks, scores, seeds as seeds_lib
+from fairprune_jax.sparsity import masks, scores
+from fairprune_jax.training import seeds as seeds_lib
 from fairprune_jax.data import load_dataset, train_batches
 from fairprune_jax.methods.base import make_optimizer
 from fairprune_jax.models import build_model
-from fairprune_jax.train import create_state, fit, make_train_step
+from fairprune_jax.training.train import create_state, fit, make_train_step
 
 
 def step_time(step, state, batches, steps: int) -> tuple[float, object]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fairprune_jax.compare import load_config
+from fairprune_jax.running.compare import load_config
 from fairprune_jax.methods.base import RunConfig
 
 EPOCHS = 4
@@ -36,9 +36,9 @@ def hard_values(cfg_path: str):
     """(values, side, group, sides, groups, name, batch size) on the train split of seed 0's dense model."""
     import jax
 
-    from fairprune_jax import runner
+    from fairprune_jax.running import runner
     from fairprune_jax.data.base import eval_batches
-    from fairprune_jax.masks import apply_masks  # noqa: F401  (dense: no masks)
+    from fairprune_jax.sparsity.masks import apply_masks  # noqa: F401  (dense: no masks)
 
     cc = load_config(cfg_path)
     run = {k: v for k, v in cc.run.items() if k != "save_compact"}

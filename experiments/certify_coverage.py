@@ -28,7 +28,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from fairprune_jax import certify
+from fairprune_jax.metrics import certify
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (20, 45, 200, 1000, 5000)

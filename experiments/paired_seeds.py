@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from fairprune_jax.compare import load_config
+from fairprune_jax.running.compare import load_config
 
 
 def paired(rows: list[dict], base: str, method: str, metric: str, sparsity: float) -> dict:

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fairprune_jax.compare import cell_dir, load_config, run_compare
+from fairprune_jax.running.compare import cell_dir, load_config, run_compare
 
 COMPARED = ("sparsity", "dense", "pruned")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fairprune_jax.compare import load_config
+from fairprune_jax.running.compare import load_config
 
 
 def means(rows: list[dict], entry: str, col: str) -> float | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fairprune_jax.compare import collect, load_config, markdown_table
+from fairprune_jax.running.compare import collect, load_config, markdown_table
 
 HERE = Path(__file__).resolve().parent
 PSI = ["test_accuracy", "train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread"]

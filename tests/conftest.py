@@ -86,7 +86,7 @@ def tiny_models():
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail if a run starts building or training a model: bad input must be refused before that."""
-    from fairprune_jax import runner
+    from fairprune_jax.running import runner
 
     def boom(*a, **k):
         raise RuntimeError("work started before the input was validated")

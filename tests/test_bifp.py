@@ -7,9 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from fairprune_jax import bilevel, compact, constrained, fairness
-from fairprune_jax.compact import UnitGroup
-from fairprune_jax.masks import map_named, named_leaves, prunable_template
+from fairprune_jax.techniques import bilevel
+from fairprune_jax.sparsity import compact
+from fairprune_jax.constraints import constrained
+from fairprune_jax.metrics import fairness
+from fairprune_jax.sparsity.compact import UnitGroup
+from fairprune_jax.sparsity.masks import map_named, named_leaves, prunable_template
 
 # ---------------------------------------------------------------------------
 # The implicit gradient against a brute-force derivative through the lower level
@@ -217,7 +220,7 @@ def _tiny(name="cnn", seed=0):
 @pytest.mark.parametrize("structured", [True, False])
 def test_bilevel_step_exact_sparsity_and_pruned_weights_kept(structured):
     """Structured (CNN, constraint mode) and unstructured (MLP, penalty mode, 2 lower steps)."""
-    from fairprune_jax.train import create_state
+    from fairprune_jax.training.train import create_state
 
     fm, params, model_state = _tiny("cnn" if structured else "mlp")
     rng = np.random.default_rng(1)
@@ -308,7 +311,7 @@ CLI_BASE = ["run", "--dataset", "digits", "--epochs", "4", "--finetune-epochs", 
     ("fair_then_prune", []),
 ])
 def test_cli_end_to_end(tmp_path, method, opts):
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
 
     out = tmp_path / method
     assert main(CLI_BASE + ["--method", method, "--out", str(out), *opts]) == 0
@@ -334,7 +337,7 @@ def test_cli_end_to_end(tmp_path, method, opts):
 
 
 def test_bad_bifp_options_fail_early():
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
 
     assert main(CLI_BASE + ["--method", "bifp", "--opt", "gama=2", "--out", "/tmp/fairprune_never_written"]) == 2
 
@@ -360,8 +363,8 @@ def test_consumer_side_mask_is_the_same_function_and_pruned_units_get_a_gradient
     """Consumer-scaled and producer-masked models agree; d loss / d m at the consumer rows is the
     autodiff derivative of the loss in a continuous unit mask, and is nonzero for pruned units
     (the producer-side derivative of a pruned unit is exactly 0)."""
-    from fairprune_jax.masks import apply_masks
-    from fairprune_jax.train import cross_entropy
+    from fairprune_jax.sparsity.masks import apply_masks
+    from fairprune_jax.training.train import cross_entropy
 
     fm, params, state, groups, _, scores, masks, batch = _tiny_mlp_case()
     named = dict(named_leaves(masks))
@@ -399,7 +402,7 @@ def test_reviving_a_useful_pruned_unit_raises_its_score_and_swaps_it_in():
     """Hidden unit 0 reads the informative feature but has the smaller weights, so magnitude prunes it;
     unit 1 is large but reads noise. With the consumer-side gradient the bi-level step brings unit 0
     back (its score rises past unit 1's); with the producer-side gradient its score never moves."""
-    from fairprune_jax.train import create_state
+    from fairprune_jax.training.train import create_state
 
     fm, ps, ss = compact.functional_model({"model": "mlp", "input_shape": [2], "num_classes": 2,
                                            "options": {"hidden": [2]}})

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from fairprune_jax.data import Dataset, Split, load_dataset
-from fairprune_jax.masks import named_leaves
+from fairprune_jax.sparsity.masks import named_leaves
 from fairprune_jax.methods import RunConfig
-from fairprune_jax.runner import prepare, run_method
+from fairprune_jax.running.runner import prepare, run_method
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_ceag_aimed_at_the_certificate_constrains_each_group_below_its_predicted
     """aim=certificate: eps_g = T - h_g with h_g the half-width the test certificate will have for the group;
     T = eps when reachable, else the smallest certifiable bound + aim_margin, said in a note; the dual step and
     the checkpoint selection read those eps_g."""
-    from fairprune_jax import certify
+    from fairprune_jax.metrics import certify
     res = run_method(small_prepared, method="ceag",
                      method_options={"aim": "certificate", "eps": 0.0, "prune_epochs": 1, "select_points": 2,
                                      "constraint_data": "train"})
@@ -218,7 +218,7 @@ def test_distillation_loss_and_runs_keep_their_contract(prepared):
     is measured in the experiments, not asserted: on digits the dense model fits the training rows, so the
     KL adds little to the cross-entropy.)"""
     import jax.numpy as jnp
-    from fairprune_jax.train import distill_loss
+    from fairprune_jax.training.train import distill_loss
     logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
     batch = {"teacher_logits": logits, "distill": jnp.asarray(0.5), "w": jnp.ones(2)}
     assert float(distill_loss(logits, batch)) == pytest.approx(0.0, abs=1e-7)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairprune_jax import certify, fairness
+from fairprune_jax.metrics import certify, fairness
 
 
 LEVEL = 0.95
@@ -217,7 +217,7 @@ def test_degenerate_flag():
 def test_run_reports_certificate_and_flags_a_constant_model(tmp_path, capsys):
     """End to end: a model pruned to 99.9% (nearly every weight gone) on digits is flagged degenerate, its
     certificate is in results.json and results.md; a normal run is not flagged. The warning is printed once."""
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
 
     common = ["--dataset", "digits", "--epochs", "2", "--finetune-epochs", "1", "--no-progress", "--method", "magnitude"]
     assert main(["run", *common, "--sparsity", "0.5", "--out", str(tmp_path / "ok")]) == 0

@@ -20,11 +20,13 @@ import numpy as np
 import optax
 import pytest
 
-from fairprune_jax import checkpoint, masks as masks_lib, runner, scores
-from fairprune_jax.checkpoint import CheckpointMismatchError, Checkpointer
-from fairprune_jax.cli import main
+from fairprune_jax.training import checkpoint
+from fairprune_jax.sparsity import masks as masks_lib, scores
+from fairprune_jax.running import runner
+from fairprune_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
+from fairprune_jax.running.cli import main
 from fairprune_jax.data.base import Split, train_batches
-from fairprune_jax.train import create_state, fit, make_train_step
+from fairprune_jax.training.train import create_state, fit, make_train_step
 
 # ---------------------------------------------------------------------------
 # In-process: one or two fit phases on a tiny MLP
@@ -151,7 +153,7 @@ def test_default_checkpoints_start_only_once_the_run_has_lasted_their_delay(toy,
 
 
 def test_cli_default_checkpoint_rule():
-    from fairprune_jax.cli import CHECKPOINT_AFTER_S, CHECKPOINT_EVERY, checkpoint_plan
+    from fairprune_jax.running.cli import CHECKPOINT_AFTER_S, CHECKPOINT_EVERY, checkpoint_plan
     assert checkpoint_plan(None, False) == (CHECKPOINT_EVERY, CHECKPOINT_AFTER_S)
     assert checkpoint_plan(None, True) == (CHECKPOINT_EVERY, 0.0)     # processes' clocks must not decide alone
     assert checkpoint_plan(5, False) == (5, 0.0) and checkpoint_plan(0, False) == (0, 0.0)
@@ -230,8 +232,8 @@ def test_resume_with_another_config_or_state_is_refused(toy, tmp_path):
 # A real run, killed with SIGKILL in the CEAG fine-tuning phase, then resumed
 # ---------------------------------------------------------------------------
 
-RUN = [sys.executable, "-m", "fairprune_jax.cli", "run", "--dataset", "digits", "--method", "ceag", "--epochs", "1",
-       "--finetune-epochs", "2", "--checkpoint-every", "5", "--no-progress", "--seed", "1"]
+RUN = [sys.executable, "-m", "fairprune_jax.running.cli", "run", "--dataset", "digits", "--method", "ceag",
+       "--epochs", "1", "--finetune-epochs", "2", "--checkpoint-every", "5", "--no-progress", "--seed", "1"]
 CEAG_PHASE = "02-fine-tune-ceag"
 
 
@@ -272,7 +274,7 @@ KILL_IN_WRITE = r"""
 import os, signal, sys
 from pathlib import Path
 from orbax.checkpoint._src.path import async_path
-from fairprune_jax.cli import main
+from fairprune_jax.running.cli import main
 phase, nth = sys.argv[1], int(sys.argv[2])
 real, seen = async_path.rename, []
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fairprune_jax import runner
-from fairprune_jax.cli import main
+from fairprune_jax.running import runner
+from fairprune_jax.running.cli import main
 from fairprune_jax.data.base import Dataset, Split
 from fairprune_jax.methods.base import RunConfig
 
@@ -319,7 +319,7 @@ def test_main_help_and_datasets(capsys):
 
 def test_boolean_options_read_false_as_false():
     """`--opt augmented=false` must not become bool('false') == True (any method, --data-opt too)."""
-    from fairprune_jax.cli import _kv
+    from fairprune_jax.running.cli import _kv
     from fairprune_jax.methods import get_method
     assert _kv(["a=false", "b=Off", "c=NO", "d=True", "e=3", "f=x"], "--opt") == {
         "a": False, "b": False, "c": False, "d": True, "e": 3, "f": "x"}
@@ -371,7 +371,7 @@ def test_bad_option_values_fail_before_any_data_loads(method, option, value, cap
     def no_loading(*a, **k):
         raise AssertionError("data was loaded before the bad option value was refused")
     monkeypatch.setattr(data_pkg, "load_dataset", no_loading)
-    monkeypatch.setattr("fairprune_jax.runner.load_dataset", no_loading)
+    monkeypatch.setattr("fairprune_jax.running.runner.load_dataset", no_loading)
     code = main(["run", "--method", method, "--opt", f"{option}={value}", "--dataset", "adult",
                  "--data-dir", "no-such-folder", "--no-progress", "--checkpoint-every", "0"])
     err = capsys.readouterr().err
@@ -384,11 +384,12 @@ def test_runs_keep_a_persistent_compilation_cache(tmp_path, monkeypatch):
     JAX_COMPILATION_CACHE_DIR already set wins."""
     import subprocess
     import sys
-    from fairprune_jax.caches import use_compilation_cache
+    from fairprune_jax.training.caches import use_compilation_cache
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "given"))
     assert use_compilation_cache() == str(tmp_path / "given")
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-    code = ("import os, sys; from fairprune_jax.caches import use_compilation_cache; f = use_compilation_cache(); "
+    code = ("import os, sys; from fairprune_jax.training.caches import use_compilation_cache; "
+            "f = use_compilation_cache(); "
             "print(f, os.environ['JAX_COMPILATION_CACHE_DIR'], 'jax' in sys.modules)")
     env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["FAIRPRUNE_XLA_CACHE"] = str(tmp_path / "mine")
@@ -430,9 +431,9 @@ def test_no_compile_cache_flag_and_prune_keep_the_callers_cache(tmp_path):
     import subprocess
     import sys
     import jax
-    from fairprune_jax import caches
+    from fairprune_jax.training import caches
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "FAIRPRUNE_XLA_CACHE")}
-    run = [sys.executable, "-m", "fairprune_jax.cli", "run", "--dataset", "digits", "--method", "magnitude",
+    run = [sys.executable, "-m", "fairprune_jax.running.cli", "run", "--dataset", "digits", "--method", "magnitude",
            "--epochs", "1", "--finetune-epochs", "1", "--no-progress", "--checkpoint-every", "0"]
     for flag, home in (("--no-compile-cache", tmp_path / "off"), (None, tmp_path / "on")):
         p = subprocess.run([*run, "--out", str(home / "run"), *([flag] if flag else [])],
@@ -539,7 +540,7 @@ def test_a_later_run_reuses_the_parsed_table_only_for_the_same_bytes(tmp_path, m
 
 def test_a_dense_cache_that_cannot_be_written_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
     """Saving the dense model for later runs is a convenience: a full disk or read-only folder is a warning."""
-    from fairprune_jax import runner
+    from fairprune_jax.running import runner
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairprune_jax import bilevel, compact
-from fairprune_jax.masks import apply_masks, leaf_name, map_named, named_leaves, prunable_template
+from fairprune_jax.techniques import bilevel
+from fairprune_jax.sparsity import compact
+from fairprune_jax.sparsity.masks import apply_masks, leaf_name, map_named, named_leaves, prunable_template
 
 
 ARCHS = {

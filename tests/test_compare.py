@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from fairprune_jax import runner
-from fairprune_jax.compare import load_config, run_compare
+from fairprune_jax.running import runner
+from fairprune_jax.running.compare import load_config, run_compare
 
 CONFIG = """
 name = "tiny"
@@ -142,7 +142,7 @@ def test_variant_errors(tmp_path):
 
 @pytest.mark.slow
 def test_suite_writes_one_headline_over_its_comparisons(tmp_path, monkeypatch):
-    from fairprune_jax.compare import is_suite, load_suite, run_suite, small_marks
+    from fairprune_jax.running.compare import is_suite, load_suite, run_suite, small_marks
     for name, methods in (("a", '["magnitude", "random"]'), ("b", '["magnitude"]')):
         (tmp_path / f"{name}.toml").write_text(
             f'name = "{name}"\ndataset = "digits"\nmethods = {methods}\nsparsities = [0.7]\nseeds = [0]\n'
@@ -255,7 +255,7 @@ def test_parallel_seeds_grid_runs_and_resumes(tmp_path, monkeypatch):
 
 
 def test_degenerate_rows_are_marked_in_tables():
-    from fairprune_jax.compare import format_cell, method_label
+    from fairprune_jax.running.compare import format_cell, method_label
     row = {"method": "bifp", "n_seeds": 3, "degenerate": {"mean": 2 / 3, "std": 0.5},
            "no_violated_group": {"mean": 1.0, "std": 0.0}}
     assert method_label(row) == "bifp (DEGENERATE 2/3)"
@@ -314,8 +314,8 @@ def _cell(groups: dict, psi: dict, verdicts: dict, small_group: int = 30) -> dic
 def test_small_groups_are_starred_in_the_table_cells_they_decide():
     """A per-group-derived cell is starred when the group that attains it (either end of a gap) is small: a tie
     with a large group does not count; train columns use train rows; the numbers themselves do not change."""
-    from fairprune_jax import tables
-    from fairprune_jax.compare import small_legend, small_marks
+    from fairprune_jax.reporting import tables
+    from fairprune_jax.running.compare import small_legend, small_marks
     #               n    acc   sel   tpr   fpr
     cell = _cell({"big": (200, 0.90, 0.50, 0.80, 0.20), "mid": (100, 0.80, 0.40, 0.70, 0.25),
                   "tiny": (12, 0.50, 0.40, 0.40, 0.22)},
@@ -355,7 +355,7 @@ def test_small_groups_are_starred_in_the_table_cells_they_decide():
 
 def test_constraint_label_reads_data_dependent_defaults_from_a_finished_cell(tmp_path):
     # fair_scratch's lam / lam_warmup stay None in the config and are resolved by the penalty form at run time
-    from fairprune_jax.compare import cell_dir, constraint_settings
+    from fairprune_jax.running.compare import cell_dir, constraint_settings
     cfg = tmp_path / "grid.toml"
     cfg.write_text('name = "g"\ndataset = "digits"\nmethods = ["fair_scratch", "fs_fixed"]\nsparsities = [0.5]\n'
                    'seeds = [0]\n[variants.fs_fixed]\nmethod = "fair_scratch"\nlam = 0.3\n')
@@ -388,7 +388,7 @@ def test_chosen_on_records_where_settings_were_chosen(tmp_path):
 def test_eo_is_starred_by_positives_not_rows():
     """EO's worst side is a TPR gap: a group of 60 rows with 5 positives decides it, so the EO cell is starred
     although the group has more than 30 rows (the Adult sex x race case); DP, decided by rows, is not."""
-    from fairprune_jax.compare import small_marks
+    from fairprune_jax.running.compare import small_marks
     cell = _cell({"big": (2000, 0.85, 0.20, 0.60, 0.08), "few_pos": (60, 0.90, 0.05, 0.20, 0.04)},
                  psi={"big": 0.0, "few_pos": 0.01}, verdicts={"big": "holds", "few_pos": "undetermined"})
     assert not small_marks(cell).get("test_eo_diff")           # counted in rows: 60 >= 30

@@ -1,4 +1,4 @@
-"""Tests for fairprune_jax.constrained: Lagrangian machinery and group replay buffers."""
+"""Tests for fairprune_jax.constraints.constrained: Lagrangian machinery and group replay buffers."""
 from __future__ import annotations
 
 import collections
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fairprune_jax import constrained as C
+from fairprune_jax.constraints import constrained as C
 
 
 # ---------------------------------------------------------------------------

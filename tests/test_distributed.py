@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(r'''
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
     from fairprune_jax import checkpoint, constrained, distributed, fairness
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
 
     out_root = sys.argv[1]
     res = {"devices": len(jax.devices())}

@@ -1,11 +1,11 @@
-"""Composable dual optimisation (fairprune_jax.dual) against constrained.py's dual optimizer."""
+"""Composable dual optimisation (fairprune_jax.constraints.dual) against constrained.py's dual optimizer."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from fairprune_jax import constrained, dual
+from fairprune_jax.constraints import constrained, dual
 
 K = 4
 
@@ -80,7 +80,7 @@ def test_ascent_chains_with_optax_clip():
     np.testing.assert_allclose(optax.apply_updates(lam, upd), [0.3, 0.2, 0.0])
     # the old dual optimizer is not an optax transformation: a clear error, not an AttributeError
     old = optax.chain(optax.clip(1.0), constrained.dual_optimizer(3))
-    with pytest.raises(TypeError, match="fairprune_jax.dual"):
+    with pytest.raises(TypeError, match="fairprune_jax.constraints.dual"):
         old.update(jnp.ones(3), old.init(jnp.zeros(3)), jnp.zeros(3))
     # through Dual: a clipped ascent moves each multiplier by at most lr * 1
     d = dual.Dual(3, tx=optax.chain(optax.clip(1.0), dual.ascent(learning_rate=0.5)))

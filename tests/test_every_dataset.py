@@ -14,7 +14,7 @@ import pytest
 
 from fairprune_jax.data import load_dataset
 from fairprune_jax.methods import RunConfig
-from fairprune_jax.runner import prepare, run_method
+from fairprune_jax.running.runner import prepare, run_method
 
 SHARED = Path(os.environ.get("FAIRPRUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 METHODS = ["ceag", "bifp", "ballot", "lth", "fair_scratch", "fairgrape"]

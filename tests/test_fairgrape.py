@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairprune_jax import group_importance as gi
+from fairprune_jax.techniques import group_importance as gi
 from fairprune_jax.data.base import Split, eval_batches
-from fairprune_jax.masks import named_leaves, prunable_template
+from fairprune_jax.sparsity.masks import named_leaves, prunable_template
 from fairprune_jax.methods import METHODS, RunConfig
 from fairprune_jax.models import build_model
-from fairprune_jax.train import cross_entropy
+from fairprune_jax.training.train import cross_entropy
 
 
 def _toy(num_groups=4, n=50, seed=0):
@@ -149,7 +149,7 @@ def test_masks_exact_counts_and_no_revival():
 
 
 def test_options_fail_before_data():
-    from fairprune_jax.runner import validate_config
+    from fairprune_jax.running.runner import validate_config
     with pytest.raises(ValueError, match="keep_per_iter"):
         validate_config(RunConfig(method="fairgrape", dataset="digits", method_options={"keep_per_iter": 1.5}))
     with pytest.raises(ValueError, match="rank"):
@@ -167,7 +167,7 @@ def test_iteration_schedule_spreads_over_steps():
 def test_run_end_to_end_exact_sparsity(tmp_path):
     """``fairprune run --method fairgrape`` on digits, small and fast."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fairprune_jax.cli", "run", "--method", "fairgrape", "--dataset", "digits",
+    cmd = [sys.executable, "-m", "fairprune_jax.running.cli", "run", "--method", "fairgrape", "--dataset", "digits",
            "--epochs", "1", "--finetune-epochs", "1", "--sparsity", "0.8", "--model-opt", "hidden=[16]",
            "--opt", "keep_per_iter=0.6", "--no-progress", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

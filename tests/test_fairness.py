@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 fairlearn_metrics = pytest.importorskip("fairlearn.metrics")
 from sklearn.metrics import accuracy_score  # noqa: E402
 
-from fairprune_jax import fairness as F  # noqa: E402
+from fairprune_jax.metrics import fairness as F  # noqa: E402
 
 B_MAX = 64  # fixed padded batch: one compilation serves every hypothesis example
 G_MAX = 8  # fixed number of group slots; unused slots are groups with n == 0

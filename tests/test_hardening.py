@@ -12,14 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairprune_jax import constrained, distributed, fairness
-from fairprune_jax.checkpoint import CheckpointMismatchError, Checkpointer
-from fairprune_jax.compare import load_config
+from fairprune_jax.constraints import constrained
+from fairprune_jax.training import distributed
+from fairprune_jax.metrics import fairness
+from fairprune_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
+from fairprune_jax.running.compare import load_config
 from fairprune_jax.data import load_dataset
 from fairprune_jax.data.base import Dataset, Split
 from fairprune_jax.methods.base import RunConfig
 from fairprune_jax.methods.ceag import ceag_terms
-from fairprune_jax.runner import prepare, run, run_method
+from fairprune_jax.running.runner import prepare, run, run_method
 
 G = 3
 
@@ -276,7 +278,7 @@ def test_group_missing_from_a_batch_and_an_all_padding_batch():
     proxy0, _, observed0, new0 = terms(per, jnp.float32(0.0), correct, {"g": g, "w": z}, extra)
     assert not bool(observed0.any()) and np.isfinite(np.asarray(proxy0)).all()
     np.testing.assert_array_equal(np.asarray(new0["buffer"].count), [0, 0, 0])
-    from fairprune_jax.train import weighted_mean
+    from fairprune_jax.training.train import weighted_mean
     assert float(weighted_mean(per, z)) == 0.0
 
 
@@ -334,7 +336,7 @@ def test_one_class_target_is_refused_and_one_group_warned(no_training):
     with pytest.raises(ValueError, match=r"the target has one class in the training split \('0' for all 192 "
                                          r"rows\).*accuracy would be 1\.0 by construction"):
         run(cfg(), one_class)
-    from fairprune_jax.runner import load_checked
+    from fairprune_jax.running.runner import load_checked
     one_group = _relabel(toy(), g=lambda s: np.zeros(len(s), np.int32))
     with pytest.warns(UserWarning) as rec:
         load_checked(cfg(), one_group)
@@ -349,7 +351,7 @@ def test_messages_name_what_is_wrong(tmp_path, no_training):
     p = _csv(tmp_path)
     with pytest.raises(ValueError, match="protected column 'income' is also the target column"):
         load_dataset("csv", str(p), target="income", protected="income")
-    from fairprune_jax.runner import load_checked
+    from fairprune_jax.running.runner import load_checked
     ds = load_dataset("csv", str(p), target="income", protected="sex", val_fraction=0.9)
     with pytest.raises(ValueError, match=r"larger than the training split \(\d+ rows, after the validation "
                                          r"fraction .*0\.9\) took \d+ of its rows"):
@@ -357,7 +359,7 @@ def test_messages_name_what_is_wrong(tmp_path, no_training):
 
 
 def test_unusable_out_folder_is_refused_before_loading_data(tmp_path, monkeypatch, no_training, capsys):
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
     f = tmp_path / "a_file"
     f.write_text("x")
     with pytest.raises(ValueError, match="is an existing file, not a folder"):
@@ -374,7 +376,7 @@ def test_unusable_out_folder_is_refused_before_loading_data(tmp_path, monkeypatc
 
 
 def test_a_folder_where_a_csv_file_belongs(tmp_path, capsys):
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
     assert main(["data-summary", "--dataset", "csv", "--data-dir", str(tmp_path), "--target", "y"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fairprune: error: csv:") and "is a directory; pass the CSV FILE path" in err
@@ -400,8 +402,8 @@ def test_compare_config_with_a_bad_value(tmp_path):
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys):
-    from fairprune_jax import runner
-    from fairprune_jax.cli import main
+    from fairprune_jax.running import runner
+    from fairprune_jax.running.cli import main
 
     def interrupted(*a, **k):
         (tmp_path / "checkpoints" / "00-dense" / "final" / "40").mkdir(parents=True)
@@ -420,7 +422,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, c
 def test_a_new_run_sets_an_older_runs_results_aside_and_restores_them_if_it_fails(tmp_path, monkeypatch):
     """While a new run works in the folder its predecessor's results are out of the way (never read as its
     own); when it fails they come back (before: they were deleted at start and lost)."""
-    from fairprune_jax import runner
+    from fairprune_jax.running import runner
     for name in ("results.json", "results.md", "group_accuracy.png"):
         (tmp_path / name).write_text("an older run")
 
@@ -437,7 +439,7 @@ def test_a_new_run_sets_an_older_runs_results_aside_and_restores_them_if_it_fail
 
 def test_small_groups_and_the_positive_class_are_marked_in_every_table(tmp_path):
     """A 3-class target (DP / EO name their class) and groups smaller than --small-group (starred, listed)."""
-    from fairprune_jax import report
+    from fairprune_jax.reporting import report
     three = _relabel(toy(), y=lambda s: (np.digitize(s.x[:, 0], [-0.4, 0.4])).astype(np.int32),
                      classes=["a", "b", "c"])
     config = cfg(small_group=40, out=str(tmp_path))
@@ -445,8 +447,8 @@ def test_small_groups_and_the_positive_class_are_marked_in_every_table(tmp_path)
     assert res["positive_class"] == {"id": 1, "name": "b", "num_classes": 3}
     # DP / EO of every class vs the rest, against fairlearn on the pruned model's own test predictions
     from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
-    from fairprune_jax.runner import build_context
-    from fairprune_jax.train import masked_forward
+    from fairprune_jax.running.runner import build_context
+    from fairprune_jax.training.train import masked_forward
     st = res["_state"]
     fm = build_context(config, three)[0].fm
     pred = np.asarray(jnp.argmax(masked_forward(fm, st.params, st.masks, st.model_state, jnp.asarray(three.test.x),
@@ -603,7 +605,7 @@ def test_every_documented_case_has_its_test():
 def test_a_failed_run_keeps_the_results_of_the_run_before(tmp_path, monkeypatch):
     """A run into a finished run's folder sets the old results aside and puts them back when it fails or is
     interrupted; a run that finishes replaces them and leaves no aside folder."""
-    from fairprune_jax import runner as runner_mod
+    from fairprune_jax.running import runner as runner_mod
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text('{"old": true}')

@@ -37,7 +37,7 @@ def test_tfds_without_the_extra_names_the_install_command(monkeypatch, tmp_path,
 
     with pytest.raises(MissingExtra, match=r'pip install "fairprune_jax\[tfds\]"'):
         load_dataset("tfds:cifar10", data_dir=str(tmp_path))
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
     rc = main(["run", "--dataset", "tfds:cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
                "--no-progress"])
     err = capsys.readouterr().err
@@ -55,10 +55,11 @@ def test_methods_listing_imports_no_jax():
 def test_methods_snapshot_equals_the_registry(capsys):
     """The snapshot ``fairprune methods`` prints is the live registry's (names, descriptions, options with their
     defaults and types, structured), so it cannot drift from the method files unnoticed."""
-    from fairprune_jax import method_listing
-    from fairprune_jax.cli import main
+    from fairprune_jax.running import method_listing
+    from fairprune_jax.running.cli import main
     live, snap = method_listing.from_registry(), method_listing.load()
-    stale = "fairprune_jax/method_catalog.py is stale: run `python -m fairprune_jax.method_listing` and commit it"
+    stale = ("fairprune_jax/running/method_catalog.py is stale: run `python -m fairprune_jax.running.method_listing` "
+             "and commit it")
     assert [e["name"] for e in snap] == [e["name"] for e in live], stale
     for a, b in zip(snap, live):
         assert a == b, f"{stale} ({a['name']})"
@@ -68,12 +69,12 @@ def test_methods_snapshot_equals_the_registry(capsys):
 
 
 def test_every_method_option_is_explained():
-    """`fairprune methods NAME` prints a line per option with what it does (fairprune_jax/option_docs.py):
+    """`fairprune methods NAME` prints a line per option with what it does (fairprune_jax/running/option_docs.py):
     an option added to a method without its line fails here."""
-    from fairprune_jax import method_listing
-    from fairprune_jax.option_docs import option_doc
+    from fairprune_jax.running import method_listing
+    from fairprune_jax.running.option_docs import option_doc
     entries = method_listing.from_registry()
     missing = [f"{e['name']}.{k}" for e in entries for k in e["options"] if not option_doc(e["name"], k)]
-    assert not missing, f"add a line for each to fairprune_jax/option_docs.py: {missing}"
+    assert not missing, f"add a line for each to fairprune_jax/running/option_docs.py: {missing}"
     ceag = method_listing.format_listing([e for e in entries if e["name"] == "ceag"], explain=True)
     assert "  eps=0.01" in ceag and "excess accuracy gap" in ceag.splitlines()[1]

@@ -45,7 +45,7 @@ def test_no_method_file_imports_another():
     found = {p.name: method_imports(p.read_text()) for p in files}
     assert {k: v for k, v in found.items() if v} == {}, (
         "a file in methods/ imports another method file; move what they share one floor down "
-        "(e.g. fairprune_jax/gradual.py, rewind.py, constrained.py)")
+        "(e.g. fairprune_jax/techniques/gradual.py, rewind.py, constrained.py)")
 
 
 def test_the_check_sees_every_spelling():
@@ -61,7 +61,7 @@ def test_the_check_sees_every_spelling():
     for src in ("from fairprune_jax.methods.base import Context",
                 "from . import base", "from .base import register",
                 "from fairprune_jax.methods import base",
-                "from fairprune_jax.gradual import pruned_start",
+                "from fairprune_jax.techniques.gradual import pruned_start",
                 "from fairprune_jax import rewind, constrained"):
         assert method_imports(src) == [], src
 
@@ -91,7 +91,7 @@ def test_every_random_draw_of_a_method_goes_through_a_named_stream():
     import re
     pkg = Path(fairprune_jax.__file__).parent
     files = [p for p in METHODS_DIR.glob("*.py") if p.name not in ("__init__.py", "base.py")]
-    files += [pkg / n for n in ("gradual.py", "rewind.py", "bilevel.py", "group_importance.py")]
+    files += sorted((pkg / "techniques").glob("*.py"))
     pattern = r"\b(cfg|config)\.seed\b|\bderived_seed\(|default_rng\(\s*\["
     found = sorted(p.name for p in files if re.search(pattern, re.sub(r'""".*?"""', "", p.read_text(), flags=re.S)))
     assert found == [], f"{found} read the run's seed directly; add a named stream to methods/base.py"

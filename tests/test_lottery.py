@@ -10,10 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from fairprune_jax import fairness, runner, scores, surrogates
-from fairprune_jax.cli import main as cli_main
+from fairprune_jax.metrics import fairness
+from fairprune_jax.running import runner
+from fairprune_jax.sparsity import scores
+from fairprune_jax.constraints import surrogates
+from fairprune_jax.running.cli import main as cli_main
 from fairprune_jax.data import load_dataset
-from fairprune_jax.masks import keep_counts, named_leaves, prunable_template
+from fairprune_jax.sparsity.masks import keep_counts, named_leaves, prunable_template
 from fairprune_jax.methods import METHODS, RunConfig
 from fairprune_jax.methods import ballot as B
 from fairprune_jax.methods import fair_scratch as FS
@@ -324,7 +327,7 @@ def test_fair_scratch_out_bias_trains_only_the_output_bias_and_frees_a_stuck_thr
 def test_fair_scratch_lam_warmup_ramps_the_fairness_weight_from_zero(setup):
     ctx, init_params, _ = setup
     from fairprune_jax.data.base import eval_batches
-    from fairprune_jax.train import create_state
+    from fairprune_jax.training.train import create_state
     _, model_state = FS.initial_weights(ctx)
     dens = FS.layer_densities(init_params, ctx.template, 0.5, "uniform")
     frozen = FS.frozen_weights(init_params, ctx.template, "signed_constant", dens)
@@ -503,7 +506,7 @@ def test_ballot_body_lth_masks_the_body_by_rewound_rounds_and_votes_on_the_class
 
 def test_iterative_magnitude_never_revives_and_stops_when_asked(setup):
     ctx, _, dense = setup
-    from fairprune_jax.rewind import iterative_magnitude
+    from fairprune_jax.techniques.rewind import iterative_magnitude
     seen = []
 
     def train_round(r, target, masks):

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fairprune_jax import masks as M
-from fairprune_jax import scores as S
+from fairprune_jax.sparsity import masks as M
+from fairprune_jax.sparsity import scores as S
 from fairprune_jax.models import count_flops, layer_order
 
 # A small menu of kernel shapes keeps the number of distinct compilations low

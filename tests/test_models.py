@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MODELS
-from fairprune_jax.masks import named_leaves
+from fairprune_jax.sparsity.masks import named_leaves
 from fairprune_jax.models import build_model, count_flops, default_model_for, layer_order
 from fairprune_jax.models.nets import ResNet
 

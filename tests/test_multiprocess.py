@@ -51,7 +51,7 @@ lr = 0.01
 
 WORKER = textwrap.dedent(r'''
     import sys, time
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
     grid, argv = sys.argv[1], sys.argv[2:]
     t = time.perf_counter()
     rc = main(argv)
@@ -137,7 +137,7 @@ def launched(tmp_path_factory):
     deadline = t0 + TIMEOUT_S
     # one process, two virtual devices: the reference (started first; the workers run beside it)
     procs = {"reference": subprocess.Popen(
-        [sys.executable, "-m", "fairprune_jax.cli", *args, "--out", str(tmp / "ref")],
+        [sys.executable, "-m", "fairprune_jax.running.cli", *args, "--out", str(tmp / "ref")],
         env=_env(tmp / "xla-ref", XLA_FLAGS="--xla_force_host_platform_device_count=2"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)}
     grid = tmp / "grid.toml"
@@ -156,7 +156,7 @@ def launched(tmp_path_factory):
 
 
 def test_two_processes_equal_one_process_with_two_devices(launched):
-    from fairprune_jax import checkpoint
+    from fairprune_jax.training import checkpoint
 
     tmp, outs, seconds = launched
     ref = json.loads((tmp / "ref" / "results.json").read_text())
@@ -212,7 +212,7 @@ def test_only_process_zero_writes_and_reports(launched):
 # ---------------------------------------------------------------------------
 
 def test_process_settings_from_flags_or_environment():
-    from fairprune_jax.distributed import process_settings
+    from fairprune_jax.training.distributed import process_settings
 
     want = {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
     assert process_settings("10.0.0.1:1234", "4", "3", env={}) == want
@@ -233,7 +233,7 @@ def test_process_settings_from_flags_or_environment():
     ((None, "2", None), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "x"}, "JAX_PROCESS_ID must be an integer"),
 ])
 def test_bad_process_settings_are_named(flags, env, msg):
-    from fairprune_jax.distributed import process_settings
+    from fairprune_jax.training.distributed import process_settings
 
     if msg is None:
         assert process_settings(*flags, env=env)["num_processes"] == 2
@@ -243,7 +243,7 @@ def test_bad_process_settings_are_named(flags, env, msg):
 
 
 def test_cli_refuses_half_given_settings_before_jax_starts(capsys, monkeypatch, no_training):
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
 
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(k, raising=False)

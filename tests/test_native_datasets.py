@@ -157,7 +157,7 @@ def test_a_missing_dataset_names_where_to_get_it(tmp_path, name, layout):
 def test_fairprune_run_on_cifar10_files(cifar10_dir, tmp_path):
     """The CLI reads the native files through the same registry a user points --data-dir at."""
     import json
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
     root, _ = cifar10_dir
     out = tmp_path / "run"
     assert main(["run", "--dataset", "cifar10", "--data-dir", str(root), "--method", "magnitude", "--epochs", "1",
@@ -175,7 +175,7 @@ def test_mobilenet_v2_is_torchvisions_and_prunes_like_the_papers(cifar10_dir, tm
     is most of the test's time)."""
     import json
     import jax
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
     from fairprune_jax.models import build_model
     _, params, _ = build_model("mobilenet_v2", (224, 224, 3), 1000)
     assert sum(x.size for x in jax.tree.leaves(params)) == 3_504_872

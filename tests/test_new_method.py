@@ -9,13 +9,13 @@ import numpy as np
 
 from fairprune_jax.data import Dataset, load_dataset
 from fairprune_jax.methods.base import METHODS
-from fairprune_jax.runner import RunConfig, prepare, run_method
+from fairprune_jax.running.runner import RunConfig, prepare, run_method
 
 NEW_METHOD = '''
 import jax
 from fairprune_jax import scores
-from fairprune_jax.gradual import DistillOptions, cubic_points, score_hook
-from fairprune_jax.masks import ones_like_template
+from fairprune_jax.techniques.gradual import DistillOptions, cubic_points, score_hook
+from fairprune_jax.sparsity.masks import ones_like_template
 from fairprune_jax.methods.base import register
 
 

@@ -6,8 +6,8 @@ flax = pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
 import fairprune_jax as fp  # noqa: E402
-from fairprune_jax import compact  # noqa: E402
-from fairprune_jax.api import REPORT_KEYS, wrap_model  # noqa: E402
+from fairprune_jax.sparsity import compact  # noqa: E402
+from fairprune_jax.running.api import REPORT_KEYS, wrap_model  # noqa: E402
 from fairprune_jax.methods import METHODS  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def test_every_method_prunes_a_custom_model(method, data):
 
 
 def test_bad_options_fail_before_training(data, monkeypatch):
-    from fairprune_jax import runner
+    from fairprune_jax.running import runner
     monkeypatch.setattr(runner, "prepare", lambda *a, **k: pytest.fail("training started"))
     x, y, g = data
     with pytest.raises(ValueError, match="no_such_option"):
@@ -162,8 +162,8 @@ def test_flattened_consumer_rows_are_the_units():
     gradient is autodiff's derivative of the loss in a continuous unit mask."""
     import jax
     import jax.numpy as jnp
-    from fairprune_jax import bilevel
-    from fairprune_jax.masks import apply_masks
+    from fairprune_jax.techniques import bilevel
+    from fairprune_jax.sparsity.masks import apply_masks
 
     fm, params, state = wrap_model(FlatNet(nnx.Rngs(0)), (4, 4, 1), 2)
     groups = compact.traced_unit_groups(fm, params, state)
@@ -222,7 +222,7 @@ def test_a_residual_addition_drops_the_consumer():
 
 
 def test_bifp_consumer_grad_refused_where_a_unit_has_no_sole_consumer(data, monkeypatch):
-    from fairprune_jax import runner
+    from fairprune_jax.running import runner
     monkeypatch.setattr(runner, "prepare", lambda *a, **k: pytest.fail("training started"))
     x, y, g = data
     with pytest.raises(ValueError, match="mask_grad='producer'"):
@@ -265,7 +265,7 @@ def test_a_dataframe_as_a_dataset_is_pruned_end_to_end():
         fp.prune(model, train=ds, group_names=["a", "b"], epochs=1)
     with pytest.raises(ValueError, match=r"has 2 classes \(<=50K, >50K\) but the model returns 3 logit"):
         fp.prune(TabNet(ds.train.x.shape[1], 3, nnx.Rngs(0)), train=ds, epochs=1)
-    from fairprune_jax.api import dataset_given
+    from fairprune_jax.running.api import dataset_given
     carved = dataset_given(ds, val_fraction=0.25, group_names=["F", "M"])
     assert len(carved.train) + len(carved.val) == len(ds.train) and carved.test is ds.test
     with pytest.raises(ValueError, match="has a val split already"):

@@ -1,4 +1,4 @@
-"""The pruner as an optax transformation (fairprune_jax.pruning)."""
+"""The pruner as an optax transformation (fairprune_jax.sparsity.pruning)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
-from fairprune_jax import masks, pruning, schedules, scores
+from fairprune_jax.sparsity import masks, pruning, schedules, scores
 
 
 def _params(seed=0):
@@ -241,7 +241,7 @@ def test_bad_arguments_fail_early():
 def test_pre_update_reproduces_a_mask_hook_before_each_step():
     """With pre_update the step's gradient is taken on the pruned model, as gradual.py's host hook
     does (masks_from_scores at each point, then train.apply_gradients): the same masks and params."""
-    from fairprune_jax import train
+    from fairprune_jax.training import train
 
     params = _params()
     template = masks.prunable_template(params)
@@ -269,7 +269,7 @@ def test_pre_update_reproduces_a_mask_hook_before_each_step():
     hook_step = jax.jit(lambda st: train.apply_gradients(st, jax.grad(loss)(st.params), inner))
     p, s = params, tx.init(params)
     for t in range(8):
-        if t in points:          # the host hook of fairprune_jax/gradual.py
+        if t in points:          # the host hook of fairprune_jax/techniques/gradual.py
             m = masks.masks_from_scores(scores.magnitude(ts.params, template), template, points[t],
                                         prev_masks=ts.masks)
             ts = ts.replace(masks=m, params=masks.apply_masks(ts.params, m))
@@ -286,7 +286,7 @@ def test_masks_live_in_the_optimizer_state_and_both_update_forms_agree():
     """A TrainState's masks are a MaskState in its optimizer state; keep_pruned (an optax transformation, for a
     user's chain) and masked_step (the library's step) give the same zeros and the same kept weights (up to how
     params + update is fused: compared at float tolerance)."""
-    from fairprune_jax import train
+    from fairprune_jax.training import train
     params = {"a": {"kernel": jnp.arange(1.0, 7.0).reshape(3, 2), "bias": jnp.ones(2)}}
     m = {"a": {"kernel": jnp.asarray([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]), "bias": None}}
     st = train.create_state(params, {}, optax.sgd(0.1, momentum=0.9), masks=m)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fairprune_jax import figures, tables
-from fairprune_jax.compare import collect, load_config
+from fairprune_jax.reporting import figures, tables
+from fairprune_jax.running.compare import collect, load_config
 
 CELLS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "headline_digits" / "cells"
 
@@ -131,7 +131,7 @@ ADULT = CELLS.parents[1] / "headline_adult" / "cells"
 
 @pytest.mark.skipif(not (CELLS.is_dir() and ADULT.is_dir()), reason="committed headline cells not present")
 def test_suite_headline_one_readable_table_per_dataset(tmp_path):
-    from fairprune_jax.compare import load_suite, write_headline
+    from fairprune_jax.running.compare import load_suite, write_headline
     grids = {"d": ("digits", CELLS, ["magnitude", "fair_scratch", "structured_magnitude"], ""),
              "a": ("adult", ADULT, ["magnitude", "bifp"], '[dataset_options]\nprotected = "sex"\n')}
     for name, (dataset, cells, methods, extra) in grids.items():

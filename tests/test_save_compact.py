@@ -10,10 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from fairprune_jax import checkpoint, compact, runner
-from fairprune_jax.cli import main
+from fairprune_jax.training import checkpoint
+from fairprune_jax.sparsity import compact
+from fairprune_jax.running import runner
+from fairprune_jax.running.cli import main
 from fairprune_jax.methods.base import RunConfig
-from fairprune_jax.train import masked_forward
+from fairprune_jax.training.train import masked_forward
 
 STRUCTURED = "bifp, fair_then_prune, prune_then_fair, structured_magnitude"
 

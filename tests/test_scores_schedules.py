@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairprune_jax import masks as M
-from fairprune_jax import scores as S
-from fairprune_jax import schedules as SC
+from fairprune_jax.sparsity import masks as M
+from fairprune_jax.sparsity import scores as S
+from fairprune_jax.sparsity import schedules as SC
 
 
 def _params(seed: int = 0) -> dict:

@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairprune_jax import runner
-from fairprune_jax import seeds as seeds_lib
+from fairprune_jax.running import runner
+from fairprune_jax.training import seeds as seeds_lib
 from fairprune_jax.data import load_dataset
 from fairprune_jax.data.base import Split, train_batches
 from fairprune_jax.methods.base import RunConfig, make_optimizer
-from fairprune_jax.train import NonFiniteLossError, create_state, make_train_step
+from fairprune_jax.training.train import NonFiniteLossError, create_state, make_train_step
 
 
 def _max_diff(a, b) -> float:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fairprune_jax import compare, runner
-from fairprune_jax.checkpoint import CheckpointMismatchError, Checkpointer
+from fairprune_jax.running import compare, runner
+from fairprune_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
 from fairprune_jax.data.base import Dataset, Split, encode_groups, group_label
 from fairprune_jax.data.tabular import canonical_numbers, load_csv
 from fairprune_jax.methods.base import RunConfig
@@ -156,7 +156,7 @@ def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path)
 
 
 def test_the_default_output_folder_names_every_setting_that_changes_the_run(tmp_path, monkeypatch):
-    from fairprune_jax.cli import build_parser, config_from_args
+    from fairprune_jax.running.cli import build_parser, config_from_args
 
     def out(*argv):
         return config_from_args(build_parser().parse_args(["run", *argv])).out
@@ -271,7 +271,7 @@ def test_model_option_values_of_the_wrong_kind(options, match):
 
 def test_a_backend_that_is_not_there_is_said_in_words(monkeypatch):
     import jax
-    from fairprune_jax.cli import check_backend
+    from fairprune_jax.running.cli import check_backend
 
     def broken():
         raise RuntimeError("Unable to initialize backend 'cuda'")
@@ -329,7 +329,7 @@ def test_a_cached_state_that_does_not_fit_or_is_damaged_is_a_miss(tmp_path):
     another fingerprint or a damaged checkpoint folder is a miss (the caller trains again), never an error."""
     import jax
     import jax.numpy as jnp
-    from fairprune_jax import caches
+    from fairprune_jax.training import caches
     state = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.ones((), jnp.int32), "key": jax.random.key(3)}
     caches.save_state(tmp_path / "s", state, {"fingerprint": {"v": 1}, "history": {"loss": np.float32(0.5)}})
     got, meta = caches.load_state(tmp_path / "s", state, {"v": 1})
@@ -419,7 +419,7 @@ def test_compare_toml_errors_name_the_file(tmp_path):
 
 
 def test_prune_messages_for_missing_group_ids_and_a_one_output_model():
-    from fairprune_jax.api import arrays_dataset
+    from fairprune_jax.running.api import arrays_dataset
     x = np.zeros((40, 3), np.float32)
     y = np.arange(40) % 2
     g = (np.arange(40) % 2).astype(float)
@@ -434,7 +434,7 @@ def test_prune_messages_for_missing_group_ids_and_a_one_output_model():
 
 def test_progress_bars_only_where_a_person_watches(monkeypatch):
     import sys
-    from fairprune_jax.notices import human_watching
+    from fairprune_jax.core.notices import human_watching
     monkeypatch.setenv("CI", "true")
     assert not human_watching()
     monkeypatch.delenv("CI")
@@ -471,7 +471,7 @@ def test_a_pandas_dataframe_is_read_like_the_same_csv(tmp_path):
 
 def test_prune_takes_a_validation_fraction():
     """The advice "hold out a validation split" is something prune() accepts: val_fraction= carves it."""
-    from fairprune_jax.api import arrays_dataset
+    from fairprune_jax.running.api import arrays_dataset
     x = np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32)
     y, g = (x[:, 0] > 0).astype(int), np.arange(500) % 2
     ds = arrays_dataset((x, y, g), val_fraction=0.2)
@@ -494,7 +494,7 @@ def test_the_certified_bound_is_the_methods_declared_promise():
 def test_class_groups_show_cwv_and_mcd_not_dp_and_eo(capsys, tmp_path):
     """digits (the groups are the classes): the terminal table has CWV / MCD and no DP / EO rows (a class's
     rate of "class 1" is 1 or 0 by construction), and no "choose --positive-class" advice."""
-    from fairprune_jax.cli import main
+    from fairprune_jax.running.cli import main
     assert main(["run", "--dataset", "digits", "--method", "magnitude", "--epochs", "1", "--no-progress",
                  "--checkpoint-every", "0", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
@@ -514,5 +514,5 @@ def test_a_clone_folder_named_like_the_package_does_not_shadow_it(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=""))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.startswith("True") and "fairprune_jax/fairprune_jax/api.py" in p.stdout.replace("\\", "/")
+    assert p.stdout.startswith("True") and "fairprune_jax/fairprune_jax/running/api.py" in p.stdout.replace("\\", "/")
     assert "found the repository folder" in p.stderr and "Run your script from another folder" in p.stderr

@@ -5,9 +5,9 @@ import pytest
 
 pytest.importorskip("tensorboardX")
 
-from fairprune_jax import tracking  # noqa: E402
+from fairprune_jax.training import tracking  # noqa: E402
 from fairprune_jax.methods import RunConfig  # noqa: E402
-from fairprune_jax.runner import run  # noqa: E402
+from fairprune_jax.running.runner import run  # noqa: E402
 
 
 def test_series_round_trip_and_summary(tmp_path):

@@ -8,13 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from fairprune_jax import fairness
-from fairprune_jax import masks as M
-from fairprune_jax import scores as S
+from fairprune_jax.metrics import fairness
+from fairprune_jax.sparsity import masks as M
+from fairprune_jax.sparsity import scores as S
 from fairprune_jax.data.base import Split, train_batches
 from fairprune_jax.methods.base import make_optimizer
-from fairprune_jax.train import (NonFiniteLossError, apply_gradients, create_state, cross_entropy, evaluate, fit,
-                                 make_eval_step, make_train_step, masked_forward)
+from fairprune_jax.training.train import (NonFiniteLossError, apply_gradients, create_state, cross_entropy,
+                                          evaluate, fit, make_eval_step, make_train_step, masked_forward)
 
 N_FEAT, N_CLS = 10, 3  # the tiny MLP of conftest.TINY_MODELS
 
@@ -271,7 +271,7 @@ def test_make_step_an_objective_that_updates_its_own_fields(mlp):
     """The ``grads=None`` path of the one step builder (mask-score steps): the objective's fields and extra are
     taken as they are (params untouched: no masked optimizer update), the step and the first NaN step are
     counted, the PRNG key advances, and a ``loss`` in the objective's stats is reported instead of its value."""
-    from fairprune_jax.train import StepOutput, make_step
+    from fairprune_jax.training.train import StepOutput, make_step
     fm, params, model_state, masks = mlp
 
     def objective(forward, state, batch):

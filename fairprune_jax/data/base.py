@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fairprune_jax.notices import warn
+from fairprune_jax.core.notices import warn
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fairprune_jax.notices import warn
+from fairprune_jax.core.notices import warn
 from fairprune_jax.data.base import (Dataset, Split, carve_validation_indices, check_fraction, encode_groups,
                                      parse_attr_list, stratified_split)
 

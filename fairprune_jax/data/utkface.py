@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fairprune_jax.notices import warn
+from fairprune_jax.core.notices import warn
 from fairprune_jax.data.base import (Dataset, carve_validation_indices, check_fraction, default_data_root,
                                      encode_groups, image_splits, parse_attr_list, stratified_split)
 

@@ -94,7 +94,7 @@ authors'). The top-k by score get one vote per epoch; the most-voted are kept,
 ties broken by the summed score, then the lower flat index.
 
 Rewinding: ``rewind_step`` (0 = initialisation) via
-``fairprune_jax.rewind.rewind_checkpoint``; with ``vote_from="init"``, no
+``fairprune_jax.techniques.rewind.rewind_checkpoint``; with ``vote_from="init"``, no
 sparse body and the full budget the voting run replays the dense run and the
 step-k weights are captured on the way.
 
@@ -112,16 +112,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairprune_jax import fairness
-from fairprune_jax import masks as masks_lib
-from fairprune_jax import scores as scores_lib
+from fairprune_jax.metrics import fairness
+from fairprune_jax.sparsity import masks as masks_lib
+from fairprune_jax.sparsity import scores as scores_lib
 from fairprune_jax.data.base import train_batches
-from fairprune_jax.masks import _is_none, ones_like_template
+from fairprune_jax.sparsity.masks import _is_none, ones_like_template
 from fairprune_jax.methods.base import Context, make_optimizer, register
-from fairprune_jax.rewind import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary, initial_weights,
-                                  iterative_magnitude, rewind, rewind_checkpoint, round_schedule, sparsity_report)
-from fairprune_jax.train import (StepOutput, TrainState, check_finite, create_state, cross_entropy, evaluate, fit,
-                                 make_step, make_train_step, masked_forward, weighted_mean)
+from fairprune_jax.techniques.rewind import (Checkpoint, check_rewind_step, copy_tree, dense_tx, eval_summary,
+                                             initial_weights, iterative_magnitude, rewind, rewind_checkpoint,
+                                             round_schedule, sparsity_report)
+from fairprune_jax.training.train import (StepOutput, TrainState, check_finite, create_state, cross_entropy,
+                                          evaluate, fit, make_step, make_train_step, masked_forward, weighted_mean)
 
 FAIR_BY = ("class", "group")
 VOTE_FROM = ("init", "dense")

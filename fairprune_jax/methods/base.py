@@ -18,14 +18,13 @@ from typing import Any, Callable
 import numpy as np
 import optax
 
-from fairprune_jax import masks as masks_lib
-from fairprune_jax.config import (BOOL_WORDS, DEFAULT_CERTIFY_EPS, OPTIMIZERS,  # noqa: F401  (re-exported)
-                                  RunConfig)
+from fairprune_jax.sparsity import masks as masks_lib
+from fairprune_jax.core.config import BOOL_WORDS, DEFAULT_CERTIFY_EPS, OPTIMIZERS, RunConfig  # noqa: F401  (re-exported)
 from fairprune_jax.data.base import Dataset, derived_seed
 from fairprune_jax.models import FunctionalModel
-from fairprune_jax.rewind import save_masks
-from fairprune_jax.train import (TrainState, create_state, fit, make_optimizer,  # noqa: F401  (re-exported)
-                                 make_train_step, teacher_extra, without_teacher)
+from fairprune_jax.techniques.rewind import save_masks
+from fairprune_jax.training.train import (TrainState, create_state, fit, make_optimizer, make_train_step,  # noqa: F401  (re-exported)
+                                          teacher_extra, without_teacher)
 
 
 #: Named random streams of a method, as offsets from the run's seed. The offsets are those the methods used
@@ -316,7 +315,7 @@ def register(name: str, description: str, options: type = NoOptions, *, structur
     ``--opt`` keys; types bool, int, float, str, or unions such as ``int | None``). ``structured``: the
     method's masks remove whole units (see :class:`Method`). ``check``: validates (and may complete) the
     option values (see :class:`Method`). After adding a method or changing its description or options, run
-    ``python -m fairprune_jax.method_listing``: ``fairprune methods`` prints that snapshot of the registry
+    ``python -m fairprune_jax.running.method_listing``: ``fairprune methods`` prints that snapshot of the registry
     without importing JAX, and ``tests/test_install.py`` fails while it disagrees with the registry.
     """
     params = getattr(options, "__dataclass_params__", None)

@@ -5,11 +5,11 @@ import dataclasses
 
 import jax
 
-from fairprune_jax import scores, schedules
-from fairprune_jax.gradual import DistillOptions, cubic_points, magnitude_hook
-from fairprune_jax.masks import ones_like_template
+from fairprune_jax.sparsity import scores, schedules
+from fairprune_jax.techniques.gradual import DistillOptions, cubic_points, magnitude_hook
+from fairprune_jax.sparsity.masks import ones_like_template
 from fairprune_jax.methods.base import Context, register
-from fairprune_jax.train import TrainState
+from fairprune_jax.training.train import TrainState
 
 
 @register("magnitude", "one-shot magnitude pruning to the target, then fine-tuning", DistillOptions)

@@ -1,7 +1,7 @@
 """BiFP (Dai et al. 2023): fairness-aware bi-level pruning, and its structured baselines.
 
 * ``bifp``: mask scores (upper level) and weights (lower level) trained
-  jointly with BiP's first-order implicit gradient (:mod:`fairprune_jax.bilevel`),
+  jointly with BiP's first-order implicit gradient (:mod:`fairprune_jax.techniques.bilevel`),
   the fairness surrogate as a constraint ``F <= tau`` (default) or a fixed
   penalty ``lam * F`` in both levels; structured (output neurons / conv
   channels, default) or unstructured (``structured=False``). Optional
@@ -15,8 +15,8 @@
   fine-tuning.
 
 Structured masks remove a unit's kernel column AND its bias / BatchNorm
-scale and offset (:mod:`fairprune_jax.compact`), so a pruned unit outputs
-exactly zero and :func:`fairprune_jax.compact.compact` turns the result into
+scale and offset (:mod:`fairprune_jax.sparsity.compact`), so a pruned unit outputs
+exactly zero and :func:`fairprune_jax.sparsity.compact.compact` turns the result into
 a smaller model with identical outputs. Only layers with removable units are
 pruned (never the classifier head; in a ResNet only the inner channels of
 each block); ``--exclude-first`` keeps the first layer dense. Scores are the
@@ -27,7 +27,7 @@ on a common scale; ``uniform`` (default) keeps ``round((1 - s) * units)``
 Scores start at the per-layer-normalised magnitude, are not clipped, and
 move with SGD + momentum (``mask_lr``, ``mask_momentum``); the structured
 mask's gradient is read at the consumer rows (``mask_grad="consumer"``), so
-a pruned unit can come back (see :mod:`fairprune_jax.bilevel`). The mask lr
+a pruned unit can come back (see :mod:`fairprune_jax.techniques.bilevel`). The mask lr
 decays (cosine) to 0 after ``search_fraction`` (0.75) of the bi-level steps,
 so the last steps train the weights of the final mask: without it, on Adult
 a third of the kept units were still swapping at the last step and were
@@ -44,7 +44,7 @@ baselines' budget); ``weight_optimizer="sgd"|"adam"`` with ``weight_lr``
 keeps the earlier separate optimizer.
 
 Fairness options shared by all four (where they apply): ``fairness`` (a
-surrogate name from :mod:`fairprune_jax.surrogates`, or ``auto``, the
+surrogate name from :mod:`fairprune_jax.constraints.surrogates`, or ``auto``, the
 default: ``eo`` for a two-class target, ``ap`` -- accuracy parity, for
 multi-class data such as digits where the groups are the classes),
 ``fairness_mode`` (``constraint`` | ``penalty`` | ``none``), ``constraint``
@@ -68,10 +68,12 @@ import jax
 import numpy as np
 import optax
 
-from fairprune_jax import bilevel, compact, constrained
-from fairprune_jax.masks import apply_masks, named_leaves
+from fairprune_jax.techniques import bilevel
+from fairprune_jax.sparsity import compact
+from fairprune_jax.constraints import constrained
+from fairprune_jax.sparsity.masks import apply_masks, named_leaves
 from fairprune_jax.methods.base import Context, NoOptions, make_optimizer, register
-from fairprune_jax.train import TrainState, create_state, fit
+from fairprune_jax.training.train import TrainState, create_state, fit
 
 @dataclasses.dataclass(frozen=True)
 class FairOptions(constrained.DualOptions):

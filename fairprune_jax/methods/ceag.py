@@ -31,15 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairprune_jax.notices import warn
-from fairprune_jax import certify, constrained, fairness
-from fairprune_jax.checkpoint import resumable
+from fairprune_jax.core.notices import warn
+from fairprune_jax.metrics import certify, fairness
+from fairprune_jax.constraints import constrained
+from fairprune_jax.training.checkpoint import resumable
 from fairprune_jax.data.base import Split, carve_validation
-from fairprune_jax.gradual import GradualOptions, pruned_start
+from fairprune_jax.techniques.gradual import GradualOptions, pruned_start
 from fairprune_jax.methods.base import Context, register
-from fairprune_jax.surrogates import group_means
-from fairprune_jax.train import (StepOutput, TrainState, cross_entropy, distill_loss, evaluate, make_step,
-                                 masked_forward, split_logits, teacher_extra, weighted_mean, without_teacher)
+from fairprune_jax.constraints.surrogates import group_means
+from fairprune_jax.training.train import (StepOutput, TrainState, cross_entropy, distill_loss, evaluate, make_step,
+                                          masked_forward, split_logits, teacher_extra, weighted_mean,
+                                          without_teacher)
 
 # A problem builder gets the per-sample loss, correctness, the batch and the
 # method's extra state; it returns (violation, strict_violation, observed, new_extra).

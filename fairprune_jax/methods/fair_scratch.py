@@ -46,7 +46,7 @@ the authors' logistic term (GitHub ``HungerPWAY/Fair-Scratch-Tickets``,
   uniform predictor).
 * ``"auto"`` (default): the class-wise form when every row's group is its
   class, ``"dp_rate"`` otherwise. ``"surrogate"`` (or naming ``surrogate=``)
-  uses a max-gap surrogate from :mod:`fairprune_jax.surrogates` (the earlier
+  uses a max-gap surrogate from :mod:`fairprune_jax.constraints.surrogates` (the earlier
   default).
 
 ``lam`` and ``lam_warmup`` (the share of the score steps over which the
@@ -104,14 +104,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairprune_jax import masks as masks_lib
-from fairprune_jax import surrogates
+from fairprune_jax.sparsity import masks as masks_lib
+from fairprune_jax.constraints import surrogates
 from fairprune_jax.data.base import Split
-from fairprune_jax.masks import _is_none, apply_masks
+from fairprune_jax.sparsity.masks import _is_none, apply_masks
 from fairprune_jax.methods.base import Context, make_optimizer, register
-from fairprune_jax.rewind import eval_summary, initial_weights, sparsity_report
-from fairprune_jax.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step, primal_state,
-                                 split_logits, weighted_mean)
+from fairprune_jax.techniques.rewind import eval_summary, initial_weights, sparsity_report
+from fairprune_jax.training.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step,
+                                          primal_state, split_logits, weighted_mean)
 
 INITS = ("signed_constant", "model")
 

@@ -7,7 +7,7 @@ Iterative pruning in small steps. Each iteration
 
 1. measures the importance of every live weight for every group g on the training rows,
    I_g(w) = sum over batches of (w * dL_g/dw)^2, L_g the group's mean loss in the batch
-   (:mod:`fairprune_jax.group_importance`: one forward and G vmapped backward passes per batch);
+   (:mod:`fairprune_jax.techniques.group_importance`: one forward and G vmapped backward passes per batch);
 2. keeps, in every layer, the exact number of weights for this iteration's sparsity, chosen greedily so the
    kept weights' total importance per group stays in the proportions of the layer's live weights (the group
    furthest below its share picks its next most important weights);
@@ -72,13 +72,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from fairprune_jax import group_importance as gi
-from fairprune_jax import schedules
-from fairprune_jax.checkpoint import resumable
-from fairprune_jax.gradual import DistillOptions, PrunePhaseOptions, phase_template
-from fairprune_jax.masks import apply_masks
+from fairprune_jax.techniques import group_importance as gi
+from fairprune_jax.sparsity import schedules
+from fairprune_jax.training.checkpoint import resumable
+from fairprune_jax.techniques.gradual import DistillOptions, PrunePhaseOptions, phase_template
+from fairprune_jax.sparsity.masks import apply_masks
 from fairprune_jax.methods.base import Context, register
-from fairprune_jax.train import TrainState, teacher_extra, without_teacher
+from fairprune_jax.training.train import TrainState, teacher_extra, without_teacher
 
 @dataclasses.dataclass(frozen=True)
 class FairgrapeOptions(DistillOptions, PrunePhaseOptions):

@@ -25,10 +25,10 @@ is returned, is retrained on the dense model's budget by default
 two tickets are compared at equal training; ``last_round="round"`` gives the
 last round the same budget as the others (the behaviour before this option).
 
-Rewinding (``fairprune_jax/rewind.py``, shared with Ballot)
+Rewinding (``fairprune_jax/techniques/rewind.py``, shared with Ballot)
 ----------------------------------------------------------
 Survivors go back to the dense run's weights at step ``rewind_step``
-(0 = initialisation), recreated by :func:`fairprune_jax.rewind.rewind_checkpoint`
+(0 = initialisation), recreated by :func:`fairprune_jax.techniques.rewind.rewind_checkpoint`
 (rebuilt from the model builder and seed, or the dense run replayed for k steps).
 
 Outputs per round
@@ -46,14 +46,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fairprune_jax.notices import warn
-from fairprune_jax import schedules
-from fairprune_jax.masks import ones_like_template
+from fairprune_jax.core.notices import warn
+from fairprune_jax.sparsity import schedules
+from fairprune_jax.sparsity.masks import ones_like_template
 from fairprune_jax.methods.base import Context, register
-from fairprune_jax.rewind import (Checkpoint, MaskHistory, check_rewind_step, copy_tree, dense_steps,  # noqa: F401
-                                  dense_tx, eval_summary, initial_weights, iterative_magnitude, load_masks, rewind,
-                                  rewind_checkpoint, round_schedule, save_masks, sparsity_report)
-from fairprune_jax.train import TrainState, make_train_step
+from fairprune_jax.techniques.rewind import (Checkpoint, MaskHistory, check_rewind_step, copy_tree, dense_steps,  # noqa: F401
+                                             dense_tx, eval_summary, initial_weights, iterative_magnitude,
+                                             load_masks, rewind, rewind_checkpoint, round_schedule, save_masks,
+                                             sparsity_report)
+from fairprune_jax.training.train import TrainState, make_train_step
 
 LAST_ROUND = ("dense", "round")
 

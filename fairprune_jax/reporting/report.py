@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from fairprune_jax import certify
+from fairprune_jax.metrics import certify
 
 # (label, getter on a fairness_report dict, format)
 ROWS: list[tuple[str, Any, str]] = [
@@ -114,7 +114,7 @@ def summary_table(results: dict, split: str = "test") -> str:
 
 
 def _classes_are_groups(results: dict) -> bool:
-    from fairprune_jax.tables import groups_are_classes
+    from fairprune_jax.reporting.tables import groups_are_classes
     return groups_are_classes(results)
 
 
@@ -271,7 +271,7 @@ def markdown_report(results: dict) -> str:
 def plot_group_accuracy(results: dict, path: Path, split: str = "test", max_groups: int = 40) -> None:
     """Bar chart of per-group accuracy, dense vs pruned, from 0 to 1 (the groups with the largest drops when
     there are more than ``max_groups``, and the title says so): :func:`figures.run_group_accuracy`."""
-    from fairprune_jax import figures
+    from fairprune_jax.reporting import figures
     figures.run_group_accuracy(results, path, split=split, max_groups=max_groups, formats=("png",))
 
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairprune_jax import constrained
+from fairprune_jax.constraints import constrained
 
 __all__ = ["ascent", "project", "only_observed", "Constraint", "Lagrangian", "Augmented", "Dual",
            "MultiplierState", "dual_primal_grads", "ORDERS"]

@@ -4,7 +4,7 @@ A scoring function maps the params (and whatever it needs: a PRNG key,
 gradients) to a pytree of scores mirroring the masks' template: one score per
 weight (unstructured) or per output unit (structured). Method-specific scores
 (Ballot's votes, BiFP's learned scores) are pytrees of the same shape and go
-through :func:`fairprune_jax.masks.masks_from_scores` the same way.
+through :func:`fairprune_jax.sparsity.masks.masks_from_scores` the same way.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fairprune_jax.masks import _is_none
+from fairprune_jax.sparsity.masks import _is_none
 
 Params = Any
 

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fairprune_jax.masks import leaf_name, map_named, named_leaves
+from fairprune_jax.sparsity.masks import leaf_name, map_named, named_leaves
 from fairprune_jax.models import CNN, MLP, FunctionalModel, ResNet, forward_calls
 
 FORMAT = "fairprune_jax.compact/1"
@@ -492,7 +492,8 @@ def load(path: str | Path) -> Compacted:
     arch_file, npz_file = path / "architecture.json", path / "model.npz"
     for f in (arch_file, npz_file):
         if not f.exists():
-            raise FileNotFoundError(f"{f} not found: expected a folder written by fairprune_jax.compact.save")
+            raise FileNotFoundError(f"{f} not found: expected a folder written by "
+                                    "fairprune_jax.sparsity.compact.save")
     arch = json.loads(arch_file.read_text())
     if arch.get("format") != FORMAT:
         raise ValueError(f"{arch_file}: unknown format {arch.get('format')!r}; expected {FORMAT!r}")

@@ -39,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairprune_jax import masks as masks_lib
-from fairprune_jax import schedules
-from fairprune_jax import scores as scores_lib
-from fairprune_jax.config import DISTRIBUTIONS
-from fairprune_jax.masks import _is_none
+from fairprune_jax.sparsity import masks as masks_lib
+from fairprune_jax.sparsity import schedules
+from fairprune_jax.sparsity import scores as scores_lib
+from fairprune_jax.core.config import DISTRIBUTIONS
+from fairprune_jax.sparsity.masks import _is_none
 
 __all__ = ["PrunerState", "Pruner", "one_shot", "cubic", "iterative", "find_state", "SCORES", "MaskState",
            "masked_update", "keep_pruned", "find_masks", "with_masks", "masked_step"]
@@ -173,7 +173,7 @@ def masked_step(tx: optax.GradientTransformation, masks: Any, inner: Any, grads:
     """One optimizer step of ``params`` under ``masks``: ``(new params, new state of tx)``. The gradient of
     pruned weights is zeroed, ``tx`` runs on its state ``inner``, and the updated params are multiplied by the
     masks (exactly 0 where pruned, exactly ``params + update`` elsewhere). The library's training steps take
-    this form (:func:`fairprune_jax.train.apply_gradients`); an optax chain cannot multiply the params after
+    this form (:func:`fairprune_jax.training.train.apply_gradients`); an optax chain cannot multiply the params after
     ``apply_updates``, so :func:`keep_pruned` and :meth:`Pruner.wrap_optax` return ``-params`` where pruned
     instead: the same zeros, the same kept weights up to how the compiler fuses ``params + update``."""
     if masks is None:
@@ -356,8 +356,8 @@ class Pruner:
     def pre_update(self, params: Params, opt_state: Any, grads: Params | None = None) -> tuple[Params, Any]:
         """Optional, before the forward pass: apply this step's scheduled mask update now, so the step's
         gradient is taken on the pruned model (what a host-side mask hook before the step does, e.g.
-        :func:`fairprune_jax.gradual.pruned_start`). Returns ``(masked params, opt_state)``; the wrapped update of
-        the same step then finds the masks already in place. Jittable."""
+        :func:`fairprune_jax.techniques.gradual.pruned_start`). Returns ``(masked params, opt_state)``; the
+        wrapped update of the same step then finds the masks already in place. Jittable."""
         def fix(x):
             if not isinstance(x, PrunerState):
                 return x

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from fairprune_jax.notices import tqdm, warn
-from fairprune_jax import figures, tables
+from fairprune_jax.core.notices import tqdm, warn
+from fairprune_jax.reporting import figures, tables
 from fairprune_jax.methods.base import RunConfig
 
 TOP_KEYS = {"name", "dataset", "data_dir", "methods", "sparsities", "seeds", "out", "tolerance", "run",
@@ -179,8 +179,8 @@ def _load_config(path: Path, out: str | None = None) -> CompareConfig:
             raise ValueError(f"{path}: missing required key {key!r}")
     check_grid_lists(path, raw)
     from fairprune_jax.methods import get_method
-    from fairprune_jax.masks import check_sparsity
-    from fairprune_jax.runner import check_model_options
+    from fairprune_jax.sparsity.masks import check_sparsity
+    from fairprune_jax.running.runner import check_model_options
     check_run_values(path, raw.get("run", {}))
     try:
         check_model_options(raw.get("run", {}).get("model"), raw.get("model_options", {}))
@@ -220,7 +220,7 @@ def _load_config(path: Path, out: str | None = None) -> CompareConfig:
                          f"got {raw['sparsity_axis']!r}")
     # every cell's run settings get the checks a `fairprune run` gets (finite numbers, ranges, seeds), here,
     # before any dense model trains
-    from fairprune_jax.runner import validate_config
+    from fairprune_jax.running.runner import validate_config
     run_vals = {k: v for k, v in raw.get("run", {}).items() if k != "save_compact"}
     for m in raw["methods"]:
         base, opts = resolve_entry(m, variants, raw.get("method_options", {}))
@@ -398,9 +398,9 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     the grid now asks for and, where recorded, on the same data (:func:`stale_cell`); otherwise the run stops
     before training and says which cells differ and how."""
     from fairprune_jax.methods import get_method
-    from fairprune_jax import distributed
+    from fairprune_jax.training import distributed
     from fairprune_jax.data import load_dataset
-    from fairprune_jax.runner import dense_cached, prepare, prepare_seeds, run_method, save_dense
+    from fairprune_jax.running.runner import dense_cached, prepare, prepare_seeds, run_method, save_dense
 
     primary = distributed.is_primary()
     cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
@@ -442,7 +442,7 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
         prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))
         for seed, prep in prepared.items():      # every process: orbax's save is collective
             save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history, data)
-    from fairprune_jax import tracking
+    from fairprune_jax.training import tracking
 
     def tracker(folder: Path):
         """TensorBoard events into ``folder/tensorboard`` with ``tensorboard = true`` (process 0), else None."""
@@ -990,7 +990,7 @@ def load_suite(path: str | Path, out: str | None = None) -> Suite:
 
 def run_suite(suite: Suite, progress: bool = True) -> dict:
     """Run (or resume) every comparison of the suite, then write the combined headline table."""
-    from fairprune_jax import distributed
+    from fairprune_jax.training import distributed
     for cc in suite.configs:
         run_compare(cc, progress=progress)
     return write_headline(suite) if distributed.is_primary() else {"rows": [], "markdown": ""}

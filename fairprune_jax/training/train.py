@@ -20,14 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from fairprune_jax.notices import tqdm
+from fairprune_jax.core.notices import tqdm
 
-from fairprune_jax import checkpoint as checkpoint_lib
-from fairprune_jax import tracking as tracking_lib
-from fairprune_jax import certify, constrained, distributed, fairness, pruning
-from fairprune_jax.config import OPTIMIZERS
+from fairprune_jax.training import checkpoint as checkpoint_lib
+from fairprune_jax.training import tracking as tracking_lib
+from fairprune_jax.metrics import certify, fairness
+from fairprune_jax.constraints import constrained
+from fairprune_jax.training import distributed
+from fairprune_jax.sparsity import pruning
+from fairprune_jax.core.config import OPTIMIZERS
 from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
-from fairprune_jax.masks import apply_masks
+from fairprune_jax.sparsity.masks import apply_masks
 from fairprune_jax.models import FunctionalModel
 
 

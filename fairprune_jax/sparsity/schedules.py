@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from fairprune_jax.masks import check_sparsity
+from fairprune_jax.sparsity.masks import check_sparsity
 
 
 def one_shot(final_sparsity: float) -> list[float]:

@@ -9,7 +9,7 @@ lower level over the weights ``theta``::
 
 with ``L`` the training objective of the masked model: cross-entropy plus
 the fairness term (a fixed penalty ``lam * F``, or a Lagrangian with one
-multiplier per group constraint from :mod:`fairprune_jax.constrained`).
+multiplier per group constraint from :mod:`fairprune_jax.constraints.constrained`).
 
 The implicit gradient
 ---------------------
@@ -31,7 +31,7 @@ masks, one ``m_i`` per weight, ``z_i = m_i theta_i``)::
 Where a structured mask is differentiated
 -----------------------------------------
 The forward pass removes a unit by masking its kernel column *and* its bias
-and BatchNorm scale/offset (:mod:`fairprune_jax.compact`), so a pruned unit
+and BatchNorm scale/offset (:mod:`fairprune_jax.sparsity.compact`), so a pruned unit
 outputs exactly 0. Differentiated there (``mask_grad="producer"``, the
 formula above summed over the unit's weights), a pruned unit's
 pre-activation is 0, ReLU'(0) = 0, and every ``g`` of the unit is 0: its
@@ -82,7 +82,7 @@ that comes back resumes from where it was.
 
 Fairness objectives
 -------------------
-:class:`Fairness` holds a surrogate from :mod:`fairprune_jax.surrogates`
+:class:`Fairness` holds a surrogate from :mod:`fairprune_jax.constraints.surrogates`
 (demographic parity ``dp*``, equalized odds ``eo*``, accuracy parity ``ap``)
 and how it enters:
 
@@ -92,7 +92,7 @@ and how it enters:
   rows), ``|r_a - r| <= tau / 2`` with ``r_a`` the group's rate (selection
   rate for DP/EO, error rate for AP) and ``r`` the overall rate of the same
   rows; together they imply a max-min gap ``<= tau``. Each has its own multiplier, capped at ``multiplier_max``
-  (:func:`fairprune_jax.constrained.capped`). The dual step reads the *hard*
+  (:func:`fairprune_jax.constraints.constrained.capped`). The dual step reads the *hard*
   rates from exponential moving averages of per-group counts (decay
   ``strict_decay``; a constraint is observed once its group has
   ``min_rows`` effective rows), whose noise is far below that of the old
@@ -132,11 +132,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fairprune_jax import constrained, surrogates
-from fairprune_jax.compact import UnitGroup, expand_unit_masks
-from fairprune_jax.masks import _global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves, topk_mask
-from fairprune_jax.train import (StepOutput, TrainState, cross_entropy, make_step, primal_state, split_logits,
-                                 weighted_mean)
+from fairprune_jax.constraints import constrained, surrogates
+from fairprune_jax.sparsity.compact import UnitGroup, expand_unit_masks
+from fairprune_jax.sparsity.masks import (_global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves,
+                                          topk_mask)
+from fairprune_jax.training.train import (StepOutput, TrainState, cross_entropy, make_step, primal_state,
+                                          split_logits, weighted_mean)
 
 FAIRNESS_MODES = ("constraint", "penalty", "none")
 STRICT = ("metric", "surrogate")
@@ -166,7 +167,7 @@ def unit_keep_counts(params: Any, template: Any, sparsity: float, distribution: 
                      structured: bool) -> dict[str, int]:
     """Units (or weights) kept per pruned leaf, host-side and exact.
 
-    As :func:`fairprune_jax.masks.keep_counts`; structured layers keep at
+    As :func:`fairprune_jax.sparsity.masks.keep_counts`; structured layers keep at
     least one unit (a layer without units disconnects the network).
     ``global`` returns ``{'*': total}``.
     """
@@ -648,7 +649,7 @@ def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
     ``state.extra = {"fair": ...}`` and ``state.dual`` from :func:`fairness_init` (:func:`split_dual`);
     ``state.masks`` may be
     ``None`` (dense fair training). Pruned weights stay exactly zero
-    (:func:`fairprune_jax.train.apply_gradients`).
+    (:func:`fairprune_jax.training.train.apply_gradients`).
     """
 
     def objective(forward, state: TrainState, batch: dict) -> StepOutput:

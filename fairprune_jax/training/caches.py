@@ -102,8 +102,8 @@ def save_state(path: Path, state, meta: dict) -> None:
     checkpoint or none, never a mixture. Orbax's save is collective over the processes of a multi-process
     run: every process calls it (the caches of ``fairprune run`` are per host, one process)."""
     import shutil
-    from fairprune_jax import distributed
-    from fairprune_jax.checkpoint import _ocp
+    from fairprune_jax.training import distributed
+    from fairprune_jax.training.checkpoint import _ocp
     ocp = _ocp()
     meta = json.loads(json.dumps(meta, default=_plain))
     path = Path(path).absolute()
@@ -130,7 +130,7 @@ def save_state(path: Path, state, meta: dict) -> None:
 def _manager(path: Path):
     """An orbax manager of the one-step checkpoint in ``path`` that knows its two items (so their metadata
     and contents can be read without a save first)."""
-    from fairprune_jax.checkpoint import _ocp
+    from fairprune_jax.training.checkpoint import _ocp
     ocp = _ocp()
     opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(Path(path).absolute(), options=opts, item_handlers={   # orbax wants absolute
@@ -150,7 +150,7 @@ def state_meta(path: Path) -> dict | None:
     path = Path(path)
     if not path.is_dir():
         return None
-    from fairprune_jax.checkpoint import _ocp
+    from fairprune_jax.training.checkpoint import _ocp
     try:
         mngr = _manager(path)
         try:
@@ -169,7 +169,7 @@ def load_state(path: Path, template, fingerprint: dict):
     and every leaf of ``template`` is saved under the same name (its path in the tree) with the same shape and
     dtype, and nothing else is; None otherwise (the caller computes the state again). Nothing is cast."""
     import jax
-    from fairprune_jax.checkpoint import _ocp
+    from fairprune_jax.training.checkpoint import _ocp
     ocp = _ocp()
     meta = state_meta(path)
     if meta is None or meta.get("fingerprint") != fingerprint:
@@ -216,7 +216,7 @@ def digest(key: dict) -> str:
 
 def _data_code() -> str:
     """A hash of the data package's source: a parsed table is reused only by the code that parsed it."""
-    here = Path(__file__).resolve().parent / "data"
+    here = Path(__file__).resolve().parents[1] / "data"       # this file is in training/
     h = hashlib.sha256()
     for p in sorted(here.glob("*.py")):
         h.update(p.name.encode())
@@ -256,7 +256,7 @@ def load_dataset_cached(name: str, data_dir, options: dict, *, enabled: bool = T
     Returns ``(dataset, from_cache)``."""
     import warnings
     from fairprune_jax.data import load_dataset, source_files
-    from fairprune_jax.notices import FairpruneWarning, warn
+    from fairprune_jax.core.notices import FairpruneWarning, warn
     options = {k: v for k, v in options.items() if v is not None}
     root = _folder(DENSE_CACHE_ENV, "dense", enabled)
     try:

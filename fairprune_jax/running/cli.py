@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from fairprune_jax.config import (BOOL_WORDS, CERTIFY_INTERVALS, DATASET_EPOCHS, DEFAULT_DATASET, DEFAULT_EPOCHS,
-                                  DISTRIBUTIONS, OPTIMIZERS, RunConfig)  # no JAX: --help stays instant
+from fairprune_jax.core.config import (BOOL_WORDS, CERTIFY_INTERVALS, DATASET_EPOCHS, DEFAULT_DATASET, DEFAULT_EPOCHS,
+                                       DISTRIBUTIONS, OPTIMIZERS, RunConfig)  # no JAX: --help stays instant
 
 # CLI flag -> loader option name; passed to the loader only when given.
 DATA_FLAGS = {"target": "target", "protected": "protected", "image_size": "image_size",
@@ -77,7 +77,7 @@ def _process_settings(args: argparse.Namespace) -> dict | None:
     Checked before JAX starts: a wrong or half-given setting is an error here, not a hang at start-up.
     """
     import os
-    from fairprune_jax import distributed
+    from fairprune_jax.training import distributed
     flags = (args.coordinator, args.num_processes, args.process_id)
     if not args.distributed and all(f is None for f in flags):
         stray = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if os.environ.get(v, "").strip()]
@@ -92,7 +92,7 @@ def _start_processes(args: argparse.Namespace, settings: dict | None) -> bool:
     """Join the multi-process run when asked; True on the process that writes and reports (process 0)."""
     if settings is None:
         return True
-    from fairprune_jax import distributed
+    from fairprune_jax.training import distributed
     distributed.initialize(**settings)
     return distributed.is_primary()
 
@@ -117,7 +117,7 @@ class _warnings_once:
         self._ctx.__enter__()
         default = warnings.showwarning
 
-        from fairprune_jax.notices import FairpruneWarning
+        from fairprune_jax.core.notices import FairpruneWarning
 
         def show(message, category, filename, lineno, file=None, line=None):
             text = str(message)
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "HASH naming every other setting that changes the run)")
     r.add_argument("--save-compact", action="store_true",
                    help="structured methods (bifp, structured_magnitude, ...): also save the compacted model, "
-                        "pruned units physically removed, into OUT/compact (reload with fairprune_jax.compact.load)")
+                        "pruned units physically removed, into OUT/compact (reload with "
+                        "fairprune_jax.sparsity.compact.load)")
     r.add_argument("--no-progress", action="store_true",
                    help="hide progress bars (shown by default in a terminal, not when the output is piped or CI "
                         "is set)")
@@ -290,7 +291,7 @@ def default_out(cfg: "RunConfig") -> str:
     folder again (for --resume)."""
     import dataclasses
 
-    from fairprune_jax import checkpoint
+    from fairprune_jax.training import checkpoint
     where = None if cfg.data_dir is None else os.path.abspath(cfg.data_dir)   # the file, wherever run from
     digest = checkpoint._digest(checkpoint.fingerprint(dataclasses.replace(cfg, data_dir=where)))[:8]
     return f"runs/{cfg.method}_{cfg.dataset.replace(':', '-')}_s{cfg.sparsity:g}_seed{cfg.seed}-{digest}"
@@ -311,8 +312,9 @@ def checkpoint_plan(every: int | None, many_processes: bool) -> tuple[int, float
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fairprune_jax import certify, report
-    from fairprune_jax.runner import run, validate_config
+    from fairprune_jax.metrics import certify
+    from fairprune_jax.reporting import report
+    from fairprune_jax.running.runner import run, validate_config
 
     cfg = config_from_args(args)
     settings = _process_settings(args)
@@ -324,7 +326,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if primary:
         print(f"fairprune run: method={cfg.method} dataset={cfg.dataset} sparsity={cfg.sparsity} seed={cfg.seed}",
               flush=True)
-    from fairprune_jax import tracking
+    from fairprune_jax.training import tracking
     tracker = tracking.TensorBoard(Path(cfg.out) / "tensorboard") if args.tensorboard and primary else None
     shown: set[str] = set()
     with tracking.use(tracker), _warnings_once(shown):
@@ -362,7 +364,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if line:
         print(line)
     pc = res.get("positive_class") or {}
-    from fairprune_jax.tables import groups_are_classes
+    from fairprune_jax.reporting.tables import groups_are_classes
     if pc.get("num_classes", 2) > 2 and args.positive_class is None and not groups_are_classes(res):
         print(f"WARNING: the target has {pc['num_classes']} classes: DP and EO compare class {pc['id']} "
               f"({pc['name']!r}) vs the rest across groups; choose the class with --positive-class")
@@ -401,10 +403,10 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fairprune_jax.compare import (is_suite, load_config, load_suite, markdown_table, run_compare, run_suite,
-                                       small_legend, table_columns)
+    from fairprune_jax.running.compare import (is_suite, load_config, load_suite, markdown_table, run_compare,
+                                               run_suite, small_legend, table_columns)
 
-    from fairprune_jax import distributed
+    from fairprune_jax.training import distributed
 
     settings = _process_settings(args)
     if args.config is not None:
@@ -494,7 +496,7 @@ def _interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:
     """What an interrupted command saved and how to continue it (one line)."""
     import shlex
     if args.command == "run":
-        from fairprune_jax import checkpoint
+        from fairprune_jax.training import checkpoint
         out = Path(config_from_args(args).out)
         off = args.checkpoint_every is not None and args.checkpoint_every <= 0
         saved = None if off else checkpoint.describe(out / checkpoint.CHECKPOINT_DIR)
@@ -511,7 +513,7 @@ def _interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from fairprune_jax import method_listing     # a snapshot of the registry: no JAX, answers at once
+    from fairprune_jax.running import method_listing  # a snapshot of the registry: no JAX, answers at once
     entries = method_listing.load()
     names = list(getattr(args, "names", None) or [])
     unknown = [n for n in names if n not in {e["name"] for e in entries}]
@@ -533,7 +535,7 @@ def cmd_datasets(_: argparse.Namespace) -> int:
 
 
 def _watching() -> bool:
-    from fairprune_jax.notices import human_watching
+    from fairprune_jax.core.notices import human_watching
     return human_watching()
 
 
@@ -563,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command in ("run", "compare"):
-        from fairprune_jax.caches import use_compilation_cache
+        from fairprune_jax.training.caches import use_compilation_cache
         use_compilation_cache(not args.no_compile_cache)
         many = (args.distributed or args.coordinator or args.num_processes or args.process_id
                 or os.environ.get("JAX_NUM_PROCESSES"))

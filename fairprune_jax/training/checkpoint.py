@@ -3,7 +3,7 @@
 A run is a deterministic sequence of ``fit`` calls ("dense", "prune (gmp)",
 "fine-tune (ceag)", ...). Each call is a *phase* with a stable key: its index
 in the run and its description (``01-prune-gmp``). While a phase trains, its
-whole state (the :class:`~fairprune_jax.train.TrainState`: params, masks,
+whole state (the :class:`~fairprune_jax.training.train.TrainState`: params, masks,
 optimizer state, model state, PRNG key, step, ``extra`` with multipliers and
 replay buffers) and its position in the data (epoch, step in the epoch, global
 step, the history so far) are saved every ``every`` steps, and once more when
@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from fairprune_jax import distributed
+from fairprune_jax.training import distributed
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax.config import DISTRIBUTIONS  # noqa: F401  (re-exported)
+from fairprune_jax.core.config import DISTRIBUTIONS  # noqa: F401  (re-exported)
 
 Params = Any
 Masks = Any

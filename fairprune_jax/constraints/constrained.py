@@ -310,8 +310,8 @@ def dual_optimizer(
             raise TypeError(
                 "constrained.dual_optimizer is not an optax GradientTransformation: its update is "
                 "(state, strict_violation, observed), so it cannot sit in optax.chain. For a chainable dual step use "
-                "fairprune_jax.dual: only_observed(optax.chain(optax.clip(1.0), ascent(learning_rate=1e-2), "
-                "project())) or dual.Dual(num_constraints, tx=...)")
+                "fairprune_jax.constraints.dual: only_observed(optax.chain(optax.clip(1.0), "
+                "ascent(learning_rate=1e-2), project())) or dual.Dual(num_constraints, tx=...)")
         lam = state.multipliers
         obs = (jnp.ones((K,), bool) if observed is None
                else jnp.broadcast_to(jnp.asarray(observed, bool), (K,)))

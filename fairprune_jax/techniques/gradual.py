@@ -15,12 +15,13 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
-from fairprune_jax import caches, checkpoint, scores, schedules
-from fairprune_jax.checkpoint import resumable
-from fairprune_jax.notices import warn
-from fairprune_jax.rewind import copy_tree
-from fairprune_jax.masks import apply_masks
-from fairprune_jax.train import TrainState
+from fairprune_jax.training import caches, checkpoint
+from fairprune_jax.sparsity import scores, schedules
+from fairprune_jax.training.checkpoint import resumable
+from fairprune_jax.core.notices import warn
+from fairprune_jax.techniques.rewind import copy_tree
+from fairprune_jax.sparsity.masks import apply_masks
+from fairprune_jax.training.train import TrainState
 
 if TYPE_CHECKING:
     from fairprune_jax.methods.base import Context

@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairprune_jax.data.base import Split, eval_batches
-from fairprune_jax.masks import _is_none, keep_counts, map_named, named_leaves
+from fairprune_jax.sparsity.masks import _is_none, keep_counts, map_named, named_leaves
 from fairprune_jax.models import FunctionalModel
-from fairprune_jax.train import cross_entropy, masked_forward
+from fairprune_jax.training.train import cross_entropy, masked_forward
 
 IMPORTANCE_KINDS = ("squared", "abs")
 #: Ranking keys within a group (the authors' ``delta_p`` 0 / 1 / 2): the group's importance, its share of the

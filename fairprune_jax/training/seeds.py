@@ -7,7 +7,7 @@ init, mask, PRNG key and batch order. On an accelerator this turns S small
 steps into one larger one; on a CPU it removes S-1 dispatches per step, but the
 arithmetic still grows S-fold (see benchmarks/README.md, ``vmap_seeds.py``).
 
-:func:`fit_seeds` is :func:`fairprune_jax.train.fit` for S states at once
+:func:`fit_seeds` is :func:`fairprune_jax.training.train.fit` for S states at once
 (``fairprune compare`` with ``parallel_seeds = true`` trains its dense models
 with it): the same batches, PRNG keys and per-epoch history per seed, so each
 seed's result matches its own ``fit`` run up to float rounding.
@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from fairprune_jax.notices import tqdm
+from fairprune_jax.core.notices import tqdm
 
-from fairprune_jax import checkpoint as checkpoint_lib
-from fairprune_jax import distributed
+from fairprune_jax.training import checkpoint as checkpoint_lib
+from fairprune_jax.training import distributed
 from fairprune_jax.data.base import Split, batch_indices
-from fairprune_jax.train import TrainState, check_finite
+from fairprune_jax.training.train import TrainState, check_finite
 
 
 def stack(trees: list[Any]) -> Any:
@@ -100,7 +100,7 @@ def _check_finite(stacked: TrainState, seeds: list[int], desc: str) -> None:
 def fit_seeds(states: list[TrainState], train_step: Callable, split: Split, *, epochs: int, batch_size: int,
               seeds: list[int], desc: str = "train", progress: bool = True,
               log_every: int = 10) -> tuple[list[TrainState], list[dict]]:
-    """:func:`fairprune_jax.train.fit` for several states of identical shapes in one vmapped run.
+    """:func:`fairprune_jax.training.train.fit` for several states of identical shapes in one vmapped run.
 
     ``states[i]`` is trained on the batch order of ``seeds[i]`` (as
     ``fit(states[i], ..., seed=seeds[i])`` would) with its own PRNG key;
@@ -108,7 +108,7 @@ def fit_seeds(states: list[TrainState], train_step: Callable, split: Split, *, e
     Returns the trained states and one history per seed (per-epoch mean loss and
     accuracy as in ``fit``; ``seconds`` is this seed's share of the wall time and
     ``parallel_seeds`` records the shared run). A NaN/Inf loss raises
-    :class:`~fairprune_jax.train.NonFiniteLossError` naming the seed.
+    :class:`~fairprune_jax.training.train.NonFiniteLossError` naming the seed.
 
     No hooks, no device mesh and no checkpoints: a checkpointed or data-parallel
     run trains its seeds one after another with ``fit``.

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from fairprune_jax import fairness
+from fairprune_jax.metrics import fairness
 
 #: Groups with fewer test rows than this are marked ``small`` in every table.
 SMALL_GROUP_ROWS = 30

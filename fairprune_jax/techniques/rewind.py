@@ -47,12 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax import fairness, schedules
-from fairprune_jax import scores as scores_lib
-from fairprune_jax.masks import named_leaves, sparsity_summary
+from fairprune_jax.metrics import fairness
+from fairprune_jax.sparsity import schedules
+from fairprune_jax.sparsity import scores as scores_lib
+from fairprune_jax.sparsity.masks import named_leaves, sparsity_summary
 from fairprune_jax.models import build_model
-from fairprune_jax.train import (TrainState, check_finite, create_state, evaluate, iterate_forever, make_optimizer,
-                                 make_train_step)
+from fairprune_jax.training.train import (TrainState, check_finite, create_state, evaluate, iterate_forever,
+                                          make_optimizer, make_train_step)
 
 if TYPE_CHECKING:
     from fairprune_jax.methods.base import Context

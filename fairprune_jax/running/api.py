@@ -18,15 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fairprune_jax.notices import human_watching
-from fairprune_jax.result import Report
-from fairprune_jax import caches, compact, runner
-from fairprune_jax.config import RunConfig
+from fairprune_jax.core.notices import human_watching
+from fairprune_jax.reporting.result import Report
+from fairprune_jax.training import caches
+from fairprune_jax.sparsity import compact
+from fairprune_jax.running import runner
+from fairprune_jax.core.config import RunConfig
 from fairprune_jax.data.base import Dataset, Split, carve_validation, stratified_split
-from fairprune_jax.masks import apply_masks, named_leaves, prunable_template
+from fairprune_jax.sparsity.masks import apply_masks, named_leaves, prunable_template
 from fairprune_jax.methods import get_method
 from fairprune_jax.models import CustomModel, call_mode, layer_order
-from fairprune_jax.train import TrainState
+from fairprune_jax.training.train import TrainState
 
 #: Fraction of ``train`` held out as the test split when ``test`` is not given (stratified by group and label).
 TEST_FRACTION = 0.2

@@ -13,7 +13,8 @@ import os
 import sys
 import warnings
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: The package folder (this file is in its ``core/``): frames under it are the library's, not the user's.
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class FairpruneWarning(UserWarning):

@@ -17,16 +17,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from fairprune_jax.notices import warn
-from fairprune_jax.result import SCHEMA_VERSION, Report
-from fairprune_jax import caches, certify, checkpoint, compact, distributed, fairness, report, tracking
+from fairprune_jax.core.notices import warn
+from fairprune_jax.reporting.result import SCHEMA_VERSION, Report
+from fairprune_jax.training import caches, checkpoint, distributed, tracking
+from fairprune_jax.metrics import certify, fairness
+from fairprune_jax.sparsity import compact
+from fairprune_jax.reporting import report
 from fairprune_jax.data import DATASETS, Dataset, load_dataset
-from fairprune_jax.masks import check_sparsity, named_leaves, prunable_template, sparsity_summary, DISTRIBUTIONS
+from fairprune_jax.sparsity.masks import (check_sparsity, named_leaves, prunable_template, sparsity_summary,
+                                          DISTRIBUTIONS)
 from fairprune_jax.methods import METHODS, Context, RunConfig, get_method, make_optimizer
 from fairprune_jax.methods.base import DEFAULT_CERTIFY_EPS, structured_methods
 from fairprune_jax.models import MODELS, build_model, count_flops, default_model_for, layer_order
-from fairprune_jax.train import (TrainState, create_state, evaluate, evaluate_paired, fit, make_eval_step,
-                                 make_paired_eval_step, make_train_step, rows_over_split, split_logits)
+from fairprune_jax.training.train import (TrainState, create_state, evaluate, evaluate_paired, fit, make_eval_step,
+                                          make_paired_eval_step, make_train_step, rows_over_split, split_logits)
 
 #: Where ``--save-compact`` writes the compacted model, inside the run's output folder.
 COMPACT_DIR = "compact"
@@ -197,7 +201,7 @@ def train_dense_seeds(built: list[tuple[Context, Any, Any]]) -> list[tuple[Train
     init, PRNG key, batch order and history (:func:`seeds.fit_seeds`), so its
     dense model matches :func:`train_dense` up to float rounding.
     """
-    from fairprune_jax import seeds as seeds_lib
+    from fairprune_jax.training import seeds as seeds_lib
 
     starts = [dense_start(ctx, params, model_state) for ctx, params, model_state in built]
     cfg = built[0][0].config
@@ -211,7 +215,7 @@ def train_dense_seeds(built: list[tuple[Context, Any, Any]]) -> list[tuple[Train
 def build_context(cfg: RunConfig, ds: Dataset, model: tuple[Any, Any, Any] | None = None
                   ) -> tuple[Context, Any, Any]:
     """The run's context and initial weights; ``model``: an already built ``(fm, params, model_state)`` (a
-    user's own module, see ``fairprune_jax.api``) instead of ``build_model(cfg.model, ...)``."""
+    user's own module, see ``fairprune_jax.running.api``) instead of ``build_model(cfg.model, ...)``."""
     if model is not None:
         fm, params, model_state = model
     else:
