@@ -86,9 +86,9 @@ def tiny_models():
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail if a run starts building or training a model: bad input must be refused before that."""
-    from fairprune_jax.running import runner
+    from fairprune_jax.running import preparation
 
     def boom(*a, **k):
         raise RuntimeError("work started before the input was validated")
-    monkeypatch.setattr(runner, "build_context", boom)
-    monkeypatch.setattr(runner, "train_dense", boom)
+    monkeypatch.setattr(preparation, "build_context", boom)
+    monkeypatch.setattr(preparation, "train_dense", boom)

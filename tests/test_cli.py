@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fairprune_jax.running import runner
+from fairprune_jax.running import preparation, runner
 from fairprune_jax.running.cli import main
 from fairprune_jax.data.base import Dataset, Split
 from fairprune_jax.methods.base import RunConfig
@@ -175,7 +175,7 @@ def test_opt_without_equals_is_an_error():
 def test_model_that_cannot_take_the_data_fails_before_training(monkeypatch, capsys, tmp_path):
     def boom(*a, **k):
         raise RuntimeError("training started")
-    monkeypatch.setattr(runner, "train_dense", boom)
+    monkeypatch.setattr(preparation, "train_dense", boom)
     rc = main(["run", "--dataset", "digits", "--model", "cnn", "--no-progress", "--out", str(tmp_path)])
     assert rc == 2
     assert "needs images of shape (H, W, C)" in capsys.readouterr().err
@@ -371,7 +371,7 @@ def test_bad_option_values_fail_before_any_data_loads(method, option, value, cap
     def no_loading(*a, **k):
         raise AssertionError("data was loaded before the bad option value was refused")
     monkeypatch.setattr(data_pkg, "load_dataset", no_loading)
-    monkeypatch.setattr("fairprune_jax.running.runner.load_dataset", no_loading)
+    monkeypatch.setattr("fairprune_jax.running.preparation.load_dataset", no_loading)
     code = main(["run", "--method", method, "--opt", f"{option}={value}", "--dataset", "adult",
                  "--data-dir", "no-such-folder", "--no-progress", "--checkpoint-every", "0"])
     err = capsys.readouterr().err
@@ -540,13 +540,13 @@ def test_a_later_run_reuses_the_parsed_table_only_for_the_same_bytes(tmp_path, m
 
 def test_a_dense_cache_that_cannot_be_written_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
     """Saving the dense model for later runs is a convenience: a full disk or read-only folder is a warning."""
-    from fairprune_jax.running import runner
+    from fairprune_jax.running import preparation
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setenv("FAIRPRUNE_DENSE_CACHE", str(tmp_path / "dense"))
-    monkeypatch.setattr(runner, "save_dense", boom)
+    monkeypatch.setattr(preparation, "save_dense", boom)
     assert main(["run", "--dataset", "digits", "--epochs", "1", "--finetune-epochs", "1", "--method", "magnitude",
                  "--no-progress", "--checkpoint-every", "0", "--out", str(tmp_path / "o")]) == 0
     cap = capsys.readouterr()

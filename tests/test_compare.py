@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from fairprune_jax.running import runner
+from fairprune_jax.running import preparation, runner
 from fairprune_jax.running.compare import load_config, run_compare
 
 CONFIG = """
@@ -276,7 +276,7 @@ def test_a_grid_reuses_its_saved_dense_models(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("the dense model was trained again")
-    monkeypatch.setattr(runner, "train_dense", boom)
+    monkeypatch.setattr(preparation, "train_dense", boom)
     cfg.write_text(base.replace('methods = ["magnitude"]', 'methods = ["magnitude", "random"]'))
     second = run_compare(load_config(cfg, out=str(tmp_path / "out")), progress=False)
     rows = {r["method"]: r for r in second["rows"]}

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairprune_jax.running import runner
+from fairprune_jax.running import preparation, runner
 from fairprune_jax.training import seeds as seeds_lib
 from fairprune_jax.data import load_dataset
 from fairprune_jax.data.base import Split, train_batches
@@ -82,7 +82,7 @@ def test_prepare_uses_a_given_dense_state_and_rejects_a_foreign_one(monkeypatch)
 
     def boom(*a, **k):
         raise AssertionError("prepare(dense=...) trained again")
-    monkeypatch.setattr(runner, "train_dense", boom)
+    monkeypatch.setattr(preparation, "train_dense", boom)
     given = runner.prepare(cfg, ds, dense=(ref.dense, ref.dense_history))
     assert given.dense is ref.dense and given.dense_history is ref.dense_history
     for split in ref.dense_evals:

@@ -1,0 +1,162 @@
+"""A run's output folder: held by one run at a time (a lock file naming the run), checked to be writable before
+any data loads, and replaced safely (an earlier run's results are set aside while a new run works there and
+put back if it fails). Also the JSON-able copy of what a run records (:func:`_jsonable`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fairprune_jax.core.config import RunConfig
+from fairprune_jax.training import distributed
+
+
+#: The file that marks an output folder as in use by a run (removed when the run ends, however it ends).
+LOCK_FILE = ".fairprune-run.lock"
+
+
+@contextlib.contextmanager
+def owning_folder(out: str | os.PathLike | None):
+    """The run holds ``out`` for as long as the block runs: a second run into the same folder (with or without
+    checkpoints) is refused at once, naming the first (its process id, host and start time). A lock left by a
+    killed run on this host (its process is gone) is taken over; one from another host is not guessed at."""
+    if not out or not distributed.is_primary():
+        yield
+        return
+    import json
+    import socket
+    lock = Path(out) / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                other = {}
+            if other.get("host") == me["host"] and not _process_alive(other.get("pid")):
+                lock.unlink(missing_ok=True)          # left by a run that was killed: take it over
+                continue
+            raise ValueError(f"--out {out} is in use by another fairprune run (process {other.get('pid', '?')} on "
+                             f"{other.get('host', '?')}, started {other.get('started', '?')}); wait for it to end or "
+                             f"choose another --out. If no such run is going, delete {lock}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _process_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+#: What a run writes into its output folder (set aside when a new run starts there, so none is ever stale).
+OUTPUT_FILES = ("results.json", "results.md", "group_accuracy.png", "constraints.png")
+#: Where an earlier run's outputs wait while a new run works in the same folder.
+ASIDE_DIR = ".previous-results"
+
+
+def check_out_dir(out: str | Path) -> None:
+    """``out`` must be a folder this process can create and write into: checked before any data is loaded."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder; choose a folder for the run's outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".fairprune-write-test-{jax.process_index()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} is not a folder fairprune can write into ({e.strerror or e}); choose "
+                         "another --out") from None
+
+
+def set_aside_outputs(out: Path) -> Path | None:
+    """Move an earlier run's results out of ``out`` into ``out/.previous-results`` as this run starts (process
+    0), so that a ``results.json`` beside this run's checkpoints is never an older run's, yet nothing is lost
+    until this run's own results are written: :func:`restore_outputs` puts them back if it fails. Returns
+    the folder (None when there was nothing to set aside). A folder left by a run killed with -9 holds the
+    results of the run before it: they are kept, not overwritten, until a run finishes."""
+    if not distributed.is_primary():
+        return None
+    aside = out / ASIDE_DIR
+    found = [name for name in OUTPUT_FILES if (out / name).is_file()]
+    if aside.is_dir() and not any((aside / n).is_file() for n in OUTPUT_FILES):
+        shutil.rmtree(aside, ignore_errors=True)
+    if not found:
+        return aside if aside.is_dir() else None
+    if aside.is_dir():       # a killed run's aside folder holds the last finished results: keep those
+        for name in found:
+            (out / name).unlink()
+        return aside
+    aside.mkdir()
+    for name in found:
+        os.replace(out / name, aside / name)
+    return aside
+
+
+@contextlib.contextmanager
+def replacing_outputs(out: str | os.PathLike | None):
+    """The earlier results in ``out`` are set aside while the block runs, dropped when it finishes, and put
+    back when it fails or is interrupted: a run never costs the results of the one before it."""
+    if not out:
+        yield
+        return
+    aside = set_aside_outputs(Path(out))
+    try:
+        yield
+    except BaseException:
+        if aside is not None:
+            restore_outputs(Path(out), aside)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_outputs(out: Path, aside: Path) -> None:
+    """Put an earlier run's results back into ``out`` after this run failed (its own partial outputs go)."""
+    if not aside.is_dir():
+        return
+    for name in OUTPUT_FILES:
+        if (aside / name).is_file():
+            os.replace(aside / name, out / name)
+        elif (out / name).is_file():
+            (out / name).unlink()
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _check_outputs(cfg: RunConfig) -> None:
+    """Settings that write into the output folder need one (``prepare`` alone writes nothing)."""
+    if cfg.save_compact and not cfg.out:
+        raise ValueError("--save-compact writes the compacted model into the output folder; set --out")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
