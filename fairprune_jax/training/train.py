@@ -1,4 +1,4 @@
-"""Masked training and evaluation as pure, jitted step functions.
+"""Masked training as pure, jitted step functions.
 
 A step is ``state, batch -> state, stats``. The state is one pytree holding
 everything a run needs to continue: params, masks, optimizer state, model
@@ -8,10 +8,14 @@ replay buffers, scores). The masks live in the optimizer state (see
 :class:`TrainState`); they are applied in the forward pass, and the optimizer
 update (:func:`pruning.masked_update`) keeps pruned weights exactly zero
 whatever the optimizer does (momentum, weight decay).
+
+This module holds the one masked step (:func:`make_step`, :func:`apply_gradients`) and the loop over epochs
+(:func:`fit`, checkpointed and tracked). The state is ``state.py``, the forward pass and losses
+``losses.py``, evaluation over a split ``evaluation.py``; their names are re-exported here
+(``train.TrainState``, ``train.evaluate``, ... work as they always have).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -19,174 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+
 from fairprune_jax.core.notices import tqdm
-
-from fairprune_jax.training import checkpoint as checkpoint_lib
-from fairprune_jax.training import tracking as tracking_lib
-from fairprune_jax.metrics import certify, fairness
-from fairprune_jax.constraints import constrained
-from fairprune_jax.training import distributed
-from fairprune_jax.sparsity import pruning
-from fairprune_jax.core.config import OPTIMIZERS
-from fairprune_jax.data.base import Split, eval_batches, steps_per_epoch, train_batches
-from fairprune_jax.sparsity.masks import apply_masks
+from fairprune_jax.data.base import Split, steps_per_epoch, train_batches
 from fairprune_jax.models import FunctionalModel
-
-
-def make_optimizer(name: str, lr: float, weight_decay: float = 0.0,
-                   total_steps: int | None = None) -> optax.GradientTransformation:
-    """Adam(W) or SGD with momentum 0.9; a cosine decay when ``total_steps`` is known.
-
-    The optimizer of the dense run and of every method's fine-tuning (``lr`` may also be an optax schedule).
-    """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1)) if total_steps else lr
-    if name == "adam":
-        return optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
-    tx = optax.sgd(schedule, momentum=0.9, nesterov=True)
-    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
-
-
-@struct.dataclass
-class TrainState:
-    """Everything a training run carries from step to step.
-
-    The masks live in the optimizer state (a :class:`pruning.MaskState`, or the :class:`pruning.PrunerState`
-    of a :class:`pruning.Pruner`): ``state.masks`` reads them there (None: a dense model), and
-    ``state.replace(masks=m)`` / ``state.with_masks(m)`` put new ones there. So do a constrained method's
-    multipliers (:class:`constrained.Multipliers`): ``state.dual``, ``state.with_dual(d)``. The optimizer's own
-    state inside those holders is :func:`primal_state`.
-    """
-
-    params: Any
-    opt_state: Any
-    model_state: Any
-    rng: jax.Array
-    step: jax.Array
-    nan_step: jax.Array  # first step with a non-finite loss, -1 while all are finite
-    extra: Any = None
-
-    @property
-    def masks(self) -> Any:
-        """The masks held in the optimizer state (None when nothing is pruned)."""
-        return pruning.find_masks(self.opt_state)
-
-    def with_masks(self, masks: Any) -> "TrainState":
-        """This state with ``masks`` in its optimizer state (the params are not touched)."""
-        return dataclasses.replace(self, opt_state=pruning.with_masks(self.opt_state, masks))
-
-    @property
-    def dual(self) -> Any:
-        """The constraint multipliers held in the optimizer state (a :class:`constrained.DualState`; None when
-        the run has no constraints)."""
-        s = self.opt_state
-        while isinstance(s, _HOLDERS):
-            if isinstance(s, constrained.Multipliers):
-                return s.dual
-            s = s.inner
-        return None
-
-    def with_dual(self, dual: Any) -> "TrainState":
-        """This state with the multipliers ``dual`` in its optimizer state (``None`` removes them)."""
-        if dual is None:
-            return dataclasses.replace(self, opt_state=_drop_multipliers(self.opt_state))
-        if self.dual is not None:
-            return dataclasses.replace(self, opt_state=_set_dual(self.opt_state, dual))
-        primal = constrained.Multipliers(dual, primal_state(self.opt_state))
-        return dataclasses.replace(self, opt_state=with_primal(self.opt_state, primal))
-
-
-#: What the library keeps in a training state's optimizer state around the primal optimizer's own state: the
-#: masks (:class:`pruning.MaskState`) and the constraint multipliers (:class:`constrained.Multipliers`).
-_HOLDERS = (pruning.MaskState, constrained.Multipliers)
-
-
-def primal_state(opt_state: Any) -> Any:
-    """The state of the optimizer of the params (or of a method's scores) inside the library's holders."""
-    while isinstance(opt_state, _HOLDERS):
-        opt_state = opt_state.inner
-    return opt_state
-
-
-def with_primal(opt_state: Any, primal: Any) -> Any:
-    """``opt_state`` with the state inside its holders replaced by ``primal`` (masks and multipliers kept)."""
-    if isinstance(opt_state, _HOLDERS):
-        return opt_state._replace(inner=with_primal(opt_state.inner, primal))
-    return primal
-
-
-def _set_dual(opt_state: Any, dual: Any) -> Any:
-    if isinstance(opt_state, constrained.Multipliers):
-        return opt_state._replace(dual=dual)
-    return opt_state._replace(inner=_set_dual(opt_state.inner, dual))
-
-
-def _drop_multipliers(opt_state: Any) -> Any:
-    if isinstance(opt_state, constrained.Multipliers):
-        return opt_state.inner
-    if isinstance(opt_state, _HOLDERS):
-        return opt_state._replace(inner=_drop_multipliers(opt_state.inner))
-    return opt_state
-
-
-def _holds_masks(opt_state: Any) -> bool:
-    while isinstance(opt_state, _HOLDERS):
-        if isinstance(opt_state, pruning.MaskState):
-            return True
-        opt_state = opt_state.inner
-    return False
-
-
-def _replace(self: TrainState, **updates: Any) -> TrainState:
-    """``dataclasses.replace``, where ``masks=`` and ``dual=`` go into the optimizer state (after a new
-    ``opt_state``)."""
-    masks = updates.pop("masks", _KEEP)
-    dual = updates.pop("dual", _KEEP)
-    new = dataclasses.replace(self, **updates)
-    if masks is not _KEEP:
-        new = new.with_masks(masks)
-    return new if dual is _KEEP else new.with_dual(dual)
-
-
-_KEEP = object()
-TrainState.replace = _replace      # (flax's struct.dataclass sets its own replace on the class)
-
-
-def create_state(params: Any, model_state: Any, tx: optax.GradientTransformation, *, masks: Any = None,
-                 seed: int = 0, extra: Any = None) -> TrainState:
-    """A fresh state; with ``masks`` the params are masked right away.
-
-    Params and model state are copied: train steps donate their input state,
-    and the caller's arrays (a dense model reused by several methods) must
-    survive that.
-    """
-    params = jax.tree.map(jnp.copy, params)
-    model_state = jax.tree.map(jnp.copy, model_state)
-    masks = None if masks is None else jax.tree.map(jnp.copy, masks)
-    if masks is not None:
-        params = apply_masks(params, masks)
-    return TrainState(params=params, opt_state=pruning.with_masks(tx.init(params), masks), model_state=model_state,
-                      rng=jax.random.key(seed), step=jnp.zeros((), jnp.int32),
-                      nan_step=jnp.full((), -1, jnp.int32), extra=extra)
-
-
-def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """Per-sample softmax cross-entropy with integer labels."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-
-
-def weighted_mean(values: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def masked_forward(fm: FunctionalModel, params: Any, masks: Any, model_state: Any, x: jax.Array,
-                   train: bool) -> tuple[jax.Array, Any]:
-    """Logits of the masked model (``params * mask``) and the updated model state."""
-    if masks is not None:
-        params = apply_masks(params, masks)
-    return fm.apply(params, model_state, x, train=train)
+from fairprune_jax.sparsity import pruning
+from fairprune_jax.training import checkpoint as checkpoint_lib
+from fairprune_jax.training import distributed
+from fairprune_jax.training import tracking as tracking_lib
+from fairprune_jax.training.evaluation import (evaluate, evaluate_paired, logits_step,  # noqa: F401
+                                               make_eval_step, make_paired_eval_step, rows_over_split,
+                                               split_logits, sum_over_split)
+from fairprune_jax.training.losses import (cross_entropy, distill_loss, masked_forward,  # noqa: F401
+                                           teacher_extra, weighted_mean, without_teacher)
+from fairprune_jax.training.state import (_HOLDERS, _KEEP, TrainState, _drop_multipliers,  # noqa: F401
+                                          _holds_masks, _replace, _set_dual, create_state, make_optimizer,
+                                          primal_state, with_primal)
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, *,
@@ -246,35 +98,6 @@ class StepOutput(NamedTuple):
 
 Forward = Callable[..., tuple[jax.Array, Any]]
 Objective = Callable[[Forward, TrainState, dict], StepOutput]
-
-
-def teacher_extra(dense: TrainState) -> dict:
-    """``state.extra`` entries that let a step distil from ``dense`` (copied: train steps donate their state)."""
-    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
-    return {"teacher": {"params": copy(dense.params), "model_state": copy(dense.model_state)}}
-
-
-def without_teacher(state: TrainState) -> TrainState:
-    """``state`` with the teacher of :func:`teacher_extra` removed from ``extra`` (a finished method's result)."""
-    if not isinstance(state.extra, dict) or "teacher" not in state.extra:
-        return state
-    rest = {k: v for k, v in state.extra.items() if k != "teacher"}
-    return state.replace(extra=rest or None)
-
-
-def distill_loss(logits: jax.Array, batch: dict) -> jax.Array:
-    """``batch["distill"]`` times the mean KL(teacher || model) of the batch's rows; 0 without a teacher.
-
-    :func:`make_step` with ``distill > 0`` puts the dense model's logits (eval mode, no gradient) into
-    ``batch["teacher_logits"]``. Matching the dense model's predictions lowers the number of rows whose
-    correctness changes, and with it the width of the certificate's psi_g intervals.
-    """
-    if "teacher_logits" not in batch:
-        return jnp.zeros((), jnp.float32)
-    t = jax.nn.log_softmax(batch["teacher_logits"].astype(jnp.float32), -1)
-    s = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    kl = jnp.sum(jnp.exp(t) * (t - s), -1)
-    return batch["distill"] * weighted_mean(kl, batch["w"])
 
 
 def make_step(fm: FunctionalModel, tx: optax.GradientTransformation | None, objective: Objective, *,
@@ -351,103 +174,6 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *, au
     times the KL to the teacher in ``state.extra["teacher"]`` (:func:`teacher_extra`).
     """
     return make_step(fm, tx, cross_entropy_objective, augment=augment, distill=distill)
-
-
-def make_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int, positive_label: int = 1, *,
-                   per_class: bool = False) -> Callable[..., tuple]:
-    """Jitted ``(params, masks, model_state, batch) -> (group counts, class counts)``.
-
-    ``per_class``: a third output, the :class:`fairness.ClassGroupCounts` behind DP / EO of every class vs
-    the rest (for a multi-class target's report), from the same forward pass.
-    """
-
-    def step(params, masks, model_state, batch):
-        logits, _ = masked_forward(fm, params, masks, model_state, batch["x"], train=False)
-        per = cross_entropy(logits, batch["y"])
-        by_group = fairness.group_counts(logits, batch["y"], batch["g"], num_groups, loss=per,
-                                         weights=batch["w"], positive_label=positive_label)
-        by_class = fairness.group_counts(logits, batch["y"], batch["y"], num_classes, loss=per,
-                                         weights=batch["w"], positive_label=positive_label)
-        if per_class:
-            return by_group, by_class, fairness.class_group_counts(logits, batch["y"], batch["g"], num_groups,
-                                                                   num_classes, weights=batch["w"])
-        return by_group, by_class
-
-    return jax.jit(step)
-
-
-def evaluate(eval_step: Callable, state: TrainState, split: Split, batch_size: int = 512, *,
-             mesh: Any = None) -> tuple:
-    """Sum group and class counts (and, from a ``per_class`` step, the class-group counts) over a whole
-    split (numpy, float64).
-
-    With a ``mesh`` (default: :func:`distributed.current_mesh`) the batches are
-    split over its devices (the batch size is rounded up to a multiple of the
-    device count; padding rows have ``w = 0``) and the counts are global.
-    """
-    totals = sum_over_split(eval_step, (state.params, state.masks, state.model_state), split, batch_size,
-                            mesh=mesh)
-    return tuple(type(t)(*t) for t in totals)
-
-
-def sum_over_split(step: Callable, args: Any, split: Split, batch_size: int = 512, *, mesh: Any = None) -> Any:
-    """``step(*args, batch)`` summed over every evaluation batch of ``split`` (a pytree of additive counts,
-    returned as float64 numpy); ``args`` are replicated over the mesh's devices, batches split over them."""
-    mesh = mesh if mesh is not None else distributed.current_mesh()
-    bs = min(batch_size, max(len(split), 1))
-    if mesh is not None:
-        bs = distributed.round_up(bs, mesh)
-        args = distributed.replicate(args, mesh)
-    sync = distributed.sync_each_step(mesh)
-    total = None
-    for batch in eval_batches(split, bs):
-        out = step(*args, distributed.shard_batch(batch, mesh))
-        if sync:
-            jax.block_until_ready(out)
-        total = out if total is None else jax.tree.map(jnp.add, total, out)
-    return jax.tree.map(lambda v: np.asarray(v, np.float64), total)
-
-
-def logits_step(fm: FunctionalModel) -> Callable:
-    """Jitted ``(params, masks, model_state, batch) -> logits`` in evaluation mode: the one forward pass that
-    the per-row evaluations share (made once per model and kept on it)."""
-    step = fm.__dict__.get("_logits_step")
-    if step is None:
-        step = jax.jit(lambda p, m, s, batch: masked_forward(fm, p, m, s, batch["x"], train=False)[0])
-        fm.__dict__["_logits_step"] = step
-    return step
-
-
-def rows_over_split(step: Callable, args: Any, split: Split, batch_size: int = 512) -> np.ndarray:
-    """``step(*args, batch)`` for every evaluation batch of ``split``, the rows concatenated in split order
-    (padding dropped): the per-row counterpart of :func:`sum_over_split`, for what does not add up over
-    batches (a surrogate over all rows, per-row correctness, logits to compare)."""
-    bs = min(batch_size, max(len(split), 1))
-    return np.concatenate([np.asarray(step(*args, b))[b["w"] > 0] for b in eval_batches(split, bs)])
-
-
-def split_logits(fm: FunctionalModel, params: Any, masks: Any, model_state: Any, split: Split,
-                 batch_size: int = 512) -> np.ndarray:
-    """Evaluation-mode logits of the masked model on every row of ``split`` (split order)."""
-    return rows_over_split(logits_step(fm), (params, masks, model_state), split, batch_size)
-
-
-def make_paired_eval_step(fm: FunctionalModel, num_groups: int, num_classes: int) -> Callable:
-    """Jitted ``(dense (params, masks, model_state), pruned (...), batch) -> certify.paired_counts``."""
-    def step(dense, pruned, batch):
-        d_logits, _ = masked_forward(fm, *dense, batch["x"], train=False)
-        p_logits, _ = masked_forward(fm, *pruned, batch["x"], train=False)
-        return certify.paired_counts(d_logits, p_logits, batch["y"], batch["g"], batch["w"], num_groups,
-                                     num_classes)
-
-    return jax.jit(step)
-
-
-def evaluate_paired(paired_step: Callable, dense: TrainState, pruned: TrainState, split: Split,
-                    batch_size: int = 512, *, mesh: Any = None) -> dict[str, np.ndarray]:
-    """Paired dense-vs-pruned counts over a whole split (the input of :func:`certify.certificate`)."""
-    args = ((dense.params, dense.masks, dense.model_state), (pruned.params, pruned.masks, pruned.model_state))
-    return sum_over_split(paired_step, args, split, batch_size, mesh=mesh)
 
 
 class NonFiniteLossError(FloatingPointError):
