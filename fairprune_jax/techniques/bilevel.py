@@ -94,7 +94,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fairprune_jax.sparsity.compact import UnitGroup, expand_unit_masks
+from fairprune_jax.sparsity.units import UnitGroup, expand_unit_masks
 from fairprune_jax.sparsity.masks import (_global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves,
                                           topk_mask)
 from fairprune_jax.techniques.fairness_objective import (CONSTRAINTS, FAIRNESS_MODES, STRICT,  # noqa: F401
