@@ -190,7 +190,7 @@ def count_flops(fm: FunctionalModel, params: dict, model_state: dict) -> dict[st
     A Linear kernel (i, o) costs i*o; a conv kernel (kh, kw, i, o) costs
     kh*kw*i*o per output position. Output sizes come from one abstract trace.
     """
-    from fairprune_jax.sparsity.masks import named_leaves
+    from fairprune_jax.core.trees import named_leaves
 
     positions = dict(_trace_layers(fm, params, model_state))
     return {n: float(v.size) * positions.get(n, 1.0)

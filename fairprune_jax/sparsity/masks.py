@@ -20,40 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairprune_jax.core.config import DISTRIBUTIONS  # noqa: F401  (re-exported)
+from fairprune_jax.core.trees import _is_none, leaf_name, map_named, named_leaves  # noqa: F401  (re-exported)
 
 Params = Any
 Masks = Any
 
 _NOT_PRUNED_NAMES = ("bias", "scale", "embedding", "mean", "var")
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-def leaf_name(path: tuple) -> str:
-    """``('layers', 0, 'kernel')`` -> ``'layers/0/kernel'`` for any jax key path."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def named_leaves(tree: Any) -> list[tuple[str, Any]]:
-    """``[(name, leaf)]`` for the non-None leaves of a pytree."""
-    return [(leaf_name(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def map_named(fn, tree: Any, *rest: Any) -> Any:
-    """``tree_map`` with the leaf name as first argument; ``None`` leaves of ``tree`` stay ``None``."""
-    def f(path, x, *r):
-        return None if x is None else fn(leaf_name(path), x, *r)
-    return jax.tree_util.tree_map_with_path(f, tree, *rest, is_leaf=_is_none)
 
 
 def prunable_template(params: Params, *, layer_order: Iterable[str] | None = None,
