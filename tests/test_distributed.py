@@ -21,7 +21,9 @@ SCRIPT = textwrap.dedent(r'''
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
-    from fairprune_jax import checkpoint, constrained, distributed, fairness
+    from fairprune_jax.constraints import constrained
+    from fairprune_jax.metrics import fairness
+    from fairprune_jax.training import checkpoint, distributed
     from fairprune_jax.running.cli import main
 
     out_root = sys.argv[1]

@@ -19,7 +19,7 @@ def _modules_after(code: str) -> list[str]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["compare", "--help"]])
 def test_help_imports_no_jax(argv):
-    code = ("import contextlib, io\nfrom fairprune_jax import cli\n"
+    code = ("import contextlib, io\nfrom fairprune_jax.running import cli\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             f"    try:\n        cli.main({argv!r})\n    except SystemExit:\n        pass\n")
     assert _modules_after(code) == []
@@ -46,7 +46,7 @@ def test_tfds_without_the_extra_names_the_install_command(monkeypatch, tmp_path,
 
 def test_methods_listing_imports_no_jax():
     """``fairprune methods`` reads the registry's snapshot (method_catalog.py), so it imports no JAX."""
-    code = ("import contextlib, io\nfrom fairprune_jax import cli\nbuf = io.StringIO()\n"
+    code = ("import contextlib, io\nfrom fairprune_jax.running import cli\nbuf = io.StringIO()\n"
             "with contextlib.redirect_stdout(buf):\n    rc = cli.main(['methods'])\n"
             "assert rc == 0 and 'ceag ' in buf.getvalue() and 'options: eps=' in buf.getvalue(), buf.getvalue()\n")
     assert _modules_after(code) == []

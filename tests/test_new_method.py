@@ -13,7 +13,7 @@ from fairprune_jax.running.runner import RunConfig, prepare, run_method
 
 NEW_METHOD = '''
 import jax
-from fairprune_jax import scores
+from fairprune_jax.sparsity import scores
 from fairprune_jax.techniques.gradual import DistillOptions, cubic_points, score_hook
 from fairprune_jax.sparsity.masks import ones_like_template
 from fairprune_jax.methods.base import register
