@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from fairprune_jax.compare import cell_config, load_config
+from fairprune_jax.running.compare import cell_config, load_config
 from fairprune_jax.data import Dataset, Split
 from fairprune_jax.models import build_model
-from fairprune_jax.runner import prepare, run_method, validate_config
+from fairprune_jax.running.runner import prepare, run_method, validate_config
 
 PAPER = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 CONFIGS = sorted(p.stem for p in PAPER.glob("*.toml"))
