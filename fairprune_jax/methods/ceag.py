@@ -1,135 +1,37 @@
-"""CEAG (Hashemizadeh et al., *Balancing Act*, ICLR 2024), and its NFT and EL baselines.
+"""CEAG (Hashemizadeh et al., *Balancing Act*, ICLR 2024): fine-tuning under one constraint per group.
 
-All three start from the same gradually pruned model (:mod:`fairprune_jax.gradual`) and
-differ in the fine-tuning:
-
-* ``nft``: plain cross-entropy fine-tuning.
-* ``ceag``: one inequality constraint per group on the excess accuracy gap,
-  psi_g = (dense_acc_g - sparse_acc_g) - (dense_acc - sparse_acc) <= eps.
-  The primal step uses the loss-based proxy
-  (L_sparse,g - L_dense,g) - (L_sparse - L_dense) from the batch; the dual
-  step uses the strict psi_g - eps read from replay buffers of the last k
-  per-sample correctness values of each group (and of all samples for the
-  overall accuracy), or from held-out rows when every group has enough of
-  them (``constraint_data=auto``, :func:`choose_constraint_data`). Dense
-  per-group accuracy and loss are computed once on the train split before
-  fine-tuning.
-* ``el``: equalized loss (Tran et al. 2022), one equality constraint per
-  group L_g - L = 0, with the strict value from the batch or (``buffers``)
-  from replay buffers of per-sample losses.
-
-Per-group quantities come from ``segment_sum``: the step costs the same for 2
-or 1000 groups.
+From the same gradually pruned start as nft and el (:mod:`fairprune_jax.techniques.gradual`), one inequality
+constraint per group on the excess accuracy gap, psi_g = (dense_acc_g - sparse_acc_g) - (dense_acc -
+sparse_acc) <= eps. The primal step uses the loss-based proxy (L_sparse,g - L_dense,g) - (L_sparse - L_dense)
+from the batch; the dual step uses the strict psi_g - eps read from replay buffers of the last k per-sample
+correctness values of each group (and of all samples for the overall accuracy), from held-out rows when every
+group has enough of them, or from every training row's correctness (``constraint_data=auto``,
+:func:`choose_constraint_data`). ``aim=certificate`` constrains each group below eps minus the half-width its
+test certificate will have (:func:`certificate_targets`). Dense per-group accuracy and loss are computed once
+on the train split before fine-tuning; per-group quantities come from ``segment_sum``, so the step costs the
+same for 2 or 1000 groups. The shared machinery (the step, trajectories, held-out rows, checkpoint selection)
+is :mod:`fairprune_jax.techniques.group_finetune`, re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fairprune_jax.core.notices import warn
-from fairprune_jax.metrics import certify, fairness
 from fairprune_jax.constraints import constrained
-from fairprune_jax.training.checkpoint import resumable
-from fairprune_jax.data.base import Split, carve_validation
-from fairprune_jax.techniques.gradual import GradualOptions, pruned_start
-from fairprune_jax.methods.base import Context, register
 from fairprune_jax.constraints.surrogates import group_means
-from fairprune_jax.training.train import (StepOutput, TrainState, cross_entropy, distill_loss, evaluate, make_step,
-                                          masked_forward, split_logits, teacher_extra, weighted_mean,
-                                          without_teacher)
-
-# A problem builder gets the per-sample loss, correctness, the batch and the
-# method's extra state; it returns (violation, strict_violation, observed, new_extra).
-ProblemTerms = Callable[[jax.Array, jax.Array, jax.Array, dict, dict], tuple]
-
-
-def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: constrained.DualOptimizer,
-                          terms: ProblemTerms, mode: str, pre: Callable | None = None,
-                          distill: float = 0.0) -> Callable:
-    """Jitted ``(state, batch) -> (state, stats)`` for a group-constrained fine-tuning step.
-
-    ``state.dual`` holds the multipliers (in the optimizer state), ``state.extra`` the method's buffers. One forward
-    pass serves the loss, the proxy violations, the buffers and both the dual
-    and the primal update (:func:`constrained.constrained_grads`); the rest of
-    the step is :func:`train.make_step`'s.
-    ``pre(state) -> extra``: work outside the differentiated pass before it
-    (e.g. CEAG's held-out estimates). Keys of ``extra`` that the terms do not
-    return are carried over. With ``extra["trajectory"]`` (:func:`trajectory_init`)
-    the multipliers and strict violations are recorded every ``stride`` steps,
-    on device. ``distill`` > 0 adds that weight times the KL to ``extra["teacher"]`` to the objective (not
-    to the constraints' losses).
-    """
-
-    def objective(forward, state: TrainState, batch: dict) -> StepOutput:
-        def problem(params):
-            logits, new_ms = forward(params)
-            per = cross_entropy(logits, batch["y"])
-            loss = weighted_mean(per, batch["w"])
-            correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
-            violation, strict, observed, new_extra = terms(per, loss, correct, batch, state.extra)
-            return (loss + distill_loss(logits, batch), violation, strict, observed,
-                    (logits, new_ms, correct, new_extra))
-
-        grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.dual, mode)
-        logits, new_ms, correct, new_extra = info.aux
-        new_extra = dict(new_extra)
-        group_acc = new_extra.pop("group_accuracy", None)   # what the dual step read, for tracking only
-        new_extra = {**state.extra, **new_extra}
-        if "trajectory" in new_extra:
-            new_extra["trajectory"] = trajectory_record(new_extra["trajectory"], state.step, new_dual.multipliers,
-                                                        info.strict_violation, info.observed)
-        if group_acc is None:      # the batch's per-group accuracy (NaN for groups absent from the batch)
-            acc_g, n_g, _ = group_means(correct, batch["g"], batch["w"], info.observed.shape[0])
-            group_acc = jnp.where(n_g > 0, acc_g, jnp.nan)
-        stats = {"max_multiplier": jnp.max(new_dual.multipliers),
-                 "max_strict_violation": jnp.max(jnp.where(info.observed, info.strict_violation, -jnp.inf)),
-                 # per group (tracking.py): multipliers, the violation the dual step read, its accuracy
-                 "multipliers": new_dual.multipliers,
-                 "violation": jnp.where(info.observed, info.strict_violation, jnp.nan),
-                 "group_accuracy": group_acc}
-        return StepOutput(info.loss, logits, new_ms, grads=grads, extra=new_extra, stats=stats, dual=new_dual)
-
-    return make_step(ctx.fm, tx, objective, augment=ctx.augment, distill=distill,
-                     pre=None if pre is None else (lambda state: state.replace(extra=pre(state))))
-
-
-TRAJECTORY_POINTS = 128   # at most this many recorded rows of multipliers / violations per run
-
-
-def trajectory_init(num_constraints: int, total_steps: int, points: int = TRAJECTORY_POINTS) -> dict:
-    """Device buffers for the multiplier / strict-violation trajectory: one row every ``stride`` steps."""
-    stride = max(-(-int(total_steps) // points), 1)
-    rows = max(-(-int(total_steps) // stride), 1)
-    nan = lambda: jnp.full((rows, num_constraints), jnp.nan, jnp.float32)  # noqa: E731 (two buffers: donated)
-    return {"stride": jnp.asarray(stride, jnp.int32), "multipliers": nan(), "violation": nan(),
-            "observed": jnp.zeros((num_constraints,), bool), "violated": jnp.zeros((num_constraints,), bool)}
-
-
-def trajectory_record(traj: dict, step: jax.Array, multipliers: jax.Array, strict: jax.Array,
-                      observed: jax.Array) -> dict:
-    """Write this step's row (the last step of each stride wins) and the ever-observed / ever-violated flags."""
-    row = jnp.minimum(step // traj["stride"], traj["multipliers"].shape[0] - 1)
-    strict = jnp.where(observed, strict, jnp.nan)
-    return {"stride": traj["stride"], "multipliers": traj["multipliers"].at[row].set(multipliers),
-            "violation": traj["violation"].at[row].set(strict), "observed": traj["observed"] | observed,
-            "violated": traj["violated"] | (observed & (strict > 0))}
-
-
-def trajectory_info(traj: dict, names: list[str], offset: np.ndarray | float = 0.0) -> dict:
-    """The recorded trajectory for ``results.json``: steps, multipliers, and violation + ``offset``
-    (CEAG: + eps_g, i.e. the psi_g estimate the dual step saw)."""
-    stride = int(traj["stride"])
-    m, v = np.asarray(traj["multipliers"]), np.asarray(traj["violation"]) + np.asarray(offset)
-    keep = ~np.all(np.isnan(m), axis=1)
-    r = lambda a: [[None if not np.isfinite(x) else round(float(x), 6) for x in row] for row in a[keep]]  # noqa: E731
-    return {"groups": list(names), "steps": [int(i * stride) for i in np.flatnonzero(keep)],
-            "multipliers": r(m), "estimate": r(v)}
-
+from fairprune_jax.core.notices import warn
+from fairprune_jax.methods.base import Context, register
+from fairprune_jax.metrics import certify, fairness
+from fairprune_jax.techniques.gradual import GradualOptions, pruned_start
+from fairprune_jax.techniques.group_finetune import (  # noqa: F401  (re-exported: the names ceag.py had)
+    TRAJECTORY_POINTS, ProblemTerms, dense_reference, held_out_psi, held_out_rows, make_constrained_step,
+    reference_from_counts, row_correct, selection_hook, selection_init, selection_result, trajectory_info,
+    trajectory_init, trajectory_record, val_refresh)
+from fairprune_jax.training.train import TrainState, evaluate, teacher_extra, without_teacher
 
 def dual_advice(multipliers: list) -> str:
     """What to change when the constraint ends unmet, read off the recorded multipliers (T x G).
@@ -153,11 +55,6 @@ def dual_advice(multipliers: list) -> str:
     if top[-1] > top[len(top) // 2]:
         return "the largest multiplier was still rising at the end: more fine-tuning epochs or a larger dual_lr"
     return "more fine-tuning epochs, larger buffers or another dual_lr"
-
-
-def dense_reference(ctx: Context) -> dict[str, jax.Array]:
-    """Dense per-group and overall accuracy and mean loss on the train split (computed once)."""
-    return reference_from_counts(ctx.dense_train_counts)
 
 
 BUFFER_OVERALL = ("samples", "groups")
@@ -261,44 +158,6 @@ def ceag_val_terms(num_groups: int, ref: dict, val_ref: dict, val_g: jax.Array, 
         return proxy, psi - eps_g, n_val_g > 0, {"group_accuracy": jnp.where(n_val_g > 0, acc_g, jnp.nan)}
 
     return terms
-
-
-def val_refresh(ctx: Context, val: Split, batch_rows: int, seed: int) -> Callable:
-    """``pre`` step: re-evaluate the next ``batch_rows`` held-out rows (a fixed shuffled sweep) in eval mode."""
-    n = len(val)
-    rows = int(min(max(batch_rows, 1), n))
-    perm = jnp.asarray(np.random.default_rng(seed).permutation(n), jnp.int32)
-    vx, vy = jnp.asarray(val.x), jnp.asarray(val.y)
-    fm = ctx.fm
-
-    def pre(state: TrainState) -> dict:
-        idx = perm[(state.step * rows + jnp.arange(rows)) % n]
-        params = jax.lax.stop_gradient(state.params)
-        logits, _ = masked_forward(fm, params, state.masks, state.model_state, vx[idx], train=False)
-        correct = (jnp.argmax(logits, -1) == vy[idx]).astype(jnp.float32)
-        return dict(state.extra, val_correct=state.extra["val_correct"].at[idx].set(correct))
-
-    return pre
-
-
-def row_correct(ctx: Context, state: TrainState, split: Split) -> np.ndarray:
-    """Per-row correctness (float32 0/1, split order) of ``state`` on ``split``, in evaluation batches."""
-    logits = split_logits(ctx.fm, state.params, state.masks, state.model_state, split, ctx.config.eval_batch_size)
-    return (np.argmax(logits, -1) == split.y).astype(np.float32)
-
-
-def reference_from_counts(c: fairness.GroupCounts) -> dict[str, jax.Array]:
-    """Per-group and overall accuracy and mean loss from evaluation counts."""
-    n = np.maximum(c.n, 1.0)
-    return {"acc_g": jnp.asarray(c.correct / n, jnp.float32), "loss_g": jnp.asarray(c.loss_sum / n, jnp.float32),
-            "acc": jnp.asarray(c.correct.sum() / max(c.n.sum(), 1.0), jnp.float32),
-            "loss": jnp.asarray(c.loss_sum.sum() / max(c.n.sum(), 1.0), jnp.float32)}
-
-
-def held_out_psi(ctx: Context, state: TrainState, val: Split, dense_val: fairness.GroupCounts) -> tuple[float, np.ndarray]:
-    """(accuracy, psi_g per group) of ``state`` on the held-out rows, from exact counts."""
-    gc, _ = evaluate(ctx.eval_step, state, val, ctx.config.eval_batch_size)
-    return fairness.accuracy(gc), fairness.excess_accuracy_gap(dense_val, gc)
 
 
 def with_dual_lr(opts: CeagOptions, constraint_data: str = "train") -> CeagOptions:
@@ -542,74 +401,6 @@ def certificate_targets(ctx: Context, dense: TrainState, start: TrainState, eps:
                    "eps_g": dict(zip(names, np.round(eps_g, 5).tolist())), "note": note}
 
 
-def held_out_rows(ctx: Context, val_fraction: float) -> tuple[Context, Split, str]:
-    """The rows CEAG's dual step reads: the dataset's validation split, or a part carved from train.
-
-    Carved rows (stratified by group and label) are removed from the rows the
-    constrained fine-tuning trains on; the dense model and the gradual-pruning
-    phase have seen them, so the dense reference accuracy on them is a training
-    accuracy (pass ``--val-fraction`` to hold them out of everything).
-    """
-    ds = ctx.dataset
-    if ds.val is not None and len(ds.val):
-        return ctx, ds.val, "validation split (held out from dense training)"
-    rest, held = carve_validation(ds.train, val_fraction, ctx.stream_seed("ceag_holdout"))
-    ctx = dataclasses.replace(ctx, dataset=dataclasses.replace(ds, train=rest, val=held))
-    return ctx, held, f"{val_fraction:g} of train carved out (seen by the dense model and gradual pruning, not by the constrained fine-tuning)"
-
-
-def selection_init(state: TrainState, points: int) -> dict:
-    """Device state of the checkpoint selection: the best weights so far, their score, and a log."""
-    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
-    return {"best": {"params": copy(state.params), "model_state": copy(state.model_state)},
-            "best_score": jnp.asarray([-1.0, -jnp.inf, -1.0], jnp.float32),   # feasible, key, step
-            "selection_log": jnp.full((points, 3), jnp.nan, jnp.float32)}     # step, accuracy, max psi - eps_g
-
-
-def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, eps_g: np.ndarray,
-                   points: list[int]) -> Callable:
-    """A ``fit`` hook (pure in ``(state, step)``, so resumable): at each selection point, evaluate the model
-    on the held-out rows and keep it if it is the most accurate feasible one (max_g psi_g - eps_g <= 0) or,
-    while none is feasible, the least violating one; of equally good points the later one (the longer trained:
-    when the constraint never pushed, ceag then returns what nft does)."""
-    where = {p: i for i, p in enumerate(points)}
-
-    def hook(s: TrainState, step: int) -> TrainState:
-        if step not in where:
-            return s
-        acc, psi = held_out_psi(ctx, s, val, dense_val)
-        worst = float(np.nanmax(psi - eps_g))
-        feasible = worst <= 0.0
-        key = float(np.float32(acc if feasible else -worst))   # compared as stored: ties keep the later point
-        best = np.asarray(s.extra["best_score"])
-        extra = dict(s.extra)
-        extra["selection_log"] = s.extra["selection_log"].at[where[step]].set(
-            jnp.asarray([step, acc, worst], jnp.float32))
-        if (float(feasible), key) >= (float(best[0]), float(best[1])):
-            extra["best"] = {"params": jax.tree.map(jnp.copy, s.params),
-                             "model_state": jax.tree.map(jnp.copy, s.model_state)}
-            extra["best_score"] = jnp.asarray([float(feasible), key, step], jnp.float32)
-        return s.replace(extra=extra)
-
-    return resumable(hook)
-
-
-def selection_result(state: TrainState, points: list[int], eps: float) -> tuple[TrainState, dict]:
-    """The selected weights and what ``results.json`` records about the selection."""
-    best = np.asarray(state.extra["best_score"])
-    log = np.asarray(state.extra["selection_log"])
-    chosen = state.replace(params=state.extra["best"]["params"], model_state=state.extra["best"]["model_state"])
-    step = int(best[2])
-    rows = [r for r in log if np.isfinite(r[0]) and int(r[0]) == step]
-    row = rows[0] if rows else None
-    return chosen, {"rule": "most accurate checkpoint with max_g (psi_g - eps_g) <= 0 on the rows the constraint "
-                            "reads, else the least violating; of equal ones the later", "points": points, "feasible": bool(best[0] > 0), "step": step,
-                    "max_psi": None if row is None else float(row[2]) + eps,
-                    "max_violation": None if row is None else float(row[2]),
-                    "log": [{"step": int(r[0]), "accuracy": float(r[1]), "max_violation": float(r[2])}
-                            for r in log if np.isfinite(r[0])]}
-
-
 def no_op_warnings(traj: dict, names: list[str], eps: float, where: str) -> tuple[list[str], list[str]]:
     """``(warnings, notes)``: a warning when a constraint could not act (never observed: nothing protected its
     group); a note, not a warning, when none was ever violated (the bound held without a push, so ceag ran as
@@ -627,105 +418,3 @@ def no_op_warnings(traj: dict, names: list[str], eps: float, where: str) -> tupl
         out.append(f"ceag: the constraints of {len(missing)} group(s) were never observed on the {where} rows "
                    f"({', '.join(missing[:8])}): nothing protected them")
     return out, notes
-
-
-@dataclasses.dataclass(frozen=True)
-class NftOptions(GradualOptions):
-    """nft's ``--opt`` keys: the gradual start's, and early stopping (Balancing Act's "NFT + early stopping"
-    baseline, chosen here on held-out rows: the authors' code picks the best epoch on the test split,
-    merajhashemi/balancing-act main.py:150-154)."""
-
-    early_stop: bool = False                # return the most accurate of select_points checkpoints on held-out rows
-    select_points: int = 8
-    val_fraction: float = 0.1
-
-
-#: The bound that makes every checkpoint "feasible" in :func:`selection_hook`: psi_g lies in [-1, 1], so the
-#: choice is by held-out accuracy alone (early stopping).
-_ANY_PSI = 2.0
-
-
-@register("nft", "naive fine-tuning: the same gradual pruning as ceag, then plain cross-entropy fine-tuning "
-          "(early_stop=true: the most accurate checkpoint on held-out rows)", NftOptions,
-          check=lambda o: _check_nft(o))  # noqa: E731 (defined below)
-def nft(ctx: Context, dense: TrainState, opts: NftOptions) -> tuple[TrainState, dict]:
-    start, template, info = pruned_start(ctx, dense, opts)
-    hook, points = None, []
-    if opts.early_stop:
-        ctx, val, where = held_out_rows(ctx, opts.val_fraction)
-        total = ctx.config.ft_epochs * ctx.steps_per_epoch
-        points = sorted({max(int(round(total * (k + 1) / opts.select_points)), 1) for k in range(opts.select_points)})
-        dense_val = evaluate(ctx.eval_step, dense, val, ctx.config.eval_batch_size)[0]
-        hook = selection_hook(ctx, val, dense_val, np.full(ctx.dataset.num_groups, _ANY_PSI, np.float32), points)
-    tx = ctx.finetune_tx()
-    extra = teacher_extra(dense) if opts.distill > 0 else None
-    state = ctx.masked_state(start, start.masks, tx, extra=extra)
-    if opts.early_stop:
-        state = state.replace(extra=dict(state.extra or {}, **selection_init(state, len(points))))
-    state, hist = ctx.finetune(state, tx, desc="fine-tune (nft)", distill=opts.distill, hook=hook)
-    info.update(history=hist)
-    if opts.early_stop:
-        state = hook(state, total)   # the last point comes after the last step
-        state, sel = selection_result(state, points, _ANY_PSI)
-        sel.update(rule="most accurate checkpoint on the held-out rows (early stopping); of equal ones the later",
-                   rows=where.replace("constrained fine-tuning", "fine-tuning"))
-        sel.pop("feasible", None)
-        info["selection"] = sel
-        rest = {k: v for k, v in state.extra.items() if k not in ("best", "best_score", "selection_log")}
-        state = state.replace(extra=rest or None)
-    return without_teacher(state), info
-
-
-def _check_nft(opts: NftOptions) -> None:
-    if opts.select_points < 1:
-        raise ValueError(f"nft: select_points must be >= 1; got {opts.select_points}")
-    if not 0 < opts.val_fraction < 1:
-        raise ValueError(f"nft: val_fraction must be in (0, 1); got {opts.val_fraction}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ElOptions(constrained.DualOptions, GradualOptions):
-    """el's ``--opt`` keys: the gradual start's, the dual step's, and its loss buffers."""
-
-    buffers: bool = False                   # strict values from loss replay buffers instead of the batch
-    buffer_size: int = 40
-
-
-def el_terms(num_groups: int, use_buffers: bool) -> ProblemTerms:
-    """Equalized loss: h_g = L_g - L = 0, strict from the batch or from loss replay buffers."""
-
-    def terms(per, loss, correct, batch, extra):
-        g, w = batch["g"], batch["w"]
-        loss_g, n_g, _ = group_means(per, g, w, num_groups)
-        present = n_g > 0
-        proxy = jnp.where(present, loss_g - loss, 0.0)
-        if not use_buffers:
-            return proxy, jax.lax.stop_gradient(proxy), present, {}
-        buf = constrained.buffer_update(extra["buffer"], jax.lax.stop_gradient(per), g, w)
-        overall = constrained.buffer_update(extra["overall"], jax.lax.stop_gradient(per), jnp.zeros_like(g), w)
-        bl_g, full_g = constrained.buffer_means(buf)
-        bl, full = constrained.buffer_means(overall)
-        return proxy, bl_g - bl[0], present & full_g & full[0], {"buffer": buf, "overall": overall}
-
-    return terms
-
-
-@register("el", "equalized loss (Tran et al. 2022): the same gradual pruning, then fine-tuning with one "
-          "equality constraint per group L_g - L = 0", ElOptions,
-          check=lambda o: constrained.check_dual_options(o, "el"))
-def el(ctx: Context, dense: TrainState, opts: ElOptions) -> tuple[TrainState, dict]:
-    start, template, info = pruned_start(ctx, dense, opts)
-    G = ctx.dataset.num_groups
-    dual = constrained.dual_from_options(opts, G, equality=True)
-    tx = ctx.finetune_tx()
-    extra: dict[str, Any] = {}
-    if opts.distill > 0:
-        extra.update(teacher_extra(dense))
-    if opts.buffers:
-        extra["buffer"] = constrained.buffer_init(G, opts.buffer_size)
-        extra["overall"] = constrained.buffer_init(1, 10 * opts.buffer_size)
-    state = ctx.masked_state(start, start.masks, tx, extra=extra).with_dual(dual.init())
-    step = make_constrained_step(ctx, tx, dual, el_terms(G, opts.buffers), opts.mode, distill=opts.distill)
-    state, hist = ctx.finetune(state, tx, step_fn=step, desc="fine-tune (el)")
-    info.update(history=hist, multipliers=np.asarray(state.dual.multipliers).tolist())
-    return without_teacher(state), info
