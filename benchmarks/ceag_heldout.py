@@ -63,7 +63,7 @@ def main() -> None:
     cfg = RunConfig(batch_size=args.batch_size, progress=False)
     G = args.groups
     eval_step = make_eval_step(fm, G, C)
-    ctx = Context(config=cfg, dataset=None, fm=fm, template=template, flops=count_flops(fm, params, ms),
+    ctx = Context.from_config(cfg, dataset=None, fm=fm, template=template, flops=count_flops(fm, params, ms),
                   layer_order=layer_order(fm, params, ms), eval_step=eval_step)
     tx = make_optimizer("adam", 1e-3)
     dense = create_state(params, ms, tx, masks=None)

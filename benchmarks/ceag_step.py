@@ -406,7 +406,7 @@ def equivalence_check(model: str, args, T) -> dict:
     step, extra, ref, opts = jax_ceag(ctx, G, args.seed)
     state = jax_fresh_state(ctx, params, ms, masks, tx, extra=extra)
     tmodel = torch_model_from_jax(T, model, params, ms, masks)
-    lr = ctx.config.ft_lr
+    lr = ctx.settings.ft_lr
     tstep, cmp = make_torch_cooper(T, tmodel, G, ref, opts, lr, ctx.steps_per_epoch * 1)
     batches = make_batches(model, args.batch_size, G, K, args.seed + 1)
     tb = torch_batches(batches, model, T)
@@ -497,7 +497,7 @@ def bench_model(model: str, groups: list[int], args, T) -> dict:
     steps = args.steps or steps
     rounds = args.repeats or rounds
     ctx, params, ms, masks, tx, plain_step = jax_setup(model, args.batch_size, args.sparsity, args.seed)
-    lr, total = ctx.config.ft_lr, 10_000
+    lr, total = ctx.settings.ft_lr, 10_000
     out: dict[str, Any] = {"setting": SETTINGS[model]["what"], "steps_per_round": steps, "rounds": rounds,
                            "groups": {}}
     t0 = time.perf_counter()

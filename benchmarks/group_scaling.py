@@ -61,7 +61,7 @@ def with_groups(ds, G: int, seed: int = 0):
 
 def time_one(prep, method: str, sparsity: float) -> tuple[float, dict]:
     cfg = dataclasses.replace(prep.config, method=method, sparsity=sparsity, method_options={})
-    ctx = dataclasses.replace(prep.ctx, config=cfg)
+    ctx = prep.ctx.with_config(cfg)
     t = time.perf_counter()
     state, info = get_method(method).run(ctx, prep.dense, get_method(method).parse({}))
     jax.block_until_ready(state.params)

@@ -198,7 +198,6 @@ def test_auto_constraint_data_picks_training_buffers_when_held_out_groups_are_sm
 def test_auto_constraint_data_reads_every_training_row_when_a_group_is_rarer_than_one_row_a_batch(prepared):
     """Without usable held-out rows, auto keeps the paper's buffers unless some group is expected in fewer than
     one row of a batch (its buffer would be empty or stale most of the time): then every training row."""
-    import dataclasses
     import jax
     from fairprune_jax.methods.ceag import CeagOptions, choose_constraint_data
     start = prepared.dense.replace(params=jax.tree.map(lambda p: 0.6 * p, prepared.dense.params))
@@ -206,7 +205,7 @@ def test_auto_constraint_data_reads_every_training_row_when_a_group_is_rarer_tha
     held_out, choice = choose_constraint_data(ctx, prepared.dense, start, CeagOptions())
     assert not held_out and choice["chosen"] == "train" and choice["rare_groups"] == []
     per_class = choice["fewest_rows_per_batch"]                     # 10 classes: about batch_size / 10
-    small = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, batch_size=8))
+    small = ctx.with_settings(batch_size=8)
     held_out, choice = choose_constraint_data(small, prepared.dense, start, CeagOptions())
     assert not held_out and choice["chosen"] == "train_all" and len(choice["rare_groups"]) == 10
     assert choice["fewest_rows_per_batch"] < 1 <= per_class

@@ -197,3 +197,24 @@ def test_modules_stay_small_and_say_what_they_are_for():
         if len(doc.split("\n\n")[0].split()) < 4:
             undocumented.append(rel)
     assert long == [] and undocumented == [], (long, undocumented)
+
+
+def test_methods_see_their_settings_not_the_run_config():
+    """The narrow method contract: a method gets :class:`MethodSettings` (its target, its budget and the training
+    choices it shares with the dense run), its parsed options and named random streams, never the run's
+    ``RunConfig``; no method or technique module names it or reads a context's config."""
+    import dataclasses
+    from fairprune_jax.core.config import RunConfig
+    from fairprune_jax.methods.base import Context, MethodSettings
+    assert "config" not in {f.name for f in dataclasses.fields(Context)}
+    run_only = {"method", "method_options", "dataset", "data_dir", "model", "dataset_options", "out", "seed"}
+    assert not run_only & {f.name for f in dataclasses.fields(MethodSettings)}
+    s = MethodSettings.from_config(RunConfig(epochs=3, lr=0.01))
+    assert (s.ft_epochs, s.ft_lr) == (3, 0.01)              # the fine-tuning budget resolved from the run's
+    offenders = []
+    for sub in ("methods", "techniques"):
+        for path in sorted((PACKAGE_DIR / sub).glob("*.py")):
+            text = path.read_text()
+            if path.name not in ("base.py", "__init__.py") and ("RunConfig" in text or "ctx.config" in text):
+                offenders.append(f"{sub}/{path.name}")
+    assert offenders == []

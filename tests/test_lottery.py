@@ -31,13 +31,15 @@ def tree_equal(a, b) -> bool:
 
 
 def with_options(ctx, **opts):
-    return dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, method_options=opts))
+    """A context and a method's raw options, for :func:`run_direct` (a method never reads raw options itself)."""
+    return ctx, opts
 
 
 def run_direct(name, ctx, dense):
-    """A registered method's run with the options of ``ctx.config`` parsed and checked, as the runner does."""
+    """A registered method's run with its raw options (``with_options``) parsed and checked, as the runner does."""
     method = METHODS[name]
-    return method.run(ctx, dense, method.parse(ctx.config.method_options))
+    ctx, opts = ctx if isinstance(ctx, tuple) else (ctx, {})
+    return method.run(ctx, dense, method.parse(opts))
 
 
 # ---------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def test_fair_scratch_frozen_weights_exact_sparsity_and_regulariser(setup):
     for lam in (0.0, 3.0):
         st, hist, fn = FS.train_scores(ctx, FS.FairScratchOptions(**base, lam=lam, out_bias="frozen"))
         assert tree_equal(st.params, frozen)  # the weights never move
-        s0 = FS.init_scores(jax.random.key(ctx.config.seed + 11), frozen, ctx.template)
+        s0 = FS.init_scores(jax.random.key(ctx.seed + 11), frozen, ctx.template)
         assert not tree_equal(st.extra["scores"], s0)  # the scores do
         kept = {n: int(np.asarray(m).sum()) for n, m in named_leaves(st.masks)}
         assert kept == keep_counts(init_params, ctx.template, 0.5)
@@ -425,8 +427,7 @@ def test_ballot_voting_run_is_shared_across_sparsities_and_exact(setup, monkeypa
     and a memoised run gives bit-identical tickets to a fresh one."""
     ctx, _, dense = setup
     ctx = dataclasses.replace(ctx, memo={})
-    at = lambda c, s: dataclasses.replace(c, config=dataclasses.replace(  # noqa: E731
-        c.config, sparsity=s, method_options={"retrain_epochs": 1, "scope": "all"}))
+    at = lambda c, s: with_options(c.with_settings(sparsity=s), retrain_epochs=1, scope="all")  # noqa: E731
     st_a, info_a = run_direct("ballot", at(ctx, 0.5), dense)
     assert len(ctx.memo) == 1
 
@@ -466,7 +467,7 @@ def test_ballot_authors_variant_leaves_hidden_layers_dense_and_reports_true_spar
     assert info["sparsity"] == pytest.approx(160 / total)                 # the true overall sparsity, not 0.5
     assert info["sparsity"] < 0.1 and info["sparsity_target"] == 0.5
     assert info["options"]["sign"] == "signed" and info["options"]["normalize"] == "row"
-    assert info["options"]["weights"] == "truncated" and info["options"]["retrain_epochs"] == ctx.config.epochs
+    assert info["options"]["weights"] == "truncated" and info["options"]["retrain_epochs"] == ctx.settings.epochs
     assert "authors" in info["label"]
 
 
@@ -535,9 +536,8 @@ def test_ballot_truncated_weights_and_signed_votes():
 
 def test_lth_last_round_gets_the_dense_budget(setup):
     ctx, _, dense = setup
-    ctx2 = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, epochs=2, finetune_epochs=1,
-                                                               method_options={"fraction": 0.3}))
-    _, info = run_direct("lth", ctx2, dense)
+    ctx2 = ctx.with_settings(epochs=2, finetune_epochs=1)
+    _, info = run_direct("lth", with_options(ctx2, fraction=0.3), dense)
     epochs = [len(info["history"][f"round_{r}"]["loss"]) for r in range(1, len(info["rounds"]) + 1)]
     assert info["last_round_epochs"] == 2 and epochs == [1, 2]      # history: one entry per epoch
     _, info = run_direct("lth", with_options(ctx2, fraction=0.3, last_round="round"), dense)

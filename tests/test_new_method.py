@@ -22,8 +22,8 @@ from fairprune_jax.methods.base import register
 @register("gradual_random_demo", "random scores on the cubic schedule, then fine-tuning", DistillOptions)
 def gradual_random(ctx, dense, opts):
     key = jax.random.key(ctx.stream_seed("random_scores"))
-    total = ctx.config.ft_epochs * ctx.steps_per_epoch
-    points = cubic_points(ctx.config.sparsity, max(int(0.75 * total), 1), 10)
+    total = ctx.settings.ft_epochs * ctx.steps_per_epoch
+    points = cubic_points(ctx.settings.sparsity, max(int(0.75 * total), 1), 10)
     hook = score_hook(ctx, points, ctx.template, lambda params, template: scores.random(key, params, template))
     state, hist = ctx.finetune_masks(dense, ones_like_template(dense.params, ctx.template), hook=hook)
     return hook(state, max(points)), {"history": hist}

@@ -56,7 +56,7 @@ digits at 89%: a hidden-layer vote mask retrains to 0.742, a random mask to
 
 * ``body="magnitude"``: every prunable layer but the classifier is masked by
   the magnitude of the trained dense weights at the target sparsity
-  (``ctx.config.distribution``); ``body="lth"`` masks them by iterative
+  (``ctx.settings.distribution``); ``body="lth"`` masks them by iterative
   magnitude pruning with rewinding instead (``body_fraction`` 0.2 of the
   remaining weights per round, at most ``body_rounds`` 5 rounds of ``ft_epochs``
   each, classifier dense meanwhile; the issue's "hidden layers by magnitude or
@@ -169,7 +169,7 @@ def authors_vote_run(ctx: Context, dense: TrainState, opts: BallotOptions, templ
       the *pre*-epoch weights, both restricted to ``template`` (the
       classifier).
     """
-    cfg = ctx.config
+    cfg = ctx.settings
     fair_by, eta = opts.fair_by, opts.eta
     memo_key = ("ballot.authors_vote_run", fair_by, eta, opts.normalize, opts.vote_prune, opts.holdout, ctx.stream_seed("dense"),
                 cfg.epochs, cfg.lr)
@@ -243,7 +243,7 @@ def retrain_tx(ctx: Context, epochs: int, warmup_fraction: float) -> optax.Gradi
     warmup = int(round(warmup_fraction * total))
     if warmup == 0:
         return ctx.finetune_tx(epochs=epochs)
-    cfg = ctx.config
+    cfg = ctx.settings
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.ft_lr, warmup, max(total, warmup + 1))
     return make_optimizer(cfg.optimizer, schedule, cfg.weight_decay)  # a schedule in place of the lr
 
@@ -263,7 +263,7 @@ def voting_run(ctx: Context, dense: TrainState, opts: BallotOptions, template: A
     in ``ctx.memo`` (when its scores fit in ``MEMO_BUDGET_BYTES``) and
     ``fairprune compare`` runs it once per seed.
     """
-    cfg = ctx.config
+    cfg = ctx.settings
     eta, fair_by, min_acc = opts.eta, opts.fair_by, opts.min_acc
     sparse_body = body is not None and opts.body != "dense"
     memo_key = ("ballot.voting_run", eta, fair_by, opts.normalize, opts.scope, opts.sign, opts.weights, k,
@@ -430,7 +430,7 @@ def body_masks(ctx: Context, dense: TrainState, opts: BallotOptions, vote_templa
                                  ctx.template, vote_template, is_leaf=_is_none)
     if opts.body == "dense" or not jax.tree.leaves(body_template):
         return ones_like_template(dense.params, body_template), []
-    cfg = ctx.config
+    cfg = ctx.settings
     if opts.body == "magnitude":
         return masks_lib.masks_from_scores(scores_lib.magnitude(dense.params, body_template), body_template,
                                            cfg.sparsity, cfg.distribution), []
@@ -460,7 +460,7 @@ def body_masks(ctx: Context, dense: TrainState, opts: BallotOptions, vote_templa
                     "only; variant=ours: hidden layers by magnitude, classifier by votes)", BallotOptions,
           check=resolve_options)
 def ballot(ctx: Context, dense: TrainState, opts: BallotOptions) -> tuple[TrainState, dict]:
-    cfg = ctx.config
+    cfg = ctx.settings
     fair_by = opts.fair_by
     k = check_rewind_step(ctx, opts.rewind_step)
     template = final_layer_template(ctx) if opts.scope == "classifier" else ctx.template
@@ -524,7 +524,7 @@ def _info(ctx, opts, pruned, masks, votes, score_sum, epoch_masks, key_acc_hist,
     return {
         "options": {**dataclasses.asdict(opts), "vote_epochs": vote_epochs, "retrain_epochs": retrain_epochs,
                     "rewind_step": k},
-        **sparsity_report(ctx, pruned, masks, ctx.config.sparsity),
+        **sparsity_report(ctx, pruned, masks, ctx.settings.sparsity),
         "votes": {"epochs": len(epoch_masks),
                   "kept_min_votes": float(v[m > 0].min()) if (m > 0).any() else None,
                   "pruned_max_votes": float(v[m == 0].max()) if (m == 0).any() else None,

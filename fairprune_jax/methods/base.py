@@ -55,11 +55,53 @@ DERIVED_STREAMS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodSettings:
+    """The run's settings a method may read, and only those: its target, its budget and the training choices
+    it shares with the dense run. A method never sees :class:`RunConfig` (the data source, the model's name,
+    the outputs, its own name and raw options are the runner's): its options arrive parsed and checked, its
+    random numbers through named streams (:meth:`Context.stream_seed`), its files through
+    :meth:`Context.save_masks`."""
+
+    sparsity: float
+    distribution: str
+    epochs: int                 # the dense run's (what LTH's rewind and Ballot's vote run replay)
+    finetune_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float                   # the dense run's
+    finetune_lr: float
+    optimizer: str
+    weight_decay: float
+    exclude_first: bool
+    exclude_last: bool
+    positive_label: int
+    certify_level: float        # the certificate a method may aim at (ceag's aim=certificate)
+    certify_interval: str
+    model_options: dict         # the dense model's builder options (rebuilding its initialisation)
+    progress: bool
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "MethodSettings":
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)
+                      if f.name not in ("finetune_epochs", "finetune_lr")},
+                   finetune_epochs=cfg.ft_epochs, finetune_lr=cfg.ft_lr)
+
+    @property
+    def ft_epochs(self) -> int:
+        return self.finetune_epochs
+
+    @property
+    def ft_lr(self) -> float:
+        return self.finetune_lr
+
+
 @dataclasses.dataclass
 class Context:
-    """What a method needs from the run: config, data, model, shared steps."""
+    """What a method needs from the run: its settings (not the run's config), data, model, shared steps."""
 
-    config: RunConfig
+    settings: MethodSettings
+    seed: int                       # read only through the named streams (stream_seed, stream_rng)
     dataset: Dataset
     fm: FunctionalModel
     template: Any                  # prunable leaves (True) vs kept dense (None)
@@ -76,6 +118,22 @@ class Context:
     # grid's dense folder), where results that depend only on it and a method's settings are saved for a later
     # run (the gradually pruned start of ceag / nft / el); None: nothing is kept.
     cache_dir: Path | None = None
+    # The run's output folder, written only through save_masks (None: nothing is written).
+    output_dir: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, **fields: Any) -> "Context":
+        """The context of a run of ``cfg``: its method settings, seed and output folder, and ``fields``."""
+        return cls(settings=MethodSettings.from_config(cfg), seed=cfg.seed, output_dir=cfg.out, **fields)
+
+    def with_config(self, cfg: RunConfig) -> "Context":
+        """This context for another run of the same dense model (another method, sparsity or options)."""
+        return dataclasses.replace(self, settings=MethodSettings.from_config(cfg), seed=cfg.seed,
+                                   output_dir=cfg.out)
+
+    def with_settings(self, **changes: Any) -> "Context":
+        """This context with some settings changed (e.g. a smaller batch for a test)."""
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, **changes))
 
     def stream_seed(self, name: str, offset: int = 0) -> int:
         """The seed of the named random stream (:data:`SEED_STREAMS`, or a ``"hashed"`` one of
@@ -85,24 +143,24 @@ class Context:
             kind, n = DERIVED_STREAMS[name]
             if kind != "hashed":
                 raise ValueError(f"stream {name!r} gives a numpy Generator only: use stream_rng")
-            return derived_seed(self.config.seed, n) + offset
-        return self.config.seed + SEED_STREAMS[name] + offset
+            return derived_seed(self.seed, n) + offset
+        return self.seed + SEED_STREAMS[name] + offset
 
     def stream_rng(self, name: str) -> "np.random.Generator":
         """A numpy Generator of the named stream (any of :data:`SEED_STREAMS` and :data:`DERIVED_STREAMS`)."""
         kind, n = DERIVED_STREAMS.get(name, ("seed", None))
         if kind == "sequence":
-            return np.random.default_rng([self.config.seed, n])
+            return np.random.default_rng([self.seed, n])
         return np.random.default_rng(self.stream_seed(name))
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(len(self.dataset.train) // self.config.batch_size, 1)
+        return max(len(self.dataset.train) // self.settings.batch_size, 1)
 
     def finetune_tx(self, epochs: int | None = None, lr: float | None = None) -> optax.GradientTransformation:
-        epochs = self.config.ft_epochs if epochs is None else epochs
-        return make_optimizer(self.config.optimizer, self.config.ft_lr if lr is None else lr,
-                              self.config.weight_decay, total_steps=epochs * self.steps_per_epoch)
+        epochs = self.settings.ft_epochs if epochs is None else epochs
+        return make_optimizer(self.settings.optimizer, self.settings.ft_lr if lr is None else lr,
+                              self.settings.weight_decay, total_steps=epochs * self.steps_per_epoch)
 
     def prune_phase(self, dense: TrainState, template: Any, prune_epochs: int
                     ) -> tuple[TrainState, optax.GradientTransformation, int, int]:
@@ -112,7 +170,7 @@ class Context:
         """
         epochs = prune_epochs
         if epochs < 0:
-            epochs = max(self.config.ft_epochs // 2, 1)
+            epochs = max(self.settings.ft_epochs // 2, 1)
         tx = self.finetune_tx(epochs=epochs)
         state = self.masked_state(dense, masks_lib.ones_like_template(dense.params, template), tx)
         return state, tx, epochs, epochs * self.steps_per_epoch
@@ -126,13 +184,13 @@ class Context:
     def masks_from_scores(self, scores: Any, sparsity: float, prev_masks: Any = None,
                           template: Any = None) -> Any:
         return masks_lib.masks_from_scores(scores, self.template if template is None else template, sparsity,
-                                           self.config.distribution, prev_masks=prev_masks)
+                                           self.settings.distribution, prev_masks=prev_masks)
 
     def template_for(self, params: Any, *, exclude_first: bool, exclude_last: bool) -> Any:
         """A prunable template with the given first/last-layer exclusions (or the run's own flags)."""
         return masks_lib.prunable_template(params, layer_order=self.layer_order,
-                                           exclude_first=exclude_first or self.config.exclude_first,
-                                           exclude_last=exclude_last or self.config.exclude_last)
+                                           exclude_first=exclude_first or self.settings.exclude_first,
+                                           exclude_last=exclude_last or self.settings.exclude_last)
 
     def first_layer_is_conv(self, params: Any) -> bool:
         leaves = dict(masks_lib.named_leaves(params))
@@ -140,7 +198,7 @@ class Context:
 
     def output_location(self, name: str) -> str | None:
         """Where :meth:`save_masks` writes ``name`` (for a report), or None when the run has no output folder."""
-        return str(Path(self.config.out) / name) if self.config.out else None
+        return str(Path(self.output_dir) / name) if self.output_dir else None
 
     def save_masks(self, name: str, masks: Any, report: dict | None = None, **arrays: Any) -> str | None:
         """Save ``masks`` (and named array trees, and ``report``) as ``name`` (an ``.npz`` path relative to the run's
@@ -164,10 +222,10 @@ class Context:
                  desc: str = "fine-tune", distill: float = 0.0) -> tuple[TrainState, dict]:
         """Masked training of ``state`` on the train split (plain cross-entropy unless ``step_fn``; plus
         ``distill`` times the KL to ``state.extra["teacher"]`` when > 0, see :func:`train.teacher_extra`)."""
-        epochs = self.config.ft_epochs if epochs is None else epochs
+        epochs = self.settings.ft_epochs if epochs is None else epochs
         step_fn = step_fn or make_train_step(self.fm, tx, augment=self.augment, distill=distill)
-        return fit(state, step_fn, self.dataset.train, epochs=epochs, batch_size=self.config.batch_size,
-                   seed=self.stream_seed("finetune_batches"), desc=desc, hook=hook, progress=self.config.progress)
+        return fit(state, step_fn, self.dataset.train, epochs=epochs, batch_size=self.settings.batch_size,
+                   seed=self.stream_seed("finetune_batches"), desc=desc, hook=hook, progress=self.settings.progress)
 
 
 @dataclasses.dataclass(frozen=True)

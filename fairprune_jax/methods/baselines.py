@@ -14,7 +14,7 @@ from fairprune_jax.training.train import TrainState
 
 @register("magnitude", "one-shot magnitude pruning to the target, then fine-tuning", DistillOptions)
 def magnitude(ctx: Context, dense: TrainState, opts: DistillOptions) -> tuple[TrainState, dict]:
-    masks = ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), ctx.config.sparsity)
+    masks = ctx.masks_from_scores(scores.magnitude(dense.params, ctx.template), ctx.settings.sparsity)
     state, hist = ctx.finetune_masks(dense, masks, distill=opts.distill)
     return state, {"history": hist}
 
@@ -22,7 +22,7 @@ def magnitude(ctx: Context, dense: TrainState, opts: DistillOptions) -> tuple[Tr
 @register("random", "one-shot random pruning to the target, then fine-tuning", DistillOptions)
 def random(ctx: Context, dense: TrainState, opts: DistillOptions) -> tuple[TrainState, dict]:
     key = jax.random.key(ctx.stream_seed("random_scores"))
-    masks = ctx.masks_from_scores(scores.random(key, dense.params, ctx.template), ctx.config.sparsity)
+    masks = ctx.masks_from_scores(scores.random(key, dense.params, ctx.template), ctx.settings.sparsity)
     state, hist = ctx.finetune_masks(dense, masks, distill=opts.distill)
     return state, {"history": hist}
 
@@ -34,8 +34,8 @@ def gradual_magnitude_hook(ctx: Context, total_steps: int, prune_fraction: float
     ``updates`` mask updates; already-pruned weights never come back.
     """
     prune_steps = max(int(total_steps * prune_fraction), 1)
-    points = cubic_points(ctx.config.sparsity, prune_steps, updates)
-    points[0] = schedules.cubic(0, ctx.config.sparsity, prune_steps)
+    points = cubic_points(ctx.settings.sparsity, prune_steps, updates)
+    points[0] = schedules.cubic(0, ctx.settings.sparsity, prune_steps)
     return magnitude_hook(ctx, points, ctx.template), points
 
 
@@ -47,7 +47,7 @@ class GmpOptions(DistillOptions):
 
 @register("gmp", "gradual magnitude pruning on the cubic schedule during fine-tuning", GmpOptions)
 def gmp(ctx: Context, dense: TrainState, opts: GmpOptions) -> tuple[TrainState, dict]:
-    total = ctx.config.ft_epochs * ctx.steps_per_epoch
+    total = ctx.settings.ft_epochs * ctx.steps_per_epoch
     hook, points = gradual_magnitude_hook(ctx, total, opts.prune_fraction, opts.updates)
     state, hist = ctx.finetune_masks(dense, ones_like_template(dense.params, ctx.template), hook=hook,
                                      distill=opts.distill)

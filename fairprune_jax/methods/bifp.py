@@ -181,7 +181,7 @@ def fairness_spec(ctx: Context, opts: FairOptions, steps: int) -> bilevel.Fairne
         dual = constrained.capped(constrained.dual_from_options(resolved, k, equality=False),
                                   multiplier_cap(opts, name, groups))
     return bilevel.Fairness(surrogate=name, mode=mode, num_groups=groups,
-                            positive_label=ctx.config.positive_label, lam=opts.lam, tau=opts.tau,
+                            positive_label=ctx.settings.positive_label, lam=opts.lam, tau=opts.tau,
                             strict=opts.strict, buffer_size=opts.buffer_size, reduce=opts.reduce, dual=dual,
                             dual_mode=opts.mode, constraint=opts.constraint, strict_decay=opts.strict_decay,
                             min_rows=opts.min_rows, one_sided=one_sided(opts, name))
@@ -209,7 +209,7 @@ def structured_setup(ctx: Context, params: Any) -> tuple[list[compact.UnitGroup]
 
 def l1_structured_masks(ctx: Context, params: Any, groups, template) -> Any:
     """Structured magnitude masks at the target: top units by (per-layer normalised) L1 norm, with companions."""
-    counts = bilevel.unit_keep_counts(params, template, ctx.config.sparsity, ctx.config.distribution, True)
+    counts = bilevel.unit_keep_counts(params, template, ctx.settings.sparsity, ctx.settings.distribution, True)
     fn = jax.jit(lambda p: bilevel.full_masks(
         bilevel.binarize(bilevel.init_scores(p, template, True), counts), p, groups))
     return fn(params)
@@ -232,7 +232,7 @@ def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
     if spec.mode == "none":
         return {}
     out = {"train_fairness": bilevel.split_fairness(ctx.fm, spec, state.params, state.masks, state.model_state,
-                                                    ctx.dataset.train, ctx.config.eval_batch_size)}
+                                                    ctx.dataset.train, ctx.settings.eval_batch_size)}
     if spec.mode == "constraint" and state.dual is not None:
         mult = np.asarray(state.dual.multipliers)
         out["multiplier"] = float(mult.max())
@@ -284,7 +284,7 @@ def _weight_tx(ctx: Context, opts: BifpOptions, epochs: int) -> optax.GradientTr
     """The baselines' fine-tuning optimizer (``finetune``) or the separate ``sgd`` / ``adam`` at ``weight_lr``."""
     if opts.weight_optimizer == "finetune":
         return ctx.finetune_tx(epochs=epochs)
-    return make_optimizer(opts.weight_optimizer, opts.weight_lr, ctx.config.weight_decay,
+    return make_optimizer(opts.weight_optimizer, opts.weight_lr, ctx.settings.weight_decay,
                           total_steps=max(epochs * ctx.steps_per_epoch, 1))
 
 
@@ -292,7 +292,7 @@ def _weight_tx(ctx: Context, opts: BifpOptions, epochs: int) -> optax.GradientTr
           "trained jointly under a fairness constraint or penalty; structured by default", BifpOptions,
           structured="structured", check=check_bifp_options)
 def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState, dict]:
-    cfg = ctx.config
+    cfg = ctx.settings
     epochs = cfg.ft_epochs if opts.epochs < 0 else opts.epochs
     spec = fairness_spec(ctx, opts, epochs * ctx.steps_per_epoch)
     structured = opts.structured
@@ -371,7 +371,7 @@ def structured_magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tu
 @register("prune_then_fair", "structured magnitude pruning, then fine-tuning with the fairness surrogate as a "
           "constraint (default) or penalty", FairOptions, structured=True, check=_check_common)
 def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple[TrainState, dict]:
-    steps = ctx.config.ft_epochs * ctx.steps_per_epoch
+    steps = ctx.settings.ft_epochs * ctx.steps_per_epoch
     spec = fairness_spec(ctx, opts, steps)
     groups, template = structured_setup(ctx, dense.params)
     masks = l1_structured_masks(ctx, dense.params, groups, template)
@@ -392,7 +392,7 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple
           "magnitude pruning and cross-entropy fine-tuning", FairThenPruneOptions,
           structured=True, check=_check_common)
 def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions) -> tuple[TrainState, dict]:
-    fair_epochs = ctx.config.ft_epochs if opts.fair_epochs < 0 else opts.fair_epochs
+    fair_epochs = ctx.settings.ft_epochs if opts.fair_epochs < 0 else opts.fair_epochs
     spec = fairness_spec(ctx, opts, fair_epochs * ctx.steps_per_epoch)
     groups, template = structured_setup(ctx, dense.params)
     info: dict[str, Any] = {"options": dataclasses.asdict(opts), "structured": True, "fair_epochs": fair_epochs,

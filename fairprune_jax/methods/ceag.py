@@ -199,7 +199,7 @@ def check_ceag_options(opts: CeagOptions) -> None:
           "it: constraint_data=auto, val, train; train_all: every training row's correctness)", CeagOptions,
           check=check_ceag_options, psi_bound="eps")
 def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState, dict]:
-    eps, G, cfg = opts.eps, ctx.dataset.num_groups, ctx.config
+    eps, G, cfg = opts.eps, ctx.dataset.num_groups, ctx.settings
     names = list(ctx.dataset.group_names)
     notes: list[str] = []
     # the same pruned start as nft and el (gradual pruning on the rows they train on)
@@ -216,7 +216,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         info["dual_lr_used"] = opts.dual_lr
     dual = constrained.dual_from_options(opts, G, equality=False)
     tx = ctx.finetune_tx()
-    total = ctx.config.ft_epochs * ctx.steps_per_epoch
+    total = ctx.settings.ft_epochs * ctx.steps_per_epoch
     extra: dict[str, Any] = {"trajectory": trajectory_init(G, total)}
     if opts.distill > 0:
         extra.update(teacher_extra(dense))
@@ -343,7 +343,7 @@ def choose_constraint_data(ctx: Context, dense: TrainState, start: TrainState, o
     se = certify.psi_standard_error(n_val, n_val * lost, n_val * gained)     # NaN for a group with no rows
     worst = float(se.max()) if np.all(n_val > 0) else float("inf")
     held_out = worst <= AUTO_SE_SHARE * opts.eps
-    per_batch = ctx.config.batch_size * np.bincount(ds.train.g, minlength=G) / len(ds.train)
+    per_batch = ctx.settings.batch_size * np.bincount(ds.train.g, minlength=G) / len(ds.train)
     present = per_batch > 0
     rare = [ds.group_names[i] for i in np.flatnonzero(present & (per_batch < AUTO_RARE_ROWS_PER_BATCH))]
     chosen = "val" if held_out else ("train_all" if rare else "train")
@@ -369,7 +369,7 @@ def certificate_targets(ctx: Context, dense: TrainState, start: TrainState, eps:
     ``margin`` when eps is below it, and then a note says so. The flip rate is the pruned start's, before
     fine-tuning brings it down, so h_g errs on the wide side.
     """
-    ds, G, cfg = ctx.dataset, ctx.dataset.num_groups, ctx.config
+    ds, G, cfg = ctx.dataset, ctx.dataset.num_groups, ctx.settings
     rows, where = (ds.val, "validation") if ds.val is not None and len(ds.val) else (ds.train, "training")
     changed = row_correct(ctx, dense, rows) != row_correct(ctx, start, rows)
     n_rows = np.bincount(rows.g, minlength=G).astype(np.float64)

@@ -3,7 +3,7 @@
 No weight is ever trained. Every prunable weight gets a learned score; the
 forward pass uses the weights whose ``|score|`` is in the top-k (edge-popup,
 Ramanujan et al. 2020), with k from the target sparsity and
-``ctx.config.distribution``, so the mask has exactly the target sparsity at
+``ctx.settings.distribution``, so the mask has exactly the target sparsity at
 every step. The top-k is not differentiable; the straight-through estimator
 passes the gradient of the masked weight to the score as if the mask were
 ``|score|`` itself (``m + (|s| - stop_gradient(|s|))``: the forward value is
@@ -361,7 +361,7 @@ def fairness_term(ctx: Context, opts: FairScratchOptions) -> tuple[Callable, str
         bounded = name == "class_bounded"
         return (lambda logits, y, g, w, num_groups, positive_label=1:
                 class_penalty(logits, y, g, w, num_groups=num_groups, bounded=bounded)), name
-    tr, k, pos = ctx.dataset.train, ctx.dataset.num_groups, ctx.config.positive_label
+    tr, k, pos = ctx.dataset.train, ctx.dataset.num_groups, ctx.settings.positive_label
     on_pos = name.startswith("eo")
     if name.endswith("_rate"):
         return (lambda logits, y, g, w, num_groups, positive_label=1:
@@ -382,9 +382,9 @@ def split_surrogate(ctx: Context, state: TrainState, fair_fn: Callable, split: S
     masks = state.masks if masks is None else masks
     n = len(split)
     logits_all = jnp.asarray(split_logits(ctx.fm, state.params, masks, state.model_state, split,
-                                          ctx.config.eval_batch_size))
+                                          ctx.settings.eval_batch_size))
     return float(fair_fn(logits_all, jnp.asarray(split.y), jnp.asarray(split.g), jnp.ones(n, jnp.float32),
-                         ctx.dataset.num_groups, ctx.config.positive_label))
+                         ctx.dataset.num_groups, ctx.settings.positive_label))
 
 
 # (lam, lam_warmup) when the options leave them None, by the resolved penalty form. The class-wise and the
@@ -451,7 +451,7 @@ def resolve_options(opts: FairScratchOptions) -> FairScratchOptions:
 
 def train_scores(ctx: Context, opts: FairScratchOptions) -> tuple[TrainState, dict, Callable]:
     """Train the scores on frozen weights; the returned state still holds the full frozen weights."""
-    cfg = ctx.config
+    cfg = ctx.settings
     epochs = cfg.ft_epochs if opts.epochs is None else opts.epochs
     params, model_state = initial_weights(ctx)
     dens = layer_densities(params, ctx.template, cfg.sparsity, cfg.distribution)
@@ -497,7 +497,7 @@ def finalize(ctx: Context, state: TrainState, fair_fn: Callable, opts: FairScrat
     info = {"options": {**dataclasses.asdict(opts), "penalty_used": name, "lam_used": lam, "lam_warmup_used": warmup},
             "out_bias_trained": bias,
             "history": hist or {},
-            **sparsity_report(ctx, pruned, pruned.masks, ctx.config.sparsity),
+            **sparsity_report(ctx, pruned, pruned.masks, ctx.settings.sparsity),
             "train_surrogate": train_sur if math.isfinite(train_sur) else None,
             "test": eval_summary(ctx, pruned, "test")}
     return pruned, info

@@ -124,7 +124,7 @@ def iteration_steps(n_iters: int, total_steps: int) -> dict[int, list[int]]:
           "the total; importance recomputed each iteration (one forward + G backward passes over the train "
           "split), then the same fine-tuning as nft", FairgrapeOptions, check=check_options)
 def fairgrape(ctx: Context, dense: TrainState, opts: FairgrapeOptions) -> tuple[TrainState, dict]:
-    cfg, ds = ctx.config, ctx.dataset
+    cfg, ds = ctx.settings, ctx.dataset
     G = ds.num_groups
     template = phase_template(ctx, dense.params, opts)
     targets = schedules.iterative_rounds(cfg.sparsity, 1.0 - opts.keep_per_iter)

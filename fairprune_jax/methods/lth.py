@@ -2,7 +2,7 @@
 
 ``lth`` (Frankle & Carbin 2019; late rewinding, Frankle et al. 2020): every
 round removes ``fraction`` of the *remaining* prunable weights by magnitude
-(``ctx.config.distribution``: ``uniform`` = layerwise, ``global`` = one ranking
+(``ctx.settings.distribution``: ``uniform`` = layerwise, ``global`` = one ranking
 over all layers, or ``erk``), rewinds the survivors to the checkpoint and
 retrains them for ``round_epochs``. Round r reaches ``1 - (1 - fraction)^r``;
 the last round is clipped to the target (``schedules.iterative_rounds``).
@@ -86,7 +86,7 @@ def check_lth_options(opts: LthOptions) -> None:
 @register("lth", "lottery ticket: iterative magnitude pruning, survivors rewound to init or step k and "
                  "retrained each round", LthOptions, check=check_lth_options)
 def lth(ctx: Context, dense: TrainState, opts: LthOptions) -> tuple[TrainState, dict]:
-    cfg = ctx.config
+    cfg = ctx.settings
     fraction = opts.fraction
     k = check_rewind_step(ctx, opts.rewind_step)
     round_epochs = cfg.ft_epochs if opts.round_epochs is None else opts.round_epochs

@@ -38,9 +38,9 @@ def nft(ctx: Context, dense: TrainState, opts: NftOptions) -> tuple[TrainState, 
     hook, points = None, []
     if opts.early_stop:
         ctx, val, where = held_out_rows(ctx, opts.val_fraction)
-        total = ctx.config.ft_epochs * ctx.steps_per_epoch
+        total = ctx.settings.ft_epochs * ctx.steps_per_epoch
         points = sorted({max(int(round(total * (k + 1) / opts.select_points)), 1) for k in range(opts.select_points)})
-        dense_val = evaluate(ctx.eval_step, dense, val, ctx.config.eval_batch_size)[0]
+        dense_val = evaluate(ctx.eval_step, dense, val, ctx.settings.eval_batch_size)[0]
         hook = selection_hook(ctx, val, dense_val, np.full(ctx.dataset.num_groups, _ANY_PSI, np.float32), points)
     tx = ctx.finetune_tx()
     extra = teacher_extra(dense) if opts.distill > 0 else None

@@ -55,16 +55,16 @@ def warn_missing_groups(ds: Dataset) -> dict[str, list[str]]:
 
 def dense_start(ctx: Context, params: Any, model_state: Any) -> tuple[TrainState, Any]:
     """The dense run's initial state and train step (optimizer, schedule and PRNG seed from the config)."""
-    cfg = ctx.config
+    cfg = ctx.settings
     tx = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * ctx.steps_per_epoch)
-    return create_state(params, model_state, tx, seed=cfg.seed), make_train_step(ctx.fm, tx, augment=ctx.augment)
+    return create_state(params, model_state, tx, seed=ctx.seed), make_train_step(ctx.fm, tx, augment=ctx.augment)
 
 
 def train_dense(ctx: Context, params: Any, model_state: Any) -> tuple[TrainState, dict]:
     """Train the dense reference model every method starts from."""
-    cfg = ctx.config
+    cfg = ctx.settings
     state, step = dense_start(ctx, params, model_state)
-    return fit(state, step, ctx.dataset.train, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+    return fit(state, step, ctx.dataset.train, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=ctx.seed,
                desc="dense", progress=cfg.progress)
 
 
@@ -79,10 +79,10 @@ def train_dense_seeds(built: list[tuple[Context, Any, Any]]) -> list[tuple[Train
     from fairprune_jax.training import seeds as seeds_lib
 
     starts = [dense_start(ctx, params, model_state) for ctx, params, model_state in built]
-    cfg = built[0][0].config
+    cfg = built[0][0].settings
     states, histories = seeds_lib.fit_seeds(
         [state for state, _ in starts], starts[0][1], built[0][0].dataset.train, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, seeds=[ctx.config.seed for ctx, _, _ in built], desc="dense",
+        batch_size=cfg.batch_size, seeds=[ctx.seed for ctx, _, _ in built], desc="dense",
         progress=cfg.progress)
     return list(zip(states, histories))
 
@@ -101,7 +101,7 @@ def build_context(cfg: RunConfig, ds: Dataset, model: tuple[Any, Any, Any] | Non
     order = layer_order(fm, params, model_state)
     template = prunable_template(params, layer_order=order, exclude_first=cfg.exclude_first,
                                  exclude_last=cfg.exclude_last)
-    ctx = Context(config=cfg, dataset=ds, fm=fm, template=template,
+    ctx = Context.from_config(cfg, dataset=ds, fm=fm, template=template,
                   flops=count_flops(fm, params, model_state), layer_order=order,
                   eval_step=make_eval_step(fm, ds.num_groups, ds.num_classes, cfg.positive_label),
                   augment=_augment_fn(cfg, ds))
@@ -127,7 +127,7 @@ class Prepared:
 def report_eval_step(ctx: Context) -> Any:
     """The eval step for the reported numbers: for a target of more than two classes it also counts what DP
     and EO of every class vs the rest need (same forward pass); otherwise ``ctx.eval_step`` itself."""
-    ds, cfg = ctx.dataset, ctx.config
+    ds, cfg = ctx.dataset, ctx.settings
     if ds.num_classes <= 2:
         return ctx.eval_step
     return make_eval_step(ctx.fm, ds.num_groups, ds.num_classes, cfg.positive_label, per_class=True)
@@ -212,7 +212,7 @@ def prepare(cfg: RunConfig, dataset: Dataset | None = None, *,
             checkpoint.current().skip_phase()      # the phases after it keep their numbers on --resume
     else:
         cached = True
-    prep = _prepared(ctx, params, model_state, dense, {"load_data_s": load_s})
+    prep = _prepared(cfg, ctx, params, model_state, dense, {"load_data_s": load_s})
     if dense_cache is not None and not cached:      # every process: orbax's save is collective
         try:
             save_dense(dense_cache, cfg, prep.dense, prep.dense_history, ds.fingerprint())
@@ -290,14 +290,14 @@ def prepare_seeds(cfgs: list[RunConfig], dataset: Dataset | None = None) -> list
     t = time.perf_counter()
     trained = train_dense_seeds(built)
     train_s = (time.perf_counter() - t) / len(cfgs)
-    return [_prepared(ctx, params, model_state, dense, {"load_data_s": load_s, "dense_train_s": train_s})
-            for (ctx, params, model_state), dense in zip(built, trained)]
+    return [_prepared(c, ctx, params, model_state, dense, {"load_data_s": load_s, "dense_train_s": train_s})
+            for c, (ctx, params, model_state), dense in zip(cfgs, built, trained)]
 
 
-def _prepared(ctx: Context, params: Any, model_state: Any, dense: tuple[TrainState, dict] | None,
+def _prepared(cfg: RunConfig, ctx: Context, params: Any, model_state: Any, dense: tuple[TrainState, dict] | None,
               timings: dict) -> Prepared:
     """Train the dense model unless given, evaluate it on every split: the one path to a :class:`Prepared`."""
-    cfg, ds = ctx.config, ctx.dataset
+    ds = ctx.dataset
     timings = dict(timings)
     if dense is None:
         t = time.perf_counter()

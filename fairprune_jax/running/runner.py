@@ -59,7 +59,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     opts = validate_config(cfg)
     _check_outputs(cfg)
     method = get_method(cfg.method)
-    ctx = dataclasses.replace(prep.ctx, config=cfg)
+    ctx = prep.ctx.with_config(cfg)
     ds = prep.dataset
     tracker = tracking.current()
     if tracker is not None:
@@ -229,7 +229,7 @@ def save_compact(ctx: Context, state: TrainState, out: Path) -> dict:
     compact.save(small, out / COMPACT_DIR)
     test = ctx.dataset.test
     rows = min(len(test), COMPACT_CHECK_ROWS)
-    bs = max(min(ctx.config.eval_batch_size, rows), 1)
+    bs = max(min(ctx.settings.eval_batch_size, rows), 1)
     head = test.take(np.arange(rows))
     ref = split_logits(ctx.fm, params, masks, model_state, head, bs)
     got = rows_over_split(lambda b: small.apply(b["x"]), (), head, bs)

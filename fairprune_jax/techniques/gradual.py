@@ -89,7 +89,7 @@ def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple
     training during which sparsity follows the cubic schedule over the first
     75% of the steps and then stays at the target.
     """
-    cfg = ctx.config
+    cfg = ctx.settings
     template = phase_template(ctx, dense.params, opts)
     state, tx, epochs, total = ctx.prune_phase(dense, template, opts.prune_epochs)
     key = start_key(ctx, opts)
@@ -132,7 +132,7 @@ def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple
 
 #: Bump when :func:`pruned_start` computes something else from the same settings (saved starts then miss).
 START_VERSION = 1
-#: RunConfig fields that cannot change the pruned start (a saved one serves any of their values).
+#: Setting names that cannot change the pruned start (a saved one serves any of their values).
 NOT_START = {"method", "method_options", "out", "save_compact", "progress", "certify_eps", "certify_level",
              "certify_interval", "fairness_bound", "small_group", "eval_batch_size"}
 
@@ -141,7 +141,8 @@ def start_key(ctx: Context, opts: GradualOptions) -> dict:
     """What :func:`pruned_start` depends on beyond the dense model (whose folder holds the saved start): the
     run's settings but those in :data:`NOT_START`, the pruning-phase options (not the fine-tuning's
     distillation) and :data:`START_VERSION`."""
-    config = {k: v for k, v in dataclasses.asdict(ctx.config).items() if k not in NOT_START}
+    config = {k: v for k, v in dataclasses.asdict(ctx.settings).items() if k not in NOT_START}
+    config["seed"] = ctx.seed
     prune = {f.name: getattr(opts, f.name) for f in dataclasses.fields(GradualOptions)
              if f.name not in {g.name for g in dataclasses.fields(DistillOptions)}}
     return json.loads(json.dumps({"version": START_VERSION, "config": config, "prune": prune}, default=str))

@@ -142,7 +142,7 @@ def val_refresh(ctx: Context, val: Split, batch_rows: int, seed: int) -> Callabl
 
 def row_correct(ctx: Context, state: TrainState, split: Split) -> np.ndarray:
     """Per-row correctness (float32 0/1, split order) of ``state`` on ``split``, in evaluation batches."""
-    logits = split_logits(ctx.fm, state.params, state.masks, state.model_state, split, ctx.config.eval_batch_size)
+    logits = split_logits(ctx.fm, state.params, state.masks, state.model_state, split, ctx.settings.eval_batch_size)
     return (np.argmax(logits, -1) == split.y).astype(np.float32)
 
 
@@ -156,7 +156,7 @@ def reference_from_counts(c: fairness.GroupCounts) -> dict[str, jax.Array]:
 
 def held_out_psi(ctx: Context, state: TrainState, val: Split, dense_val: fairness.GroupCounts) -> tuple[float, np.ndarray]:
     """(accuracy, psi_g per group) of ``state`` on the held-out rows, from exact counts."""
-    gc, _ = evaluate(ctx.eval_step, state, val, ctx.config.eval_batch_size)
+    gc, _ = evaluate(ctx.eval_step, state, val, ctx.settings.eval_batch_size)
     return fairness.accuracy(gc), fairness.excess_accuracy_gap(dense_val, gc)
 
 

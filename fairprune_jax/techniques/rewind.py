@@ -74,7 +74,7 @@ def copy_tree(tree: Any) -> Any:
 
 def dense_steps(ctx: Context) -> int:
     """Number of optimizer steps of the runner's dense training."""
-    return ctx.config.epochs * ctx.steps_per_epoch
+    return ctx.settings.epochs * ctx.steps_per_epoch
 
 
 def check_rewind_step(ctx: Context, rewind_step: int) -> int:
@@ -83,7 +83,7 @@ def check_rewind_step(ctx: Context, rewind_step: int) -> int:
     total = dense_steps(ctx)
     if k < 0 or k > total:
         raise ValueError(f"rewind_step={rewind_step} is outside the dense run's steps [0, {total}] "
-                         f"({ctx.config.epochs} epochs x {ctx.steps_per_epoch} steps); "
+                         f"({ctx.settings.epochs} epochs x {ctx.steps_per_epoch} steps); "
                          "use 0 for the initialisation or a step of the dense run")
     return k
 
@@ -97,7 +97,7 @@ def initial_weights(ctx: Context) -> tuple[Any, Any]:
     initial = getattr(ctx.fm, "initial", None)
     if initial is not None:
         return copy_tree(initial[0]), copy_tree(initial[1])
-    cfg = ctx.config
+    cfg = ctx.settings
     _, params, model_state = build_model(ctx.fm.name, ctx.fm.input_shape, ctx.fm.num_classes, seed=ctx.stream_seed("dense"),
                                          **cfg.model_options)
     return params, model_state
@@ -105,7 +105,7 @@ def initial_weights(ctx: Context) -> tuple[Any, Any]:
 
 def dense_tx(ctx: Context):
     """The dense run's optimizer (same as ``runner.train_dense``)."""
-    cfg = ctx.config
+    cfg = ctx.settings
     return make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, total_steps=dense_steps(ctx))
 
 
@@ -115,7 +115,7 @@ def _check_same_structure(ctx: Context, params: Any, reference: Any) -> None:
     if a != b:
         raise ValueError("the rebuilt initial model does not match the dense model's parameters; rewinding "
                          f"needs the same model name/options/seed (ctx.fm.name={ctx.fm.name!r}, "
-                         f"model_options={ctx.config.model_options})")
+                         f"model_options={ctx.settings.model_options})")
 
 
 def rewind_checkpoint(ctx: Context, rewind_step: int = 0, *, reference: Any = None) -> Checkpoint:
@@ -130,7 +130,7 @@ def rewind_checkpoint(ctx: Context, rewind_step: int = 0, *, reference: Any = No
         _check_same_structure(ctx, params, reference)
     if k == 0:
         return Checkpoint(0, params, model_state)
-    cfg = ctx.config
+    cfg = ctx.settings
     tx = dense_tx(ctx)
     state = create_state(params, model_state, tx, seed=ctx.stream_seed("dense"))
     step = make_train_step(ctx.fm, tx, augment=ctx.augment)
@@ -218,7 +218,7 @@ def _js(x: float) -> float | None:
 def eval_summary(ctx: Context, state: TrainState, split_name: str = "test") -> dict:
     """Accuracy and disparity of ``state`` on one split (JSON-safe)."""
     split = ctx.dataset.splits()[split_name]
-    gc, cc = evaluate(ctx.eval_step, state, split, ctx.config.eval_batch_size)
+    gc, cc = evaluate(ctx.eval_step, state, split, ctx.settings.eval_batch_size)
     return {"accuracy": _js(fairness.accuracy(gc)),
             "accuracy_parity_gap": _js(fairness.accuracy_parity_gap(gc)),
             "worst_group_accuracy": _js(np.nanmin(fairness.group_accuracy(gc))),
