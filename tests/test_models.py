@@ -186,3 +186,32 @@ def test_max_pool_2x2_matches_reduce_window_and_its_gradient():
     g1 = jax.grad(lambda v: (max_pool_2x2(v) ** 2).sum())(x)
     g2 = jax.grad(lambda v: (nnx.max_pool(v, (2, 2), strides=(2, 2)) ** 2).sum())(x)
     np.testing.assert_allclose(g1, g2)
+
+
+def test_vit_prunes_every_projection_and_runs_end_to_end():
+    """The small ViT: attention projections, MLP and patch embedding are prunable kernels in forward order
+    (layer tracing sees them), the position embedding and LayerNorms are not; magnitude pruning at 80% with the
+    first and last layers dense reaches the target exactly on each pruned kernel and trains on images."""
+    from fairprune_jax.data import Dataset, Split
+    from fairprune_jax.methods import RunConfig
+    from fairprune_jax.running.runner import prepare, run_method
+    fm, params, state = build_model("vit", (16, 16, 3), 4, patch=4, dim=16, depth=2, heads=2, mlp=32)
+    order = layer_order(fm, params, state)
+    assert order[0] == "embed/kernel" and order[-1] == "head/kernel" and "blocks/1/query/kernel" in order
+    assert "position" not in " ".join(order) and not any("norm" in n for n in order)
+    with pytest.raises(ValueError, match="max_tokens"):
+        build_model("vit", (64, 64, 3), 4, patch=2, max_tokens=16)
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return Split(rng.normal(size=(n, 16, 16, 3)).astype(np.float32), rng.integers(0, 4, n), np.arange(n) % 2)
+
+    ds = Dataset("cifar10", split(64), split(32), ["a", "b"], ["group"], ["c0", "c1", "c2", "c3"])
+    cfg = RunConfig(method="magnitude", dataset="cifar10", model="vit", sparsity=0.8, epochs=1, batch_size=16,
+                    exclude_first=True, exclude_last=True, progress=False,
+                    model_options={"patch": 4, "dim": 16, "depth": 2, "heads": 2, "mlp": 32})
+    res = run_method(prepare(cfg, dataset=ds))
+    layers = res["sparsity"]["layers"]
+    assert "embed/kernel" not in layers and "head/kernel" not in layers and len(layers) == 12
+    assert all(abs(v["sparsity"] - 0.8) < 0.02 for v in layers.values())
+    assert np.isfinite(res["pruned"]["test"]["accuracy"])

@@ -15,10 +15,11 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
-from fairprune_jax.models.nets import CNN, MLP, ImageNetResNet, MobileNetV2, ResNet, ResNet18, ResNet34
+from fairprune_jax.models.nets import CNN, MLP, ImageNetResNet, MobileNetV2, ResNet, ResNet18, ResNet34, ViT
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet,
-                                                 "mobilenet_v2": MobileNetV2, "resnet18": ResNet18, "resnet34": ResNet34}
+                                                 "mobilenet_v2": MobileNetV2, "resnet18": ResNet18, "resnet34": ResNet34,
+                                                 "vit": ViT}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,5 +198,5 @@ def count_flops(fm: FunctionalModel, params: dict, model_state: dict) -> dict[st
             for n, v in named_leaves(params) if n.endswith("kernel")}
 
 
-__all__ = ["CNN", "CustomModel", "ImageNetResNet", "MLP", "MODELS", "MobileNetV2", "ResNet18", "ResNet34", "FunctionalModel", "call_mode", "ResNet", "build_model", "count_flops", "forward_calls", "layer_order",
+__all__ = ["CNN", "CustomModel", "ImageNetResNet", "MLP", "MODELS", "MobileNetV2", "ResNet18", "ResNet34", "ViT", "FunctionalModel", "call_mode", "ResNet", "build_model", "count_flops", "forward_calls", "layer_order",
            "default_model_for"]

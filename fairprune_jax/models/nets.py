@@ -1,4 +1,4 @@
-"""The model zoo: an MLP for tabular data, a small CNN, a CIFAR-style ResNet and MobileNet-V2.
+"""The model zoo: an MLP for tabular data, a small CNN, CIFAR and ImageNet ResNets, MobileNet-V2 and a small ViT.
 
 Every ``__call__`` takes ``train`` so BatchNorm uses batch statistics (and
 updates its running averages) in training and the running averages in
@@ -254,3 +254,55 @@ class MobileNetV2(nnx.Module):
             x = block(x, train)
         x = jax.nn.relu6(self.last_bn(self.last(x), use_running_average=ura)).mean(axis=(1, 2))
         return self.head(x)
+
+
+class ViTBlock(nnx.Module):
+    """Pre-norm transformer block: multi-head self-attention (separate query / key / value / output projections,
+    so each is an ordinary prunable kernel) and a GELU MLP, each with a residual."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, *, rngs: nnx.Rngs):
+        if dim % heads:
+            raise ValueError(f"ViT width {dim} must be a multiple of its heads ({heads})")
+        self.heads = heads
+        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.query = nnx.Linear(dim, dim, rngs=rngs)
+        self.key = nnx.Linear(dim, dim, rngs=rngs)
+        self.value = nnx.Linear(dim, dim, rngs=rngs)
+        self.out = nnx.Linear(dim, dim, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.fc1 = nnx.Linear(dim, mlp, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, t, d = x.shape
+        h = self.norm1(x)
+        split = lambda a: a.reshape(n, t, self.heads, d // self.heads)  # noqa: E731
+        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+        att = jax.nn.softmax(jax.numpy.einsum("nqhd,nkhd->nhqk", q, k) / (d // self.heads) ** 0.5, axis=-1)
+        x = x + self.out(jax.numpy.einsum("nhqk,nkhd->nqhd", att, v).reshape(n, t, d))
+        return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nnx.Module):
+    """A small vision transformer (Dosovitskiy et al. 2021): non-overlapping ``patch`` x ``patch`` patches
+    embedded by a strided convolution, learned position embeddings, ``depth`` pre-norm blocks, mean-pooled
+    tokens and a linear head (no class token, which keeps every image size the same code)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, patch: int = 4, dim: int = 64, depth: int = 4,
+                 heads: int = 4, mlp: int = 128, max_tokens: int = 256, rngs: nnx.Rngs):
+        self.embed = nnx.Conv(in_channels, dim, (patch, patch), strides=patch, padding="VALID", rngs=rngs)
+        self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_tokens, dim)))
+        self.blocks = nnx.List([ViTBlock(dim, heads, mlp, rngs=rngs) for _ in range(depth)])
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = self.embed(x)
+        n, h, w, d = x.shape
+        if h * w > self.position.value.shape[0]:
+            raise ValueError(f"ViT: {h * w} patches exceed max_tokens={self.position.value.shape[0]}; raise "
+                             "max_tokens or the patch size")
+        x = x.reshape(n, h * w, d) + self.position.value[: h * w]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(axis=1))
