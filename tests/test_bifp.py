@@ -278,8 +278,8 @@ def test_structured_magnitude_masks_are_exact_l1_topk():
     groups = compact.unit_groups("cnn", params)
     template = compact.structured_template(groups, prunable_template(params))
 
-    class Ctx:  # the two config fields the helper reads
-        class config:
+    class Ctx:  # the two settings the helper reads
+        class settings:
             sparsity, distribution = 0.7, "uniform"
 
     masks = l1_structured_masks(Ctx, params, groups, template)
