@@ -149,8 +149,8 @@ def test_resnet_depth_check():
 
 
 def test_build_model_errors():
-    with pytest.raises(ValueError, match="unknown model 'vit'.*cnn, mlp, mobilenet_v2, resnet"):
-        build_model("vit", (8, 8, 3), 2)
+    with pytest.raises(ValueError, match="unknown model 'swin'.*cnn, mlp, mobilenet_v2, resnet, resnet18, resnet34, vit"):
+        build_model("swin", (8, 8, 3), 2)
     with pytest.raises(ValueError, match="flat features"):
         build_model("mlp", (8, 8, 1), 2)
     with pytest.raises(ValueError, match=r"images of shape \(H, W, C\)"):
