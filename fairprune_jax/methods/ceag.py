@@ -380,18 +380,18 @@ def certificate_targets(ctx: Context, dense: TrainState, start: TrainState, eps:
     h = np.where(share > 0, h, 0.0)
     reach = certify.reachable_bound(share, h)
     target = max(eps, reach + margin)
-    note = None
+    parts = []
     if target > eps:
-        note = (f"ceag: a certified bound of {eps:g} is out of reach for a test split of {n_test} rows at the pruned "
-                f"start's flip rates ({where} rows): no model certifies below about {reach:.3f} there; aiming at "
-                f"{target:.3f} (that + aim_margin {margin:g}). A larger test split, or fewer flipped rows (the "
-                "distill option), lowers it")
+        parts.append(f"a certified bound of {eps:g} is out of reach for a test split of {n_test} rows at the pruned "
+                     f"start's flip rates ({where} rows): no model certifies below about {reach:.3f} there; aiming "
+                     f"at {target:.3f} (that + aim_margin {margin:g}). A larger test split, or fewer flipped rows "
+                     "(the distill option), lowers it")
     if where == "training":
-        extra_note = ("ceag: aim=certificate predicts each group's certificate from flip rates on the training rows "
-                      "(there is no validation split), which a model that fits its training rows understates "
-                      "(digits, seeds 0-2: certified max psi_g 0.26 against 0.20 with aim=point); hold out a "
-                      "validation split (--val-fraction 0.1; prune(val_fraction=0.1))")
-        note = extra_note if note is None else f"{note}. {extra_note[6:]}"
+        parts.append("aim=certificate predicts each group's certificate from flip rates on the training rows "
+                     "(there is no validation split), which a model that fits its training rows understates "
+                     "(digits, seeds 0-2: certified max psi_g 0.26 against 0.20 with aim=point); hold out a "
+                     "validation split (--val-fraction 0.1; prune(val_fraction=0.1))")
+    note = "ceag: " + ". ".join(parts) if parts else None
     names = list(ds.group_names)
     eps_g = target - h
     return eps_g, {"target": round(target, 6), "reachable": round(reach, 6), "flip_rows": where,
