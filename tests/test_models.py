@@ -215,3 +215,43 @@ def test_vit_prunes_every_projection_and_runs_end_to_end():
     assert "embed/kernel" not in layers and "head/kernel" not in layers and len(layers) == 12
     assert all(abs(v["sparsity"] - 0.8) < 0.02 for v in layers.values())
     assert np.isfinite(res["pruned"]["test"]["accuracy"])
+
+
+@pytest.mark.parametrize("stride,padding,size", [(1, "SAME", 9), (2, "SAME", 9), (2, "SAME", 8), (1, "VALID", 7),
+                                                 (2, ((1, 0), (0, 2)), 10)])
+def test_shifted_depthwise_conv_is_the_grouped_convolution(stride, padding, size):
+    from fairprune_jax.models.nets import shifted_depthwise_conv
+
+    x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 6))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 1, 6))
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    args = (x, k, (stride, stride), padding)
+    want = jax.lax.conv_general_dilated(*args, dimension_numbers=dn, feature_group_count=6)
+    got = shifted_depthwise_conv(*args, dimension_numbers=dn, feature_group_count=6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # it really is the shifted sum (no grouped convolution left), and its gradient is the convolution's
+    jaxpr = str(jax.make_jaxpr(lambda a, b: shifted_depthwise_conv(a, b, *args[2:], dimension_numbers=dn,
+                                                                   feature_group_count=6))(x, k))
+    assert "conv_general_dilated" not in jaxpr
+    g_want = jax.grad(lambda b: jax.lax.conv_general_dilated(x, b, *args[2:], dimension_numbers=dn,
+                                                             feature_group_count=6).sum())(k)
+    g_got = jax.grad(lambda b: shifted_depthwise_conv(x, b, *args[2:], dimension_numbers=dn,
+                                                      feature_group_count=6).sum())(k)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-4)
+
+
+def test_mobilenet_v2_depthwise_ways_agree_and_the_cpu_default_is_shifted():
+    from flax import nnx
+    from fairprune_jax.models.nets import MobileNetV2
+
+    x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    shifted = MobileNetV2(3, 4, width=0.25, depthwise="shifted", rngs=nnx.Rngs(0))
+    grouped = MobileNetV2(3, 4, width=0.25, depthwise="grouped", rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(shifted(x), grouped(x), atol=1e-5)
+    # a user's NHWC model through nnx.Conv reaches the fast path (the dimension numbers nnx passes are accepted)
+    auto = MobileNetV2(3, 4, width=0.25, rngs=nnx.Rngs(0))
+    grouped_convs = str(jax.make_jaxpr(lambda a: auto(a))(x)).count("feature_group_count=")
+    plain = str(jax.make_jaxpr(lambda a: grouped(a))(x)).count("feature_group_count=")
+    assert jax.default_backend() != "cpu" or grouped_convs < plain
+    with pytest.raises(ValueError, match="depthwise must be"):
+        MobileNetV2(3, 4, width=0.25, depthwise="fast", rngs=nnx.Rngs(0))
