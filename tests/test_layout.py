@@ -67,7 +67,7 @@ def test_split_modules_hand_out_the_objects_of_their_parts():
              (fairprune_jax.cli.build_parser, cli_args.build_parser),
              (fairprune_jax.train.TrainState, state.TrainState), (fairprune_jax.train.evaluate, evaluation.evaluate),
              (fairprune_jax.constrained.lagrangian, lagrangian.lagrangian),
-             (fairprune_jax.constrained.dual_optimizer, dual_ascent.dual_optimizer),
+             (fairprune_jax.constrained.nupi, dual_ascent.nupi),
              (fairprune_jax.constrained.buffer_update, buffers.buffer_update),
              (GroupCounts, counts.GroupCounts),
              (fairprune_jax.compact.UnitGroup, units.UnitGroup),

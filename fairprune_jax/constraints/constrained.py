@@ -18,11 +18,13 @@ problem (CMP) evaluated at the model parameters yields
 There is one Lagrange multiplier per constraint, a flat vector of K. The
 pieces, in the spirit of optax:
 
-* :func:`dual_optimizer` -> :class:`DualOptimizer` ``(init, update)``: the dual
+* :func:`dual_optimizer` -> a :class:`dual.Dual` ``(init, update)``: the dual
   ascent step with any optax ``GradientTransformation`` (plain gradient ascent
   by default; optax minimizes, so it is fed ``-strict_violation``), followed by
   the projection of inequality multipliers onto ``>= 0``. Optionally the
   augmented Lagrangian (penalty ``rho`` per constraint with a growth rule).
+  :class:`dual.Dual` is the one dual implementation, for the methods and a
+  user's own loop alike.
 * :func:`nupi` -- the nuPI controller of Sohrabi et al. (ICML 2024) as an
   optax ``GradientTransformation``, usable as the dual ``tx``.
 * :func:`lagrangian` -- the scalar the primal step minimizes (multipliers and
@@ -68,26 +70,25 @@ per-sample correctness and returns it in ``aux``:
 ``buf2 = buffer_update(buf, correct, batch["g"], batch["w"]); acc, full =
 buffer_means(buf2)``; strict violation from ``acc``, ``observed = full``.
 
-Parts. The problem's terms and the Lagrangian are ``lagrangian.py``, the dual optimizers (ascent, nuPI, the
-ceiling) ``dual_ascent.py``, the replay buffers ``buffers.py``; this module holds the one-forward-pass step
-and a method's dual options, and re-exports the rest (``constrained.dual_optimizer``, ... as before).
+Parts. The problem's terms and the Lagrangian are ``lagrangian.py``, the dual step ``dual.py`` (with nuPI and
+the observed-only rule in ``dual_ascent.py``), the replay buffers ``buffers.py``; this module names the
+one-forward-pass step in the methods' words and holds a method's dual options, and re-exports the rest
+(``constrained.dual_optimizer``, ... as before).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import chex
-import jax
-import jax.numpy as jnp
 import optax
 
 from fairprune_jax.constraints.buffers import (GroupBuffer, _buffer_write_plan, buffer_init,  # noqa: F401
                                                buffer_means, buffer_update)
-from fairprune_jax.constraints.dual_ascent import (DualOptimizer, NuPIState, capped, dual_optimizer,  # noqa: F401
-                                                   nupi, select_observed)
-from fairprune_jax.constraints.lagrangian import (CMPOutput, DualState, Multipliers, _as_cmp,  # noqa: F401
-                                                  _terms, lagrangian, multiplier_weights, project_multipliers)
+from fairprune_jax.constraints.dual import Dual, DualOptimizer, capped, dual_optimizer, dual_primal_grads  # noqa: F401
+from fairprune_jax.constraints.dual_ascent import NuPIState, nupi, select_observed  # noqa: F401
+from fairprune_jax.constraints.lagrangian import (CMPOutput, DualState, Multipliers, StepInfo,  # noqa: F401
+                                                  _as_cmp, _terms, lagrangian, multiplier_weights,
+                                                  project_multipliers)
 
 
 __all__ = [
@@ -103,20 +104,10 @@ MODES = ("alternating", "simultaneous")
 # One training step
 # ---------------------------------------------------------------------------
 
-class StepInfo(NamedTuple):
-    loss: chex.Array
-    lagrangian: chex.Array          # value with the multipliers used by the primal step
-    violation: chex.Array
-    strict_violation: chex.Array
-    observed: chex.Array
-    multipliers: chex.Array         # multipliers used by the primal step
-    aux: Any
-
-
 def constrained_grads(
     problem_fn: Callable[[Any], Any],
     params: Any,
-    dual: DualOptimizer,
+    dual: Dual,
     dual_state: DualState,
     mode: str = "alternating",
 ) -> tuple[Any, DualState, StepInfo]:
@@ -135,25 +126,8 @@ def constrained_grads(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-    def split(p):
-        out = _as_cmp(problem_fn(p))
-        return (out.loss, out.violation), (out.strict_violation, out.observed, out.aux)
-
-    (loss, violation), vjp_fn, (strict, observed, aux) = jax.vjp(split, params, has_aux=True)
-    if strict is None:
-        strict = violation
-    strict = jax.lax.stop_gradient(strict)
-    if observed is None:
-        observed = jnp.ones(jnp.shape(violation), bool)
-    new_dual_state = dual.update(dual_state, strict, observed)
-    used = new_dual_state if mode == "alternating" else dual_state
-    weights = multiplier_weights(violation, used).astype(jnp.result_type(violation))
-    (grads,) = vjp_fn((jnp.ones_like(loss), weights))
-    info = StepInfo(loss=loss, lagrangian=lagrangian(loss, violation, used),
-                    violation=violation, strict_violation=strict,
-                    observed=jnp.asarray(observed, bool), multipliers=used.multipliers, aux=aux)
-    return grads, new_dual_state, info
+    return dual_primal_grads(problem_fn, params, dual, dual_state,
+                             "dual_primal" if mode == "alternating" else "simultaneous")
 
 
 def constrained_step(
@@ -161,7 +135,7 @@ def constrained_step(
     params: Any,
     primal_opt_state: optax.OptState,
     primal_tx: optax.GradientTransformation,
-    dual: DualOptimizer,
+    dual: Dual,
     dual_state: DualState,
     mode: str = "alternating",
 ) -> tuple[Any, optax.OptState, DualState, StepInfo]:
@@ -206,7 +180,7 @@ def check_dual_options(opts: DualOptions, method: str = "") -> None:
         raise ValueError(f"{prefix}dual_lr must be > 0; got {opts.dual_lr}")
 
 
-def dual_from_options(opts: DualOptions, num_constraints: int, *, equality: bool) -> DualOptimizer:
+def dual_from_options(opts: DualOptions, num_constraints: int, *, equality: bool) -> Dual:
     """The dual optimizer of checked options: ``sgd`` (gradient ascent), ``nupi`` or ``adam`` at ``dual_lr``,
     augmented Lagrangian when ``augmented``."""
     if opts.dual_optimizer == "nupi":

@@ -25,10 +25,15 @@ is the one-``vjp`` training step of :mod:`constrained` (dual update first,
 then the primal gradient with the new multipliers; or ``simultaneous``) for
 any such problem.
 
-The arithmetic is that of :mod:`constrained` (its :func:`constrained.lagrangian`,
-:func:`constrained.multiplier_weights` are reused per group), and with one
-group the multipliers follow :func:`constrained.dual_optimizer` bit-for-bit;
-the methods (ceag, el, bifp) still use :mod:`constrained` directly.
+:class:`Dual` is the library's one dual implementation: the methods (ceag, el, the bifp family) step their
+multipliers with it too (:func:`constrained.dual_optimizer`, :func:`constrained.dual_from_options` and
+:func:`constrained.capped` build a :class:`Dual`; :func:`constrained.constrained_grads` is
+:func:`dual_primal_grads`). Its state is a :class:`lagrangian.DualState` (``MultiplierState`` is the same
+class), so the Lagrangian arithmetic of :func:`lagrangian.lagrangian` applies to it unchanged. ``Dual.update``
+applies the dual optimizer's update and then projects the multipliers (the optax pattern of a projection after
+``apply_updates``); :meth:`Dual.transform` is the same step as one chainable optax transformation for a user's
+own chain, projecting in update space (``-lam`` where the step would go below 0), which can differ from
+``update`` in the last bit at a ceiling.
 """
 from __future__ import annotations
 
@@ -41,10 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairprune_jax.constraints import constrained
+from fairprune_jax.constraints.dual_ascent import select_observed
+from fairprune_jax.constraints.lagrangian import (DualState, StepInfo, _as_cmp, lagrangian, multiplier_weights,
+                                                  project_multipliers)
 
 __all__ = ["ascent", "project", "only_observed", "Constraint", "Lagrangian", "Augmented", "Dual",
-           "MultiplierState", "dual_primal_grads", "ORDERS"]
+           "MultiplierState", "dual_primal_grads", "ORDERS", "dual_optimizer", "capped", "DualOptimizer"]
 
 ORDERS = ("dual_primal", "simultaneous")
 
@@ -111,7 +118,7 @@ def only_observed(tx: optax.GradientTransformation) -> optax.GradientTransformat
         g = jax.tree.map(lambda o, u: jnp.where(o, u, jnp.zeros_like(u)), obs, updates)
         new_u, new_state = inner.update(g, state, params, **extra_args)
         new_u = jax.tree.map(lambda o, u: jnp.where(o, u, jnp.zeros_like(u)), obs, new_u)
-        return new_u, constrained.select_observed(new_state, state, obs, updates)
+        return new_u, select_observed(new_state, state, obs, updates)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
@@ -166,22 +173,18 @@ class Augmented:
 # ---------------------------------------------------------------------------
 
 class Constraint(NamedTuple):
-    """A group of ``size`` constraints ``v <= 0`` (or ``v == 0`` with ``equality=True``)."""
+    """A group of ``size`` constraints ``v <= 0`` (or ``v == 0`` with ``equality=True``; a tuple of ``size``
+    bools mixes both, and keeps the :class:`Dual` hashable, so it can be a static argument of ``jax.jit``)."""
 
     size: int
-    equality: bool = False
+    equality: Any = False
 
 
-class MultiplierState(NamedTuple):
-    """The dual's state: multipliers (one vector, or a dict of vectors for named groups), the dual
-    optimizer's state, the penalty ``rho`` (zeros for :class:`Lagrangian`), each constraint's
-    violation at its last observation (penalty growth rule), and the steps with something observed."""
-
-    multipliers: Any
-    opt_state: optax.OptState
-    penalty: Any
-    prev_violation: Any
-    count: chex.Array
+#: The dual's state: multipliers (one vector, or a dict of vectors for named groups), the dual optimizer's
+#: state, the penalty ``rho`` (zeros for :class:`Lagrangian`), which constraints are equalities, each
+#: constraint's violation at its last observation (penalty growth rule), and the steps with something observed.
+#: The same class as :class:`lagrangian.DualState` (one state type for the library's methods and a user's loop).
+MultiplierState = DualState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,14 +217,23 @@ class Dual:
 
     def _is_equality(self) -> Any:
         g = self._groups()
+        eq = lambda v: jnp.asarray(np.broadcast_to(np.asarray(v.equality, bool), (v.size,)))  # noqa: E731
         if isinstance(g, dict):
-            return {k: jnp.full((v.size,), bool(v.equality)) for k, v in g.items()}
-        return jnp.full((g.size,), bool(g.equality))
+            return {k: eq(v) for k, v in g.items()}
+        return eq(g)
+
+    def _ascent(self) -> optax.GradientTransformation:
+        return self.tx if self.tx is not None else ascent(learning_rate=1.0 if self.formulation.augmented else 1e-2)
+
+    def _cap(self) -> float | None:
+        cap = self.max_multiplier
+        return None if cap is None or not (0 < cap < float("inf")) else float(cap)
 
     def transform(self) -> optax.GradientTransformationExtraArgs:
-        """The whole dual step as one optax transformation: ``only_observed(chain(tx, project))``."""
-        tx = self.tx if self.tx is not None else ascent(learning_rate=1.0 if self.formulation.augmented else 1e-2)
-        return only_observed(optax.chain(tx, project(self._is_equality(), max_multiplier=self.max_multiplier)))
+        """The whole dual step as one chainable optax transformation: ``only_observed(chain(tx, project))``
+        (for a user's own chain; :meth:`update` is the same step with the projection applied to the new
+        multipliers, and its optimizer state is ``tx``'s own, not the chain's)."""
+        return only_observed(optax.chain(self._ascent(), project(self._is_equality(), max_multiplier=self._cap())))
 
     def init(self, multipliers: Any = None) -> MultiplierState:
         g, eq = self._groups(), self._is_equality()
@@ -232,26 +244,44 @@ class Dual:
             lam = lam if isinstance(g, dict) else lam[None]
         else:
             lam = jax.tree.map(lambda m, e: jnp.broadcast_to(jnp.asarray(m, self.dtype), e.shape), multipliers, eq)
-        lam = jax.tree.map(constrained.project_multipliers, lam, eq)
-        if self.max_multiplier is not None:
-            lam = jax.tree.map(lambda x: jnp.minimum(x, self.max_multiplier), lam)
+        lam = jax.tree.map(project_multipliers, lam, eq)
+        if self._cap() is not None:
+            lam = jax.tree.map(lambda x: jnp.minimum(x, self._cap()), lam)
         rho0 = self.formulation.penalty_init if self.formulation.augmented else 0.0
-        return MultiplierState(multipliers=lam, opt_state=self.transform().init(lam),
-                               penalty=jax.tree.map(lambda x: jnp.full(x.shape, rho0, self.dtype), lam),
-                               prev_violation=jax.tree.map(lambda x: jnp.full(x.shape, jnp.inf, self.dtype), lam),
-                               count=jnp.zeros((), jnp.int32))
+        return DualState(multipliers=lam, opt_state=only_observed(self._ascent()).init(lam),
+                         penalty=jax.tree.map(lambda x: jnp.full(x.shape, rho0, self.dtype), lam), is_equality=eq,
+                         prev_violation=jax.tree.map(lambda x: jnp.full(x.shape, jnp.inf, self.dtype), lam),
+                         count=jnp.zeros((), jnp.int32))
 
-    def update(self, state: MultiplierState, strict_violation: Any, observed: Any = None) -> MultiplierState:
-        """One dual step from the strict violations (a vector, or a dict of them, like the multipliers)."""
+    def update(self, state: DualState, strict_violation: Any, observed: Any = None) -> DualState:
+        """One dual step from the strict violations (a vector, or a dict of them, like the multipliers).
+
+        Order: gradient (``rho * strict`` when augmented) -> ``tx`` (only observed constraints) -> apply ->
+        projection (inequalities onto >= 0, the ceiling) -> unobserved multipliers and per-constraint
+        optimizer state restored exactly; then the penalty growth rule (augmented)."""
+        if isinstance(strict_violation, DualState):   # called as optax's update(updates, state, params)
+            raise TypeError(
+                "Dual.update is not an optax GradientTransformation's update: its arguments are (state, "
+                "strict_violation, observed), so it cannot sit in optax.chain. For a chainable dual step use "
+                "Dual(...).transform(), or fairprune_jax.constraints.dual: only_observed(optax.chain("
+                "optax.clip(1.0), ascent(learning_rate=1e-2), project()))")
         lam = state.multipliers
         obs = _observed_tree(observed, lam)
         strict = jax.tree.map(lambda v, x: jnp.asarray(v, x.dtype), strict_violation, lam)
         grad = (jax.tree.map(jnp.multiply, strict, state.penalty) if self.formulation.augmented else strict)
-        updates, opt_state = self.transform().update(grad, state.opt_state, lam, observed=obs)
+        updates, opt_state = only_observed(self._ascent()).update(grad, state.opt_state, lam, observed=obs)
+        cap = self._cap()
+
+        def step(x, u, e, o):
+            new = project_multipliers(optax.apply_updates(x, u), e)
+            new = jnp.minimum(new, cap) if cap is not None else new
+            return jnp.where(o, new, x)
+
+        new_lam = jax.tree.map(step, lam, updates, state.is_equality, obs)
         penalty, prev = state.penalty, state.prev_violation
         if self.formulation.augmented:
             f = self.formulation
-            eq = self._is_equality()
+            eq = state.is_equality
 
             def grow(rho, m_prev, s, e, o):
                 s = jnp.where(o, s, 0.0)
@@ -263,26 +293,30 @@ class Dual:
             penalty = jax.tree.map(lambda _, t: t[0], lam, out)
             prev = jax.tree.map(lambda _, t: t[1], lam, out)
         any_obs = jnp.any(jnp.stack([jnp.any(o) for o in jax.tree.leaves(obs)]))
-        return MultiplierState(multipliers=optax.apply_updates(lam, updates), opt_state=opt_state, penalty=penalty,
-                               prev_violation=prev, count=state.count + any_obs.astype(jnp.int32))
+        return DualState(multipliers=new_lam, opt_state=opt_state, penalty=penalty, is_equality=state.is_equality,
+                         prev_violation=prev, count=state.count + any_obs.astype(jnp.int32))
 
-    def _per_group(self, state: MultiplierState) -> Any:
-        """Each group as a :class:`constrained.DualState`, so the Lagrangian arithmetic is constrained's own."""
-        return jax.tree.map(lambda lam, rho, e: constrained.DualState(lam, None, rho, e, None, None),
-                            state.multipliers, state.penalty, self._is_equality())
+    @staticmethod
+    def _per_group(state: DualState) -> Any:
+        """Each group as its own :class:`DualState`, so the Lagrangian arithmetic is :mod:`lagrangian`'s own."""
+        return jax.tree.map(lambda lam, rho, e: DualState(lam, None, rho, e, None, None),
+                            state.multipliers, state.penalty, state.is_equality)
 
-    def lagrangian(self, loss: chex.Array, violation: Any, state: MultiplierState) -> chex.Array:
+    def lagrangian(self, loss: chex.Array, violation: Any, state: DualState) -> chex.Array:
         """The scalar the primal step minimizes (multipliers and penalties are constants)."""
-        groups = self._per_group(state)
-        is_group = lambda x: isinstance(x, constrained.DualState)  # noqa: E731
-        terms = jax.tree.leaves(jax.tree.map(lambda st, v: constrained.lagrangian(0.0, v, st), groups, violation,
-                                             is_leaf=is_group))
+        if not isinstance(state.multipliers, dict):
+            return lagrangian(loss, violation, state)
+        is_group = lambda x: isinstance(x, DualState)  # noqa: E731
+        terms = jax.tree.leaves(jax.tree.map(lambda st, v: lagrangian(0.0, v, st), self._per_group(state),
+                                             violation, is_leaf=is_group))
         return loss + sum(terms)
 
-    def weights(self, violation: Any, state: MultiplierState) -> Any:
+    def weights(self, violation: Any, state: DualState) -> Any:
         """``d lagrangian / d violation`` per constraint (mirrors the multipliers)."""
-        is_group = lambda x: isinstance(x, constrained.DualState)  # noqa: E731
-        return jax.tree.map(lambda st, v: constrained.multiplier_weights(v, st), self._per_group(state), violation,
+        if not isinstance(state.multipliers, dict):
+            return multiplier_weights(violation, state)
+        is_group = lambda x: isinstance(x, DualState)  # noqa: E731
+        return jax.tree.map(lambda st, v: multiplier_weights(v, st), self._per_group(state), violation,
                             is_leaf=is_group)
 
 
@@ -290,8 +324,8 @@ class Dual:
 # The one-vjp training step
 # ---------------------------------------------------------------------------
 
-def dual_primal_grads(problem_fn: Callable[[Any], Any], params: Any, dual: Dual, state: MultiplierState,
-                      order: str = "dual_primal") -> tuple[Any, MultiplierState, constrained.StepInfo]:
+def dual_primal_grads(problem_fn: Callable[[Any], Any], params: Any, dual: Dual, state: DualState,
+                      order: str = "dual_primal") -> tuple[Any, DualState, StepInfo]:
     """Primal gradient of the Lagrangian and the new dual state from ONE forward pass.
 
     ``problem_fn(params)`` returns :class:`constrained.CMPOutput` or ``(loss, violation[, strict[, observed[,
@@ -304,7 +338,7 @@ def dual_primal_grads(problem_fn: Callable[[Any], Any], params: Any, dual: Dual,
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
     def split(p):
-        out = constrained._as_cmp(problem_fn(p))
+        out = _as_cmp(problem_fn(p))
         return (out.loss, out.violation), (out.strict_violation, out.observed, out.aux)
 
     (loss, violation), vjp_fn, (strict, observed, aux) = jax.vjp(split, params, has_aux=True)
@@ -314,6 +348,76 @@ def dual_primal_grads(problem_fn: Callable[[Any], Any], params: Any, dual: Dual,
     used = new_state if order == "dual_primal" else state
     weights = jax.tree.map(lambda w, v: w.astype(jnp.result_type(v)), dual.weights(violation, used), violation)
     (grads,) = vjp_fn((jnp.ones_like(loss), weights))
-    info = constrained.StepInfo(loss=loss, lagrangian=dual.lagrangian(loss, violation, used), violation=violation,
-                                strict_violation=strict, observed=observed, multipliers=used.multipliers, aux=aux)
+    info = StepInfo(loss=loss, lagrangian=dual.lagrangian(loss, violation, used), violation=violation,
+                    strict_violation=strict, observed=observed, multipliers=used.multipliers, aux=aux)
     return grads, new_state, info
+
+
+# ---------------------------------------------------------------------------
+# The methods' constructors (one vector of K multipliers)
+# ---------------------------------------------------------------------------
+
+#: The name the methods' dual optimizers had: they are :class:`Dual` objects (``init``, ``update``).
+DualOptimizer = Dual
+
+
+def dual_optimizer(
+    num_constraints: int,
+    *,
+    equality: bool | Any = False,
+    tx: optax.GradientTransformation | None = None,
+    learning_rate: float | None = None,
+    init_multiplier: float = 0.0,
+    augmented: bool = False,
+    penalty_init: float = 1.0,
+    penalty_growth: float = 1.01,
+    penalty_max: float = 1e3,
+    penalty_decrease: float = 0.95,
+    penalty_tol: float = 1e-4,
+    dtype=jnp.float32,
+) -> Dual:
+    """A :class:`Dual` over one vector of K Lagrange multipliers (the methods' dual step).
+
+    Args:
+      num_constraints: K.
+      equality: ``False`` (all inequalities ``g <= 0``), ``True`` (all equalities ``h == 0``) or a (K,) bool
+        array mixing both.
+      tx: any optax ``GradientTransformation`` for the multipliers, fed the gradient ``-strict_violation``
+        (``-rho * strict_violation`` when augmented) since optax minimizes; e.g. ``optax.adam(1e-3)`` or
+        :func:`dual_ascent.nupi`. Default: ``optax.sgd(learning_rate)``, plain gradient ascent
+        ``lam <- lam + lr * strict_violation``.
+      learning_rate: for the default ``tx``; default 1e-2, or 1.0 when augmented so that the step is exactly
+        ``lam <- lam + rho * strict``. Ignored when ``tx`` is given.
+      init_multiplier: initial value of every multiplier (projected).
+      augmented: the augmented Lagrangian (:class:`Augmented` with the ``penalty_*`` arguments): quadratic
+        terms in the primal objective, dual step ``lam <- proj(lam + rho * strict)``, and ``rho`` growing by
+        ``penalty_growth`` (to ``penalty_max``) on observed steps where the feasibility measure ``|h|`` or
+        ``max(0, g)`` exceeds ``penalty_tol`` and did not shrink by ``penalty_decrease`` since the
+        constraint's last observation; the multipliers move with the old ``rho``. ``penalty_growth=1``: a
+        constant penalty.
+
+    The update order is that of :meth:`Dual.update`.
+    """
+    k = int(num_constraints)
+    is_eq = np.broadcast_to(np.asarray(equality, dtype=bool), (k,)).copy()
+    formulation = (Augmented(penalty_init, penalty_growth, penalty_max, penalty_decrease, penalty_tol)
+                   if augmented else Lagrangian())
+    if tx is None:
+        tx = optax.sgd(learning_rate if learning_rate is not None else (1.0 if augmented else 1e-2))
+    equality = bool(is_eq[0]) if k and (is_eq.all() or not is_eq.any()) else tuple(bool(e) for e in is_eq)
+    return Dual(Constraint(k, equality=equality), tx=ascent(tx), formulation=formulation,
+                init_multiplier=init_multiplier, dtype=dtype)
+
+
+def capped(dual: Dual, max_multiplier: float) -> Dual:
+    """``dual`` with every multiplier projected onto ``[.., max_multiplier]`` after each update.
+
+    A ceiling keeps a multiplier from integrating without bound when its constraint cannot be met (or is
+    read from a noisy estimate): the primal weight of a constraint never exceeds ``max_multiplier``. ``inf``
+    (or any value <= 0) returns ``dual`` unchanged. The projection runs inside ``update``, so a dual-then-primal
+    step weights the primal gradient with the capped values.
+    """
+    cap = float(max_multiplier)
+    if not (0 < cap < float("inf")):
+        return dual
+    return dataclasses.replace(dual, max_multiplier=cap)

@@ -63,6 +63,18 @@ class DualState(NamedTuple):
     count: chex.Array
 
 
+class StepInfo(NamedTuple):
+    """What one constrained step reports (:func:`dual.dual_primal_grads`)."""
+
+    loss: chex.Array
+    lagrangian: chex.Array          # value with the multipliers used by the primal step
+    violation: chex.Array
+    strict_violation: chex.Array
+    observed: chex.Array
+    multipliers: chex.Array         # multipliers used by the primal step
+    aux: Any
+
+
 class Multipliers(NamedTuple):
     """The constraint multipliers of a training run, held in its optimizer state (``TrainState.opt_state``)
     around the primal optimizer's own state ``inner``, beside the masks (:class:`pruning.MaskState`):
