@@ -171,7 +171,7 @@ def test_max_gap_constraint_lowers_true_metric(toy):
     c1, fe = _train_toy(toy, spec, steps=600)
     dp0, dp1 = METRICS["dp"](c0), METRICS["dp"](c1)
     assert dp1 < 0.5 * dp0, (dp0, dp1)
-    assert float(fe["dual"].multipliers[0]) > 0
+    assert float(fe.dual.multipliers[0]) > 0
     assert fairness.accuracy(c1) > 0.6
 
 
@@ -220,7 +220,7 @@ def _tiny(name="cnn", seed=0):
 @pytest.mark.parametrize("structured", [True, False])
 def test_bilevel_step_exact_sparsity_and_pruned_weights_kept(structured):
     """Structured (CNN, constraint mode) and unstructured (MLP, penalty mode, 2 lower steps)."""
-    from fairprune_jax.training.train import create_state
+    from fairprune_jax.training.train import Carry, create_state
 
     fm, params, model_state = _tiny("cnn" if structured else "mlp")
     rng = np.random.default_rng(1)
@@ -239,15 +239,15 @@ def test_bilevel_step_exact_sparsity_and_pruned_weights_kept(structured):
     scores0, masks0 = bilevel.initial_scores_and_masks(params, template, counts, groups)
     init_units = {n: np.asarray(v) for n, v in named_leaves(masks0)}
     wtx, mtx = optax.sgd(0.01, momentum=0.9), optax.sgd(20.0)   # a large mask lr forces mask changes
-    state = create_state(params, model_state, wtx, extra={"scores": scores0, "mask_opt": mtx.init(scores0),
-                                                          "fair": bilevel.fairness_init(spec)})
+    state = create_state(params, model_state, wtx, extra=Carry(scores=scores0, mask_opt=mtx.init(scores0),
+                                                               fair=bilevel.fairness_init(spec)))
     state = state.replace(masks=masks0)
     step = bilevel.make_bilevel_step(fm, spec, wtx, mtx, counts, groups=groups, gamma=1.0,
                                      lower_steps=1 if structured else 2, score_clip=True)
     changes = 0
     for _ in range(4):
         state, stats = step(state, batch)
-        stats, named, scores = jax.device_get((stats, dict(named_leaves(state.masks)), state.extra["scores"]))
+        stats, named, scores = jax.device_get((stats, dict(named_leaves(state.masks)), state.extra.scores))
         changes += float(stats["mask_changes"])
         assert np.isfinite(stats["loss"])
         for n, k in counts.items():
@@ -402,7 +402,7 @@ def test_reviving_a_useful_pruned_unit_raises_its_score_and_swaps_it_in():
     """Hidden unit 0 reads the informative feature but has the smaller weights, so magnitude prunes it;
     unit 1 is large but reads noise. With the consumer-side gradient the bi-level step brings unit 0
     back (its score rises past unit 1's); with the producer-side gradient its score never moves."""
-    from fairprune_jax.training.train import create_state
+    from fairprune_jax.training.train import Carry, create_state
 
     fm, ps, ss = compact.functional_model({"model": "mlp", "input_shape": [2], "num_classes": 2,
                                            "options": {"hidden": [2]}})
@@ -424,13 +424,14 @@ def test_reviving_a_useful_pruned_unit_raises_its_score_and_swaps_it_in():
         scores0, masks0 = bilevel.initial_scores_and_masks(params, template, counts, groups)
         assert np.asarray(masks0["layers"][0]["kernel"]).tolist() == [0.0, 1.0]
         wtx, mtx = optax.sgd(1e-3), optax.sgd(0.05, momentum=0.9)
-        st = create_state(params, ss, wtx, extra={"scores": scores0, "mask_opt": mtx.init(scores0), "fair": {}})
+        st = create_state(params, ss, wtx, extra=Carry(scores=scores0, mask_opt=mtx.init(scores0),
+                                                       fair=bilevel.FairState()))
         st = st.replace(masks=masks0)
         step = bilevel.make_bilevel_step(fm, spec, wtx, mtx, counts, groups=groups, mask_grad=mode)
         s0 = np.asarray(scores0["layers"][0]["kernel"])
         for _ in range(40):
             st, _ = step(st, batch)
-        out[mode] = (s0, np.asarray(st.extra["scores"]["layers"][0]["kernel"]),
+        out[mode] = (s0, np.asarray(st.extra.scores["layers"][0]["kernel"]),
                      np.asarray(st.masks["layers"][0]["kernel"]))
     s0, s1, m1 = out["consumer"]
     assert s1[0] > s0[0] + 0.1 and m1.tolist() == [1.0, 0.0]
@@ -446,14 +447,14 @@ def test_reviving_a_useful_pruned_unit_raises_its_score_and_swaps_it_in():
 def test_per_group_strict_from_moving_counts_by_hand():
     spec = bilevel.Fairness(surrogate="dp", mode="constraint", num_groups=2, tau=0.1, strict_decay=0.5, min_rows=3,
                             dual=constrained.dual_optimizer(2))
-    ema = bilevel.fairness_init(spec)["ema"]
+    ema = bilevel.fairness_init(spec).ema
     # step 1: group 0 rows [1, 1, 0, 1], group 1 rows [0, 1]; step 2: group 0 [1], group 1 [0, 0, 0]
     ema = bilevel.ema_update(spec, ema, jnp.asarray([1.0, 1, 0, 1, 0, 1]), jnp.asarray([0, 0, 0, 0, 1, 1]),
                              jnp.ones(6))
     ema = bilevel.ema_update(spec, ema, jnp.asarray([1.0, 0, 0, 0, 9.0]), jnp.asarray([0, 1, 1, 1, 1]),
                              jnp.asarray([1.0, 1, 1, 1, 0]))                  # the last row is padding
-    np.testing.assert_allclose(np.asarray(ema["n"]), [0.5 * 4 + 1, 0.5 * 2 + 3])
-    np.testing.assert_allclose(np.asarray(ema["s"]), [0.5 * 3 + 1, 0.5 * 1 + 0])
+    np.testing.assert_allclose(np.asarray(ema.n), [0.5 * 4 + 1, 0.5 * 2 + 3])
+    np.testing.assert_allclose(np.asarray(ema.s), [0.5 * 3 + 1, 0.5 * 1 + 0])
     strict, observed = bilevel.per_group_strict(spec, ema)
     r0, r1, r = 2.5 / 3, 0.5 / 4, 3.0 / 7
     np.testing.assert_allclose(np.asarray(strict), [r0 - r - .05, r - r1 - .05], rtol=1e-5)
@@ -466,7 +467,7 @@ def test_one_sided_strict_is_the_signed_deviation():
     """one_sided: r_a - r - tau/2 (a group below the overall rate is satisfied), same moving counts."""
     spec = bilevel.Fairness(surrogate="dp", mode="constraint", num_groups=2, tau=0.1, strict_decay=0.5, min_rows=3,
                             dual=constrained.dual_optimizer(2), one_sided=True)
-    ema = {"n": jnp.asarray([3.0, 4.0]), "s": jnp.asarray([2.5, 0.5])}
+    ema = bilevel.Ema(n=jnp.asarray([3.0, 4.0]), s=jnp.asarray([2.5, 0.5]))
     strict, observed = bilevel.per_group_strict(spec, ema)
     r0, r1, r = 2.5 / 3, 0.5 / 4, 3.0 / 7
     np.testing.assert_allclose(np.asarray(strict), [r0 - r - .05, r1 - r - .05], rtol=1e-5)
@@ -531,7 +532,7 @@ def test_per_group_proxy_bounds_the_hard_deviation(kind):
         proxy = bilevel.per_group_proxy(spec, logits, y, g, w)
         hard_spec = dataclasses_replace(spec, strict_decay=0.0, min_rows=1)
         v, side = bilevel.row_values(hard_spec, logits, y)
-        ema = bilevel.ema_update(hard_spec, bilevel.fairness_init(hard_spec)["ema"], v, side * 3 + g, w)
+        ema = bilevel.ema_update(hard_spec, bilevel.fairness_init(hard_spec).ema, v, side * 3 + g, w)
         hard, _ = bilevel.per_group_strict(hard_spec, ema)
         assert (np.asarray(proxy) >= np.asarray(hard) - 1e-6).all()
 
@@ -553,7 +554,7 @@ def test_per_group_constraint_lowers_true_metric_and_keeps_accuracy(toy):
     c1, fe = _train_toy(toy, spec, steps=600)
     dp0, dp1 = METRICS["dp"](c0), METRICS["dp"](c1)
     assert dp1 < 0.5 * dp0, (dp0, dp1)
-    mult = np.asarray(fe["dual"].multipliers)
+    mult = np.asarray(fe.dual.multipliers)
     assert mult.max() > 0 and mult.max() <= 5.0
     assert fairness.accuracy(c1) > 0.6
 

@@ -235,7 +235,7 @@ def test_distillation_loss_and_runs_keep_their_contract(prepared):
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves(plain), leaves(distilled)))
     assert 0.0 <= distilled["pruned"]["test"]["certificate"]["flip_rate"] <= 1.0
     ceag = run_method(prepared, method="ceag", method_options={"distill": 1.0, "constraint_data": "train"})
-    assert "teacher" not in ceag["_state"].extra
+    assert ceag["_state"].extra.teacher is None
     with pytest.raises(ValueError, match="distill"):
         run_method(prepared, method="nft", method_options={"distill": -1.0})
 

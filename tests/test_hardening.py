@@ -262,8 +262,9 @@ def test_group_missing_from_a_batch_and_an_all_padding_batch():
 
     ref = {"acc_g": jnp.full(G, 0.9), "loss_g": jnp.full(G, 0.3), "acc": jnp.asarray(0.9), "loss": jnp.asarray(0.3)}
     terms = ceag_terms(G, ref, eps=0.01)
-    extra = {"buffer": constrained.buffer_init(G, 2), "overall": constrained.buffer_init(1, 4)}
-    extra["buffer"] = extra["buffer"]._replace(values=extra["buffer"].values.at[2].set(7.0))
+    from fairprune_jax.training.train import Carry
+    buf = constrained.buffer_init(G, 2)
+    extra = Carry(buffer=buf._replace(values=buf.values.at[2].set(7.0)), overall=constrained.buffer_init(1, 4))
     per = jnp.linspace(0.1, 0.8, B)
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
     proxy, strict, observed, new = terms(per, jnp.mean(per), correct, {"g": g, "w": w}, extra)

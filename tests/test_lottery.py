@@ -278,7 +278,7 @@ def test_fair_scratch_frozen_weights_exact_sparsity_and_regulariser(setup):
         st, hist, fn = FS.train_scores(ctx, FS.FairScratchOptions(**base, lam=lam, out_bias="frozen"))
         assert tree_equal(st.params, frozen)  # the weights never move
         s0 = FS.init_scores(jax.random.key(ctx.seed + 11), frozen, ctx.template)
-        assert not tree_equal(st.extra["scores"], s0)  # the scores do
+        assert not tree_equal(st.extra.trained.scores, s0)  # the scores do
         kept = {n: int(np.asarray(m).sum()) for n, m in named_leaves(st.masks)}
         assert kept == keep_counts(init_params, ctx.template, 0.5)
         results[lam] = FS.split_surrogate(ctx, st, fn, ctx.dataset.train)
@@ -329,7 +329,7 @@ def test_fair_scratch_out_bias_trains_only_the_output_bias_and_frees_a_stuck_thr
 def test_fair_scratch_lam_warmup_ramps_the_fairness_weight_from_zero(setup):
     ctx, init_params, _ = setup
     from fairprune_jax.data.base import eval_batches
-    from fairprune_jax.training.train import create_state
+    from fairprune_jax.training.train import Carry, create_state
     _, model_state = FS.initial_weights(ctx)
     dens = FS.layer_densities(init_params, ctx.template, 0.5, "uniform")
     frozen = FS.frozen_weights(init_params, ctx.template, "signed_constant", dens)
@@ -340,14 +340,14 @@ def test_fair_scratch_lam_warmup_ramps_the_fairness_weight_from_zero(setup):
 
     def scores_after_step(lam, warmup_steps, step):
         sc = jax.tree.map(jnp.copy, scores)          # the step donates its input state
-        st = create_state(frozen, model_state, optax.identity(), extra={"scores": sc})
-        st = st.replace(masks=FS.score_masks(sc, ctx.template, 0.5, "uniform"), opt_state=tx.init({"scores": sc}),
+        st = create_state(frozen, model_state, optax.identity(), extra=Carry(trained=FS.Trained(sc)))
+        st = st.replace(masks=FS.score_masks(sc, ctx.template, 0.5, "uniform"), opt_state=tx.init(FS.Trained(sc)),
                         step=jnp.asarray(step, st.step.dtype))
         fn = FS.make_score_step(ctx.fm, tx, ctx.template, sparsity=0.5, distribution="uniform", fair_fn=fair,
                                 lam=lam, num_groups=ctx.dataset.num_groups, positive_label=1,
                                 warmup_steps=warmup_steps)
         new_state, _ = fn(st, batch)
-        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(new_state.extra["scores"])])
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(new_state.extra.trained.scores)])
 
     plain = scores_after_step(0.0, 0, 0)
     full = scores_after_step(50.0, 0, 0)

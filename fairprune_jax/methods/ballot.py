@@ -302,12 +302,12 @@ def voting_run(ctx: Context, dense: TrainState, opts: BallotOptions, template: A
     captured: dict[str, Checkpoint] = {}
 
     def close_epoch(state: TrainState) -> TrainState:
-        ex = state.extra
-        epoch_scores.append(conflict_scores(ex["g_acc"], ex["g_fair"], template, eta, opts.normalize,
+        ex = state.extra.votes
+        epoch_scores.append(conflict_scores(ex.g_acc, ex.g_fair, template, eta, opts.normalize,
                                             signed=opts.sign == "signed"))
-        new_extra = _close_epoch(ex)
-        key_acc_hist.append(np.asarray(new_extra["key_acc"]).tolist())
-        return state.replace(extra=new_extra)
+        votes = _close_epoch(ex)
+        key_acc_hist.append(np.asarray(votes.key_acc).tolist())
+        return state.replace(extra=state.extra.replace(votes=votes))
 
     def hook(state: TrainState, step: int) -> TrainState:
         if replay and k > 0 and step == k:

@@ -221,7 +221,7 @@ class Context:
                  step_fn: Callable | None = None, hook: Callable | None = None,
                  desc: str = "fine-tune", distill: float = 0.0) -> tuple[TrainState, dict]:
         """Masked training of ``state`` on the train split (plain cross-entropy unless ``step_fn``; plus
-        ``distill`` times the KL to ``state.extra["teacher"]`` when > 0, see :func:`train.teacher_extra`)."""
+        ``distill`` times the KL to ``state.extra.teacher`` when > 0, see :func:`train.teacher_extra`)."""
         epochs = self.settings.ft_epochs if epochs is None else epochs
         step_fn = step_fn or make_train_step(self.fm, tx, augment=self.augment, distill=distill)
         return fit(state, step_fn, self.dataset.train, epochs=epochs, batch_size=self.settings.batch_size,

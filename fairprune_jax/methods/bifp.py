@@ -73,7 +73,7 @@ from fairprune_jax.sparsity import compact
 from fairprune_jax.constraints import constrained
 from fairprune_jax.sparsity.masks import apply_masks, named_leaves
 from fairprune_jax.methods.base import Context, NoOptions, make_optimizer, register
-from fairprune_jax.training.train import TrainState, create_state, fit
+from fairprune_jax.training.train import Carry, TrainState, carry_of, create_state, fit
 
 @dataclasses.dataclass(frozen=True)
 class FairOptions(constrained.DualOptions):
@@ -221,10 +221,10 @@ def kept_units(masks: Any, groups) -> dict[str, list[int]]:
 
 
 def _fair_state(ctx: Context, start: TrainState, masks: Any, tx, spec: bilevel.Fairness,
-                fair_extra: dict | None = None) -> TrainState:
+                fair_extra: bilevel.FairState | None = None) -> TrainState:
     fair, dual = bilevel.split_dual(bilevel.fairness_init(spec) if fair_extra is None else fair_extra)
     state = create_state(start.params, start.model_state, tx, masks=masks, seed=ctx.stream_seed("finetune_state"),
-                         extra={"fair": fair})
+                         extra=Carry(fair=fair))
     return state if dual is None else state.with_dual(dual)
 
 
@@ -316,7 +316,7 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     # theta starts from the dense weights, NOT masked: pruned units keep their values and may come back
     fair0, dual0 = bilevel.split_dual(bilevel.fairness_init(spec))
     state = create_state(dense.params, dense.model_state, weight_tx, seed=ctx.stream_seed("finetune_state"),
-                         extra={"scores": scores0, "mask_opt": mask_tx.init(scores0), "fair": fair0})
+                         extra=Carry(scores=scores0, mask_opt=mask_tx.init(scores0), fair=fair0))
     state = state.replace(masks=masks0, dual=dual0) if dual0 is not None else state.replace(masks=masks0)
     step = bilevel.make_bilevel_step(ctx.fm, spec, weight_tx, mask_tx, counts, groups=groups,
                                      gamma=opts.gamma, lower_steps=opts.lower_steps,
@@ -331,7 +331,7 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     named_final = dict(named_leaves(final))
     changed = int(sum(np.abs(np.asarray(named_final[n]) - u).sum() for n, u in start_units.items()) // 2)
     pruned = state.replace(params=apply_masks(state.params, final), masks=final,
-                           extra={"fair": state.extra["fair"]})
+                           extra=Carry(fair=carry_of(state).fair))
     kept = int(sum(np.asarray(named_final[n]).sum() for n in start_units))
     info: dict[str, Any] = {"options": dataclasses.asdict(opts), "fairness": spec.surrogate, "history": hist,
                             "structured": structured,

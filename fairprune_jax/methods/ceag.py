@@ -15,7 +15,6 @@ is :mod:`fairprune_jax.techniques.group_finetune`, re-exported here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ from fairprune_jax.techniques.group_finetune import (  # noqa: F401  (re-exporte
     TRAJECTORY_POINTS, ProblemTerms, dense_reference, held_out_psi, held_out_rows, make_constrained_step,
     reference_from_counts, row_correct, selection_hook, selection_init, selection_result, trajectory_info,
     trajectory_init, trajectory_record, val_refresh)
-from fairprune_jax.training.train import TrainState, evaluate, teacher_extra, without_teacher
+from fairprune_jax.training.train import Carry, TrainState, carry_of, evaluate, teacher_extra, without_teacher
 
 def dual_advice(multipliers: list) -> str:
     """What to change when the constraint ends unmet, read off the recorded multipliers (T x G).
@@ -120,8 +119,8 @@ def ceag_terms(num_groups: int, ref: dict, eps: float, overall_from_groups: bool
         loss_g, n_g, _ = group_means(per, g, w, num_groups)
         present = n_g > 0
         proxy = jnp.where(present, (loss_g - ref["loss_g"]) - (loss - ref["loss"]), 0.0)
-        buf = constrained.buffer_update(extra["buffer"], correct, g, w)
-        overall = constrained.buffer_update(extra["overall"], correct, jnp.zeros_like(g), w)
+        buf = constrained.buffer_update(extra.buffer, correct, g, w)
+        overall = constrained.buffer_update(extra.overall, correct, jnp.zeros_like(g), w)
         acc_g, full_g = constrained.buffer_means(buf)
         acc, full = constrained.buffer_means(overall)
         if overall_from_groups:
@@ -141,7 +140,7 @@ def ceag_terms(num_groups: int, ref: dict, eps: float, overall_from_groups: bool
 def ceag_val_terms(num_groups: int, ref: dict, val_ref: dict, val_g: jax.Array, eps_g: jax.Array) -> ProblemTerms:
     """Proxy violations from the training batch; strict psi_g - eps_g from held-out rows.
 
-    ``extra["val_correct"]`` holds the latest correctness of every held-out row
+    ``extra.val_correct`` holds the latest correctness of every held-out row
     (refreshed ``val_batch_size`` rows per step by :func:`val_refresh`), so the
     strict estimate is the held-out psi_g of the current model up to one sweep
     of lag, observed for every group that has held-out rows from the first step.
@@ -152,7 +151,7 @@ def ceag_val_terms(num_groups: int, ref: dict, val_ref: dict, val_g: jax.Array, 
         g, w = batch["g"], batch["w"]
         loss_g, n_g, _ = group_means(per, g, w, num_groups)
         proxy = jnp.where(n_g > 0, (loss_g - ref["loss_g"]) - (loss - ref["loss"]), 0.0)
-        table = extra["val_correct"]
+        table = extra.val_correct
         acc_g = jax.ops.segment_sum(table, val_g, num_segments=num_groups) / jnp.maximum(n_val_g, 1.0)
         psi = (val_ref["acc_g"] - acc_g) - (val_ref["acc"] - jnp.mean(table))
         return proxy, psi - eps_g, n_val_g > 0, {"group_accuracy": jnp.where(n_val_g > 0, acc_g, jnp.nan)}
@@ -217,9 +216,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     dual = constrained.dual_from_options(opts, G, equality=False)
     tx = ctx.finetune_tx()
     total = ctx.settings.ft_epochs * ctx.steps_per_epoch
-    extra: dict[str, Any] = {"trajectory": trajectory_init(G, total)}
-    if opts.distill > 0:
-        extra.update(teacher_extra(dense))
+    extra = (teacher_extra(dense) if opts.distill > 0 else Carry()).replace(trajectory=trajectory_init(G, total))
     ref = dense_reference(ctx)
     pre = None
     eps_aim: float | np.ndarray = eps
@@ -237,7 +234,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         n_val_g = np.bincount(val.g, minlength=G).astype(np.float64)
         se = np.nan_to_num(certify.psi_standard_error(n_val_g, lost, gained))
         eps_g = eps_aim - opts.margin_z * se
-        extra["val_correct"] = jnp.asarray(start_correct)
+        extra = extra.replace(val_correct=jnp.asarray(start_correct))
         terms = ceag_val_terms(G, ref, reference_from_counts(dense_val), jnp.asarray(val.g, jnp.int32),
                                jnp.asarray(eps_g, jnp.float32))
         vb = opts.val_batch_size or cfg.batch_size
@@ -254,7 +251,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         # buffers no larger than the data, so every constraint is observed however small the dataset
         k = int(min(opts.buffer_size, max(int(n_train_g[n_train_g > 0].min()), 1)))
         k_all = int(min(opts.overall_buffer_size, len(ctx.dataset.train)))
-        extra.update(buffer=constrained.buffer_init(G, k), overall=constrained.buffer_init(1, k_all))
+        extra = extra.replace(buffer=constrained.buffer_init(G, k), overall=constrained.buffer_init(1, k_all))
         terms = ceag_terms(G, ref, eps if opts.aim == "point" else jnp.asarray(eps_aim, jnp.float32),
                            overall_from_groups=opts.buffer_overall == "groups")
         eps_g = np.broadcast_to(np.asarray(eps_aim, np.float64), (G,)).copy()
@@ -269,7 +266,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
                      for k in range(opts.select_points)}) if select else []
     hook = None
     if select:
-        state = state.replace(extra=dict(state.extra, **selection_init(state, len(points))))
+        state = state.replace(extra=carry_of(state).replace(selection=selection_init(state, len(points))))
         sel_rows, sel_ref = (val, dense_val) if table else (ctx.dataset.train, ctx.dense_train_counts)
         hook = selection_hook(ctx, sel_rows, sel_ref, eps_g, points)
     state, hist = ctx.finetune(state, tx, step_fn=step, hook=hook, desc="fine-tune (ceag)")
@@ -278,7 +275,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         state, sel = selection_result(state, points, eps)
         info["selection"] = sel
         sel["rows"] = "held-out" if held_out else "train"
-    traj = jax.device_get(state.extra["trajectory"])
+    traj = jax.device_get(carry_of(state).trajectory)
     info.update(history=hist, multipliers=np.asarray(state.dual.multipliers).tolist(), eps=eps,
                 constraint_data="val" if held_out else ("train_all" if table else "train"), trajectory=trajectory_info(traj, names, offset=eps_g))
     if select and not info["selection"]["feasible"]:
@@ -307,7 +304,9 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         warn(w)
     info["warnings"] = notes
     if held_out or select:
-        state = state.replace(extra={k: v for k, v in state.extra.items() if k not in ("best", "val_correct")})
+        carry = carry_of(state)
+        sel_state = None if carry.selection is None else carry.selection._replace(best=None)
+        state = state.replace(extra=carry.replace(selection=sel_state, val_correct=None))
     return without_teacher(state), info
 
 
@@ -406,7 +405,7 @@ def no_op_warnings(traj: dict, names: list[str], eps: float, where: str) -> tupl
     group); a note, not a warning, when none was ever violated (the bound held without a push, so ceag ran as
     nft: nothing went wrong)."""
     out, notes = [], []
-    observed, violated = np.asarray(traj["observed"]), np.asarray(traj["violated"])
+    observed, violated = np.asarray(traj.observed), np.asarray(traj.violated)
     if not observed.any():
         out.append(f"ceag: no constraint was ever observed on the {where} rows, so the multipliers stayed 0 and "
                    "this run is plain fine-tuning (nft)")

@@ -4,7 +4,6 @@ ceag, then fine-tuning with one equality constraint per group, L_g - L = 0, its 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from fairprune_jax.constraints.surrogates import group_means
 from fairprune_jax.methods.base import Context, register
 from fairprune_jax.techniques.gradual import GradualOptions, pruned_start
 from fairprune_jax.techniques.group_finetune import ProblemTerms, make_constrained_step
-from fairprune_jax.training.train import TrainState, teacher_extra, without_teacher
+from fairprune_jax.training.train import Carry, TrainState, teacher_extra, without_teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +35,8 @@ def el_terms(num_groups: int, use_buffers: bool) -> ProblemTerms:
         proxy = jnp.where(present, loss_g - loss, 0.0)
         if not use_buffers:
             return proxy, jax.lax.stop_gradient(proxy), present, {}
-        buf = constrained.buffer_update(extra["buffer"], jax.lax.stop_gradient(per), g, w)
-        overall = constrained.buffer_update(extra["overall"], jax.lax.stop_gradient(per), jnp.zeros_like(g), w)
+        buf = constrained.buffer_update(extra.buffer, jax.lax.stop_gradient(per), g, w)
+        overall = constrained.buffer_update(extra.overall, jax.lax.stop_gradient(per), jnp.zeros_like(g), w)
         bl_g, full_g = constrained.buffer_means(buf)
         bl, full = constrained.buffer_means(overall)
         return proxy, bl_g - bl[0], present & full_g & full[0], {"buffer": buf, "overall": overall}
@@ -53,12 +52,10 @@ def el(ctx: Context, dense: TrainState, opts: ElOptions) -> tuple[TrainState, di
     G = ctx.dataset.num_groups
     dual = constrained.dual_from_options(opts, G, equality=True)
     tx = ctx.finetune_tx()
-    extra: dict[str, Any] = {}
-    if opts.distill > 0:
-        extra.update(teacher_extra(dense))
+    extra = teacher_extra(dense) if opts.distill > 0 else Carry()
     if opts.buffers:
-        extra["buffer"] = constrained.buffer_init(G, opts.buffer_size)
-        extra["overall"] = constrained.buffer_init(1, 10 * opts.buffer_size)
+        extra = extra.replace(buffer=constrained.buffer_init(G, opts.buffer_size),
+                              overall=constrained.buffer_init(1, 10 * opts.buffer_size))
     state = ctx.masked_state(start, start.masks, tx, extra=extra).with_dual(dual.init())
     step = make_constrained_step(ctx, tx, dual, el_terms(G, opts.buffers), opts.mode, distill=opts.distill)
     state, hist = ctx.finetune(state, tx, step_fn=step, desc="fine-tune (el)")

@@ -97,7 +97,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,8 +110,8 @@ from fairprune_jax.data.base import Split
 from fairprune_jax.sparsity.masks import _is_none, apply_masks
 from fairprune_jax.methods.base import Context, make_optimizer, register
 from fairprune_jax.techniques.rewind import eval_summary, initial_weights, sparsity_report
-from fairprune_jax.training.train import (StepOutput, TrainState, create_state, cross_entropy, fit, make_step,
-                                          primal_state, split_logits, weighted_mean)
+from fairprune_jax.training.train import (Carry, StepOutput, TrainState, carry_of, create_state, cross_entropy, fit,
+                                          make_step, primal_state, split_logits, weighted_mean)
 
 INITS = ("signed_constant", "model")
 
@@ -185,28 +185,36 @@ def with_leaf(params: Any, name: str, value: jax.Array) -> Any:
     return masks_lib.map_named(lambda n, w: value if n == name else w, params)
 
 
+class Trained(NamedTuple):
+    """What fair_scratch trains (``Carry.trained``): a score per prunable weight, and the output layer's bias
+    (``out_bias="train"``; None when frozen)."""
+
+    scores: Any
+    bias: Any = None
+
+
 def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, sparsity: float, distribution: str,
                     fair_fn: Callable, lam: float, num_groups: int, positive_label: int,
                     augment: Callable | None = None, warmup_steps: int = 0, bias_name: str | None = None
                     ) -> Callable:
-    """Jitted step training ``state.extra['scores']``; ``state.params`` (the frozen weights) never change.
+    """Jitted step training ``state.extra.trained.scores``; ``state.params`` (the frozen weights) never change.
 
     With ``warmup_steps > 0`` the fairness weight ramps linearly from 0 at
     step 0 to ``lam`` at ``warmup_steps`` (``state.step`` counts the steps).
-    With ``bias_name`` (``out_bias="train"``) ``state.extra['bias']`` is that
+    With ``bias_name`` (``out_bias="train"``) ``state.extra.trained.bias`` is that
     leaf's value, trained with the scores by the same optimiser, and used in
     place of the frozen one. A model whose output layer has no bias leaf
     trains the scores only (``info['out_bias_trained']`` is then None).
     """
 
     def objective(forward, state: TrainState, batch: dict) -> StepOutput:
-        trained = state.extra                   # {"scores": ...} plus {"bias": ...} with bias_name
+        trained = carry_of(state).trained       # Trained(scores, bias) (bias None without bias_name)
         lam_t = (lam * jnp.minimum(1.0, state.step.astype(jnp.float32) / warmup_steps) if warmup_steps > 0
                  else lam)
 
         def loss_fn(t):
-            ste, hard = ste_masks(t["scores"], template, sparsity, distribution)
-            params = state.params if bias_name is None else with_leaf(state.params, bias_name, t["bias"])
+            ste, hard = ste_masks(t.scores, template, sparsity, distribution)
+            params = state.params if bias_name is None else with_leaf(state.params, bias_name, t.bias)
             logits, new_ms = forward(params, masks=ste)
             ce = weighted_mean(cross_entropy(logits, batch["y"]), batch["w"])
             fair = fair_fn(logits, batch["y"], batch["g"], batch["w"], num_groups, positive_label)
@@ -215,7 +223,7 @@ def make_score_step(fm, tx: optax.GradientTransformation, template: Any, *, spar
         (loss, (ce, fair, logits, new_ms, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
         updates, opt_state = tx.update(grads, primal_state(state.opt_state), trained)   # the scores' optimizer
         trained = optax.apply_updates(trained, updates)
-        return StepOutput(loss, logits, new_ms, extra=trained, stats={"ce": ce, "fair": fair},
+        return StepOutput(loss, logits, new_ms, extra=Carry(trained=trained), stats={"ce": ce, "fair": fair},
                           fields={"masks": hard, "opt_state": opt_state})
 
     return make_step(fm, None, objective, augment=augment)
@@ -468,10 +476,9 @@ def train_scores(ctx: Context, opts: FairScratchOptions) -> tuple[TrainState, di
     lam, warmup = form_defaults(name, opts)
     masks0 = score_masks(scores, ctx.template, cfg.sparsity, cfg.distribution)
     bias_name = output_bias_name(weights, ctx.layer_order) if opts.out_bias == "train" else None
-    trained = {"scores": scores}
-    if bias_name is not None:
-        trained["bias"] = dict(masks_lib.named_leaves(weights))[bias_name]
-    state = create_state(weights, model_state, optax.identity(), seed=ctx.stream_seed("scores_state"), extra=trained)
+    trained = Trained(scores, None if bias_name is None else dict(masks_lib.named_leaves(weights))[bias_name])
+    state = create_state(weights, model_state, optax.identity(), seed=ctx.stream_seed("scores_state"),
+                         extra=Carry(trained=trained))
     state = state.replace(masks=masks0, opt_state=tx.init(trained))
     step = make_score_step(ctx.fm, tx, ctx.template, sparsity=cfg.sparsity, distribution=cfg.distribution,
                            fair_fn=fair_fn, lam=lam, num_groups=ctx.dataset.num_groups,
@@ -479,8 +486,8 @@ def train_scores(ctx: Context, opts: FairScratchOptions) -> tuple[TrainState, di
                            warmup_steps=int(round(warmup * total)), bias_name=bias_name)
     state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
                       seed=ctx.stream_seed("scores_batches"), desc="fair scratch scores", progress=cfg.progress)
-    final = score_masks(state.extra["scores"], ctx.template, cfg.sparsity, cfg.distribution)
-    params = state.params if bias_name is None else with_leaf(state.params, bias_name, state.extra["bias"])
+    final = score_masks(state.extra.trained.scores, ctx.template, cfg.sparsity, cfg.distribution)
+    params = state.params if bias_name is None else with_leaf(state.params, bias_name, state.extra.trained.bias)
     return state.replace(masks=final, params=params), hist, fair_fn
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from fairprune_jax.methods.base import Context, register
 from fairprune_jax.techniques.gradual import GradualOptions, pruned_start
 from fairprune_jax.techniques.group_finetune import held_out_rows, selection_hook, selection_init, selection_result
-from fairprune_jax.training.train import TrainState, evaluate, teacher_extra, without_teacher
+from fairprune_jax.training.train import TrainState, carried, carry_of, evaluate, teacher_extra, without_teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ def nft(ctx: Context, dense: TrainState, opts: NftOptions) -> tuple[TrainState, 
     extra = teacher_extra(dense) if opts.distill > 0 else None
     state = ctx.masked_state(start, start.masks, tx, extra=extra)
     if opts.early_stop:
-        state = state.replace(extra=dict(state.extra or {}, **selection_init(state, len(points))))
+        state = state.replace(extra=carry_of(state).replace(selection=selection_init(state, len(points))))
     state, hist = ctx.finetune(state, tx, desc="fine-tune (nft)", distill=opts.distill, hook=hook)
     info.update(history=hist)
     if opts.early_stop:
@@ -56,8 +56,7 @@ def nft(ctx: Context, dense: TrainState, opts: NftOptions) -> tuple[TrainState, 
                    rows=where.replace("constrained fine-tuning", "fine-tuning"))
         sel.pop("feasible", None)
         info["selection"] = sel
-        rest = {k: v for k, v in state.extra.items() if k not in ("best", "best_score", "selection_log")}
-        state = state.replace(extra=rest or None)
+        state = state.replace(extra=carried(carry_of(state).replace(selection=None)))
     return without_teacher(state), info
 
 

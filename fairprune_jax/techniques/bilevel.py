@@ -98,12 +98,12 @@ from fairprune_jax.sparsity.units import UnitGroup, expand_unit_masks
 from fairprune_jax.sparsity.masks import (_global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves,
                                           topk_mask)
 from fairprune_jax.techniques.fairness_objective import (CONSTRAINTS, FAIRNESS_MODES, STRICT,  # noqa: F401
-                                                         Fairness, Forward, _stats, ema_update, fair_of,
+                                                         Ema, FairState, Fairness, Forward, _stats, ema_update, fair_of,
                                                          fairness_init, group_rate_deviations, make_fair_step,
                                                          objective_grads, per_group_proxy, per_group_strict,
                                                          row_values, split_dual, split_fairness,
                                                          strict_violation)
-from fairprune_jax.training.train import StepOutput, TrainState, make_step, primal_state
+from fairprune_jax.training.train import StepOutput, TrainState, carry_of, make_step, primal_state
 
 MASK_GRADS = ("consumer", "producer")
 
@@ -272,7 +272,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
     their values), ``state.opt_state`` the weight optimizer's,
     ``state.masks`` the full mask tree of the current scores (start from
     :func:`initial_scores_and_masks`), ``state.extra`` =
-    ``{"scores", "mask_opt", "fair": fairness_init(spec)}``. ``counts`` from
+    ``Carry(scores=, mask_opt=, fair=fairness_init(spec))``. ``counts`` from
     :func:`unit_keep_counts`; ``groups`` the unit groups (``None`` for
     unstructured masks). ``mask_grad``: where a structured mask is
     differentiated (``consumer`` or ``producer``, see the module doc; ignored
@@ -286,7 +286,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
         raise ValueError(f"lower_steps must be >= 1; got {lower_steps}")
 
     def objective(forward, state: TrainState, batch: dict) -> StepOutput:
-        scores = state.extra["scores"]
+        scores = carry_of(state).scores
         theta = state.params
         masks = state.masks                              # = full_masks(binarize(scores)), kept in sync
         named_masks = dict(named_leaves(masks))
@@ -316,7 +316,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
             g_z, _, _ = objective_grads(spec, forward_at(model_state), apply_masks(theta, masks), batch, fair_extra,
                                         update_dual=False)
             g_m = implicit_mask_grad(theta, g_z, masks, scores, gamma, groups)
-        upd, mask_opt = mask_tx.update(g_m, state.extra["mask_opt"], scores)
+        upd, mask_opt = mask_tx.update(g_m, carry_of(state).mask_opt, scores)
         scores = optax.apply_updates(scores, upd)
         if score_clip:
             scores = jax.tree.map(lambda s: jnp.clip(s, 0.0, 1.0), scores)
@@ -326,7 +326,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
         # theta is not re-masked: pruned units keep their weights and may come back
         fair_rest, new_dual = split_dual(fair_extra)
         return StepOutput(first_aux["loss"], first_aux["logits"], model_state,
-                          extra={"scores": scores, "mask_opt": mask_opt, "fair": fair_rest},
+                          extra=carry_of(state).replace(scores=scores, mask_opt=mask_opt, fair=fair_rest),
                           stats={**_stats(first_aux), "mask_changes": changed},
                           fields={"params": theta, "masks": new_masks, "opt_state": opt_state}, dual=new_dual)
 
@@ -334,6 +334,6 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
 
 
 __all__ = ["CONSTRAINTS", "FAIRNESS_MODES", "Fairness", "MASK_GRADS", "STRICT", "binarize", "consumer_mask_grad",
-           "consumer_scaled", "ema_update", "group_rate_deviations", "per_group_proxy", "per_group_strict", "fairness_init", "full_masks", "implicit_mask_grad",
+           "Ema", "FairState", "consumer_scaled", "ema_update", "group_rate_deviations", "per_group_proxy", "per_group_strict", "fairness_init", "full_masks", "implicit_mask_grad",
            "init_scores", "initial_scores_and_masks", "fair_of", "split_dual", "make_bilevel_step", "make_fair_step", "objective_grads",
            "reduce_to_units", "row_values", "split_fairness", "strict_violation", "unit_keep_counts"]

@@ -50,14 +50,14 @@ and how it enters:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fairprune_jax.constraints import constrained, surrogates
-from fairprune_jax.training.train import (StepOutput, TrainState, cross_entropy, make_step, split_logits,
+from fairprune_jax.training.train import (StepOutput, TrainState, carry_of, cross_entropy, make_step, split_logits,
                                           weighted_mean)
 
 
@@ -122,32 +122,45 @@ class Fairness:
         return surrogates.surrogate(self.surrogate, reduce=self.reduce)
 
 
-def fairness_init(spec: Fairness) -> dict:
-    """The fairness part of a step's extra state: ``{}`` or ``{dual, buffer}``."""
+class Ema(NamedTuple):
+    """Moving per-(side, group) counts of the per-group constraint: effective rows ``n`` and value sums ``s``."""
+
+    n: jax.Array
+    s: jax.Array
+
+
+class FairState(NamedTuple):
+    """The fairness objective's state (``Carry.fair``): the multipliers while a step runs (between steps they
+    live in the optimizer state, :func:`split_dual`), and the estimates the dual step reads: the moving counts
+    of the per-group constraint or the replay buffer of the max-gap one. All ``None`` without a constraint."""
+
+    dual: Any = None
+    ema: Ema | None = None
+    buffer: Any = None
+
+
+def fairness_init(spec: Fairness) -> FairState:
+    """The fairness part of a step's state: empty, or the multipliers with their estimates."""
     if spec.mode != "constraint":
-        return {}
+        return FairState()
     if spec.constraint == "per_group":
         n = spec.sides * spec.num_groups
-        return {"dual": spec.dual.init(), "ema": {"n": jnp.zeros((n,), jnp.float32),
-                                                  "s": jnp.zeros((n,), jnp.float32)}}
-    return {"dual": spec.dual.init(),
-            "buffer": constrained.buffer_init(spec.sides * spec.num_groups, int(spec.buffer_size))}
+        return FairState(dual=spec.dual.init(), ema=Ema(jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32)))
+    return FairState(dual=spec.dual.init(),
+                     buffer=constrained.buffer_init(spec.sides * spec.num_groups, int(spec.buffer_size)))
 
 
-def fair_of(state: TrainState) -> dict:
-    """The fairness state :func:`objective_grads` reads: ``state.extra["fair"]`` (buffers / EMA) with the
-    multipliers, which live in the optimizer state (``state.dual``), under ``"dual"``."""
-    fx = dict(state.extra["fair"])
-    if state.dual is not None:
-        fx["dual"] = state.dual
-    return fx
+def fair_of(state: TrainState) -> FairState:
+    """The fairness state :func:`objective_grads` reads: ``state.extra.fair`` (buffers / EMA) with the
+    multipliers, which live in the optimizer state (``state.dual``)."""
+    fair = carry_of(state).fair
+    return fair if state.dual is None else fair._replace(dual=state.dual)
 
 
-def split_dual(fair_extra: dict) -> tuple[dict, Any]:
+def split_dual(fair: FairState) -> tuple[FairState, Any]:
     """``(fairness state without the multipliers, the multipliers or None)``: the first goes into
-    ``state.extra["fair"]``, the second into the optimizer state (``StepOutput.dual`` / ``with_dual``)."""
-    rest = dict(fair_extra)
-    return rest, rest.pop("dual", None)
+    ``state.extra.fair``, the second into the optimizer state (``StepOutput.dual`` / ``with_dual``)."""
+    return fair._replace(dual=None), fair.dual
 
 
 def row_values(spec: Fairness, logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -189,7 +202,7 @@ def strict_violation(spec: Fairness, buf: constrained.GroupBuffer) -> tuple[jax.
     return jnp.where(observed, worst - spec.tau, 0.0)[None], observed[None]
 
 
-def ema_update(spec: Fairness, ema: dict, values: jax.Array, index: jax.Array, w: jax.Array) -> dict:
+def ema_update(spec: Fairness, ema: Ema, values: jax.Array, index: jax.Array, w: jax.Array) -> Ema:
     """Decayed per-(side, group) sums of row weights ``n`` and weighted values ``s``.
 
     ``n`` is the effective number of rows behind a group's rate ``s / n``;
@@ -200,17 +213,17 @@ def ema_update(spec: Fairness, ema: dict, values: jax.Array, index: jax.Array, w
     sums = jax.ops.segment_sum(jnp.stack([w, v], axis=1), jnp.asarray(index, jnp.int32),
                                num_segments=spec.sides * spec.num_groups)
     d = jnp.float32(spec.strict_decay)
-    return {"n": d * ema["n"] + sums[:, 0], "s": d * ema["s"] + sums[:, 1]}
+    return Ema(d * ema.n + sums[:, 0], d * ema.s + sums[:, 1])
 
 
-def group_rate_deviations(spec: Fairness, ema: dict) -> tuple[jax.Array, jax.Array]:
+def group_rate_deviations(spec: Fairness, ema: Ema) -> tuple[jax.Array, jax.Array]:
     """``(r_a - r (sides, G), observed (sides, G))`` from the moving counts.
 
     ``r`` is the overall rate of the side's rows (the sum of the groups'
     counts). A group is observed once it has ``min_rows`` effective rows.
     """
-    n = ema["n"].reshape(spec.sides, spec.num_groups)
-    s = ema["s"].reshape(spec.sides, spec.num_groups)
+    n = ema.n.reshape(spec.sides, spec.num_groups)
+    s = ema.s.reshape(spec.sides, spec.num_groups)
     rate = s / jnp.maximum(n, 1e-12)
     overall = jnp.sum(s, axis=1, keepdims=True) / jnp.maximum(jnp.sum(n, axis=1, keepdims=True), 1e-12)
     observed = n >= spec.min_rows
@@ -261,7 +274,7 @@ def per_group_proxy(spec: Fairness, logits: jax.Array, y: jax.Array, g: jax.Arra
 Forward = Callable[[Any], tuple[jax.Array, Any]]
 
 
-def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_extra: dict, *,
+def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_extra: FairState, *,
                     update_dual: bool) -> tuple[Any, dict, dict]:
     """Gradient of the fairness-aware objective w.r.t. ``z`` (the params fed to ``forward``).
 
@@ -300,7 +313,7 @@ def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_
     if not update_dual:
         def lag(zz):
             ce, fair, logits, new_ms = terms(zz)
-            return constrained.lagrangian(ce, violation(fair, logits), fair_extra["dual"]), (ce, fair, logits,
+            return constrained.lagrangian(ce, violation(fair, logits), fair_extra.dual), (ce, fair, logits,
                                                                                               new_ms)
         (loss, (ce, fair, logits, new_ms)), grads = jax.value_and_grad(lag, has_aux=True)(z)
         return grads, fair_extra, {"loss": loss, "ce": ce, "fair": fair, "logits": logits, "model_state": new_ms}
@@ -309,18 +322,19 @@ def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_
         ce, fair, logits, new_ms = terms(zz)
         v, side = row_values(spec, logits, y)
         if per_group:
-            est = ema_update(spec, fair_extra["ema"], v, side * spec.num_groups + g, w)
+            est = ema_update(spec, fair_extra.ema, v, side * spec.num_groups + g, w)
             strict, observed = per_group_strict(spec, est)
         else:
-            est = constrained.buffer_update(fair_extra["buffer"], v, side * spec.num_groups + g, w)
+            est = constrained.buffer_update(fair_extra.buffer, v, side * spec.num_groups + g, w)
             strict, observed = strict_violation(spec, est)
         return ce, violation(fair, logits), strict, observed, (fair, logits, new_ms, est)
 
-    grads, new_dual, info = constrained.constrained_grads(problem, z, spec.dual, fair_extra["dual"],
+    grads, new_dual, info = constrained.constrained_grads(problem, z, spec.dual, fair_extra.dual,
                                                           spec.dual_mode)
     fair, logits, new_ms, est = info.aux
     worst = jnp.max(jnp.where(info.observed, info.strict_violation, -jnp.inf))
-    return grads, {"dual": new_dual, ("ema" if per_group else "buffer"): est}, {
+    new_fair = FairState(dual=new_dual, ema=est) if per_group else FairState(dual=new_dual, buffer=est)
+    return grads, new_fair, {
         "loss": info.lagrangian, "ce": info.loss, "fair": fair, "logits": logits, "model_state": new_ms,
         "strict": jnp.where(jnp.any(info.observed), worst, 0.0), "multiplier": jnp.max(new_dual.multipliers)}
 
@@ -343,7 +357,7 @@ def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
                    augment: Callable | None = None) -> Callable:
     """Jitted masked training step with the fairness objective; the mask is fixed.
 
-    ``state.extra = {"fair": ...}`` and ``state.dual`` from :func:`fairness_init` (:func:`split_dual`);
+    ``state.extra.fair`` and ``state.dual`` from :func:`fairness_init` (:func:`split_dual`);
     ``state.masks`` may be
     ``None`` (dense fair training). Pruned weights stay exactly zero
     (:func:`fairprune_jax.training.train.apply_gradients`).
@@ -354,7 +368,7 @@ def make_fair_step(fm, spec: Fairness, tx: optax.GradientTransformation, *,
                                                  update_dual=True)
         fair_rest, new_dual = split_dual(fair_extra)
         return StepOutput(aux["loss"], aux["logits"], aux["model_state"], grads=grads,
-                          extra=dict(state.extra, fair=fair_rest), stats=_stats(aux), dual=new_dual)
+                          extra=carry_of(state).replace(fair=fair_rest), stats=_stats(aux), dual=new_dual)
 
     return make_step(fm, tx, objective, augment=augment)
 

@@ -10,7 +10,7 @@ and the checkpoint selection that returns the most accurate checkpoint meeting a
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +22,16 @@ from fairprune_jax.constraints.surrogates import group_means
 from fairprune_jax.data.base import Split, carve_validation
 from fairprune_jax.metrics import fairness
 from fairprune_jax.training.checkpoint import resumable
-from fairprune_jax.training.train import (StepOutput, TrainState, cross_entropy, distill_loss, evaluate, make_step,
-                                          masked_forward, split_logits, weighted_mean)
+from fairprune_jax.training.train import (StepOutput, TrainState, Weights, carry_of, cross_entropy, distill_loss,
+                                          evaluate, make_step, masked_forward, split_logits, weighted_mean)
 
 if TYPE_CHECKING:
     from fairprune_jax.methods.base import Context
 
 
-# A problem builder gets the per-sample loss, correctness, the batch and the
-# method's extra state; it returns (violation, strict_violation, observed, new_extra).
+# A problem builder gets the per-sample loss, correctness, the batch and the method's carry (``state.extra``, a
+# ``Carry``); it returns (violation, strict_violation, observed, updates): ``updates`` a dict of Carry fields to
+# replace, plus optionally ``group_accuracy`` (what the dual step read, for tracking).
 ProblemTerms = Callable[[jax.Array, jax.Array, jax.Array, dict, dict], tuple]
 
 
@@ -43,11 +44,11 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
     pass serves the loss, the proxy violations, the buffers and both the dual
     and the primal update (:func:`constrained.constrained_grads`); the rest of
     the step is :func:`train.make_step`'s.
-    ``pre(state) -> extra``: work outside the differentiated pass before it
-    (e.g. CEAG's held-out estimates). Keys of ``extra`` that the terms do not
-    return are carried over. With ``extra["trajectory"]`` (:func:`trajectory_init`)
+    ``pre(state) -> Carry``: work outside the differentiated pass before it
+    (e.g. CEAG's held-out estimates). Fields of the carry that the terms do not
+    return are carried over. With ``extra.trajectory`` (:func:`trajectory_init`)
     the multipliers and strict violations are recorded every ``stride`` steps,
-    on device. ``distill`` > 0 adds that weight times the KL to ``extra["teacher"]`` to the objective (not
+    on device. ``distill`` > 0 adds that weight times the KL to ``extra.teacher`` to the objective (not
     to the constraints' losses).
     """
 
@@ -57,7 +58,7 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
             per = cross_entropy(logits, batch["y"])
             loss = weighted_mean(per, batch["w"])
             correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
-            violation, strict, observed, new_extra = terms(per, loss, correct, batch, state.extra)
+            violation, strict, observed, new_extra = terms(per, loss, correct, batch, carry_of(state))
             return (loss + distill_loss(logits, batch), violation, strict, observed,
                     (logits, new_ms, correct, new_extra))
 
@@ -65,10 +66,11 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
         logits, new_ms, correct, new_extra = info.aux
         new_extra = dict(new_extra)
         group_acc = new_extra.pop("group_accuracy", None)   # what the dual step read, for tracking only
-        new_extra = {**state.extra, **new_extra}
-        if "trajectory" in new_extra:
-            new_extra["trajectory"] = trajectory_record(new_extra["trajectory"], state.step, new_dual.multipliers,
-                                                        info.strict_violation, info.observed)
+        new_extra = carry_of(state).replace(**new_extra)
+        if new_extra.trajectory is not None:
+            new_extra = new_extra.replace(trajectory=trajectory_record(new_extra.trajectory, state.step,
+                                                                       new_dual.multipliers, info.strict_violation,
+                                                                       info.observed))
         if group_acc is None:      # the batch's per-group accuracy (NaN for groups absent from the batch)
             acc_g, n_g, _ = group_means(correct, batch["g"], batch["w"], info.observed.shape[0])
             group_acc = jnp.where(n_g > 0, acc_g, jnp.nan)
@@ -87,30 +89,40 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
 TRAJECTORY_POINTS = 128   # at most this many recorded rows of multipliers / violations per run
 
 
-def trajectory_init(num_constraints: int, total_steps: int, points: int = TRAJECTORY_POINTS) -> dict:
+class Trajectory(NamedTuple):
+    """The multipliers and strict violations recorded on device (``Carry.trajectory``): one row every
+    ``stride`` steps, and which constraints were ever observed / ever violated."""
+
+    stride: jax.Array
+    multipliers: jax.Array
+    violation: jax.Array
+    observed: jax.Array
+    violated: jax.Array
+
+
+def trajectory_init(num_constraints: int, total_steps: int, points: int = TRAJECTORY_POINTS) -> Trajectory:
     """Device buffers for the multiplier / strict-violation trajectory: one row every ``stride`` steps."""
     stride = max(-(-int(total_steps) // points), 1)
     rows = max(-(-int(total_steps) // stride), 1)
     nan = lambda: jnp.full((rows, num_constraints), jnp.nan, jnp.float32)  # noqa: E731 (two buffers: donated)
-    return {"stride": jnp.asarray(stride, jnp.int32), "multipliers": nan(), "violation": nan(),
-            "observed": jnp.zeros((num_constraints,), bool), "violated": jnp.zeros((num_constraints,), bool)}
+    return Trajectory(jnp.asarray(stride, jnp.int32), nan(), nan(), jnp.zeros((num_constraints,), bool),
+                      jnp.zeros((num_constraints,), bool))
 
 
-def trajectory_record(traj: dict, step: jax.Array, multipliers: jax.Array, strict: jax.Array,
-                      observed: jax.Array) -> dict:
+def trajectory_record(traj: Trajectory, step: jax.Array, multipliers: jax.Array, strict: jax.Array,
+                      observed: jax.Array) -> Trajectory:
     """Write this step's row (the last step of each stride wins) and the ever-observed / ever-violated flags."""
-    row = jnp.minimum(step // traj["stride"], traj["multipliers"].shape[0] - 1)
+    row = jnp.minimum(step // traj.stride, traj.multipliers.shape[0] - 1)
     strict = jnp.where(observed, strict, jnp.nan)
-    return {"stride": traj["stride"], "multipliers": traj["multipliers"].at[row].set(multipliers),
-            "violation": traj["violation"].at[row].set(strict), "observed": traj["observed"] | observed,
-            "violated": traj["violated"] | (observed & (strict > 0))}
+    return Trajectory(traj.stride, traj.multipliers.at[row].set(multipliers), traj.violation.at[row].set(strict),
+                      traj.observed | observed, traj.violated | (observed & (strict > 0)))
 
 
-def trajectory_info(traj: dict, names: list[str], offset: np.ndarray | float = 0.0) -> dict:
+def trajectory_info(traj: Trajectory, names: list[str], offset: np.ndarray | float = 0.0) -> dict:
     """The recorded trajectory for ``results.json``: steps, multipliers, and violation + ``offset``
     (CEAG: + eps_g, i.e. the psi_g estimate the dual step saw)."""
-    stride = int(traj["stride"])
-    m, v = np.asarray(traj["multipliers"]), np.asarray(traj["violation"]) + np.asarray(offset)
+    stride = int(traj.stride)
+    m, v = np.asarray(traj.multipliers), np.asarray(traj.violation) + np.asarray(offset)
     keep = ~np.all(np.isnan(m), axis=1)
     r = lambda a: [[None if not np.isfinite(x) else round(float(x), 6) for x in row] for row in a[keep]]  # noqa: E731
     return {"groups": list(names), "steps": [int(i * stride) for i in np.flatnonzero(keep)],
@@ -130,12 +142,13 @@ def val_refresh(ctx: Context, val: Split, batch_rows: int, seed: int) -> Callabl
     vx, vy = jnp.asarray(val.x), jnp.asarray(val.y)
     fm = ctx.fm
 
-    def pre(state: TrainState) -> dict:
+    def pre(state: TrainState) -> Any:
         idx = perm[(state.step * rows + jnp.arange(rows)) % n]
         params = jax.lax.stop_gradient(state.params)
         logits, _ = masked_forward(fm, params, state.masks, state.model_state, vx[idx], train=False)
         correct = (jnp.argmax(logits, -1) == vy[idx]).astype(jnp.float32)
-        return dict(state.extra, val_correct=state.extra["val_correct"].at[idx].set(correct))
+        carry = carry_of(state)
+        return carry.replace(val_correct=carry.val_correct.at[idx].set(correct))
 
     return pre
 
@@ -176,12 +189,21 @@ def held_out_rows(ctx: Context, val_fraction: float) -> tuple[Context, Split, st
     return ctx, held, f"{val_fraction:g} of train carved out (seen by the dense model and gradual pruning, not by the constrained fine-tuning)"
 
 
-def selection_init(state: TrainState, points: int) -> dict:
+class Selection(NamedTuple):
+    """The checkpoint selection's device state (``Carry.selection``): the best weights so far, their score
+    (feasible, key, step) and the log (step, accuracy, max psi - eps_g per selection point)."""
+
+    best: Weights
+    score: jax.Array
+    log: jax.Array
+
+
+def selection_init(state: TrainState, points: int) -> Selection:
     """Device state of the checkpoint selection: the best weights so far, their score, and a log."""
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
-    return {"best": {"params": copy(state.params), "model_state": copy(state.model_state)},
-            "best_score": jnp.asarray([-1.0, -jnp.inf, -1.0], jnp.float32),   # feasible, key, step
-            "selection_log": jnp.full((points, 3), jnp.nan, jnp.float32)}     # step, accuracy, max psi - eps_g
+    return Selection(Weights(copy(state.params), copy(state.model_state)),
+                     jnp.asarray([-1.0, -jnp.inf, -1.0], jnp.float32),   # feasible, key, step
+                     jnp.full((points, 3), jnp.nan, jnp.float32))        # step, accuracy, max psi - eps_g
 
 
 def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, eps_g: np.ndarray,
@@ -199,24 +221,22 @@ def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, ep
         worst = float(np.nanmax(psi - eps_g))
         feasible = worst <= 0.0
         key = float(np.float32(acc if feasible else -worst))   # compared as stored: ties keep the later point
-        best = np.asarray(s.extra["best_score"])
-        extra = dict(s.extra)
-        extra["selection_log"] = s.extra["selection_log"].at[where[step]].set(
-            jnp.asarray([step, acc, worst], jnp.float32))
+        sel = carry_of(s).selection
+        best = np.asarray(sel.score)
+        sel = sel._replace(log=sel.log.at[where[step]].set(jnp.asarray([step, acc, worst], jnp.float32)))
         if (float(feasible), key) >= (float(best[0]), float(best[1])):
-            extra["best"] = {"params": jax.tree.map(jnp.copy, s.params),
-                             "model_state": jax.tree.map(jnp.copy, s.model_state)}
-            extra["best_score"] = jnp.asarray([float(feasible), key, step], jnp.float32)
-        return s.replace(extra=extra)
+            sel = sel._replace(best=Weights(jax.tree.map(jnp.copy, s.params), jax.tree.map(jnp.copy, s.model_state)),
+                               score=jnp.asarray([float(feasible), key, step], jnp.float32))
+        return s.replace(extra=carry_of(s).replace(selection=sel))
 
     return resumable(hook)
 
 
 def selection_result(state: TrainState, points: list[int], eps: float) -> tuple[TrainState, dict]:
     """The selected weights and what ``results.json`` records about the selection."""
-    best = np.asarray(state.extra["best_score"])
-    log = np.asarray(state.extra["selection_log"])
-    chosen = state.replace(params=state.extra["best"]["params"], model_state=state.extra["best"]["model_state"])
+    sel = carry_of(state).selection
+    best, log = np.asarray(sel.score), np.asarray(sel.log)
+    chosen = state.replace(params=sel.best.params, model_state=sel.best.model_state)
     step = int(best[2])
     rows = [r for r in log if np.isfinite(r[0]) and int(r[0]) == step]
     row = rows[0] if rows else None

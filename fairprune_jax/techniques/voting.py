@@ -7,7 +7,7 @@ truncated weights, a global signed top-k). ``methods/ballot.py`` runs them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,8 @@ import optax
 from fairprune_jax.metrics import fairness
 from fairprune_jax.sparsity import masks as masks_lib
 from fairprune_jax.sparsity.masks import _is_none
-from fairprune_jax.training.train import StepOutput, TrainState, cross_entropy, make_step, weighted_mean
+from fairprune_jax.training.train import (Carry, StepOutput, TrainState, carry_of, cross_entropy, make_step,
+                                          weighted_mean)
 
 
 FAIR_BY = ("class", "group")
@@ -84,12 +85,24 @@ def _zeros_like(tree: Any, template: Any) -> Any:
                         is_leaf=_is_none)
 
 
-def init_vote_extra(params: Any, template: Any, key_acc: jax.Array) -> dict:
-    """Per-epoch accumulators carried in ``TrainState.extra`` by the voting step."""
+class Votes(NamedTuple):
+    """Ballot's per-epoch accumulators (``Carry.votes``): the summed accuracy and fairness gradients of the
+    pruned layers, the rows and correct rows per key (class or group) this epoch, and each key's accuracy in
+    the last epoch (what weights the fairness loss)."""
+
+    g_acc: Any
+    g_fair: Any
+    n: jax.Array
+    correct: jax.Array
+    key_acc: jax.Array
+
+
+def init_vote_extra(params: Any, template: Any, key_acc: jax.Array) -> Carry:
+    """A :class:`Carry` with the voting step's zeroed accumulators (``votes``)."""
     k = key_acc.shape[0]
-    return {"g_acc": _zeros_like(params, template), "g_fair": _zeros_like(params, template),
-            "n": jnp.zeros((k,), jnp.float32), "correct": jnp.zeros((k,), jnp.float32),
-            "key_acc": jnp.asarray(key_acc, jnp.float32)}
+    return Carry(votes=Votes(_zeros_like(params, template), _zeros_like(params, template),
+                             jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.float32),
+                             jnp.asarray(key_acc, jnp.float32)))
 
 
 def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_keys: int, fair_by: str,
@@ -99,10 +112,10 @@ def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_k
         raise ValueError(f"ballot: fair_by must be one of {FAIR_BY}; got {fair_by!r}")
 
     def objective(forward, state: TrainState, batch: dict) -> StepOutput:
-        ex = state.extra
+        ex = carry_of(state).votes
         keys = batch["y"] if fair_by == "class" else batch["g"]
-        key_w = (fairness_weights(ex["key_acc"], min_acc) if weights == "inverse"
-                 else 1.0 / (jnp.floor(ex["key_acc"]) + 1e-6))
+        key_w = (fairness_weights(ex.key_acc, min_acc) if weights == "inverse"
+                 else 1.0 / (jnp.floor(ex.key_acc) + 1e-6))
         row_w = key_w[keys]
 
         def losses(params):
@@ -119,8 +132,8 @@ def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_k
         counts = fairness.group_counts(logits, batch["y"], keys, num_keys, weights=batch["w"])
         add = lambda acc, g: jax.tree.map(  # noqa: E731
             lambda t, a, b: None if t is None else a + b.astype(jnp.float32), template, acc, g, is_leaf=_is_none)
-        extra = {"g_acc": add(ex["g_acc"], g_acc), "g_fair": add(ex["g_fair"], g_fair),
-                 "n": ex["n"] + counts.n, "correct": ex["correct"] + counts.correct, "key_acc": ex["key_acc"]}
+        extra = carry_of(state).replace(votes=Votes(add(ex.g_acc, g_acc), add(ex.g_fair, g_fair), ex.n + counts.n,
+                                                    ex.correct + counts.correct, ex.key_acc))
         # the optimizer follows the accuracy gradient; the fairness gradient is only recorded
         return StepOutput(ls[0], logits, new_ms, grads=g_acc, extra=extra, stats={"fair_loss": ls[1]})
 
@@ -128,13 +141,12 @@ def make_vote_step(fm, tx: optax.GradientTransformation, template: Any, *, num_k
 
 
 @jax.jit
-def _close_epoch(extra: dict) -> dict:
+def _close_epoch(votes: Votes) -> Votes:
     """Next epoch's per-key accuracy from this epoch's counts (keys unseen keep theirs); reset accumulators."""
-    n, correct = extra["n"], extra["correct"]
-    key_acc = jnp.where(n > 0, correct / jnp.where(n > 0, n, 1.0), extra["key_acc"])
+    n, correct = votes.n, votes.correct
+    key_acc = jnp.where(n > 0, correct / jnp.where(n > 0, n, 1.0), votes.key_acc)
     zero = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
-    return {"g_acc": zero(extra["g_acc"]), "g_fair": zero(extra["g_fair"]), "n": jnp.zeros_like(n),
-            "correct": jnp.zeros_like(correct), "key_acc": key_acc}
+    return Votes(zero(votes.g_acc), zero(votes.g_fair), jnp.zeros_like(n), jnp.zeros_like(correct), key_acc)
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The masked forward pass and the losses a step is made of: per-row cross-entropy, the mean over a batch's real
-rows (``w`` > 0), and distillation from the dense model (its weights carried in ``state.extra["teacher"]``,
+rows (``w`` > 0), and distillation from the dense model (its weights carried in ``state.extra.teacher``,
 the KL of the model's predictions from the teacher's).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import optax
 
 from fairprune_jax.models import FunctionalModel
 from fairprune_jax.sparsity.masks import apply_masks
-from fairprune_jax.training.state import TrainState
+from fairprune_jax.training.state import Carry, TrainState, Weights, carried, carry_of
 
 
 def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
@@ -32,18 +32,18 @@ def masked_forward(fm: FunctionalModel, params: Any, masks: Any, model_state: An
     return fm.apply(params, model_state, x, train=train)
 
 
-def teacher_extra(dense: TrainState) -> dict:
-    """``state.extra`` entries that let a step distil from ``dense`` (copied: train steps donate their state)."""
+def teacher_extra(dense: TrainState) -> Carry:
+    """A :class:`Carry` whose ``teacher`` lets a step distil from ``dense`` (copied: train steps donate their
+    state)."""
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
-    return {"teacher": {"params": copy(dense.params), "model_state": copy(dense.model_state)}}
+    return Carry(teacher=Weights(copy(dense.params), copy(dense.model_state)))
 
 
 def without_teacher(state: TrainState) -> TrainState:
     """``state`` with the teacher of :func:`teacher_extra` removed from ``extra`` (a finished method's result)."""
-    if not isinstance(state.extra, dict) or "teacher" not in state.extra:
+    if not isinstance(state.extra, Carry) or state.extra.teacher is None:
         return state
-    rest = {k: v for k, v in state.extra.items() if k != "teacher"}
-    return state.replace(extra=rest or None)
+    return state.replace(extra=carried(carry_of(state).replace(teacher=None)))
 
 
 def distill_loss(logits: jax.Array, batch: dict) -> jax.Array:

@@ -6,7 +6,7 @@ state (:func:`create_state`) and the optimizer of the dense run and of every fin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,64 @@ def make_optimizer(name: str, lr: float, weight_decay: float = 0.0,
         return optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
     tx = optax.sgd(schedule, momentum=0.9, nesterov=True)
     return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+
+
+class Weights(NamedTuple):
+    """A model's weights and its state (BatchNorm statistics): a distillation teacher, a selected checkpoint."""
+
+    params: Any
+    model_state: Any
+
+
+@struct.dataclass
+class Carry:
+    """What the library's methods carry from step to step beside the weights (``TrainState.extra``): named,
+    typed fields, so a misspelt or foreign entry is an error (``Carry.replace`` rejects unknown names) instead
+    of a silently new key. A field is ``None`` when a method does not use it (an empty pytree: nothing to jit).
+
+    * ``teacher``: the dense model's :class:`Weights` for distillation (:func:`losses.teacher_extra`);
+    * ``buffer``, ``overall``: per-group and overall replay buffers of the constrained fine-tuning (ceag, el);
+    * ``val_correct``: the latest correctness of every held-out row (ceag's held-out estimates);
+    * ``trajectory``: the recorded multipliers / violations (``group_finetune.Trajectory``);
+    * ``selection``: the checkpoint selection's best weights, score and log (``group_finetune.Selection``);
+    * ``fair``: the fairness objective's estimates (``fairness_objective.FairState``; bifp family);
+    * ``scores``, ``mask_opt``: mask scores trained by the bi-level search and their optimizer's state (bifp);
+    * ``votes``: Ballot's per-epoch gradient and accuracy accumulators (``voting.Votes``);
+    * ``trained``: fair_scratch's trained mask scores (and output bias).
+
+    A user's own step (:func:`train.make_step`) may carry any pytree of its own in ``extra`` instead.
+    """
+
+    teacher: Any = None
+    buffer: Any = None
+    overall: Any = None
+    val_correct: Any = None
+    trajectory: Any = None
+    selection: Any = None
+    fair: Any = None
+    scores: Any = None
+    mask_opt: Any = None
+    votes: Any = None
+    trained: Any = None
+
+    def is_empty(self) -> bool:
+        """Whether no field is set."""
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
+
+def carry_of(state: "TrainState") -> Carry:
+    """``state.extra`` as a :class:`Carry` (an empty one when the state carries nothing)."""
+    extra = state.extra
+    if extra is None:
+        return Carry()
+    if not isinstance(extra, Carry):
+        raise TypeError(f"this state's extra is a {type(extra).__name__}, not the library's Carry")
+    return extra
+
+
+def carried(carry: Carry) -> Carry | None:
+    """``carry``, or ``None`` when it holds nothing (a finished method's state carries nothing)."""
+    return None if carry is None or carry.is_empty() else carry
 
 
 @struct.dataclass

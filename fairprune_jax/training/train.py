@@ -37,8 +37,8 @@ from fairprune_jax.training.evaluation import (evaluate, evaluate_paired, logits
 from fairprune_jax.training.losses import (cross_entropy, distill_loss, masked_forward,  # noqa: F401
                                            teacher_extra, weighted_mean, without_teacher)
 from fairprune_jax.training.state import (_HOLDERS, _KEEP, TrainState, _drop_multipliers,  # noqa: F401
-                                          _holds_masks, _replace, _set_dual, create_state, make_optimizer,
-                                          primal_state, with_primal)
+                                          Carry, Weights, _holds_masks, _replace, _set_dual, carried, carry_of,
+                                          create_state, make_optimizer, primal_state, with_primal)
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation, *,
@@ -117,7 +117,7 @@ def make_step(fm: FunctionalModel, tx: optax.GradientTransformation | None, obje
     params (mask scores) returns ``grads=None`` and the updated fields in ``fields``.
     ``pre(state) -> state`` runs before the forward pass, outside differentiation (e.g. CEAG's
     held-out estimates). Rows with ``w = 0`` do not count in the statistics.
-    ``distill`` > 0: the step also runs the teacher in ``state.extra["teacher"]`` (:func:`teacher_extra`) on
+    ``distill`` > 0: the step also runs the teacher in ``state.extra.teacher`` (:func:`teacher_extra`) on
     the same inputs and hands its logits to the objective, which adds :func:`distill_loss`.
     """
 
@@ -126,8 +126,8 @@ def make_step(fm: FunctionalModel, tx: optax.GradientTransformation | None, obje
         if pre is not None:
             state = pre(state)
         if distill > 0:
-            t = state.extra["teacher"]
-            t_logits, _ = fm.apply(t["params"], t["model_state"], x, train=False)
+            t = state.extra.teacher
+            t_logits, _ = fm.apply(t.params, t.model_state, x, train=False)
             batch = {**batch, "teacher_logits": jax.lax.stop_gradient(t_logits),
                      "distill": jnp.asarray(distill, jnp.float32)}
 
@@ -171,7 +171,7 @@ def make_train_step(fm: FunctionalModel, tx: optax.GradientTransformation, *, au
 
     ``batch`` is ``{x, y, g, w}``; rows with ``w = 0`` do not count.
     ``augment(rng, x)`` (e.g. random crop + flip) runs inside the step. ``distill`` > 0 adds that weight
-    times the KL to the teacher in ``state.extra["teacher"]`` (:func:`teacher_extra`).
+    times the KL to the teacher in ``state.extra.teacher`` (:func:`teacher_extra`).
     """
     return make_step(fm, tx, cross_entropy_objective, augment=augment, distill=distill)
 
