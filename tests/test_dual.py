@@ -157,3 +157,22 @@ def test_dual_primal_grads_with_named_groups_is_the_gradient_of_the_lagrangian(f
     want = jax.grad(lambda p: d.lagrangian(*parts(p), new_state))(params)
     np.testing.assert_allclose(grads["w"], want["w"], rtol=1e-5, atol=1e-6)
     assert float(info.lagrangian) == pytest.approx(float(d.lagrangian(*parts(params), new_state)), rel=1e-6)
+
+
+def test_the_methods_dual_step_is_dual_Dual():
+    """One dual implementation: the methods' constructors build a dual.Dual, whose state is lagrangian's
+    DualState; a ceiling is a Dual field, and the capped values are what the step returns."""
+    from fairprune_jax.constraints import constrained, lagrangian
+    from fairprune_jax.constraints.constrained import DualOptions
+
+    d = constrained.dual_from_options(DualOptions(dual_lr=0.5), 3, equality=False)
+    assert isinstance(d, dual.Dual) and constrained.DualOptimizer is dual.Dual
+    st = d.init()
+    assert isinstance(st, lagrangian.DualState) and dual.MultiplierState is lagrangian.DualState
+    capped = constrained.capped(d, 0.3)
+    assert isinstance(capped, dual.Dual) and capped.max_multiplier == 0.3
+    s2 = capped.update(capped.init(), jnp.asarray([1.0, -1.0, 0.2]))
+    np.testing.assert_allclose(np.asarray(s2.multipliers), [0.3, 0.0, 0.1], rtol=1e-6)
+    hash(capped)                                                # a static argument of jax.jit
+    with pytest.raises(TypeError, match="not an optax"):
+        d.update(st, st)

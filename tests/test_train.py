@@ -294,3 +294,18 @@ def test_make_step_an_objective_that_updates_its_own_fields(mlp):
     assert int(state.extra["calls"]) == 3 and int(state.step) == 3 and int(state.nan_step) == 1
     assert float(stats["loss"]) == 7.0 and 0.0 <= float(stats["accuracy"]) <= 1.0
     assert not np.array_equal(np.asarray(jax.random.key_data(state.rng)), key0)
+
+
+def test_the_methods_carry_is_typed():
+    """``TrainState.extra`` of the library's methods is a Carry: a misspelt field is an error, not a new key."""
+    from fairprune_jax.training.train import Carry, carried, carry_of
+
+    c = Carry(buffer=jnp.zeros(3))
+    with pytest.raises(TypeError):
+        c.replace(bufer=jnp.ones(3))
+    assert carried(Carry()) is None and carried(c) is c and not c.is_empty()
+    assert jax.tree.leaves(Carry()) == []                      # unused fields cost nothing under jit
+    state = create_state({"w": jnp.ones(2)}, {}, optax.sgd(0.1))
+    assert carry_of(state).is_empty()
+    with pytest.raises(TypeError, match="not the library's Carry"):
+        carry_of(state.replace(extra={"buffer": 1}))
