@@ -160,6 +160,33 @@ def test_iterative_rounds():
         [0, 0, 0.3, 0.3, 0.51, 0.51, 0.6]
 
 
+def test_rounds_stepped_by_the_caller_are_the_pruners_own_masks():
+    """Iterative rounds with rewinding (lth, ballot's body) read each round's masks from the pruner
+    (masks_at): the masks its wrapped optimizer computes at those points, pruned entries never revived."""
+    params = _params()
+    capped, frac = schedules.capped_rounds(0.9, 0.2, 3)
+    assert len(capped) == 3 and capped[-1] == 0.9 and frac == pytest.approx(1 - 0.1 ** (1 / 3))
+    assert [s for _, s in pruning.iterative(1, fraction=0.2, max_rounds=3).points(0.9)] == capped
+    pruner = pruning.Pruner(sparsity=0.9, schedule=pruning.rounds(capped), score="magnitude")
+    tx = pruner.wrap_optax(optax.sgd(0.0))                     # lr 0: every point scores the same params
+    hist = _run(tx, params, 4)                                 # points at updates 1, 2, 3
+    prev = None
+    for i in range(3):
+        prev = pruner.masks_at(params, i, prev_masks=prev)
+        mine = dict(masks.named_leaves(prev))
+        theirs = dict(masks.named_leaves(pruning.find_state(hist[i + 1][1]).masks))
+        assert mine.keys() == theirs.keys()
+        assert all(np.array_equal(np.asarray(mine[n]), np.asarray(theirs[n])) for n in mine)
+    moved = jax.tree.map(lambda p: -p, params)                   # new magnitudes cannot revive pruned entries
+    again = pruner.masks_at(moved, 2, prev_masks=prev)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(again), jax.tree.leaves(prev)))
+    with pytest.raises(ValueError, match="ascending"):
+        pruning.rounds([0.5, 0.3])
+    with pytest.raises(ValueError, match="not at the pruner's sparsity"):
+        pruning.Pruner(sparsity=0.8, schedule=pruning.rounds(capped))
+
+
 def test_whole_loop_under_jit_and_scan():
     """Masks change inside lax.scan: no host round-trip; same result as a loop of jitted steps."""
     params = _params()

@@ -32,7 +32,7 @@ Everything here reuses :mod:`masks`, :mod:`scores` and :mod:`schedules`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ from fairprune_jax.sparsity import scores as scores_lib
 from fairprune_jax.core.config import DISTRIBUTIONS
 from fairprune_jax.sparsity.masks import _is_none
 
-__all__ = ["PrunerState", "Pruner", "one_shot", "cubic", "iterative", "find_state", "SCORES", "MaskState",
+__all__ = ["PrunerState", "Pruner", "one_shot", "cubic", "iterative", "rounds", "find_state", "SCORES", "MaskState",
            "masked_update", "keep_pruned", "find_masks", "with_masks", "masked_step"]
 
 Params = Any
@@ -110,15 +110,31 @@ def cubic(end: int, *, begin: int = 0, frequency: int = 100, initial_sparsity: f
                     "cubic")
 
 
-def iterative(every: int, *, fraction: float = 0.2, begin: int | None = None) -> Schedule:
+def iterative(every: int, *, fraction: float = 0.2, begin: int | None = None, max_rounds: int = 0) -> Schedule:
     """Iterative rounds (lottery-ticket style): every ``every`` updates from ``begin`` (default ``every``)
     remove ``fraction`` of the remaining weights, the last round landing on the target
-    (:func:`schedules.iterative_rounds`). Rewinding the weights between rounds is the caller's business."""
+    (:func:`schedules.iterative_rounds`); ``max_rounds`` > 0 caps the rounds, raising the fraction
+    (:func:`schedules.capped_rounds`). Rewinding the weights between rounds is the caller's business (the
+    library's lth and ballot train each round from a rewound checkpoint and read the next round's masks from
+    this schedule with :meth:`Pruner.masks_at`)."""
     if every < 1:
         raise ValueError(f"iterative schedule: every must be >= 1, got {every}")
     start = every if begin is None else int(begin)
     return Schedule(lambda s: [(start + i * every, v) for i, v in
-                               enumerate(schedules.iterative_rounds(s, fraction))], "iterative")
+                               enumerate(schedules.capped_rounds(s, fraction, max_rounds)[0])], "iterative")
+
+
+def rounds(sparsities: Sequence[float], every: int = 1) -> Schedule:
+    """Given per-round sparsities (ascending, the last the target), one round every ``every`` updates."""
+    sparsities = [float(s) for s in sparsities]
+    if not sparsities or any(b < a for a, b in zip(sparsities, sparsities[1:])):
+        raise ValueError(f"rounds schedule: sparsities must be ascending and non-empty; got {sparsities}")
+
+    def fn(final):
+        if abs(final - sparsities[-1]) > 1e-12:
+            raise ValueError(f"rounds schedule ends at {sparsities[-1]}, not at the pruner's sparsity {final}")
+        return [(every * (i + 1), s) for i, s in enumerate(sparsities)]
+    return Schedule(fn, "rounds")
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +368,17 @@ class Pruner:
             return new, sparsities[idx]
 
         return jax.lax.cond(hit, recompute, lambda _: (state.masks, state.sparsity), None)
+
+    def masks_at(self, params: Params, point: int, prev_masks: Any = None, grads: Params | None = None) -> Any:
+        """The masks of schedule point ``point`` (an index into :meth:`points`) from ``params`` (and ``grads``
+        for the saliency score), entries pruned in ``prev_masks`` staying pruned: what the wrapped optimizer
+        computes at that point, for a caller that steps the schedule itself (iterative rounds with rewinding)."""
+        step, target = self.points()[point]
+        template = self._template(params)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
+        scores = masks_lib._prune_like(self._score_fn()(params, grads, key, template), template)
+        counts = masks_lib.keep_counts(params, template, target, self.distribution, structured=self.is_structured)
+        return masks_lib.masks_from_counts(scores, counts, prev_masks=prev_masks, distribution=self.distribution)
 
     def pre_update(self, params: Params, opt_state: Any, grads: Params | None = None) -> tuple[Params, Any]:
         """Optional, before the forward pass: apply this step's scheduled mask update now, so the step's

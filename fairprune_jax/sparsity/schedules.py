@@ -53,3 +53,17 @@ def iterative_rounds(final_sparsity: float, fraction: float = 0.2) -> list[float
     out = [1.0 - (1.0 - fraction) ** r for r in range(1, rounds + 1)]
     out[-1] = float(final_sparsity)
     return out
+
+
+def capped_rounds(final_sparsity: float, fraction: float, max_rounds: int) -> tuple[list[float], float]:
+    """:func:`iterative_rounds`, at most ``max_rounds`` of them (0: no cap): with the cap the per-round fraction
+    is raised so that ``max_rounds`` rounds land on the target. Returns the sparsities and the fraction used."""
+    sched = iterative_rounds(final_sparsity, fraction)
+    max_rounds = int(max_rounds)
+    if max_rounds < 0:
+        raise ValueError(f"max_rounds must be >= 0 (0 = no cap); got {max_rounds}")
+    if max_rounds and len(sched) > max_rounds:
+        fraction = 1.0 - (1.0 - final_sparsity) ** (1.0 / max_rounds)
+        sched = [1.0 - (1.0 - fraction) ** r for r in range(1, max_rounds + 1)]
+        sched[-1] = float(final_sparsity)
+    return sched, float(fraction)

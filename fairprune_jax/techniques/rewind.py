@@ -26,7 +26,10 @@ ticket is retrained on when it should get what the dense model got.
 :func:`iterative_magnitude` is the loop of iterative magnitude pruning with
 rewinding (each round's masks from the magnitudes of the previous round's
 trained weights, earlier pruned weights never revived), with the per-round
-schedule of :func:`round_schedule`; ``lth`` trains every round of it, ``ballot``
+schedule of :func:`round_schedule`: the rounds are a :class:`pruning.Pruner`'s schedule
+(:func:`pruning.iterative` / :func:`pruning.rounds`), and each round's masks are that pruner's
+(:meth:`pruning.Pruner.masks_at`), the same code a user's pruning optimizer runs; ``lth`` trains every round
+of it, ``ballot``
 (``body="lth"``) uses it for the masks of the layers that do not vote.
 
 Also here: per-split accuracy/disparity summaries (:func:`eval_summary`),
@@ -48,8 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairprune_jax.metrics import fairness
-from fairprune_jax.sparsity import schedules
-from fairprune_jax.sparsity import scores as scores_lib
+from fairprune_jax.sparsity import pruning, schedules
 from fairprune_jax.sparsity.masks import named_leaves, sparsity_summary
 from fairprune_jax.models import build_model
 from fairprune_jax.training.train import (TrainState, check_finite, create_state, evaluate, iterate_forever,
@@ -154,16 +156,10 @@ def rewind(ctx: Context, ckpt: Checkpoint, masks: Any, tx, extra: Any = None) ->
 
 
 def round_schedule(final_sparsity: float, fraction: float, max_rounds: int) -> tuple[list[float], float]:
-    """Per-round sparsities and the per-round fraction actually used (raised when capped by ``max_rounds``)."""
-    sched = schedules.iterative_rounds(final_sparsity, fraction)
-    max_rounds = int(max_rounds)
-    if max_rounds < 0:
-        raise ValueError(f"max_rounds must be >= 0 (0 = no cap); got {max_rounds}")
-    if max_rounds and len(sched) > max_rounds:
-        fraction = 1.0 - (1.0 - final_sparsity) ** (1.0 / max_rounds)
-        sched = [1.0 - (1.0 - fraction) ** r for r in range(1, max_rounds + 1)]
-        sched[-1] = float(final_sparsity)
-    return sched, float(fraction)
+    """Per-round sparsities and the per-round fraction actually used (raised when capped by ``max_rounds``):
+    the points of :func:`pruning.iterative` with ``max_rounds``."""
+    pts = pruning.iterative(1, fraction=fraction, max_rounds=max_rounds).points(final_sparsity)
+    return [s for _, s in pts], schedules.capped_rounds(final_sparsity, fraction, max_rounds)[1]
 
 
 def iterative_magnitude(ctx: Context, state: TrainState, schedule: Sequence[float],
@@ -175,11 +171,12 @@ def iterative_magnitude(ctx: Context, state: TrainState, schedule: Sequence[floa
     a round stay pruned. ``template``: the layers to prune (default ``ctx.template``). Returns the last
     state returned by ``train_round`` and the last masks.
     """
+    pruner = pruning.Pruner(sparsity=float(schedule[-1]), schedule=pruning.rounds(schedule), score="magnitude",
+                            distribution=ctx.settings.distribution,
+                            template=ctx.template if template is None else template)
     masks = None
     for r, target in enumerate(schedule, start=1):
-        masks = ctx.masks_from_scores(scores_lib.magnitude(state.params, ctx.template if template is None
-                                                           else template),
-                                      target, prev_masks=masks, template=template)
+        masks = pruner.masks_at(state.params, r - 1, prev_masks=masks)
         nxt = train_round(r, target, masks)
         if nxt is None:
             break
