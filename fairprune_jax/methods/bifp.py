@@ -201,17 +201,19 @@ def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list
     return hook, hist
 
 
-def structured_setup(ctx: Context, params: Any) -> tuple[list[compact.UnitGroup], Any]:
-    """The model's removable unit groups and the structured template (respecting the run's exclusions)."""
-    groups = compact.model_unit_groups(ctx.fm, params)
+def structured_setup(ctx: Context, params: Any, model_state: Any = None) -> tuple[list[compact.UnitGroup], Any]:
+    """The model's removable unit groups (traced with ``model_state`` for the zoo's residual, depthwise and
+    attention models) and the structured template (respecting the run's exclusions)."""
+    groups = compact.model_unit_groups(ctx.fm, params, model_state)
     return groups, compact.structured_template(groups, ctx.template)
 
 
 def l1_structured_masks(ctx: Context, params: Any, groups, template) -> Any:
     """Structured magnitude masks at the target: top units by (per-layer normalised) L1 norm, with companions."""
-    counts = bilevel.unit_keep_counts(params, template, ctx.settings.sparsity, ctx.settings.distribution, True)
+    counts = bilevel.unit_keep_counts(params, template, ctx.settings.sparsity, ctx.settings.distribution, True,
+                                      groups)
     fn = jax.jit(lambda p: bilevel.full_masks(
-        bilevel.binarize(bilevel.init_scores(p, template, True), counts), p, groups))
+        bilevel.binarize(bilevel.init_scores(p, template, True, groups), counts), p, groups))
     return fn(params)
 
 
@@ -297,13 +299,13 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     spec = fairness_spec(ctx, opts, epochs * ctx.steps_per_epoch)
     structured = opts.structured
     if structured:
-        groups, template = structured_setup(ctx, dense.params)
+        groups, template = structured_setup(ctx, dense.params, dense.model_state)
     else:
         groups, template = None, ctx.template
-    counts = bilevel.unit_keep_counts(dense.params, template, cfg.sparsity, cfg.distribution, structured)
+    counts = bilevel.unit_keep_counts(dense.params, template, cfg.sparsity, cfg.distribution, structured, groups)
     scores0, masks0 = bilevel.initial_scores_and_masks(dense.params, template, counts, groups)
-    named0 = dict(named_leaves(masks0))
-    start_units = {n: np.asarray(named0[n]) for n, _ in named_leaves(scores0)}   # host copy: steps donate
+    # host copy (steps donate); one value per unit (a coupled group's kernel mask may spread it, e.g. over heads)
+    start_units = {n: np.asarray(v) for n, v in named_leaves(bilevel.unit_vectors(masks0, scores0, groups))}
     weight_tx = _weight_tx(ctx, opts, epochs)
     momentum = opts.mask_momentum
     # the search settles: the mask lr decays (cosine) to 0 after search_fraction of the steps, so the last steps
@@ -328,7 +330,7 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
         state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
                           seed=ctx.stream_seed("finetune_batches"), desc="bifp (bi-level)", progress=cfg.progress, hook=hook)
     final = state.masks                                   # the top-k of the final scores
-    named_final = dict(named_leaves(final))
+    named_final = dict(named_leaves(bilevel.unit_vectors(final, start_units, groups)))
     changed = int(sum(np.abs(np.asarray(named_final[n]) - u).sum() for n, u in start_units.items()) // 2)
     pruned = state.replace(params=apply_masks(state.params, final), masks=final,
                            extra=Carry(fair=carry_of(state).fair))
@@ -361,7 +363,7 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
 @register("structured_magnitude", "structured magnitude: prune the filters / neurons with the smallest L1 norm "
           "(one shot), then cross-entropy fine-tuning", structured=True)
 def structured_magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tuple[TrainState, dict]:
-    groups, template = structured_setup(ctx, dense.params)
+    groups, template = structured_setup(ctx, dense.params, dense.model_state)
     masks = l1_structured_masks(ctx, dense.params, groups, template)
     tx = ctx.finetune_tx()
     state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx), tx, desc="fine-tune (structured)")
@@ -373,7 +375,7 @@ def structured_magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tu
 def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple[TrainState, dict]:
     steps = ctx.settings.ft_epochs * ctx.steps_per_epoch
     spec = fairness_spec(ctx, opts, steps)
-    groups, template = structured_setup(ctx, dense.params)
+    groups, template = structured_setup(ctx, dense.params, dense.model_state)
     masks = l1_structured_masks(ctx, dense.params, groups, template)
     tx = ctx.finetune_tx()
     state = _fair_state(ctx, dense, masks, tx, spec)
@@ -394,7 +396,7 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple
 def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions) -> tuple[TrainState, dict]:
     fair_epochs = ctx.settings.ft_epochs if opts.fair_epochs < 0 else opts.fair_epochs
     spec = fairness_spec(ctx, opts, fair_epochs * ctx.steps_per_epoch)
-    groups, template = structured_setup(ctx, dense.params)
+    groups, template = structured_setup(ctx, dense.params, dense.model_state)
     info: dict[str, Any] = {"options": dataclasses.asdict(opts), "structured": True, "fair_epochs": fair_epochs,
                             "dual_lr_used": fair_dual_lr(opts, fair_epochs * ctx.steps_per_epoch)}
     start = dense

@@ -314,6 +314,8 @@ class ViTBlock(nnx.Module):
         if dim % heads:
             raise ValueError(f"ViT width {dim} must be a multiple of its heads ({heads})")
         self.heads = heads
+        self.head_dim = dim // heads      # the reshapes below read the head count off the projections, so a
+                                          # model with pruned heads (coupling.slice_groups) runs as it is
         self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
         self.query = nnx.Linear(dim, dim, rngs=rngs)
         self.key = nnx.Linear(dim, dim, rngs=rngs)
@@ -326,10 +328,10 @@ class ViTBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, d = x.shape
         h = self.norm1(x)
-        split = lambda a: a.reshape(n, t, self.heads, d // self.heads)  # noqa: E731
+        split = lambda a: a.reshape(n, t, -1, self.head_dim)  # noqa: E731
         q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-        att = jax.nn.softmax(jax.numpy.einsum("nqhd,nkhd->nhqk", q, k) / (d // self.heads) ** 0.5, axis=-1)
-        x = x + self.out(jax.numpy.einsum("nhqk,nkhd->nqhd", att, v).reshape(n, t, d))
+        att = jax.nn.softmax(jax.numpy.einsum("nqhd,nkhd->nhqk", q, k) / self.head_dim ** 0.5, axis=-1)
+        x = x + self.out(jax.numpy.einsum("nhqk,nkhd->nqhd", att, v).reshape(n, t, -1))
         return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
 
 

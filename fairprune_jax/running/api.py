@@ -331,7 +331,11 @@ def with_units(built: tuple[CustomModel, dict, dict], units: dict | None, cfg: R
     try:
         pruned = {n for n, _ in named_leaves(compact.structured_template(groups, template))}
     except ValueError as e:
-        raise ValueError(f"{cfg.method}: {e}. Units found: {[g.kernel for g in groups] or 'none'}; declare "
+        why = ""
+        if units is None:
+            from fairprune_jax.sparsity.coupling import coupled_groups
+            why = " Not removable: " + "; ".join(coupled_groups(fm, params, model_state).refused.values()) + "."
+        raise ValueError(f"{cfg.method}: {e}. Units found: {[g.kernel for g in groups] or 'none'}.{why} Declare "
                          "them with units={'layer/kernel': ['layer/bias', 'norm/scale', 'norm/bias'], ...}") from None
     lost = [g.kernel for g in groups if g.kernel in pruned and not g.consumers]
     if consumers and lost:

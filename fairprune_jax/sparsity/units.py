@@ -32,9 +32,14 @@ Which units may be removed:
   residual additions whose channels are shared across blocks, so they are
   kept: removing them would couple the masks of a whole stage.
 
-The unit groups of a built-in model are known by name (:func:`unit_groups`); a user's own module's are traced
-from one abstract forward pass or declared (:func:`traced_unit_groups`, :func:`model_unit_groups`).
-Compaction (``compact.py``) removes them physically.
+The unit groups of ``mlp`` / ``cnn`` / ``resnet`` are known by name (:func:`unit_groups`); those of
+``mobilenet_v2``, ``resnet18`` / ``resnet34``, ``vit`` and a user's own module are coupled groups traced from
+the jaxpr of the forward pass (``coupling.py``), or declared (:func:`traced_unit_groups`,
+:func:`model_unit_groups`). A coupled group may have several producing kernels (``producers``: the branches of
+a residual addition, an attention head's query / key / value), ``units`` other than its kernel's last axis and
+``inner`` positions per unit (an attention head of ``inner`` dims): one 0/1 vector over the units is spread on
+every member (:func:`unit_index`). Compaction (``compact.py``; ``coupling.slice_groups`` for traced models)
+removes them physically.
 """
 from __future__ import annotations
 
@@ -51,16 +56,29 @@ from fairprune_jax.sparsity.masks import leaf_name, map_named, named_leaves
 
 
 SUPPORTED = ("mlp", "cnn", "resnet")
+#: built-in models whose coupled unit groups are traced from the forward pass (``coupling.py``)
+TRACED = ("mobilenet_v2", "resnet18", "resnet34", "vit")
 
 
 @dataclasses.dataclass(frozen=True)
 class UnitGroup:
     """Parameters indexed by the output units of one kernel."""
 
-    kernel: str                        # producing kernel, units on its last axis
-    companions: tuple[str, ...]        # params with the units on axis 0 (bias, BN scale / offset)
-    stats: tuple[str, ...]             # model-state leaves with the units on axis 0 (BN mean / var)
+    kernel: str                        # producing kernel, units on its last axis (the unit mask's home)
+    companions: tuple[str, ...]        # params with the units on their last axis (bias, BN scale / offset,
+                                       # a depthwise kernel)
+    stats: tuple[str, ...]             # model-state leaves with the units on their last axis (BN mean / var)
     consumers: tuple[str, ...]         # kernels whose input axis (-2) is indexed by the units
+    producers: tuple[str, ...] = ()    # further kernels producing the same units (coupled groups: both branches
+                                       # of a residual addition, an attention head's query / key / value)
+    units: int = 0                     # how many units (0: the kernel's last axis)
+    inner: int = 1                     # consecutive positions per unit: position r of a member axis is unit
+                                       # (r // inner) % units (an attention head's dims; a flatten tiles them)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The params that hold the unit mask on their last axis: kernel, further producers, companions."""
+        return (self.kernel, *self.producers, *self.companions)
 
 
 # ---------------------------------------------------------------------------
@@ -89,6 +107,22 @@ def has_leaf(tree: dict, name: str) -> bool:
         return True
     except (KeyError, TypeError):
         return False
+
+
+def group_units(g: UnitGroup, params: Any) -> int:
+    """How many units group ``g`` has (its own count, else its kernel's last axis)."""
+    return int(g.units) if g.units else int(np.shape(get_leaf(params, g.kernel))[-1])
+
+
+def unit_index(g: UnitGroup, length: int, unit: Any) -> Any:
+    """``unit`` (one value per unit of ``g``) spread over a member axis of ``length`` positions: position ``r``
+    takes unit ``(r // g.inner) % len(unit)``; the vector itself where the axis is exactly the units (the plain
+    case, unchanged ops)."""
+    n = unit.shape[0]
+    if length == n and g.inner == 1:
+        return unit
+    idx = (np.arange(length) // g.inner) % n
+    return unit[idx] if isinstance(unit, np.ndarray) else jnp.take(unit, jnp.asarray(idx))
 
 
 def replace_leaves(tree: Any, new: dict[str, Any]) -> Any:
@@ -135,15 +169,19 @@ def unit_groups(model_name: str, params: dict) -> list[UnitGroup]:
     return groups
 
 
-def model_unit_groups(fm: FunctionalModel, params: dict) -> list[UnitGroup]:
+def model_unit_groups(fm: FunctionalModel, params: dict, model_state: dict | None = None) -> list[UnitGroup]:
     """The removable unit groups of ``fm``: a user's module carries its own (``CustomModel.unit_groups``, set by
-    ``fairprune_jax.prune``), a built-in model is looked up by name (:func:`unit_groups`)."""
+    ``fairprune_jax.prune``), ``mlp`` / ``cnn`` / ``resnet`` are looked up by name (:func:`unit_groups`), the
+    other built-in models (:data:`TRACED`) are traced with ``model_state`` (``coupling.coupled_groups``)."""
     own = getattr(fm, "unit_groups", None)
     if own is not None:
         return list(own)
     if getattr(fm, "initial", None) is not None:
         raise NotImplementedError(f"structured pruning needs the removable units of model {fm.name!r}: run it "
                                   "through fairprune_jax.prune (traced, or declared with units=)")
+    if fm.name in TRACED and model_state is not None:
+        from fairprune_jax.sparsity.coupling import coupled_groups
+        return coupled_groups(fm, params, model_state).groups
     return unit_groups(fm.name, params)
 
 
@@ -167,9 +205,11 @@ def _aligned_consumer(params: dict, producer: str, consumer: str) -> bool:
 
 def traced_unit_groups(fm: FunctionalModel, params: dict, model_state: dict,
                        companions: dict[str, Sequence[str]] | None = None) -> list[UnitGroup]:
-    """The removable units of any module, from the order its forward pass calls Conv / Linear / norm layers.
+    """The removable units of any module: its coupled channel groups traced from the jaxpr of its forward pass
+    (``coupling.coupled_groups``: residual additions, depthwise convolutions, norms, flattening, attention heads).
 
-    Every Conv or Linear called once, except the last one called (the classifier), is a unit group: its
+    With ``companions`` declared, the older chain reading below gives the consumers instead: every Conv or
+    Linear called once, except the last one called (the classifier), is a unit group: its
     output units, with its bias and the scale / offset (and BatchNorm statistics) of the norm layers called
     after it and before the next kernel, when they have as many features. Its consumer is the next kernel
     called, when that kernel's input rows are its units (directly, or flattened channel-last) and the unit
@@ -178,6 +218,9 @@ def traced_unit_groups(fm: FunctionalModel, params: dict, model_state: dict,
     calls, or followed by a norm of another width, is left out. ``companions``: ``{kernel: [leaves]}`` declared by
     the user instead of the traced ones (and then only those kernels are unit groups).
     """
+    if companions is None:
+        from fairprune_jax.sparsity.coupling import coupled_groups
+        return coupled_groups(fm, params, model_state).groups
     calls = _forward_calls(fm, params, model_state)
     kernels = [i for i, c in enumerate(calls) if c[1] == "kernel"]
     uses: dict[str, int] = {}
@@ -281,20 +324,27 @@ def expand_unit_masks(unit_masks: Any, groups: Sequence[UnitGroup], params: Any)
     pruned kernels (``None`` elsewhere). Jittable.
     """
     by_kernel = dict(named_leaves(unit_masks))
+    shapes = {n: np.shape(v) for n, v in named_leaves(params)}
     leaf_for: dict[str, Any] = {}
     for g in groups:
         if g.kernel in by_kernel:
             v = by_kernel[g.kernel]
-            leaf_for[g.kernel] = v
-            for c in g.companions:
-                leaf_for[c] = v
+            for c in g.members:
+                leaf_for[c] = unit_index(g, shapes[c][-1], v)
     return jax.tree_util.tree_map_with_path(lambda path, p: leaf_for.get(leaf_name(path)), params)
 
 
 def unit_masks_of(masks: Any, groups: Sequence[UnitGroup]) -> dict[str, np.ndarray]:
     """``{kernel name: 0/1 unit vector}`` of the structured kernel masks in ``masks``."""
     named = dict(named_leaves(masks))
-    return {g.kernel: np.asarray(named[g.kernel]) for g in groups if g.kernel in named}
+    return {g.kernel: _units_of(g, np.asarray(named[g.kernel])) for g in groups if g.kernel in named}
+
+
+def _units_of(g: UnitGroup, full: np.ndarray) -> np.ndarray:
+    """The unit vector of ``g`` read back from its kernel's mask (the first position of every unit)."""
+    if not g.units or (g.units == full.shape[-1] and g.inner == 1):
+        return full
+    return full[..., : g.units * g.inner: g.inner]
 
 
 def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> dict[str, np.ndarray]:
@@ -306,8 +356,8 @@ def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> di
     named = dict(named_leaves(masks))
     shapes = {n: np.shape(v) for n, v in named_leaves(params)}
     kernels = {g.kernel: g for g in groups}
-    companion_of = {c: g.kernel for g in groups for c in g.companions}
-    units = {}
+    companion_of = {c: g.kernel for g in groups for c in (*g.producers, *g.companions)}
+    units, full = {}, {}
     for name, m in named.items():
         m = np.asarray(m)
         if name in kernels:
@@ -315,13 +365,26 @@ def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> di
                 raise ValueError(f"compaction needs structured masks (one value per output unit); the mask of "
                                  f"{name} has shape {m.shape}, the kernel {shapes[name]}. Use a structured "
                                  "method (bifp, structured_magnitude, ...).")
-            units[name] = m
+            units[name] = _units_of(kernels[name], m)
+            full[name] = m
         elif name not in companion_of:
             raise ValueError(f"compaction cannot remove units of {name}: it is not a removable unit group of "
                              f"this model (removable: {', '.join(kernels)})")
     for name, m in named.items():
         if name in companion_of:
             k = companion_of[name]
-            if k not in units or not np.array_equal(np.asarray(m), units[k]):
+            g = kernels[k]
+            if k not in units or not np.array_equal(np.asarray(m), unit_index(g, shapes[name][-1], units[k])):
                 raise ValueError(f"mask of {name} differs from the mask of its kernel {k}")
+    for k, g in kernels.items():
+        if k not in units:
+            continue
+        if not np.array_equal(full[k], unit_index(g, shapes[k][-1], units[k])):
+            raise ValueError(f"the mask of {k} cuts through its units ({g.units} units of {g.inner} positions "
+                             "each, e.g. whole attention heads); mask whole units")
+        missing = [p for p in g.producers if p not in named]
+        if missing:
+            raise ValueError(f"the units of {k} are coupled with {', '.join(missing)} (a residual addition, an "
+                             "attention head, ...), which the mask leaves whole: prune a coupled group as one "
+                             "(units.expand_unit_masks)")
     return units

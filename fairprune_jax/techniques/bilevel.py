@@ -94,7 +94,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fairprune_jax.sparsity.units import UnitGroup, expand_unit_masks
+from fairprune_jax.sparsity.units import UnitGroup, expand_unit_masks, unit_index
 from fairprune_jax.sparsity.masks import (_global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves,
                                           topk_mask)
 from fairprune_jax.techniques.fairness_objective import (CONSTRAINTS, FAIRNESS_MODES, STRICT,  # noqa: F401
@@ -112,28 +112,52 @@ MASK_GRADS = ("consumer", "producer")
 # Scores and masks
 # ---------------------------------------------------------------------------
 
-def init_scores(params: Any, template: Any, structured: bool) -> Any:
+def init_scores(params: Any, template: Any, structured: bool, groups: Sequence[UnitGroup] | None = None) -> Any:
     """Magnitude scores normalised to ``[0, 1]`` per layer (max = 1).
 
-    Structured: the L1 norm of each output unit's kernel column; unstructured:
-    ``|w|``. Mirrors ``template`` (``None`` at leaves that are not pruned).
+    Structured: the L1 norm of each output unit's kernel column (a coupled group with several producing kernels
+    or several positions per unit, ``groups``: summed over all of them); unstructured: ``|w|``. Mirrors
+    ``template`` (``None`` at leaves that are not pruned).
     """
-    def one(t, p):
+    coupled = {g.kernel: g for g in groups or () if g.producers or g.units or g.inner != 1}
+    named = dict(named_leaves(params))
+
+    def one(name, t, p):
         if t is None:
             return None
-        s = jnp.abs(p).reshape(-1, p.shape[-1]).sum(axis=0) if structured else jnp.abs(p)
+        if name in coupled:
+            s = sum(_to_units(coupled[name], jnp.abs(named[k]).reshape(-1, named[k].shape[-1]).sum(axis=0))
+                    for k in (name, *coupled[name].producers))
+        else:
+            s = jnp.abs(p).reshape(-1, p.shape[-1]).sum(axis=0) if structured else jnp.abs(p)
         return (s / jnp.maximum(jnp.max(s), 1e-12)).astype(jnp.float32)
-    return jax.tree.map(one, template, params, is_leaf=_is_none)
+    return map_named(one, template, params)
+
+
+def _to_units(g: UnitGroup, per_position: jax.Array) -> jax.Array:
+    """Sum a vector over a member axis's positions into one value per unit of ``g`` (``unit_index``'s inverse)."""
+    n = g.units or per_position.shape[0]
+    if per_position.shape[0] == n and g.inner == 1:
+        return per_position
+    return per_position.reshape(-1, n, g.inner).sum(axis=(0, 2))
+
+
+def unit_shapes(params: Any, groups: Sequence[UnitGroup]) -> Any:
+    """``params`` with each coupled group's kernel replaced by a vector over its units (what the counts read)."""
+    units = {g.kernel: g.units for g in groups if g.units}
+    return map_named(lambda n, p: jax.ShapeDtypeStruct((units[n],), p.dtype) if n in units else p, params)
 
 
 def unit_keep_counts(params: Any, template: Any, sparsity: float, distribution: str,
-                     structured: bool) -> dict[str, int]:
+                     structured: bool, groups: Sequence[UnitGroup] | None = None) -> dict[str, int]:
     """Units (or weights) kept per pruned leaf, host-side and exact.
 
     As :func:`fairprune_jax.sparsity.masks.keep_counts`; structured layers keep at
-    least one unit (a layer without units disconnects the network).
+    least one unit (a layer without units disconnects the network); a coupled group counts its ``units``.
     ``global`` returns ``{'*': total}``.
     """
+    if structured and groups:
+        params = unit_shapes(params, groups)
     counts = keep_counts(params, template, sparsity, distribution, structured=structured)
     if structured and "*" not in counts:
         counts = {n: max(int(k), 1) for n, k in counts.items()}
@@ -145,7 +169,7 @@ def initial_scores_and_masks(params: Any, template: Any, counts: dict[str, int],
     """``(magnitude scores, full top-k masks)`` in one compiled call (``groups=None``: unstructured)."""
     @jax.jit
     def make(p):
-        scores = init_scores(p, template, groups is not None)
+        scores = init_scores(p, template, groups is not None, groups)
         return scores, full_masks(binarize(scores, counts), p, groups)
     return make(params)
 
@@ -176,11 +200,27 @@ def reduce_to_units(tree: Any, scores: Any, groups: Sequence[UnitGroup] | None) 
 
     def one(name, s):
         g = by_kernel[name]
+        if g.producers or g.units or g.inner != 1:       # a coupled group: every member, summed into its units
+            return sum(_to_units(g, named[c].reshape(-1, named[c].shape[-1]).sum(axis=0))
+                       for c in g.members).astype(s.dtype)
         k = named[name]
         total = k.reshape(-1, k.shape[-1]).sum(axis=0)
         for c in g.companions:
             total = total + named[c]
         return total.astype(s.dtype)
+    return map_named(one, scores)
+
+
+def unit_vectors(masks: Any, scores: Any, groups: Sequence[UnitGroup] | None) -> Any:
+    """The unit masks (shaped like ``scores``) read back from the full mask tree at each group's kernel."""
+    named = dict(named_leaves(masks))
+    by_kernel = {g.kernel: g for g in groups or ()}
+
+    def one(name, s):
+        m, g = named[name], by_kernel.get(name)
+        if g is None or m.shape == s.shape:
+            return m
+        return m[: g.units * g.inner: g.inner]
     return map_named(one, scores)
 
 
@@ -217,11 +257,13 @@ def consumer_scaled(theta: Any, unit_masks: Any, groups: Sequence[UnitGroup]) ->
     for g in groups:
         if g.kernel in units:
             for c in g.consumers:
-                scale.setdefault(c, []).append(units[g.kernel])
+                scale.setdefault(c, []).append((g, units[g.kernel]))
 
     def one(name, p):
-        for v in scale.get(name, ()):
-            if p.shape[-2] != v.shape[0]:   # a flattened (channel-last) feature map: row r is unit r % units
+        for g, v in scale.get(name, ()):
+            if g.inner != 1:                # row r is unit (r // inner) % units (an attention head's rows)
+                v = unit_index(g, p.shape[-2], v)
+            elif p.shape[-2] != v.shape[0]:   # a flattened (channel-last) feature map: row r is unit r % units
                 v = jnp.tile(v, p.shape[-2] // v.shape[0])
             p = p * v.astype(p.dtype)[:, None]
         return p
@@ -248,7 +290,10 @@ def consumer_mask_grad(theta: Any, g_z: Any, unit_masks: Any, scores: Any, gamma
         for c in by_kernel[name].consumers:
             axes = tuple(a for a in range(t[c].ndim) if a != t[c].ndim - 2)
             d, i = jnp.sum(t[c] * g[c], axis=axes), jnp.sum(gl[c] * g[c], axis=axes)
-            if d.shape != s.shape:          # flattened channel-last rows: sum each unit's positions
+            g_ = by_kernel[name]
+            if g_.inner != 1:               # rows of heads: sum each unit's positions
+                d, i = _to_units(g_, d), _to_units(g_, i)
+            elif d.shape != s.shape:        # flattened channel-last rows: sum each unit's positions
                 d, i = d.reshape(-1, s.shape[0]).sum(0), i.reshape(-1, s.shape[0]).sum(0)
             direct = direct + d.astype(s.dtype)
             implicit = implicit + (m * i).astype(s.dtype)
@@ -289,8 +334,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
         scores = carry_of(state).scores
         theta = state.params
         masks = state.masks                              # = full_masks(binarize(scores)), kept in sync
-        named_masks = dict(named_leaves(masks))
-        unit = map_named(lambda n, _: named_masks[n], scores)
+        unit = unit_vectors(masks, scores, groups)
 
         def forward_at(ms):                              # the model on z = the (masked) weights, no mask on top
             return lambda z: forward(z, masks=None, model_state=ms)
