@@ -42,7 +42,7 @@ class BNNet(nnx.Module):
 FAST = {"lth": {"max_rounds": 2, "round_epochs": 1}, "ballot": {"vote_epochs": 1, "retrain_epochs": 1},
         "fairgrape": {"keep_per_iter": 0.5}, "fair_then_prune": {"fair_epochs": 1}, "ceag": {"select_points": 2},
         "fair_scratch": {"method_options": {"epochs": 1}},
-        "bifp": {"method_options": {"epochs": 1}, "mask_grad": "producer"}}    # see test_bifp_consumer_grad_refused
+        "bifp": {"method_options": {"epochs": 1}}}
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,12 @@ def test_every_method_prunes_a_custom_model(method, data):
     slack = (max(k.shape[-1] ** -1 for k in kernels.values()) if structured
              else len(layers) / max(report["sparsity"]["params_total"], 1))
     assert abs(achieved - 0.8) <= slack + 1e-9, (achieved, slack)
-    if structured:      # whole channels: one 0/1 value per unit, on the kernel, its bias and the LayerNorm after it
-        unit = np.asarray(masks["conv"]["kernel"])
-        assert unit.shape == (4,) and 0 < unit.sum() < 4
-        for leaf in (masks["conv"]["bias"], masks["norm"]["scale"], masks["norm"]["bias"]):
-            np.testing.assert_array_equal(np.asarray(leaf), unit)
-        assert np.all(np.asarray(model.norm.scale[...])[unit == 0] == 0)
+    if structured:      # whole units: one 0/1 value per unit, on the kernel and its bias; the conv's channels
+        unit = np.asarray(masks["hidden"]["kernel"])        # go through a LayerNorm, so they are left whole
+        assert unit.shape == (16,) and 0 < unit.sum() < 16
+        np.testing.assert_array_equal(np.asarray(masks["hidden"]["bias"]), unit)
+        assert masks["conv"]["kernel"] is None and masks["norm"]["scale"] is None
+        assert np.all(np.asarray(model.hidden.bias[...])[unit == 0] == 0)
     assert np.isfinite(report["pruned"]["test"]["accuracy"])
 
 
@@ -124,10 +124,11 @@ def test_units_traced_from_the_forward_pass():
     fm, params, state = wrap_model(Net(nnx.Rngs(0)), (8, 8, 1), 10)
     assert fm.mode == "attributes"
     groups = {u.kernel: u for u in compact.traced_unit_groups(fm, params, state)}
-    assert set(groups) == {"conv/kernel", "hidden/kernel"}            # never the classifier
-    assert groups["conv/kernel"].companions == ("conv/bias", "norm/scale", "norm/bias")
+    # never the classifier; not the conv: its LayerNorm mixes a channel into the others' statistics, so a removed
+    # channel would change the rest (sparsity/coupling.py refuses it, naming the reduction)
+    assert set(groups) == {"hidden/kernel"}
     assert groups["hidden/kernel"].consumers == ("out/kernel",)
-    assert groups["conv/kernel"].consumers == ()      # LayerNorm mixes a channel into the others' statistics
+    assert groups["hidden/kernel"].companions == ("hidden/bias",)
     fm, params, state = wrap_model(BNNet(nnx.Rngs(0)), (8, 8, 1), 10)
     assert fm.mode == "train"
     (bn,) = compact.traced_unit_groups(fm, params, state)
@@ -215,18 +216,23 @@ class ResNetLike(nnx.Module):
         return self.out(nnx.relu(h).mean(axis=(1, 2)))
 
 
-def test_a_residual_addition_drops_the_consumer():
+def test_a_residual_addition_couples_both_branches():
+    """stem and conv2 are added: their channels are one group, read by conv1 and the classifier."""
     fm, params, state = wrap_model(ResNetLike(nnx.Rngs(0)), (4, 4, 1), 2)
-    groups = {u.kernel: u.consumers for u in compact.traced_unit_groups(fm, params, state)}
-    assert groups == {"stem/kernel": (), "conv1/kernel": ("conv2/kernel",), "conv2/kernel": ()}
+    groups = {u.kernel: u for u in compact.traced_unit_groups(fm, params, state)}
+    assert {k: u.consumers for k, u in groups.items()} == {"stem/kernel": ("conv1/kernel", "out/kernel"),
+                                                          "conv1/kernel": ("conv2/kernel",)}
+    assert groups["stem/kernel"].producers == ("conv2/kernel",)
 
 
-def test_bifp_consumer_grad_refused_where_a_unit_has_no_sole_consumer(data, monkeypatch):
+def test_bifp_consumer_grad_refused_where_a_declared_unit_has_no_sole_consumer(data, monkeypatch):
+    """Declared units keep the chain reading of consumers; the LayerNorm after the conv leaves it none."""
     from fairprune_jax.running import runner
     monkeypatch.setattr(runner, "prepare", lambda *a, **k: pytest.fail("training started"))
     x, y, g = data
     with pytest.raises(ValueError, match="mask_grad='producer'"):
-        fp.prune(Net(nnx.Rngs(0)), (x, y, g), method="bifp")
+        fp.prune(Net(nnx.Rngs(0)), (x, y, g), method="bifp",
+                 units={"conv/kernel": ["conv/bias", "norm/scale", "norm/bias"]})
 
 
 class TabNet(nnx.Module):
