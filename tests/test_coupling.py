@@ -255,3 +255,25 @@ def test_bifp_mask_gradients_through_coupled_groups_are_autodiff(model):
         params, units.expand_unit_masks(u, groups, params))))(unit_tree)))
     for k in unit:
         np.testing.assert_allclose(np.asarray(ours[k]), np.asarray(auto[k]), rtol=1e-4, atol=1e-6)
+
+
+def test_compact_save_and_load_a_traced_zoo_model(tmp_path):
+    """compact.compact slices a traced zoo model (here MobileNet-V2: depthwise convolutions lose groups),
+    compact.save / load rebuild it from the architecture record and the saved shapes, same logits."""
+    from fairprune_jax.sparsity import compact
+    shape, opts = (16, 16, 3), dict(width=0.25, stem_stride=1)
+    fm, params, state = zoo_model("mobilenet_v2", shape, **opts)
+    groups = units.model_unit_groups(fm, params, state)
+    template = units.structured_template(groups, prunable_template(params))
+    counts = bilevel.unit_keep_counts(params, template, 0.5, "uniform", True, groups)
+    masks = jax.jit(lambda p: bilevel.full_masks(
+        bilevel.binarize(bilevel.init_scores(p, template, True, groups), counts), p, groups))(params)
+    small = compact.compact(fm, params, state, masks, options=opts)
+    assert small.arch["traced"] and small.num_params < sum(int(np.size(v)) for _, v in named_leaves(params))
+    x = jax.random.normal(jax.random.key(4), (2,) + shape)
+    masked = jax.jit(lambda p: fm.apply(p, state, x)[0])(apply_masks(params, masks))
+    back = compact.load(compact.save(small, tmp_path / "c"))
+    for model in (small, back):
+        np.testing.assert_allclose(np.asarray(model.apply(x)), np.asarray(masked), atol=1e-5, rtol=1e-5)
+    dw = back.params["blocks"][1]["depthwise"]["kernel"]
+    assert dw.shape[-1] == counts["blocks/1/expand/kernel"] and dw.shape[-2] == 1

@@ -90,7 +90,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     if cfg.save_compact and distributed.is_primary():
         t = time.perf_counter()
         try:
-            results["compact"] = save_compact(ctx, pruned, Path(cfg.out))
+            results["compact"] = save_compact(ctx, pruned, Path(cfg.out), cfg.model_options)
         except ValueError as e:   # e.g. a layer lost every unit: keep the run's results, report why
             results["compact"] = {"error": str(e)}
             warn(f"--save-compact: no compacted model written: {e}")
@@ -216,7 +216,7 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def save_compact(ctx: Context, state: TrainState, out: Path) -> dict:
+def save_compact(ctx: Context, state: TrainState, out: Path, model_options: dict | None = None) -> dict:
     """Compact the structured ``state`` (:func:`compact.compact`), save it into ``out/compact`` and check it.
 
     Returns what ``results.json`` records: the folder (relative to ``out``),
@@ -225,7 +225,7 @@ def save_compact(ctx: Context, state: TrainState, out: Path) -> dict:
     ``COMPACT_CHECK_ROWS`` test rows (evaluation mode, in batches).
     """
     params, masks, model_state = jax.tree.map(_host, (state.params, state.masks, state.model_state))
-    small = compact.compact(ctx.fm, params, model_state, masks)
+    small = compact.compact(ctx.fm, params, model_state, masks, options=model_options)
     compact.save(small, out / COMPACT_DIR)
     test = ctx.dataset.test
     rows = min(len(test), COMPACT_CHECK_ROWS)

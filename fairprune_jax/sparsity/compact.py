@@ -6,7 +6,9 @@ statistics, and the next layer's input row (the unit groups of ``units.py`` say 
 its names are re-exported here, ``compact.UnitGroup``, ``compact.expand_unit_masks``, ... as before).
 Compacted models are saved as ``model.npz`` (params and model state, keyed by
 leaf name) plus ``architecture.json`` (model family, input shape, classes,
-widths) and reloaded without the original code path that trained them.
+widths) and reloaded without the original code path that trained them. The traced zoo models (ResNet-18 / 34,
+MobileNet-V2, the ViT) are sliced by their coupled groups (``coupling.slice_groups``); their record keeps the
+options they were built with, and loading rebuilds the module from them with the saved shapes.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fairprune_jax.models import CNN, MLP, FunctionalModel, ResNet
+from fairprune_jax.models import CNN, MLP, MODELS, FunctionalModel, ResNet
+from fairprune_jax.sparsity import coupling
 from fairprune_jax.sparsity.masks import map_named, named_leaves
-from fairprune_jax.sparsity.units import (_NORMS, SUPPORTED, UnitGroup, _aligned_consumer,  # noqa: F401
+from fairprune_jax.sparsity.units import (_NORMS, SUPPORTED, TRACED, UnitGroup, _aligned_consumer,  # noqa: F401
                                           _checked_consumers, _forward_calls, _key, check_structured,
                                           expand_unit_masks, get_leaf, has_leaf, model_unit_groups,
                                           replace_leaves, structured_template, traced_unit_groups, unit_groups,
@@ -48,6 +51,8 @@ def _module_for(arch: dict) -> nnx.Module:
 
     def make():
         rngs = nnx.Rngs(0)
+        if arch.get("traced"):      # the zoo model at its built widths; the saved shapes are set in _assemble
+            return MODELS[name](shape[-1], nc, rngs=rngs, **opts)
         if name == "mlp":
             return MLP(shape[0], nc, hidden=tuple(opts["hidden"]), rngs=rngs)
         if name == "cnn":
@@ -116,15 +121,25 @@ def _arch_for(model_name: str, input_shape: tuple, num_classes: int, params: dic
             "num_classes": int(num_classes), "options": opts}
 
 
-def compact(fm: FunctionalModel, params: Any, model_state: Any, masks: Any) -> Compacted:
+def compact(fm: FunctionalModel, params: Any, model_state: Any, masks: Any,
+            options: dict | None = None) -> Compacted:
     """The model with every unit pruned in the structured ``masks`` physically removed.
 
     Equivalent to the masked model ``fm.apply(apply_masks(params, masks'))``
     where ``masks'`` also masks the companions of each pruned unit (see the
     module doc); if ``masks`` lacks the companion masks and a pruned unit's
     companions are not zero, that equivalence would not hold with the given
-    masks, so it raises. Unstructured masks raise ``ValueError``.
+    masks, so it raises. Unstructured masks raise ``ValueError``. The traced zoo models (``units.TRACED``:
+    resnet18 / 34, mobilenet_v2, vit) are sliced group by group (``coupling.slice_groups``); ``options``, the
+    keyword arguments they were built with, go into the architecture record so :func:`load` rebuilds them.
     """
+    if fm.name in TRACED:
+        groups = model_unit_groups(fm, params, model_state)
+        check_structured(masks, params, groups)
+        small_fm, small_p, small_s = coupling.slice_groups(fm, params, model_state, masks, groups)
+        arch = {"format": FORMAT, "model": fm.name, "input_shape": [int(s) for s in fm.input_shape],
+                "num_classes": int(fm.num_classes), "options": dict(options or {}), "traced": True}
+        return Compacted(small_fm, small_p, small_s, arch)
     groups = unit_groups(fm.name, params)
     units = check_structured(masks, params, groups)
     named_p = dict(named_leaves(params))
@@ -163,6 +178,10 @@ def _nest_shapes(template: Any, flat: dict[str, np.ndarray]) -> Any:
 
 def _assemble(arch: dict, flat_params: dict[str, Any], flat_state: dict[str, Any]) -> Compacted:
     fm, p_shapes, s_shapes = functional_model(arch)
+    if arch.get("traced"):          # widths differ per layer: the saved shapes are the architecture
+        p = map_named(lambda n, sd: jnp.asarray(np.asarray(flat_params[n]), sd.dtype), p_shapes)
+        st = map_named(lambda n, sd: jnp.asarray(np.asarray(flat_state[n]), sd.dtype), s_shapes)
+        return Compacted(dataclasses.replace(fm, graphdef=coupling.rebuild(fm.graphdef, p, st)), p, st, arch)
 
     def fill(shapes, flat, what):
         def one(name, sd):

@@ -503,22 +503,24 @@ def slice_groups(fm: FunctionalModel, params: Any, model_state: Any, masks: Any,
             new_p[name] = np.compress(unit_index(g, new_p[name].shape[-2], v) != 0, new_p[name], axis=-2)
     p = map_named(lambda n, _: jnp.asarray(new_p[n]), params)
     st = map_named(lambda n, _: jnp.asarray(new_s[n]), model_state)
-
-    def rebuilt(graphdef):
-        if graphdef is None:
-            return None
-        module = nnx.merge(graphdef, p, st)
-        for _, m in module.iter_modules():
-            if isinstance(m, nnx.Conv):
-                k = m.kernel.value.shape
-                if m.feature_group_count > 1 and k[-2] == 1:
-                    m.feature_group_count = k[-1]
-                m.in_features, m.out_features, m.kernel_shape = k[-2] * m.feature_group_count, k[-1], k
-            elif isinstance(m, nnx.Linear):
-                m.in_features, m.out_features = m.kernel.value.shape
-        return nnx.split(module, nnx.Param, ...)[0]
-    extra = {"eval_graphdef": rebuilt(fm.eval_graphdef)} if getattr(fm, "eval_graphdef", None) is not None else {}
-    return dataclasses.replace(fm, graphdef=rebuilt(fm.graphdef), **extra), p, st
+    extra = ({"eval_graphdef": rebuild(fm.eval_graphdef, p, st)}
+             if getattr(fm, "eval_graphdef", None) is not None else {})
+    return dataclasses.replace(fm, graphdef=rebuild(fm.graphdef, p, st), **extra), p, st
 
 
-__all__ = ["Coupling", "check_groups", "coupled_groups", "slice_groups", "trace"]
+def rebuild(graphdef: Any, params: Any, model_state: Any) -> Any:
+    """The graphdef of ``graphdef``'s module holding ``params`` / ``model_state`` of other widths: each Conv's and
+    Linear's feature counts, and a depthwise convolution's ``feature_group_count``, read off its new kernel."""
+    module = nnx.merge(graphdef, params, model_state)
+    for _, m in module.iter_modules():
+        if isinstance(m, nnx.Conv):
+            k = m.kernel.value.shape
+            if m.feature_group_count > 1 and k[-2] == 1:
+                m.feature_group_count = k[-1]
+            m.in_features, m.out_features, m.kernel_shape = k[-2] * m.feature_group_count, k[-1], k
+        elif isinstance(m, nnx.Linear):
+            m.in_features, m.out_features = m.kernel.value.shape
+    return nnx.split(module, nnx.Param, ...)[0]
+
+
+__all__ = ["Coupling", "check_groups", "coupled_groups", "rebuild", "slice_groups", "trace"]
