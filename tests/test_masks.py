@@ -9,7 +9,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import optax
 from fairprune_jax.sparsity import masks as M
+
+#: the distributions that reach any sparsity (N:M patterns reach exactly 1 - N/M: their own tests below)
+FREE_DISTRIBUTIONS = tuple(d for d in M.DISTRIBUTIONS if d not in M.NM_PATTERNS)
 from fairprune_jax.sparsity import scores as S
 from fairprune_jax.models import count_flops, layer_order
 
@@ -191,7 +195,7 @@ def test_global_all_equal_scores_keep_first_entries_in_leaf_order():
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**16), s=st.floats(0.0, 0.99), dist=st.sampled_from(M.DISTRIBUTIONS))
+@given(seed=st.integers(0, 2**16), s=st.floats(0.0, 0.99), dist=st.sampled_from(FREE_DISTRIBUTIONS))
 def test_same_scores_same_mask(seed, s, dist):
     rng = np.random.default_rng(seed)
     # few distinct values: lots of ties
@@ -233,7 +237,7 @@ def test_nan_scores_rank_lowest():
         np.testing.assert_array_equal(np.asarray(m["a"]["kernel"]), [[0, 1], [1, 0]])
 
 
-@pytest.mark.parametrize("dist", M.DISTRIBUTIONS)
+@pytest.mark.parametrize("dist", FREE_DISTRIBUTIONS)
 def test_prev_masks_never_revive_even_when_live_scores_are_nan(dist):
     prev = {"a": {"kernel": jnp.asarray([[0.0, 1.0], [1.0, 1.0]])}}
     scores = {"a": {"kernel": jnp.asarray([[5.0, np.nan], [np.nan, -np.inf]])}}
@@ -247,7 +251,7 @@ def test_prev_masks_never_revive_even_when_live_scores_are_nan(dist):
 
 @SETTINGS
 @given(seed=st.integers(0, 2**16), s1=st.floats(0.0, 0.9), ds=st.floats(0.0, 0.09),
-       dist=st.sampled_from(M.DISTRIBUTIONS))
+       dist=st.sampled_from(FREE_DISTRIBUTIONS))
 def test_prev_masks_never_revive(seed, s1, ds, dist):
     s2 = s1 + ds
     rng = np.random.default_rng(seed)
@@ -460,3 +464,64 @@ def test_leaf_name_and_map_named():
     assert [n for n, _ in M.named_leaves(tree)] == ["layers/0/kernel"]
     out = M.map_named(lambda n, v: n, tree)
     assert out == {"layers": [{"kernel": "layers/0/kernel"}], "x": None}
+
+
+def test_nm_masks_keep_the_best_n_of_every_m_inputs():
+    """2:4 / 4:8 / 1:4: every group of M consecutive entries along a kernel's input axis keeps exactly its N
+    highest scores (ties to the lower index, NaN last), so the sparsity is exactly 1 - N/M; a kernel whose
+    input axis is not a multiple of M is pruned unstructured at the same density."""
+    from fairprune_jax.sparsity.masks import keep_counts, masks_from_scores, nm_layers, nm_mask
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(3, 3, 8, 5)).astype(np.float32)
+    s[0, 0, :4, 0] = [1.0, 1.0, 1.0, 0.5]                       # a tie: the lower index wins
+    s[0, 1, :4, 1] = [np.nan, 2.0, np.nan, np.nan]              # NaN ranks last
+    for dist, n, m in (("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4)):
+        got = np.asarray(nm_mask(jnp.asarray(s), n, m))
+        groups = np.moveaxis(s, -2, -1).reshape(3, 3, 5, 8 // m, m)
+        want = np.zeros_like(groups)
+        for idx in np.ndindex(groups.shape[:-1]):
+            key = [(np.isnan(v), -(0.0 if np.isnan(v) else v), j) for j, v in enumerate(groups[idx])]
+            for _, _, j in sorted(key)[:n]:
+                want[idx + (j,)] = 1.0
+        np.testing.assert_array_equal(got, np.moveaxis(want.reshape(3, 3, 5, 8), -1, -2))
+    assert np.asarray(nm_mask(jnp.asarray(s), 2, 4))[0, 0, :4, 0].tolist() == [1, 1, 0, 0]
+    assert np.asarray(nm_mask(jnp.asarray(s), 2, 4))[0, 1, :4, 1].tolist() == [1, 1, 0, 0]
+    params = {"a": {"kernel": jnp.asarray(s)}, "b": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}}
+    template = {"a": {"kernel": True}, "b": {"kernel": True}}
+    mk = masks_from_scores(jax.tree.map(jnp.abs, params), template, 0.5, "2:4")
+    assert nm_layers(params, template, "2:4") == {"a/kernel": True, "b/kernel": False}
+    assert float(np.mean(mk["a"]["kernel"])) == 0.5 and float(np.mean(mk["b"]["kernel"])) == 0.5
+    # a gradual schedule: unstructured below 1 - N/M, N:M at the end; earlier pruned entries rank last
+    early = masks_from_scores(jax.tree.map(jnp.abs, params), template, 0.3, "2:4")
+    final = masks_from_scores(jax.tree.map(jnp.abs, params), template, 0.5, "2:4", prev_masks=early)
+    grouped = np.moveaxis(np.asarray(final["a"]["kernel"]), -2, -1).reshape(3, 3, 5, 2, 4).sum(-1)
+    assert np.all(grouped == 2)
+    alive = np.asarray(early["a"]["kernel"]) > 0
+    g_alive = np.moveaxis(alive, -2, -1).reshape(3, 3, 5, 2, 4).sum(-1)
+    revived = (np.asarray(final["a"]["kernel"]) > 0) & ~alive
+    assert np.all(np.moveaxis(revived, -2, -1).reshape(3, 3, 5, 2, 4).sum(-1) == np.maximum(2 - g_alive, 0))
+    with pytest.raises(ValueError, match="sparsity of exactly 0.5"):
+        keep_counts(params, template, 0.9, "2:4")
+    with pytest.raises(ValueError, match="structured"):
+        keep_counts(params, template, 0.5, "2:4", structured=True)
+
+
+def test_nm_distribution_in_a_pruner_and_a_run_config():
+    from fairprune_jax.core.config import RunConfig
+    from fairprune_jax.running.validation import validate_config
+    from fairprune_jax.sparsity import pruning
+
+    params = {"l": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
+    tx = pruning.Pruner(sparsity=0.5, distribution="2:4",
+                        schedule=pruning.cubic(4, frequency=1)).wrap_optax(optax.sgd(0.1))
+    st = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(5):
+        _, st = update(jax.tree.map(jnp.ones_like, params), st, params)
+    m = np.asarray(pruning.find_state(st).masks["l"]["kernel"])
+    assert np.all(m.T.reshape(8, 4, 4).sum(-1) == 2)
+    with pytest.raises(ValueError, match="magnitude: 2:4 keeps 2 of every 4 weights"):
+        validate_config(RunConfig(dataset="digits", method="magnitude", sparsity=0.9, distribution="2:4"))
+    with pytest.raises(ValueError, match="structured"):
+        validate_config(RunConfig(dataset="digits", method="structured_magnitude", sparsity=0.5, distribution="2:4"))

@@ -80,8 +80,11 @@ class RunConfig:
     def ft_lr(self) -> float:
         return self.lr if self.finetune_lr is None else self.finetune_lr
 
-#: How a target sparsity is spread over layers (``masks.keep_counts``).
-DISTRIBUTIONS = ("uniform", "global", "erk")
+#: N:M patterns (``masks.nm_mask``): in every group of M consecutive input entries of a kernel, N are kept (the
+#: 2:4 pattern sparse tensor cores run natively); sparsity is then exactly 1 - N/M.
+NM_PATTERNS = ("2:4", "4:8", "1:4")
+#: How a target sparsity is spread over layers (``masks.keep_counts``), or an N:M pattern.
+DISTRIBUTIONS = ("uniform", "global", "erk") + NM_PATTERNS
 #: The certificate's psi_g interval constructions (``certify.PSI_METHODS``; repeated here to stay JAX-free).
 CERTIFY_INTERVALS = ("mover", "exact")
 

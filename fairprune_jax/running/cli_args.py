@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="model option, e.g. depth=20")
     r.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of prunable weights removed")
     r.add_argument("--distribution", default=d.distribution, choices=DISTRIBUTIONS,
-                   help="how sparsity is spread over layers")
+                   help="how sparsity is spread over layers; 2:4 / 4:8 / 1:4: N of every M consecutive input "
+                        "weights kept (accelerators' native pattern; sparsity exactly 1 - N/M)")
     r.add_argument("--exclude-first", action="store_true", help="keep the first layer dense")
     r.add_argument("--exclude-last", action="store_true", help="keep the last layer dense")
     r.add_argument("--seed", type=int, default=d.seed,

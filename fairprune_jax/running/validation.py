@@ -13,7 +13,7 @@ from fairprune_jax.metrics import certify
 from fairprune_jax.methods import RunConfig, get_method
 from fairprune_jax.methods.base import DEFAULT_CERTIFY_EPS, structured_methods
 from fairprune_jax.models import MODELS
-from fairprune_jax.sparsity.masks import DISTRIBUTIONS, check_sparsity
+from fairprune_jax.sparsity.masks import DISTRIBUTIONS, check_nm, check_sparsity, nm_pattern
 
 
 #: ``RunConfig.dataset`` of a run on arrays given in memory (``fairprune_jax.prune``): no loader, the
@@ -39,6 +39,11 @@ def validate_config(cfg: RunConfig) -> Any:
     check_model_options(cfg.model, cfg.model_options)
     if cfg.distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown sparsity distribution {cfg.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    if nm_pattern(cfg.distribution) is not None:
+        try:
+            check_nm(cfg.sparsity, cfg.distribution, structured=method.is_structured(opts))
+        except ValueError as e:
+            raise ValueError(f"{cfg.method}: {e}") from None
     for name in ("epochs", "batch_size"):
         if name == "epochs" and cfg.dataset == IN_MEMORY and int(cfg.epochs) == 0:
             continue        # prune(epochs=0): the given module is the trained dense model

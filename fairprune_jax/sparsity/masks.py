@@ -9,9 +9,18 @@ params' dtype, so applying one is a multiply that XLA fuses into the step.
 Sparsity is always exact: a layer (or, for ``global``, the whole model) keeps
 exactly ``round(density * size)`` entries, chosen by score with ties broken
 towards the lower flat index, so the same scores always give the same mask.
+
+An N:M distribution (``"2:4"``, ``"4:8"``, ``"1:4"``) keeps the N best of every M consecutive entries along a
+kernel's input axis (axis -2: a Linear's inputs, a conv's input channels at each tap), the pattern sparse tensor
+cores run natively (NVIDIA Ampere and later, for 2:4); its sparsity is exactly 1 - N/M. Points of a gradual
+schedule below that sparsity are unstructured per layer (as ``uniform``); the last one is N:M, with earlier
+pruned entries ranked last in their group (a group holding more than M - N of them keeps the best of those,
+at their value 0). A kernel whose input axis is not a multiple of M is pruned unstructured at the same density
+(:func:`nm_layers` says which are N:M).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable
 
@@ -19,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax.core.config import DISTRIBUTIONS  # noqa: F401  (re-exported)
+from fairprune_jax.core.config import DISTRIBUTIONS, NM_PATTERNS  # noqa: F401  (re-exported)
 from fairprune_jax.core.trees import _is_none, leaf_name, map_named, named_leaves  # noqa: F401  (re-exported)
 
 Params = Any
@@ -91,13 +100,16 @@ def keep_counts(params: Params, template: Masks, sparsity: float, distribution: 
     check_sparsity(sparsity)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown sparsity distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    nm = nm_pattern(distribution)
+    if nm is not None:
+        check_nm(sparsity, distribution, structured)
     shapes = {n: p.shape for n, p in named_leaves(_prune_like(params, template))}
     sizes = {n: (int(s[-1]) if structured else int(np.prod(s))) for n, s in shapes.items()}
     total = sum(sizes.values())
     density = 1.0 - sparsity
     if distribution == "global":
         return {"*": int(round(density * total))}
-    if distribution == "uniform" or structured:
+    if distribution == "uniform" or structured or nm is not None:
         return {n: int(round(density * s)) for n, s in sizes.items()}
     # ERK
     raw = {n: sum(shapes[n]) / float(np.prod(shapes[n])) for n in sizes}
@@ -176,7 +188,67 @@ def masks_from_counts(scores: Params, counts: dict, *, prev_masks: Masks | None 
     if distribution == "global":
         return _global_topk(scores, jnp.asarray(counts["*"]))
     counts_tree = map_named(lambda n, _: jnp.asarray(counts[n]), scores)
+    nm = nm_pattern(distribution)
+    if nm is not None:
+        return _layer_nm(scores, counts_tree, nm)
     return _layer_topk(scores, counts_tree)
+
+
+def nm_pattern(distribution: str) -> tuple[int, int] | None:
+    """``(N, M)`` of an N:M distribution name such as ``"2:4"``; None for the others."""
+    if distribution not in NM_PATTERNS:
+        return None
+    n, m = (int(v) for v in distribution.split(":"))
+    return n, m
+
+
+def check_nm(sparsity: float, distribution: str, structured: bool = False) -> None:
+    """An N:M pattern reaches exactly 1 - N/M; a higher target, or a structured mask, is an error."""
+    n, m = nm_pattern(distribution)
+    if structured:
+        raise ValueError(f"{distribution} is a pattern of single weights; a structured (unit) mask cannot follow it")
+    if sparsity > 1.0 - n / m + 1e-9:
+        raise ValueError(f"{distribution} keeps {n} of every {m} weights, a sparsity of exactly {1 - n / m:g}; "
+                         f"{sparsity:g} is above it (use --sparsity {1 - n / m:g}, or an unstructured distribution)")
+
+
+def nm_layers(params: Params, template: Masks, distribution: str) -> dict[str, bool]:
+    """Per prunable leaf, whether it gets the N:M pattern (its input axis a multiple of M) or stays unstructured."""
+    n, m = nm_pattern(distribution)
+    return {name: p.ndim >= 2 and p.shape[-2] % m == 0 for name, p in named_leaves(_prune_like(params, template))}
+
+
+def nm_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
+    """0/1 mask keeping the ``n`` highest scores of every ``m`` consecutive entries along axis -2 (ties to the
+    lower index, NaN lowest); axis -2 must be a multiple of ``m``."""
+    x = jnp.moveaxis(scores, -2, -1)
+    shape = x.shape
+    g = x.reshape(shape[:-1] + (shape[-1] // m, m))
+    nan = jnp.isnan(g)
+    val = jnp.where(nan, 0.0, g)
+    i = jnp.arange(m)
+    a_nan, b_nan = nan[..., :, None], nan[..., None, :]          # a: the entry ranked, b: the others
+    a, b = val[..., :, None], val[..., None, :]
+    before = (i[None, :] < i[:, None])
+    beats = (~b_nan & a_nan) | ((b_nan == a_nan) & ((b > a) | ((b == a) & before)))
+    rank = jnp.sum(beats, axis=-1)
+    keep = (rank < n).astype(jnp.float32).reshape(shape)
+    return jnp.moveaxis(keep, -1, -2)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _layer_nm(scores: Params, counts: Params, nm: tuple[int, int]) -> Masks:
+    n, m = nm
+
+    def leaf(s, k):
+        if s is None:
+            return None
+        top = topk_mask(s, k)
+        if s.ndim < 2 or s.shape[-2] % m:
+            return top
+        return jnp.where(k == s.size * n // m, nm_mask(s, n, m), top)
+
+    return jax.tree.map(leaf, scores, counts, is_leaf=_is_none)
 
 
 @jax.jit
