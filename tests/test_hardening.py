@@ -632,3 +632,22 @@ def test_a_failed_run_keeps_the_results_of_the_run_before(tmp_path, monkeypatch)
     res = runner_mod.run(cfg(out=str(out)))
     assert json.loads((out / "results.json").read_text())["method"] == res["method"]
     assert not (out / runner_mod.ASIDE_DIR).exists()
+
+
+def test_a_run_that_loses_much_accuracy_says_so():
+    """A pruned model 5 points (or more) below the dense one gets a warning in words (structured runs told that
+    whole units went), stored in the results and in results.md; a small loss or a degenerate model gets none."""
+    from fairprune_jax.core.config import RunConfig
+    from fairprune_jax.running.runner import ACCURACY_LOSS_WARN, accuracy_loss_note
+
+    def res(dense, pruned, degenerate=False):
+        return {"dense": {"test": {"accuracy": dense}}, "pruned": {"test": {"accuracy": pruned, "degenerate": degenerate}}}
+
+    cfg = RunConfig(dataset="digits", method="structured_magnitude", sparsity=0.9)
+    note = accuracy_loss_note(res(0.90, 0.80), cfg)
+    assert ACCURACY_LOSS_WARN == 0.05 and "lost 10.0 points of test accuracy" in note and "(structured)" in note
+    assert "whole neurons / channels" in note
+    assert accuracy_loss_note(res(0.90, 0.87), cfg) is None
+    assert accuracy_loss_note(res(0.90, 0.50, degenerate=True), cfg) is None
+    plain = accuracy_loss_note(res(0.90, 0.80), RunConfig(dataset="digits", method="magnitude", sparsity=0.9))
+    assert "(structured)" not in plain and "--finetune-epochs" in plain

@@ -253,6 +253,9 @@ def markdown_report(results: dict) -> str:
     note = degenerate_note(r)
     if note:
         out += [f"**{note}.**", ""]
+    loss_note = r["pruned"].get("test", {}).get("accuracy_loss_note")
+    if loss_note:
+        out += [f"**{loss_note}.**", ""]
     for split in ("test", "train"):
         if split in r["pruned"]:
             out += [summary_table(r, split), ""]

@@ -159,6 +159,33 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
         warn(f"{cfg.method} at sparsity {cfg.sparsity}: the pruned model is degenerate: it predicts "
              f"{p['top_prediction']!r} for {p['top_prediction_share']:.1%} of the {split} rows, so its "
              "fairness figures (DP / EO near 0) say nothing about fairness")
+    note = accuracy_loss_note(results, cfg, split)
+    if note:
+        p["accuracy_loss_note"] = note
+        warn(note)
+
+
+#: A run whose pruned model's test accuracy is this far (or more) below the dense model's says so.
+ACCURACY_LOSS_WARN = 0.05
+
+
+def accuracy_loss_note(results: dict, cfg: RunConfig, split: str = "test") -> str | None:
+    """A warning when the pruned model lost at least :data:`ACCURACY_LOSS_WARN` of accuracy on ``split``
+    (not for a degenerate model, which has its own), in words for a structured run; else None."""
+    d, p = results["dense"].get(split, {}), results["pruned"].get(split, {})
+    if d.get("accuracy") is None or p.get("accuracy") is None or p.get("degenerate"):
+        return None
+    drop = float(d["accuracy"]) - float(p["accuracy"])
+    if drop < ACCURACY_LOSS_WARN:
+        return None
+    method = get_method(cfg.method)
+    structured = method.is_structured(method.parse(cfg.method_options))
+    advice = ("structured pruning removes whole neurons / channels: a lower sparsity, more fine-tuning epochs "
+              "(--finetune-epochs) or an unstructured method keep more" if structured else
+              "a lower sparsity or more fine-tuning epochs (--finetune-epochs) keep more")
+    return (f"{cfg.method} at sparsity {cfg.sparsity}{' (structured)' if structured else ''} lost "
+            f"{100 * drop:.1f} points of {split} accuracy ({float(d['accuracy']):.4f} dense -> {float(p['accuracy']):.4f} "
+            f"pruned; this library flags {100 * ACCURACY_LOSS_WARN:.0f} points or more): {advice}")
 
 
 def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | None = None,
