@@ -49,6 +49,19 @@ class Pruned(NamedTuple):
     report: Report      # the results ``fairprune run`` writes to results.json (a dict), with by_group()
     state: TrainState   # params (masked), masks and model state as the runner's pytrees
 
+    def compact(self, example: np.ndarray, units: dict[str, Sequence[str]] | None = None) -> nnx.Module:
+        """After a structured method: the pruned module with its removed units physically dropped, an
+        instance of the same class with smaller layers and the same logits (:func:`compact.compact_module`;
+        save it with :func:`compact.save_module`). ``example``: a few input rows (for the trace); ``units``:
+        the ``units=`` given to :func:`prune`, if any."""
+        x = np.asarray(example, np.float32)
+        fm, params, rest = wrap_model(self.model, x.shape[1:], _num_outputs(self.model, x[:2]))
+        groups = compact.traced_unit_groups(fm, params, rest, companions=units)
+        try:
+            return compact.compact_module(fm, params, rest, self.masks, self.model, groups)
+        except ValueError as e:
+            raise ValueError(f"compact(): {e} (compaction needs the masks of a structured method)") from None
+
 
 def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str = "ceag", sparsity: float = 0.9,
           *, test: Sequence[np.ndarray] | None = None, val: Sequence[np.ndarray] | None = None,

@@ -224,6 +224,71 @@ def load(path: str | Path) -> Compacted:
     return _assemble(arch, params, state)
 
 
+# ---------------------------------------------------------------------------
+# A user's own module
+# ---------------------------------------------------------------------------
+
+MODULE_FORMAT = "fairprune_jax.compact_module/1"
+
+
+def compact_module(fm: FunctionalModel, params: Any, model_state: Any, masks: Any, module: nnx.Module,
+                   groups: Sequence[UnitGroup] | None = None) -> nnx.Module:
+    """A user's pruned ``module`` with every unit removed by the structured ``masks`` physically dropped: an
+    instance of the same class whose layers are smaller (each Conv / Linear's feature counts, a depthwise
+    convolution's group count, read off the sliced kernels), computing the masked model's logits.
+    ``fm`` / ``params`` / ``model_state``: the module as the library runs it (``fairprune_jax.prune`` wraps it);
+    ``groups``: its unit groups (default: traced from the forward pass, :func:`units.traced_unit_groups`)."""
+    groups = traced_unit_groups(fm, params, model_state) if groups is None else list(groups)
+    check_structured(masks, params, groups)
+    _, p, st = coupling.slice_groups(fm, params, model_state, masks, groups)
+    graphdef = nnx.split(module, nnx.Param, ...)[0]
+    return nnx.merge(coupling.rebuild(graphdef, p, st), p, st)
+
+
+def save_module(module: nnx.Module, path: str | Path) -> Path:
+    """Write a (compacted) module's weights and state as ``path/model.npz`` plus ``path/architecture.json``
+    (its class and every leaf's shape); :func:`load_module` rebuilds it from an instance of the same class."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _, params, rest = nnx.split(module, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    arrays = {f"params/{n}": np.asarray(v) for n, v in named_leaves(params)}
+    arrays.update({f"state/{n}": np.asarray(v) for n, v in named_leaves(rest)})
+    np.savez(path / "model.npz", **arrays)
+    record = {"format": MODULE_FORMAT, "class": f"{type(module).__module__}.{type(module).__qualname__}",
+              "shapes": {k: list(v.shape) for k, v in arrays.items()}}
+    (path / "architecture.json").write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def load_module(path: str | Path, like: nnx.Module) -> nnx.Module:
+    """The module :func:`save_module` wrote, rebuilt from ``like``: any instance of the same class with the
+    same layers (the dense model you pruned, say); its widths are replaced by the saved ones."""
+    path = Path(path)
+    arch_file, npz_file = path / "architecture.json", path / "model.npz"
+    for f in (arch_file, npz_file):
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: expected a folder written by compact.save_module")
+    record = json.loads(arch_file.read_text())
+    if record.get("format") != MODULE_FORMAT:
+        raise ValueError(f"{arch_file}: unknown format {record.get('format')!r}; expected {MODULE_FORMAT!r}")
+    cls = f"{type(like).__module__}.{type(like).__qualname__}"
+    if record["class"] != cls:
+        raise ValueError(f"{path} holds a {record['class']}; like= is a {cls}")
+    graphdef, params, rest = nnx.split(like, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    with np.load(npz_file) as z:
+        def fill(prefix):
+            def one(name, v):
+                key = f"{prefix}/{name}"
+                if key not in z.files:
+                    raise ValueError(f"{npz_file} lacks {key}: like= is not the module that was saved")
+                return jnp.asarray(z[key], jnp.asarray(v).dtype)
+            return one
+        p, st = map_named(fill("params"), params), map_named(fill("state"), rest)
+    return nnx.merge(coupling.rebuild(graphdef, p, st), p, st)
+
+
 def flops(compacted_or_fm: Any, params: Any = None, model_state: Any = None) -> float:
     """Multiply-accumulates per example of all kernels (dense count of the given model)."""
     from fairprune_jax.models import count_flops
