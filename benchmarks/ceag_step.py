@@ -121,9 +121,10 @@ def jax_fresh_state(ctx, params, model_state, masks, tx, extra=None):
                        rng=jax.random.key(0), step=None, nan_step=None)
     # copies: the steps donate their whole state (masks included)
     copy = lambda t: jax.tree.map(lambda a: jax.numpy.array(a, copy=True), t)   # noqa: E731
+    from fairprune_jax.training.train import Carry
     extra = dict(extra or {})
     dual = extra.pop("dual", None)              # the multipliers live in the optimizer state
-    state = ctx.masked_state(copy(dense), copy(masks), tx, extra=extra or None)
+    state = ctx.masked_state(copy(dense), copy(masks), tx, extra=Carry(**extra) if extra else None)
     return state if dual is None else state.with_dual(dual)
 
 
