@@ -73,9 +73,10 @@ def main() -> None:
     dual = constrained.dual_from_options(ceag_lib.with_dual_lr(ceag_lib.CeagOptions(), "val"), G, equality=False)
 
     def fresh(extra):
+        from fairprune_jax.training.train import Carry
         extra = dict(extra or {})
         dual = extra.pop("dual", None)          # the multipliers live in the optimizer state
-        state = create_state(params, ms, tx, masks=m, extra=extra or None)
+        state = create_state(params, ms, tx, masks=m, extra=Carry(**extra) if extra else None)
         return state if dual is None else state.with_dual(dual)
 
     steps = {
