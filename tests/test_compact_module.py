@@ -2,6 +2,9 @@
 and loaded."""
 from __future__ import annotations
 
+import os
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,3 +65,57 @@ def test_compacting_unstructured_masks_is_refused():
                               sparsity=0.5, epochs=1, finetune_epochs=1, progress=False)
     with pytest.raises(ValueError, match="structured method"):
         res.compact(x[:8])
+
+
+class NormedMLP(nnx.Module):
+    """The README's own-model shape with a LayerNorm: Linear -> LayerNorm -> ReLU -> Linear -> ReLU -> head."""
+
+    def __init__(self, din: int, classes: int, *, rngs: nnx.Rngs):
+        self.l1 = nnx.Linear(din, 16, rngs=rngs)
+        self.norm = nnx.LayerNorm(16, rngs=rngs)
+        self.l2 = nnx.Linear(16, 16, rngs=rngs)
+        self.head = nnx.Linear(16, classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.l2(nnx.relu(self.norm(self.l1(x))))))
+
+
+def _zoo(name):
+    from fairprune_jax.models.nets import MobileNetV2, ResNet18, ViT
+    rngs = nnx.Rngs(0)
+    return {"resnet18": lambda: ResNet18(3, 2, width=4, stem="cifar", rngs=rngs),
+            "mobilenet_v2": lambda: MobileNetV2(3, 2, width=0.25, stem_stride=1, rngs=rngs),
+            "vit": lambda: ViT(3, 2, patch=4, dim=16, depth=1, heads=2, mlp=32, rngs=rngs)}[name]()
+
+
+#: every (model, method) pair with FAIRPRUNE_ZOO_ALL=1 (about 10 minutes on 2 CPU cores); by default the
+#: Linear -> LayerNorm module with each method and the ViT with bifp
+ZOO_ALL = os.environ.get("FAIRPRUNE_ZOO_ALL") == "1"
+CASES = [(n, m) for n in ("normed_mlp", "resnet18", "mobilenet_v2", "vit")
+         for m in ("structured_magnitude", "prune_then_fair", "bifp")
+         if ZOO_ALL or n == "normed_mlp" or (n, m) == ("vit", "bifp")]
+
+
+@pytest.mark.parametrize("name,method", CASES)
+def test_structured_methods_run_on_coupled_models_without_options_and_compact(name, method):
+    """BiFP, structured magnitude and prune_then_fair on ResNet-18, MobileNet-V2, a ViT (narrow, 8 px synthetic
+    images) and a Linear -> LayerNorm module, with no options: the compacted module's logits equal the masked
+    module's within 1e-5."""
+    rng = np.random.default_rng(0)
+    if name == "normed_mlp":
+        x = rng.normal(size=(160, 6)).astype(np.float32)
+        model = NormedMLP(6, 2, rngs=nnx.Rngs(0))
+    else:
+        x = rng.normal(size=(160, 8, 8, 3)).astype(np.float32)
+        model = _zoo(name)
+    g = rng.integers(0, 2, len(x)).astype(np.int32)
+    y = (x.reshape(len(x), -1)[:, 0] > 0).astype(np.int32)
+    res = fairprune_jax.prune(model, train=(x, y, g), method=method, sparsity=0.5, epochs=1, finetune_epochs=1,
+                              batch_size=32, progress=False)
+    small = res.compact(x[:4])
+    assert type(small) is type(model)
+    n_small = sum(v.size for v in jax.tree.leaves(nnx.state(small, nnx.Param)))
+    n_full = sum(v.size for v in jax.tree.leaves(nnx.state(res.model, nnx.Param)))
+    assert n_small < n_full
+    xs = jnp.asarray(x[:32])
+    assert float(jnp.abs(small(xs) - res.model(xs)).max()) <= 1e-5
