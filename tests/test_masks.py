@@ -521,6 +521,8 @@ def test_nm_distribution_in_a_pruner_and_a_run_config():
         _, st = update(jax.tree.map(jnp.ones_like, params), st, params)
     m = np.asarray(pruning.find_state(st).masks["l"]["kernel"])
     assert np.all(m.T.reshape(8, 4, 4).sum(-1) == 2)
+    with pytest.raises(ValueError, match="2:4 keeps 2 of every 4 weights"):          # when the pruner is made
+        pruning.Pruner(sparsity=0.75, distribution="2:4")
     with pytest.raises(ValueError, match="magnitude: 2:4 keeps 2 of every 4 weights"):
         validate_config(RunConfig(dataset="digits", method="magnitude", sparsity=0.9, distribution="2:4"))
     with pytest.raises(ValueError, match="structured"):

@@ -292,6 +292,8 @@ class Pruner:
             raise ValueError(f"unknown score {self.score!r}; valid: {', '.join(SCORES)} or a function")
         if not isinstance(self.schedule, Schedule):
             raise TypeError("schedule must be pruning.one_shot(...), cubic(...) or iterative(...)")
+        if masks_lib.nm_pattern(self.distribution) is not None:
+            masks_lib.check_nm(self.sparsity, self.distribution, structured=self.is_structured)
         self.schedule.points(self.sparsity)          # bad schedule arguments fail here, not in the loop
 
     @property
