@@ -30,10 +30,15 @@ Timing: after warm-up, ``--rounds`` rounds; in each round every variant runs
 Variants are interleaved round by round so background load from other jobs
 hits them alike; we report the median (and min) ms per batch.
 
+``resnet18`` (width 32, CIFAR stem, 32 px), ``mobilenet_v2`` (width 0.5, 64 px) and ``vit`` (dim 128, 4 blocks of
+4 heads, 32 px patches of 4) are compacted through their coupled groups (``sparsity/coupling.py``): residual
+stages, depthwise blocks and attention heads lose units together; their "widths" column shows the build options.
+
 Usage::
 
     python benchmarks/compaction.py            # writes benchmarks/results/compaction.{json,md}
     python benchmarks/compaction.py --quick    # fewer rounds
+    python benchmarks/compaction.py --settings mlp,cnn,resnet18,mobilenet_v2,vit --batch 1,64,256
 """
 from __future__ import annotations
 
@@ -62,13 +67,20 @@ SETTINGS = {
             "options": {"channels": [32, 64, 128], "hidden": 128}},
     "mlp": {"model": "mlp", "input_shape": [104], "num_classes": 2, "options": {"hidden": [256, 128]}},
     "mlp_wide": {"model": "mlp", "input_shape": [784], "num_classes": 10, "options": {"hidden": [1024, 1024]}},
+    # the traced zoo models (coupled groups: residual stages, depthwise blocks, attention heads pruned as one)
+    "resnet18": {"model": "resnet18", "input_shape": [32, 32, 3], "num_classes": 10,
+                 "options": {"width": 32, "stem": "cifar"}},
+    "mobilenet_v2": {"model": "mobilenet_v2", "input_shape": [64, 64, 3], "num_classes": 5,
+                     "options": {"width": 0.5}},
+    "vit": {"model": "vit", "input_shape": [32, 32, 3], "num_classes": 10,
+            "options": {"patch": 4, "dim": 128, "depth": 4, "heads": 4, "mlp": 256}},
 }
 SPARSITIES = (0.5, 0.7, 0.9)
 
 
 def random_model(arch: dict, seed: int = 0):
     """A model with random weights and BatchNorm statistics (no initializer compiled)."""
-    fm, ps, ss = compact.functional_model(dict(arch, format=compact.FORMAT))
+    fm, ps, ss = compact.functional_model(dict(arch, format=compact.FORMAT, traced=arch["model"] in compact.TRACED))
     rng = np.random.default_rng(seed)
 
     def param(n, sd):
@@ -83,8 +95,9 @@ def random_model(arch: dict, seed: int = 0):
     return fm, map_named(param, ps), map_named(stat, ss)
 
 
-def structured_masks(fm, params, sparsity: float):
-    groups = compact.unit_groups(fm.name, params)
+def structured_masks(fm, params, sparsity: float, state=None):
+    groups = (compact.model_unit_groups(fm, params, state) if fm.name in compact.TRACED
+              else compact.unit_groups(fm.name, params))
     template = compact.structured_template(groups, prunable_template(params))
     counts = bilevel.unit_keep_counts(params, template, sparsity, "uniform", True)
     _, masks = bilevel.initial_scores_and_masks(params, template, counts, groups)
@@ -103,8 +116,8 @@ def bench_setting(name: str, arch: dict, batch: int, rounds: int, inner: int, wa
     meta = {"dense": {"macs": macs(fm, params, state), "params": sum(int(np.size(v)) for v in jax.tree.leaves(params)),
                       "max_abs_diff": 0.0}}
     for s in SPARSITIES:
-        masks = structured_masks(fm, params, s)
-        c = compact.compact(fm, params, state, masks)
+        masks = structured_masks(fm, params, s, state)
+        c = compact.compact(fm, params, state, masks, options=arch["options"])
         cfwd = jax.jit(lambda p, st, xx, _fm=c.fm: _fm.apply(p, st, xx, train=False)[0])
         ref = dense_fwd(apply_masks(params, masks), state, x)
         diff = float(jnp.max(jnp.abs(cfwd(c.params, c.model_state, x) - ref)))
@@ -174,14 +187,14 @@ def first_conv_breakdown(batch: int, rounds: int, inner: int, widths=(32, 16, 10
 
 def markdown(rows: list[dict], env: dict, breakdown: list[dict] | None = None) -> str:
     lines = ["# Compaction: dense vs physically pruned models", "",
-             f"CPU: {env['cpu']} ({env['cores']} cores visible), jax {env['jax']}, batch {rows[0]['batch']}, "
+             f"CPU: {env['cpu']} ({env['cores']} cores visible), jax {env['jax']}, "
              f"median of {rows[0]['samples']} interleaved rounds; MACs = conv/linear multiply-accumulates per example.",
-             "", "| setting | variant | widths | MMACs/ex | params | FLOP reduction | ms/batch (median) | speedup | "
+             "", "| setting | batch | variant | widths | MMACs/ex | params | FLOP reduction | ms/batch (median) | speedup | "
              "speedup / FLOP red. | within 30% | max abs diff |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         w = ", ".join(f"{k}={v}" for k, v in r["widths"].items())
-        lines.append(f"| {r['setting']} | {r['variant']} | {w} | {r['macs_per_example'] / 1e6:.3f} | {r['params']} | "
+        lines.append(f"| {r['setting']} | {r['batch']} | {r['variant']} | {w} | {r['macs_per_example'] / 1e6:.3f} | {r['params']} | "
                      f"{r['flop_reduction']:.2f}x | {r['ms_median']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['speedup_over_flop_reduction']:.2f} | {'yes' if r['within_30pct'] else 'no'} | "
                      f"{r['max_abs_diff']:.1e} |")
@@ -197,7 +210,7 @@ def markdown(rows: list[dict], env: dict, breakdown: list[dict] | None = None) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default="cnn,mlp,mlp_wide", help="comma-separated: " + ", ".join(SETTINGS))
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", default="256", help="batch size(s), comma-separated, e.g. 1,64,256")
     ap.add_argument("--rounds", type=int, default=41)
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
@@ -214,13 +227,15 @@ def main(argv=None) -> int:
     env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
            "backend": jax.default_backend(), "load_avg_start": os.getloadavg()}
     rows = []
+    batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
     for n in names:
-        t = time.perf_counter()
-        rows += bench_setting(n, SETTINGS[n], args.batch, args.rounds, args.inner, args.warmup)
-        print(f"{n}: {time.perf_counter() - t:.0f} s", flush=True)
+        for b in batches:
+            t = time.perf_counter()
+            rows += bench_setting(n, SETTINGS[n], b, args.rounds, args.inner, args.warmup)
+            print(f"{n} at batch {b}: {time.perf_counter() - t:.0f} s", flush=True)
     breakdown = None
     if "cnn" in names and not args.no_breakdown:
-        breakdown = first_conv_breakdown(args.batch, args.rounds, args.inner)
+        breakdown = first_conv_breakdown(batches[-1], args.rounds, args.inner)
     env["load_avg_end"] = os.getloadavg()
     md = markdown(rows, env, breakdown)
     print(md)
