@@ -527,3 +527,17 @@ def test_nm_distribution_in_a_pruner_and_a_run_config():
         validate_config(RunConfig(dataset="digits", method="magnitude", sparsity=0.9, distribution="2:4"))
     with pytest.raises(ValueError, match="structured"):
         validate_config(RunConfig(dataset="digits", method="structured_magnitude", sparsity=0.5, distribution="2:4"))
+
+
+def test_methods_that_pick_weights_by_their_own_rule_refuse_nm_before_any_work():
+    """fairgrape (group-importance shares per layer) and ballot's authors variant (the paper's own count) cannot
+    follow 2:4: refused when the run is validated, not silently unstructured; ballot's own variant can."""
+    from fairprune_jax.core.config import RunConfig
+    from fairprune_jax.running.validation import validate_config
+
+    for method, opts, word in (("fairgrape", {}, "group-importance"), ("ballot", {"variant": "authors"}, "authors")):
+        with pytest.raises(ValueError, match=f"needs masks chosen by an N:M pattern, but .*{word}"):
+            validate_config(RunConfig(dataset="digits", method=method, sparsity=0.5, distribution="2:4",
+                                      method_options=opts))
+    validate_config(RunConfig(dataset="digits", method="ballot", sparsity=0.5, distribution="2:4"))
+    validate_config(RunConfig(dataset="digits", method="nft", sparsity=0.5, distribution="2:4"))

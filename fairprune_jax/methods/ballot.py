@@ -458,7 +458,9 @@ def body_masks(ctx: Context, dense: TrainState, opts: BallotOptions, vote_templa
 @register("ballot", "Ballot (Gao et al. 2024): mask from per-epoch votes of accuracy+fairness gradient "
                     "conflict scores, then rewind and retrain (variant=authors: the paper's code, classifier "
                     "only; variant=ours: hidden layers by magnitude, classifier by votes)", BallotOptions,
-          check=resolve_options)
+          check=resolve_options,
+          no_nm=lambda o: ("variant=authors keeps the most-voted weights of the classifier by the paper's own count"
+                           if o.variant == "authors" else None))
 def ballot(ctx: Context, dense: TrainState, opts: BallotOptions) -> tuple[TrainState, dict]:
     cfg = ctx.settings
     fair_by = opts.fair_by

@@ -308,6 +308,14 @@ class Method:
     # The option holding the bound on psi_g that the method promises (ceag's ``eps``): the certificate checks
     # that bound unless --certify-eps names another. None: the method promises none.
     psi_bound: str | None = None
+    # ``no_nm(opts)``: why these options' masks cannot follow an N:M distribution (2:4 ...), or None. For a
+    # method that picks its weights by its own rule rather than through masks.masks_from_scores / a Pruner;
+    # checked before any data loads (``running.validation``), so 2:4 is never silently unstructured.
+    no_nm: Callable[[Any], str | None] | None = None
+
+    def nm_refusal(self, opts: Any) -> str | None:
+        """Why ``opts`` cannot give N:M masks (None: they can)."""
+        return None if self.no_nm is None else self.no_nm(opts)
 
     def promised_bound(self, opts: Any) -> float | None:
         """The psi_g bound these (parsed) options promise, or None."""
@@ -366,13 +374,15 @@ INF_OPTIONS = {"multiplier_max"}
 
 
 def register(name: str, description: str, options: type = NoOptions, *, structured: bool | str = False,
-             check: Callable[[Any], Any] | None = None, psi_bound: str | None = None):
+             check: Callable[[Any], Any] | None = None, psi_bound: str | None = None,
+             no_nm: Callable[[Any], str | None] | None = None):
     """Decorator: register ``run(ctx, dense_state, opts) -> (pruned_state, info)`` under ``name``.
 
     ``options``: the method's options, a frozen dataclass with a default for every field (its fields are the
     ``--opt`` keys; types bool, int, float, str, or unions such as ``int | None``). ``structured``: the
     method's masks remove whole units (see :class:`Method`). ``check``: validates (and may complete) the
-    option values (see :class:`Method`). After adding a method or changing its description or options, run
+    option values (see :class:`Method`). ``no_nm``: why the method's masks cannot follow an N:M pattern (see
+    :class:`Method`). After adding a method or changing its description or options, run
     ``python -m fairprune_jax.running.method_listing``: ``fairprune methods`` prints that snapshot of the registry
     without importing JAX, and ``tests/test_install.py`` fails while it disagrees with the registry.
     """
@@ -390,7 +400,7 @@ def register(name: str, description: str, options: type = NoOptions, *, structur
     def deco(fn):
         if psi_bound is not None and psi_bound not in {f.name for f in dataclasses.fields(options)}:
             raise TypeError(f"method {name!r}: psi_bound {psi_bound!r} is not one of its options")
-        METHODS[name] = Method(name, fn, description, options, structured, check, psi_bound)
+        METHODS[name] = Method(name, fn, description, options, structured, check, psi_bound, no_nm)
         return fn
     return deco
 

@@ -122,7 +122,8 @@ def iteration_steps(n_iters: int, total_steps: int) -> dict[int, list[int]]:
 @register("fairgrape", "FairGRAPE (Lin et al., ECCV 2022): iterative pruning in small steps (keep_per_iter), each "
           "keeping per layer the weights whose per-group importance (w * dL_g/dw)^2 keeps every group's share of "
           "the total; importance recomputed each iteration (one forward + G backward passes over the train "
-          "split), then the same fine-tuning as nft", FairgrapeOptions, check=check_options)
+          "split), then the same fine-tuning as nft", FairgrapeOptions, check=check_options,
+          no_nm=lambda o: "fairgrape keeps each layer's weights by group-importance shares, not by an N:M pattern")
 def fairgrape(ctx: Context, dense: TrainState, opts: FairgrapeOptions) -> tuple[TrainState, dict]:
     cfg, ds = ctx.settings, ctx.dataset
     G = ds.num_groups

@@ -44,6 +44,10 @@ def validate_config(cfg: RunConfig) -> Any:
             check_nm(cfg.sparsity, cfg.distribution, structured=method.is_structured(opts))
         except ValueError as e:
             raise ValueError(f"{cfg.method}: {e}") from None
+        why = method.nm_refusal(opts)
+        if why:
+            raise ValueError(f"{cfg.method}: --distribution {cfg.distribution} needs masks chosen by an N:M pattern, "
+                             f"but {why}; use an unstructured distribution, or a method that prunes by scores")
     for name in ("epochs", "batch_size"):
         if name == "epochs" and cfg.dataset == IN_MEMORY and int(cfg.epochs) == 0:
             continue        # prune(epochs=0): the given module is the trained dense model
