@@ -541,3 +541,23 @@ def test_methods_that_pick_weights_by_their_own_rule_refuse_nm_before_any_work()
                                       method_options=opts))
     validate_config(RunConfig(dataset="digits", method="ballot", sparsity=0.5, distribution="2:4"))
     validate_config(RunConfig(dataset="digits", method="nft", sparsity=0.5, distribution="2:4"))
+
+
+def test_a_gradual_method_ends_on_exact_nm_masks():
+    """gmp through prune() with distribution 2:4: every group of 4 inputs of every pruned kernel keeps 2."""
+    import warnings
+    from flax import nnx
+    import fairprune_jax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    g, y = rng.integers(0, 2, 300).astype(np.int32), (x[:, 0] > 0).astype(np.int32)
+    model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(32, 2, rngs=nnx.Rngs(1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fairprune_jax.prune(model, train=(x, y, g), method="gmp", sparsity=0.5, epochs=1, finetune_epochs=1,
+                                  config={"distribution": "2:4"}, progress=False)
+    kernels = [np.asarray(m) for _, m in M.named_leaves(res.masks)]
+    assert len(kernels) == 2
+    for m in kernels:
+        assert np.all(np.moveaxis(m, -2, -1).reshape(m.shape[1], -1, 4).sum(-1) == 2)
