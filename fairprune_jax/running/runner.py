@@ -162,7 +162,8 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
     note = accuracy_loss_note(results, cfg, split)
     if note:
         p["accuracy_loss_note"] = note
-        warn(note)
+        if distributed.is_primary():        # process 0 reports (every process holds the same results)
+            warn(note)
 
 
 #: A run whose pruned model's test accuracy is this far (or more) below the dense model's says so.
