@@ -80,6 +80,19 @@ class NormedMLP(nnx.Module):
         return self.head(nnx.relu(self.l2(nnx.relu(self.norm(self.l1(x))))))
 
 
+class ConcatMLP(nnx.Module):
+    """DenseNet's pattern in a user's MLP: the head reads the concatenation of both hidden layers."""
+
+    def __init__(self, din: int, classes: int, *, rngs: nnx.Rngs):
+        self.l1 = nnx.Linear(din, 16, rngs=rngs)
+        self.l2 = nnx.Linear(16, 8, rngs=rngs)
+        self.head = nnx.Linear(24, classes, rngs=rngs)
+
+    def __call__(self, x):
+        h1 = nnx.relu(self.l1(x))
+        return self.head(jnp.concatenate([h1, nnx.relu(self.l2(h1))], axis=-1))
+
+
 def _zoo(name):
     from fairprune_jax.models.nets import MobileNetV2, ResNet18, ViT
     rngs = nnx.Rngs(0)
@@ -91,9 +104,9 @@ def _zoo(name):
 #: every (model, method) pair with FAIRPRUNE_ZOO_ALL=1 (about 10 minutes on 2 CPU cores); by default the
 #: Linear -> LayerNorm module with each method (the zoo models' groups and compaction: tests/test_coupling.py)
 ZOO_ALL = os.environ.get("FAIRPRUNE_ZOO_ALL") == "1"
-CASES = [(n, m) for n in ("normed_mlp", "resnet18", "mobilenet_v2", "vit")
+CASES = [(n, m) for n in ("normed_mlp", "concat_mlp", "resnet18", "mobilenet_v2", "vit")
          for m in ("structured_magnitude", "prune_then_fair", "bifp")
-         if ZOO_ALL or n == "normed_mlp"]
+         if ZOO_ALL or n == "normed_mlp" or (n == "concat_mlp" and m != "prune_then_fair")]
 
 
 @pytest.mark.parametrize("name,method", CASES)
@@ -102,9 +115,9 @@ def test_structured_methods_run_on_coupled_models_without_options_and_compact(na
     images) and a Linear -> LayerNorm module, with no options: the compacted module's logits equal the masked
     module's within 1e-5."""
     rng = np.random.default_rng(0)
-    if name == "normed_mlp":
+    if name in ("normed_mlp", "concat_mlp"):
         x = rng.normal(size=(160, 6)).astype(np.float32)
-        model = NormedMLP(6, 2, rngs=nnx.Rngs(0))
+        model = (NormedMLP if name == "normed_mlp" else ConcatMLP)(6, 2, rngs=nnx.Rngs(0))
     else:
         x = rng.normal(size=(160, 8, 8, 3)).astype(np.float32)
         model = _zoo(name)

@@ -126,10 +126,93 @@ class Concat(nnx.Module):
         return self.out(nnx.relu(self.c(h)).mean(axis=(1, 2)))
 
 
-def test_a_concatenation_on_the_channel_axis_is_refused_with_its_reason():
+def test_a_concatenation_splits_its_readers_into_segments_of_its_inputs():
     _, _, _, groups, refused = groups_of(Concat(nnx.Rngs(0)), (4, 4, 1))
-    assert set(groups) == {"c/kernel"}
-    assert "'concatenate'" in refused["a"] and "'concatenate'" in refused["b"]
+    assert set(groups) == {"a/kernel", "b/kernel", "c/kernel"} and set(refused) == {"out"}   # out: the logits
+    a, b = groups["a/kernel"], groups["b/kernel"]
+    assert a.consumers == b.consumers == ("c/kernel",)
+    assert a.segments == (("c/kernel", 0, 3),) and b.segments == (("c/kernel", 3, 5),)
+    np.testing.assert_array_equal(units.spread(b, "c/kernel", 5, np.array([0.0, 1.0])), [1, 1, 1, 0, 1])
+
+
+class DenseBlock(nnx.Module):
+    """DenseNet's pattern: the block's input and its new features concatenated, a BatchNorm over the
+    concatenation, a convolution reading it; the input image concatenated too (never pruned)."""
+
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(1, 4, (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(4, rngs=rngs)
+        self.grow = nnx.Conv(4, 3, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.conv = nnx.Conv(8, 5, (3, 3), rngs=rngs)
+        self.out = nnx.Linear(5, 2, rngs=rngs)
+
+    def __call__(self, x, train: bool = False):
+        h = nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
+        h = jnp.concatenate([h, x, nnx.relu(self.grow(h))], axis=-1)
+        h = nnx.relu(self.bn(h, use_running_average=not train))
+        return self.out(nnx.relu(self.conv(h)).mean(axis=(1, 2)))
+
+
+def test_a_norm_over_a_concatenation_is_masked_and_sliced_by_segment():
+    fm, params, state, groups, refused = groups_of(DenseBlock(nnx.Rngs(0)), (6, 6, 1))
+    assert set(groups) == {"stem/kernel", "grow/kernel", "conv/kernel"}
+    stem, grow = groups["stem/kernel"], groups["grow/kernel"]
+    assert set(stem.companions) == {"stem_bn/scale", "stem_bn/bias", "bn/scale", "bn/bias"}
+    assert set(stem.consumers) == {"grow/kernel", "conv/kernel"}
+    assert set(stem.segments) == {("bn/scale", 0, 4), ("bn/bias", 0, 4), ("bn/mean", 0, 4), ("bn/var", 0, 4),
+                                  ("conv/kernel", 0, 4)}
+    assert set(grow.segments) == {(n, 5, 8) for n in ("bn/scale", "bn/bias", "bn/mean", "bn/var", "conv/kernel")}
+    assert set(refused) == {"out"}                      # position 4 of the concatenation is the image: no group
+    gl = list(groups.values())
+    unit = map_named(lambda n, v: {"stem/kernel": jnp.asarray([1.0, 0.0, 1.0, 0.0]),
+                                   "grow/kernel": jnp.asarray([0.0, 1.0, 1.0])}.get(n), params)
+    masks = units.expand_unit_masks(unit, gl, params)
+    np.testing.assert_array_equal(np.asarray(dict(named_leaves(masks))["bn/scale"]), [1, 0, 1, 0, 1, 0, 1, 1])
+    units.check_structured(masks, params, gl)
+    broken = map_named(lambda n, m: jnp.ones(8) if n == "bn/bias" else m, masks)
+    with pytest.raises(ValueError, match="differs from the mask of its kernels"):
+        units.check_structured(broken, params, gl)
+    x = jax.random.normal(jax.random.key(3), (4, 6, 6, 1))
+    rng = np.random.default_rng(0)
+    state = map_named(lambda n, v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape) if n.endswith("var")
+                                               else rng.normal(size=v.shape), jnp.float32), state)
+    masked = fm.apply(apply_masks(params, masks), state, x)[0]
+    small_fm, small_p, small_s = coupling.slice_groups(fm, params, state, masks, gl)
+    assert dict(named_leaves(small_p))["bn/scale"].shape == (5,)        # 2 + 1 (image) + 2 of 8 kept
+    assert dict(named_leaves(small_p))["conv/kernel"].shape[-2] == 5
+    np.testing.assert_allclose(np.asarray(small_fm.apply(small_p, small_s, x)[0]), np.asarray(masked),
+                               rtol=1e-5, atol=1e-5)
+
+
+class NormedConcat(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+        self.b = nnx.Linear(3, 2, rngs=rngs)
+        self.ln = nnx.LayerNorm(6, rngs=rngs)
+        self.out = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.ln(jnp.concatenate([self.a(x), self.b(x)], axis=-1)))
+
+
+class FlatConcat(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Conv(1, 2, (3, 3), rngs=rngs)
+        self.b = nnx.Conv(1, 3, (3, 3), rngs=rngs)
+        self.out = nnx.Linear(4 * 4 * 5, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.concatenate([self.a(x), self.b(x)], axis=-1)
+        return self.out(h.reshape(h.shape[0], -1))
+
+
+def test_a_concatenation_that_is_normalised_or_flattened_refuses_every_input_with_its_reason():
+    _, _, _, groups, refused = groups_of(NormedConcat(nnx.Rngs(0)), (3,))
+    assert groups == {} and "'reduce_sum'" in refused["a"] and "'reduce_sum'" in refused["b"]
+    _, _, _, groups, refused = groups_of(FlatConcat(nnx.Rngs(0)), (4, 4, 1))
+    assert groups == {} and "concatenation regrouped by a reshape" in refused["a"]
+    assert "concatenation regrouped by a reshape" in refused["b"]
 
 
 class Cumsum(nnx.Module):
@@ -218,18 +301,18 @@ def test_structured_magnitude_masks_equal_the_sliced_model(name, shape, kw):
     assert size(small_p) < size(params) - sum(counts.values())      # at least one weight per pruned unit
 
 
-@pytest.mark.parametrize("model", ["residual", "vit"])
+@pytest.mark.parametrize("model", ["residual", "dense_block", "vit"])
 def test_bifp_mask_gradients_through_coupled_groups_are_autodiff(model):
     """Consumer side: the consumer-scaled model is the producer-masked one and ``consumer_mask_grad`` is the
     derivative in a continuous unit mask; producer side: ``implicit_mask_grad`` (gamma -> inf) is the derivative
     through every member (both branches of a residual, q / k / v of a head)."""
-    if model == "residual":
-        fm, params, state = wrap_model(Residual(nnx.Rngs(0)), (6, 6, 1), 2)
+    if model in ("residual", "dense_block"):
+        fm, params, state = wrap_model((Residual if model == "residual" else DenseBlock)(nnx.Rngs(0)), (6, 6, 1), 2)
         shape = (6, 6, 1)
     else:
         shape = (8, 8, 3)
         fm, params, state = zoo_model("vit", shape, dim=16, depth=1, heads=4, mlp=24, patch=4)
-    groups = units.traced_unit_groups(fm, params, state) if model == "residual" else \
+    groups = units.traced_unit_groups(fm, params, state) if model != "vit" else \
         units.model_unit_groups(fm, params, state)
     x = jax.random.normal(jax.random.key(0), (8,) + shape)
     y = jnp.arange(8) % 2

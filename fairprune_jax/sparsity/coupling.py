@@ -14,11 +14,17 @@ and reductions over other axes pass spaces through. A reshape that merges axes i
 an attention output's ``(heads, head_dim)``) makes the new axis a *derived* space: position ``r`` is unit
 ``(r // inner) % units`` of the outermost channel axis it merged; a reshape that splits a channel axis into
 ``(heads, head_dim)`` makes the flat space derived from the heads, so q, k, v, their biases and the output
-projection's rows of one head form one group (whole heads are pruned; the head_dim part stays whole). Refused,
+projection's rows of one head form one group (whole heads are pruned; the head_dim part stays whole). A
+concatenation on the channel axis (DenseNet's blocks, Inception's branches, a head reading several layers) gives
+its output a space of *segments*: whatever reads it (a BatchNorm's scale / offset / statistics, a kernel's rows)
+holds each input's units at that input's offset (``UnitGroup.segments``: ``(leaf, start, stop)``), so each input
+stays its own group and a norm over the concatenation is masked and sliced piecewise; a reason on the
+concatenation (a LayerNorm over it, the logits) refuses every input. Refused,
 with a reason that names the operation (``"channel space of blocks/3/conv2 reaches 'cumsum', which fairprune
 cannot trace"``): a space that reaches the logits or the model input, one reduced over (a LayerNorm / GroupNorm /
 mean over channels: removing a channel would change the others' statistics, so the masked model would not equal
-the compacted one), a concatenation or a slice / pad / window over the channel axis, a grouped convolution that
+the compacted one), a slice / pad / window over the channel axis, a concatenation that a reshape regroups (a
+flatten of it) or that a kernel's output is added to, a grouped convolution that
 is not depthwise, a parameter holding the channels on an axis other than its last or (kernel rows) its
 second-to-last, and any primitive the tracer does not know. Each accepted space is a :class:`units.UnitGroup`
 (lead kernel, further producers, companions, BatchNorm statistics, consumers, units and ``inner``) that passed a
@@ -40,7 +46,7 @@ from flax import nnx
 
 from fairprune_jax.models import FunctionalModel
 from fairprune_jax.sparsity.masks import leaf_name, map_named, named_leaves
-from fairprune_jax.sparsity.units import UnitGroup, group_units, unit_index, unit_masks_of
+from fairprune_jax.sparsity.units import UnitGroup, group_units, spread, unit_masks_of
 
 #: primitives whose output has the operand's axes (values change, channels do not move)
 UNARY = frozenset("""neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh
@@ -67,6 +73,8 @@ class _Spaces:
         self.reasons: dict[int, list[str]] = {}
         self.derived: dict[int, tuple[int, int]] = {}     # root -> (space it is derived from, inner)
         self.inner_of: dict[int, int] = {}                # inner piece of a split -> the outer piece
+        self.concat: dict[int, list[tuple[int | None, int, int]]] = {}   # root -> its (input space, offset,
+        #                                                   size) segments, for the output of a concatenation
 
     def new(self, size: int, reason: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -106,6 +114,14 @@ class _Spaces:
             self.block(ra, "groups its channel positions in two different ways (two reshapes)")
         if da or db:
             self.derived[ra] = da or db
+        ca, cb = self.concat.pop(ra, None), self.concat.pop(rb, None)
+        if ca and cb and [(None if a is None else self.find(a), o, n) for a, o, n in ca] != \
+                [(None if a is None else self.find(a), o, n) for a, o, n in cb]:
+            self.block(ra, "is combined with a concatenation of other inputs")
+        if (ca or cb) and (da or db):
+            self.block(ra, "is a concatenation whose positions a reshape regroups")
+        if ca or cb:
+            self.concat[ra] = ca or cb
         if rb in self.inner_of:
             self.inner_of.setdefault(ra, self.inner_of.pop(rb))
         return ra
@@ -202,11 +218,10 @@ class _Tracer:
             d = p["dimension"]
             rank = len(out_shapes[0])
             out = [self._union_all(a[i] for a in ins) if i != d else None for i in range(rank)]
-            if any(a[d] is not None for a in ins):
-                why = "is concatenated with other channels by 'concatenate' (fairprune does not split a concatenation)"
-                for a in ins:
-                    s.block(a[d], why)
-                out[d] = s.new(out_shapes[0][d], why)
+            if any(a[d] is not None for a in ins):      # a channel concatenation: its readers are split into
+                out[d] = s.new(out_shapes[0][d])         # segments, each owned by the input it came from
+                offsets = np.cumsum([0] + [sh[d] for sh in shapes])
+                s.concat[out[d]] = [(a[d], int(o), int(sh[d])) for a, o, sh in zip(ins, offsets, shapes)]
             return [tuple(out)]
         if name in ("iota", "rng_bit_generator", "random_bits", "random_seed", "random_wrap", "random_unwrap"):
             return [(None,) * len(o) for o in out_shapes]
@@ -258,6 +273,13 @@ class _Tracer:
                 res[gj[0]] = ins[gi[0]]
             elif not spaced:
                 continue
+            elif any(s.find(ins[a]) in s.concat for a in spaced):
+                why = f"is a concatenation regrouped by a reshape {shape} -> {out} (fairprune splits a " \
+                      "concatenation only where kernels, norms and per-channel parameters read it)"
+                for a in spaced:
+                    s.block(ins[a], why)
+                for b in gj:
+                    res[b] = s.new(out[b], why)
             elif len(gj) == 1:                  # merge: the outermost channel axis owns the units
                 a = spaced[0]
                 inner = int(np.prod([shape[k] for k in gi if k > a]))
@@ -387,35 +409,59 @@ def _groups(t: _Tracer, pshapes: dict, sshapes: dict) -> Coupling:
     s = t.s
     owned: dict[int, list] = {}
     reasons: dict[int, list[str]] = {}
+
+    def place(target: int, inner: int, members: list, seg: tuple[int, int] | None, why: list[str],
+              depth: int = 0) -> None:
+        """Members reading ``target`` (at positions seg[0]..seg[1]-1 of their axis; None: the whole axis); a
+        concatenation's readers go to each input's space at that input's offset, with the concatenation's
+        reasons (a LayerNorm over a concatenation refuses every input)."""
+        if target in s.concat and depth < 64:
+            why = why + s.reasons.get(target, [])
+            base = seg[0] if seg else 0
+            for sp, off, n in s.concat[target]:
+                if sp is not None:
+                    t2, in2 = s.resolve(sp)
+                    place(t2, in2, members, (base + off, base + off + n), why, depth + 1)
+            return
+        owned.setdefault(target, []).extend((tree, leaf, ax, inner, seg) for tree, leaf, ax in members)
+        reasons.setdefault(target, []).extend(why)
+
     for r in {s.find(i) for i in range(len(s.parent))}:
         target, inner = s.resolve(r)
-        owned.setdefault(target, []).extend((tree, leaf, ax, inner) for tree, leaf, ax in s.members.get(r, []))
-        reasons.setdefault(target, []).extend(s.reasons.get(r, []))
+        place(target, inner, s.members.get(r, []), None, s.reasons.get(r, []))
     for piece, outer in s.inner_of.items():     # a reduction over a head's dims mixes that head's channels
         target, _ = s.resolve(outer)
         reasons.setdefault(target, []).extend(s.reasons.get(s.find(piece), []))
     pieces = {s.resolve(p)[0] for p in s.inner_of}
     groups, refused = [], {}
     for root, members in owned.items():
-        members = sorted(set(members), key=lambda m: (t.first_use.get(m[1], 1 << 30), m))
-        producers = [m[1] for m in members if m[0] == "p" and m[1] in t.kernels and len(pshapes[m[1]]) >= 2
+        members = sorted(set(members), key=lambda m: (t.first_use.get(m[1], 1 << 30), m[:4], m[4] or (-1, -1)))
+        producing = [m for m in members if m[0] == "p" and m[1] in t.kernels and len(pshapes[m[1]]) >= 2
                      and m[2] == len(pshapes[m[1]]) - 1]
+        producers = [m[1] for m in producing if m[4] is None]
         if not producers:
             continue
         lead = producers[0]
         where = lead[:-len("/kernel")] if lead.endswith("/kernel") else lead
         why = list(dict.fromkeys(reasons.get(root, [])))
+        why += [f"is added to a concatenation that {m[1]} produces part of (fairprune splits a concatenation only "
+                "where kernels, norms and per-channel parameters read it)" for m in producing if m[4] is not None]
         if root in pieces:
             why.append("is the inner part of a split channel axis (an attention head's dims)")
         inners = {m[3] for m in members}
         if len(inners) > 1:
             why.append(f"is read with different groupings of its positions ({sorted(inners)})")
         units, inner = s.size[root], inners.pop() if len(inners) == 1 else 1
-        comps, stats, consumers = [], [], []
-        for tree, leaf, ax, _ in members:
+        comps, stats, consumers, segments = [], [], [], []
+        for tree, leaf, ax, _, seg in members:
             shape = pshapes[leaf] if tree == "p" else sshapes[leaf]
-            if shape[ax] % (units * inner):
-                why.append(f"has {leaf} axis {ax} of {shape[ax]} positions, not a multiple of {units * inner}")
+            length = shape[ax] if seg is None else seg[1] - seg[0]
+            if length % (units * inner):
+                why.append(f"has {leaf} axis {ax} of {length} positions"
+                           f"{'' if seg is None else ' (its part of a concatenation)'}, not a multiple of "
+                           f"{units * inner}")
+            if seg is not None:
+                segments.append((leaf, int(seg[0]), int(seg[1])))
             if ax == len(shape) - 1:
                 (stats if tree == "s" else comps).append(leaf)
             elif tree == "p" and ax == len(shape) - 2:
@@ -430,7 +476,7 @@ def _groups(t: _Tracer, pshapes: dict, sshapes: dict) -> Coupling:
         groups.append((t.first_use.get(lead, 0), UnitGroup(
             lead, tuple(c for c in rest if c not in producers), tuple(dict.fromkeys(stats)),
             tuple(dict.fromkeys(consumers)), producers=tuple(c for c in rest if c in producers),
-            units=units, inner=inner)))
+            units=units, inner=inner, segments=tuple(segments))))
     return Coupling([g for _, g in sorted(groups, key=lambda x: x[0])], refused)
 
 
@@ -439,9 +485,9 @@ def _masked_at(params: Any, g: UnitGroup, unit: np.ndarray, where: str) -> Any:
     (``"producer"``), at the consumer rows (``"consumer"``) or both; on the host, one small copy per member."""
     def one(name, v):
         if where != "consumer" and name in g.members:
-            v = v * unit_index(g, v.shape[-1], unit).astype(v.dtype)
+            v = v * spread(g, name, v.shape[-1], unit).astype(v.dtype)
         if where != "producer" and name in g.consumers:
-            v = v * unit_index(g, v.shape[-2], unit).astype(v.dtype)[:, None]
+            v = v * spread(g, name, v.shape[-2], unit).astype(v.dtype)[:, None]
         return v
     return map_named(one, params)
 
@@ -489,18 +535,22 @@ def slice_groups(fm: FunctionalModel, params: Any, model_state: Any, masks: Any,
     units = unit_masks_of(masks, groups)
     new_p = {n: np.asarray(v) for n, v in named_leaves(params)}
     new_s = {n: np.asarray(v) for n, v in named_leaves(model_state)}
+    keep: dict[tuple[str, str, int], np.ndarray] = {}       # (tree, leaf, axis) -> positions kept, all groups
     for g in groups:
         if g.kernel not in units:
             continue
         v = units[g.kernel]
         if not v.any():
             raise ValueError(f"compaction: every unit of {g.kernel} is pruned; keep at least one unit per group")
-        for name in (g.kernel, *g.producers, *g.companions):
-            new_p[name] = np.compress(unit_index(g, new_p[name].shape[-1], v) != 0, new_p[name], axis=-1)
-        for name in g.stats:
-            new_s[name] = np.compress(unit_index(g, new_s[name].shape[-1], v) != 0, new_s[name], axis=-1)
-        for name in g.consumers:
-            new_p[name] = np.compress(unit_index(g, new_p[name].shape[-2], v) != 0, new_p[name], axis=-2)
+        for tree, names, ax in (("p", (g.kernel, *g.producers, *g.companions), -1), ("s", g.stats, -1),
+                                ("p", g.consumers, -2)):
+            for name in names:
+                leaf = (new_p if tree == "p" else new_s)[name]
+                k = spread(g, name, leaf.shape[ax], v) != 0
+                keep[(tree, name, ax)] = k if (tree, name, ax) not in keep else keep[(tree, name, ax)] & k
+    for (tree, name, ax), k in keep.items():     # sliced once, after every group (a concatenation's readers
+        d = new_p if tree == "p" else new_s      # hold several groups' positions)
+        d[name] = np.compress(k, d[name], axis=ax)
     p = map_named(lambda n, _: jnp.asarray(new_p[n]), params)
     st = map_named(lambda n, _: jnp.asarray(new_s[n]), model_state)
     extra = ({"eval_graphdef": rebuild(fm.eval_graphdef, p, st)}

@@ -74,11 +74,18 @@ class UnitGroup:
     units: int = 0                     # how many units (0: the kernel's last axis)
     inner: int = 1                     # consecutive positions per unit: position r of a member axis is unit
                                        # (r // inner) % units (an attention head's dims; a flatten tiles them)
+    segments: tuple[tuple[str, int, int], ...] = ()   # (leaf, start, stop): a companion, statistic or consumer
+                                       # that reads a concatenation holds this group's units only at positions
+                                       # start..stop-1 of its axis (the rest belongs to the other inputs)
 
     @property
     def members(self) -> tuple[str, ...]:
         """The params that hold the unit mask on their last axis: kernel, further producers, companions."""
         return (self.kernel, *self.producers, *self.companions)
+
+    def segments_of(self, name: str) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` ranges of ``name``'s axis that hold this group's units (empty: the whole axis)."""
+        return [(a, b) for n, a, b in self.segments if n == name]
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +130,31 @@ def unit_index(g: UnitGroup, length: int, unit: Any) -> Any:
         return unit
     idx = (np.arange(length) // g.inner) % n
     return unit[idx] if isinstance(unit, np.ndarray) else jnp.take(unit, jnp.asarray(idx))
+
+
+def spread(g: UnitGroup, name: str, length: int, unit: Any) -> Any:
+    """``unit`` spread over the axis of member or consumer ``name`` (``length`` positions): :func:`unit_index`
+    where the group owns the whole axis; where ``name`` reads a concatenation, the unit values at the group's
+    segments and 1 elsewhere (positions of the other inputs, which their own groups mask)."""
+    segs = g.segments_of(name)
+    if not segs:
+        return unit_index(g, length, unit)
+    n = unit.shape[0]
+    idx = np.full(length, n)
+    for a, b in segs:
+        idx[a:b] = (np.arange(b - a) // g.inner) % n
+    if isinstance(unit, np.ndarray):
+        return np.concatenate([unit, np.ones(1, unit.dtype)])[idx]
+    return jnp.take(jnp.concatenate([unit, jnp.ones(1, unit.dtype)]), jnp.asarray(idx))
+
+
+def gather_units(g: UnitGroup, name: str, per_position: Any, n: int) -> Any:
+    """Sum a vector over ``name``'s axis into one value per unit of ``g`` (:func:`spread`'s adjoint for a
+    segmented leaf: only the group's segments count)."""
+    idx = np.full(per_position.shape[0], n)
+    for a, b in g.segments_of(name):
+        idx[a:b] = (np.arange(b - a) // g.inner) % n
+    return jax.ops.segment_sum(per_position, jnp.asarray(idx), num_segments=n + 1)[:n]
 
 
 def replace_leaves(tree: Any, new: dict[str, Any]) -> Any:
@@ -330,7 +362,8 @@ def expand_unit_masks(unit_masks: Any, groups: Sequence[UnitGroup], params: Any)
         if g.kernel in by_kernel:
             v = by_kernel[g.kernel]
             for c in g.members:
-                leaf_for[c] = unit_index(g, shapes[c][-1], v)
+                m = spread(g, c, shapes[c][-1], v)
+                leaf_for[c] = m if c not in leaf_for else leaf_for[c] * m   # a norm over a concatenation
     return jax.tree_util.tree_map_with_path(lambda path, p: leaf_for.get(leaf_name(path)), params)
 
 
@@ -356,7 +389,10 @@ def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> di
     named = dict(named_leaves(masks))
     shapes = {n: np.shape(v) for n, v in named_leaves(params)}
     kernels = {g.kernel: g for g in groups}
-    companion_of = {c: g.kernel for g in groups for c in (*g.producers, *g.companions)}
+    companion_of: dict[str, list[str]] = {}
+    for g in groups:
+        for c in (*g.producers, *g.companions):
+            companion_of.setdefault(c, []).append(g.kernel)
     units, full = {}, {}
     for name, m in named.items():
         m = np.asarray(m)
@@ -372,10 +408,15 @@ def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> di
                              f"this model (removable: {', '.join(kernels)})")
     for name, m in named.items():
         if name in companion_of:
-            k = companion_of[name]
-            g = kernels[k]
-            if k not in units or not np.array_equal(np.asarray(m), unit_index(g, shapes[name][-1], units[k])):
-                raise ValueError(f"mask of {name} differs from the mask of its kernel {k}")
+            ks = [k for k in companion_of[name] if k in units]   # a norm over a concatenation has several
+            if not ks:
+                raise ValueError(f"mask of {name} differs from the mask of its kernel {companion_of[name][0]}")
+            want = np.ones(shapes[name][-1], np.asarray(m).dtype)
+            for k in ks:
+                want = want * spread(kernels[k], name, shapes[name][-1], units[k]).astype(want.dtype)
+            if not np.array_equal(np.asarray(m), want):
+                raise ValueError(f"mask of {name} differs from the mask of its kernel"
+                                 f"{'s' if len(ks) > 1 else ''} {', '.join(ks)}")
     for k, g in kernels.items():
         if k not in units:
             continue

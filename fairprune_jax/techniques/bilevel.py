@@ -94,7 +94,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fairprune_jax.sparsity.units import UnitGroup, expand_unit_masks, unit_index
+from fairprune_jax.sparsity.units import UnitGroup, expand_unit_masks, gather_units, spread, unit_index
 from fairprune_jax.sparsity.masks import (_global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves,
                                           topk_mask)
 from fairprune_jax.techniques.fairness_objective import (CONSTRAINTS, FAIRNESS_MODES, STRICT,  # noqa: F401
@@ -140,6 +140,14 @@ def _to_units(g: UnitGroup, per_position: jax.Array) -> jax.Array:
     if per_position.shape[0] == n and g.inner == 1:
         return per_position
     return per_position.reshape(-1, n, g.inner).sum(axis=(0, 2))
+
+
+def _member_to_units(g: UnitGroup, name: str, per_position: jax.Array) -> jax.Array:
+    """:func:`_to_units` for member or consumer ``name``; a leaf reading a concatenation sums only the group's
+    segments of its axis."""
+    if not g.segments_of(name):
+        return _to_units(g, per_position)
+    return gather_units(g, name, per_position, g.units)
 
 
 def unit_shapes(params: Any, groups: Sequence[UnitGroup]) -> Any:
@@ -200,8 +208,8 @@ def reduce_to_units(tree: Any, scores: Any, groups: Sequence[UnitGroup] | None) 
 
     def one(name, s):
         g = by_kernel[name]
-        if g.producers or g.units or g.inner != 1:       # a coupled group: every member, summed into its units
-            return sum(_to_units(g, named[c].reshape(-1, named[c].shape[-1]).sum(axis=0))
+        if g.producers or g.units or g.inner != 1 or g.segments:   # coupled: every member, summed into its units
+            return sum(_member_to_units(g, c, named[c].reshape(-1, named[c].shape[-1]).sum(axis=0))
                        for c in g.members).astype(s.dtype)
         k = named[name]
         total = k.reshape(-1, k.shape[-1]).sum(axis=0)
@@ -261,7 +269,9 @@ def consumer_scaled(theta: Any, unit_masks: Any, groups: Sequence[UnitGroup]) ->
 
     def one(name, p):
         for g, v in scale.get(name, ()):
-            if g.inner != 1:                # row r is unit (r // inner) % units (an attention head's rows)
+            if g.segments_of(name):         # rows of a concatenation: the group's segment only
+                v = spread(g, name, p.shape[-2], v)
+            elif g.inner != 1:                # row r is unit (r // inner) % units (an attention head's rows)
                 v = unit_index(g, p.shape[-2], v)
             elif p.shape[-2] != v.shape[0]:   # a flattened (channel-last) feature map: row r is unit r % units
                 v = jnp.tile(v, p.shape[-2] // v.shape[0])
@@ -291,7 +301,9 @@ def consumer_mask_grad(theta: Any, g_z: Any, unit_masks: Any, scores: Any, gamma
             axes = tuple(a for a in range(t[c].ndim) if a != t[c].ndim - 2)
             d, i = jnp.sum(t[c] * g[c], axis=axes), jnp.sum(gl[c] * g[c], axis=axes)
             g_ = by_kernel[name]
-            if g_.inner != 1:               # rows of heads: sum each unit's positions
+            if g_.segments_of(c):           # rows of a concatenation: the group's segment only
+                d, i = gather_units(g_, c, d, s.shape[0]), gather_units(g_, c, i, s.shape[0])
+            elif g_.inner != 1:             # rows of heads: sum each unit's positions
                 d, i = _to_units(g_, d), _to_units(g_, i)
             elif d.shape != s.shape:        # flattened channel-last rows: sum each unit's positions
                 d, i = d.reshape(-1, s.shape[0]).sum(0), i.reshape(-1, s.shape[0]).sum(0)
