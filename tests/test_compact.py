@@ -89,6 +89,27 @@ def test_compacted_outputs_equal_masked_model(name, tmp_path):
     assert arch["model"] == ("resnet_slim" if name == "resnet" else name)
     c2 = compact.load(tmp_path / "m")
     np.testing.assert_array_equal(np.asarray(c2.apply(x)), np.asarray(c.apply(x)))
+    assert (tmp_path / "m" / compact.ARRAYS).is_dir() and not (tmp_path / "m" / "model.npz").exists()   # orbax
+
+
+def test_a_compacted_folder_of_an_earlier_version_still_loads(tmp_path):
+    """Folders written before the arrays moved to an orbax checkpoint hold ``model.npz``: still read."""
+    fm, params, state = random_model("cnn", seed=2)
+    _, masks, _ = _structured(fm, params, 0.5)
+    c = compact.compact(fm, params, state, masks)
+    old = tmp_path / "old"
+    old.mkdir()
+    arrays = {f"params/{n}": np.asarray(v) for n, v in named_leaves(c.params)}
+    arrays.update({f"state/{n}": np.asarray(v) for n, v in named_leaves(c.model_state)})
+    np.savez(old / "model.npz", **arrays)
+    (old / "architecture.json").write_text(json.dumps(c.arch))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3,) + fm.input_shape), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(compact.load(old).apply(x)), np.asarray(c.apply(x)))
+    compact.save(compact.load(old), old)                     # saved again: the orbax form replaces the npz
+    assert (old / compact.ARRAYS).is_dir() and not (old / "model.npz").exists()
+    np.testing.assert_array_equal(np.asarray(compact.load(old).apply(x)), np.asarray(c.apply(x)))
+    with pytest.raises(FileNotFoundError, match="compact.save"):
+        compact.load(tmp_path / "nothing")
 
 
 def test_masked_model_zeroes_pruned_units():

@@ -46,7 +46,7 @@ def test_save_compact_writes_a_smaller_equivalent_model(compact_run):
     assert rc == 0
     r = json.loads((d / "results.json").read_text())
     c = r["compact"]
-    assert c["path"] == "compact" and (d / "compact" / "model.npz").is_file()
+    assert c["path"] == "compact" and (d / "compact" / compact.ARRAYS).is_dir()
     assert f"wrote {d / 'compact'}: {c['params_compact']} of {c['params_dense']} parameters" in stdout
     assert "compacted model in `compact/`" in (d / "results.md").read_text()
     # half the hidden units of the digits MLP (256, 128) are gone

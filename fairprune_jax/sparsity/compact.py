@@ -196,13 +196,59 @@ def _assemble(arch: dict, flat_params: dict[str, Any], flat_state: dict[str, Any
     return Compacted(fm, fill(p_shapes, flat_params, "param"), fill(s_shapes, flat_state, "state"), arch)
 
 
+#: the orbax checkpoint inside a saved folder (params and model state, flat names as keys); folders written
+#: before it hold ``model.npz`` instead, which :func:`load` and :func:`load_module` still read
+ARRAYS = "model"
+
+
+def _write_arrays(path: Path, params: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
+    """``{"params": ..., "state": ...}`` (flat names -> arrays) as one orbax checkpoint ``path/model``, over an
+    earlier one. Written by this process alone (a multi-process run saves from process 0)."""
+    import shutil
+    import jax
+    import orbax.checkpoint as ocp      # imported lazily, as the run checkpoints do
+    target = path.absolute() / ARRAYS
+    shutil.rmtree(target, ignore_errors=True)
+    (path / "model.npz").unlink(missing_ok=True)             # an earlier version's arrays in the same folder
+    only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                 active_processes={jax.process_index()})
+    ckpt = ocp.StandardCheckpointer(multiprocessing_options=only_me)
+    try:
+        ckpt.save(target, {"params": params, "state": state})
+        ckpt.wait_until_finished()
+    finally:
+        ckpt.close()
+
+
+def _read_arrays(path: Path, writer: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(params, state)`` (flat names) of a folder :func:`_write_arrays` (or an earlier version's
+    ``model.npz``) wrote; a folder with neither says which function writes one."""
+    if (path / ARRAYS).is_dir():
+        import jax
+        import orbax.checkpoint as ocp
+        only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                     active_processes={jax.process_index()})
+        ckpt = ocp.StandardCheckpointer(multiprocessing_options=only_me)
+        try:
+            tree = ckpt.restore((path / ARRAYS).absolute())
+        finally:
+            ckpt.close()
+        return ({k: np.asarray(v) for k, v in tree.get("params", {}).items()},
+                {k: np.asarray(v) for k, v in tree.get("state", {}).items()})
+    if (path / "model.npz").exists():
+        with np.load(path / "model.npz") as z:
+            return ({k[len("params/"):]: z[k] for k in z.files if k.startswith("params/")},
+                    {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")})
+    raise FileNotFoundError(f"{path / ARRAYS} not found: expected a folder written by {writer}")
+
+
 def save(compacted: Compacted, path: str | Path) -> Path:
-    """Write ``path/model.npz`` (params + model state) and ``path/architecture.json``; returns ``path``."""
+    """Write ``path/model`` (an orbax checkpoint of the params and model state) and ``path/architecture.json``;
+    returns ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    arrays = {f"params/{n}": np.asarray(v) for n, v in named_leaves(compacted.params)}
-    arrays.update({f"state/{n}": np.asarray(v) for n, v in named_leaves(compacted.model_state)})
-    np.savez(path / "model.npz", **arrays)
+    _write_arrays(path, {n: np.asarray(v) for n, v in named_leaves(compacted.params)},
+                  {n: np.asarray(v) for n, v in named_leaves(compacted.model_state)})
     (path / "architecture.json").write_text(json.dumps(compacted.arch, indent=2) + "\n")
     return path
 
@@ -210,17 +256,14 @@ def save(compacted: Compacted, path: str | Path) -> Path:
 def load(path: str | Path) -> Compacted:
     """Reload a model written by :func:`save`."""
     path = Path(path)
-    arch_file, npz_file = path / "architecture.json", path / "model.npz"
-    for f in (arch_file, npz_file):
-        if not f.exists():
-            raise FileNotFoundError(f"{f} not found: expected a folder written by "
-                                    "fairprune_jax.sparsity.compact.save")
+    arch_file = path / "architecture.json"
+    if not arch_file.exists():
+        raise FileNotFoundError(f"{arch_file} not found: expected a folder written by "
+                                "fairprune_jax.sparsity.compact.save")
     arch = json.loads(arch_file.read_text())
     if arch.get("format") != FORMAT:
         raise ValueError(f"{arch_file}: unknown format {arch.get('format')!r}; expected {FORMAT!r}")
-    with np.load(npz_file) as z:
-        params = {k[len("params/"):]: z[k] for k in z.files if k.startswith("params/")}
-        state = {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")}
+    params, state = _read_arrays(path, "fairprune_jax.sparsity.compact.save")
     return _assemble(arch, params, state)
 
 
@@ -246,17 +289,20 @@ def compact_module(fm: FunctionalModel, params: Any, model_state: Any, masks: An
 
 
 def save_module(module: nnx.Module, path: str | Path) -> Path:
-    """Write a (compacted) module's weights and state as ``path/model.npz`` plus ``path/architecture.json``
-    (its class and every leaf's shape); :func:`load_module` rebuilds it from an instance of the same class."""
+    """Write a (compacted) module's weights and state as ``path/model`` (an orbax checkpoint) plus
+    ``path/architecture.json`` (its class and every leaf's shape); :func:`load_module` rebuilds it from an
+    instance of the same class."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _, params, rest = nnx.split(module, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    arrays = {f"params/{n}": np.asarray(v) for n, v in named_leaves(params)}
-    arrays.update({f"state/{n}": np.asarray(v) for n, v in named_leaves(rest)})
-    np.savez(path / "model.npz", **arrays)
+    p = {n: np.asarray(v) for n, v in named_leaves(params)}
+    st = {n: np.asarray(v) for n, v in named_leaves(rest)}
+    _write_arrays(path, p, st)
+    shapes = {**{f"params/{n}": list(v.shape) for n, v in p.items()}, **{f"state/{n}": list(v.shape)
+                                                                          for n, v in st.items()}}
     record = {"format": MODULE_FORMAT, "class": f"{type(module).__module__}.{type(module).__qualname__}",
-              "shapes": {k: list(v.shape) for k, v in arrays.items()}}
+              "shapes": shapes}
     (path / "architecture.json").write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -265,10 +311,9 @@ def load_module(path: str | Path, like: nnx.Module) -> nnx.Module:
     """The module :func:`save_module` wrote, rebuilt from ``like``: any instance of the same class with the
     same layers (the dense model you pruned, say); its widths are replaced by the saved ones."""
     path = Path(path)
-    arch_file, npz_file = path / "architecture.json", path / "model.npz"
-    for f in (arch_file, npz_file):
-        if not f.exists():
-            raise FileNotFoundError(f"{f} not found: expected a folder written by compact.save_module")
+    arch_file = path / "architecture.json"
+    if not arch_file.exists():
+        raise FileNotFoundError(f"{arch_file} not found: expected a folder written by compact.save_module")
     record = json.loads(arch_file.read_text())
     if record.get("format") != MODULE_FORMAT:
         raise ValueError(f"{arch_file}: unknown format {record.get('format')!r}; expected {MODULE_FORMAT!r}")
@@ -277,15 +322,15 @@ def load_module(path: str | Path, like: nnx.Module) -> nnx.Module:
         raise ValueError(f"{path} holds a {record['class']}; like= is a {cls}")
     graphdef, params, rest = nnx.split(like, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    with np.load(npz_file) as z:
-        def fill(prefix):
-            def one(name, v):
-                key = f"{prefix}/{name}"
-                if key not in z.files:
-                    raise ValueError(f"{npz_file} lacks {key}: like= is not the module that was saved")
-                return jnp.asarray(z[key], jnp.asarray(v).dtype)
-            return one
-        p, st = map_named(fill("params"), params), map_named(fill("state"), rest)
+    saved = dict(zip(("params", "state"), _read_arrays(path, "compact.save_module")))
+
+    def fill(prefix):
+        def one(name, v):
+            if name not in saved[prefix]:
+                raise ValueError(f"{path} lacks {prefix}/{name}: like= is not the module that was saved")
+            return jnp.asarray(saved[prefix][name], jnp.asarray(v).dtype)
+        return one
+    p, st = map_named(fill("params"), params), map_named(fill("state"), rest)
     return nnx.merge(coupling.rebuild(graphdef, p, st), p, st)
 
 
