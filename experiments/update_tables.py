@@ -64,6 +64,8 @@ TABLES = [
     ("bifp_adult_sex_race_seeds", "BiFP vs structured magnitude on Adult, protected sex x race, 10 seeds (issue 12)",
      BIFP),
     ("bifp_utkface_gender_race", "BiFP on UTKFace (CNN, structured), target gender, protected race", BIFP),
+    ("bifp_utkface_gender_race_mobilenet", "BiFP on UTKFace with MobileNet-V2 (width 0.35, 64 px, structured through "
+                                           "its coupled groups), target gender, protected race (issue 29)", BIFP),
     ("bifp_adult_cli_defaults", "BiFP and prune_then_fair at the command line's defaults on Adult (sex), structured "
                                 "(issue 29)", BIFP),
     ("bifp_adult_cli_defaults_x2", "The same at twice the default epochs (20 + 20) (issue 29)", BIFP),

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from fairprune_jax.running.api import wrap_model
-from fairprune_jax.sparsity import coupling, units
+from fairprune_jax.sparsity import compact, coupling, units
 from fairprune_jax.sparsity.masks import apply_masks, map_named, named_leaves, prunable_template
 from fairprune_jax.techniques import bilevel
 
@@ -178,7 +178,7 @@ def test_a_norm_over_a_concatenation_is_masked_and_sliced_by_segment():
     state = map_named(lambda n, v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape) if n.endswith("var")
                                                else rng.normal(size=v.shape), jnp.float32), state)
     masked = fm.apply(apply_masks(params, masks), state, x)[0]
-    small_fm, small_p, small_s = coupling.slice_groups(fm, params, state, masks, gl)
+    small_fm, small_p, small_s = compact.slice_groups(fm, params, state, masks, gl)
     assert dict(named_leaves(small_p))["bn/scale"].shape == (5,)        # 2 + 1 (image) + 2 of 8 kept
     assert dict(named_leaves(small_p))["conv/kernel"].shape[-2] == 5
     np.testing.assert_allclose(np.asarray(small_fm.apply(small_p, small_s, x)[0]), np.asarray(masked),
@@ -294,7 +294,7 @@ def test_structured_magnitude_masks_equal_the_sliced_model(name, shape, kw):
     assert all(int(v.sum()) == counts[k] for k, v in kept.items())
     x = jax.random.normal(jax.random.key(3), (4,) + shape)
     masked = jax.jit(lambda p: fm.apply(p, state, x)[0])(apply_masks(params, masks))
-    small_fm, small_p, small_s = coupling.slice_groups(fm, params, state, masks, groups)
+    small_fm, small_p, small_s = compact.slice_groups(fm, params, state, masks, groups)
     sliced = jax.jit(lambda p, s: small_fm.apply(p, s, x)[0])(small_p, small_s)
     assert float(jnp.max(jnp.abs(masked - sliced))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(masked))))
     size = lambda t: sum(int(np.size(v)) for _, v in named_leaves(t))  # noqa: E731

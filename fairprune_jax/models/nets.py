@@ -315,7 +315,7 @@ class ViTBlock(nnx.Module):
             raise ValueError(f"ViT width {dim} must be a multiple of its heads ({heads})")
         self.heads = heads
         self.head_dim = dim // heads      # the reshapes below read the head count off the projections, so a
-                                          # model with pruned heads (coupling.slice_groups) runs as it is
+                                          # model with pruned heads (compact.slice_groups) runs as it is
         self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
         self.query = nnx.Linear(dim, dim, rngs=rngs)
         self.key = nnx.Linear(dim, dim, rngs=rngs)

@@ -7,7 +7,7 @@ its names are re-exported here, ``compact.UnitGroup``, ``compact.expand_unit_mas
 Compacted models are saved as ``model.npz`` (params and model state, keyed by
 leaf name) plus ``architecture.json`` (model family, input shape, classes,
 widths) and reloaded without the original code path that trained them. The traced zoo models (ResNet-18 / 34,
-MobileNet-V2, the ViT) are sliced by their coupled groups (``coupling.slice_groups``); their record keeps the
+MobileNet-V2, the ViT) are sliced by their coupled groups (:func:`slice_groups`); their record keeps the
 options they were built with, and loading rebuilds the module from them with the saved shapes.
 """
 from __future__ import annotations
@@ -24,12 +24,11 @@ import numpy as np
 from flax import nnx
 
 from fairprune_jax.models import CNN, MLP, MODELS, FunctionalModel, ResNet
-from fairprune_jax.sparsity import coupling
 from fairprune_jax.sparsity.masks import map_named, named_leaves
 from fairprune_jax.sparsity.units import (_NORMS, SUPPORTED, TRACED, UnitGroup, _aligned_consumer,  # noqa: F401
                                           _checked_consumers, _forward_calls, _key, check_structured,
                                           expand_unit_masks, get_leaf, has_leaf, model_unit_groups,
-                                          replace_leaves, structured_template, traced_unit_groups, unit_groups,
+                                          replace_leaves, spread, structured_template, traced_unit_groups, unit_groups,
                                           unit_masks_of)
 
 FORMAT = "fairprune_jax.compact/1"
@@ -130,13 +129,13 @@ def compact(fm: FunctionalModel, params: Any, model_state: Any, masks: Any,
     module doc); if ``masks`` lacks the companion masks and a pruned unit's
     companions are not zero, that equivalence would not hold with the given
     masks, so it raises. Unstructured masks raise ``ValueError``. The traced zoo models (``units.TRACED``:
-    resnet18 / 34, mobilenet_v2, vit) are sliced group by group (``coupling.slice_groups``); ``options``, the
+    resnet18 / 34, mobilenet_v2, vit) are sliced group by group (:func:`slice_groups`); ``options``, the
     keyword arguments they were built with, go into the architecture record so :func:`load` rebuilds them.
     """
     if fm.name in TRACED:
         groups = model_unit_groups(fm, params, model_state)
         check_structured(masks, params, groups)
-        small_fm, small_p, small_s = coupling.slice_groups(fm, params, model_state, masks, groups)
+        small_fm, small_p, small_s = slice_groups(fm, params, model_state, masks, groups)
         arch = {"format": FORMAT, "model": fm.name, "input_shape": [int(s) for s in fm.input_shape],
                 "num_classes": int(fm.num_classes), "options": dict(options or {}), "traced": True}
         return Compacted(small_fm, small_p, small_s, arch)
@@ -181,7 +180,7 @@ def _assemble(arch: dict, flat_params: dict[str, Any], flat_state: dict[str, Any
     if arch.get("traced"):          # widths differ per layer: the saved shapes are the architecture
         p = map_named(lambda n, sd: jnp.asarray(np.asarray(flat_params[n]), sd.dtype), p_shapes)
         st = map_named(lambda n, sd: jnp.asarray(np.asarray(flat_state[n]), sd.dtype), s_shapes)
-        return Compacted(dataclasses.replace(fm, graphdef=coupling.rebuild(fm.graphdef, p, st)), p, st, arch)
+        return Compacted(dataclasses.replace(fm, graphdef=rebuild(fm.graphdef, p, st)), p, st, arch)
 
     def fill(shapes, flat, what):
         def one(name, sd):
@@ -283,9 +282,9 @@ def compact_module(fm: FunctionalModel, params: Any, model_state: Any, masks: An
     ``groups``: its unit groups (default: traced from the forward pass, :func:`units.traced_unit_groups`)."""
     groups = traced_unit_groups(fm, params, model_state) if groups is None else list(groups)
     check_structured(masks, params, groups)
-    _, p, st = coupling.slice_groups(fm, params, model_state, masks, groups)
+    _, p, st = slice_groups(fm, params, model_state, masks, groups)
     graphdef = nnx.split(module, nnx.Param, ...)[0]
-    return nnx.merge(coupling.rebuild(graphdef, p, st), p, st)
+    return nnx.merge(rebuild(graphdef, p, st), p, st)
 
 
 def save_module(module: nnx.Module, path: str | Path) -> Path:
@@ -331,7 +330,7 @@ def load_module(path: str | Path, like: nnx.Module) -> nnx.Module:
             return jnp.asarray(saved[prefix][name], jnp.asarray(v).dtype)
         return one
     p, st = map_named(fill("params"), params), map_named(fill("state"), rest)
-    return nnx.merge(coupling.rebuild(graphdef, p, st), p, st)
+    return nnx.merge(rebuild(graphdef, p, st), p, st)
 
 
 def flops(compacted_or_fm: Any, params: Any = None, model_state: Any = None) -> float:
@@ -343,6 +342,58 @@ def flops(compacted_or_fm: Any, params: Any = None, model_state: Any = None) -> 
     return float(sum(count_flops(compacted_or_fm, params, model_state).values()))
 
 
+
+# ---------------------------------------------------------------------------
+# Traced models: every coupled group sliced, the module rebuilt at the new widths
+# ---------------------------------------------------------------------------
+
+def slice_groups(fm: FunctionalModel, params: Any, model_state: Any, masks: Any, groups: Sequence[UnitGroup]
+                 ) -> tuple[FunctionalModel, Any, Any]:
+    """``(model, params, model_state)`` with every pruned unit of ``masks`` (structured, from
+    :func:`units.expand_unit_masks`) physically removed: every member of every group sliced, depthwise
+    convolutions' ``feature_group_count`` and the layers' feature counts set from the new shapes. Computes
+    the same logits as the masked model."""
+    units = unit_masks_of(masks, groups)
+    new_p = {n: np.asarray(v) for n, v in named_leaves(params)}
+    new_s = {n: np.asarray(v) for n, v in named_leaves(model_state)}
+    keep: dict[tuple[str, str, int], np.ndarray] = {}       # (tree, leaf, axis) -> positions kept, all groups
+    for g in groups:
+        if g.kernel not in units:
+            continue
+        v = units[g.kernel]
+        if not v.any():
+            raise ValueError(f"compaction: every unit of {g.kernel} is pruned; keep at least one unit per group")
+        for tree, names, ax in (("p", (g.kernel, *g.producers, *g.companions), -1), ("s", g.stats, -1),
+                                ("p", g.consumers, -2)):
+            for name in names:
+                leaf = (new_p if tree == "p" else new_s)[name]
+                k = spread(g, name, leaf.shape[ax], v) != 0
+                keep[(tree, name, ax)] = k if (tree, name, ax) not in keep else keep[(tree, name, ax)] & k
+    for (tree, name, ax), k in keep.items():     # sliced once, after every group (a concatenation's readers
+        d = new_p if tree == "p" else new_s      # hold several groups' positions)
+        d[name] = np.compress(k, d[name], axis=ax)
+    p = map_named(lambda n, _: jnp.asarray(new_p[n]), params)
+    st = map_named(lambda n, _: jnp.asarray(new_s[n]), model_state)
+    extra = ({"eval_graphdef": rebuild(fm.eval_graphdef, p, st)}
+             if getattr(fm, "eval_graphdef", None) is not None else {})
+    return dataclasses.replace(fm, graphdef=rebuild(fm.graphdef, p, st), **extra), p, st
+
+
+def rebuild(graphdef: Any, params: Any, model_state: Any) -> Any:
+    """The graphdef of ``graphdef``'s module holding ``params`` / ``model_state`` of other widths: each Conv's and
+    Linear's feature counts, and a depthwise convolution's ``feature_group_count``, read off its new kernel."""
+    module = nnx.merge(graphdef, params, model_state)
+    for _, m in module.iter_modules():
+        if isinstance(m, nnx.Conv):
+            k = m.kernel.value.shape
+            if m.feature_group_count > 1 and k[-2] == 1:
+                m.feature_group_count = k[-1]
+            m.in_features, m.out_features, m.kernel_shape = k[-2] * m.feature_group_count, k[-1], k
+        elif isinstance(m, nnx.Linear):
+            m.in_features, m.out_features = m.kernel.value.shape
+    return nnx.split(module, nnx.Param, ...)[0]
+
+
 __all__ = ["Compacted", "SlimResNet", "UnitGroup", "check_structured", "compact", "expand_unit_masks", "flops",
            "functional_model", "get_leaf", "load", "save", "structured_template", "unit_groups",
-           "unit_masks_of"]
+           "rebuild", "slice_groups", "unit_masks_of"]

@@ -30,7 +30,7 @@ second-to-last, and any primitive the tracer does not know. Each accepted space 
 (lead kernel, further producers, companions, BatchNorm statistics, consumers, units and ``inner``) that passed a
 numerical check (:func:`check_groups`): with one unit removed at the producers, zeroing its consumer rows as well,
 or only those rows, gives the same logits, so pruned units output exactly zero where they are read and BiFP's
-consumer-side mask computes the same function. :func:`slice_groups` removes the pruned units physically (every
+consumer-side mask computes the same function. ``compact.slice_groups`` removes the pruned units physically (every
 member of every group, ``feature_group_count`` of depthwise convolutions) and rebuilds the nnx module: the
 masked model and the sliced one compute the same logits.
 """
@@ -42,11 +42,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fairprune_jax.models import FunctionalModel
-from fairprune_jax.sparsity.masks import leaf_name, map_named, named_leaves
-from fairprune_jax.sparsity.units import UnitGroup, group_units, spread, unit_masks_of
+from fairprune_jax.sparsity.masks import leaf_name, map_named
+from fairprune_jax.sparsity.units import UnitGroup, group_units, spread
 
 #: primitives whose output has the operand's axes (values change, channels do not move)
 UNARY = frozenset("""neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh
@@ -526,51 +525,4 @@ def coupled_groups(fm: FunctionalModel, params: Any, model_state: Any, check: bo
     return Coupling(groups, {**found.refused, **refused})
 
 
-def slice_groups(fm: FunctionalModel, params: Any, model_state: Any, masks: Any, groups: Sequence[UnitGroup]
-                 ) -> tuple[FunctionalModel, Any, Any]:
-    """``(model, params, model_state)`` with every pruned unit of ``masks`` (structured, from
-    :func:`units.expand_unit_masks`) physically removed: every member of every group sliced, depthwise
-    convolutions' ``feature_group_count`` and the layers' feature counts set from the new shapes. Computes
-    the same logits as the masked model."""
-    units = unit_masks_of(masks, groups)
-    new_p = {n: np.asarray(v) for n, v in named_leaves(params)}
-    new_s = {n: np.asarray(v) for n, v in named_leaves(model_state)}
-    keep: dict[tuple[str, str, int], np.ndarray] = {}       # (tree, leaf, axis) -> positions kept, all groups
-    for g in groups:
-        if g.kernel not in units:
-            continue
-        v = units[g.kernel]
-        if not v.any():
-            raise ValueError(f"compaction: every unit of {g.kernel} is pruned; keep at least one unit per group")
-        for tree, names, ax in (("p", (g.kernel, *g.producers, *g.companions), -1), ("s", g.stats, -1),
-                                ("p", g.consumers, -2)):
-            for name in names:
-                leaf = (new_p if tree == "p" else new_s)[name]
-                k = spread(g, name, leaf.shape[ax], v) != 0
-                keep[(tree, name, ax)] = k if (tree, name, ax) not in keep else keep[(tree, name, ax)] & k
-    for (tree, name, ax), k in keep.items():     # sliced once, after every group (a concatenation's readers
-        d = new_p if tree == "p" else new_s      # hold several groups' positions)
-        d[name] = np.compress(k, d[name], axis=ax)
-    p = map_named(lambda n, _: jnp.asarray(new_p[n]), params)
-    st = map_named(lambda n, _: jnp.asarray(new_s[n]), model_state)
-    extra = ({"eval_graphdef": rebuild(fm.eval_graphdef, p, st)}
-             if getattr(fm, "eval_graphdef", None) is not None else {})
-    return dataclasses.replace(fm, graphdef=rebuild(fm.graphdef, p, st), **extra), p, st
-
-
-def rebuild(graphdef: Any, params: Any, model_state: Any) -> Any:
-    """The graphdef of ``graphdef``'s module holding ``params`` / ``model_state`` of other widths: each Conv's and
-    Linear's feature counts, and a depthwise convolution's ``feature_group_count``, read off its new kernel."""
-    module = nnx.merge(graphdef, params, model_state)
-    for _, m in module.iter_modules():
-        if isinstance(m, nnx.Conv):
-            k = m.kernel.value.shape
-            if m.feature_group_count > 1 and k[-2] == 1:
-                m.feature_group_count = k[-1]
-            m.in_features, m.out_features, m.kernel_shape = k[-2] * m.feature_group_count, k[-1], k
-        elif isinstance(m, nnx.Linear):
-            m.in_features, m.out_features = m.kernel.value.shape
-    return nnx.split(module, nnx.Param, ...)[0]
-
-
-__all__ = ["Coupling", "check_groups", "coupled_groups", "rebuild", "slice_groups", "trace"]
+__all__ = ["Coupling", "check_groups", "coupled_groups", "trace"]

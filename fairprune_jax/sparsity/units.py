@@ -38,7 +38,7 @@ the jaxpr of the forward pass (``coupling.py``), or declared (:func:`traced_unit
 :func:`model_unit_groups`). A coupled group may have several producing kernels (``producers``: the branches of
 a residual addition, an attention head's query / key / value), ``units`` other than its kernel's last axis and
 ``inner`` positions per unit (an attention head of ``inner`` dims): one 0/1 vector over the units is spread on
-every member (:func:`unit_index`). Compaction (``compact.py``; ``coupling.slice_groups`` for traced models)
+every member (:func:`unit_index`). Compaction (``compact.py``; ``compact.slice_groups`` for traced models)
 removes them physically.
 """
 from __future__ import annotations
