@@ -372,6 +372,17 @@ def test_constraint_label_reads_data_dependent_defaults_from_a_finished_cell(tmp
     assert constraint_settings(cc)["fair_scratch"] == "penalty λ=0.1"
 
 
+def test_constraint_label_follows_the_fairness_mode_not_the_constraint_option():
+    """bifp's `constraint` and `tau` keep their defaults when `fairness_mode` turns the term off or makes it a
+    penalty: the table must say what ran (it said 'per_group, τ=0.05' for a cross-entropy-only variant)."""
+    from fairprune_jax.reporting.tables import constraint_label
+    base = {"constraint": "per_group", "tau": 0.05, "lam": 1.0}
+    assert constraint_label("bifp", {**base, "fairness_mode": "constraint"}) == "per_group, τ=0.05"
+    assert constraint_label("bifp", {**base, "fairness_mode": "none"}) is None
+    assert constraint_label("prune_then_fair", {**base, "fairness_mode": "penalty"}) == "penalty λ=1"
+    assert constraint_label("bifp", base) == "per_group, τ=0.05"          # cells from before the option
+
+
 def test_chosen_on_records_where_settings_were_chosen(tmp_path):
     """[chosen_on] names, per setting, the split (or rule) that chose it; anything else is refused up front."""
     cfg = tmp_path / "c.toml"

@@ -230,7 +230,10 @@ def constraint_label(method: str, opts: dict[str, Any]) -> str | None:
     if method == "el":
         return "L_g = L"
     if method in ("bifp", "prune_then_fair", "fair_then_prune") and "constraint" in opts:
-        if opts["constraint"] in (None, "none", "penalty"):
+        mode = opts.get("fairness_mode", "constraint")
+        if mode == "none":                  # cross-entropy only: no constraint, whatever tau says
+            return None
+        if mode == "penalty" or opts["constraint"] in (None, "none", "penalty"):
             return f"penalty λ={opts.get('lam'):g}" if opts.get("lam") is not None else None
         return f"{opts['constraint']}, τ={opts.get('tau'):g}"
     if method == "fair_scratch" and opts.get("lam"):
