@@ -136,13 +136,10 @@ def spread(g: UnitGroup, name: str, length: int, unit: Any) -> Any:
     """``unit`` spread over the axis of member or consumer ``name`` (``length`` positions): :func:`unit_index`
     where the group owns the whole axis; where ``name`` reads a concatenation, the unit values at the group's
     segments and 1 elsewhere (positions of the other inputs, which their own groups mask)."""
-    segs = g.segments_of(name)
-    if not segs:
+    if not g.segments_of(name):
         return unit_index(g, length, unit)
     n = unit.shape[0]
-    idx = np.full(length, n)
-    for a, b in segs:
-        idx[a:b] = (np.arange(b - a) // g.inner) % n
+    idx = _segment_index(g, name, length, n)
     if isinstance(unit, np.ndarray):
         return np.concatenate([unit, np.ones(1, unit.dtype)])[idx]
     return jnp.take(jnp.concatenate([unit, jnp.ones(1, unit.dtype)]), jnp.asarray(idx))
@@ -151,10 +148,16 @@ def spread(g: UnitGroup, name: str, length: int, unit: Any) -> Any:
 def gather_units(g: UnitGroup, name: str, per_position: Any, n: int) -> Any:
     """Sum a vector over ``name``'s axis into one value per unit of ``g`` (:func:`spread`'s adjoint for a
     segmented leaf: only the group's segments count)."""
-    idx = np.full(per_position.shape[0], n)
+    idx = _segment_index(g, name, per_position.shape[0], n)
+    return jax.ops.segment_sum(per_position, jnp.asarray(idx), num_segments=n + 1)[:n]
+
+
+def _segment_index(g: UnitGroup, name: str, length: int, n: int) -> np.ndarray:
+    """Per position of ``name``'s axis, the unit of ``g`` it holds, or ``n`` outside the group's segments."""
+    idx = np.full(length, n)
     for a, b in g.segments_of(name):
         idx[a:b] = (np.arange(b - a) // g.inner) % n
-    return jax.ops.segment_sum(per_position, jnp.asarray(idx), num_segments=n + 1)[:n]
+    return idx
 
 
 def replace_leaves(tree: Any, new: dict[str, Any]) -> Any:
