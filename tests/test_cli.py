@@ -360,7 +360,7 @@ def test_options_are_typed_frozen_dataclasses_parsed_once():
     ("fair_scratch", "penalty", "foo"), ("fair_scratch", "lam", "-1"), ("fair_scratch", "surrogate", "foo"),
     ("fair_scratch", "lam_warmup", "1.5"),
     ("fair_scratch", "out_bias", "learn"),
-    ("ceag", "dual_optimizer", "foo"), ("ceag", "mode", "foo"), ("ceag", "select", "foo"),
+    ("ceag", "dual_optimizer", "foo"), ("ceag", "order", "foo"), ("ceag", "select", "foo"),
     ("el", "dual_optimizer", "foo"), ("fairgrape", "keep_per_iter", "1.5"),
     ("bifp", "mask_grad", "foo"), ("bifp", "fairness_mode", "foo"), ("bifp", "one_sided", "maybe"),
     ("prune_then_fair", "dual_optimizer", "foo"), ("fair_then_prune", "multiplier_max", "lots"),

@@ -52,13 +52,13 @@ def make_problem(a, A, b):
     return problem_fn
 
 
-def run(problem_fn, dual, x0, steps, primal_lr, mode="alternating", dual_state=None):
+def run(problem_fn, dual, x0, steps, primal_lr, order="dual_primal", dual_state=None):
     primal_tx = optax.sgd(primal_lr)
     dual_state = dual.init() if dual_state is None else dual_state
 
     def body(carry, _):
         x, ost, ds = carry
-        x, ost, ds, info = C.constrained_step(problem_fn, x, ost, primal_tx, dual, ds, mode=mode)
+        x, ost, ds, info = C.constrained_step(problem_fn, x, ost, primal_tx, dual, ds, order=order)
         return (x, ost, ds), info.lagrangian
 
     (x, _, ds), _ = jax.jit(lambda c: jax.lax.scan(body, c, None, length=steps))(
@@ -88,12 +88,12 @@ def test_reference_problem_is_nondegenerate():
     assert np.all(g[2:] < -1.0)          # clearly inactive
 
 
-@pytest.mark.parametrize("mode", ["alternating", "simultaneous"])
-def test_inequality_gda_converges_to_kkt(mode):
+@pytest.mark.parametrize("order", ["dual_primal", "simultaneous"])
+def test_inequality_gda_converges_to_kkt(order):
     eq = np.zeros(5, bool)
     x_ref, lam_ref = qp_reference(A_VEC, A_QP, B_QP, eq)
     dual = C.dual_optimizer(5, learning_rate=0.05)
-    x, ds = run(make_problem(A_VEC, A_QP, B_QP), dual, jnp.zeros(3), 2000, 0.05, mode=mode)
+    x, ds = run(make_problem(A_VEC, A_QP, B_QP), dual, jnp.zeros(3), 2000, 0.05, order=order)
     lam = np.asarray(ds.multipliers)
     np.testing.assert_allclose(x, x_ref, atol=1e-4)
     np.testing.assert_allclose(lam, lam_ref, atol=1e-4)
@@ -310,10 +310,10 @@ def test_penalty_growth_rule():
 
 
 # ---------------------------------------------------------------------------
-# One step: alternating vs simultaneous, one forward pass
+# One step: dual_primal vs simultaneous, one forward pass
 # ---------------------------------------------------------------------------
 
-def test_alternating_uses_updated_multipliers_single_step():
+def test_dual_primal_uses_updated_multipliers_single_step():
     a = jnp.array([3.0, 2.0, 1.0])
     A = jnp.asarray(A_QP, jnp.float32)
     b = jnp.asarray(B_QP, jnp.float32)
@@ -330,7 +330,7 @@ def test_alternating_uses_updated_multipliers_single_step():
     ds = dual.init()
     x = jnp.array([2.0, -1.0, 0.5])
     grads = jax.jit(C.constrained_grads, static_argnums=(0, 2, 4))
-    g_alt, ds_alt, info_alt = grads(problem_fn, x, dual, ds, "alternating")
+    g_alt, ds_alt, info_alt = grads(problem_fn, x, dual, ds, "dual_primal")
     assert len(calls) == 1                                # ONE forward pass (traced once)
     g_sim, ds_sim, info_sim = grads(problem_fn, x, dual, ds, "simultaneous")
 
@@ -382,10 +382,10 @@ def test_constrained_step_augmented_alternating_matches_autodiff():
     assert bool(jnp.all(info.observed))
 
 
-def test_bad_mode_and_output_rejected():
+def test_bad_order_and_output_rejected():
     dual = C.dual_optimizer(1)
-    with pytest.raises(ValueError):
-        C.constrained_grads(lambda p: (p ** 2, p[None]), jnp.float32(1.0), dual, dual.init(), mode="x")
+    with pytest.raises(ValueError, match="dual_primal"):
+        C.constrained_grads(lambda p: (p ** 2, p[None]), jnp.float32(1.0), dual, dual.init(), order="x")
     with pytest.raises(TypeError):
         C.constrained_grads(lambda p: p ** 2, jnp.float32(1.0), dual, dual.init())
 

@@ -116,6 +116,8 @@ def test_dual_primal_grads_matches_constrained_grads():
         loss_g = jax.ops.segment_sum(per, g, K) / jax.ops.segment_sum(jnp.ones_like(per), g, K)
         return loss, loss_g - loss - 0.01, None, jnp.array([True, True, False, True]), {"n": 1}
 
+    # the methods' path (constrained.constrained_grads, here with the order's earlier name "alternating") and a
+    # user's (dual.dual_primal_grads) are one computation
     for order, mode in (("dual_primal", "alternating"), ("simultaneous", "simultaneous")):
         old = constrained.dual_optimizer(K, learning_rate=0.5)
         new = dual.Dual(K, tx=dual.ascent(learning_rate=0.5))

@@ -138,6 +138,21 @@ def test_unknown_method_option():
         run(cfg(method="ceag", method_options={"epsilon": 0.1}), toy())
 
 
+def test_renamed_option_names_its_new_name_and_old_order_value_still_reads():
+    """The dual step's ``mode`` option is now ``order`` (the names of dual.ORDERS): the old key is refused
+    with the new one named, and the old value ``alternating`` still means ``dual_primal``."""
+    from fairprune_jax.methods import get_method
+    with pytest.raises(ValueError, match=r"\['mode'\] \(mode is now called order\)"):
+        get_method("ceag").parse({"mode": "alternating"})
+    for m in ("ceag", "el", "bifp"):
+        assert get_method(m).parse({}).order == "dual_primal"
+        assert get_method(m).parse({"order": "alternating"}).order == "alternating"   # read as dual_primal
+    from fairprune_jax.constraints import dual
+    assert dual.order_name("alternating") == "dual_primal" and dual.order_name("simultaneous") == "simultaneous"
+    with pytest.raises(ValueError, match="dual_primal"):
+        dual.order_name("backwards")
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints and configs
 # ---------------------------------------------------------------------------

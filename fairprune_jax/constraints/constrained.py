@@ -32,9 +32,9 @@ pieces, in the spirit of optax:
   with respect to ``violation``.
 * :func:`constrained_grads` / :func:`constrained_step` -- one training step
   sharing ONE forward pass between the dual and the primal update, in
-  ``"alternating"`` (dual first, primal gradient with the NEW multipliers, as
-  the Balancing Act code does) or ``"simultaneous"`` (primal gradient with the
-  OLD multipliers) mode. The trick: the Lagrangian depends on the parameters
+  ``"dual_primal"`` order (dual first, primal gradient with the NEW multipliers,
+  as the Balancing Act code does) or ``"simultaneous"`` (primal gradient with
+  the OLD multipliers): :data:`dual.ORDERS`. The trick: the Lagrangian depends on the parameters
   only through ``(loss, violation)``, so a single ``jax.vjp`` of the problem
   function is taken, and its cotangent ``(1, dLagrangian/dviolation)`` is
   formed *after* the dual update. No second forward pass and no per-constraint
@@ -47,7 +47,7 @@ pieces, in the spirit of optax:
 Everything is a pytree of arrays (NamedTuples) and every function is jittable
 and free of Python loops over constraints, groups or samples.
 
-Example (alternating step, to be closed over in a method's jitted train step)::
+Example (dual-then-primal step, to be closed over in a method's jitted train step)::
 
     dual = dual_optimizer(num_groups, learning_rate=1e-2)      # inequalities
     dual_state = dual.init()
@@ -63,7 +63,7 @@ Example (alternating step, to be closed over in a method's jitted train step)::
     @jax.jit
     def train_step(params, opt_state, dual_state):
         return constrained_step(problem_fn, params, opt_state, primal_tx,
-                                dual, dual_state, mode="alternating")
+                                dual, dual_state, order="dual_primal")
 
 With replay buffers the problem function updates the buffer from the batch's
 per-sample correctness and returns it in ``aux``:
@@ -84,7 +84,8 @@ import optax
 
 from fairprune_jax.constraints.buffers import (GroupBuffer, _buffer_write_plan, buffer_init,  # noqa: F401
                                                buffer_means, buffer_update)
-from fairprune_jax.constraints.dual import Dual, DualOptimizer, capped, dual_optimizer, dual_primal_grads  # noqa: F401
+from fairprune_jax.constraints.dual import (ORDER_ALIASES, ORDERS, Dual, DualOptimizer, capped,  # noqa: F401
+                                            dual_optimizer, dual_primal_grads)
 from fairprune_jax.constraints.dual_ascent import NuPIState, nupi, select_observed  # noqa: F401
 from fairprune_jax.constraints.lagrangian import (CMPOutput, DualState, Multipliers, StepInfo,  # noqa: F401
                                                   _as_cmp, _terms, lagrangian, multiplier_weights,
@@ -97,7 +98,7 @@ __all__ = [
     "constrained_grads", "constrained_step", "buffer_init", "buffer_update", "buffer_means",
 ]
 
-MODES = ("alternating", "simultaneous")
+MODES = ORDERS  # the earlier name of dual.ORDERS
 
 
 # ---------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def constrained_grads(
     params: Any,
     dual: Dual,
     dual_state: DualState,
-    mode: str = "alternating",
+    order: str = "dual_primal",
 ) -> tuple[Any, DualState, StepInfo]:
     """Primal gradient of the Lagrangian and the new dual state, ONE forward pass.
 
@@ -118,16 +119,14 @@ def constrained_grads(
     under ``jax.vjp``; the dual state is updated from ``strict_violation`` and
     ``observed``; then the gradient of :func:`lagrangian` w.r.t. ``params`` is
     obtained by pulling back the cotangent ``(1, multiplier_weights(violation,
-    state))``, where ``state`` is the NEW dual state (``"alternating"``:
-    dual-then-primal) or the OLD one (``"simultaneous"``).
+    state))``, where ``state`` is the NEW dual state (``"dual_primal"``) or the
+    OLD one (``"simultaneous"``); ``order`` is one of :data:`dual.ORDERS` (the
+    earlier ``"alternating"`` still reads as ``"dual_primal"``).
 
     Returns ``(grads, new_dual_state, info)``; apply ``grads`` with any primal
     optimizer (after masking them for pruning, for instance).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return dual_primal_grads(problem_fn, params, dual, dual_state,
-                             "dual_primal" if mode == "alternating" else "simultaneous")
+    return dual_primal_grads(problem_fn, params, dual, dual_state, order)
 
 
 def constrained_step(
@@ -137,13 +136,13 @@ def constrained_step(
     primal_tx: optax.GradientTransformation,
     dual: Dual,
     dual_state: DualState,
-    mode: str = "alternating",
+    order: str = "dual_primal",
 ) -> tuple[Any, optax.OptState, DualState, StepInfo]:
     """:func:`constrained_grads` followed by the primal ``primal_tx`` update.
 
     Returns ``(params, primal_opt_state, dual_state, info)``.
     """
-    grads, dual_state, info = constrained_grads(problem_fn, params, dual, dual_state, mode)
+    grads, dual_state, info = constrained_grads(problem_fn, params, dual, dual_state, order)
     updates, primal_opt_state = primal_tx.update(grads, primal_opt_state, params)
     return optax.apply_updates(params, updates), primal_opt_state, dual_state, info
 
@@ -162,7 +161,7 @@ class DualOptions:
 
     dual_lr: float = 1e-2
     dual_optimizer: str = "sgd"             # DUAL_OPTIMIZERS
-    mode: str = "alternating"               # MODES
+    order: str = "dual_primal"              # dual.ORDERS
     augmented: bool = False
     nupi_kp: float = 1.0
     nupi_nu: float = 0.0
@@ -174,8 +173,8 @@ def check_dual_options(opts: DualOptions, method: str = "") -> None:
     if opts.dual_optimizer not in DUAL_OPTIMIZERS:
         raise ValueError(f"{prefix}unknown dual_optimizer {opts.dual_optimizer!r}; valid: "
                          f"{', '.join(DUAL_OPTIMIZERS)}")
-    if opts.mode not in MODES:
-        raise ValueError(f"{prefix}unknown mode {opts.mode!r}; valid: {', '.join(MODES)}")
+    if ORDER_ALIASES.get(opts.order, opts.order) not in ORDERS:
+        raise ValueError(f"{prefix}unknown order {opts.order!r}; valid: {', '.join(ORDERS)}")
     if not opts.dual_lr > 0:
         raise ValueError(f"{prefix}dual_lr must be > 0; got {opts.dual_lr}")
 

@@ -51,9 +51,23 @@ from fairprune_jax.constraints.lagrangian import (DualState, StepInfo, _as_cmp, 
                                                   project_multipliers)
 
 __all__ = ["ascent", "project", "only_observed", "Constraint", "Lagrangian", "Augmented", "Dual",
-           "MultiplierState", "dual_primal_grads", "ORDERS", "dual_optimizer", "capped", "DualOptimizer"]
+           "MultiplierState", "dual_primal_grads", "ORDERS", "ORDER_ALIASES", "order_name", "dual_optimizer", "capped", "DualOptimizer"]
 
+#: The order of a step's dual and primal updates: ``dual_primal`` (the dual step first, the primal gradient with
+#: the NEW multipliers, as the Balancing Act code and cooper's alternating optimizer do) or ``simultaneous`` (the
+#: primal gradient with the OLD multipliers). One list for the methods' ``order`` option and a user's own loop.
 ORDERS = ("dual_primal", "simultaneous")
+#: Earlier names of an order, still read (the methods' option was ``mode = "alternating"``).
+ORDER_ALIASES = {"alternating": "dual_primal"}
+
+
+def order_name(order: str) -> str:
+    """``order`` as one of :data:`ORDERS` (an earlier name of :data:`ORDER_ALIASES` mapped to its current one);
+    anything else is an error naming the valid orders."""
+    name = ORDER_ALIASES.get(order, order)
+    if name not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return name
 
 
 # ---------------------------------------------------------------------------
@@ -334,8 +348,7 @@ def dual_primal_grads(problem_fn: Callable[[Any], Any], params: Any, dual: Dual,
     updated from the strict violations, and the cotangent ``(1, dual.weights(violation, state))`` is pulled
     back with the NEW state (``"dual_primal"``) or the OLD one (``"simultaneous"``).
     """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    order = order_name(order)
 
     def split(p):
         out = _as_cmp(problem_fn(p))

@@ -46,6 +46,9 @@ SEED_STREAMS = {
     "ceag_val_order": 0,        # the order in which CEAG refreshes its held-out estimates
 }
 
+#: Options that were renamed: the old name -> the new one (an old name is refused with the new one in the message).
+RENAMED_OPTIONS = {"mode": "order"}
+
 #: Named streams derived otherwise (kept for the committed results): ``"hashed"`` is
 #: ``data.base.derived_seed(seed, n)``; ``"sequence"`` is numpy's ``SeedSequence([seed, n])`` (a Generator only).
 DERIVED_STREAMS = {
@@ -336,7 +339,10 @@ class Method:
         unknown = set(given) - set(self.options)
         if unknown:
             valid = ", ".join(sorted(self.options)) or "(none)"
-            raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}; valid options: {valid}")
+            renamed = [f"{k} is now called {RENAMED_OPTIONS[k]}" for k in sorted(unknown)
+                       if RENAMED_OPTIONS.get(k) in self.options]
+            raise ValueError(f"method {self.name!r} has no option(s) {sorted(unknown)}"
+                             f"{' (' + '; '.join(renamed) + ')' if renamed else ''}; valid options: {valid}")
         types_ = typing.get_type_hints(self.options_type)
         values = {}
         for k, v in given.items():

@@ -51,7 +51,7 @@ multi-class data such as digits where the groups are the classes),
 (``per_group`` | ``max_gap``), ``lam``, ``tau``, ``strict_decay``,
 ``min_rows``, ``multiplier_max``, ``one_sided``, ``strict`` / ``buffer_size`` / ``reduce``
 (``max_gap`` only) and the dual-optimizer options (``dual_lr``,
-``dual_optimizer``, ``mode``, ``augmented``, ``nupi_kp``, ``nupi_nu``).
+``dual_optimizer``, ``order``, ``augmented``, ``nupi_kp``, ``nupi_nu``).
 ``one_sided`` and ``multiplier_max`` default to ``auto``: for ``dp`` / ``eo``
 a two-sided bound ``|r_a - r| <= tau/2`` with multipliers capped at 5; for
 ``ap`` a one-sided bound ``r_a - r <= tau/2`` (no class's error more than
@@ -183,7 +183,7 @@ def fairness_spec(ctx: Context, opts: FairOptions, steps: int) -> bilevel.Fairne
     return bilevel.Fairness(surrogate=name, mode=mode, num_groups=groups,
                             positive_label=ctx.settings.positive_label, lam=opts.lam, tau=opts.tau,
                             strict=opts.strict, buffer_size=opts.buffer_size, reduce=opts.reduce, dual=dual,
-                            dual_mode=opts.mode, constraint=opts.constraint, strict_decay=opts.strict_decay,
+                            dual_order=opts.order, constraint=opts.constraint, strict_decay=opts.strict_decay,
                             min_rows=opts.min_rows, one_sided=one_sided(opts, name))
 
 

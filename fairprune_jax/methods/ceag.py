@@ -257,7 +257,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         eps_g = np.broadcast_to(np.asarray(eps_aim, np.float64), (G,)).copy()
         info.update(buffer_size=k, overall_buffer_size=k_all)
     state = ctx.masked_state(start, start.masks, tx, extra=extra).with_dual(dual.init())
-    step = make_constrained_step(ctx, tx, dual, terms, opts.mode, pre=pre, distill=opts.distill)
+    step = make_constrained_step(ctx, tx, dual, terms, opts.order, pre=pre, distill=opts.distill)
     # the returned model: the most accurate checkpoint that meets the bound on the rows the constraint reads
     # (held-out rows, or the whole training split, evaluated exactly), else the least violating (select=last:
     # the last one, the paper's)

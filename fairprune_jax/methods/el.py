@@ -57,7 +57,7 @@ def el(ctx: Context, dense: TrainState, opts: ElOptions) -> tuple[TrainState, di
         extra = extra.replace(buffer=constrained.buffer_init(G, opts.buffer_size),
                               overall=constrained.buffer_init(1, 10 * opts.buffer_size))
     state = ctx.masked_state(start, start.masks, tx, extra=extra).with_dual(dual.init())
-    step = make_constrained_step(ctx, tx, dual, el_terms(G, opts.buffers), opts.mode, distill=opts.distill)
+    step = make_constrained_step(ctx, tx, dual, el_terms(G, opts.buffers), opts.order, distill=opts.distill)
     state, hist = ctx.finetune(state, tx, step_fn=step, desc="fine-tune (el)")
     info.update(history=hist, multipliers=np.asarray(state.dual.multipliers).tolist())
     return without_teacher(state), info

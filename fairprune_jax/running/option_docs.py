@@ -21,8 +21,8 @@ OPTION_DOCS: dict[str, str] = {
                "reads every training row, constraint_data=train_all; the bifp family's auto: 0.1 for a constrained "
                "phase of up to 500 steps, 0.1 * 500 / steps for a longer one)",
     "dual_optimizer": "how the multipliers move: sgd (gradient ascent), nupi (nuPI controller), adam",
-    "mode": "alternating (the dual step first, the primal gradient with the new multipliers) or simultaneous "
-            "(both from the same point)",
+    "order": "dual_primal (the dual step first, the primal gradient with the new multipliers) or simultaneous "
+             "(both from the same point); this option was called mode, with dual_primal called alternating",
     "augmented": "add the augmented-Lagrangian quadratic penalty on the violations",
     "nupi_kp": "nuPI's proportional gain (dual_optimizer=nupi)",
     "nupi_nu": "nuPI's momentum on the violation (dual_optimizer=nupi)",

@@ -80,7 +80,7 @@ class Fairness:
     buffer_size: int = 40
     reduce: str = "max_gap"
     dual: constrained.DualOptimizer | None = None
-    dual_mode: str = "alternating"
+    dual_order: str = "dual_primal"          # dual.ORDERS
     constraint: str = "per_group"
     strict_decay: float = 0.99
     min_rows: float = 200.0
@@ -99,8 +99,8 @@ class Fairness:
                 raise ValueError("fairness_mode='constraint' needs a dual optimizer")
             if int(self.buffer_size) < 1:
                 raise ValueError(f"buffer_size must be >= 1; got {self.buffer_size}")
-            if self.dual_mode not in constrained.MODES:
-                raise ValueError(f"unknown mode {self.dual_mode!r}; valid: {', '.join(constrained.MODES)}")
+            if constrained.ORDER_ALIASES.get(self.dual_order, self.dual_order) not in constrained.ORDERS:
+                raise ValueError(f"unknown order {self.dual_order!r}; valid: {', '.join(constrained.ORDERS)}")
             if self.constraint not in CONSTRAINTS:
                 raise ValueError(f"unknown constraint {self.constraint!r}; valid: {', '.join(CONSTRAINTS)}")
             if not 0.0 <= float(self.strict_decay) < 1.0:
@@ -330,7 +330,7 @@ def objective_grads(spec: Fairness, forward: Forward, z: Any, batch: dict, fair_
         return ce, violation(fair, logits), strict, observed, (fair, logits, new_ms, est)
 
     grads, new_dual, info = constrained.constrained_grads(problem, z, spec.dual, fair_extra.dual,
-                                                          spec.dual_mode)
+                                                          spec.dual_order)
     fair, logits, new_ms, est = info.aux
     worst = jnp.max(jnp.where(info.observed, info.strict_violation, -jnp.inf))
     new_fair = FairState(dual=new_dual, ema=est) if per_group else FairState(dual=new_dual, buffer=est)

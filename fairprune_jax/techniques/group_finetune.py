@@ -36,7 +36,7 @@ ProblemTerms = Callable[[jax.Array, jax.Array, jax.Array, dict, dict], tuple]
 
 
 def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: constrained.DualOptimizer,
-                          terms: ProblemTerms, mode: str, pre: Callable | None = None,
+                          terms: ProblemTerms, order: str, pre: Callable | None = None,
                           distill: float = 0.0) -> Callable:
     """Jitted ``(state, batch) -> (state, stats)`` for a group-constrained fine-tuning step.
 
@@ -62,7 +62,7 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
             return (loss + distill_loss(logits, batch), violation, strict, observed,
                     (logits, new_ms, correct, new_extra))
 
-        grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.dual, mode)
+        grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.dual, order)
         logits, new_ms, correct, new_extra = info.aux
         new_extra = dict(new_extra)
         group_acc = new_extra.pop("group_accuracy", None)   # what the dual step read, for tracking only
