@@ -39,3 +39,36 @@ def test_committed_digits_cells_reproduce_bit_for_bit(grid, methods, sparsities)
                         sparsities=sparsities)
     bad = {cell: rep.failures(d)[:5] for cell, d in res.items() if rep.failures(d)}
     assert res and not bad, bad
+
+
+def test_select_on_val_chooses_on_validation_columns_only_and_refuses_a_collapsed_cell(tmp_path, capsys):
+    """experiments/select_on_val.py: the lowest mean validation metric among candidates accurate enough; a
+    candidate with one cell far below the base's same cell is refused with --cell-tolerance; a test column
+    cannot be the metric."""
+    import csv
+    spec = importlib.util.spec_from_file_location("select_on_val", ROOT / "experiments" / "select_on_val.py")
+    sel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sel)
+    (tmp_path / "g.toml").write_text('name = "g"\ndataset = "adult"\nmethods = ["sm", "a", "b"]\nsparsities = [0.8]\n'
+                                     'seeds = [0, 1]\nout = "res"\n[variants.sm]\nmethod = "structured_magnitude"\n'
+                                     '[variants.a]\nmethod = "bifp"\n[variants.b]\nmethod = "bifp"\n')
+    (tmp_path / "res").mkdir()
+    rows = [  # (entry, seed, val acc, val eo, test eo)
+        ("sm", 0, 0.85, 0.08, 0.08), ("sm", 1, 0.85, 0.08, 0.08),
+        ("a", 0, 0.85, 0.06, 0.50), ("a", 1, 0.84, 0.06, 0.50),      # lower val EO, all cells close
+        ("b", 0, 0.85, 0.03, 0.01), ("b", 1, 0.80, 0.00, 0.00)]      # lowest val EO, one collapsed cell
+    with (tmp_path / "res" / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "sparsity", "seed", "val_accuracy", "val_eo_diff", "test_accuracy", "test_eo_diff"])
+        for e, s, acc, eo, teo in rows:
+            w.writerow([e, 0.8, s, acc, eo, acc, teo])
+    cfg = str(tmp_path / "g.toml")
+    assert sel.main([cfg, "--base", "sm", "--metric", "val_eo_diff", "--accuracy-tolerance", "0.03",
+                     "--candidates", "a", "b"]) == 0
+    assert "chosen on validation: b" in capsys.readouterr().out          # the mean alone lets b through
+    assert sel.main([cfg, "--base", "sm", "--metric", "val_eo_diff", "--accuracy-tolerance", "0.03",
+                     "--cell-tolerance", "0.03", "--candidates", "a", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen on validation: a" in out and "test_eo_diff 0.5000" in out  # a's test numbers, read after
+    with pytest.raises(SystemExit):
+        sel.main([cfg, "--base", "sm", "--metric", "test_eo_diff", "--candidates", "a", "b"])

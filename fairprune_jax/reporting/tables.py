@@ -14,6 +14,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "train_accuracy": ("Train accuracy", "Train acc."),
     "val_accuracy": ("Validation accuracy", "Val. acc."),
     "val_psi_upper": ("Certified max ψ_g (val)", r"Cert. $\max_g \psi_g$ (val)"),
+    "val_dp_diff": ("DP difference (val)", "DP diff. (val)"),
+    "val_eo_diff": ("EO difference (val)", "EO diff. (val)"),
     "dense_test_accuracy": ("Dense accuracy", "Dense acc."),
     "accuracy_drop": ("Accuracy drop", "Acc. drop"),
     "train_max_psi": ("Max ψ_g (train)", r"$\max_g \psi_g$ (train)"),
@@ -41,7 +43,7 @@ HIGHER_IS_BETTER = {"test_accuracy", "train_accuracy", "val_accuracy", "test_cer
 #: never marked best (not a quality) or not comparable across rows
 NOT_RANKED = {"degenerate", "dense_test_accuracy", "test_psi_floor"}
 #: meaningless when the protected groups are the classes (P(pred = positive class) per class)
-BINARY_PARITY = ["test_dp_diff", "test_eo_diff"]
+BINARY_PARITY = ["test_dp_diff", "test_eo_diff", "val_dp_diff", "val_eo_diff"]
 #: columns whose dense value is 0 by definition (psi compares a model with the dense one) or undefined
 NOT_FOR_DENSE = {"train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_spread", "test_certified_share",
                  "test_violated_groups", "test_psi_upper", "val_psi_upper", "test_psi_floor", "test_flip_rate", "no_violated_group", "train_psi_within_tol",

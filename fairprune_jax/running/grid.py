@@ -59,6 +59,8 @@ METRICS: dict[str, tuple[str, tuple]] = {
     # the same on the validation split (when the grid holds one out): what settings are chosen on
     "val_accuracy": ("val", ("accuracy",)),
     "val_psi_upper": ("val", ("certificate", "certified_max_psi")),
+    "val_dp_diff": ("val", ("demographic_parity_difference", "between_groups")),
+    "val_eo_diff": ("val", ("equalized_odds_difference", "between_groups", "worst_case")),
 }
 #: per-row flags shown as "k/n seeds" in the tables
 FLAG_COLUMNS = ["degenerate", "no_violated_group"]
