@@ -44,7 +44,7 @@ def pytest_configure(config):
 
 #: The longest test files, longest first (measured with --durations; xdist's --dist loadfile hands files to the
 #: workers in collection order, so starting with these keeps one worker from running a long file at the end).
-LONG_FILES = ["test_every_dataset.py", "test_native_datasets.py", "test_prune_api.py", "test_lottery.py", "test_compare.py", "test_bifp.py",
+LONG_FILES = ["test_paper_settings.py", "test_every_dataset.py", "test_native_datasets.py", "test_prune_api.py", "test_lottery.py", "test_compare.py", "test_bifp.py",
               "test_checkpoint.py", "test_notebook.py", "test_distributed.py", "test_accelerator_smoke.py",
               "test_readme_examples.py", "test_cli.py", "test_masks.py", "test_seeds.py"]
 
