@@ -51,7 +51,10 @@ multi-class data such as digits where the groups are the classes),
 (``per_group`` | ``max_gap``), ``lam``, ``tau``, ``strict_decay``,
 ``min_rows``, ``multiplier_max``, ``one_sided``, ``strict`` / ``buffer_size`` / ``reduce``
 (``max_gap`` only) and the dual-optimizer options (``dual_lr``,
-``dual_optimizer``, ``order``, ``augmented``, ``nupi_kp``, ``nupi_nu``).
+``dual_optimizer``, ``order``, ``augmented``, ``nupi_kp``, ``nupi_nu``). ``collapse_guard`` (on by default):
+a constrained or penalised phase that ends at a constant classifier (one class for 98% or more of the training
+rows, which meets any parity bound) returns its last epoch's model that was not one, with a warning and
+``info["collapse_guard"]`` (:mod:`fairprune_jax.techniques.collapse_guard`).
 ``one_sided`` and ``multiplier_max`` default to ``auto``: for ``dp`` / ``eo``
 a two-sided bound ``|r_a - r| <= tau/2`` with multipliers capped at 5; for
 ``ap`` a one-sided bound ``r_a - r <= tau/2`` (no class's error more than
@@ -69,6 +72,7 @@ import numpy as np
 import optax
 
 from fairprune_jax.techniques import bilevel
+from fairprune_jax.techniques.collapse_guard import CollapseGuard
 from fairprune_jax.sparsity import compact
 from fairprune_jax.constraints import constrained
 from fairprune_jax.sparsity.masks import apply_masks, named_leaves
@@ -93,6 +97,7 @@ class FairOptions(constrained.DualOptions):
     buffer_size: int = 40
     reduce: str = "max_gap"
     dual_lr: float | str = "auto"           # a number, or auto (fair_dual_lr: 0.1 for runs of up to 500 steps)
+    collapse_guard: bool = True             # return the last epoch's model that is not a constant classifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +190,17 @@ def fairness_spec(ctx: Context, opts: FairOptions, steps: int) -> bilevel.Fairne
                             strict=opts.strict, buffer_size=opts.buffer_size, reduce=opts.reduce, dual=dual,
                             dual_order=opts.order, constraint=opts.constraint, strict_decay=opts.strict_decay,
                             min_rows=opts.min_rows, one_sided=one_sided(opts, name))
+
+
+def collapse_guard(ctx: Context, opts: FairOptions, spec: bilevel.Fairness, dense: TrainState,
+                   what: str) -> CollapseGuard | None:
+    """The constant-classifier guard of a constrained (or penalised) phase (``collapse_guard``, on by default),
+    referenced to the dense model: a phase that ends at one class for nearly every training row returns its last
+    epoch that did not (:mod:`techniques.collapse_guard`). None without a fairness term or with the option off."""
+    if not opts.collapse_guard or spec.mode == "none":
+        return None
+    return CollapseGuard(ctx.fm, ctx.dataset.train, dense, ctx.steps_per_epoch, ctx.settings.eval_batch_size,
+                         what=what)
 
 
 def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list]:
@@ -326,10 +342,15 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
                                      augment=ctx.augment)
     hist: dict = {}
     hook, mult_hist = multiplier_recorder(ctx, spec)
+    guard = collapse_guard(ctx, opts, spec, dense, "bifp's bi-level search")
+    guarded = None
     if epochs > 0:
         state, hist = fit(state, step, ctx.dataset.train, epochs=epochs, batch_size=cfg.batch_size,
-                          seed=ctx.stream_seed("finetune_batches"), desc="bifp (bi-level)", progress=cfg.progress, hook=hook)
-    final = state.masks                                   # the top-k of the final scores
+                          seed=ctx.stream_seed("finetune_batches"), desc="bifp (bi-level)", progress=cfg.progress,
+                          hook=guard.hook(hook) if guard else hook)
+        if guard:
+            state, guarded = guard.finish(state)
+    final = state.masks                                   # the top-k of the final scores (or the guard's epoch)
     named_final = dict(named_leaves(bilevel.unit_vectors(final, start_units, groups)))
     changed = int(sum(np.abs(np.asarray(named_final[n]) - u).sum() for n, u in start_units.items()) // 2)
     pruned = state.replace(params=apply_masks(state.params, final), masks=final,
@@ -342,6 +363,8 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
     if spec.mode == "constraint":
         mult_hist.append(np.round(np.asarray(state.dual.multipliers), 4).tolist())
         info["multiplier_history"] = mult_hist
+    if guarded is not None:
+        info["collapse_guard"] = guarded
     if opts.retrain_epochs > 0:
         r_epochs = opts.retrain_epochs
         tx = _weight_tx(ctx, opts, r_epochs)
@@ -380,13 +403,19 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple
     tx = ctx.finetune_tx()
     state = _fair_state(ctx, dense, masks, tx, spec)
     hook, mult_hist = multiplier_recorder(ctx, spec)
+    guard = collapse_guard(ctx, opts, spec, dense, "prune_then_fair's fine-tuning")
     state, hist = ctx.finetune(state, tx, step_fn=bilevel.make_fair_step(ctx.fm, spec, tx, augment=ctx.augment),
-                               desc="fine-tune (fair)", hook=hook)
+                               desc="fine-tune (fair)", hook=guard.hook(hook) if guard else hook)
+    guarded = None
+    if guard:
+        state, guarded = guard.finish(state)
     info = {"options": dataclasses.asdict(opts), "fairness": spec.surrogate, "history": hist, "structured": True,
             "dual_lr_used": fair_dual_lr(opts, steps), "kept_units": kept_units(state.masks, groups),
             **_fair_info(ctx, spec, state)}
     if spec.mode == "constraint":
         info["multiplier_history"] = mult_hist + [info["multipliers"]]
+    if guarded is not None:
+        info["collapse_guard"] = guarded
     return state.replace(extra=None), info
 
 
@@ -403,9 +432,14 @@ def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions)
     if fair_epochs > 0:
         tx = ctx.finetune_tx(epochs=fair_epochs)
         state = _fair_state(ctx, dense, None, tx, spec)
+        guard = collapse_guard(ctx, opts, spec, dense, "fair_then_prune's fair training")
         start, info["fair_history"] = ctx.finetune(
             state, tx, epochs=fair_epochs, step_fn=bilevel.make_fair_step(ctx.fm, spec, tx, augment=ctx.augment),
-            desc="fair training (dense)")
+            desc="fair training (dense)", hook=guard.hook() if guard else None)
+        if guard:
+            start, guarded = guard.finish(start)
+            if guarded is not None:
+                info["collapse_guard"] = guarded
         info["dense_fair"] = _fair_info(ctx, spec, start)
     masks = l1_structured_masks(ctx, start.params, groups, template)
     tx = ctx.finetune_tx()

@@ -70,6 +70,9 @@ OPTION_DOCS: dict[str, str] = {
     "tau": "the fairness bound: every group's rate within tau/2 of the overall rate",
     "strict_decay": "decay of the moving averages of per-group counts the dual step reads",
     "min_rows": "effective rows a group needs in those averages before its constraint is observed",
+    "collapse_guard": "if the constrained phase ends at a constant classifier (one class for 98% or more of the "
+                      "training rows, which meets any parity bound), return its last epoch's model that was not one, "
+                      "with a warning (false: the final model)",
     "multiplier_max": "cap on each multiplier (auto: 5 for dp / eo, 1/groups for ap; inf: no cap)",
     "one_sided": "bound only the rate above the overall (auto: true for ap, false for dp / eo)",
     "strict": "constraint=max_gap: the dual step reads the hard metric (metric) or the surrogate",

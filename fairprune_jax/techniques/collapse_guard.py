@@ -1,0 +1,95 @@
+"""A guard against the constant classifier for fairness-constrained training (the bifp family's constrained phases).
+
+A classifier that predicts one class for every row meets any demographic-parity or equalized-odds bound, so a
+fairness constraint pushed hard enough (a tight ``tau``, a fast dual step, a surrogate that bounds the hard rates
+from above such as ``eo_hinge``) can end there: on Adult at the command line's defaults, bifp with ``eo_hinge``
+ended at it in 1 of 9 validation cells and prune_then_fair with ``eo_hinge`` in 1 of 9 full-data cells
+(``experiments/bifp_adult_eo_select.toml``). The guard watches the share of the most frequent prediction on a
+fixed sample of training rows (never validation or test rows): at each epoch's end it keeps a host copy of the
+model (weights, model state and masks) while that share stays below ``certify.DEGENERATE_SHARE``; if the phase
+ends above it, :meth:`CollapseGuard.finish` returns the last kept model, says so once as a warning and records
+it in the method's info. A model that was degenerate before the phase (a data set whose majority class is that
+large) is not guarded. Training itself is untouched: the guard only reads the state between steps, so a run
+that never collapses returns bit for bit what it returned without the guard.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from fairprune_jax.core.notices import warn
+from fairprune_jax.data import Split
+from fairprune_jax.metrics.certify import DEGENERATE_SHARE
+from fairprune_jax.training.evaluation import logits_step, rows_over_split
+from fairprune_jax.training.train import TrainState
+
+#: training rows the guard predicts on (evenly spaced over the training split, the same rows at every check)
+GUARD_ROWS = 4096
+
+
+class CollapseGuard:
+    """Keep the last epoch's model that is not a constant classifier; see the module doc.
+
+    ``guard = CollapseGuard(fm, train, start, steps_per_epoch, eval_batch_size, what="bifp")``; pass
+    ``guard.hook(other_hook)`` as ``fit``'s hook; ``state, info = guard.finish(state)`` after the phase.
+    """
+
+    def __init__(self, fm: Any, train: Split, start: TrainState, steps_per_epoch: int, eval_batch_size: int = 512,
+                 *, what: str = "the constrained phase", rows: int = GUARD_ROWS):
+        n = len(train)
+        idx = np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))
+        self.rows = train.take(idx)
+        self.fm, self.what = fm, what
+        self.spe = max(int(steps_per_epoch), 1)
+        self.batch = int(eval_batch_size)
+        self.start_share = self.top_share(start)
+        self.active = self.start_share < DEGENERATE_SHARE
+        self.kept: tuple | None = None
+        self.kept_epoch: int | None = None
+
+    def top_share(self, state: TrainState) -> float:
+        """Share of the guard's training rows given the most frequent prediction (evaluation mode)."""
+        logits = rows_over_split(logits_step(self.fm), (state.params, state.masks, state.model_state), self.rows,
+                                 self.batch)
+        counts = np.bincount(np.argmax(logits, axis=-1))
+        return float(counts.max() / max(counts.sum(), 1))
+
+    def hook(self, inner: Callable | None = None) -> Callable:
+        """A ``fit`` hook: ``inner`` first (if any), then, at every epoch's end, the model kept while it is not
+        degenerate. Keeps host state, so its phase restarts rather than resumes (as any such hook)."""
+        def hook(state: TrainState, step: int) -> TrainState:
+            if inner is not None:
+                state = inner(state, step)
+            if self.active and step > 0 and step % self.spe == 0 and self.top_share(state) < DEGENERATE_SHARE:
+                self.kept = jax.device_get((state.params, state.model_state, state.masks))
+                self.kept_epoch = step // self.spe
+            return state
+        return hook
+
+    def finish(self, state: TrainState) -> tuple[TrainState, dict | None]:
+        """``(state, info)``: the phase's final state, or the last kept one when the final one predicts one class
+        for at least ``DEGENERATE_SHARE`` of the guard's rows; ``info`` says what happened (None when the guard
+        was not active or the final model is not degenerate)."""
+        if not self.active:
+            return state, None
+        share = self.top_share(state)
+        if share < DEGENERATE_SHARE:
+            return state, None
+        info = {"final_top_share": round(share, 4), "start_top_share": round(self.start_share, 4),
+                "restored_epoch": self.kept_epoch}
+        if self.kept is None:
+            warn(f"{self.what} ended at a constant classifier (one class for {share:.1%} of training rows) and "
+                 f"no epoch before it was not one; returned as it is")
+            return state, info
+        params, model_state, masks = self.kept
+        warn(f"{self.what} ended at a constant classifier (one class for {share:.1%} of training rows, which "
+             f"meets any parity bound); returned the model of epoch {self.kept_epoch}, the last that was not "
+             f"one. A looser tau, a smaller dual_lr or the default surrogate avoid it; collapse_guard=false "
+             f"returns the final model")
+        params, model_state, masks = jax.device_put((params, model_state, masks))
+        return state.replace(params=params, model_state=model_state, masks=masks), info
+
+
+__all__ = ["CollapseGuard", "GUARD_ROWS"]

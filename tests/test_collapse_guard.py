@@ -1,0 +1,72 @@
+"""The bifp family's constant-classifier guard (techniques/collapse_guard.py): it keeps the last epoch's model
+that is not degenerate on training rows and returns it when the phase ends at a constant classifier, with a
+warning; it leaves a phase that does not collapse untouched and does nothing for a start that is already
+degenerate."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fairprune_jax.core.notices import FairpruneWarning
+from fairprune_jax.data import Split
+from fairprune_jax.models import build_model
+from fairprune_jax.techniques.collapse_guard import CollapseGuard
+from fairprune_jax.training.train import create_state
+
+
+def _setup():
+    fm, params, ms = build_model("mlp", (10,), 3, seed=0, hidden=(8, 6))
+    rng = np.random.default_rng(0)
+    train = Split(rng.normal(size=(600, 10)) * 3.0, rng.integers(0, 3, 600), rng.integers(0, 2, 600))
+    state = create_state(params, ms, optax.sgd(0.1))
+    return fm, train, state
+
+
+def _with_head_bias(state, bias):
+    params = jax.tree.map(lambda x: x, state.params)
+    params["head"]["bias"] = jnp.asarray(bias, jnp.float32)
+    return state.replace(params=params)
+
+
+def test_guard_returns_the_last_epoch_that_was_not_a_constant_classifier():
+    fm, train, state = _setup()
+    guard = CollapseGuard(fm, train, state, steps_per_epoch=5, what="the test phase")
+    assert guard.active and guard.start_share < 0.98
+    hook = guard.hook()
+    epoch1 = _with_head_bias(state, [0.1, 0.0, -0.1])
+    assert hook(epoch1, 5) is epoch1 and guard.kept_epoch == 1            # epoch 1 ends: kept
+    assert hook(epoch1, 7) is epoch1 and guard.kept_epoch == 1            # not an epoch's end: nothing
+    collapsed = _with_head_bias(state, [100.0, 0.0, 0.0])                 # class 0 for every row
+    assert guard.top_share(collapsed) == 1.0
+    hook(collapsed, 10)                                                    # epoch 2 collapsed: not kept
+    assert guard.kept_epoch == 1
+    with pytest.warns(FairpruneWarning, match="epoch 1, the last that was not"):
+        back, info = guard.finish(collapsed)
+    assert info == {"final_top_share": 1.0, "start_top_share": round(guard.start_share, 4), "restored_epoch": 1}
+    np.testing.assert_array_equal(np.asarray(back.params["head"]["bias"]), np.float32([0.1, 0.0, -0.1]))
+    assert int(back.step) == int(collapsed.step)                           # the rest of the state is the phase's
+
+
+def test_guard_leaves_a_phase_that_did_not_collapse_and_a_degenerate_start_alone():
+    fm, train, state = _setup()
+    guard = CollapseGuard(fm, train, state, steps_per_epoch=5)
+    same, info = guard.finish(state)
+    assert same is state and info is None
+    start = _with_head_bias(state, [0.0, 100.0, 0.0])                      # degenerate before the phase
+    guard = CollapseGuard(fm, train, start, steps_per_epoch=5)
+    assert not guard.active
+    guard.hook()(start, 5)
+    assert guard.kept is None and guard.finish(start) == (start, None)
+
+
+def test_no_earlier_epoch_to_return_says_so():
+    fm, train, state = _setup()
+    guard = CollapseGuard(fm, train, state, steps_per_epoch=5, what="the test phase")
+    collapsed = _with_head_bias(state, [0.0, 0.0, 100.0])
+    guard.hook()(collapsed, 5)
+    with pytest.warns(FairpruneWarning, match="no epoch before it"):
+        back, info = guard.finish(collapsed)
+    assert back is collapsed and info["restored_epoch"] is None
