@@ -578,3 +578,21 @@ def test_dual_lr_auto_is_sized_to_the_run():
         method.check(method.parse({"dual_lr": "0.05"}))
         with _pytest.raises(ValueError, match="dual_lr"):
             method.check(method.parse({"dual_lr": "fast"}))
+
+
+def test_fairness_auto_per_method_on_two_classes():
+    """fairness=auto on a two-class target: bifp and prune_then_fair constrain the hinge bound of the hard rates
+    (eo_hinge, chosen on validation rows in experiments/bifp_adult_eo_select.toml), fair_then_prune the soft
+    rates (eo); more classes: ap for all three; a named surrogate is kept; the class attribute is not an option
+    a user can set; the constant-classifier guard is on by default for all three."""
+    from types import SimpleNamespace
+    from fairprune_jax.methods import get_method
+    from fairprune_jax.methods.bifp import surrogate_name
+    two, ten = (SimpleNamespace(dataset=SimpleNamespace(num_classes=k)) for k in (2, 10))
+    expect = {"bifp": "eo_hinge", "prune_then_fair": "eo_hinge", "fair_then_prune": "eo"}
+    for name, binary in expect.items():
+        method = get_method(name)
+        opts = method.parse({})
+        assert surrogate_name(two, opts) == binary and surrogate_name(ten, opts) == "ap"
+        assert surrogate_name(two, method.parse({"fairness": "dp"})) == "dp"
+        assert "BINARY_AUTO" not in method.options and opts.collapse_guard is True

@@ -43,7 +43,7 @@ def test_guard_returns_the_last_epoch_that_was_not_a_constant_classifier():
     assert guard.top_share(collapsed) == 1.0
     hook(collapsed, 10)                                                    # epoch 2 collapsed: not kept
     assert guard.kept_epoch == 1
-    with pytest.warns(FairpruneWarning, match="epoch 1, the last that was not"):
+    with pytest.warns(FairpruneWarning, match="epoch 1, the last that were not"):
         back, info = guard.finish(collapsed)
     assert info == {"final_top_share": 1.0, "start_top_share": round(guard.start_share, 4), "restored_epoch": 1}
     np.testing.assert_array_equal(np.asarray(back.params["head"]["bias"]), np.float32([0.1, 0.0, -0.1]))
@@ -70,3 +70,26 @@ def test_no_earlier_epoch_to_return_says_so():
     with pytest.warns(FairpruneWarning, match="no epoch before it"):
         back, info = guard.finish(collapsed)
     assert back is collapsed and info["restored_epoch"] is None
+
+
+def test_with_a_gap_the_guard_keeps_the_least_violating_epoch_that_was_not_constant():
+    """With the phase's parity gap, the kept model is the non-degenerate epoch with the smallest gap on the
+    guard's training rows (the later one on ties), not merely the last before the collapse."""
+    fm, train, state = _setup()
+    gaps = {0.5: 0.30, 0.2: 0.05, 0.3: 0.05, 0.1: 0.20}          # head bias of class 0 -> the gap it is given
+
+    def gap(logits, rows):
+        assert len(rows) == len(train) and logits.shape == (len(train), 3)
+        return gaps[current[0]]
+
+    guard = CollapseGuard(fm, train, state, steps_per_epoch=5, gap=gap)
+    hook = guard.hook()
+    current = [None]
+    for epoch, b in enumerate([0.5, 0.2, 0.3, 0.1], start=1):
+        current[0] = b
+        hook(_with_head_bias(state, [b, 0.0, 0.0]), 5 * epoch)
+    assert guard.kept_epoch == 3 and guard.kept_gap == 0.05          # epochs 2 and 3 tie: the later
+    with pytest.warns(FairpruneWarning, match="smallest parity gap"):
+        back, info = guard.finish(_with_head_bias(state, [100.0, 0.0, 0.0]))
+    assert info["restored_epoch"] == 3 and info["restored_gap"] == 0.05
+    np.testing.assert_array_equal(np.asarray(back.params["head"]["bias"]), np.float32([0.3, 0.0, 0.0]))

@@ -45,7 +45,8 @@ keeps the earlier separate optimizer.
 
 Fairness options shared by all four (where they apply): ``fairness`` (a
 surrogate name from :mod:`fairprune_jax.constraints.surrogates`, or ``auto``, the
-default: ``eo`` for a two-class target, ``ap`` -- accuracy parity, for
+default: ``eo_hinge`` for a two-class target (``eo`` for fair_then_prune; :data:`BINARY_AUTO_HINGE` says
+why), ``ap`` -- accuracy parity, for
 multi-class data such as digits where the groups are the classes),
 ``fairness_mode`` (``constraint`` | ``penalty`` | ``none``), ``constraint``
 (``per_group`` | ``max_gap``), ``lam``, ``tau``, ``strict_decay``,
@@ -53,7 +54,8 @@ multi-class data such as digits where the groups are the classes),
 (``max_gap`` only) and the dual-optimizer options (``dual_lr``,
 ``dual_optimizer``, ``order``, ``augmented``, ``nupi_kp``, ``nupi_nu``). ``collapse_guard`` (on by default):
 a constrained or penalised phase that ends at a constant classifier (one class for 98% or more of the training
-rows, which meets any parity bound) returns its last epoch's model that was not one, with a warning and
+rows, which meets any parity bound) returns, of its epochs that were not, the one with the smallest hard parity
+gap on training rows, with a warning and
 ``info["collapse_guard"]`` (:mod:`fairprune_jax.techniques.collapse_guard`).
 ``one_sided`` and ``multiplier_max`` default to ``auto``: for ``dp`` / ``eo``
 a two-sided bound ``|r_a - r| <= tau/2`` with multipliers capped at 5; for
@@ -84,7 +86,7 @@ class FairOptions(constrained.DualOptions):
     """The fairness objective's options, shared by bifp, prune_then_fair and fair_then_prune (the dual step's
     with ``dual_lr`` 0.1)."""
 
-    fairness: str = "auto"                  # a surrogates name; auto: eo for two classes, else ap
+    fairness: str = "auto"                  # a surrogates name; auto: BINARY_AUTO for two classes, else ap
     fairness_mode: str = "constraint"       # bilevel.FAIRNESS_MODES
     constraint: str = "per_group"           # per_group | max_gap
     lam: float = 1.0
@@ -97,11 +99,35 @@ class FairOptions(constrained.DualOptions):
     buffer_size: int = 40
     reduce: str = "max_gap"
     dual_lr: float | str = "auto"           # a number, or auto (fair_dual_lr: 0.1 for runs of up to 500 steps)
-    collapse_guard: bool = True             # return the last epoch's model that is not a constant classifier
+    collapse_guard: bool = True             # never return a constant classifier (techniques.collapse_guard)
+
+    #: fairness=auto for a two-class target (a class attribute, not an option): the soft selection rates
+    #: (``eo``) for fair_then_prune; the hinge bound of the hard rates (``eo_hinge``) for bifp and prune_then_fair
+    #: (:data:`BINARY_AUTO_HINGE`)
+    BINARY_AUTO = "eo"
+
+
+#: Why bifp and prune_then_fair constrain ``eo_hinge`` on a two-class target: with ``eo`` (the soft rates
+#: ``|P_a - P|``) their primal step met the surrogate on the training rows (0.03-0.06 <= tau = 0.05) while the hard
+#: TPR / FPR gap it stands for stayed at 0.06-0.20 there (Adult sex, CLI defaults); ``eo_hinge`` bounds the hard
+#: rates from above and brought that gap to 0.04-0.05, but ended at the constant classifier in 1 of 9 cells each
+#: (bifp on validation, prune_then_fair on the full training set) before the collapse guard. Chosen on validation
+#: rows with the guard on (``experiments/bifp_adult_eo_select.toml``: lowest mean validation EO among entries with
+#: every cell within 3 points of structured magnitude's validation accuracy): bifp 0.0561 (``eo``: 0.0670, 0.6
+#: points less accurate), prune_then_fair 0.0636 (``eo``: 0.0736); structured magnitude 0.0838.
+BINARY_AUTO_HINGE = "eo_hinge"
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneThenFairOptions(FairOptions):
+    """prune_then_fair's options: the family's, with ``fairness=auto`` on two classes = ``eo_hinge``."""
+
+    BINARY_AUTO = BINARY_AUTO_HINGE
 
 
 @dataclasses.dataclass(frozen=True)
 class BifpOptions(FairOptions):
+    BINARY_AUTO = BINARY_AUTO_HINGE         # fairness=auto on two classes (see BINARY_AUTO_HINGE)
     structured: bool = True
     gamma: float = 1.0
     mask_lr: float = 0.1
@@ -140,10 +166,11 @@ def multiplier_cap(opts: FairOptions, surrogate: str, num_groups: int) -> float:
 
 
 def surrogate_name(ctx: Context, opts: FairOptions) -> str:
-    """``fairness`` with ``auto`` resolved: ``eo`` for a two-class target, else ``ap``."""
+    """``fairness`` with ``auto`` resolved: the options' ``BINARY_AUTO`` for a two-class target (``eo_hinge`` for
+    bifp and prune_then_fair, ``eo`` for fair_then_prune), else ``ap``."""
     name = opts.fairness
     if name == "auto":
-        return "eo" if ctx.dataset.num_classes == 2 else "ap"
+        return opts.BINARY_AUTO if ctx.dataset.num_classes == 2 else "ap"
     return name
 
 
@@ -195,12 +222,13 @@ def fairness_spec(ctx: Context, opts: FairOptions, steps: int) -> bilevel.Fairne
 def collapse_guard(ctx: Context, opts: FairOptions, spec: bilevel.Fairness, dense: TrainState,
                    what: str) -> CollapseGuard | None:
     """The constant-classifier guard of a constrained (or penalised) phase (``collapse_guard``, on by default),
-    referenced to the dense model: a phase that ends at one class for nearly every training row returns its last
-    epoch that did not (:mod:`techniques.collapse_guard`). None without a fairness term or with the option off."""
+    referenced to the dense model: a phase that ends at one class for nearly every training row returns, of its
+    epochs that did not, the one with the smallest hard parity gap on the guard's training rows
+    (:mod:`techniques.collapse_guard`). None without a fairness term or with the option off."""
     if not opts.collapse_guard or spec.mode == "none":
         return None
     return CollapseGuard(ctx.fm, ctx.dataset.train, dense, ctx.steps_per_epoch, ctx.settings.eval_batch_size,
-                         what=what)
+                         what=what, gap=lambda logits, rows: bilevel.metric_gap(spec, logits, rows))
 
 
 def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list]:
@@ -394,8 +422,8 @@ def structured_magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tu
 
 
 @register("prune_then_fair", "structured magnitude pruning, then fine-tuning with the fairness surrogate as a "
-          "constraint (default) or penalty", FairOptions, structured=True, check=_check_common)
-def prune_then_fair(ctx: Context, dense: TrainState, opts: FairOptions) -> tuple[TrainState, dict]:
+          "constraint (default) or penalty", PruneThenFairOptions, structured=True, check=_check_common)
+def prune_then_fair(ctx: Context, dense: TrainState, opts: PruneThenFairOptions) -> tuple[TrainState, dict]:
     steps = ctx.settings.ft_epochs * ctx.steps_per_epoch
     spec = fairness_spec(ctx, opts, steps)
     groups, template = structured_setup(ctx, dense.params, dense.model_state)
@@ -448,6 +476,6 @@ def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions)
     return state, info
 
 
-__all__ = ["BifpOptions", "FairOptions", "FairThenPruneOptions", "bifp", "multiplier_cap", "multiplier_recorder",
+__all__ = ["BifpOptions", "FairOptions", "FairThenPruneOptions", "PruneThenFairOptions", "bifp", "multiplier_cap", "multiplier_recorder",
            "one_sided", "surrogate_name", "fair_then_prune", "fairness_spec", "kept_units",
            "l1_structured_masks", "prune_then_fair", "structured_magnitude", "structured_setup"]

@@ -61,8 +61,8 @@ OPTION_DOCS: dict[str, str] = {
     "max_rounds": "cap on the rounds; the last round jumps to the target sparsity (0: no cap)",
     "last_round": "dense: retrain the final ticket on the dense budget; round: on one round's budget",
     # the bifp family's fairness objective
-    "fairness": "the fairness surrogate: auto (eo for two classes, ap for more), dp, eo, ap, or another "
-                "surrogate name",
+    "fairness": "the fairness surrogate: auto (two classes: eo_hinge, eo for fair_then_prune; more: ap), dp, eo, "
+                "ap, or another surrogate name (eo_hinge / eo_logistic bound the hard rates from above)",
     "fairness_mode": "constraint (per-group bounds with multipliers), penalty (lam * surrogate, the paper's), "
                      "or none",
     "constraint": "per_group (one bound per group and side) or max_gap (one bound on the max-min gap)",
@@ -71,7 +71,8 @@ OPTION_DOCS: dict[str, str] = {
     "strict_decay": "decay of the moving averages of per-group counts the dual step reads",
     "min_rows": "effective rows a group needs in those averages before its constraint is observed",
     "collapse_guard": "if the constrained phase ends at a constant classifier (one class for 98% or more of the "
-                      "training rows, which meets any parity bound), return its last epoch's model that was not one, "
+                      "training rows, which meets any parity bound), return the epoch's model that was not one with the "
+                      "smallest parity gap on training rows, "
                       "with a warning (false: the final model)",
     "multiplier_max": "cap on each multiplier (auto: 5 for dp / eo, 1/groups for ap; inf: no cap)",
     "one_sided": "bound only the rate above the overall (auto: true for ap, false for dp / eo)",

@@ -100,8 +100,8 @@ from fairprune_jax.sparsity.masks import (_global_topk, _is_none, apply_masks, k
 from fairprune_jax.techniques.fairness_objective import (CONSTRAINTS, FAIRNESS_MODES, STRICT,  # noqa: F401
                                                          Ema, FairState, Fairness, Forward, _stats, ema_update, fair_of,
                                                          fairness_init, group_rate_deviations, make_fair_step,
-                                                         objective_grads, per_group_proxy, per_group_strict,
-                                                         row_values, split_dual, split_fairness,
+                                                         metric_gap, objective_grads, per_group_proxy,
+                                                         per_group_strict, row_values, split_dual, split_fairness,
                                                          strict_violation)
 from fairprune_jax.training.train import StepOutput, TrainState, carry_of, make_step, primal_state
 
@@ -392,4 +392,4 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
 __all__ = ["CONSTRAINTS", "FAIRNESS_MODES", "Fairness", "MASK_GRADS", "STRICT", "binarize", "consumer_mask_grad",
            "Ema", "FairState", "consumer_scaled", "ema_update", "group_rate_deviations", "per_group_proxy", "per_group_strict", "fairness_init", "full_masks", "implicit_mask_grad",
            "init_scores", "initial_scores_and_masks", "fair_of", "split_dual", "make_bilevel_step", "make_fair_step", "objective_grads",
-           "reduce_to_units", "row_values", "split_fairness", "strict_violation", "unit_keep_counts"]
+           "reduce_to_units", "row_values", "split_fairness", "metric_gap", "strict_violation", "unit_keep_counts"]

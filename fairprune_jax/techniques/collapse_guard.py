@@ -5,10 +5,13 @@ fairness constraint pushed hard enough (a tight ``tau``, a fast dual step, a sur
 from above such as ``eo_hinge``) can end there: on Adult at the command line's defaults, bifp with ``eo_hinge``
 ended at it in 1 of 9 validation cells and prune_then_fair with ``eo_hinge`` in 1 of 9 full-data cells
 (``experiments/bifp_adult_eo_select.toml``). The guard watches the share of the most frequent prediction on a
-fixed sample of training rows (never validation or test rows): at each epoch's end it keeps a host copy of the
-model (weights, model state and masks) while that share stays below ``certify.DEGENERATE_SHARE``; if the phase
-ends above it, :meth:`CollapseGuard.finish` returns the last kept model, says so once as a warning and records
-it in the method's info. A model that was degenerate before the phase (a data set whose majority class is that
+fixed sample of training rows (never validation or test rows): at each epoch's end whose model is not
+degenerate (that share below ``certify.DEGENERATE_SHARE``) it keeps a host copy of the model (weights, model state
+and masks) when it is the best such epoch so far: with a ``gap`` (the phase's hard parity gap on those rows) the
+one with the smallest gap (the later on ties), else the latest. If the phase ends degenerate,
+:meth:`CollapseGuard.finish` returns the kept model, says so once as a warning and records it in the method's
+info. (The last epoch before a collapse is often the one where the push towards it had begun: on Adult, the
+guard's first form, which returned it, gave prune_then_fair a model with test EO 0.19.) A model that was degenerate before the phase (a data set whose majority class is that
 large) is not guarded. Training itself is untouched: the guard only reads the state between steps, so a run
 that never collapses returns bit for bit what it returned without the guard.
 """
@@ -30,31 +33,40 @@ GUARD_ROWS = 4096
 
 
 class CollapseGuard:
-    """Keep the last epoch's model that is not a constant classifier; see the module doc.
+    """Keep the best epoch's model that is not a constant classifier; see the module doc.
 
     ``guard = CollapseGuard(fm, train, start, steps_per_epoch, eval_batch_size, what="bifp")``; pass
     ``guard.hook(other_hook)`` as ``fit``'s hook; ``state, info = guard.finish(state)`` after the phase.
     """
 
     def __init__(self, fm: Any, train: Split, start: TrainState, steps_per_epoch: int, eval_batch_size: int = 512,
-                 *, what: str = "the constrained phase", rows: int = GUARD_ROWS):
+                 *, what: str = "the constrained phase", rows: int = GUARD_ROWS,
+                 gap: Callable[[np.ndarray, Split], float] | None = None):
         n = len(train)
         idx = np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))
         self.rows = train.take(idx)
         self.fm, self.what = fm, what
         self.spe = max(int(steps_per_epoch), 1)
         self.batch = int(eval_batch_size)
+        self.gap = gap
         self.start_share = self.top_share(start)
         self.active = self.start_share < DEGENERATE_SHARE
         self.kept: tuple | None = None
         self.kept_epoch: int | None = None
+        self.kept_gap: float | None = None
+
+    def _logits(self, state: TrainState) -> np.ndarray:
+        return rows_over_split(logits_step(self.fm), (state.params, state.masks, state.model_state), self.rows,
+                               self.batch)
+
+    @staticmethod
+    def _share(logits: np.ndarray) -> float:
+        counts = np.bincount(np.argmax(logits, axis=-1))
+        return float(counts.max() / max(counts.sum(), 1))
 
     def top_share(self, state: TrainState) -> float:
         """Share of the guard's training rows given the most frequent prediction (evaluation mode)."""
-        logits = rows_over_split(logits_step(self.fm), (state.params, state.masks, state.model_state), self.rows,
-                                 self.batch)
-        counts = np.bincount(np.argmax(logits, axis=-1))
-        return float(counts.max() / max(counts.sum(), 1))
+        return self._share(self._logits(state))
 
     def hook(self, inner: Callable | None = None) -> Callable:
         """A ``fit`` hook: ``inner`` first (if any), then, at every epoch's end, the model kept while it is not
@@ -62,9 +74,13 @@ class CollapseGuard:
         def hook(state: TrainState, step: int) -> TrainState:
             if inner is not None:
                 state = inner(state, step)
-            if self.active and step > 0 and step % self.spe == 0 and self.top_share(state) < DEGENERATE_SHARE:
-                self.kept = jax.device_get((state.params, state.model_state, state.masks))
-                self.kept_epoch = step // self.spe
+            if self.active and step > 0 and step % self.spe == 0:
+                logits = self._logits(state)
+                if self._share(logits) < DEGENERATE_SHARE:
+                    gap = None if self.gap is None else float(self.gap(logits, self.rows))
+                    if gap is None or self.kept_gap is None or gap <= self.kept_gap:
+                        self.kept = jax.device_get((state.params, state.model_state, state.masks))
+                        self.kept_epoch, self.kept_gap = step // self.spe, gap
             return state
         return hook
 
@@ -79,13 +95,16 @@ class CollapseGuard:
             return state, None
         info = {"final_top_share": round(share, 4), "start_top_share": round(self.start_share, 4),
                 "restored_epoch": self.kept_epoch}
+        if self.kept_gap is not None:
+            info["restored_gap"] = round(self.kept_gap, 4)
         if self.kept is None:
             warn(f"{self.what} ended at a constant classifier (one class for {share:.1%} of training rows) and "
                  f"no epoch before it was not one; returned as it is")
             return state, info
         params, model_state, masks = self.kept
+        which = "the last" if self.gap is None else "the one with the smallest parity gap on training rows of those"
         warn(f"{self.what} ended at a constant classifier (one class for {share:.1%} of training rows, which "
-             f"meets any parity bound); returned the model of epoch {self.kept_epoch}, the last that was not "
+             f"meets any parity bound); returned the model of epoch {self.kept_epoch}, {which} that were not "
              f"one. A looser tau, a smaller dual_lr or the default surrogate avoid it; collapse_guard=false "
              f"returns the final model")
         params, model_state, masks = jax.device_put((params, model_state, masks))

@@ -380,9 +380,18 @@ def split_fairness(fm, spec: Fairness, params: Any, masks: Any, model_state: Any
     logits_j, y, g = jnp.asarray(logits), jnp.asarray(split.y), jnp.asarray(split.g)
     w = jnp.ones(len(split), jnp.float32)
     sur = float(spec.fn()(logits_j, y, g, w, spec.num_groups, spec.positive_label))
+    return {"surrogate": sur, "metric_gap": metric_gap(spec, logits, split)}
+
+
+def metric_gap(spec: Fairness, logits: Any, split) -> float:
+    """The strict (hard) metric gap of ``logits`` on the rows of ``split``: per side (equalized odds: the rows
+    with y = positive and the others), the spec's reduction of the groups' rates (predicted positive for DP / EO,
+    error for AP); the worst side."""
+    logits_j, y, g = jnp.asarray(logits), jnp.asarray(split.y), jnp.asarray(split.g)
+    w = jnp.ones(len(split), jnp.float32)
     v, side = row_values(dataclasses.replace(spec, strict="metric"), logits_j, y)
     gaps = []
     for s in range(spec.sides):
         means, n, overall = surrogates.group_means(v, g, w * (side == s), spec.num_groups)
         gaps.append(float(surrogates.gap(means, n, overall, spec.reduce)))
-    return {"surrogate": sur, "metric_gap": max(gaps)}
+    return max(gaps)
