@@ -319,6 +319,7 @@ def test_cli_end_to_end(tmp_path, method, opts):
     assert res["method"] == method
     info = res["method_info"]
     assert info["structured"] is True
+    assert info["defaults_revision"] == 1          # what compare's stale-cell check reads (DefaultChange)
     # exact structured sparsity: round(0.3 * units) units kept in every hidden layer, head dense
     assert info["kept_units"] == {"layers/0/kernel": [10, 32], "layers/1/kernel": [5, 16]}
     assert abs(res["sparsity"]["achieved"] - 0.7) < 0.02

@@ -422,3 +422,27 @@ def test_grid_values_are_checked_like_a_run_before_training(tmp_path):
     cfg.write_text(CONFIG.replace("seeds = [0]", "seeds = [5000000000]"))
     with pytest.raises(ValueError, match=r"--seed must be an integer in \[0, 2\*\*32\)"):
         load_config(cfg)
+
+
+def test_a_cell_from_before_a_default_changed_is_not_reused_unless_the_grid_sets_the_option():
+    """A method's DefaultChange list against the cell's recorded defaults_revision: a finished cell whose result
+    the change would alter (here bifp's fairness=auto on a two-class target, and the collapse guard on a cell
+    that ended at a constant classifier) is stale unless the grid sets that option; cells the change cannot
+    alter, and cells recorded at the current revision, are reused."""
+    from fairprune_jax.methods import get_method
+    from fairprune_jax.running.compare import _changed_defaults
+    two = {"positive_class": {"num_classes": 2}, "method_info": {"train_fairness": {"metric_gap": 0.04}},
+           "pruned": {"test": {"degenerate": False}}}
+    why = _changed_defaults("bifp", {}, two)
+    assert len(why) == 1 and "option fairness" in why[0] and "set fairness in the grid" in why[0]
+    assert _changed_defaults("bifp", {"fairness": "eo"}, two) == []
+    ten = {**two, "positive_class": {"num_classes": 10}}
+    assert _changed_defaults("bifp", {}, ten) == []                         # ap there: unchanged
+    collapsed = {**ten, "method_info": {"train_fairness": {"metric_gap": 0.0}}}
+    assert [w.split(":")[0] for w in _changed_defaults("prune_then_fair", {}, collapsed)] == ["option collapse_guard"]
+    assert _changed_defaults("prune_then_fair", {"collapse_guard": False}, collapsed) == []
+    ftp = {**ten, "method_info": {"dense_fair": {"train_fairness": {"metric_gap": 0.0}}}}
+    assert len(_changed_defaults("fair_then_prune", {}, ftp)) == 1           # its dense fair phase collapsed
+    now = {**two, "method_info": {"defaults_revision": get_method("bifp").defaults_revision}}
+    assert _changed_defaults("bifp", {}, now) == []
+    assert _changed_defaults("magnitude", {}, two) == []                   # no changes registered

@@ -1,12 +1,12 @@
 """Pruning methods, registered by name (``METHODS``)."""
-from fairprune_jax.methods.base import (METHODS, Context, Method, MethodSettings, NoOptions, RunConfig, get_method,
-                                        make_optimizer, register)
+from fairprune_jax.methods.base import (METHODS, Context, DefaultChange, Method, MethodSettings, NoOptions, RunConfig,
+                                        get_method, make_optimizer, register)
 from fairprune_jax.methods import baselines  # noqa: F401  (registers magnitude, gmp, random)
 from fairprune_jax.methods import lth  # noqa: F401  (registers lth)
 from fairprune_jax.methods import ballot  # noqa: F401  (registers ballot)
 from fairprune_jax.methods import fair_scratch  # noqa: F401  (registers fair_scratch)
 
-__all__ = ["METHODS", "Context", "Method", "MethodSettings", "NoOptions", "RunConfig", "get_method", "make_optimizer", "register"]
+__all__ = ["METHODS", "Context", "DefaultChange", "Method", "MethodSettings", "NoOptions", "RunConfig", "get_method", "make_optimizer", "register"]
 from fairprune_jax.methods import ceag  # noqa: E402,F401  (registers ceag)
 from fairprune_jax.methods import nft  # noqa: E402,F401  (registers nft)
 from fairprune_jax.methods import el  # noqa: E402,F401  (registers el)

@@ -289,6 +289,25 @@ def _describe(kind: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class DefaultChange:
+    """A change of what an option does when left at its default, after which a result computed before it no longer
+    matches the method run today with that option unset. ``revision``: the method's defaults revision that made
+    the change (1, 2, ...; a result records the revision it ran at as ``method_info.defaults_revision``, 0 when
+    it predates them); ``what``: the change in words; ``applies(cell)``: whether a result (its ``results.json``)
+    would come out otherwise (e.g. two-class targets only). ``fairprune compare`` refuses to reuse such a finished
+    cell unless the grid sets the option (``running/compare.stale_cell``)."""
+
+    revision: int
+    option: str
+    what: str
+    applies: Callable[[dict], bool] | None = None       # None: every result
+
+    def affects(self, cell: dict) -> bool:
+        """Whether the finished result ``cell`` would come out otherwise after this change."""
+        return self.applies is None or bool(self.applies(cell))
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     """A registered pruning method.
 
@@ -315,6 +334,14 @@ class Method:
     # method that picks its weights by its own rule rather than through masks.masks_from_scores / a Pruner;
     # checked before any data loads (``running.validation``), so 2:4 is never silently unstructured.
     no_nm: Callable[[Any], str | None] | None = None
+    # Changes of what an option does at its default (:class:`DefaultChange`), newest last; a result records the
+    # method's :attr:`defaults_revision` so that a grid does not mix results from before and after one.
+    default_changes: tuple = ()
+
+    @property
+    def defaults_revision(self) -> int:
+        """The number of the method's latest :class:`DefaultChange` (0: none)."""
+        return max((c.revision for c in self.default_changes), default=0)
 
     def nm_refusal(self, opts: Any) -> str | None:
         """Why ``opts`` cannot give N:M masks (None: they can)."""
@@ -381,14 +408,14 @@ INF_OPTIONS = {"multiplier_max"}
 
 def register(name: str, description: str, options: type = NoOptions, *, structured: bool | str = False,
              check: Callable[[Any], Any] | None = None, psi_bound: str | None = None,
-             no_nm: Callable[[Any], str | None] | None = None):
+             no_nm: Callable[[Any], str | None] | None = None, default_changes: tuple = ()):
     """Decorator: register ``run(ctx, dense_state, opts) -> (pruned_state, info)`` under ``name``.
 
     ``options``: the method's options, a frozen dataclass with a default for every field (its fields are the
     ``--opt`` keys; types bool, int, float, str, or unions such as ``int | None``). ``structured``: the
     method's masks remove whole units (see :class:`Method`). ``check``: validates (and may complete) the
     option values (see :class:`Method`). ``no_nm``: why the method's masks cannot follow an N:M pattern (see
-    :class:`Method`). After adding a method or changing its description or options, run
+    :class:`Method`). ``default_changes``: the :class:`DefaultChange` list of its options' defaults. After adding a method or changing its description or options, run
     ``python -m fairprune_jax.running.method_listing``: ``fairprune methods`` prints that snapshot of the registry
     without importing JAX, and ``tests/test_install.py`` fails while it disagrees with the registry.
     """
@@ -406,7 +433,11 @@ def register(name: str, description: str, options: type = NoOptions, *, structur
     def deco(fn):
         if psi_bound is not None and psi_bound not in {f.name for f in dataclasses.fields(options)}:
             raise TypeError(f"method {name!r}: psi_bound {psi_bound!r} is not one of its options")
-        METHODS[name] = Method(name, fn, description, options, structured, check, psi_bound, no_nm)
+        unknown = [c.option for c in default_changes if c.option not in {f.name for f in dataclasses.fields(options)}]
+        if unknown:
+            raise TypeError(f"method {name!r}: default_changes name options it does not have: {unknown}")
+        METHODS[name] = Method(name, fn, description, options, structured, check, psi_bound, no_nm,
+                               tuple(default_changes))
         return fn
     return deco
 

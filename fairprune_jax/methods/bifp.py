@@ -78,7 +78,7 @@ from fairprune_jax.techniques.collapse_guard import CollapseGuard
 from fairprune_jax.sparsity import compact
 from fairprune_jax.constraints import constrained
 from fairprune_jax.sparsity.masks import apply_masks, named_leaves
-from fairprune_jax.methods.base import Context, NoOptions, make_optimizer, register
+from fairprune_jax.methods.base import Context, DefaultChange, NoOptions, make_optimizer, register
 from fairprune_jax.training.train import Carry, TrainState, carry_of, create_state, fit
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +116,28 @@ class FairOptions(constrained.DualOptions):
 #: every cell within 3 points of structured magnitude's validation accuracy): bifp 0.0561 (``eo``: 0.0670, 0.6
 #: points less accurate), prune_then_fair 0.0636 (``eo``: 0.0736); structured magnitude 0.0838.
 BINARY_AUTO_HINGE = "eo_hinge"
+
+
+def _two_classes(cell: dict) -> bool:
+    return (cell.get("positive_class") or {}).get("num_classes", len(cell.get("classes") or ())) == 2
+
+
+def _ended_constant(cell: dict) -> bool:
+    """Whether a result's constrained phase may have ended at a constant classifier (where the guard acts): the
+    model flagged degenerate, or a parity gap of exactly 0 on the training rows (what one class for every row
+    gives) at the end of the phase (fair_then_prune: of its dense fair phase)."""
+    info = cell.get("method_info") or {}
+    gaps = [(info.get(k) or {}).get("train_fairness", {}).get("metric_gap") for k in ("dense_fair",)]
+    gaps.append((info.get("train_fairness") or {}).get("metric_gap"))
+    degenerate = ((cell.get("pruned") or {}).get("test") or {}).get("degenerate")
+    return bool(degenerate) or any(g == 0.0 for g in gaps if g is not None)
+
+
+#: What changed in the sixteenth session, for the results made before it (DefaultChange)
+GUARD = DefaultChange(1, "collapse_guard", "new, on by default: a phase that ends at a constant classifier returns "
+                      "an earlier epoch", _ended_constant)
+HINGE_AND_GUARD = (DefaultChange(1, "fairness", "fairness=auto is eo_hinge, not eo, on a two-class target",
+                                 _two_classes), GUARD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +358,7 @@ def _weight_tx(ctx: Context, opts: BifpOptions, epochs: int) -> optax.GradientTr
 
 @register("bifp", "BiFP (Dai et al. 2023): bi-level pruning, mask scores with BiP's implicit gradient and weights "
           "trained jointly under a fairness constraint or penalty; structured by default", BifpOptions,
-          structured="structured", check=check_bifp_options)
+          structured="structured", check=check_bifp_options, default_changes=HINGE_AND_GUARD)
 def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState, dict]:
     cfg = ctx.settings
     epochs = cfg.ft_epochs if opts.epochs < 0 else opts.epochs
@@ -422,7 +444,8 @@ def structured_magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tu
 
 
 @register("prune_then_fair", "structured magnitude pruning, then fine-tuning with the fairness surrogate as a "
-          "constraint (default) or penalty", PruneThenFairOptions, structured=True, check=_check_common)
+          "constraint (default) or penalty", PruneThenFairOptions, structured=True, check=_check_common,
+          default_changes=HINGE_AND_GUARD)
 def prune_then_fair(ctx: Context, dense: TrainState, opts: PruneThenFairOptions) -> tuple[TrainState, dict]:
     steps = ctx.settings.ft_epochs * ctx.steps_per_epoch
     spec = fairness_spec(ctx, opts, steps)
@@ -449,7 +472,7 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: PruneThenFairOptions)
 
 @register("fair_then_prune", "fairness-aware training of the dense model (constraint or penalty), then structured "
           "magnitude pruning and cross-entropy fine-tuning", FairThenPruneOptions,
-          structured=True, check=_check_common)
+          structured=True, check=_check_common, default_changes=(GUARD,))
 def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions) -> tuple[TrainState, dict]:
     fair_epochs = ctx.settings.ft_epochs if opts.fair_epochs < 0 else opts.fair_epochs
     spec = fairness_spec(ctx, opts, fair_epochs * ctx.steps_per_epoch)

@@ -74,6 +74,7 @@ def stale_cell(cc: CompareConfig, method: str, sparsity: float, seed: int, cell:
             diffs.append(f"data_dir: cell {a!r} vs TOML {b!r}")
     diffs += _stale_options(now["method"], now["method_options"], old.get("method_options") or {},
                             (cell.get("method_info") or {}).get("options") or {})
+    diffs += _changed_defaults(now["method"], now["method_options"], cell)
     old_data = cell.get("data_fingerprint")
     if data is not None and old_data is not None and old_data != data:
         diffs += [f"data {k}: cell {old_data.get(k)!r} vs now {data.get(k)!r}"
@@ -97,6 +98,17 @@ def _stale_options(method: str, toml: dict, cell_given: dict, cell_used: dict) -
         if k not in toml and k in default and not same(default[k], v):
             out.append(f"option {k}: cell {v!r} vs TOML (default) {default[k]!r}")
     return out
+
+
+def _changed_defaults(method: str, toml: dict, cell: dict) -> list[str]:
+    """Options the grid leaves at their default whose default changed what it does after the cell ran
+    (the method's :class:`DefaultChange` list against the cell's recorded ``defaults_revision``), where that
+    change would have given this cell another result."""
+    from fairprune_jax.methods import get_method
+    ran_at = int((cell.get("method_info") or {}).get("defaults_revision", 0))
+    return [f"option {c.option}: its default changed after this cell ran ({c.what}); set {c.option} in the "
+            f"grid to keep this cell" for c in get_method(method).default_changes
+            if c.revision > ran_at and c.option not in toml and c.affects(cell)]
 
 
 def check_finished_cells(cc: CompareConfig, done: list[tuple[int, str, float]], data: dict | None) -> None:

@@ -72,6 +72,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
              "pruned": {s: evaluate(prep.report_step or ctx.eval_step, pruned, split, cfg.eval_batch_size)
                         for s, split in ds.splits().items()}}
     results = _assemble(cfg, ds, ctx, prep.dense, pruned, evals, prep.dense_history, info)
+    results["method_info"]["defaults_revision"] = method.defaults_revision   # compare's stale-cell check reads it
     results["data_fingerprint"] = ds.fingerprint()
     if tracker is not None:         # the logged series, summarised (first / last / min / max per phase and group)
         tracker.flush()
