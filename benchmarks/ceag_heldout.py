@@ -81,7 +81,7 @@ def main() -> None:
 
     steps = {
         "plain": (make_train_step(fm, tx), lambda: fresh(None)),
-        "train_buffers": (ceag_lib.make_constrained_step(ctx, tx, dual, ceag_lib.ceag_terms(G, ref, 0.01), "alternating"),
+        "train_buffers": (ceag_lib.make_constrained_step(ctx, tx, dual, ceag_lib.ceag_terms(G, ref, 0.01), "dual_primal"),
                           lambda: fresh({"dual": dual.init(), "buffer": constrained.buffer_init(G, 40),
                                          "overall": constrained.buffer_init(1, 1000)})),
         "held_out": (ceag_lib.make_constrained_step(

@@ -155,7 +155,7 @@ def jax_ceag(ctx, G: int, seed: int, opts: dict | None = None):
     extra = {"dual": dual.init(), "buffer": constrained.buffer_init(G, int(o["buffer_size"])),
              "overall": constrained.buffer_init(1, int(o["overall_buffer_size"]))}
     tx = ctx.finetune_tx(epochs=1)
-    step = make_constrained_step(c, tx, dual, ceag_terms(G, dense_reference(c), float(o["eps"])), o["mode"])
+    step = make_constrained_step(c, tx, dual, ceag_terms(G, dense_reference(c), float(o["eps"])), o["order"])
     return step, extra, dense_reference(c), o
 
 
@@ -379,8 +379,8 @@ def make_torch_cooper(T, model, G, ref, opts, lr, total_steps):
                            int(opts["overall_buffer_size"]))
     opt, sched = torch_primal(T, model, lr, total_steps)
     dual = torch.optim.SGD(cmp.dual_parameters(), lr=float(opts["dual_lr"]), maximize=True)
-    cls = {"alternating": cooper.optim.AlternatingDualPrimalOptimizer,
-           "simultaneous": cooper.optim.SimultaneousOptimizer}[opts["mode"]]
+    cls = {"dual_primal": cooper.optim.AlternatingDualPrimalOptimizer,
+           "simultaneous": cooper.optim.SimultaneousOptimizer}[opts["order"]]
     copt = cls(cmp, primal_optimizers=opt, dual_optimizers=dual)
     masked = _masked_modules(model)
 
