@@ -86,7 +86,7 @@ def main() -> None:
                                          "overall": constrained.buffer_init(1, 1000)})),
         "held_out": (ceag_lib.make_constrained_step(
             ctx, tx, dual, ceag_lib.ceag_val_terms(G, ref, val_ref, jnp.asarray(val.g), jnp.full(G, 0.01)),
-            "alternating", pre=ceag_lib.val_refresh(ctx, val, args.batch_size, seed=0)),
+            "dual_primal", pre=ceag_lib.val_refresh(ctx, val, args.batch_size, seed=0)),
             lambda: fresh({"dual": dual.init(), "val_correct": jnp.zeros(len(val), jnp.float32)})),
     }
     batches = [b for _, b in zip(range(args.steps), train_batches(train, args.batch_size, 0, 0))]
