@@ -1,5 +1,6 @@
 """BiFP: BiP's implicit gradient, the fairness objectives, the bi-level step and the structured methods."""
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -319,7 +320,9 @@ def test_cli_end_to_end(tmp_path, method, opts):
     assert res["method"] == method
     info = res["method_info"]
     assert info["structured"] is True
-    assert info["defaults_revision"] == 1          # what compare's stale-cell check reads (DefaultChange)
+    from fairprune_jax.methods import get_method          # compare's stale-cell check reads it (DefaultChange)
+    assert info["defaults_revision"] == get_method(method).defaults_revision == (0 if method == "structured_magnitude"
+                                                                                 else 1)
     # exact structured sparsity: round(0.3 * units) units kept in every hidden layer, head dense
     assert info["kept_units"] == {"layers/0/kernel": [10, 32], "layers/1/kernel": [5, 16]}
     assert abs(res["sparsity"]["achieved"] - 0.7) < 0.02
@@ -597,3 +600,31 @@ def test_fairness_auto_per_method_on_two_classes():
         assert surrogate_name(two, opts) == binary and surrogate_name(ten, opts) == "ap"
         assert surrogate_name(two, method.parse({"fairness": "dp"})) == "dp"
         assert "BINARY_AUTO" not in method.options and opts.collapse_guard is True
+
+
+def test_an_unmet_two_sided_constraint_is_said(monkeypatch):
+    """bifp / prune_then_fair say when the hard parity gap on the training rows ends above tau: a note up to
+    twice tau, a warning (raised and recorded) beyond; one-sided (accuracy parity) bounds are not judged by the
+    max-min gap, so nothing is said for them."""
+    from types import SimpleNamespace
+    from fairprune_jax.constraints import constrained
+    from fairprune_jax.core.notices import FairpruneWarning
+    from fairprune_jax.methods import bifp as B
+    from fairprune_jax.techniques import bilevel
+    ctx = SimpleNamespace(fm=None, dataset=SimpleNamespace(train=None), settings=SimpleNamespace(eval_batch_size=8))
+    state = SimpleNamespace(params=None, masks=None, model_state=None, dual=None)
+    spec = bilevel.Fairness(surrogate="eo_hinge", mode="constraint", tau=0.05, num_groups=2,
+                            dual=constrained.dual_optimizer(4))
+    for gap, kind in ((0.04, None), (0.07, "notes"), (0.16, "warnings")):
+        monkeypatch.setattr(bilevel, "split_fairness", lambda *a, g=gap, **k: {"surrogate": 0.1, "metric_gap": g})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = B._fair_info(ctx, spec, state, "prune_then_fair")
+        said = [k for k in ("notes", "warnings") if k in out]
+        assert said == ([kind] if kind else []), (gap, out)
+        if kind:
+            assert f"ends at {gap:.4f} > tau = 0.05" in out[kind][0] and out[kind][0].startswith("prune_then_fair: the EO")
+        assert [w for w in caught if issubclass(w.category, FairpruneWarning)] == ([] if kind != "warnings" else caught)
+    one_sided = bilevel.Fairness(surrogate="ap", mode="constraint", tau=0.05, num_groups=2, one_sided=True,
+                                 dual=constrained.dual_optimizer(2))
+    assert "warnings" not in B._fair_info(ctx, one_sided, state, "bifp")

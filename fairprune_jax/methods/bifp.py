@@ -73,6 +73,7 @@ import jax
 import numpy as np
 import optax
 
+from fairprune_jax.core.notices import warn
 from fairprune_jax.techniques import bilevel
 from fairprune_jax.techniques.collapse_guard import CollapseGuard
 from fairprune_jax.sparsity import compact
@@ -296,7 +297,10 @@ def _fair_state(ctx: Context, start: TrainState, masks: Any, tx, spec: bilevel.F
     return state if dual is None else state.with_dual(dual)
 
 
-def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
+def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState, what: str = "") -> dict:
+    """The fairness objective's value on the training rows at the end of a phase, the multipliers, and, for a
+    two-sided constraint (DP / EO: the groups' rates within tau of each other), whether it is met there: a
+    ``note`` when the hard gap ends above tau, a ``warning`` (also raised) when above twice tau."""
     if spec.mode == "none":
         return {}
     out = {"train_fairness": bilevel.split_fairness(ctx.fm, spec, state.params, state.masks, state.model_state,
@@ -305,6 +309,17 @@ def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState) -> dict:
         mult = np.asarray(state.dual.multipliers)
         out["multiplier"] = float(mult.max())
         out["multipliers"] = np.round(mult, 4).tolist()
+    if spec.mode == "constraint" and not spec.one_sided and what:
+        gap = out["train_fairness"]["metric_gap"]
+        if gap > spec.tau:
+            msg = (f"{what}: the {spec.surrogate.split('_')[0].upper()} gap on the training rows ends at {gap:.4f} > "
+                   f"tau = {spec.tau:g}: the constraint is not met on the data it was trained on (largest "
+                   f"multiplier {out.get('multiplier', 0.0):.3g}; a longer run, a larger dual_lr or a looser tau)")
+            if gap > 2 * spec.tau:
+                warn(msg)
+                out["warnings"] = [msg]
+            else:
+                out["notes"] = [msg]
     return out
 
 
@@ -425,7 +440,7 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
                                                        desc="bifp (retrain)")
     if structured:
         info["kept_units"] = kept_units(pruned.masks, groups)
-    info.update(_fair_info(ctx, spec, pruned))
+    info.update(_fair_info(ctx, spec, pruned, "bifp"))
     return pruned.replace(extra=None), info
 
 
@@ -462,7 +477,7 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: PruneThenFairOptions)
         state, guarded = guard.finish(state)
     info = {"options": dataclasses.asdict(opts), "fairness": spec.surrogate, "history": hist, "structured": True,
             "dual_lr_used": fair_dual_lr(opts, steps), "kept_units": kept_units(state.masks, groups),
-            **_fair_info(ctx, spec, state)}
+            **_fair_info(ctx, spec, state, "prune_then_fair")}
     if spec.mode == "constraint":
         info["multiplier_history"] = mult_hist + [info["multipliers"]]
     if guarded is not None:
