@@ -85,7 +85,7 @@ import optax
 from fairprune_jax.constraints.buffers import (GroupBuffer, _buffer_write_plan, buffer_init,  # noqa: F401
                                                buffer_means, buffer_update)
 from fairprune_jax.constraints.dual import (ORDER_ALIASES, ORDERS, Dual, DualOptimizer, capped,  # noqa: F401
-                                            dual_optimizer, dual_primal_grads)
+                                            dual_optimizer, dual_primal_grads, order_name)
 from fairprune_jax.constraints.dual_ascent import NuPIState, nupi, select_observed  # noqa: F401
 from fairprune_jax.constraints.lagrangian import (CMPOutput, DualState, Multipliers, StepInfo,  # noqa: F401
                                                   _as_cmp, _terms, lagrangian, multiplier_weights,
@@ -173,8 +173,10 @@ def check_dual_options(opts: DualOptions, method: str = "") -> None:
     if opts.dual_optimizer not in DUAL_OPTIMIZERS:
         raise ValueError(f"{prefix}unknown dual_optimizer {opts.dual_optimizer!r}; valid: "
                          f"{', '.join(DUAL_OPTIMIZERS)}")
-    if ORDER_ALIASES.get(opts.order, opts.order) not in ORDERS:
-        raise ValueError(f"{prefix}unknown order {opts.order!r}; valid: {', '.join(ORDERS)}")
+    try:
+        order_name(opts.order)
+    except ValueError:
+        raise ValueError(f"{prefix}unknown order {opts.order!r}; valid: {', '.join(ORDERS)}") from None
     if not opts.dual_lr > 0:
         raise ValueError(f"{prefix}dual_lr must be > 0; got {opts.dual_lr}")
 

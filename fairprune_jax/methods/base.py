@@ -431,9 +431,10 @@ def register(name: str, description: str, options: type = NoOptions, *, structur
                         "them with None)")
 
     def deco(fn):
-        if psi_bound is not None and psi_bound not in {f.name for f in dataclasses.fields(options)}:
+        fields = {f.name for f in dataclasses.fields(options)}
+        if psi_bound is not None and psi_bound not in fields:
             raise TypeError(f"method {name!r}: psi_bound {psi_bound!r} is not one of its options")
-        unknown = [c.option for c in default_changes if c.option not in {f.name for f in dataclasses.fields(options)}]
+        unknown = [c.option for c in default_changes if c.option not in fields]
         if unknown:
             raise TypeError(f"method {name!r}: default_changes name options it does not have: {unknown}")
         METHODS[name] = Method(name, fn, description, options, structured, check, psi_bound, no_nm,

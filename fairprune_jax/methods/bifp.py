@@ -128,8 +128,8 @@ def _ended_constant(cell: dict) -> bool:
     model flagged degenerate, or a parity gap of exactly 0 on the training rows (what one class for every row
     gives) at the end of the phase (fair_then_prune: of its dense fair phase)."""
     info = cell.get("method_info") or {}
-    gaps = [(info.get(k) or {}).get("train_fairness", {}).get("metric_gap") for k in ("dense_fair",)]
-    gaps.append((info.get("train_fairness") or {}).get("metric_gap"))
+    gaps = [((info.get("dense_fair") or {}).get("train_fairness") or {}).get("metric_gap"),
+            (info.get("train_fairness") or {}).get("metric_gap")]
     degenerate = ((cell.get("pruned") or {}).get("test") or {}).get("degenerate")
     return bool(degenerate) or any(g == 0.0 for g in gaps if g is not None)
 

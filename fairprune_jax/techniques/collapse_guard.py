@@ -72,8 +72,8 @@ class CollapseGuard:
         return self._share(self._logits(state))
 
     def hook(self, inner: Callable | None = None) -> Callable:
-        """A ``fit`` hook: ``inner`` first (if any), then, at every epoch's end, the model kept while it is not
-        degenerate. Keeps host state, so its phase restarts rather than resumes (as any such hook)."""
+        """A ``fit`` hook: ``inner`` first (if any), then, at every epoch's end whose model is not degenerate, that
+        model kept if it is the best so far (the smallest gap, or the latest). Keeps host state, so its phase restarts rather than resumes (as any such hook)."""
         def hook(state: TrainState, step: int) -> TrainState:
             if inner is not None:
                 state = inner(state, step)
@@ -82,7 +82,7 @@ class CollapseGuard:
                 if self._share(logits) < DEGENERATE_SHARE:
                     gap = None if self.gap is None else float(self.gap(logits, self.rows))
                     if gap is None or self.kept_gap is None or gap <= self.kept_gap:
-                        # a copy: on a CPU device_get may alias the buffers the next (donating) step reuses
+                        # host copies that no later (donating) step can touch, whatever device_get returns
                         self.kept = jax.tree.map(lambda a: np.array(a, copy=True),
                                                  jax.device_get((state.params, state.model_state, state.masks)))
                         self.kept_epoch, self.kept_gap = step // self.spe, gap
@@ -90,7 +90,7 @@ class CollapseGuard:
         return hook
 
     def finish(self, state: TrainState) -> tuple[TrainState, dict | None]:
-        """``(state, info)``: the phase's final state, or the last kept one when the final one predicts one class
+        """``(state, info)``: the phase's final state, or the kept one when the final one predicts one class
         for at least ``DEGENERATE_SHARE`` of the guard's rows; ``info`` says what happened (None when the guard
         was not active or the final model is not degenerate)."""
         if not self.active:
@@ -110,7 +110,7 @@ class CollapseGuard:
         which = "the last" if self.gap is None else "the one with the smallest parity gap on training rows of those"
         warn(f"{self.what} ended at a constant classifier (one class for {share:.1%} of training rows, which "
              f"meets any parity bound); returned the model of epoch {self.kept_epoch}, {which} that were not "
-             f"one. A looser tau, a smaller dual_lr or the default surrogate avoid it; collapse_guard=false "
+             f"one. A looser tau or a smaller dual_lr make it less likely; collapse_guard=false "
              f"returns the final model")
         params, model_state, masks = jax.device_put((params, model_state, masks))
         return state.replace(params=params, model_state=model_state, masks=masks), info

@@ -99,8 +99,7 @@ class Fairness:
                 raise ValueError("fairness_mode='constraint' needs a dual optimizer")
             if int(self.buffer_size) < 1:
                 raise ValueError(f"buffer_size must be >= 1; got {self.buffer_size}")
-            if constrained.ORDER_ALIASES.get(self.dual_order, self.dual_order) not in constrained.ORDERS:
-                raise ValueError(f"unknown order {self.dual_order!r}; valid: {', '.join(constrained.ORDERS)}")
+            constrained.order_name(self.dual_order)         # a clear error for an unknown order
             if self.constraint not in CONSTRAINTS:
                 raise ValueError(f"unknown constraint {self.constraint!r}; valid: {', '.join(CONSTRAINTS)}")
             if not 0.0 <= float(self.strict_decay) < 1.0:
