@@ -99,14 +99,121 @@ def test_the_old_wald_interval_fails_where_the_new_one_holds():
     assert old["family_coverage"] < _floor(1500) <= new["family_coverage"]
 
 
+# the certified max psi_g: regimes where one group is clearly the worst (its own one-sided bound is all that
+# protects the statement), where every group is alike, and the small-group regimes of version 1's failures
+MAX_REGIMES = [
+    ([45] * 10, 0.08, 0.0),
+    ([200] * 10, 0.05, 0.0),
+    ([20] * 200, 0.2, 0.0),
+    ([20] * 200, 0.0, 0.0),
+    ([45] * 10, [0.2] + [0.02] * 9, 0.0),             # one small group clearly worst
+    ([5000] + [20] * 20, [0.2] + [0.0] * 20, 0.0),   # the large group worst, many small ones
+    ([20] + [5000] * 3, [0.2, 0.02, 0.02, 0.02], [0.0, 0.02, 0.02, 0.02]),   # one tiny group worst
+    ([1000] * 50, 0.2, 0.2),
+    ([20, 45, 200, 1000, 5000] * 2, [0.0, 0.2, 0.08, 0.02, 0.1] * 2, [0.2, 0.0, 0.02, 0.02, 0.0] * 2),
+]
+
+
+@pytest.mark.parametrize("method", certify.PSI_METHODS)
+@pytest.mark.parametrize("sizes, lost, gained", MAX_REGIMES)
+def test_the_certified_max_psi_keeps_its_level(method, sizes, lost, gained):
+    """The headline "no group lost more than U" holds at the nominal level: U covers the true max psi_g, and
+    every group's one-sided bound covers its own psi_g (what the argument behind U needs), each at least
+    the level minus Monte Carlo error; U is never above the largest simultaneous upper end."""
+    draws = 1500
+    r = certify.coverage_simulation(sizes, lost, gained, level=LEVEL, draws=draws, seed=7, method=method)
+    assert r["max_coverage"] >= _floor(draws) and r["min_upper_coverage"] >= _floor(draws), r
+
+
+def test_the_one_sided_coverage_check_can_fail():
+    """The same simulation rejects a bound that is too low: one-sided bounds at 80% claimed as 95%."""
+    draws = 1500
+    rng = np.random.default_rng(0)
+    n = np.full(10, 1000.0)
+    psi_true = np.full(10, 0.0)
+    cells = rng.multinomial(np.full((draws, 10), 1000), [0.1, 0.1, 0.8])
+    low80 = certify.psi_upper_bounds(n, cells[..., 0].astype(float), cells[..., 1].astype(float), 0.80)
+    ok95 = certify.psi_upper_bounds(n, cells[..., 0].astype(float), cells[..., 1].astype(float), LEVEL)
+    assert np.mean(psi_true <= low80, 0).min() < _floor(draws) <= np.mean(psi_true <= ok95, 0).min()
+
+
+@pytest.mark.parametrize("sizes", [[1000, 1000], [45] * 10, [200] * 10, [200] * 50])
+def test_every_group_at_once_is_rarely_certified_when_one_is_at_eps(sizes):
+    """"all groups hold" (certified max psi_g <= eps) is declared at most 1 - level of the time when the worst
+    group's true psi_g equals eps."""
+    draws = 2000
+    r = certify.coverage_simulation(sizes, 0.05, 0.02, level=LEVEL, eps=0.02, draws=draws, seed=3)
+    assert r["false_all_hold"] <= (1 - LEVEL) + 2.33 * np.sqrt(LEVEL * (1 - LEVEL) / draws), r
+
+
+def _version2(cert: dict) -> dict:
+    """What a version-2 certificate of the same rows held: the headline was the largest simultaneous upper end,
+    the floor the simultaneous one; no one-sided bounds."""
+    names = [k for k, g in cert["groups"].items() if g.get("n")]
+    n = np.array([float(cert["groups"][k]["n"]) for k in names])
+    _, _, floor2 = certify.psi_intervals(n, np.zeros(len(n)), np.zeros(len(n)))
+    groups = {k: {f: v for f, v in g.items() if f != "upper"} for k, g in cert["groups"].items()}
+    for i, k in enumerate(names):
+        groups[k]["floor"] = float(floor2[i])
+    old = {k: v for k, v in cert.items() if k not in ("all_hold", "max_simultaneous_high")}
+    old.update(groups=groups, interval_version=2, certified_max_psi=cert["max_simultaneous_high"],
+               worst_upper=cert["max_simultaneous_high"], floor_max_psi=float(floor2.max()))
+    return old
+
+
+def test_a_version_2_certificate_is_rebuilt_from_its_counts():
+    n = np.array([800.0, 200.0, 45.0])
+    lost, gained = np.array([40.0, 20.0, 6.0]), np.array([30.0, 8.0, 1.0])
+    z = np.zeros(3)
+    acc = 0.9 * n
+    dense = fairness.GroupCounts(n, acc, z, z, z, z, z, n)
+    pruned = fairness.GroupCounts(n, acc - lost + gained, z, z, z, z, z, n)
+    new = certify.certificate(pruned, dense, lost, gained, eps=0.05, group_names=["a", "b", "c"])
+    assert new["interval_version"] == 3 == certify.INTERVAL_VERSION
+    assert new["certified_max_psi"] == max(g["upper"] for g in new["groups"].values())
+    assert new["certified_max_psi"] < new["max_simultaneous_high"] == max(g["high"] for g in new["groups"].values())
+    old = _version2(new)
+    up = certify.upgrade(old)
+    assert up["interval_version"] == 3 and old["interval_version"] == 2      # the input is left as it was
+    for key in ("certified_max_psi", "floor_max_psi", "max_simultaneous_high", "all_hold", "holds"):
+        assert up[key] == pytest.approx(new[key], abs=1e-12), key
+    for k in new["groups"]:
+        for f in ("upper", "floor", "high", "low", "verdict"):
+            assert up["groups"][k][f] == pytest.approx(new["groups"][k][f], abs=1e-12), (k, f)
+    # counts that do not give the stored intervals (weighted rows rounded, say): not rebuilt
+    bad = _version2(new)
+    bad["groups"]["b"]["lost"] += 1
+    assert certify.upgrade(bad) is bad
+    # results.json: every split's version-2 certificate, in place, counted
+    from fairprune_jax.reporting.result import upgrade_certificates
+    res = {"pruned": {"test": {"certificate": _version2(new)}, "val": {"certificate": bad}, "train": {}}}
+    assert upgrade_certificates(res) == 1
+    assert res["pruned"]["test"]["certificate"]["interval_version"] == 3
+    assert res["pruned"]["val"]["certificate"]["interval_version"] == 2
+
+
+def test_every_group_at_once_when_the_max_bound_is_below_eps():
+    """The summary line says "all groups at once" when the certified max psi_g is at most eps, even where the
+    simultaneous two-sided per-group intervals leave some group undetermined."""
+    n = np.array([3000.0, 3000.0, 3000.0])
+    lost = gained = np.array([30.0, 30.0, 30.0])
+    z = np.zeros(3)
+    dense = fairness.GroupCounts(n, 0.9 * n, z, z, z, z, z, n)
+    cert = certify.certificate(dense, dense, lost, gained, eps=0.007, group_names=["a", "b", "c"])
+    assert cert["all_hold"] and cert["certified_max_psi"] <= 0.007 < cert["max_simultaneous_high"]
+    line = certify.summary_line(cert)
+    assert line.startswith("certified (psi_g <= 0.007) for all 3 groups at once") and "group by group" in line
+
+
 def test_psi_floor_is_the_bound_of_a_model_that_changes_nothing():
     n = np.array([5000.0, 500.0, 50.0])
     floor = certify.psi_floor(n)
+    np.testing.assert_allclose(floor, certify.psi_upper_bounds(n, np.zeros(3), np.zeros(3)))
     _, _, hi = certify.psi_intervals(n, np.zeros(3), np.zeros(3))
-    np.testing.assert_allclose(floor, hi)
+    assert np.all(floor < hi)                       # one-sided, marginal: below the simultaneous upper end
     assert floor[0] < floor[1] < floor[2] < 1.0 and floor[0] > 0     # smaller groups: a looser floor
     # any model that loses rows of a group is certified no lower than the floor
-    _, _, hi_lost = certify.psi_intervals(n, np.array([0.0, 0.0, 3.0]), np.zeros(3))
+    hi_lost = certify.psi_upper_bounds(n, np.array([0.0, 0.0, 3.0]), np.zeros(3))
     assert hi_lost[2] > floor[2]
 
 
@@ -121,7 +228,9 @@ def test_predicted_halfwidth_is_the_certificate_of_a_model_flipping_that_many_ro
     np.testing.assert_allclose(h, hi - psi)
     assert h[1] > certify.predicted_halfwidth(n, np.array([0.1, 0.1, 0.1]))[1]      # more flips: wider
     assert h[2] > h[0]                                                                # fewer rows: wider
-    np.testing.assert_allclose(certify.predicted_halfwidth(n, np.zeros(3)), certify.psi_floor(n))
+    # (the simultaneous upper end: ceag's aim=certificate plans for every group's verdict, see its docs)
+    np.testing.assert_allclose(certify.predicted_halfwidth(n, np.zeros(3)),
+                               certify.psi_intervals(n, np.zeros(3), np.zeros(3))[2])
     w = n / n.sum()
     t = certify.reachable_bound(w, h)
     assert t == pytest.approx(float(np.sum(w * h)))
@@ -228,8 +337,8 @@ def test_run_reports_certificate_and_flags_a_constant_model(tmp_path, capsys):
     assert set(cert["groups"]) == {f"digit {i}" for i in range(10)}
     md = (tmp_path / "ok" / "results.md").read_text()
     assert "## Certificate (test)" in md and "no group lost more than" in md and "floor" in md
-    assert cert["interval_version"] == certify.INTERVAL_VERSION and cert["floor_max_psi"] > 0.1   # 45-row classes
-    assert cert["certified_max_psi"] == max(g["high"] for g in cert["groups"].values())
+    assert cert["interval_version"] == certify.INTERVAL_VERSION and cert["floor_max_psi"] > 0.05   # 45-row classes
+    assert cert["certified_max_psi"] == max(g["upper"] for g in cert["groups"].values())
     out = capsys.readouterr().out
     assert "with 95% confidence, no group lost more than" in out
     assert main(["run", *common, "--sparsity", "0.999", "--finetune-lr", "1e-9", "--certify-eps", "0.05",

@@ -31,10 +31,14 @@ the coverage table that ``experiments/certify_coverage.py`` measures):
   A verdict is given only against an explicit bound.
 
 Beside each interval the certificate reports the headline number, the
-certified max psi_g (the largest upper end: with ``level`` confidence no group
-lost more than that beyond the overall loss), and the *floor*: the upper end a
-model that changes no prediction would get on the same rows, below which no
-model can be certified on this split.
+certified max psi_g (with ``level`` confidence no group lost more than that
+beyond the overall loss): the largest of the groups' one-sided upper bounds at
+the marginal level (:func:`psi_upper_bounds`; one statement about the largest
+psi_g needs no correction over groups, so it is tighter than the largest
+simultaneous upper end; version 3), and the *floor*: what a model that changes
+no prediction would get on the same rows, below which no model can be
+certified on this split. When the certified max psi_g is at most eps, every
+group holds at once (``all_hold``), at ``level``.
 
 Everything here is host-side numpy over additive counts; :func:`paired_counts`
 is the jittable accumulation (one ``segment_sum``), summed over batches and
@@ -58,8 +62,11 @@ SMALL_GROUP_ROWS = 30
 DEGENERATE_SHARE = 0.98
 VERDICTS = ("holds", "violated", "undetermined")
 #: 1: paired Agresti-Min Wald + Wilson (under-covered small groups; certificates of that version are not
-#: shown as certified bounds). 2: exact-conservative intervals, below.
-INTERVAL_VERSION = 2
+#: shown as certified bounds). 2: exact-conservative intervals, below; certified max psi_g = the largest
+#: simultaneous upper end. 3: the same intervals and verdicts; certified max psi_g = the largest one-sided
+#: marginal upper bound (:func:`psi_upper_bounds`), floor likewise. A version-2 certificate is rebuilt as
+#: version 3 from the counts it stores (:func:`upgrade`).
+INTERVAL_VERSION = 3
 INTERVAL_TEXT = {
     "mover": ("psi_g: exact per-group intervals (Clopper-Pearson on the flip rate and, given the flips, the lost "
               "share) combined by MOVER, coverage checked by simulation; accuracy and rates: Clopper-Pearson; "
@@ -149,7 +156,7 @@ PSI_METHODS = ("mover", "exact")
 
 
 def psi_intervals(n: np.ndarray, lost: np.ndarray, gained: np.ndarray, level: float = 0.95,
-                  method: str = "mover") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  method: str = "mover", simultaneous: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Point estimate and simultaneous interval of psi_g for every group (family-wise ``level``).
 
     ``n``, ``lost``, ``gained``: (..., G) rows, dense-right/pruned-wrong and dense-wrong/pruned-right rows
@@ -179,7 +186,7 @@ def psi_intervals(n: np.ndarray, lost: np.ndarray, gained: np.ndarray, level: fl
     w = np.where(present, n / np.maximum(total, 1e-12), 0.0)
     d = np.where(present, (lost - gained) / np.maximum(n, 1e-12), 0.0)
     psi = d - np.sum(w * d, axis=-1, keepdims=True)
-    alpha = _alpha(level) / np.maximum(m if method == "mover" else 2 * m, 1)
+    alpha = _alpha(level) / np.maximum((m if simultaneous else 1) * (1 if method == "mover" else 2), 1)
     lo_g, hi_g = paired_difference_interval(n, lost, gained, alpha)
     lo_g, hi_g = np.where(present, lo_g, 0.0), np.where(present, hi_g, 0.0)
     if method == "mover":
@@ -198,8 +205,27 @@ def psi_intervals(n: np.ndarray, lost: np.ndarray, gained: np.ndarray, level: fl
     return nan(psi), nan(low), nan(high)
 
 
+def psi_upper_bounds(n: np.ndarray, lost: np.ndarray, gained: np.ndarray, level: float = 0.95,
+                     method: str = "mover") -> np.ndarray:
+    """Per group, a one-sided upper confidence bound of psi_g at marginal ``level`` (no correction over groups).
+
+    Their maximum is an upper confidence bound of max_g psi_g at ``level``: if g* is the group with the largest
+    true psi_g (a fixed group, not a random one), then whenever psi_g* <= U_g* (probability >= ``level``),
+    every psi_g <= psi_g* <= U_g* <= max_h U_h. No Bonferroni factor is needed for that one statement ("no
+    group lost more than U beyond the overall loss"), and the same argument makes "every group holds" (max_g
+    U_g <= eps) a valid level test of "some group violates eps" (an intersection-union test, Berger 1982).
+    Per-group verdicts, which claim something of each group separately, keep the simultaneous intervals of
+    :func:`psi_intervals`. Built as the upper end of the two-sided marginal interval at 1 - 2 (1 - level)
+    (each end of these constructions errs with at most half the two-sided error).
+    """
+    if not 0.5 < float(level) < 1.0:
+        raise ValueError(f"a one-sided confidence level must be in (0.5, 1); got {level}")
+    return psi_intervals(n, lost, gained, 1.0 - 2.0 * _alpha(level), method, simultaneous=False)[2]
+
+
 def psi_floor(n: np.ndarray, level: float = 0.95, method: str = "mover") -> np.ndarray:
-    """Per group, the upper bound of psi_g that a pruned model changing no prediction would get on this split.
+    """Per group, the one-sided upper bound of psi_g (:func:`psi_upper_bounds`, the certified max psi_g's) that
+    a pruned model changing no prediction would get on this split.
 
     It depends only on the group sizes and the level: the certificate a pruned model identical to the dense one
     would get. A model whose own bound is close to it is limited by the split, not by its predictions (only a
@@ -207,7 +233,7 @@ def psi_floor(n: np.ndarray, level: float = 0.95, method: str = "mover") -> np.n
     above it).
     """
     z = np.zeros_like(np.asarray(n, np.float64))
-    return psi_intervals(n, z, z, level, method)[2]
+    return psi_upper_bounds(n, z, z, level, method)
 
 
 def predicted_halfwidth(n: np.ndarray, flip_rate: np.ndarray, level: float = 0.95,
@@ -260,8 +286,12 @@ def coverage_simulation(sizes: Sequence[int], lost_rate: Sequence[float], gained
 
     Draws ``draws`` paired test splits (each group's rows multinomial over lost / gained / unchanged) and
     returns the family-wise coverage (every group's interval holds its true psi_g), the worst per-group
-    coverage and the mean width. With ``eps``, group 0's lost rate is moved so that its true psi_g equals
-    ``eps``, and ``false_holds`` is how often it is declared ``holds`` (should be at most 1 - level).
+    coverage and the mean width; and for the certified max psi_g (:func:`psi_upper_bounds`), how often it is
+    at or above the true max psi_g (``max_coverage``) and the worst group's one-sided coverage of its own
+    bound (``min_upper_coverage``, the property the max bound rests on). With ``eps``, group 0's lost rate
+    is moved so that its true psi_g equals ``eps``, ``false_holds`` is how often it is declared ``holds``
+    and, where group 0 then has the largest psi_g, ``false_all_hold`` how often every group is certified
+    at once (both should be at most 1 - level).
     ``intervals(n, lost, gained, level) -> (psi, low, high)`` replaces :func:`psi_intervals` (to measure
     another construction the same way).
     """
@@ -285,8 +315,15 @@ def coverage_simulation(sizes: Sequence[int], lost_rate: Sequence[float], gained
     covered = (lo <= psi_true + tol) & (psi_true - tol <= hi)
     out = {"family_coverage": float(covered.all(-1).mean()), "min_group_coverage": float(covered.mean(0).min()),
            "mean_width": float(np.mean(hi - lo)), "draws": int(draws)}
+    if intervals is None:
+        upper = psi_upper_bounds(*args, method=method)
+        out["max_coverage"] = float(np.mean(psi_true.max() - tol <= upper.max(-1)))
+        out["min_upper_coverage"] = float(np.mean(psi_true - tol <= upper, axis=0).min())
+        out["mean_max_bound"] = float(np.mean(upper.max(-1)))
     if eps is not None:
         out["false_holds"] = float(np.mean(hi[:, 0] <= eps))
+        if intervals is None and psi_true[0] >= psi_true.max() - tol:
+            out["false_all_hold"] = float(np.mean(upper.max(-1) <= eps))
     return out
 
 
@@ -360,6 +397,7 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
     alpha = _alpha(level)
     acc_lo, acc_hi = clopper_pearson(c.correct, c.n, alpha / max(m, 1))
     psi, lo, hi = psi_intervals(c.n, lost, gained, level, interval)
+    upper = psi_upper_bounds(c.n, lost, gained, level, interval)
     floor = psi_floor(c.n, level, interval)
     verdict = verdicts(lo, hi, eps)
     # the count that decides a metric: rows for accuracy, psi and DP; positives and negatives for EO
@@ -378,7 +416,7 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
                         "lost": int(round(lost[i])), "gained": int(round(gained[i])),
                         "flip_rate": float((lost[i] + gained[i]) / c.n[i]),
                         "psi": float(psi[i]), "low": float(lo[i]), "high": float(hi[i]),
-                        "floor": float(floor[i]), "verdict": verdict[i]}
+                        "upper": float(upper[i]), "floor": float(floor[i]), "verdict": verdict[i]}
     by = {v: [n for n in names if groups[n]["verdict"] == v] for v in VERDICTS}
     # DP: one rate per group; EO (worst case): TPR and FPR per group, 2m intervals
     sel_lo, sel_hi = clopper_pearson(c.pred_pos, c.n, alpha / max(m, 1))
@@ -387,9 +425,9 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
     dp = _range_interval(sel_lo, sel_hi, present)
     t_lo, t_hi = _range_interval(tpr_lo, tpr_hi, present)
     f_lo, f_hi = _range_interval(fpr_lo, fpr_hi, present)
-    highs = [float(hi[i]) for i in range(G) if present[i]]
+    uppers = [float(upper[i]) for i in range(G) if present[i]]
     floors = [float(floor[i]) for i in range(G) if present[i]]
-    certified = max(highs) if highs else None
+    certified = max(uppers) if uppers else None
     return {
         "level": level, "eps": eps, "groups_tested": m, "small_group_rows": small_group,
         "interval_version": INTERVAL_VERSION, "interval_method": interval, "interval": INTERVAL_TEXT[interval],
@@ -401,15 +439,47 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
         "certified_share": len(by["holds"]) / m if m else None,
         # the headline: with `level` confidence, no group lost more than this beyond the overall loss
         "certified_max_psi": certified,
+        # every group within eps at once (intersection-union test at `level`)
+        "all_hold": bool(certified is not None and certified <= eps),
         # what these rows would certify for a model identical to the dense one (see psi_floor)
         "floor_max_psi": max(floors) if floors else None,
         "worst_upper": certified,           # the version-1 name of certified_max_psi, for readers of older files
+        "max_simultaneous_high": max(float(hi[i]) for i in range(G) if present[i]) if m else None,
         "flip_rate": float((lost[present].sum() + gained[present].sum()) / max(c.n[present].sum(), 1.0)),
         "demographic_parity_difference": _diff_entry(fairness.demographic_parity_difference(c), *dp,
                                                      fairness_bound),
         "equalized_odds_difference": _diff_entry(fairness.equalized_odds_difference(c), max(t_lo, f_lo),
                                                  max(t_hi, f_hi), fairness_bound),
     }
+
+
+def upgrade(cert: dict) -> dict:
+    """A version-2 certificate rebuilt as version 3 from the per-group counts it stores (n, lost, gained).
+
+    Version 3 changed only the headline (certified max psi_g and the floor: one-sided marginal bounds, see
+    :func:`psi_upper_bounds`); intervals and verdicts are the same. The stored simultaneous upper ends are
+    recomputed from the counts first: if any differs (counts rounded from weighted rows, say), the
+    certificate is returned unchanged, still version 2, rather than rebuilt from numbers that are not its own.
+    Other versions are returned as they are.
+    """
+    if cert.get("interval_version") != 2:
+        return cert
+    names = [k for k, g in cert["groups"].items() if g.get("n")]
+    if not names:
+        return cert
+    n, lost, gained = (np.array([float(cert["groups"][k][f]) for k in names]) for f in ("n", "lost", "gained"))
+    level, method = float(cert["level"]), cert.get("interval_method", "mover")
+    _, _, hi = psi_intervals(n, lost, gained, level, method)
+    if not np.allclose(hi, [cert["groups"][k]["high"] for k in names], rtol=0, atol=1e-9):
+        return cert
+    upper, floor = psi_upper_bounds(n, lost, gained, level, method), psi_floor(n, level, method)
+    out = dict(cert, groups={k: dict(g) for k, g in cert["groups"].items()})
+    for i, k in enumerate(names):
+        out["groups"][k]["upper"], out["groups"][k]["floor"] = float(upper[i]), float(floor[i])
+    out.update(interval_version=3, certified_max_psi=float(upper.max()), worst_upper=float(upper.max()),
+               floor_max_psi=float(floor.max()), max_simultaneous_high=float(hi.max()),
+               all_hold=bool(upper.max() <= float(cert["eps"])))
+    return out
 
 
 def headline(cert: dict) -> str:
@@ -427,6 +497,12 @@ def headline(cert: dict) -> str:
 def summary_line(cert: dict) -> str:
     """One line for a terminal: how many groups are certified, and which are not."""
     m = cert["groups_tested"]
+    if cert.get("all_hold"):
+        parts = [f"certified (psi_g <= {cert['eps']:g}) for all {m} groups at once at {cert['level']:.0%} "
+                 f"(certified max psi_g {cert['certified_max_psi']:.4f})"]
+        if cert["holds"] < m:
+            parts.append(f"group by group (simultaneous two-sided intervals) {cert['holds']} of {m} hold")
+        return "; ".join(parts)
     parts = [f"certified (psi_g <= {cert['eps']:g}) for {cert['holds']} of {m} groups at "
              f"{cert['level']:.0%}"]
     if cert["violated_groups"]:
@@ -440,6 +516,6 @@ def summary_line(cert: dict) -> str:
 
 __all__ = ["SMALL_GROUP_ROWS", "DEGENERATE_SHARE", "VERDICTS", "INTERVAL_VERSION", "paired_counts",
            "clopper_pearson",
-           "paired_difference_interval", "rate_difference_interval", "PSI_METHODS", "psi_intervals", "psi_floor",
+           "paired_difference_interval", "rate_difference_interval", "PSI_METHODS", "psi_intervals", "psi_upper_bounds", "psi_floor", "upgrade",
            "predicted_halfwidth", "reachable_bound",
            "psi_standard_error", "coverage_simulation", "verdicts", "prediction_summary", "certificate", "headline", "summary_line"]

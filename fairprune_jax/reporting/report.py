@@ -87,9 +87,10 @@ def small_groups_note(results: dict, split: str = "test", with_eo: bool = True) 
 
 
 def _certified(r: dict) -> float | None:
-    """The certificate's headline bound of a split's report (None without a version-2 certificate)."""
+    """The certificate's headline bound of a split's report (None without a certificate of version 2 or later:
+    version 1's intervals under-covered)."""
     cert = r.get("certificate") or {}
-    return cert.get("certified_max_psi") if cert.get("interval_version", 1) >= certify.INTERVAL_VERSION else None
+    return cert.get("certified_max_psi") if cert.get("interval_version", 1) >= 2 else None
 
 
 def _min_group_acc(r: dict) -> float | None:
@@ -192,7 +193,7 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
     if not cert:
         return []
     out = [f"## Certificate ({split}): psi_g <= eps = {cert['eps']:g} at {cert['level']:.0%} (simultaneous)", ""]
-    if cert.get("interval_version", 1) < certify.INTERVAL_VERSION:
+    if cert.get("interval_version", 1) < 2:
         out += ["- **made with interval version 1** (a normal approximation that under-covers small groups): "
                 "rerun to get a certificate that keeps its level", ""]
     elif cert.get("certified_max_psi") is not None:
@@ -210,7 +211,7 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
         if "verdict" in e:
             line += f" vs bound {e['bound']:g}: {e['verdict']}"
         out.append(line)
-    out += ["", "| group | n | pruned accuracy [CI] | psi_g [CI] | psi_g certified at most | floor | flip rate | "
+    out += ["", "| group | n | pruned accuracy [CI] | psi_g [CI] | psi_g at most (one-sided) | floor | flip rate | "
             "verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, g in cert["groups"].items():
         if g["verdict"] is None:
@@ -219,10 +220,14 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
         mark = ("*" if g["small"] else "") + ("†" if g.get("small_for_eo") else "")
         out.append(f"| {name}{mark} | {g['n']} | {g['accuracy']:.4f} [{g['accuracy_low']:.3f}, "
                    f"{g['accuracy_high']:.3f}] | {g['psi']:+.4f} [{g['low']:+.3f}, {g['high']:+.3f}] | "
-                   f"{g['high']:+.4f} | {_fmt(g.get('floor'), '{:.4f}')} | {_fmt(g.get('flip_rate'), '{:.4f}')} | "
+                   f"{g.get('upper', g['high']):+.4f} | {_fmt(g.get('floor'), '{:.4f}')} | "
+                   f"{_fmt(g.get('flip_rate'), '{:.4f}')} | "
                    f"{g['verdict']} |")
-    out += ["", "*floor*: the bound a pruned model identical to the dense one would get on these rows; where a "
-            "group's bound is close to it, more test rows, not a better model, would tighten it."]
+    out += ["", "[CI]: simultaneous over the groups (the verdicts read them); *at most (one-sided)*: the group's "
+            "one-sided bound at the stated level, of which the certified max psi_g is the largest (one statement "
+            "about the worst group needs no correction over groups); *floor*: that bound for a pruned model "
+            "identical to the dense one on these rows; where a group's bound is close to it, more test rows, not a "
+            "better model, would tighten it."]
     return out + [""]
 
 

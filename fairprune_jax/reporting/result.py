@@ -19,7 +19,7 @@ SCHEMA_VERSION = 2
 
 #: The columns of :meth:`Report.by_group`, in order.
 BY_GROUP_COLUMNS = ("group", "n", "positives", "negatives", "dense_accuracy", "accuracy", "accuracy_low",
-                    "accuracy_high", "psi", "psi_low", "psi_high", "verdict", "lost", "gained", "flip_rate",
+                    "accuracy_high", "psi", "psi_low", "psi_high", "psi_upper", "verdict", "lost", "gained", "flip_rate",
                     "floor", "selection_rate", "tpr", "fpr")
 
 
@@ -89,7 +89,8 @@ class Report(dict):
                 "negatives": _int(c.get("negatives")), "dense_accuracy": d.get("accuracy"),
                 "accuracy": g.get("accuracy"), "accuracy_low": c.get("accuracy_low"),
                 "accuracy_high": c.get("accuracy_high"), "psi": psi.get(name, c.get("psi")),
-                "psi_low": c.get("low"), "psi_high": c.get("high"), "verdict": c.get("verdict"),
+                "psi_low": c.get("low"), "psi_high": c.get("high"), "psi_upper": c.get("upper"),
+                "verdict": c.get("verdict"),
                 "lost": _int(c.get("lost")), "gained": _int(c.get("gained")), "flip_rate": c.get("flip_rate"),
                 "floor": c.get("floor"), "selection_rate": g.get("selection_rate"), "tpr": g.get("tpr"),
                 "fpr": g.get("fpr")})
@@ -99,6 +100,21 @@ class Report(dict):
             import pandas as pd
             return pd.DataFrame(rows, columns=list(BY_GROUP_COLUMNS)).set_index("group")
         return rows
+
+
+def upgrade_certificates(results: dict) -> int:
+    """Rebuild every version-2 certificate of a run's results in place as version 3 (``certify.upgrade``:
+    the certified max psi_g and floor from the counts the certificate stores; intervals and verdicts are
+    unchanged) and return how many were rebuilt, so that tables never mix the two headline bounds."""
+    from fairprune_jax.metrics import certify
+    done = 0
+    for rep in (results.get("pruned") or {}).values():
+        cert = rep.get("certificate") if isinstance(rep, dict) else None
+        if cert and cert.get("interval_version") == 2:
+            new = certify.upgrade(cert)
+            done += new is not cert
+            rep["certificate"] = new
+    return done
 
 
 def _int(v: Any) -> int | None:

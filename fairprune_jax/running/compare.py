@@ -37,6 +37,7 @@ from typing import Any
 from fairprune_jax.core.config import RunConfig
 from fairprune_jax.core.notices import tqdm, warn
 from fairprune_jax.reporting import tables
+from fairprune_jax.reporting.result import upgrade_certificates
 from fairprune_jax.running.grid import (CHOSEN_ON, DERIVED_COLUMNS, FLAG_COLUMNS, GRID_LISTS,  # noqa: F401
                                         METRICS, RUN_KEYS, TEXT_KEYS, TOP_KEYS, CompareConfig, _check_variants,
                                         _load_config, cell_config, cell_dir, check_grid_lists, check_run_values,
@@ -226,6 +227,7 @@ def collect(cc: CompareConfig) -> dict:
                 if not p.exists():
                     continue
                 r = json.loads(p.read_text())
+                upgrade_certificates(r)      # a cell of an earlier version: the same headline bound as the rest
                 if seed not in dense_rows:
                     dense_rows[seed] = dict(dense_row(r), small=small_marks(r, "dense"))
                     setting.setdefault("groups_are_classes", tables.groups_are_classes(r))

@@ -86,7 +86,7 @@ def small_marks(cell: dict, which: str = "pruned") -> dict[str, bool]:
             out["test_certified_share"] = any(v["small"] for v in tested.values())
             out["test_violated_groups"] = out["no_violated_group"] = any(
                 v["small"] for v in tested.values() if v["verdict"] == "violated")
-            out["test_psi_upper"] = _small_ends({g: v["high"] for g, v in tested.items()},
+            out["test_psi_upper"] = _small_ends({g: v.get("upper", v["high"]) for g, v in tested.items()},
                                                 {g: v["n"] for g, v in tested.items()}, limit_c, "max")
     return {k: v for k, v in out.items() if v}
 
