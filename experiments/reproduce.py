@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fairprune_jax.reporting.result import upgrade_certificates
 from fairprune_jax.running.compare import cell_dir, load_config, run_compare
 
 COMPARED = ("sparsity", "dense", "pruned")
@@ -78,6 +79,7 @@ def reproduce(config: str | Path, seeds: list[int] | None = None, methods: list[
                         out[name] = [f"no committed cell {old}"]
                         continue
                     a = json.loads(old.read_text())
+                    upgrade_certificates(a)      # a committed cell of an earlier certificate version
                     b = json.loads((cell_dir(cc, m, s, seed) / "results.json").read_text())
                     out[name] = [d for k in COMPARED for d in differences(a.get(k), b.get(k), k)]
     return out

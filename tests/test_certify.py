@@ -180,6 +180,8 @@ def test_a_version_2_certificate_is_rebuilt_from_its_counts():
     for k in new["groups"]:
         for f in ("upper", "floor", "high", "low", "verdict"):
             assert up["groups"][k][f] == pytest.approx(new["groups"][k][f], abs=1e-12), (k, f)
+        assert list(up["groups"][k]) == list(new["groups"][k])
+    assert up["interval"] == new["interval"]
     # counts that do not give the stored intervals (weighted rows rounded, say): not rebuilt
     bad = _version2(new)
     bad["groups"]["b"]["lost"] += 1

@@ -73,6 +73,8 @@ INTERVAL_TEXT = {
               "Bonferroni over groups"),
     "exact": ("psi_g: exact per-group and per-complement intervals (Clopper-Pearson), conservative by "
               "construction; accuracy and rates: Clopper-Pearson; Bonferroni over groups")}
+#: What version 3 added to the text above: how the headline bound is made.
+MAX_TEXT = "; certified max psi_g: the largest one-sided bound at the marginal level (no correction needed)"
 
 
 # ---------------------------------------------------------------------------
@@ -430,7 +432,7 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
     certified = max(uppers) if uppers else None
     return {
         "level": level, "eps": eps, "groups_tested": m, "small_group_rows": small_group,
-        "interval_version": INTERVAL_VERSION, "interval_method": interval, "interval": INTERVAL_TEXT[interval],
+        "interval_version": INTERVAL_VERSION, "interval_method": interval, "interval": INTERVAL_TEXT[interval] + MAX_TEXT,
         "groups": groups,
         "holds": len(by["holds"]), "violated": len(by["violated"]), "undetermined": len(by["undetermined"]),
         "violated_groups": by["violated"], "undetermined_groups": by["undetermined"],
@@ -475,8 +477,12 @@ def upgrade(cert: dict) -> dict:
     upper, floor = psi_upper_bounds(n, lost, gained, level, method), psi_floor(n, level, method)
     out = dict(cert, groups={k: dict(g) for k, g in cert["groups"].items()})
     for i, k in enumerate(names):
-        out["groups"][k]["upper"], out["groups"][k]["floor"] = float(upper[i]), float(floor[i])
-    out.update(interval_version=3, certified_max_psi=float(upper.max()), worst_upper=float(upper.max()),
+        g = out["groups"][k]
+        # the key order of a version-3 certificate: upper before floor
+        rest = {f: g.pop(f) for f in list(g) if f in ("floor", "verdict")}
+        g.update(upper=float(upper[i]), floor=float(floor[i]), verdict=rest.get("verdict"))
+    out.update(interval_version=3, interval=INTERVAL_TEXT[method] + MAX_TEXT,
+               certified_max_psi=float(upper.max()), worst_upper=float(upper.max()),
                floor_max_psi=float(floor.max()), max_simultaneous_high=float(hi.max()),
                all_hold=bool(upper.max() <= float(cert["eps"])))
     return out
