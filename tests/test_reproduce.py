@@ -32,13 +32,39 @@ def test_differences_finds_every_changed_leaf_and_tells_new_entries_apart():
 @pytest.mark.parametrize("grid, methods, sparsities", [("headline_digits", "magnitude,nft,ceag", None),
                                                        ("lottery_digits_v2", "lth,ballot", [0.89])])
 def test_committed_digits_cells_reproduce_bit_for_bit(grid, methods, sparsities):
-    """(Grids whose cells predate the current dense training, e.g. bifp_digits, differ in float rounding from
+    """Bit for bit against this host's references (experiments/reproduce_refs/<numerics key>/) where it has
+    them, else against the committed cells; a host of unknown numerics (no references, and the committed
+    cells differ) passes only within float rounding (a few flipped rows, sparsity exact) and warns.
+    (Grids whose cells predate the current dense training, e.g. bifp_digits, differ in float rounding from
     the first digit of the dense model's loss on; experiments/README.md lists them.)"""
+    import warnings
     rep = _reproduce_module()
-    res = rep.reproduce(ROOT / "experiments" / f"{grid}.toml", seeds=[0], methods=methods.split(","),
-                        sparsities=sparsities)
+    config = ROOT / "experiments" / f"{grid}.toml"
+    res = rep.reproduce(config, seeds=[0], methods=methods.split(","), sparsities=sparsities)
+    known = all(rep.reference_cell(config, name) for name in res)
     bad = {cell: rep.failures(d)[:5] for cell, d in res.items() if rep.failures(d)}
+    if bad and not known:
+        bad = {cell: rep.rounding_failures(d)[:5] for cell, d in res.items() if rep.rounding_failures(d)}
+        warnings.warn(f"{grid}: this host ({rep.numerics_key()}) has no references and rounds differently from "
+                      "the committed cells; checked within float rounding only (python experiments/reproduce.py "
+                      "... --write-reference makes references)")
     assert res and not bad, bad
+
+
+def test_rounding_failures_accept_a_few_flipped_rows_and_nothing_else():
+    rep = _reproduce_module()
+    ok = ["dense/test/groups/digit 0/mean_loss: committed 0.1186, now 0.1187",
+          "pruned/test/accuracy: committed 0.9555, now 0.9533",
+          "pruned/test/certificate/groups/digit 4/lost: committed 3, now 4",
+          "pruned/test/per_class_parity/demographic_parity_difference_max_class: committed '6', now '5'",
+          "pruned/test/groups/digit 1/n: new"]
+    assert rep.failures(ok) == ok[:4] and rep.rounding_failures(ok) == []
+    bad = ["sparsity/achieved: committed 0.9, now 0.9000001",             # the masks are exact everywhere
+           "pruned/test/accuracy: committed 0.9555, now 0.8533",           # not rounding
+           "pruned/test/certificate/groups/digit 4/lost: committed 3, now 9",
+           "pruned/test/top_prediction: committed '3', now '7'",
+           "pruned/test/certificate: missing now"]
+    assert rep.rounding_failures(bad) == bad
 
 
 def test_select_on_val_chooses_on_validation_columns_only_and_refuses_a_collapsed_cell(tmp_path, capsys):

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from fairprune_jax.core.notices import warn
+from fairprune_jax.core.numerics import numerics_key
 from fairprune_jax.data import Dataset
 from fairprune_jax.methods import Context, RunConfig, get_method
 from fairprune_jax.metrics import certify, fairness
@@ -101,7 +102,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     results["wall_time_s"] = timings["total_s"]
     mesh, ckpt = distributed.current_mesh(), checkpoint.current()
     results["runtime"] = {"devices": distributed.num_devices(mesh), "processes": jax.process_count(),
-                          "platform": jax.devices()[0].platform,
+                          "platform": jax.devices()[0].platform, "numerics": numerics_key(),
                           "checkpoints": None if ckpt is None or not ckpt.started else str(ckpt.directory),
                           "resumed": bool(ckpt is not None and ckpt.resumed),
                           "data_from_cache": bool(ds.__dict__.get("_from_cache", False)),
