@@ -66,6 +66,7 @@ def test_prune_your_own_model(recwarn):
     assert [r["group"] for r in rows] == report.groups and all(isinstance(r["n"], int) for r in rows)
     assert all(r["psi_low"] <= r["psi"] <= r["psi_high"] and r["verdict"] in ("holds", "violated", "undetermined")
                for r in rows)
+    assert max(r["psi_upper"] for r in rows) == report.certified_max_psi    # the headline is the largest
     table = report.by_group()                       # pandas is in the test extra
     assert list(table.index) == report.groups and table["n"].sum() == report["pruned"]["test"]["n"]
 

@@ -359,8 +359,10 @@ def certificate_targets(ctx: Context, dense: TrainState, start: TrainState, eps:
                         ) -> tuple[np.ndarray, dict]:
     """Per-group targets eps_g = T - h_g for ``aim=certificate`` (and what ``results.json`` records of them).
 
-    h_g is the half-width the test certificate's psi_g interval will have for group g
-    (:func:`certify.predicted_halfwidth`): the test split's size shared out by the training split's group
+    h_g is the half-width the test certificate's simultaneous psi_g interval will have for group g
+    (:func:`certify.predicted_halfwidth`), so the target is every group's *verdict* at T; the headline bound
+    (the largest one-sided bound, certificate version 3) is then below T too, with room to spare. h_g uses
+    the test split's size shared out by the training split's group
     shares (its composition is not read), at the certificate's level and construction, and at the rate at
     which the pruned start's correctness differs from the dense model's on the validation split (on the
     training rows without one; there the model may fit its rows, so the rate is low). psi_g averages to 0, so
@@ -388,7 +390,7 @@ def certificate_targets(ctx: Context, dense: TrainState, start: TrainState, eps:
     if where == "training":
         parts.append("aim=certificate predicts each group's certificate from flip rates on the training rows "
                      "(there is no validation split), which a model that fits its training rows understates "
-                     "(digits, seeds 0-2: certified max psi_g 0.26 against 0.20 with aim=point); hold out a "
+                     "(digits, seeds 0-2: certified max psi_g 0.26 against 0.20 with aim=point, certificate version 2); hold out a "
                      "validation split (--val-fraction 0.1; prune(val_fraction=0.1))")
     note = "ceag: " + ". ".join(parts) if parts else None
     names = list(ds.group_names)

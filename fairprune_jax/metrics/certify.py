@@ -240,8 +240,9 @@ def psi_floor(n: np.ndarray, level: float = 0.95, method: str = "mover") -> np.n
 
 def predicted_halfwidth(n: np.ndarray, flip_rate: np.ndarray, level: float = 0.95,
                         method: str = "mover") -> np.ndarray:
-    """Per group, how far above psi_g the certificate's upper end will sit on a split of ``n`` rows per group
-    whose pruned model flips ``flip_rate`` of each group's rows (half lost, half gained).
+    """Per group, how far above psi_g the certificate's simultaneous upper end (the verdicts' interval) will
+    sit on a split of ``n`` rows per group whose pruned model flips ``flip_rate`` of each group's rows (half
+    lost, half gained); the headline's one-sided bound sits lower.
 
     A planning number: it tells a method what a certified bound E leaves for psi_g itself (CEAG's
     ``aim=certificate`` constrains psi_g <= E - h_g), and, through :func:`reachable_bound`, the smallest bound
