@@ -28,6 +28,11 @@ def default_epochs(dataset: str) -> int:
 
 
 #: Words read as a boolean option's value, in any case (one place for the CLI, TOML files and the API).
+#: How named random streams derive from the run's seed (RunConfig.streams).
+STREAM_MODES = ("fold_in", "offset")
+#: Run settings added after results existed, whose default then changed what a run computes: the value a
+#: result that does not record the setting ran with (compare refuses to reuse it under another value).
+LEGACY_RUN_VALUES = {"streams": "offset"}
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -64,6 +69,10 @@ class RunConfig:
     certify_interval: str = "mover"     # psi_g interval construction: mover (default) or exact (conservative)
     fairness_bound: float | None = None
     small_group: int = 30               # groups with fewer test rows are marked small
+    # How a method's named random streams derive from the seed (methods/base.py): fold_in (the default: each
+    # stream its own jax.random.fold_in key of the seed) or offset (seed + a fixed offset per stream, what
+    # every earlier result used; streams of nearby seeds overlap).
+    streams: str = "fold_in"
     dataset_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
     method_options: dict = dataclasses.field(default_factory=dict)

@@ -12,9 +12,12 @@ import dataclasses
 import math
 import types
 import typing
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -45,6 +48,18 @@ SEED_STREAMS = {
     "dense": 0,                 # the dense run and its replays (LTH's rewind to init, Ballot's vote run from init)
     "ceag_val_order": 0,        # the order in which CEAG refreshes its held-out estimates
 }
+
+def fold_in_seed(seed: int, name: str, offset: int = 0) -> int:
+    """A 31-bit seed for stream ``name`` of ``seed``: ``jax.random.fold_in`` of the seed's key with the name's
+    CRC-32 (stable across processes and Python versions), then with ``offset`` when it is not 0. ``"dense"``
+    gives ``seed + offset``: the dense run's own seed, which LTH and Ballot replay."""
+    if name == "dense":
+        return int(seed) + int(offset)
+    key = jax.random.fold_in(jax.random.key(int(seed)), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    if offset:
+        key = jax.random.fold_in(key, int(offset))
+    return int(jax.random.bits(key, dtype=jnp.uint32)) & 0x7FFFFFFF
+
 
 #: Options that were renamed: the old name -> the new one (an old name is refused with the new one in the message).
 RENAMED_OPTIONS = {"mode": "order"}
@@ -123,25 +138,38 @@ class Context:
     cache_dir: Path | None = None
     # The run's output folder, written only through save_masks (None: nothing is written).
     output_dir: str | None = None
+    # How the named streams derive from the seed (RunConfig.streams: fold_in or offset).
+    streams: str = "fold_in"
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **fields: Any) -> "Context":
         """The context of a run of ``cfg``: its method settings, seed and output folder, and ``fields``."""
-        return cls(settings=MethodSettings.from_config(cfg), seed=cfg.seed, output_dir=cfg.out, **fields)
+        return cls(settings=MethodSettings.from_config(cfg), seed=cfg.seed, output_dir=cfg.out,
+                   streams=cfg.streams, **fields)
 
     def with_config(self, cfg: RunConfig) -> "Context":
         """This context for another run of the same dense model (another method, sparsity or options)."""
         return dataclasses.replace(self, settings=MethodSettings.from_config(cfg), seed=cfg.seed,
-                                   output_dir=cfg.out)
+                                   output_dir=cfg.out, streams=cfg.streams)
 
     def with_settings(self, **changes: Any) -> "Context":
         """This context with some settings changed (e.g. a smaller batch for a test)."""
         return dataclasses.replace(self, settings=dataclasses.replace(self.settings, **changes))
 
     def stream_seed(self, name: str, offset: int = 0) -> int:
-        """The seed of the named random stream (:data:`SEED_STREAMS`, or a ``"hashed"`` one of
-        :data:`DERIVED_STREAMS`), plus ``offset`` (e.g. an epoch). Methods draw every random number through a
-        named stream (``tests/test_layering.py`` checks that no method reads the run's seed itself)."""
+        """The seed of the named random stream (:data:`SEED_STREAMS` or :data:`DERIVED_STREAMS`) with
+        ``offset`` (e.g. an epoch). Methods draw every random number through a named stream
+        (``tests/test_layering.py`` checks that no method reads the run's seed itself).
+
+        ``streams="fold_in"`` (the default, :func:`fold_in_seed`): ``jax.random.fold_in(key(seed),
+        crc32(name))``, folded with ``offset`` when it is not 0, as a 31-bit seed: every stream of every seed its
+        own. ``"offset"``: ``seed + SEED_STREAMS[name] + offset`` (and the derived streams' own seeds), what
+        every result before fold_in used; there seed 0's fine-tuning state shares seed 1's dense seed.
+        ``"dense"`` is the run's seed itself in both (it replays the dense run)."""
+        if name not in SEED_STREAMS and name not in DERIVED_STREAMS:
+            raise KeyError(f"no random stream {name!r}; named streams: {', '.join([*SEED_STREAMS, *DERIVED_STREAMS])}")
+        if self.streams == "fold_in":
+            return fold_in_seed(self.seed, name, offset)
         if name in DERIVED_STREAMS:
             kind, n = DERIVED_STREAMS[name]
             if kind != "hashed":
@@ -152,7 +180,7 @@ class Context:
     def stream_rng(self, name: str) -> "np.random.Generator":
         """A numpy Generator of the named stream (any of :data:`SEED_STREAMS` and :data:`DERIVED_STREAMS`)."""
         kind, n = DERIVED_STREAMS.get(name, ("seed", None))
-        if kind == "sequence":
+        if kind == "sequence" and self.streams == "offset":
             return np.random.default_rng([self.seed, n])
         return np.random.default_rng(self.stream_seed(name))
 

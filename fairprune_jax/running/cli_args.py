@@ -10,7 +10,7 @@ import ast
 import os
 
 from fairprune_jax.core.config import (BOOL_WORDS, CERTIFY_INTERVALS, DATASET_EPOCHS, DEFAULT_DATASET, DEFAULT_EPOCHS,
-                                       DISTRIBUTIONS, OPTIMIZERS, RunConfig)  # no JAX: --help stays instant
+                                       DISTRIBUTIONS, OPTIMIZERS, STREAM_MODES, RunConfig)  # no JAX: --help stays instant
 
 
 # CLI flag -> loader option name; passed to the loader only when given.
@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also give DP / EO differences a verdict against this bound")
     r.add_argument("--small-group", type=int, default=d.small_group,
                    help="mark groups with fewer test rows than this (default 30)")
+    r.add_argument("--streams", default=d.streams, choices=STREAM_MODES,
+                   help="how the method's random streams derive from --seed: fold_in (default: each stream its "
+                        "own jax.random.fold_in key) or offset (seed + a fixed offset per stream, what results "
+                        "before fold_in became the default used)")
     r.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. eps=0.05")
     r.add_argument("--out", default=None, help="output folder (default runs/METHOD_DATASET_sSPARSITY_seedSEED-HASH, "
                                                 "HASH naming every other setting that changes the run)")
@@ -223,7 +227,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         model_options=_kv(args.model_opt, "--model-opt"), method_options=_kv(args.opt, "--opt"),
         certify_eps=args.certify_eps, certify_level=args.certify_level,
         certify_interval=args.certify_interval, fairness_bound=args.fairness_bound,
-        small_group=args.small_group)
+        small_group=args.small_group, streams=args.streams)
     return cfg if out is not None else dataclasses.replace(cfg, out=default_out(cfg))
 
 

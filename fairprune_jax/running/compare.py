@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fairprune_jax.core.config import RunConfig
+from fairprune_jax.core.config import LEGACY_RUN_VALUES, RunConfig
 from fairprune_jax.core.notices import tqdm, warn
 from fairprune_jax.reporting import tables
 from fairprune_jax.reporting.result import upgrade_certificates
@@ -66,6 +66,10 @@ def stale_cell(cc: CompareConfig, method: str, sparsity: float, seed: int, cell:
     ignore = set(REUSE_IGNORES) | {"method_options", "data_dir"}
     diffs = [f"{k}: cell {old[k]!r} vs TOML {now[k]!r}" for k in sorted(set(old) & set(now))
              if k not in ignore and old[k] != now[k]]
+    # a setting the cell predates whose default now computes something else than the cell did
+    diffs += [f"{k}: the cell ran before the setting existed, i.e. with {v!r}, and the grid now asks for "
+              f"{now[k]!r} (its new default); set [run] {k} = {json.dumps(v)} in the grid to keep the cell"
+              for k, v in LEGACY_RUN_VALUES.items() if old and k not in old and now.get(k) != v]
     # the data's place: the content decides where it was recorded; else the same file or folder (paths are
     # written relative to where the grid ran, so they are compared resolved, and only where both exist)
     if not (data is not None and cell.get("data_fingerprint") is not None) and "data_dir" in old:

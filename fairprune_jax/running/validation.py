@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fairprune_jax.core.config import STREAM_MODES
 from fairprune_jax.data import DATASETS
 from fairprune_jax.metrics import certify
 from fairprune_jax.methods import RunConfig, get_method
@@ -69,8 +70,11 @@ def validate_config(cfg: RunConfig) -> Any:
             raise ValueError(f"--{name.replace('_', '-')} is a bound on a difference of rates, in [0, 1]; got {v}")
     if not (cfg.lr > 0 and cfg.ft_lr > 0):
         raise ValueError(f"learning rates must be > 0; got lr={cfg.lr}, finetune_lr={cfg.ft_lr}")
-    if not 0.0 < float(cfg.certify_level) < 1.0:
-        raise ValueError(f"--certify-level must be in (0, 1), e.g. 0.95; got {cfg.certify_level}")
+    if not 0.5 < float(cfg.certify_level) < 1.0:
+        raise ValueError(f"--certify-level must be in (0.5, 1), e.g. 0.95 (the certified bound is one-sided); "
+                         f"got {cfg.certify_level}")
+    if cfg.streams not in STREAM_MODES:
+        raise ValueError(f"--streams must be one of {', '.join(STREAM_MODES)}; got {cfg.streams!r}")
     if cfg.certify_interval not in certify.PSI_METHODS:
         raise ValueError(f"--certify-interval must be one of {', '.join(certify.PSI_METHODS)}; got "
                          f"{cfg.certify_interval!r}")

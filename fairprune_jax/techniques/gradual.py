@@ -143,6 +143,8 @@ def start_key(ctx: Context, opts: GradualOptions) -> dict:
     distillation) and :data:`START_VERSION`."""
     config = {k: v for k, v in dataclasses.asdict(ctx.settings).items() if k not in NOT_START}
     config["seed"] = ctx.seed
+    if ctx.streams != "offset":         # (starts saved before the setting existed are offset ones)
+        config["streams"] = ctx.streams
     prune = {f.name: getattr(opts, f.name) for f in dataclasses.fields(GradualOptions)
              if f.name not in {g.name for g in dataclasses.fields(DistillOptions)}}
     return json.loads(json.dumps({"version": START_VERSION, "config": config, "prune": prune}, default=str))
