@@ -93,3 +93,47 @@ def test_with_a_gap_the_guard_keeps_the_least_violating_epoch_that_was_not_const
         back, info = guard.finish(_with_head_bias(state, [100.0, 0.0, 0.0]))
     assert info["restored_epoch"] == 3 and info["restored_gap"] == 0.05
     np.testing.assert_array_equal(np.asarray(back.params["head"]["bias"]), np.float32([0.3, 0.0, 0.0]))
+
+
+def _run_epochs(guard, state, biases, current):
+    hook = guard.hook()
+    for epoch, b in enumerate(biases, start=1):
+        current[0] = b
+        hook(_with_head_bias(state, [b, 0.0, 0.0]), 5 * epoch)
+
+
+def test_an_unmet_constraint_returns_the_most_accurate_epoch_within_the_bound():
+    """guard_unmet: a phase that ends with its gap above unmet_above (not degenerate) returns, of its epochs
+    whose gap was within it, the most accurate on the guard's rows; with none within it, the smallest-gap one
+    when that is below the end's; a phase that ends within the bound, or a guard without the bound, is left
+    alone."""
+    fm, train, state = _setup()
+    gaps = {0.5: 0.30, 0.2: 0.08, 0.3: 0.09, 0.1: 0.40, 0.05: 0.07}
+    current = [None]
+    gap = lambda logits, rows: gaps[current[0]]                       # noqa: E731
+    guard = CollapseGuard(fm, train, state, steps_per_epoch=5, gap=gap, unmet_above=0.1, what="the test phase")
+    _run_epochs(guard, state, [0.5, 0.2, 0.3], current)
+    acc = {b: float(np.mean(np.argmax(guard._logits(_with_head_bias(state, [b, 0.0, 0.0])), -1) == guard.rows.y))
+           for b in (0.2, 0.3)}
+    best = 3 if acc[0.3] >= acc[0.2] else 2
+    current[0] = 0.1
+    with pytest.warns(FairpruneWarning, match="above twice its bound .*most accurate epoch"):
+        back, info = guard.finish(_with_head_bias(state, [0.1, 0.0, 0.0]))
+    assert info["reason"] == "unmet" and info["final_gap"] == 0.4 and info["restored_epoch"] == best
+    assert info["restored_accuracy"] == round(max(acc.values()), 4)
+    np.testing.assert_array_equal(np.asarray(back.params["head"]["bias"]),
+                                  np.float32([0.3 if best == 3 else 0.2, 0.0, 0.0]))
+    # no epoch within the bound: the smallest gap, if below the end's
+    guard = CollapseGuard(fm, train, state, steps_per_epoch=5, gap=gap, unmet_above=0.05)
+    _run_epochs(guard, state, [0.5, 0.3], current)
+    current[0] = 0.1
+    with pytest.warns(FairpruneWarning, match="no epoch was within it; the one with the smallest gap"):
+        back, info = guard.finish(_with_head_bias(state, [0.1, 0.0, 0.0]))
+    assert info["restored_epoch"] == 2 and info["restored_gap"] == 0.09 and "restored_accuracy" not in info
+    # the end within the bound, or no bound: the final model
+    for bound, end in ((0.1, 0.05), (None, 0.1)):
+        guard = CollapseGuard(fm, train, state, steps_per_epoch=5, gap=gap, unmet_above=bound)
+        _run_epochs(guard, state, [0.2], current)
+        current[0] = end
+        final = _with_head_bias(state, [end, 0.0, 0.0])
+        assert guard.finish(final) == (final, None)

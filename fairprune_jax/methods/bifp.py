@@ -56,7 +56,9 @@ multi-class data such as digits where the groups are the classes),
 a constrained or penalised phase that ends at a constant classifier (one class for 98% or more of the training
 rows, which meets any parity bound) returns, of its epochs that were not, the one with the smallest hard parity
 gap on training rows, with a warning and
-``info["collapse_guard"]`` (:mod:`fairprune_jax.techniques.collapse_guard`).
+``info["collapse_guard"]`` (:mod:`fairprune_jax.techniques.collapse_guard`); with ``guard_unmet`` (on by
+default) so does a phase whose two-sided constraint ends above twice tau there: the most accurate epoch within
+twice tau (else the smallest-gap one) is returned, with a warning.
 ``one_sided`` and ``multiplier_max`` default to ``auto``: for ``dp`` / ``eo``
 a two-sided bound ``|r_a - r| <= tau/2`` with multipliers capped at 5; for
 ``ap`` a one-sided bound ``r_a - r <= tau/2`` (no class's error more than
@@ -101,6 +103,8 @@ class FairOptions(constrained.DualOptions):
     reduce: str = "max_gap"
     dual_lr: float | str = "auto"           # a number, or auto (fair_dual_lr: 0.1 for runs of up to 500 steps)
     collapse_guard: bool = True             # never return a constant classifier (techniques.collapse_guard)
+    guard_unmet: bool = True                # with the guard: a two-sided constraint ending above 2 tau on the
+                                            # training rows returns the most accurate epoch within 2 tau
 
     #: fairness=auto for a two-class target (a class attribute, not an option): the soft selection rates
     #: (``eo``) for fair_then_prune; the hinge bound of the hard rates (``eo_hinge``) for bifp and prune_then_fair
@@ -137,8 +141,33 @@ def _ended_constant(cell: dict) -> bool:
 #: What changed in the sixteenth session, for the results made before it (DefaultChange)
 GUARD = DefaultChange(1, "collapse_guard", "new, on by default: a phase that ends at a constant classifier returns "
                       "an earlier epoch", _ended_constant)
+
+#: A two-sided constraint "not met" on its training rows: the hard gap at the end above this times tau (the
+#: threshold of the warning in :func:`_fair_info`, and where ``guard_unmet`` returns an earlier epoch).
+UNMET_FACTOR = 2.0
+
+
+def _ended_unmet(cell: dict) -> bool:
+    """Whether a result's constrained phase ended with its two-sided constraint's hard training gap above
+    ``UNMET_FACTOR`` tau with the collapse guard on (where ``guard_unmet`` acts)."""
+    info = cell.get("method_info") or {}
+    opts = info.get("options") or {}
+    if opts.get("collapse_guard") is False or opts.get("fairness_mode", "constraint") != "constraint":
+        return False
+    side = opts.get("one_sided", "auto")
+    if side is True or (side in ("auto", None) and str(info.get("fairness", opts.get("fairness", ""))).startswith("ap")):
+        return False                                 # a one-sided bound (accuracy parity): not guarded
+    tau = opts.get("tau")
+    gaps = [((info.get("dense_fair") or {}).get("train_fairness") or {}).get("metric_gap"),
+            (info.get("train_fairness") or {}).get("metric_gap")]
+    return tau is not None and any(g is not None and g > UNMET_FACTOR * float(tau) for g in gaps)
+
+
+#: What changed in the seventeenth session (DefaultChange revision 2)
+UNMET = DefaultChange(2, "guard_unmet", "new, on by default: a phase whose two-sided constraint ends above twice "
+                      "tau on the training rows returns its most accurate epoch within twice tau", _ended_unmet)
 HINGE_AND_GUARD = (DefaultChange(1, "fairness", "fairness=auto is eo_hinge, not eo, on a two-class target",
-                                 _two_classes), GUARD)
+                                 _two_classes), GUARD, UNMET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,11 +276,16 @@ def collapse_guard(ctx: Context, opts: FairOptions, spec: bilevel.Fairness, dens
     """The constant-classifier guard of a constrained (or penalised) phase (``collapse_guard``, on by default),
     referenced to the dense model: a phase that ends at one class for nearly every training row returns, of its
     epochs that did not, the one with the smallest hard parity gap on the guard's training rows
-    (:mod:`techniques.collapse_guard`). None without a fairness term or with the option off."""
+    (:mod:`techniques.collapse_guard`); with ``guard_unmet`` (on by default), a two-sided constraint that ends
+    above ``UNMET_FACTOR`` tau on those rows returns the phase's most accurate epoch within it (else its
+    smallest-gap epoch, when below the end's). None without a fairness term or with the option off."""
     if not opts.collapse_guard or spec.mode == "none":
         return None
+    unmet = (UNMET_FACTOR * spec.tau if opts.guard_unmet and spec.mode == "constraint" and not spec.one_sided
+             else None)
     return CollapseGuard(ctx.fm, ctx.dataset.train, dense, ctx.steps_per_epoch, ctx.settings.eval_batch_size,
-                         what=what, gap=lambda logits, rows: bilevel.metric_gap(spec, logits, rows))
+                         what=what, gap=lambda logits, rows: bilevel.metric_gap(spec, logits, rows),
+                         unmet_above=unmet)
 
 
 def multiplier_recorder(ctx: Context, spec: bilevel.Fairness) -> tuple[Any, list]:
@@ -317,7 +351,7 @@ def _fair_info(ctx: Context, spec: bilevel.Fairness, state: TrainState, what: st
             msg = (f"{what}: the {spec.surrogate.split('_')[0].upper()} gap on the training rows ends at {gap:.4f} > "
                    f"tau = {spec.tau:g}: the constraint is not met on the data it was trained on (largest "
                    f"multiplier {out.get('multiplier', 0.0):.3g}; a longer run, a larger dual_lr or a looser tau)")
-            if gap > 2 * spec.tau:
+            if gap > UNMET_FACTOR * spec.tau:
                 warn(msg)
                 out["warnings"] = [msg]
             else:
@@ -489,7 +523,7 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: PruneThenFairOptions)
 
 @register("fair_then_prune", "fairness-aware training of the dense model (constraint or penalty), then structured "
           "magnitude pruning and cross-entropy fine-tuning", FairThenPruneOptions,
-          structured=True, check=_check_common, default_changes=(GUARD,))
+          structured=True, check=_check_common, default_changes=(GUARD, UNMET))
 def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions) -> tuple[TrainState, dict]:
     fair_epochs = ctx.settings.ft_epochs if opts.fair_epochs < 0 else opts.fair_epochs
     spec = fairness_spec(ctx, opts, fair_epochs * ctx.steps_per_epoch)

@@ -74,6 +74,9 @@ OPTION_DOCS: dict[str, str] = {
                       "training rows, which meets any parity bound), return the epoch's model that was not one with the "
                       "smallest parity gap on training rows, "
                       "with a warning (false: the final model)",
+    "guard_unmet": "with collapse_guard: if a two-sided constraint ends above twice tau on the training rows, "
+                   "return the phase's most accurate epoch that was within twice tau (else the one with the "
+                   "smallest gap), with a warning (false: the final model)",
     "multiplier_max": "cap on each multiplier (auto: 5 for dp / eo, 1/groups for ap; inf: no cap)",
     "one_sided": "bound only the rate above the overall (auto: true for ap, false for dp / eo)",
     "strict": "constraint=max_gap: the dual step reads the hard metric (metric) or the surrogate",
