@@ -74,6 +74,8 @@ TABLES = [
                                         "guard_unmet on) (issue 29)", BIFP),
     ("bifp_adult_cli_defaults_fold_in_x2", "The same at twice the default epochs (20 + 20), fold_in streams "
                                            "(issue 29)", BIFP),
+    ("bifp_digits_cli_defaults_fold_in", "BiFP and prune_then_fair at the command line's defaults on digits, fold_in "
+                                         "random streams (issue 29)", CLASS + ["accuracy_drop", "degenerate"]),
     ("bifp_adult_unmet_select", "guard_unmet on validation rows: Adult (sex), CLI defaults, fold_in streams, 20% "
                                 "of training held out (issue 29)", BIFP + ["val_eo_diff", "val_accuracy"]),
     ("bifp_digits_cli_defaults", "BiFP and prune_then_fair at the command line's defaults on digits, structured "
