@@ -322,7 +322,7 @@ def test_cli_end_to_end(tmp_path, method, opts):
     assert info["structured"] is True
     from fairprune_jax.methods import get_method          # compare's stale-cell check reads it (DefaultChange)
     assert info["defaults_revision"] == get_method(method).defaults_revision == (0 if method == "structured_magnitude"
-                                                                                 else 1)
+                                                                                 else 2)
     # exact structured sparsity: round(0.3 * units) units kept in every hidden layer, head dense
     assert info["kept_units"] == {"layers/0/kernel": [10, 32], "layers/1/kernel": [5, 16]}
     assert abs(res["sparsity"]["achieved"] - 0.7) < 0.02
