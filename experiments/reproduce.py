@@ -91,9 +91,14 @@ def rounding_failures(diffs: list[str], rows: int = 3, rate: float = 0.05) -> li
     return out
 
 
+def reference_path(config: str | Path, name: str, key: str | None = None) -> Path:
+    """Where this host's (or ``key``'s) reference of one cell lives (see the module docstring)."""
+    return REFERENCES / (key or numerics_key()) / Path(config).stem / f"{name}.json"
+
+
 def reference_cell(config: str | Path, name: str, key: str | None = None) -> Path | None:
-    """This host's reference of one cell (see the module docstring), or None where it has none."""
-    path = REFERENCES / (key or numerics_key()) / Path(config).stem / f"{name}.json"
+    """This host's reference of one cell, or None where it has none."""
+    path = reference_path(config, name, key)
     return path if path.is_file() else None
 
 
@@ -132,7 +137,7 @@ def reproduce(config: str | Path, seeds: list[int] | None = None, methods: list[
                     b = json.loads((cell_dir(cc, m, s, seed) / "results.json").read_text())
                     out[name] = [d for k in COMPARED for d in differences(a.get(k), b.get(k), k)]
                     if write_reference:
-                        path = REFERENCES / numerics_key() / Path(config).stem / f"{name}.json"
+                        path = reference_path(config, name)
                         path.parent.mkdir(parents=True, exist_ok=True)
                         path.write_text(json.dumps(dict({"numerics": numerics_key(), "differences_from_committed":
                                                          len(failures(out[name]))},

@@ -27,12 +27,12 @@ def default_epochs(dataset: str) -> int:
     return DATASET_EPOCHS.get(dataset, DEFAULT_EPOCHS)
 
 
-#: Words read as a boolean option's value, in any case (one place for the CLI, TOML files and the API).
 #: How named random streams derive from the run's seed (RunConfig.streams).
 STREAM_MODES = ("fold_in", "offset")
 #: Run settings added after results existed, whose default then changed what a run computes: the value a
 #: result that does not record the setting ran with (compare refuses to reuse it under another value).
 LEGACY_RUN_VALUES = {"streams": "offset"}
+#: Words read as a boolean option's value, in any case (one place for the CLI, TOML files and the API).
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 

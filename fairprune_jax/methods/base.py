@@ -49,6 +49,7 @@ SEED_STREAMS = {
     "ceag_val_order": 0,        # the order in which CEAG refreshes its held-out estimates
 }
 
+
 def fold_in_seed(seed: int, name: str, offset: int = 0) -> int:
     """A 31-bit seed for stream ``name`` of ``seed``: ``jax.random.fold_in`` of the seed's key with the name's
     CRC-32 (stable across processes and Python versions), then with ``offset`` when it is not 0. ``"dense"``

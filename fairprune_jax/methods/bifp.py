@@ -127,15 +127,22 @@ def _two_classes(cell: dict) -> bool:
     return (cell.get("positive_class") or {}).get("num_classes", len(cell.get("classes") or ())) == 2
 
 
+def _phase_gaps(info: dict) -> list[float]:
+    """The hard parity gaps on the training rows at the end of a result's constrained phases (fair_then_prune:
+    of its dense fair phase), from its ``method_info``."""
+    gaps = [((info.get("dense_fair") or {}).get("train_fairness") or {}).get("metric_gap"),
+            (info.get("train_fairness") or {}).get("metric_gap")]
+    return [g for g in gaps if g is not None]
+
+
 def _ended_constant(cell: dict) -> bool:
     """Whether a result's constrained phase may have ended at a constant classifier (where the guard acts): the
     model flagged degenerate, or a parity gap of exactly 0 on the training rows (what one class for every row
     gives) at the end of the phase (fair_then_prune: of its dense fair phase)."""
     info = cell.get("method_info") or {}
-    gaps = [((info.get("dense_fair") or {}).get("train_fairness") or {}).get("metric_gap"),
-            (info.get("train_fairness") or {}).get("metric_gap")]
+    gaps = _phase_gaps(info)
     degenerate = ((cell.get("pruned") or {}).get("test") or {}).get("degenerate")
-    return bool(degenerate) or any(g == 0.0 for g in gaps if g is not None)
+    return bool(degenerate) or any(g == 0.0 for g in gaps)
 
 
 #: What changed in the sixteenth session, for the results made before it (DefaultChange)
@@ -158,9 +165,7 @@ def _ended_unmet(cell: dict) -> bool:
     if side is True or (side in ("auto", None) and str(info.get("fairness", opts.get("fairness", ""))).startswith("ap")):
         return False                                 # a one-sided bound (accuracy parity): not guarded
     tau = opts.get("tau")
-    gaps = [((info.get("dense_fair") or {}).get("train_fairness") or {}).get("metric_gap"),
-            (info.get("train_fairness") or {}).get("metric_gap")]
-    return tau is not None and any(g is not None and g > UNMET_FACTOR * float(tau) for g in gaps)
+    return tau is not None and any(g > UNMET_FACTOR * float(tau) for g in _phase_gaps(info))
 
 
 #: What changed in the seventeenth session (DefaultChange revision 2)

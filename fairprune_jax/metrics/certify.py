@@ -67,6 +67,8 @@ VERDICTS = ("holds", "violated", "undetermined")
 #: marginal upper bound (:func:`psi_upper_bounds`), floor likewise. A version-2 certificate is rebuilt as
 #: version 3 from the counts it stores (:func:`upgrade`).
 INTERVAL_VERSION = 3
+#: The first version whose intervals keep their level (version 1's under-covered): its headline is shown.
+FIRST_VALID_VERSION = 2
 INTERVAL_TEXT = {
     "mover": ("psi_g: exact per-group intervals (Clopper-Pearson on the flip rate and, given the flips, the lost "
               "share) combined by MOVER, coverage checked by simulation; accuracy and rates: Clopper-Pearson; "
@@ -528,7 +530,7 @@ def summary_line(cert: dict) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["SMALL_GROUP_ROWS", "DEGENERATE_SHARE", "VERDICTS", "INTERVAL_VERSION", "paired_counts",
+__all__ = ["SMALL_GROUP_ROWS", "DEGENERATE_SHARE", "VERDICTS", "INTERVAL_VERSION", "FIRST_VALID_VERSION", "paired_counts",
            "clopper_pearson",
            "paired_difference_interval", "rate_difference_interval", "PSI_METHODS", "psi_intervals", "psi_upper_bounds", "psi_floor", "upgrade",
            "predicted_halfwidth", "reachable_bound",

@@ -90,7 +90,8 @@ def _certified(r: dict) -> float | None:
     """The certificate's headline bound of a split's report (None without a certificate of version 2 or later:
     version 1's intervals under-covered)."""
     cert = r.get("certificate") or {}
-    return cert.get("certified_max_psi") if cert.get("interval_version", 1) >= 2 else None
+    return (cert.get("certified_max_psi") if cert.get("interval_version", 1) >= certify.FIRST_VALID_VERSION
+            else None)
 
 
 def _min_group_acc(r: dict) -> float | None:
@@ -193,7 +194,7 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
     if not cert:
         return []
     out = [f"## Certificate ({split}): psi_g <= eps = {cert['eps']:g} at {cert['level']:.0%} (simultaneous)", ""]
-    if cert.get("interval_version", 1) < 2:
+    if cert.get("interval_version", 1) < certify.FIRST_VALID_VERSION:
         out += ["- **made with interval version 1** (a normal approximation that under-covers small groups): "
                 "rerun to get a certificate that keeps its level", ""]
     elif cert.get("certified_max_psi") is not None:

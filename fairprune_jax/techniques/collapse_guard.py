@@ -135,7 +135,7 @@ class CollapseGuard:
         tail = (f"whose gap there was within it (epoch {epoch}, gap {gap:.4f})" if self.feasible is not None else
                 f"with the smallest gap there (epoch {epoch}, gap {gap:.4f})")
         warn(f"{self.what} ended with a parity gap of {final:.4f} on training rows, above twice its bound "
-             f"({self.unmet_above:g}); returned {why} {tail}. guard_unmet=false returns the final model")
+             f"(2 tau = {self.unmet_above:g}); returned {why} {tail}. guard_unmet=false returns the final model")
         return self._restore(state, kept), info
 
     def finish(self, state: TrainState) -> tuple[TrainState, dict | None]:
