@@ -309,3 +309,34 @@ def test_the_methods_carry_is_typed():
     assert carry_of(state).is_empty()
     with pytest.raises(TypeError, match="not the library's Carry"):
         carry_of(state.replace(extra={"buffer": 1}))
+
+
+def test_the_evaluator_resets_updates_and_computes_like_one_pass(tiny_models):
+    """The one evaluator (reset / update / compute): its totals over a split's batches equal
+    ``sum_over_split``'s; ``reset`` starts a new total; an accumulating step (``init``) gives the same sums as
+    an adding one."""
+    from fairprune_jax.data.base import eval_batches
+    from fairprune_jax.training.evaluation import Evaluator, sum_over_split
+    fm, params, model_state = tiny_models["mlp"]
+    split = _data(29, seed=7)
+    eval_step = make_eval_step(fm, num_groups=3, num_classes=N_CLS)
+    args = (params, None, model_state)
+    ev = Evaluator(eval_step, args)
+    for batch in eval_batches(split, 8):
+        ev.update(batch)
+    first = ev.compute()
+    np.testing.assert_array_equal(first[0].n, np.bincount(split.g, minlength=3))
+    ev.reset()
+    assert ev.compute(host=False) is None
+    for batch in eval_batches(split, 8):
+        ev.update(batch)
+    again = ev.compute()
+    whole = sum_over_split(eval_step, args, split, batch_size=8)
+    for a, b, c in zip(jax.tree.leaves(first), jax.tree.leaves(again), jax.tree.leaves(whole)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    acc_step = jax.jit(lambda tot, p, m, s, batch: jax.tree.map(jnp.add, tot, eval_step(p, m, s, batch)))
+    zeros = jax.tree.map(jnp.zeros_like, eval_step(*args, next(iter(eval_batches(split, 8)))))
+    accumulated = sum_over_split(acc_step, args, split, batch_size=8, init=zeros)
+    for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)

@@ -22,10 +22,10 @@ import numpy as np
 import optax
 
 from fairprune_jax.sparsity import masks as masks_lib
+from fairprune_jax.sparsity.masks import save_masks
 from fairprune_jax.core.config import BOOL_WORDS, DEFAULT_CERTIFY_EPS, OPTIMIZERS, RunConfig  # noqa: F401  (re-exported)
 from fairprune_jax.data.base import Dataset, derived_seed
 from fairprune_jax.models import FunctionalModel
-from fairprune_jax.techniques.rewind import save_masks
 from fairprune_jax.training.train import (TrainState, create_state, fit, make_optimizer, make_train_step,  # noqa: F401  (re-exported)
                                           teacher_extra, without_teacher)
 
@@ -234,7 +234,7 @@ class Context:
 
     def save_masks(self, name: str, masks: Any, report: dict | None = None, **arrays: Any) -> str | None:
         """Save ``masks`` (and named array trees, and ``report``) as ``name`` (an ``.npz`` path relative to the run's
-        output folder, :func:`rewind.save_masks`); the path written, or None when the run has no output folder.
+        output folder, :func:`masks.save_masks`); the path written, or None when the run has no output folder.
         A method writes to disk only through here: it never sees the folder."""
         where = self.output_location(name)
         return None if where is None else str(save_masks(Path(where), masks, report, **arrays))

@@ -27,7 +27,7 @@ from fairprune_jax.methods.base import Context, register
 from fairprune_jax.metrics import certify, fairness
 from fairprune_jax.techniques.gradual import GradualOptions, pruned_start
 from fairprune_jax.techniques.group_finetune import (  # noqa: F401  (re-exported: the names ceag.py had)
-    TRAJECTORY_POINTS, ProblemTerms, dense_reference, held_out_psi, held_out_rows, make_constrained_step,
+    TRAJECTORY_POINTS, ProblemTerms, Terms, dense_reference, held_out_psi, held_out_rows, make_constrained_step,
     reference_from_counts, row_correct, selection_hook, selection_init, selection_result, trajectory_info,
     trajectory_init, trajectory_record, val_refresh)
 from fairprune_jax.training.train import Carry, TrainState, carry_of, evaluate, teacher_extra, without_teacher
@@ -131,8 +131,8 @@ def ceag_terms(num_groups: int, ref: dict, eps: float, overall_from_groups: bool
             acc_all, all_full = acc[0], full[0]
         strict = (ref["acc_g"] - acc_g) - (ref["acc"] - acc_all) - eps
         observed = present & full_g & all_full
-        return proxy, strict, observed, {"buffer": buf, "overall": overall,
-                                         "group_accuracy": jnp.where(full_g, acc_g, jnp.nan)}
+        return Terms(proxy, strict, observed, {"buffer": buf, "overall": overall},
+                     group_accuracy=jnp.where(full_g, acc_g, jnp.nan))
 
     return terms
 
@@ -154,7 +154,7 @@ def ceag_val_terms(num_groups: int, ref: dict, val_ref: dict, val_g: jax.Array, 
         table = extra.val_correct
         acc_g = jax.ops.segment_sum(table, val_g, num_segments=num_groups) / jnp.maximum(n_val_g, 1.0)
         psi = (val_ref["acc_g"] - acc_g) - (val_ref["acc"] - jnp.mean(table))
-        return proxy, psi - eps_g, n_val_g > 0, {"group_accuracy": jnp.where(n_val_g > 0, acc_g, jnp.nan)}
+        return Terms(proxy, psi - eps_g, n_val_g > 0, group_accuracy=jnp.where(n_val_g > 0, acc_g, jnp.nan))
 
     return terms
 

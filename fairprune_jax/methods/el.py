@@ -13,7 +13,7 @@ from fairprune_jax.constraints import constrained
 from fairprune_jax.constraints.surrogates import group_means
 from fairprune_jax.methods.base import Context, register
 from fairprune_jax.techniques.gradual import GradualOptions, pruned_start
-from fairprune_jax.techniques.group_finetune import ProblemTerms, make_constrained_step
+from fairprune_jax.techniques.group_finetune import ProblemTerms, Terms, make_constrained_step
 from fairprune_jax.training.train import Carry, TrainState, teacher_extra, without_teacher
 
 
@@ -34,12 +34,12 @@ def el_terms(num_groups: int, use_buffers: bool) -> ProblemTerms:
         present = n_g > 0
         proxy = jnp.where(present, loss_g - loss, 0.0)
         if not use_buffers:
-            return proxy, jax.lax.stop_gradient(proxy), present, {}
+            return Terms(proxy, jax.lax.stop_gradient(proxy), present)
         buf = constrained.buffer_update(extra.buffer, jax.lax.stop_gradient(per), g, w)
         overall = constrained.buffer_update(extra.overall, jax.lax.stop_gradient(per), jnp.zeros_like(g), w)
         bl_g, full_g = constrained.buffer_means(buf)
         bl, full = constrained.buffer_means(overall)
-        return proxy, bl_g - bl[0], present & full_g & full[0], {"buffer": buf, "overall": overall}
+        return Terms(proxy, bl_g - bl[0], present & full_g & full[0], {"buffer": buf, "overall": overall})
 
     return terms
 

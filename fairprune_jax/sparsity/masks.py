@@ -21,7 +21,9 @@ at their value 0). A kernel whose input axis is not a multiple of M is pruned un
 from __future__ import annotations
 
 import functools
+import json
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 import jax
@@ -326,3 +328,23 @@ def format_sparsity(summary: dict) -> str:
     if "flops_fraction" in summary:
         lines.append(f"FLOPs remaining: {summary['flops_fraction']:.4f} of {summary['flops_total']:.3g} MACs/example")
     return "\n".join(lines)
+
+
+def save_masks(path: Path, masks: Any, report: dict | None = None, **arrays: Any) -> Path:
+    """``.npz`` with one array per mask leaf (named like ``layers/0/kernel``), extra arrays, and the report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {n: np.asarray(m) for n, m in named_leaves(masks)}
+    for prefix, tree in arrays.items():
+        content.update({f"{prefix}/{n}": np.asarray(v) for n, v in named_leaves(tree)})
+    if report is not None:
+        content["__report__"] = np.array(json.dumps(report))
+    np.savez(path, **content)
+    return path
+
+
+def load_masks(path: str | Path) -> tuple[dict[str, np.ndarray], dict | None]:
+    """Inverse of :func:`save_masks`: ``({leaf name: array}, report)``."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "__report__"}
+        report = json.loads(str(z["__report__"])) if "__report__" in z.files else None
+    return arrays, report

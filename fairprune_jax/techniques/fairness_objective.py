@@ -79,7 +79,7 @@ class Fairness:
     strict: str = "metric"
     buffer_size: int = 40
     reduce: str = "max_gap"
-    dual: constrained.DualOptimizer | None = None
+    dual: constrained.Dual | None = None
     dual_order: str = "dual_primal"          # dual.ORDERS
     constraint: str = "per_group"
     strict_decay: float = 0.99

@@ -22,20 +22,32 @@ from fairprune_jax.constraints.surrogates import group_means
 from fairprune_jax.data.base import Split, carve_validation
 from fairprune_jax.metrics import fairness
 from fairprune_jax.training.checkpoint import resumable
-from fairprune_jax.training.train import (StepOutput, TrainState, Weights, carry_of, cross_entropy, distill_loss,
+from fairprune_jax.training.train import (Carry, StepOutput, TrainState, Weights, carry_of, cross_entropy, distill_loss,
                                           evaluate, make_step, masked_forward, split_logits, weighted_mean)
 
 if TYPE_CHECKING:
     from fairprune_jax.methods.base import Context
 
 
-# A problem builder gets the per-sample loss, correctness, the batch and the method's carry (``state.extra``, a
-# ``Carry``); it returns (violation, strict_violation, observed, updates): ``updates`` a dict of Carry fields to
-# replace, plus optionally ``group_accuracy`` (what the dual step read, for tracking).
-ProblemTerms = Callable[[jax.Array, jax.Array, jax.Array, dict, dict], tuple]
+class Terms(NamedTuple):
+    """What a problem builder returns for one batch: the differentiable ``violation`` (K,), the
+    ``strict`` violation the dual step reads and which constraints are ``observed``; ``updates``: the
+    :class:`Carry` fields to replace (e.g. replay buffers); ``group_accuracy``: the per-group accuracy the
+    dual step read, for tracking (None: the batch's own)."""
+
+    violation: jax.Array
+    strict: jax.Array
+    observed: jax.Array
+    updates: dict | None = None
+    group_accuracy: jax.Array | None = None
 
 
-def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: constrained.DualOptimizer,
+# A problem builder gets the per-sample loss, the loss, correctness, the batch and the method's carry
+# (``state.extra``, a ``Carry``) and returns its :class:`Terms`.
+ProblemTerms = Callable[[jax.Array, jax.Array, jax.Array, dict, Carry], Terms]
+
+
+def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: constrained.Dual,
                           terms: ProblemTerms, order: str, pre: Callable | None = None,
                           distill: float = 0.0) -> Callable:
     """Jitted ``(state, batch) -> (state, stats)`` for a group-constrained fine-tuning step.
@@ -58,15 +70,13 @@ def make_constrained_step(ctx: Context, tx: optax.GradientTransformation, dual: 
             per = cross_entropy(logits, batch["y"])
             loss = weighted_mean(per, batch["w"])
             correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
-            violation, strict, observed, new_extra = terms(per, loss, correct, batch, carry_of(state))
-            return (loss + distill_loss(logits, batch), violation, strict, observed,
-                    (logits, new_ms, correct, new_extra))
+            t = terms(per, loss, correct, batch, carry_of(state))
+            return (loss + distill_loss(logits, batch), t.violation, t.strict, t.observed,
+                    (logits, new_ms, correct, t.updates or {}, t.group_accuracy))
 
         grads, new_dual, info = constrained.constrained_grads(problem, state.params, dual, state.dual, order)
-        logits, new_ms, correct, new_extra = info.aux
-        new_extra = dict(new_extra)
-        group_acc = new_extra.pop("group_accuracy", None)   # what the dual step read, for tracking only
-        new_extra = carry_of(state).replace(**new_extra)
+        logits, new_ms, correct, updates, group_acc = info.aux
+        new_extra = carry_of(state).replace(**updates)
         if new_extra.trajectory is not None:
             new_extra = new_extra.replace(trajectory=trajectory_record(new_extra.trajectory, state.step,
                                                                        new_dual.multipliers, info.strict_violation,

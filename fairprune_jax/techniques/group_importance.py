@@ -41,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax.data.base import Split, eval_batches
+from fairprune_jax.data.base import Split
 from fairprune_jax.sparsity.masks import _is_none, keep_counts, map_named, named_leaves
 from fairprune_jax.models import FunctionalModel
+from fairprune_jax.training.evaluation import sum_over_split
 from fairprune_jax.training.train import cross_entropy, masked_forward
 
 IMPORTANCE_KINDS = ("squared", "abs")
@@ -102,11 +103,8 @@ def importance_zeros(params: Any, template: Any, num_groups: int) -> Any:
 def group_importance(step: Callable, params: Any, masks: Any, model_state: Any, template: Any, split: Split,
                      num_groups: int, batch_size: int) -> Any:
     """Per-group importance of every prunable weight over ``split`` (one forward + G backward passes)."""
-    acc = importance_zeros(params, template, num_groups)
-    bs = int(min(batch_size, max(len(split), 1)))
-    for batch in eval_batches(split, bs):
-        acc = step(acc, params, masks, model_state, batch)
-    return acc
+    return sum_over_split(step, (params, masks, model_state), split, batch_size,
+                          init=importance_zeros(params, template, num_groups), host=False)
 
 
 def shares(imp: jax.Array, live: jax.Array) -> jax.Array:

@@ -40,10 +40,8 @@ method file.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -52,7 +50,7 @@ import numpy as np
 
 from fairprune_jax.metrics import fairness
 from fairprune_jax.sparsity import pruning, schedules
-from fairprune_jax.sparsity.masks import named_leaves, sparsity_summary
+from fairprune_jax.sparsity.masks import load_masks, named_leaves, save_masks, sparsity_summary  # noqa: F401  (re-exported)
 from fairprune_jax.models import build_model
 from fairprune_jax.training.train import (TrainState, check_finite, create_state, evaluate, iterate_forever,
                                           make_optimizer, make_train_step)
@@ -231,26 +229,6 @@ def sparsity_report(ctx: Context, state: TrainState, masks: Any, target: float) 
             "prunable_total": s["prunable_total"], "flops_fraction": s.get("flops_fraction"),
             "layers": {n: {"kept": d["kept"], "size": d["size"], "sparsity": d["sparsity"]}
                        for n, d in s["layers"].items()}}
-
-
-def save_masks(path: Path, masks: Any, report: dict | None = None, **arrays: Any) -> Path:
-    """``.npz`` with one array per mask leaf (named like ``layers/0/kernel``), extra arrays, and the report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    content = {n: np.asarray(m) for n, m in named_leaves(masks)}
-    for prefix, tree in arrays.items():
-        content.update({f"{prefix}/{n}": np.asarray(v) for n, v in named_leaves(tree)})
-    if report is not None:
-        content["__report__"] = np.array(json.dumps(report))
-    np.savez(path, **content)
-    return path
-
-
-def load_masks(path: str | Path) -> tuple[dict[str, np.ndarray], dict | None]:
-    """Inverse of :func:`save_masks`: ``({leaf name: array}, report)``."""
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files if k != "__report__"}
-        report = json.loads(str(z["__report__"])) if "__report__" in z.files else None
-    return arrays, report
 
 
 __all__ = ["Checkpoint", "MaskHistory", "copy_tree", "check_rewind_step", "dense_steps", "dense_tx",

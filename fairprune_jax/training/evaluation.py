@@ -1,7 +1,9 @@
-"""Evaluation over a whole split, in two loops only: :func:`sum_over_split` for additive counts (the group and
-class counts behind every metric, :func:`evaluate`; the paired dense-vs-pruned counts behind the certificate,
-:func:`evaluate_paired`) and :func:`rows_over_split` for per-row outputs (the eval-mode logits of
-:func:`split_logits`). Batches are split over a device mesh when there is one; padding rows have ``w = 0``.
+"""Evaluation over a whole split, in two loops only: the :class:`Evaluator` for additive counts (reset /
+update / compute, flax ``nnx.metrics``' pattern; :func:`sum_over_split` runs it over a split: the group and
+class counts behind every metric, :func:`evaluate`; the paired dense-vs-pruned counts behind the
+certificate, :func:`evaluate_paired`; FairGRAPE's per-group importance, an accumulating step) and
+:func:`rows_over_split` for per-row outputs (the eval-mode logits of :func:`split_logits`). Batches are split
+over a device mesh when there is one; padding rows have ``w = 0``.
 """
 from __future__ import annotations
 
@@ -56,22 +58,62 @@ def evaluate(eval_step: Callable, state: TrainState, split: Split, batch_size: i
     return tuple(type(t)(*t) for t in totals)
 
 
-def sum_over_split(step: Callable, args: Any, split: Split, batch_size: int = 512, *, mesh: Any = None) -> Any:
-    """``step(*args, batch)`` summed over every evaluation batch of ``split`` (a pytree of additive counts,
-    returned as float64 numpy); ``args`` are replicated over the mesh's devices, batches split over them."""
-    mesh = mesh if mesh is not None else distributed.current_mesh()
-    bs = min(batch_size, max(len(split), 1))
-    if mesh is not None:
-        bs = distributed.round_up(bs, mesh)
-        args = distributed.replicate(args, mesh)
-    sync = distributed.sync_each_step(mesh)
-    total = None
-    for batch in eval_batches(split, bs):
-        out = step(*args, distributed.shard_batch(batch, mesh))
-        if sync:
+class Evaluator:
+    """Additive counts over batches: ``reset()``, ``update(batch)`` per batch, ``compute()`` for the totals
+    (flax ``nnx.metrics``' pattern). Every whole-split evaluation of the library is one of these, run by
+    :func:`sum_over_split`: the runner's counts, checkpoint selection, the methods that evaluate during
+    training, the certificate's paired counts.
+
+    ``step(*args, batch)`` returns a pytree of counts for one batch, which the evaluator adds up (on the
+    device, in batch order). With ``init`` the step *accumulates* instead: ``step(total, *args, batch)``
+    returns the new total, starting from ``init`` (for a total too large to hold twice, e.g. per-group
+    importance: the step may donate it). ``args`` are replicated over the mesh's devices (default:
+    :func:`distributed.current_mesh`) and each batch is split over them, so the counts are global.
+    """
+
+    def __init__(self, step: Callable, args: Any = (), *, mesh: Any = None, init: Any = None):
+        self.mesh = mesh if mesh is not None else distributed.current_mesh()
+        self.step, self.init = step, init
+        self.args = distributed.replicate(args, self.mesh) if self.mesh is not None else args
+        self._sync = distributed.sync_each_step(self.mesh)
+        self.reset()
+
+    def batch_size(self, wanted: int, rows: int) -> int:
+        """The evaluation batch size for a split of ``rows`` rows (a multiple of the mesh's device count)."""
+        bs = min(int(wanted), max(int(rows), 1))
+        return distributed.round_up(bs, self.mesh) if self.mesh is not None else bs
+
+    def reset(self) -> None:
+        """Start a new total (``init``, or nothing yet)."""
+        self.total = self.init
+
+    def update(self, batch: dict) -> None:
+        """Add one batch's counts (its padding rows have ``w = 0``)."""
+        batch = distributed.shard_batch(batch, self.mesh)
+        if self.init is not None:
+            out = self.total = self.step(self.total, *self.args, batch)
+        else:
+            out = self.step(*self.args, batch)
+            self.total = out if self.total is None else jax.tree.map(jnp.add, self.total, out)
+        if self._sync:
             jax.block_until_ready(out)
-        total = out if total is None else jax.tree.map(jnp.add, total, out)
-    return jax.tree.map(lambda v: np.asarray(v, np.float64), total)
+
+    def compute(self, *, host: bool = True) -> Any:
+        """The totals: float64 numpy (``host=False``: the device arrays as they are)."""
+        if not host:
+            return self.total
+        return jax.tree.map(lambda v: np.asarray(v, np.float64), self.total)
+
+
+def sum_over_split(step: Callable, args: Any, split: Split, batch_size: int = 512, *, mesh: Any = None,
+                   init: Any = None, host: bool = True) -> Any:
+    """``step(*args, batch)`` summed over every evaluation batch of ``split`` by an :class:`Evaluator` (a
+    pytree of additive counts, returned as float64 numpy unless ``host=False``); ``init``: an accumulating
+    step (see :class:`Evaluator`)."""
+    ev = Evaluator(step, args, mesh=mesh, init=init)
+    for batch in eval_batches(split, ev.batch_size(batch_size, len(split))):
+        ev.update(batch)
+    return ev.compute(host=host)
 
 
 def logits_step(fm: FunctionalModel) -> Callable:

@@ -6,7 +6,7 @@ state (BatchNorm statistics), PRNG key, step counter, the first step whose
 loss was not finite, and ``extra`` for a method's own state (multipliers,
 replay buffers, scores). The masks live in the optimizer state (see
 :class:`TrainState`); they are applied in the forward pass, and the optimizer
-update (:func:`pruning.masked_update`) keeps pruned weights exactly zero
+update (:func:`pruning.masked_step`) keeps pruned weights exactly zero
 whatever the optimizer does (momentum, weight decay).
 
 This module holds the one masked step (:func:`make_step`, :func:`apply_gradients`) and the loop over epochs
@@ -31,7 +31,7 @@ from fairprune_jax.sparsity import pruning
 from fairprune_jax.training import checkpoint as checkpoint_lib
 from fairprune_jax.training import distributed
 from fairprune_jax.training import tracking as tracking_lib
-from fairprune_jax.training.evaluation import (evaluate, evaluate_paired, logits_step,  # noqa: F401
+from fairprune_jax.training.evaluation import (Evaluator, evaluate, evaluate_paired, logits_step,  # noqa: F401
                                                make_eval_step, make_paired_eval_step, rows_over_split,
                                                split_logits, sum_over_split)
 from fairprune_jax.training.losses import (cross_entropy, distill_loss, masked_forward,  # noqa: F401
