@@ -8,7 +8,8 @@ reads: a pandas DataFrame when pandas is installed, else a list of dicts.
 ``results.json`` schema (``schema_version`` 2): group and split sizes (``n``, ``positives``, ``negatives``,
 ``lost``, ``gained``) are integers; every per-group figure is a float or ``null`` (a group without rows in a
 split); ``pruned.<split>.certificate`` holds the certificate (``certify.certificate``) for the test and, when
-there is one, the validation split.
+there is one, the validation split. Every field, with its type and meaning: ``docs/RESULTS.md``
+(``tests/test_results_schema.py`` fails when a run writes a field it does not list).
 """
 from __future__ import annotations
 
