@@ -31,7 +31,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from fairprune_jax.metrics import certify
+from fairprune_jax.metrics import coverage
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (20, 45, 200, 1000, 5000)
@@ -84,7 +84,7 @@ def run(draws: int, level: float) -> list[dict]:
         row = {"groups": shape, "rates": rates}
         for name, kw in (("mover", {"method": "mover"}), ("exact", {"method": "exact"}),
                          ("wald", {"intervals": wald_v1})):
-            r = certify.coverage_simulation(sizes, b, c, level=level, eps=eps, draws=draws, seed=i, **kw)
+            r = coverage.coverage_simulation(sizes, b, c, level=level, eps=eps, draws=draws, seed=i, **kw)
             row[name] = r
         out.append(row)
         print(f"[{i + 1}/{len(grid)}] {shape:16s} {rates:28s} mover {row['mover']['family_coverage']:.3f} "

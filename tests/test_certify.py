@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairprune_jax.metrics import certify, fairness
+from fairprune_jax.metrics import certify, coverage, fairness
 
 
 LEVEL = 0.95
@@ -67,7 +67,7 @@ REGIMES = [
 @pytest.mark.parametrize("sizes, lost, gained", REGIMES)
 def test_psi_intervals_keep_their_family_wise_level(method, sizes, lost, gained):
     draws = 1500
-    r = certify.coverage_simulation(sizes, lost, gained, level=LEVEL, draws=draws, seed=len(sizes), method=method)
+    r = coverage.coverage_simulation(sizes, lost, gained, level=LEVEL, draws=draws, seed=len(sizes), method=method)
     assert r["family_coverage"] >= _floor(draws), r
 
 
@@ -76,7 +76,7 @@ def test_a_group_at_eps_is_rarely_declared_holds(sizes):
     """The verdict that matters: a group whose true psi_g equals eps must be declared `holds` at most
     1 - level of the time (a little more only by Monte Carlo error)."""
     draws = 2000
-    r = certify.coverage_simulation(sizes, 0.05, 0.02, level=LEVEL, eps=0.02, draws=draws, seed=1)
+    r = coverage.coverage_simulation(sizes, 0.05, 0.02, level=LEVEL, eps=0.02, draws=draws, seed=1)
     assert r["false_holds"] <= (1 - LEVEL) + 2.33 * np.sqrt(LEVEL * (1 - LEVEL) / draws), r
 
 
@@ -94,8 +94,8 @@ def test_the_old_wald_interval_fails_where_the_new_one_holds():
         centre = (pb - pc) - np.sum(w * (pb - pc), -1, keepdims=True)
         half = z * np.sqrt((1 - w) ** 2 * var + np.sum(w ** 2 * var, -1, keepdims=True) - w ** 2 * var)
         return centre, centre - half, centre + half
-    old = certify.coverage_simulation([45] * 10, 0.08, 0.0, draws=1500, intervals=wald)
-    new = certify.coverage_simulation([45] * 10, 0.08, 0.0, draws=1500)
+    old = coverage.coverage_simulation([45] * 10, 0.08, 0.0, draws=1500, intervals=wald)
+    new = coverage.coverage_simulation([45] * 10, 0.08, 0.0, draws=1500)
     assert old["family_coverage"] < _floor(1500) <= new["family_coverage"]
 
 
@@ -121,7 +121,7 @@ def test_the_certified_max_psi_keeps_its_level(method, sizes, lost, gained):
     every group's one-sided bound covers its own psi_g (what the argument behind U needs), each at least
     the level minus Monte Carlo error; U is never above the largest simultaneous upper end."""
     draws = 1500
-    r = certify.coverage_simulation(sizes, lost, gained, level=LEVEL, draws=draws, seed=7, method=method)
+    r = coverage.coverage_simulation(sizes, lost, gained, level=LEVEL, draws=draws, seed=7, method=method)
     assert r["max_coverage"] >= _floor(draws) and r["min_upper_coverage"] >= _floor(draws), r
 
 
@@ -142,7 +142,7 @@ def test_every_group_at_once_is_rarely_certified_when_one_is_at_eps(sizes):
     """"all groups hold" (certified max psi_g <= eps) is declared at most 1 - level of the time when the worst
     group's true psi_g equals eps."""
     draws = 2000
-    r = certify.coverage_simulation(sizes, 0.05, 0.02, level=LEVEL, eps=0.02, draws=draws, seed=3)
+    r = coverage.coverage_simulation(sizes, 0.05, 0.02, level=LEVEL, eps=0.02, draws=draws, seed=3)
     assert r["false_all_hold"] <= (1 - LEVEL) + 2.33 * np.sqrt(LEVEL * (1 - LEVEL) / draws), r
 
 
