@@ -420,6 +420,16 @@ def test_compare_without_a_toml_file(tmp_path, capsys):
     assert all(c.strip() in md for c in table.split("|")[4:-1])     # every terminal column is in results.md
     assert main(["compare", "--config", str(toml), "--methods", "nft"]) == 2
     assert "describe a grid without a TOML file" in capsys.readouterr().err
+    # the file names its output folder: --config continues the same grid there (every cell reused)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cells").glob("*/results.json")}
+    assert main(["compare", "--config", str(toml), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cells").glob("*/results.json")} == before
+    capsys.readouterr()
+    # another grid is not written over an existing file (the user's own grid, say), and the file stays
+    kept = toml.read_text()
+    assert main(["compare", "--dataset", "digits", "--methods", "bogus", "--sparsities", "0.5", "--no-progress",
+                 "--save-config", str(toml)]) == 2
+    assert "is there already with another grid" in capsys.readouterr().err and toml.read_text() == kept
     assert main(["compare", "--sparsities", "0.5"]) == 2
     assert "needs --config FILE, or the grid as flags" in capsys.readouterr().err
 

@@ -214,6 +214,7 @@ def grid(tmp_path, methods='["magnitude"]', sparsities="[0.5]", seeds="[0]", epo
     ("seeds", "[]", r"seeds is empty"),
     ("seeds", "[0, 0]", r"seeds lists 0 more than once"),
     ("sparsities", "[0.5, 0.50]", r"sparsities lists 0.5 more than once"),
+    ("sparsities", "[0.5, 0.5000001]", r"would share the folder cells/magnitude_s0.5_seed0"),   # not silently one
     ("seeds", '["0"]', r"seeds holds '0' \(str\)"),
 ])
 def test_grid_lists_are_validated(tmp_path, field, value, match):

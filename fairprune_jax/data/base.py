@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -274,6 +274,20 @@ def check_group_sizes(sizes: np.ndarray, names: list[str], rows: int, *, dataset
             f"{', '.join(names[:5])}): per-group accuracy, gaps and certificates need groups of many rows. A "
             f"number column (an age, an income)? Bin it, e.g. --data-opt bins=COLUMN:30,45,60 (CSV), or choose a "
             f"column of a few categories")
+
+
+def check_class_sizes(y: np.ndarray, names: Sequence[str], *, dataset: str) -> None:
+    """Refuse a target whose classes are mostly single rows (the rule of :func:`check_group_sizes`): a number
+    column (a price, an age with decimals) taken as the target makes every value a class, nothing can be
+    learnt or measured, and the stratified test split shrinks to the few classes with two rows or more."""
+    sizes = np.bincount(np.asarray(y, np.int64))
+    sizes = sizes[sizes > 0]
+    if sizes.size > MANY_GROUPS and np.mean(sizes == 1) >= SINGLE_ROW_SHARE:
+        raise ValueError(
+            f"{dataset}: the target makes {sizes.size} classes over {len(y)} rows ({int((sizes == 1).sum())} "
+            f"classes of one row; e.g. {', '.join(map(str, list(names)[:5]))}): fairprune classifies, and each "
+            "class needs many rows. A number column? Bin it into a few classes first, or predict one value "
+            "against the rest (--data-opt positive_label=VALUE for a CSV)")
 
 
 def encode_groups(codes: list[np.ndarray], categories: list[list[str]], *, keep: np.ndarray | None = None,

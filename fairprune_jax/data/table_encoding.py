@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 
 from fairprune_jax.core.notices import warn
-from fairprune_jax.data.base import (Dataset, Split, carve_validation_indices, check_fraction, encode_groups,
-                                     stratified_split)
+from fairprune_jax.data.base import (Dataset, Split, carve_validation_indices, check_class_sizes, check_fraction,
+                                     encode_groups, stratified_split)
 from fairprune_jax.data.table_reading import _is_number, as_float, missing_mask, per_value, sorted_values
 
 
@@ -176,6 +176,7 @@ def build_tabular_dataset(
                          f"(missing per column: {missing_by_column})")
 
     y, class_names = labels(cols[target_column][keep])
+    check_class_sizes(y, class_names, dataset=name)
     g, group_names, group_info = encode_groups([a.codes for a in group_attrs], [a.categories for a in group_attrs],
                                                keep=keep, dataset=name)
     kept = {c: v[keep] for c, v in cols.items()}

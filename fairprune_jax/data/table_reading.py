@@ -290,7 +290,13 @@ def canonical_numbers(values: np.ndarray) -> np.ndarray:
             return v
         if not np.isfinite(f) or v.strip().lower() in _MISSING_LOWER:
             return v
-        return str(int(f)) if f == int(f) and abs(f) < 2 ** 53 else repr(f)
+        if abs(f) >= 2 ** 53:          # beyond a float's exact integers: an id, kept exact, not rounded to a float
+            s = v.strip().replace("_", "")
+            try:
+                return str(int(s))     # an integer literal, written once (01234... -> 1234...)
+            except ValueError:
+                return v               # 1.2e17 or 12345678901234567.0: kept as written, never merged
+        return str(int(f)) if f == int(f) else repr(f)
     return per_value(values, one)
 
 

@@ -418,6 +418,10 @@ class Method:
             if isinstance(v, float) and v < 0:
                 raise ValueError(f"method {self.name!r}: option {k!r} must be >= 0; got {v!r}"
                                  + (" (0: off)" if k == "distill" else ""))
+        for k, v in dataclasses.asdict(opts).items():
+            bad = out_of_range(k, v)
+            if bad:
+                raise ValueError(f"method {self.name!r}: option {k!r} {bad}; got {v!r}")
         if self.check is not None:
             checked = self.check(opts)
             opts = opts if checked is None else checked
@@ -433,6 +437,37 @@ class Method:
 METHODS: dict[str, Method] = {}
 #: Options for which ``inf`` means "no limit" (every other float option must be finite).
 INF_OPTIONS = {"multiplier_max"}
+
+#: The valid range of every numeric method option, by name (one declaration for every method that has it),
+#: checked when the options are parsed, before any data loads: ``(low, high, high_open)``, ``None`` for no
+#: bound. Counts of rows, steps or picks are at least 1; epoch counts -1 (the method's default) or more;
+#: shares of rows or steps fractions; bounds on a rate or a gap of rates at most 1 (a larger one never binds).
+OPTION_RANGES: dict[str, tuple] = {
+    **{k: (1, None, False) for k in ("buffer_size", "overall_buffer_size", "group_chunk", "max_decisions",
+                                      "picks_per_decision", "lower_steps", "prune_updates", "updates",
+                                      "select_points", "body_rounds", "max_rounds")},
+    **{k: (-1, None, False) for k in ("epochs", "fair_epochs", "prune_epochs")},
+    **{k: (0, None, False) for k in ("retrain_epochs", "rewind_step", "importance_batch_size", "importance_rows",
+                                      "val_batch_size")},
+    **{k: (0.0, 1.0, True) for k in ("body_fraction", "fraction", "holdout", "val_fraction", "warmup_fraction",
+                                      "vote_prune", "keep_per_iter", "strict_decay", "mask_momentum")},
+    **{k: (0.0, 1.0, False) for k in ("prune_fraction", "search_fraction", "min_acc", "tau", "aim_margin")},
+    # psi_g is a difference of two accuracy changes, in [-2, 2]; with aim=certificate eps bounds psi_g plus the
+    # interval's half-width, which a tiny split can make large
+    "eps": (0.0, 2.0, False),
+}
+
+
+def out_of_range(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the option ``name`` (:data:`OPTION_RANGES`), or None."""
+    if name not in OPTION_RANGES or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high, open_ = OPTION_RANGES[name]
+    if (low is not None and value < low) or (high is not None and (value >= high if open_ else value > high)):
+        if high is None:
+            return f"must be >= {low}" + (" (-1: the method's default)" if low == -1 else "")
+        return f"must be in [{low:g}, {high:g}{')' if open_ else ']'}"
+    return None
 
 
 def register(name: str, description: str, options: type = NoOptions, *, structured: bool | str = False,

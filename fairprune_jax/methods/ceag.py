@@ -42,6 +42,8 @@ def dual_advice(multipliers: list) -> str:
     buffers or a smaller dual_lr help. If it is still rising at the end, the dual step is too slow for the
     budget.
     """
+    if len(multipliers) < 4:     # (none at all with --finetune-epochs 0)
+        return "more fine-tuning epochs, larger buffers or another dual_lr"
     m = np.nan_to_num(np.asarray(multipliers, dtype=float).reshape(len(multipliers), -1))
     if m.shape[0] < 4:
         return "more fine-tuning epochs, larger buffers or another dual_lr"
@@ -278,7 +280,10 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     traj = jax.device_get(carry_of(state).trajectory)
     info.update(history=hist, multipliers=np.asarray(state.dual.multipliers).tolist(), eps=eps,
                 constraint_data="val" if held_out else ("train_all" if table else "train"), trajectory=trajectory_info(traj, names, offset=eps_g))
-    if select and not info["selection"]["feasible"]:
+    if select and not info["selection"]["feasible"] and info["selection"]["max_psi"] is None:
+        notes.append("ceag: no checkpoint was evaluated (no fine-tuning step: --finetune-epochs 0?): the pruned "
+                     "start is returned unconstrained")
+    elif select and not info["selection"]["feasible"]:
         sel, where = info["selection"], "held-out" if held_out else "training"
         rare = choice.get("rare_groups") or []
         advice = (f"groups expected in fewer than {AUTO_RARE_ROWS_PER_BATCH:g} row of a batch ({', '.join(rare[:4])}) "

@@ -24,7 +24,7 @@ from fairprune_jax.training import caches
 from fairprune_jax.sparsity import compact
 from fairprune_jax.running import runner
 from fairprune_jax.core.config import RunConfig
-from fairprune_jax.data.base import Dataset, Split, carve_validation, stratified_split
+from fairprune_jax.data.base import Dataset, Split, carve_validation, check_class_sizes, stratified_split
 from fairprune_jax.sparsity.masks import apply_masks, named_leaves, prunable_template
 from fairprune_jax.methods import get_method
 from fairprune_jax.models import CustomModel, call_mode, layer_order
@@ -203,6 +203,10 @@ def _split(arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None, name: str) 
         return None
     x, y, g = arrays
     for what, a in (("labels y", y), ("group ids g", g)):
+        if a.size and np.issubdtype(a.dtype, np.number) and np.nanmax(np.abs(a)) >= 2**31:
+            raise ValueError(f"{name}: {what} go up to {np.nanmax(np.abs(a)):.0f}, beyond 32-bit ids (larger ids would "
+                             "wrap around and merge distinct values): number them 0..k-1, or pass them as names "
+                             "(strings)")
         if a.size and not np.issubdtype(a.dtype, np.integer):
             bad = int((~np.isfinite(a)).sum()) if np.issubdtype(a.dtype, np.floating) else 0
             if bad:
@@ -234,6 +238,8 @@ def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | Non
     for k, y, g in zip(given, ys, gs):
         raw[k] = (raw[k][0], y, g)
     tr, te, va = _split(raw["train"], "train"), _split(raw["test"], "test"), _split(raw["val"], "val")
+    check_class_sizes(tr.y, class_names if class_names is not None else [str(int(c)) for c in np.unique(tr.y)],
+                      dataset="train")
     meta: dict[str, Any] = {"source": "arrays in memory (fairprune_jax.prune)"}
     if te is None:
         rest, held = stratified_split(tr.y, tr.g, TEST_FRACTION, seed)

@@ -95,6 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"fairprune run: method={cfg.method} dataset={cfg.dataset} sparsity={cfg.sparsity} seed={cfg.seed}",
               flush=True)
     from fairprune_jax.training import tracking
+    # makes nothing in OUT yet: its folder and event file come with the first phase, after run() has checked
+    # and locked OUT and set an earlier run's outputs (its events included) aside
     tracker = tracking.TensorBoard(Path(cfg.out) / "tensorboard") if args.tensorboard and primary else None
     shown: set[str] = set()
     with tracking.use(tracker), _warnings_once(shown):
@@ -246,15 +248,22 @@ def grid_file(args: argparse.Namespace) -> str:
     data = {k: getattr(args, k) for k in ("target", "protected") if getattr(args, k) is not None}
     digest = hashlib.sha256(repr((grid, run, data)).encode()).hexdigest()[:8]
     name = f"compare-{args.dataset.replace(':', '-')}-{digest}"
-    lines = [f"# written by: fairprune compare {' '.join(sys.argv[2:])}", f"name = {toml(name)}"]
+    out = Path(os.path.expanduser(args.out)) if args.out else Path("runs") / name
+    # the output folder goes into the file, so that --config FILE continues this grid where it stopped
+    lines = [f"name = {toml(name)}", f"out = {toml(str(out.resolve()))}"]
     lines += [f"{k} = {toml(v)}" for k, v in grid.items()]
     for table, values in (("run", run), ("dataset_options", data)):
         if values:
             lines += ["", f"[{table}]"] + [f"{k} = {toml(v)}" for k, v in values.items()]
-    out = Path(os.path.expanduser(args.out)) if args.out else Path("runs") / name
+    body = "\n".join(lines) + "\n"
     path = Path(args.save_config) if args.save_config else out / "grid.toml"
+    if path.exists():
+        old = path.read_text(errors="replace") if path.is_file() else None
+        if old is None or old.split("\n", 1)[-1] != body:        # (its first line: the command that wrote it)
+            raise ValueError(f"--save-config {path}: {'a folder' if old is None else 'a file'} is there already"
+                             f"{'' if old is None else ' with another grid'}; choose another path, or delete it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(f"# written by: fairprune compare {' '.join(sys.argv[2:])}\n" + body)
     args.out = str(out)
     print(f"fairprune compare: the grid is in {path} (rerun or edit it with --config {path})", flush=True)
     return str(path)

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude-first", action="store_true", help="keep the first layer dense")
     r.add_argument("--exclude-last", action="store_true", help="keep the last layer dense")
     r.add_argument("--seed", type=int, default=d.seed,
-                   help="seeds the split, the initial weights, the batches and the method's random choices")
+                   help="seeds the initial weights, the batches and the method's random choices; not the train / test "
+                        "split, which has its own seed (--data-opt seed=N, default 0), so runs of several seeds "
+                        "share one split and their spread leaves out the split's")
     r.add_argument("--epochs", type=int, default=None,
                    help=f"dense training epochs (default: {DEFAULT_EPOCHS}; "
                         + ", ".join(f"{v} on {k}" for k, v in DATASET_EPOCHS.items()) + ")")

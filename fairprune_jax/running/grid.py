@@ -161,6 +161,10 @@ def _load_config(path: Path, out: str | None = None) -> CompareConfig:
         if key not in raw:
             raise ValueError(f"{path}: missing required key {key!r}")
     check_grid_lists(path, raw)
+    tol = raw.get("tolerance")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1):
+        raise ValueError(f"{path}: tolerance (the bound eps the certificate checks, like --certify-eps) must be a "
+                         f"number in (0, 1], like tolerance = 0.02; got {tol!r}")
     from fairprune_jax.methods import get_method
     from fairprune_jax.sparsity.masks import check_sparsity
     from fairprune_jax.running.validation import check_model_options
@@ -263,6 +267,18 @@ def check_grid_lists(path: Path, raw: dict) -> None:
         twice = sorted({x for x in seen if seen.count(x) > 1}, key=str)
         if twice:
             raise ValueError(f"{path}: {key} lists {', '.join(map(repr, twice))} more than once; list each once")
+    # Distinct values can still share a cell's folder (its name keeps 6 significant digits of the sparsity):
+    # the second cell would overwrite the first and the table show one result twice.
+    folders: dict[str, tuple] = {}
+    for m in raw["methods"]:
+        for s in raw["sparsities"]:
+            for seed in raw["seeds"]:
+                name = cell_name(m, float(s), seed)
+                if name in folders:
+                    raise ValueError(f"{path}: the cells {folders[name]} and {(m, s, seed)} would share the folder "
+                                     f"cells/{name} (a cell's folder name keeps 6 significant digits of its "
+                                     "sparsity); list sparsities that differ in those digits")
+                folders[name] = (m, s, seed)
 
 
 def check_run_values(path: Path, run: dict) -> None:
@@ -288,8 +304,13 @@ def check_run_values(path: Path, run: dict) -> None:
                              f"got {value!r}")
 
 
+def cell_name(method: str, sparsity: float, seed: int) -> str:
+    """The name of a cell's folder (``check_grid_lists`` refuses a grid in which two cells share one)."""
+    return f"{method}_s{sparsity:g}_seed{seed}"
+
+
 def cell_dir(cc: CompareConfig, method: str, sparsity: float, seed: int) -> Path:
-    return cc.out / "cells" / f"{method}_s{sparsity:g}_seed{seed}"
+    return cc.out / "cells" / cell_name(method, sparsity, seed)
 
 
 def dense_dir(cc: CompareConfig, seed: int) -> Path:

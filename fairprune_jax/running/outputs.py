@@ -1,6 +1,6 @@
 """A run's output folder: held by one run at a time (a lock file naming the run), checked to be writable before
-any data loads, and replaced safely (an earlier run's results are set aside while a new run works there and
-put back if it fails). Also the JSON-able copy of what a run records (:func:`_jsonable`).
+any data loads, and replaced safely (an earlier run's outputs, :data:`OUTPUT_ENTRIES`, are set aside as a whole
+while a new run works there, put back if it fails and dropped when it succeeds). Also the JSON-able copy of what a run records (:func:`_jsonable`).
 """
 from __future__ import annotations
 
@@ -67,8 +67,21 @@ def _process_alive(pid: Any) -> bool:
     return True
 
 
-#: What a run writes into its output folder (set aside when a new run starts there, so none is ever stale).
-OUTPUT_FILES = ("results.json", "results.md", "group_accuracy.png", "constraints.png")
+#: Everything a run writes into its output folder, files and folders alike: set aside as a whole when a new run
+#: starts there, put back as a whole if it fails, dropped when it succeeds, so that the folder never mixes two
+#: runs (a 0.9 model in ``compact/`` beside 0.5 results, rounds of two LTH runs in ``rounds/``). A new writer
+#: into the folder adds its name here (tests/test_output_folder.py checks the ones it can find).
+#: ``checkpoints/`` is not one: it is a run's own state, kept for ``--resume``; nor is the lock file.
+OUTPUT_ENTRIES = ("results.json", "results.md", "group_accuracy.png", "constraints.png",  # report.write_outputs
+                  "tensorboard",      # fairprune run --tensorboard (tracking.TensorBoard)
+                  "compact",          # --save-compact (runner.COMPACT_DIR)
+                  "rounds",           # lth and its variants: each round's masks (Context.save_masks)
+                  "ballot")           # ballot: the voting run's masks (Context.save_masks)
+#: Written by a run as it goes (a round's masks, the votes): a run resumed from its checkpoints keeps its own
+#: earlier ones in place (its results refer to them; its killed part wrote them and will not write them again).
+RESUMED_ENTRIES = ("rounds", "ballot")
+#: The result files among them (the name earlier versions exported).
+OUTPUT_FILES = OUTPUT_ENTRIES[:4]
 #: Where an earlier run's outputs wait while a new run works in the same folder.
 ASIDE_DIR = ".previous-results"
 
@@ -88,23 +101,25 @@ def check_out_dir(out: str | Path) -> None:
                          "another --out") from None
 
 
-def set_aside_outputs(out: Path) -> Path | None:
-    """Move an earlier run's results out of ``out`` into ``out/.previous-results`` as this run starts (process
-    0), so that a ``results.json`` beside this run's checkpoints is never an older run's, yet nothing is lost
-    until this run's own results are written: :func:`restore_outputs` puts them back if it fails. Returns
-    the folder (None when there was nothing to set aside). A folder left by a run killed with -9 holds the
-    results of the run before it: they are kept, not overwritten, until a run finishes."""
+def set_aside_outputs(out: Path, keep: tuple = ()) -> Path | None:
+    """Move an earlier run's outputs (every :data:`OUTPUT_ENTRIES` file and folder) out of ``out`` into
+    ``out/.previous-results`` as this run starts (process 0), so that nothing beside this run's checkpoints is
+    ever an older run's, yet nothing is lost until this run's own results are written: :func:`restore_outputs`
+    puts them back if it fails. Returns the folder (None when there was nothing to set aside). A folder left
+    by a run killed with -9 holds the outputs of the run before it: they are kept, not overwritten, until a
+    run finishes (the killed run's partial outputs in ``out`` go). ``keep``: entries left in place (a resumed
+    run's :data:`RESUMED_ENTRIES`)."""
     if not distributed.is_primary():
         return None
     aside = out / ASIDE_DIR
-    found = [name for name in OUTPUT_FILES if (out / name).is_file()]
-    if aside.is_dir() and not any((aside / n).is_file() for n in OUTPUT_FILES):
+    found = [name for name in OUTPUT_ENTRIES if _present(out / name) and name not in keep]
+    if aside.is_dir() and not any(_present(aside / n) for n in OUTPUT_ENTRIES):
         shutil.rmtree(aside, ignore_errors=True)
     if not found:
         return aside if aside.is_dir() else None
-    if aside.is_dir():       # a killed run's aside folder holds the last finished results: keep those
+    if aside.is_dir():       # a killed run's aside folder holds the last finished outputs: keep those
         for name in found:
-            (out / name).unlink()
+            _remove(out / name)
         return aside
     aside.mkdir()
     for name in found:
@@ -113,17 +128,21 @@ def set_aside_outputs(out: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def replacing_outputs(out: str | os.PathLike | None):
-    """The earlier results in ``out`` are set aside while the block runs, dropped when it finishes, and put
-    back when it fails or is interrupted: a run never costs the results of the one before it."""
+def replacing_outputs(out: str | os.PathLike | None, *, resumed: bool = False):
+    """The earlier outputs in ``out`` are set aside while the block runs, dropped when it finishes, and put
+    back when it fails or is interrupted: a run never costs the outputs of the one before it. ``resumed``: a run
+    continued from its checkpoints, whose own :data:`RESUMED_ENTRIES` stay where they are; if it stops again,
+    the folder stays as a killed run leaves it (the earlier run's outputs aside, its own in place) for the next
+    ``--resume``."""
     if not out:
         yield
         return
-    aside = set_aside_outputs(Path(out))
+    aside = set_aside_outputs(Path(out), keep=RESUMED_ENTRIES if resumed else ())
     try:
         yield
     except BaseException:
-        if aside is not None:
+        _stop_tracking_into(Path(out))
+        if aside is not None and not resumed:
             restore_outputs(Path(out), aside)
         raise
     if aside is not None:
@@ -131,15 +150,41 @@ def replacing_outputs(out: str | os.PathLike | None):
 
 
 def restore_outputs(out: Path, aside: Path) -> None:
-    """Put an earlier run's results back into ``out`` after this run failed (its own partial outputs go)."""
+    """Put an earlier run's outputs back into ``out`` after this run failed: each entry as a whole, this run's
+    own partial one (files in ``rounds/``, a new event file in ``tensorboard/``) removed first, so that no
+    folder holds some of each run."""
     if not aside.is_dir():
         return
-    for name in OUTPUT_FILES:
-        if (aside / name).is_file():
+    for name in OUTPUT_ENTRIES:
+        _remove(out / name)
+        if _present(aside / name):
             os.replace(aside / name, out / name)
-        elif (out / name).is_file():
-            (out / name).unlink()
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()        # a dangling link is an entry too
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif _present(path):
+        path.unlink()
+
+
+def _stop_tracking_into(out: Path) -> None:
+    """Close the TensorBoard writer of the failed run when it writes into ``out``, before that run's events are
+    removed: buffered events are never written again, into the earlier run's folder put back in their place."""
+    from fairprune_jax.training import tracking
+    tracker = tracking.current()
+    if tracker is None:
+        return
+    try:
+        tracker.logdir.resolve().relative_to(out.resolve())
+    except ValueError:
+        return                  # the caller's own tracker elsewhere: still theirs to use
+    tracker.close()
 
 
 def _check_outputs(cfg: RunConfig) -> None:

@@ -101,6 +101,11 @@ def build_context(cfg: RunConfig, ds: Dataset, model: tuple[Any, Any, Any] | Non
     order = layer_order(fm, params, model_state)
     template = prunable_template(params, layer_order=order, exclude_first=cfg.exclude_first,
                                  exclude_last=cfg.exclude_last)
+    if cfg.sparsity > 0 and not any(t is True for t in jax.tree.leaves(template, is_leaf=lambda t: t is None)):
+        raise ValueError(f"nothing to prune: the model {getattr(fm, 'name', '')!r} has no prunable layer left "
+                         f"({len(order)} layer(s) in all"
+                         f"{', with --exclude-first and --exclude-last' if cfg.exclude_first and cfg.exclude_last else ''}"
+                         "); leave out --exclude-first or --exclude-last, or use a deeper model")
     ctx = Context.from_config(cfg, dataset=ds, fm=fm, template=template,
                   flops=count_flops(fm, params, model_state), layer_order=order,
                   eval_step=make_eval_step(fm, ds.num_groups, ds.num_classes, cfg.positive_label),

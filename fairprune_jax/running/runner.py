@@ -89,6 +89,11 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
         warn(f"{cfg.method} at sparsity {cfg.sparsity}: layer(s) {', '.join(empty)} keep no weights, so "
              "the pruned model's output no longer depends on its input; use a lower sparsity, "
              "--distribution global or erk, or --exclude-first / --exclude-last")
+    short = sparsity_shortfall_note(cfg, float(results["sparsity"]["achieved"]))
+    if short:
+        results["sparsity"]["shortfall_note"] = short
+        if distributed.is_primary():
+            warn(short)
     if cfg.save_compact and distributed.is_primary():
         t = time.perf_counter()
         try:
@@ -168,6 +173,22 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
             warn(note)
 
 
+#: A run whose prunable weights end this far (or more) below the target sparsity says so: its numbers describe a
+#: denser model than its label.
+SPARSITY_SHORTFALL = 0.05
+
+
+def sparsity_shortfall_note(cfg: RunConfig, achieved: float) -> str | None:
+    """A warning when the achieved sparsity of the prunable weights falls :data:`SPARSITY_SHORTFALL` or more
+    below the target (a method that keeps layers dense, at least one unit per layer, few prunable weights)."""
+    if cfg.sparsity <= 0 or achieved > cfg.sparsity - SPARSITY_SHORTFALL:
+        return None
+    return (f"{cfg.method} pruned {achieved:.1%} of the prunable weights against the target {cfg.sparsity:g}: the "
+            "results describe that model, not one at the target. The method keeps some layers dense (its "
+            "keep_first_conv_dense / keep_last_dense options), structured pruning keeps at least one unit per "
+            "layer, or --exclude-first / --exclude-last left few weights to prune")
+
+
 #: A run whose pruned model's test accuracy is this far (or more) below the dense model's says so.
 ACCURACY_LOSS_WARN = 0.05
 
@@ -230,7 +251,8 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
             key = {"dense": dense_fingerprint(cfg, loaded[0].fingerprint()), "platform": jax.devices()[0].platform,
                    "devices": distributed.num_devices(mesh)}
             cache = caches.dense_cache_folder(key)
-        with replacing_outputs(cfg.out), distributed.use_mesh(mesh), checkpoint.use(ckpt):
+        with replacing_outputs(cfg.out, resumed=ckpt is not None and ckpt.resumed), distributed.use_mesh(mesh), \
+                checkpoint.use(ckpt):
             res = run_method(prepare(cfg, loaded[0], _loaded=loaded, dense_cache=cache))
     if ckpt is not None:
         ckpt.mark_complete()

@@ -65,7 +65,10 @@ class TensorBoard:
     """Writes per-step statistics of every ``fit`` phase into ``logdir`` and keeps a summary of them.
 
     ``logdir`` is owned by the tracker: event files an earlier run left there are removed, so the folder
-    shows one run. ``group_names`` (set by the runner once the data is loaded) name the per-group series.
+    shows one run. Nothing is made or removed until the first phase starts (or :meth:`flush`), not when the
+    tracker is made: by then the run has checked and locked its output folder and set an earlier run's outputs
+    aside, so a run refused there or failing before it trains leaves the earlier events alone.
+    ``group_names`` (set by the runner once the data is loaded) name the per-group series.
     """
 
     def __init__(self, logdir: str | Path, group_names: list[str] | None = None,
@@ -75,19 +78,29 @@ class TensorBoard:
         except ImportError:
             raise ImportError("TensorBoard logging needs tensorboardX (pure Python, no TensorFlow): "
                               "pip install tensorboardX   (or: pip install 'fairprune_jax[tracking]')") from None
+        del SummaryWriter       # imported here only to fail at once, before the run, when it is missing
         self.logdir = Path(logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        for old in self.logdir.glob(EVENT_GLOB):
-            old.unlink()
-        self.writer = SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs)
+        self.flush_secs = int(flush_secs)
+        self.writer: Any = None         # made by _open, when the first phase starts
         self.group_names = list(group_names) if group_names is not None else None
         self.max_group_series = int(max_group_series)
         self._phases: dict[str, dict] = {}
         self._closed = False
 
+    def _open(self) -> Any:
+        """The event writer, made on first use: the folder, an earlier run's event files removed, a new one."""
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            for old in self.logdir.glob(EVENT_GLOB):
+                old.unlink()
+            self.writer = SummaryWriter(logdir=str(self.logdir), flush_secs=self.flush_secs)
+        return self.writer
+
     # -- phases and values ---------------------------------------------------------------------------
     def phase(self, desc: str) -> str:
         """A new phase's unique tag prefix (a second ``fit`` with the same description gets ``_2``, ...)."""
+        self._open()
         base = phase_name(desc)
         name, k = base, 1
         while name in self._phases:
@@ -104,7 +117,7 @@ class TensorBoard:
     def log(self, phase: str, steps: list[int], stats: list[dict[str, Any]]) -> None:
         """Write host statistics of ``steps`` (one dict of numbers / 1-D arrays per step) under ``phase``."""
         rec = self._phases[phase]
-        w = self.writer
+        w = self._open()
         for step, st in zip(steps, stats):
             rec["steps"] = max(rec["steps"], int(step))
             for key, value in st.items():
@@ -165,11 +178,12 @@ class TensorBoard:
 
     def flush(self) -> None:
         if not self._closed:
-            self.writer.flush()
+            self._open().flush()        # a run that trained no phase still leaves its (empty) event file
 
     def close(self) -> None:
         if not self._closed:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
             self._closed = True
 
 
