@@ -204,3 +204,20 @@ def test_a_resumed_run_keeps_its_own_rounds_and_leaves_the_folder_for_the_next_r
         (tmp_path / "rounds" / "round_03.npz").write_bytes(b"3")
     assert sorted(k for k in _tree(tmp_path) if k.startswith("rounds/")) == sorted([*rounds, "rounds/round_03.npz"])
     assert not aside.exists()
+
+
+def test_a_failed_run_leaves_the_finished_runs_checkpoints(tmp_path, capsys):
+    """A finished run's checkpoints are its stored weights: a new run in its folder that fails before it has a
+    checkpoint of its own (it diverges at its first step) puts them back; one that finishes replaces them."""
+    out = str(tmp_path / "run")
+    base = [*TINY, "--method", "magnitude", "--checkpoint-every", "1000", "--no-dense-cache", "--out", out]
+    assert main(["run", *base]) == 0
+    first = checkpoint.read_final(out)
+    assert main(["run", *base, "--lr", "1e30", "--optimizer", "sgd"]) != 0
+    assert "diverged" in capsys.readouterr().err
+    import jax
+    import numpy as np
+    a, b = jax.tree.leaves(first), jax.tree.leaves(checkpoint.read_final(out))
+    assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert main(["run", *base, "--sparsity", "0.5"]) == 0
+    assert not (tmp_path / "run" / checkpoint.PREVIOUS_DIR).exists()

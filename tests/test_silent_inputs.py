@@ -89,3 +89,63 @@ def test_ceag_without_fine_tuning_finishes_and_says_so(tmp_path, capsys):
     rc = main(["run", "--dataset", "digits", "--epochs", "1", "--finetune-epochs", "0", "--no-progress",
                "--checkpoint-every", "0", "--out", str(tmp_path / "run")])
     assert rc == 0 and "no checkpoint was evaluated" in capsys.readouterr().err
+
+
+def _cells(line: str) -> int:
+    """The cells of a Markdown table row, as a renderer splits it (an escaped \\| stays inside its cell)."""
+    import re
+    return len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+
+
+def test_group_names_with_a_bar_keep_results_md_columns_in_place(tmp_path):
+    """An intersectional group is named ``A|B``: unescaped, it split its cell and shifted every column after it
+    (n under the group's second half, the dense accuracy under "pruned", ...)."""
+    from flax import nnx
+    import fairprune_jax as fp
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    g = rng.integers(0, 2, 300)
+    model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    fp.prune(model, train=(x, (x[:, 0] > 0).astype(int), g), method="magnitude", epochs=1, progress=False,
+             group_names=["Male|White", "<b>Female</b>"], out=str(tmp_path / "run"))
+    md = (tmp_path / "run" / "results.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and ("White" in ln or "Female" in ln)]
+    assert rows and not any("<b>" in ln for ln in rows)
+    for ln in rows:
+        header = next(h for h in md.splitlines()[:md.splitlines().index(ln)][::-1] if h.startswith("| group"))
+        assert _cells(ln) == _cells(header), (ln, header)
+
+
+def test_a_model_with_more_outputs_than_classes_is_said(tmp_path, capsys):
+    """Three logits on a binary target (or a (features, logits) tuple read by its first element): one class
+    the model can never learn, said before training."""
+    from flax import nnx
+    import fairprune_jax as fp
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)).astype(np.float32)
+    model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    with pytest.warns(Warning, match=r"1 of 3 class\(es\) have no rows in the train split"):
+        fp.prune(model, train=(x, (x[:, 0] > 0).astype(int), rng.integers(0, 2, 200)), method="magnitude",
+                 epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ('[variants."../../elsewhere"]\nmethod = "magnitude"\n', "letters, digits"),
+    ('[run]\nprogress = false\n', r"unknown \[run\] key\(s\) \['progress'\]"),
+])
+def test_grid_entries_that_escaped_or_crashed_are_refused(tmp_path, extra, match):
+    from fairprune_jax.running import compare
+    p = tmp_path / "g.toml"
+    p.write_text('dataset = "digits"\nmethods = ["magnitude"]\nsparsities = [0.5]\nseeds = [0]\n' + extra)
+    with pytest.raises(ValueError, match=match):
+        compare.load_config(p)
+
+
+def test_a_suite_whose_grids_share_an_output_folder_is_refused(tmp_path):
+    from fairprune_jax.running import compare
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.toml").write_text(f'name = "{name}"\nout = "res/same"\ndataset = "digits"\n'
+                                               'methods = ["magnitude"]\nsparsities = [0.5]\nseeds = [0]\n')
+    (tmp_path / "s.toml").write_text('suite = ["a.toml", "b.toml"]\n')
+    with pytest.raises(ValueError, match="write into one output folder"):
+        compare.load_suite(tmp_path / "s.toml")

@@ -214,6 +214,21 @@ def build_tabular_dataset(
         parts["val"] = val_idx
     splits = {k: Split(pre.transform(sub(num_all, idx), sub(cat_all, idx)), y[idx], g[idx])
               for k, idx in parts.items()}
+    unseen = {}            # categories of test / val rows that train never had: all-zero one-hot features
+    for k, idx in parts.items():
+        if k == "train":
+            continue
+        for c in categorical:
+            known = set(pre.categories[c])
+            vals = cat_all[c][idx]
+            new = sorted({v for v in set(vals.tolist()) if v not in known}, key=str)
+            if new:
+                unseen.setdefault(k, {})[c] = {"rows": int(np.isin(vals, new).sum()), "values": new[:10]}
+    for k, cols in unseen.items():
+        shown = "; ".join(f"{c}: {', '.join(map(repr, u['values'][:3]))} ({u['rows']} rows)" for c, u in cols.items())
+        warn(f"{name}: the {k} split has categories the training split never had ({shown}): those rows get "
+             "all-zero features for that column, which the model never saw; check the file, or merge rare "
+             "categories")
     out_meta = dict(meta or {})
     out_meta.update({
         "target": target_column, "protected": [a.name for a in group_attrs],
@@ -222,6 +237,7 @@ def build_tabular_dataset(
         "drop_missing": bool(drop_missing), "rows_used": int(keep.sum()),
         "split_seed": seed, "val_fraction": val_fraction,
         "feature_names": pre.feature_names, **pre.to_meta(), **group_info,
+        **({"unseen_categories": unseen} if unseen else {}),
     })
     if check_leaks:
         out_meta["leak_suspects"] = leaks
@@ -268,7 +284,8 @@ def leak_suspects(cols: dict[str, np.ndarray], features: list[str], numeric: lis
         seen = uniq[pos] == keys[test_idx]
         pred = np.where(seen, majority[pos], overall)
         acc = float(np.mean(pred == yte))
-        if acc >= LEAK_ACCURACY and (1 - acc) <= 0.25 * (1 - baseline):
+        # (above the majority class itself: with one class in test, every column would "predict" it)
+        if acc >= LEAK_ACCURACY and acc > baseline and (1 - acc) <= 0.25 * (1 - baseline):
             out[col] = acc
     if out:
         listed = ", ".join(f"{k!r} ({a:.3f})" for k, a in out.items())

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from fairprune_jax.metrics import certify
+from fairprune_jax.reporting.tables import md_text
 
 # (label, getter on a fairness_report dict, format)
 ROWS: list[tuple[str, Any, str]] = [
@@ -107,9 +108,9 @@ def summary_table(results: dict, split: str = "test") -> str:
     """Markdown table: dense vs pruned on one split."""
     dense, pruned = results["dense"][split], results["pruned"][split]
     sp = results["sparsity"]["achieved"]
-    lines = [f"| {split} | dense | pruned ({results['method']}) |", "|---|---:|---:|"]
+    lines = [f"| {split} | dense | pruned ({md_text(results['method'])}) |", "|---|---:|---:|"]
     for label, get, f in ROWS:
-        lines.append(f"| {_row_label(results, label, split)} | {_fmt(get(dense, 0.0), f)} | "
+        lines.append(f"| {md_text(_row_label(results, label, split))} | {_fmt(get(dense, 0.0), f)} | "
                      f"{_fmt(get(pruned, sp), f)} |")
     note = small_groups_note(results, split)
     return "\n".join(lines + ([f"\n{note}"] if note else []))
@@ -168,7 +169,7 @@ def per_class_markdown(results: dict, split: str = "test") -> list[str]:
            f"| class | DP dense | DP pruned{star} | EO dense | EO pruned{star} |", "|---|---:|---:|---:|---:|"]
     for name in p[dp]:
         mark = " <-" if name == pc.get("name") else ""
-        out.append(f"| {name}{mark} | {_fmt(d[dp].get(name), '{:.4f}')} | {_fmt(p[dp][name], '{:.4f}')} | "
+        out.append(f"| {md_text(name)}{mark} | {_fmt(d[dp].get(name), '{:.4f}')} | {_fmt(p[dp][name], '{:.4f}')} | "
                    f"{_fmt(d[eo].get(name), '{:.4f}')} | {_fmt(p[eo][name], '{:.4f}')} |")
 
     def mx(r: dict, key: str) -> str:
@@ -216,10 +217,10 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
             "verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, g in cert["groups"].items():
         if g["verdict"] is None:
-            out.append(f"| {name} | 0 | - | - | - | - | - | no rows |")
+            out.append(f"| {md_text(name)} | 0 | - | - | - | - | - | no rows |")
             continue
         mark = ("*" if g["small"] else "") + ("†" if g.get("small_for_eo") else "")
-        out.append(f"| {name}{mark} | {g['n']} | {g['accuracy']:.4f} [{g['accuracy_low']:.3f}, "
+        out.append(f"| {md_text(name)}{mark} | {g['n']} | {g['accuracy']:.4f} [{g['accuracy_low']:.3f}, "
                    f"{g['accuracy_high']:.3f}] | {g['psi']:+.4f} [{g['low']:+.3f}, {g['high']:+.3f}] | "
                    f"{g.get('upper', g['high']):+.4f} | {_fmt(g.get('floor'), '{:.4f}')} | "
                    f"{_fmt(g.get('flip_rate'), '{:.4f}')} | "
@@ -272,7 +273,7 @@ def markdown_report(results: dict) -> str:
     psi = (p.get("excess_accuracy_gap") or {}).get("per_group", {})
     small = set((p.get("certificate") or {}).get("small_groups", []))
     for name, g in p["groups"].items():
-        out.append(f"| {name}{'*' if name in small else ''} | {int(g['n'] or 0)} | {_fmt(d['groups'][name]['accuracy'], '{:.4f}')} | "
+        out.append(f"| {md_text(name)}{'*' if name in small else ''} | {int(g['n'] or 0)} | {_fmt(d['groups'][name]['accuracy'], '{:.4f}')} | "
                    f"{_fmt(g['accuracy'], '{:.4f}')} | {_fmt(psi.get(name), '{:+.4f}')} |")
     return "\n".join(out) + "\n"
 

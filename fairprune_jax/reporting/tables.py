@@ -50,6 +50,14 @@ NOT_FOR_DENSE = {"train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_
                  "test_psi_within_tol", "accuracy_drop"}
 
 
+
+def md_text(value: Any) -> str:
+    """``value`` as the text of one Markdown table cell: a ``|`` (an intersectional group ``Male|White``) would
+    split the cell and shift every column after it, and ``<`` / ``>`` (a class ``<=50K``) would be read as HTML."""
+    return (str(value).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\r", " ").replace("\n", " "))
+
+
 def label(col: str, latex: bool = False) -> str:
     return LABELS.get(col, (col.replace("_", " "), col.replace("_", r"\_")))[1 if latex else 0]
 
@@ -183,7 +191,7 @@ def render(agg: list[dict], cols: list[str], *, dense: dict | None = None, struc
     out = ["| " + " | ".join(head) + " |",
            "|" + "|".join("---" if k in ("method", "dataset") or h in ("Pruning", "Constraint") else "---:"
                           for k, h in zip(list(lead) + [None] * len(head), head)) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += ["| " + " | ".join(md_text(c) if k < len(lead) else c for k, c in enumerate(r)) + " |" for r in rows]
     return "\n".join(out)
 
 

@@ -146,8 +146,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
           f"wall time {res['wall_time_s']:.1f} s")
     out = Path(cfg.out)
-    written = [n for n in ("results.md", "group_accuracy.png", "constraints.png") if (out / n).is_file()]
-    written += [f"{n}/" for n in ("checkpoints", "tensorboard") if (out / n).is_dir()]
+    from fairprune_jax.running.outputs import OUTPUT_ENTRIES     # everything a run writes, one list
+    written = [n for n in OUTPUT_ENTRIES if n != "results.json" and (out / n).is_file()]
+    written += [f"{n}/" for n in ("checkpoints", *OUTPUT_ENTRIES) if n != "compact" and (out / n).is_dir()]
     print(f"wrote {out / 'results.json'}" + "".join(f", {n}" for n in written))
     comp = res.get("compact")
     if comp is not None:

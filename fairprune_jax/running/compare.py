@@ -305,6 +305,11 @@ def load_suite(path: str | Path, out: str | None = None) -> Suite:
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: two comparisons share a name (their results would collide): {names}")
+    outs = [c.out.resolve() for c in configs]
+    if len(set(outs)) != len(outs):
+        same = sorted({str(o) for o in outs if outs.count(o) > 1})
+        raise ValueError(f"{path}: two comparisons write into one output folder ({', '.join(same)}): each "
+                         "would overwrite the other's tables; give each its own out")
     columns = list(raw.get("columns", HEADLINE_COLUMNS))
     valid = list(METRICS) + DERIVED_COLUMNS
     bad = set(columns) - set(valid)

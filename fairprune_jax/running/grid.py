@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ def chosen_on_kind(value: Any) -> str | None:
     return words[0] if words else None
 
 
+#: (``progress`` is the command line's: a grid's cells never draw bars, ``fairprune compare`` draws its own)
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "dataset", "data_dir", "sparsity", "seed",
                                                                "out", "dataset_options", "model_options",
-                                                               "method_options"}
+                                                               "method_options", "progress"}
 
 # column -> (split, path into a fairness report)
 METRICS: dict[str, tuple[str, tuple]] = {
@@ -103,6 +105,10 @@ def resolve_entry(name: str, variants: dict, method_options: dict) -> tuple[str,
     return name, dict(method_options.get(name, {}))
 
 
+#: A variant's name (it is part of its cells' folder names: no path separators, no "..").
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def _check_variants(path: Path, variants: Any) -> dict:
     from fairprune_jax.methods import METHODS
     if not isinstance(variants, dict):
@@ -115,6 +121,9 @@ def _check_variants(path: Path, variants: Any) -> dict:
                              "plus the options it overrides")
         if name in METHODS:
             raise ValueError(f"{path}: variant name {name!r} is a method name; pick another name")
+        if not VARIANT_NAME.fullmatch(name):
+            raise ValueError(f"{path}: variant name {name!r}: use letters, digits, _ and - only (it names the "
+                             "cells' folders)")
         out[name] = dict(v)
     return out
 

@@ -11,6 +11,7 @@ import json
 
 from fairprune_jax.core.config import RunConfig
 from fairprune_jax.reporting import figures, tables
+from fairprune_jax.reporting.tables import md_text
 from fairprune_jax.running.grid import FLAG_COLUMNS, CompareConfig, cell_dir, chosen_on_kind
 
 
@@ -40,7 +41,7 @@ def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = 
     lines = [head, "|" + "---|" * (3 + len(cols))]
     for a in agg:
         cells = [format_cell(c, a) for c in cols]
-        lines.append(f"| {method_label(a)} | {a['sparsity']:g} | {a['n_seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_text(method_label(a))} | {a['sparsity']:g} | {a['n_seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -53,6 +53,23 @@ def warn_missing_groups(ds: Dataset) -> dict[str, list[str]]:
     return missing
 
 
+def warn_missing_classes(ds: Dataset) -> list[str]:
+    """Warn about classes the model has an output for but the training split has no row of (returned): it
+    never learns them, and an evaluation split's rows of such a class are always wrong. Often a model with
+    more outputs than the data has classes (a (features, logits) tuple read as logits, a wrong head size)."""
+    n = np.bincount(ds.train.y, minlength=ds.num_classes)[:ds.num_classes]
+    absent = [ds.class_names[i] for i in np.flatnonzero(n == 0)]
+    if absent:
+        elsewhere = [s for s, split in ds.splits().items() if s != "train"
+                     and np.isin(split.y, np.flatnonzero(n == 0)).any()]
+        warn(f"dataset {ds.name!r}: {len(absent)} of {ds.num_classes} class(es) have no rows in the train split "
+             f"({', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}): the model never learns them"
+             + (f", and their rows in {', '.join(elsewhere)} are always wrong" if elsewhere else "")
+             + ". A model with more outputs than the labels' classes? (prune() reads a model that returns a "
+             "tuple by its first element as the logits)")
+    return absent
+
+
 def dense_start(ctx: Context, params: Any, model_state: Any) -> tuple[TrainState, Any]:
     """The dense run's initial state and train step (optimizer, schedule and PRNG seed from the config)."""
     cfg = ctx.settings
@@ -166,6 +183,7 @@ def load_checked(cfg: RunConfig, dataset: Dataset | None = None, *, cache: bool 
                          f"{ds.train.x.shape} (one number per row? use x[:, None] for a single feature)")
     check_target_and_groups(cfg, ds)
     warn_missing_groups(ds)
+    warn_missing_classes(ds)
     return ds, time.perf_counter() - t
 
 
@@ -178,15 +196,15 @@ def check_target_and_groups(cfg: RunConfig, ds: Dataset) -> None:
     """
     c = ds.num_classes
     classes = ", ".join(f"{i} = {n!r}" for i, n in enumerate(ds.class_names[:12])) + (" ..." if c > 12 else "")
-    if not 0 <= int(cfg.positive_label) < c:
-        raise ValueError(f"--positive-class {cfg.positive_label}: the target has {c} classes ({classes}); "
-                         f"choose a class id in 0..{c - 1}")
     present = np.unique(ds.train.y)
-    if present.size < 2:
+    if present.size < 2:          # (first: with one class, the default positive class 1 is not one either)
         raise ValueError(f"dataset {ds.name!r}: the target has one class in the training split "
                          f"({ds.class_names[int(present[0])]!r} for all {len(ds.train)} rows): there is nothing "
                          "to learn and accuracy would be 1.0 by construction; check the target column "
                          "(--target, --positive-label)")
+    if not 0 <= int(cfg.positive_label) < c:
+        raise ValueError(f"--positive-class {cfg.positive_label}: the target has {c} classes ({classes}); "
+                         f"choose a class id in 0..{c - 1}")
     groups = np.unique(ds.train.g)
     if groups.size < 2:
         warn(f"dataset {ds.name!r}: only one protected group ({ds.group_names[int(groups[0])]!r}) in "

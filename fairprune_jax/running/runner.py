@@ -251,9 +251,14 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
             key = {"dense": dense_fingerprint(cfg, loaded[0].fingerprint()), "platform": jax.devices()[0].platform,
                    "devices": distributed.num_devices(mesh)}
             cache = caches.dense_cache_folder(key)
-        with replacing_outputs(cfg.out, resumed=ckpt is not None and ckpt.resumed), distributed.use_mesh(mesh), \
-                checkpoint.use(ckpt):
-            res = run_method(prepare(cfg, loaded[0], _loaded=loaded, dense_cache=cache))
+        try:
+            with replacing_outputs(cfg.out, resumed=ckpt is not None and ckpt.resumed), \
+                    distributed.use_mesh(mesh), checkpoint.use(ckpt):
+                res = run_method(prepare(cfg, loaded[0], _loaded=loaded, dense_cache=cache))
+        except BaseException:
+            if ckpt is not None:
+                ckpt.restore_previous()
+            raise
     if ckpt is not None:
         ckpt.mark_complete()
     distributed.barrier("run-end")     # process 0 has written the outputs

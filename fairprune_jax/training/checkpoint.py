@@ -51,6 +51,9 @@ from fairprune_jax.training import distributed
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
+#: Where a finished run's checkpoints wait while a new run replaces them (beside the checkpoint folder): put
+#: back if the new run fails before it has a checkpoint of its own, dropped when it finishes.
+PREVIOUS_DIR = ".previous-checkpoints"
 FORMAT_VERSION = 1
 
 #: RunConfig fields that do not change what a run computes (left out of the fingerprint).
@@ -165,8 +168,12 @@ class Checkpointer:
         if error is not None:
             raise error
         self.resumed = action == "resume"
+        self.previous = self.directory.parent / PREVIOUS_DIR
         if not self.resumed and _is_primary() and action == "replace":
-            shutil.rmtree(self.directory)
+            # a finished run's weights are not deleted before this run has its own (restore_previous)
+            if self.previous.exists():
+                shutil.rmtree(self.previous)
+            self.directory.replace(self.previous)
         if self.resumed or self.after_s <= 0:
             self._start()
         distributed.barrier("checkpoint-start")
@@ -244,12 +251,24 @@ class Checkpointer:
         return Phase(self, key, desc)
 
     def mark_complete(self) -> None:
-        """Record that the run finished (a later run without ``--resume`` may then overwrite it)."""
+        """Record that the run finished (a later run without ``--resume`` may then overwrite it); the checkpoints
+        of the run it replaced go."""
+        if _is_primary() and self.previous.exists():
+            shutil.rmtree(self.previous, ignore_errors=True)
         if not self._started:       # a delayed Checkpointer whose run ended before its first save
             return
         if _is_primary():
             self._write_run_file(complete=True)
         distributed.barrier("checkpoint-complete")
+
+    def restore_previous(self) -> None:
+        """After this run failed: the finished run it was replacing gets its checkpoints back, unless this run has
+        checkpoints of its own to ``--resume`` from (then they stay, and the earlier ones wait beside them)."""
+        if not _is_primary() or not self.previous.is_dir() or self._phase_dirs():
+            return
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.previous.replace(self.directory)
 
 
 def _position(meta: dict) -> dict:
