@@ -212,6 +212,12 @@ def test_save_is_an_atomic_rename_and_a_crash_mid_write_falls_back(toy, tmp_path
     assert pos["global_step"] == 3 and not pos["final"]
 
 
+def test_resume_without_checkpoints_says_it_starts_afresh(tmp_path):
+    with pytest.warns(Warning, match="holds no checkpoints of a run, so this run starts from the beginning"):
+        ck = Checkpointer(tmp_path / "none", CFG, every=2, resume=True)
+    assert not ck.resumed
+
+
 def test_resume_with_another_config_or_state_is_refused(toy, tmp_path):
     fm, params, ms, split, tx, step, template = toy
     ck = Checkpointer(tmp_path, {**CFG, "model": "mlp"}, every=2)

@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from fairprune_jax.core.notices import warn
 from fairprune_jax.training import distributed
 
 CHECKPOINT_DIR = "checkpoints"
@@ -168,6 +169,9 @@ class Checkpointer:
         if error is not None:
             raise error
         self.resumed = action == "resume"
+        if resume and action == "fresh" and _is_primary():
+            warn(f"--resume: {self.directory} holds no checkpoints of a run, so this run starts from the beginning "
+                 "(runs write them with --checkpoint-every N, and by default once they have lasted a minute)")
         self.previous = self.directory.parent / PREVIOUS_DIR
         if not self.resumed and _is_primary() and action == "replace":
             # a finished run's weights are not deleted before this run has its own (restore_previous)
