@@ -42,11 +42,9 @@ def dual_advice(multipliers: list) -> str:
     buffers or a smaller dual_lr help. If it is still rising at the end, the dual step is too slow for the
     budget.
     """
-    if len(multipliers) < 4:     # (none at all with --finetune-epochs 0)
+    if len(multipliers) < 4:     # (checked before the reshape: none at all with --finetune-epochs 0)
         return "more fine-tuning epochs, larger buffers or another dual_lr"
     m = np.nan_to_num(np.asarray(multipliers, dtype=float).reshape(len(multipliers), -1))
-    if m.shape[0] < 4:
-        return "more fine-tuning epochs, larger buffers or another dual_lr"
     half = m[m.shape[0] // 2:]
     top = half[:, int(np.argmax(half.mean(axis=0)))]
     falls = int(np.sum((top[:-1] > 0) & (top[1:] == 0)))

@@ -50,7 +50,6 @@ NOT_FOR_DENSE = {"train_max_psi", "test_max_psi", "train_psi_spread", "test_psi_
                  "test_psi_within_tol", "accuracy_drop"}
 
 
-
 def md_text(value: Any) -> str:
     """``value`` as the text of one Markdown table cell: a ``|`` (an intersectional group ``Male|White``) would
     split the cell and shift every column after it, and ``<`` / ``>`` (a class ``<=50K``) would be read as HTML."""

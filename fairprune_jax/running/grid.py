@@ -122,8 +122,8 @@ def _check_variants(path: Path, variants: Any) -> dict:
         if name in METHODS:
             raise ValueError(f"{path}: variant name {name!r} is a method name; pick another name")
         if not VARIANT_NAME.fullmatch(name):
-            raise ValueError(f"{path}: variant name {name!r}: use letters, digits, _ and - only (it names the "
-                             "cells' folders)")
+            raise ValueError(f"{path}: variant name {name!r}: use letters, digits, _, - and . only (it names "
+                             "the cells' folders)")
         out[name] = dict(v)
     return out
 
