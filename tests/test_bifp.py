@@ -522,7 +522,7 @@ def dataclasses_replace(spec, **kw):
     return dataclasses.replace(spec, **kw)
 
 
-@pytest.mark.parametrize("kind", ["logistic", "hinge"])
+@pytest.mark.parametrize("kind", ["logistic", "hinge", "clipped"])
 def test_per_group_proxy_bounds_the_hard_deviation(kind):
     """With an upper-bounding h the primal term of every constraint is >= its hard value."""
     rng = np.random.default_rng(4)
@@ -628,3 +628,21 @@ def test_an_unmet_two_sided_constraint_is_said(monkeypatch):
     one_sided = bilevel.Fairness(surrogate="ap", mode="constraint", tau=0.05, num_groups=2, one_sided=True,
                                  dual=constrained.dual_optimizer(2))
     assert "warnings" not in B._fair_info(ctx, one_sided, state, "bifp")
+
+
+def test_clipped_hinge_bounds_the_indicator_and_ignores_confident_rows():
+    """``_clipped`` (the hinge capped at 2): h(f) >= 1[f > 0] >= 1 - h(-f) everywhere, and no gradient outside
+    |f| < 1, so a constraint on it cannot be met by shrinking confident logits (the hinge's road to the constant
+    classifier)."""
+    from fairprune_jax.constraints import surrogates
+    f = jnp.linspace(-6.0, 6.0, 1201)
+    up = surrogates.indicator_surrogate(f, "clipped")
+    lo = 1.0 - surrogates.indicator_surrogate(-f, "clipped")
+    ind = (f > 0).astype(jnp.float32)
+    assert bool(jnp.all(up >= ind)) and bool(jnp.all(lo <= ind)) and float(up.max()) == 2.0
+    grad = jax.vmap(jax.grad(lambda x: surrogates.indicator_surrogate(x, "clipped")))(f)
+    inside, outside = jnp.abs(f) < 0.999, jnp.abs(f) > 1.001
+    assert bool(jnp.all(grad[outside] == 0.0)) and bool(jnp.all(grad[inside] == 1.0))
+    hinge = jax.vmap(jax.grad(lambda x: surrogates.indicator_surrogate(x, "hinge")))(f)
+    assert float(hinge[-1]) == 1.0                      # the plain hinge still pulls a confident row down
+    assert "eo_clipped" in surrogates.NAMES and "dp_clipped" in surrogates.NAMES

@@ -107,7 +107,7 @@ def test_surrogates_with_saturated_logits_equal_fairlearn_metrics():
     assert dp > 0.05 and eo > 0.05
 
 
-@pytest.mark.parametrize("name", ["dp", "dp_logistic", "dp_hinge"])
+@pytest.mark.parametrize("name", ["dp", "dp_logistic", "dp_hinge", "dp_clipped"])
 def test_lowering_dp_surrogate_lowers_true_demographic_parity(name):
     rng = np.random.default_rng(0)
     n, groups = 600, 3

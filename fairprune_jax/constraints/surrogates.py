@@ -27,6 +27,13 @@ The indicator ``1[f > 0]`` is replaced by a smooth or convex surrogate
 * ``_logistic``: ``h = log2(1 + e^f)``, a convex upper bound of the indicator
   (``h(0) = 1``), Wu, Zhang & Wu (WWW 2019) and Fair Scratch Tickets;
 * ``_hinge``: ``h = max(0, 1 + f)``, the convex hinge upper bound.
+* ``_clipped``: ``h = min(2, max(0, 1 + f))``, the hinge capped at 2: still
+  an upper bound of the indicator (and ``1 - h(-f) = max(-1, min(1, f))`` a
+  lower bound), but flat outside ``|f| < 1``, so only rows near the decision
+  boundary move it. A group's hinge mean also grows with how *confident* its
+  positive predictions are, so a constraint on it can be met by shrinking
+  every logit, which ends at a constant classifier; the capped form cannot
+  be lowered that way (not convex; :data:`KINDS`).
 
 Importance weighting and the multi-group gap
 --------------------------------------------
@@ -68,7 +75,7 @@ import optax
 Surrogate = Callable[..., jax.Array]
 
 _LOG2 = 0.6931471805599453
-KINDS = ("prob", "logistic", "hinge")
+KINDS = ("prob", "logistic", "hinge", "clipped")
 REDUCTIONS = ("max_gap", "mean_abs")
 AGGS = ("worst_case", "mean")
 
@@ -95,6 +102,8 @@ def indicator_surrogate(f: jax.Array, kind: str) -> jax.Array:
         return jax.nn.softplus(f) / _LOG2
     if kind == "hinge":
         return jnp.maximum(0.0, 1.0 + f)
+    if kind == "clipped":
+        return jnp.clip(1.0 + f, 0.0, 2.0)
     raise ValueError(f"unknown indicator surrogate {kind!r}; valid: {', '.join(KINDS)}")
 
 
@@ -162,7 +171,7 @@ def accuracy_parity(logits, y, g, w, num_groups: int, positive_label: int = 1, *
 
 
 _BASE = {"dp": demographic_parity, "eo": equalized_odds, "ap": accuracy_parity}
-NAMES = ("dp", "dp_logistic", "dp_hinge", "eo", "eo_logistic", "eo_hinge", "ap")
+NAMES = ("dp", "dp_logistic", "dp_hinge", "dp_clipped", "eo", "eo_logistic", "eo_hinge", "eo_clipped", "ap")
 
 
 def surrogate(name: str, **options) -> Surrogate:

@@ -62,7 +62,8 @@ OPTION_DOCS: dict[str, str] = {
     "last_round": "dense: retrain the final ticket on the dense budget; round: on one round's budget",
     # the bifp family's fairness objective
     "fairness": "the fairness surrogate: auto (two classes: eo_hinge, eo for fair_then_prune; more: ap), dp, eo, "
-                "ap, or another surrogate name (eo_hinge / eo_logistic bound the hard rates from above)",
+                "ap, or another surrogate name (eo_hinge / eo_logistic / eo_clipped bound the hard rates from "
+                "above; eo_clipped is the hinge capped at 2)",
     "fairness_mode": "constraint (per-group bounds with multipliers), penalty (lam * surrogate, the paper's), "
                      "or none",
     "constraint": "per_group (one bound per group and side) or max_gap (one bound on the max-min gap)",
