@@ -81,7 +81,7 @@ TABLES = [
     ("ptf_adult_cap_select", "prune_then_fair's multiplier cap and dual step on validation rows: Adult (sex), CLI "
                              "defaults, fold_in streams, 20% of training held out (issue 29)",
      BIFP + ["val_eo_diff", "val_accuracy"]),
-    ("ptf_adult_surrogate_select", "prune_then_fair's hinge capped at 2 (eo_clipped) on validation rows: Adult "
+    ("ptf_adult_surrogate_select", "prune_then_fair's hinge capped at 2 (eo_clipped) and proxy=shift on validation rows: Adult "
                                    "(sex), CLI defaults, fold_in streams, 20% held out, six seeds (issue 29)",
      BIFP + ["val_eo_diff", "val_accuracy"]),
     ("bifp_digits_cli_defaults", "BiFP and prune_then_fair at the command line's defaults on digits, structured "

@@ -646,3 +646,32 @@ def test_clipped_hinge_bounds_the_indicator_and_ignores_confident_rows():
     hinge = jax.vmap(jax.grad(lambda x: surrogates.indicator_surrogate(x, "hinge")))(f)
     assert float(hinge[-1]) == 1.0                      # the plain hinge still pulls a confident row down
     assert "eo_clipped" in surrogates.NAMES and "dp_clipped" in surrogates.NAMES
+
+
+def test_shift_proxy_moves_groups_against_each_other_and_leaves_margins_alone():
+    """proxy='shift': |U_a - U| - tau/2 per constraint. Where the groups' logits are alike it is -tau/2 with no
+    gradient, while Wu's bound (proxy='bound') is >= 1 - tau/2 there and pulls every confident logit towards
+    the boundary (per row h(f) - (1 - h(-f)) = max(1, |f|) for the hinge); where group 0 is shifted up, shift's
+    gradient lowers group 0's logits and raises group 1's."""
+    f = jnp.asarray([-3.0, -0.5, 0.4, 2.5, 4.0] * 2, jnp.float32)
+    y = jnp.asarray([0, 1, 0, 1, 1] * 2, jnp.int32)
+    g = jnp.asarray([0] * 5 + [1] * 5, jnp.int32)
+    w = jnp.ones(10, jnp.float32)
+    kw = dict(surrogate="eo_hinge", mode="constraint", num_groups=2, tau=0.1, dual=constrained.dual_optimizer(4))
+    shift, bound = bilevel.Fairness(proxy="shift", **kw), bilevel.Fairness(**kw)
+
+    def total(spec, ff):
+        logits = jnp.stack([jnp.zeros_like(ff), ff], axis=1)
+        return jnp.sum(bilevel.per_group_proxy(spec, logits, y, g, w))
+
+    np.testing.assert_allclose(np.asarray(bilevel.per_group_proxy(
+        shift, jnp.stack([jnp.zeros_like(f), f], 1), y, g, w)), -0.05, atol=1e-6)
+    assert float(total(bound, f)) >= 4 * (1.0 - 0.05) - 1e-5
+    assert float(jnp.abs(jax.grad(lambda ff: total(shift, ff))(f)).max()) == 0.0
+    gb = jax.grad(lambda ff: total(bound, ff))(f)
+    assert float(gb[4]) > 0 and float(gb[0]) < 0          # bound: f = 4 pulled down, f = -3 pulled up
+    up = f + jnp.where(g == 0, 0.5, 0.0)
+    gs = jax.grad(lambda ff: total(shift, ff))(up)
+    assert float(gs[3]) > 0 > float(gs[8])                # a descent step lowers group 0's, raises group 1's
+    with pytest.raises(ValueError, match="proxy"):
+        bilevel.Fairness(proxy="loose", **kw)

@@ -105,6 +105,7 @@ class FairOptions(constrained.DualOptions):
     collapse_guard: bool = True             # never return a constant classifier (techniques.collapse_guard)
     guard_unmet: bool = True                # with the guard: a two-sided constraint ending above 2 tau on the
                                             # training rows returns the most accurate epoch within 2 tau
+    proxy: str = "bound"                    # bilevel.PROXIES: the primal term of a two-sided constraint
 
     #: fairness=auto for a two-class target (a class attribute, not an option): the soft selection rates
     #: (``eo``) for fair_then_prune; the hinge bound of the hard rates (``eo_hinge``) for bifp and prune_then_fair
@@ -268,7 +269,8 @@ def fairness_spec(ctx: Context, opts: FairOptions, steps: int) -> bilevel.Fairne
                             positive_label=ctx.settings.positive_label, lam=opts.lam, tau=opts.tau,
                             strict=opts.strict, buffer_size=opts.buffer_size, reduce=opts.reduce, dual=dual,
                             dual_order=opts.order, constraint=opts.constraint, strict_decay=opts.strict_decay,
-                            min_rows=opts.min_rows, one_sided=one_sided(opts, name))
+                            min_rows=opts.min_rows, one_sided=one_sided(opts, name),
+                            proxy=opts.proxy)
 
 
 def collapse_guard(ctx: Context, opts: FairOptions, spec: bilevel.Fairness, dense: TrainState,
@@ -293,6 +295,8 @@ def _check_common(opts: FairOptions) -> None:
     if opts.fairness_mode not in bilevel.FAIRNESS_MODES:
         raise ValueError(f"unknown fairness_mode {opts.fairness_mode!r}; valid: "
                          f"{', '.join(bilevel.FAIRNESS_MODES)}")
+    if opts.proxy not in bilevel.PROXIES:
+        raise ValueError(f"unknown proxy {opts.proxy!r}; valid: {', '.join(bilevel.PROXIES)}")
     if opts.fairness_mode == "penalty" and opts.lam < 0:
         raise ValueError(f"lam must be >= 0; got {opts.lam}")
     if isinstance(opts.dual_lr, str) and opts.dual_lr.strip().lower() != "auto":

@@ -78,6 +78,9 @@ OPTION_DOCS: dict[str, str] = {
     "guard_unmet": "with collapse_guard: if a two-sided constraint ends above twice tau on the training rows, "
                    "return the phase's most accurate epoch that was within twice tau (else the one with the "
                    "smallest gap), with a warning (false: the final model)",
+    "proxy": "primal term of a two-sided per-group constraint: bound (Wu et al.'s upper bound of the hard "
+             "deviation, max(U_a - L, U - L_a)) or shift (|U_a - U|: no pull of every logit towards the "
+             "boundary; not a bound)",
     "multiplier_max": "cap on each multiplier (auto: 5 for dp / eo, 1/groups for ap; inf: no cap)",
     "one_sided": "bound only the rate above the overall (auto: true for ap, false for dp / eo)",
     "strict": "constraint=max_gap: the dual step reads the hard metric (metric) or the surrogate",

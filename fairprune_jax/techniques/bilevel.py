@@ -97,7 +97,7 @@ import optax
 from fairprune_jax.sparsity.units import UnitGroup, expand_unit_masks, gather_units, spread, unit_index
 from fairprune_jax.sparsity.masks import (_global_topk, _is_none, apply_masks, keep_counts, map_named, named_leaves,
                                           topk_mask)
-from fairprune_jax.techniques.fairness_objective import (CONSTRAINTS, FAIRNESS_MODES, STRICT,  # noqa: F401
+from fairprune_jax.techniques.fairness_objective import (CONSTRAINTS, FAIRNESS_MODES, PROXIES, STRICT,  # noqa: F401
                                                          Ema, FairState, Fairness, Forward, _stats, ema_update, fair_of,
                                                          fairness_init, group_rate_deviations, make_fair_step,
                                                          metric_gap, objective_grads, per_group_proxy,
@@ -389,7 +389,7 @@ def make_bilevel_step(fm, spec: Fairness, weight_tx: optax.GradientTransformatio
     return make_step(fm, None, objective, augment=augment)
 
 
-__all__ = ["CONSTRAINTS", "FAIRNESS_MODES", "Fairness", "MASK_GRADS", "STRICT", "binarize", "consumer_mask_grad",
+__all__ = ["CONSTRAINTS", "FAIRNESS_MODES", "PROXIES", "Fairness", "MASK_GRADS", "STRICT", "binarize", "consumer_mask_grad",
            "Ema", "FairState", "consumer_scaled", "ema_update", "group_rate_deviations", "per_group_proxy", "per_group_strict", "fairness_init", "full_masks", "implicit_mask_grad",
            "init_scores", "initial_scores_and_masks", "fair_of", "split_dual", "make_bilevel_step", "make_fair_step", "objective_grads",
            "reduce_to_units", "row_values", "split_fairness", "metric_gap", "strict_violation", "unit_keep_counts"]

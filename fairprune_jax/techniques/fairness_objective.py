@@ -62,6 +62,10 @@ from fairprune_jax.training.train import (StepOutput, TrainState, carry_of, cros
 
 
 FAIRNESS_MODES = ("constraint", "penalty", "none")
+#: the primal term of a two-sided per-group constraint (``Fairness.proxy``): ``bound`` = Wu, Zhang & Wu's upper
+#: bound ``max(U_a - L, U - L_a)``; ``shift`` = ``|U_a - U|``, the same surrogate on both sides (see
+#: :func:`per_group_proxy`)
+PROXIES = ("bound", "shift")
 STRICT = ("metric", "surrogate")
 CONSTRAINTS = ("per_group", "max_gap")
 
@@ -85,6 +89,7 @@ class Fairness:
     strict_decay: float = 0.99
     min_rows: float = 200.0
     one_sided: bool = False
+    proxy: str = "bound"                     # PROXIES
 
     def __post_init__(self):
         if self.mode not in FAIRNESS_MODES:
@@ -104,6 +109,8 @@ class Fairness:
                 raise ValueError(f"unknown constraint {self.constraint!r}; valid: {', '.join(CONSTRAINTS)}")
             if not 0.0 <= float(self.strict_decay) < 1.0:
                 raise ValueError(f"strict_decay must lie in [0, 1); got {self.strict_decay}")
+            if self.proxy not in PROXIES:
+                raise ValueError(f"unknown proxy {self.proxy!r}; valid: {', '.join(PROXIES)}")
             if self.constraint == "per_group" and self.strict != "metric":
                 raise ValueError("constraint='per_group' reads the hard metric (strict='metric')")
 
@@ -248,6 +255,20 @@ def per_group_proxy(spec: Fairness, logits: jax.Array, y: jax.Array, g: jax.Arra
     absent from the batch contributes ``-tau/2``. ``one_sided``: ``U_a - L - tau/2``
     (``CE_a - CE - tau/2``) with the overall term held fixed (no gradient), so
     the primal step only lowers the loss of groups above the overall rate.
+
+    ``proxy="shift"`` (two-sided DP / EO): ``|U_a - U| - tau/2``, the same
+    ``h`` for the group and the overall rate. Not a bound of the hard
+    deviation, but the bound's looseness has a gradient of its own: per row,
+    ``h(f) - (1 - h(-f)) = max(1, |f|)`` for the hinge, so whenever a
+    multiplier is positive ``U_a - L`` also pulls every logit into
+    ``[-1, 1]``, whether the rates differ or not (on Adult at the CLI defaults
+    the training cross-entropy of prune_then_fair's fine-tuning rose in every
+    epoch, 0.37 -> 0.49, before the model fell to one class). ``|U_a - U|`` only moves the
+    group's rows against the others'. For ``prob`` both forms are ``|P_a - P|``.
+    Measured there (``experiments/ptf_adult_surrogate_select.toml``, validation rows, 6 seeds x 3
+    sparsities): ``shift`` ends at the constant classifier in 16 of 18 runs (``bound``: 1 of 18), since
+    ``|U_a - U|`` is 0 when every hinge is 0; the ``L`` term of the bound is what holds a run off it. Kept as
+    an option, not a default.
     """
     base, _, kind = spec.surrogate.partition("_")
     if base == "ap":
@@ -264,6 +285,8 @@ def per_group_proxy(spec: Fairness, logits: jax.Array, y: jax.Array, g: jax.Arra
         lo_g, _, lo_all = surrogates.group_means(lo, g, ws, spec.num_groups)
         if spec.one_sided:      # only a group above the (fixed) overall rate is pushed, never the others up
             term = up_g - jax.lax.stop_gradient(lo_all)
+        elif spec.proxy == "shift":
+            term = jnp.abs(up_g - up_all)
         else:
             term = jnp.maximum(up_g - lo_all, up_all - lo_g)
         out.append(jnp.where(n_g > 0, term, 0.0))
