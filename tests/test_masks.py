@@ -561,3 +561,33 @@ def test_a_gradual_method_ends_on_exact_nm_masks():
     assert len(kernels) == 2
     for m in kernels:
         assert np.all(np.moveaxis(m, -2, -1).reshape(m.shape[1], -1, 4).sum(-1) == 2)
+
+
+def test_nnx_state_params_have_the_pure_dict_names_and_keep_biases_dense():
+    """An nnx.State of params (an nnx.Optimizer loop) flattens to paths ending in '.value'; the names leave it
+    out, so the name rules hold (the attention's 2-D biases stay dense) and masks match prune()'s names."""
+    from flax import nnx
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(50, 16, rngs=rngs)
+            self.att = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False, rngs=rngs)
+            self.out = nnx.Linear(16, 2, rngs=rngs)
+
+    state = nnx.state(Tiny(nnx.Rngs(0)), nnx.Param)
+    as_state = [n for n, _ in M.named_leaves(M.prunable_template(state))]
+    as_dict = [n for n, _ in M.named_leaves(M.prunable_template(nnx.to_pure_dict(state)))]
+    assert as_state == as_dict and "att/query/kernel" in as_state
+    assert not any(n.endswith("/bias") or n.endswith("/value") for n in as_state)
+
+
+def test_weight_matrices_kept_dense_by_name_are_said_before_training():
+    """A layer named like an embedding is kept dense; when it holds a large share of the weight matrices the
+    run says so (the model as a whole is far less sparse than the target), and not for a small one."""
+    big = {"embed": {"kernel": jnp.ones((20, 256))}, "out": {"kernel": jnp.ones((256, 2))},
+           "norm": {"scale": jnp.ones((4, 4))}}
+    note = M.dense_by_name_note(big, 0.9)
+    assert note and "embed/kernel (5,120 weights)" in note and "91%" in note and "about 8% sparse" in note
+    assert M.dense_by_name_note(big, 0.0) is None
+    small = {"tok_embed": {"kernel": jnp.ones((5, 4))}, "dense": {"kernel": jnp.ones((64, 64))}}
+    assert M.dense_by_name_note(small, 0.9) is None

@@ -14,8 +14,26 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+#: the attribute holding a ``flax.nnx`` Variable's array: an ``nnx.State`` of params flattens to paths ending in
+#: ``.../kernel/value``; the name drops it, so a leaf has one name whether the params are an ``nnx.State`` (an
+#: ``nnx.Optimizer`` loop) or a pure dict (``nnx.to_pure_dict``, ``prune()``): the name rules (a bias, a norm
+#: scale is not pruned) and saved mask files read the same names either way
+VARIABLE_PAYLOADS = ("value", "raw_value")
+
+
+def iter_modules(module: Any):
+    """``(path, submodule)`` of a ``flax.nnx`` module: ``nnx.iter_modules`` where flax has it (the method form is
+    deprecated there), else the method."""
+    from flax import nnx
+    fn = getattr(nnx, "iter_modules", None)
+    return fn(module) if fn is not None else module.iter_modules()
+
+
 def leaf_name(path: tuple) -> str:
-    """``('layers', 0, 'kernel')`` -> ``'layers/0/kernel'`` for any jax key path."""
+    """``('layers', 0, 'kernel')`` -> ``'layers/0/kernel'`` for any jax key path (an ``nnx`` Variable's trailing
+    ``.value`` attribute left out, :data:`VARIABLE_PAYLOADS`)."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in VARIABLE_PAYLOADS:
+        path = path[:-1]
     parts = []
     for k in path:
         for attr in ("key", "idx", "name"):

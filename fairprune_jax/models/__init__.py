@@ -15,6 +15,7 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
+from fairprune_jax.core.trees import iter_modules
 from fairprune_jax.models.nets import CNN, MLP, ImageNetResNet, MobileNetV2, ResNet, ResNet18, ResNet34, ViT
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet,
@@ -149,7 +150,7 @@ def forward_calls(fm: FunctionalModel, params: dict, model_state: dict,
     abstract forward pass (evaluation mode, batch of 1) makes them; shared by the layer order and the traced
     removable units (``compact.traced_unit_groups``)."""
     module = nnx.merge(getattr(fm, "eval_graphdef", None) or fm.graphdef, params, model_state)
-    paths = {id(sub): "/".join(str(p) for p in path) for path, sub in module.iter_modules() if isinstance(sub, kinds)}
+    paths = {id(sub): "/".join(str(p) for p in path) for path, sub in iter_modules(module) if isinstance(sub, kinds)}
     calls: list[tuple[str, Any, tuple[int, ...]]] = []
     originals = {cls: cls.__call__ for cls in kinds}
 

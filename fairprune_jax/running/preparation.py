@@ -19,7 +19,7 @@ from fairprune_jax.methods import Context, RunConfig, make_optimizer
 from fairprune_jax.models import build_model, count_flops, default_model_for, layer_order
 from fairprune_jax.running.outputs import _jsonable
 from fairprune_jax.running.validation import IN_MEMORY, check_model_options, validate_config
-from fairprune_jax.sparsity.masks import prunable_template
+from fairprune_jax.sparsity.masks import dense_by_name_note, prunable_template
 from fairprune_jax.training import caches, checkpoint
 from fairprune_jax.training.train import TrainState, create_state, evaluate, fit, make_eval_step, make_train_step
 
@@ -123,6 +123,9 @@ def build_context(cfg: RunConfig, ds: Dataset, model: tuple[Any, Any, Any] | Non
                          f"({len(order)} layer(s) in all"
                          f"{', with --exclude-first and --exclude-last' if cfg.exclude_first and cfg.exclude_last else ''}"
                          "); leave out --exclude-first or --exclude-last, or use a deeper model")
+    note = dense_by_name_note(params, cfg.sparsity)
+    if note:
+        warn(note)
     ctx = Context.from_config(cfg, dataset=ds, fm=fm, template=template,
                   flops=count_flops(fm, params, model_state), layer_order=order,
                   eval_step=make_eval_step(fm, ds.num_groups, ds.num_classes, cfg.positive_label),

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from fairprune_jax.models import CNN, MLP, MODELS, FunctionalModel, ResNet
+from fairprune_jax.core.trees import iter_modules
 from fairprune_jax.sparsity.masks import map_named, named_leaves
 from fairprune_jax.sparsity.units import (_NORMS, SUPPORTED, TRACED, UnitGroup, _aligned_consumer,  # noqa: F401
                                           _checked_consumers, _forward_calls, _key, check_structured,
@@ -383,7 +384,7 @@ def rebuild(graphdef: Any, params: Any, model_state: Any) -> Any:
     """The graphdef of ``graphdef``'s module holding ``params`` / ``model_state`` of other widths: each Conv's and
     Linear's feature counts, and a depthwise convolution's ``feature_group_count``, read off its new kernel."""
     module = nnx.merge(graphdef, params, model_state)
-    for _, m in module.iter_modules():
+    for _, m in iter_modules(module):
         if isinstance(m, nnx.Conv):
             k = m.kernel.value.shape
             if m.feature_group_count > 1 and k[-2] == 1:

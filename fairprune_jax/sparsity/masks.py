@@ -71,6 +71,31 @@ def _prunable_name(name: str, leaf: Any) -> bool:
     return getattr(leaf, "ndim", 0) >= 2 and last not in _NOT_PRUNED_NAMES and "embed" not in name
 
 
+#: a model whose weight matrices kept dense by their *names* (an ``embed`` in the path) hold this share or more
+#: of its weight matrices is told so before training (:func:`dense_by_name_note`)
+DENSE_BY_NAME_SHARE = 0.1
+
+
+def dense_by_name_note(params: Params, target: float) -> str | None:
+    """A warning when weight matrices named like embeddings (a path holding ``embed``: a token table, the ViT's
+    patch embedding) are kept dense and hold :data:`DENSE_BY_NAME_SHARE` or more of the model's weight matrices
+    (ndim >= 2, norms and statistics aside): the target sparsity then applies to the rest only, and the model
+    as a whole is far less sparse (a user's input projection named ``embed``, 55% of the weights: 0.40
+    overall at a target of 0.9). None otherwise."""
+    mats = [(n, int(np.size(v))) for n, v in named_leaves(params)
+            if getattr(v, "ndim", 0) >= 2 and n.rsplit("/", 1)[-1] not in _NOT_PRUNED_NAMES]
+    dense = [(n, k) for n, k in mats if "embed" in n]
+    total = sum(k for _, k in mats)
+    kept = sum(k for _, k in dense)
+    if target <= 0 or not total or kept < DENSE_BY_NAME_SHARE * total:
+        return None
+    overall = target * (total - kept) / total
+    names = ", ".join(f"{n} ({k:,} weights)" for n, k in dense[:5]) + (" ..." if len(dense) > 5 else "")
+    return (f"kept dense as embeddings (their names hold 'embed'): {names}, {kept / total:.0%} of the model's "
+            f"weight matrices; the target sparsity {target:g} applies to the rest, so the model as a whole will "
+            f"be about {overall:.0%} sparse. Rename the layer if it is not an embedding table")
+
+
 def ones_like_template(params: Params, template: Masks, structured: bool = False) -> Masks:
     """An all-ones (dense) mask for the prunable leaves."""
     return jax.tree.map(lambda t, p: None if t is None else jnp.ones(p.shape[-1:] if structured else p.shape,
