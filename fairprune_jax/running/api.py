@@ -58,9 +58,42 @@ class Pruned(NamedTuple):
         fm, params, rest = wrap_model(self.model, x.shape[1:], _num_outputs(self.model, x[:2]))
         groups = compact.traced_unit_groups(fm, params, rest, companions=units)
         try:
-            return compact.compact_module(fm, params, rest, self.masks, self.model, groups)
+            compact.check_structured(self.masks, params, groups)
         except ValueError as e:
             raise ValueError(f"compact(): {e} (compaction needs the masks of a structured method)") from None
+        try:
+            small = compact.compact_module(fm, params, rest, self.masks, self.model, groups)
+        except ValueError as e:
+            raise ValueError(f"compact(): {e}") from None
+        check_compacted(small, fm, params, rest, x)
+        return small
+
+
+#: the compacted module must give the pruned model's logits on the example rows within this (times the logits'
+#: scale, at least 1): float32 summation order alone moves them by about 1e-6
+COMPACT_TOLERANCE = 1e-4
+
+
+def check_compacted(small: nnx.Module, fm: CustomModel, params: Any, rest: Any, example: np.ndarray) -> None:
+    """Run the compacted module on the example rows (evaluation mode) and refuse it, naming what failed, unless it
+    gives the pruned model's logits: a layer whose width the rebuild cannot read off its kernel (the head
+    dimension of ``nnx.MultiHeadAttention``; a LayerNorm declared in ``units=`` whose reader was not sliced) would
+    otherwise come back as a module that fails at its first call, or one that computes something else."""
+    x = jnp.asarray(example[:64])
+    ref = np.asarray(fm.apply(params, rest, x, train=False)[0])
+    what = ("the rebuild reads each Conv / Linear width off its sliced kernel; a layer whose width is held "
+            "elsewhere (nnx.MultiHeadAttention's head dimension, a norm or reader declared in units= that was "
+            "not sliced with it) cannot be compacted. The masked model (Pruned.model) computes the same thing")
+    try:
+        sfm, sp, sr = wrap_model(small, fm.input_shape, fm.num_classes)
+        got = np.asarray(sfm.apply(sp, sr, x, train=False)[0])
+    except Exception as e:      # noqa: BLE001 (any failure of the rebuilt module is the user's to see, named)
+        raise ValueError(f"compact(): the compacted module fails on the example rows ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); {what}") from None
+    diff = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
+    if not diff <= COMPACT_TOLERANCE * max(1.0, float(np.max(np.abs(ref)))):
+        raise ValueError(f"compact(): the compacted module's logits differ from the pruned model's on the example "
+                         f"rows (max |difference| {diff:.3g}); {what}")
 
 
 def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str = "ceag", sparsity: float = 0.9,
@@ -355,7 +388,8 @@ def with_units(built: tuple[CustomModel, dict, dict], units: dict | None, cfg: R
             from fairprune_jax.sparsity.coupling import coupled_groups
             why = " Not removable: " + "; ".join(coupled_groups(fm, params, model_state).refused.values()) + "."
         raise ValueError(f"{cfg.method}: {e}. Units found: {[g.kernel for g in groups] or 'none'}.{why} Declare "
-                         "them with units={'layer/kernel': ['layer/bias', 'norm/scale', 'norm/bias'], ...}") from None
+                         "them with units={'layer/kernel': ['layer/bias', 'bn/scale', 'bn/bias'], ...} (a per-channel norm such as "
+                         "BatchNorm; a LayerNorm over the channels ties them all together)") from None
     lost = [g.kernel for g in groups if g.kernel in pruned and not g.consumers]
     if consumers and lost:
         raise ValueError(f"{cfg.method}: mask_grad='consumer' reads each unit at the next layer's input rows, but "

@@ -297,7 +297,8 @@ def save_module(module: nnx.Module, path: str | Path) -> Path:
     _, params, rest = nnx.split(module, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     p = {n: np.asarray(v) for n, v in named_leaves(params)}
-    st = {n: np.asarray(v) for n, v in named_leaves(rest)}
+    # a PRNG key (a Dropout's stream) is written as its key data; load_module wraps it again
+    st = {n: np.asarray(jax.random.key_data(v)) if _is_key(v) else np.asarray(v) for n, v in named_leaves(rest)}
     _write_arrays(path, p, st)
     shapes = {**{f"params/{n}": list(v.shape) for n, v in p.items()}, **{f"state/{n}": list(v.shape)
                                                                           for n, v in st.items()}}
@@ -328,6 +329,8 @@ def load_module(path: str | Path, like: nnx.Module) -> nnx.Module:
         def one(name, v):
             if name not in saved[prefix]:
                 raise ValueError(f"{path} lacks {prefix}/{name}: like= is not the module that was saved")
+            if _is_key(v):
+                return jax.random.wrap_key_data(jnp.asarray(saved[prefix][name]), impl=jax.random.key_impl(v))
             return jnp.asarray(saved[prefix][name], jnp.asarray(v).dtype)
         return one
     p, st = map_named(fill("params"), params), map_named(fill("state"), rest)
@@ -348,6 +351,16 @@ def flops(compacted_or_fm: Any, params: Any = None, model_state: Any = None) -> 
 # Traced models: every coupled group sliced, the module rebuilt at the new widths
 # ---------------------------------------------------------------------------
 
+def _is_key(v: Any) -> bool:
+    """A typed PRNG key array (an ``nnx.Dropout(rngs=...)``'s stream state): no numpy form of its own."""
+    return jax.dtypes.issubdtype(getattr(v, "dtype", None), jax.dtypes.prng_key)
+
+
+def _host(v: Any) -> Any:
+    """A leaf as a numpy array; a PRNG key array is kept as it is (never sliced)."""
+    return v if _is_key(v) else np.asarray(v)
+
+
 def slice_groups(fm: FunctionalModel, params: Any, model_state: Any, masks: Any, groups: Sequence[UnitGroup]
                  ) -> tuple[FunctionalModel, Any, Any]:
     """``(model, params, model_state)`` with every pruned unit of ``masks`` (structured, from
@@ -356,7 +369,7 @@ def slice_groups(fm: FunctionalModel, params: Any, model_state: Any, masks: Any,
     the same logits as the masked model."""
     units = unit_masks_of(masks, groups)
     new_p = {n: np.asarray(v) for n, v in named_leaves(params)}
-    new_s = {n: np.asarray(v) for n, v in named_leaves(model_state)}
+    new_s = {n: _host(v) for n, v in named_leaves(model_state)}
     keep: dict[tuple[str, str, int], np.ndarray] = {}       # (tree, leaf, axis) -> positions kept, all groups
     for g in groups:
         if g.kernel not in units:
