@@ -9,6 +9,8 @@ from typing import NamedTuple
 import chex
 import jax.numpy as jnp
 
+from fairprune_jax.core.groups import group_ids
+
 
 class GroupBuffer(NamedTuple):
     """Per-group ring buffers of the last ``k`` per-sample values.
@@ -41,7 +43,7 @@ def _buffer_write_plan(buf: GroupBuffer, g: chex.Array, weights: chex.Array | No
     are distinct, so the scatter is deterministic on every backend.
     """
     G, k = buf.values.shape
-    g = jnp.asarray(g, jnp.int32).reshape(-1)
+    g = group_ids(g).reshape(-1)
     B = g.shape[0]
     valid = (g >= 0) & (g < G)
     if weights is not None:

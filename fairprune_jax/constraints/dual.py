@@ -120,7 +120,10 @@ def only_observed(tx: optax.GradientTransformation) -> optax.GradientTransformat
     """``tx`` moving only the observed constraints: ``update(..., observed=mask)``.
 
     ``observed`` mirrors the multipliers (bool per constraint; default: all).
-    Unobserved entries get a zero incoming gradient (a NaN from an absent group
+    Without ``observed``, a non-finite violation is not observed (a user's 0/0
+    for a group absent from the batch made that multiplier NaN for the rest of
+    the run); the library's methods pass their own mask, and their compiled
+    steps are unchanged. Unobserved entries get a zero incoming gradient (a NaN from an absent group
     cannot leak), a zero update, and their per-constraint optimizer state
     (momenta, nuPI's error, ...) restored exactly; state leaves that are not
     per-constraint (step counts) advance only when something was observed.
@@ -129,6 +132,8 @@ def only_observed(tx: optax.GradientTransformation) -> optax.GradientTransformat
 
     def update_fn(updates, state, params=None, observed=None, **extra_args):
         obs = _observed_tree(observed, updates)
+        if observed is None:    # then a non-finite violation is not observed (with a mask given, the mask decides)
+            obs = jax.tree.map(lambda o, u: o & jnp.isfinite(u), obs, updates)
         g = jax.tree.map(lambda o, u: jnp.where(o, u, jnp.zeros_like(u)), obs, updates)
         new_u, new_state = inner.update(g, state, params, **extra_args)
         new_u = jax.tree.map(lambda o, u: jnp.where(o, u, jnp.zeros_like(u)), obs, new_u)
@@ -282,6 +287,8 @@ class Dual:
         lam = state.multipliers
         obs = _observed_tree(observed, lam)
         strict = jax.tree.map(lambda v, x: jnp.asarray(v, x.dtype), strict_violation, lam)
+        if observed is None:    # a non-finite violation is then not observed (as in only_observed)
+            obs = jax.tree.map(lambda o, v: o & jnp.isfinite(v), obs, strict)
         grad = (jax.tree.map(jnp.multiply, strict, state.penalty) if self.formulation.augmented else strict)
         updates, opt_state = only_observed(self._ascent()).update(grad, state.opt_state, lam, observed=obs)
         cap = self._cap()
@@ -356,7 +363,10 @@ def dual_primal_grads(problem_fn: Callable[[Any], Any], params: Any, dual: Dual,
 
     (loss, violation), vjp_fn, (strict, observed, aux) = jax.vjp(split, params, has_aux=True)
     strict = jax.lax.stop_gradient(violation if strict is None else strict)
+    given = observed is not None
     observed = _observed_tree(observed, state.multipliers)
+    if not given:       # a problem that says nothing of what it observed: a non-finite violation is not
+        observed = jax.tree.map(lambda o, v: o & jnp.isfinite(v), observed, strict)
     new_state = dual.update(state, strict, observed)
     used = new_state if order == "dual_primal" else state
     weights = jax.tree.map(lambda w, v: w.astype(jnp.result_type(v)), dual.weights(violation, used), violation)

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from fairprune_jax.constraints import surrogates
+from fairprune_jax.core.groups import group_ids
 
 
 def label_directions(y: np.ndarray, g: np.ndarray, num_groups: int, positive_label: int) -> np.ndarray:
@@ -61,7 +62,7 @@ def one_sided_penalty(logits, y, g, w, *, directions: jax.Array, priors: jax.Arr
     w = jnp.asarray(w, jnp.float32)
     if on_positives:
         w = w * (jnp.asarray(y) == positive_label).astype(jnp.float32)
-    g = jnp.asarray(g, jnp.int32)
+    g = group_ids(g)
     d_row = directions[jnp.clip(g, 0, num_groups - 1)]
     per_row = -jax.nn.log_sigmoid(d_row * f) * w
     sums = jax.ops.segment_sum(per_row, g, num_segments=num_groups)

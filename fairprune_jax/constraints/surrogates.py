@@ -72,6 +72,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fairprune_jax.core.groups import group_ids
+
 Surrogate = Callable[..., jax.Array]
 
 _LOG2 = 0.6931471805599453
@@ -116,7 +118,7 @@ def group_means(values: jax.Array, g: jax.Array, w: jax.Array, num_groups: int
     """
     w = jnp.asarray(w, jnp.float32)
     v = jnp.where(w != 0, jnp.asarray(values, jnp.float32), 0.0) * w
-    sums = jax.ops.segment_sum(jnp.stack([w, v], axis=1), jnp.asarray(g, jnp.int32), num_segments=num_groups)
+    sums = jax.ops.segment_sum(jnp.stack([w, v], axis=1), group_ids(g), num_segments=num_groups)
     n, s = sums[:, 0], sums[:, 1]
     means = jnp.where(n > 0, s / jnp.where(n > 0, n, 1.0), 0.0)
     total = jnp.sum(n)

@@ -111,8 +111,15 @@ def ceag_terms(num_groups: int, ref: dict, eps: float, overall_from_groups: bool
 
     The strict overall accuracy comes from a buffer of the last samples of any
     group, or (``overall_from_groups``, the authors' code) from the unweighted
-    mean of the full group buffers.
+    mean of the full group buffers. ``ref``: the dense model's ``loss_g`` /
+    ``acc_g`` (one per group) and ``loss`` / ``acc``. Group ids must be integers
+    (a float id is refused, :func:`core.groups.group_ids`); a row whose id lies
+    outside ``[0, num_groups)`` counts in the overall terms and in no group's.
     """
+    for key in ("loss_g", "acc_g"):
+        if np.shape(ref[key]) != (num_groups,):
+            raise ValueError(f"ceag_terms: ref[{key!r}] has shape {np.shape(ref[key])}, not ({num_groups},): the "
+                             f"reference holds one value per group, and num_groups is {num_groups}")
 
     def terms(per, loss, correct, batch, extra):
         g, w = batch["g"], batch["w"]

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fairprune_jax.core.groups import group_ids
+
 
 class GroupCounts(NamedTuple):
     """Additive per-group statistics; every field is a float32 array of shape (G,).
@@ -65,7 +67,7 @@ def group_counts(
         raise ValueError(f"expected logits (B, C) or predictions (B,), got shape {x.shape}")
     preds = preds.astype(jnp.int32)
     y = jnp.asarray(y).astype(jnp.int32)
-    g = jnp.asarray(g).astype(jnp.int32)
+    g = group_ids(g)
 
     w = jnp.ones(preds.shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     if loss is None:
@@ -135,7 +137,7 @@ def class_group_counts(
     p1 = jax.nn.one_hot(preds, num_classes, dtype=jnp.float32)
     y1 = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)
     cols = jnp.concatenate([w[:, None], w[:, None] * p1, w[:, None] * y1, w[:, None] * p1 * y1], axis=1)
-    sums = jax.ops.segment_sum(cols, jnp.asarray(g).astype(jnp.int32), num_segments=num_groups)
+    sums = jax.ops.segment_sum(cols, group_ids(g), num_segments=num_groups)
     c = num_classes
     return ClassGroupCounts(sums[:, 0], sums[:, 1:1 + c], sums[:, 1 + c:1 + 2 * c], sums[:, 1 + 2 * c:])
 

@@ -43,6 +43,7 @@ from fairprune_jax.sparsity import masks as masks_lib
 from fairprune_jax.sparsity import schedules
 from fairprune_jax.sparsity import scores as scores_lib
 from fairprune_jax.core.config import DISTRIBUTIONS
+from fairprune_jax.core.notices import warn
 from fairprune_jax.sparsity.masks import _is_none
 
 __all__ = ["PrunerState", "Pruner", "one_shot", "cubic", "iterative", "rounds", "find_state", "SCORES", "MaskState",
@@ -404,13 +405,34 @@ class Pruner:
     @staticmethod
     def apply_masks(params: Params, opt_state: Any) -> Params:
         """``params * mask`` with the masks inside ``opt_state`` (the updates already keep pruned
-        weights at zero; this is for params changed outside the optimizer, or for export)."""
-        return masks_lib.apply_masks(params, find_state(opt_state).masks)
+        weights at zero; this is for params changed outside the optimizer, or for export). Leaves are matched
+        by name, so ``params`` may be another container of the same weights than the one the optimizer was
+        built on (an ``nnx.State``, an ``nnx.Optimizer``'s, a pure dict; a ``multi_transform`` branch's)."""
+        masks = dict(masks_lib.named_leaves(find_state(opt_state).masks))
+        return masks_lib.map_named(lambda n, p: p if masks.get(n) is None else p * masks[n].astype(p.dtype),
+                                   params)
 
     @staticmethod
     def summary(params: Params, opt_state: Any) -> dict:
-        """Per-layer and overall sparsity of the current masks (:func:`masks.sparsity_summary`)."""
-        return masks_lib.sparsity_summary(params, find_state(opt_state).masks)
+        """Per-layer and overall sparsity of the current masks (:func:`masks.sparsity_summary`), and
+        ``pruned_nonzero``: the entries the masks prune whose weight in ``params`` is not zero, with a warning
+        when there are any (the wrapper not last in the chain: ``chain(wrap(scale_by_adam()), scale(-lr))``
+        rescales the update that zeroes them), since the sparsity above is then the masks', not the model's."""
+        masks = find_state(opt_state).masks
+        out = masks_lib.sparsity_summary(params, masks)
+        by_name = dict(masks_lib.named_leaves(masks))
+        bad = 0
+        for name, p in masks_lib.named_leaves(params):
+            m = by_name.get(name)
+            if m is not None:
+                bad += int(np.sum((np.broadcast_to(np.asarray(m), np.shape(p)) == 0) & (np.asarray(p) != 0)))
+        out["pruned_nonzero"] = bad
+        if bad:
+            warn(f"{bad} weight(s) that the masks prune are not zero in these params, so the model is less sparse "
+                 f"than the summary's {out['sparsity_prunable']:.3f}: put the pruner's wrapper last in the optax "
+                 f"chain (wrap_optax(optax.adam(lr)), not chain(wrap_optax(scale_by_adam()), scale(-lr))), or "
+                 f"call Pruner.apply_masks(params, opt_state)")
+        return out
 
 
 def sparsity_of(params: Params, template: Any) -> float:
