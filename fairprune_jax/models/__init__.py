@@ -129,7 +129,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     else:
         if len(input_shape) != 3:
             raise ValueError(f"model {name!r} needs images of shape (H, W, C); got input shape {input_shape}. "
-                             "Use --model mlp for tabular data.")
+                             "Use --model mlp for tabular data (digits: --data-opt image=true gives its 8x8 images).")
         module = cls(input_shape[-1], num_classes, rngs=nnx.Rngs(seed), **kwargs)
     graphdef, params, state = nnx.split(module, nnx.Param, ...)
     fm = FunctionalModel(name, graphdef, tuple(input_shape), num_classes)

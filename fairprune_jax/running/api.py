@@ -55,12 +55,17 @@ class Pruned(NamedTuple):
         save it with :func:`compact.save_module`). ``example``: a few input rows (for the trace); ``units``:
         the ``units=`` given to :func:`prune`, if any."""
         x = np.asarray(example, np.float32)
-        fm, params, rest = wrap_model(self.model, x.shape[1:], _num_outputs(self.model, x[:2]))
+        fm, params, rest = wrap_model(self.model, x.shape[1:], _num_outputs(self.model, x[:2], note=False))
         groups = compact.traced_unit_groups(fm, params, rest, companions=units)
         try:
             compact.check_structured(self.masks, params, groups)
         except ValueError as e:
-            raise ValueError(f"compact(): {e} (compaction needs the masks of a structured method)") from None
+            unit_masks = all(np.ndim(m) == 1 for _, m in named_leaves(self.masks))
+            hint = ("the masks are a structured method's, but their unit groups are not the ones traced now: pass "
+                    "the units= you gave prune()" if unit_masks and units is None else
+                    "compaction needs the masks of a structured method" if not unit_masks else
+                    "the units= given here are not the ones the masks were made with")
+            raise ValueError(f"compact(): {e} ({hint})") from None
         try:
             small = compact.compact_module(fm, params, rest, self.masks, self.model, groups)
         except ValueError as e:
@@ -181,7 +186,7 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str 
     return Pruned(pruned, state.masks, report, state)
 
 
-def _num_outputs(model: nnx.Module, x: np.ndarray) -> int:
+def _num_outputs(model: nnx.Module, x: np.ndarray, *, note: bool = True) -> int:
     """The number of logits the module returns (one abstract trace, evaluation mode)."""
     _, params, rest = nnx.split(model, nnx.Param, ...)
     graphdef, eval_graphdef = _graphdefs(model)
@@ -194,7 +199,33 @@ def _num_outputs(model: nnx.Module, x: np.ndarray) -> int:
         raise ValueError(f"the model cannot take inputs of shape {x.shape[1:]} (mode {fm.mode!r}): {e}") from e
     if out.ndim != 2:
         raise ValueError(f"the model must return logits of shape (batch, classes); got {out.shape}")
+    if note:
+        _warn_other_outputs(fm, params, rest, x)
     return int(out.shape[-1])
+
+
+def _warn_other_outputs(fm: CustomModel, params: Any, rest: Any, x: np.ndarray) -> None:
+    """A module returning several outputs (a tuple, a dict) is trained, pruned and certified for its logits alone;
+    the layers that feed only the others are pruned too (a structured method removes their units: an auxiliary
+    head of 5 outputs came back with 2) and never trained for them. Say so once."""
+    def raw(p, s):
+        module = nnx.merge(fm.eval_graphdef or fm.graphdef, p, s)
+        if fm.mode == "train":
+            return module(jnp.asarray(x, jnp.float32), train=False)
+        if fm.mode == "deterministic":
+            return module(jnp.asarray(x, jnp.float32), deterministic=True)
+        return module(jnp.asarray(x, jnp.float32))
+    try:
+        out = jax.eval_shape(raw, nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+    except Exception:       # noqa: BLE001 (the logits probe above already succeeded; this is only a note)
+        return
+    if isinstance(out, (tuple, list, dict)) and len(out) > 1:
+        from fairprune_jax.core.notices import warn
+        what = f"a dict with keys {sorted(out)[:6]}" if isinstance(out, dict) else f"{len(out)} outputs"
+        warn(f"{fm.name} returns {what}; fairprune trains, prunes and certifies it for its logits "
+             f"({'the logits entry' if isinstance(out, dict) else 'the first'}) alone: the layers that feed only the "
+             f"other outputs are pruned as well and not trained for them. Prune a module that returns the logits "
+             f"only, and put the other heads back afterwards")
 
 
 def _arrays(arrays: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -368,6 +399,38 @@ def _graphdefs(model: nnx.Module) -> tuple[Any, Any]:
     return out[0], out[1]
 
 
+def refused_note(fm, params, model_state, template, pruned: set, order: list, cfg: RunConfig, *,
+                 traced: bool) -> str | None:
+    """Warn (and return the text) when prunable kernels that a structured method cannot prune (their units are not
+    removable: behind a LayerNorm / GroupNorm, a spatial gate, a channel shuffle) hold
+    :data:`masks.DENSE_BY_NAME_SHARE` or more of the model's weight matrices: they stay dense, so the model as a
+    whole is far less sparse than the target (a Linear of 53% of the weights before a LayerNorm: 0.30 overall at
+    a target of 0.9), with the tracer's reason for each. The classifier (its units are the classes) is not
+    counted."""
+    from fairprune_jax.core.notices import warn
+    from fairprune_jax.sparsity.masks import DENSE_BY_NAME_SHARE
+    sizes = {n: int(np.size(v)) for n, v in named_leaves(params) if getattr(v, "ndim", 0) >= 2}
+    prunable = {n for n, t in named_leaves(template) if t is True}
+    left = [n for n in prunable if n not in pruned and (not order or n != order[-1])]
+    total = sum(sizes.values())
+    kept = sum(sizes.get(n, 0) for n in left)
+    if cfg.sparsity <= 0 or not total or kept < DENSE_BY_NAME_SHARE * total:
+        return None
+    reasons = {}
+    if traced:
+        from fairprune_jax.sparsity.coupling import coupled_groups
+        reasons = coupled_groups(fm, params, model_state).refused
+    def why(n):
+        r = reasons.get(n.rsplit("/", 1)[0]) or reasons.get(n)
+        return f" ({r})" if r else ""
+    names = "; ".join(f"{n}{why(n)}" for n in sorted(left)[:4]) + (" ..." if len(left) > 4 else "")
+    text = (f"{cfg.method}: {len(left)} layer(s) holding {kept / total:.0%} of the weight matrices cannot lose "
+            f"whole units and stay dense: {names}. The target {cfg.sparsity:g} applies to the other layers, so the "
+            f"model as a whole will be about {cfg.sparsity * (total - kept) / total:.0%} sparse")
+    warn(text)
+    return text
+
+
 def with_units(built: tuple[CustomModel, dict, dict], units: dict | None, cfg: RunConfig, *,
                consumers: bool = False) -> tuple[CustomModel, dict, dict]:
     """The model with its removable units (declared, else traced); refuses a model with none to prune.
@@ -376,8 +439,12 @@ def with_units(built: tuple[CustomModel, dict, dict], units: dict | None, cfg: R
     so every pruned unit group needs one.
     """
     fm, params, model_state = built
-    groups = compact.traced_unit_groups(fm, params, model_state, companions=units)
     order = layer_order(fm, params, model_state)
+    if units and order and order[-1] in units:
+        raise ValueError(f"{cfg.method}: units= declares {order[-1]}, whose outputs are the model's logits: its "
+                         "units are the classes, and removing one makes that class impossible to predict. Leave "
+                         "the classifier out of units=")
+    groups = compact.traced_unit_groups(fm, params, model_state, companions=units)
     template = prunable_template(params, layer_order=order, exclude_first=cfg.exclude_first,
                                  exclude_last=cfg.exclude_last)
     try:
@@ -390,6 +457,7 @@ def with_units(built: tuple[CustomModel, dict, dict], units: dict | None, cfg: R
         raise ValueError(f"{cfg.method}: {e}. Units found: {[g.kernel for g in groups] or 'none'}.{why} Declare "
                          "them with units={'layer/kernel': ['layer/bias', 'bn/scale', 'bn/bias'], ...} (a per-channel norm such as "
                          "BatchNorm; a LayerNorm over the channels ties them all together)") from None
+    refused_note(fm, params, model_state, template, pruned, order, cfg, traced=units is None)
     lost = [g.kernel for g in groups if g.kernel in pruned and not g.consumers]
     if consumers and lost:
         raise ValueError(f"{cfg.method}: mask_grad='consumer' reads each unit at the next layer's input rows, but "

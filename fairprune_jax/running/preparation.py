@@ -19,7 +19,7 @@ from fairprune_jax.methods import Context, RunConfig, make_optimizer
 from fairprune_jax.models import build_model, count_flops, default_model_for, layer_order
 from fairprune_jax.running.outputs import _jsonable
 from fairprune_jax.running.validation import IN_MEMORY, check_model_options, validate_config
-from fairprune_jax.sparsity.masks import dense_by_name_note, prunable_template
+from fairprune_jax.sparsity.masks import dense_by_name_note, nm_layers, nm_pattern, prunable_template
 from fairprune_jax.training import caches, checkpoint
 from fairprune_jax.training.train import TrainState, create_state, evaluate, fit, make_eval_step, make_train_step
 
@@ -126,6 +126,14 @@ def build_context(cfg: RunConfig, ds: Dataset, model: tuple[Any, Any, Any] | Non
     note = dense_by_name_note(params, cfg.sparsity)
     if note:
         warn(note)
+    if cfg.sparsity > 0 and nm_pattern(cfg.distribution) is not None:
+        off = [n for n, ok in nm_layers(params, template, cfg.distribution).items() if not ok]
+        if off:
+            m = nm_pattern(cfg.distribution)[1]
+            warn(f"--distribution {cfg.distribution}: {len(off)} prunable layer(s) read a number of inputs that is not "
+                 f"a multiple of {m} ({', '.join(off[:6])}{' ...' if len(off) > 6 else ''}); they are pruned to the "
+                 f"same sparsity without the pattern, which an accelerator's N:M kernels will not run. Exclude them "
+                 f"(--exclude-first, --exclude-last) or widen them to a multiple of {m}")
     ctx = Context.from_config(cfg, dataset=ds, fm=fm, template=template,
                   flops=count_flops(fm, params, model_state), layer_order=order,
                   eval_step=make_eval_step(fm, ds.num_groups, ds.num_classes, cfg.positive_label),

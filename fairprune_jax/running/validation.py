@@ -45,6 +45,11 @@ def validate_config(cfg: RunConfig) -> Any:
             check_nm(cfg.sparsity, cfg.distribution, structured=method.is_structured(opts))
         except ValueError as e:
             raise ValueError(f"{cfg.method}: {e}") from None
+        n, m = nm_pattern(cfg.distribution)
+        if 0 < cfg.sparsity < 1.0 - n / m - 1e-9:       # the pattern is exactly 1 - N/M (a schedule passes below)
+            raise ValueError(f"{cfg.distribution} keeps {n} of every {m} weights, a sparsity of exactly "
+                             f"{1 - n / m:g}; a target of {cfg.sparsity:g} gives no layer that pattern (use "
+                             f"--sparsity {1 - n / m:g}, or an unstructured distribution)")
         why = method.nm_refusal(opts)
         if why:
             raise ValueError(f"{cfg.method}: --distribution {cfg.distribution} needs masks chosen by an N:M pattern, "

@@ -333,6 +333,11 @@ def load_module(path: str | Path, like: nnx.Module) -> nnx.Module:
                 return jax.random.wrap_key_data(jnp.asarray(saved[prefix][name]), impl=jax.random.key_impl(v))
             return jnp.asarray(saved[prefix][name], jnp.asarray(v).dtype)
         return one
+    extra = sorted({f"params/{n}" for n in saved["params"]} - {f"params/{n}" for n, _ in named_leaves(params)}
+                   | ({f"state/{n}" for n in saved["state"]} - {f"state/{n}" for n, _ in named_leaves(rest)}))
+    if extra:
+        raise ValueError(f"{path} holds {len(extra)} leaves that like= does not have ({', '.join(extra[:6])}"
+                         f"{' ...' if len(extra) > 6 else ''}): like= is not the module that was saved (fewer layers?)")
     p, st = map_named(fill("params"), params), map_named(fill("state"), rest)
     return nnx.merge(rebuild(graphdef, p, st), p, st)
 
@@ -400,8 +405,9 @@ def rebuild(graphdef: Any, params: Any, model_state: Any) -> Any:
     for _, m in iter_modules(module):
         if isinstance(m, nnx.Conv):
             k = m.kernel.value.shape
-            if m.feature_group_count > 1 and k[-2] == 1:
-                m.feature_group_count = k[-1]
+            if m.feature_group_count > 1 and k[-2] == 1:      # depthwise: one group per input channel, each
+                mult = max(int(m.out_features) // int(m.feature_group_count), 1)   # with its multiplier's outputs
+                m.feature_group_count = k[-1] // mult
             m.in_features, m.out_features, m.kernel_shape = k[-2] * m.feature_group_count, k[-1], k
         elif isinstance(m, nnx.Linear):
             m.in_features, m.out_features = m.kernel.value.shape

@@ -52,14 +52,17 @@ def prunable_template(params: Params, *, layer_order: Iterable[str] | None = Non
     exclude = set(exclude)
     names = [n for n, v in named_leaves(params) if _prunable_name(n, v)]
     if exclude_first or exclude_last:
-        order = [n for n in (layer_order or []) if n in names]
+        full = list(layer_order or [])
+        order = [n for n in full if n in names]
         if not order:
             raise ValueError("exclude_first/exclude_last need the forward layer order; "
                              "pass layer_order=models.layer_order(...)")
-        if exclude_first:
-            exclude.add(order[0])
-        if exclude_last:
-            exclude.add(order[-1])
+        # the model's first / last layer, which may already be dense (a ViT's patch embedding, by its name):
+        # then there is nothing to exclude, not the next prunable layer (it kept block 0's attention dense)
+        if exclude_first and full[0] in names:
+            exclude.add(full[0])
+        if exclude_last and full[-1] in names:
+            exclude.add(full[-1])
     unknown = exclude - set(names)
     if unknown:
         raise ValueError(f"cannot exclude {sorted(unknown)}: not prunable leaves; prunable: {names}")
