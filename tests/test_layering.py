@@ -111,8 +111,8 @@ _BELOW_TRAINING = {"core", "data", "models", "sparsity", "metrics", "constraints
 #: sub-package -> the sub-packages its modules may import (besides their own); lowest first
 LAYERS = {
     "core": set(),
-    "metrics": set(),
-    "constraints": set(),
+    "metrics": {"core"},
+    "constraints": {"core"},
     "data": {"core"},
     "models": {"core"},
     "sparsity": {"core", "models"},
