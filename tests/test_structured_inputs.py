@@ -135,3 +135,16 @@ def test_nm_patterns_a_layer_cannot_follow_are_said_or_refused():
                                          r"\(l1/kernel\)"):
         fairprune_jax.prune(Mlp(d=6), train=(x, y, g), method="magnitude", sparsity=0.5, config={"distribution": "2:4"},
                             epochs=1, finetune_epochs=1, progress=False)
+
+
+def test_compact_uses_the_units_given_to_prune():
+    """``Pruned.units`` keeps the ``units=`` of the run (the result still unpacks into four), so ``compact()``
+    traces with them without being told again."""
+    x, y, g = _tab()
+    res = fairprune_jax.prune(Mlp(), train=(x, y, g), method="structured_magnitude", sparsity=0.5, epochs=1,
+                              finetune_epochs=1, progress=False, units={"l1/kernel": ["l1/bias"]})
+    model, masks, report, state = res
+    assert res.units == {"l1/kernel": ["l1/bias"]}
+    small = res.compact(x[:8])
+    assert small.l1.kernel.value.shape == (12, 8)
+    np.testing.assert_allclose(np.asarray(small(jnp.asarray(x))), np.asarray(model(jnp.asarray(x))), atol=1e-5)

@@ -41,20 +41,26 @@ _OWN = {"method", "dataset", "data_dir", "model", "sparsity", "seed", "epochs", 
         "save_compact"}
 
 
-class Pruned(NamedTuple):
-    """What :func:`prune` returns (unpacks as ``model, masks, report, state``)."""
-
+class _PrunedFields(NamedTuple):
     model: nnx.Module   # the user's module class with the pruned weights (pruned entries exactly 0)
     masks: Any          # 0/1 arrays mirroring the params dict (None on leaves never pruned)
     report: Report      # the results ``fairprune run`` writes to results.json (a dict), with by_group()
     state: TrainState   # params (masked), masks and model state as the runner's pytrees
 
+
+class Pruned(_PrunedFields):
+    """What :func:`prune` returns (unpacks as ``model, masks, report, state``); ``units``: the ``units=`` it was
+    given (an attribute, not a field, so the four-way unpacking stays), which :meth:`compact` uses by default."""
+
+    units: dict[str, Sequence[str]] | None = None
+
     def compact(self, example: np.ndarray, units: dict[str, Sequence[str]] | None = None) -> nnx.Module:
         """After a structured method: the pruned module with its removed units physically dropped, an
         instance of the same class with smaller layers and the same logits (:func:`compact.compact_module`;
         save it with :func:`compact.save_module`). ``example``: a few input rows (for the trace); ``units``:
-        the ``units=`` given to :func:`prune`, if any."""
+        the units to trace with (default: the ``units=`` given to :func:`prune`)."""
         x = np.asarray(example, np.float32)
+        units = self.units if units is None else units
         fm, params, rest = wrap_model(self.model, x.shape[1:], _num_outputs(self.model, x[:2], note=False))
         groups = compact.traced_unit_groups(fm, params, rest, companions=units)
         try:
@@ -183,7 +189,9 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str 
     state = state.replace(params=apply_masks(state.params, state.masks))
     graphdef = nnx.split(model, nnx.Param, ...)[0]     # the module as given (its own train / eval mode)
     pruned = nnx.merge(graphdef, state.params, state.model_state)
-    return Pruned(pruned, state.masks, report, state)
+    out = Pruned(pruned, state.masks, report, state)
+    out.units = units
+    return out
 
 
 def _num_outputs(model: nnx.Module, x: np.ndarray, *, note: bool = True) -> int:
