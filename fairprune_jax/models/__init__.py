@@ -72,13 +72,15 @@ class CustomModel(FunctionalModel):
             params, model_state, x, train)
 
     def call(self, module: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
+        return logits_of(self.outputs(module, x, train), type(module).__name__)
+
+    def outputs(self, module: nnx.Module, x: jax.Array, train: bool) -> Any:
+        """What the module returns (the logits, or a tuple / dict holding them), in the mode ``train`` says."""
         if self.mode == "train":
-            out = module(x, train=train)
-        elif self.mode == "deterministic":
-            out = module(x, deterministic=not train)
-        else:
-            out = module(x)
-        return logits_of(out, type(module).__name__)
+            return module(x, train=train)
+        if self.mode == "deterministic":
+            return module(x, deterministic=not train)
+        return module(x)
 
 
 def logits_of(out: Any, name: str = "the model") -> jax.Array:

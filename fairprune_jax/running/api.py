@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fairprune_jax.core.notices import human_watching
+from fairprune_jax.core.notices import human_watching, warn
 from fairprune_jax.reporting.result import Report
 from fairprune_jax.training import caches
 from fairprune_jax.sparsity import compact
 from fairprune_jax.running import runner
 from fairprune_jax.core.config import RunConfig
 from fairprune_jax.data.base import Dataset, Split, carve_validation, check_class_sizes, stratified_split
-from fairprune_jax.sparsity.masks import apply_masks, named_leaves, prunable_template
+from fairprune_jax.sparsity.masks import DENSE_BY_NAME_SHARE, apply_masks, named_leaves, prunable_template
 from fairprune_jax.methods import get_method
 from fairprune_jax.models import CustomModel, call_mode, layer_order
 from fairprune_jax.training.train import TrainState
@@ -217,18 +217,12 @@ def _warn_other_outputs(fm: CustomModel, params: Any, rest: Any, x: np.ndarray) 
     the layers that feed only the others are pruned too (a structured method removes their units: an auxiliary
     head of 5 outputs came back with 2) and never trained for them. Say so once."""
     def raw(p, s):
-        module = nnx.merge(fm.eval_graphdef or fm.graphdef, p, s)
-        if fm.mode == "train":
-            return module(jnp.asarray(x, jnp.float32), train=False)
-        if fm.mode == "deterministic":
-            return module(jnp.asarray(x, jnp.float32), deterministic=True)
-        return module(jnp.asarray(x, jnp.float32))
+        return fm.outputs(nnx.merge(fm.eval_graphdef or fm.graphdef, p, s), jnp.asarray(x, jnp.float32), False)
     try:
         out = jax.eval_shape(raw, nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
     except Exception:       # noqa: BLE001 (the logits probe above already succeeded; this is only a note)
         return
     if isinstance(out, (tuple, list, dict)) and len(out) > 1:
-        from fairprune_jax.core.notices import warn
         what = f"a dict with keys {sorted(out)[:6]}" if isinstance(out, dict) else f"{len(out)} outputs"
         warn(f"{fm.name} returns {what}; fairprune trains, prunes and certifies it for its logits "
              f"({'the logits entry' if isinstance(out, dict) else 'the first'}) alone: the layers that feed only the "
@@ -415,8 +409,6 @@ def refused_note(fm, params, model_state, template, pruned: set, order: list, cf
     whole is far less sparse than the target (a Linear of 53% of the weights before a LayerNorm: 0.30 overall at
     a target of 0.9), with the tracer's reason for each. The classifier (its units are the classes) is not
     counted."""
-    from fairprune_jax.core.notices import warn
-    from fairprune_jax.sparsity.masks import DENSE_BY_NAME_SHARE
     sizes = {n: int(np.size(v)) for n, v in named_leaves(params) if getattr(v, "ndim", 0) >= 2}
     prunable = {n for n, t in named_leaves(template) if t is True}
     left = [n for n in prunable if n not in pruned and (not order or n != order[-1])]
