@@ -165,7 +165,7 @@ def test_a_version_2_certificate_is_rebuilt_from_its_counts():
     n = np.array([800.0, 200.0, 45.0])
     lost, gained = np.array([40.0, 20.0, 6.0]), np.array([30.0, 8.0, 1.0])
     z = np.zeros(3)
-    acc = 0.9 * n
+    acc = np.round(0.9 * n)                          # row counts (the certificate refuses weighted sums)
     dense = fairness.GroupCounts(n, acc, z, z, z, z, z, n)
     pruned = fairness.GroupCounts(n, acc - lost + gained, z, z, z, z, z, n)
     new = certify.certificate(pruned, dense, lost, gained, eps=0.05, group_names=["a", "b", "c"])
@@ -287,8 +287,8 @@ def test_certificate_verdicts_follow_the_data_size():
     """The same 10-point extra loss is `violated` with many rows and `undetermined` with few."""
     def cert_for(scale):
         n = np.array([800.0, 200.0]) * scale
-        lost, gained = np.array([0.05, 0.15]) * n, np.array([0.02, 0.02]) * n
-        acc_d = np.array([0.9, 0.9]) * n
+        lost, gained = np.round(np.array([0.05, 0.15]) * n), np.round(np.array([0.02, 0.02]) * n)
+        acc_d = np.round(np.array([0.9, 0.9]) * n)   # row counts (the certificate refuses weighted sums)
         z = np.zeros(2)
         dense = fairness.GroupCounts(n, acc_d, z, z, z, z, z, n)
         pruned = fairness.GroupCounts(n, acc_d - lost + gained, z, z, z, z, z, n)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from fairprune_jax.running import preparation, runner
-from fairprune_jax.running.compare import load_config, run_compare
+from fairprune_jax.running.compare import collect, load_config, run_compare
 
 CONFIG = """
 name = "tiny"
@@ -47,6 +47,10 @@ def test_grid_writes_outputs_and_a_rerun_skips_finished_cells(tmp_path, monkeypa
     assert "Certified max ψ_g" in md and "test_psi_floor" in md and (cc.out / "tradeoff_certified.png").exists()
     assert all(r["test_psi_floor"] is not None and r["test_psi_upper"] >= r["test_psi_floor"] - 1e-12
                for r in summary["rows"] if r["method"] == "magnitude")
+    # the certificates' bound and level are the grid's, in the rows, results.csv and the notes
+    assert {(r["certify_eps"], r["certify_level"]) for r in summary["rows"]} == {(0.05, 0.95)}
+    assert "certify_level" in (cc.out / "results.csv").read_text().splitlines()[0]
+    assert "simultaneous 95% intervals" in md and "below ε = 0.05" in md and "different bounds" not in md
 
     # Rerun: nothing left to do, so no dense model may be trained.
     def boom(*a, **k):
@@ -54,6 +58,17 @@ def test_grid_writes_outputs_and_a_rerun_skips_finished_cells(tmp_path, monkeypa
     monkeypatch.setattr(runner, "prepare", boom)
     again = run_compare(load_config(cfg, out=str(tmp_path / "out")), progress=False)
     assert again["aggregate"] == first["aggregate"]
+
+    # a cell certified at another bound and level (a method's own eps, [run] certify_level): the tables say
+    # that the certified share and verdict columns then compare unlike statements, naming who used which
+    p = cc.out / "cells" / "ceag_s0.8_seed0" / "results.json"
+    cell = json.loads(p.read_text())
+    cell["pruned"]["test"]["certificate"].update(eps=0.1, level=0.99)
+    p.write_text(json.dumps(cell))
+    with pytest.warns(UserWarning, match="different bounds or levels"):
+        collect(load_config(cfg, out=str(tmp_path / "out")))
+    md = (cc.out / "results.md").read_text()
+    assert "ε = 0.05 at 95%: magnitude; ε = 0.1 at 99%: ceag" in md and "simultaneous 95% / 99% intervals" in md
 
     # Remove one cell: only that one is recomputed (prepare is needed again for its seed).
     import shutil

@@ -74,15 +74,18 @@ def test_large_integer_ids_stay_distinct():
     assert out.tolist() == ["12345678901234567", "12345678901234568", "1", "1", "1e20"]
 
 
-def test_group_ids_beyond_32_bits_are_refused():
+def test_group_ids_beyond_32_bits_are_refused_where_they_are_ids():
+    """Ids beyond 32 bits would wrap (2**32 + 1 -> 1) and merge with group 1. Without group_names they are
+    names and stay apart (tests/test_certificate_inputs.py); with group_names they are ids, refused."""
     from flax import nnx
     import fairprune_jax as fp
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 4)).astype(np.float32)
     model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
-    g = np.where(rng.random(200) < 0.5, 1, 2**32 + 1)          # would wrap to 1 and merge with group 1
+    g = np.where(rng.random(200) < 0.5, 1, 2**32 + 1)
     with pytest.raises(ValueError, match="beyond 32-bit ids"):
-        fp.prune(model, train=(x, (x[:, 0] > 0).astype(int), g), method="magnitude", epochs=1, progress=False)
+        fp.prune(model, train=(x, (x[:, 0] > 0).astype(int), g), method="magnitude", epochs=1, progress=False,
+                 group_names=["a", "b"])
 
 
 def test_ceag_without_fine_tuning_finishes_and_says_so(tmp_path, capsys):

@@ -26,4 +26,16 @@ def group_ids(g: Any, what: str = "group ids") -> Any:
     return jnp.asarray(g, jnp.int32)
 
 
-__all__ = ["group_ids"]
+def check_rows(rows: int, where: str, **arrays: Any) -> None:
+    """Refuse per-row arrays whose length is not the batch's ``rows`` (a label array of one row would be
+    broadcast over the batch without a word). Shapes are static, so this costs nothing once traced; ``None``
+    entries are skipped."""
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        shape = tuple(getattr(a, "shape", np.shape(a)))
+        if shape != (rows,):
+            raise ValueError(f"{where}: {name} must have one entry per row, shape ({rows},); got {shape}")
+
+
+__all__ = ["group_ids", "check_rows"]

@@ -350,8 +350,8 @@ def choose_constraint_data(ctx: Context, dense: TrainState, start: TrainState, o
     lost = np.bincount(ds.train.g, (d > s), G) / n_tr
     gained = np.bincount(ds.train.g, (d < s), G) / n_tr
     se = certify.psi_standard_error(n_val, n_val * lost, n_val * gained)     # NaN for a group with no rows
-    worst = float(se.max()) if np.all(n_val > 0) else float("inf")
-    held_out = worst <= AUTO_SE_SHARE * opts.eps
+    worst = float(se.max()) if np.all(n_val > 0) else None       # None: a group without held-out rows
+    held_out = worst is not None and worst <= AUTO_SE_SHARE * opts.eps
     per_batch = ctx.settings.batch_size * np.bincount(ds.train.g, minlength=G) / len(ds.train)
     present = per_batch > 0
     rare = [ds.group_names[i] for i in np.flatnonzero(present & (per_batch < AUTO_RARE_ROWS_PER_BATCH))]
@@ -359,7 +359,7 @@ def choose_constraint_data(ctx: Context, dense: TrainState, start: TrainState, o
     return held_out, {"rule": f"auto: held-out rows when every group's held-out psi_g standard error <= "
                               f"{AUTO_SE_SHARE:g} * eps; else every training row (train_all) when a group is "
                               f"expected in fewer than {AUTO_RARE_ROWS_PER_BATCH:g} row of a batch, else the "
-                              "training buffers", "max_standard_error": round(worst, 6),
+                              "training buffers", "max_standard_error": None if worst is None else round(worst, 6),
                       "held_out_rows_min": int(n_val.min()),
                       "fewest_rows_per_batch": round(float(per_batch[present].min()), 4), "rare_groups": rare,
                       "chosen": chosen}

@@ -36,8 +36,9 @@ beyond the overall loss): the largest of the groups' one-sided upper bounds at
 the marginal level (:func:`psi_upper_bounds`; one statement about the largest
 psi_g needs no correction over groups, so it is tighter than the largest
 simultaneous upper end; version 3), and the *floor*: what a model that changes
-no prediction would get on the same rows, below which no model can be
-certified on this split. When the certified max psi_g is at most eps, every
+no prediction would get on the same rows. A group's bound goes below its floor
+only when it loses less accuracy than the average (psi_g < 0); a model that
+flips its rows stays above it. When the certified max psi_g is at most eps, every
 group holds at once (``all_hold``), at ``level``.
 
 Everything here is host-side numpy over additive counts; :func:`paired_counts`
@@ -54,7 +55,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
+from fairprune_jax.core.groups import check_rows, group_ids
 from fairprune_jax.metrics import fairness
+from fairprune_jax.metrics.counts import predictions
 
 #: Groups with fewer test rows than this are marked ``small`` in every table.
 SMALL_GROUP_ROWS = 30
@@ -90,16 +93,24 @@ def paired_counts(dense_logits: jax.Array, pruned_logits: jax.Array, y: jax.Arra
 
     ``lost[g]``: rows of g the dense model gets right and the pruned one wrong;
     ``gained[g]``: the reverse; ``pred_hist`` / ``dense_pred_hist``: how many
-    rows each class is predicted for. ``w`` = 0 marks padding rows.
+    rows each class is predicted for. ``w`` marks rows (1) and padding (0); the certificate reads the sums as
+    row counts, so other weights are refused where they are known (outside a trace). Either model's output may
+    be (B, C) logits or (B,) integer predicted labels.
     """
-    dc = (jnp.argmax(dense_logits, -1) == y).astype(jnp.float32)
-    pc_pred = jnp.argmax(pruned_logits, -1)
+    dense_pred = predictions(dense_logits, "dense predictions")
+    pc_pred = predictions(pruned_logits, "pruned predictions")
+    check_rows(dense_pred.shape[0], "paired_counts", pruned=pc_pred, y=y, g=g, w=w)
+    if not isinstance(w, jax.core.Tracer) and not np.all(np.isin(np.asarray(w), (0, 1))):
+        raise ValueError("paired_counts: w must be 0 (padding) or 1 (a row): the certificate's intervals count "
+                         "rows, and weighted sums would claim more (or fewer) rows than were tested")
+    y = jnp.asarray(y).astype(jnp.int32)
+    dc = (dense_pred == y).astype(jnp.float32)
     pc = (pc_pred == y).astype(jnp.float32)
-    w = w.astype(jnp.float32)
+    w = jnp.asarray(w).astype(jnp.float32)
     cols = jnp.stack([w * dc * (1 - pc), w * (1 - dc) * pc], axis=1)
-    by_group = jax.ops.segment_sum(cols, g.astype(jnp.int32), num_segments=num_groups)
-    hist = jax.ops.segment_sum(w, pc_pred.astype(jnp.int32), num_segments=num_classes)
-    dense_hist = jax.ops.segment_sum(w, jnp.argmax(dense_logits, -1).astype(jnp.int32), num_segments=num_classes)
+    by_group = jax.ops.segment_sum(cols, group_ids(g), num_segments=num_groups)
+    hist = jax.ops.segment_sum(w, pc_pred, num_segments=num_classes)
+    dense_hist = jax.ops.segment_sum(w, dense_pred, num_segments=num_classes)
     return {"lost": by_group[:, 0], "gained": by_group[:, 1], "pred_hist": hist, "dense_pred_hist": dense_hist}
 
 
@@ -340,6 +351,35 @@ def _alpha(level: float) -> float:
     return 1.0 - float(level)
 
 
+def check_certificate_inputs(c: fairness.GroupCounts, dc: fairness.GroupCounts, lost: np.ndarray,
+                             gained: np.ndarray, eps: float) -> None:
+    """Refuse inputs the intervals would turn into a confident wrong statement: counts that are not row counts
+    (weighted sums), paired counts that do not belong to these two models' counts (``lost`` and ``gained``
+    swapped, or from another split), and an eps that is not a number."""
+    if not (isinstance(eps, (int, float, np.floating, np.integer)) and math.isfinite(float(eps))):
+        raise ValueError(f"certificate: eps must be a finite number; got {eps!r}")
+    G = c.n.shape[0]
+    for name, a in (("lost", lost), ("gained", gained), ("dense counts", dc.n)):
+        if np.shape(a) != (G,):
+            raise ValueError(f"certificate: {name} must have one entry per group ({G}); got shape {np.shape(a)}")
+    counts = {"n": c.n, "correct": c.correct, "dense n": dc.n, "dense correct": dc.correct, "lost": lost,
+              "gained": gained}
+    for name, a in counts.items():
+        if np.any(a < -1e-6) or np.any(np.abs(a - np.round(a)) > 1e-4 * np.maximum(1.0, np.abs(a))):
+            raise ValueError(f"certificate: {name} must be row counts (non-negative integers; padding weight 0, "
+                             f"every row weight 1); got {np.round(a, 4).tolist()[:8]}")
+    tol = 1e-4 * np.maximum(1.0, c.n)
+    bad = [i for i in range(G) if abs(c.n[i] - dc.n[i]) > tol[i] or lost[i] + gained[i] > c.n[i] + tol[i]
+           or abs((lost[i] - gained[i]) - (dc.correct[i] - c.correct[i])) > tol[i]]
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"certificate: the paired counts do not match the two models' counts in {len(bad)} group(s) (group "
+            f"{i}: n {c.n[i]:g} vs dense n {dc.n[i]:g}, lost {lost[i]:g} + gained {gained[i]:g}, dense correct "
+            f"{dc.correct[i]:g} - pruned correct {c.correct[i]:g} should equal lost - gained): pass `lost` (dense "
+            "right, pruned wrong) and `gained` (the reverse) from paired_counts over the same rows as the counts")
+
+
 def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts, lost: np.ndarray,
                 gained: np.ndarray, *, eps: float, level: float = 0.95, group_names: Sequence[str] | None = None,
                 fairness_bound: float | None = None, small_group: int = SMALL_GROUP_ROWS,
@@ -355,6 +395,7 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
     c, dc = fairness.to_numpy(counts), fairness.to_numpy(dense_counts)
     lost, gained = np.asarray(lost, np.float64), np.asarray(gained, np.float64)
     G = c.n.shape[0]
+    check_certificate_inputs(c, dc, lost, gained, eps)
     names = [str(i) for i in range(G)] if group_names is None else [str(s) for s in group_names]
     present = c.n > 0
     m = int(present.sum())
@@ -392,6 +433,7 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
     uppers = [float(upper[i]) for i in range(G) if present[i]]
     floors = [float(floor[i]) for i in range(G) if present[i]]
     certified = max(uppers) if uppers else None
+    at = [names[i] for i in range(G) if present[i] and float(upper[i]) == certified]
     return {
         "level": level, "eps": eps, "groups_tested": m, "small_group_rows": small_group,
         "interval_version": INTERVAL_VERSION, "interval_method": interval, "interval": INTERVAL_TEXT[interval] + MAX_TEXT,
@@ -403,6 +445,7 @@ def certificate(counts: fairness.GroupCounts, dense_counts: fairness.GroupCounts
         "certified_share": len(by["holds"]) / m if m else None,
         # the headline: with `level` confidence, no group lost more than this beyond the overall loss
         "certified_max_psi": certified,
+        "certified_max_psi_group": at[0] if at else None,     # the group whose bound it is
         # every group within eps at once (intersection-union test at `level`)
         "all_hold": bool(certified is not None and certified <= eps),
         # what these rows would certify for a model identical to the dense one (see psi_floor)
@@ -444,10 +487,16 @@ def upgrade(cert: dict) -> dict:
         rest = {f: g.pop(f) for f in list(g) if f in ("floor", "verdict")}
         g.update(upper=float(upper[i]), floor=float(floor[i]), verdict=rest.get("verdict"))
     out.update(interval_version=3, interval=INTERVAL_TEXT[method] + MAX_TEXT,
-               certified_max_psi=float(upper.max()), worst_upper=float(upper.max()),
+               certified_max_psi=float(upper.max()), certified_max_psi_group=names[int(np.argmax(upper))],
+               worst_upper=float(upper.max()),
                floor_max_psi=float(floor.max()), max_simultaneous_high=float(hi.max()),
                all_hold=bool(upper.max() <= float(cert["eps"])))
     return out
+
+
+def level_text(level: float) -> str:
+    """A confidence level in words, unrounded: 0.95 -> "95%", 0.999 -> "99.9%", 0.975 -> "97.5%"."""
+    return f"{100 * float(level):.10g}%"
 
 
 def headline(cert: dict) -> str:
@@ -455,8 +504,13 @@ def headline(cert: dict) -> str:
     u, f = cert.get("certified_max_psi"), cert.get("floor_max_psi")
     if u is None:
         return "no group has test rows: nothing is certified"
-    out = (f"with {cert['level']:.0%} confidence, no group lost more than {u:.4f} accuracy beyond the overall "
-           f"loss (certified max psi_g)")
+    out = (f"with {level_text(cert['level'])} confidence, no group lost more than {u:.4f} accuracy beyond the "
+           f"overall loss (certified max psi_g")
+    who = cert.get("certified_max_psi_group")
+    g = (cert.get("groups") or {}).get(who) or {}
+    if who is not None and g.get("n"):
+        out += f", the bound of group {who}: {g['n']} test rows" + (", a small group" if g.get("small") else "")
+    out += ")"
     if f is not None:
         out += f"; on these test rows a model identical to the dense one would get {f:.4f} (the floor)"
     return out
@@ -466,13 +520,13 @@ def summary_line(cert: dict) -> str:
     """One line for a terminal: how many groups are certified, and which are not."""
     m = cert["groups_tested"]
     if cert.get("all_hold"):
-        parts = [f"certified (psi_g <= {cert['eps']:g}) for all {m} groups at once at {cert['level']:.0%} "
+        parts = [f"certified (psi_g <= {cert['eps']:g}) for all {m} groups at once at {level_text(cert['level'])} "
                  f"(certified max psi_g {cert['certified_max_psi']:.4f})"]
         if cert["holds"] < m:
             parts.append(f"group by group (simultaneous two-sided intervals) {cert['holds']} of {m} hold")
         return "; ".join(parts)
     parts = [f"certified (psi_g <= {cert['eps']:g}) for {cert['holds']} of {m} groups at "
-             f"{cert['level']:.0%}"]
+             f"{level_text(cert['level'])}"]
     if cert["violated_groups"]:
         parts.append("violated: " + ", ".join(cert["violated_groups"][:8])
                      + (" ..." if len(cert["violated_groups"]) > 8 else ""))
@@ -485,7 +539,7 @@ def summary_line(cert: dict) -> str:
 __all__ = ["SMALL_GROUP_ROWS", "DEGENERATE_SHARE", "VERDICTS", "INTERVAL_VERSION", "FIRST_VALID_VERSION", "paired_counts",
            "clopper_pearson",
            "paired_difference_interval", "rate_difference_interval", "PSI_METHODS", "psi_intervals", "psi_upper_bounds", "psi_floor", "upgrade",
-           "predicted_halfwidth", "reachable_bound",
+           "predicted_halfwidth", "reachable_bound", "level_text",
            "psi_standard_error", "verdicts", "prediction_summary", "certificate", "headline", "summary_line"]
 
 

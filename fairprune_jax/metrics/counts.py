@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairprune_jax.core.groups import group_ids
+from fairprune_jax.core.groups import check_rows, group_ids
 
 
 class GroupCounts(NamedTuple):
@@ -37,6 +37,18 @@ class GroupCounts(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
+def predictions(logits_or_preds: Any, what: str = "predictions") -> jax.Array:
+    """Predicted labels (B,) int32 from float logits (B, C) (their argmax) or from integer labels (B,)."""
+    x = jnp.asarray(logits_or_preds)
+    if x.ndim == 2:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if x.ndim == 1:
+        if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_):
+            raise TypeError(f"1-D {what} must be integer labels; pass (B, C) logits otherwise")
+        return x.astype(jnp.int32)
+    raise ValueError(f"expected logits (B, C) or {what} (B,), got shape {x.shape}")
+
+
 def group_counts(
     logits_or_preds: jax.Array,
     y: jax.Array,
@@ -56,16 +68,8 @@ def group_counts(
     must not count anywhere (their loss may even be NaN). ``num_groups`` (and,
     under ``jax.jit``, ``positive_label``) must be static.
     """
-    x = jnp.asarray(logits_or_preds)
-    if x.ndim == 2:
-        preds = jnp.argmax(x, axis=-1)
-    elif x.ndim == 1:
-        if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_):
-            raise TypeError("1-D predictions must be integer labels; pass (B, C) logits otherwise")
-        preds = x
-    else:
-        raise ValueError(f"expected logits (B, C) or predictions (B,), got shape {x.shape}")
-    preds = preds.astype(jnp.int32)
+    preds = predictions(logits_or_preds)
+    check_rows(preds.shape[0], "group_counts", y=y, g=g, weights=weights, loss=loss)
     y = jnp.asarray(y).astype(jnp.int32)
     g = group_ids(g)
 
@@ -129,9 +133,8 @@ def class_group_counts(
     Same inputs as :func:`group_counts`; ``num_groups`` and ``num_classes`` must be static. Cost: a
     (B, 1 + 3C) one-hot block scattered into (G, 1 + 3C), no loop over classes.
     """
-    x = jnp.asarray(logits_or_preds)
-    preds = jnp.argmax(x, axis=-1) if x.ndim == 2 else x
-    preds = preds.astype(jnp.int32)
+    preds = predictions(logits_or_preds)
+    check_rows(preds.shape[0], "class_group_counts", y=y, g=g, weights=weights)
     y = jnp.asarray(y).astype(jnp.int32)
     w = jnp.ones(preds.shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     p1 = jax.nn.one_hot(preds, num_classes, dtype=jnp.float32)

@@ -34,6 +34,12 @@ def coverage_simulation(sizes: Sequence[int], lost_rate: Sequence[float], gained
     b = np.broadcast_to(np.asarray(lost_rate, np.float64), n.shape).copy()
     c = np.broadcast_to(np.asarray(gained_rate, np.float64), n.shape).copy()
     w = n / n.sum()
+    for name, r in (("lost_rate", b), ("gained_rate", c)):
+        if not np.all((r >= 0) & (r <= 1)):
+            raise ValueError(f"coverage_simulation: every {name} must be in [0, 1]; got {r.tolist()}")
+    if np.any(b + c > 1 + 1e-9):
+        raise ValueError(f"coverage_simulation: a group's lost + gained rate exceeds 1: "
+                         f"{(b + c).round(6).tolist()}")
     if eps is not None:
         rest = np.sum(w[1:] * (b[1:] - c[1:]))
         b[0] = c[0] + (eps + rest) / (1 - w[0])
@@ -41,7 +47,8 @@ def coverage_simulation(sizes: Sequence[int], lost_rate: Sequence[float], gained
             raise ValueError(f"no lost rate puts group 0 at psi = {eps} with these rates (needs {b[0]:.3f})")
     d = b - c
     psi_true = d - np.sum(w * d)
-    probs = np.stack([b, c, 1.0 - b - c], axis=-1)
+    probs = np.stack([b, c, np.clip(1.0 - b - c, 0.0, 1.0)], axis=-1)     # 1 - 0.9 - 0.1 is -3e-17
+    probs /= probs.sum(-1, keepdims=True)
     cells = rng.multinomial(n[None, :], probs[None, :, :], size=(draws, len(n)))
     args = (n.astype(np.float64), cells[..., 0].astype(np.float64), cells[..., 1].astype(np.float64), level)
     _, lo, hi = psi_intervals(*args, method=method) if intervals is None else intervals(*args)

@@ -30,6 +30,7 @@ ROWS: list[tuple[str, Any, str]] = [
 
 #: ROWS whose value is a reduction over groups (marked when some groups are small).
 GROUP_ROWS = {"group accuracy spread (max - min)", "worst-group accuracy", "max psi_g (excess accuracy gap)",
+              "certified max psi_g (upper bound)",
               "psi_g spread (max - min)", "demographic parity difference", "equalized odds difference"}
 BINARY_ROWS = {"demographic parity difference", "equalized odds difference"}
 
@@ -194,7 +195,7 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
     cert = results["pruned"].get(split, {}).get("certificate")
     if not cert:
         return []
-    out = [f"## Certificate ({split}): psi_g <= eps = {cert['eps']:g} at {cert['level']:.0%} (simultaneous)", ""]
+    out = [f"## Certificate ({split}): psi_g <= eps = {cert['eps']:g} at {certify.level_text(cert['level'])} (simultaneous)", ""]
     if cert.get("interval_version", 1) < certify.FIRST_VALID_VERSION:
         out += ["- **made with interval version 1** (a normal approximation that under-covers small groups): "
                 "rerun to get a certificate that keeps its level", ""]
@@ -349,10 +350,24 @@ def plot_constraints(results: dict, path: Path, max_groups: int = 10) -> bool:
     return True
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float made valid JSON: NaN as ``null``, +-inf as the strings ``"inf"`` /
+    ``"-inf"`` (an option such as ``multiplier_max = inf``, "no cap", keeps its meaning). Strict JSON has no
+    such numbers, and a run must not be lost at its last step because one free-form record holds one."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
 def write_json_atomic(obj: Any, path: Path) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    """Write JSON via a temporary file and rename, so readers never see half a file (strict JSON:
+    :func:`json_safe`)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 

@@ -251,9 +251,20 @@ def _arrays(arrays: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def _named(values: list[np.ndarray], names: Sequence[str] | None, what: str, keyword: str
            ) -> tuple[list[np.ndarray], list[str] | None]:
     """Labels or group ids given as names (strings, booleans): mapped to ids 0..k-1 over every split
-    together, in sorted order (numbers numerically), and the names kept. Integer ids pass through."""
+    together, in sorted order (numbers numerically), and the names kept. Integer ids 0..k-1 pass through; group
+    ids with gaps (census codes 1000 and 2000), when no names are given, are names too: numbered 0..k-1 over
+    the ids present and named by their values, rather than read as 2001 groups of which 1999 are empty."""
     if all(np.issubdtype(v.dtype, np.number) for v in values if v.size):
-        return values, None if names is None else list(names)
+        if names is not None or keyword != "group_names":
+            return values, None if names is None else list(names)
+        present = np.unique(np.concatenate([np.asarray(v).reshape(-1) for v in values]))
+        if not present.size or present.min() < 0 or present.max() == present.size - 1:
+            return values, None                 # 0..k-1, or negative ids (refused with their range later)
+        if not np.all(np.equal(np.mod(present, 1), 0)):
+            return values, None                 # fractional ids: refused, with their values, by _split
+        index = {float(s): i for i, s in enumerate(present.tolist())}
+        return ([np.asarray([index[float(s)] for s in np.asarray(v).reshape(-1).tolist()], np.int32) for v in values],
+                [str(int(s)) for s in present.tolist()])
     if names is not None:
         raise ValueError(f"{what} are given as names ({', '.join(map(repr, values[0][:3].tolist()))} ...): they "
                          f"name themselves, so leave out {keyword}= (or pass integer ids with {keyword}=)")

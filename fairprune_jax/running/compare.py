@@ -37,12 +37,14 @@ from typing import Any
 from fairprune_jax.core.config import LEGACY_RUN_VALUES, RunConfig
 from fairprune_jax.core.notices import tqdm, warn
 from fairprune_jax.reporting import tables
+from fairprune_jax.reporting.report import json_safe
 from fairprune_jax.reporting.result import upgrade_certificates
 from fairprune_jax.running.grid import (CHOSEN_ON, DERIVED_COLUMNS, FLAG_COLUMNS, GRID_LISTS,  # noqa: F401
                                         METRICS, RUN_KEYS, TEXT_KEYS, TOP_KEYS, CompareConfig, _check_variants,
                                         _load_config, cell_config, cell_dir, check_grid_lists, check_run_values,
                                         chosen_on_kind, dense_dir, load_config, read_toml, resolve_entry)
-from fairprune_jax.running.grid_report import (DEFAULT_COLUMNS, _metric_label, constraint_lines,  # noqa: F401
+from fairprune_jax.metrics import certify
+from fairprune_jax.running.grid_report import (certificate_settings, mixed_certificate_note, DEFAULT_COLUMNS, _metric_label, constraint_lines,  # noqa: F401
                                                constraint_settings, format_cell, identical_rows, markdown_table,
                                                method_label, plot, small_legend, structured_methods,
                                                table_columns, used_defaults, write_outputs)
@@ -246,7 +248,10 @@ def collect(cc: CompareConfig) -> dict:
                     row["degenerate"] = constant_classifier(r)
                 row["top_prediction_share"] = r["pruned"]["test"].get("top_prediction_share")
                 row["no_violated_group"] = None if row["test_violated_groups"] is None else row["test_violated_groups"] == 0
-                row["small_groups"] = (r["pruned"]["test"].get("certificate") or {}).get("small_groups", [])
+                cert = r["pruned"]["test"].get("certificate") or {}
+                row["small_groups"] = cert.get("small_groups", [])
+                # what the cell's certificate states: its bound eps and confidence level (a grid may mix them)
+                row["certify_eps"], row["certify_level"] = cert.get("eps"), cert.get("level")
                 row["small"] = small_marks(r)
                 row["small_limit"] = int((r.get("config") or {}).get("small_group", RunConfig.small_group))
                 row["dense_test_accuracy"] = r["dense"]["test"]["accuracy"]
@@ -335,7 +340,10 @@ def headline_rows(suite: Suite, per_comparison: dict | None = None) -> list[dict
     for cc in suite.configs:
         res = collect(cc)
         if per_comparison is not None:
-            per_comparison[cc.name] = {"dense": res.get("dense"), "setting": res.get("setting") or {}}
+            eps, levels = certificate_settings(res.get("rows") or [])
+            per_comparison[cc.name] = {"dense": res.get("dense"), "setting": res.get("setting") or {},
+                                       "certificate": (eps, levels),
+                                       "mixed_certificates": mixed_certificate_note(res.get("rows") or [])}
         for a in res["aggregate"]:
             rows.append({"comparison": cc.name, "dataset": _dataset_label(cc), **a})
     return rows
@@ -379,6 +387,11 @@ def headline_sections(suite: Suite, rows: list[dict], per: dict, latex: bool = F
         legend = small_legend(agg + [dense or {}], cols, set((info.get("setting") or {}).get("small_limits") or ()))
         if legend:
             notes.append(legend)
+        eps, levels = info.get("certificate") or ([], [])
+        if levels:
+            notes.append(info.get("mixed_certificates") or (
+                f"Test certificates: ψ_g ≤ ε = {' / '.join(f'{e:g}' for e in eps)}, simultaneous intervals and "
+                f"certified max ψ_g at {' / '.join(certify.level_text(x) for x in levels)} confidence."))
         body = tables.render(agg, cols, dense=dense, structured=structured, flags=set(FLAG_COLUMNS), latex=latex,
                              lead=("dataset", "method", "sparsity"))
         if latex:
@@ -392,7 +405,8 @@ def write_headline(suite: Suite) -> dict:
     per: dict = {}
     rows = headline_rows(suite, per)
     suite.out.mkdir(parents=True, exist_ok=True)
-    (suite.out / "headline.json").write_text(json.dumps({"name": suite.name, "rows": rows}, indent=2))
+    (suite.out / "headline.json").write_text(json.dumps(json_safe({"name": suite.name, "rows": rows}), indent=2,
+                                                                allow_nan=False))
     with open(suite.out / "headline.csv", "w", newline="") as f:
         fields = ["comparison", "dataset", "method", "sparsity", "n_seeds"]
         w = csv.writer(f)

@@ -10,7 +10,10 @@ import dataclasses
 import json
 
 from fairprune_jax.core.config import RunConfig
+from fairprune_jax.core.notices import warn
+from fairprune_jax.metrics import certify
 from fairprune_jax.reporting import figures, tables
+from fairprune_jax.reporting.report import json_safe
 from fairprune_jax.reporting.tables import md_text
 from fairprune_jax.running.grid import FLAG_COLUMNS, CompareConfig, cell_dir, chosen_on_kind
 
@@ -158,9 +161,38 @@ def constraint_lines(cc: CompareConfig, rows: list[dict], agg: list[dict]) -> li
                      "`nft` from the same pruned start)")
         out.append(line + ".")
     if cc.tolerance is not None:
-        out.append(f"- Grid tolerance ε = {cc.tolerance:g}: the `max ψ_g ≤ ε (train)` column and the test "
-                   "certificate of every method use it.")
+        used = sorted({r["certify_eps"] for r in rows if r.get("certify_eps") is not None})
+        cert = ("the test certificate of every method uses it" if used in ([], [cc.tolerance]) else
+                "the test certificates use ε = " + " / ".join(f"{e:g}" for e in used) + " (`[run] certify_eps`)")
+        out.append(f"- Grid tolerance ε = {cc.tolerance:g}: the `max ψ_g ≤ ε (train)` column uses it; {cert}.")
     return out
+
+
+def certificate_settings(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """The distinct bounds eps and confidence levels the cells' test certificates were made at (sorted)."""
+    eps = sorted({float(r["certify_eps"]) for r in rows if r.get("certify_eps") is not None})
+    levels = sorted({float(r["certify_level"]) for r in rows if r.get("certify_level") is not None})
+    return eps, levels
+
+
+def mixed_certificate_note(rows: list[dict]) -> str | None:
+    """A warning when the cells' certificates were made at different eps or levels (the certified share and
+    violated-group columns then compare unlike statements), naming which entries used which; else None."""
+    eps, levels = certificate_settings(rows)
+    if len(eps) < 2 and len(levels) < 2:
+        return None
+    by: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.get("certify_eps") is None:
+            continue
+        key = (float(r["certify_eps"]), float(r.get("certify_level") or 0.95))
+        if r["method"] not in by.setdefault(key, []):
+            by[key].append(r["method"])
+    parts = "; ".join(f"ε = {e:g} at {certify.level_text(lv)}: {', '.join(ms)}" for (e, lv), ms in sorted(by.items()))
+    return (f"**The cells' certificates were made at different bounds or levels ({parts}).** The certified share, "
+            "violated-group and no-violated-group columns compare unlike statements across them (the certified "
+            "max ψ_g depends on the level only); set one `tolerance` (or `[run] certify_eps` and "
+            "`certify_level`) for the whole grid to compare them.")
 
 
 def identical_rows(agg: list[dict], cols: list[str]) -> list[tuple[str, str, float]]:
@@ -185,9 +217,9 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
             w = csv.DictWriter(f, fieldnames=list(flat[0]))
             w.writeheader()
             w.writerows(flat)
-    (cc.out / "results.json").write_text(json.dumps({"name": cc.name, "dataset": cc.dataset, "rows": rows,
-                                                     "aggregate": agg, "dense": dense,
-                                                     "chosen_on": cc.chosen_on}, indent=2))
+    (cc.out / "results.json").write_text(json.dumps(json_safe({"name": cc.name, "dataset": cc.dataset, "rows": rows,
+                                                               "aggregate": agg, "dense": dense,
+                                                               "chosen_on": cc.chosen_on}), indent=2, allow_nan=False))
     structured = structured_methods(cc)
     constraint = {m: c for m, c in constraint_settings(cc).items() if c}
     for m in constraint:     # what the cells record beats today's defaults (older cells predate some options)
@@ -207,6 +239,10 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
     legend = small_legend(agg + [dense or {}], cols, set(setting.get("small_limits") or ()))
     if legend:
         notes.append(legend)
+    mixed = mixed_certificate_note(rows)
+    if mixed:
+        notes.append(mixed)
+        warn(mixed.replace("**", ""))
     same = identical_rows(agg, cols)
     for a, b, sp in same:
         mult = {m: max((r["constraint"]["max_multiplier"] or 0.0 for r in rows if r["method"] == m
@@ -232,9 +268,12 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
         md += [f"Small groups (fewer test rows than the runs' `small_group` threshold; their per-group figures "
                f"and certificate verdicts rest on few rows): {', '.join(small)}.", ""]
     if any(r.get("test_certified_share") is not None for r in rows):
-        md += ["Certificate columns (test, simultaneous 95% intervals unless the runs set another level): "
-               "certified share (`test_certified_share`) = share of groups whose psi_g interval lies below eps; "
-               "certified max ψ_g (`test_psi_upper`) = the worst upper end, i.e. with 95% confidence no group lost "
+        eps, levels = certificate_settings(rows)
+        lv = " / ".join(certify.level_text(x) for x in levels) or certify.level_text(0.95)
+        at = f" ε = {' / '.join(f'{e:g}' for e in eps)}" if eps else " eps"
+        md += [f"Certificate columns (test, simultaneous {lv} intervals): "
+               f"certified share (`test_certified_share`) = share of groups whose psi_g interval lies below{at}; "
+               f"certified max ψ_g (`test_psi_upper`) = the worst upper end, i.e. with {lv} confidence no group lost "
                "more than this beyond the overall loss (the number to rank methods by; empty for cells whose "
                "certificate predates interval version 2, which under-covered small groups: rerun them); "
                "certifiable floor (`test_psi_floor`) = the bound a model that changes no prediction would get on "
@@ -249,6 +288,11 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
         cc.name, tables.render(agg, cols, latex=True, **table_args), notes))
     if rows:
         plot(cc, rows, agg, dense=dense, setting=setting)
+
+
+def level_label(rows: list[dict]) -> str:
+    """The certificates' confidence level(s) in words ("95%", or "95% / 99%" for a grid that mixes them)."""
+    return " / ".join(certify.level_text(x) for x in certificate_settings(rows)[1]) or certify.level_text(0.95)
 
 
 def _metric_label(col: str) -> str:
@@ -266,7 +310,7 @@ def plot(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: dict | Non
                      title=title, structured=structured, eps=cc.tolerance)
     if any((a.get("test_psi_upper") or {}).get("mean") is not None for a in agg):
         figures.tradeoff(agg, None, cc.out / "tradeoff_certified.png", metric="test_psi_upper",
-                         metric_label=_metric_label("test_psi_upper") + " (95% upper bound)",
+                         metric_label=_metric_label("test_psi_upper") + f" ({level_label(rows)} upper bound)",
                          title=f"{title}: accuracy against the certified bound", structured=structured,
                          eps=cc.tolerance)
     log_axis = (cc.sparsity_axis == "log" or (cc.sparsity_axis == "auto" and len(cc.sparsities) > 1

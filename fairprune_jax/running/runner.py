@@ -150,9 +150,10 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
         worst = max(cert["groups"][n]["floor"] for n in short)
         warn(f"the {split} split cannot certify psi_g <= {cert['eps']:g} for {len(short)} of "
              f"{cert['groups_tested']} groups ({', '.join(short[:6])}{' ...' if len(short) > 6 else ''}) "
-             f"even for a pruned model identical to the dense one (their floor reaches {worst:.4f}): "
-             "these groups have too few test rows; read the certified max psi_g instead, certify a "
-             "larger bound (--certify-eps), or give the test split more rows")
+             f"unless they lose less accuracy than the average (psi_g < 0): a pruned model identical to the "
+             f"dense one would get a bound above eps for them (their floor reaches {worst:.4f}), as these "
+             "groups have too few test rows; read the certified max psi_g instead, certify a larger bound "
+             "(--certify-eps), or give the test split more rows")
     one_sided = {n: ("positives" if g.get("positives") == 0 else "negatives")
                  for n, g in cert["groups"].items() if g.get("n") and 0 in (g.get("positives"), g.get("negatives"))}
     if one_sided and len(one_sided) < sum(1 for g in cert["groups"].values() if g.get("n")):
