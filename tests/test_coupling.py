@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fairprune_jax.models import count_flops
 from fairprune_jax.running.api import wrap_model
 from fairprune_jax.sparsity import compact, coupling, units
 from fairprune_jax.sparsity.masks import apply_masks, map_named, named_leaves, prunable_template
@@ -230,6 +231,23 @@ def test_an_operation_the_tracer_does_not_know_is_named():
     assert refused["a"] == "channel space of a reaches 'cumsum', which fairprune cannot trace"
 
 
+class ChannelConstant(nnx.Module):
+    """Adds a constant per channel that is 0 at channel 0 only: a removed channel reads nonzero downstream."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 8, rngs=rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.a(x) + jnp.arange(8.0)))
+
+
+def test_the_numerical_check_removes_more_than_unit_0():
+    """It removed unit 0 only, so this model's group passed the check and failed at compaction."""
+    _, _, _, groups, refused = groups_of(ChannelConstant(nnx.Rngs(0)), (3,))
+    assert "a/kernel" not in groups and "is not zero where its consumers read it" in refused["a"]
+
+
 def test_attention_heads_and_mlp_units_of_a_vit():
     fm, params, state = zoo_model("vit", (8, 8, 3), dim=16, depth=1, heads=4, mlp=24, patch=4)
     found = coupling.coupled_groups(fm, params, state)
@@ -299,6 +317,12 @@ def test_structured_magnitude_masks_equal_the_sliced_model(name, shape, kw):
     assert float(jnp.max(jnp.abs(masked - sliced))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(masked))))
     size = lambda t: sum(int(np.size(v)) for _, v in named_leaves(t))  # noqa: E731
     assert size(small_p) < size(params) - sum(counts.values())      # at least one weight per pruned unit
+    # the compacted size, counted from the masks and groups without slicing, is the sliced model's
+    flops = count_flops(fm, params, state)
+    phys = units.physical_counts(params, masks, groups, flops)
+    assert phys["params_kept"] == size(small_p) and phys["params_total"] == size(params)
+    small_flops = sum(count_flops(small_fm, small_p, small_s).values())
+    assert phys["flops_fraction"] == pytest.approx(small_flops / sum(flops.values()), rel=1e-9)
 
 
 @pytest.mark.parametrize("model", ["residual", "dense_block", "vit"])

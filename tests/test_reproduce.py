@@ -28,6 +28,7 @@ def test_differences_finds_every_changed_leaf_and_tells_new_entries_apart():
     assert rep.failures(diffs) == [d for d in diffs if not d.endswith("new")]
 
 
+@pytest.mark.default_numerics
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("grid, methods, sparsities", [("headline_digits", "magnitude,nft,ceag", None),
                                                        ("lottery_digits_v2", "lth,ballot", [0.89])])
@@ -37,31 +38,15 @@ def test_committed_digits_cells_reproduce_bit_for_bit(grid, methods, sparsities)
     cells differ) passes only within float rounding (a few flipped rows, sparsity exact) and warns.
     (Grids whose cells predate the current dense training, e.g. bifp_digits, differ in float rounding from
     the first digit of the dense model's loss on; experiments/README.md lists them.)"""
-    import json
-    import os
-    import subprocess
-    import sys
     import warnings
-    # in a process of its own, compiled as a user's run is (the suite skips XLA's optimisation passes, which
-    # changes float rounding: tests/conftest.py)
-    script = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_reproduce as t; "
-              "rep = t._reproduce_module(); config = t.ROOT / 'experiments' / sys.argv[1]; "
-              "res = rep.reproduce(config, seeds=[0], methods=sys.argv[2].split(','), "
-              "sparsities=json.loads(sys.argv[3])); "
-              "print('RESULT ' + json.dumps({'res': res, 'key': rep.numerics_key(), "
-              "'known': all(rep.reference_cell(config, name) for name in res)}))")
-    p = subprocess.run([sys.executable, "-c", script, f"{grid}.toml", methods, json.dumps(sparsities)],
-                       env=dict(os.environ, XLA_FLAGS=" ".join(
-                           f for f in os.environ.get("XLA_FLAGS", "").split()
-                           if not f.startswith("--xla_backend_optimization_level"))), capture_output=True, text=True,
-                       timeout=1200)
-    assert p.returncode == 0, p.stderr[-4000:]
-    out = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    rep, res = _reproduce_module(), out["res"]
+    rep = _reproduce_module()
+    config = ROOT / "experiments" / f"{grid}.toml"
+    res = rep.reproduce(config, seeds=[0], methods=methods.split(","), sparsities=sparsities)
+    known = all(rep.reference_cell(config, name) for name in res)
     bad = {cell: rep.failures(d)[:5] for cell, d in res.items() if rep.failures(d)}
-    if bad and not out["known"]:
+    if bad and not known:
         bad = {cell: rep.rounding_failures(d)[:5] for cell, d in res.items() if rep.rounding_failures(d)}
-        warnings.warn(f"{grid}: this host ({out['key']}) has no references and rounds differently from "
+        warnings.warn(f"{grid}: this host ({rep.numerics_key()}) has no references and rounds differently from "
                       "the committed cells; checked within float rounding only (python experiments/reproduce.py "
                       "... --write-reference makes references)")
     assert res and not bad, bad

@@ -55,6 +55,12 @@ def test_save_compact_writes_a_smaller_equivalent_model(compact_run):
     assert c["params_compact"] < c["params_dense"] and 0 < c["flops_fraction"] < 1
     assert c["flops_compact"] == pytest.approx(c["flops_fraction"] * c["flops_dense"])
     assert c["check_rows"] == r["sizes"]["test"] and c["max_abs_logit_diff"] <= 1e-5
+    # every structured run counts the compacted size from its masks and groups, without building it
+    phys = r["sparsity"]["compacted"]
+    assert phys["params_kept"] == c["params_compact"] and phys["params_total"] == c["params_dense"]
+    assert phys["flops_fraction"] == pytest.approx(c["flops_fraction"], rel=1e-9)
+    assert phys["flops_fraction"] < r["sparsity"]["flops_fraction"]          # the masks' count is an upper bound
+    assert f"compacted size {phys['params_fraction']:.4f} of the parameters" in stdout
 
     # the saved model, reloaded without the run's code path, computes the masked model's logits
     small = compact.load(d / c["path"])

@@ -408,7 +408,7 @@ def bifp(ctx: Context, dense: TrainState, opts: BifpOptions) -> tuple[TrainState
                                                                                       augment=ctx.augment),
                                                        desc="bifp (retrain)")
     if structured:
-        info["kept_units"] = kept_units(pruned.masks, groups)
+        info.update(kept_units=kept_units(pruned.masks, groups), _unit_groups=groups)
     info.update(_fair_info(ctx, spec, pruned, "bifp"))
     return pruned.replace(extra=None), info
 
@@ -424,7 +424,8 @@ def structured_magnitude(ctx: Context, dense: TrainState, opts: NoOptions) -> tu
     masks = l1_structured_masks(ctx, dense.params, groups, template)
     tx = ctx.finetune_tx()
     state, hist = ctx.finetune(ctx.masked_state(dense, masks, tx), tx, desc="fine-tune (structured)")
-    return state, {"history": hist, "structured": True, "kept_units": kept_units(state.masks, groups)}
+    return state, {"history": hist, "structured": True, "kept_units": kept_units(state.masks, groups),
+                   "_unit_groups": groups}
 
 
 @register("prune_then_fair", "structured magnitude pruning, then fine-tuning with the fairness surrogate as a "
@@ -446,6 +447,7 @@ def prune_then_fair(ctx: Context, dense: TrainState, opts: PruneThenFairOptions)
         state, guarded = guard.finish(state)
     info = {"options": dataclasses.asdict(opts), "fairness": spec.surrogate, "history": hist, "structured": True,
             "dual_lr_used": fair_dual_lr(opts, steps), "kept_units": kept_units(state.masks, groups),
+            "_unit_groups": groups,
             **_fair_info(ctx, spec, state, "prune_then_fair")}
     if spec.mode == "constraint":
         info["multiplier_history"] = mult_hist + [info["multipliers"]]
@@ -479,7 +481,7 @@ def fair_then_prune(ctx: Context, dense: TrainState, opts: FairThenPruneOptions)
     masks = l1_structured_masks(ctx, start.params, groups, template)
     tx = ctx.finetune_tx()
     state, hist = ctx.finetune(ctx.masked_state(start, masks, tx), tx, desc="fine-tune (structured)")
-    info.update(history=hist, kept_units=kept_units(state.masks, groups))
+    info.update(history=hist, kept_units=kept_units(state.masks, groups), _unit_groups=groups)
     return state, info
 
 

@@ -234,12 +234,21 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
     return out + [""]
 
 
+def _compacted_text(sp: dict) -> str:
+    """A structured run's physical size (``sparsity.compacted``), for a line that gives the masks' count."""
+    c = sp.get("compacted")
+    if not c:
+        return ""
+    return (f"; compacted (removed units' reader rows gone too): {c['params_fraction']:.4f} of the parameters, "
+            f"FLOPs {_fmt(c.get('flops_fraction'), '{:.4f}')}")
+
+
 def markdown_report(results: dict) -> str:
     r = results
     out = [f"# fairprune run: {r['method']} on {r['dataset']} ({r['model']})", "",
            f"- target sparsity {r['sparsity']['target']:.4f}, achieved {r['sparsity']['achieved']:.4f} of "
            f"prunable weights ({r['sparsity']['overall']:.4f} of all parameters); FLOPs remaining "
-           f"{_fmt(r['sparsity'].get('flops_fraction'), '{:.4f}')}",
+           f"{_fmt(r['sparsity'].get('flops_fraction'), '{:.4f}')}" + _compacted_text(r['sparsity']),
            f"- seed {r['seed']}; groups: {r['groups']['num_groups']} from {', '.join(r['groups']['attributes'])}; "
            f"sizes {r['sizes']}",
            f"- wall time {r['wall_time_s']:.1f} s", ""]

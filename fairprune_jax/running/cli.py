@@ -143,7 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"WARNING: {line}")
     for line in res.get("method_info", {}).get("notes", []):
         print(f"note: {line}")
-    print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}); "
+    phys = res["sparsity"].get("compacted")
+    size = (f"; compacted size {phys['params_fraction']:.4f} of the parameters, "
+            f"{phys['flops_fraction']:.4f} of the FLOPs" if phys and phys.get("flops_fraction") is not None else "")
+    print(f"achieved sparsity {res['sparsity']['achieved']:.4f} (target {cfg.sparsity}){size}; "
           f"wall time {res['wall_time_s']:.1f} s")
     out = Path(cfg.out)
     from fairprune_jax.running.outputs import OUTPUT_ENTRIES     # everything a run writes, one list

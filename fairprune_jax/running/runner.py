@@ -66,6 +66,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     if tracker is not None:
         tracker.group_names = list(ds.group_names)
     pruned, info = method.run(ctx, prep.dense, opts)
+    unit_groups = info.pop("_unit_groups", None)      # a structured run's removable units (not a result)
     jax.block_until_ready(pruned.params)
     timings = dict(prep.timings)
     timings["method_s"] = time.perf_counter() - t_start
@@ -73,6 +74,10 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
              "pruned": {s: evaluate(prep.report_step or ctx.eval_step, pruned, split, cfg.eval_batch_size)
                         for s, split in ds.splits().items()}}
     results = _assemble(cfg, ds, ctx, prep.dense, pruned, evals, prep.dense_history, info)
+    if unit_groups is not None:
+        # what compaction keeps (a removed unit takes its readers' rows too), besides the masks' own count
+        results["sparsity"]["compacted"] = compact.physical_counts(pruned.params, pruned.masks, unit_groups,
+                                                                   ctx.flops)
     results["method_info"]["defaults_revision"] = method.defaults_revision   # compare's stale-cell check reads it
     results["data_fingerprint"] = ds.fingerprint()
     if tracker is not None:         # the logged series, summarised (first / last / min / max per phase and group)
@@ -144,6 +149,11 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
     p = results["pruned"][split]
     if split != "test":
         return
+    note = accuracy_loss_note(results, cfg, split)
+    if note:
+        p["accuracy_loss_note"] = note
+    if not distributed.is_primary():        # process 0 reports (every process holds the same results)
+        return
     cert = p["certificate"]
     short = [n for n, g in cert["groups"].items() if g.get("floor") is not None and g["floor"] > cert["eps"]]
     if short:
@@ -167,11 +177,8 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
         warn(f"{cfg.method} at sparsity {cfg.sparsity}: the pruned model is degenerate: it predicts "
              f"{p['top_prediction']!r} for {p['top_prediction_share']:.1%} of the {split} rows, so its "
              "fairness figures (DP / EO near 0) say nothing about fairness")
-    note = accuracy_loss_note(results, cfg, split)
     if note:
-        p["accuracy_loss_note"] = note
-        if distributed.is_primary():        # process 0 reports (every process holds the same results)
-            warn(note)
+        warn(note)
 
 
 #: A run whose prunable weights end this far (or more) below the target sparsity says so: its numbers describe a

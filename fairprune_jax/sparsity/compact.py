@@ -29,8 +29,8 @@ from fairprune_jax.sparsity.masks import map_named, named_leaves
 from fairprune_jax.sparsity.units import (_NORMS, SUPPORTED, TRACED, UnitGroup, _aligned_consumer,  # noqa: F401
                                           _checked_consumers, _forward_calls, _key, check_structured,
                                           expand_unit_masks, get_leaf, has_leaf, model_unit_groups,
-                                          replace_leaves, spread, structured_template, traced_unit_groups, unit_groups,
-                                          unit_masks_of)
+                                          kept_positions, physical_counts, replace_leaves, spread,
+                                          structured_template, traced_unit_groups, unit_groups, unit_masks_of)
 
 FORMAT = "fairprune_jax.compact/1"
 
@@ -375,19 +375,11 @@ def slice_groups(fm: FunctionalModel, params: Any, model_state: Any, masks: Any,
     units = unit_masks_of(masks, groups)
     new_p = {n: np.asarray(v) for n, v in named_leaves(params)}
     new_s = {n: _host(v) for n, v in named_leaves(model_state)}
-    keep: dict[tuple[str, str, int], np.ndarray] = {}       # (tree, leaf, axis) -> positions kept, all groups
     for g in groups:
-        if g.kernel not in units:
-            continue
-        v = units[g.kernel]
-        if not v.any():
+        if g.kernel in units and not np.asarray(units[g.kernel]).any():
             raise ValueError(f"compaction: every unit of {g.kernel} is pruned; keep at least one unit per group")
-        for tree, names, ax in (("p", (g.kernel, *g.producers, *g.companions), -1), ("s", g.stats, -1),
-                                ("p", g.consumers, -2)):
-            for name in names:
-                leaf = (new_p if tree == "p" else new_s)[name]
-                k = spread(g, name, leaf.shape[ax], v) != 0
-                keep[(tree, name, ax)] = k if (tree, name, ax) not in keep else keep[(tree, name, ax)] & k
+    shapes = {n: np.shape(v) for d in (new_p, new_s) for n, v in d.items()}
+    keep = kept_positions(masks, groups, shapes)     # (tree, leaf, axis) -> positions kept, all groups
     for (tree, name, ax), k in keep.items():     # sliced once, after every group (a concatenation's readers
         d = new_p if tree == "p" else new_s      # hold several groups' positions)
         d[name] = np.compress(k, d[name], axis=ax)

@@ -383,6 +383,49 @@ def _units_of(g: UnitGroup, full: np.ndarray) -> np.ndarray:
     return full[..., : g.units * g.inner: g.inner]
 
 
+def kept_positions(masks: Any, groups: Sequence[UnitGroup], shapes: dict[str, tuple[int, ...]]
+                   ) -> dict[tuple[str, str, int], np.ndarray]:
+    """``{(tree, leaf, axis): positions kept}`` of a structured mask over every group: tree ``"p"`` (params) or
+    ``"s"`` (model state), axis -1 for the members and statistics, -2 for the consumers' rows; a leaf that
+    several groups index (a norm over a concatenation) keeps what all of them keep. ``shapes``: every leaf's
+    shape, params and model state by name. What compaction slices (``compact.slice_groups``) and what the
+    compacted model's size is counted from (:func:`physical_counts`)."""
+    units = unit_masks_of(masks, groups)
+    keep: dict[tuple[str, str, int], np.ndarray] = {}
+    for g in groups:
+        if g.kernel not in units:
+            continue
+        v = np.asarray(units[g.kernel])
+        for tree, names, ax in (("p", (g.kernel, *g.producers, *g.companions), -1), ("s", g.stats, -1),
+                                ("p", g.consumers, -2)):
+            for name in names:
+                if name not in shapes:
+                    continue
+                k = np.asarray(spread(g, name, shapes[name][ax], v)) != 0
+                keep[(tree, name, ax)] = k if (tree, name, ax) not in keep else keep[(tree, name, ax)] & k
+    return keep
+
+
+def physical_counts(params: Any, masks: Any, groups: Sequence[UnitGroup],
+                    flops: dict[str, float] | None = None) -> dict[str, Any]:
+    """The parameters and multiply-accumulates the compacted model keeps, counted from a structured mask
+    without building it: a removed unit takes its producers' columns, its companions' entries and its readers'
+    rows with it. The mask-level counts of ``masks.sparsity_summary`` see only the producers' columns (a
+    ResNet at 97% structured: 0.65 of the FLOPs from the masks, 0.12 compacted)."""
+    shapes = {n: tuple(np.shape(v)) for n, v in named_leaves(params)}
+    frac = dict.fromkeys(shapes, 1.0)
+    for (tree, name, _), k in kept_positions(masks, groups, shapes).items():
+        if tree == "p":
+            frac[name] *= float(k.mean()) if k.size else 1.0
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    kept = sum(int(round(np.prod(s) * frac[n])) for n, s in shapes.items())
+    out: dict[str, Any] = {"params_kept": kept, "params_total": total, "params_fraction": kept / max(total, 1)}
+    if flops:
+        dense = float(sum(flops.values()))
+        out["flops_fraction"] = float(sum(f * frac.get(n, 1.0) for n, f in flops.items())) / max(dense, 1.0)
+    return out
+
+
 def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> dict[str, np.ndarray]:
     """Validate that ``masks`` is a structured mask compaction can honour; returns the unit masks.
 
