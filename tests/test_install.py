@@ -17,6 +17,12 @@ def _modules_after(code: str) -> list[str]:
     return eval(out.stdout.strip().splitlines()[-1])
 
 
+def test_the_help_lists_every_model_of_the_zoo():
+    from fairprune_jax.core.config import MODEL_NAMES
+    from fairprune_jax.models import MODELS
+    assert tuple(sorted(MODELS)) == MODEL_NAMES
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["compare", "--help"]])
 def test_help_imports_no_jax(argv):
     code = ("import contextlib, io\nfrom fairprune_jax.running import cli\n"

@@ -16,6 +16,8 @@ DEFAULT_CERTIFY_EPS = 0.01
 #: men, enough rows to certify a per-group bound near 0.01; digits' 45-row classes have a floor of 0.13: an
 #: unchanged model would be certified no tighter).
 DEFAULT_DATASET = "adult"
+#: The model zoo's names (``models.MODELS`` holds the classes; here for ``--help``, which imports no JAX).
+MODEL_NAMES = ("cnn", "mlp", "mobilenet_v2", "resnet", "resnet18", "resnet34", "vit")
 #: Dense training epochs when none are given: 30, or fewer for a dataset with many rows per epoch (the main
 #: job on Adult stays under a minute on 2 CPU cores with 10).
 DEFAULT_EPOCHS = 30

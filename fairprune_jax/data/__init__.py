@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Callable
+
+import numpy as np
 
 from fairprune_jax.data.adult import load_adult
 from fairprune_jax.data.base import (Dataset, Split, eval_batches, steps_per_epoch,
@@ -64,9 +67,32 @@ def load_dataset(name: str, data_dir: str | None = None, **options) -> Dataset:
     if unknown:
         raise ValueError(f"dataset {name!r} does not take option(s) {', '.join(repr(u) for u in unknown)}; "
                          f"valid options: {', '.join(valid) if valid else '(none)'}")
+    check_option_types(name, options)
     ds = DATASETS[name](data_dir, **options)
     ds.validate()
     return ds
+
+
+def check_option_types(name: str, options: dict) -> None:
+    """Refuse a value of the wrong kind for a loader's typed option, naming it, before any data is read: a bool
+    option takes a bool (``--data-opt include_protected=F`` was read as true, and the protected column stayed in
+    the features), a number option a number (``seed=abc`` ended in a numpy traceback), an integer one an
+    integer. Options typed as text (or not typed) are the loader's to read."""
+    params = dict(list(inspect.signature(DATASETS[name]).parameters.items())[1:])
+    for key, value in options.items():
+        ann = params[key].annotation if key in params else inspect.Parameter.empty
+        kinds = set(re.findall(r"\b(bool|int|float|str)\b", ann if isinstance(ann, str) else getattr(ann, "__name__", "")))
+        if not kinds or "str" in kinds:
+            continue
+        if kinds == {"bool"}:
+            ok, want = isinstance(value, (bool, np.bool_)), "true or false"
+        elif "float" in kinds:
+            ok, want = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool), \
+                "a number"
+        else:
+            ok, want = isinstance(value, (int, np.integer)) and not isinstance(value, bool), "an integer"
+        if not ok:
+            raise ValueError(f"dataset {name!r}: option {key} must be {want}; got {value!r} (--data-opt {key}=...)")
 
 
 __all__ = ["DATASETS", "Dataset", "Split", "eval_batches", "load_adult", "load_celeb_a", "load_cifar10",

@@ -179,8 +179,12 @@ def load_csv(data_dir: str | os.PathLike | None = None, *, target: str | None = 
     if target is None:
         raise ValueError(f"csv: pass target=<label column>; columns in {path.name}: {', '.join(header)}")
     if target not in header:
+        numeric = sum(1 for h in header if re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", h))
         hint = (f" (the header has one column: is the file delimited by something other than {delim!r}? pass "
-                "delimiter=...)" if len(header) == 1 else "")
+                "delimiter=...)" if len(header) == 1 else
+                f" (the first line looks like data, not column names: {numeric} of its {len(header)} fields are "
+                "numbers; the file needs a header line naming its columns, e.g. UCI Adult's adult.data has none: "
+                "use --dataset adult for it)" if numeric * 3 >= len(header) else "")
         raise ValueError(f"csv: unknown target column {target!r}; valid columns: {', '.join(header)}{hint}")
     if protected is None:
         raise ValueError(f"csv: pass protected=<column> (or a comma list for an intersection); "

@@ -390,7 +390,9 @@ def certificate_targets(ctx: Context, dense: TrainState, start: TrainState, eps:
     h = certify.predicted_halfwidth(share * n_test, flips, float(cfg.certify_level), cfg.certify_interval)
     h = np.where(share > 0, h, 0.0)
     reach = certify.reachable_bound(share, h)
-    target = max(eps, reach + margin)
+    # eps itself whenever it is above the reachable bound (a user's eps is never loosened while a model could
+    # certify it); below it, the bound plus the margin
+    target = eps if eps > reach else reach + margin
     parts = []
     if target > eps:
         parts.append(f"a certified bound of {eps:g} is out of reach for a test split of {n_test} rows at the pruned "

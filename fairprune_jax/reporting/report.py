@@ -308,7 +308,8 @@ def constraint_line(results: dict) -> str | None:
         line += f"; train max psi_g at the end {train:.4f}: {'met' if train <= eps else 'NOT met'}"
     sel = info.get("selection")
     if sel and sel.get("max_psi") is not None:
-        line += (f"; held-out max psi_g of the selected checkpoint {sel['max_psi']:.4f}: "
+        rows = {"held-out": "held-out", "train": "training"}.get(sel.get("rows"), sel.get("rows"))
+        line += (f"; {rows + ' ' if rows else ''}max psi_g of the selected checkpoint {sel['max_psi']:.4f}: "
                  f"{'met' if sel['feasible'] else 'NOT met'}")
     traj = info.get("trajectory") or {}
     mult = [abs(v) for row in traj.get("multipliers", []) for v in row if v is not None]

@@ -10,6 +10,7 @@ output size, structured units) is checked before any training.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -155,6 +156,17 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str 
     opts.update(options)
     extra = dict(config or {})
     allowed = sorted({f.name for f in dataclasses.fields(RunConfig)} - _OWN)
+    known = set(dataclasses.asdict(method_obj.parse({})))
+    run_settings = sorted(k for k in options if k not in known and k in allowed)
+    if run_settings:         # a run setting given as a keyword (the CLI's --certify-eps is certify_eps here)
+        raise ValueError(f"{', '.join(run_settings)} {'is a run setting' if len(run_settings) == 1 else 'are run settings'}"
+                         f", not an option of method {method!r}: pass config={{{', '.join(repr(k) + ': ...' for k in run_settings)}}}")
+    own_args = ("epochs", "finetune_epochs", "lr", "finetune_lr", "batch_size", "seed", "val_fraction", "sparsity")
+    for k in options:
+        close = difflib.get_close_matches(k, own_args, n=1, cutoff=0.8)
+        if k not in known and close:
+            raise ValueError(f"{k!r} is neither a prune() argument nor an option of method {method!r}: did you mean "
+                             f"prune({close[0]}=...)?")
     bad = sorted(set(extra) - set(allowed))
     if bad:
         own = sorted(set(bad) & _OWN)
@@ -315,6 +327,11 @@ def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | Non
     for k, y, g in zip(given, ys, gs):
         raw[k] = (raw[k][0], y, g)
     tr, te, va = _split(raw["train"], "train"), _split(raw["test"], "test"), _split(raw["val"], "val")
+    labels = np.unique(np.concatenate([s.y for s in (tr, te, va) if s is not None]))
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels y must be class ids 0..C-1; got {', '.join(str(v) for v in labels[:6].tolist())}"
+                         f"{' ...' if labels.size > 6 else ''}: pass them as names (y.astype(str)) to have them "
+                         "numbered in sorted order, or number them yourself (np.unique(y, return_inverse=True)[1])")
     check_class_sizes(tr.y, class_names if class_names is not None else [str(int(c)) for c in np.unique(tr.y)],
                       dataset="train")
     meta: dict[str, Any] = {"source": "arrays in memory (fairprune_jax.prune)"}
@@ -332,9 +349,14 @@ def arrays_dataset(train: Sequence[np.ndarray], test: Sequence[np.ndarray] | Non
     n_cls = max(int(max(s.y.max() for s in splits)) + 1, 2)
     if num_classes is not None:
         if n_cls > num_classes:
+            seen = np.unique(tr.y)
             hint = (" (a single output with a sigmoid, as for logistic regression? fairprune needs one logit per "
                     "class: 2 for a binary target, trained with softmax cross-entropy)" if num_classes == 1 else
-                    " (a class in test or val that the model has no output for?)")
+                    f" (the labels are {', '.join(str(v) for v in labels[:6].tolist())}: class ids must be 0.."
+                    f"{num_classes - 1}; pass them as names, y.astype(str), to have them numbered)"
+                    if labels.size <= num_classes and not np.array_equal(labels, np.arange(labels.size)) else
+                    " (a class in test or val that the model has no output for?)" if seen.max() < num_classes else
+                    "")
             raise ValueError(f"labels go up to {n_cls - 1} but the model returns {num_classes} logit(s){hint}")
         n_cls = num_classes
     n_grp = int(max(s.g.max() for s in splits)) + 1

@@ -10,7 +10,7 @@ import ast
 import os
 
 from fairprune_jax.core.config import (BOOL_WORDS, CERTIFY_INTERVALS, DATASET_EPOCHS, DEFAULT_DATASET, DEFAULT_EPOCHS,
-                                       DISTRIBUTIONS, OPTIMIZERS, STREAM_MODES, RunConfig)  # no JAX: --help stays instant
+                                       DISTRIBUTIONS, MODEL_NAMES, OPTIMIZERS, STREAM_MODES, RunConfig)  # no JAX: --help stays instant
 
 
 # CLI flag -> loader option name; passed to the loader only when given.
@@ -100,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Defaults)
     r.add_argument("--method", default=d.method, help="pruning method (see `fairprune methods`)")
     _add_data_args(r)
-    r.add_argument("--model", default=None, help="mlp, cnn or resnet (default: mlp for tabular, cnn for images)")
-    r.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="model option, e.g. depth=20")
+    r.add_argument("--model", default=None, help=f"{', '.join(MODEL_NAMES)} (default: mlp for tabular, cnn for "
+                                                  "images)")
+    r.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
+                   help="model option, e.g. hidden=[64,32] for mlp, width=0.35 for mobilenet_v2 (each model's "
+                        "options: the README's Datasets section)")
     r.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of prunable weights removed")
     r.add_argument("--distribution", default=d.distribution, choices=DISTRIBUTIONS,
                    help="how sparsity is spread over layers; 2:4 / 4:8 / 1:4: N of every M consecutive input "

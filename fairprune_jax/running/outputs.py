@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from fairprune_jax.core.config import RunConfig
+from fairprune_jax.core.notices import warn
 from fairprune_jax.training import distributed
 
 
@@ -121,10 +122,24 @@ def set_aside_outputs(out: Path, keep: tuple = ()) -> Path | None:
         for name in found:
             _remove(out / name)
         return aside
+    if "results.json" in found and not keep:
+        warn(f"--out {out} holds an earlier run's results ({_describe(out / 'results.json')}): this run replaces "
+             f"them when it finishes (until then they wait in {ASIDE_DIR}/, and come back if it fails); choose "
+             "another --out to keep both")
     aside.mkdir()
     for name in found:
         os.replace(out / name, aside / name)
     return aside
+
+
+def _describe(results_json: Path) -> str:
+    """``method at sparsity S on DATASET`` of a finished run's results.json (``a finished run`` if unreadable)."""
+    import json
+    try:
+        r = json.loads(results_json.read_text())
+        return f"{r['method']} at sparsity {r['sparsity']['target']:g} on {r['dataset']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a finished run"
 
 
 @contextlib.contextmanager

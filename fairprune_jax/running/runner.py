@@ -163,7 +163,7 @@ def add_certificate(results: dict, cfg: RunConfig, ctx: Context, dense: TrainSta
              f"unless they lose less accuracy than the average (psi_g < 0): a pruned model identical to the "
              f"dense one would get a bound above eps for them (their floor reaches {worst:.4f}), as these "
              "groups have too few test rows; read the certified max psi_g instead, certify a larger bound "
-             "(--certify-eps), or give the test split more rows")
+             "(--certify-eps; certify_eps in a grid's [run] or in prune(config=)), or give the test split more rows")
     one_sided = {n: ("positives" if g.get("positives") == 0 else "negatives")
                  for n, g in cert["groups"].items() if g.get("n") and 0 in (g.get("positives"), g.get("negatives"))}
     if one_sided and len(one_sided) < sum(1 for g in cert["groups"].values() if g.get("n")):
@@ -211,10 +211,16 @@ def accuracy_loss_note(results: dict, cfg: RunConfig, split: str = "test") -> st
     if drop < ACCURACY_LOSS_WARN:
         return None
     method = get_method(cfg.method)
-    structured = method.is_structured(method.parse(cfg.method_options))
-    advice = ("structured pruning removes whole neurons / channels: a lower sparsity, more fine-tuning epochs "
-              "(--finetune-epochs) or an unstructured method keep more" if structured else
-              "a lower sparsity or more fine-tuning epochs (--finetune-epochs) keep more")
+    opts = method.parse(cfg.method_options)
+    structured = method.is_structured(opts)
+    # a method with epoch options of its own after pruning (ballot's retrain_epochs, lth's round_epochs) may not
+    # read --finetune-epochs at all: name them
+    own = [k for k in dataclasses.asdict(opts) if k.endswith("epochs") and k not in ("prune_epochs", "fair_epochs")]
+    epochs = ("more fine-tuning epochs (--finetune-epochs)" if not own else
+              f"more epochs after pruning ({cfg.method}'s own {' / '.join(f'--opt {k}=N' for k in own)}; "
+              "--finetune-epochs where it reads it)")
+    advice = (f"structured pruning removes whole neurons / channels: a lower sparsity, {epochs} or an "
+              "unstructured method keep more" if structured else f"a lower sparsity or {epochs} keep more")
     return (f"{cfg.method} at sparsity {cfg.sparsity}{' (structured)' if structured else ''} lost "
             f"{100 * drop:.1f} points of {split} accuracy ({float(d['accuracy']):.4f} dense -> {float(p['accuracy']):.4f} "
             f"pruned; this library flags {100 * ACCURACY_LOSS_WARN:.0f} points or more): {advice}")
