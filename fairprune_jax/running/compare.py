@@ -44,7 +44,8 @@ from fairprune_jax.running.grid import (CHOSEN_ON, DERIVED_COLUMNS, FLAG_COLUMNS
                                         _load_config, cell_config, cell_dir, check_grid_lists, check_run_values,
                                         chosen_on_kind, dense_dir, load_config, read_toml, resolve_entry)
 from fairprune_jax.metrics import certify
-from fairprune_jax.running.grid_report import (certificate_settings, mixed_certificate_note, DEFAULT_COLUMNS, _metric_label, constraint_lines,  # noqa: F401
+from fairprune_jax.running.grid_report import (DEFAULT_COLUMNS, _metric_label, certificate_settings,  # noqa: F401
+                                               constraint_lines, mixed_certificate_note,
                                                constraint_settings, format_cell, identical_rows, markdown_table,
                                                method_label, plot, small_legend, structured_methods,
                                                table_columns, used_defaults, write_outputs)

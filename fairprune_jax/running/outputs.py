@@ -5,6 +5,7 @@ while a new run works there, put back if it fails and dropped when it succeeds).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -134,7 +135,6 @@ def set_aside_outputs(out: Path, keep: tuple = ()) -> Path | None:
 
 def _describe(results_json: Path) -> str:
     """``method at sparsity S on DATASET`` of a finished run's results.json (``a finished run`` if unreadable)."""
-    import json
     try:
         r = json.loads(results_json.read_text())
         return f"{r['method']} at sparsity {r['sparsity']['target']:g} on {r['dataset']}"
