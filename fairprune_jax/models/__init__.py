@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fairprune_jax.core.trees import iter_modules
+from fairprune_jax.models.views import from_view
 from fairprune_jax.models.nets import CNN, MLP, ImageNetResNet, MobileNetV2, ResNet, ResNet18, ResNet34, ViT
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet,
@@ -34,12 +35,17 @@ class FunctionalModel:
 
     def apply(self, params: dict, model_state: dict, x: jax.Array, train: bool = False
               ) -> tuple[jax.Array, dict]:
-        module = nnx.merge(self.graphdef, params, model_state)
+        module = nnx.merge(self.graphdef, self.module_params(params), model_state)
         logits = self.call(module, x, train)
         if train and model_state:
             _, _, new_state = nnx.split(module, nnx.Param, ...)
             model_state = nnx.to_pure_dict(new_state)
         return logits, model_state
+
+    def module_params(self, params: Any) -> Any:
+        """``params`` (or masks) as the library holds them, in the module's own shapes (identity here; a user's
+        module with multi-axis kernels is run through 2-D views, :mod:`models.views`)."""
+        return params
 
     def call(self, module: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
         """The module's forward pass in training or evaluation mode (the built-in models take ``train=``)."""
@@ -56,13 +62,18 @@ class CustomModel(FunctionalModel):
     which set Dropout's ``deterministic`` and BatchNorm's ``use_running_average``). ``initial``: the params
     and model state dense training started from (what rewinding to step 0 returns, as ``build_model`` does
     for the built-in models); ``unit_groups``: the removable units for structured pruning (``None``: not
-    known).
+    known); ``views``: the module's multi-axis kernels that the library sees as 2-D matrices
+    (:func:`views.linear_general_views`; its params, masks and gradients hold those leaves in the view's shape).
     """
 
     mode: str = "attributes"
     eval_graphdef: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
     initial: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
     unit_groups: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+    views: tuple = ()
+
+    def module_params(self, params: Any) -> Any:
+        return from_view(params, self.views)
 
     def apply(self, params: dict, model_state: dict, x: jax.Array, train: bool = False
               ) -> tuple[jax.Array, dict]:
@@ -151,7 +162,7 @@ def forward_calls(fm: FunctionalModel, params: dict, model_state: dict,
     """``[(module path, module, output shape)]`` for every call of a module of ``kinds``, in the order one
     abstract forward pass (evaluation mode, batch of 1) makes them; shared by the layer order and the traced
     removable units (``compact.traced_unit_groups``)."""
-    module = nnx.merge(getattr(fm, "eval_graphdef", None) or fm.graphdef, params, model_state)
+    module = nnx.merge(getattr(fm, "eval_graphdef", None) or fm.graphdef, fm.module_params(params), model_state)
     paths = {id(sub): "/".join(str(p) for p in path) for path, sub in iter_modules(module) if isinstance(sub, kinds)}
     calls: list[tuple[str, Any, tuple[int, ...]]] = []
     originals = {cls: cls.__call__ for cls in kinds}

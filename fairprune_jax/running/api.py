@@ -29,6 +29,7 @@ from fairprune_jax.data.base import Dataset, Split, carve_validation, check_clas
 from fairprune_jax.sparsity.masks import DENSE_BY_NAME_SHARE, apply_masks, named_leaves, prunable_template
 from fairprune_jax.methods import get_method
 from fairprune_jax.models import CustomModel, call_mode, layer_order
+from fairprune_jax.models.views import linear_general_views, to_view
 from fairprune_jax.training.train import TrainState
 
 #: Fraction of ``train`` held out as the test split when ``test`` is not given (stratified by group and label).
@@ -46,7 +47,8 @@ class _PrunedFields(NamedTuple):
     model: nnx.Module   # the user's module class with the pruned weights (pruned entries exactly 0)
     masks: Any          # 0/1 arrays mirroring the params dict (None on leaves never pruned)
     report: Report      # the results ``fairprune run`` writes to results.json (a dict), with by_group()
-    state: TrainState   # params (masked), masks and model state as the runner's pytrees
+    state: TrainState   # params (masked), masks and model state as the runner's pytrees (a multi-axis kernel,
+                        # such as nnx.MultiHeadAttention's, in its 2-D view: models.views)
 
 
 class Pruned(_PrunedFields):
@@ -64,8 +66,9 @@ class Pruned(_PrunedFields):
         units = self.units if units is None else units
         fm, params, rest = wrap_model(self.model, x.shape[1:], _num_outputs(self.model, x[:2], note=False))
         groups = compact.traced_unit_groups(fm, params, rest, companions=units)
+        masks = to_view(self.masks, fm.views)
         try:
-            compact.check_structured(self.masks, params, groups)
+            compact.check_structured(masks, params, groups)
         except ValueError as e:
             unit_masks = all(np.ndim(m) == 1 for _, m in named_leaves(self.masks))
             hint = ("the masks are a structured method's, but their unit groups are not the ones traced now: pass "
@@ -74,7 +77,7 @@ class Pruned(_PrunedFields):
                     "the units= given here are not the ones the masks were made with")
             raise ValueError(f"compact(): {e} ({hint})") from None
         try:
-            small = compact.compact_module(fm, params, rest, self.masks, self.model, groups)
+            small = compact.compact_module(fm, params, rest, masks, self.model, groups)
         except ValueError as e:
             raise ValueError(f"compact(): {e}") from None
         check_compacted(small, fm, params, rest, x)
@@ -88,14 +91,14 @@ COMPACT_TOLERANCE = 1e-4
 
 def check_compacted(small: nnx.Module, fm: CustomModel, params: Any, rest: Any, example: np.ndarray) -> None:
     """Run the compacted module on the example rows (evaluation mode) and refuse it, naming what failed, unless it
-    gives the pruned model's logits: a layer whose width the rebuild cannot read off its kernel (the head
-    dimension of ``nnx.MultiHeadAttention``; a LayerNorm declared in ``units=`` whose reader was not sliced) would
+    gives the pruned model's logits: a layer whose width the rebuild cannot read off its kernel (a hand-written
+    attention's head count kept in an int attribute; a LayerNorm declared in ``units=`` whose reader was not sliced) would
     otherwise come back as a module that fails at its first call, or one that computes something else."""
     x = jnp.asarray(example[:64])
     ref = np.asarray(fm.apply(params, rest, x, train=False)[0])
-    what = ("the rebuild reads each Conv / Linear width off its sliced kernel; a layer whose width is held "
-            "elsewhere (nnx.MultiHeadAttention's head dimension, a norm or reader declared in units= that was "
-            "not sliced with it) cannot be compacted. The masked model (Pruned.model) computes the same thing")
+    what = ("the rebuild reads each Conv / Linear / LinearGeneral width and nnx.MultiHeadAttention's head count "
+            "off the sliced kernels; a width held elsewhere (a head count kept in an attribute of a hand-written "
+            "attention, a norm or reader declared in units= that was not sliced with it) cannot be compacted. The masked model (Pruned.model) computes the same thing")
     try:
         sfm, sp, sr = wrap_model(small, fm.input_shape, fm.num_classes)
         got = np.asarray(sfm.apply(sp, sr, x, train=False)[0])
@@ -200,8 +203,9 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str 
     state = report.pop("_state")
     state = state.replace(params=apply_masks(state.params, state.masks))
     graphdef = nnx.split(model, nnx.Param, ...)[0]     # the module as given (its own train / eval mode)
-    pruned = nnx.merge(graphdef, state.params, state.model_state)
-    out = Pruned(pruned, state.masks, report, state)
+    fm = built[0]
+    pruned = nnx.merge(graphdef, fm.module_params(state.params), state.model_state)
+    out = Pruned(pruned, fm.module_params(state.masks), report, state)
     out.units = units
     return out
 
@@ -416,8 +420,10 @@ def wrap_model(model: nnx.Module, input_shape: tuple[int, ...], num_classes: int
     graphdef, eval_graphdef = _graphdefs(model)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = _copy(nnx.to_pure_dict(params)), _copy(nnx.to_pure_dict(rest))
+    views = linear_general_views(model)
+    params = to_view(params, views)
     fm = CustomModel(type(model).__name__, graphdef, tuple(input_shape), int(num_classes), mode=call_mode(model),
-                     eval_graphdef=eval_graphdef, initial=(_copy(params), _copy(rest)))
+                     eval_graphdef=eval_graphdef, initial=(_copy(params), _copy(rest)), views=views)
     return fm, params, rest
 
 

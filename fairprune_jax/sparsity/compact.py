@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from fairprune_jax.models import CNN, MLP, MODELS, FunctionalModel, ResNet
+from fairprune_jax.models.views import from_view
 from fairprune_jax.core.trees import iter_modules
 from fairprune_jax.sparsity.masks import map_named, named_leaves
 from fairprune_jax.sparsity.units import (_NORMS, SUPPORTED, TRACED, UnitGroup, _aligned_consumer,  # noqa: F401
@@ -284,6 +285,7 @@ def compact_module(fm: FunctionalModel, params: Any, model_state: Any, masks: An
     groups = traced_unit_groups(fm, params, model_state) if groups is None else list(groups)
     check_structured(masks, params, groups)
     _, p, st = slice_groups(fm, params, model_state, masks, groups)
+    p = from_view(p, getattr(fm, "views", ()), resized=True)
     graphdef = nnx.split(module, nnx.Param, ...)[0]
     return nnx.merge(rebuild(graphdef, p, st), p, st)
 
@@ -403,6 +405,15 @@ def rebuild(graphdef: Any, params: Any, model_state: Any) -> Any:
             m.in_features, m.out_features, m.kernel_shape = k[-2] * m.feature_group_count, k[-1], k
         elif isinstance(m, nnx.Linear):
             m.in_features, m.out_features = m.kernel.value.shape
+        elif isinstance(m, nnx.LinearGeneral):
+            k, nb, ni = tuple(m.kernel.value.shape), len(m.batch_axis), len(m.in_features)
+            m.in_features, m.out_features = k[nb:nb + ni], k[nb + ni:]
+    for _, m in iter_modules(module):       # after its projections: the head count is read off them
+        if isinstance(m, nnx.MultiHeadAttention):
+            q, kv = m.query.kernel.value.shape, m.key.kernel.value.shape
+            m.in_features, m.in_kv_features, m.out_features = q[0], kv[0], m.out.kernel.value.shape[-1]
+            m.num_heads, m.num_kv_heads, m.head_dim = q[-2], kv[-2], q[-1]
+            m.qkv_features = q[-2] * q[-1]
     return nnx.split(module, nnx.Param, ...)[0]
 
 

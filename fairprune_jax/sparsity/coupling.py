@@ -200,6 +200,8 @@ class _Tracer:
         if name == "squeeze":
             return [tuple(a for i, a in enumerate(ins[0]) if i not in set(d % len(ins[0]) for d in p["dimensions"]))]
         if name == "reshape":
+            if eqn.invars[0] in self.leaf_of:      # a kernel used in another shape (a 2-D view's true shape)
+                self.leaf_of[eqn.outvars[0]] = self.leaf_of[eqn.invars[0]]
             return [self.reshape(ins[0], shapes[0], out_shapes[0])]
         if name in REDUCE:
             axes = set(p["axes"])

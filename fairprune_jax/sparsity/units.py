@@ -314,7 +314,7 @@ def _checked_consumers(fm: FunctionalModel, params: dict, model_state: dict, gro
     """
     graphdef = getattr(fm, "eval_graphdef", None) or fm.graphdef
     x = jax.random.normal(jax.random.key(0), (4,) + tuple(fm.input_shape), jnp.float32)
-    forward = jax.jit(lambda p: fm.call(nnx.merge(graphdef, p, model_state), x, False))
+    forward = jax.jit(lambda p: fm.call(nnx.merge(graphdef, fm.module_params(p), model_state), x, False))
     out = []
     for g in groups:
         if g.consumers:

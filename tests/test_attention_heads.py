@@ -1,0 +1,113 @@
+"""``nnx.MultiHeadAttention`` in a user's module: whole heads are one unit group (query, key and value columns of
+a head with the output projection's rows of it), pruned and compacted to a module with fewer heads; masks come
+back in the module's own shapes; what cannot lose whole heads is refused by name."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fairprune_jax
+from fairprune_jax.models.views import from_view, linear_general_views, to_view
+from fairprune_jax.running.api import wrap_model
+from fairprune_jax.sparsity import compact, coupling
+from fairprune_jax.sparsity.masks import named_leaves
+
+
+class Block(nnx.Module):
+    """A projection, a pre-norm attention block with a residual (4 heads of 8 dims, qkv wider than the stream)."""
+
+    def __init__(self, rngs: nnx.Rngs, num_kv_heads: int | None = None, normalize_qk: bool = False):
+        self.inp = nnx.Linear(3, 24, rngs=rngs)
+        self.ln = nnx.LayerNorm(24, rngs=rngs)
+        self.att = nnx.MultiHeadAttention(num_heads=4, num_kv_heads=num_kv_heads, in_features=24, qkv_features=32,
+                                          out_features=24, decode=False, normalize_qk=normalize_qk, rngs=rngs)
+        self.head = nnx.Linear(24, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.inp(x)
+        h = h + self.att(self.ln(h))
+        return self.head(h.mean(axis=1))
+
+
+def _data(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6, 3)).astype(np.float32)
+    g = rng.integers(0, 2, n)
+    y = np.digitize(x[:, :, 0].mean(1) + 0.3 * x[:, :, 1].max(1), [-0.2, 0.4]).astype(np.int32)
+    return x, y, g
+
+
+def test_the_heads_of_multi_head_attention_are_one_traced_group():
+    fm, p, s = wrap_model(Block(nnx.Rngs(0)), (6, 3), 3)
+    heads = [g for g in coupling.coupled_groups(fm, p, s).groups if "att/query/kernel" in (g.kernel, *g.producers)]
+    assert len(heads) == 1
+    g = heads[0]
+    assert (g.units, g.inner) == (4, 8)
+    assert {g.kernel, *g.producers} == {"att/query/kernel", "att/key/kernel", "att/value/kernel"}
+    assert set(g.companions) == {"att/query/bias", "att/key/bias", "att/value/bias"}
+    assert g.consumers == ("att/out/kernel",)
+
+
+def test_views_round_trip_and_unit_masks_take_the_trailing_shape():
+    m = Block(nnx.Rngs(0))
+    views = dict((n, (t, s)) for n, t, s in linear_general_views(m))
+    assert views["att/query/kernel"] == ((24, 4, 8), 1) and views["att/out/kernel"] == ((4, 8, 24), 2)
+    assert views["att/query/bias"] == ((4, 8), 0)
+    fm, p, _ = wrap_model(m, (6, 3), 3)
+    assert p["att"]["query"]["kernel"].shape == (24, 32) and p["att"]["out"]["kernel"].shape == (32, 24)
+    back = from_view(p, fm.views)
+    np.testing.assert_array_equal(back["att"]["query"]["kernel"], m.att.query.kernel[...])
+    unit = {"att": {"query": {"kernel": np.ones(32)}}}
+    assert from_view(unit, fm.views)["att"]["query"]["kernel"].shape == (4, 8)
+    assert to_view(from_view(unit, fm.views), fm.views)["att"]["query"]["kernel"].shape == (32,)
+
+
+@pytest.mark.parametrize("method", ["structured_magnitude", "bifp"])
+def test_pruned_heads_compact_to_fewer_heads_with_the_same_logits(method, tmp_path):
+    x, y, g = _data()
+    res = fairprune_jax.prune(Block(nnx.Rngs(0)), train=(x, y, g), method=method, sparsity=0.5, epochs=1,
+                              finetune_epochs=1, progress=False)
+    params = nnx.to_pure_dict(nnx.state(res.model, nnx.Param))
+    for name, m in named_leaves(res.masks):          # the module's own shapes: masks broadcast on their params
+        p = np.asarray(compact.get_leaf(params, name))
+        assert np.broadcast_shapes(np.shape(m), p.shape) == p.shape, name
+        assert np.all(p * np.asarray(m) == p), name   # pruned entries are exactly 0
+    qmask = np.asarray(res.masks["att"]["query"]["kernel"])
+    assert qmask.shape == (4, 8) and np.all(qmask == qmask[:, :1])      # whole heads
+    kept = int(qmask[:, 0].sum())
+    assert 0 < kept < 4
+    small = res.compact(x[:16])
+    assert small.att.num_heads == kept and small.att.head_dim == 8
+    assert small.att.query.kernel[...].shape == (24, kept, 8) and small.att.out.kernel[...].shape == (kept, 8, 24)
+    res.model.eval()
+    small.eval()
+    want = np.asarray(res.model(jnp.asarray(x[:64])))
+    np.testing.assert_allclose(np.asarray(small(jnp.asarray(x[:64]))), want, atol=1e-5)
+    compact.save_module(small, tmp_path / "small")
+    again = compact.load_module(tmp_path / "small", like=Block(nnx.Rngs(1)))
+    again.eval()
+    assert again.att.num_heads == kept
+    np.testing.assert_allclose(np.asarray(again(jnp.asarray(x[:64]))), want, atol=1e-5)
+
+
+def test_unstructured_masks_of_an_attention_model_have_its_shapes():
+    x, y, g = _data()
+    res = fairprune_jax.prune(Block(nnx.Rngs(0)), train=(x, y, g), method="magnitude", sparsity=0.7, epochs=1,
+                              finetune_epochs=1, progress=False)
+    k = np.asarray(res.model.att.query.kernel[...])
+    m = np.asarray(res.masks["att"]["query"]["kernel"])
+    assert m.shape == k.shape == (24, 4, 8)
+    assert np.all(k[m == 0] == 0)
+
+
+@pytest.mark.parametrize("kw, why", [({"num_kv_heads": 2}, "different groupings"),
+                                     ({"normalize_qk": True}, "reduced over its channels")])
+def test_attention_that_cannot_lose_whole_heads_is_refused_by_name(kw, why):
+    """Grouped-query attention (a key / value head serves two query heads) and a LayerNorm over each head's query
+    and key dims keep their heads, with the tracer's reason."""
+    fm, p, s = wrap_model(Block(nnx.Rngs(0), **kw), (6, 3), 3)
+    found = coupling.coupled_groups(fm, p, s)
+    assert not [g for g in found.groups if "att/query/kernel" in (g.kernel, *g.producers)]
+    assert why in " ".join(v for k, v in found.refused.items() if k.startswith("att/") and k != "att/out")
