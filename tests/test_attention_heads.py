@@ -111,3 +111,14 @@ def test_attention_that_cannot_lose_whole_heads_is_refused_by_name(kw, why):
     found = coupling.coupled_groups(fm, p, s)
     assert not [g for g in found.groups if "att/query/kernel" in (g.kernel, *g.producers)]
     assert why in " ".join(v for k, v in found.refused.items() if k.startswith("att/") and k != "att/out")
+
+
+def test_attention_projections_cost_their_positions_in_the_flop_count():
+    """Each projection runs at every sequence position: 24 x 32 multiply-accumulates at each of 6 positions (the
+    heads are output features of the LinearGeneral, not positions)."""
+    from fairprune_jax.models import count_flops, layer_order
+    fm, p, s = wrap_model(Block(nnx.Rngs(0)), (6, 3), 3)
+    flops = count_flops(fm, p, s)
+    assert flops["att/query/kernel"] == flops["att/out/kernel"] == 24 * 32 * 6
+    assert flops["inp/kernel"] == 3 * 24 * 6 and flops["head/kernel"] == 24 * 3
+    assert layer_order(fm, p, s)[0] == "inp/kernel" and layer_order(fm, p, s)[-1] == "head/kernel"

@@ -247,7 +247,9 @@ CEAG_PHASE = "02-fine-tune-ceag"
 def env(tmp_path_factory):
     e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla")),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONWARNINGS="ignore")
-    e.pop("XLA_FLAGS", None)
+    # the runs compared here share the suite's compile setting (tests/conftest.py); no other XLA flag of the caller
+    e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
+                              if f.startswith("--xla_backend_optimization_level"))
     return e
 
 

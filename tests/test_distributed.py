@@ -134,7 +134,9 @@ def measured(tmp_path_factory):
     # so XLA's default 40 s "stuck collective" termination is raised (a slow run, not a wrong one).
     env["XLA_FLAGS"] = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 "
                         "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
-                        "--xla_cpu_collective_timeout_seconds=600")
+                        "--xla_cpu_collective_timeout_seconds=600 " + os.environ.get("XLA_FLAGS", "")).strip()
+    # (the suite's own flags too: tests/conftest.py compiles without XLA's backend optimisation, which both
+    # the 1- and the 8-device runs share)
     p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp)], env=env, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]

@@ -92,9 +92,14 @@ def _tiny_csv(path: Path) -> Path:
 def _env(cache: Path, **extra: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # the suite's compile setting (tests/conftest.py: no XLA backend optimisation) is kept, shared by the reference
+    # and the workers; any other XLA flag of the caller is not
+    same = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level")]
     for k in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
     env.update(extra)
+    if same:
+        env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *same]).strip()
     return env
 
 

@@ -189,9 +189,14 @@ def forward_calls(fm: FunctionalModel, params: dict, model_state: dict,
 
 
 def _trace_layers(fm: FunctionalModel, params: dict, model_state: dict) -> list[tuple[str, float]]:
-    """``[(kernel_name, output_positions)]`` in forward-call order, from one abstract trace."""
-    return [(path + "/kernel", float(np.prod(shape[1:-1])) if len(shape) > 2 else 1.0)
-            for path, _, shape in forward_calls(fm, params, model_state)]
+    """``[(kernel_name, output_positions)]`` in forward-call order, from one abstract trace (an
+    ``nnx.LinearGeneral``'s output features are its last ``len(out_features)`` axes: the heads of an attention
+    projection are not positions)."""
+    out = []
+    for path, m, shape in forward_calls(fm, params, model_state, kinds=(nnx.Conv, nnx.Linear, nnx.LinearGeneral)):
+        features = len(m.out_features) if isinstance(m, nnx.LinearGeneral) else 1
+        out.append((path + "/kernel", float(np.prod(shape[1:len(shape) - features]))))
+    return out
 
 
 def layer_order(fm: FunctionalModel, params: dict, model_state: dict) -> list[str]:
