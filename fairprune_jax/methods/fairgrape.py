@@ -77,6 +77,7 @@ from fairprune_jax.sparsity import schedules
 from fairprune_jax.training.checkpoint import resumable
 from fairprune_jax.techniques.gradual import DistillOptions, PrunePhaseOptions, phase_template
 from fairprune_jax.sparsity.masks import apply_masks
+from fairprune_jax.core.notices import warn
 from fairprune_jax.methods.base import Context, register
 from fairprune_jax.training.train import TrainState, teacher_extra, without_teacher
 
@@ -117,6 +118,19 @@ def iteration_steps(n_iters: int, total_steps: int) -> dict[int, list[int]]:
     for i in range(n_iters):
         out.setdefault((i * total_steps) // n_iters if total_steps > 0 else 0, []).append(i)
     return out
+
+
+def resumed_log_note(log: list[dict], iterations: int) -> str | None:
+    """What a run resumed mid-phase (``--resume``) says of its iteration log: its earlier iterations ran in the
+    killed process, whose log and clock were not checkpointed (its masks and weights were). None: the log is whole."""
+    first = log[0]["iteration"] if log else iterations + 1
+    if not iterations or first == 1:
+        return None
+    if not log:
+        return (f"the run was resumed after its {iterations} pruning iterations: iteration_log and the cost seconds "
+                "are empty (the masks and weights are the full run's)")
+    return (f"the run was resumed after iteration {first - 1} of {iterations}: iteration_log and the cost seconds "
+            f"cover iterations {first}..{iterations} only (the masks and weights are the full run's)")
 
 
 @register("fairgrape", "FairGRAPE (Lin et al., ECCV 2022): iterative pruning in small steps (keep_per_iter), each "
@@ -178,6 +192,10 @@ def fairgrape(ctx: Context, dense: TrainState, opts: FairgrapeOptions) -> tuple[
         "cost": {"forward_passes": len(targets), "backward_passes": len(targets) * G, "rows_per_pass": len(imp_split),
                  "importance_seconds": round(clock["importance"], 3),
                  "selection_seconds": round(clock["selection"], 3)}}
+    note = resumed_log_note(log, len(targets))
+    if note:
+        info["iteration_log_note"] = note
+        warn(f"fairgrape: {note}")
     tx = ctx.finetune_tx()
     state = ctx.masked_state(state, state.masks, tx, extra=teacher_extra(dense) if opts.distill > 0 else None)
     state, ft_hist = ctx.finetune(state, tx, desc="fine-tune (fairgrape)", distill=opts.distill)

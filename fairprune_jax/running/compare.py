@@ -39,6 +39,7 @@ from fairprune_jax.core.notices import tqdm, warn
 from fairprune_jax.reporting import tables
 from fairprune_jax.reporting.report import json_safe
 from fairprune_jax.reporting.result import upgrade_certificates
+from fairprune_jax.running.outputs import owning_folder, replacing_outputs
 from fairprune_jax.running.grid import (CHOSEN_ON, DERIVED_COLUMNS, FLAG_COLUMNS, GRID_LISTS,  # noqa: F401
                                         METRICS, RUN_KEYS, TEXT_KEYS, TOP_KEYS, CompareConfig, _check_variants,
                                         _load_config, cell_config, cell_dir, check_grid_lists, check_run_values,
@@ -125,9 +126,13 @@ def check_finished_cells(cc: CompareConfig, done: list[tuple[int, str, float]], 
     for seed, m, s in done:
         p = cell_dir(cc, m, s, seed) / "results.json"
         try:
-            why = stale_cell(cc, m, s, seed, json.loads(p.read_text()), data)
-        except (OSError, ValueError) as e:
-            why = f"{p} cannot be read ({e})"
+            cell = json.loads(p.read_text())
+            lacks = [k for k in ("config", "dense", "pruned", "sparsity") if not isinstance(cell.get(k), dict)]
+            # a damaged or hand-made file: reused, it would fail in the tables or pass as a result
+            why = (f"it is not a finished cell's results (no {', '.join(lacks)})" if lacks
+                   else stale_cell(cc, m, s, seed, cell, data))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:    # damaged, or not a cell's
+            why = f"{p} cannot be read ({type(e).__name__}: {e})"
         if why:
             stale.append(f"{p.parent.name} ({why})")
     if stale:
@@ -157,6 +162,14 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     c0 = cell_config(cc, cc.methods[0], cc.sparsities[0], cc.seeds[0])
     dataset = load_dataset(c0.dataset, c0.data_dir, **c0.dataset_options)     # the same for every seed
     data = dataset.fingerprint()
+    if cc.run.get("save_compact"):          # reused cells are not compacted after the fact: their masks are not kept
+        from fairprune_jax.running.runner import COMPACT_DIR
+        bare = [cell_dir(cc, m, s, seed).name for seed, m, s in finished if get_method(cc.resolve(m)[0]).is_structured(
+            get_method(cc.resolve(m)[0]).parse(cc.resolve(m)[1])) and not (cell_dir(cc, m, s, seed) / COMPACT_DIR).is_dir()]
+        if bare:
+            warn(f"save_compact = true, but {len(bare)} finished structured cell(s) ran without it and are reused "
+                 f"without a compacted model ({', '.join(bare[:3])}{' ...' if len(bare) > 3 else ''}); delete them "
+                 f"from {cc.out / 'cells'} to run them again with one")
     check_finished_cells(cc, finished, data)
     # Over several processes: all follow process 0's view of which cells are done (they share the folder),
     # and nobody writes before every process has looked.
@@ -166,59 +179,63 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
         raise ValueError(f"process {jax.process_index()} sees {len(cells) - len(todo)} finished cells "
                          f"in {cc.out}, process 0 sees {done}: every process must see the same output folder "
                          "(a filesystem they all share)")
-    distributed.barrier("compare-start")
     if primary:
         cc.out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"compare {cc.name}", unit="cell",
-               disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    # one comparison at a time in a folder: a second one is refused, naming the first (as fairprune run is)
+    with owning_folder(cc.out):
+        distributed.barrier("compare-start")
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"compare {cc.name}", unit="cell",
+                   disable=not progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
 
-    def dense_config(seed: int) -> RunConfig:
-        """The seed's dense run: any cell's settings do (they differ only in what the dense run does not use)."""
-        return cell_config(cc, cc.methods[0], cc.sparsities[0], seed)
+        def dense_config(seed: int) -> RunConfig:
+            """The seed's dense run: any cell's settings do (they differ only in what the dense run does not use)."""
+            return cell_config(cc, cc.methods[0], cc.sparsities[0], seed)
 
-    todo_seeds = [seed for seed in cc.seeds if any(c[0] == seed for c in todo)]
-    prepared = {}
-    # a seed whose dense model was saved by an earlier run of this grid (same dense config) is not retrained
-    untrained = [s for s in todo_seeds if not dense_cached(dense_dir(cc, s), dense_config(s), data)]
-    if cc.parallel_seeds and len(untrained) > 1 and distributed.current_mesh() is not None:
-        warn("parallel_seeds = true does not combine with a device mesh (--devices, --distributed): "
-             "the dense models are trained one seed after another, each data-parallel")
-    elif cc.parallel_seeds and len(untrained) > 1:
-        # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
-        prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))
-        for seed, prep in prepared.items():      # every process: orbax's save is collective
-            save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history, data)
-    from fairprune_jax.training import tracking
+        todo_seeds = [seed for seed in cc.seeds if any(c[0] == seed for c in todo)]
+        prepared = {}
+        # a seed whose dense model was saved by an earlier run of this grid (same dense config) is not retrained
+        untrained = [s for s in todo_seeds if not dense_cached(dense_dir(cc, s), dense_config(s), data)]
+        if cc.parallel_seeds and len(untrained) > 1 and distributed.current_mesh() is not None:
+            warn("parallel_seeds = true does not combine with a device mesh (--devices, --distributed): "
+                 "the dense models are trained one seed after another, each data-parallel")
+        elif cc.parallel_seeds and len(untrained) > 1:
+            # parallel_seeds = true: the dense models of every seed with unfinished cells in one vmapped run
+            prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))
+            for seed, prep in prepared.items():      # every process: orbax's save is collective
+                save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history, data)
+        from fairprune_jax.training import tracking
 
-    def tracker(folder: Path):
-        """TensorBoard events into ``folder/tensorboard`` with ``tensorboard = true`` (process 0), else None."""
-        return tracking.TensorBoard(folder / "tensorboard") if cc.tensorboard and primary else None
+        def tracker(folder: Path):
+            """TensorBoard events into ``folder/tensorboard`` with ``tensorboard = true`` (process 0), else None."""
+            return tracking.TensorBoard(folder / "tensorboard") if cc.tensorboard and primary else None
 
-    for seed in todo_seeds:
-        seed_todo = [c for c in todo if c[0] == seed]
-        if seed in prepared:
-            prep = prepared.pop(seed)
-        else:
-            # a cached dense model is not retrained: its events (if any) stay as they are
-            cached = dense_cached(dense_dir(cc, seed), dense_config(seed), data)
-            with tracking.use(None if cached else tracker(dense_dir(cc, seed))):
-                prep = prepare(dense_config(seed), dataset, dense_cache=dense_dir(cc, seed))
-        for _, m, s in seed_todo:
-            d = cell_dir(cc, m, s, seed)
-            base, opts = cc.resolve(m)
-            method = get_method(base)
-            # [run] save_compact = true: a compacted model for every cell whose masks are structured
-            compact = bool(cc.run.get("save_compact")) and method.is_structured(method.parse(opts))
-            # one psi bound for every method of the grid: the grid's tolerance unless [run] sets certify_eps
-            cell = cell_config(cc, m, s, seed)
-            with tracking.use(tracker(d)):
-                res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d),
-                                 save_compact=compact, certify_eps=cell.certify_eps)
-            res.pop("_state", None)
-            bar.update(1)
-    bar.close()
-    distributed.barrier("compare-end")    # every cell's results.json is written (by process 0)
+        for seed in todo_seeds:
+            seed_todo = [c for c in todo if c[0] == seed]
+            if seed in prepared:
+                prep = prepared.pop(seed)
+            else:
+                # a cached dense model is not retrained: its events (if any) stay as they are
+                cached = dense_cached(dense_dir(cc, seed), dense_config(seed), data)
+                with tracking.use(None if cached else tracker(dense_dir(cc, seed))):
+                    prep = prepare(dense_config(seed), dataset, dense_cache=dense_dir(cc, seed))
+            for _, m, s in seed_todo:
+                d = cell_dir(cc, m, s, seed)
+                base, opts = cc.resolve(m)
+                method = get_method(base)
+                # [run] save_compact = true: a compacted model for every cell whose masks are structured
+                compact = bool(cc.run.get("save_compact")) and method.is_structured(method.parse(opts))
+                # one psi bound for every method of the grid: the grid's tolerance unless [run] sets certify_eps
+                cell = cell_config(cc, m, s, seed)
+                # what a killed attempt at this cell left in its folder (lth's rounds, ballot's masks, TensorBoard
+                # events, a compacted model) is set aside while it runs again and dropped when it finishes
+                with replacing_outputs(str(d)), tracking.use(tracker(d)):
+                    res = run_method(prep, method=base, sparsity=s, method_options=opts, out=str(d),
+                                     save_compact=compact, certify_eps=cell.certify_eps)
+                res.pop("_state", None)
+                bar.update(1)
+        bar.close()
+        distributed.barrier("compare-end")    # every cell's results.json is written (by process 0)
     summary = collect(cc) if primary else {"rows": [], "aggregate": []}
     summary["elapsed_s"] = time.perf_counter() - t0
     return summary

@@ -117,16 +117,19 @@ def set_aside_outputs(out: Path, keep: tuple = ()) -> Path | None:
     found = [name for name in OUTPUT_ENTRIES if _present(out / name) and name not in keep]
     if aside.is_dir() and not any(_present(aside / n) for n in OUTPUT_ENTRIES):
         shutil.rmtree(aside, ignore_errors=True)
+    held = aside.is_dir() and _present(aside / "results.json")    # set aside by a run killed before it finished
+    if not keep and (held or "results.json" in found):
+        where = aside if held else out
+        warn(f"--out {out} holds an earlier run's results ({_describe(where / 'results.json')}"
+             f"{f', in {ASIDE_DIR}/ since a later run into it stopped before it finished' if held else ''}): this "
+             f"run replaces them when it finishes (until then they wait in {ASIDE_DIR}/, and come back if it "
+             "fails); choose another --out to keep both")
     if not found:
         return aside if aside.is_dir() else None
     if aside.is_dir():       # a killed run's aside folder holds the last finished outputs: keep those
         for name in found:
             _remove(out / name)
         return aside
-    if "results.json" in found and not keep:
-        warn(f"--out {out} holds an earlier run's results ({_describe(out / 'results.json')}): this run replaces "
-             f"them when it finishes (until then they wait in {ASIDE_DIR}/, and come back if it fails); choose "
-             "another --out to keep both")
     aside.mkdir()
     for name in found:
         os.replace(out / name, aside / name)

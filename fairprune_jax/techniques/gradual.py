@@ -92,7 +92,7 @@ def pruned_start(ctx: Context, dense: TrainState, opts: GradualOptions) -> tuple
     cfg = ctx.settings
     template = phase_template(ctx, dense.params, opts)
     state, tx, epochs, total = ctx.prune_phase(dense, template, opts.prune_epochs)
-    key = start_key(ctx, opts)
+    key = start_key(ctx, opts, dense if ctx.cache_dir is not None else None)   # (saved: keyed by the dense model)
     memo_key = ("gradual.pruned_start", json.dumps(key, sort_keys=True, default=str))
     path = ctx.cache_dir / f"pruned-start-{caches.digest(key)}" if ctx.cache_dir is not None else None
     hit = ctx.memo.get(memo_key)
@@ -137,14 +137,18 @@ NOT_START = {"method", "method_options", "out", "save_compact", "progress", "cer
              "certify_interval", "fairness_bound", "small_group", "eval_batch_size"}
 
 
-def start_key(ctx: Context, opts: GradualOptions) -> dict:
-    """What :func:`pruned_start` depends on beyond the dense model (whose folder holds the saved start): the
-    run's settings but those in :data:`NOT_START`, the pruning-phase options (not the fine-tuning's
-    distillation) and :data:`START_VERSION`."""
+def start_key(ctx: Context, opts: GradualOptions, dense: TrainState | None = None) -> dict:
+    """What :func:`pruned_start` depends on: the dense model it starts from (a digest of its params and model
+    state, when given: a folder's dense model retrained on other data must not find the old one's start), the run's
+    settings but those in :data:`NOT_START`, the pruning-phase options (not the fine-tuning's distillation) and
+    :data:`START_VERSION`."""
     config = {k: v for k, v in dataclasses.asdict(ctx.settings).items() if k not in NOT_START}
     config["seed"] = ctx.seed
     if ctx.streams != "offset":         # (starts saved before the setting existed are offset ones)
         config["streams"] = ctx.streams
     prune = {f.name: getattr(opts, f.name) for f in dataclasses.fields(GradualOptions)
              if f.name not in {g.name for g in dataclasses.fields(DistillOptions)}}
-    return json.loads(json.dumps({"version": START_VERSION, "config": config, "prune": prune}, default=str))
+    key = {"version": START_VERSION, "config": config, "prune": prune}
+    if dense is not None:
+        key["dense"] = caches.arrays_digest((dense.params, dense.model_state))
+    return json.loads(json.dumps(key, default=str))

@@ -205,6 +205,19 @@ def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def arrays_digest(tree) -> str:
+    """A digest of every array of ``tree`` (names, shapes, dtypes and bytes, in leaf order): what a cache
+    derived from trained weights is keyed by, so that another model's (a dense model retrained on other data
+    into the same folder) never matches."""
+    import jax
+    h = hashlib.sha1()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.ascontiguousarray(np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.shape}|{a.dtype}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
 def digest(key: dict) -> str:
     """A short stable name for a JSON-able key."""
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]

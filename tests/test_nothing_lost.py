@@ -1,0 +1,128 @@
+"""Eighth tester's round (interruption, resumption and reuse of outputs; docs/HARDENING.md rows 161-): a killed run's
+set-aside results are named before they are replaced, a comparison holds its folder, a cell run again clears what a
+killed attempt left, and a saved pruned start belongs to the dense model it was made from."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from fairprune_jax.running.compare import load_config, run_compare
+
+
+def test_results_set_aside_by_a_killed_run_are_named_before_a_new_run_replaces_them(tmp_path):
+    """Run 1 finished; run 2 (killed with -9) had moved its results into .previous-results/; run 3 replaced them
+    without the warning that run 2 gave."""
+    from fairprune_jax.running.outputs import ASIDE_DIR, set_aside_outputs
+    aside = tmp_path / ASIDE_DIR
+    aside.mkdir()
+    (aside / "results.json").write_text(json.dumps({"method": "magnitude", "sparsity": {"target": 0.5},
+                                                    "dataset": "digits"}))
+    (tmp_path / "rounds").mkdir()                       # run 2's partial outputs
+    with pytest.warns(UserWarning, match=r"earlier run's results \(magnitude at sparsity 0.5 on digits, in "
+                                         r"\.previous-results/ since a later run into it stopped"):
+        assert set_aside_outputs(tmp_path) == aside
+    assert (aside / "results.json").exists() and not (tmp_path / "rounds").exists()
+    with pytest.warns(UserWarning, match="stopped before it finished"):       # nothing else in the folder
+        set_aside_outputs(tmp_path)
+
+
+def test_arrays_digest_tells_models_apart():
+    from fairprune_jax.training.caches import arrays_digest
+    a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
+    b = {"w": a["w"].copy(), "b": a["b"].copy()}
+    assert arrays_digest(a) == arrays_digest(b)
+    b["w"][1, 2] += 1e-6
+    assert arrays_digest(a) != arrays_digest(b)
+    assert arrays_digest(a) != arrays_digest({"w": a["w"].reshape(3, 2), "b": a["b"]})
+
+
+def _csv(path, seed):
+    rng = np.random.default_rng(seed)
+    n = 240
+    grp = rng.choice(["a", "b"], n)
+    x = rng.normal(size=(n, 3)).round(3)
+    y = (x[:, 0] + 0.4 * (grp == "a") + rng.normal(scale=0.5, size=n) > 0).astype(int)
+    path.write_text("x0,x1,x2,grp,label\n" + "\n".join(f"{a},{b},{c},{g},{t}" for (a, b, c), g, t in zip(x, grp, y)))
+
+
+GRID = """
+name = "lost"
+dataset = "csv"
+data_dir = "{data}"
+methods = ["nft"]
+sparsities = [0.8]
+seeds = [0]
+[dataset_options]
+target = "label"
+protected = "grp"
+[run]
+epochs = 1
+finetune_epochs = 2
+batch_size = 64
+"""
+
+
+@pytest.mark.slow
+def test_a_grid_rerun_on_other_data_prunes_its_new_dense_model_again_and_a_cell_rerun_starts_clean(tmp_path):
+    """The grid's dense folder kept the first data's gradually pruned start; after the data changed (and the
+    cells were deleted, as the refusal advises) the new dense model was fine-tuned from the old model's start.
+    A cell run again also kept the rounds a killed attempt had left in its folder, and a second comparison into a
+    folder in use ran every cell beside the first."""
+    data = tmp_path / "d.csv"
+    _csv(data, 0)
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(GRID.format(data=data.as_posix()))
+    out = str(tmp_path / "out")
+    run_compare(load_config(cfg, out=out), progress=False)
+    cell = tmp_path / "out" / "cells" / "nft_s0.8_seed0"
+    assert json.loads((cell / "results.json").read_text())["runtime"]["pruned_start_from_cache"] is False
+
+    _csv(data, 1)                                              # other data: the cells go, the dense model retrains
+    for p in cell.iterdir():
+        if p.is_file():
+            p.unlink()
+    (cell / "rounds").mkdir(exist_ok=True)
+    (cell / "rounds" / "round_09.npz").write_bytes(b"left by a killed attempt")
+    lock = tmp_path / "out" / ".fairprune-run.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(ValueError, match="is in use by another fairprune run"):
+        run_compare(load_config(cfg, out=out), progress=False)
+    lock.unlink()
+    run_compare(load_config(cfg, out=out), progress=False)
+    res = json.loads((cell / "results.json").read_text())
+    assert res["runtime"]["pruned_start_from_cache"] is False and res["runtime"]["dense_from_cache"] is False
+    assert not (cell / "rounds").exists() and not (cell / ".previous-results").exists()
+
+
+def test_a_resumed_fairgrape_run_says_its_iteration_log_is_partial():
+    """A killed-and-resumed fairgrape run's iteration_log held 27 of 64 iterations, starting at 38, while
+    iterations said 64: the record now says which iterations it covers."""
+    from fairprune_jax.methods.fairgrape import resumed_log_note
+    assert resumed_log_note([{"iteration": i} for i in range(1, 65)], 64) is None
+    assert resumed_log_note([], 0) is None
+    note = resumed_log_note([{"iteration": i} for i in range(38, 65)], 64)
+    assert "resumed after iteration 37 of 64" in note and "38..64 only" in note
+    assert "are empty" in resumed_log_note([], 64)
+
+
+def test_save_compact_added_to_a_grid_names_the_finished_cells_without_a_compacted_model(tmp_path):
+    """Adding [run] save_compact = true to a grid whose structured cells had finished wrote no compacted model and
+    said nothing."""
+    from fairprune_jax.running.compare import cell_dir
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('name = "c"\ndataset = "digits"\nmethods = ["structured_magnitude", "magnitude"]\n'
+                   'sparsities = [0.5]\nseeds = [0]\n[run]\nepochs = 1\nfinetune_epochs = 1\nsave_compact = true\n')
+    cc = load_config(cfg, out=str(tmp_path / "out"))
+    for m in cc.methods:                                   # finished cells as an earlier run left them
+        d = cell_dir(cc, m, 0.5, 0)
+        d.mkdir(parents=True)
+        (d / "results.json").write_text("{}")
+    import fairprune_jax.running.compare as compare
+    with pytest.warns(UserWarning, match=r"save_compact = true, but 1 finished structured cell\(s\) ran without it "
+                                         r"and are reused without a compacted model \(structured_magnitude_s0.5_seed0\)"):
+        with pytest.raises(ValueError, match=r"not a finished cell.s results \(no config, dense, pruned, sparsity\)"):
+            compare.run_compare(cc, progress=False)
