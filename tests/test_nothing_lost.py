@@ -126,3 +126,41 @@ def test_save_compact_added_to_a_grid_names_the_finished_cells_without_a_compact
                                          r"and are reused without a compacted model \(structured_magnitude_s0.5_seed0\)"):
         with pytest.raises(ValueError, match=r"not a finished cell.s results \(no config, dense, pruned, sparsity\)"):
             compare.run_compare(cc, progress=False)
+
+
+def test_a_file_where_a_run_keeps_a_folder_is_refused_before_training(tmp_path):
+    """A file named checkpoints in --out failed the run a minute in (when the first checkpoint was written) with a
+    bare [Errno 17]; a file at a grid's cell folder failed the grid after that cell had been computed."""
+    from fairprune_jax.running.outputs import check_out_dir
+    (tmp_path / "checkpoints").write_text("my notes")
+    with pytest.raises(ValueError, match="holds a file named checkpoints"):
+        check_out_dir(tmp_path)
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('name = "c"\ndataset = "digits"\nmethods = ["magnitude"]\nsparsities = [0.5]\nseeds = [0]\n')
+    cc = load_config(cfg, out=str(tmp_path / "out"))
+    (tmp_path / "out" / "cells").mkdir(parents=True)
+    (tmp_path / "out" / "cells" / "magnitude_s0.5_seed0").write_text("")
+    with pytest.raises(ValueError, match="cell folder.* of the grid are files"):
+        run_compare(cc, progress=False)
+
+
+def test_results_json_is_written_last_and_a_failing_plot_does_not_cost_it(tmp_path, monkeypatch):
+    """A grid killed between a cell's results.json (its 'finished' mark) and its plots left a cell that never got
+    them."""
+    from fairprune_jax.reporting import report
+    seen = {}
+    real = report.write_json_atomic
+
+    def spy(results, path):
+        seen["before_json"] = sorted(p.name for p in path.parent.iterdir())
+        return real(results, path)
+    monkeypatch.setattr(report, "write_json_atomic", spy)
+    monkeypatch.setattr(report, "markdown_report", lambda r: "# report\n")
+
+    def broken(results, path):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(report, "plot_group_accuracy", broken)
+    with pytest.warns(UserWarning, match="group_accuracy.png could not be drawn .RuntimeError: no display."):
+        paths = report.write_outputs({"method": "m"}, tmp_path / "run")
+    assert seen["before_json"] == ["results.md"] and (tmp_path / "run" / "results.json").exists()
+    assert "png" not in paths

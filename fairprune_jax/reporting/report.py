@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fairprune_jax.core.notices import warn
 from fairprune_jax.metrics import certify
 from fairprune_jax.reporting.tables import md_text
 
@@ -382,12 +383,21 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 
 def write_outputs(results: dict, out: Path) -> dict[str, Path]:
-    """``results.json``, ``results.md``, ``group_accuracy.png`` and, for constrained runs, ``constraints.png``."""
+    """``results.md``, ``group_accuracy.png``, for constrained runs ``constraints.png``, and ``results.json``
+    last: a finished run (a grid's finished cell) is one whose results.json exists, so a process killed while
+    writing leaves a run that is done again, not one that stays without its report. A plot that fails is said
+    and skipped: it never costs the results."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "group_accuracy.png"}
-    write_json_atomic(results, paths["json"])
     paths["md"].write_text(markdown_report(results))
-    plot_group_accuracy(results, paths["png"])
-    if plot_constraints(results, out / "constraints.png"):
-        paths["constraints"] = out / "constraints.png"
+    for key, draw, path in (("png", plot_group_accuracy, paths["png"]), ("constraints", plot_constraints,
+                                                                         out / "constraints.png")):
+        try:
+            drawn = draw(results, path)
+            if key == "constraints" and drawn:
+                paths["constraints"] = path
+        except Exception as e:      # noqa: BLE001 (matplotlib's errors are many; the results are written anyway)
+            warn(f"{path.name} could not be drawn ({type(e).__name__}: {e}); the other outputs are written")
+            paths.pop(key, None)
+    write_json_atomic(results, paths["json"])
     return paths

@@ -158,6 +158,11 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
     todo = [c for c in cells if not (cell_dir(cc, c[1], c[2], c[0]) / "results.json").exists()]
     finished = [c for c in cells if c not in todo]
+    blocked = [str(cell_dir(cc, m, s, seed)) for seed, m, s in todo
+               if cell_dir(cc, m, s, seed).exists() and not cell_dir(cc, m, s, seed).is_dir()]
+    if blocked:             # found before any training, not after the cell has been computed
+        raise ValueError(f"{len(blocked)} cell folder(s) of the grid are files: {', '.join(blocked[:3])}; move them, "
+                         "or run the grid into another --out")
     # the data, loaded once for every seed: finished cells and cached dense models are reused only for it
     c0 = cell_config(cc, cc.methods[0], cc.sparsities[0], cc.seeds[0])
     dataset = load_dataset(c0.dataset, c0.data_dir, **c0.dataset_options)     # the same for every seed

@@ -93,6 +93,11 @@ def check_out_dir(out: str | Path) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder; choose a folder for the run's outputs")
+    from fairprune_jax.training.checkpoint import CHECKPOINT_DIR
+    ck = out / CHECKPOINT_DIR           # made when the first checkpoint is written, a minute or more into the run
+    if ck.exists() and not ck.is_dir():
+        raise ValueError(f"--out {out} holds a file named {CHECKPOINT_DIR}, where the run keeps its checkpoints (a "
+                         "folder); move it, or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".fairprune-write-test-{jax.process_index()}"
