@@ -164,3 +164,48 @@ def test_results_json_is_written_last_and_a_failing_plot_does_not_cost_it(tmp_pa
         paths = report.write_outputs({"method": "m"}, tmp_path / "run")
     assert seen["before_json"] == ["results.md"] and (tmp_path / "run" / "results.json").exists()
     assert "png" not in paths
+
+
+def test_a_resumed_run_names_the_earlier_results_an_interrupt_put_back(tmp_path):
+    """Run A finished; run B was interrupted (A's results put back beside B's checkpoints); the --resume command
+    B printed then replaced A's results without a word. Resuming a finished run (to add --save-compact) keeps
+    its own results quietly."""
+    import warnings
+    from fairprune_jax.running.outputs import RESUMED_ENTRIES, restore_outputs, set_aside_outputs
+    (tmp_path / "results.json").write_text(json.dumps({"method": "magnitude", "sparsity": {"target": 0.5},
+                                                      "dataset": "digits"}))
+    with pytest.warns(UserWarning, match=r"holds an earlier run's results \(magnitude at sparsity 0.5"):
+        aside = set_aside_outputs(tmp_path, keep=RESUMED_ENTRIES)
+    restore_outputs(tmp_path, aside)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aside = set_aside_outputs(tmp_path, keep=RESUMED_ENTRIES, own_results=True)
+    assert (aside / "results.json").exists()
+
+
+def test_a_ctrl_c_that_python_drops_still_stops_training(tiny_models):
+    """SIGINT landing in a JAX garbage-collector callback was printed as 'Exception ignored in' and the run went
+    on to finish, replacing the results the user pressed Ctrl-C to keep (2 of 10 tries)."""
+    import signal
+    import optax
+    from fairprune_jax.core import notices
+    from fairprune_jax.data.base import Split
+    from fairprune_jax.training.train import create_state, fit, make_train_step
+
+    class Dropper:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)          # the handler's KeyboardInterrupt is ignored in __del__
+
+    fm, params, ms = tiny_models["mlp"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 10)).astype(np.float32)
+    split = Split(x, (x[:, 0] > 0).astype(np.int32), rng.integers(0, 2, 64))
+    tx = optax.sgd(0.1)
+    with notices.interrupts_kept():
+        d = Dropper()
+        del d
+        with pytest.raises(KeyboardInterrupt):
+            fit(create_state(params, ms, tx, seed=0), make_train_step(fm, tx), split, epochs=1, batch_size=16,
+                seed=0, desc="t", progress=False)
+    notices.raise_if_interrupted()                       # the request ends with the block
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -9,6 +9,7 @@ recognised by the category rather than by file names.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -51,3 +52,43 @@ def _tqdm():
 
 
 tqdm = _tqdm()
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C that always stops a run
+# ---------------------------------------------------------------------------
+
+_INTERRUPT = {"requested": False}
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """While the block runs (the command line's run and compare), Ctrl-C (SIGINT) always stops it: the handler
+    records the request and raises ``KeyboardInterrupt``; where Python drops that exception (it fired inside a
+    garbage-collector callback of JAX: "Exception ignored in ..."), the training loop and the writing of results
+    raise it again (:func:`raise_if_interrupted`), so a run the user stopped never finishes and replaces the
+    results of the run before it."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        _INTERRUPT["requested"] = True
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    _INTERRUPT["requested"] = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        _INTERRUPT["requested"] = False
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed under :func:`interrupts_kept` (a request whose first raise
+    was dropped); a host-side flag read, free in a training step's loop."""
+    if _INTERRUPT["requested"]:
+        raise KeyboardInterrupt

@@ -353,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     handlers = {"run": cmd_run, "compare": cmd_compare, "data-summary": cmd_data_summary, "methods": cmd_methods,
                 "datasets": cmd_datasets}
+    from fairprune_jax.core.notices import interrupts_kept
     try:
-        return handlers[args.command](args)
+        with interrupts_kept():
+            return handlers[args.command](args)
     except KeyboardInterrupt:
         print(f"fairprune: interrupted; {_interrupted_note(args, sys.argv[1:] if argv is None else argv)}",
               file=sys.stderr)

@@ -108,14 +108,16 @@ def check_out_dir(out: str | Path) -> None:
                          "another --out") from None
 
 
-def set_aside_outputs(out: Path, keep: tuple = ()) -> Path | None:
+def set_aside_outputs(out: Path, keep: tuple = (), own_results: bool = False) -> Path | None:
     """Move an earlier run's outputs (every :data:`OUTPUT_ENTRIES` file and folder) out of ``out`` into
     ``out/.previous-results`` as this run starts (process 0), so that nothing beside this run's checkpoints is
     ever an older run's, yet nothing is lost until this run's own results are written: :func:`restore_outputs`
     puts them back if it fails. Returns the folder (None when there was nothing to set aside). A folder left
     by a run killed with -9 holds the outputs of the run before it: they are kept, not overwritten, until a
     run finishes (the killed run's partial outputs in ``out`` go). ``keep``: entries left in place (a resumed
-    run's :data:`RESUMED_ENTRIES`)."""
+    run's :data:`RESUMED_ENTRIES`). A results.json found is named in a warning (this run will replace it) unless
+    ``own_results``: a finished run resumed to add to it. A resumed run that had not finished warns too: the
+    results beside its checkpoints are the run's before it, which an interrupt had put back."""
     if not distributed.is_primary():
         return None
     aside = out / ASIDE_DIR
@@ -123,7 +125,7 @@ def set_aside_outputs(out: Path, keep: tuple = ()) -> Path | None:
     if aside.is_dir() and not any(_present(aside / n) for n in OUTPUT_ENTRIES):
         shutil.rmtree(aside, ignore_errors=True)
     held = aside.is_dir() and _present(aside / "results.json")    # set aside by a run killed before it finished
-    if not keep and (held or "results.json" in found):
+    if not own_results and (held or "results.json" in found):
         where = aside if held else out
         warn(f"--out {out} holds an earlier run's results ({_describe(where / 'results.json')}"
              f"{f', in {ASIDE_DIR}/ since a later run into it stopped before it finished' if held else ''}): this "
@@ -151,7 +153,7 @@ def _describe(results_json: Path) -> str:
 
 
 @contextlib.contextmanager
-def replacing_outputs(out: str | os.PathLike | None, *, resumed: bool = False):
+def replacing_outputs(out: str | os.PathLike | None, *, resumed: bool = False, own_results: bool = False):
     """The earlier outputs in ``out`` are set aside while the block runs, dropped when it finishes, and put
     back when it fails or is interrupted: a run never costs the outputs of the one before it. ``resumed``: a run
     continued from its checkpoints, whose own :data:`RESUMED_ENTRIES` stay where they are; if it stops again,
@@ -160,7 +162,7 @@ def replacing_outputs(out: str | os.PathLike | None, *, resumed: bool = False):
     if not out:
         yield
         return
-    aside = set_aside_outputs(Path(out), keep=RESUMED_ENTRIES if resumed else ())
+    aside = set_aside_outputs(Path(out), keep=RESUMED_ENTRIES if resumed else (), own_results=own_results)
     try:
         yield
     except BaseException:

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fairprune_jax.core.notices import warn
+from fairprune_jax.core.notices import raise_if_interrupted, warn
 from fairprune_jax.core.numerics import numerics_key
 from fairprune_jax.data import Dataset
 from fairprune_jax.methods import Context, RunConfig, get_method
@@ -121,6 +121,7 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
     results["schema_version"] = SCHEMA_VERSION
     results = Report(results)
     if cfg.out and distributed.is_primary():
+        raise_if_interrupted()          # stopped during the last evaluation: the earlier run's results stay
         report.write_outputs(results, Path(cfg.out))
     results["_state"] = pruned
     return results
@@ -266,7 +267,8 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
                    "devices": distributed.num_devices(mesh)}
             cache = caches.dense_cache_folder(key)
         try:
-            with replacing_outputs(cfg.out, resumed=ckpt is not None and ckpt.resumed), \
+            with replacing_outputs(cfg.out, resumed=ckpt is not None and ckpt.resumed,
+                                   own_results=ckpt is not None and ckpt.resumed_complete), \
                     distributed.use_mesh(mesh), checkpoint.use(ckpt):
                 res = run_method(prepare(cfg, loaded[0], _loaded=loaded, dense_cache=cache))
         except BaseException:

@@ -114,6 +114,7 @@ def _is_primary() -> bool:
 
 class Checkpointer:
     """The checkpoints of one run in ``directory``; hands out :class:`Phase` objects in call order."""
+    resumed_complete = False     # set in __init__: resuming a run that had finished
 
     def __init__(self, directory: str | Path, config: Any, *, every: int = 200, resume: bool = False,
                  data: dict | None = None, after_s: float = 0.0):
@@ -169,6 +170,8 @@ class Checkpointer:
         if error is not None:
             raise error
         self.resumed = action == "resume"
+        # resuming a run that had finished (to add --save-compact): the results.json in its folder is its own
+        self.resumed_complete = self.resumed and bool((saved or {}).get("complete"))
         if resume and action == "fresh" and _is_primary():
             warn(f"--resume: {self.directory} holds no checkpoints of a run, so this run starts from the beginning "
                  "(runs write them with --checkpoint-every N, and by default once they have lasted a minute)")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fairprune_jax.core.notices import tqdm
+from fairprune_jax.core.notices import raise_if_interrupted, tqdm
 from fairprune_jax.data.base import Split, steps_per_epoch, train_batches
 from fairprune_jax.models import FunctionalModel
 from fairprune_jax.sparsity import pruning
@@ -247,6 +247,7 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
         for i, batch in enumerate(train_batches(split, batch_size, seed, epoch)):
             if i < skip:
                 continue  # already trained before the checkpoint we resumed from
+            raise_if_interrupted()      # a Ctrl-C whose KeyboardInterrupt Python dropped (core.notices)
             if hook is not None:
                 state = hook(state, global_step)
             state, stats = train_step(state, distributed.shard_batch(batch, mesh))
