@@ -359,3 +359,23 @@ def test_killed_in_any_phase_resumes_to_the_same_results(uninterrupted, tmp_path
     assert res["runtime"]["resumed"] is True and not (out / runner.LOCK_FILE).exists()
     for key in ("dense", "pruned", "sparsity", "method_info", "history"):
         assert _strip(res[key]) == _strip(ref[key]), key
+
+
+def test_a_delayed_run_killed_before_its_first_checkpoint_leaves_the_finished_runs_for_resume(toy, tmp_path):
+    """A finished with checkpoints; B (default delayed checkpoints) was killed before its first one, having moved
+    A's aside; A's command with --resume then found none, retrained from the start and dropped them. A's
+    checkpoints now stay in place until B writes its own, and go when B finishes without writing any."""
+    fm, params, ms, split, tx, step, template = toy
+    a = Checkpointer(tmp_path, {**CFG, "model": "mlp"}, every=2)
+    a.phase("dense").save(create_state(params, ms, tx, seed=1), epoch=0, step_in_epoch=2, global_step=2,
+                          history={}, epoch_stats=[], final=True)
+    a.mark_complete()
+    b = Checkpointer(tmp_path, {**CFG, "model": "cnn"}, every=2, after_s=3600)    # ... killed here
+    assert not b.started and (tmp_path / "run.json").exists()
+    again = Checkpointer(tmp_path, {**CFG, "model": "mlp"}, every=2, resume=True)
+    assert again.resumed and again.resumed_complete
+    b = Checkpointer(tmp_path, {**CFG, "model": "cnn"}, every=2, after_s=3600)    # ... finishes before a save
+    b.mark_complete()
+    assert not tmp_path.exists() or not any(tmp_path.glob("[0-9][0-9]-*"))
+    c = Checkpointer(tmp_path, {**CFG, "model": "cnn"}, every=2)                  # an immediate one: moved at once
+    assert not any(tmp_path.glob("[0-9][0-9]-*")) and c.started

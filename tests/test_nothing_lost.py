@@ -209,3 +209,20 @@ def test_a_ctrl_c_that_python_drops_still_stops_training(tiny_models):
                 seed=0, desc="t", progress=False)
     notices.raise_if_interrupted()                       # the request ends with the block
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_run_and_a_grid_do_not_share_a_folder(tmp_path):
+    """fairprune run --out GRID replaced the grid's results.json / results.md; the grid rerun then replaced the
+    run's, leaving its plot among the grid's."""
+    from fairprune_jax.running.outputs import check_out_dir
+    grid = tmp_path / "grid"
+    (grid / "cells").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is the folder of a comparison"):
+        check_out_dir(grid)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"method": "nft", "pruned": {}}))
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('name = "c"\ndataset = "digits"\nmethods = ["magnitude"]\nsparsities = [0.5]\nseeds = [0]\n')
+    with pytest.raises(ValueError, match="holds the results of a single run"):
+        run_compare(load_config(cfg, out=str(run)), progress=False)

@@ -158,6 +158,15 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     cells = [(seed, m, s) for seed in cc.seeds for s in cc.sparsities for m in cc.methods]
     todo = [c for c in cells if not (cell_dir(cc, c[1], c[2], c[0]) / "results.json").exists()]
     finished = [c for c in cells if c not in todo]
+    own = cc.out / "results.json"
+    if own.is_file() and not (cc.out / "cells").is_dir():
+        try:
+            single = "rows" not in json.loads(own.read_text())
+        except (OSError, ValueError, TypeError):
+            single = True
+        if single:
+            raise ValueError(f"{cc.out} holds the results of a single run (fairprune run --out), not of a "
+                             "comparison: the grid would replace them; run it into another --out")
     blocked = [str(cell_dir(cc, m, s, seed)) for seed, m, s in todo
                if cell_dir(cc, m, s, seed).exists() and not cell_dir(cc, m, s, seed).is_dir()]
     if blocked:             # found before any training, not after the cell has been computed

@@ -93,6 +93,9 @@ def check_out_dir(out: str | Path) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder; choose a folder for the run's outputs")
+    if (out / "cells").is_dir():
+        raise ValueError(f"--out {out} is the folder of a comparison (it holds {out / 'cells'}): a run into it would "
+                         "replace the grid's results.json and results.md; choose another --out")
     from fairprune_jax.training.checkpoint import CHECKPOINT_DIR
     ck = out / CHECKPOINT_DIR           # made when the first checkpoint is written, a minute or more into the run
     if ck.exists() and not ck.is_dir():

@@ -115,6 +115,7 @@ def _is_primary() -> bool:
 class Checkpointer:
     """The checkpoints of one run in ``directory``; hands out :class:`Phase` objects in call order."""
     resumed_complete = False     # set in __init__: resuming a run that had finished
+    _replace_pending = False     # a finished run's checkpoints wait in place for this run's first save
 
     def __init__(self, directory: str | Path, config: Any, *, every: int = 200, resume: bool = False,
                  data: dict | None = None, after_s: float = 0.0):
@@ -176,17 +177,27 @@ class Checkpointer:
             warn(f"--resume: {self.directory} holds no checkpoints of a run, so this run starts from the beginning "
                  "(runs write them with --checkpoint-every N, and by default once they have lasted a minute)")
         self.previous = self.directory.parent / PREVIOUS_DIR
-        if not self.resumed and _is_primary() and action == "replace":
-            # a finished run's weights are not deleted before this run has its own (restore_previous)
-            if self.previous.exists():
-                shutil.rmtree(self.previous)
-            self.directory.replace(self.previous)
+        # a finished run's checkpoints are set aside when this run writes its first one (restore_previous puts
+        # them back if it fails): a delayed Checkpointer killed before that leaves them where --resume finds them
+        self._replace_pending = not self.resumed and _is_primary() and action == "replace"
+        if self._replace_pending and self.after_s <= 0:
+            self._set_previous_aside()
         if self.resumed or self.after_s <= 0:
             self._start()
         distributed.barrier("checkpoint-start")
 
+    def _set_previous_aside(self) -> None:
+        """Move the finished run's checkpoints this run replaces to :data:`PREVIOUS_DIR`."""
+        if self._replace_pending:
+            if self.previous.exists():
+                shutil.rmtree(self.previous)
+            if self.directory.exists():
+                self.directory.replace(self.previous)
+            self._replace_pending = False
+
     def _start(self) -> None:
         """Create the folder and its ``run.json`` (at the first save of a delayed Checkpointer)."""
+        self._set_previous_aside()
         if not self._started and not self.resumed and _is_primary():
             self.directory.mkdir(parents=True, exist_ok=True)
             self._write_run_file(complete=False)
@@ -262,7 +273,10 @@ class Checkpointer:
         of the run it replaced go."""
         if _is_primary() and self.previous.exists():
             shutil.rmtree(self.previous, ignore_errors=True)
-        if not self._started:       # a delayed Checkpointer whose run ended before its first save
+        if not self._started:       # a delayed Checkpointer whose run ended before its first save: the finished
+            if self._replace_pending and self.directory.exists():     # run's checkpoints it replaced go too
+                shutil.rmtree(self.directory, ignore_errors=True)
+            self._replace_pending = False
             return
         if _is_primary():
             self._write_run_file(complete=True)
