@@ -17,6 +17,8 @@ from fairprune_jax.data import load_dataset
     ("digits", "seed", 0.5, "an integer"),
     ("digits", "test_fraction", "x", "a number"),
     ("csv", "drop_missing", "nope", "true or false"),
+    ("digits", "seed", -1, "0 or more"),                      # was numpy's "expected non-negative integer"
+    ("utkface", "image_size", 0, "1 or more"),
 ])
 def test_typed_data_options_refuse_values_of_another_kind_by_name(dataset, option, value, want):
     with pytest.raises(ValueError, match=f"option {option} must be {want}; got {value!r}"):

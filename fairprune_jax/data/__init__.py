@@ -73,6 +73,10 @@ def load_dataset(name: str, data_dir: str | None = None, **options) -> Dataset:
     return ds
 
 
+#: the smallest value of the loaders' integer options that have one
+MINIMUM = {"seed": 0, "image_size": 1, "max_examples": 1, "num_workers": 0}
+
+
 def check_option_types(name: str, options: dict) -> None:
     """Refuse a value of the wrong kind for a loader's typed option, naming it, before any data is read: a bool
     option takes a bool (``--data-opt include_protected=F`` was read as true, and the protected column stayed in
@@ -93,6 +97,10 @@ def check_option_types(name: str, options: dict) -> None:
             ok, want = isinstance(value, (int, np.integer)) and not isinstance(value, bool), "an integer"
         if not ok:
             raise ValueError(f"dataset {name!r}: option {key} must be {want}; got {value!r} (--data-opt {key}=...)")
+        low = MINIMUM.get(key)
+        if low is not None and value is not None and value < low:      # (numpy's "expected non-negative integer")
+            raise ValueError(f"dataset {name!r}: option {key} must be {low} or more; got {value!r} "
+                             f"(--data-opt {key}=...)")
 
 
 __all__ = ["DATASETS", "Dataset", "Split", "eval_batches", "load_adult", "load_celeb_a", "load_cifar10",
