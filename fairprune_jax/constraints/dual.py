@@ -228,6 +228,26 @@ class Dual:
     init_multiplier: float = 0.0
     dtype: Any = jnp.float32
 
+    def __post_init__(self):
+        cap = self.max_multiplier
+        if cap is not None and not (isinstance(cap, (int, float, np.integer, np.floating)) and float(cap) > 0):
+            raise ValueError(f"max_multiplier must be a ceiling above 0 (None or inf: no ceiling); got {cap!r}, "
+                             "which would leave the multipliers without one")
+
+    def _check_violation(self, violation: Any, multipliers: Any, where: str) -> None:
+        """A violation must have its multipliers' shape (a (G, 1) column would broadcast to (G, G) silently)."""
+        if isinstance(multipliers, dict):
+            if not isinstance(violation, dict) or set(violation) != set(multipliers):
+                raise ValueError(f"Dual.{where}: the violations must be a dict with the constraint groups' names "
+                                 f"{sorted(multipliers)}; got {sorted(violation) if isinstance(violation, dict) else type(violation).__name__}")
+            for k in multipliers:
+                self._check_violation(violation[k], multipliers[k], f"{where}[{k!r}]")
+            return
+        got, want = tuple(jnp.shape(violation)), tuple(jnp.shape(multipliers))
+        if got != want:
+            raise ValueError(f"Dual.{where}: the violation has shape {got}; the Dual has {want[0] if want else 1} "
+                             f"constraint(s), so it needs shape {want}")
+
     def _groups(self) -> Any:
         c = self.constraints
         if isinstance(c, dict):
@@ -285,6 +305,7 @@ class Dual:
                 "Dual(...).transform(), or fairprune_jax.constraints.dual: only_observed(optax.chain("
                 "optax.clip(1.0), ascent(learning_rate=1e-2), project()))")
         lam = state.multipliers
+        self._check_violation(strict_violation, lam, "update")
         obs = _observed_tree(observed, lam)
         strict = jax.tree.map(lambda v, x: jnp.asarray(v, x.dtype), strict_violation, lam)
         if observed is None:    # a non-finite violation is then not observed (as in only_observed)
@@ -325,6 +346,7 @@ class Dual:
 
     def lagrangian(self, loss: chex.Array, violation: Any, state: DualState) -> chex.Array:
         """The scalar the primal step minimizes (multipliers and penalties are constants)."""
+        self._check_violation(violation, state.multipliers, "lagrangian")
         if not isinstance(state.multipliers, dict):
             return lagrangian(loss, violation, state)
         is_group = lambda x: isinstance(x, DualState)  # noqa: E731
@@ -334,6 +356,7 @@ class Dual:
 
     def weights(self, violation: Any, state: DualState) -> Any:
         """``d lagrangian / d violation`` per constraint (mirrors the multipliers)."""
+        self._check_violation(violation, state.multipliers, "weights")
         if not isinstance(state.multipliers, dict):
             return multiplier_weights(violation, state)
         is_group = lambda x: isinstance(x, DualState)  # noqa: E731
@@ -363,6 +386,8 @@ def dual_primal_grads(problem_fn: Callable[[Any], Any], params: Any, dual: Dual,
 
     (loss, violation), vjp_fn, (strict, observed, aux) = jax.vjp(split, params, has_aux=True)
     strict = jax.lax.stop_gradient(violation if strict is None else strict)
+    dual._check_violation(violation, state.multipliers, "dual_primal_grads (the problem's violation)")
+    dual._check_violation(strict, state.multipliers, "dual_primal_grads (the problem's strict violation)")
     given = observed is not None
     observed = _observed_tree(observed, state.multipliers)
     if not given:       # a problem that says nothing of what it observed: a non-finite violation is not

@@ -38,8 +38,12 @@ class GroupCounts(NamedTuple):
 
 
 def predictions(logits_or_preds: Any, what: str = "predictions") -> jax.Array:
-    """Predicted labels (B,) int32 from float logits (B, C) (their argmax) or from integer labels (B,)."""
+    """Predicted labels (B,) int32 from float logits (B, C) (their argmax), from the one logit (B, 1) of a binary
+    sigmoid model (class 1 where it is above 0, as the surrogates read it; its argmax would be class 0 everywhere)
+    or from integer labels (B,)."""
     x = jnp.asarray(logits_or_preds)
+    if x.ndim == 2 and x.shape[-1] == 1:
+        return (x[:, 0] > 0).astype(jnp.int32)
     if x.ndim == 2:
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
     if x.ndim == 1:
@@ -68,6 +72,11 @@ def group_counts(
     must not count anywhere (their loss may even be NaN). ``num_groups`` (and,
     under ``jax.jit``, ``positive_label``) must be static.
     """
+    shape = jnp.shape(logits_or_preds)
+    classes = max(int(shape[-1]), 2) if len(shape) == 2 else None
+    if isinstance(positive_label, (int, np.integer)) and classes is not None and not 0 <= positive_label < classes:
+        raise ValueError(f"positive_label={positive_label} is not a class of {classes}-class logits (classes 0.."
+                         f"{classes - 1}): no row could be predicted positive, and DP / EO would read 0")
     preds = predictions(logits_or_preds)
     check_rows(preds.shape[0], "group_counts", y=y, g=g, weights=weights, loss=loss)
     y = jnp.asarray(y).astype(jnp.int32)

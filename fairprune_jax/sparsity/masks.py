@@ -99,22 +99,46 @@ def dense_by_name_note(params: Params, target: float) -> str | None:
             f"be about {overall:.0%} sparse. Rename the layer if it is not an embedding table")
 
 
+def dense_leaf(t: Any) -> bool:
+    """Whether a template leaf keeps its weight dense: ``None`` or ``False`` (a template written with booleans,
+    ``jax.tree.map(lambda p: p.ndim >= 2, params)``, marks its dense leaves ``False``)."""
+    return t is None or (isinstance(t, (bool, np.bool_)) and not t)
+
+
+def aligned(tree: Any, like: Any, what: str = "masks") -> Any:
+    """``tree`` (masks, a template) in ``like``'s structure: as it is when the two are the same containers, else
+    matched by leaf name (masks of a pure params dict for an ``nnx.Optimizer``'s ``nnx.State``, or the reverse),
+    ``None`` where ``tree`` has no leaf of that name. A name that ``like`` lacks is refused: masks of another
+    model would otherwise be dropped without a word."""
+    if tree is None or jax.tree.structure(tree, is_leaf=_is_none) == jax.tree.structure(like, is_leaf=_is_none):
+        return tree
+    by_name = dict(named_leaves(tree))
+    extra = sorted(set(by_name) - {n for n, _ in named_leaves(like)})
+    if extra:
+        raise ValueError(f"{what} name {len(extra)} leaves the params do not have ({', '.join(extra[:4])}"
+                         f"{' ...' if len(extra) > 4 else ''}): {what} of another model?")
+    return map_named(lambda n, _: by_name.get(n), like)
+
+
 def ones_like_template(params: Params, template: Masks, structured: bool = False) -> Masks:
-    """An all-ones (dense) mask for the prunable leaves."""
-    return jax.tree.map(lambda t, p: None if t is None else jnp.ones(p.shape[-1:] if structured else p.shape,
-                                                                   p.dtype),
-                        template, params, is_leaf=_is_none)
+    """An all-ones (dense) mask for the prunable leaves (template leaves ``True``; ``None`` / ``False`` stay
+    dense; matched by name when the template is another container than the params)."""
+    return jax.tree.map(lambda t, p: None if dense_leaf(t) else jnp.ones(p.shape[-1:] if structured else p.shape,
+                                                                         p.dtype),
+                        aligned(template, params, "the template"), params, is_leaf=_is_none)
 
 
 def apply_masks(params: Params, masks: Masks) -> Params:
-    """``params * mask`` on masked leaves (structured masks broadcast over the last axis)."""
-    return jax.tree.map(lambda m, p: p if m is None else p * m.astype(p.dtype), masks, params,
+    """``params * mask`` on masked leaves (structured masks broadcast over the last axis; matched by name when the
+    masks are another container than the params)."""
+    return jax.tree.map(lambda m, p: p if m is None else p * m.astype(p.dtype), aligned(masks, params), params,
                         is_leaf=_is_none)
 
 
 def _prune_like(params: Params, template: Masks) -> Params:
-    """params restricted to the template's non-None leaves (others become None)."""
-    return jax.tree.map(lambda t, p: None if t is None else p, template, params, is_leaf=_is_none)
+    """params restricted to the template's prunable leaves (others become None)."""
+    return jax.tree.map(lambda t, p: None if dense_leaf(t) else p, aligned(template, params, "the template"),
+                        params, is_leaf=_is_none)
 
 
 def keep_counts(params: Params, template: Masks, sparsity: float, distribution: str = "uniform",
@@ -168,7 +192,11 @@ def keep_counts(params: Params, template: Masks, sparsity: float, distribution: 
 
 
 def check_sparsity(sparsity: float) -> None:
-    if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
+    """A sparsity is a real number in [0, 1): a Python, NumPy or 0-d JAX number (a value read from a config array)."""
+    real = (not isinstance(sparsity, (bool, np.bool_, str)) and np.ndim(sparsity) == 0
+            and np.issubdtype(np.asarray(sparsity).dtype, np.number)
+            and not np.issubdtype(np.asarray(sparsity).dtype, np.complexfloating))
+    if not (real and 0.0 <= float(sparsity) < 1.0):
         raise ValueError(f"sparsity must be in [0, 1) (e.g. 0.9 for 90% of weights removed); got {sparsity!r}")
 
 

@@ -106,6 +106,11 @@ def cubic(end: int, *, begin: int = 0, frequency: int = 100, initial_sparsity: f
     """
     if end <= begin:
         raise ValueError(f"cubic schedule: end ({end}) must be after begin ({begin})")
+    if isinstance(frequency, bool) or not isinstance(frequency, (int, np.integer)) or frequency < 1:
+        raise ValueError(f"cubic schedule: frequency (updates between mask changes) must be an integer >= 1; "
+                         f"got {frequency!r}")
+    if not 0.0 <= float(initial_sparsity) < 1.0:
+        raise ValueError(f"cubic schedule: initial_sparsity must be in [0, 1); got {initial_sparsity!r}")
     return Schedule(lambda s: [(begin + t, v) for t, v in
                                schedules.cubic_steps(s, end - begin, frequency, initial_sparsity=initial_sparsity)],
                     "cubic")
@@ -178,6 +183,7 @@ def masked_update(inner: optax.GradientTransformation, masks: Any, updates: Para
     weights zeroed (optimizer moments never build up for them), ``inner`` run, and ``-params`` returned where
     the mask is 0, so ``optax.apply_updates`` gives exactly 0 there and ``params + update`` elsewhere.
     Returns ``(updates, new inner state)``."""
+    masks = masks_lib.aligned(masks, params)          # (masks of a pure dict in an nnx.Optimizer loop: by name)
     grads = masks_lib.apply_masks(updates, masks)
     inner_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
     out = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m > 0, u, -p).astype(u.dtype),
@@ -245,6 +251,17 @@ def with_masks(opt_state: Any, masks: Any) -> Any:
                         opt_state, is_leaf=lambda x: isinstance(x, (PrunerState, MaskState)))
 
 
+def _check_score_shapes(scores: Any, masks: Any) -> None:
+    """A score function's leaves must have their masks' shapes (one per unit for structured masks), named
+    otherwise at trace time instead of a ``lax.cond`` type error."""
+    sc = dict(masks_lib.named_leaves(scores))
+    for name, m in masks_lib.named_leaves(masks):
+        if name in sc and tuple(np.shape(sc[name])) != tuple(np.shape(m)):
+            raise ValueError(f"the score of {name} has shape {tuple(np.shape(sc[name]))}, its mask "
+                             f"{tuple(np.shape(m))}: a structured Pruner needs one score per output unit "
+                             "(score='structured'), an unstructured one a score per weight")
+
+
 def find_state(opt_state: Any) -> PrunerState:
     """The :class:`PrunerState` inside an optimizer state (e.g. in an ``optax.chain``)."""
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PrunerState))
@@ -287,6 +304,7 @@ class Pruner:
 
     def __post_init__(self):
         masks_lib.check_sparsity(self.sparsity)
+        object.__setattr__(self, "sparsity", float(self.sparsity))      # (a NumPy / JAX scalar read as a float)
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown sparsity distribution {self.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
         if isinstance(self.score, str) and self.score not in SCORES:
@@ -306,16 +324,42 @@ class Pruner:
         return self.schedule.points(self.sparsity)
 
     def _template(self, params: Params) -> Any:
+        """The template in the params' structure (``True`` on pruned leaves, ``None`` elsewhere; a template
+        written with ``False`` leaves, or by name for other containers, read as such)."""
         if self.template is None:
             return masks_lib.prunable_template(params)
-        return self.template(params) if callable(self.template) else self.template
+        t = masks_lib.aligned(self.template(params) if callable(self.template) else self.template, params,
+                              "the template")
+        return jax.tree.map(lambda x: None if masks_lib.dense_leaf(x) else True, t, is_leaf=_is_none)
 
     def _score_fn(self) -> ScoreFn:
-        return SCORES[self.score] if isinstance(self.score, str) else self.score
+        """The score function; with ``structured=True`` a built-in per-weight score is summed over each output
+        unit's weights (magnitude: the unit's L1 norm, as ``'structured'``; saliency: its sum of ``|w * g|``;
+        random: a random order of the units)."""
+        if not isinstance(self.score, str):
+            return self.score
+        fn = SCORES[self.score]
+        if not self.is_structured or self.score in STRUCTURED_SCORES:
+            return fn
+
+        def per_unit(params, grads, key, template):
+            return jax.tree.map(lambda s: None if s is None else s.reshape(-1, s.shape[-1]).sum(axis=0),
+                                fn(params, grads, key, template), is_leaf=_is_none)
+        return per_unit
 
     def init_masks(self, params: Params) -> Any:
         """All-ones (dense) masks for the prunable leaves."""
-        return masks_lib.ones_like_template(params, self._template(params), structured=self.is_structured)
+        template = self._template(params)
+        if self.is_structured:
+            heads = [n for n, p in masks_lib.named_leaves(masks_lib._prune_like(params, template))
+                     if np.ndim(p) == 3 and n.rsplit("/", 2)[-2:-1] in (["query"], ["key"], ["value"])]
+            if heads:
+                raise ValueError(
+                    f"structured masks remove each kernel's last axis; {', '.join(heads[:3])} "
+                    f"{'are' if len(heads) > 1 else 'is'} an attention projection (in, heads, head_dim) whose last "
+                    "axis is a head's dims, chosen apart for query and key: keep them dense (template=) or prune "
+                    "whole heads with fairprune_jax.prune(), which traces them")
+        return masks_lib.ones_like_template(params, template, structured=self.is_structured)
 
     def _count_table(self, params: Params, template: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Steps (P,) and, per leaf name (or ``'*'`` for global), the keep count at each point (P,)."""
@@ -356,7 +400,9 @@ class Pruner:
             return state.masks, state.sparsity
         if grads is None and self.score == "saliency":
             raise ValueError("the saliency score needs the gradients: pass grads to pre_update")
-        template = jax.tree.map(lambda m: None if m is None else True, state.masks, is_leaf=_is_none)
+        held = masks_lib.aligned(state.masks, params)   # the state's masks in the params' structure (by name when
+        #                                                 the optimizer was built on another container)
+        template = jax.tree.map(lambda m: None if m is None else True, held, is_leaf=_is_none)
         steps, table = self._count_table(params, template)
         sparsities = jnp.asarray([s for _, s in pts], jnp.float32)
         idx = jnp.clip(jnp.searchsorted(jnp.asarray(steps), state.count), 0, len(steps) - 1)
@@ -364,11 +410,11 @@ class Pruner:
 
         def recompute(_):
             sc = self._score_fn()(params, grads, jax.random.fold_in(state.key, state.count), template)
+            _check_score_shapes(sc, held)
             counts = {n: jnp.asarray(c)[idx] for n, c in table.items()}
-            new = masks_lib.masks_from_counts(sc, counts, prev_masks=state.masks, distribution=self.distribution)
-            new = jax.tree.map(lambda n, o: None if o is None else n.astype(o.dtype), new, state.masks,
-                               is_leaf=_is_none)
-            return new, sparsities[idx]
+            new = masks_lib.masks_from_counts(sc, counts, prev_masks=held, distribution=self.distribution)
+            new = jax.tree.map(lambda n, o: None if o is None else n.astype(o.dtype), new, held, is_leaf=_is_none)
+            return masks_lib.aligned(new, state.masks), sparsities[idx]
 
         return jax.lax.cond(hit, recompute, lambda _: (state.masks, state.sparsity), None)
 
@@ -388,11 +434,18 @@ class Pruner:
         gradient is taken on the pruned model (what a host-side mask hook before the step does, e.g.
         :func:`fairprune_jax.techniques.gradual.pruned_start`). Returns ``(masked params, opt_state)``; the
         wrapped update of the same step then finds the masks already in place. Jittable."""
+        from flax import nnx
+        is_var = lambda v: isinstance(v, nnx.Variable)      # noqa: E731
+
         def fix(x):
             if not isinstance(x, PrunerState):
                 return x
-            masks, sparsity = self._scheduled_masks(x, params, grads)
-            return x._replace(masks=masks, sparsity=sparsity)
+            # an nnx.Optimizer's opt_state holds each field as a Variable (OptArray): computed on the values,
+            # returned in the same Variables
+            pure = jax.tree.map(lambda v: v.get_value() if is_var(v) else v, x, is_leaf=is_var)
+            masks, sparsity = self._scheduled_masks(pure, params, grads)
+            new = pure._replace(masks=masks, sparsity=sparsity)
+            return jax.tree.map(lambda old, n: old.replace(value=n) if is_var(old) else n, x, new, is_leaf=is_var)
 
         opt_state = jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, PrunerState))
         return masks_lib.apply_masks(params, find_state(opt_state).masks), opt_state

@@ -13,13 +13,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fairprune_jax.sparsity.masks import _is_none
+from fairprune_jax.sparsity.masks import _is_none, aligned, dense_leaf
 
 Params = Any
 
 
 def _over_template(fn: Callable, template: Any, *trees: Any) -> Any:
-    return jax.tree.map(lambda t, *xs: None if t is None else fn(*xs), template, *trees, is_leaf=_is_none)
+    template = aligned(template, trees[0], "the template")
+    return jax.tree.map(lambda t, *xs: None if dense_leaf(t) else fn(*xs), template, *trees, is_leaf=_is_none)
 
 
 def magnitude(params: Params, template: Any) -> Params:
@@ -46,7 +47,8 @@ def l1_structured(params: Params, template: Any) -> Params:
 
 
 def _restrict(params: Params, template: Any) -> Params:
-    return jax.tree.map(lambda t, p: None if t is None else p, template, params, is_leaf=_is_none)
+    return jax.tree.map(lambda t, p: None if dense_leaf(t) else p, aligned(template, params, "the template"), params,
+                        is_leaf=_is_none)
 
 
 SCORES = {"magnitude": magnitude, "random": random, "saliency": saliency, "l1_structured": l1_structured}
