@@ -167,29 +167,25 @@ def test_fairprune_run_on_cifar10_files(cifar10_dir, tmp_path):
     assert res["dataset"] == "cifar10" and res["sizes"]["train"] == 40 and res["groups"]["num_groups"] == 10
 
 
-def test_mobilenet_v2_is_torchvisions_and_prunes_like_the_papers(cifar10_dir, tmp_path):
+def test_mobilenet_v2_is_torchvisions_and_prunes_like_the_papers():
     """MobileNet-V2 (Balancing Act's UTKFace model): at width 1 with 1000 classes it has torchvision's
-    3,504,872 parameters; a run prunes it (depthwise kernels included) to the target with the first conv and the
-    last layer dense, as the authors' code keeps them (src/configs/utkface/sparse_imp.py:31-32; here through
-    --exclude-first / --exclude-last and one-shot magnitude without fine-tuning, the cheapest run: compiling this 53-layer network
-    is most of the test's time)."""
-    import json
+    3,504,872 parameters; pruned (depthwise kernels included) to the target with the first conv and the last
+    layer dense, as the authors' code keeps them (src/configs/utkface/sparse_imp.py:31-32; here the template of
+    --exclude-first / --exclude-last read off the forward order, and one-shot magnitude masks). A run on it goes
+    end to end in tests/test_paper_settings.py (ceag's first steps on the UTKFace config), so no training is
+    compiled here."""
     import jax
-    from fairprune_jax.running.cli import main
-    from fairprune_jax.models import build_model
+    from fairprune_jax.models import build_model, layer_order
+    from fairprune_jax.sparsity import masks as M, scores as S
     _, params, _ = build_model("mobilenet_v2", (224, 224, 3), 1000)
     assert sum(x.size for x in jax.tree.leaves(params)) == 3_504_872
-    root, _ = cifar10_dir
-    out = tmp_path / "mnv2"
-    assert main(["run", "--dataset", "cifar10", "--data-dir", str(root), "--model", "mobilenet_v2",
-                 "--model-opt", "width=0.25", "--data-opt", "image_size=8", "--method", "magnitude", "--epochs", "1",
-                 "--finetune-epochs", "0", "--batch-size", "8", "--sparsity", "0.8", "--exclude-first",
-                 "--exclude-last", "--no-progress",
-                 "--out", str(out)]) == 0
-    res = json.loads((out / "results.json").read_text())
-    layers = res["sparsity"]["layers"]                       # the prunable layers
+    fm, params, state = build_model("mobilenet_v2", (8, 8, 3), 10, width=0.25)
+    tmpl = M.prunable_template(params, layer_order=layer_order(fm, params, state), exclude_first=True,
+                               exclude_last=True)
+    masks = M.masks_from_scores(S.magnitude(params, tmpl), tmpl, 0.8)
+    layers = {n: 1.0 - float(np.mean(np.asarray(m))) for n, m in M.named_leaves(masks)}   # the pruned layers
     assert "stem/kernel" not in layers and "head/kernel" not in layers and "last/kernel" in layers
-    assert all(v["sparsity"] > 0.75 for v in layers.values()) and "blocks/3/depthwise/kernel" in layers
+    assert all(v > 0.75 for v in layers.values()) and "blocks/3/depthwise/kernel" in layers
 
 
 @pytest.mark.parametrize("name,count", [("resnet18", 11_689_512), ("resnet34", 21_797_672)])
