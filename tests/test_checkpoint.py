@@ -245,7 +245,10 @@ CEAG_PHASE = "02-fine-tune-ceag"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla")),
+    # the test run's own compilation cache when it has one (tests/conftest.py): the runs here compile the programs
+    # the in-process digits runs of the suite compiled already
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("xla"))
+    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONWARNINGS="ignore")
     # the runs compared here share the suite's compile setting (tests/conftest.py); no other XLA flag of the caller
     e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
