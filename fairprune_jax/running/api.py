@@ -220,7 +220,12 @@ def _num_outputs(model: nnx.Module, x: np.ndarray, *, note: bool = True) -> int:
         out = jax.eval_shape(lambda p, s: fm.apply(p, s, jnp.asarray(x, jnp.float32))[0],
                              nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
     except Exception as e:
-        raise ValueError(f"the model cannot take inputs of shape {x.shape[1:]} (mode {fm.mode!r}): {e}") from e
+        hint = ""
+        if np.issubdtype(np.asarray(x).dtype, np.integer):     # token ids for an nnx.Embed, say
+            hint = ("; prune() gives the model its features as float32 (the batches, the certificate and the traced "
+                    "unit groups read float features), so a model that takes integer ids (nnx.Embed) must cast "
+                    "them in its __call__: self.embed(x.astype(jnp.int32))")
+        raise ValueError(f"the model cannot take inputs of shape {x.shape[1:]} (mode {fm.mode!r}): {e}{hint}") from e
     if out.ndim != 2:
         raise ValueError(f"the model must return logits of shape (batch, classes); got {out.shape}")
     if note:
@@ -496,6 +501,9 @@ def with_units(built: tuple[CustomModel, dict, dict], units: dict | None, cfg: R
         raise ValueError(f"{cfg.method}: {e}. Units found: {[g.kernel for g in groups] or 'none'}.{why} Declare "
                          "them with units={'layer/kernel': ['layer/bias', 'bn/scale', 'bn/bias'], ...} (a per-channel norm such as "
                          "BatchNorm; a LayerNorm over the channels ties them all together)") from None
+    # a group's further producers (a residual branch's kernels, an attention head's query / key / value) lose their
+    # units with its lead kernel: they are pruned too, not dense
+    pruned |= {p for g in groups if g.kernel in pruned for p in g.producers}
     refused_note(fm, params, model_state, template, pruned, order, cfg, traced=units is None)
     lost = [g.kernel for g in groups if g.kernel in pruned and not g.consumers]
     if consumers and lost:

@@ -408,6 +408,11 @@ def rebuild(graphdef: Any, params: Any, model_state: Any) -> Any:
         elif isinstance(m, nnx.LinearGeneral):
             k, nb, ni = tuple(m.kernel.value.shape), len(m.batch_axis), len(m.in_features)
             m.in_features, m.out_features = k[nb:nb + ni], k[nb + ni:]
+        elif isinstance(m, nnx.GroupNorm) and m.group_size == 1:     # one group per channel (the only GroupNorm
+            held = next((v for v in (getattr(m, "scale", None), getattr(m, "bias", None))   # the tracer lets lose
+                         if isinstance(v, nnx.Variable)), None)                              # channels)
+            if held is not None:
+                m.num_groups = int(held.get_value().shape[-1])
     for _, m in iter_modules(module):       # after its projections: the head count is read off them
         if isinstance(m, nnx.MultiHeadAttention):
             q, kv = m.query.kernel.value.shape, m.key.kernel.value.shape
