@@ -82,3 +82,24 @@ def test_integer_ids_for_an_embedding_are_named_with_the_fix():
     with pytest.raises(ValueError, match=r"features as float32 .* must cast them in its __call__"):
         fairprune_jax.prune(Tokens(nnx.Rngs(0)), train=(x, (x[:, 0] > 9).astype(int), x[:, 1] % 2),
                             method="magnitude", epochs=1, progress=False)
+
+
+class Einsum(nnx.Module):
+    def __init__(self, rngs):
+        self.w = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (6, 16)))
+        self.shared = nnx.Linear(16, 16, rngs=rngs)
+        self.out = nnx.Linear(16, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(jnp.einsum("bi,io->bo", x, self.w))
+        return self.out(self.shared(nnx.relu(self.shared(h))))       # one layer called twice
+
+
+def test_flops_count_a_users_einsum_matrices_and_both_calls_of_a_shared_layer():
+    """An einsum layer's w (not named kernel) was left out of the FLOPs (flops_fraction 1.0 for a model pruned to
+    half), and a layer called twice was counted once."""
+    from fairprune_jax.models import count_flops
+    from fairprune_jax.running.api import wrap_model
+    fm, p, s = wrap_model(Einsum(nnx.Rngs(0)), (6,), 2)
+    flops = count_flops(fm, p, s)
+    assert flops == {"w": 6 * 16, "shared/kernel": 2 * 16 * 16, "out/kernel": 16 * 2}

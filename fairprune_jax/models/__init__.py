@@ -200,21 +200,30 @@ def _trace_layers(fm: FunctionalModel, params: dict, model_state: dict) -> list[
 
 
 def layer_order(fm: FunctionalModel, params: dict, model_state: dict) -> list[str]:
-    """Kernel leaf names in the order the forward pass uses them (first layer first)."""
-    return [n for n, _ in _trace_layers(fm, params, model_state)]
+    """Kernel leaf names in the order the forward pass first uses them (first layer first; a layer called twice
+    is listed once)."""
+    return list(dict.fromkeys(n for n, _ in _trace_layers(fm, params, model_state)))
 
 
 def count_flops(fm: FunctionalModel, params: dict, model_state: dict) -> dict[str, float]:
     """Multiply-accumulates per example of every kernel (dense model).
 
     A Linear kernel (i, o) costs i*o; a conv kernel (kh, kw, i, o) costs
-    kh*kw*i*o per output position. Output sizes come from one abstract trace.
+    kh*kw*i*o per output position. Output sizes come from one abstract trace; a layer called twice (a shared
+    layer) costs both calls. In a user's module every weight matrix the library prunes counts, whatever its name
+    (an einsum layer's ``w``: one position per example, as the trace does not see its calls); embedding tables
+    (lookups, not multiplications) do not. The zoo's multiplied matrices are its kernels (the ViT's learned
+    ``position`` table is added, not multiplied).
     """
     from fairprune_jax.core.trees import named_leaves
+    from fairprune_jax.sparsity.masks import prunable_template
 
-    positions = dict(_trace_layers(fm, params, model_state))
+    positions: dict[str, float] = {}
+    for n, p in _trace_layers(fm, params, model_state):
+        positions[n] = positions.get(n, 0.0) + p
+    weights = ({n for n, _ in named_leaves(prunable_template(params))} if isinstance(fm, CustomModel) else set())
     return {n: float(v.size) * positions.get(n, 1.0)
-            for n, v in named_leaves(params) if n.endswith("kernel")}
+            for n, v in named_leaves(params) if n.endswith("kernel") or n in weights}
 
 
 __all__ = ["CNN", "CustomModel", "ImageNetResNet", "MLP", "MODELS", "MobileNetV2", "ResNet18", "ResNet34", "ViT", "FunctionalModel", "call_mode", "ResNet", "build_model", "count_flops", "forward_calls", "layer_order",
