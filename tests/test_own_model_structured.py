@@ -103,3 +103,21 @@ def test_flops_count_a_users_einsum_matrices_and_both_calls_of_a_shared_layer():
     fm, p, s = wrap_model(Einsum(nnx.Rngs(0)), (6,), 2)
     flops = count_flops(fm, p, s)
     assert flops == {"w": 6 * 16, "shared/kernel": 2 * 16 * 16, "out/kernel": 16 * 2}
+
+
+class Grouped(nnx.Module):
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+        self.c2 = nnx.Conv(8, 8, (3, 3), feature_group_count=2, rngs=rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.c2(nnx.relu(self.c1(x)))).mean(axis=(1, 2)))
+
+
+def test_a_model_without_removable_units_is_not_told_to_drop_exclusions_it_never_set():
+    x, y, g = _data((6, 6, 1))
+    with pytest.raises(ValueError, match="the model has no removable units .*Not removable: channel space of c1 "
+                                         "passes through a grouped"):
+        fairprune_jax.prune(Grouped(nnx.Rngs(0)), train=(x, y, g), method="structured_magnitude", sparsity=0.5,
+                            epochs=1, progress=False)

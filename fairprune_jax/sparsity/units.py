@@ -347,8 +347,13 @@ def structured_template(groups: Sequence[UnitGroup], template: Any) -> Any:
     producers = {g.kernel for g in groups}
     out = map_named(lambda n, t: True if (t is True and n in producers) else None, template)
     if not named_leaves(out):
+        if not producers:
+            raise ValueError("structured pruning: the model has no removable units (no layer whose output units "
+                             "can be removed with every parameter that reads them); use an unstructured method")
         raise ValueError("structured pruning: no prunable layer left (every layer with removable units is "
-                         "excluded); drop --exclude-first/--exclude-last or use an unstructured method")
+                         "excluded: " + ", ".join(sorted(producers)[:4]) + "); drop the first / last layer "
+                         "exclusions (--exclude-first / --exclude-last; exclude_first / exclude_last in a grid's "
+                         "[run] or prune()'s config=) or use an unstructured method")
     return out
 
 
