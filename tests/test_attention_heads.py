@@ -64,10 +64,13 @@ def test_views_round_trip_and_unit_masks_take_the_trailing_shape():
     assert to_view(from_view(unit, fm.views), fm.views)["att"]["query"]["kernel"].shape == (32,)
 
 
-@pytest.mark.parametrize("method", ["structured_magnitude", "bifp"])
-def test_pruned_heads_compact_to_fewer_heads_with_the_same_logits(method, tmp_path):
+@pytest.mark.parametrize("method, kw", [("structured_magnitude", {}), ("bifp", {}),
+                                        ("structured_magnitude", {"normalize_qk": True})])
+def test_pruned_heads_compact_to_fewer_heads_with_the_same_logits(method, kw, tmp_path):
+    """normalize_qk: a LayerNorm over each head's query / key dims stays inside the head, which goes whole (it was
+    refused as 'reduced over its channels')."""
     x, y, g = _data()
-    res = fairprune_jax.prune(Block(nnx.Rngs(0)), train=(x, y, g), method=method, sparsity=0.5, epochs=1,
+    res = fairprune_jax.prune(Block(nnx.Rngs(0), **kw), train=(x, y, g), method=method, sparsity=0.5, epochs=1,
                               finetune_epochs=1, progress=False)
     params = nnx.to_pure_dict(nnx.state(res.model, nnx.Param))
     for name, m in named_leaves(res.masks):          # the module's own shapes: masks broadcast on their params
@@ -86,7 +89,7 @@ def test_pruned_heads_compact_to_fewer_heads_with_the_same_logits(method, tmp_pa
     want = np.asarray(res.model(jnp.asarray(x[:64])))
     np.testing.assert_allclose(np.asarray(small(jnp.asarray(x[:64]))), want, atol=1e-5)
     compact.save_module(small, tmp_path / "small")
-    again = compact.load_module(tmp_path / "small", like=Block(nnx.Rngs(1)))
+    again = compact.load_module(tmp_path / "small", like=Block(nnx.Rngs(1), **kw))
     again.eval()
     assert again.att.num_heads == kept
     np.testing.assert_allclose(np.asarray(again(jnp.asarray(x[:64]))), want, atol=1e-5)
@@ -102,11 +105,10 @@ def test_unstructured_masks_of_an_attention_model_have_its_shapes():
     assert np.all(k[m == 0] == 0)
 
 
-@pytest.mark.parametrize("kw, why", [({"num_kv_heads": 2}, "different groupings"),
-                                     ({"normalize_qk": True}, "reduced over its channels")])
+@pytest.mark.parametrize("kw, why", [({"num_kv_heads": 2}, "different groupings")])
 def test_attention_that_cannot_lose_whole_heads_is_refused_by_name(kw, why):
-    """Grouped-query attention (a key / value head serves two query heads) and a LayerNorm over each head's query
-    and key dims keep their heads, with the tracer's reason."""
+    """Grouped-query attention (a key / value head serves two query heads) keeps its heads, with the tracer's
+    reason."""
     fm, p, s = wrap_model(Block(nnx.Rngs(0), **kw), (6, 3), 3)
     found = coupling.coupled_groups(fm, p, s)
     assert not [g for g in found.groups if "att/query/kernel" in (g.kernel, *g.producers)]

@@ -430,9 +430,10 @@ def _groups(t: _Tracer, pshapes: dict, sshapes: dict) -> Coupling:
     for r in {s.find(i) for i in range(len(s.parent))}:
         target, inner = s.resolve(r)
         place(target, inner, s.members.get(r, []), None, s.reasons.get(r, []))
-    for piece, outer in s.inner_of.items():     # a reduction over a head's dims mixes that head's channels
-        target, _ = s.resolve(outer)
-        reasons.setdefault(target, []).extend(s.reasons.get(s.find(piece), []))
+    for piece, outer in s.inner_of.items():     # what stops a head's dims stops the head, but a reduction over
+        target, _ = s.resolve(outer)            # them (a LayerNorm of each head's query / key) stays inside the
+        reasons.setdefault(target, []).extend(  # head, which is removed whole (check_groups verifies it)
+            r for r in s.reasons.get(s.find(piece), []) if not r.startswith("is reduced over its channels"))
     pieces = {s.resolve(p)[0] for p in s.inner_of}
     groups, refused = [], {}
     for root, members in owned.items():
