@@ -55,3 +55,15 @@ def map_named(fn, tree: Any, *rest: Any) -> Any:
     def f(path, x, *r):
         return None if x is None else fn(leaf_name(path), x, *r)
     return jax.tree_util.tree_map_with_path(f, tree, *rest, is_leaf=_is_none)
+
+
+#: leaf names that are never pruned (biases, norm scales, embedding tables, BatchNorm statistics)
+NOT_PRUNED_NAMES = ("bias", "scale", "embedding", "mean", "var")
+
+
+def weight_matrix(name: str, leaf: Any) -> bool:
+    """Whether a param leaf is a weight matrix the library prunes by default (``masks.prunable_template``) and
+    counts in the FLOPs of a user's module (``models.count_flops``): two or more axes, not a bias / scale /
+    statistic by its name, not an embedding (``embed`` in its path: a lookup table, not a multiplication)."""
+    last = name.rsplit("/", 1)[-1]
+    return getattr(leaf, "ndim", 0) >= 2 and last not in NOT_PRUNED_NAMES and "embed" not in name

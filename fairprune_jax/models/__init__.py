@@ -215,13 +215,12 @@ def count_flops(fm: FunctionalModel, params: dict, model_state: dict) -> dict[st
     (lookups, not multiplications) do not. The zoo's multiplied matrices are its kernels (the ViT's learned
     ``position`` table is added, not multiplied).
     """
-    from fairprune_jax.core.trees import named_leaves
-    from fairprune_jax.sparsity.masks import prunable_template
+    from fairprune_jax.core.trees import named_leaves, weight_matrix
 
     positions: dict[str, float] = {}
     for n, p in _trace_layers(fm, params, model_state):
         positions[n] = positions.get(n, 0.0) + p
-    weights = ({n for n, _ in named_leaves(prunable_template(params))} if isinstance(fm, CustomModel) else set())
+    weights = {n for n, v in named_leaves(params) if weight_matrix(n, v)} if isinstance(fm, CustomModel) else set()
     return {n: float(v.size) * positions.get(n, 1.0)
             for n, v in named_leaves(params) if n.endswith("kernel") or n in weights}
 

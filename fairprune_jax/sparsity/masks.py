@@ -32,11 +32,11 @@ import numpy as np
 
 from fairprune_jax.core.config import DISTRIBUTIONS, NM_PATTERNS  # noqa: F401  (re-exported)
 from fairprune_jax.core.trees import _is_none, leaf_name, map_named, named_leaves  # noqa: F401  (re-exported)
+from fairprune_jax.core.trees import NOT_PRUNED_NAMES as _NOT_PRUNED_NAMES, weight_matrix as _prunable_name  # noqa: F401
 
 Params = Any
 Masks = Any
 
-_NOT_PRUNED_NAMES = ("bias", "scale", "embedding", "mean", "var")
 
 
 def prunable_template(params: Params, *, layer_order: Iterable[str] | None = None,
@@ -67,11 +67,6 @@ def prunable_template(params: Params, *, layer_order: Iterable[str] | None = Non
     if unknown:
         raise ValueError(f"cannot exclude {sorted(unknown)}: not prunable leaves; prunable: {names}")
     return map_named(lambda n, v: True if (_prunable_name(n, v) and n not in exclude) else None, params)
-
-
-def _prunable_name(name: str, leaf: Any) -> bool:
-    last = name.rsplit("/", 1)[-1]
-    return getattr(leaf, "ndim", 0) >= 2 and last not in _NOT_PRUNED_NAMES and "embed" not in name
 
 
 #: a model whose weight matrices kept dense by their *names* (an ``embed`` in the path) hold this share or more
