@@ -51,36 +51,30 @@ def linear_general_views(module: nnx.Module) -> tuple[View, ...]:
     return tuple(out)
 
 
-def to_view(tree: Any, views: tuple[View, ...]) -> Any:
-    """``tree`` (params, masks, gradients in the module's shapes) with every viewed leaf in its view's shape; a
-    unit mask over the trailing axes (a structured method's ``(heads, head_dim)`` vector) becomes flat."""
+def _map_viewed(tree: Any, views: tuple[View, ...], fn) -> Any:
+    """``tree`` with ``fn(name, leaf, true_shape, split)`` applied to every leaf that ``views`` names (an array)."""
     if not views:
         return tree
     by_name = {n: (tuple(t), s) for n, t, s in views}
+    return map_named(lambda name, v: fn(name, v, *by_name[name]) if name in by_name and hasattr(v, "shape") else v, tree)
 
-    def one(name, v):
-        if name not in by_name or not hasattr(v, "shape"):
-            return v
-        true, split = by_name[name]
+
+def to_view(tree: Any, views: tuple[View, ...]) -> Any:
+    """``tree`` (params, masks, gradients in the module's shapes) with every viewed leaf in its view's shape; a
+    unit mask over the trailing axes (a structured method's ``(heads, head_dim)`` vector) becomes flat."""
+    def one(name, v, true, split):
         if tuple(v.shape) == true:
             return v.reshape(view_shape(true, split))
         if split and tuple(v.shape) == true[split:]:
             return v.reshape(-1)
         return v
-    return map_named(one, tree)
+    return _map_viewed(tree, views, one)
 
 
 def from_view(tree: Any, views: tuple[View, ...], *, resized: bool = False) -> Any:
     """``tree`` with every viewed leaf back in the module's own shape. ``resized``: the leaves were sliced (a
     compacted model): the outermost true axis of each side takes the change (fewer heads, the same head_dim)."""
-    if not views:
-        return tree
-    by_name = {n: (tuple(t), s) for n, t, s in views}
-
-    def one(name, v):
-        if name not in by_name or not hasattr(v, "shape"):
-            return v
-        true, split = by_name[name]
+    def one(name, v, true, split):
         shape = tuple(v.shape)
         if shape == true:
             return v
@@ -98,7 +92,7 @@ def from_view(tree: Any, views: tuple[View, ...], *, resized: bool = False) -> A
                 raise ValueError(f"{name}: {n} positions do not split into {side[1:]} (a part of a head was removed)")
             new += [n // rest, *side[1:]]
         return v.reshape(tuple(new))
-    return map_named(one, tree)
+    return _map_viewed(tree, views, one)
 
 
 __all__ = ["View", "from_view", "linear_general_views", "to_view", "view_shape"]
