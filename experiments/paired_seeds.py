@@ -2,20 +2,28 @@
 
 Every seed of a grid prunes the same dense model with each method, so the
 per-seed difference ``method - base`` removes the dense model's share of the
-seed-to-seed spread. For each sparsity this prints the two means, the mean
-difference with its Student-t interval over the seeds, and in how many seeds
-the method is lower (better, for a disparity metric)::
+seed-to-seed spread. For each sparsity this prints the two means over the
+paired seeds, the mean difference with its Student-t 95% interval over them,
+the verdict (``lower`` / ``higher`` when the interval excludes 0, ``not
+distinguishable`` when it includes 0, ``no interval`` with fewer than two
+paired seeds), in how many seeds the method is lower (better, for a
+disparity metric) and in how many the two are equal::
 
     python experiments/paired_seeds.py experiments/bifp_digits_seeds.toml \
         --base structured_magnitude --method bifp --metric test_mcd --metric test_accuracy
 
-The grid must be finished for both methods (``fairprune compare --config ...``);
-seeds missing for either method are left out and counted.
+The grid must be finished for both methods (``fairprune compare --config ...``;
+``--out`` where it was written elsewhere). Seeds finished for only one of the
+two are left out and named; a seed where either model is degenerate (a
+near-constant classifier) is named, and so is a difference resting on a small
+group (the grid's ``*``: its cells' value rests on a group with few rows);
+yes / no columns (``degenerate``, ``no_violated_group``) count as 1 / 0.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -24,24 +32,50 @@ from scipy import stats
 
 from fairprune_jax.running.compare import load_config
 
+BOOLS = {"true": 1.0, "false": 0.0}
+
+
+def _number(v) -> float | None:
+    if v in ("", None, "None"):
+        return None
+    return BOOLS[v.lower()] if isinstance(v, str) and v.lower() in BOOLS else float(v)
+
+
+def _at(rows: list[dict], m: str, sparsity: float) -> dict[int, dict]:
+    return {int(r["seed"]): r for r in rows if r["method"] == m and math.isclose(float(r["sparsity"]), sparsity)}
+
 
 def paired(rows: list[dict], base: str, method: str, metric: str, sparsity: float) -> dict:
     """Per-seed values of both methods at one sparsity and the paired difference's summary."""
-    def by_seed(m):
-        return {int(r["seed"]): float(r[metric]) for r in rows
-                if r["method"] == m and math.isclose(float(r["sparsity"]), sparsity) and r.get(metric) not in ("", None)}
-    a, b = by_seed(base), by_seed(method)
+    ra, rb = _at(rows, base, sparsity), _at(rows, method, sparsity)
+    a = {s: v for s, r in ra.items() if (v := _number(r.get(metric))) is not None}
+    b = {s: v for s, r in rb.items() if (v := _number(r.get(metric))) is not None}
     seeds = sorted(set(a) & set(b))
     d = np.array([b[s] - a[s] for s in seeds])
     n = len(d)
     out = {"sparsity": sparsity, "seeds": n, "base_mean": float(np.mean([a[s] for s in seeds])) if n else math.nan,
            "method_mean": float(np.mean([b[s] for s in seeds])) if n else math.nan,
            "diff": float(d.mean()) if n else math.nan, "lo": math.nan, "hi": math.nan,
-           "method_lower": int(np.sum(d < 0)), "ties": int(np.sum(d == 0))}
+           "method_lower": int(np.sum(d < 0)), "ties": int(np.sum(d == 0)),
+           "left_out": sorted(set(a) ^ set(b)),
+           "degenerate": [s for s in seeds if _number(ra[s].get("degenerate")) or _number(rb[s].get("degenerate"))],
+           "verdict": "no interval (fewer than 2 paired seeds)"}
     if n >= 2:
         half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
         out["lo"], out["hi"] = out["diff"] - half, out["diff"] + half
+        out["verdict"] = ("lower" if out["hi"] < 0 else "higher" if out["lo"] > 0 else "not distinguishable")
     return out
+
+
+def small_marked(grid: Path, methods: tuple[str, str], metric: str, sparsity: float) -> bool:
+    """Does the grid's table star ``metric`` for either method at ``sparsity`` (a value resting on a small
+    group in some seed)? Read from the grid's ``results.json``; False when it has no marks."""
+    path = grid / "results.json"
+    if not path.exists():
+        return False
+    agg = json.loads(path.read_text()).get("aggregate") or []
+    return any((r.get("small") or {}).get(metric) for r in agg
+               if r.get("method") in methods and math.isclose(float(r.get("sparsity", -1)), sparsity))
 
 
 def main(argv=None) -> None:
@@ -50,12 +84,16 @@ def main(argv=None) -> None:
     ap.add_argument("--base", required=True, help="the reference method (a method or variant name of the grid)")
     ap.add_argument("--method", required=True, help="the method compared against it")
     ap.add_argument("--metric", action="append", required=True, help="a results.csv column; repeatable")
+    ap.add_argument("--out", default=None, help="the grid's folder, where `fairprune compare --out` put it "
+                                                "(default: the TOML's out)")
     args = ap.parse_args(argv)
     cc = load_config(args.config)
-    csv_path = Path(cc.out) / "results.csv"
+    grid = Path(args.out) if args.out else Path(cc.out)
+    csv_path = grid / "results.csv"
     if not csv_path.exists():
         raise SystemExit(f"{csv_path} does not exist: run `fairprune compare --config {args.config}` first")
     rows = list(csv.DictReader(csv_path.open()))
+    print(f"reading {csv_path}")
     for name in (args.base, args.method):
         if not any(r["method"] == name for r in rows):
             raise SystemExit(f"{name!r} has no rows in {csv_path}; methods there: "
@@ -64,12 +102,27 @@ def main(argv=None) -> None:
         if metric not in rows[0]:
             raise SystemExit(f"{metric!r} is not a column of {csv_path}")
         print(f"\n{metric}: {args.method} - {args.base}, paired over seeds (95% t-interval)\n")
-        print(f"| sparsity | seeds | {args.base} | {args.method} | difference | 95% interval | seeds lower |")
-        print("|---:|---:|---:|---:|---:|---|---:|")
+        print(f"| sparsity | seeds | {args.base} | {args.method} | difference | 95% interval | verdict "
+              "| seeds lower | ties |")
+        print("|---:|---:|---:|---:|---:|---|---|---:|---:|")
+        notes = []
         for s in cc.sparsities:
             p = paired(rows, args.base, args.method, metric, s)
-            print(f"| {s:g} | {p['seeds']} | {p['base_mean']:.4f} | {p['method_mean']:.4f} | {p['diff']:+.4f} | "
-                  f"[{p['lo']:+.4f}, {p['hi']:+.4f}] | {p['method_lower']}/{p['seeds']} |")
+            star = " *" if small_marked(grid, (args.base, args.method), metric, s) else ""
+            iv = "–" if math.isnan(p["lo"]) else f"[{p['lo']:+.4f}, {p['hi']:+.4f}]"
+            print(f"| {s:g} | {p['seeds']} | {p['base_mean']:.4f} | {p['method_mean']:.4f} | {p['diff']:+.4f}{star} "
+                  f"| {iv} | {p['verdict']} | {p['method_lower']}/{p['seeds']} | {p['ties']} |")
+            if p["left_out"]:
+                notes.append(f"at {s:g}, seed(s) {', '.join(map(str, p['left_out']))} left out: finished for one "
+                             "of the two methods only")
+            if p["degenerate"]:
+                notes.append(f"at {s:g}, seed(s) {', '.join(map(str, p['degenerate']))}: a degenerate model "
+                             "(near-constant classifier) on either side")
+            if star:
+                notes.append(f"at {s:g}, `*`: in some seed the value rests on a small group (few rows, positives "
+                             "or negatives): mostly noise")
+        for n in notes:
+            print(f"- {n}")
 
 
 if __name__ == "__main__":

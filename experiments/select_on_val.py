@@ -14,7 +14,11 @@ columns are read to choose; the chosen entry's test numbers are printed after th
         --metric val_eo_diff --cell-tolerance 0.03 --candidates bifp bifp_logistic bifp_hinge bifp_tau02
 
 The grid must hold a validation split (``val_fraction`` in its ``[dataset_options]``), so that its cells
-carry ``pruned.val.certificate``.
+carry ``pruned.val.certificate``. Every mean is over the cells (sparsity, seed) finished for the base and every
+candidate, so the entries are compared on the same cells; cells finished for some entries only are left out
+and named. A candidate with a degenerate cell (a near-constant classifier) where the base has none is refused.
+``val_accuracy`` as ``--metric`` is higher-is-better; every other column lower-is-better. A tie on the metric
+is said, and the first candidate listed among the tied ones is chosen.
 """
 from __future__ import annotations
 
@@ -28,9 +32,26 @@ import numpy as np
 from fairprune_jax.running.compare import load_config
 
 
-def means(rows: list[dict], entry: str, col: str) -> float | None:
-    vals = [float(r[col]) for r in rows if r["method"] == entry and r.get(col) not in (None, "", "None")]
+HIGHER_IS_BETTER = ("val_accuracy",)
+
+
+def _yes(v) -> bool:
+    return str(v).lower() in ("true", "1", "1.0")
+
+
+def means(rows: list[dict], entry: str, col: str, cells: set | None = None) -> float | None:
+    """Mean of ``col`` over ``entry``'s rows (only the ``(sparsity, seed)`` cells in ``cells`` when given)."""
+    vals = [float(r[col]) for r in rows if r["method"] == entry and r.get(col) not in (None, "", "None")
+            and (cells is None or (r["sparsity"], r["seed"]) in cells)]
     return float(np.mean(vals)) if vals else None
+
+
+def common_cells(rows: list[dict], entries: list[str], col: str) -> tuple[set, dict[str, list]]:
+    """The ``(sparsity, seed)`` cells where every entry has ``col``, and per entry the cells it has beyond them."""
+    have = {e: {(r["sparsity"], r["seed"]) for r in rows if r["method"] == e and r.get(col) not in (None, "", "None")}
+            for e in entries}
+    common = set.intersection(*have.values()) if have else set()
+    return common, {e: sorted(c - common) for e, c in have.items() if c - common}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,34 +73,60 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path} not found: run `fairprune compare --config {a.config}` first", file=sys.stderr)
         return 2
     rows = list(csv.DictReader(path.open()))
-    bar = means(rows, a.base, "val_accuracy")
-    if bar is None:
+    print(f"reading {path}")
+    if means(rows, a.base, "val_accuracy") is None:
         print(f"no validation accuracy for {a.base!r}: does the grid hold a validation split?", file=sys.stderr)
         return 2
-    print(f"{a.base}: validation accuracy {bar:.4f}; candidates need >= {bar - a.accuracy_tolerance:.4f}")
-    base_cells = {(r["sparsity"], r["seed"]): float(r["val_accuracy"]) for r in rows
-                  if r["method"] == a.base and r.get("val_accuracy") not in (None, "", "None")}
-    table = []
     for e in a.candidates:
-        acc, up = means(rows, e, "val_accuracy"), means(rows, e, a.metric)
-        if acc is None or up is None:
+        if means(rows, e, "val_accuracy") is None or means(rows, e, a.metric) is None:
             print(f"{e}: no finished cells with validation {a.metric}", file=sys.stderr)
             return 2
-        worst = min((float(r["val_accuracy"]) - base_cells[(r["sparsity"], r["seed"])] for r in rows
-                     if r["method"] == e and (r["sparsity"], r["seed"]) in base_cells), default=0.0)
-        ok = acc >= bar - a.accuracy_tolerance and (a.cell_tolerance is None or worst >= -a.cell_tolerance)
-        table.append((e, acc, up, ok))
+    entries = list(dict.fromkeys([a.base, *a.candidates]))
+    cells, extra = common_cells(rows, entries, "val_accuracy")
+    cells &= common_cells(rows, entries, a.metric)[0]
+    for e, c in extra.items():
+        print(f"  note: {e}'s cells {', '.join(f's{s} seed {d}' for s, d in c)} are left out (not finished for "
+              "every entry); the means below are over the cells all entries share")
+    if not cells:
+        print("no cell is finished for the base and every candidate", file=sys.stderr)
+        return 2
+    bar = means(rows, a.base, "val_accuracy", cells)
+    print(f"{a.base}: validation accuracy {bar:.4f} over {len(cells)} cells; candidates need >= "
+          f"{bar - a.accuracy_tolerance:.4f}")
+    by_cell = {(r["method"], r["sparsity"], r["seed"]): r for r in rows}
+    base_cells = {c: float(by_cell[(a.base, *c)]["val_accuracy"]) for c in cells}
+    higher = a.metric in HIGHER_IS_BETTER
+    sparsities = sorted({c[0] for c in cells}, key=float)
+    table = []
+    for e in a.candidates:
+        acc, up = means(rows, e, "val_accuracy", cells), means(rows, e, a.metric, cells)
+        worst = min(float(by_cell[(e, *c)]["val_accuracy"]) - base_cells[c] for c in cells)
+        degenerate = sorted(c for c in cells if _yes(by_cell[(e, *c)].get("degenerate"))
+                            and not _yes(by_cell[(a.base, *c)].get("degenerate")))
+        why = []
+        if acc < bar - a.accuracy_tolerance or (a.cell_tolerance is not None and worst < -a.cell_tolerance):
+            why.append("too inaccurate")
+        if degenerate:
+            why.append(f"degenerate in {len(degenerate)} cell(s): "
+                       + ", ".join(f"s{s} seed {d}" for s, d in degenerate))
+        table.append((e, acc, up, not why))
+        per = ", ".join(f"{s}: {means(rows, e, a.metric, {c for c in cells if c[0] == s}):.4f}" for s in sparsities)
         print(f"  {e:16s} validation accuracy {acc:.4f} (worst cell {worst:+.4f} vs {a.base}), validation "
-              f"{a.metric} {up:.4f}" + ("" if ok else "  (too inaccurate)"))
+              f"{a.metric} {up:.4f} (per sparsity {per})" + (f"  ({'; '.join(why)})" if why else ""))
     ok = [t for t in table if t[3]]
     if not ok:
-        print("no candidate is accurate enough", file=sys.stderr)
+        print("no candidate is accurate enough and non-degenerate", file=sys.stderr)
         return 1
-    chosen = min(ok, key=lambda t: t[2])[0]
-    print(f"chosen on validation: {chosen}")
+    best = (max if higher else min)(t[2] for t in ok)
+    tied = [t[0] for t in ok if abs(t[2] - best) <= 1e-12]
+    chosen = tied[0]
+    if len(tied) > 1:
+        print(f"tie on validation {a.metric} ({best:.4f}) between {', '.join(tied)}: the first listed is chosen")
+    print(f"chosen on validation ({'highest' if higher else 'lowest'} {a.metric}): {chosen}")
     test_col = "test_" + a.metric[len("val_"):]
-    print(f"its test numbers (read once): accuracy {means(rows, chosen, 'test_accuracy'):.4f}, {test_col} "
-          f"{means(rows, chosen, test_col):.4f} (base {a.base}: {means(rows, a.base, test_col):.4f})")
+    print(f"its test numbers (read once, same {len(cells)} cells): accuracy "
+          f"{means(rows, chosen, 'test_accuracy', cells):.4f}, {test_col} {means(rows, chosen, test_col, cells):.4f} "
+          f"(base {a.base}: {means(rows, a.base, test_col, cells):.4f})")
     return 0
 
 

@@ -105,14 +105,31 @@ def test_unstructured_masks_of_an_attention_model_have_its_shapes():
     assert np.all(k[m == 0] == 0)
 
 
-@pytest.mark.parametrize("kw, why", [({"num_kv_heads": 2}, "different groupings")])
-def test_attention_that_cannot_lose_whole_heads_is_refused_by_name(kw, why):
-    """Grouped-query attention (a key / value head serves two query heads) keeps its heads, with the tracer's
-    reason."""
-    fm, p, s = wrap_model(Block(nnx.Rngs(0), **kw), (6, 3), 3)
-    found = coupling.coupled_groups(fm, p, s)
-    assert not [g for g in found.groups if "att/query/kernel" in (g.kernel, *g.producers)]
-    assert why in " ".join(v for k, v in found.refused.items() if k.startswith("att/") and k != "att/out")
+def test_grouped_query_attention_loses_a_key_value_head_with_the_query_heads_it_serves():
+    """Under grouped-query attention (4 query heads, 2 key / value heads) a unit is a key / value head: its key
+    and value columns (8 positions each) go with the 2 query heads it serves (16 query columns) and their 16
+    rows of the output projection; the compacted module has num_kv_heads and num_heads halved."""
+    fm, p, s = wrap_model(Block(nnx.Rngs(0), num_kv_heads=2), (6, 3), 3)
+    [g] = [g for g in coupling.coupled_groups(fm, p, s).groups if "att/query/kernel" in (g.kernel, *g.producers)]
+    assert g.units == 2 and {g.kernel, *g.producers} == {"att/query/kernel", "att/key/kernel", "att/value/kernel"}
+    assert {n: g.inner_of(n) for n in ("att/key/kernel", "att/value/kernel", "att/query/kernel",
+                                       "att/query/bias", "att/out/kernel")} == {
+        "att/key/kernel": 8, "att/value/kernel": 8, "att/query/kernel": 16, "att/query/bias": 16,
+        "att/out/kernel": 16}
+    x, y, gr = _data()      # bifp: the units' scores (init_scores) and its consumer-side mask gradient
+    res = fairprune_jax.prune(Block(nnx.Rngs(0), num_kv_heads=2), train=(x, y, gr), method="bifp",
+                              sparsity=0.5, epochs=1, finetune_epochs=1, progress=False)
+    qm, km = (np.asarray(res.masks["att"][k]["kernel"]) for k in ("query", "key"))
+    assert qm.shape == (4, 8) and km.shape == (2, 8)
+    assert np.array_equal(qm[:, 0], np.repeat(km[:, 0], 2))    # a query head goes with its key / value head
+    assert km[:, 0].sum() == 1
+    small = res.compact(x[:16])
+    assert (small.att.num_heads, small.att.num_kv_heads, small.att.head_dim) == (2, 1, 8)
+    assert small.att.key.kernel[...].shape == (24, 1, 8) and small.att.out.kernel[...].shape == (2, 8, 24)
+    res.model.eval()
+    small.eval()
+    np.testing.assert_allclose(np.asarray(small(jnp.asarray(x[:64]))), np.asarray(res.model(jnp.asarray(x[:64]))),
+                               atol=1e-5)
 
 
 def test_attention_projections_cost_their_positions_in_the_flop_count():

@@ -187,7 +187,7 @@ def test_suite_writes_one_headline_over_its_comparisons(tmp_path, monkeypatch):
     assert "0 *" in a_md and "`*` = in at least one seed the value rests on a small group, one with fewer than 45" \
         in a_md, a_md
     sections = md.split("#### ")
-    assert " *" in sections[1] and "fewer than 45 rows" in sections[1]
+    assert " *" in sections[1] and "fewer than 45 of the rows" in sections[1]
     assert "`*`" not in sections[2] and " * |" not in sections[2]
 
     def boom(*a, **k):
@@ -364,7 +364,8 @@ def test_small_groups_are_starred_in_the_table_cells_they_decide():
     assert r"0.3000 $\pm$ 0.0100$^*$" in tables.render(agg, cols, latex=True)
     legend = small_legend(agg, cols, {30})
     assert legend.startswith("`*` = in at least one seed the value rests on a small group, one with fewer than 30 "
-                             "rows of the column's split (the runs' `small_group`)")
+                             "of the rows that decide the value (the runs' `small_group`): rows of the column's "
+                             "split, except for the EO difference, whose TPR side counts a group's positives")
     assert small_legend(agg, ["test_accuracy"], {30}) is None
 
 

@@ -92,10 +92,10 @@ def test_select_on_val_chooses_on_validation_columns_only_and_refuses_a_collapse
     cfg = str(tmp_path / "g.toml")
     assert sel.main([cfg, "--base", "sm", "--metric", "val_eo_diff", "--accuracy-tolerance", "0.03",
                      "--candidates", "a", "b"]) == 0
-    assert "chosen on validation: b" in capsys.readouterr().out          # the mean alone lets b through
+    assert "chosen on validation (lowest val_eo_diff): b" in capsys.readouterr().out          # the mean alone lets b through
     assert sel.main([cfg, "--base", "sm", "--metric", "val_eo_diff", "--accuracy-tolerance", "0.03",
                      "--cell-tolerance", "0.03", "--candidates", "a", "b"]) == 0
     out = capsys.readouterr().out
-    assert "chosen on validation: a" in out and "test_eo_diff 0.5000" in out  # a's test numbers, read after
+    assert "chosen on validation (lowest val_eo_diff): a" in out and "test_eo_diff 0.5000" in out  # a's test numbers, read after
     with pytest.raises(SystemExit):
         sel.main([cfg, "--base", "sm", "--metric", "test_eo_diff", "--candidates", "a", "b"])

@@ -365,6 +365,10 @@ def check_certificate_inputs(c: fairness.GroupCounts, dc: fairness.GroupCounts, 
     counts = {"n": c.n, "correct": c.correct, "dense n": dc.n, "dense correct": dc.correct, "lost": lost,
               "gained": gained}
     for name, a in counts.items():
+        if not np.all(np.isfinite(np.asarray(a, np.float64))):
+            raise ValueError(f"certificate: {name} holds NaN or infinite entries ({np.asarray(a).tolist()[:8]}): "
+                             "counts must be finite row counts (a NaN in the labels or predictions, or a metric "
+                             "passed for a count?)")
         if np.any(a < -1e-6) or np.any(np.abs(a - np.round(a)) > 1e-4 * np.maximum(1.0, np.abs(a))):
             raise ValueError(f"certificate: {name} must be row counts (non-negative integers; padding weight 0, "
                              f"every row weight 1); got {np.round(a, 4).tolist()[:8]}")

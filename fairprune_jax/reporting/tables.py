@@ -98,6 +98,21 @@ def _value(a: dict, col: str) -> tuple[float | None, float | None]:
     return v.get("mean"), v.get("std")
 
 
+def seed_count(a: dict, col: str) -> str:
+    """``k/n``: the seeds where a yes / no column of aggregate row ``a`` is true, out of those where it is known
+    (a seed whose flag is unknown, as in a cell older than it, is neither), with the unknown ones named."""
+    v = a.get(col) or {}
+    n = int(v.get("n", a.get("n_seeds", 1)))
+    unknown = int(a.get("n_seeds", n)) - n
+    return f"{round(v['mean'] * n)}/{n}" + (f" ({unknown} unknown)" if unknown > 0 else "")
+
+
+def degenerate_label(a: dict) -> str:
+    """The method's name, marked ``(DEGENERATE k/n)`` when some seeds ended with a degenerate model."""
+    d = (a.get("degenerate") or {}).get("mean")
+    return a["method"] + (f" (DEGENERATE {seed_count(a, 'degenerate')})" if d else "")
+
+
 def _is_count(col: str, flags: set[str]) -> bool:
     return col.endswith("within_tol") or col in flags
 
@@ -128,7 +143,7 @@ def _fmt(col: str, a: dict, flags: set[str], latex: bool) -> str:
     if m is None:
         return "--" if latex else "–"
     if _is_count(col, flags):
-        return f"{m * a['n_seeds']:.0f}/{a['n_seeds']}"
+        return seed_count(a, col)
     f = "{:.5f}" if "cwv" in col else "{:.3f}" if col.endswith("violated_groups") else "{:.4f}"
     pm = r" $\pm$ " if latex else " ± "
     return f.format(m) + ("" if s is None or a.get("n_seeds", 1) < 2 else pm + f.format(s))
@@ -161,10 +176,7 @@ def render(agg: list[dict], cols: list[str], *, dense: dict | None = None, struc
                   + _star(dense, c, latex) for c in cols]
         rows.append(cells)
     for i, a in enumerate(agg):
-        name = a["method"]
-        d = (a.get("degenerate") or {}).get("mean")
-        if d:
-            name += f" (DEGENERATE {round(d * a['n_seeds'])}/{a['n_seeds']})"
+        name = degenerate_label(a)
         lead_cells = {"method": name, "sparsity": f"{a['sparsity']:g}", "dataset": a.get("dataset", "")}
         cells = [lead_cells[k] for k in lead]
         if show_kind:

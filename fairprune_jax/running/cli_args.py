@@ -76,6 +76,8 @@ def _add_process_args(p: argparse.ArgumentParser) -> None:
 def _data_options(args: argparse.Namespace) -> dict:
     opts = {name: getattr(args, flag) for flag, name in DATA_FLAGS.items() if getattr(args, flag) is not None}
     opts.update(_kv(args.data_opt, "--data-opt"))
+    if "data_dir" in opts:
+        raise SystemExit("--data-opt data_dir=... is not a loader option: the data folder is --data-dir")
     return opts
 
 

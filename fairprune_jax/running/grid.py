@@ -234,6 +234,9 @@ def _load_config(path: Path, out: str | None = None) -> CompareConfig:
                          f"got {chosen_on!r}")
     name = raw.get("name", path.stem)
     base = path.parent
+    if "data_dir" in (raw.get("dataset_options") or {}):
+        raise ValueError(f"{path}: data_dir goes at the top level of the config (data_dir = \"...\", next to "
+                         "dataset), not in [dataset_options], which holds the loader's options")
     data_dir = raw.get("data_dir")
     if data_dir is not None and not Path(data_dir).is_absolute() and (base / data_dir).exists():
         # relative to the config file; kept relative (to the working directory) so results name no host paths

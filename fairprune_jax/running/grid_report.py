@@ -24,11 +24,13 @@ def small_legend(table_rows: list[dict], cols: list[str], limits: set[int] | Non
     if not any(c in (r.get("small") or {}) for r in table_rows for c in cols):
         return None
     lim = " / ".join(str(x) for x in sorted(limits or {RunConfig.small_group}))
-    return (f"`*` = in at least one seed the value rests on a small group, one with fewer than {lim} rows of the "
-            "column's split (the runs' `small_group`): the group attaining a maximum (max ψ_g, ψ_g upper bound), "
-            "either end of a max - min gap (ψ_g spread, group accuracy gap, DP and EO differences; MCD when the "
-            "groups are the classes), a violated group (violated groups), any group (certified share; CWV when the "
-            "groups are the classes); figures over so few rows are mostly noise.")
+    return (f"`*` = in at least one seed the value rests on a small group, one with fewer than {lim} of the rows "
+            "that decide the value (the runs' `small_group`): rows of the column's split, except for the EO "
+            "difference, whose TPR side counts a group's positives and FPR side its negatives. The group "
+            "attaining a maximum (max ψ_g, ψ_g upper bound), either end of a max - min gap (ψ_g spread, group "
+            "accuracy gap, DP and EO differences; MCD when the groups are the classes), a violated group "
+            "(violated groups), any group (certified share; CWV when the groups are the classes); figures over "
+            "so few rows are mostly noise.")
 
 
 DEFAULT_COLUMNS = ["test_accuracy", "test_psi_upper", "test_psi_floor", "train_max_psi", "test_max_psi",
@@ -50,11 +52,7 @@ def markdown_table(cc: CompareConfig, agg: list[dict], cols: list[str] | None = 
 
 def method_label(agg_row: dict) -> str:
     """The method name, marked when some seeds ended with a degenerate (near-constant) model."""
-    d = (agg_row.get("degenerate") or {}).get("mean")
-    if not d:
-        return agg_row["method"]
-    k = round(d * agg_row["n_seeds"])
-    return f"{agg_row['method']} (DEGENERATE {k}/{agg_row['n_seeds']})"
+    return tables.degenerate_label(agg_row)
 
 
 def format_cell(col: str, agg_row: dict) -> str:
@@ -64,7 +62,7 @@ def format_cell(col: str, agg_row: dict) -> str:
         return "-"
     star = " *" if (agg_row.get("small") or {}).get(col) else ""
     if col.endswith("within_tol") or col in FLAG_COLUMNS:
-        return f"{v['mean'] * agg_row['n_seeds']:.0f}/{agg_row['n_seeds']}{star}"
+        return tables.seed_count(agg_row, col) + star
     fmt = "{:.5f}" if "cwv" in col else "{:.4f}"
     if agg_row.get("n_seeds", 2) < 2 or v.get("std") is None:     # one seed: no spread to show
         return fmt.format(v["mean"]) + star
@@ -273,8 +271,11 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
         at = f" ε = {' / '.join(f'{e:g}' for e in eps)}" if eps else " eps"
         md += [f"Certificate columns (test, simultaneous {lv} intervals): "
                f"certified share (`test_certified_share`) = share of groups whose psi_g interval lies below{at}; "
-               f"certified max ψ_g (`test_psi_upper`) = the worst upper end, i.e. with {lv} confidence no group lost "
-               "more than this beyond the overall loss (the number to rank methods by; empty for cells whose "
+               f"certified max ψ_g (`test_psi_upper`) = the largest of the groups' one-sided {lv} upper bounds of "
+               "ψ_g (each at the marginal level: the group with the largest true ψ_g is under its own bound with "
+               f"{lv} confidence, so no correction over groups is needed), i.e. with {lv} confidence no group lost "
+               "more than this beyond the overall loss (the number to rank methods by; it sits below the "
+               "simultaneous intervals' worst upper end; empty for cells whose "
                "certificate predates interval version 2, which under-covered small groups: rerun them); "
                "certifiable floor (`test_psi_floor`) = the bound a model that changes no prediction would get on "
                "the same test rows; flip rate (`test_flip_rate`) = share of test rows whose correctness changed; "

@@ -22,17 +22,21 @@ def _get(d: dict, path: tuple) -> float | None:
     return d
 
 
-def _small_ends(values: dict[str, float | None], rows: dict[str, int], limit: int, ends: str) -> bool:
+def _small_ends(values: dict[str, float | None], rows: dict[str, int], limit: int, ends: str,
+                present: set[str] | None = None) -> bool:
     """Does the maximum (``ends="max"``) or either end of max - min (``"range"``) rest on small groups only?
 
     ``values``: group -> value (None: absent). An end is small when every group that attains it has fewer than
-    ``limit`` rows: a tie with a large group means the value does not depend on the small one.
+    ``limit`` rows (``rows``: the count that decides the value): a tie with a large group means the value does
+    not depend on the small one. ``present``: the groups in the split (default: those with a count above 0); a
+    group present with a count of 0 (a TPR of a group without positives) is as small as a group can be.
     """
-    vals = {g: v for g, v in values.items() if v is not None and rows.get(g, 0) > 0}
+    vals = {g: v for g, v in values.items() if v is not None
+            and (rows.get(g, 0) > 0 if present is None else g in present)}
     if not vals:
         return False
     picks = [max(vals.values())] + ([min(vals.values())] if ends == "range" else [])
-    return any(all(rows[g] < limit for g, v in vals.items() if abs(v - x) <= 1e-12) for x in picks)
+    return any(all(rows.get(g, 0) < limit for g, v in vals.items() if abs(v - x) <= 1e-12) for x in picks)
 
 
 def small_marks(cell: dict, which: str = "pruned") -> dict[str, bool]:
@@ -70,13 +74,14 @@ def small_marks(cell: dict, which: str = "pruned") -> dict[str, bool]:
         fpr = {g: v for g, v in field("fpr").items() if v is not None and rows[g] > 0}
         if tpr and fpr and eo.get("worst_case") is not None:
             tpr_gap, fpr_gap = max(tpr.values()) - min(tpr.values()), max(fpr.values()) - min(fpr.values())
-            # a TPR rests on the group's positives, an FPR on its negatives (recorded by certificate v2; older
-            # cells: rows)
-            cg = (rep.get("certificate") or {}).get("groups") or {}
-            pos = {g: int(cg[g]["positives"]) if "positives" in cg.get(g, {}) else rows[g] for g in rows}
-            neg = {g: int(cg[g]["negatives"]) if "negatives" in cg.get(g, {}) else rows[g] for g in rows}
-            sides = [_small_ends(tpr, pos, limit, "range") if abs(tpr_gap - eo["worst_case"]) <= 1e-12 else None,
-                     _small_ends(fpr, neg, limit, "range") if abs(fpr_gap - eo["worst_case"]) <= 1e-12 else None]
+            # a TPR rests on the group's positives, an FPR on its negatives: properties of the test rows, the
+            # same for the dense and the pruned model (:func:`_positives`)
+            pos, neg = _positives(cell, groups)
+            here = {g for g in rows if rows[g] > 0}
+            sides = [_small_ends(tpr, pos, limit, "range", here) if abs(tpr_gap - eo["worst_case"]) <= 1e-12
+                     else None,
+                     _small_ends(fpr, neg, limit, "range", here) if abs(fpr_gap - eo["worst_case"]) <= 1e-12
+                     else None]
             sides = [x for x in sides if x is not None]
             out["test_eo_diff"] = bool(sides) and all(sides)
         cert = rep.get("certificate")
@@ -89,6 +94,29 @@ def small_marks(cell: dict, which: str = "pruned") -> dict[str, bool]:
             out["test_psi_upper"] = _small_ends({g: v.get("upper", v["high"]) for g, v in tested.items()},
                                                 {g: v["n"] for g, v in tested.items()}, limit_c, "max")
     return {k: v for k, v in out.items() if v}
+
+
+def _positives(cell: dict, groups: dict) -> tuple[dict[str, int], dict[str, int]]:
+    """Each test group's positives and negatives: recorded by the certificate (version 2 on) of either model's
+    report (the dense model has none; the rows are the same), else solved from the group's rates (``n``,
+    selection rate, TPR, FPR: ``sr n = tpr P + fpr (n - P)``) where the TPR and the FPR differ, else its rows."""
+    cg = {}
+    for which in ("pruned", "dense"):
+        cg = ((((cell.get(which) or {}).get("test") or {}).get("certificate") or {}).get("groups") or {})
+        if any("positives" in v for v in cg.values()):
+            break
+    pos, neg = {}, {}
+    for g, v in groups.items():
+        n = int(v.get("n") or 0)
+        if "positives" in cg.get(g, {}):
+            pos[g], neg[g] = int(cg[g]["positives"]), int(cg[g]["negatives"])
+            continue
+        sr, tpr, fpr = v.get("selection_rate"), v.get("tpr"), v.get("fpr")
+        p = None
+        if None not in (sr, tpr, fpr) and abs(tpr - fpr) > 1e-9:
+            p = round(n * (sr - fpr) / (tpr - fpr))
+        pos[g], neg[g] = (p, n - p) if p is not None and 0 <= p <= n else (n, n)
+    return pos, neg
 
 
 def constant_classifier(cell: dict) -> bool | None:
@@ -126,7 +154,8 @@ def aggregate_dense(rows: list[dict]) -> dict | None:
     for c in list(METRICS) + ["dense_test_accuracy"]:
         vals = np.array([float(r[c]) for r in rows if r.get(c) is not None], dtype=float)
         out[c] = {"mean": float(vals.mean()) if vals.size else None,
-                  "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None}
+                  "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None,
+                  "n": int(vals.size)}
     return out
 
 
@@ -157,7 +186,8 @@ def aggregate(rows: list[dict], cc: CompareConfig) -> list[dict]:
                                  "small": {c: True for r in sel for c in (r.get("small") or {})}}
             for c in cols:
                 vals = np.array([float(r[c]) for r in sel if r.get(c) is not None], dtype=float)
-                a[c] = {"mean": float(vals.mean()) if vals.size else None,
-                        "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None}
+                a[c] = {"mean": float(vals.mean()) if vals.size else None,   # n: seeds where it is known
+                        "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None,
+                        "n": int(vals.size)}
             out.append(a)
     return out

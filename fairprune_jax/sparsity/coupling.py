@@ -450,18 +450,22 @@ def _groups(t: _Tracer, pshapes: dict, sshapes: dict) -> Coupling:
                 "where kernels, norms and per-channel parameters read it)" for m in producing if m[4] is not None]
         if root in pieces:
             why.append("is the inner part of a split channel axis (an attention head's dims)")
-        inners = {m[3] for m in members}
-        if len(inners) > 1:
-            why.append(f"is read with different groupings of its positions ({sorted(inners)})")
-        units, inner = s.size[root], inners.pop() if len(inners) == 1 else 1
+        per_leaf: dict[str, set[int]] = {}      # positions per unit of each member: one number per leaf (a
+        for m in members:                        # query kernel under grouped-query attention groups a key /
+            per_leaf.setdefault(m[1], set()).add(m[3])   # value head's n_rep heads, the key kernel one head)
+        mixed = sorted(n for n, k in per_leaf.items() if len(k) > 1)
+        if mixed:
+            why.append(f"is read with different groupings of its positions by {', '.join(mixed)}")
+        units, inner = s.size[root], min(per_leaf[lead])
+        inners = tuple(sorted((n, min(k)) for n, k in per_leaf.items() if min(k) != inner))
         comps, stats, consumers, segments = [], [], [], []
-        for tree, leaf, ax, _, seg in members:
+        for tree, leaf, ax, k, seg in members:
             shape = pshapes[leaf] if tree == "p" else sshapes[leaf]
             length = shape[ax] if seg is None else seg[1] - seg[0]
-            if length % (units * inner):
+            if length % (units * k):
                 why.append(f"has {leaf} axis {ax} of {length} positions"
                            f"{'' if seg is None else ' (its part of a concatenation)'}, not a multiple of "
-                           f"{units * inner}")
+                           f"{units * k}")
             if seg is not None:
                 segments.append((leaf, int(seg[0]), int(seg[1])))
             if ax == len(shape) - 1:
@@ -478,7 +482,7 @@ def _groups(t: _Tracer, pshapes: dict, sshapes: dict) -> Coupling:
         groups.append((t.first_use.get(lead, 0), UnitGroup(
             lead, tuple(c for c in rest if c not in producers), tuple(dict.fromkeys(stats)),
             tuple(dict.fromkeys(consumers)), producers=tuple(c for c in rest if c in producers),
-            units=units, inner=inner, segments=tuple(segments))))
+            units=units, inner=inner, segments=tuple(segments), inners=inners)))
     return Coupling([g for _, g in sorted(groups, key=lambda x: x[0])], refused)
 
 

@@ -37,8 +37,10 @@ The unit groups of ``mlp`` / ``cnn`` / ``resnet`` are known by name (:func:`unit
 the jaxpr of the forward pass (``coupling.py``), or declared (:func:`traced_unit_groups`,
 :func:`model_unit_groups`). A coupled group may have several producing kernels (``producers``: the branches of
 a residual addition, an attention head's query / key / value), ``units`` other than its kernel's last axis and
-``inner`` positions per unit (an attention head of ``inner`` dims): one 0/1 vector over the units is spread on
-every member (:func:`unit_index`). Compaction (``compact.py``; ``compact.slice_groups`` for traced models)
+``inner`` positions per unit (an attention head of ``inner`` dims; ``inners`` where a member groups them
+otherwise: under grouped-query attention a unit is a key / value head, ``head_dim`` positions of the key and
+value kernels and ``n_rep * head_dim`` of the query kernel and the output projection's rows): one 0/1 vector over
+the units is spread on every member (:func:`unit_index`). Compaction (``compact.py``; ``compact.slice_groups`` for traced models)
 removes them physically.
 """
 from __future__ import annotations
@@ -77,11 +79,17 @@ class UnitGroup:
     segments: tuple[tuple[str, int, int], ...] = ()   # (leaf, start, stop): a companion, statistic or consumer
                                        # that reads a concatenation holds this group's units only at positions
                                        # start..stop-1 of its axis (the rest belongs to the other inputs)
+    inners: tuple[tuple[str, int], ...] = ()   # (leaf, inner) where a member or consumer groups its positions
+                                       # otherwise than ``inner`` (the query heads sharing a key / value head)
 
     @property
     def members(self) -> tuple[str, ...]:
         """The params that hold the unit mask on their last axis: kernel, further producers, companions."""
         return (self.kernel, *self.producers, *self.companions)
+
+    def inner_of(self, name: str | None) -> int:
+        """Positions per unit on the axis of member or consumer ``name`` (``inner`` unless ``inners`` names it)."""
+        return next((k for n, k in self.inners if n == name), self.inner)
 
     def segments_of(self, name: str) -> list[tuple[int, int]]:
         """The ``(start, stop)`` ranges of ``name``'s axis that hold this group's units (empty: the whole axis)."""
@@ -121,14 +129,14 @@ def group_units(g: UnitGroup, params: Any) -> int:
     return int(g.units) if g.units else int(np.shape(get_leaf(params, g.kernel))[-1])
 
 
-def unit_index(g: UnitGroup, length: int, unit: Any) -> Any:
-    """``unit`` (one value per unit of ``g``) spread over a member axis of ``length`` positions: position ``r``
-    takes unit ``(r // g.inner) % len(unit)``; the vector itself where the axis is exactly the units (the plain
-    case, unchanged ops)."""
-    n = unit.shape[0]
-    if length == n and g.inner == 1:
+def unit_index(g: UnitGroup, length: int, unit: Any, name: str | None = None) -> Any:
+    """``unit`` (one value per unit of ``g``) spread over the axis of member ``name`` (``length`` positions):
+    position ``r`` takes unit ``(r // inner) % len(unit)``, ``inner = g.inner_of(name)``; the vector itself where
+    the axis is exactly the units (the plain case, unchanged ops)."""
+    n, inner = unit.shape[0], g.inner_of(name)
+    if length == n and inner == 1:
         return unit
-    idx = (np.arange(length) // g.inner) % n
+    idx = (np.arange(length) // inner) % n
     return unit[idx] if isinstance(unit, np.ndarray) else jnp.take(unit, jnp.asarray(idx))
 
 
@@ -137,7 +145,7 @@ def spread(g: UnitGroup, name: str, length: int, unit: Any) -> Any:
     where the group owns the whole axis; where ``name`` reads a concatenation, the unit values at the group's
     segments and 1 elsewhere (positions of the other inputs, which their own groups mask)."""
     if not g.segments_of(name):
-        return unit_index(g, length, unit)
+        return unit_index(g, length, unit, name)
     n = unit.shape[0]
     idx = _segment_index(g, name, length, n)
     if isinstance(unit, np.ndarray):
@@ -156,7 +164,7 @@ def _segment_index(g: UnitGroup, name: str, length: int, n: int) -> np.ndarray:
     """Per position of ``name``'s axis, the unit of ``g`` it holds, or ``n`` outside the group's segments."""
     idx = np.full(length, n)
     for a, b in g.segments_of(name):
-        idx[a:b] = (np.arange(b - a) // g.inner) % n
+        idx[a:b] = (np.arange(b - a) // g.inner_of(name)) % n
     return idx
 
 
@@ -471,7 +479,7 @@ def check_structured(masks: Any, params: Any, groups: Sequence[UnitGroup]) -> di
     for k, g in kernels.items():
         if k not in units:
             continue
-        if not np.array_equal(full[k], unit_index(g, shapes[k][-1], units[k])):
+        if not np.array_equal(full[k], unit_index(g, shapes[k][-1], units[k], k)):
             raise ValueError(f"the mask of {k} cuts through its units ({g.units} units of {g.inner} positions "
                              "each, e.g. whole attention heads); mask whole units")
         missing = [p for p in g.producers if p not in named]

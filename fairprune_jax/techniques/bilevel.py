@@ -119,14 +119,14 @@ def init_scores(params: Any, template: Any, structured: bool, groups: Sequence[U
     or several positions per unit, ``groups``: summed over all of them); unstructured: ``|w|``. Mirrors
     ``template`` (``None`` at leaves that are not pruned).
     """
-    coupled = {g.kernel: g for g in groups or () if g.producers or g.units or g.inner != 1}
+    coupled = {g.kernel: g for g in groups or () if g.producers or g.units or g.inner != 1 or g.inners}
     named = dict(named_leaves(params))
 
     def one(name, t, p):
         if t is None:
             return None
         if name in coupled:
-            s = sum(_to_units(coupled[name], jnp.abs(named[k]).reshape(-1, named[k].shape[-1]).sum(axis=0))
+            s = sum(_to_units(coupled[name], jnp.abs(named[k]).reshape(-1, named[k].shape[-1]).sum(axis=0), k)
                     for k in (name, *coupled[name].producers))
         else:
             s = jnp.abs(p).reshape(-1, p.shape[-1]).sum(axis=0) if structured else jnp.abs(p)
@@ -134,19 +134,20 @@ def init_scores(params: Any, template: Any, structured: bool, groups: Sequence[U
     return map_named(one, template, params)
 
 
-def _to_units(g: UnitGroup, per_position: jax.Array) -> jax.Array:
-    """Sum a vector over a member axis's positions into one value per unit of ``g`` (``unit_index``'s inverse)."""
-    n = g.units or per_position.shape[0]
-    if per_position.shape[0] == n and g.inner == 1:
+def _to_units(g: UnitGroup, per_position: jax.Array, name: str | None = None) -> jax.Array:
+    """Sum a vector over the positions of member ``name``'s axis into one value per unit of ``g``
+    (``unit_index``'s inverse)."""
+    n, inner = g.units or per_position.shape[0], g.inner_of(name)
+    if per_position.shape[0] == n and inner == 1:
         return per_position
-    return per_position.reshape(-1, n, g.inner).sum(axis=(0, 2))
+    return per_position.reshape(-1, n, inner).sum(axis=(0, 2))
 
 
 def _member_to_units(g: UnitGroup, name: str, per_position: jax.Array) -> jax.Array:
     """:func:`_to_units` for member or consumer ``name``; a leaf reading a concatenation sums only the group's
     segments of its axis."""
     if not g.segments_of(name):
-        return _to_units(g, per_position)
+        return _to_units(g, per_position, name)
     return gather_units(g, name, per_position, g.units)
 
 
@@ -208,7 +209,7 @@ def reduce_to_units(tree: Any, scores: Any, groups: Sequence[UnitGroup] | None) 
 
     def one(name, s):
         g = by_kernel[name]
-        if g.producers or g.units or g.inner != 1 or g.segments:   # coupled: every member, summed into its units
+        if g.producers or g.units or g.inner != 1 or g.inners or g.segments:   # coupled: summed into units
             return sum(_member_to_units(g, c, named[c].reshape(-1, named[c].shape[-1]).sum(axis=0))
                        for c in g.members).astype(s.dtype)
         k = named[name]
@@ -271,8 +272,8 @@ def consumer_scaled(theta: Any, unit_masks: Any, groups: Sequence[UnitGroup]) ->
         for g, v in scale.get(name, ()):
             if g.segments_of(name):         # rows of a concatenation: the group's segment only
                 v = spread(g, name, p.shape[-2], v)
-            elif g.inner != 1:                # row r is unit (r // inner) % units (an attention head's rows)
-                v = unit_index(g, p.shape[-2], v)
+            elif g.inner_of(name) != 1:       # row r is unit (r // inner) % units (an attention head's rows)
+                v = unit_index(g, p.shape[-2], v, name)
             elif p.shape[-2] != v.shape[0]:   # a flattened (channel-last) feature map: row r is unit r % units
                 v = jnp.tile(v, p.shape[-2] // v.shape[0])
             p = p * v.astype(p.dtype)[:, None]
@@ -303,8 +304,8 @@ def consumer_mask_grad(theta: Any, g_z: Any, unit_masks: Any, scores: Any, gamma
             g_ = by_kernel[name]
             if g_.segments_of(c):           # rows of a concatenation: the group's segment only
                 d, i = gather_units(g_, c, d, s.shape[0]), gather_units(g_, c, i, s.shape[0])
-            elif g_.inner != 1:             # rows of heads: sum each unit's positions
-                d, i = _to_units(g_, d), _to_units(g_, i)
+            elif g_.inner_of(c) != 1:       # rows of heads: sum each unit's positions
+                d, i = _to_units(g_, d, c), _to_units(g_, i, c)
             elif d.shape != s.shape:        # flattened channel-last rows: sum each unit's positions
                 d, i = d.reshape(-1, s.shape[0]).sum(0), i.reshape(-1, s.shape[0]).sum(0)
             direct = direct + d.astype(s.dtype)
