@@ -1,23 +1,19 @@
 """Paired per-seed comparison of two methods of one compare grid.
 
-Every seed of a grid prunes the same dense model with each method, so the
-per-seed difference ``method - base`` removes the dense model's share of the
-seed-to-seed spread. For each sparsity this prints the two means over the
-paired seeds, the mean difference with its Student-t 95% interval over them,
-the verdict (``lower`` / ``higher`` when the interval excludes 0, ``not
-distinguishable`` when it includes 0, ``no interval`` with fewer than two
-paired seeds), in how many seeds the method is lower (better, for a
-disparity metric) and in how many the two are equal::
+Every seed of a grid prunes the same dense model with each method, so the per-seed difference ``method - base``
+removes the dense model's share of the seed-to-seed spread. For each sparsity this prints the two means over the
+paired seeds, the mean difference with its Student-t 95% interval over them, the verdict (``lower`` / ``higher``
+when the interval excludes 0, ``not distinguishable`` when it includes 0, ``no interval`` with fewer than two
+paired seeds), in how many seeds the method is lower (better, for a disparity metric) and in how many the two
+are equal (``fairprune_jax.reporting.paired``, which also writes a grid's "Paired differences")::
 
-    python experiments/paired_seeds.py experiments/bifp_digits_seeds.toml \
+    python experiments/paired_seeds.py experiments/bifp_digits_seeds.toml \\
         --base structured_magnitude --method bifp --metric test_mcd --metric test_accuracy
 
-The grid must be finished for both methods (``fairprune compare --config ...``;
-``--out`` where it was written elsewhere). Seeds finished for only one of the
-two are left out and named; a seed where either model is degenerate (a
-near-constant classifier) is named, and so is a difference resting on a small
-group (the grid's ``*``: its cells' value rests on a group with few rows);
-yes / no columns (``degenerate``, ``no_violated_group``) count as 1 / 0.
+The grid must be finished for both methods (``fairprune compare --config ...``; ``--out`` where it was written
+elsewhere). Seeds finished for only one of the two are left out and named; a seed where either model is
+degenerate (a near-constant classifier) is named, and so is a difference resting on a small group (the grid's
+``*``); yes / no columns (``degenerate``, ``no_violated_group``) count as 1 / 0.
 """
 from __future__ import annotations
 
@@ -27,44 +23,8 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-from scipy import stats
-
+from fairprune_jax.reporting.paired import interval_text, paired
 from fairprune_jax.running.compare import load_config
-
-BOOLS = {"true": 1.0, "false": 0.0}
-
-
-def _number(v) -> float | None:
-    if v in ("", None, "None"):
-        return None
-    return BOOLS[v.lower()] if isinstance(v, str) and v.lower() in BOOLS else float(v)
-
-
-def _at(rows: list[dict], m: str, sparsity: float) -> dict[int, dict]:
-    return {int(r["seed"]): r for r in rows if r["method"] == m and math.isclose(float(r["sparsity"]), sparsity)}
-
-
-def paired(rows: list[dict], base: str, method: str, metric: str, sparsity: float) -> dict:
-    """Per-seed values of both methods at one sparsity and the paired difference's summary."""
-    ra, rb = _at(rows, base, sparsity), _at(rows, method, sparsity)
-    a = {s: v for s, r in ra.items() if (v := _number(r.get(metric))) is not None}
-    b = {s: v for s, r in rb.items() if (v := _number(r.get(metric))) is not None}
-    seeds = sorted(set(a) & set(b))
-    d = np.array([b[s] - a[s] for s in seeds])
-    n = len(d)
-    out = {"sparsity": sparsity, "seeds": n, "base_mean": float(np.mean([a[s] for s in seeds])) if n else math.nan,
-           "method_mean": float(np.mean([b[s] for s in seeds])) if n else math.nan,
-           "diff": float(d.mean()) if n else math.nan, "lo": math.nan, "hi": math.nan,
-           "method_lower": int(np.sum(d < 0)), "ties": int(np.sum(d == 0)),
-           "left_out": sorted(set(a) ^ set(b)),
-           "degenerate": [s for s in seeds if _number(ra[s].get("degenerate")) or _number(rb[s].get("degenerate"))],
-           "verdict": "no interval (fewer than 2 paired seeds)"}
-    if n >= 2:
-        half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
-        out["lo"], out["hi"] = out["diff"] - half, out["diff"] + half
-        out["verdict"] = ("lower" if out["hi"] < 0 else "higher" if out["lo"] > 0 else "not distinguishable")
-    return out
 
 
 def small_marked(grid: Path, methods: tuple[str, str], metric: str, sparsity: float) -> bool:
@@ -109,9 +69,8 @@ def main(argv=None) -> None:
         for s in cc.sparsities:
             p = paired(rows, args.base, args.method, metric, s)
             star = " *" if small_marked(grid, (args.base, args.method), metric, s) else ""
-            iv = "–" if math.isnan(p["lo"]) else f"[{p['lo']:+.4f}, {p['hi']:+.4f}]"
-            print(f"| {s:g} | {p['seeds']} | {p['base_mean']:.4f} | {p['method_mean']:.4f} | {p['diff']:+.4f}{star} "
-                  f"| {iv} | {p['verdict']} | {p['method_lower']}/{p['seeds']} | {p['ties']} |")
+            print(f"| {s:g} | {p['seeds']} | {p['base_mean']:.4f} | {p['entry_mean']:.4f} | {p['diff']:+.4f}{star} "
+                  f"| {interval_text(p)} | {p['verdict']} | {p['entry_lower']}/{p['seeds']} | {p['ties']} |")
             if p["left_out"]:
                 notes.append(f"at {s:g}, seed(s) {', '.join(map(str, p['left_out']))} left out: finished for one "
                              "of the two methods only")

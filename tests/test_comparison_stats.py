@@ -109,7 +109,8 @@ def test_paired_seeds_says_not_distinguishable_and_names_what_it_leaves_out(tmp_
     assert "at 0.9, seed(s) 1 left out" in out and "at 0.9, seed(s) 0: a degenerate model" in out
     assert "degenerate: a - sm" in out and "| 0.9 | 1 | 0.0000 | 1.0000 | +1.0000 |" in out     # True / False
     same = [{"method": m, "sparsity": "0.7", "seed": "0", "m": "1"} for m in ("sm", "a")]
-    assert ps.paired(same, "sm", "a", "m", 0.7)["ties"] == 1
+    from fairprune_jax.reporting.paired import paired
+    assert paired(same, "sm", "a", "m", 0.7)["ties"] == 1
 
 
 def test_select_on_val_pairs_cells_refuses_degenerate_candidates_and_knows_which_way_is_better(tmp_path, capsys):
@@ -165,3 +166,16 @@ def test_a_data_folder_among_the_loader_options_is_named(tmp_path):
                                  __import__("fairprune_jax.running.cli_args", fromlist=["DATA_FLAGS"]).DATA_FLAGS})
     with pytest.raises(SystemExit, match="--data-dir"):
         _data_options(args)
+
+
+def test_a_grid_report_pairs_each_entry_with_the_first_over_seeds():
+    """results.md's "Paired differences": each entry minus the grid's first entry, per sparsity and ranked
+    column, with the t-interval and its verdict; degenerate seeds named; nothing for a single seed."""
+    from fairprune_jax.reporting.paired import paired_section
+    rows = [{"method": m, "sparsity": 0.9, "seed": s, "test_psi_upper": v, "degenerate": m == "ceag" and s == 2}
+            for m, vals in (("nft", (0.15, 0.14, 0.13)), ("ceag", (0.10, 0.09, 0.08))) for s, v in enumerate(vals)]
+    md = "\n".join(paired_section(rows, ["nft", "ceag"], [0.9], ["test_psi_upper"]))
+    assert "each entry minus `nft`" in md
+    assert "| ceag | 0.9 | test_psi_upper | 3 | -0.0500 | [-0.0500, -0.0500] | lower; degenerate in seed(s) 2 | 3/3 |" \
+        in md, md
+    assert paired_section([r for r in rows if r["seed"] == 0], ["nft", "ceag"], [0.9], ["test_psi_upper"]) == []

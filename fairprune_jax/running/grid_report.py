@@ -12,7 +12,7 @@ import json
 from fairprune_jax.core.config import RunConfig
 from fairprune_jax.core.notices import warn
 from fairprune_jax.metrics import certify
-from fairprune_jax.reporting import figures, tables
+from fairprune_jax.reporting import figures, paired, tables
 from fairprune_jax.reporting.report import json_safe
 from fairprune_jax.reporting.tables import md_text
 from fairprune_jax.running.grid import FLAG_COLUMNS, CompareConfig, cell_dir, chosen_on_kind
@@ -254,6 +254,9 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
     lines = constraint_lines(cc, rows, agg)
     if lines:
         md += ["## Constraints", "", *lines, ""]
+    ranked = [c for c in dict.fromkeys(("test_accuracy", "test_psi_upper", cc.fairness_metric, "test_eo_diff",
+                                        "test_dp_diff", "test_mcd")) if c in cols and c.startswith("test_")]
+    md += paired.paired_section(rows, list(cc.methods), list(cc.sparsities), ranked, tables.label)
     if cc.chosen_on:
         md += ["## Where the settings were chosen", "",
                *[f"- `{k}`: {v}" for k, v in cc.chosen_on.items()], ""]
