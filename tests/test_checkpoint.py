@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import fast_compile_flags
 
 from fairprune_jax.training import checkpoint
 from fairprune_jax.sparsity import masks as masks_lib, scores
@@ -251,8 +252,7 @@ def env(tmp_path_factory):
     e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONWARNINGS="ignore")
     # the runs compared here share the suite's compile setting (tests/conftest.py); no other XLA flag of the caller
-    e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
-                              if f.startswith("--xla_backend_optimization_level"))
+    e["XLA_FLAGS"] = " ".join(fast_compile_flags(e.get("XLA_FLAGS", "")))
     return e
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fast_compile_flags
 
 TIMEOUT_S = 420
 
@@ -94,7 +95,7 @@ def _env(cache: Path, **extra: str) -> dict:
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     # the suite's compile setting (tests/conftest.py: no XLA backend optimisation) is kept, shared by the reference
     # and the workers; any other XLA flag of the caller is not
-    same = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level")]
+    same = fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
     for k in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
     env.update(extra)
