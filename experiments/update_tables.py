@@ -34,6 +34,8 @@ TABLES = [
     ("certify_v2_utkface_race_gender", "Certified bound (version 3): CEAG (+ distillation) vs NFT on UTKFace race, protected "
                                        "race x gender, 90%, E = 0.02", CERT2),
     ("certify_v2_digits", "Certified bound (version 3): the default ceag vs nft on digits, 90% (floor 0.076)", CERT2),
+    ("certify_v2_digits_seeds", "Certified bound (version 3): the default ceag vs nft on digits, 90%, ten seeds",
+     CERT2),
     ("certify_v2_adult_sex_race", "Certified bound (version 3): the default ceag vs nft on Adult, protected sex x race, 90%",
      CERT2),
     ("certify_utkface_race", "Certificate: CEAG (held-out constraints) vs NFT on UTKFace race, eps = 0.02", CERT),
