@@ -84,10 +84,35 @@ def _cifar_images(d: dict, path: Path, name: str, image_size: int, cap: int | No
     data = np.asarray(d.get("data"))
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{name}: {path} holds data of shape {data.shape}, not (N, 3072) rows of 32x32x3 images")
+    if data.dtype != np.uint8 and not (np.issubdtype(data.dtype, np.integer) and data.size
+                                       and 0 <= data.min() and data.max() <= 255):
+        span = f", values {data.min():g} to {data.max():g}" if data.size and np.issubdtype(data.dtype, np.number) \
+            else ""
+        raise ValueError(f"{name}: {path} holds {data.dtype} pixels{span}; CIFAR pickles hold uint8 pixels 0-255 "
+                         "(convert it with (x * 255).round().astype(np.uint8) if it holds 0-1 floats)")
     images = data[:cap].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8)   # planes R, G, B -> NHWC
     if image_size != 32:
         images = np.stack([_to_size(im, image_size) for im in images])
     return images
+
+
+def _cifar_labels(d: dict, key: str, path: Path, name: str, k: int, layout: str) -> np.ndarray:
+    """``d[key]`` as int64 labels, one per image row of ``d["data"]``, each in ``[0, k)``; else an error naming
+    the file (a short label list would shift every later label onto another image)."""
+    if key not in d:
+        raise ValueError(f"{name}: {path} has no {key}; expected {layout}")
+    raw = np.asarray(d[key])
+    if raw.ndim != 1 or not (np.issubdtype(raw.dtype, np.integer) or raw.size == 0):
+        raise ValueError(f"{name}: {path}'s {key} must be a list of integers; got {raw.dtype} of shape {raw.shape}")
+    rows = int(np.shape(d.get("data"))[0]) if np.ndim(d.get("data")) == 2 else None
+    if rows is not None and raw.shape[0] != rows:
+        raise ValueError(f"{name}: {path} holds {rows} images and {raw.shape[0]} {key}: each image needs one label "
+                         "(a damaged or partly written file; copy it again)")
+    bad = np.flatnonzero((raw < 0) | (raw >= k))
+    if bad.size:
+        raise ValueError(f"{name}: {path}'s {key} holds {bad.size} value(s) outside 0-{k - 1} (e.g. {raw[bad[0]]} at "
+                         f"row {bad[0]})")
+    return raw.astype(np.int64)
 
 
 def _names(meta: dict, key: str, k: int) -> list[str]:
@@ -109,9 +134,10 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, image_size: int =
     cap = None if max_examples is None else int(max_examples)
     x_tr = np.concatenate([_cifar_images(b, d / f"data_batch_{i + 1}", name, image_size, None)
                            for i, b in enumerate(train)])[:cap]
-    y_tr = np.concatenate([np.asarray(b["labels"], np.int64) for b in train])[:cap]
+    y_tr = np.concatenate([_cifar_labels(b, "labels", d / f"data_batch_{i + 1}", name, 10, CIFAR10_LAYOUT)
+                           for i, b in enumerate(train)])[:cap]
     x_te = _cifar_images(test, d / "test_batch", name, image_size, cap)
-    y_te = np.asarray(test["labels"], np.int64)[:cap]
+    y_te = _cifar_labels(test, "labels", d / "test_batch", name, 10, CIFAR10_LAYOUT)[:cap]
     return _cifar(name, {"train": (x_tr, y_tr), "test": (x_te, y_te)}, "label", {"label": class_names},
                   class_names, image_size, str(d), val_fraction, seed, normalize, max_examples)
 
@@ -134,11 +160,10 @@ def load_cifar100(data_dir: str | os.PathLike | None = None, *, protected: str =
     parts, coarse = {}, {}
     for split in ("train", "test"):
         b = _unpickle(d / split, name, CIFAR100_LAYOUT)
-        if "fine_labels" not in b:
-            raise ValueError(f"{name}: {d / split} has no fine_labels; expected {CIFAR100_LAYOUT}")
         parts[split] = (_cifar_images(b, d / split, name, image_size, cap),
-                        np.asarray(b["fine_labels"], np.int64)[:cap])
-        coarse[split] = np.asarray(b.get("coarse_labels", np.zeros(len(b["fine_labels"]))), np.int64)[:cap]
+                        _cifar_labels(b, "fine_labels", d / split, name, 100, CIFAR100_LAYOUT)[:cap])
+        if protected == "coarse_label":          # the superclasses are the groups: they must be there
+            coarse[split] = _cifar_labels(b, "coarse_labels", d / split, name, 20, CIFAR100_LAYOUT)[:cap]
     names = {"label": _names(meta, "fine_label_names", 100), "coarse_label": _names(meta, "coarse_label_names", 20)}
     return _cifar(name, parts, protected, names, names["label"], image_size, str(d), val_fraction, seed, normalize,
                   max_examples, coarse=coarse)
@@ -173,6 +198,10 @@ def _read_lines(path: Path, name: str, layout: str) -> list[str]:
     return [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
 
 
+#: the values of list_attr_celeba.txt: 1 present, -1 absent (0 also read as absent)
+CELEBA_VALUES = {"1": True, "+1": True, "-1": False, "0": False}
+
+
 def _celeba_tables(d: Path) -> tuple[list[str], np.ndarray, dict[str, int], list[str]]:
     """(file names, attributes (n, 40) in {0, 1}, file -> partition 0/1/2, attribute names)."""
     name = "celeba"
@@ -181,18 +210,33 @@ def _celeba_tables(d: Path) -> tuple[list[str], np.ndarray, dict[str, int], list
         raise ValueError(f"{name}: {d / 'list_attr_celeba.txt'} does not start with the image count and the 40 "
                          f"attribute names; expected {CELEBA_LAYOUT}")
     attrs = lines[1].split()
-    files, values = [], []
-    for ln in lines[2:]:
+    path = d / "list_attr_celeba.txt"
+    files, values, seen = [], [], set()
+    for i, ln in enumerate(lines[2:], start=3):
         parts = ln.split()
         if len(parts) != len(attrs) + 1:
-            raise ValueError(f"{name}: {d / 'list_attr_celeba.txt'}: a row has {len(parts) - 1} values for "
+            raise ValueError(f"{name}: {path}: a row has {len(parts) - 1} values for "
                              f"{len(attrs)} attributes: {ln[:80]!r}")
+        odd = [v for v in parts[1:] if v not in CELEBA_VALUES]
+        if odd:
+            raise ValueError(f"{name}: {path}, line {i} ({parts[0]}): attribute value {odd[0]!r}; CelebA writes 1 "
+                             "for present and -1 (or 0) for absent")
+        if parts[0] in seen:
+            raise ValueError(f"{name}: {path} lists {parts[0]} twice (line {i}): each image once")
+        seen.add(parts[0])
         files.append(parts[0])
-        values.append([v == "1" for v in parts[1:]])
+        values.append([CELEBA_VALUES[v] for v in parts[1:]])
+    if int(lines[0].strip()) != len(files):
+        raise ValueError(f"{name}: {path} says it lists {int(lines[0].strip())} images and lists {len(files)} (a "
+                         "file cut short by an interrupted copy loses the test images, listed last): copy it again")
     part: dict[str, int] = {}
-    for ln in _read_lines(d / "list_eval_partition.txt", name, CELEBA_LAYOUT):
-        f, p = ln.split()[:2]
-        part[f] = int(p)
+    ppath = d / "list_eval_partition.txt"
+    for i, ln in enumerate(_read_lines(ppath, name, CELEBA_LAYOUT), start=1):
+        fields = ln.split()
+        if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+            raise ValueError(f"{name}: {ppath}, line {i}: {ln[:80]!r}; each line is an image and its partition, "
+                             "0 (train), 1 (val) or 2 (test), as in '000001.jpg 0'")
+        part[fields[0]] = int(fields[1])
     return files, np.asarray(values, bool), part, attrs
 
 
@@ -250,7 +294,7 @@ def _fairface_rows(path: Path) -> list[dict[str, str]]:
     name = "fairface"
     if not path.is_file():
         raise FileNotFoundError(f"{name}: {path} is missing; expected {FAIRFACE_LAYOUT}")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: a byte-order mark (Excel's) is not a name
         rows = list(csv.DictReader(f))
     need = {"file", *FAIRFACE_ATTRIBUTES}
     if not rows or not need <= set(rows[0]):

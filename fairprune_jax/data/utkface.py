@@ -65,6 +65,10 @@ def _decode_one(path: str, size: int, crop: bool = False) -> np.ndarray | None:
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2, 1/4, 1/8 when it can
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):    # 16-bit grayscale: PIL's convert clips it at 255
+                a = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray(np.round(a / (257.0 if a.max() > 255 else 1.0)).clip(0, 255).astype(np.uint8),
+                                     "L")
             im = im.convert("RGB")
             w, h = im.size
             if crop and w != h:
@@ -115,6 +119,21 @@ def _decode_files(paths: list[str], size: int, num_workers: int | None = None, *
     chunks = [list(c) for c in np.array_split(np.asarray(paths, dtype=object), 2 * workers) if len(c)]
     results = Parallel(n_jobs=workers, backend="loky")(delayed(_decode_chunk)((c, size, crop)) for c in chunks)
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def _copies(images: np.ndarray, ok: np.ndarray) -> list[tuple[int, int]]:
+    """``(index, index of the first image with the same pixels)`` for every decoded image that repeats an
+    earlier one (images in file-name order)."""
+    import hashlib
+    seen: dict[bytes, int] = {}
+    out = []
+    for i in np.flatnonzero(ok):
+        h = hashlib.blake2b(np.ascontiguousarray(images[i]).tobytes(), digest_size=16).digest()
+        if h in seen:
+            out.append((int(i), seen[h]))
+        else:
+            seen[h] = int(i)
+    return out
 
 
 def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -202,7 +221,7 @@ def _load_or_decode(d: Path, names: list[str], sizes: list[int], image_size: int
 def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "race", protected: str = "race",
                  image_size: int = 32, test_fraction: float = 0.2, val_fraction: float | None = None,
                  seed: int = 0, cache_dir: str | os.PathLike | None = None, normalize: bool = False,
-                 num_workers: int | None = None) -> Dataset:
+                 num_workers: int | None = None, dedupe: bool = False) -> Dataset:
     """Load UTKFace as float32 NHWC images in [0, 1].
 
     ``target``: ``race`` (5 classes), ``gender`` (2) or ``age`` (buckets 0-9,
@@ -211,7 +230,10 @@ def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "ra
     ``"race,gender"`` (groups named ``"White|female"``; empty combinations are
     dropped). The test split (``test_fraction``) and the optional validation
     split are seeded and stratified by group and label. Per-channel mean/std of
-    the train split are in ``meta``; ``normalize=True`` applies them.
+    the train split are in ``meta``; ``normalize=True`` applies them. Images with
+    the same pixels as another (UTKFace holds some; a merged download holds many)
+    are counted in a warning and ``meta["duplicate_images"]``; ``dedupe=True``
+    drops them, keeping the first by file name.
     """
     ds_name = "utkface"
     if target not in TARGETS:
@@ -240,8 +262,11 @@ def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "ra
         warn(f"utkface: skipped {len(bad_names)} file(s) in {d} whose names do not parse as "
              f"[age]_[gender]_[race]_[date&time].jpg: {shown}{' ...' if len(bad_names) > 5 else ''}")
     if not parsed:
+        inside = [s for s in sorted(d.iterdir()) if s.is_dir() and not s.name.startswith(".")
+                  and any(parse_utkface_name(e.name) for e in _list_images(s)[:50])]
+        hint = f"; {inside[0]} holds UTKFace images: pass --data-dir {inside[0]}" if inside else ""
         raise FileNotFoundError(f"utkface: no UTKFace images found in {d} ({len(entries)} image file(s), "
-                                f"none with a parsable name); expected {LAYOUT}")
+                                f"none with a parsable name){hint}; expected {LAYOUT}")
     parsed.sort()
     names = [p[0] for p in parsed]
     labels = np.asarray([p[2] for p in parsed], np.int64).reshape(-1, 3)
@@ -258,6 +283,18 @@ def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "ra
              f"{shown}{' ...' if len(corrupt) > 5 else ''}")
     if not ok.any():
         raise ValueError(f"utkface: none of the {len(names)} images in {d} could be decoded")
+    copies = _copies(images, ok)
+    if copies:
+        first = {c: f for c, f in copies}
+        shown = ", ".join(f"{names[c]!r} = {names[first[c]]!r}" for c, _ in copies[:3])
+        if dedupe:
+            ok = ok.copy()
+            ok[[c for c, _ in copies]] = False
+        warn(f"utkface: {len(copies)} image(s) in {d} have the same pixels as another ({shown}"
+             f"{' ...' if len(copies) > 3 else ''}): "
+             + ("dropped (dedupe=true), the first by name kept" if dedupe else
+                "a copy can land in both train and test; --data-opt dedupe=true drops them (the first by name "
+                "is kept)"))
 
     ages_present = sorted(set(age.tolist()))
     attr_codes = {
@@ -284,6 +321,7 @@ def load_utkface(data_dir: str | os.PathLike | None = None, *, target: str = "ra
         "source": str(d), "image_size": image_size, "target": target, "protected": attrs,
         "num_files": len(entries), "num_images": int(ok.sum()),
         "skipped_unparsable_names": len(bad_names), "skipped_corrupt_images": len(corrupt),
+        "duplicate_images": len(copies), "dropped_duplicates": bool(dedupe and copies),
         "test_fraction": test_fraction, "val_fraction": val_fraction, "split_seed": seed,
         "load_seconds": load_seconds, **cache_info, **group_info, **img_meta,
     }

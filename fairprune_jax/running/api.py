@@ -225,6 +225,12 @@ def _num_outputs(model: nnx.Module, x: np.ndarray, *, note: bool = True) -> int:
             hint = ("; prune() gives the model its features as float32 (the batches, the certificate and the traced "
                     "unit groups read float features), so a model that takes integer ids (nnx.Embed) must cast "
                     "them in its __call__: self.embed(x.astype(jnp.int32))")
+        elif "conv" in str(e).lower() and x.ndim == 4 and x.shape[1] in (1, 3, 4) and x.shape[-1] > 4:
+            hint = (f"; images of shape {x.shape[1:]} look channel-first: Flax convolutions read (n, H, W, C), so "
+                    "pass x.transpose(0, 2, 3, 1)")
+        elif "conv" in str(e).lower() and x.ndim == 3:
+            hint = (f"; images of shape {x.shape[1:]} have no channel axis: Flax convolutions read (n, H, W, C), so "
+                    "pass x[..., None] for grayscale")
         raise ValueError(f"the model cannot take inputs of shape {x.shape[1:]} (mode {fm.mode!r}): {e}{hint}") from e
     if out.ndim != 2:
         raise ValueError(f"the model must return logits of shape (batch, classes); got {out.shape}")
