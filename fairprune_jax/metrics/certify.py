@@ -503,8 +503,9 @@ def level_text(level: float) -> str:
     return f"{100 * float(level):.10g}%"
 
 
-def headline(cert: dict) -> str:
-    """The certified bound in words: "with 95% confidence, no group lost more than U beyond the overall loss"."""
+def headline(cert: dict, name=str) -> str:
+    """The certified bound in words: "with 95% confidence, no group lost more than U beyond the overall loss".
+    ``name``: how a group's name is written (Markdown escapes it)."""
     u, f = cert.get("certified_max_psi"), cert.get("floor_max_psi")
     if u is None:
         return "no group has test rows: nothing is certified"
@@ -513,15 +514,16 @@ def headline(cert: dict) -> str:
     who = cert.get("certified_max_psi_group")
     g = (cert.get("groups") or {}).get(who) or {}
     if who is not None and g.get("n"):
-        out += f", the bound of group {who}: {g['n']} test rows" + (", a small group" if g.get("small") else "")
+        out += f", the bound of group {name(who)}: {g['n']} test rows" + (", a small group" if g.get("small") else "")
     out += ")"
     if f is not None:
         out += f"; on these test rows a model identical to the dense one would get {f:.4f} (the floor)"
     return out
 
 
-def summary_line(cert: dict) -> str:
-    """One line for a terminal: how many groups are certified, and which are not."""
+def summary_line(cert: dict, name=str) -> str:
+    """One line for a terminal: how many groups are certified, and which are not (``name``: as in
+    :func:`headline`)."""
     m = cert["groups_tested"]
     if cert.get("all_hold"):
         parts = [f"certified (psi_g <= {cert['eps']:g}) for all {m} groups at once at {level_text(cert['level'])} "
@@ -532,10 +534,10 @@ def summary_line(cert: dict) -> str:
     parts = [f"certified (psi_g <= {cert['eps']:g}) for {cert['holds']} of {m} groups at "
              f"{level_text(cert['level'])}"]
     if cert["violated_groups"]:
-        parts.append("violated: " + ", ".join(cert["violated_groups"][:8])
+        parts.append("violated: " + ", ".join(map(name, cert["violated_groups"][:8]))
                      + (" ..." if len(cert["violated_groups"]) > 8 else ""))
     if cert["undetermined_groups"]:
-        parts.append("undetermined: " + ", ".join(cert["undetermined_groups"][:8])
+        parts.append("undetermined: " + ", ".join(map(name, cert["undetermined_groups"][:8]))
                      + (" ..." if len(cert["undetermined_groups"]) > 8 else ""))
     return "; ".join(parts)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from fairprune_jax.core.notices import warn
 from fairprune_jax.metrics import certify
-from fairprune_jax.reporting.tables import md_text
+from fairprune_jax.reporting.tables import md_prose, md_text
 
 # (label, getter on a fairness_report dict, format)
 ROWS: list[tuple[str, Any, str]] = [
@@ -72,17 +72,19 @@ def small_eo_groups(results: dict, split: str = "test") -> dict[str, tuple[int, 
             for n in cert.get("small_groups_eo", [])}
 
 
-def small_groups_note(results: dict, split: str = "test", with_eo: bool = True) -> str | None:
+def small_groups_note(results: dict, split: str = "test", with_eo: bool = True, name=str) -> str | None:
     """The footnote for ``*`` (and ``†``) rows: which groups are small, with the counts that decide the metric
-    (None when none is); ``with_eo=False``: no ``†`` line (a table without the EO row)."""
+    (None when none is); ``with_eo=False``: no ``†`` line (a table without the EO row); ``name``: how a group's
+    name is written (:func:`md_prose` in Markdown)."""
     small, eo = small_groups(results, split), (small_eo_groups(results, split) if with_eo else {})
     out = []
     if small:
-        listed = ", ".join(f"{n} ({k})" for n, k in list(small.items())[:12]) + (" ..." if len(small) > 12 else "")
+        listed = ", ".join(f"{name(n)} ({k})" for n, k in list(small.items())[:12]) + (
+            " ..." if len(small) > 12 else "")
         out.append(f"* over groups of which {len(small)} have fewer than {_threshold(results)} {split} rows "
                    f"(--small-group): {listed}; figures over so few rows are noisy")
     if eo:
-        listed = ", ".join(f"{n} ({p} pos, {q} neg)" for n, (p, q) in list(eo.items())[:12]) + (
+        listed = ", ".join(f"{name(n)} ({p} pos, {q} neg)" for n, (p, q) in list(eo.items())[:12]) + (
             " ..." if len(eo) > 12 else "")
         out.append(f"† the EO difference compares true- and false-positive rates, and {len(eo)} group(s) have fewer "
                    f"than {_threshold(results)} positives or negatives in {split}: {listed}")
@@ -111,11 +113,21 @@ def summary_table(results: dict, split: str = "test") -> str:
     dense, pruned = results["dense"][split], results["pruned"][split]
     sp = results["sparsity"]["achieved"]
     lines = [f"| {split} | dense | pruned ({md_text(results['method'])}) |", "|---|---:|---:|"]
-    for label, get, f in ROWS:
+    rows = _rows(results)
+    for label, get, f in rows:
         lines.append(f"| {md_text(_row_label(results, label, split))} | {_fmt(get(dense, 0.0), f)} | "
                      f"{_fmt(get(pruned, sp), f)} |")
-    note = small_groups_note(results, split)
+    note = small_groups_note(results, split, with_eo=len(rows) == len(ROWS), name=md_prose)
+    if len(rows) < len(ROWS):
+        note = ("DP and EO are left out: the groups are the classes, so a group's rate of one class is 0 or 1 by "
+                "construction (per-class DP / EO below)") + (f"\n{note}" if note else "")
     return "\n".join(lines + ([f"\n{note}"] if note else []))
+
+
+def _rows(results: dict) -> list:
+    """The table's rows: without DP / EO when the groups are the classes (digits: a group's rate of "class 1"
+    is 1 or 0 by construction, so DP / EO say nothing there; CWV / MCD are the rows to read)."""
+    return [r for r in ROWS if not (_classes_are_groups(results) and r[0] in BINARY_ROWS)]
 
 
 def _classes_are_groups(results: dict) -> bool:
@@ -127,9 +139,7 @@ def text_table(results: dict, split: str = "test") -> str:
     """The same table for a terminal (without DP / EO when the groups are the classes)."""
     dense, pruned = results["dense"][split], results["pruned"][split]
     sp = results["sparsity"]["achieved"]
-    # groups that are the classes (digits): a group's rate of "class 1" is 1 or 0 by construction, so DP / EO
-    # say nothing there; CWV / MCD are the rows to read
-    rows = [r for r in ROWS if not (_classes_are_groups(results) and r[0] in BINARY_ROWS)]
+    rows = _rows(results)
     labels = [_row_label(results, label, split) for label, _, _ in rows]
     w = max(36, *map(len, labels))
     head = f"{split + ' split':{w}s} {'dense':>10s} {'pruned':>10s}"
@@ -171,7 +181,7 @@ def per_class_markdown(results: dict, split: str = "test") -> list[str]:
            f"| class | DP dense | DP pruned{star} | EO dense | EO pruned{star} |", "|---|---:|---:|---:|---:|"]
     for name in p[dp]:
         mark = " <-" if name == pc.get("name") else ""
-        out.append(f"| {md_text(name)}{mark} | {_fmt(d[dp].get(name), '{:.4f}')} | {_fmt(p[dp][name], '{:.4f}')} | "
+        out.append(f"| {md_prose(name)}{mark} | {_fmt(d[dp].get(name), '{:.4f}')} | {_fmt(p[dp][name], '{:.4f}')} | "
                    f"{_fmt(d[eo].get(name), '{:.4f}')} | {_fmt(p[eo][name], '{:.4f}')} |")
 
     def mx(r: dict, key: str) -> str:
@@ -201,8 +211,8 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
         out += ["- **made with interval version 1** (a normal approximation that under-covers small groups): "
                 "rerun to get a certificate that keeps its level", ""]
     elif cert.get("certified_max_psi") is not None:
-        out += [f"**{certify.headline(cert)}.**", ""]
-    out += [f"- {certify.summary_line(cert)}",
+        out += [f"**{certify.headline(cert, md_prose)}.**", ""]
+    out += [f"- {certify.summary_line(cert, md_prose)}",
             f"- intervals: {cert['interval']}",
             f"- share of {split} rows whose correctness changed between the dense and the pruned model (flip "
             f"rate): {_fmt(cert.get('flip_rate'), '{:.4f}')}; fewer flips give tighter intervals",
@@ -219,10 +229,10 @@ def certificate_markdown(results: dict, split: str = "test") -> list[str]:
             "verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, g in cert["groups"].items():
         if g["verdict"] is None:
-            out.append(f"| {md_text(name)} | 0 | - | - | - | - | - | no rows |")
+            out.append(f"| {md_prose(name)} | 0 | - | - | - | - | - | no rows |")
             continue
         mark = ("*" if g["small"] else "") + ("†" if g.get("small_for_eo") else "")
-        out.append(f"| {md_text(name)}{mark} | {g['n']} | {g['accuracy']:.4f} [{g['accuracy_low']:.3f}, "
+        out.append(f"| {md_prose(name)}{mark} | {g['n']} | {g['accuracy']:.4f} [{g['accuracy_low']:.3f}, "
                    f"{g['accuracy_high']:.3f}] | {g['psi']:+.4f} [{g['low']:+.3f}, {g['high']:+.3f}] | "
                    f"{g.get('upper', g['high']):+.4f} | {_fmt(g.get('floor'), '{:.4f}')} | "
                    f"{_fmt(g.get('flip_rate'), '{:.4f}')} | "
@@ -274,17 +284,19 @@ def markdown_report(results: dict) -> str:
     loss_note = r["pruned"].get("test", {}).get("accuracy_loss_note")
     if loss_note:
         out += [f"**{loss_note}.**", ""]
-    for split in ("test", "train"):
+    for split in ("test", "val", "train"):
         if split in r["pruned"]:
             out += [summary_table(r, split), ""]
     out += per_class_markdown(r)
     out += certificate_markdown(r)
+    if "val" in r["pruned"]:
+        out += certificate_markdown(r, "val")
     out += ["## Per-group accuracy (test)", "", "| group | n | dense | pruned | psi_g |", "|---|---:|---:|---:|---:|"]
     d, p = r["dense"]["test"], r["pruned"]["test"]
     psi = (p.get("excess_accuracy_gap") or {}).get("per_group", {})
     small = set((p.get("certificate") or {}).get("small_groups", []))
     for name, g in p["groups"].items():
-        out.append(f"| {md_text(name)}{'*' if name in small else ''} | {int(g['n'] or 0)} | {_fmt(d['groups'][name]['accuracy'], '{:.4f}')} | "
+        out.append(f"| {md_prose(name)}{'*' if name in small else ''} | {int(g['n'] or 0)} | {_fmt(d['groups'][name]['accuracy'], '{:.4f}')} | "
                    f"{_fmt(g['accuracy'], '{:.4f}')} | {_fmt(psi.get(name), '{:+.4f}')} |")
     return "\n".join(out) + "\n"
 

@@ -25,7 +25,74 @@ BY_GROUP_COLUMNS = ("group", "n", "positives", "negatives", "dense_accuracy", "a
 
 
 class Report(dict):
-    """The results of one run (the ``results.json`` dict) with typed attributes and :meth:`by_group`."""
+    """The results of one run (the ``results.json`` dict) with typed attributes and :meth:`by_group`.
+
+    Built from an older ``results.json`` (``Report(json.load(f))`` or :meth:`load`), a version-2 certificate
+    is rebuilt as version 3 (:func:`upgrade_certificates`: the headline bound every table shows); a version-1
+    certificate, whose intervals under-covered small groups, keeps no interval or verdict in :meth:`by_group`
+    and :attr:`certified_max_psi` is None, with a warning: rerun such a run.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "pruned" not in self and {"rows", "aggregate"} <= set(self):
+            raise ValueError("this is a grid's results.json (fairprune compare), not a run's: read its rows, or "
+                             "load a cell's results.json (cells/<method>_s<sparsity>_seed<seed>/results.json)")
+        if isinstance(self.get("pruned"), dict):
+            upgrade_certificates(self)
+            if self.certificate_version == 1:
+                from fairprune_jax.core.notices import warn
+                warn("this results.json holds a version-1 certificate, whose intervals under-covered small "
+                     "groups: its intervals, verdicts and certified bound are not shown; rerun the run for a "
+                     "certificate that keeps its level")
+
+    @classmethod
+    def load(cls, path) -> "Report":
+        """The report of a finished run: its folder or its ``results.json``."""
+        import json
+        from pathlib import Path
+        p = Path(path)
+        p = p / "results.json" if p.is_dir() else p
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist: pass a run's --out folder or its results.json")
+        return cls(json.loads(p.read_text()))
+
+    def __repr__(self) -> str:
+        """One line (the whole dict is ``dict(report)``)."""
+        try:
+            parts = [f"method={self.get('method')!r}", f"dataset={self.get('dataset')!r}",
+                     f"sparsity={self.sparsity:.4f}", f"accuracy={self.accuracy:.4f}",
+                     f"dense_accuracy={self.dense_accuracy:.4f}"]
+            if self.certified_max_psi is not None:
+                parts.append(f"certified_max_psi={self.certified_max_psi:.4f}")
+            parts.append(f"groups={len(self.groups)}")
+            if self.degenerate:
+                parts.append("DEGENERATE")
+            return f"Report({', '.join(parts)}; by_group() for the per-group table)"
+        except (KeyError, TypeError, ValueError):
+            return f"Report({dict.__repr__(self)})"
+
+    @property
+    def schema_version(self) -> int:
+        """The results.json layout version (1 when the file predates the field)."""
+        return int(self.get("schema_version", 1))
+
+    @property
+    def certificate_version(self) -> int | None:
+        """The test certificate's interval version (``certify.INTERVAL_VERSION``), None without one."""
+        c = self.certificate
+        return None if c is None else int(c.get("interval_version", 1))
+
+    @property
+    def degenerate(self) -> bool | None:
+        """Whether the pruned model predicts one class for nearly every test row (None: not recorded)."""
+        d = self["pruned"]["test"].get("degenerate")
+        return None if d is None else bool(d)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the run warned about in its method's record (an unmet constraint, a fallback, ...)."""
+        return [w for w in (self.get("method_info") or {}).get("warnings", []) if isinstance(w, str)]
 
     @property
     def accuracy(self) -> float:
@@ -79,11 +146,13 @@ class Report(dict):
         if split not in self["pruned"]:
             raise ValueError(f"no split {split!r} in this report; splits: {', '.join(self['pruned'])}")
         pruned, dense = self["pruned"][split], self["dense"].get(split, {})
-        cert = (pruned.get("certificate") or {}).get("groups", {})
+        cert_all = pruned.get("certificate") or {}
+        cert = cert_all.get("groups", {}) if int(cert_all.get("interval_version", 1)) >= 2 else {}
         psi = ((pruned.get("excess_accuracy_gap") or {}).get("per_group") or {})
         rows = []
         for name, g in pruned["groups"].items():
-            c = cert.get(name, {})
+            c = cert.get(name) or {k: v for k, v in (cert_all.get("groups") or {}).get(name, {}).items()
+                                   if k in ("n", "lost", "gained", "positives", "negatives")}   # version 1: counts only
             d = (dense.get("groups") or {}).get(name, {})
             rows.append({
                 "group": name, "n": _int(g.get("n")), "positives": _int(c.get("positives")),
@@ -99,7 +168,10 @@ class Report(dict):
             frame = _has_pandas()
         if frame:
             import pandas as pd
-            return pd.DataFrame(rows, columns=list(BY_GROUP_COLUMNS)).set_index("group")
+            df = pd.DataFrame(rows, columns=list(BY_GROUP_COLUMNS)).set_index("group")
+            for c in ("n", "positives", "negatives", "lost", "gained"):   # counts stay integers beside a missing one
+                df[c] = df[c].astype("Int64")
+            return df
         return rows
 
 

@@ -57,6 +57,15 @@ def md_text(value: Any) -> str:
             .replace("\r", " ").replace("\n", " "))
 
 
+def md_prose(value: Any) -> str:
+    """``value`` (a group or class name) inside a Markdown sentence: :func:`md_text` with the emphasis and code
+    marks escaped too (a group named ``*bold*`` stays a name)."""
+    out = md_text(str(value).replace("\\", "\\\\"))
+    for ch in "*_`[]":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
 def label(col: str, latex: bool = False) -> str:
     return LABELS.get(col, (col.replace("_", " "), col.replace("_", r"\_")))[1 if latex else 0]
 
@@ -64,7 +73,15 @@ def label(col: str, latex: bool = False) -> str:
 def groups_are_classes(cell: dict) -> bool:
     """The protected groups of a run are its classes (digits; UTKFace race with race protected)."""
     g = cell.get("groups") or {}
-    return g.get("attributes") == ["class"] or list(g.get("names") or []) == list(cell.get("classes") or [None])
+    attrs = g.get("attributes")
+    if attrs == ["class"]:
+        return True
+    if list(g.get("names") or []) != list(cell.get("classes") or [None]):
+        return False
+    # the same names: the groups are the classes when the protected attribute is the target (UTKFace race with
+    # race protected), not when a 0 / 1 protected column meets a 0 / 1 target
+    target = (cell.get("dataset_meta") or {}).get("target")
+    return attrs is None or (target is not None and attrs == [target])
 
 
 def choose_columns(cols: list[str], agg: list[dict], *, classes_as_groups: bool, asked: bool = False,

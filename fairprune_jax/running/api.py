@@ -175,6 +175,7 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str 
         own = sorted(set(bad) & _OWN)
         hint = f" ({', '.join(own)}: a prune() argument or fixed)" if own else ""
         raise ValueError(f"config= has unknown or reserved setting(s) {bad}{hint}; valid: {', '.join(allowed)}")
+    label_name = extra.pop("positive_label") if isinstance(extra.get("positive_label"), str) else None
     if int(epochs) == 0 and finetune_epochs is None:
         raise ValueError("epochs=0 (the model comes trained, no dense training) needs finetune_epochs=N, the "
                          "method's fine-tuning budget (default: the same as epochs)")
@@ -192,6 +193,7 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str 
         ds = arrays_dataset(train, test, val, seed=seed, group_names=group_names, class_names=class_names,
                             val_fraction=val_fraction,
                             num_classes=_num_outputs(model, _arrays(train, "train")[0][:2]))
+    cfg = _positive_class(cfg, ds, label_name, train, "positive_label" in extra)
     built = wrap_model(model, ds.input_shape, ds.num_classes)
     if method_obj.is_structured(parsed) or units is not None:
         built = with_units(built, units, cfg, consumers=getattr(parsed, "mask_grad", None) == "consumer")
@@ -208,6 +210,24 @@ def prune(model: nnx.Module, train: Sequence[np.ndarray] | Dataset, method: str 
     out = Pruned(pruned, fm.module_params(state.masks), report, state)
     out.units = units
     return out
+
+
+def _positive_class(cfg: RunConfig, ds: Dataset, name: str | None, train: Any, given: bool) -> RunConfig:
+    """``cfg`` with ``positive_label`` (the class whose rates DP and EO compare) given by name resolved to its
+    id; with labels given as names and no choice, a warning saying which class that is."""
+    if name is not None:
+        if name in ds.class_names:
+            return dataclasses.replace(cfg, positive_label=ds.class_names.index(name))
+        if name.strip().isdigit():
+            return dataclasses.replace(cfg, positive_label=int(name))
+        raise ValueError(f"config={{'positive_label': {name!r}}}: not a class; the classes are "
+                         f"{', '.join(repr(c) for c in ds.class_names)} (a name or its id 0..{ds.num_classes - 1})")
+    y = train.train.y if isinstance(train, Dataset) else np.asarray(_arrays(train, "train")[1])
+    if not given and ds.num_classes == 2 and not np.issubdtype(y.dtype, np.number):
+        pos = ds.class_names[int(cfg.positive_label)]
+        warn(f"the labels are names: DP and EO compare the rates of {pos!r} (class {int(cfg.positive_label)} of "
+             f"the names in sorted order); config={{'positive_label': {ds.class_names[0]!r}}} compares the other")
+    return cfg
 
 
 def _num_outputs(model: nnx.Module, x: np.ndarray, *, note: bool = True) -> int:
