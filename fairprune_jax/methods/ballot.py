@@ -303,6 +303,14 @@ def resolve_options(opts: BallotOptions) -> BallotOptions:
     """Checked options with the variant's presets filled in (a copy; registered as the check, so the method
     receives it and a bad value fails before any data loads)."""
     _choice(opts, "variant", VARIANTS)
+    given = {k: getattr(opts, k) for k in ("scope", "body") if getattr(opts, k) is not None}
+    if opts.final_layer_only and (given.get("scope", "classifier"), given.get("body", "dense")) != \
+            ("classifier", "dense"):
+        raise ValueError(f"ballot: final_layer_only=true means scope=classifier, body=dense; it contradicts "
+                         f"{', '.join(f'{k}={v}' for k, v in given.items())}: give one or the other")
+    if given.get("scope") == "all" and given.get("body", "dense") != "dense":
+        raise ValueError(f"ballot: scope=all makes every layer vote, so there is no separate body mask; body="
+                         f"{given['body']} contradicts it (drop body, or choose scope=classifier)")
     opts = dataclasses.replace(opts, **{name: value for name, value in VARIANT_PRESETS[opts.variant].items()
                                         if getattr(opts, name) is None})
     if opts.final_layer_only:   # the earlier spelling of "classifier only, hidden layers dense"

@@ -443,9 +443,10 @@ INF_OPTIONS = {"multiplier_max"}
 #: bound. Counts of rows, steps or picks are at least 1; epoch counts -1 (the method's default) or more;
 #: shares of rows or steps fractions; bounds on a rate or a gap of rates at most 1 (a larger one never binds).
 OPTION_RANGES: dict[str, tuple] = {
-    **{k: (1, None, False) for k in ("buffer_size", "overall_buffer_size", "group_chunk", "max_decisions",
+    **{k: (1, None, False) for k in ("buffer_size", "overall_buffer_size", "group_chunk",
                                       "picks_per_decision", "lower_steps", "prune_updates", "updates",
-                                      "select_points", "body_rounds", "max_rounds")},
+                                      "select_points")},
+    **{k: (0, None, False) for k in ("max_decisions", "body_rounds", "max_rounds")},   # 0: no cap
     **{k: (-1, None, False) for k in ("epochs", "fair_epochs", "prune_epochs")},
     **{k: (0, None, False) for k in ("retrain_epochs", "rewind_step", "importance_batch_size", "importance_rows",
                                       "val_batch_size")},

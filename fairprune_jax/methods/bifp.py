@@ -305,7 +305,17 @@ def _check_common(opts: FairOptions) -> None:
     if opts.fairness_mode == "constraint" and opts.augmented and opts.dual_optimizer != "sgd":
         raise ValueError("augmented=True uses its own dual step; leave dual_optimizer=sgd")
     one_sided(opts, "ap")                   # clear errors for bad values before any training
-    multiplier_cap(opts, "ap", 1)
+    multiplier_cap(opts, "ap", 1)            # (a number <= 0 means no cap: constrained.capped)
+    from fairprune_jax.constraints import surrogates
+    from fairprune_jax.techniques.fairness_objective import CONSTRAINTS, STRICT
+    for key, valid in (("reduce", surrogates.REDUCTIONS), ("strict", STRICT), ("constraint", CONSTRAINTS)):
+        if getattr(opts, key) not in valid:
+            raise ValueError(f"{key}={getattr(opts, key)!r} is not one of {', '.join(valid)}")
+    if opts.fairness != "auto":
+        try:
+            surrogates.surrogate(opts.fairness, reduce=opts.reduce)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"fairness={opts.fairness!r}: {e} (or auto)") from None
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from fairprune_jax.core.config import STREAM_MODES
+from fairprune_jax.core.notices import warn
 from fairprune_jax.data import DATASETS
 from fairprune_jax.metrics import certify
 from fairprune_jax.methods import RunConfig, get_method
@@ -22,11 +23,21 @@ from fairprune_jax.sparsity.masks import DISTRIBUTIONS, check_nm, check_sparsity
 IN_MEMORY = "arrays"
 
 
+#: Method options read only when another option has a value: ``{method: {option: (switch, value)}}``; given
+#: without it, a run warns that it ignores them.
+INERT_WITHOUT = {"el": {"buffer_size": ("buffers", True)},
+                 "nft": {"select_points": ("early_stop", True), "val_fraction": ("early_stop", True)}}
+
+
 def validate_config(cfg: RunConfig) -> Any:
     """Fail fast, with the valid choices, before any long work; returns the method's parsed options."""
     check_sparsity(cfg.sparsity)
     method = get_method(cfg.method)
     opts = method.parse(cfg.method_options)
+    for key, (switch, on) in INERT_WITHOUT.get(cfg.method, {}).items():
+        if key in (cfg.method_options or {}) and getattr(opts, switch, on) != on:
+            warn(f"{cfg.method}: {key} is read only with {switch}={str(on).lower()}, so this run ignores it "
+                 f"(add --opt {switch}={str(on).lower()}, or drop {key})")
     if cfg.save_compact and not method.is_structured(opts):
         why = (f"method {cfg.method!r} with structured={getattr(opts, method.structured)!r}"
                if isinstance(method.structured, str) else f"method {cfg.method!r}")
@@ -40,6 +51,10 @@ def validate_config(cfg: RunConfig) -> Any:
     check_model_options(cfg.model, cfg.model_options)
     if cfg.distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown sparsity distribution {cfg.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    if cfg.distribution == "erk" and method.is_structured(opts):
+        raise ValueError(f"{cfg.method}: --distribution erk sets a density per layer for unstructured masks; "
+                         "structured masks remove whole units at one share per layer (uniform) or by one "
+                         "global ranking (global): choose one of those")
     if nm_pattern(cfg.distribution) is not None:
         try:
             check_nm(cfg.sparsity, cfg.distribution, structured=method.is_structured(opts))
