@@ -86,7 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     settings = _process_settings(args)
-    validate_config(cfg)              # before JAX starts: every process fails at once, none waits for its peers
+    import warnings
+    with warnings.catch_warnings():   # (its warnings are shown once, when run() checks the config again)
+        warnings.simplefilter("ignore")
+        validate_config(cfg)          # before JAX starts: every process fails at once, none waits for its peers
     primary = _start_processes(args, settings)
     if not primary:
         import dataclasses
