@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fairprune_jax.reporting.paired import number
 from fairprune_jax.running.compare import load_config
 
 
@@ -36,7 +37,7 @@ HIGHER_IS_BETTER = ("val_accuracy",)
 
 
 def _yes(v) -> bool:
-    return str(v).lower() in ("true", "1", "1.0")
+    return bool(number(v))          # a results.csv yes / no cell (True / False, 1 / 0, or empty)
 
 
 def means(rows: list[dict], entry: str, col: str, cells: set | None = None) -> float | None:
