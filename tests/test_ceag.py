@@ -160,7 +160,32 @@ def test_ceag_aimed_at_the_certificate_constrains_each_group_below_its_predicted
     assert "--val-fraction" in note          # flips read on the training rows: the run says how to do better
     assert loose["method_info"]["selection"]["feasible"]
     with pytest.raises(ValueError, match="aim"):
-        run_method(small_prepared, method="ceag", method_options={"aim": "bound"})
+        run_method(small_prepared, method="ceag", method_options={"aim": "verdicts"})
+
+
+def test_ceag_aimed_at_the_headline_plans_with_the_one_sided_bounds(small_prepared):
+    """aim=bound: eps bounds the certified max psi_g (version 3's headline, the largest one-sided bound), so h_g
+    is the distance to each group's one-sided bound, narrower than aim=certificate's simultaneous upper end for
+    every group; the reachable bound and the targets follow from it the same way."""
+    from fairprune_jax.metrics import certify
+    res = run_method(small_prepared, method="ceag",
+                     method_options={"aim": "bound", "eps": 0.0, "prune_epochs": 1, "select_points": 2,
+                                     "constraint_data": "train"})
+    aim = res["method_info"]["aim"]
+    names = list(small_prepared.dataset.group_names)
+    n = np.array([aim["expected_test_rows"][k] for k in names])
+    q = np.array([aim["flip_rate"][k] for k in names])
+    h = np.array([aim["halfwidth"][k] for k in names])
+    assert aim["aimed_at"] == "certified max psi_g"
+    np.testing.assert_allclose(h, certify.predicted_halfwidth(n, q, headline=True), atol=1e-3)   # (recorded rounded)
+    assert np.all(h < certify.predicted_halfwidth(n, q) - 1e-3)          # no correction over groups
+    half = q * n / 2
+    psi = certify.psi_intervals(n, half, half)[0]
+    np.testing.assert_allclose(h, certify.psi_upper_bounds(n, half, half) - psi, atol=1e-3)
+    share = np.bincount(small_prepared.dataset.train.g, minlength=10) / len(small_prepared.dataset.train)
+    assert aim["reachable"] == pytest.approx(certify.reachable_bound(share, h), abs=1e-4)
+    eps_g = np.array([aim["eps_g"][k] for k in names])
+    np.testing.assert_allclose(eps_g, aim["target"] - h, atol=2e-5)
 
 
 def test_ceag_option_values_are_checked(prepared):

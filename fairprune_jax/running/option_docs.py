@@ -37,8 +37,10 @@ OPTION_DOCS: dict[str, str] = {
     "margin_z": "held-out mode: constrain psi_g <= eps - z * SE(psi_g), a margin of z standard errors",
     "aim": ("point: eps bounds psi_g (the paper's); certificate: eps bounds the test certificate's upper end, so "
             "psi_g <= eps - h_g with h_g the half-width group g's interval will have (from its share of the "
-            "rows and its flip rate at the pruned start); an eps below what the split can certify is raised"),
-    "aim_margin": "aim=certificate: when eps is out of reach, aim at the smallest certifiable bound plus this",
+            "rows and its flip rate at the pruned start), every group's verdict aimed at eps; bound: the same with "
+            "h_g the distance to the group's one-sided bound, the certified max psi_g (the headline) aimed at eps; "
+            "an eps below what the split can certify is raised"),
+    "aim_margin": "aim=certificate or bound: when eps is out of reach, aim at the smallest certifiable bound plus this",
     "select": "feasible: return the most accurate of select_points checkpoints meeting eps on the constraint's "
               "rows; last: the last model (the paper's)",
     "early_stop": "nft: return the most accurate of select_points checkpoints on held-out rows (the dataset's "
