@@ -308,3 +308,50 @@ def test_nft_early_stopping_returns_the_most_accurate_held_out_checkpoint(small_
     assert "selection" not in plain["method_info"]
     with pytest.raises(ValueError, match="select_points"):
         run_method(small_prepared, method="nft", method_options={"early_stop": True, "select_points": 0})
+
+
+def test_ceag_terms_read_the_targets_planned_again():
+    """The dual step's strict violation is psi_g - eps_g with eps_g the carry's planned targets when present
+    (aim_refresh), and the fixed eps otherwise; nothing else changes."""
+    import jax.numpy as jnp
+    from fairprune_jax.constraints import constrained
+    from fairprune_jax.methods.ceag import Plan, ceag_terms
+    from fairprune_jax.training.train import Carry
+    G = 3
+    ref = {"loss_g": jnp.zeros(G), "acc_g": jnp.full(G, 0.9), "loss": jnp.zeros(()), "acc": jnp.asarray(0.9)}
+    terms = ceag_terms(G, ref, 0.01)
+    g = jnp.asarray([0, 1, 2, 0, 1, 2], jnp.int32)
+    correct = jnp.asarray([1, 0, 1, 1, 1, 0], jnp.float32)
+    batch = {"g": g, "w": jnp.ones(6)}
+    carry = Carry(buffer=constrained.buffer_init(G, 2), overall=constrained.buffer_init(1, 6))
+    plain = terms(jnp.zeros(6), jnp.zeros(()), correct, batch, carry)
+    targets = jnp.asarray([0.2, -0.1, 0.05], jnp.float32)
+    planned = terms(jnp.zeros(6), jnp.zeros(()), correct, batch,
+                    carry.replace(targets=Plan(targets, jnp.zeros((1, 3 + G)))))
+    np.testing.assert_allclose(np.asarray(planned.strict) + np.asarray(targets), np.asarray(plain.strict) + 0.01,
+                               atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(planned.violation), np.asarray(plain.violation))
+    assert bool(np.all(np.asarray(plain.observed)))
+
+
+def test_ceag_aim_refresh_plans_the_targets_again_at_every_checkpoint(small_prepared):
+    """aim_refresh: at each of the select_points checkpoints eps_g = T - h_g is planned again from the current
+    model's flip rates (each plan's half-widths average to its reachable bound over the training shares); the
+    plans are recorded; aim=point refuses it."""
+    res = run_method(small_prepared, method="ceag",
+                     method_options={"aim": "bound", "aim_refresh": True, "eps": 0.0, "prune_epochs": 1,
+                                     "select_points": 3, "constraint_data": "train"})
+    aim = res["method_info"]["aim"]
+    names = list(small_prepared.dataset.group_names)
+    share = np.bincount(small_prepared.dataset.train.g, minlength=10) / len(small_prepared.dataset.train)
+    plans = aim["plans"]
+    assert [p["step"] for p in plans] == res["method_info"]["selection"]["points"]
+    for p in plans:
+        h = p["target"] - np.array([p["eps_g"][k] for k in names])
+        assert float(np.sum(share * h)) == pytest.approx(p["reachable"], abs=1e-4)
+        assert p["target"] == pytest.approx(p["reachable"] + 0.01, abs=1e-5)      # eps 0: out of reach
+    start_h = np.array([aim["halfwidth"][k] for k in names])
+    assert any(not np.allclose(p["target"] - np.array([p["eps_g"][k] for k in names]), start_h, atol=1e-3)
+               for p in plans)                                       # the fine-tuned model flips other rows
+    with pytest.raises(ValueError, match="aim_refresh"):
+        run_method(small_prepared, method="ceag", method_options={"aim_refresh": True})

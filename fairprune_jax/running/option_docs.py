@@ -40,6 +40,9 @@ OPTION_DOCS: dict[str, str] = {
             "rows and its flip rate at the pruned start), every group's verdict aimed at eps; bound: the same with "
             "h_g the distance to the group's one-sided bound, the certified max psi_g (the headline) aimed at eps; "
             "an eps below what the split can certify is raised"),
+    "aim_refresh": ("aim=certificate or bound: plan eps_g again at every checkpoint (select_points) from the current "
+                    "model's flip rates on the validation rows, instead of once from the pruned start's, which "
+                    "overstate them"),
     "aim_margin": "aim=certificate or bound: when eps is out of reach, aim at the smallest certifiable bound plus this",
     "select": "feasible: return the most accurate of select_points checkpoints meeting eps on the constraint's "
               "rows; last: the last model (the paper's)",

@@ -219,7 +219,8 @@ def selection_init(state: TrainState, points: int) -> Selection:
 def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, eps_g: np.ndarray,
                    points: list[int]) -> Callable:
     """A ``fit`` hook (pure in ``(state, step)``, so resumable): at each selection point, evaluate the model
-    on the held-out rows and keep it if it is the most accurate feasible one (max_g psi_g - eps_g <= 0) or,
+    on the held-out rows and keep it if it is the most accurate feasible one (max_g psi_g - eps_g <= 0; eps_g the
+    state's ``Carry.targets`` when a method plans them again during fine-tuning) or,
     while none is feasible, the least violating one; of equally good points the later one (the longer trained:
     when the constraint never pushed, ceag then returns what nft does)."""
     where = {p: i for i, p in enumerate(points)}
@@ -228,7 +229,8 @@ def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, ep
         if step not in where:
             return s
         acc, psi = held_out_psi(ctx, s, val, dense_val)
-        worst = float(np.nanmax(psi - eps_g))
+        plan = carry_of(s).targets            # targets planned again during fine-tuning (ceag's aim_refresh)
+        worst = float(np.nanmax(psi - (eps_g if plan is None else np.asarray(plan.eps_g, np.float64))))
         feasible = worst <= 0.0
         key = float(np.float32(acc if feasible else -worst))   # compared as stored: ties keep the later point
         sel = carry_of(s).selection
