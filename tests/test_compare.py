@@ -313,6 +313,35 @@ def test_a_grid_reuses_its_saved_dense_models(tmp_path, monkeypatch):
         run_compare(load_config(cfg, out=str(tmp_path / "out2")), progress=False)
 
 
+def test_a_dense_model_trained_again_must_be_the_one_the_finished_cells_pruned(tmp_path):
+    """The dense/ cache is not kept with committed results; a rerun that trains a seed's dense model again and
+    gets another one (another CPU or XLA version) refuses to put new cells beside the old ones, which would be
+    compared as if paired (UTKFace: 0.67096 against the cells' 0.67222). The same model trained again passes."""
+    import shutil
+    cfg = tmp_path / "g.toml"
+    base = CONFIG.replace('methods = ["magnitude", "ceag"]', 'methods = ["magnitude"]').replace(
+        "[method_options.ceag]\neps = 0.05\n", "")
+    cfg.write_text(base)
+    out = tmp_path / "out"
+    run_compare(load_config(cfg, out=str(out)), progress=False)
+    shutil.rmtree(out / "dense")                    # the cache lost: trained again, bit for bit the same model
+    cfg.write_text(base.replace('methods = ["magnitude"]', 'methods = ["magnitude", "random"]'))
+    run_compare(load_config(cfg, out=str(out)), progress=False)
+    assert (out / "cells" / "random_s0.8_seed0" / "results.json").is_file()
+    # the finished cells' dense model was another one (one more correct test row in a group)
+    p = out / "cells" / "magnitude_s0.8_seed0" / "results.json"
+    cell = json.loads(p.read_text())
+    grp = next(iter(cell["dense"]["test"]["groups"].values()))
+    grp["accuracy"] += 1.0 / grp["n"]
+    p.write_text(json.dumps(cell))
+    shutil.rmtree(out / "dense")
+    cfg.write_text(base.replace('methods = ["magnitude"]', 'methods = ["magnitude", "random", "gmp"]'))
+    with pytest.raises(ValueError, match=r"seed 0's dense model, trained again now, is not the one its finished "
+                                         r"cells pruned .*not bit-reproducible.*another --out"):
+        run_compare(load_config(cfg, out=str(out)), progress=False)
+    assert not (out / "cells" / "gmp_s0.8_seed0").exists()
+
+
 def _cell(groups: dict, psi: dict, verdicts: dict, small_group: int = 30) -> dict:
     """A hand-made cell: group -> (n, accuracy, selection rate, tpr, fpr) on test; psi per group; verdicts."""
     rep = {"groups": {g: dict(zip(("n", "accuracy", "selection_rate", "tpr", "fpr"), v)) for g, v in groups.items()},

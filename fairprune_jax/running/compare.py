@@ -32,6 +32,8 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
 from fairprune_jax.core.config import LEGACY_RUN_VALUES, RunConfig
@@ -143,6 +145,42 @@ def check_finished_cells(cc: CompareConfig, done: list[tuple[int, str, float]], 
             f"{cc.out / 'cells'} (or just those cells) to recompute them")
 
 
+def dense_mismatch(cc: CompareConfig, seed: int, prep: Any, done: list[tuple[int, str, float]]) -> str | None:
+    """Why the dense model of ``seed`` in ``prep`` is not the one the seed's finished cells pruned (None when it
+    is, as far as their stored dense test numbers tell: every group's correct rows and mean loss).
+
+    A grid's dense models are cached in its ``dense/`` folder, which is not kept with committed results; a
+    rerun that finds it missing trains the seed's dense model again, and training is not bit-reproducible
+    across CPUs, XLA versions or device counts. New cells on the new model beside finished cells on the old
+    one would break the one-dense-model-per-seed pairing every comparison of the grid rests on."""
+    counts = prep.dense_evals.get("test")
+    if counts is None:
+        return None
+    counts = counts[0] if isinstance(counts, tuple) else counts
+    names = list(prep.dataset.group_names)
+    n = np.asarray(counts.n, np.float64)
+    correct = np.asarray(counts.correct, np.float64)
+    loss = np.asarray(counts.loss_sum, np.float64) / np.maximum(n, 1.0)
+    for s_, m, s in done:
+        if s_ != seed:
+            continue
+        try:
+            groups = json.loads((cell_dir(cc, m, s, seed) / "results.json").read_text())["dense"]["test"]["groups"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue                        # (check_finished_cells has refused what cannot be read)
+        for i, g in enumerate(names):
+            old = groups.get(g) or {}
+            if old.get("accuracy") is None or old.get("n") is None or n[i] <= 0:
+                continue
+            k_old, k_new = int(round(float(old["accuracy"]) * float(old["n"]))), int(round(correct[i]))
+            loss_old = old.get("mean_loss")
+            if k_old != k_new or (loss_old is not None and not np.isclose(float(loss_old), loss[i], rtol=1e-4)):
+                return (f"seed {seed}'s dense model, trained again now, is not the one its finished cells pruned "
+                        f"(cell {cell_dir(cc, m, s, seed).name}, group {g}: {k_old} correct test rows, mean loss "
+                        f"{float(loss_old or 0):.5f}; now {k_new}, {loss[i]:.5f})")
+    return None
+
+
 def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
     """Run every missing cell, then write the combined CSV, JSON, Markdown and plots.
 
@@ -233,6 +271,14 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
                 cached = dense_cached(dense_dir(cc, seed), dense_config(seed), data)
                 with tracking.use(None if cached else tracker(dense_dir(cc, seed))):
                     prep = prepare(dense_config(seed), dataset, dense_cache=dense_dir(cc, seed))
+            why = dense_mismatch(cc, seed, prep, finished)
+            if why:     # before any cell runs on it: one dense model per seed, or the pairing is gone
+                raise ValueError(
+                    f"{cc.out}: {why}. The grid's dense models are kept in its dense/ folder, which was missing "
+                    "(it is not kept with committed results), and dense training is not bit-reproducible across "
+                    "CPUs, XLA versions or device counts. Cells pruned from two dense models would be compared as "
+                    f"if paired. Run the grid into another --out (every cell on new dense models), or delete seed "
+                    f"{seed}'s cells from {cc.out / 'cells'} to recompute them")
             for _, m, s in seed_todo:
                 d = cell_dir(cc, m, s, seed)
                 base, opts = cc.resolve(m)
