@@ -499,3 +499,14 @@ def test_a_cell_from_before_a_default_changed_is_not_reused_unless_the_grid_sets
     now = {**two, "method_info": {"defaults_revision": get_method("bifp").defaults_revision}}
     assert _changed_defaults("bifp", {}, now) == []
     assert _changed_defaults("magnitude", {}, two) == []                   # no changes registered
+
+
+def test_a_grid_whose_seed_holds_two_dense_models_says_so():
+    """Cells of one seed pruned from two dense models (copied in, or made before the check above) are named in
+    results.md and a warning: their paired differences are not paired."""
+    from fairprune_jax.running.grid_report import mixed_dense_note
+    rows = [{"seed": 0, "dense_test_accuracy": 0.67222}, {"seed": 0, "dense_test_accuracy": 0.67096},
+            {"seed": 1, "dense_test_accuracy": 0.66927}, {"seed": 1, "dense_test_accuracy": 0.66927}]
+    note = mixed_dense_note(rows)
+    assert "seed 0: 0.67096, 0.67222" in note and "seed 1" not in note and "not paired" in note
+    assert mixed_dense_note(rows[2:]) is None

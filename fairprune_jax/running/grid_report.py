@@ -205,6 +205,21 @@ def identical_rows(agg: list[dict], cols: list[str]) -> list[tuple[str, str, flo
     return out
 
 
+def mixed_dense_note(rows: list[dict]) -> str | None:
+    """A note when a seed's cells were pruned from more than one dense model (their dense test accuracies
+    differ): the grid's paired comparisons assume one dense model per seed."""
+    by_seed: dict = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], set()).add(r.get("dense_test_accuracy"))
+    mixed = {s: sorted(v) for s, v in by_seed.items() if len({x for x in v if x is not None}) > 1}
+    if not mixed:
+        return None
+    detail = "; ".join(f"seed {s}: {', '.join(f'{x:.5f}' for x in v if x is not None)}" for s, v in sorted(mixed.items()))
+    return (f"**Not one dense model per seed**: the cells of {len(mixed)} seed(s) were pruned from different dense "
+            f"models (dense test accuracy {detail}), so their paired differences are not paired; rerun those "
+            "cells on one dense model per seed.")
+
+
 def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: dict | None = None,
                   setting: dict | None = None) -> None:
     setting = setting or {}
@@ -237,10 +252,10 @@ def write_outputs(cc: CompareConfig, rows: list[dict], agg: list[dict], dense: d
     legend = small_legend(agg + [dense or {}], cols, set(setting.get("small_limits") or ()))
     if legend:
         notes.append(legend)
-    mixed = mixed_certificate_note(rows)
-    if mixed:
-        notes.append(mixed)
-        warn(mixed.replace("**", ""))
+    for mixed in (mixed_certificate_note(rows), mixed_dense_note(rows)):
+        if mixed:
+            notes.append(mixed)
+            warn(mixed.replace("**", ""))
     same = identical_rows(agg, cols)
     for a, b, sp in same:
         mult = {m: max((r["constraint"]["max_multiplier"] or 0.0 for r in rows if r["method"] == m
