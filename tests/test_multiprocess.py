@@ -267,3 +267,35 @@ def test_cli_refuses_half_given_settings_before_jax_starts(capsys, monkeypatch, 
         monkeypatch.delenv(k, raising=False)
     assert main(["run", "--distributed", "--out", "unused"]) == 2    # no cluster to detect here
     assert "fairprune: error: could not join the multi-process run (settings detected by jax" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, named", [("setting", "sparsity differs"), ("data", "data differs")])
+def test_processes_given_different_settings_or_data_refuse_to_train(tmp_path, change, named):
+    """Process 1 started with another --sparsity (its copy of the data identical, under another path), or with a
+    copy of the data whose labels differ: both processes stop before training with one message naming what
+    differs (they trained a model none of the settings describe, reported under process 0's; or aborted in
+    gloo over unequal sizes)."""
+    data = _tiny_csv(tmp_path / "tiny.csv")
+    other = tmp_path / "host1" / "tiny.csv"
+    other.parent.mkdir()
+    text = data.read_text()
+    if change == "data":
+        lines = text.splitlines()
+        lines[1] = lines[1][:-1] + ("0" if lines[1].endswith("1") else "1")      # one label flipped
+        text = "\n".join(lines) + "\n"
+    other.write_text(text)
+    port = _free_port()
+    procs = {}
+    for i, path in enumerate((data, other)):
+        args = [*RUN, "--data-dir", str(path), "--out", str(tmp_path / "out")]
+        if change == "setting" and i == 1:
+            args[args.index("--sparsity") + 1] = "0.8"
+        procs[f"process {i}"] = subprocess.Popen(
+            [sys.executable, "-m", "fairprune_jax.running.cli", *args, "--coordinator", f"127.0.0.1:{port}",
+             "--num-processes", "2", "--process-id", str(i)],
+            env=_env(tmp_path / f"xla-{i}"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outs = _finish(procs, time.monotonic() + TIMEOUT_S)
+    for rc, text in outs.values():
+        assert rc != 0 and f"were given different settings or data: {named}" in text, _report(outs)
+        assert "between process 0 and process(es) 1" in text and "Terminating" not in text, _report(outs)
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -20,7 +20,7 @@ from fairprune_jax.models import build_model, count_flops, default_model_for, la
 from fairprune_jax.running.outputs import _jsonable
 from fairprune_jax.running.validation import IN_MEMORY, check_model_options, validate_config
 from fairprune_jax.sparsity.masks import dense_by_name_note, nm_layers, nm_pattern, prunable_template
-from fairprune_jax.training import caches, checkpoint
+from fairprune_jax.training import caches, checkpoint, distributed
 from fairprune_jax.training.train import TrainState, create_state, evaluate, fit, make_eval_step, make_train_step
 
 
@@ -195,6 +195,10 @@ def load_checked(cfg: RunConfig, dataset: Dataset | None = None, *, cache: bool 
     check_target_and_groups(cfg, ds)
     warn_missing_groups(ds)
     warn_missing_classes(ds)
+    # every process of a multi-process run: the same settings and the same data, before any collective uses them
+    # (the data by content: each host may keep its copy under another path)
+    same = {k: v for k, v in checkpoint.fingerprint(cfg).items() if k != "data_dir"}
+    distributed.check_same_everywhere({**same, "data": ds.fingerprint()}, "settings or data")
     return ds, time.perf_counter() - t
 
 

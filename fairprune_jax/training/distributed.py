@@ -123,6 +123,43 @@ def agree(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def _digest31(value: Any) -> int:
+    """A 31-bit digest of a JSON-able value (the same on every process for the same value)."""
+    import hashlib
+    import json
+    text = json.dumps(value, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def check_same_everywhere(parts: dict[str, Any], what: str = "settings") -> None:
+    """Refuse a multi-process run whose processes were given different ``parts`` (a no-op in one process).
+
+    Every process of a run must be started with the same command on the same data: with one argument or one
+    copy of the data different, each process would train its own shard with its own settings, the gradients
+    would be averaged into a model that none of the settings describe, and process 0 would report it under its
+    own (or the collectives would abort in native code over unequal sizes). Each entry of ``parts`` is
+    digested and the digests gathered from every process, so every process fails with the same message,
+    naming the entries that differ and the processes that differ from process 0."""
+    if not is_multiprocess():
+        return
+    from jax.experimental import multihost_utils
+    keys = sorted(parts)
+    mine = np.asarray([len(keys)] + [_digest31([k, parts[k]]) for k in keys], np.int32)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(mine.size)))
+    if len(set(sizes.reshape(-1).tolist())) > 1:
+        raise ValueError(f"the processes of this run were given different {what} (their number of settings "
+                         f"differs: {sizes.reshape(-1).tolist()}; another fairprune version?): start every "
+                         "process with the same command, data and fairprune version")
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
+    differ = [k for i, k in enumerate(keys) if len(set(every[:, i + 1].tolist())) > 1]
+    if differ:
+        procs = [p for p in range(every.shape[0]) if not np.array_equal(every[p], every[0])]
+        raise ValueError(f"the processes of this run were given different {what}: {', '.join(differ[:8])} "
+                         f"differ{'s' if len(differ) == 1 else ''} between process 0 and process(es) "
+                         f"{', '.join(map(str, procs[:8]))}; every process must run the same command on the same "
+                         "data (a copy of the data on each host must be identical): nothing was trained")
+
+
 def parse_devices(spec: int | str | None) -> int | None:
     """``"all"`` / ``None`` -> ``None`` (every device); ``"4"`` / ``4`` -> 4 (checked >= 1)."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
