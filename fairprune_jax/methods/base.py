@@ -235,9 +235,15 @@ class Context:
     def save_masks(self, name: str, masks: Any, report: dict | None = None, **arrays: Any) -> str | None:
         """Save ``masks`` (and named array trees, and ``report``) as ``name`` (an ``.npz`` path relative to the run's
         output folder, :func:`masks.save_masks`); the path written, or None when the run has no output folder.
-        A method writes to disk only through here: it never sees the folder."""
+        A method writes to disk only through here: it never sees the folder. In a multi-process run process 0
+        alone writes (the others return the same path): two writers of one file on a shared filesystem could
+        leave it torn."""
         where = self.output_location(name)
-        return None if where is None else str(save_masks(Path(where), masks, report, **arrays))
+        if where is None:
+            return None
+        if jax.process_index() == 0:
+            save_masks(Path(where), masks, report, **arrays)
+        return str(Path(where))
 
     def finetune_masks(self, dense: TrainState, masks: Any, *, hook: Callable | None = None,
                        distill: float = 0.0) -> tuple[TrainState, dict]:

@@ -406,6 +406,14 @@ def load_suite(path: str | Path, out: str | None = None) -> Suite:
 def run_suite(suite: Suite, progress: bool = True) -> dict:
     """Run (or resume) every comparison of the suite, then write the combined headline table."""
     from fairprune_jax.training import distributed
+    mesh = distributed.current_mesh()
+    for cc in suite.configs:        # every comparison's batch against the devices, before the first one trains
+        bs = cell_config(cc, cc.methods[0], cc.sparsities[0], cc.seeds[0]).batch_size
+        try:
+            distributed.check_batch_size(bs, mesh, what=f"batch_size = {bs} of comparison {cc.name!r} ([run] in its "
+                                                        "TOML):")
+        except ValueError as e:
+            raise ValueError(f"suite {suite.out}: {e}; nothing was trained") from None
     for cc in suite.configs:
         run_compare(cc, progress=progress)
     return write_headline(suite) if distributed.is_primary() else {"rows": [], "markdown": ""}

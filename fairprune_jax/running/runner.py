@@ -115,6 +115,9 @@ def run_method(prep: Prepared, **overrides: Any) -> dict:
                           "platform": jax.devices()[0].platform, "numerics": numerics_key(),
                           "checkpoints": None if ckpt is None or not ckpt.started else str(ckpt.directory),
                           "resumed": bool(ckpt is not None and ckpt.resumed),
+                          # the device count of each start when a resumed run changed it (None: not recorded)
+                          "devices_by_start": (list(ckpt.devices) if ckpt is not None and ckpt.resumed
+                                               and len(set(ckpt.devices)) > 1 else None),
                           "data_from_cache": bool(ds.__dict__.get("_from_cache", False)),
                           "dense_from_cache": bool(prep.dense_history.get("cached", False)),
                           "pruned_start_from_cache": bool(info.get("prune_history", {}).get("cached", False))}
@@ -260,7 +263,7 @@ def run(cfg: RunConfig, dataset: Dataset | None = None, *, devices: int | str | 
         if checkpoint_every or resume:
             ckpt = checkpoint.Checkpointer(Path(cfg.out) / checkpoint.CHECKPOINT_DIR, cfg,
                                            every=checkpoint_every, resume=resume, data=loaded[0].fingerprint(),
-                                           after_s=checkpoint_after_s)
+                                           after_s=checkpoint_after_s, devices=distributed.num_devices(mesh))
         cache = None
         if dense_cache and jax.process_count() == 1:
             key = {"dense": dense_fingerprint(cfg, loaded[0].fingerprint()), "platform": jax.devices()[0].platform,

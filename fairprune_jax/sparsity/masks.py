@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -383,13 +384,19 @@ def format_sparsity(summary: dict) -> str:
 
 def save_masks(path: Path, masks: Any, report: dict | None = None, **arrays: Any) -> Path:
     """``.npz`` with one array per mask leaf (named like ``layers/0/kernel``), extra arrays, and the report."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     content = {n: np.asarray(m) for n, m in named_leaves(masks)}
     for prefix, tree in arrays.items():
         content.update({f"{prefix}/{n}": np.asarray(v) for n, v in named_leaves(tree)})
     if report is not None:
         content["__report__"] = np.array(json.dumps(report))
-    np.savez(path, **content)
+    if not path.name.endswith(".npz"):          # (as np.savez names it)
+        path = path.with_name(path.name + ".npz")
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:         # whole or not at all: a run killed mid-write leaves no torn file
+        np.savez(f, **content)
+    os.replace(tmp, path)
     return path
 
 

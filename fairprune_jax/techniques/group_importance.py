@@ -102,9 +102,12 @@ def importance_zeros(params: Any, template: Any, num_groups: int) -> Any:
 
 def group_importance(step: Callable, params: Any, masks: Any, model_state: Any, template: Any, split: Split,
                      num_groups: int, batch_size: int) -> Any:
-    """Per-group importance of every prunable weight over ``split`` (one forward + G backward passes)."""
+    """Per-group importance of every prunable weight over ``split`` (one forward + G backward passes).
+
+    The last batch is padded with the split's first rows (``w = 0``: they weigh in no group), not with zero
+    rows: the step may run BatchNorm in training mode, where every row of the batch enters the statistics."""
     return sum_over_split(step, (params, masks, model_state), split, batch_size,
-                          init=importance_zeros(params, template, num_groups), host=False)
+                          init=importance_zeros(params, template, num_groups), host=False, pad="wrap")
 
 
 def shares(imp: jax.Array, live: jax.Array) -> jax.Array:

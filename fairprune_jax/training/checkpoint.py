@@ -118,7 +118,7 @@ class Checkpointer:
     _replace_pending = False     # a finished run's checkpoints wait in place for this run's first save
 
     def __init__(self, directory: str | Path, config: Any, *, every: int = 200, resume: bool = False,
-                 data: dict | None = None, after_s: float = 0.0):
+                 data: dict | None = None, after_s: float = 0.0, devices: int | None = None):
         if int(every) < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0 = off); got {every}")
         if after_s > 0 and jax.process_count() > 1:
@@ -171,6 +171,10 @@ class Checkpointer:
         if error is not None:
             raise error
         self.resumed = action == "resume"
+        # the device count of every start of this run (a resume may use another count: results.json says so)
+        here = int(devices) if devices is not None else distributed.num_devices(distributed.current_mesh())
+        earlier = (saved or {}).get("devices") if self.resumed else None
+        self.devices = [*(earlier if isinstance(earlier, list) else [None]), here] if self.resumed else [here]
         # resuming a run that had finished (to add --save-compact): the results.json in its folder is its own
         self.resumed_complete = self.resumed and bool((saved or {}).get("complete"))
         if resume and action == "fresh" and _is_primary():
@@ -228,7 +232,8 @@ class Checkpointer:
     def _write_run_file(self, complete: bool) -> None:
         tmp = self.directory / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps({"format": FORMAT_VERSION, "fingerprint": self.digest, "complete": complete,
-                                   "config": self.fingerprint, "data": self.data}, indent=1, sort_keys=True))
+                                   "config": self.fingerprint, "data": self.data,
+                                   "devices": getattr(self, "devices", None)}, indent=1, sort_keys=True))
         tmp.replace(self.directory / RUN_FILE)
 
     def _check_same_run(self, saved: dict) -> None:

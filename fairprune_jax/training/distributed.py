@@ -237,7 +237,8 @@ def check_batch_size(batch_size: int, mesh: Mesh | None, what: str = "--batch-si
     if batch_size % n:
         lo = max(batch_size // n * n, n)
         raise ValueError(f"{what} {batch_size} is not divisible by the {n} devices of the data-parallel mesh; "
-                         f"use a multiple of {n} (e.g. {lo} or {lo + n}) or --devices to use fewer devices")
+                         f"use a multiple of {n} (e.g. {lo} or {lo + n}) or fewer devices (--devices N; in "
+                         "prune() or your own loop, a smaller mesh: distributed.make_mesh(N))")
 
 
 def round_up(batch_size: int, mesh: Mesh | None) -> int:

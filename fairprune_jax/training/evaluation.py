@@ -106,12 +106,12 @@ class Evaluator:
 
 
 def sum_over_split(step: Callable, args: Any, split: Split, batch_size: int = 512, *, mesh: Any = None,
-                   init: Any = None, host: bool = True) -> Any:
+                   init: Any = None, host: bool = True, pad: str = "zeros") -> Any:
     """``step(*args, batch)`` summed over every evaluation batch of ``split`` by an :class:`Evaluator` (a
     pytree of additive counts, returned as float64 numpy unless ``host=False``); ``init``: an accumulating
-    step (see :class:`Evaluator`)."""
+    step (see :class:`Evaluator`); ``pad``: how the last batch is filled (:func:`data.base.eval_batches`)."""
     ev = Evaluator(step, args, mesh=mesh, init=init)
-    for batch in eval_batches(split, ev.batch_size(batch_size, len(split))):
+    for batch in eval_batches(split, ev.batch_size(batch_size, len(split)), pad=pad):
         ev.update(batch)
     return ev.compute(host=host)
 

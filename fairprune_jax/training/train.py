@@ -217,7 +217,7 @@ def fit(state: TrainState, train_step: Callable, split: Split, *, epochs: int, b
     if ckpt is not None:
         phase = ckpt.phase(desc, resumable=hook is None or bool(getattr(hook, "resumable", False)))
     if mesh is not None:
-        distributed.check_batch_size(batch_size, mesh)
+        distributed.check_batch_size(batch_size, mesh, what="batch size")
         state = distributed.replicate(state, mesh)
     n_steps = steps_per_epoch(split, batch_size) * epochs
     history: dict[str, Any] = {"loss": [], "accuracy": []}
