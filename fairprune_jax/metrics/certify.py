@@ -260,23 +260,15 @@ def psi_floor(n: np.ndarray, level: float = 0.95, method: str = "mover") -> np.n
 
 def predicted_halfwidth(n: np.ndarray, flip_rate: np.ndarray, level: float = 0.95,
                         method: str = "mover", headline: bool = False) -> np.ndarray:
-    """Per group, how far above psi_g the certificate's simultaneous upper end (the verdicts' interval) will
-    sit on a split of ``n`` rows per group whose pruned model flips ``flip_rate`` of each group's rows (half
-    lost, half gained); ``headline=True``: how far its one-sided bound (:func:`psi_upper_bounds`, what the
-    certified max psi_g is the largest of) will sit, which is lower.
-
-    A planning number: it tells a method what a certified bound E leaves for psi_g itself (CEAG's
-    ``aim=certificate`` constrains psi_g <= E - h_g, ``aim=bound`` the same with the headline's h_g), and,
-    through :func:`reachable_bound`, the smallest bound such a split can certify. ``n`` may be fractional
-    (expected counts).
-    """
+    """Per group, how far above psi_g the certificate's simultaneous upper end (the verdicts') will sit on a split
+    of ``n`` rows per group (may be fractional) whose pruned model flips ``flip_rate`` of each group's rows (half
+    lost, half gained); ``headline=True``: its one-sided bound (:func:`psi_upper_bounds`), lower. A planning
+    number: what a certified bound E leaves for psi_g (CEAG's ``aim=certificate`` / ``bound``: psi_g <= E - h_g)
+    and, through :func:`reachable_bound`, the smallest bound such a split can certify."""
     n = np.asarray(n, np.float64)
     half = np.asarray(flip_rate, np.float64) * n / 2
-    if headline:
-        psi = psi_intervals(n, half, half, level, method)[0]
-        return psi_upper_bounds(n, half, half, level, method) - psi
     psi, _, high = psi_intervals(n, half, half, level, method)
-    return high - psi
+    return (psi_upper_bounds(n, half, half, level, method) if headline else high) - psi
 
 
 def reachable_bound(weights: np.ndarray, halfwidth: np.ndarray) -> float:
