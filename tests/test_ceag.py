@@ -353,5 +353,48 @@ def test_ceag_aim_refresh_plans_the_targets_again_at_every_checkpoint(small_prep
     start_h = np.array([aim["halfwidth"][k] for k in names])
     assert any(not np.allclose(p["target"] - np.array([p["eps_g"][k] for k in names]), start_h, atol=1e-3)
                for p in plans)                                       # the fine-tuned model flips other rows
+    # the selected checkpoint's own max psi_g, not max_g (psi_g - eps_g) + eps
+    sel = res["method_info"]["selection"]
+    chosen = [r for r in sel["log"] if r["step"] == sel["step"]][0]
+    assert sel["max_psi"] == pytest.approx(chosen["max_psi"])
+    assert sel["max_psi"] == pytest.approx(res["pruned"]["train"]["excess_accuracy_gap"]["max"], abs=1e-5)
     with pytest.raises(ValueError, match="aim_refresh"):
         run_method(small_prepared, method="ceag", method_options={"aim_refresh": True})
+    one = run_method(small_prepared, method="ceag",
+                     method_options={"aim": "bound", "aim_refresh": True, "eps": 0.0, "prune_epochs": 1,
+                                     "select_points": 1, "constraint_data": "train"})
+    assert any("only after the last step" in w for w in one["method_info"]["warnings"])
+
+
+def test_planned_targets_line_up_with_the_trajectory_rows_they_drove():
+    """A trajectory row holds the last step of its stride; a plan made at step t is in force from the step of
+    index t on. With stride 2 and plans at steps 37, 55 and 129 of 147 (the rows 18, 27, 64 hold steps 37, 55,
+    129), each row's psi estimate is its violation plus the targets that produced it (the tester's spikes of
+    exactly the change in target were rows labelled with the old plan)."""
+    import jax.numpy as jnp
+    from fairprune_jax.methods.ceag import Plan, plan_result
+    from fairprune_jax.techniques.group_finetune import trajectory_init
+    traj = trajectory_init(2, 147, points=74)
+    assert int(traj.stride) == 2 and traj.violation.shape[0] == 74
+    log = np.full((3, 5), np.nan)
+    for k, (step, target) in enumerate(((37, 0.1), (55, 0.2), (129, 0.3))):
+        log[k] = [step, target, 0.0, target, -target]
+    plans, offset = plan_result(Plan(jnp.zeros(2), jnp.asarray(log, jnp.float32)), np.array([9.0, -9.0]), traj,
+                                ["a", "b"], 147)
+    assert [p["step"] for p in plans] == [37, 55, 129]
+    np.testing.assert_allclose(offset[17], [9.0, -9.0])          # steps 34-35: the start's plan
+    np.testing.assert_allclose(offset[18], [0.1, -0.1], rtol=1e-6)   # steps 36-37: step 37 ran under the new plan
+    np.testing.assert_allclose(offset[27], [0.2, -0.2], rtol=1e-6)
+    np.testing.assert_allclose(offset[63], [0.2, -0.2], rtol=1e-6)
+    np.testing.assert_allclose(offset[64], [0.3, -0.3], rtol=1e-6)
+    np.testing.assert_allclose(offset[73], [0.3, -0.3], rtol=1e-6)   # the last row: step 146
+
+
+def test_a_group_without_planning_rows_is_planned_at_the_pooled_flip_rate():
+    """A group with no validation rows was planned as never flipping (flip rate 0: the narrowest half-width,
+    the loosest target)."""
+    from fairprune_jax.methods.ceag import flip_rates
+    dense = np.array([1, 1, 1, 1, 0, 1], np.float32)
+    pruned = np.array([1, 0, 1, 1, 1, 1], np.float32)
+    g = np.array([0, 0, 0, 1, 1, 1])
+    np.testing.assert_allclose(flip_rates(dense, pruned, g, 3), [1 / 3, 1 / 3, 2 / 6])

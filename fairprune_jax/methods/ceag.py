@@ -15,7 +15,6 @@ is :mod:`fairprune_jax.techniques.group_finetune`, re-exported here.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,9 @@ from fairprune_jax.techniques.group_finetune import (  # noqa: F401  (re-exporte
     TRAJECTORY_POINTS, ProblemTerms, Terms, dense_reference, held_out_psi, held_out_rows, make_constrained_step,
     reference_from_counts, row_correct, selection_hook, selection_init, selection_result, trajectory_info,
     trajectory_init, trajectory_record, val_refresh)
-from fairprune_jax.training.checkpoint import resumable
+from fairprune_jax.techniques.certificate_plan import (  # noqa: F401  (re-exported)
+    Plan, certificate_targets, chain_hooks, flip_rates, plan_hook, plan_init, plan_result, plan_rows, plan_sizes,
+    plan_targets)
 from fairprune_jax.training.train import Carry, TrainState, carry_of, evaluate, teacher_extra, without_teacher
 
 def dual_advice(multipliers: list) -> str:
@@ -287,7 +288,8 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     hooks = []
     if refresh:     # eps_g planned again at every checkpoint, from the current model's flip rates
         state = state.replace(extra=carry_of(state).replace(targets=plan_init(eps_g, len(points))))
-        hooks.append(plan_hook(ctx, dense, info["aim"], eps_g - np.asarray(eps_aim, np.float64), opts, points))
+        hooks.append(plan_hook(ctx, dense, info["aim"], eps_g - np.asarray(eps_aim, np.float64), opts.eps,
+                               opts.aim_margin, points))
     if select:
         state = state.replace(extra=carry_of(state).replace(selection=selection_init(state, len(points))))
         sel_rows, sel_ref = (val, dense_val) if table else (ctx.dataset.train, ctx.dense_train_counts)
@@ -303,7 +305,20 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     traj = jax.device_get(carry_of(state).trajectory)
     offset = eps_g
     if refresh:
-        info["aim"]["plans"], offset = plan_result(carry_of(state).targets, eps_g, traj, names)
+        info["aim"]["plans"], offset = plan_result(carry_of(state).targets, eps_g, traj, names, total)
+        driving = [p for p in info["aim"]["plans"] if p["step"] < total]
+        if not driving:
+            notes.append(f"ceag: aim_refresh planned the targets again only after the last step (select_points "
+                         f"{opts.select_points}), so fine-tuning ran on the pruned start's plan; raise select_points "
+                         "(the plans are made at its checkpoints)")
+        loose = [p for p in driving if p["target"] > eps]
+        if loose and info["aim"]["target"] <= eps:
+            worst = max(loose, key=lambda p: p["target"])
+            notes.append(f"ceag: during fine-tuning the reachable bound rose above eps = {eps:g} (at step "
+                         f"{worst['step']}: {worst['reachable']:.3f}), so the plans from then on aimed at up to "
+                         f"{worst['target']:.3f}, looser than eps (the flip rates of the current model); fewer "
+                         "flipped rows (the distill option) or a larger test split lower it")
+        eps_g = np.asarray(carry_of(state).targets.eps_g, np.float64)   # the plan in force at the end
     info.update(history=hist, multipliers=np.asarray(state.dual.multipliers).tolist(), eps=eps,
                 constraint_data="val" if held_out else ("train_all" if table else "train"), trajectory=trajectory_info(traj, names, offset=offset))
     if select and not info["selection"]["feasible"] and info["selection"]["max_psi"] is None:
@@ -329,7 +344,9 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
         psi_tr = fairness.excess_accuracy_gap(ctx.dense_train_counts, gc)
         psi_max = float(np.nanmax(psi_tr))
         if float(np.nanmax(psi_tr - eps_g)) > 0:
-            notes.append(f"ceag: train max psi_g ends at {psi_max:.4f} > eps = {eps}: the constraint is not met on "
+            bound = (f"eps = {eps}" if opts.aim == "point" else
+                     f"its target eps_g (aim={opts.aim}; max_g (psi_g - eps_g) {float(np.nanmax(psi_tr - eps_g)):+.4f})")
+            notes.append(f"ceag: train max psi_g ends at {psi_max:.4f} above {bound}: the constraint is not met on "
                          f"the data it was trained on ({dual_advice(info['trajectory']['multipliers'])})")
     for w in notes:
         warn(w)
@@ -384,154 +401,6 @@ def choose_constraint_data(ctx: Context, dense: TrainState, start: TrainState, o
                       "held_out_rows_min": int(n_val.min()),
                       "fewest_rows_per_batch": round(float(per_batch[present].min()), 4), "rare_groups": rare,
                       "chosen": chosen}
-
-
-def certificate_targets(ctx: Context, dense: TrainState, start: TrainState, eps: float, margin: float,
-                        headline: bool = False) -> tuple[np.ndarray, dict]:
-    """Per-group targets eps_g = T - h_g for ``aim=certificate`` and ``aim=bound`` (and what ``results.json``
-    records of them).
-
-    ``aim=certificate``: h_g is the half-width the test certificate's simultaneous psi_g interval will have for
-    group g (:func:`certify.predicted_halfwidth`), so the target is every group's *verdict* at T; the headline
-    bound (the largest one-sided bound, certificate version 3) is then below T too, with room to spare.
-    ``aim=bound`` (``headline``): h_g is the distance to group g's one-sided bound, so the target is the
-    headline itself, the certified max psi_g at T, and the groups' targets differ less. h_g uses
-    the test split's size shared out by the training split's group
-    shares (its composition is not read), at the certificate's level and construction, and at the rate at
-    which the pruned start's correctness differs from the dense model's on the validation split (on the
-    training rows without one; there the model may fit its rows, so the rate is low). psi_g averages to 0, so
-    no model certifies below sum_g w_g h_g (:func:`certify.reachable_bound`); T is eps, or that bound plus
-    ``margin`` when eps is below it, and then a note says so. The flip rate is the pruned start's, before
-    fine-tuning brings it down, so h_g errs on the wide side.
-    """
-    ds, G = ctx.dataset, ctx.dataset.num_groups
-    rows, where = plan_rows(ds)
-    share, n_test = plan_sizes(ds, rows)
-    flips = flip_rates(row_correct(ctx, dense, rows), row_correct(ctx, start, rows), rows.g, G)
-    eps_g, target, reach, h = plan_targets(ctx, share, n_test, flips, eps, margin, headline)
-    parts = []
-    if target > eps:
-        parts.append(f"a certified bound of {eps:g} is out of reach for a test split of {n_test} rows at the pruned "
-                     f"start's flip rates ({where} rows): no model certifies below about {reach:.3f} there; aiming "
-                     f"at {target:.3f} (that + aim_margin {margin:g}). A larger test split, or fewer flipped rows "
-                     "(the distill option), lowers it")
-    if where == "training":
-        parts.append("aim=certificate predicts each group's certificate from flip rates on the training rows "
-                     "(there is no validation split), which a model that fits its training rows understates "
-                     "(digits, seeds 0-2: certified max psi_g 0.26 against 0.20 with aim=point, certificate version 2); hold out a "
-                     "validation split (--val-fraction 0.1; prune(val_fraction=0.1))")
-    note = "ceag: " + ". ".join(parts) if parts else None
-    names = list(ds.group_names)
-    return eps_g, {"aimed_at": "certified max psi_g" if headline else "every group's verdict",
-                   "target": round(target, 6), "reachable": round(reach, 6), "flip_rows": where,
-                   "expected_test_rows": dict(zip(names, np.round(share * n_test, 1).tolist())),
-                   "flip_rate": dict(zip(names, np.round(flips, 4).tolist())),
-                   "halfwidth": dict(zip(names, np.round(h, 5).tolist())),
-                   "eps_g": dict(zip(names, np.round(eps_g, 5).tolist())), "note": note}
-
-
-def plan_rows(ds) -> tuple:
-    """The rows whose flip rates plan the targets, and their name: the validation split, else the training rows."""
-    return (ds.val, "validation") if ds.val is not None and len(ds.val) else (ds.train, "training")
-
-
-def plan_sizes(ds, rows) -> tuple[np.ndarray, int]:
-    """The training split's group shares and the test split's size (the planned certificate's rows)."""
-    share = np.bincount(ds.train.g, minlength=ds.num_groups) / max(len(ds.train), 1)
-    return share, len(ds.test) if ds.test is not None and len(ds.test) else len(rows)
-
-
-def flip_rates(dense_correct: np.ndarray, correct: np.ndarray, g: np.ndarray, num_groups: int) -> np.ndarray:
-    """Per group, the share of rows whose correctness differs between the dense and the pruned model."""
-    n_rows = np.bincount(g, minlength=num_groups).astype(np.float64)
-    return np.bincount(g, (dense_correct != correct).astype(np.float64), num_groups) / np.maximum(n_rows, 1.0)
-
-
-def plan_targets(ctx: Context, share: np.ndarray, n_test: int, flips: np.ndarray, eps: float, margin: float,
-                 headline: bool) -> tuple[np.ndarray, float, float, np.ndarray]:
-    """``(eps_g, T, reachable, h_g)`` for ``aim=certificate`` / ``bound`` at these flip rates (see
-    :func:`certificate_targets`): eps itself whenever it is above the reachable bound (a user's eps is never
-    loosened while a model could certify it); below it, the bound plus ``margin``."""
-    cfg = ctx.settings
-    h = certify.predicted_halfwidth(share * n_test, flips, float(cfg.certify_level), cfg.certify_interval,
-                                    headline=headline)
-    h = np.where(share > 0, h, 0.0)
-    reach = certify.reachable_bound(share, h)
-    target = eps if eps > reach else reach + margin
-    return target - h, float(target), reach, h
-
-
-class Plan(NamedTuple):
-    """``aim_refresh``'s device state (``Carry.targets``): the targets eps_g in force, and per checkpoint the
-    step, T, the reachable bound and eps_g."""
-
-    eps_g: jax.Array
-    log: jax.Array
-
-
-def plan_init(eps_g: np.ndarray, points: int) -> Plan:
-    g = len(eps_g)
-    return Plan(jnp.asarray(eps_g, jnp.float32), jnp.full((points, 3 + g), jnp.nan, jnp.float32))
-
-
-def plan_hook(ctx: Context, dense: TrainState, aim: dict, shift: np.ndarray, opts: CeagOptions,
-              points: list[int]):
-    """A ``fit`` hook (pure in ``(state, step)``, so resumable): at each checkpoint, plan eps_g again from the
-    current model's flip rates on the planning rows (the validation split, else the training rows).
-
-    The pruned start flips far more rows than the fine-tuned model does (UTKFace race, seed 0: Asian 0.61 at the
-    start, 0.16 at the end), so the start's plan overstates the half-widths of hard groups, pushes them below
-    what the certificate needs and leaves the large groups less room than they could have. ``shift``: what the
-    targets carry beside the plan (held-out mode's margin_z standard errors), kept as it is."""
-    ds, G = ctx.dataset, ctx.dataset.num_groups
-    rows, _ = plan_rows(ds)
-    share, n_test = plan_sizes(ds, rows)
-    dense_correct = row_correct(ctx, dense, rows)
-    where = {p: i for i, p in enumerate(points)}
-    headline = aim.get("aimed_at") == "certified max psi_g"
-
-    def hook(s: TrainState, step: int) -> TrainState:
-        if step not in where:
-            return s
-        flips = flip_rates(dense_correct, row_correct(ctx, s, rows), rows.g, G)
-        eps_g, target, reach, _ = plan_targets(ctx, share, n_test, flips, opts.eps, opts.aim_margin, headline)
-        eps_g = eps_g + shift
-        carry = carry_of(s)
-        plan = carry.targets
-        row = jnp.asarray(np.concatenate([[step, target, reach], eps_g]), jnp.float32)
-        plan = Plan(jnp.asarray(eps_g, jnp.float32), plan.log.at[where[step]].set(row))
-        return s.replace(extra=carry.replace(targets=plan))
-
-    return resumable(hook)
-
-
-def plan_result(plan: Plan, eps_g0: np.ndarray, traj, names: list[str]) -> tuple[list[dict], np.ndarray]:
-    """What ``results.json`` records of the plans (per checkpoint: step, T, reachable bound, eps_g), and the
-    targets in force at each recorded trajectory row (to turn its violations back into psi_g estimates)."""
-    log = np.asarray(plan.log, np.float64)
-    log = log[np.isfinite(log[:, 0])]
-    plans = [{"step": int(r[0]), "target": round(float(r[1]), 6), "reachable": round(float(r[2]), 6),
-              "eps_g": dict(zip(names, np.round(r[3:], 5).tolist()))} for r in log]
-    stride, rows = int(traj.stride), np.asarray(traj.violation).shape[0]
-    offset = np.tile(np.asarray(eps_g0, np.float64), (rows, 1))
-    for r in log:      # a plan made after step t is in force from step t on (recorded rows: every stride steps)
-        offset[np.arange(rows) * stride >= int(r[0])] = r[3:]
-    return plans, offset
-
-
-def chain_hooks(hooks: list):
-    """One ``fit`` hook running ``hooks`` in order (resumable, as each of them is); None for none."""
-    if not hooks:
-        return None
-    if len(hooks) == 1:
-        return hooks[0]
-
-    def hook(s: TrainState, step: int) -> TrainState:
-        for h in hooks:
-            s = h(s, step)
-        return s
-
-    return resumable(hook)
 
 
 def no_op_warnings(traj: dict, names: list[str], eps: float, where: str) -> tuple[list[str], list[str]]:

@@ -201,7 +201,7 @@ def held_out_rows(ctx: Context, val_fraction: float) -> tuple[Context, Split, st
 
 class Selection(NamedTuple):
     """The checkpoint selection's device state (``Carry.selection``): the best weights so far, their score
-    (feasible, key, step) and the log (step, accuracy, max psi - eps_g per selection point)."""
+    (feasible, key, step) and the log (step, accuracy, max psi - eps_g, max psi per selection point)."""
 
     best: Weights
     score: jax.Array
@@ -213,7 +213,7 @@ def selection_init(state: TrainState, points: int) -> Selection:
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     return Selection(Weights(copy(state.params), copy(state.model_state)),
                      jnp.asarray([-1.0, -jnp.inf, -1.0], jnp.float32),   # feasible, key, step
-                     jnp.full((points, 3), jnp.nan, jnp.float32))        # step, accuracy, max psi - eps_g
+                     jnp.full((points, 4), jnp.nan, jnp.float32))   # step, accuracy, max psi - eps_g, max psi
 
 
 def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, eps_g: np.ndarray,
@@ -235,7 +235,8 @@ def selection_hook(ctx: Context, val: Split, dense_val: fairness.GroupCounts, ep
         key = float(np.float32(acc if feasible else -worst))   # compared as stored: ties keep the later point
         sel = carry_of(s).selection
         best = np.asarray(sel.score)
-        sel = sel._replace(log=sel.log.at[where[step]].set(jnp.asarray([step, acc, worst], jnp.float32)))
+        row = jnp.asarray([step, acc, worst, float(np.nanmax(psi))], jnp.float32)
+        sel = sel._replace(log=sel.log.at[where[step]].set(row))
         if (float(feasible), key) >= (float(best[0]), float(best[1])):
             sel = sel._replace(best=Weights(jax.tree.map(jnp.copy, s.params), jax.tree.map(jnp.copy, s.model_state)),
                                score=jnp.asarray([float(feasible), key, step], jnp.float32))
@@ -254,7 +255,8 @@ def selection_result(state: TrainState, points: list[int], eps: float) -> tuple[
     row = rows[0] if rows else None
     return chosen, {"rule": "most accurate checkpoint with max_g (psi_g - eps_g) <= 0 on the rows the constraint "
                             "reads, else the least violating; of equal ones the later", "points": points, "feasible": bool(best[0] > 0), "step": step,
-                    "max_psi": None if row is None else float(row[2]) + eps,
+                    # the checkpoint's own max psi_g (its targets eps_g may differ from eps: aim, margin_z)
+                    "max_psi": None if row is None else (float(row[3]) if len(row) > 3 else float(row[2]) + eps),
                     "max_violation": None if row is None else float(row[2]),
-                    "log": [{"step": int(r[0]), "accuracy": float(r[1]), "max_violation": float(r[2])}
-                            for r in log if np.isfinite(r[0])]}
+                    "log": [{"step": int(r[0]), "accuracy": float(r[1]), "max_violation": float(r[2]),
+                             **({"max_psi": float(r[3])} if len(r) > 3 else {})} for r in log if np.isfinite(r[0])]}
