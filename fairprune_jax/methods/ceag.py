@@ -288,7 +288,7 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     hooks = []
     if refresh:     # eps_g planned again at every checkpoint, from the current model's flip rates
         state = state.replace(extra=carry_of(state).replace(targets=plan_init(eps_g, len(points))))
-        hooks.append(plan_hook(ctx, dense, info["aim"], eps_g - np.asarray(eps_aim, np.float64), opts.eps,
+        hooks.append(plan_hook(ctx, dense, opts.aim == "bound", eps_g - np.asarray(eps_aim, np.float64), opts.eps,
                                opts.aim_margin, points))
     if select:
         state = state.replace(extra=carry_of(state).replace(selection=selection_init(state, len(points))))

@@ -32,9 +32,9 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from typing import Any
 
 from fairprune_jax.core.config import LEGACY_RUN_VALUES, RunConfig
 from fairprune_jax.core.notices import tqdm, warn

@@ -115,21 +115,21 @@ def plan_init(eps_g: np.ndarray, points: int) -> Plan:
     return Plan(jnp.asarray(eps_g, jnp.float32), jnp.full((points, 3 + g), jnp.nan, jnp.float32))
 
 
-def plan_hook(ctx: Context, dense: TrainState, aim: dict, shift: np.ndarray, eps: float, margin: float,
+def plan_hook(ctx: Context, dense: TrainState, headline: bool, shift: np.ndarray, eps: float, margin: float,
               points: list[int]):
     """A ``fit`` hook (pure in ``(state, step)``, so resumable): at each checkpoint, plan eps_g again from the
     current model's flip rates on the planning rows (the validation split, else the training rows).
 
     The pruned start flips far more rows than the fine-tuned model does (UTKFace race, seed 0: Asian 0.61 at the
     start, 0.16 at the end), so the start's plan overstates the half-widths of hard groups, pushes them below
-    what the certificate needs and leaves the large groups less room than they could have. ``shift``: what the
-    targets carry beside the plan (held-out mode's margin_z standard errors), kept as it is."""
+    what the certificate needs and leaves the large groups less room than they could have. ``headline``: plan for
+    the one-sided bounds (aim=bound); ``shift``: what the targets carry beside the plan (held-out mode's margin_z
+    standard errors), kept as it is."""
     ds, G = ctx.dataset, ctx.dataset.num_groups
     rows, _ = plan_rows(ds)
     share, n_test = plan_sizes(ds, rows)
     dense_correct = row_correct(ctx, dense, rows)
     where = {p: i for i, p in enumerate(points)}
-    headline = aim.get("aimed_at") == "certified max psi_g"
 
     def hook(s: TrainState, step: int) -> TrainState:
         if step not in where:

@@ -53,7 +53,7 @@ class Carry:
     * ``trajectory``: the recorded multipliers / violations (``group_finetune.Trajectory``);
     * ``selection``: the checkpoint selection's best weights, score and log (``group_finetune.Selection``);
     * ``targets``: ceag's per-group targets eps_g when ``aim_refresh`` plans them again during fine-tuning
-      (``ceag.Plan``: the targets in force and their log);
+      (``certificate_plan.Plan``: the targets in force and their log);
     * ``fair``: the fairness objective's estimates (``fairness_objective.FairState``; bifp family);
     * ``scores``, ``mask_opt``: mask scores trained by the bi-level search and their optimizer's state (bifp);
     * ``votes``: Ballot's per-epoch gradient and accuracy accumulators (``voting.Votes``);
