@@ -6,12 +6,17 @@ settings), pick the one with the lowest mean validation ``--metric`` (default: t
 accuracy is within ``--accuracy-tolerance`` of the base entry's (``nft`` by default) and, with
 ``--cell-tolerance``, no cell's validation accuracy more than that below the base's cell of the same sparsity
 and seed (a candidate that collapses in one cell is refused even when its mean passes). Only the ``val_*``
-columns are read to choose; the chosen entry's test numbers are printed after the choice, once::
+columns are read to choose; the chosen entry's test numbers are printed after the choice, once. Several grids
+that differ in one setting (a budget) choose the setting too: each candidate is an entry of one grid, held to
+its own grid's base::
 
     python experiments/select_on_val.py experiments/certify_v2_utkface_race.toml \
         --candidates ceag ceag_eps005 ceag_eps0
     python experiments/select_on_val.py experiments/bifp_adult_eo_select.toml --base structured_magnitude \
         --metric val_eo_diff --cell-tolerance 0.03 --candidates bifp bifp_logistic bifp_hinge bifp_tau02
+    python experiments/select_on_val.py experiments/certify_v3_utkface_race_ft4.toml \
+        experiments/certify_v3_utkface_race.toml experiments/certify_v3_utkface_race_ft8.toml \
+        --candidates ceag_cert ceag_bound
 
 The grid must hold a validation split (``val_fraction`` in its ``[dataset_options]``), so that its cells
 carry ``pruned.val.certificate``. Every mean is over the cells (sparsity, seed) finished for the base and every
@@ -55,23 +60,13 @@ def common_cells(rows: list[dict], entries: list[str], col: str) -> tuple[set, d
     return common, {e: sorted(c - common) for e, c in have.items() if c - common}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config")
-    ap.add_argument("--candidates", nargs="+", required=True, help="grid entries to choose among")
-    ap.add_argument("--base", default="nft", help="the entry whose validation accuracy sets the bar")
-    ap.add_argument("--accuracy-tolerance", type=float, default=0.01)
-    ap.add_argument("--metric", default="val_psi_upper", help="a val_* column of results.csv, lower is better")
-    ap.add_argument("--cell-tolerance", type=float, default=None,
-                    help="refuse a candidate with any cell this far below the base's cell in validation accuracy")
-    a = ap.parse_args(argv)
-    if not a.metric.startswith("val_"):
-        ap.error(f"--metric must be a validation column (val_*), got {a.metric!r}: the test split is not read to "
-                 "choose")
-    cc = load_config(a.config)
+def candidates_of(config: str, a) -> tuple[list[tuple], dict] | int:
+    """One grid's candidates as ``(label, accuracy, metric, ok)`` rows after its checks, and what the test read
+    needs (its rows and cells); an exit status when the grid cannot be read."""
+    cc = load_config(config)
     path = Path(cc.out) / "results.csv"
     if not path.exists():
-        print(f"{path} not found: run `fairprune compare --config {a.config}` first", file=sys.stderr)
+        print(f"{path} not found: run `fairprune compare --config {config}` first", file=sys.stderr)
         return 2
     rows = list(csv.DictReader(path.open()))
     print(f"reading {path}")
@@ -96,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{bar - a.accuracy_tolerance:.4f}")
     by_cell = {(r["method"], r["sparsity"], r["seed"]): r for r in rows}
     base_cells = {c: float(by_cell[(a.base, *c)]["val_accuracy"]) for c in cells}
-    higher = a.metric in HIGHER_IS_BETTER
     sparsities = sorted({c[0] for c in cells}, key=float)
     table = []
     for e in a.candidates:
@@ -110,23 +104,52 @@ def main(argv: list[str] | None = None) -> int:
         if degenerate:
             why.append(f"degenerate in {len(degenerate)} cell(s): "
                        + ", ".join(f"s{s} seed {d}" for s, d in degenerate))
-        table.append((e, acc, up, not why))
+        label = e if len(a.config) == 1 else f"{cc.name}:{e}"
+        table.append((label, acc, up, not why, e))
         per = ", ".join(f"{s}: {means(rows, e, a.metric, {c for c in cells if c[0] == s}):.4f}" for s in sparsities)
         print(f"  {e:16s} validation accuracy {acc:.4f} (worst cell {worst:+.4f} vs {a.base}), validation "
               f"{a.metric} {up:.4f} (per sparsity {per})" + (f"  ({'; '.join(why)})" if why else ""))
+    return table, {"rows": rows, "cells": cells}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="+", help="one grid, or several that differ in one setting (a budget): "
+                    "each candidate is then an entry of one grid, held to its own grid's base")
+    ap.add_argument("--candidates", nargs="+", required=True, help="grid entries to choose among")
+    ap.add_argument("--base", default="nft", help="the entry whose validation accuracy sets the bar")
+    ap.add_argument("--accuracy-tolerance", type=float, default=0.01)
+    ap.add_argument("--metric", default="val_psi_upper", help="a val_* column of results.csv, lower is better")
+    ap.add_argument("--cell-tolerance", type=float, default=None,
+                    help="refuse a candidate with any cell this far below the base's cell in validation accuracy")
+    a = ap.parse_args(argv)
+    if not a.metric.startswith("val_"):
+        ap.error(f"--metric must be a validation column (val_*), got {a.metric!r}: the test split is not read to "
+                 "choose")
+    table, grids = [], {}
+    for config in a.config:
+        got = candidates_of(config, a)
+        if isinstance(got, int):
+            return got
+        for t in got[0]:
+            grids[t[0]] = got[1]
+        table += got[0]
+    higher = a.metric in HIGHER_IS_BETTER
     ok = [t for t in table if t[3]]
     if not ok:
         print("no candidate is accurate enough and non-degenerate", file=sys.stderr)
         return 1
     best = (max if higher else min)(t[2] for t in ok)
-    tied = [t[0] for t in ok if abs(t[2] - best) <= 1e-12]
+    tied = [t for t in ok if abs(t[2] - best) <= 1e-12]
     chosen = tied[0]
     if len(tied) > 1:
-        print(f"tie on validation {a.metric} ({best:.4f}) between {', '.join(tied)}: the first listed is chosen")
-    print(f"chosen on validation ({'highest' if higher else 'lowest'} {a.metric}): {chosen}")
+        print(f"tie on validation {a.metric} ({best:.4f}) between {', '.join(t[0] for t in tied)}: the first listed "
+              "is chosen")
+    print(f"chosen on validation ({'highest' if higher else 'lowest'} {a.metric}): {chosen[0]}")
+    rows, cells, entry = grids[chosen[0]]["rows"], grids[chosen[0]]["cells"], chosen[4]
     test_col = "test_" + a.metric[len("val_"):]
     print(f"its test numbers (read once, same {len(cells)} cells): accuracy "
-          f"{means(rows, chosen, 'test_accuracy', cells):.4f}, {test_col} {means(rows, chosen, test_col, cells):.4f} "
+          f"{means(rows, entry, 'test_accuracy', cells):.4f}, {test_col} {means(rows, entry, test_col, cells):.4f} "
           f"(base {a.base}: {means(rows, a.base, test_col, cells):.4f})")
     return 0
 

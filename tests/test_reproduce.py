@@ -99,3 +99,34 @@ def test_select_on_val_chooses_on_validation_columns_only_and_refuses_a_collapse
     assert "chosen on validation (lowest val_eo_diff): a" in out and "test_eo_diff 0.5000" in out  # a's test numbers, read after
     with pytest.raises(SystemExit):
         sel.main([cfg, "--base", "sm", "--metric", "test_eo_diff", "--candidates", "a", "b"])
+
+
+def test_select_on_val_across_grids_holds_each_candidate_to_its_own_grids_base(tmp_path, capsys):
+    """Several grids that differ in one setting (a budget): a candidate is an entry of one grid, its accuracy bar
+    set by that grid's base; the lowest validation metric among those that pass wins, and only its grid's test
+    numbers are printed."""
+    import csv
+    spec = importlib.util.spec_from_file_location("select_on_val", ROOT / "experiments" / "select_on_val.py")
+    sel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sel)
+    grids = {  # grid: {entry: (val acc, val bound, test bound)}
+        "short": {"nft": (0.70, 0.20, 0.20), "c": (0.69, 0.10, 0.11)},
+        "long": {"nft": (0.80, 0.20, 0.20), "c": (0.78, 0.05, 0.06)},     # lowest bound, 2 points below its nft
+        "mid": {"nft": (0.75, 0.20, 0.20), "c": (0.75, 0.08, 0.07)}}
+    cfgs = []
+    for name, entries in grids.items():
+        (tmp_path / f"{name}.toml").write_text(f'name = "{name}"\ndataset = "digits"\nmethods = ["nft", "c"]\n'
+                                               f'sparsities = [0.9]\nseeds = [0]\nout = "{name}"\n'
+                                               '[variants.c]\nmethod = "ceag"\n')
+        (tmp_path / name).mkdir()
+        with (tmp_path / name / "results.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["method", "sparsity", "seed", "val_accuracy", "val_psi_upper", "test_accuracy",
+                        "test_psi_upper"])
+            for e, (acc, v, t) in entries.items():
+                w.writerow([e, 0.9, 0, acc, v, acc, t])
+        cfgs.append(str(tmp_path / f"{name}.toml"))
+    assert sel.main([*cfgs, "--candidates", "c"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen on validation (lowest val_psi_upper): mid:c" in out      # long:c is 2 points below its own nft
+    assert "test_psi_upper 0.0700 (base nft: 0.2000)" in out
