@@ -14,8 +14,8 @@ its own grid's base::
         --candidates ceag ceag_eps005 ceag_eps0
     python experiments/select_on_val.py experiments/bifp_adult_eo_select.toml --base structured_magnitude \
         --metric val_eo_diff --cell-tolerance 0.03 --candidates bifp bifp_logistic bifp_hinge bifp_tau02
-    python experiments/select_on_val.py experiments/certify_v3_utkface_race_ft4.toml \
-        experiments/certify_v3_utkface_race.toml experiments/certify_v3_utkface_race_ft8.toml \
+    python experiments/select_on_val.py experiments/certify_v4_utkface_race_ft4.toml \
+        experiments/certify_v4_utkface_race.toml experiments/certify_v4_utkface_race_ft8.toml \
         --candidates ceag_cert ceag_bound
 
 The grid must hold a validation split (``val_fraction`` in its ``[dataset_options]``), so that its cells
