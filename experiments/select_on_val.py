@@ -20,8 +20,9 @@ its own grid's base::
 
 The grid must hold a validation split (``val_fraction`` in its ``[dataset_options]``), so that its cells
 carry ``pruned.val.certificate``. Every mean is over the cells (sparsity, seed) finished for the base and every
-candidate, so the entries are compared on the same cells; cells finished for some entries only are left out
-and named. A candidate with a degenerate cell (a near-constant classifier) where the base has none is refused.
+candidate (in every grid, when several are given), so the entries are compared on the same cells; cells
+finished for some entries or grids only are left out and named. Grids that share a name are told apart by
+their config paths; the same grid given twice is refused. A candidate with a degenerate cell (a near-constant classifier) where the base has none is refused.
 ``val_accuracy`` as ``--metric`` is higher-is-better; every other column lower-is-better. A tie on the metric
 is said, and the first candidate listed among the tied ones is chosen.
 """
@@ -52,17 +53,18 @@ def means(rows: list[dict], entry: str, col: str, cells: set | None = None) -> f
     return float(np.mean(vals)) if vals else None
 
 
-def common_cells(rows: list[dict], entries: list[str], col: str) -> tuple[set, dict[str, list]]:
-    """The ``(sparsity, seed)`` cells where every entry has ``col``, and per entry the cells it has beyond them."""
-    have = {e: {(r["sparsity"], r["seed"]) for r in rows if r["method"] == e and r.get(col) not in (None, "", "None")}
-            for e in entries}
+def common_cells(rows: list[dict], entries: list[str], cols: tuple[str, ...]) -> tuple[set, dict[str, list]]:
+    """The ``(sparsity, seed)`` cells where every entry has every column of ``cols``, and per entry the cells it
+    has (with all of them) beyond those."""
+    have = {e: {(r["sparsity"], r["seed"]) for r in rows if r["method"] == e
+                and all(r.get(c) not in (None, "", "None") for c in cols)} for e in entries}
     common = set.intersection(*have.values()) if have else set()
     return common, {e: sorted(c - common) for e, c in have.items() if c - common}
 
 
-def candidates_of(config: str, a) -> tuple[list[tuple], dict] | int:
-    """One grid's candidates as ``(label, accuracy, metric, ok)`` rows after its checks, and what the test read
-    needs (its rows and cells); an exit status when the grid cannot be read."""
+def load_grid(config: str, a) -> dict | int:
+    """One grid's rows and the cells where its base and every candidate have validation accuracy and the
+    metric; an exit status when the grid cannot be read."""
     cc = load_config(config)
     path = Path(cc.out) / "results.csv"
     if not path.exists():
@@ -78,16 +80,19 @@ def candidates_of(config: str, a) -> tuple[list[tuple], dict] | int:
             print(f"{e}: no finished cells with validation {a.metric}", file=sys.stderr)
             return 2
     entries = list(dict.fromkeys([a.base, *a.candidates]))
-    cells, extra = common_cells(rows, entries, "val_accuracy")
-    cells &= common_cells(rows, entries, a.metric)[0]
+    cells, extra = common_cells(rows, entries, ("val_accuracy", a.metric))
     for e, c in extra.items():
-        print(f"  note: {e}'s cells {', '.join(f's{s} seed {d}' for s, d in c)} are left out (not finished for "
-              "every entry); the means below are over the cells all entries share")
-    if not cells:
-        print("no cell is finished for the base and every candidate", file=sys.stderr)
-        return 2
+        print(f"  note: {e}'s cells {', '.join(f's{s} seed {d}' for s, d in c)} are left out (not finished, or "
+              f"without validation accuracy and {a.metric}, for every entry); the means below are over the cells "
+              "all entries share")
+    return {"name": cc.name, "out": Path(cc.out).resolve(), "config": config, "rows": rows, "cells": cells}
+
+
+def candidates_of(grid: dict, cells: set, label_grid: bool, a) -> list[tuple]:
+    """One grid's candidates as ``(label, accuracy, metric, ok, entry)`` rows on ``cells``, after its checks."""
+    rows = grid["rows"]
     bar = means(rows, a.base, "val_accuracy", cells)
-    print(f"{a.base}: validation accuracy {bar:.4f} over {len(cells)} cells; candidates need >= "
+    print(f"{grid['name']}: {a.base} validation accuracy {bar:.4f} over {len(cells)} cells; candidates need >= "
           f"{bar - a.accuracy_tolerance:.4f}")
     by_cell = {(r["method"], r["sparsity"], r["seed"]): r for r in rows}
     base_cells = {c: float(by_cell[(a.base, *c)]["val_accuracy"]) for c in cells}
@@ -104,12 +109,12 @@ def candidates_of(config: str, a) -> tuple[list[tuple], dict] | int:
         if degenerate:
             why.append(f"degenerate in {len(degenerate)} cell(s): "
                        + ", ".join(f"s{s} seed {d}" for s, d in degenerate))
-        label = e if len(a.config) == 1 else f"{cc.name}:{e}"
-        table.append((label, acc, up, not why, e))
+        label = f"{grid['label']}:{e}" if label_grid else e
+        table.append((label, acc, up, not why, e, grid))
         per = ", ".join(f"{s}: {means(rows, e, a.metric, {c for c in cells if c[0] == s}):.4f}" for s in sparsities)
         print(f"  {e:16s} validation accuracy {acc:.4f} (worst cell {worst:+.4f} vs {a.base}), validation "
               f"{a.metric} {up:.4f} (per sparsity {per})" + (f"  ({'; '.join(why)})" if why else ""))
-    return table, {"rows": rows, "cells": cells}
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,14 +131,30 @@ def main(argv: list[str] | None = None) -> int:
     if not a.metric.startswith("val_"):
         ap.error(f"--metric must be a validation column (val_*), got {a.metric!r}: the test split is not read to "
                  "choose")
-    table, grids = [], {}
+    grids = []
     for config in a.config:
-        got = candidates_of(config, a)
+        got = load_grid(config, a)
         if isinstance(got, int):
             return got
-        for t in got[0]:
-            grids[t[0]] = got[1]
-        table += got[0]
+        grids.append(got)
+    outs = [g["out"] for g in grids]
+    if len(set(outs)) < len(outs):
+        ap.error("the same grid (results folder) is given twice: " + ", ".join(sorted({str(o) for o in outs
+                                                                                      if outs.count(o) > 1})))
+    names = [g["name"] for g in grids]
+    for g in grids:      # a label names its grid; the config path where two grids share a name
+        g["label"] = g["name"] if names.count(g["name"]) == 1 else g["config"]
+    cells = set.intersection(*(g["cells"] for g in grids))
+    if len(grids) > 1:   # candidates of different grids compared on the same (sparsity, seed) cells
+        for g in grids:
+            if g["cells"] - cells:
+                print(f"  note: {g['label']}'s cells {', '.join(f's{s} seed {d}' for s, d in sorted(g['cells'] - cells))}"
+                      " are left out (not finished in every grid); every mean is over the cells all grids share")
+    if not cells:
+        print("no cell is finished for the base and every candidate" + (" in every grid" if len(grids) > 1 else ""),
+              file=sys.stderr)
+        return 2
+    table = [t for g in grids for t in candidates_of(g, cells, len(grids) > 1, a)]
     higher = a.metric in HIGHER_IS_BETTER
     ok = [t for t in table if t[3]]
     if not ok:
@@ -146,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tie on validation {a.metric} ({best:.4f}) between {', '.join(t[0] for t in tied)}: the first listed "
               "is chosen")
     print(f"chosen on validation ({'highest' if higher else 'lowest'} {a.metric}): {chosen[0]}")
-    rows, cells, entry = grids[chosen[0]]["rows"], grids[chosen[0]]["cells"], chosen[4]
+    rows, entry = chosen[5]["rows"], chosen[4]
     test_col = "test_" + a.metric[len("val_"):]
     print(f"its test numbers (read once, same {len(cells)} cells): accuracy "
           f"{means(rows, entry, 'test_accuracy', cells):.4f}, {test_col} {means(rows, entry, test_col, cells):.4f} "

@@ -130,3 +130,36 @@ def test_select_on_val_across_grids_holds_each_candidate_to_its_own_grids_base(t
     out = capsys.readouterr().out
     assert "chosen on validation (lowest val_psi_upper): mid:c" in out      # long:c is 2 points below its own nft
     assert "test_psi_upper 0.0700 (base nft: 0.2000)" in out
+
+
+def test_select_on_val_across_grids_compares_the_same_cells_and_names_grids_that_share_a_name(tmp_path, capsys):
+    """Candidates of different grids are compared on the cells every grid finished (a grid with fewer seeds does
+    not win on a smaller sample); two grids of one name are told apart by their config paths, and the test
+    numbers printed are the chosen grid's; a grid given twice is refused."""
+    import csv
+    spec = importlib.util.spec_from_file_location("select_on_val", ROOT / "experiments" / "select_on_val.py")
+    sel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sel)
+    grids = {"a": {0: 0.02, 1: 0.04, 2: 0.06}, "b": {0: 0.03}}   # folder: {seed: c's val bound}; b has seed 0 only
+    cfgs = []
+    for folder, seeds in grids.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "grid.toml").write_text('name = "grid"\ndataset = "digits"\nmethods = ["nft", "c"]\n'
+                                                     'sparsities = [0.9]\nseeds = [0, 1, 2]\nout = "res"\n'
+                                                     '[variants.c]\nmethod = "ceag"\n')
+        (tmp_path / folder / "res").mkdir()
+        with (tmp_path / folder / "res" / "results.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["method", "sparsity", "seed", "val_accuracy", "val_psi_upper", "test_accuracy",
+                        "test_psi_upper"])
+            for seed, v in seeds.items():
+                w.writerow(["nft", 0.9, seed, 0.8, 0.2, 0.8, 0.2])
+                w.writerow(["c", 0.9, seed, 0.8, v, 0.8 if folder == "a" else 0.7, v + 0.001])
+        cfgs.append(str(tmp_path / folder / "grid.toml"))
+    assert sel.main([*cfgs, "--candidates", "c"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 1, s0.9 seed 2 are left out" in out                       # a's extra seeds, named
+    assert f"chosen on validation (lowest val_psi_upper): {cfgs[0]}:c" in out  # 0.02 vs 0.03 on seed 0
+    assert "accuracy 0.8000, test_psi_upper 0.0210" in out                  # a's test numbers, not b's
+    with pytest.raises(SystemExit):
+        sel.main([cfgs[0], cfgs[0], "--candidates", "c"])
