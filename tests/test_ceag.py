@@ -388,6 +388,14 @@ def test_planned_targets_line_up_with_the_trajectory_rows_they_drove():
     np.testing.assert_allclose(offset[63], [0.2, -0.2], rtol=1e-6)
     np.testing.assert_allclose(offset[64], [0.3, -0.3], rtol=1e-6)
     np.testing.assert_allclose(offset[73], [0.3, -0.3], rtol=1e-6)   # the last row: step 146
+    # held-out mode's margin_z shift: a plan's eps_g means what aim.eps_g means (T - h_g), the targets in force
+    # beside it; the trajectory is offset by the targets in force
+    plans, offset2 = plan_result(Plan(jnp.zeros(2), jnp.asarray(log, jnp.float32)), np.array([9.0, -9.0]), traj,
+                                 ["a", "b"], 147, shift=np.array([-0.05, 0.0]))
+    assert plans[0]["eps_g"] == {"a": 0.15, "b": -0.1} and plans[0]["eps_g_in_force"] == {"a": 0.1, "b": -0.1}
+    np.testing.assert_allclose(offset2, offset)
+    assert "eps_g_in_force" not in plan_result(Plan(jnp.zeros(2), jnp.asarray(log, jnp.float32)),
+                                               np.zeros(2), traj, ["a", "b"], 147)[0][0]
 
 
 def test_a_group_without_planning_rows_is_planned_at_the_pooled_flip_rate():

@@ -342,6 +342,28 @@ def test_a_dense_model_trained_again_must_be_the_one_the_finished_cells_pruned(t
     assert not (out / "cells" / "gmp_s0.8_seed0").exists()
 
 
+def test_parallel_seeds_check_every_dense_model_before_any_cell_runs(tmp_path):
+    """With parallel_seeds every seed's dense model is trained before any cell, so a later seed's mismatch is
+    found before an earlier seed's new cells run (they would be orphans of a refused run)."""
+    import shutil
+    cfg = tmp_path / "g.toml"
+    base = CONFIG.replace('methods = ["magnitude", "ceag"]', 'methods = ["magnitude"]').replace(
+        "[method_options.ceag]\neps = 0.05\n", "").replace("seeds = [0]", "seeds = [0, 1]\nparallel_seeds = true")
+    cfg.write_text(base)
+    out = tmp_path / "out"
+    run_compare(load_config(cfg, out=str(out)), progress=False)
+    p = out / "cells" / "magnitude_s0.8_seed1" / "results.json"      # seed 1's cells pruned another dense model
+    cell = json.loads(p.read_text())
+    grp = next(iter(cell["dense"]["test"]["groups"].values()))
+    grp["accuracy"] += 1.0 / grp["n"]
+    p.write_text(json.dumps(cell))
+    shutil.rmtree(out / "dense")
+    cfg.write_text(base.replace('methods = ["magnitude"]', 'methods = ["magnitude", "random"]'))
+    with pytest.raises(ValueError, match=r"seed 1's dense model, trained again now"):
+        run_compare(load_config(cfg, out=str(out)), progress=False)
+    assert not (out / "cells" / "random_s0.8_seed0").exists()
+
+
 def _cell(groups: dict, psi: dict, verdicts: dict, small_group: int = 30) -> dict:
     """A hand-made cell: group -> (n, accuracy, selection rate, tpr, fpr) on test; psi per group; verdicts."""
     rep = {"groups": {g: dict(zip(("n", "accuracy", "selection_rate", "tpr", "fpr"), v)) for g, v in groups.items()},

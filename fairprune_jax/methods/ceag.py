@@ -305,7 +305,8 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
     traj = jax.device_get(carry_of(state).trajectory)
     offset = eps_g
     if refresh:
-        info["aim"]["plans"], offset = plan_result(carry_of(state).targets, eps_g, traj, names, total)
+        info["aim"]["plans"], offset = plan_result(carry_of(state).targets, eps_g, traj, names, total,
+                                                   shift=eps_g - np.asarray(eps_aim, np.float64))
         driving = [p for p in info["aim"]["plans"] if p["step"] < total]
         if not driving:
             notes.append(f"ceag: aim_refresh planned the targets again only after the last step (select_points "
@@ -337,7 +338,8 @@ def ceag(ctx: Context, dense: TrainState, opts: CeagOptions) -> tuple[TrainState
                   f"{where} max_g (psi_g - eps_g) {sel['max_violation']:+.4f}, eps_g from aim={opts.aim}")
         notes.append(f"ceag: no checkpoint met psi_g <= eps_g on the {where} rows; returned the least violating "
                      f"one (step {sel['step']}, {missed}): {advice}")
-    no_op, info["notes"] = no_op_warnings(traj, names, eps, "held-out" if held_out else "train")
+    no_op, info["notes"] = no_op_warnings(traj, names, eps, "held-out" if held_out else "train",
+                                          None if opts.aim == "point" else opts.aim)
     notes += no_op
     if not held_out and not select:
         gc, _ = evaluate(ctx.eval_step, state, ctx.dataset.train, cfg.eval_batch_size)
@@ -403,7 +405,8 @@ def choose_constraint_data(ctx: Context, dense: TrainState, start: TrainState, o
                       "chosen": chosen}
 
 
-def no_op_warnings(traj: dict, names: list[str], eps: float, where: str) -> tuple[list[str], list[str]]:
+def no_op_warnings(traj: dict, names: list[str], eps: float, where: str, aim: str | None = None
+                   ) -> tuple[list[str], list[str]]:
     """``(warnings, notes)``: a warning when a constraint could not act (never observed: nothing protected its
     group); a note, not a warning, when none was ever violated (the bound held without a push, so ceag ran as
     nft: nothing went wrong)."""
@@ -413,7 +416,8 @@ def no_op_warnings(traj: dict, names: list[str], eps: float, where: str) -> tupl
         out.append(f"ceag: no constraint was ever observed on the {where} rows, so the multipliers stayed 0 and "
                    "this run is plain fine-tuning (nft)")
     elif not violated.any():
-        notes.append(f"ceag: no constraint was violated on the {where} rows (every psi_g <= eps = {eps} throughout): "
+        bound = f"eps = {eps}" if aim is None else f"its target eps_g from aim={aim}"
+        notes.append(f"ceag: no constraint was violated on the {where} rows (every psi_g <= {bound} throughout): "
                    "the multipliers stayed 0, so this run is the same as nft on the same rows")
     elif not observed.all():
         missing = [names[i] for i in np.flatnonzero(~observed)]

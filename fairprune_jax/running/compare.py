@@ -62,6 +62,15 @@ SUITE_KEYS = {"name", "suite", "out", "columns"}
 REUSE_IGNORES = ("out", "progress", "save_compact", "eval_batch_size")
 
 
+def mismatch_message(cc: CompareConfig, seed: int, why: str) -> str:
+    """The refusal when a seed's dense model is not the one its finished cells pruned (:func:`dense_mismatch`)."""
+    return (f"{cc.out}: {why}. The grid keeps its dense models in its dense/ folder (not kept with committed "
+            "results); this one was trained again, or its cache was replaced, and dense training is not "
+            "bit-reproducible across CPUs, XLA versions or device counts. Cells pruned from two dense models would "
+            "be compared as if paired. Run the grid into another --out (every cell on new dense models), or delete "
+            f"seed {seed}'s cells from {cc.out / 'cells'} to recompute them")
+
+
 def stale_cell(cc: CompareConfig, method: str, sparsity: float, seed: int, cell: dict,
                data: dict | None = None) -> str | None:
     """Why a finished cell's results.json does not belong to this grid (None when it does): a setting the TOML
@@ -256,6 +265,10 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
             prepared = dict(zip(untrained, prepare_seeds([dense_config(seed) for seed in untrained], dataset)))
             for seed, prep in prepared.items():      # every process: orbax's save is collective
                 save_dense(dense_dir(cc, seed), prep.config, prep.dense, prep.dense_history, data)
+            for seed, prep in prepared.items():      # every seed checked before any cell runs
+                why = dense_mismatch(cc, seed, prep, finished)
+                if why:
+                    raise ValueError(mismatch_message(cc, seed, why))
         from fairprune_jax.training import tracking
 
         def tracker(folder: Path):
@@ -273,12 +286,9 @@ def run_compare(cc: CompareConfig, progress: bool = True) -> dict:
                     prep = prepare(dense_config(seed), dataset, dense_cache=dense_dir(cc, seed))
             why = dense_mismatch(cc, seed, prep, finished)
             if why:     # before any cell runs on it: one dense model per seed, or the pairing is gone
-                raise ValueError(
-                    f"{cc.out}: {why}. The grid's dense models are kept in its dense/ folder, which was missing "
-                    "(it is not kept with committed results), and dense training is not bit-reproducible across "
-                    "CPUs, XLA versions or device counts. Cells pruned from two dense models would be compared as "
-                    f"if paired. Run the grid into another --out (every cell on new dense models), or delete seed "
-                    f"{seed}'s cells from {cc.out / 'cells'} to recompute them")
+                if primary:
+                    collect(cc)     # the tables hold the cells this run finished for earlier seeds
+                raise ValueError(mismatch_message(cc, seed, why))
             for _, m, s in seed_todo:
                 d = cell_dir(cc, m, s, seed)
                 base, opts = cc.resolve(m)

@@ -146,13 +146,18 @@ def plan_hook(ctx: Context, dense: TrainState, headline: bool, shift: np.ndarray
     return resumable(hook)
 
 
-def plan_result(plan: Plan, eps_g0: np.ndarray, traj, names: list[str], total: int) -> tuple[list[dict], np.ndarray]:
-    """What ``results.json`` records of the plans (per checkpoint: step, T, reachable bound, eps_g), and the
-    targets in force at each recorded trajectory row (to turn its violations back into psi_g estimates)."""
+def plan_result(plan: Plan, eps_g0: np.ndarray, traj, names: list[str], total: int,
+                shift: np.ndarray | None = None) -> tuple[list[dict], np.ndarray]:
+    """What ``results.json`` records of the plans (per checkpoint: step, T, reachable bound, eps_g = T - h_g as
+    in ``aim.eps_g``, and with a ``shift`` (held-out mode's margin_z) the targets in force, eps_g + shift), and
+    the targets in force at each recorded trajectory row (to turn its violations back into psi_g estimates)."""
     log = np.asarray(plan.log, np.float64)
     log = log[np.isfinite(log[:, 0])]
+    shift = np.zeros(len(names)) if shift is None else np.asarray(shift, np.float64)
     plans = [{"step": int(r[0]), "target": round(float(r[1]), 6), "reachable": round(float(r[2]), 6),
-              "eps_g": dict(zip(names, np.round(r[3:], 5).tolist()))} for r in log]
+              "eps_g": dict(zip(names, np.round(r[3:] - shift, 5).tolist())),
+              **({"eps_g_in_force": dict(zip(names, np.round(r[3:], 5).tolist()))} if np.any(shift) else {})}
+             for r in log]
     stride, rows = int(traj.stride), np.asarray(traj.violation).shape[0]
     offset = np.tile(np.asarray(eps_g0, np.float64), (rows, 1))
     # row i holds the last step of its stride that ran; a plan made at step t (before the step of index t) is in
