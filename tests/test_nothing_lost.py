@@ -201,14 +201,25 @@ def test_a_ctrl_c_that_python_drops_still_stops_training(tiny_models):
     x = rng.normal(size=(64, 10)).astype(np.float32)
     split = Split(x, (x[:, 0] > 0).astype(np.int32), rng.integers(0, 2, 64))
     tx = optax.sgd(0.1)
-    with notices.interrupts_kept():
-        d = Dropper()
-        del d
-        with pytest.raises(KeyboardInterrupt):
-            fit(create_state(params, ms, tx, seed=0), make_train_step(fm, tx), split, epochs=1, batch_size=16,
-                seed=0, desc="t", progress=False)
-    notices.raise_if_interrupted()                       # the request ends with the block
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (the runner may ignore it)
+    try:
+        with notices.interrupts_kept():
+            d = Dropper()
+            del d
+            with pytest.raises(KeyboardInterrupt):
+                fit(create_state(params, ms, tx, seed=0), make_train_step(fm, tx), split, epochs=1, batch_size=16,
+                    seed=0, desc="t", progress=False)
+        notices.raise_if_interrupted()                       # the request ends with the block
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # a process that ignores SIGINT (a script's background job) keeps ignoring it: Ctrl-C in the script's
+        # terminal must not stop the job
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with notices.interrupts_kept():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+        notices.raise_if_interrupted()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_run_and_a_grid_do_not_share_a_folder(tmp_path):

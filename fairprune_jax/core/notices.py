@@ -67,10 +67,12 @@ def interrupts_kept():
     records the request and raises ``KeyboardInterrupt``; where Python drops that exception (it fired inside a
     garbage-collector callback of JAX: "Exception ignored in ..."), the training loop and the writing of results
     raise it again (:func:`raise_if_interrupted`), so a run the user stopped never finishes and replaces the
-    results of the run before it."""
+    results of the run before it. A process that ignores SIGINT (a shell script's background job, ``nohup``)
+    keeps ignoring it: the shell set that so that Ctrl-C in its terminal does not stop the job."""
     import signal
     import threading
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield
         return
 
