@@ -29,6 +29,19 @@ CERT2 = ["test_accuracy", "test_psi_upper", "test_psi_floor", "test_max_psi", "t
 
 # (config, title, columns)
 TABLES = [
+    ("certify_v4_utkface_race_gender_ft8", "Certified bound (version 4, the budget chosen on validation): CEAG vs NFT on "
+                                           "UTKFace race, protected race x gender, 90%, 8 fine-tuning epochs (chosen), "
+                                           "with the distillation measurement", CERT2),
+    ("certify_v4_utkface_race_gender_confirm", "Certified bound (version 4): the chosen entry and NFT on three new seeds, "
+                                               "UTKFace race x gender, 8 fine-tuning epochs", CERT2),
+    ("certify_v4_utkface_race_gender", "Certified bound (version 4): UTKFace race x gender, 6 fine-tuning epochs", CERT2),
+    ("certify_v4_utkface_race_gender_ft4", "Certified bound (version 4): UTKFace race x gender, 4 fine-tuning epochs",
+     CERT2),
+    ("certify_v4_utkface_race_ft8", "Certified bound (version 4): UTKFace race, 8 fine-tuning epochs", CERT2),
+    ("certify_v4_utkface_race", "Certified bound (version 4): UTKFace race, 6 fine-tuning epochs", CERT2),
+    ("certify_v4_utkface_race_ft4", "Certified bound (version 4): UTKFace race, 4 fine-tuning epochs", CERT2),
+    ("certify_v4_utkface_race_confirm", "Certified bound (version 4): the chosen entry and NFT on three new seeds, "
+                                        "UTKFace race", CERT2),
     ("certify_v3_utkface_race", "Certified bound (version 3): CEAG aimed at the headline, targets planned again, vs NFT on "
                                 "UTKFace race, 90%, E = 0.02 (new dense models)", CERT2),
     ("certify_v3_utkface_race_gender", "Certified bound (version 3): CEAG aimed at the headline, targets planned again, vs "
