@@ -313,6 +313,18 @@ def test_a_grid_reuses_its_saved_dense_models(tmp_path, monkeypatch):
         run_compare(load_config(cfg, out=str(tmp_path / "out2")), progress=False)
 
 
+def _from_another_dense_model(out, cell_name: str) -> None:
+    """Make a finished cell record another dense model (one more correct test row in a group) and drop the
+    grid's dense cache, so the next run trains the dense model again and meets the difference."""
+    import shutil
+    p = out / "cells" / cell_name / "results.json"
+    cell = json.loads(p.read_text())
+    grp = next(iter(cell["dense"]["test"]["groups"].values()))
+    grp["accuracy"] += 1.0 / grp["n"]
+    p.write_text(json.dumps(cell))
+    shutil.rmtree(out / "dense")
+
+
 def test_a_dense_model_trained_again_must_be_the_one_the_finished_cells_pruned(tmp_path):
     """The dense/ cache is not kept with committed results; a rerun that trains a seed's dense model again and
     gets another one (another CPU or XLA version) refuses to put new cells beside the old ones, which would be
@@ -328,13 +340,7 @@ def test_a_dense_model_trained_again_must_be_the_one_the_finished_cells_pruned(t
     cfg.write_text(base.replace('methods = ["magnitude"]', 'methods = ["magnitude", "random"]'))
     run_compare(load_config(cfg, out=str(out)), progress=False)
     assert (out / "cells" / "random_s0.8_seed0" / "results.json").is_file()
-    # the finished cells' dense model was another one (one more correct test row in a group)
-    p = out / "cells" / "magnitude_s0.8_seed0" / "results.json"
-    cell = json.loads(p.read_text())
-    grp = next(iter(cell["dense"]["test"]["groups"].values()))
-    grp["accuracy"] += 1.0 / grp["n"]
-    p.write_text(json.dumps(cell))
-    shutil.rmtree(out / "dense")
+    _from_another_dense_model(out, "magnitude_s0.8_seed0")
     cfg.write_text(base.replace('methods = ["magnitude"]', 'methods = ["magnitude", "random", "gmp"]'))
     with pytest.raises(ValueError, match=r"seed 0's dense model, trained again now, is not the one its finished "
                                          r"cells pruned .*not bit-reproducible.*another --out"):
@@ -345,19 +351,13 @@ def test_a_dense_model_trained_again_must_be_the_one_the_finished_cells_pruned(t
 def test_parallel_seeds_check_every_dense_model_before_any_cell_runs(tmp_path):
     """With parallel_seeds every seed's dense model is trained before any cell, so a later seed's mismatch is
     found before an earlier seed's new cells run (they would be orphans of a refused run)."""
-    import shutil
     cfg = tmp_path / "g.toml"
     base = CONFIG.replace('methods = ["magnitude", "ceag"]', 'methods = ["magnitude"]').replace(
         "[method_options.ceag]\neps = 0.05\n", "").replace("seeds = [0]", "seeds = [0, 1]\nparallel_seeds = true")
     cfg.write_text(base)
     out = tmp_path / "out"
     run_compare(load_config(cfg, out=str(out)), progress=False)
-    p = out / "cells" / "magnitude_s0.8_seed1" / "results.json"      # seed 1's cells pruned another dense model
-    cell = json.loads(p.read_text())
-    grp = next(iter(cell["dense"]["test"]["groups"].values()))
-    grp["accuracy"] += 1.0 / grp["n"]
-    p.write_text(json.dumps(cell))
-    shutil.rmtree(out / "dense")
+    _from_another_dense_model(out, "magnitude_s0.8_seed1")     # seed 1's cells pruned another dense model
     cfg.write_text(base.replace('methods = ["magnitude"]', 'methods = ["magnitude", "random"]'))
     with pytest.raises(ValueError, match=r"seed 1's dense model, trained again now"):
         run_compare(load_config(cfg, out=str(out)), progress=False)
